@@ -1,0 +1,196 @@
+//! A toy vision-language model written outside `mmreg-models`, to show that a third-party crate adds a
+//! model with the registration macros alone: nothing in mmreg-core names it.
+//!
+//! Vision: each image is averaged over a `grid × grid` layout of cells, and each cell's mean colour is
+//! projected to one token. Language: one causal self-attention layer over token embeddings.
+
+use mmreg_core::{
+    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
+    DummyRequest, Error, ImageInput, ImageSize, KvCache, LoadModel, LoadOptions, ModelContext, MultiModalData,
+    MultiModalModel, PixelValues, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
+    SupportsVision, Weights,
+};
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+/// `config.json` of a toy checkpoint; missing keys take these defaults, like HF config classes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ToyConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    /// The token that marks an image in a prompt.
+    pub image_token_id: u32,
+    /// Images become `grid × grid` tokens.
+    pub grid: u32,
+    pub max_position_embeddings: usize,
+}
+
+impl Default for ToyConfig {
+    fn default() -> Self {
+        Self { vocab_size: 16, hidden_size: 8, image_token_id: 15, grid: 2, max_position_embeddings: 256 }
+    }
+}
+
+#[register_model("ToyVlmForCausalLM")]
+#[register_input_mapper(image = map_images)]
+#[register_max_tokens(image = max_image_tokens)]
+#[register_dummy_data(dummy_data)]
+#[register_input_processor(input_processor)]
+pub struct ToyVlm {
+    embed_tokens: Tensor,
+    cell_proj: Tensor,
+    lm_head: Tensor,
+    config: ToyConfig,
+    device: Device,
+}
+
+/// Mean colour of each cell, `[n, grid², 3]` in [0, 1].
+fn map_images(ctx: &ModelContext, images: &[ImageInput]) -> Result<PixelValues> {
+    let grid = ctx.config::<ToyConfig>()?.grid;
+    let mut cells = Vec::with_capacity(images.len() * (grid * grid * 3) as usize);
+    for image in images {
+        let rgb = image.image.to_rgb8();
+        let small = image::imageops::resize(&rgb, grid, grid, image::imageops::FilterType::Triangle);
+        cells.extend(small.pixels().flat_map(|p| p.0.map(|c| c as f32 / 255.0)));
+    }
+    let pixel_values = Tensor::from_slice(&cells).reshape([images.len() as i64, (grid * grid) as i64, 3]);
+    Ok(PixelValues { pixel_values })
+}
+
+fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
+    // Every image takes the same number of tokens.
+    ToyVlm::num_image_tokens(ctx, ImageSize { width: 1, height: 1 })
+}
+
+/// As many image markers as images, each followed by filler text, padded to the requested length.
+fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
+    let config = ctx.config::<ToyConfig>()?;
+    let images = request.counts.get(mmreg_core::Modality::Image);
+    let per_image = max_image_tokens(ctx)?;
+    let text = request.seq_len.saturating_sub(images * per_image).max(1);
+    let mut ids = vec![config.image_token_id; images];
+    ids.extend(std::iter::repeat_n(1, text));
+    let blank = image::DynamicImage::new_rgb8(8, 8);
+    let images = (0..images).map(|i| ImageInput::new(format!("dummy image {i}"), blank.clone())).collect();
+    Ok(ProcessorInputs { prompt: Prompt::TokenIds(ids), multimodal: MultiModalData::with_images(images) })
+}
+
+/// Expands each image marker into the image's placeholder tokens. Token-id prompts only (no tokenizer).
+fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
+    let config = ctx.config::<ToyConfig>()?;
+    let Prompt::TokenIds(ids) = inputs.prompt else {
+        return Err(Error::bad_input("prompt", "the toy model takes token ids only"));
+    };
+    let markers = ids.iter().filter(|&&t| t == config.image_token_id).count();
+    if markers != inputs.multimodal.images.len() {
+        return Err(Error::PlaceholderMismatch {
+            modality: mmreg_core::Modality::Image,
+            marker: format!("token {}", config.image_token_id),
+            placeholders: markers,
+            items: inputs.multimodal.images.len(),
+        });
+    }
+    let mut token_ids = Vec::with_capacity(ids.len());
+    let mut placeholders = Vec::new();
+    let mut images = inputs.multimodal.images.iter();
+    for id in ids {
+        if id == config.image_token_id {
+            let image = images.next().expect("counted above");
+            let length = ToyVlm::num_image_tokens(ctx, image.size())?;
+            let item = placeholders.len();
+            placeholders.push(PlaceholderRange { modality: mmreg_core::Modality::Image, item, offset: token_ids.len(), length });
+            token_ids.extend(std::iter::repeat_n(id, length));
+        } else {
+            token_ids.push(id);
+        }
+    }
+    Ok(ProcessedInputs { token_ids, placeholders, multimodal: inputs.multimodal })
+}
+
+impl LoadModel for ToyVlm {
+    fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
+        let config = (*ctx.config::<ToyConfig>()?).clone();
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let get = |name: &str, shape: &[i64]| weights.get(name, shape, options.dtype, options.device);
+        let model = Self {
+            embed_tokens: get("embed_tokens.weight", &[v, h])?,
+            cell_proj: get("cell_proj.weight", &[h, 3])?,
+            lm_head: get("lm_head.weight", &[v, h])?,
+            config,
+            device: options.device,
+        };
+        weights.check_all_used()?;
+        Ok(model)
+    }
+}
+
+impl SupportsVision for ToyVlm {
+    type ImageInputs = PixelValues;
+
+    fn num_image_tokens(ctx: &ModelContext, _size: ImageSize) -> Result<usize> {
+        let grid = ctx.config::<ToyConfig>()?.grid as usize;
+        Ok(grid * grid)
+    }
+
+    fn embed_images(&self, inputs: PixelValues) -> Result<Vec<Tensor>> {
+        let cells = inputs.pixel_values.to_kind(self.cell_proj.kind());
+        let features = cells.matmul(&self.cell_proj.tr());
+        Ok(features.unbind(0))
+    }
+}
+
+impl MultiModalModel for ToyVlm {
+    fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::embedding(&self.embed_tokens, token_ids, -1, false, false))
+    }
+
+    fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = inputs_embeds.unsqueeze(1); // one head: [batch, 1, seq, hidden]
+        let (keys, values) = cache.append(0, &x, &x)?;
+        let causal = cache.is_empty();
+        let attended = Tensor::scaled_dot_product_attention(&x, &keys, &values, None::<Tensor>, 0.0, causal, None, false);
+        cache.advance(x.size()[2]);
+        Ok((attended.squeeze_dim(1) + inputs_embeds).matmul(&self.lm_head.tr()))
+    }
+
+    fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        KvCache::new(1, batch, 1, self.config.hidden_size, capacity, self.embed_tokens.kind(), self.device)
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn dtype(&self) -> Kind {
+        self.embed_tokens.kind()
+    }
+
+    fn max_model_len(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+}
+
+/// Writes a toy checkpoint with seeded random weights (config.json and model.safetensors).
+pub fn write_checkpoint(dir: &std::path::Path, seed: i64) -> Result<()> {
+    let config = serde_json::json!({
+        "architectures": ["ToyVlmForCausalLM"],
+        "vocab_size": 16,
+        "hidden_size": 8,
+        "image_token_id": 15,
+        "grid": 2,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).map_err(anyhow_io)?;
+    tch::manual_seed(seed);
+    let tensors = [
+        ("embed_tokens.weight", Tensor::randn([16, 8], (Kind::Float, Device::Cpu))),
+        ("cell_proj.weight", Tensor::randn([8, 3], (Kind::Float, Device::Cpu))),
+        ("lm_head.weight", Tensor::randn([16, 8], (Kind::Float, Device::Cpu))),
+    ];
+    Tensor::write_safetensors(&tensors, dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+fn anyhow_io(error: std::io::Error) -> Error {
+    Error::Other(error.into())
+}

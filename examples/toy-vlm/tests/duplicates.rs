@@ -1,0 +1,71 @@
+//! Two registrations of the same architecture, and of the same hook, are reported with both locations.
+
+use mmreg_core::{
+    register_dummy_data, register_model, DummyRequest, KvCache, LoadModel, LoadOptions, ModelContext,
+    MultiModalModel, ProcessorInputs, Registry, Result, Weights,
+};
+use tch::{Device, Kind, Tensor};
+use toy_vlm::ToyVlm;
+
+/// Claims the toy's architecture a second time, and registers its dummy data twice.
+#[register_model("ToyVlmForCausalLM")]
+#[register_dummy_data(no_dummy_data)]
+#[register_dummy_data(no_dummy_data)]
+struct Impostor(ToyVlm);
+
+fn no_dummy_data(_: &ModelContext, _: &DummyRequest) -> Result<ProcessorInputs> {
+    Err(mmreg_core::Error::Registry("the impostor has no dummy data".into()))
+}
+
+impl LoadModel for Impostor {
+    fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
+        ToyVlm::load(ctx, weights, options).map(Impostor)
+    }
+}
+
+impl MultiModalModel for Impostor {
+    fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
+        self.0.embed_tokens(token_ids)
+    }
+    fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.0.forward(inputs_embeds, cache)
+    }
+    fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        self.0.new_cache(batch, capacity)
+    }
+    fn device(&self) -> Device {
+        self.0.device()
+    }
+    fn dtype(&self) -> Kind {
+        self.0.dtype()
+    }
+    fn max_model_len(&self) -> usize {
+        self.0.max_model_len()
+    }
+}
+
+#[test]
+fn duplicates_are_reported_with_both_locations() {
+    let registry = Registry::global();
+    let problems = registry.problems();
+    let this_file = file!();
+
+    let clash = problems
+        .iter()
+        .find(|p| p.message.contains("architecture `ToyVlmForCausalLM` is also registered by"))
+        .unwrap_or_else(|| panic!("no architecture clash in {problems:#?}"));
+    let files: Vec<&str> = clash.locations.iter().map(|l| l.file).collect();
+    assert_eq!(clash.locations.len(), 2, "{clash}");
+    assert!(files.iter().any(|f| f.ends_with("toy-vlm/src/lib.rs")), "{clash}");
+    assert!(files.contains(&this_file), "{clash}");
+
+    let twice = problems
+        .iter()
+        .find(|p| p.message == "dummy data is registered twice")
+        .unwrap_or_else(|| panic!("no duplicate dummy data in {problems:#?}"));
+    let lines: Vec<u32> = twice.locations.iter().map(|l| l.line).collect();
+    assert_eq!(lines, vec![12, 13], "{twice}");
+
+    let error = registry.validate().expect_err("invalid").to_string();
+    assert!(error.contains("ToyVlmForCausalLM") && error.contains(this_file), "{error}");
+}

@@ -1,0 +1,88 @@
+//! The toy model, defined outside mmreg-models, is found and run through the registry.
+
+use mmreg_core::generate::{embed_prompt, generate, prepare};
+use mmreg_core::{
+    ImageInput, LoadOptions, Modality, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry, SamplingParams,
+    MultiModalModel, SupportsVision, Weights,
+};
+use tch::Tensor;
+use toy_vlm::ToyVlm;
+
+fn checkpoint() -> (tempfile::TempDir, ModelContext, Weights) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    toy_vlm::write_checkpoint(dir.path(), 7).expect("checkpoint");
+    let ctx = ModelContext::from_dir(dir.path()).expect("context");
+    let weights = Weights::from_dir(dir.path()).expect("weights");
+    (dir, ctx, weights)
+}
+
+fn solid(r: u8, g: u8, b: u8) -> ImageInput {
+    let image = image::RgbImage::from_pixel(12, 10, image::Rgb([r, g, b]));
+    ImageInput::new(format!("solid {r},{g},{b}"), image.into())
+}
+
+fn inputs(ids: Vec<u32>, images: Vec<ImageInput>) -> ProcessorInputs {
+    ProcessorInputs { prompt: Prompt::TokenIds(ids), multimodal: MultiModalData::with_images(images) }
+}
+
+#[test]
+fn registry_is_valid_and_finds_the_toy_by_architecture() {
+    let registry = Registry::global();
+    registry.validate().expect("valid registrations");
+    let (_dir, ctx, _) = checkpoint();
+    let entry = registry.for_context(&ctx).expect("found by config.json architectures");
+    assert_eq!(entry.id.name, "ToyVlm");
+    assert_eq!(entry.modalities(), vec![Modality::Image]);
+    assert_eq!(entry.max_tokens(&ctx, Modality::Image).expect("max tokens"), 4);
+    let lines: Vec<u32> = entry.registrations().iter().map(|r| r.location.line).collect();
+    assert_eq!(lines.len(), 5);
+    assert!(entry.registrations().iter().all(|r| r.location.file.ends_with("toy-vlm/src/lib.rs")));
+}
+
+#[test]
+fn generation_through_the_registry_equals_direct_calls() {
+    let (_dir, ctx, weights) = checkpoint();
+    let entry = Registry::global().for_context(&ctx).expect("registered");
+    let model = entry.load(&ctx, &weights, &LoadOptions::default()).expect("loads");
+    let request = || inputs(vec![3, 15, 4, 15, 5], vec![solid(255, 0, 0), solid(0, 0, 255)]);
+    let params = SamplingParams { max_tokens: 6, ..SamplingParams::default() };
+
+    let prepared = prepare(entry, &ctx, request(), 256).expect("prepared");
+    assert_eq!(prepared.processed.token_ids.len(), 3 + 2 * 4);
+    let through_registry = generate(entry, model.as_ref(), prepared, &params).expect("generates");
+    assert_eq!(through_registry.token_ids.len(), 6);
+
+    // The same prefill by hand, without the registry's glue: embed text, overwrite the two image
+    // spans with the model's own image features, run the decoder.
+    let toy = model.as_any().downcast_ref::<ToyVlm>().expect("a ToyVlm");
+    let prepared = prepare(entry, &ctx, request(), 256).expect("prepared");
+    let embeds = embed_prompt(entry, model.as_ref(), prepared).expect("embeds");
+    let ids = Tensor::from_slice(&[3i64, 15, 15, 15, 15, 4, 15, 15, 15, 15, 5]).unsqueeze(0);
+    let text = toy.embed_tokens(&ids).expect("embeds");
+    let pixels = mmreg_core::PixelValues {
+        pixel_values: Tensor::from_slice(&[1f32, 0., 0., 1., 0., 0., 1., 0., 0., 1., 0., 0.]).reshape([1, 4, 3]),
+    };
+    let red = toy.embed_images(pixels).expect("features").remove(0);
+    assert!(embeds.narrow(1, 1, 4).squeeze_dim(0).allclose(&red, 1e-6, 1e-6, false));
+    assert!(embeds.narrow(1, 0, 1).allclose(&text.narrow(1, 0, 1), 0.0, 0.0, false));
+}
+
+#[test]
+fn placeholder_mismatch_names_both_counts() {
+    let (_dir, ctx, _) = checkpoint();
+    let entry = Registry::global().for_context(&ctx).expect("registered");
+    let error = entry.process(&ctx, inputs(vec![15, 1], vec![solid(1, 2, 3), solid(4, 5, 6)])).expect_err("mismatch");
+    assert_eq!(error.to_string(), "the prompt has 1 `token 15` placeholder(s) but 2 image item(s) were given");
+}
+
+#[test]
+fn self_check_passes_with_and_without_weights() {
+    let (_dir, ctx, weights) = checkpoint();
+    let entry = Registry::global().for_context(&ctx).expect("registered");
+    let model = entry.load(&ctx, &weights, &LoadOptions::default()).expect("loads");
+    let report = mmreg_core::check::check_model(entry, &ctx, 32, Some(model.as_ref())).expect("consistent");
+    assert_eq!(report.prompt_tokens, 32);
+    assert_eq!(report.modalities[0].dummy_item_tokens, vec![4]);
+    assert_eq!(report.modalities[0].mapped, vec![("pixel_values".to_owned(), vec![1, 4, 3])]);
+    mmreg_core::check::check_model(entry, &ctx, 32, None).expect("consistent without weights");
+}

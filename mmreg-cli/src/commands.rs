@@ -1,0 +1,239 @@
+//! The subcommands.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mmreg_core::generate::{self, PreparedInputs};
+use mmreg_core::registry::ModelEntry;
+use mmreg_core::{
+    ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry, SamplingParams, Weights,
+};
+use tch::Tensor;
+
+pub fn models() -> Result<()> {
+    let registry = Registry::global();
+    if registry.models().is_empty() {
+        println!("no models are registered in this binary");
+    }
+    for model in registry.models() {
+        let modalities: Vec<_> = model.modalities().iter().map(|m| m.name()).collect();
+        println!(
+            "{}  ({})  modalities: {}",
+            model.architectures().join(", "),
+            model.id.path,
+            if modalities.is_empty() { "none".into() } else { modalities.join(", ") }
+        );
+        for registration in model.registrations() {
+            println!(
+                "    {:<22} {:<36} {}",
+                registration.hook.describe(),
+                registration.hook.function(),
+                registration.location
+            );
+        }
+    }
+    for problem in registry.problems() {
+        println!("problem: {problem}");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Architecture name, Rust type name or path.
+    pub model: String,
+    /// A checkpoint directory whose configs to use (default: the configs' defaults).
+    #[arg(long = "model-dir")]
+    pub model_dir: Option<PathBuf>,
+}
+
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    let entry = Registry::global().find(&args.model)?;
+    let ctx = context(args.model_dir.as_ref())?;
+    println!("model:         {}", entry.id.path);
+    println!("architectures: {}", entry.architectures().join(", "));
+    for registration in entry.registrations() {
+        println!("{:<24} {:<36} {}", registration.hook.describe(), registration.hook.function(), registration.location);
+        if let mmreg_core::registry::Hook::InputMapper { params, .. } = &registration.hook {
+            println!("{:<24} forward parameters: {}", "", params.join(", "));
+        }
+    }
+    for modality in entry.modalities() {
+        match entry.max_tokens(&ctx, modality) {
+            Ok(max) => println!("max tokens per {modality}: {max}"),
+            Err(e) => println!("max tokens per {modality}: error: {e}"),
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Check one model (architecture or type name); all models when absent.
+    pub model: Option<String>,
+    /// A checkpoint directory: use its configs, and load its weights to check the model's embeddings.
+    #[arg(long = "model-dir")]
+    pub model_dir: Option<PathBuf>,
+    /// Sequence length the dummy data is asked to fill.
+    #[arg(long, default_value_t = 4096)]
+    pub seq_len: usize,
+}
+
+pub fn check(args: &CheckArgs) -> Result<()> {
+    let registry = Registry::global();
+    registry.validate()?;
+    let entries: Vec<&ModelEntry> = match &args.model {
+        Some(name) => vec![registry.find(name)?],
+        None => registry.models().iter().collect(),
+    };
+    let ctx = context(args.model_dir.as_ref())?;
+    let model = match &args.model_dir {
+        Some(dir) => Some(load(entries[0], &ctx, dir, &LoadOptions::default())?),
+        None => None,
+    };
+    for entry in entries {
+        let report = mmreg_core::check::check_model(entry, &ctx, args.seq_len, model.as_deref())
+            .with_context(|| format!("checking {}", entry.id.path))?;
+        println!("ok  {}  dummy prompt: {} tokens", entry.id.path, report.prompt_tokens);
+        for m in report.modalities {
+            println!("    {}: max {} tokens per item, dummy items {:?}, mapped {:?}", m.modality, m.max_tokens, m.dummy_item_tokens, m.mapped);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct PromptArgs {
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json, preprocessor_config.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt text; each `<image>` marks where an image goes.
+    #[arg(long)]
+    pub prompt: String,
+    /// Image files, in the order of the prompt's `<image>` markers.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PreprocessArgs {
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    /// Output safetensors file.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn preprocess(args: &PreprocessArgs) -> Result<()> {
+    let ctx = ModelContext::from_dir(&args.prompt.model)?;
+    let entry = Registry::global().for_context(&ctx)?;
+    let prepared = prepare(entry, &ctx, &args.prompt, usize::MAX)?;
+    let ids: Vec<i64> = prepared.processed.token_ids.iter().map(|&t| t as i64).collect();
+    let mut tensors = vec![("input_ids".to_owned(), Tensor::from_slice(&ids).unsqueeze(0))];
+    for (_, mapped) in prepared.mapped {
+        tensors.extend(mapped.0);
+    }
+    Tensor::write_safetensors(&tensors, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    for (name, tensor) in &tensors {
+        println!("{name}: {:?} {:?}", tensor.kind(), tensor.size());
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: i64,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print one JSON object with `text` and `token_ids`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn generate(args: &GenerateArgs) -> Result<()> {
+    let options = LoadOptions { device: generate::parse_device(&args.device)?, dtype: generate::parse_dtype(&args.dtype)? };
+    if let tch::Device::Cuda(_) = options.device {
+        if !tch::Cuda::is_available() {
+            bail!("--device {}: CUDA is not available on this machine", args.device);
+        }
+    }
+    let ctx = ModelContext::from_dir(&args.prompt.model)?;
+    let entry = Registry::global().for_context(&ctx)?;
+    let model = load(entry, &ctx, &args.prompt.model, &options)?;
+    let prepared = prepare(entry, &ctx, &args.prompt, model.max_model_len())?;
+    let mut params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop_token_ids: Vec::new(),
+    };
+    if !args.ignore_eos {
+        params.stop_token_ids.extend(eos_token_id(&ctx));
+    }
+    let generation = generate::generate(entry, model.as_ref(), prepared, &params)?;
+    let text = match ctx.tokenizer() {
+        Ok(tokenizer) => tokenizer.decode(&generation.token_ids, true).map_err(anyhow::Error::msg)?,
+        Err(_) => String::new(),
+    };
+    if args.json {
+        println!("{}", serde_json::json!({ "text": text, "token_ids": generation.token_ids }));
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn context(dir: Option<&PathBuf>) -> Result<ModelContext> {
+    Ok(match dir {
+        Some(dir) => ModelContext::from_dir(dir)?,
+        None => ModelContext::from_json(serde_json::json!({}), serde_json::json!({})),
+    })
+}
+
+fn load(
+    entry: &ModelEntry,
+    ctx: &ModelContext,
+    dir: &PathBuf,
+    options: &LoadOptions,
+) -> Result<Box<dyn mmreg_core::MultiModalModel>> {
+    let weights = Weights::from_dir(dir)?;
+    Ok(entry.load(ctx, &weights, options)?)
+}
+
+fn prepare(entry: &ModelEntry, ctx: &ModelContext, args: &PromptArgs, max_len: usize) -> Result<PreparedInputs> {
+    let images = args.images.iter().map(ImageInput::open).collect::<mmreg_core::Result<Vec<_>>>()?;
+    let inputs = ProcessorInputs { prompt: Prompt::Text(args.prompt.clone()), multimodal: MultiModalData::with_images(images) };
+    Ok(generate::prepare(entry, ctx, inputs, max_len)?)
+}
+
+/// `eos_token_id` from config.json (top level or `text_config`), as HF's generation would stop on.
+fn eos_token_id(ctx: &ModelContext) -> Option<u32> {
+    let config = ctx.config_json();
+    [config.get("eos_token_id"), config.get("text_config").and_then(|t| t.get("eos_token_id"))]
+        .into_iter()
+        .flatten()
+        .find_map(|v| v.as_u64())
+        .map(|v| v as u32)
+}

@@ -1,0 +1,48 @@
+//! The mmreg command line, as a library so that any binary can offer it over the models it links
+//! (see `examples/toy-vlm`): `fn main() -> ExitCode { mmreg_cli::main() }` after `use my_models as _;`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+#[derive(Debug, Parser)]
+#[command(name = "mmreg", version, about = "Multimodal models on libtorch: list, inspect, check, preprocess, generate")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List every registered architecture, its modalities and registrations with their source locations.
+    Models,
+    /// Show one registered model in detail, including max tokens per item.
+    Inspect(commands::InspectArgs),
+    /// Validate the registry, then run a model's dummy data through its processor and mappers.
+    Check(commands::CheckArgs),
+    /// Write exactly what the model would be fed (input_ids and mapped tensors) to a safetensors file.
+    Preprocess(commands::PreprocessArgs),
+    /// Generate text for a prompt with images.
+    Generate(commands::GenerateArgs),
+}
+
+/// Parses the command line, runs the command, prints errors with their causes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Models => commands::models(),
+        Command::Inspect(args) => commands::inspect(&args),
+        Command::Check(args) => commands::check(&args),
+        Command::Preprocess(args) => commands::preprocess(&args),
+        Command::Generate(args) => commands::generate(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! One request through the registry, end to end: input processor → input mapper → the model's
+//! multimodal path → merge at the placeholders → prefill → decode.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::inputs::{ProcessedInputs, ProcessorInputs};
+use crate::registry::ModelEntry;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::{Error, ModelContext, MultiModalModel, Result, TensorMap};
+
+/// A processed request and its mapped forward inputs, ready for the model: what `mmreg preprocess`
+/// writes and what prefill consumes.
+#[derive(Debug)]
+pub struct PreparedInputs {
+    pub processed: ProcessedInputs,
+    /// Per modality, the mapper's tensors (on the CPU).
+    pub mapped: Vec<(crate::Modality, TensorMap)>,
+}
+
+/// Runs the input processor and the input mappers.
+pub fn prepare(entry: &ModelEntry, ctx: &ModelContext, inputs: ProcessorInputs, max_len: usize) -> Result<PreparedInputs> {
+    let processed = entry.process(ctx, inputs)?;
+    if processed.token_ids.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    if processed.token_ids.len() > max_len {
+        return Err(Error::PromptTooLong { len: processed.token_ids.len(), max: max_len });
+    }
+    let mut mapped = Vec::new();
+    for modality in entry.modalities() {
+        if !processed.multimodal.items(modality).is_empty() {
+            mapped.push((modality, entry.map(ctx, modality, &processed.multimodal)?));
+        }
+    }
+    Ok(PreparedInputs { processed, mapped })
+}
+
+/// Token embeddings `[1, len, hidden]` with every item's features written over its placeholders.
+pub fn embed_prompt(entry: &ModelEntry, model: &dyn MultiModalModel, prepared: PreparedInputs) -> Result<Tensor> {
+    let device = model.device();
+    let ids: Vec<i64> = prepared.processed.token_ids.iter().map(|&t| t as i64).collect();
+    let ids = Tensor::from_slice(&ids).to_device(device).unsqueeze(0);
+    let embeds = model.embed_tokens(&ids)?;
+    for (modality, tensors) in prepared.mapped {
+        let tensors = TensorMap(tensors.0.into_iter().map(|(k, t)| (k, t.to_device(device))).collect());
+        let features = entry.embed(model, modality, tensors)?;
+        let mut ranges: Vec<_> = prepared.processed.placeholders.iter().filter(|r| r.modality == modality).collect();
+        ranges.sort_by_key(|r| r.item);
+        if features.len() != ranges.len() {
+            return Err(Error::Registry(format!(
+                "{}: the {modality} path returned {} feature tensor(s) for {} item(s)",
+                entry.id.path,
+                features.len(),
+                ranges.len()
+            )));
+        }
+        for (range, feature) in ranges.iter().zip(&features) {
+            let rows = feature.size().first().copied().unwrap_or(0) as usize;
+            if rows != range.length {
+                return Err(Error::TokenCountMismatch {
+                    model: entry.id.path.into(),
+                    modality,
+                    item: range.item,
+                    what: "the model's embedding",
+                    actual: rows,
+                    expected: range.length,
+                });
+            }
+            embeds
+                .narrow(1, range.offset as i64, range.length as i64)
+                .f_copy_(&feature.to_kind(embeds.kind()).unsqueeze(0))?;
+        }
+    }
+    Ok(embeds)
+}
+
+/// What a finished generation returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated token ids (the prompt excluded).
+    pub token_ids: Vec<u32>,
+    /// Prompt length after placeholder expansion.
+    pub prompt_len: usize,
+}
+
+/// Generates for one prepared request, greedy or sampled, with a KV cache.
+pub fn generate(
+    entry: &ModelEntry,
+    model: &dyn MultiModalModel,
+    prepared: PreparedInputs,
+    params: &SamplingParams,
+) -> Result<Generation> {
+    let _guard = tch::no_grad_guard();
+    let prompt_len = prepared.processed.token_ids.len();
+    let capacity = (prompt_len + params.max_tokens).min(model.max_model_len().max(prompt_len));
+    let embeds = embed_prompt(entry, model, prepared)?;
+    let mut cache = model.new_cache(1, capacity as i64)?;
+    let mut logits = model.forward(&embeds, &mut cache)?;
+    let mut sampler = Sampler::new(params);
+    let mut generated = Vec::with_capacity(params.max_tokens);
+    while generated.len() < params.max_tokens {
+        let last = logits.select(1, -1);
+        let token = sampler.sample(&last)?[0];
+        generated.push(token);
+        if params.is_stop(token) || cache.len() as usize >= capacity {
+            break;
+        }
+        let next = Tensor::from_slice(&[token as i64]).to_device(model.device()).unsqueeze(0);
+        logits = model.forward(&model.embed_tokens(&next)?, &mut cache)?;
+    }
+    Ok(Generation { token_ids: generated, prompt_len })
+}
+
+/// Parses `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(text: &str) -> Result<Device> {
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => text
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| Error::config("--device", format!("`{text}`: expected cpu, cuda or cuda:N"))),
+    }
+}
+
+/// Parses `f32`, `bf16` or `f16`.
+pub fn parse_dtype(text: &str) -> Result<Kind> {
+    match text {
+        "f32" | "float32" => Ok(Kind::Float),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        "f16" | "float16" => Ok(Kind::Half),
+        _ => Err(Error::config("--dtype", format!("`{text}`: expected f32, bf16 or f16"))),
+    }
+}

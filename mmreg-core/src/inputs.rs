@@ -1,0 +1,162 @@
+//! What a request carries before and after its model's input processor.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use image::DynamicImage;
+
+use crate::{Error, Modality, Result};
+
+/// A prompt as the user gives it: text to tokenize, or token ids that already contain the model's
+/// multimodal marker tokens (e.g. one `<image>` id per image).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    TokenIds(Vec<u32>),
+}
+
+/// One decoded image and a name for it (its path, or `image #i`) used in error messages.
+#[derive(Debug, Clone)]
+pub struct ImageInput {
+    pub name: Arc<str>,
+    pub image: DynamicImage,
+}
+
+impl ImageInput {
+    pub fn new(name: impl Into<Arc<str>>, image: DynamicImage) -> Self {
+        Self { name: name.into(), image }
+    }
+
+    /// Decodes an image file, with a clear error that names the file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| Error::bad_input(&name, e))?;
+        Self::decode(name, &bytes)
+    }
+
+    /// Decodes encoded image bytes (PNG, JPEG, …).
+    pub fn decode(name: impl Into<Arc<str>>, bytes: &[u8]) -> Result<Self> {
+        let name = name.into();
+        let image = image::load_from_memory(bytes).map_err(|e| Error::bad_input(&*name, e))?;
+        if image.width() == 0 || image.height() == 0 {
+            return Err(Error::bad_input(&*name, "the image has no pixels"));
+        }
+        Ok(Self { name, image })
+    }
+
+    pub fn size(&self) -> ImageSize {
+        ImageSize { width: self.image.width(), height: self.image.height() }
+    }
+}
+
+/// An image's size in pixels, the input of token-count functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ImageSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One multimodal item, whatever its modality.
+#[derive(Debug, Clone, Copy)]
+pub enum MultiModalItem<'a> {
+    Image(&'a ImageInput),
+}
+
+impl MultiModalItem<'_> {
+    pub fn modality(&self) -> Modality {
+        match self {
+            MultiModalItem::Image(_) => Modality::Image,
+        }
+    }
+}
+
+/// The multimodal data of one prompt, per modality, in prompt order.
+#[derive(Debug, Clone, Default)]
+pub struct MultiModalData {
+    pub images: Vec<ImageInput>,
+}
+
+impl MultiModalData {
+    pub fn with_images(images: Vec<ImageInput>) -> Self {
+        Self { images }
+    }
+
+    /// The number of items of each modality present.
+    pub fn counts(&self) -> ModalityCounts {
+        let mut counts = ModalityCounts::default();
+        if !self.images.is_empty() {
+            counts.0.insert(Modality::Image, self.images.len());
+        }
+        counts
+    }
+
+    /// The items of one modality.
+    pub fn items(&self, modality: Modality) -> Vec<MultiModalItem<'_>> {
+        match modality {
+            Modality::Image => self.images.iter().map(MultiModalItem::Image).collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.images.is_empty()
+    }
+}
+
+/// Number of items per modality (vLLM's `mm_counts`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModalityCounts(pub BTreeMap<Modality, usize>);
+
+impl ModalityCounts {
+    pub fn get(&self, modality: Modality) -> usize {
+        self.0.get(&modality).copied().unwrap_or(0)
+    }
+
+    pub fn set(&mut self, modality: Modality, count: usize) {
+        self.0.insert(modality, count);
+    }
+}
+
+/// A request's inputs as given to the model's input processor.
+#[derive(Debug, Clone)]
+pub struct ProcessorInputs {
+    pub prompt: Prompt,
+    pub multimodal: MultiModalData,
+}
+
+/// Where one item's placeholder tokens sit in the processed prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaceholderRange {
+    pub modality: Modality,
+    /// Index of the item within its modality.
+    pub item: usize,
+    pub offset: usize,
+    pub length: usize,
+}
+
+/// The output of an input processor: token ids with every placeholder expanded, and where each item's
+/// placeholders are. The multimodal data goes on to the input mapper.
+#[derive(Debug, Clone)]
+pub struct ProcessedInputs {
+    pub token_ids: Vec<u32>,
+    pub placeholders: Vec<PlaceholderRange>,
+    pub multimodal: MultiModalData,
+}
+
+impl ProcessedInputs {
+    /// Placeholder lengths for one modality, in item order.
+    pub fn placeholder_lengths(&self, modality: Modality) -> Vec<usize> {
+        let mut ranges: Vec<_> = self.placeholders.iter().filter(|r| r.modality == modality).collect();
+        ranges.sort_by_key(|r| r.item);
+        ranges.iter().map(|r| r.length).collect()
+    }
+}
+
+/// What the engine asks a dummy-data function for: a prompt of at most `seq_len` tokens after processing,
+/// with `counts` items of each modality, each as costly as the model allows.
+#[derive(Debug, Clone)]
+pub struct DummyRequest {
+    pub seq_len: usize,
+    pub counts: ModalityCounts,
+}

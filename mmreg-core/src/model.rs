@@ -1,0 +1,122 @@
+//! The traits a multimodal model implements: the language-model side the engine drives
+//! ([`MultiModalModel`]), loading ([`LoadModel`]), and one typed trait per modality ([`SupportsVision`],
+//! or in general [`SupportsModality`]).
+
+use std::any::Any;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::inputs::{ImageInput, ImageSize, MultiModalData};
+use crate::tensors::ModalityInputs;
+use crate::weights::Weights;
+use crate::{KvCache, Modality, ModelContext, Result};
+
+/// Lets the registry's generated glue recover a model's concrete type from `&dyn MultiModalModel`.
+pub trait AsAny: Any {
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// Device and dtype for a model's weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: Kind,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: Kind::Float }
+    }
+}
+
+/// Builds a model from a checkpoint. `#[register_model("Arch")]` registers this constructor.
+pub trait LoadModel: MultiModalModel + Sized {
+    fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self>;
+}
+
+/// The language-model side of a multimodal model, object-safe so the engine holds `Box<dyn MultiModalModel>`.
+///
+/// Shapes are batched (`[batch, seq]`) from the start; the multimodal embeddings are merged into the
+/// token embeddings by the caller, at the placeholder positions.
+pub trait MultiModalModel: AsAny + Send {
+    /// Token embeddings: `[batch, seq]` i64 ids → `[batch, seq, hidden]`.
+    fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor>;
+
+    /// Runs the decoder over `[batch, seq, hidden]` embeddings that continue the sequences in `cache`,
+    /// appends their keys and values to it, and returns logits `[batch, seq, vocab]`.
+    fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+
+    /// An empty KV cache for `batch` sequences of up to `capacity` tokens.
+    fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache>;
+
+    fn device(&self) -> Device;
+
+    fn dtype(&self) -> Kind;
+
+    /// The longest sequence the model supports (`max_position_embeddings`).
+    fn max_model_len(&self) -> usize;
+}
+
+/// A marker type per modality, linking it to the item type a request carries.
+pub trait ModalityKind: 'static {
+    const MODALITY: Modality;
+    type Item: 'static;
+
+    fn items(data: &MultiModalData) -> &[Self::Item];
+}
+
+/// Marker for [`Modality::Image`].
+pub struct Image;
+
+impl ModalityKind for Image {
+    const MODALITY: Modality = Modality::Image;
+    type Item = ImageInput;
+
+    fn items(data: &MultiModalData) -> &[ImageInput] {
+        &data.images
+    }
+}
+
+/// A model that accepts modality `K`. Implemented through the per-modality traits such as
+/// [`SupportsVision`]; the registration macros are written against this one.
+pub trait SupportsModality<K: ModalityKind>: MultiModalModel + Sized {
+    /// What the forward pass takes for this modality; the input mapper must produce exactly this.
+    type Inputs: ModalityInputs;
+
+    /// The one source of truth for the number of placeholder tokens of an item.
+    fn num_tokens(ctx: &ModelContext, item: &K::Item) -> Result<usize>;
+
+    /// Embeds a prompt's items: one `[num_tokens(item), hidden]` tensor per item, in order.
+    fn embed(&self, inputs: Self::Inputs) -> Result<Vec<Tensor>>;
+}
+
+/// A vision-language model.
+pub trait SupportsVision: MultiModalModel + Sized {
+    /// The forward parameters for images (e.g. [`crate::PixelValues`]).
+    type ImageInputs: ModalityInputs;
+
+    /// Placeholder tokens for one image of this size: the one function the input processor, the dummy
+    /// data, the max-tokens registration and the vision path's shape check all call.
+    fn num_image_tokens(ctx: &ModelContext, size: ImageSize) -> Result<usize>;
+
+    /// Image features, one `[num_image_tokens, hidden]` tensor per image.
+    fn embed_images(&self, inputs: Self::ImageInputs) -> Result<Vec<Tensor>>;
+}
+
+impl<T: SupportsVision> SupportsModality<Image> for T {
+    type Inputs = T::ImageInputs;
+
+    fn num_tokens(ctx: &ModelContext, item: &ImageInput) -> Result<usize> {
+        T::num_image_tokens(ctx, item.size())
+    }
+
+    fn embed(&self, inputs: Self::Inputs) -> Result<Vec<Tensor>> {
+        self.embed_images(inputs)
+    }
+}

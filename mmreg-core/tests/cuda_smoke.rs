@@ -1,0 +1,54 @@
+//! CUDA smoke test: a bf16 matmul and scaled_dot_product_attention on cuda:0 agree with the CPU.
+//! Skipped, with a message, where no GPU is available.
+
+use std::io::Write;
+
+use tch::{Device, Kind, Tensor};
+
+fn cuda() -> Option<Device> {
+    if tch::Cuda::is_available() {
+        println!("CUDA available: {} device(s), cuDNN: {}", tch::Cuda::device_count(), tch::Cuda::cudnn_is_available());
+        Some(Device::Cuda(0))
+    } else {
+        // Written past the test harness's output capture, so the skip shows in a plain `cargo test`.
+        let _ = writeln!(std::io::stderr(), "SKIPPED cuda smoke test: CUDA is not available on this machine");
+        None
+    }
+}
+
+fn max_relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a.to_device(Device::Cpu).to_kind(Kind::Float);
+    let b = b.to_device(Device::Cpu).to_kind(Kind::Float);
+    let error = (&a - &b).abs().max().double_value(&[]);
+    error / b.abs().max().double_value(&[]).max(1e-12)
+}
+
+#[test]
+fn bf16_matmul_on_cuda_matches_cpu() {
+    let Some(device) = cuda() else { return };
+    tch::manual_seed(0);
+    let a = Tensor::randn([256, 512], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+    let b = Tensor::randn([512, 128], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+    let expected = a.to_kind(Kind::Float).matmul(&b.to_kind(Kind::Float));
+    let actual = a.to_device(device).matmul(&b.to_device(device));
+    assert_eq!(actual.device(), device);
+    let error = max_relative_error(&actual, &expected);
+    println!("bf16 matmul on {device:?}: max relative error {error:.2e}");
+    assert!(error < 2e-2, "bf16 matmul error {error}");
+}
+
+#[test]
+fn sdpa_on_cuda_matches_cpu() {
+    let Some(device) = cuda() else { return };
+    tch::manual_seed(1);
+    let shape = [2, 8, 64, 64];
+    let q = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+    let k = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+    let v = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+    let expected = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
+    let on = |t: &Tensor| t.to_device(device).to_kind(Kind::BFloat16);
+    let actual = Tensor::scaled_dot_product_attention(&on(&q), &on(&k), &on(&v), None::<Tensor>, 0.0, true, None, false);
+    let error = max_relative_error(&actual, &expected);
+    println!("bf16 causal SDPA on {device:?}: max relative error {error:.2e}");
+    assert!(error < 3e-2, "SDPA error {error}");
+}

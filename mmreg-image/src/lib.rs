@@ -1,0 +1,58 @@
+//! PIL-compatible image processors for LLaVA-style models, in pure Rust.
+//!
+//! The processors reproduce Hugging Face transformers' PIL backend (`CLIPImageProcessorPil`,
+//! `LlavaNextImageProcessorPil`, transformers 5.17 with Pillow 13) **bit for bit**: same `u8`
+//! resize (Pillow's fixed-point bicubic), same crop/pad geometry, same `f32` rounding in
+//! rescale and normalize. `tests/hf_parity.rs` checks SHA-256 hashes of HF's outputs.
+//!
+//! ```no_run
+//! use mmreg_image::{ClipImageProcessor, PreprocessorConfig};
+//! # fn main() -> Result<(), mmreg_image::ImageError> {
+//! let processor = ClipImageProcessor::from_file("preprocessor_config.json")?;
+//! let image = image::open("cat.png")?;
+//! let pixels = processor.preprocess(&image)?; // shape [1, 3, 336, 336], CHW, RGB
+//! # Ok(()) }
+//! ```
+//!
+//! Only bicubic resampling (`resample: 3`) is implemented. JPEG decoding is not part of the
+//! exactness claim: PIL's libjpeg and the `image` crate's decoder can differ by a few levels.
+
+mod clip;
+mod config;
+mod convert;
+mod error;
+mod kernels;
+mod llava_next;
+mod pipeline;
+mod resize;
+mod view;
+
+pub use clip::ClipImageProcessor;
+pub use config::{
+    PerChannel, PreprocessorConfig, SizeSpec, DEFAULT_GRID_PINPOINTS, OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+};
+pub use convert::to_rgb8;
+pub use error::{ImageError, Result};
+pub use llava_next::{
+    get_patch_output_size, select_best_resolution, LlavaNextImageProcessor, NextBatch,
+    NextPixelValues,
+};
+pub use resize::{resize_bicubic, PassOrder};
+
+/// Preprocessed images: `f32` values in row-major `[n, 3, H, W]` order (CHW per image, RGB).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PixelValues {
+    /// `n * 3 * H * W` values.
+    pub data: Vec<f32>,
+    /// `[n, 3, H, W]`.
+    pub shape: [usize; 4],
+}
+
+impl PixelValues {
+    /// The values of image `i` (`3 * H * W` of them).
+    pub fn image(&self, i: usize) -> &[f32] {
+        let len = self.shape[1] * self.shape[2] * self.shape[3];
+        &self.data[i * len..(i + 1) * len]
+    }
+}
