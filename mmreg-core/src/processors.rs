@@ -1,11 +1,34 @@
-//! Default input mappers: the image processors a checkpoint's preprocessor_config.json names.
+//! Default input mappers: the image processors a checkpoint's preprocessor_config.json configures,
+//! from `mmreg-image` (bit-identical to Hugging Face's PIL backend), wrapped into tensors.
 
-use crate::model::ModalityKind;
-use crate::{ModelContext, Result};
+use mmreg_image::{ClipImageProcessor, PreprocessorConfig};
+use tch::Tensor;
+
+use crate::model::{Image, ModalityKind};
+use crate::{Error, ImageInput, ModelContext, PixelValues, Result};
 
 /// Forward inputs that the modality's default mapper can produce, selected by
 /// `#[register_input_mapper(image)]` (without a function). A model whose inputs type lacks this impl
 /// gets a compile error at the registration.
 pub trait DefaultMapper<K: ModalityKind>: Sized {
     fn map(ctx: &ModelContext, items: &[K::Item]) -> Result<Self>;
+}
+
+/// The CLIP image processor (resize shortest edge, center crop, rescale, normalize): LLaVA-1.5's.
+impl DefaultMapper<Image> for PixelValues {
+    fn map(ctx: &ModelContext, images: &[ImageInput]) -> Result<Self> {
+        let config = ctx.processor_config::<PreprocessorConfig>()?;
+        let processor =
+            ClipImageProcessor::new(&config).map_err(|e| Error::config("preprocessor_config.json", e))?;
+        let mut data = Vec::new();
+        let mut shape = None;
+        for image in images {
+            let pixels = processor.preprocess(&image.image).map_err(|e| Error::bad_input(&*image.name, e))?;
+            shape.get_or_insert(pixels.shape);
+            data.extend_from_slice(&pixels.data);
+        }
+        let [_, c, h, w] = shape.unwrap_or([0, 3, 0, 0]).map(|d| d as i64);
+        let pixel_values = Tensor::from_slice(&data).reshape([images.len() as i64, c, h, w]);
+        Ok(PixelValues { pixel_values })
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{Error, Result};
 
+#[derive(Clone)]
 struct TensorInfo {
     file: usize,
     name_in_file: String,
@@ -23,7 +24,7 @@ struct TensorInfo {
 
 /// The tensors of a checkpoint, indexed by (canonical) name.
 pub struct Weights {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Arc<[(PathBuf, Mmap)]>,
     tensors: HashMap<String, TensorInfo>,
     used: Mutex<BTreeSet<String>>,
     progress: Option<indicatif::ProgressBar>,
@@ -94,16 +95,16 @@ impl Weights {
             );
             bar
         });
-        Ok(Self { files, tensors, used: Mutex::default(), progress })
+        Ok(Self { files: files.into(), tensors, used: Mutex::default(), progress })
     }
 
-    /// Renames every tensor through `canonical` (checkpoint name → the model's name); `None` drops a
-    /// tensor the model never reads (e.g. `position_ids` buffers in old files).
-    pub fn renamed(mut self, canonical: impl Fn(&str) -> Option<String>) -> Result<Self> {
+    /// A view of the same mapped files with every tensor renamed through `canonical` (checkpoint name →
+    /// the model's name); `None` drops a tensor the model never reads (e.g. `position_ids` buffers).
+    pub fn renamed(&self, canonical: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let mut renamed = HashMap::with_capacity(self.tensors.len());
-        for (name, info) in self.tensors.drain() {
-            if let Some(new) = canonical(&name) {
-                if let Some(clash) = renamed.insert(new.clone(), info) {
+        for (name, info) in &self.tensors {
+            if let Some(new) = canonical(name) {
+                if let Some(clash) = renamed.insert(new.clone(), info.clone()) {
                     return Err(Error::Weights(format!(
                         "tensors `{}` and `{name}` both map to `{new}`",
                         clash.name_in_file
@@ -111,8 +112,7 @@ impl Weights {
                 }
             }
         }
-        self.tensors = renamed;
-        Ok(self)
+        Ok(Self { files: self.files.clone(), tensors: renamed, used: Mutex::default(), progress: self.progress.clone() })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -146,6 +146,14 @@ impl Weights {
             bar.inc((info.end - info.start) as u64);
         }
         Ok(tensor)
+    }
+
+    /// Marks every tensor under `prefix.` as deliberately unread (e.g. vision layers after the feature layer),
+    /// so that [`Weights::check_all_used`] does not report them.
+    pub fn skip_prefix(&self, prefix: &str) {
+        let prefix = format!("{prefix}.");
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.extend(self.tensors.keys().filter(|k| k.starts_with(&prefix)).cloned());
     }
 
     /// Fails if the checkpoint holds tensors the model never read, naming them.

@@ -28,6 +28,35 @@ pub(crate) fn horizontal(
     xs: Range<usize>,
     dst: &mut [u8],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 support was just checked.
+        return unsafe { horizontal_avx2(src, x0, f, xs, dst) };
+    }
+    horizontal_generic(src, x0, f, xs, dst)
+}
+
+/// The generic code compiled with AVX2 enabled, so the compiler can vectorise it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_avx2(
+    src: RgbView<'_>,
+    x0: usize,
+    f: &AxisFilter,
+    xs: Range<usize>,
+    dst: &mut [u8],
+) {
+    horizontal_generic(src, x0, f, xs, dst)
+}
+
+#[inline(always)]
+fn horizontal_generic(
+    src: RgbView<'_>,
+    x0: usize,
+    f: &AxisFilter,
+    xs: Range<usize>,
+    dst: &mut [u8],
+) {
     let out_row = xs.len() * 3;
     for (y, dst_row) in dst.chunks_exact_mut(out_row).take(src.height).enumerate() {
         let row = src.row(y);
@@ -57,6 +86,29 @@ pub(crate) fn vertical(
     ys: Range<usize>,
     dst: &mut [u8],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 support was just checked.
+        return unsafe { vertical_avx2(src, y0, f, ys, dst) };
+    }
+    vertical_generic(src, y0, f, ys, dst)
+}
+
+/// The generic code compiled with AVX2 enabled, so the compiler can vectorise it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn vertical_avx2(
+    src: RgbView<'_>,
+    y0: usize,
+    f: &AxisFilter,
+    ys: Range<usize>,
+    dst: &mut [u8],
+) {
+    vertical_generic(src, y0, f, ys, dst)
+}
+
+#[inline(always)]
+fn vertical_generic(src: RgbView<'_>, y0: usize, f: &AxisFilter, ys: Range<usize>, dst: &mut [u8]) {
     let row_len = src.width * 3;
     let mut acc = vec![0i32; row_len];
     for (yo, dst_row) in ys.zip(dst.chunks_exact_mut(row_len)) {

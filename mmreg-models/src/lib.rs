@@ -1,0 +1,9 @@
+//! Multimodal architectures for mmreg. Each model registers itself with mmreg's macros; binaries and
+//! tests link this crate (`use mmreg_models as _;`) to make them visible in the registry.
+
+mod clip;
+mod layers;
+mod llama;
+pub mod llava;
+
+pub use llava::{Llava, LlavaConfig};

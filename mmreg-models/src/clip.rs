@@ -1,0 +1,180 @@
+//! The CLIP vision tower of LLaVA (`CLIPVisionModel`), up to the feature layer LLaVA reads.
+
+use mmreg_core::Result;
+use serde::Deserialize;
+use tch::Tensor;
+
+use crate::layers::{Activation, LayerNorm, Linear, Loader};
+
+/// `vision_config`; missing keys take `CLIPVisionConfig`'s defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClipVisionConfig {
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: i64,
+    pub num_channels: i64,
+    pub image_size: i64,
+    pub patch_size: i64,
+    pub hidden_act: String,
+    pub layer_norm_eps: f64,
+}
+
+impl Default for ClipVisionConfig {
+    fn default() -> Self {
+        Self {
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            num_channels: 3,
+            image_size: 224,
+            patch_size: 32,
+            hidden_act: "quick_gelu".into(),
+            layer_norm_eps: 1e-5,
+        }
+    }
+}
+
+impl ClipVisionConfig {
+    /// LLaVA's vision tower (CLIP ViT-L/14 at 336 px), used when config.json has no `vision_config`.
+    pub fn llava_default() -> Self {
+        Self {
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 24,
+            num_attention_heads: 16,
+            image_size: 336,
+            patch_size: 14,
+            ..Self::default()
+        }
+    }
+
+    /// Patches per side of the (square) input.
+    pub fn patches_per_side(&self) -> i64 {
+        self.image_size / self.patch_size
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn load(loader: &Loader, config: &ClipVisionConfig) -> Result<Self> {
+        let h = config.hidden_size;
+        Ok(Self {
+            q_proj: Linear::load(&loader.pp("q_proj"), h, h, true)?,
+            k_proj: Linear::load(&loader.pp("k_proj"), h, h, true)?,
+            v_proj: Linear::load(&loader.pp("v_proj"), h, h, true)?,
+            out_proj: Linear::load(&loader.pp("out_proj"), h, h, true)?,
+            heads: config.num_attention_heads,
+            head_dim: h / config.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, l, _) = x.size3().expect("[batch, seq, hidden]");
+        let split = |t: Tensor| t.view([b, l, self.heads, self.head_dim]).transpose(1, 2);
+        let q = split(self.q_proj.forward(x));
+        let k = split(self.k_proj.forward(x));
+        let v = split(self.v_proj.forward(x));
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, false);
+        self.out_proj.forward(&out.transpose(1, 2).reshape([b, l, self.heads * self.head_dim]))
+    }
+}
+
+struct EncoderLayer {
+    layer_norm1: LayerNorm,
+    self_attn: Attention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl EncoderLayer {
+    fn load(loader: &Loader, config: &ClipVisionConfig) -> Result<Self> {
+        let (h, i, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
+        Ok(Self {
+            layer_norm1: LayerNorm::load(&loader.pp("layer_norm1"), h, eps)?,
+            self_attn: Attention::load(&loader.pp("self_attn"), config)?,
+            layer_norm2: LayerNorm::load(&loader.pp("layer_norm2"), h, eps)?,
+            fc1: Linear::load(&loader.pp("mlp.fc1"), h, i, true)?,
+            fc2: Linear::load(&loader.pp("mlp.fc2"), i, h, true)?,
+            act: Activation::parse(&config.hidden_act)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
+        let mlp = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x))));
+        x + mlp
+    }
+}
+
+/// Embeddings, `pre_layrnorm` and the encoder layers up to the deepest one LLaVA reads.
+pub struct ClipVisionTower {
+    patch_embedding: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    patch_size: i64,
+}
+
+impl ClipVisionTower {
+    /// Loads the layers needed for `hidden_states[i]` for every `i` in `feature_layers` (HF indexing:
+    /// 0 is the embeddings after `pre_layrnorm`, -1 the last layer); later layers and `post_layernorm`
+    /// are skipped.
+    pub fn load(loader: &Loader, config: &ClipVisionConfig, feature_layers: &[usize]) -> Result<Self> {
+        let (h, p, c) = (config.hidden_size, config.patch_size, config.num_channels);
+        let positions = config.patches_per_side().pow(2) + 1;
+        let needed = feature_layers.iter().copied().max().unwrap_or(config.num_hidden_layers);
+        let embeddings = loader.pp("embeddings");
+        let encoder = loader.pp("encoder.layers");
+        let layers = (0..needed).map(|i| EncoderLayer::load(&encoder.pp(i), config)).collect::<Result<_>>()?;
+        for i in needed..config.num_hidden_layers {
+            encoder.pp(i).skip_all();
+        }
+        loader.pp("post_layernorm").skip_all();
+        Ok(Self {
+            patch_embedding: embeddings.get("patch_embedding.weight", &[h, c, p, p])?,
+            class_embedding: embeddings.get("class_embedding", &[h])?,
+            position_embedding: embeddings.get("position_embedding.weight", &[positions, h])?,
+            pre_layrnorm: LayerNorm::load(&loader.pp("pre_layrnorm"), h, config.layer_norm_eps)?,
+            layers,
+            patch_size: p,
+        })
+    }
+
+    /// `hidden_states[i]` for each requested `i`, from pixel values `[n, 3, H, W]`.
+    pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Vec<Tensor> {
+        let pixel_values = pixel_values.to_kind(self.patch_embedding.kind());
+        let patches = pixel_values.conv2d(&self.patch_embedding, None::<Tensor>, self.patch_size, 0, 1, 1);
+        let patches = patches.flatten(2, -1).transpose(1, 2); // [n, patches, hidden], row-major
+        let n = patches.size()[0];
+        let class = self.class_embedding.view([1, 1, -1]).expand([n, 1, -1], false);
+        let embeddings = Tensor::cat(&[class, patches], 1) + &self.position_embedding;
+        let mut x = self.pre_layrnorm.forward(&embeddings);
+        let mut states: Vec<Option<Tensor>> = indices.iter().map(|_| None).collect();
+        for (depth, layer) in std::iter::once(None).chain(self.layers.iter().map(Some)).enumerate() {
+            if let Some(layer) = layer {
+                x = layer.forward(&x);
+            }
+            for (slot, &index) in states.iter_mut().zip(indices) {
+                if index == depth {
+                    *slot = Some(x.shallow_clone());
+                }
+            }
+        }
+        states.into_iter().map(|s| s.expect("the tower loads every requested layer")).collect()
+    }
+}

@@ -1,0 +1,273 @@
+//! The Llama decoder (Mistral and Vicuna use the same code): RMSNorm in f32, half-split rotary
+//! embeddings, grouped-query attention, gated MLP, with a preallocated KV cache.
+
+use mmreg_core::{Error, KvCache, Result};
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::layers::{Activation, Linear, Loader, RmsNorm};
+
+/// `text_config` as written in config.json: every key optional, defaults depend on `model_type`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TextConfigJson {
+    pub model_type: Option<String>,
+    pub vocab_size: Option<i64>,
+    pub hidden_size: Option<i64>,
+    pub intermediate_size: Option<i64>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<i64>,
+    pub num_key_value_heads: Option<i64>,
+    pub head_dim: Option<i64>,
+    pub hidden_act: Option<String>,
+    pub max_position_embeddings: Option<usize>,
+    pub rms_norm_eps: Option<f64>,
+    pub rope_theta: Option<f64>,
+    /// transformers 5 writes `rope_parameters: {rope_type, rope_theta}` instead of `rope_theta`.
+    pub rope_parameters: Option<RopeParameters>,
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeParameters {
+    pub rope_type: Option<String>,
+    pub rope_theta: Option<f64>,
+}
+
+/// The resolved decoder configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+}
+
+impl TextConfigJson {
+    /// Fills missing keys with `LlamaConfig`'s or `MistralConfig`'s defaults.
+    pub fn resolve(&self) -> Result<TextConfig> {
+        let mistral = match self.model_type.as_deref() {
+            None | Some("llama") => false,
+            Some("mistral") => true,
+            Some(other) => {
+                return Err(Error::config("config.json", format!("text_config.model_type `{other}` is not supported (llama, mistral)")))
+            }
+        };
+        if let Some(kind) = self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
+            if kind != "default" {
+                return Err(Error::config("config.json", format!("rope_type `{kind}` is not supported")));
+            }
+        }
+        let hidden_size = self.hidden_size.unwrap_or(4096);
+        let num_attention_heads = self.num_attention_heads.unwrap_or(32);
+        let config = TextConfig {
+            vocab_size: self.vocab_size.unwrap_or(32000),
+            hidden_size,
+            intermediate_size: self.intermediate_size.unwrap_or(if mistral { 14336 } else { 11008 }),
+            num_hidden_layers: self.num_hidden_layers.unwrap_or(32),
+            num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(if mistral { 8 } else { num_attention_heads }),
+            head_dim: self.head_dim.unwrap_or(hidden_size / num_attention_heads.max(1)),
+            hidden_act: self.hidden_act.clone().unwrap_or_else(|| "silu".into()),
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(if mistral { 4096 * 32 } else { 2048 }),
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: self
+                .rope_parameters
+                .as_ref()
+                .and_then(|r| r.rope_theta)
+                .or(self.rope_theta)
+                .unwrap_or(10000.0),
+        };
+        let heads_ok = config.num_attention_heads > 0
+            && config.num_key_value_heads > 0
+            && config.num_attention_heads % config.num_key_value_heads == 0;
+        if !heads_ok || config.head_dim % 2 != 0 {
+            return Err(Error::config(
+                "config.json",
+                format!(
+                    "text_config: {} attention heads, {} key/value heads and head_dim {} do not fit together",
+                    config.num_attention_heads, config.num_key_value_heads, config.head_dim
+                ),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
+        let (h, d) = (c.hidden_size, c.head_dim);
+        Ok(Self {
+            q_proj: Linear::load(&loader.pp("q_proj"), h, c.num_attention_heads * d, false)?,
+            k_proj: Linear::load(&loader.pp("k_proj"), h, c.num_key_value_heads * d, false)?,
+            v_proj: Linear::load(&loader.pp("v_proj"), h, c.num_key_value_heads * d, false)?,
+            o_proj: Linear::load(&loader.pp("o_proj"), c.num_attention_heads * d, h, false)?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rope: &Rope, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, l, _) = x.size3()?;
+        let split = |t: Tensor, heads: i64| t.view([b, l, heads, self.head_dim]).transpose(1, 2);
+        let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
+        let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let past = cache.len();
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let gqa = self.heads != self.kv_heads;
+        let out = if past == 0 || l == 1 {
+            // A fresh prompt is plainly causal; one new token sees everything cached.
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, past == 0 && l > 1, scale, gqa)
+        } else {
+            // Several new tokens after cached ones: causal mask aligned to the bottom right.
+            let mask = Tensor::ones([l, past + l], (Kind::Bool, x.device())).tril(past);
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, gqa)
+        };
+        Ok(self.o_proj.forward(&out.transpose(1, 2).reshape([b, l, self.heads * self.head_dim])))
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::load(&loader.pp("gate_proj"), h, i, false)?,
+            up_proj: Linear::load(&loader.pp("up_proj"), h, i, false)?,
+            down_proj: Linear::load(&loader.pp("down_proj"), i, h, false)?,
+            act: Activation::parse(&c.hidden_act)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj.forward(&(self.act.forward(&self.gate_proj.forward(x)) * self.up_proj.forward(x)))
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// cos/sin of the rotary embedding for the positions of one forward pass, in the model dtype.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// `q * cos + rotate_half(q) * sin`, with `rotate_half(x) = cat(-x2, x1)` (half split).
+    fn apply(&self, x: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        let rotated = Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3);
+        x * &self.cos + rotated * &self.sin
+    }
+}
+
+/// The decoder stack with its embeddings and LM head.
+pub struct Llama {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    /// `1 / theta^(2i/d)`, computed in f32 on the CPU as HF does.
+    inv_freq: Tensor,
+    pub config: TextConfig,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads `language_model.*` (decoder) and `lm_head` from the canonical names.
+    pub fn load(loader: &Loader, lm_head: &Loader, config: TextConfig) -> Result<Self> {
+        let c = &config;
+        let eps = c.rms_norm_eps;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = loader.pp("layers").pp(i);
+                Ok(DecoderLayer {
+                    input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), c.hidden_size, eps)?,
+                    self_attn: Attention::load(&l.pp("self_attn"), c)?,
+                    post_attention_layernorm: RmsNorm::load(&l.pp("post_attention_layernorm"), c.hidden_size, eps)?,
+                    mlp: Mlp::load(&l.pp("mlp"), c)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let exponent = Tensor::arange_start_step(0, c.head_dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
+            / c.head_dim as f64;
+        let inv_freq = Tensor::scalar_tensor(c.rope_theta, (Kind::Float, Device::Cpu)).pow(&exponent).reciprocal();
+        Ok(Self {
+            embed_tokens: loader.get("embed_tokens.weight", &[c.vocab_size, c.hidden_size])?,
+            layers,
+            norm: RmsNorm::load(&loader.pp("norm"), c.hidden_size, eps)?,
+            lm_head: Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?,
+            inv_freq: inv_freq.to_device(loader.options.device),
+            device: loader.options.device,
+            config,
+        })
+    }
+
+    pub fn embed_tokens(&self, token_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, token_ids, -1, false, false)
+    }
+
+    pub fn dtype(&self) -> Kind {
+        self.embed_tokens.kind()
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn rope(&self, start: i64, len: i64, kind: Kind) -> Rope {
+        let positions = Tensor::arange_start(start, start + len, (Kind::Float, self.device));
+        let freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], 1);
+        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+    }
+
+    /// Logits `[batch, seq, vocab]` for embeddings that continue the cached sequences.
+    pub fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (_, l, _) = inputs_embeds.size3()?;
+        cache.reserve(l)?;
+        let rope = self.rope(cache.len(), l, inputs_embeds.kind());
+        let mut x = inputs_embeds.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = &x + layer.self_attn.forward(&layer.input_layernorm.forward(&x), &rope, i, cache)?;
+            x = &x + layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
+        }
+        cache.advance(l);
+        Ok(self.lm_head.forward(&self.norm.forward(&x)))
+    }
+
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        let c = &self.config;
+        KvCache::new(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity, self.dtype(), self.device)
+    }
+}
