@@ -1,10 +1,23 @@
-//! A borrowed rectangle of an interleaved 8-bit RGB buffer.
+//! Borrowed and owned 8-bit RGB rasters in the two layouts the kernels use.
+//!
+//! Decoded images are interleaved (`RGBRGB...`). The horizontal pass writes *planar* rows
+//! (all R of a row, then all G, then all B) because that is what the vertical pass and the
+//! normalisation into CHW output consume fastest; keeping both layouts avoids conversions.
 
 use image::RgbImage;
 
 use crate::error::{ImageError, Result};
 
-/// Interleaved RGB rows inside a larger buffer; lets crops and patches be processed without copies.
+/// How the three channels of a pixel are arranged within a row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// `RGBRGB...`: channel `c` of pixel `x` at byte `3 * x + c` of the row.
+    Interleaved,
+    /// Channel `c` of pixel `x` at byte `c * channel_stride + x` from the row start.
+    Planar { channel_stride: usize },
+}
+
+/// A rectangle of an 8-bit RGB raster inside a larger buffer (crops and patches need no copies).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RgbView<'a> {
     data: &'a [u8],
@@ -13,60 +26,126 @@ pub(crate) struct RgbView<'a> {
     /// Height in pixels.
     pub height: usize,
     /// Distance between row starts, in bytes.
-    stride: usize,
+    row_stride: usize,
+    pub layout: Layout,
 }
 
 impl<'a> RgbView<'a> {
-    /// Views a tightly packed buffer of `width * height` pixels.
-    pub fn packed(data: &'a [u8], width: usize, height: usize) -> Self {
-        debug_assert!(data.len() >= width * height * 3);
-        RgbView {
-            data,
-            width,
-            height,
-            stride: width * 3,
-        }
-    }
-
     /// Views a whole image, rejecting images without pixels.
     pub fn from_image(image: &'a RgbImage) -> Result<Self> {
         let (width, height) = (image.width() as usize, image.height() as usize);
         if width == 0 || height == 0 {
             return Err(ImageError::EmptyImage { width, height });
         }
-        Ok(Self::packed(image.as_raw(), width, height))
+        Ok(Self::interleaved(image.as_raw(), width, height))
     }
 
-    /// Row `y` as `width * 3` bytes.
+    /// Views a tightly packed interleaved buffer.
+    pub fn interleaved(data: &'a [u8], width: usize, height: usize) -> Self {
+        RgbView { data, width, height, row_stride: width * 3, layout: Layout::Interleaved }
+    }
+
+    /// Views three whole `width x height` planes stored one after the other.
+    pub fn image_planar(data: &'a [u8], width: usize, height: usize) -> Self {
+        let layout = Layout::Planar { channel_stride: width * height };
+        RgbView { data, width, height, row_stride: width, layout }
+    }
+
+    /// Bytes from one pixel to the next within a channel.
+    fn pixel_stride(&self) -> usize {
+        match self.layout {
+            Layout::Interleaved => 3,
+            Layout::Planar { .. } => 1,
+        }
+    }
+
+    /// Number of contiguous byte runs per row (1 interleaved run, or one per channel).
+    pub fn run_count(&self) -> usize {
+        match self.layout {
+            Layout::Interleaved => 1,
+            Layout::Planar { .. } => 3,
+        }
+    }
+
+    /// Byte run `i` of row `y`: the whole interleaved row, or channel `i` of a planar row.
     #[inline]
-    pub fn row(&self, y: usize) -> &'a [u8] {
-        let start = y * self.stride;
-        &self.data[start..start + self.width * 3]
+    pub fn run(&self, y: usize, i: usize) -> &'a [u8] {
+        let (offset, len) = match self.layout {
+            Layout::Interleaved => (0, self.width * 3),
+            Layout::Planar { channel_stride } => (i * channel_stride, self.width),
+        };
+        let start = y * self.row_stride + offset;
+        &self.data[start..start + len]
+    }
+
+    /// Where `(x, c)` lands when the row's runs are concatenated, given runs of `width` pixels.
+    #[inline]
+    pub fn run_index(&self, x: usize, c: usize, width: usize) -> usize {
+        match self.layout {
+            Layout::Interleaved => 3 * x + c,
+            Layout::Planar { .. } => c * width + x,
+        }
     }
 
     /// The `width x height` rectangle whose top-left pixel is `(x, y)`; must lie inside.
     pub fn crop(&self, x: usize, y: usize, width: usize, height: usize) -> Self {
-        debug_assert!(x + width <= self.width && y + height <= self.height);
-        let start = y * self.stride + x * 3;
-        // Keep the slice exactly long enough for the last row so `row` stays in bounds.
-        let len = if height == 0 {
-            0
-        } else {
-            (height - 1) * self.stride + width * 3
+        debug_assert!(x + width <= self.width && y + height <= self.height && width > 0 && height > 0);
+        let start = y * self.row_stride + x * self.pixel_stride();
+        let last_run_end = match self.layout {
+            Layout::Interleaved => width * 3,
+            Layout::Planar { channel_stride } => 2 * channel_stride + width,
         };
-        RgbView {
-            data: &self.data[start..start + len],
-            width,
-            height,
-            stride: self.stride,
-        }
+        let len = (height - 1) * self.row_stride + last_run_end;
+        RgbView { data: &self.data[start..start + len], width, height, ..*self }
     }
 
-    /// Copies the rows into a packed buffer of exactly `width * height * 3` bytes.
-    pub fn copy_to(&self, out: &mut [u8]) {
-        let row_len = self.width * 3;
-        for (y, dst) in out.chunks_exact_mut(row_len).take(self.height).enumerate() {
-            dst.copy_from_slice(self.row(y));
+    /// Channel `c` of row `y` as `width` contiguous bytes, deinterleaving into `scratch` if needed.
+    #[inline]
+    pub fn channel<'s>(&self, y: usize, c: usize, scratch: &'s mut Vec<u8>) -> &'s [u8]
+    where
+        'a: 's,
+    {
+        match self.layout {
+            Layout::Planar { .. } => self.run(y, c),
+            Layout::Interleaved => {
+                scratch.clear();
+                scratch.extend(self.run(y, 0).iter().skip(c).step_by(3));
+                scratch
+            }
         }
+    }
+}
+
+/// An owned, tightly packed raster (planar buffers are row-planar: each row holds R, G, B runs).
+#[derive(Clone, Debug)]
+pub(crate) struct RgbBuf {
+    pub data: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+    pub planar: bool,
+}
+
+impl RgbBuf {
+    pub fn new(width: usize, height: usize, planar: bool) -> Self {
+        RgbBuf { data: vec![0; width * height * 3], width, height, planar }
+    }
+
+    pub fn view(&self) -> RgbView<'_> {
+        let layout = if self.planar { Layout::Planar { channel_stride: self.width } } else { Layout::Interleaved };
+        RgbView { data: &self.data, width: self.width, height: self.height, row_stride: self.width * 3, layout }
+    }
+
+    /// Copies a view into a new interleaved buffer.
+    pub fn interleaved_from(view: RgbView<'_>) -> Self {
+        let mut out = RgbBuf::new(view.width, view.height, false);
+        let mut scratch = Vec::new();
+        for (y, row) in out.data.chunks_exact_mut(view.width * 3).enumerate() {
+            for c in 0..3 {
+                for (dst, &v) in row.iter_mut().skip(c).step_by(3).zip(view.channel(y, c, &mut scratch)) {
+                    *dst = v;
+                }
+            }
+        }
+        out
     }
 }
