@@ -127,20 +127,25 @@ impl LlavaNextImageProcessor {
         let (ph, pw) = select_best_resolution(image_size, &self.pinpoints);
         let (nh, nw) = get_patch_output_size(image_size, (ph, pw));
         let resized = resize_region(src, nw, nh, 0..nw, 0..nh, self.pipeline.order);
+        let resized = resized.view();
         let (top, left) = ((ph - nh) / 2, (pw - nw) / 2);
+        // Planar canvas: tiles are then contiguous per channel row, the fastest input to normalise.
         let mut canvas = vec![0u8; ph * pw * 3];
-        for (y, row) in resized.chunks_exact(nw * 3).enumerate() {
-            let at = ((top + y) * pw + left) * 3;
-            canvas[at..at + row.len()].copy_from_slice(row);
+        let mut scratch = Vec::new();
+        for (c, plane) in canvas.chunks_exact_mut(ph * pw).enumerate() {
+            for y in 0..nh {
+                let at = (top + y) * pw + left;
+                plane[at..at + nw].copy_from_slice(resized.channel(y, c, &mut scratch));
+            }
         }
-        let canvas = RgbView::packed(&canvas, pw, ph);
+        let canvas = RgbView::image_planar(&canvas, pw, ph);
 
         // Base image: the original squashed to `size`, aspect ratio not kept.
         let (bh, bw) = self.base_size;
         let base = resize_region(src, bw, bh, 0..bw, 0..bh, self.pipeline.order);
 
         let mut data = Vec::new();
-        let tile_hw = self.pipeline.run(RgbView::packed(&base, bw, bh), &mut data);
+        let tile_hw = self.pipeline.run(base.view(), &mut data);
         let mut count = 1;
         let p = self.patch_size;
         for y in (0..ph).step_by(p) {

@@ -1,39 +1,38 @@
 //! The CLIP pipeline on one RGB image: resize, center crop, rescale, normalize, write CHW `f32`.
 //!
-//! Resize and crop are fused: only the resized pixels the crop keeps are computed. Rescale and
-//! normalize are fused through a per-channel 256-entry table, which is exact because the input
-//! is `u8`: each entry is computed with HF's own formula
-//! `f32(f64(v) * rescale_factor)`, then `(x - mean_f32) / std_f32` in `f32`.
+//! Resize and crop are fused: only the resized pixels the crop keeps are computed, and they are
+//! written straight into the channel planes of the output.
 
 use std::ops::Range;
 
 use crate::config::PipelineConfig;
+use crate::kernels;
 use crate::resize::{resize_region, PassOrder};
 use crate::view::RgbView;
 
-/// Rescale + normalize as a lookup table per channel.
-#[derive(Clone, Debug)]
+/// Rescale + normalize with HF's exact `f32` rounding.
+#[derive(Clone, Copy, Debug)]
 struct Normalizer {
-    lut: [[f32; 256]; 3],
+    rescale: Option<f64>,
+    normalize: Option<([f32; 3], [f32; 3])>,
 }
 
 impl Normalizer {
-    fn new(rescale: Option<f64>, normalize: Option<([f32; 3], [f32; 3])>) -> Self {
-        let mut lut = [[0f32; 256]; 3];
-        for (c, table) in lut.iter_mut().enumerate() {
-            for (v, out) in table.iter_mut().enumerate() {
-                let x = match rescale {
-                    // `image.astype(float64) * scale`, then `.astype(float32)`.
-                    Some(factor) => (v as f64 * factor) as f32,
-                    None => v as f32,
-                };
-                *out = match normalize {
-                    Some((mean, std)) => (x - mean[c]) / std[c],
-                    None => x,
-                };
-            }
-        }
-        Normalizer { lut }
+    /// `(mean, std)` of channel `c`, if normalising.
+    fn channel(&self, c: usize) -> Option<(f32, f32)> {
+        self.normalize.map(|(mean, std)| (mean[c], std[c]))
+    }
+
+    /// Converts one run of channel-`c` samples.
+    fn row(&self, c: usize, src: &[u8], dst: &mut [f32]) {
+        kernels::normalize(src, dst, self.rescale, self.channel(c));
+    }
+
+    /// The output value of a zero sample (what HF's zero padding turns into).
+    fn zero(&self, c: usize) -> f32 {
+        let mut out = [0f32];
+        self.row(c, &[0], &mut out);
+        out[0]
     }
 }
 
@@ -66,7 +65,10 @@ impl Geometry {
 
 impl Pipeline {
     pub fn new(config: PipelineConfig, order: PassOrder) -> Self {
-        let normalizer = Normalizer::new(config.rescale, config.normalize);
+        let normalizer = Normalizer {
+            rescale: config.rescale,
+            normalize: config.normalize,
+        };
         Pipeline {
             config,
             order,
@@ -111,9 +113,11 @@ impl Pipeline {
         let cols = Geometry::visible(g.left, ow, g.resized.1);
         let base = out.len();
         let plane = oh * ow;
-        // Start from the normalised value of a zero pixel: that is what HF's padding becomes.
+        let padded = rows.len() < oh || cols.len() < ow;
         for c in 0..3 {
-            out.resize(base + (c + 1) * plane, self.normalizer.lut[c][0]);
+            // Only padding keeps these values; everything else is overwritten below.
+            let fill = if padded { self.normalizer.zero(c) } else { 0.0 };
+            out.resize(base + (c + 1) * plane, fill);
         }
         if rows.is_empty() || cols.is_empty() {
             return g.out;
@@ -126,23 +130,16 @@ impl Pipeline {
             rows.clone(),
             self.order,
         );
-        let dst = &mut out[base..];
-        let (r_plane, rest) = dst.split_at_mut(plane);
-        let (g_plane, b_plane) = rest.split_at_mut(plane);
+        let pixels = pixels.view();
         let y_off = (rows.start as i64 - g.top) as usize;
         let x_off = (cols.start as i64 - g.left) as usize;
-        let [lr, lg, lb] = &self.normalizer.lut;
-        for (i, src_row) in pixels.chunks_exact(cols.len() * 3).enumerate() {
-            let at = (y_off + i) * ow + x_off;
-            let span = at..at + cols.len();
-            let planes = r_plane[span.clone()]
-                .iter_mut()
-                .zip(&mut g_plane[span.clone()])
-                .zip(&mut b_plane[span]);
-            for (((r, g), b), px) in planes.zip(src_row.chunks_exact(3)) {
-                *r = lr[usize::from(px[0])];
-                *g = lg[usize::from(px[1])];
-                *b = lb[usize::from(px[2])];
+        let mut scratch = Vec::new();
+        for (c, dst_plane) in out[base..].chunks_exact_mut(plane).enumerate() {
+            for y in 0..pixels.height {
+                let at = (y_off + y) * ow + x_off;
+                let samples = pixels.channel(y, c, &mut scratch);
+                self.normalizer
+                    .row(c, samples, &mut dst_plane[at..at + cols.len()]);
             }
         }
         g.out
@@ -166,7 +163,7 @@ mod tests {
     }
 
     #[test]
-    fn lut_matches_formula() {
+    fn normalize_matches_formula() {
         let mean = [
             0.48145466f64 as f32,
             0.4578275f64 as f32,
@@ -177,19 +174,28 @@ mod tests {
             0.26130258f64 as f32,
             0.27577711f64 as f32,
         ];
-        let n = Normalizer::new(Some(1.0 / 255.0), Some((mean, std)));
-        for v in 0..=255u8 {
-            for c in 0..3 {
+        let n = Normalizer {
+            rescale: Some(1.0 / 255.0),
+            normalize: Some((mean, std)),
+        };
+        let samples: Vec<u8> = (0..=255).collect();
+        let mut out = vec![0f32; 256];
+        for c in 0..3 {
+            n.row(c, &samples, &mut out);
+            for (&v, &got) in samples.iter().zip(&out) {
                 let x = (f64::from(v) * (1.0 / 255.0)) as f32;
                 assert_eq!(
-                    n.lut[c][usize::from(v)].to_bits(),
-                    ((x - mean[c]) / std[c]).to_bits()
+                    got.to_bits(),
+                    ((x - mean[c]) / std[c]).to_bits(),
+                    "channel {c}, value {v}"
                 );
             }
         }
-        // Padding value quoted in the spec.
-        assert_eq!(n.lut[0][0], -1.7922626);
-        assert_eq!(n.lut[2][0], -1.4802198);
+        // Padding values quoted in the spec.
+        assert_eq!(
+            [n.zero(0), n.zero(1), n.zero(2)],
+            [-1.7922626, -1.7520971, -1.4802198]
+        );
     }
 
     #[test]
@@ -198,8 +204,7 @@ mod tests {
         let data: Vec<u8> = (1..=18).collect();
         let p = pipeline(None, Some((5, 4)));
         let mut out = Vec::new();
-        assert_eq!(p.run(RgbView::packed(&data, 3, 2), &mut out), (5, 4));
-        let red: Vec<f32> = out[..20].to_vec();
+        assert_eq!(p.run(RgbView::interleaved(&data, 3, 2), &mut out), (5, 4));
         #[rustfmt::skip]
         let expect = [
             0., 0., 0., 0.,
@@ -208,7 +213,7 @@ mod tests {
             0., 10., 13., 16.,
             0., 0., 0., 0.,
         ];
-        assert_eq!(red, expect);
+        assert_eq!(out[..20], expect);
     }
 
     #[test]
@@ -217,7 +222,7 @@ mod tests {
         let data: Vec<u8> = (0..15).collect();
         let p = pipeline(None, Some((1, 2)));
         let mut out = Vec::new();
-        p.run(RgbView::packed(&data, 5, 1), &mut out);
+        p.run(RgbView::interleaved(&data, 5, 1), &mut out);
         assert_eq!(out, [3.0, 6.0, 4.0, 7.0, 5.0, 8.0]);
     }
 }

@@ -14,7 +14,7 @@ use image::RgbImage;
 
 use crate::error::{ImageError, Result};
 use crate::kernels;
-use crate::view::RgbView;
+use crate::view::{RgbBuf, RgbView};
 
 /// Fixed-point fraction bits of Pillow's 8-bit resampler (`PRECISION_BITS = 32 - 8 - 2`).
 pub(crate) const PRECISION_BITS: u32 = 22;
@@ -163,17 +163,18 @@ pub fn resize_bicubic(
             height: out_h,
         });
     }
-    let data = resize_region(src, out_w, out_h, 0..out_w, 0..out_h, order);
+    let resized = resize_region(src, out_w, out_h, 0..out_w, 0..out_h, order);
+    let data = RgbBuf::interleaved_from(resized.view()).data;
     RgbImage::from_raw(width, height, data)
         .ok_or_else(|| ImageError::InvalidConfig("resized buffer has the wrong length".into()))
 }
 
-/// Resizes `src` to `out_w x out_h` but computes only output columns `xs` and rows `ys`,
-/// returned packed (`ys.len()` rows of `xs.len()` RGB pixels).
+/// Resizes `src` to `out_w x out_h` but computes only output columns `xs` and rows `ys`.
 ///
 /// Identical to resizing fully and then cropping: the horizontal-first order filters only the
 /// source rows the vertical pass reads, the vertical-first order only the source columns the
-/// horizontal pass reads. Requires non-empty ranges inside the output size.
+/// horizontal pass reads. Requires non-empty ranges inside the output size. The result is
+/// row-planar whenever a horizontal pass ran, otherwise it keeps `src`'s layout.
 pub(crate) fn resize_region(
     src: RgbView<'_>,
     out_w: usize,
@@ -181,46 +182,58 @@ pub(crate) fn resize_region(
     xs: Range<usize>,
     ys: Range<usize>,
     order: PassOrder,
-) -> Vec<u8> {
+) -> RgbBuf {
     debug_assert!(xs.start < xs.end && xs.end <= out_w && ys.start < ys.end && ys.end <= out_h);
-    let mut out = vec![0u8; xs.len() * ys.len() * 3];
+    let src_planar = src.run_count() == 3;
+    let (w, h) = (xs.len(), ys.len());
     let need_h = out_w != src.width;
     let need_v = out_h != src.height;
     match (need_h, need_v) {
-        (false, false) => src
-            .crop(xs.start, ys.start, xs.len(), ys.len())
-            .copy_to(&mut out),
+        (false, false) => RgbBuf::copy_of(src.crop(xs.start, ys.start, w, h)),
         (true, false) => {
             let fh = AxisFilter::bicubic(src.width, out_w);
-            let rows = src.crop(0, ys.start, src.width, ys.len());
-            kernels::horizontal(rows, 0, &fh, xs, &mut out);
+            let mut out = RgbBuf::new(w, h, true);
+            kernels::horizontal(
+                src.crop(0, ys.start, src.width, h),
+                0,
+                &fh,
+                xs,
+                &mut out.data,
+            );
+            out
         }
         (false, true) => {
             let fv = AxisFilter::bicubic(src.height, out_h);
-            let cols = src.crop(xs.start, 0, xs.len(), src.height);
-            kernels::vertical(cols, 0, &fv, ys, &mut out);
+            let mut out = RgbBuf::new(w, h, src_planar);
+            kernels::vertical(
+                src.crop(xs.start, 0, w, src.height),
+                0,
+                &fv,
+                ys,
+                &mut out.data,
+            );
+            out
         }
         (true, true) => {
             let fh = AxisFilter::bicubic(src.width, out_w);
             let fv = AxisFilter::bicubic(src.height, out_h);
+            let mut out = RgbBuf::new(w, h, true);
             if order.vertical_first(src.width, src.height, out_w, out_h) {
                 let cols = fh.source_span(xs.clone());
-                let mut tmp = vec![0u8; cols.len() * ys.len() * 3];
+                let mut tmp = RgbBuf::new(cols.len(), h, src_planar);
                 let strip = src.crop(cols.start, 0, cols.len(), src.height);
-                kernels::vertical(strip, 0, &fv, ys.clone(), &mut tmp);
-                let tmp_view = RgbView::packed(&tmp, cols.len(), ys.len());
-                kernels::horizontal(tmp_view, cols.start, &fh, xs, &mut out);
+                kernels::vertical(strip, 0, &fv, ys, &mut tmp.data);
+                kernels::horizontal(tmp.view(), cols.start, &fh, xs, &mut out.data);
             } else {
                 let rows = fv.source_span(ys.clone());
-                let mut tmp = vec![0u8; xs.len() * rows.len() * 3];
+                let mut tmp = RgbBuf::new(w, rows.len(), true);
                 let strip = src.crop(0, rows.start, src.width, rows.len());
-                kernels::horizontal(strip, 0, &fh, xs.clone(), &mut tmp);
-                let tmp_view = RgbView::packed(&tmp, xs.len(), rows.len());
-                kernels::vertical(tmp_view, rows.start, &fv, ys, &mut out);
+                kernels::horizontal(strip, 0, &fh, xs, &mut tmp.data);
+                kernels::vertical(tmp.view(), rows.start, &fv, ys, &mut out.data);
             }
+            out
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -344,6 +357,7 @@ mod tests {
                     ys.clone(),
                     order,
                 );
+                let part = RgbBuf::interleaved_from(part.view()).data;
                 let mut expect = Vec::new();
                 for y in ys {
                     let row = &full.as_raw()[y * ow * 3..];

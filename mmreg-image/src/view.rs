@@ -42,13 +42,27 @@ impl<'a> RgbView<'a> {
 
     /// Views a tightly packed interleaved buffer.
     pub fn interleaved(data: &'a [u8], width: usize, height: usize) -> Self {
-        RgbView { data, width, height, row_stride: width * 3, layout: Layout::Interleaved }
+        RgbView {
+            data,
+            width,
+            height,
+            row_stride: width * 3,
+            layout: Layout::Interleaved,
+        }
     }
 
     /// Views three whole `width x height` planes stored one after the other.
     pub fn image_planar(data: &'a [u8], width: usize, height: usize) -> Self {
-        let layout = Layout::Planar { channel_stride: width * height };
-        RgbView { data, width, height, row_stride: width, layout }
+        let layout = Layout::Planar {
+            channel_stride: width * height,
+        };
+        RgbView {
+            data,
+            width,
+            height,
+            row_stride: width,
+            layout,
+        }
     }
 
     /// Bytes from one pixel to the next within a channel.
@@ -89,14 +103,21 @@ impl<'a> RgbView<'a> {
 
     /// The `width x height` rectangle whose top-left pixel is `(x, y)`; must lie inside.
     pub fn crop(&self, x: usize, y: usize, width: usize, height: usize) -> Self {
-        debug_assert!(x + width <= self.width && y + height <= self.height && width > 0 && height > 0);
+        debug_assert!(
+            x + width <= self.width && y + height <= self.height && width > 0 && height > 0
+        );
         let start = y * self.row_stride + x * self.pixel_stride();
         let last_run_end = match self.layout {
             Layout::Interleaved => width * 3,
             Layout::Planar { channel_stride } => 2 * channel_stride + width,
         };
         let len = (height - 1) * self.row_stride + last_run_end;
-        RgbView { data: &self.data[start..start + len], width, height, ..*self }
+        RgbView {
+            data: &self.data[start..start + len],
+            width,
+            height,
+            ..*self
+        }
     }
 
     /// Channel `c` of row `y` as `width` contiguous bytes, deinterleaving into `scratch` if needed.
@@ -127,12 +148,41 @@ pub(crate) struct RgbBuf {
 
 impl RgbBuf {
     pub fn new(width: usize, height: usize, planar: bool) -> Self {
-        RgbBuf { data: vec![0; width * height * 3], width, height, planar }
+        RgbBuf {
+            data: vec![0; width * height * 3],
+            width,
+            height,
+            planar,
+        }
     }
 
     pub fn view(&self) -> RgbView<'_> {
-        let layout = if self.planar { Layout::Planar { channel_stride: self.width } } else { Layout::Interleaved };
-        RgbView { data: &self.data, width: self.width, height: self.height, row_stride: self.width * 3, layout }
+        let layout = if self.planar {
+            Layout::Planar {
+                channel_stride: self.width,
+            }
+        } else {
+            Layout::Interleaved
+        };
+        RgbView {
+            data: &self.data,
+            width: self.width,
+            height: self.height,
+            row_stride: self.width * 3,
+            layout,
+        }
+    }
+
+    /// Copies a view into a new packed buffer of the same layout.
+    pub fn copy_of(view: RgbView<'_>) -> Self {
+        let mut out = RgbBuf::new(view.width, view.height, view.run_count() == 3);
+        let run_len = view.width * 3 / view.run_count();
+        for (y, row) in out.data.chunks_exact_mut(view.width * 3).enumerate() {
+            for (i, dst) in row.chunks_exact_mut(run_len).enumerate() {
+                dst.copy_from_slice(view.run(y, i));
+            }
+        }
+        out
     }
 
     /// Copies a view into a new interleaved buffer.
@@ -141,7 +191,12 @@ impl RgbBuf {
         let mut scratch = Vec::new();
         for (y, row) in out.data.chunks_exact_mut(view.width * 3).enumerate() {
             for c in 0..3 {
-                for (dst, &v) in row.iter_mut().skip(c).step_by(3).zip(view.channel(y, c, &mut scratch)) {
+                for (dst, &v) in
+                    row.iter_mut()
+                        .skip(c)
+                        .step_by(3)
+                        .zip(view.channel(y, c, &mut scratch))
+                {
                     *dst = v;
                 }
             }

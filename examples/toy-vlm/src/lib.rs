@@ -1,14 +1,15 @@
 //! A toy vision-language model written outside `mmreg-models`, to show that a third-party crate adds a
 //! model with the registration macros alone: nothing in mmreg-core names it.
 //!
-//! Vision: each image is averaged over a `grid × grid` layout of cells, and each cell's mean colour is
-//! projected to one token. Language: one causal self-attention layer over token embeddings.
+//! Vision: each image is averaged over a layout of cells, `grid` rows by a number of columns that follows
+//! its aspect ratio, and each cell's mean colour is projected to one token, so the number of image tokens
+//! is dynamic (as in LLaVA-NeXT). Language: one causal self-attention layer over token embeddings.
 
 use mmreg_core::{
     register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
-    DummyRequest, Error, ImageInput, ImageSize, KvCache, LoadModel, LoadOptions, ModelContext, MultiModalData,
-    MultiModalModel, PixelValues, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
-    SupportsVision, Weights,
+    DummyRequest, Error, ImageInput, ImageSize, KvCache, LoadModel, LoadOptions, ModalityInputs, ModelContext,
+    MultiModalData, MultiModalModel, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
+    SupportsVision, TensorMap, Weights,
 };
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -21,7 +22,7 @@ pub struct ToyConfig {
     pub hidden_size: i64,
     /// The token that marks an image in a prompt.
     pub image_token_id: u32,
-    /// Images become `grid × grid` tokens.
+    /// Images have `grid` rows of cells and between 1 and `2 × grid` columns.
     pub grid: u32,
     pub max_position_embeddings: usize,
 }
@@ -45,22 +46,60 @@ pub struct ToyVlm {
     device: Device,
 }
 
-/// Mean colour of each cell, `[n, grid², 3]` in [0, 1].
-fn map_images(ctx: &ModelContext, images: &[ImageInput]) -> Result<PixelValues> {
-    let grid = ctx.config::<ToyConfig>()?.grid;
-    let mut cells = Vec::with_capacity(images.len() * (grid * grid * 3) as usize);
-    for image in images {
-        let rgb = image.image.to_rgb8();
-        let small = image::imageops::resize(&rgb, grid, grid, image::imageops::FilterType::Triangle);
-        cells.extend(small.pixels().flat_map(|p| p.0.map(|c| c as f32 / 255.0)));
-    }
-    let pixel_values = Tensor::from_slice(&cells).reshape([images.len() as i64, (grid * grid) as i64, 3]);
-    Ok(PixelValues { pixel_values })
+/// The cell layout of an image: the one function behind every image-token count of the toy model.
+pub fn cell_layout(config: &ToyConfig, size: ImageSize) -> (u32, u32) {
+    let aspect = size.width as f64 / size.height.max(1) as f64;
+    let columns = (config.grid as f64 * aspect).round().clamp(1.0, 2.0 * config.grid as f64) as u32;
+    (config.grid, columns)
 }
 
+/// What the toy's forward takes for images: every image's cells in one `[cells, 3]` tensor, and the
+/// number of cells of each image (they differ, so they cannot be stacked).
+pub struct ToyImageInputs {
+    pub cells: Tensor,
+    pub cells_per_image: Tensor,
+}
+
+impl ModalityInputs for ToyImageInputs {
+    const PARAMS: &'static [&'static str] = &["cells", "cells_per_image"];
+
+    fn into_tensors(self) -> TensorMap {
+        let mut map = TensorMap::default();
+        map.insert("cells", self.cells);
+        map.insert("cells_per_image", self.cells_per_image);
+        map
+    }
+
+    fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
+        Ok(Self { cells: tensors.take("cells")?, cells_per_image: tensors.take("cells_per_image")? })
+    }
+}
+
+/// Mean colour of each cell, in [0, 1].
+fn map_images(ctx: &ModelContext, images: &[ImageInput]) -> Result<ToyImageInputs> {
+    let config = ctx.config::<ToyConfig>()?;
+    let mut cells = Vec::new();
+    let mut counts = Vec::with_capacity(images.len());
+    for image in images {
+        let (rows, columns) = cell_layout(&config, image.size());
+        let rgb = image.image.to_rgb8();
+        let small = image::imageops::resize(&rgb, columns, rows, image::imageops::FilterType::Triangle);
+        cells.extend(small.pixels().flat_map(|p| p.0.map(|c| c as f32 / 255.0)));
+        counts.push((rows * columns) as i64);
+    }
+    Ok(ToyImageInputs {
+        cells: Tensor::from_slice(&cells).reshape([-1, 3]),
+        cells_per_image: Tensor::from_slice(&counts),
+    })
+}
+
+/// The widest image allowed has `2 × grid` columns.
 fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
-    // Every image takes the same number of tokens.
-    ToyVlm::num_image_tokens(ctx, ImageSize { width: 1, height: 1 })
+    ToyVlm::num_image_tokens(ctx, widest_image())
+}
+
+fn widest_image() -> ImageSize {
+    ImageSize { width: 64, height: 8 }
 }
 
 /// As many image markers as images, each followed by filler text, padded to the requested length.
@@ -71,7 +110,8 @@ fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInp
     let text = request.seq_len.saturating_sub(images * per_image).max(1);
     let mut ids = vec![config.image_token_id; images];
     ids.extend(std::iter::repeat_n(1, text));
-    let blank = image::DynamicImage::new_rgb8(8, 8);
+    // The costliest image: the widest layout.
+    let blank = image::DynamicImage::new_rgb8(widest_image().width, widest_image().height);
     let images = (0..images).map(|i| ImageInput::new(format!("dummy image {i}"), blank.clone())).collect();
     Ok(ProcessorInputs { prompt: Prompt::TokenIds(ids), multimodal: MultiModalData::with_images(images) })
 }
@@ -126,17 +166,17 @@ impl LoadModel for ToyVlm {
 }
 
 impl SupportsVision for ToyVlm {
-    type ImageInputs = PixelValues;
+    type ImageInputs = ToyImageInputs;
 
-    fn num_image_tokens(ctx: &ModelContext, _size: ImageSize) -> Result<usize> {
-        let grid = ctx.config::<ToyConfig>()?.grid as usize;
-        Ok(grid * grid)
+    fn num_image_tokens(ctx: &ModelContext, size: ImageSize) -> Result<usize> {
+        let (rows, columns) = cell_layout(&*ctx.config::<ToyConfig>()?, size);
+        Ok((rows * columns) as usize)
     }
 
-    fn embed_images(&self, inputs: PixelValues) -> Result<Vec<Tensor>> {
-        let cells = inputs.pixel_values.to_kind(self.cell_proj.kind());
-        let features = cells.matmul(&self.cell_proj.tr());
-        Ok(features.unbind(0))
+    fn embed_images(&self, inputs: ToyImageInputs) -> Result<Vec<Tensor>> {
+        let features = inputs.cells.to_kind(self.cell_proj.kind()).matmul(&self.cell_proj.tr());
+        let counts = Vec::<i64>::try_from(&inputs.cells_per_image)?;
+        Ok(features.split_with_sizes(counts, 0))
     }
 }
 

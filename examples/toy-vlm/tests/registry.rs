@@ -33,7 +33,7 @@ fn registry_is_valid_and_finds_the_toy_by_architecture() {
     let entry = registry.for_context(&ctx).expect("found by config.json architectures");
     assert_eq!(entry.id.name, "ToyVlm");
     assert_eq!(entry.modalities(), vec![Modality::Image]);
-    assert_eq!(entry.max_tokens(&ctx, Modality::Image).expect("max tokens"), 4);
+    assert_eq!(entry.max_tokens(&ctx, Modality::Image).expect("max tokens"), 8);
     let lines: Vec<u32> = entry.registrations().iter().map(|r| r.location.line).collect();
     assert_eq!(lines.len(), 5);
     assert!(entry.registrations().iter().all(|r| r.location.file.ends_with("toy-vlm/src/lib.rs")));
@@ -59,8 +59,9 @@ fn generation_through_the_registry_equals_direct_calls() {
     let embeds = embed_prompt(entry, model.as_ref(), prepared).expect("embeds");
     let ids = Tensor::from_slice(&[3i64, 15, 15, 15, 15, 4, 15, 15, 15, 15, 5]).unsqueeze(0);
     let text = toy.embed_tokens(&ids).expect("embeds");
-    let pixels = mmreg_core::PixelValues {
-        pixel_values: Tensor::from_slice(&[1f32, 0., 0., 1., 0., 0., 1., 0., 0., 1., 0., 0.]).reshape([1, 4, 3]),
+    let pixels = toy_vlm::ToyImageInputs {
+        cells: Tensor::from_slice(&[1f32, 0., 0., 1., 0., 0., 1., 0., 0., 1., 0., 0.]).reshape([4, 3]),
+        cells_per_image: Tensor::from_slice(&[4i64]),
     };
     let red = toy.embed_images(pixels).expect("features").remove(0);
     assert!(embeds.narrow(1, 1, 4).squeeze_dim(0).allclose(&red, 1e-6, 1e-6, false));
@@ -82,7 +83,28 @@ fn self_check_passes_with_and_without_weights() {
     let model = entry.load(&ctx, &weights, &LoadOptions::default()).expect("loads");
     let report = mmreg_core::check::check_model(entry, &ctx, 32, Some(model.as_ref())).expect("consistent");
     assert_eq!(report.prompt_tokens, 32);
-    assert_eq!(report.modalities[0].dummy_item_tokens, vec![4]);
-    assert_eq!(report.modalities[0].mapped, vec![("pixel_values".to_owned(), vec![1, 4, 3])]);
+    assert_eq!(report.modalities[0].dummy_item_tokens, vec![8]);
+    let mapped = vec![("cells".to_owned(), vec![8, 3]), ("cells_per_image".to_owned(), vec![1])];
+    assert_eq!(report.modalities[0].mapped, mapped);
     mmreg_core::check::check_model(entry, &ctx, 32, None).expect("consistent without weights");
+}
+
+#[test]
+fn image_token_counts_follow_the_aspect_ratio() {
+    let (_dir, ctx, weights) = checkpoint();
+    let entry = Registry::global().for_context(&ctx).expect("registered");
+    let wide = ImageInput::new("wide", image::RgbImage::new(40, 10).into());
+    let tall = ImageInput::new("tall", image::RgbImage::new(10, 40).into());
+    let prepared = prepare(entry, &ctx, inputs(vec![15, 2, 15], vec![wide, tall]), 256).expect("prepared");
+    assert_eq!(prepared.processed.placeholder_lengths(Modality::Image), vec![8, 2]);
+    assert_eq!(prepared.processed.token_ids.len(), 8 + 1 + 2);
+    let model = entry.load(&ctx, &weights, &LoadOptions::default()).expect("loads");
+    let rows: Vec<i64> = embed_rows(entry, model.as_ref(), prepared);
+    assert_eq!(rows, vec![8, 2]);
+}
+
+fn embed_rows(entry: &mmreg_core::registry::ModelEntry, model: &dyn MultiModalModel, prepared: mmreg_core::generate::PreparedInputs) -> Vec<i64> {
+    let (modality, mapped) = prepared.mapped.into_iter().next().expect("mapped images");
+    let features = entry.embed(model, modality, mapped).expect("embeds");
+    features.iter().map(|f| f.size()[0]).collect()
 }
