@@ -168,6 +168,9 @@ pub struct GenerateArgs {
     /// Print one JSON object with `text` and `token_ids`.
     #[arg(long)]
     pub json: bool,
+    /// With --json, also print the ids of the N most likely tokens at each step (`top_tokens`).
+    #[arg(long, default_value_t = 0)]
+    pub top_logprobs: usize,
 }
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
@@ -188,6 +191,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         top_k: args.top_k,
         seed: args.seed,
         stop_token_ids: Vec::new(),
+        top_logprobs: args.top_logprobs,
     };
     if !args.ignore_eos {
         params.stop_token_ids.extend(eos_token_id(&ctx));
@@ -198,7 +202,11 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         Err(_) => String::new(),
     };
     if args.json {
-        println!("{}", serde_json::json!({ "text": text, "token_ids": generation.token_ids }));
+        let mut json = serde_json::json!({ "text": text, "token_ids": generation.token_ids });
+        if args.top_logprobs > 0 {
+            json["top_tokens"] = serde_json::json!(generation.top_tokens);
+        }
+        println!("{json}");
     } else {
         println!("{text}");
     }

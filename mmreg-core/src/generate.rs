@@ -81,6 +81,8 @@ pub struct Generation {
     pub token_ids: Vec<u32>,
     /// Prompt length after placeholder expansion.
     pub prompt_len: usize,
+    /// With `top_logprobs = k`: the k most likely token ids at each generated position.
+    pub top_tokens: Vec<Vec<u32>>,
 }
 
 /// Generates for one prepared request, greedy or sampled, with a KV cache.
@@ -98,8 +100,14 @@ pub fn generate(
     let mut logits = model.forward(&embeds, &mut cache)?;
     let mut sampler = Sampler::new(params);
     let mut generated = Vec::with_capacity(params.max_tokens);
+    let mut top_tokens = Vec::new();
     while generated.len() < params.max_tokens {
         let last = logits.select(1, -1);
+        if params.top_logprobs > 0 {
+            let (_, top) = last.f_topk(params.top_logprobs as i64, -1, true, true)?;
+            let top = Vec::<i64>::try_from(top.select(0, 0).to_device(Device::Cpu))?;
+            top_tokens.push(top.into_iter().map(|t| t as u32).collect());
+        }
         let token = sampler.sample(&last)?[0];
         generated.push(token);
         if params.is_stop(token) || cache.len() as usize >= capacity {
@@ -108,7 +116,7 @@ pub fn generate(
         let next = Tensor::from_slice(&[token as i64]).to_device(model.device()).unsqueeze(0);
         logits = model.forward(&model.embed_tokens(&next)?, &mut cache)?;
     }
-    Ok(Generation { token_ids: generated, prompt_len })
+    Ok(Generation { token_ids: generated, prompt_len, top_tokens })
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.

@@ -16,11 +16,13 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Generation stops after any of these (EOS included by the caller).
     pub stop_token_ids: Vec<u32>,
+    /// Also return the ids of the `top_logprobs` most likely tokens at each step (0: none).
+    pub top_logprobs: usize,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { max_tokens: 32, temperature: 0.0, top_p: 1.0, top_k: 0, seed: None, stop_token_ids: Vec::new() }
+        Self { max_tokens: 32, temperature: 0.0, top_p: 1.0, top_k: 0, seed: None, stop_token_ids: Vec::new(), top_logprobs: 0 }
     }
 }
 

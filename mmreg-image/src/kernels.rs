@@ -63,20 +63,33 @@ pub(crate) fn vertical(
 
 #[inline(always)]
 fn vertical_generic(src: RgbView<'_>, y0: usize, f: &AxisFilter, ys: Range<usize>, dst: &mut [u8]) {
+    /// Samples per block: the accumulators of one block stay in vector registers.
+    const BLOCK: usize = 32;
     let row_len = src.width * 3;
     let run_len = row_len / src.run_count();
-    let mut acc = vec![0i32; run_len];
     for (yo, dst_row) in ys.zip(dst.chunks_exact_mut(row_len)) {
         let (start, w) = f.taps(yo);
+        let rows = start - y0..start - y0 + w.len();
         for (run, out) in dst_row.chunks_exact_mut(run_len).enumerate() {
-            acc.fill(ROUND_HALF);
-            for (k, &wk) in w.iter().enumerate() {
-                for (a, &p) in acc.iter_mut().zip(src.run(start - y0 + k, run)) {
-                    *a += i32::from(p) * wk;
+            for (b, out) in out.chunks_mut(BLOCK).enumerate() {
+                let at = b * BLOCK;
+                let mut acc = [ROUND_HALF; BLOCK];
+                for (y, &wk) in rows.clone().zip(w) {
+                    let samples = &src.run(y, run)[at..];
+                    match samples.first_chunk::<BLOCK>() {
+                        Some(full) => acc
+                            .iter_mut()
+                            .zip(full)
+                            .for_each(|(a, &p)| *a += i32::from(p) * wk),
+                        None => acc
+                            .iter_mut()
+                            .zip(samples)
+                            .for_each(|(a, &p)| *a += i32::from(p) * wk),
+                    }
                 }
-            }
-            for (d, &a) in out.iter_mut().zip(&acc) {
-                *d = clip8(a);
+                for (d, &a) in out.iter_mut().zip(&acc) {
+                    *d = clip8(a);
+                }
             }
         }
     }
@@ -106,37 +119,37 @@ fn horizontal_generic(
     let out_w = xs.len();
     let span = f.source_span(xs.clone());
     let (lo, span_w) = (span.start - x0, span.len());
-    let mut columns: Vec<Column> = Vec::new();
-    let mut filtered: Vec<Column> = vec![[0; STRIP]; 3 * out_w];
+    // Byte columns of the source span, per run; each run padded to whole 16x16 blocks.
+    let run_len = if src.run_count() == 1 {
+        3 * span_w
+    } else {
+        span_w
+    };
+    let run_cols = run_len.next_multiple_of(STRIP);
+    let run_begin = if src.run_count() == 1 { 3 * lo } else { lo };
+    let mut columns: Vec<Column> = vec![[0; STRIP]; src.run_count() * run_cols];
+    let mut filtered: Vec<Column> = vec![[0; STRIP]; (3 * out_w).next_multiple_of(STRIP)];
     for (strip, dst_rows) in dst.chunks_mut(STRIP * 3 * out_w).enumerate() {
         let rows = dst_rows.len() / (3 * out_w);
         let first = strip * STRIP;
         // Short last strip: repeat its last row; those results are never written out.
         let row_of = |r: usize| first + r.min(rows - 1);
 
-        columns.clear();
-        for run in 0..src.run_count() {
-            let (begin, len) = match src.run_count() {
-                1 => (3 * lo, 3 * span_w),
-                _ => (lo, span_w),
-            };
-            for chunk in (0..len).step_by(STRIP) {
-                let n = STRIP.min(len - chunk);
-                let mut block = [[0u8; STRIP]; STRIP];
-                for (r, dst) in block.iter_mut().enumerate() {
-                    let at = begin + chunk;
-                    dst[..n].copy_from_slice(&src.run(row_of(r), run)[at..at + n]);
-                }
-                columns.extend_from_slice(&transpose(&block)[..n]);
+        for (run, run_columns) in columns.chunks_exact_mut(run_cols).enumerate() {
+            let src_rows: [&[u8]; STRIP] =
+                std::array::from_fn(|r| &src.run(row_of(r), run)[run_begin..run_begin + run_len]);
+            for (chunk, out) in run_columns.chunks_exact_mut(STRIP).enumerate() {
+                let block = std::array::from_fn(|r| load16(&src_rows[r][chunk * STRIP..]));
+                transpose(&block, as_block(out));
             }
         }
 
-        for (c, outs) in filtered.chunks_exact_mut(out_w).enumerate() {
+        for (c, outs) in filtered.chunks_exact_mut(out_w).take(3).enumerate() {
             for (out, xo) in outs.iter_mut().zip(xs.clone()) {
                 let (start, w) = f.taps(xo);
                 let mut acc = [ROUND_HALF; STRIP];
                 for (k, &wk) in w.iter().enumerate() {
-                    let col = &columns[src.run_index(start - span.start + k, c, span_w)];
+                    let col = &columns[src.run_index(start - span.start + k, c, run_cols)];
                     for (a, &p) in acc.iter_mut().zip(col) {
                         *a += i32::from(p) * wk;
                     }
@@ -145,13 +158,36 @@ fn horizontal_generic(
             }
         }
 
-        for (chunk, cols) in filtered.chunks(STRIP).enumerate() {
-            let mut block = [[0u8; STRIP]; STRIP];
-            block[..cols.len()].copy_from_slice(cols);
-            let block = transpose(&block);
-            for (r, dst_row) in dst_rows.chunks_exact_mut(3 * out_w).enumerate() {
-                dst_row[chunk * STRIP..][..cols.len()].copy_from_slice(&block[r][..cols.len()]);
+        let mut block = [[0u8; STRIP]; STRIP];
+        for (chunk, cols) in filtered.chunks_exact_mut(STRIP).enumerate() {
+            transpose(as_block(cols), &mut block);
+            for (dst_row, block_row) in dst_rows.chunks_exact_mut(3 * out_w).zip(&block) {
+                let dst = &mut dst_row[chunk * STRIP..];
+                match dst.first_chunk_mut::<STRIP>() {
+                    Some(full) => *full = *block_row,
+                    None => dst.copy_from_slice(&block_row[..dst.len()]),
+                }
             }
+        }
+    }
+}
+
+/// A 16-column slice as a 16x16 block.
+#[inline(always)]
+fn as_block(cols: &mut [Column]) -> &mut [Column; STRIP] {
+    cols.try_into()
+        .expect("blocks are cut with chunks_exact_mut(STRIP)")
+}
+
+/// The first 16 bytes of `s`, zero-padded when shorter.
+#[inline(always)]
+fn load16(s: &[u8]) -> [u8; 16] {
+    match s.first_chunk::<16>() {
+        Some(full) => *full,
+        None => {
+            let mut out = [0; 16];
+            out[..s.len()].copy_from_slice(s);
+            out
         }
     }
 }
@@ -176,16 +212,14 @@ fn normalize_generic(src: &[u8], dst: &mut [f32], scale: Option<f64>, norm: Opti
     }
 }
 
-/// Transposes a 16x16 byte matrix.
+/// Transposes a 16x16 byte matrix into `out`.
 #[inline(always)]
-fn transpose(m: &[[u8; 16]; 16]) -> [[u8; 16]; 16] {
+fn transpose(m: &[[u8; 16]; 16], out: &mut [[u8; 16]; 16]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        sse2::transpose(m)
-    }
+    sse2::transpose(m, out);
     #[cfg(not(target_arch = "x86_64"))]
-    {
-        std::array::from_fn(|i| std::array::from_fn(|j| m[j][i]))
+    for (i, row) in out.iter_mut().enumerate() {
+        *row = std::array::from_fn(|j| m[j][i]);
     }
 }
 
@@ -195,7 +229,7 @@ mod sse2 {
 
     /// 16x16 byte transpose with four rounds of unpacks (SSE2 is part of x86-64's baseline).
     #[inline(always)]
-    pub(super) fn transpose(m: &[[u8; 16]; 16]) -> [[u8; 16]; 16] {
+    pub(super) fn transpose(m: &[[u8; 16]; 16], out: &mut [[u8; 16]; 16]) {
         // SAFETY: SSE2 is always available on x86-64; unaligned loads and stores go through
         // references to 16-byte arrays, so every access is in bounds.
         unsafe {
@@ -203,26 +237,26 @@ mod sse2 {
                 std::array::from_fn(|i| _mm_loadu_si128(m[i].as_ptr().cast()));
             // Round r pairs rows i and i + 2^r and interleaves units of 2^r bytes (lo half stays
             // at i, hi half goes to i + 2^r). Afterwards row i holds column bitreverse4(i).
-            for round in 0..4 {
-                let stride = 1 << round;
-                for i in (0..16).filter(|i| i & stride == 0) {
-                    let (a, b) = (v[i], v[i + stride]);
-                    let (lo, hi) = match round {
-                        0 => (_mm_unpacklo_epi8(a, b), _mm_unpackhi_epi8(a, b)),
-                        1 => (_mm_unpacklo_epi16(a, b), _mm_unpackhi_epi16(a, b)),
-                        2 => (_mm_unpacklo_epi32(a, b), _mm_unpackhi_epi32(a, b)),
-                        _ => (_mm_unpacklo_epi64(a, b), _mm_unpackhi_epi64(a, b)),
-                    };
-                    v[i] = lo;
-                    v[i + stride] = hi;
-                }
+            macro_rules! round {
+                ($stride:literal, $lo:ident, $hi:ident) => {
+                    for i in 0..16 {
+                        if i & $stride == 0 {
+                            let (a, b) = (v[i], v[i + $stride]);
+                            v[i] = $lo(a, b);
+                            v[i + $stride] = $hi(a, b);
+                        }
+                    }
+                };
             }
-            let mut out = [[0u8; 16]; 16];
-            for (i, x) in v.into_iter().enumerate() {
-                let column = (i as u8).reverse_bits() >> 4;
-                _mm_storeu_si128(out[usize::from(column)].as_mut_ptr().cast(), x);
+            round!(1, _mm_unpacklo_epi8, _mm_unpackhi_epi8);
+            round!(2, _mm_unpacklo_epi16, _mm_unpackhi_epi16);
+            round!(4, _mm_unpacklo_epi32, _mm_unpackhi_epi32);
+            round!(8, _mm_unpacklo_epi64, _mm_unpackhi_epi64);
+            const BIT_REVERSED: [usize; 16] =
+                [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15];
+            for (x, column) in v.into_iter().zip(BIT_REVERSED) {
+                _mm_storeu_si128(out[column].as_mut_ptr().cast(), x);
             }
-            out
         }
     }
 }
@@ -236,7 +270,8 @@ mod tests {
     fn transpose_is_a_transpose() {
         let m: [[u8; 16]; 16] =
             std::array::from_fn(|i| std::array::from_fn(|j| (i * 16 + j) as u8));
-        let t = transpose(&m);
+        let mut t = [[0u8; 16]; 16];
+        transpose(&m, &mut t);
         for i in 0..16 {
             for j in 0..16 {
                 assert_eq!(t[i][j], m[j][i], "({i}, {j})");

@@ -92,12 +92,12 @@ impl<'a> RgbView<'a> {
         &self.data[start..start + len]
     }
 
-    /// Where `(x, c)` lands when the row's runs are concatenated, given runs of `width` pixels.
+    /// Where `(x, c)` lands when the row's runs are laid out `run_stride` entries apart.
     #[inline]
-    pub fn run_index(&self, x: usize, c: usize, width: usize) -> usize {
+    pub fn run_index(&self, x: usize, c: usize, run_stride: usize) -> usize {
         match self.layout {
             Layout::Interleaved => 3 * x + c,
-            Layout::Planar { .. } => c * width + x,
+            Layout::Planar { .. } => c * run_stride + x,
         }
     }
 
