@@ -147,6 +147,12 @@ def digest(arr):
     return hashlib.sha256(np.ascontiguousarray(arr, dtype="<f4").tobytes()).hexdigest()
 
 
+def plane_sums(arr):
+    """float64 sum of every [tile, channel] plane, to locate a mismatch without storing pixels."""
+    planes = np.asarray(arr, dtype=np.float64).reshape(-1, arr.shape[-2] * arr.shape[-1])
+    return [float(v) for v in planes.sum(axis=1)]
+
+
 def samples(arr, rng):
     """A few (flat index, value) pairs: first, last and random positions."""
     flat = np.ascontiguousarray(arr, dtype="<f4").reshape(-1)
@@ -175,10 +181,16 @@ def main():
                 "note": made[name],
                 "pil_mode": mode,
                 "size_hw": [h, w],
-                "clip": {"shape": list(clip_px.shape), "sha256": digest(clip_px), "samples": samples(clip_px, rng)},
+                "clip": {
+                    "shape": list(clip_px.shape),
+                    "sha256": digest(clip_px),
+                    "plane_sums": plane_sums(clip_px),
+                    "samples": samples(clip_px, rng),
+                },
                 "llava_next": {
                     "shape": list(next_px.shape),
                     "sha256": digest(next_px),
+                    "plane_sums": plane_sums(next_px),
                     "samples": samples(next_px, rng),
                     "image_size": image_size,
                     "num_patches": int(next_px.shape[0]),
@@ -197,6 +209,7 @@ def main():
             "llava_next": "LlavaNextImageProcessorPil from configs/llava-v1.6/preprocessor_config.json",
         },
         "hash": "sha256 of the float32 little-endian bytes of one image's pixel_values ([3,H,W] or [P,3,H,W])",
+        "plane_sums": "float64 sum of each [tile, channel] plane, in order",
         "samples": "[flat index into that array, value]",
         "cases": cases,
     }

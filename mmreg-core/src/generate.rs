@@ -4,6 +4,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::inputs::{ProcessedInputs, ProcessorInputs};
+use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
 use crate::registry::ModelEntry;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Error, ModelContext, MultiModalModel, Result, TensorMap};
@@ -35,11 +36,11 @@ pub fn prepare(entry: &ModelEntry, ctx: &ModelContext, inputs: ProcessorInputs, 
     Ok(PreparedInputs { processed, mapped })
 }
 
-/// Token embeddings `[1, len, hidden]` with every item's features written over its placeholders.
+/// Token embeddings `[len, hidden]` with every item's features written over its placeholders.
 pub fn embed_prompt(entry: &ModelEntry, model: &dyn MultiModalModel, prepared: PreparedInputs) -> Result<Tensor> {
     let device = model.device();
     let ids: Vec<i64> = prepared.processed.token_ids.iter().map(|&t| t as i64).collect();
-    let ids = Tensor::from_slice(&ids).to_device(device).unsqueeze(0);
+    let ids = Tensor::from_slice(&ids).to_device(device);
     let embeds = model.embed_tokens(&ids)?;
     for (modality, tensors) in prepared.mapped {
         let tensors = TensorMap(tensors.0.into_iter().map(|(k, t)| (k, t.to_device(device))).collect());
@@ -66,9 +67,7 @@ pub fn embed_prompt(entry: &ModelEntry, model: &dyn MultiModalModel, prepared: P
                     expected: range.length,
                 });
             }
-            embeds
-                .narrow(1, range.offset as i64, range.length as i64)
-                .f_copy_(&feature.to_kind(embeds.kind()).unsqueeze(0))?;
+            embeds.narrow(0, range.offset as i64, range.length as i64).f_copy_(&feature.to_kind(embeds.kind()))?;
         }
     }
     Ok(embeds)
@@ -85,7 +84,29 @@ pub struct Generation {
     pub top_tokens: Vec<Vec<u32>>,
 }
 
-/// Generates for one prepared request, greedy or sampled, with a KV cache.
+/// Block size of the private caches of [`generate`] and [`prefill_logits`].
+const BLOCK_SIZE: usize = 16;
+
+/// A cache with room for one sequence of `tokens` tokens, and its blocks.
+fn private_cache(model: &dyn MultiModalModel, tokens: usize) -> Result<(PagedKvCache, Vec<u32>)> {
+    let mut allocator = BlockAllocator::new(tokens.div_ceil(BLOCK_SIZE), BLOCK_SIZE);
+    let cache = PagedKvCache::new(model.kv_cache_spec(), allocator.total_blocks(), BLOCK_SIZE, model.device())?;
+    let mut blocks = Vec::new();
+    allocator.grow(&mut blocks, tokens);
+    Ok((cache, blocks))
+}
+
+/// Logits of every prompt position `[len, vocab]` (for parity checks against a reference).
+pub fn prefill_logits(model: &dyn MultiModalModel, embeds: &Tensor) -> Result<Tensor> {
+    let _guard = tch::no_grad_guard();
+    let len = embeds.size()[0] as usize;
+    let (mut cache, blocks) = private_cache(model, len)?;
+    let batch = attention_batch(&[(&blocks, 0, len)], BLOCK_SIZE, false, model.device())?;
+    model.forward(embeds, &batch, &mut cache)
+}
+
+/// Generates for one prepared request, greedy or sampled, with its own KV cache (the engine batches
+/// many requests over a shared one).
 pub fn generate(
     entry: &ModelEntry,
     model: &dyn MultiModalModel,
@@ -93,28 +114,32 @@ pub fn generate(
     params: &SamplingParams,
 ) -> Result<Generation> {
     let _guard = tch::no_grad_guard();
+    let device = model.device();
     let prompt_len = prepared.processed.token_ids.len();
     let capacity = (prompt_len + params.max_tokens).min(model.max_model_len().max(prompt_len));
     let embeds = embed_prompt(entry, model, prepared)?;
-    let mut cache = model.new_cache(1, capacity as i64)?;
-    let mut logits = model.forward(&embeds, &mut cache)?;
+    let (mut cache, blocks) = private_cache(model, capacity)?;
+    let batch = attention_batch(&[(&blocks, 0, prompt_len)], BLOCK_SIZE, true, device)?;
+    let mut logits = model.forward(&embeds, &batch, &mut cache)?;
     let mut sampler = Sampler::new(params);
-    let mut generated = Vec::with_capacity(params.max_tokens);
+    let mut generated: Vec<u32> = Vec::with_capacity(params.max_tokens);
     let mut top_tokens = Vec::new();
     while generated.len() < params.max_tokens {
-        let last = logits.select(1, -1);
+        let last = &logits;
         if params.top_logprobs > 0 {
             let (_, top) = last.f_topk(params.top_logprobs as i64, -1, true, true)?;
             let top = Vec::<i64>::try_from(top.select(0, 0).to_device(Device::Cpu))?;
             top_tokens.push(top.into_iter().map(|t| t as u32).collect());
         }
-        let token = sampler.sample(&last)?[0];
+        let token = sampler.sample(last)?[0];
         generated.push(token);
-        if params.is_stop(token) || cache.len() as usize >= capacity {
+        let len = prompt_len + generated.len();
+        if params.is_stop(token) || len >= capacity {
             break;
         }
-        let next = Tensor::from_slice(&[token as i64]).to_device(model.device()).unsqueeze(0);
-        logits = model.forward(&model.embed_tokens(&next)?, &mut cache)?;
+        let next = model.embed_tokens(&Tensor::from_slice(&[token as i64]).to_device(device))?;
+        let batch = attention_batch(&[(&blocks, len - 1, 1)], BLOCK_SIZE, true, device)?;
+        logits = model.forward(&next, &batch, &mut cache)?;
     }
     Ok(Generation { token_ids: generated, prompt_len, top_tokens })
 }

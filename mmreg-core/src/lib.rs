@@ -12,7 +12,8 @@ mod context;
 mod error;
 pub mod generate;
 mod inputs;
-mod kv_cache;
+pub mod attention;
+pub mod kv_cache;
 mod modality;
 pub mod model;
 pub mod processors;
@@ -31,7 +32,7 @@ pub use inputs::{
     DummyRequest, ImageInput, ImageSize, ModalityCounts, MultiModalData, MultiModalItem, PlaceholderRange,
     ProcessedInputs, ProcessorInputs, Prompt,
 };
-pub use kv_cache::KvCache;
+pub use kv_cache::{AttentionBatch, KvCacheSpec, PagedKvCache};
 pub use modality::Modality;
 pub use model::{Image, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality, SupportsVision};
 pub use registry::Registry;

@@ -9,7 +9,8 @@ use tch::{Device, Kind, Tensor};
 use crate::inputs::{ImageInput, ImageSize, MultiModalData};
 use crate::tensors::ModalityInputs;
 use crate::weights::Weights;
-use crate::{KvCache, Modality, ModelContext, Result};
+use crate::kv_cache::{AttentionBatch, KvCacheSpec, PagedKvCache};
+use crate::{Modality, ModelContext, Result};
 
 /// Lets the registry's generated glue recover a model's concrete type from `&dyn MultiModalModel`.
 pub trait AsAny: Any {
@@ -42,18 +43,20 @@ pub trait LoadModel: MultiModalModel + Sized {
 
 /// The language-model side of a multimodal model, object-safe so the engine holds `Box<dyn MultiModalModel>`.
 ///
-/// Shapes are batched (`[batch, seq]`) from the start; the multimodal embeddings are merged into the
+/// A step packs the new tokens of every sequence in the batch along one axis (`[tokens, hidden]`):
+/// prefills and decodes of different lengths mix freely. The multimodal embeddings are merged into the
 /// token embeddings by the caller, at the placeholder positions.
 pub trait MultiModalModel: AsAny + Send {
-    /// Token embeddings: `[batch, seq]` i64 ids → `[batch, seq, hidden]`.
+    /// Token embeddings: i64 ids of any shape → that shape plus `[hidden]`.
     fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor>;
 
-    /// Runs the decoder over `[batch, seq, hidden]` embeddings that continue the sequences in `cache`,
-    /// appends their keys and values to it, and returns logits `[batch, seq, vocab]`.
-    fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
+    /// Runs the decoder over `[tokens, hidden]` embeddings laid out as `batch` describes, writes their
+    /// keys and values to `cache`, and returns the logits of `batch.logits_indices` (all rows if none):
+    /// `[rows, vocab]`.
+    fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor>;
 
-    /// An empty KV cache for `batch` sequences of up to `capacity` tokens.
-    fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache>;
+    /// What the KV cache holds per token for this model.
+    fn kv_cache_spec(&self) -> KvCacheSpec;
 
     fn device(&self) -> Device;
 

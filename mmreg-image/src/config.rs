@@ -172,7 +172,7 @@ impl PipelineConfig {
         let normalize = if cfg.do_normalize.unwrap_or(true) {
             let mean = per_channel("image_mean", cfg.image_mean.as_ref(), OPENAI_CLIP_MEAN)?;
             let std = per_channel("image_std", cfg.image_std.as_ref(), OPENAI_CLIP_STD)?;
-            if std.iter().any(|&s| s == 0.0) {
+            if std.contains(&0.0) {
                 return Err(invalid(format!("image_std must be non-zero, got {std:?}")));
             }
             Some((mean, std))

@@ -6,7 +6,7 @@
 //! rescale and normalize. `tests/hf_parity.rs` checks SHA-256 hashes of HF's outputs.
 //!
 //! ```no_run
-//! use mmreg_image::{ClipImageProcessor, PreprocessorConfig};
+//! use mmreg_image::ClipImageProcessor;
 //! # fn main() -> Result<(), mmreg_image::ImageError> {
 //! let processor = ClipImageProcessor::from_file("preprocessor_config.json")?;
 //! let image = image::open("cat.png")?;
@@ -50,9 +50,9 @@ pub struct PixelValues {
 }
 
 impl PixelValues {
-    /// The values of image `i` (`3 * H * W` of them).
-    pub fn image(&self, i: usize) -> &[f32] {
+    /// The values of image `i` (`3 * H * W` of them), if there is such an image.
+    pub fn image(&self, i: usize) -> Option<&[f32]> {
         let len = self.shape[1] * self.shape[2] * self.shape[3];
-        &self.data[i * len..(i + 1) * len]
+        self.data.get(i * len..(i + 1) * len)
     }
 }

@@ -23,15 +23,15 @@ impl Normalizer {
         self.normalize.map(|(mean, std)| (mean[c], std[c]))
     }
 
-    /// Converts one run of channel-`c` samples.
-    fn row(&self, c: usize, src: &[u8], dst: &mut [f32]) {
-        kernels::normalize(src, dst, self.rescale, self.channel(c));
+    /// Converts one run of channel-`c` samples, appending them to `out`.
+    fn append(&self, c: usize, src: &[u8], out: &mut Vec<f32>) {
+        kernels::normalize(src, out, self.rescale, self.channel(c));
     }
 
     /// The output value of a zero sample (what HF's zero padding turns into).
     fn zero(&self, c: usize) -> f32 {
-        let mut out = [0f32];
-        self.row(c, &[0], &mut out);
+        let mut out = Vec::with_capacity(1);
+        self.append(c, &[0], &mut out);
         out[0]
     }
 }
@@ -111,35 +111,49 @@ impl Pipeline {
         let (oh, ow) = g.out;
         let rows = Geometry::visible(g.top, oh, g.resized.0);
         let cols = Geometry::visible(g.left, ow, g.resized.1);
-        let base = out.len();
-        let plane = oh * ow;
-        let padded = rows.len() < oh || cols.len() < ow;
-        for c in 0..3 {
-            // Only padding keeps these values; everything else is overwritten below.
-            let fill = if padded { self.normalizer.zero(c) } else { 0.0 };
-            out.resize(base + (c + 1) * plane, fill);
-        }
-        if rows.is_empty() || cols.is_empty() {
+        let pixels = (!rows.is_empty() && !cols.is_empty()).then(|| {
+            resize_region(
+                src,
+                g.resized.1,
+                g.resized.0,
+                cols.clone(),
+                rows.clone(),
+                self.order,
+            )
+        });
+        let mut scratch = Vec::new();
+        out.reserve(3 * oh * ow);
+        if rows.len() == oh && cols.len() == ow {
+            // No padding: the planes are produced in memory order, so append row by row.
+            if let Some(pixels) = &pixels {
+                let pixels = pixels.view();
+                for c in 0..3 {
+                    for y in 0..oh {
+                        self.normalizer
+                            .append(c, pixels.channel(y, c, &mut scratch), out);
+                    }
+                }
+            }
             return g.out;
         }
-        let pixels = resize_region(
-            src,
-            g.resized.1,
-            g.resized.0,
-            cols.clone(),
-            rows.clone(),
-            self.order,
-        );
-        let pixels = pixels.view();
-        let y_off = (rows.start as i64 - g.top) as usize;
-        let x_off = (cols.start as i64 - g.left) as usize;
-        let mut scratch = Vec::new();
-        for (c, dst_plane) in out[base..].chunks_exact_mut(plane).enumerate() {
-            for y in 0..pixels.height {
-                let at = (y_off + y) * ow + x_off;
-                let samples = pixels.channel(y, c, &mut scratch);
-                self.normalizer
-                    .row(c, samples, &mut dst_plane[at..at + cols.len()]);
+        // Padding (crop larger than the resized image): start from the value of a zero pixel.
+        let base = out.len();
+        for c in 0..3 {
+            out.resize(base + (c + 1) * oh * ow, self.normalizer.zero(c));
+        }
+        if let Some(pixels) = &pixels {
+            let pixels = pixels.view();
+            let y_off = (rows.start as i64 - g.top) as usize;
+            let x_off = (cols.start as i64 - g.left) as usize;
+            let mut row = Vec::with_capacity(cols.len());
+            for (c, plane) in out[base..].chunks_exact_mut(oh * ow).enumerate() {
+                for y in 0..pixels.height {
+                    let at = (y_off + y) * ow + x_off;
+                    row.clear();
+                    self.normalizer
+                        .append(c, pixels.channel(y, c, &mut scratch), &mut row);
+                    plane[at..at + cols.len()].copy_from_slice(&row);
+                }
             }
         }
         g.out
@@ -179,9 +193,9 @@ mod tests {
             normalize: Some((mean, std)),
         };
         let samples: Vec<u8> = (0..=255).collect();
-        let mut out = vec![0f32; 256];
         for c in 0..3 {
-            n.row(c, &samples, &mut out);
+            let mut out = Vec::new();
+            n.append(c, &samples, &mut out);
             for (&v, &got) in samples.iter().zip(&out) {
                 let x = (f64::from(v) * (1.0 / 255.0)) as f32;
                 assert_eq!(

@@ -75,12 +75,20 @@ pub(crate) struct AxisFilter {
     /// `ksize` weights per output sample; only the first `lens[i]` are meaningful.
     weights: Vec<i32>,
     ksize: usize,
+    /// Index of the first output sample computed (entries above are for `first..`).
+    first: usize,
 }
 
 impl AxisFilter {
-    /// Computes the weights. Both sizes must be non-zero.
+    /// Computes the weights of all `out_size` outputs. Both sizes must be non-zero.
+    #[cfg(test)]
     pub(crate) fn bicubic(in_size: usize, out_size: usize) -> Self {
-        debug_assert!(in_size > 0 && out_size > 0);
+        Self::bicubic_range(in_size, out_size, 0..out_size)
+    }
+
+    /// Computes the weights of the outputs in `outputs` only (a crop needs no others).
+    pub(crate) fn bicubic_range(in_size: usize, out_size: usize, outputs: Range<usize>) -> Self {
+        debug_assert!(in_size > 0 && out_size > 0 && outputs.end <= out_size);
         let scale = in_size as f64 / out_size as f64;
         // Antialiasing: when shrinking, the kernel is stretched over `scale` input pixels.
         let filterscale = scale.max(1.0);
@@ -88,11 +96,11 @@ impl AxisFilter {
         let ksize = support.ceil() as usize * 2 + 1;
         let inv_filterscale = 1.0 / filterscale;
 
-        let mut starts = Vec::with_capacity(out_size);
-        let mut lens = Vec::with_capacity(out_size);
-        let mut weights = vec![0i32; out_size * ksize];
+        let mut starts = Vec::with_capacity(outputs.len());
+        let mut lens = Vec::with_capacity(outputs.len());
+        let mut weights = vec![0i32; outputs.len() * ksize];
         let mut taps = vec![0f64; ksize];
-        for (xx, out) in weights.chunks_exact_mut(ksize).enumerate() {
+        for (xx, out) in outputs.clone().zip(weights.chunks_exact_mut(ksize)) {
             let center = (xx as f64 + 0.5) * scale;
             // `as i64` truncates toward zero like C's `(int)` cast; negatives clamp to 0 anyway.
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
@@ -103,9 +111,10 @@ impl AxisFilter {
                 *tap = bicubic(((x + xmin) as f64 - center + 0.5) * inv_filterscale);
                 sum += *tap;
             }
+            // Same operation as Pillow's `k[x] /= ww` (a division, not a reciprocal multiply).
+            let divisor = if sum != 0.0 { sum } else { 1.0 };
             for (tap, w) in taps[..len].iter().zip(out.iter_mut()) {
-                let tap = if sum != 0.0 { tap / sum } else { *tap };
-                *w = to_fixed(tap);
+                *w = to_fixed(tap / divisor);
             }
             starts.push(xmin);
             lens.push(len);
@@ -115,24 +124,25 @@ impl AxisFilter {
             lens,
             weights,
             ksize,
+            first: outputs.start,
         }
     }
 
     /// First input index and fixed-point weights of output sample `i`.
     #[inline]
     pub(crate) fn taps(&self, i: usize) -> (usize, &[i32]) {
+        let i = i - self.first;
         let w = &self.weights[i * self.ksize..];
         (self.starts[i], &w[..self.lens[i]])
     }
 
     /// The input samples read when producing the outputs in `outputs` (non-empty range).
     pub(crate) fn source_span(&self, outputs: Range<usize>) -> Range<usize> {
-        let start = outputs.clone().map(|i| self.starts[i]).min().unwrap_or(0);
-        let end = outputs
-            .map(|i| self.starts[i] + self.lens[i])
-            .max()
-            .unwrap_or(0);
-        start..end
+        let taps = outputs.map(|i| self.taps(i));
+        let (start, end) = taps.fold((usize::MAX, 0), |(lo, hi), (s, w)| {
+            (lo.min(s), hi.max(s + w.len()))
+        });
+        start.min(end)..end
     }
 }
 
@@ -191,7 +201,7 @@ pub(crate) fn resize_region(
     match (need_h, need_v) {
         (false, false) => RgbBuf::copy_of(src.crop(xs.start, ys.start, w, h)),
         (true, false) => {
-            let fh = AxisFilter::bicubic(src.width, out_w);
+            let fh = AxisFilter::bicubic_range(src.width, out_w, xs.clone());
             let mut out = RgbBuf::new(w, h, true);
             kernels::horizontal(
                 src.crop(0, ys.start, src.width, h),
@@ -203,7 +213,7 @@ pub(crate) fn resize_region(
             out
         }
         (false, true) => {
-            let fv = AxisFilter::bicubic(src.height, out_h);
+            let fv = AxisFilter::bicubic_range(src.height, out_h, ys.clone());
             let mut out = RgbBuf::new(w, h, src_planar);
             kernels::vertical(
                 src.crop(xs.start, 0, w, src.height),
@@ -215,8 +225,8 @@ pub(crate) fn resize_region(
             out
         }
         (true, true) => {
-            let fh = AxisFilter::bicubic(src.width, out_w);
-            let fv = AxisFilter::bicubic(src.height, out_h);
+            let fh = AxisFilter::bicubic_range(src.width, out_w, xs.clone());
+            let fv = AxisFilter::bicubic_range(src.height, out_h, ys.clone());
             let mut out = RgbBuf::new(w, h, true);
             if order.vertical_first(src.width, src.height, out_w, out_h) {
                 let cols = fh.source_span(xs.clone());

@@ -32,6 +32,8 @@ struct Case {
 struct Expected {
     shape: Vec<usize>,
     sha256: String,
+    /// `f64` sum of each `[tile, channel]` plane.
+    plane_sums: Vec<f64>,
     samples: Vec<(usize, f32)>,
 }
 
@@ -86,27 +88,39 @@ fn check(what: &str, shape: &[usize], values: &[f32], expected: &Expected) -> Op
     if got == expected.sha256 {
         return None;
     }
+    let plane = shape[shape.len() - 2..].iter().product::<usize>();
+    let width = shape[shape.len() - 1];
+    // Which plane differs: sums are accumulated in another order than numpy's, hence the
+    // tolerance; one pixel off by a single level moves a sum by about 0.015.
+    let mut planes = values.chunks(plane).zip(&expected.plane_sums).enumerate();
+    let bad_plane = planes.find_map(|(p, (vals, &want))| {
+        let sum: f64 = vals.iter().map(|&v| f64::from(v)).sum();
+        let differs = (sum - want).abs() > 1e-6 * want.abs().max(1.0);
+        differs.then(|| {
+            format!(
+                "plane (tile {}, channel {}) sums to {sum}, HF {want}",
+                p / 3,
+                p % 3
+            )
+        })
+    });
     let first_bad = expected
         .samples
         .iter()
         .find(|&&(i, v)| values.get(i).map(|g| g.to_bits()) != Some(v.to_bits()));
-    let detail = match first_bad {
+    let sample = match first_bad {
         Some(&(i, want)) => {
             let got_v = values.get(i).copied().unwrap_or(f32::NAN);
-            let (c_hw, hw) = (
-                shape[shape.len() - 3..].iter().product::<usize>(),
-                shape[shape.len() - 2..].iter().product::<usize>(),
-            );
-            let w = shape[shape.len() - 1];
-            let (tile, rem) = (i / c_hw, i % c_hw);
-            let (c, y, x) = (rem / hw, rem % hw / w, rem % w);
-            format!("first differing sample: index {i} (tile {tile}, channel {c}, y {y}, x {x}) = {got_v:e}, HF {want:e}")
+            let (p, rem) = (i / plane, i % plane);
+            let (tile, channel, y, x) = (p / 3, p % 3, rem / width, rem % width);
+            format!(
+                "first differing recorded sample: index {i} (tile {tile}, channel {channel}, y {y}, x {x}) \
+                 = {got_v:e}, HF {want:e}"
+            )
         }
-        None => format!(
-            "all {} recorded samples match; the difference is elsewhere",
-            expected.samples.len()
-        ),
+        None => format!("all {} recorded samples match", expected.samples.len()),
     };
+    let detail = bad_plane.map_or(sample.clone(), |plane| format!("{plane}; {sample}"));
     Some(format!(
         "{what}: sha256 {got} != HF {}; {detail}",
         expected.sha256

@@ -1,7 +1,8 @@
 //! The Llama decoder (Mistral and Vicuna use the same code): RMSNorm in f32, half-split rotary
 //! embeddings, grouped-query attention, gated MLP, with a preallocated KV cache.
 
-use mmreg_core::{Error, KvCache, Result};
+use mmreg_core::attention::paged_attention;
+use mmreg_core::{AttentionBatch, Error, KvCacheSpec, PagedKvCache, Result};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
@@ -124,25 +125,16 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &Rope, layer: usize, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, l, _) = x.size3()?;
-        let split = |t: Tensor, heads: i64| t.view([b, l, heads, self.head_dim]).transpose(1, 2);
+    /// `x` is `[tokens, hidden]`, packed as `batch` describes.
+    fn forward(&self, x: &Tensor, rope: &Rope, layer: usize, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+        let t = x.size()[0];
+        let split = |y: Tensor, heads: i64| y.view([t, heads, self.head_dim]);
         let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
         let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
         let v = split(self.v_proj.forward(x), self.kv_heads);
-        let past = cache.len();
-        let (k, v) = cache.append(layer, &k, &v)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let gqa = self.heads != self.kv_heads;
-        let out = if past == 0 || l == 1 {
-            // A fresh prompt is plainly causal; one new token sees everything cached.
-            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, past == 0 && l > 1, scale, gqa)
-        } else {
-            // Several new tokens after cached ones: causal mask aligned to the bottom right.
-            let mask = Tensor::ones([l, past + l], (Kind::Bool, x.device())).tril(past);
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, gqa)
-        };
-        Ok(self.o_proj.forward(&out.transpose(1, 2).reshape([b, l, self.heads * self.head_dim])))
+        let out = paged_attention(&q, &k, &v, layer, batch, cache, scale)?;
+        Ok(self.o_proj.forward(&out.reshape([t, self.heads * self.head_dim])))
     }
 }
 
@@ -176,17 +168,18 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// cos/sin of the rotary embedding for the positions of one forward pass, in the model dtype.
+/// cos/sin `[tokens, 1, head_dim]` of the rotary embedding at the step's positions, in the model dtype.
 struct Rope {
     cos: Tensor,
     sin: Tensor,
 }
 
 impl Rope {
-    /// `q * cos + rotate_half(q) * sin`, with `rotate_half(x) = cat(-x2, x1)` (half split).
+    /// `q * cos + rotate_half(q) * sin` on `[tokens, heads, head_dim]`, with `rotate_half(x) = cat(-x2, x1)`
+    /// (half split, not interleaved).
     fn apply(&self, x: &Tensor) -> Tensor {
-        let half = x.size()[3] / 2;
-        let rotated = Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3);
+        let half = x.size()[2] / 2;
+        let rotated = Tensor::cat(&[-x.narrow(2, half, half), x.narrow(2, 0, half)], 2);
         x * &self.cos + rotated * &self.sin
     }
 }
@@ -245,29 +238,28 @@ impl Llama {
         self.device
     }
 
-    fn rope(&self, start: i64, len: i64, kind: Kind) -> Rope {
-        let positions = Tensor::arange_start(start, start + len, (Kind::Float, self.device));
-        let freqs = positions.unsqueeze(1) * self.inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], 1);
+    fn rope(&self, positions: &Tensor, kind: Kind) -> Rope {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
+        let emb = Tensor::cat(&[&freqs, &freqs], 1).unsqueeze(1);
         Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
     }
 
-    /// Logits `[batch, seq, vocab]` for embeddings that continue the cached sequences.
-    pub fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (_, l, _) = inputs_embeds.size3()?;
-        cache.reserve(l)?;
-        let rope = self.rope(cache.len(), l, inputs_embeds.kind());
+    /// Logits of the rows `batch.logits_indices` selects, for `[tokens, hidden]` embeddings.
+    pub fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+        let rope = self.rope(&batch.positions, inputs_embeds.kind());
         let mut x = inputs_embeds.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = &x + layer.self_attn.forward(&layer.input_layernorm.forward(&x), &rope, i, cache)?;
+            x = &x + layer.self_attn.forward(&layer.input_layernorm.forward(&x), &rope, i, batch, cache)?;
             x = &x + layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
         }
-        cache.advance(l);
+        if let Some(rows) = &batch.logits_indices {
+            x = x.index_select(0, rows);
+        }
         Ok(self.lm_head.forward(&self.norm.forward(&x)))
     }
 
-    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+    pub fn kv_cache_spec(&self) -> KvCacheSpec {
         let c = &self.config;
-        KvCache::new(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim, capacity, self.dtype(), self.device)
+        KvCacheSpec { layers: c.num_hidden_layers, kv_heads: c.num_key_value_heads, head_dim: c.head_dim, kind: self.dtype() }
     }
 }

@@ -4,8 +4,8 @@
 
 use mmreg_core::{
     register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
-    DummyRequest, Error, ImageInput, ImageSize, KvCache, LoadModel, LoadOptions, Modality, ModelContext,
-    MultiModalData, MultiModalModel, PixelValues, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
+    AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec, LoadModel, LoadOptions, Modality, ModelContext,
+    MultiModalData, MultiModalModel, PagedKvCache, PixelValues, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
     SupportsVision, Weights,
 };
 use serde::Deserialize;
@@ -274,12 +274,12 @@ impl MultiModalModel for Llava {
         Ok(self.language_model.embed_tokens(token_ids))
     }
 
-    fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.language_model.forward(inputs_embeds, cache)
+    fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+        self.language_model.forward(inputs_embeds, batch, cache)
     }
 
-    fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
-        self.language_model.new_cache(batch, capacity)
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        self.language_model.kv_cache_spec()
     }
 
     fn device(&self) -> Device {

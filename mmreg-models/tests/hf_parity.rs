@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mmreg_core::generate::{embed_prompt, generate, prepare, PreparedInputs};
+use mmreg_core::generate::{embed_prompt, generate, prefill_logits, prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     ImageInput, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel, ProcessorInputs, Prompt,
@@ -66,8 +66,7 @@ fn assert_matches_hf(c: &Checkpoint, case: &str, prepare_inputs: impl Fn() -> Pr
     assert_eq!(ids, c.golden.ids(&format!("{case}.input_ids")), "{case}: input_ids differ from HF's");
 
     let embeds = embed_prompt(c.entry, c.model.as_ref(), prepared).expect("embeds");
-    let mut cache = c.model.new_cache(1, ids.len() as i64).expect("cache");
-    let logits = c.model.forward(&embeds, &mut cache).expect("prefill").squeeze_dim(0);
+    let logits = prefill_logits(c.model.as_ref(), &embeds).expect("prefill");
     let positions = c.golden.get(&format!("{case}.logit_positions"));
     let error = relative_error(&logits.index_select(0, positions), c.golden.get(&format!("{case}.logits")));
     assert!(error <= 1e-5, "{case}: prefill logits relative error {error:e} > 1e-5");

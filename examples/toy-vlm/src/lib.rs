@@ -7,10 +7,11 @@
 
 use mmreg_core::{
     register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
-    DummyRequest, Error, ImageInput, ImageSize, KvCache, LoadModel, LoadOptions, ModalityInputs, ModelContext,
-    MultiModalData, MultiModalModel, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
+    AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec, LoadModel, LoadOptions, ModalityInputs, ModelContext,
+    MultiModalData, MultiModalModel, PagedKvCache, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
     SupportsVision, TensorMap, Weights,
 };
+use mmreg_core::attention::paged_attention;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
@@ -185,17 +186,19 @@ impl MultiModalModel for ToyVlm {
         Ok(Tensor::embedding(&self.embed_tokens, token_ids, -1, false, false))
     }
 
-    fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let x = inputs_embeds.unsqueeze(1); // one head: [batch, 1, seq, hidden]
-        let (keys, values) = cache.append(0, &x, &x)?;
-        let causal = cache.is_empty();
-        let attended = Tensor::scaled_dot_product_attention(&x, &keys, &values, None::<Tensor>, 0.0, causal, None, false);
-        cache.advance(x.size()[2]);
-        Ok((attended.squeeze_dim(1) + inputs_embeds).matmul(&self.lm_head.tr()))
+    fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+        let x = inputs_embeds.unsqueeze(1); // one head: [tokens, 1, hidden]
+        let scale = (self.config.hidden_size as f64).powf(-0.5);
+        let attended = paged_attention(&x, &x, &x, 0, batch, cache, scale)?.squeeze_dim(1);
+        let mut hidden = attended + inputs_embeds;
+        if let Some(rows) = &batch.logits_indices {
+            hidden = hidden.index_select(0, rows);
+        }
+        Ok(hidden.matmul(&self.lm_head.tr()))
     }
 
-    fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
-        KvCache::new(1, batch, 1, self.config.hidden_size, capacity, self.embed_tokens.kind(), self.device)
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        KvCacheSpec { layers: 1, kv_heads: 1, head_dim: self.config.hidden_size, kind: self.embed_tokens.kind() }
     }
 
     fn device(&self) -> Device {

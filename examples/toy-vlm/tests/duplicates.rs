@@ -1,8 +1,8 @@
 //! Two registrations of the same architecture, and of the same hook, are reported with both locations.
 
 use mmreg_core::{
-    register_dummy_data, register_model, DummyRequest, KvCache, LoadModel, LoadOptions, ModelContext,
-    MultiModalModel, ProcessorInputs, Registry, Result, Weights,
+    register_dummy_data, register_model, AttentionBatch, DummyRequest, KvCacheSpec, LoadModel, LoadOptions, ModelContext,
+    MultiModalModel, PagedKvCache, ProcessorInputs, Registry, Result, Weights,
 };
 use tch::{Device, Kind, Tensor};
 use toy_vlm::ToyVlm;
@@ -27,11 +27,11 @@ impl MultiModalModel for Impostor {
     fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
         self.0.embed_tokens(token_ids)
     }
-    fn forward(&self, inputs_embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.0.forward(inputs_embeds, cache)
+    fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+        self.0.forward(inputs_embeds, batch, cache)
     }
-    fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
-        self.0.new_cache(batch, capacity)
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        self.0.kv_cache_spec()
     }
     fn device(&self) -> Device {
         self.0.device()

@@ -57,15 +57,15 @@ fn generation_through_the_registry_equals_direct_calls() {
     let toy = model.as_any().downcast_ref::<ToyVlm>().expect("a ToyVlm");
     let prepared = prepare(entry, &ctx, request(), 256).expect("prepared");
     let embeds = embed_prompt(entry, model.as_ref(), prepared).expect("embeds");
-    let ids = Tensor::from_slice(&[3i64, 15, 15, 15, 15, 4, 15, 15, 15, 15, 5]).unsqueeze(0);
+    let ids = Tensor::from_slice(&[3i64, 15, 15, 15, 15, 4, 15, 15, 15, 15, 5]);
     let text = toy.embed_tokens(&ids).expect("embeds");
     let pixels = toy_vlm::ToyImageInputs {
         cells: Tensor::from_slice(&[1f32, 0., 0., 1., 0., 0., 1., 0., 0., 1., 0., 0.]).reshape([4, 3]),
         cells_per_image: Tensor::from_slice(&[4i64]),
     };
     let red = toy.embed_images(pixels).expect("features").remove(0);
-    assert!(embeds.narrow(1, 1, 4).squeeze_dim(0).allclose(&red, 1e-6, 1e-6, false));
-    assert!(embeds.narrow(1, 0, 1).allclose(&text.narrow(1, 0, 1), 0.0, 0.0, false));
+    assert!(embeds.narrow(0, 1, 4).allclose(&red, 1e-6, 1e-6, false));
+    assert!(embeds.narrow(0, 0, 1).allclose(&text.narrow(0, 0, 1), 0.0, 0.0, false));
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The two separable convolution passes of Pillow's 8-bit resampler.
+//! The two separable convolution passes of Pillow's 8-bit resampler, and normalisation.
 //!
 //! Each output sample is `clamp((2^21 + sum(u8 * weight)) >> 22, 0, 255)` in `i32`, exactly as
 //! Pillow computes it. Integer sums do not depend on their order, so the loops are arranged for
@@ -8,12 +8,16 @@
 //! * the horizontal pass works on strips of 16 rows transposed into byte columns, so that
 //!   filtering along a row becomes the same element-wise combination, 16 rows at a time.
 //!
-//! The generic code is compiled twice on x86-64 (baseline and AVX2, picked at run time).
+//! On x86-64 the inner loops use AVX2 when the CPU has it (see `x86.rs`); the generic loops
+//! below are the fallback and the reference the SIMD code is tested against.
 
 use std::ops::Range;
 
 use crate::resize::{AxisFilter, PRECISION_BITS};
 use crate::view::RgbView;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 /// Rounding offset added before the final shift (`1 << (PRECISION_BITS - 1)`).
 const ROUND_HALF: i32 = 1 << (PRECISION_BITS - 1);
@@ -30,24 +34,6 @@ fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
-/// Runs `$generic` through an AVX2-enabled copy when the CPU has AVX2.
-macro_rules! dispatch {
-    ($generic:ident, $avx2:ident, ($($arg:ident: $ty:ty),*)) => {
-        #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2")]
-        unsafe fn $avx2($($arg: $ty),*) {
-            $generic($($arg),*)
-        }
-
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: AVX2 support was just checked.
-            return unsafe { $avx2($($arg),*) };
-        }
-        $generic($($arg),*)
-    };
-}
-
 /// Filters along columns: output row `i` is filtered around source row `ys.start + i`; row 0 of
 /// `src` is source row `y0`. Writes `ys.len()` packed rows in `src`'s layout (planar rows become
 /// row-planar with runs of `src.width`).
@@ -58,41 +44,59 @@ pub(crate) fn vertical(
     ys: Range<usize>,
     dst: &mut [u8],
 ) {
-    dispatch!(vertical_generic, vertical_avx2, (src: RgbView<'_>, y0: usize, f: &AxisFilter, ys: Range<usize>, dst: &mut [u8]));
+    #[cfg(target_arch = "x86_64")]
+    if x86::vertical(src, y0, f, ys.clone(), dst) {
+        return;
+    }
+    vertical_with(src, y0, f, ys, dst, |rows, w, out| {
+        mac_rows_generic(rows, w, out)
+    });
 }
 
+/// The vertical pass around an inner loop `mac(rows, weights, out)` that computes
+/// `out[i] = clip8(ROUND_HALF + sum_k rows[k][i] * weights[k])`.
 #[inline(always)]
-fn vertical_generic(src: RgbView<'_>, y0: usize, f: &AxisFilter, ys: Range<usize>, dst: &mut [u8]) {
-    /// Samples per block: the accumulators of one block stay in vector registers.
-    const BLOCK: usize = 32;
+fn vertical_with(
+    src: RgbView<'_>,
+    y0: usize,
+    f: &AxisFilter,
+    ys: Range<usize>,
+    dst: &mut [u8],
+    mac: impl Fn(&[&[u8]], &[i32], &mut [u8]),
+) {
     let row_len = src.width * 3;
     let run_len = row_len / src.run_count();
+    let mut rows: Vec<&[u8]> = Vec::new();
     for (yo, dst_row) in ys.zip(dst.chunks_exact_mut(row_len)) {
         let (start, w) = f.taps(yo);
-        let rows = start - y0..start - y0 + w.len();
         for (run, out) in dst_row.chunks_exact_mut(run_len).enumerate() {
-            for (b, out) in out.chunks_mut(BLOCK).enumerate() {
-                let at = b * BLOCK;
-                let mut acc = [ROUND_HALF; BLOCK];
-                for (y, &wk) in rows.clone().zip(w) {
-                    let samples = &src.run(y, run)[at..];
-                    match samples.first_chunk::<BLOCK>() {
-                        Some(full) => acc
-                            .iter_mut()
-                            .zip(full)
-                            .for_each(|(a, &p)| *a += i32::from(p) * wk),
-                        None => acc
-                            .iter_mut()
-                            .zip(samples)
-                            .for_each(|(a, &p)| *a += i32::from(p) * wk),
-                    }
-                }
-                for (d, &a) in out.iter_mut().zip(&acc) {
-                    *d = clip8(a);
-                }
-            }
+            rows.clear();
+            rows.extend((0..w.len()).map(|k| src.run(start - y0 + k, run)));
+            mac(&rows, w, out);
         }
     }
+}
+
+/// `out[i] = clip8(ROUND_HALF + sum_k rows[k][i] * w[k])`.
+fn mac_rows_generic(rows: &[&[u8]], w: &[i32], out: &mut [u8]) {
+    for (i, d) in out.iter_mut().enumerate() {
+        let acc = rows
+            .iter()
+            .zip(w)
+            .fold(ROUND_HALF, |acc, (row, &wk)| acc + i32::from(row[i]) * wk);
+        *d = clip8(acc);
+    }
+}
+
+/// `clip8(ROUND_HALF + sum_k columns[first + k * step] * w[k])` for each row of a strip.
+fn mac_columns_generic(columns: &[Column], first: usize, step: usize, w: &[i32]) -> Column {
+    let mut acc = [ROUND_HALF; STRIP];
+    for (k, &wk) in w.iter().enumerate() {
+        for (a, &p) in acc.iter_mut().zip(&columns[first + k * step]) {
+            *a += i32::from(p) * wk;
+        }
+    }
+    acc.map(clip8)
 }
 
 /// Filters along rows: output pixel `j` is filtered around source column `xs.start + j`;
@@ -105,30 +109,36 @@ pub(crate) fn horizontal(
     xs: Range<usize>,
     dst: &mut [u8],
 ) {
-    dispatch!(horizontal_generic, horizontal_avx2, (src: RgbView<'_>, x0: usize, f: &AxisFilter, xs: Range<usize>, dst: &mut [u8]));
+    #[cfg(target_arch = "x86_64")]
+    if x86::horizontal(src, x0, f, xs.clone(), dst) {
+        return;
+    }
+    horizontal_with(src, x0, f, xs, dst, mac_columns_generic);
 }
 
+/// The horizontal pass around an inner loop `mac(columns, first, step, weights)` that filters
+/// one output byte for all rows of a strip (see `mac_columns_generic`).
 #[inline(always)]
-fn horizontal_generic(
+fn horizontal_with(
     src: RgbView<'_>,
     x0: usize,
     f: &AxisFilter,
     xs: Range<usize>,
     dst: &mut [u8],
+    mac: impl Fn(&[Column], usize, usize, &[i32]) -> Column,
 ) {
     let out_w = xs.len();
     let span = f.source_span(xs.clone());
     let (lo, span_w) = (span.start - x0, span.len());
     // Byte columns of the source span, per run; each run padded to whole 16x16 blocks.
-    let run_len = if src.run_count() == 1 {
-        3 * span_w
-    } else {
-        span_w
-    };
+    let interleaved = src.run_count() == 1;
+    let run_len = if interleaved { 3 * span_w } else { span_w };
+    let run_begin = if interleaved { 3 * lo } else { lo };
     let run_cols = run_len.next_multiple_of(STRIP);
-    let run_begin = if src.run_count() == 1 { 3 * lo } else { lo };
+    let step = if interleaved { 3 } else { 1 };
     let mut columns: Vec<Column> = vec![[0; STRIP]; src.run_count() * run_cols];
     let mut filtered: Vec<Column> = vec![[0; STRIP]; (3 * out_w).next_multiple_of(STRIP)];
+    let mut block = [[0u8; STRIP]; STRIP];
     for (strip, dst_rows) in dst.chunks_mut(STRIP * 3 * out_w).enumerate() {
         let rows = dst_rows.len() / (3 * out_w);
         let first = strip * STRIP;
@@ -139,26 +149,32 @@ fn horizontal_generic(
             let src_rows: [&[u8]; STRIP] =
                 std::array::from_fn(|r| &src.run(row_of(r), run)[run_begin..run_begin + run_len]);
             for (chunk, out) in run_columns.chunks_exact_mut(STRIP).enumerate() {
-                let block = std::array::from_fn(|r| load16(&src_rows[r][chunk * STRIP..]));
-                transpose(&block, as_block(out));
+                let at = chunk * STRIP;
+                if at + STRIP <= run_len {
+                    transpose_rows(&src_rows, at, as_block(out));
+                } else {
+                    // Last partial chunk: zero-pad a copy. (A plain loop: `array::from_fn`
+                    // compiles to `memcpy` calls here.)
+                    for (dst, row) in block.iter_mut().zip(&src_rows) {
+                        *dst = load16(&row[at..]);
+                    }
+                    transpose(&block, as_block(out));
+                }
             }
         }
 
         for (c, outs) in filtered.chunks_exact_mut(out_w).take(3).enumerate() {
             for (out, xo) in outs.iter_mut().zip(xs.clone()) {
                 let (start, w) = f.taps(xo);
-                let mut acc = [ROUND_HALF; STRIP];
-                for (k, &wk) in w.iter().enumerate() {
-                    let col = &columns[src.run_index(start - span.start + k, c, run_cols)];
-                    for (a, &p) in acc.iter_mut().zip(col) {
-                        *a += i32::from(p) * wk;
-                    }
-                }
-                *out = acc.map(clip8);
+                *out = mac(
+                    &columns,
+                    src.run_index(start - span.start, c, run_cols),
+                    step,
+                    w,
+                );
             }
         }
 
-        let mut block = [[0u8; STRIP]; STRIP];
         for (chunk, cols) in filtered.chunks_exact_mut(STRIP).enumerate() {
             transpose(as_block(cols), &mut block);
             for (dst_row, block_row) in dst_rows.chunks_exact_mut(3 * out_w).zip(&block) {
@@ -192,23 +208,14 @@ fn load16(s: &[u8]) -> [u8; 16] {
     }
 }
 
-/// Rescales and normalises one run of samples of a single channel, with HF's rounding:
-/// `f32(f64(v) * scale)`, then `(x - mean) / std` in `f32`. Written as plain loops (no lookup
-/// table) so the compiler vectorises them; IEEE arithmetic makes the result identical.
-pub(crate) fn normalize(src: &[u8], dst: &mut [f32], scale: Option<f64>, norm: Option<(f32, f32)>) {
-    dispatch!(normalize_generic, normalize_avx2, (src: &[u8], dst: &mut [f32], scale: Option<f64>, norm: Option<(f32, f32)>));
-}
-
+/// Transposes the 16x16 block whose row `r` is `rows[r][at..at + 16]` into `out`.
 #[inline(always)]
-fn normalize_generic(src: &[u8], dst: &mut [f32], scale: Option<f64>, norm: Option<(f32, f32)>) {
-    let pairs = dst.iter_mut().zip(src);
-    match (scale, norm) {
-        (Some(k), Some((m, s))) => {
-            pairs.for_each(|(d, &v)| *d = ((f64::from(v) * k) as f32 - m) / s)
-        }
-        (Some(k), None) => pairs.for_each(|(d, &v)| *d = (f64::from(v) * k) as f32),
-        (None, Some((m, s))) => pairs.for_each(|(d, &v)| *d = (f32::from(v) - m) / s),
-        (None, None) => pairs.for_each(|(d, &v)| *d = f32::from(v)),
+fn transpose_rows(rows: &[&[u8]; STRIP], at: usize, out: &mut [Column; STRIP]) {
+    #[cfg(target_arch = "x86_64")]
+    x86::transpose_rows(rows, at, out);
+    #[cfg(not(target_arch = "x86_64"))]
+    for (i, col) in out.iter_mut().enumerate() {
+        *col = std::array::from_fn(|r| rows[r][at + i]);
     }
 }
 
@@ -216,48 +223,37 @@ fn normalize_generic(src: &[u8], dst: &mut [f32], scale: Option<f64>, norm: Opti
 #[inline(always)]
 fn transpose(m: &[[u8; 16]; 16], out: &mut [[u8; 16]; 16]) {
     #[cfg(target_arch = "x86_64")]
-    sse2::transpose(m, out);
+    x86::transpose(m, out);
     #[cfg(not(target_arch = "x86_64"))]
     for (i, row) in out.iter_mut().enumerate() {
         *row = std::array::from_fn(|j| m[j][i]);
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod sse2 {
-    use std::arch::x86_64::*;
+/// Rescales and normalises one run of samples of a single channel, appending to `out`, with
+/// HF's rounding: `f32(f64(v) * scale)`, then `(x - mean) / std` in `f32`. Plain loops (no lookup
+/// table) that the compiler vectorises; IEEE arithmetic makes every lane equal the scalar formula.
+pub(crate) fn normalize(
+    src: &[u8],
+    out: &mut Vec<f32>,
+    scale: Option<f64>,
+    norm: Option<(f32, f32)>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::normalize(src, out, scale, norm) {
+        return;
+    }
+    normalize_generic(src, out, scale, norm)
+}
 
-    /// 16x16 byte transpose with four rounds of unpacks (SSE2 is part of x86-64's baseline).
-    #[inline(always)]
-    pub(super) fn transpose(m: &[[u8; 16]; 16], out: &mut [[u8; 16]; 16]) {
-        // SAFETY: SSE2 is always available on x86-64; unaligned loads and stores go through
-        // references to 16-byte arrays, so every access is in bounds.
-        unsafe {
-            let mut v: [__m128i; 16] =
-                std::array::from_fn(|i| _mm_loadu_si128(m[i].as_ptr().cast()));
-            // Round r pairs rows i and i + 2^r and interleaves units of 2^r bytes (lo half stays
-            // at i, hi half goes to i + 2^r). Afterwards row i holds column bitreverse4(i).
-            macro_rules! round {
-                ($stride:literal, $lo:ident, $hi:ident) => {
-                    for i in 0..16 {
-                        if i & $stride == 0 {
-                            let (a, b) = (v[i], v[i + $stride]);
-                            v[i] = $lo(a, b);
-                            v[i + $stride] = $hi(a, b);
-                        }
-                    }
-                };
-            }
-            round!(1, _mm_unpacklo_epi8, _mm_unpackhi_epi8);
-            round!(2, _mm_unpacklo_epi16, _mm_unpackhi_epi16);
-            round!(4, _mm_unpacklo_epi32, _mm_unpackhi_epi32);
-            round!(8, _mm_unpacklo_epi64, _mm_unpackhi_epi64);
-            const BIT_REVERSED: [usize; 16] =
-                [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15];
-            for (x, column) in v.into_iter().zip(BIT_REVERSED) {
-                _mm_storeu_si128(out[column].as_mut_ptr().cast(), x);
-            }
-        }
+#[inline(always)]
+fn normalize_generic(src: &[u8], out: &mut Vec<f32>, scale: Option<f64>, norm: Option<(f32, f32)>) {
+    let samples = src.iter().copied();
+    match (scale, norm) {
+        (Some(k), Some((m, s))) => out.extend(samples.map(|v| ((f64::from(v) * k) as f32 - m) / s)),
+        (Some(k), None) => out.extend(samples.map(|v| (f64::from(v) * k) as f32)),
+        (None, Some((m, s))) => out.extend(samples.map(|v| (f32::from(v) - m) / s)),
+        (None, None) => out.extend(samples.map(f32::from)),
     }
 }
 
@@ -275,6 +271,27 @@ mod tests {
         for i in 0..16 {
             for j in 0..16 {
                 assert_eq!(t[i][j], m[j][i], "({i}, {j})");
+            }
+        }
+    }
+
+    #[test]
+    fn vertical_matches_reference() {
+        // Widths with partial 32-byte blocks; planar input keeps its layout.
+        for (w, h, out_h) in [(37, 50, 20), (11, 9, 40), (64, 33, 33 * 2 + 1)] {
+            let data = noise(w * h * 3, (w + h) as u32);
+            let f = AxisFilter::bicubic(h, out_h);
+            let src = RgbView::interleaved(&data, w, h);
+            let mut got = vec![0u8; out_h * w * 3];
+            vertical(src, 0, &f, 0..out_h, &mut got);
+            for (y, row) in got.chunks_exact(3 * w).enumerate() {
+                let (start, taps) = f.taps(y);
+                for (i, &v) in row.iter().enumerate() {
+                    let acc = taps.iter().enumerate().fold(ROUND_HALF, |acc, (k, &wk)| {
+                        acc + i32::from(data[(start + k) * 3 * w + i]) * wk
+                    });
+                    assert_eq!(v, clip8(acc), "{w}x{h} -> {out_h}: row {y} byte {i}");
+                }
             }
         }
     }
