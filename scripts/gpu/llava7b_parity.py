@@ -31,7 +31,7 @@ def make_checkpoint():
     config.architectures = ["LlavaForConditionalGeneration"]
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlavaForConditionalGeneration._from_config(config, torch_dtype=torch.bfloat16)
+        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     model.eval()
     t = time.time()
     model.save_pretrained(CKPT)
