@@ -37,7 +37,7 @@ pub use modality::Modality;
 pub use model::{Image, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality, SupportsVision};
 pub use registry::Registry;
 pub use sampling::SamplingParams;
-pub use tensors::{ModalityInputs, PixelValues, TensorMap};
+pub use tensors::{AnyresPixelValues, ModalityInputs, PixelValues, TensorMap};
 pub use weights::Weights;
 
 pub use mmreg_macros::{

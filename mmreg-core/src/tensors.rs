@@ -62,3 +62,26 @@ impl ModalityInputs for PixelValues {
         Ok(Self { pixel_values: tensors.take("pixel_values")? })
     }
 }
+
+/// LLaVA-NeXT's image inputs, as HF's processor returns them: `pixel_values` `[n, max_patches, 3, H, W]`
+/// (images with fewer patches padded with 0.0) and `image_sizes` `[n, 2]` i64, the original (height, width).
+#[derive(Debug)]
+pub struct AnyresPixelValues {
+    pub pixel_values: Tensor,
+    pub image_sizes: Tensor,
+}
+
+impl ModalityInputs for AnyresPixelValues {
+    const PARAMS: &'static [&'static str] = &["image_sizes", "pixel_values"];
+
+    fn into_tensors(self) -> TensorMap {
+        let mut map = TensorMap::default();
+        map.insert("pixel_values", self.pixel_values);
+        map.insert("image_sizes", self.image_sizes);
+        map
+    }
+
+    fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
+        Ok(Self { pixel_values: tensors.take("pixel_values")?, image_sizes: tensors.take("image_sizes")? })
+    }
+}

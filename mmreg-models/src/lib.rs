@@ -5,5 +5,7 @@ mod clip;
 mod layers;
 mod llama;
 pub mod llava;
+pub mod llava_next;
 
 pub use llava::{Llava, LlavaConfig};
+pub use llava_next::{LlavaNext, LlavaNextConfig};

@@ -56,7 +56,7 @@ pub enum FeatureLayers {
 
 impl LlavaConfig {
     /// Whether the CLS token is dropped (`default`) or kept (`full`).
-    fn drops_cls(&self) -> Result<bool> {
+    pub(crate) fn drops_cls(&self) -> Result<bool> {
         match self.vision_feature_select_strategy.as_str() {
             "default" => Ok(true),
             "full" => Ok(false),
@@ -65,7 +65,7 @@ impl LlavaConfig {
     }
 
     /// The requested hidden states as indices into HF's `hidden_states` (0 = embeddings).
-    fn feature_layers(&self) -> Result<Vec<usize>> {
+    pub(crate) fn feature_layers(&self) -> Result<Vec<usize>> {
         let layers = match &self.vision_feature_layer {
             FeatureLayers::One(layer) => vec![*layer],
             FeatureLayers::Many(layers) => layers.clone(),
@@ -84,7 +84,7 @@ impl LlavaConfig {
             .collect()
     }
 
-    fn text(&self) -> Result<crate::llama::TextConfig> {
+    pub(crate) fn text(&self) -> Result<crate::llama::TextConfig> {
         let mut text = self.text_config.clone();
         text.vocab_size = text.vocab_size.or(self.vocab_size);
         text.resolve()
@@ -107,11 +107,7 @@ pub fn image_tokens(config: &LlavaConfig) -> Result<usize> {
 #[register_dummy_data(dummy_data)]
 #[register_input_processor(input_processor)]
 pub struct Llava {
-    vision_tower: ClipVisionTower,
-    projector: Projector,
-    language_model: Llama,
-    feature_layers: Vec<usize>,
-    drops_cls: bool,
+    parts: LlavaParts,
     tokens_per_image: usize,
 }
 
@@ -219,15 +215,22 @@ pub fn canonical_weight_name(name: &str) -> Option<String> {
     Some(name)
 }
 
-impl LoadModel for Llava {
-    fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
-        let config = ctx.config::<LlavaConfig>()?;
-        let weights = weights.renamed(canonical_weight_name)?;
-        let loader = Loader::new(&weights, options);
+/// The vision tower, projector and language model that LLaVA and LLaVA-NeXT share.
+pub(crate) struct LlavaParts {
+    vision_tower: ClipVisionTower,
+    projector: Projector,
+    pub(crate) language_model: Llama,
+    feature_layers: Vec<usize>,
+    drops_cls: bool,
+}
+
+impl LlavaParts {
+    /// Loads the shared parts from canonical weight names (see [`canonical_weight_name`]).
+    pub(crate) fn load(config: &LlavaConfig, loader: &Loader) -> Result<Self> {
         let feature_layers = config.feature_layers()?;
         let text = config.text()?;
         let vision = &config.vision_config;
-        let model = Self {
+        Ok(Self {
             vision_tower: ClipVisionTower::load(&loader.pp("vision_tower"), vision, &feature_layers)?,
             projector: Projector::load(
                 &loader.pp("multi_modal_projector"),
@@ -238,8 +241,27 @@ impl LoadModel for Llava {
             )?,
             language_model: Llama::load(&loader.pp("language_model"), &loader.pp("lm_head"), text)?,
             drops_cls: config.drops_cls()?,
-            tokens_per_image: image_tokens(&config)?,
             feature_layers,
+        })
+    }
+
+    /// Projected features `[n, tokens, hidden]` of `[n, 3, H, W]` pixel values: the selected layers'
+    /// hidden states (CLS dropped under `default`), concatenated, through the projector.
+    pub(crate) fn image_features(&self, pixel_values: &Tensor) -> Tensor {
+        let states = self.vision_tower.hidden_states(pixel_values, &self.feature_layers);
+        let states: Vec<Tensor> =
+            states.into_iter().map(|h| if self.drops_cls { h.narrow(1, 1, h.size()[1] - 1) } else { h }).collect();
+        self.projector.forward(&Tensor::cat(&states, -1))
+    }
+}
+
+impl LoadModel for Llava {
+    fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
+        let config = ctx.config::<LlavaConfig>()?;
+        let weights = weights.renamed(canonical_weight_name)?;
+        let model = Self {
+            parts: LlavaParts::load(&config, &Loader::new(&weights, options))?,
+            tokens_per_image: image_tokens(&config)?,
         };
         weights.check_all_used()?;
         Ok(model)
@@ -254,10 +276,7 @@ impl SupportsVision for Llava {
     }
 
     fn embed_images(&self, inputs: PixelValues) -> Result<Vec<Tensor>> {
-        let states = self.vision_tower.hidden_states(&inputs.pixel_values, &self.feature_layers);
-        let states: Vec<Tensor> =
-            states.into_iter().map(|h| if self.drops_cls { h.narrow(1, 1, h.size()[1] - 1) } else { h }).collect();
-        let features = self.projector.forward(&Tensor::cat(&states, -1));
+        let features = self.parts.image_features(&inputs.pixel_values);
         let rows = features.size()[1] as usize;
         if rows != self.tokens_per_image {
             return Err(Error::Registry(format!(
@@ -269,28 +288,36 @@ impl SupportsVision for Llava {
     }
 }
 
-impl MultiModalModel for Llava {
-    fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
-        Ok(self.language_model.embed_tokens(token_ids))
-    }
+/// `MultiModalModel` for a model whose `parts: LlavaParts` hold its language model.
+macro_rules! impl_multimodal_model_via_parts {
+    ($model:ty) => {
+        impl MultiModalModel for $model {
+            fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
+                Ok(self.parts.language_model.embed_tokens(token_ids))
+            }
 
-    fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
-        self.language_model.forward(inputs_embeds, batch, cache)
-    }
+            fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+                self.parts.language_model.forward(inputs_embeds, batch, cache)
+            }
 
-    fn kv_cache_spec(&self) -> KvCacheSpec {
-        self.language_model.kv_cache_spec()
-    }
+            fn kv_cache_spec(&self) -> KvCacheSpec {
+                self.parts.language_model.kv_cache_spec()
+            }
 
-    fn device(&self) -> Device {
-        self.language_model.device()
-    }
+            fn device(&self) -> Device {
+                self.parts.language_model.device()
+            }
 
-    fn dtype(&self) -> Kind {
-        self.language_model.dtype()
-    }
+            fn dtype(&self) -> Kind {
+                self.parts.language_model.dtype()
+            }
 
-    fn max_model_len(&self) -> usize {
-        self.language_model.config.max_position_embeddings
-    }
+            fn max_model_len(&self) -> usize {
+                self.parts.language_model.config.max_position_embeddings
+            }
+        }
+    };
 }
+pub(crate) use impl_multimodal_model_via_parts;
+
+impl_multimodal_model_via_parts!(Llava);

@@ -1,0 +1,208 @@
+//! LLaVA-NeXT / LLaVA-1.6 (`LlavaNextForConditionalGeneration`): LLaVA with "anyres" images. Each image
+//! is a squashed base view plus a grid of crops on the best-fitting pinpoint canvas; the grid's features
+//! are unpadded back to the image's aspect ratio with a newline embedding after every row. The number of
+//! tokens depends on the image size and is computed by [`anyres_layout`] alone.
+
+use mmreg_core::{
+    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
+    AnyresPixelValues, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec, LoadModel,
+    LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel, PagedKvCache, ProcessedInputs,
+    ProcessorInputs, Prompt, Result, SupportsVision, Weights,
+};
+use mmreg_image::select_best_resolution;
+use serde::Deserialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::layers::Loader;
+use crate::llava::{canonical_weight_name, expand_placeholders, impl_multimodal_model_via_parts, LlavaConfig, LlavaParts};
+
+/// config.json of a LLaVA-NeXT checkpoint: LLaVA's keys plus the grid pinpoints.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlavaNextConfig {
+    #[serde(flatten)]
+    pub llava: LlavaConfig,
+    /// Candidate canvases, `[height, width]` pairs.
+    #[serde(default = "default_pinpoints")]
+    pub image_grid_pinpoints: Vec<[u64; 2]>,
+}
+
+fn default_pinpoints() -> Vec<[u64; 2]> {
+    mmreg_image::DEFAULT_GRID_PINPOINTS.iter().map(|&[h, w]| [h as u64, w as u64]).collect()
+}
+
+/// Where an image's tokens come from: the grid canvas and the unpadded feature grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnyresLayout {
+    /// Crops per column and per row of the canvas.
+    pub grid: (i64, i64),
+    /// Feature rows and columns kept after unpadding, and the first kept row and column.
+    pub rows: i64,
+    pub columns: i64,
+    pub top: i64,
+    pub left: i64,
+    /// Base-image tokens (patches per side squared, plus CLS under `full`).
+    pub base_tokens: i64,
+}
+
+impl AnyresLayout {
+    /// Placeholder tokens: the base image, then every kept row followed by a newline.
+    pub fn tokens(&self) -> usize {
+        (self.base_tokens + self.rows * (self.columns + 1)) as usize
+    }
+}
+
+/// The one function behind every LLaVA-NeXT token count (input processor, dummy data, max tokens, the
+/// model's unpadding). Integer-exact: HF's `int(round(x, 7))` of `oh * cur_w / ow` is this floor, since the
+/// fraction stays at least 1/ow away from the next integer.
+pub fn anyres_layout(config: &LlavaNextConfig, size: ImageSize) -> Result<AnyresLayout> {
+    let vision = &config.llava.vision_config;
+    let (oh, ow) = (size.height as i64, size.width as i64);
+    if oh <= 0 || ow <= 0 {
+        return Err(Error::bad_input("image", "the image has no pixels"));
+    }
+    let crop = vision.image_size;
+    let per_side = vision.patches_per_side();
+    let pinpoints: Vec<(usize, usize)> =
+        config.image_grid_pinpoints.iter().map(|&[h, w]| (h as usize, w as usize)).collect();
+    let (bh, bw) = select_best_resolution((oh as usize, ow as usize), &pinpoints);
+    let grid = (bh as i64 / crop, bw as i64 / crop);
+    if grid.0 <= 0 || grid.1 <= 0 || per_side <= 0 {
+        return Err(Error::config("config.json", format!("pinpoint {bh}x{bw} is smaller than one {crop}px crop")));
+    }
+    let (full_h, full_w) = (per_side * grid.0, per_side * grid.1);
+    let (mut rows, mut columns, mut top, mut left) = (full_h, full_w, 0, 0);
+    if ow * full_h > full_w * oh {
+        // Wider than the canvas: padding was added above and below.
+        let new_h = oh * full_w / ow;
+        top = (full_h - new_h) / 2;
+        rows = full_h - 2 * top;
+    } else {
+        let new_w = ow * full_h / oh;
+        left = (full_w - new_w) / 2;
+        columns = full_w - 2 * left;
+    }
+    let cls = i64::from(!config.llava.drops_cls()?);
+    Ok(AnyresLayout { grid, rows, columns, top, left, base_tokens: per_side * per_side + cls })
+}
+
+/// The image size with the most tokens: the full grid of some pinpoint canvas.
+fn costliest_image(config: &LlavaNextConfig) -> Result<(ImageSize, usize)> {
+    let mut best = None;
+    for &[h, w] in &config.image_grid_pinpoints {
+        let size = ImageSize { width: w as u32, height: h as u32 };
+        let tokens = anyres_layout(config, size)?.tokens();
+        if best.is_none_or(|(_, t)| tokens > t) {
+            best = Some((size, tokens));
+        }
+    }
+    best.ok_or_else(|| Error::config("config.json", "image_grid_pinpoints is empty"))
+}
+
+#[register_model("LlavaNextForConditionalGeneration")]
+#[register_input_mapper(image)]
+#[register_max_tokens(image = max_image_tokens)]
+#[register_dummy_data(dummy_data)]
+#[register_input_processor(input_processor)]
+pub struct LlavaNext {
+    parts: LlavaParts,
+    image_newline: Tensor,
+    config: LlavaNextConfig,
+}
+
+fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
+    Ok(costliest_image(&*ctx.config::<LlavaNextConfig>()?)?.1)
+}
+
+/// `seq_len` tokens with the requested images, each of the costliest size.
+fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
+    let config = ctx.config::<LlavaNextConfig>()?;
+    let (size, tokens) = costliest_image(&config)?;
+    let images = request.counts.get(Modality::Image);
+    let mut ids = vec![config.llava.image_token_index; images];
+    ids.extend(std::iter::repeat_n(0, request.seq_len.saturating_sub(images * tokens)));
+    let image = image::DynamicImage::new_rgb8(size.width, size.height);
+    let images = (0..images).map(|i| ImageInput::new(format!("dummy image {i}"), image.clone())).collect();
+    Ok(ProcessorInputs { prompt: Prompt::TokenIds(ids), multimodal: MultiModalData::with_images(images) })
+}
+
+/// Tokenizes (BOS included) and expands each `<image>` into that image's number of tokens.
+fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
+    let config = ctx.config::<LlavaNextConfig>()?;
+    let ids = match inputs.prompt {
+        Prompt::TokenIds(ids) => ids,
+        Prompt::Text(text) => {
+            ctx.tokenizer()?.encode(text, true).map_err(|e| Error::bad_input("prompt", e))?.get_ids().to_vec()
+        }
+    };
+    let (token_ids, placeholders) =
+        expand_placeholders(&ids, config.llava.image_token_index, &inputs.multimodal, |image| {
+            LlavaNext::num_image_tokens(ctx, image.size())
+        })?;
+    Ok(ProcessedInputs { token_ids, placeholders, multimodal: inputs.multimodal })
+}
+
+impl LoadModel for LlavaNext {
+    fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
+        let config = (*ctx.config::<LlavaNextConfig>()?).clone();
+        let weights = weights.renamed(canonical_weight_name)?;
+        let loader = Loader::new(&weights, options);
+        let parts = LlavaParts::load(&config.llava, &loader)?;
+        let hidden = parts.language_model.config.hidden_size;
+        let model = Self { image_newline: loader.get("image_newline", &[hidden])?, parts, config };
+        weights.check_all_used()?;
+        Ok(model)
+    }
+}
+
+impl SupportsVision for LlavaNext {
+    type ImageInputs = AnyresPixelValues;
+
+    fn num_image_tokens(ctx: &ModelContext, size: ImageSize) -> Result<usize> {
+        Ok(anyres_layout(&*ctx.config::<LlavaNextConfig>()?, size)?.tokens())
+    }
+
+    fn embed_images(&self, inputs: AnyresPixelValues) -> Result<Vec<Tensor>> {
+        let sizes = Vec::<i64>::try_from(inputs.image_sizes.to_device(Device::Cpu).flatten(0, -1))?;
+        let layouts = sizes
+            .chunks(2)
+            .map(|hw| anyres_layout(&self.config, ImageSize { height: hw[0] as u32, width: hw[1] as u32 }))
+            .collect::<Result<Vec<_>>>()?;
+        // Drop the batch's padding patches, run every real patch through the tower at once.
+        let patches: Vec<i64> = layouts.iter().map(|l| 1 + l.grid.0 * l.grid.1).collect();
+        let real: Vec<Tensor> = patches.iter().enumerate().map(|(i, &n)| inputs.pixel_values.get(i as i64).narrow(0, 0, n)).collect();
+        let features = self.parts.image_features(&Tensor::cat(&real, 0));
+        features.split_with_sizes(&patches, 0).iter().zip(&layouts).map(|(f, layout)| self.pack(f, layout)).collect()
+    }
+}
+
+impl LlavaNext {
+    /// HF's `pack_image_features` for one image: base tokens first, then the grid's features arranged
+    /// spatially, unpadded, with `image_newline` after every row.
+    fn pack(&self, features: &Tensor, layout: &AnyresLayout) -> Result<Tensor> {
+        let (_, tokens, hidden) = features.size3()?;
+        let side = (tokens as f64).sqrt().round() as i64;
+        let base = features.get(0);
+        let (grid_h, grid_w) = layout.grid;
+        let grid = features
+            .narrow(0, 1, grid_h * grid_w)
+            .narrow(1, tokens - side * side, side * side) // CLS, if kept, is not part of the grid
+            .view([grid_h, grid_w, side, side, hidden])
+            .permute([4, 0, 2, 1, 3])
+            .reshape([hidden, grid_h * side, grid_w * side])
+            .narrow(1, layout.top, layout.rows)
+            .narrow(2, layout.left, layout.columns);
+        let newline = self.image_newline.to_kind(grid.kind()).view([hidden, 1, 1]).expand([hidden, layout.rows, 1], false);
+        let rows = Tensor::cat(&[grid, newline], 2).flatten(1, 2).transpose(0, 1);
+        let packed = Tensor::cat(&[base, rows], 0);
+        if packed.size()[0] as usize != layout.tokens() {
+            return Err(Error::Registry(format!(
+                "LLaVA-NeXT packed {} rows but anyres_layout() says {}",
+                packed.size()[0],
+                layout.tokens()
+            )));
+        }
+        Ok(packed)
+    }
+}
+
+impl_multimodal_model_via_parts!(LlavaNext);
