@@ -13,7 +13,10 @@ fn main() {
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    if std::path::Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
+    if std::path::Path::new(&lib_dir)
+        .join("libtorch_cuda.so")
+        .exists()
+    {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
     }
     println!("cargo:rustc-link-arg=-ltorch");

@@ -7,7 +7,8 @@ use clap::Args;
 use mmreg_core::generate::{self, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry, SamplingParams, Weights,
+    ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
+    SamplingParams, Weights,
 };
 use tch::Tensor;
 
@@ -22,7 +23,11 @@ pub fn models() -> Result<()> {
             "{}  ({})  modalities: {}",
             model.architectures().join(", "),
             model.id.path,
-            if modalities.is_empty() { "none".into() } else { modalities.join(", ") }
+            if modalities.is_empty() {
+                "none".into()
+            } else {
+                modalities.join(", ")
+            }
         );
         for registration in model.registrations() {
             println!(
@@ -54,7 +59,12 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     println!("model:         {}", entry.id.path);
     println!("architectures: {}", entry.architectures().join(", "));
     for registration in entry.registrations() {
-        println!("{:<24} {:<36} {}", registration.hook.describe(), registration.hook.function(), registration.location);
+        println!(
+            "{:<24} {:<36} {}",
+            registration.hook.describe(),
+            registration.hook.function(),
+            registration.location
+        );
         if let mmreg_core::registry::Hook::InputMapper { params, .. } = &registration.hook {
             println!("{:<24} forward parameters: {}", "", params.join(", "));
         }
@@ -95,9 +105,15 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     for entry in entries {
         let report = mmreg_core::check::check_model(entry, &ctx, args.seq_len, model.as_deref())
             .with_context(|| format!("checking {}", entry.id.path))?;
-        println!("ok  {}  dummy prompt: {} tokens", entry.id.path, report.prompt_tokens);
+        println!(
+            "ok  {}  dummy prompt: {} tokens",
+            entry.id.path, report.prompt_tokens
+        );
         for m in report.modalities {
-            println!("    {}: max {} tokens per item, dummy items {:?}, mapped {:?}", m.modality, m.max_tokens, m.dummy_item_tokens, m.mapped);
+            println!(
+                "    {}: max {} tokens per item, dummy items {:?}, mapped {:?}",
+                m.modality, m.max_tokens, m.dummy_item_tokens, m.mapped
+            );
         }
     }
     Ok(())
@@ -129,12 +145,21 @@ pub fn preprocess(args: &PreprocessArgs) -> Result<()> {
     let ctx = ModelContext::from_dir(&args.prompt.model)?;
     let entry = Registry::global().for_context(&ctx)?;
     let prepared = prepare(entry, &ctx, &args.prompt, usize::MAX)?;
-    let ids: Vec<i64> = prepared.processed.token_ids.iter().map(|&t| t as i64).collect();
-    let mut tensors = vec![("input_ids".to_owned(), Tensor::from_slice(&ids).unsqueeze(0))];
+    let ids: Vec<i64> = prepared
+        .processed
+        .token_ids
+        .iter()
+        .map(|&t| t as i64)
+        .collect();
+    let mut tensors = vec![(
+        "input_ids".to_owned(),
+        Tensor::from_slice(&ids).unsqueeze(0),
+    )];
     for (_, mapped) in prepared.mapped {
         tensors.extend(mapped.0);
     }
-    Tensor::write_safetensors(&tensors, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    Tensor::write_safetensors(&tensors, &args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
     for (name, tensor) in &tensors {
         println!("{name}: {:?} {:?}", tensor.kind(), tensor.size());
     }
@@ -174,10 +199,16 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let options = LoadOptions { device: generate::parse_device(&args.device)?, dtype: generate::parse_dtype(&args.dtype)? };
+    let options = LoadOptions {
+        device: generate::parse_device(&args.device)?,
+        dtype: generate::parse_dtype(&args.dtype)?,
+    };
     if let tch::Device::Cuda(_) = options.device {
         if !tch::Cuda::is_available() {
-            bail!("--device {}: CUDA is not available on this machine", args.device);
+            bail!(
+                "--device {}: CUDA is not available on this machine",
+                args.device
+            );
         }
     }
     let ctx = ModelContext::from_dir(&args.prompt.model)?;
@@ -198,7 +229,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     }
     let generation = generate::generate(entry, model.as_ref(), prepared, &params)?;
     let text = match ctx.tokenizer() {
-        Ok(tokenizer) => tokenizer.decode(&generation.token_ids, true).map_err(anyhow::Error::msg)?,
+        Ok(tokenizer) => tokenizer
+            .decode(&generation.token_ids, true)
+            .map_err(anyhow::Error::msg)?,
         Err(_) => String::new(),
     };
     if args.json {
@@ -230,18 +263,35 @@ fn load(
     Ok(entry.load(ctx, &weights, options)?)
 }
 
-fn prepare(entry: &ModelEntry, ctx: &ModelContext, args: &PromptArgs, max_len: usize) -> Result<PreparedInputs> {
-    let images = args.images.iter().map(ImageInput::open).collect::<mmreg_core::Result<Vec<_>>>()?;
-    let inputs = ProcessorInputs { prompt: Prompt::Text(args.prompt.clone()), multimodal: MultiModalData::with_images(images) };
+fn prepare(
+    entry: &ModelEntry,
+    ctx: &ModelContext,
+    args: &PromptArgs,
+    max_len: usize,
+) -> Result<PreparedInputs> {
+    let images = args
+        .images
+        .iter()
+        .map(ImageInput::open)
+        .collect::<mmreg_core::Result<Vec<_>>>()?;
+    let inputs = ProcessorInputs {
+        prompt: Prompt::Text(args.prompt.clone()),
+        multimodal: MultiModalData::with_images(images),
+    };
     Ok(generate::prepare(entry, ctx, inputs, max_len)?)
 }
 
 /// `eos_token_id` from config.json (top level or `text_config`), as HF's generation would stop on.
 fn eos_token_id(ctx: &ModelContext) -> Option<u32> {
     let config = ctx.config_json();
-    [config.get("eos_token_id"), config.get("text_config").and_then(|t| t.get("eos_token_id"))]
-        .into_iter()
-        .flatten()
-        .find_map(|v| v.as_u64())
-        .map(|v| v as u32)
+    [
+        config.get("eos_token_id"),
+        config
+            .get("text_config")
+            .and_then(|t| t.get("eos_token_id")),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|v| v.as_u64())
+    .map(|v| v as u32)
 }

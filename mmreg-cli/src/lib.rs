@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 #[derive(Debug, Parser)]
-#[command(name = "mmreg", version, about = "Multimodal models on libtorch: list, inspect, check, preprocess, generate")]
+#[command(
+    name = "mmreg",
+    version,
+    about = "Multimodal models on libtorch: list, inspect, check, preprocess, generate"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -10,8 +10,16 @@ fn repo() -> PathBuf {
 }
 
 fn mmreg(args: &[&str]) -> Output {
-    let output = Command::new(env!("CARGO_BIN_EXE_mmreg")).args(args).current_dir(repo()).output().expect("runs");
-    assert!(output.status.success(), "mmreg {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(env!("CARGO_BIN_EXE_mmreg"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "mmreg {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     output
 }
 
@@ -20,9 +28,23 @@ const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
 #[test]
 fn models_lists_llava_with_source_locations() {
     let stdout = String::from_utf8(mmreg(&["models"]).stdout).expect("utf-8");
-    assert!(stdout.starts_with("LlavaForConditionalGeneration  (mmreg_models::llava::Llava)  modalities: image"), "{stdout}");
-    for hook in ["model", "input mapper (image)", "max tokens (image)", "dummy data", "input processor"] {
-        let line = stdout.lines().find(|l| l.trim_start().starts_with(hook)).unwrap_or_else(|| panic!("{hook}: {stdout}"));
+    assert!(
+        stdout.starts_with(
+            "LlavaForConditionalGeneration  (mmreg_models::llava::Llava)  modalities: image"
+        ),
+        "{stdout}"
+    );
+    for hook in [
+        "model",
+        "input mapper (image)",
+        "max tokens (image)",
+        "dummy data",
+        "input processor",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(hook))
+            .unwrap_or_else(|| panic!("{hook}: {stdout}"));
         assert!(line.contains("mmreg-models/src/llava.rs:"), "{line}");
     }
     assert!(!stdout.contains("problem:"), "{stdout}");
@@ -31,11 +53,25 @@ fn models_lists_llava_with_source_locations() {
 #[test]
 fn check_passes_on_the_tiny_checkpoint() {
     let stdout = String::from_utf8(
-        mmreg(&["check", "LlavaForConditionalGeneration", "--model-dir", "fixtures/llava-tiny-real", "--seq-len", "600"]).stdout,
+        mmreg(&[
+            "check",
+            "LlavaForConditionalGeneration",
+            "--model-dir",
+            "fixtures/llava-tiny-real",
+            "--seq-len",
+            "600",
+        ])
+        .stdout,
     )
     .expect("utf-8");
-    assert!(stdout.contains("ok  mmreg_models::llava::Llava  dummy prompt: 600 tokens"), "{stdout}");
-    assert!(stdout.contains("image: max 576 tokens per item, dummy items [576]"), "{stdout}");
+    assert!(
+        stdout.contains("ok  mmreg_models::llava::Llava  dummy prompt: 600 tokens"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("image: max 576 tokens per item, dummy items [576]"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -43,26 +79,72 @@ fn preprocess_writes_what_the_model_is_fed() {
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("inputs.safetensors");
     let image = "fixtures/llava-tiny-real/images/a_300x200.png";
-    mmreg(&["preprocess", "--model", "fixtures/llava-tiny-real", "--prompt", PROMPT, "--image", image, "--out", out.to_str().expect("path")]);
+    mmreg(&[
+        "preprocess",
+        "--model",
+        "fixtures/llava-tiny-real",
+        "--prompt",
+        PROMPT,
+        "--image",
+        image,
+        "--out",
+        out.to_str().expect("path"),
+    ]);
     let tensors = Tensor::read_safetensors(&out).expect("readable");
-    let get = |name: &str| &tensors.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1;
+    let get = |name: &str| {
+        &tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .1
+    };
     let ids = get("input_ids");
     assert_eq!(ids.kind(), tch::Kind::Int64);
     assert_eq!(ids.eq(32000).sum(tch::Kind::Int64).int64_value(&[]), 576);
     let pixels = get("pixel_values");
-    assert_eq!((pixels.kind(), pixels.size()), (tch::Kind::Float, vec![1, 3, 336, 336]));
-    let golden = Tensor::read_safetensors(repo().join("fixtures/llava-tiny-real/golden.safetensors")).expect("golden");
-    let golden_ids = &golden.iter().find(|(n, _)| n == "one_image.input_ids").expect("ids").1;
+    assert_eq!(
+        (pixels.kind(), pixels.size()),
+        (tch::Kind::Float, vec![1, 3, 336, 336])
+    );
+    let golden =
+        Tensor::read_safetensors(repo().join("fixtures/llava-tiny-real/golden.safetensors"))
+            .expect("golden");
+    let golden_ids = &golden
+        .iter()
+        .find(|(n, _)| n == "one_image.input_ids")
+        .expect("ids")
+        .1;
     assert!(ids.equal(golden_ids));
 }
 
 #[test]
 fn generate_json_prints_text_and_generated_token_ids() {
     let image = "fixtures/llava-tiny-real/images/a_300x200.png";
-    let output = mmreg(&["generate", "--model", "fixtures/llava-tiny-real", "--image", image, "--prompt", PROMPT, "--max-tokens", "5", "--json", "--ignore-eos"]);
+    let output = mmreg(&[
+        "generate",
+        "--model",
+        "fixtures/llava-tiny-real",
+        "--image",
+        image,
+        "--prompt",
+        PROMPT,
+        "--max-tokens",
+        "5",
+        "--json",
+        "--ignore-eos",
+    ]);
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
-    let ids: Vec<u64> = json["token_ids"].as_array().expect("token_ids").iter().filter_map(|v| v.as_u64()).collect();
-    assert_eq!(ids, vec![23181, 30600, 17302, 17816, 27764], "HF's first greedy tokens");
+    let ids: Vec<u64> = json["token_ids"]
+        .as_array()
+        .expect("token_ids")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![23181, 30600, 17302, 17816, 27764],
+        "HF's first greedy tokens"
+    );
     assert!(json["text"].as_str().is_some_and(|t| !t.is_empty()));
 }
 
@@ -72,11 +154,22 @@ fn bad_image_is_a_clear_error() {
     let bad = dir.path().join("broken.png");
     std::fs::write(&bad, b"\x89PNG\r\n\x1a\nnot really").expect("write");
     let output = Command::new(env!("CARGO_BIN_EXE_mmreg"))
-        .args(["generate", "--model", "fixtures/llava-tiny-real", "--image", bad.to_str().expect("path"), "--prompt", PROMPT])
+        .args([
+            "generate",
+            "--model",
+            "fixtures/llava-tiny-real",
+            "--image",
+            bad.to_str().expect("path"),
+            "--prompt",
+            PROMPT,
+        ])
         .current_dir(repo())
         .output()
         .expect("runs");
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.starts_with("error: ") && stderr.contains("broken.png"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("broken.png"),
+        "{stderr}"
+    );
 }

@@ -26,18 +26,31 @@ pub fn paged_attention(
         let heads_first = |t: Tensor| t.transpose(0, 1).unsqueeze(0);
         let q = heads_first(query.narrow(0, seq.start, seq.len));
         let (k, v) = if seq.context == 0 {
-            (key.narrow(0, seq.start, seq.len), value.narrow(0, seq.start, seq.len))
+            (
+                key.narrow(0, seq.start, seq.len),
+                value.narrow(0, seq.start, seq.len),
+            )
         } else {
             cache.gather(layer, &seq.slots)?
         };
         let (k, v) = (heads_first(k), heads_first(v));
         let out = if seq.context == 0 || seq.len == 1 {
             // A fresh prompt is plainly causal; one new token sees everything cached.
-            Tensor::f_scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, seq.context == 0 && seq.len > 1, scale, gqa)?
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                seq.context == 0 && seq.len > 1,
+                scale,
+                gqa,
+            )?
         } else {
             // Several new tokens after cached ones: causal mask aligned to the bottom right.
             let total = seq.context + seq.len;
-            let mask = Tensor::ones([seq.len, total], (Kind::Bool, query.device())).tril(seq.context);
+            let mask =
+                Tensor::ones([seq.len, total], (Kind::Bool, query.device())).tril(seq.context);
             Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, gqa)?
         };
         outputs.push(out.squeeze_dim(0).transpose(0, 1));

@@ -37,17 +37,32 @@ pub fn check_model(
     for &modality in &modalities {
         counts.set(modality, 1);
     }
-    let dummy = entry.dummy_data(ctx, &DummyRequest { seq_len, counts: counts.clone() })?;
+    let dummy = entry.dummy_data(
+        ctx,
+        &DummyRequest {
+            seq_len,
+            counts: counts.clone(),
+        },
+    )?;
     let given = dummy.multimodal.counts();
     if given != counts {
-        return Err(fail(entry, format!("dummy data has items {:?} but {:?} were asked for", given.0, counts.0)));
+        return Err(fail(
+            entry,
+            format!(
+                "dummy data has items {:?} but {:?} were asked for",
+                given.0, counts.0
+            ),
+        ));
     }
     // `process` verifies each placeholder range against the model's token-count function.
     let processed = entry.process(ctx, dummy)?;
     if processed.token_ids.len() > seq_len {
         return Err(fail(
             entry,
-            format!("dummy data is {} tokens after processing, over the {seq_len} asked for", processed.token_ids.len()),
+            format!(
+                "dummy data is {} tokens after processing, over the {seq_len} asked for",
+                processed.token_ids.len()
+            ),
         ));
     }
     let mut reports = Vec::new();
@@ -58,22 +73,46 @@ pub fn check_model(
             return Err(fail(entry, format!("a dummy {modality} item takes {over} tokens, over the registered max {max_tokens}")));
         }
         let mapped = entry.map(ctx, modality, &processed.multimodal)?;
-        let params = match entry.modalities.get(&modality).and_then(|e| e.mapper).map(|r| &r.hook) {
+        let params = match entry
+            .modalities
+            .get(&modality)
+            .and_then(|e| e.mapper)
+            .map(|r| &r.hook)
+        {
             Some(Hook::InputMapper { params, .. }) => *params,
             _ => &[],
         };
         for param in params {
             if !mapped.names().any(|n| n == *param) {
-                return Err(fail(entry, format!("{modality}: the input mapper did not produce forward parameter `{param}`")));
+                return Err(fail(
+                    entry,
+                    format!(
+                        "{modality}: the input mapper did not produce forward parameter `{param}`"
+                    ),
+                ));
             }
         }
         if let Some(extra) = mapped.names().find(|n| !params.contains(n)) {
-            return Err(fail(entry, format!("{modality}: the input mapper produced `{extra}`, which forward does not take")));
+            return Err(fail(
+                entry,
+                format!(
+                    "{modality}: the input mapper produced `{extra}`, which forward does not take"
+                ),
+            ));
         }
-        let shapes = mapped.iter().map(|(name, t)| (name.to_owned(), t.size())).collect();
+        let shapes = mapped
+            .iter()
+            .map(|(name, t)| (name.to_owned(), t.size()))
+            .collect();
         if let Some(model) = model {
             let device = model.device();
-            let on_device = crate::TensorMap(mapped.0.into_iter().map(|(k, t)| (k, t.to_device(device))).collect());
+            let on_device = crate::TensorMap(
+                mapped
+                    .0
+                    .into_iter()
+                    .map(|(k, t)| (k, t.to_device(device)))
+                    .collect(),
+            );
             let rows: Vec<usize> = entry
                 .embed(model, modality, on_device)?
                 .iter()
@@ -83,9 +122,18 @@ pub fn check_model(
                 return Err(fail(entry, format!("{modality}: the model's embedding has {rows:?} rows for {item_tokens:?} placeholders")));
             }
         }
-        reports.push(ModalityReport { modality, max_tokens, dummy_item_tokens: item_tokens, mapped: shapes });
+        reports.push(ModalityReport {
+            modality,
+            max_tokens,
+            dummy_item_tokens: item_tokens,
+            mapped: shapes,
+        });
     }
-    Ok(CheckReport { seq_len, prompt_tokens: processed.token_ids.len(), modalities: reports })
+    Ok(CheckReport {
+        seq_len,
+        prompt_tokens: processed.token_ids.len(),
+        modalities: reports,
+    })
 }
 
 fn fail(entry: &ModelEntry, message: String) -> Error {

@@ -10,6 +10,9 @@ use tokenizers::Tokenizer;
 
 use crate::{Error, Result};
 
+/// Typed configs already parsed, keyed by type and file.
+type ParsedConfigs = HashMap<(TypeId, &'static str), Arc<dyn Any + Send + Sync>>;
+
 /// Model config (`config.json`), processor config (`preprocessor_config.json`) and tokenizer of one checkpoint.
 ///
 /// Registered functions read typed configs with [`ModelContext::config`], which parses once per type and
@@ -19,7 +22,7 @@ pub struct ModelContext {
     config_json: serde_json::Value,
     processor_config_json: serde_json::Value,
     tokenizer: Option<Arc<Tokenizer>>,
-    parsed: Mutex<HashMap<(TypeId, &'static str), Arc<dyn Any + Send + Sync>>>,
+    parsed: Mutex<ParsedConfigs>,
 }
 
 impl std::fmt::Debug for ModelContext {
@@ -48,11 +51,19 @@ impl ModelContext {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            return Err(Error::config(dir.display().to_string(), "not a checkpoint directory"));
+            return Err(Error::config(
+                dir.display().to_string(),
+                "not a checkpoint directory",
+            ));
         }
-        let config = read_json(&dir.join("config.json"))?
-            .ok_or_else(|| Error::config(dir.join("config.json").display().to_string(), "file not found"))?;
-        let processor_config = read_json(&dir.join("preprocessor_config.json"))?.unwrap_or_default();
+        let config = read_json(&dir.join("config.json"))?.ok_or_else(|| {
+            Error::config(
+                dir.join("config.json").display().to_string(),
+                "file not found",
+            )
+        })?;
+        let processor_config =
+            read_json(&dir.join("preprocessor_config.json"))?.unwrap_or_default();
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.exists() {
             let tokenizer = Tokenizer::from_file(&tokenizer_path)
@@ -93,15 +104,26 @@ impl ModelContext {
         self.config_json
             .get("architectures")
             .and_then(|a| a.as_array())
-            .map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_owned)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     /// The tokenizer, or an error saying the checkpoint has none.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_deref().ok_or_else(|| {
-            let dir = self.dir.as_deref().map(|d| d.display().to_string()).unwrap_or_else(|| "<no checkpoint>".into());
-            Error::config(dir, "no tokenizer.json: give the prompt as token ids or add a tokenizer")
+            let dir = self
+                .dir
+                .as_deref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_else(|| "<no checkpoint>".into());
+            Error::config(
+                dir,
+                "no tokenizer.json: give the prompt as token ids or add a tokenizer",
+            )
         })
     }
 

@@ -64,10 +64,16 @@ pub enum Error {
 
 impl Error {
     pub fn bad_input(input: impl Into<String>, reason: impl std::fmt::Display) -> Self {
-        Error::BadInput { input: input.into(), reason: reason.to_string() }
+        Error::BadInput {
+            input: input.into(),
+            reason: reason.to_string(),
+        }
     }
 
     pub fn config(file: impl Into<String>, reason: impl std::fmt::Display) -> Self {
-        Error::Config { file: file.into(), reason: reason.to_string() }
+        Error::Config {
+            file: file.into(),
+            reason: reason.to_string(),
+        }
     }
 }

@@ -19,13 +19,21 @@ pub struct PreparedInputs {
 }
 
 /// Runs the input processor and the input mappers.
-pub fn prepare(entry: &ModelEntry, ctx: &ModelContext, inputs: ProcessorInputs, max_len: usize) -> Result<PreparedInputs> {
+pub fn prepare(
+    entry: &ModelEntry,
+    ctx: &ModelContext,
+    inputs: ProcessorInputs,
+    max_len: usize,
+) -> Result<PreparedInputs> {
     let processed = entry.process(ctx, inputs)?;
     if processed.token_ids.is_empty() {
         return Err(Error::EmptyPrompt);
     }
     if processed.token_ids.len() > max_len {
-        return Err(Error::PromptTooLong { len: processed.token_ids.len(), max: max_len });
+        return Err(Error::PromptTooLong {
+            len: processed.token_ids.len(),
+            max: max_len,
+        });
     }
     let mut mapped = Vec::new();
     for modality in entry.modalities() {
@@ -37,15 +45,35 @@ pub fn prepare(entry: &ModelEntry, ctx: &ModelContext, inputs: ProcessorInputs, 
 }
 
 /// Token embeddings `[len, hidden]` with every item's features written over its placeholders.
-pub fn embed_prompt(entry: &ModelEntry, model: &dyn MultiModalModel, prepared: PreparedInputs) -> Result<Tensor> {
+pub fn embed_prompt(
+    entry: &ModelEntry,
+    model: &dyn MultiModalModel,
+    prepared: PreparedInputs,
+) -> Result<Tensor> {
     let device = model.device();
-    let ids: Vec<i64> = prepared.processed.token_ids.iter().map(|&t| t as i64).collect();
+    let ids: Vec<i64> = prepared
+        .processed
+        .token_ids
+        .iter()
+        .map(|&t| t as i64)
+        .collect();
     let ids = Tensor::from_slice(&ids).to_device(device);
     let embeds = model.embed_tokens(&ids)?;
     for (modality, tensors) in prepared.mapped {
-        let tensors = TensorMap(tensors.0.into_iter().map(|(k, t)| (k, t.to_device(device))).collect());
+        let tensors = TensorMap(
+            tensors
+                .0
+                .into_iter()
+                .map(|(k, t)| (k, t.to_device(device)))
+                .collect(),
+        );
         let features = entry.embed(model, modality, tensors)?;
-        let mut ranges: Vec<_> = prepared.processed.placeholders.iter().filter(|r| r.modality == modality).collect();
+        let mut ranges: Vec<_> = prepared
+            .processed
+            .placeholders
+            .iter()
+            .filter(|r| r.modality == modality)
+            .collect();
         ranges.sort_by_key(|r| r.item);
         if features.len() != ranges.len() {
             return Err(Error::Registry(format!(
@@ -67,7 +95,9 @@ pub fn embed_prompt(entry: &ModelEntry, model: &dyn MultiModalModel, prepared: P
                     expected: range.length,
                 });
             }
-            embeds.narrow(0, range.offset as i64, range.length as i64).f_copy_(&feature.to_kind(embeds.kind()))?;
+            embeds
+                .narrow(0, range.offset as i64, range.length as i64)
+                .f_copy_(&feature.to_kind(embeds.kind()))?;
         }
     }
     Ok(embeds)
@@ -90,7 +120,12 @@ const BLOCK_SIZE: usize = 16;
 /// A cache with room for one sequence of `tokens` tokens, and its blocks.
 fn private_cache(model: &dyn MultiModalModel, tokens: usize) -> Result<(PagedKvCache, Vec<u32>)> {
     let mut allocator = BlockAllocator::new(tokens.div_ceil(BLOCK_SIZE), BLOCK_SIZE);
-    let cache = PagedKvCache::new(model.kv_cache_spec(), allocator.total_blocks(), BLOCK_SIZE, model.device())?;
+    let cache = PagedKvCache::new(
+        model.kv_cache_spec(),
+        allocator.total_blocks(),
+        BLOCK_SIZE,
+        model.device(),
+    )?;
     let mut blocks = Vec::new();
     allocator.grow(&mut blocks, tokens);
     Ok((cache, blocks))
@@ -141,7 +176,11 @@ pub fn generate(
         let batch = attention_batch(&[(&blocks, len - 1, 1)], BLOCK_SIZE, true, device)?;
         logits = model.forward(&next, &batch, &mut cache)?;
     }
-    Ok(Generation { token_ids: generated, prompt_len, top_tokens })
+    Ok(Generation {
+        token_ids: generated,
+        prompt_len,
+        top_tokens,
+    })
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -153,7 +192,12 @@ pub fn parse_device(text: &str) -> Result<Device> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
             .map(Device::Cuda)
-            .ok_or_else(|| Error::config("--device", format!("`{text}`: expected cpu, cuda or cuda:N"))),
+            .ok_or_else(|| {
+                Error::config(
+                    "--device",
+                    format!("`{text}`: expected cpu, cuda or cuda:N"),
+                )
+            }),
     }
 }
 
@@ -163,6 +207,9 @@ pub fn parse_dtype(text: &str) -> Result<Kind> {
         "f32" | "float32" => Ok(Kind::Float),
         "bf16" | "bfloat16" => Ok(Kind::BFloat16),
         "f16" | "float16" => Ok(Kind::Half),
-        _ => Err(Error::config("--dtype", format!("`{text}`: expected f32, bf16 or f16"))),
+        _ => Err(Error::config(
+            "--dtype",
+            format!("`{text}`: expected f32, bf16 or f16"),
+        )),
     }
 }

@@ -25,7 +25,10 @@ pub struct ImageInput {
 
 impl ImageInput {
     pub fn new(name: impl Into<Arc<str>>, image: DynamicImage) -> Self {
-        Self { name: name.into(), image }
+        Self {
+            name: name.into(),
+            image,
+        }
     }
 
     /// Decodes an image file, with a clear error that names the file.
@@ -47,7 +50,10 @@ impl ImageInput {
     }
 
     pub fn size(&self) -> ImageSize {
-        ImageSize { width: self.image.width(), height: self.image.height() }
+        ImageSize {
+            width: self.image.width(),
+            height: self.image.height(),
+        }
     }
 }
 
@@ -147,7 +153,11 @@ pub struct ProcessedInputs {
 impl ProcessedInputs {
     /// Placeholder lengths for one modality, in item order.
     pub fn placeholder_lengths(&self, modality: Modality) -> Vec<usize> {
-        let mut ranges: Vec<_> = self.placeholders.iter().filter(|r| r.modality == modality).collect();
+        let mut ranges: Vec<_> = self
+            .placeholders
+            .iter()
+            .filter(|r| r.modality == modality)
+            .collect();
         ranges.sort_by_key(|r| r.item);
         ranges.iter().map(|r| r.length).collect()
     }

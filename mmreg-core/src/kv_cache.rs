@@ -32,15 +32,29 @@ pub struct PagedKvCache {
 }
 
 impl PagedKvCache {
-    pub fn new(spec: KvCacheSpec, num_blocks: usize, block_size: usize, device: Device) -> Result<Self> {
-        let shape = [(num_blocks * block_size) as i64, spec.kv_heads, spec.head_dim];
+    pub fn new(
+        spec: KvCacheSpec,
+        num_blocks: usize,
+        block_size: usize,
+        device: Device,
+    ) -> Result<Self> {
+        let shape = [
+            (num_blocks * block_size) as i64,
+            spec.kv_heads,
+            spec.head_dim,
+        ];
         let mut keys = Vec::with_capacity(spec.layers);
         let mut values = Vec::with_capacity(spec.layers);
         for _ in 0..spec.layers {
             keys.push(Tensor::f_zeros(shape, (spec.kind, device))?);
             values.push(Tensor::f_zeros(shape, (spec.kind, device))?);
         }
-        Ok(Self { keys, values, block_size, num_blocks })
+        Ok(Self {
+            keys,
+            values,
+            block_size,
+            num_blocks,
+        })
     }
 
     pub fn block_size(&self) -> usize {
@@ -52,7 +66,13 @@ impl PagedKvCache {
     }
 
     /// Stores a layer's new keys and values `[tokens, kv_heads, head_dim]` at `slots` `[tokens]`.
-    pub fn write(&mut self, layer: usize, key: &Tensor, value: &Tensor, slots: &Tensor) -> Result<()> {
+    pub fn write(
+        &mut self,
+        layer: usize,
+        key: &Tensor,
+        value: &Tensor,
+        slots: &Tensor,
+    ) -> Result<()> {
         let _ = self.keys[layer].f_index_copy_(0, slots, key)?;
         let _ = self.values[layer].f_index_copy_(0, slots, value)?;
         Ok(())
@@ -60,7 +80,10 @@ impl PagedKvCache {
 
     /// A sequence's keys and values `[len, kv_heads, head_dim]` from its slots `[len]`.
     pub fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.keys[layer].f_index_select(0, slots)?, self.values[layer].f_index_select(0, slots)?))
+        Ok((
+            self.keys[layer].f_index_select(0, slots)?,
+            self.values[layer].f_index_select(0, slots)?,
+        ))
     }
 }
 
@@ -74,7 +97,11 @@ pub struct BlockAllocator {
 
 impl BlockAllocator {
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        Self { free: (0..num_blocks as u32).rev().collect(), block_size, total: num_blocks }
+        Self {
+            free: (0..num_blocks as u32).rev().collect(),
+            block_size,
+            total: num_blocks,
+        }
     }
 
     pub fn block_size(&self) -> usize {
@@ -133,7 +160,9 @@ pub struct AttentionBatch {
 
 /// Cache slots of tokens `0..len` of a sequence that owns `blocks`.
 pub fn slots(blocks: &[u32], block_size: usize, range: std::ops::Range<usize>) -> Vec<i64> {
-    range.map(|i| blocks[i / block_size] as i64 * block_size as i64 + (i % block_size) as i64).collect()
+    range
+        .map(|i| blocks[i / block_size] as i64 * block_size as i64 + (i % block_size) as i64)
+        .collect()
 }
 
 /// Builds the batch description for sequences `(blocks, context, new tokens)` packed in order.
@@ -172,6 +201,7 @@ pub fn attention_batch(
         positions: Tensor::from_slice(&positions).to_device(device),
         new_slots: Tensor::from_slice(&new_slots).to_device(device),
         sequences: slices,
-        logits_indices: last_token_logits.then(|| Tensor::from_slice(&logits_rows).to_device(device)),
+        logits_indices: last_token_logits
+            .then(|| Tensor::from_slice(&logits_rows).to_device(device)),
     })
 }

@@ -7,12 +7,12 @@
 
 extern crate self as mmreg_core;
 
+pub mod attention;
 pub mod check;
 mod context;
 mod error;
 pub mod generate;
 mod inputs;
-pub mod attention;
 pub mod kv_cache;
 mod modality;
 pub mod model;
@@ -29,17 +29,20 @@ pub mod __private;
 pub use context::ModelContext;
 pub use error::{Error, Result};
 pub use inputs::{
-    DummyRequest, ImageInput, ImageSize, ModalityCounts, MultiModalData, MultiModalItem, PlaceholderRange,
-    ProcessedInputs, ProcessorInputs, Prompt,
+    DummyRequest, ImageInput, ImageSize, ModalityCounts, MultiModalData, MultiModalItem,
+    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt,
 };
 pub use kv_cache::{AttentionBatch, KvCacheSpec, PagedKvCache};
 pub use modality::Modality;
-pub use model::{Image, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality, SupportsVision};
+pub use model::{
+    Image, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality, SupportsVision,
+};
 pub use registry::Registry;
 pub use sampling::SamplingParams;
 pub use tensors::{AnyresPixelValues, ModalityInputs, PixelValues, TensorMap};
 pub use weights::Weights;
 
 pub use mmreg_macros::{
-    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
+    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
+    register_model,
 };

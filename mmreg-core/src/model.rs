@@ -7,9 +7,9 @@ use std::any::Any;
 use tch::{Device, Kind, Tensor};
 
 use crate::inputs::{ImageInput, ImageSize, MultiModalData};
+use crate::kv_cache::{AttentionBatch, KvCacheSpec, PagedKvCache};
 use crate::tensors::ModalityInputs;
 use crate::weights::Weights;
-use crate::kv_cache::{AttentionBatch, KvCacheSpec, PagedKvCache};
 use crate::{Modality, ModelContext, Result};
 
 /// Lets the registry's generated glue recover a model's concrete type from `&dyn MultiModalModel`.
@@ -32,7 +32,10 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: Kind::Float }
+        Self {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+        }
     }
 }
 
@@ -53,7 +56,12 @@ pub trait MultiModalModel: AsAny + Send {
     /// Runs the decoder over `[tokens, hidden]` embeddings laid out as `batch` describes, writes their
     /// keys and values to `cache`, and returns the logits of `batch.logits_indices` (all rows if none):
     /// `[rows, vocab]`.
-    fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor>;
+    fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        batch: &AttentionBatch,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor>;
 
     /// What the KV cache holds per token for this model.
     fn kv_cache_spec(&self) -> KvCacheSpec;

@@ -17,7 +17,11 @@ use crate::{Error, ModelContext, Result, TensorMap};
 pub type MapperOf<M, K> =
     fn(&ModelContext, &[<K as ModalityKind>::Item]) -> Result<<M as SupportsModality<K>>::Inputs>;
 
-pub fn load<M: LoadModel>(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Box<dyn MultiModalModel>> {
+pub fn load<M: LoadModel>(
+    ctx: &ModelContext,
+    weights: &Weights,
+    options: &LoadOptions,
+) -> Result<Box<dyn MultiModalModel>> {
     Ok(Box::new(M::load(ctx, weights, options)?))
 }
 
@@ -38,15 +42,27 @@ where
     Ok(<M::Inputs as DefaultMapper<K>>::map(ctx, K::items(data))?.into_tensors())
 }
 
-pub fn embed<M: SupportsModality<K>, K: ModalityKind>(model: &dyn MultiModalModel, inputs: TensorMap) -> Result<Vec<Tensor>> {
+pub fn embed<M: SupportsModality<K>, K: ModalityKind>(
+    model: &dyn MultiModalModel,
+    inputs: TensorMap,
+) -> Result<Vec<Tensor>> {
     let model = model.as_any().downcast_ref::<M>().ok_or_else(|| {
-        Error::Registry(format!("the loaded model is not a `{}`", std::any::type_name::<M>()))
+        Error::Registry(format!(
+            "the loaded model is not a `{}`",
+            std::any::type_name::<M>()
+        ))
     })?;
     model.embed(M::Inputs::from_tensors(inputs)?)
 }
 
-pub fn count<M: SupportsModality<K>, K: ModalityKind>(ctx: &ModelContext, data: &MultiModalData) -> Result<Vec<usize>> {
-    K::items(data).iter().map(|item| M::num_tokens(ctx, item)).collect()
+pub fn count<M: SupportsModality<K>, K: ModalityKind>(
+    ctx: &ModelContext,
+    data: &MultiModalData,
+) -> Result<Vec<usize>> {
+    K::items(data)
+        .iter()
+        .map(|item| M::num_tokens(ctx, item))
+        .collect()
 }
 
 pub const fn params<M: SupportsModality<K>, K: ModalityKind>() -> &'static [&'static str] {

@@ -18,12 +18,14 @@ pub trait DefaultMapper<K: ModalityKind>: Sized {
 impl DefaultMapper<Image> for PixelValues {
     fn map(ctx: &ModelContext, images: &[ImageInput]) -> Result<Self> {
         let config = ctx.processor_config::<PreprocessorConfig>()?;
-        let processor =
-            ClipImageProcessor::new(&config).map_err(|e| Error::config("preprocessor_config.json", e))?;
+        let processor = ClipImageProcessor::new(&config)
+            .map_err(|e| Error::config("preprocessor_config.json", e))?;
         let mut data = Vec::new();
         let mut shape = None;
         for image in images {
-            let pixels = processor.preprocess(&image.image).map_err(|e| Error::bad_input(&*image.name, e))?;
+            let pixels = processor
+                .preprocess(&image.image)
+                .map_err(|e| Error::bad_input(&*image.name, e))?;
             shape.get_or_insert(pixels.shape);
             data.extend_from_slice(&pixels.data);
         }
@@ -37,20 +39,34 @@ impl DefaultMapper<Image> for PixelValues {
 impl DefaultMapper<Image> for AnyresPixelValues {
     fn map(ctx: &ModelContext, images: &[ImageInput]) -> Result<Self> {
         let config = ctx.processor_config::<PreprocessorConfig>()?;
-        let processor =
-            LlavaNextImageProcessor::new(&config).map_err(|e| Error::config("preprocessor_config.json", e))?;
+        let processor = LlavaNextImageProcessor::new(&config)
+            .map_err(|e| Error::config("preprocessor_config.json", e))?;
         let outputs = images
             .iter()
-            .map(|i| processor.preprocess(&i.image).map_err(|e| Error::bad_input(&*i.name, e)))
+            .map(|i| {
+                processor
+                    .preprocess(&i.image)
+                    .map_err(|e| Error::bad_input(&*i.name, e))
+            })
             .collect::<Result<Vec<_>>>()?;
         // Pad along the patch axis with 0.0 to the largest patch count, as HF batches them.
-        let [_, c, h, w] = outputs.first().map(|o| o.pixel_values.shape).unwrap_or([0, 3, 0, 0]);
-        let max_patches = outputs.iter().map(|o| o.pixel_values.shape[0]).max().unwrap_or(0);
+        let [_, c, h, w] = outputs
+            .first()
+            .map(|o| o.pixel_values.shape)
+            .unwrap_or([0, 3, 0, 0]);
+        let max_patches = outputs
+            .iter()
+            .map(|o| o.pixel_values.shape[0])
+            .max()
+            .unwrap_or(0);
         let mut data = vec![0f32; outputs.len() * max_patches * c * h * w];
         for (chunk, output) in data.chunks_mut(max_patches * c * h * w).zip(&outputs) {
             chunk[..output.pixel_values.data.len()].copy_from_slice(&output.pixel_values.data);
         }
-        let sizes: Vec<i64> = outputs.iter().flat_map(|o| [o.image_size.0 as i64, o.image_size.1 as i64]).collect();
+        let sizes: Vec<i64> = outputs
+            .iter()
+            .flat_map(|o| [o.image_size.0 as i64, o.image_size.1 as i64])
+            .collect();
         let shape = [outputs.len(), max_patches, c, h, w].map(|d| d as i64);
         Ok(AnyresPixelValues {
             pixel_values: Tensor::from_slice(&data).reshape(shape),

@@ -55,7 +55,10 @@ pub struct Registration {
 #[derive(Debug)]
 pub enum Hook {
     /// `#[register_model("Arch", …)]`: the HF `architectures` names and the constructor.
-    Model { architectures: &'static [&'static str], load: LoadFn },
+    Model {
+        architectures: &'static [&'static str],
+        load: LoadFn,
+    },
     /// `#[register_input_mapper(modality [= function])]`, with the glue that the model's types tie to it.
     InputMapper {
         modality: Modality,
@@ -68,11 +71,21 @@ pub enum Hook {
         count: CountFn,
     },
     /// `#[register_max_tokens(modality = function)]`.
-    MaxTokens { modality: Modality, function: &'static str, max_tokens: MaxTokensFn },
+    MaxTokens {
+        modality: Modality,
+        function: &'static str,
+        max_tokens: MaxTokensFn,
+    },
     /// `#[register_dummy_data(function)]`.
-    DummyData { function: &'static str, dummy_data: DummyDataFn },
+    DummyData {
+        function: &'static str,
+        dummy_data: DummyDataFn,
+    },
     /// `#[register_input_processor(function)]`.
-    InputProcessor { function: &'static str, process: InputProcessorFn },
+    InputProcessor {
+        function: &'static str,
+        process: InputProcessorFn,
+    },
 }
 
 impl Hook {
@@ -91,9 +104,11 @@ impl Hook {
     pub fn function(&self) -> String {
         match self {
             Hook::Model { .. } => "LoadModel::load".into(),
-            Hook::InputMapper { function, modality, .. } => {
-                function.map(str::to_owned).unwrap_or_else(|| format!("default {modality} mapper"))
-            }
+            Hook::InputMapper {
+                function, modality, ..
+            } => function
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("default {modality} mapper")),
             Hook::MaxTokens { function, .. }
             | Hook::DummyData { function, .. }
             | Hook::InputProcessor { function, .. } => (*function).to_owned(),
@@ -161,9 +176,19 @@ impl Registry {
         let mut problems = Vec::new();
         // Link order is unspecified: sort so listings and "first registered" are stable.
         let mut sorted: Vec<&'static Registration> = registrations.iter().collect();
-        sorted.sort_by_key(|r| (r.model.path, r.location.file, r.location.line, r.location.column));
+        sorted.sort_by_key(|r| {
+            (
+                r.model.path,
+                r.location.file,
+                r.location.line,
+                r.location.column,
+            )
+        });
         for registration in sorted {
-            let index = match models.iter().position(|m| m.id.path == registration.model.path) {
+            let index = match models
+                .iter()
+                .position(|m| m.id.path == registration.model.path)
+            {
                 Some(index) => index,
                 None => {
                     models.push(ModelEntry {
@@ -179,8 +204,12 @@ impl Registry {
             let entry = &mut models[index];
             let slot = match &registration.hook {
                 Hook::Model { .. } => &mut entry.model,
-                Hook::InputMapper { modality, .. } => &mut entry.modalities.entry(*modality).or_default().mapper,
-                Hook::MaxTokens { modality, .. } => &mut entry.modalities.entry(*modality).or_default().max_tokens,
+                Hook::InputMapper { modality, .. } => {
+                    &mut entry.modalities.entry(*modality).or_default().mapper
+                }
+                Hook::MaxTokens { modality, .. } => {
+                    &mut entry.modalities.entry(*modality).or_default().max_tokens
+                }
                 Hook::DummyData { .. } => &mut entry.dummy_data,
                 Hook::InputProcessor { .. } => &mut entry.input_processor,
             };
@@ -214,17 +243,23 @@ impl Registry {
             return Ok(());
         }
         let list: Vec<String> = self.problems.iter().map(|p| format!("- {p}")).collect();
-        Err(Error::Registry(format!("invalid model registrations:\n{}", list.join("\n"))))
+        Err(Error::Registry(format!(
+            "invalid model registrations:\n{}",
+            list.join("\n")
+        )))
     }
 
     /// The model registered under a Hugging Face `architectures` name.
     pub fn by_architecture(&self, architecture: &str) -> Result<&ModelEntry> {
-        self.models.iter().find(|m| m.architectures().contains(&architecture)).ok_or_else(|| {
-            Error::Registry(format!(
-                "no model is registered for architecture `{architecture}`; registered: {}",
-                self.architectures().join(", ")
-            ))
-        })
+        self.models
+            .iter()
+            .find(|m| m.architectures().contains(&architecture))
+            .ok_or_else(|| {
+                Error::Registry(format!(
+                    "no model is registered for architecture `{architecture}`; registered: {}",
+                    self.architectures().join(", ")
+                ))
+            })
     }
 
     /// The model a checkpoint's config.json names in `architectures`.
@@ -250,13 +285,20 @@ impl Registry {
             .iter()
             .find(|m| m.id.name == key || m.id.path == key || m.architectures().contains(&key))
             .ok_or_else(|| {
-                Error::Registry(format!("no registered model `{key}`; registered: {}", self.architectures().join(", ")))
+                Error::Registry(format!(
+                    "no registered model `{key}`; registered: {}",
+                    self.architectures().join(", ")
+                ))
             })
     }
 
     /// Every registered architecture name, sorted.
     pub fn architectures(&self) -> Vec<&'static str> {
-        let mut names: Vec<_> = self.models.iter().flat_map(|m| m.architectures().iter().copied()).collect();
+        let mut names: Vec<_> = self
+            .models
+            .iter()
+            .flat_map(|m| m.architectures().iter().copied())
+            .collect();
         names.sort_unstable();
         names
     }
@@ -270,8 +312,14 @@ fn architecture_clashes(models: &[ModelEntry]) -> Vec<Problem> {
             if let Some(first) = seen.insert(architecture, model) {
                 problems.push(Problem {
                     model: model.id.path,
-                    message: format!("architecture `{architecture}` is also registered by {}", first.id.path),
-                    locations: [first, model].iter().filter_map(|m| m.model.map(|r| r.location)).collect(),
+                    message: format!(
+                        "architecture `{architecture}` is also registered by {}",
+                        first.id.path
+                    ),
+                    locations: [first, model]
+                        .iter()
+                        .filter_map(|m| m.model.map(|r| r.location))
+                        .collect(),
                 });
             }
         }
@@ -289,28 +337,55 @@ impl ModelEntry {
 
     /// The modalities this model accepts (those with an input mapper).
     pub fn modalities(&self) -> Vec<Modality> {
-        self.modalities.iter().filter(|(_, e)| e.mapper.is_some()).map(|(m, _)| *m).collect()
+        self.modalities
+            .iter()
+            .filter(|(_, e)| e.mapper.is_some())
+            .map(|(m, _)| *m)
+            .collect()
     }
 
     /// Every registration of the model, in a stable order, for listings.
     pub fn registrations(&self) -> Vec<&'static Registration> {
-        let per_modality = self.modalities.values().flat_map(|e| [e.mapper, e.max_tokens]);
-        [self.model].into_iter().chain(per_modality).chain([self.dummy_data, self.input_processor]).flatten().collect()
+        let per_modality = self
+            .modalities
+            .values()
+            .flat_map(|e| [e.mapper, e.max_tokens]);
+        [self.model]
+            .into_iter()
+            .chain(per_modality)
+            .chain([self.dummy_data, self.input_processor])
+            .flatten()
+            .collect()
     }
 
     fn gaps(&self) -> Vec<Problem> {
-        let location: Vec<Location> = self.registrations().iter().take(1).map(|r| r.location).collect();
-        let problem = |message: String| Problem { model: self.id.path, message, locations: location.clone() };
+        let location: Vec<Location> = self
+            .registrations()
+            .iter()
+            .take(1)
+            .map(|r| r.location)
+            .collect();
+        let problem = |message: String| Problem {
+            model: self.id.path,
+            message,
+            locations: location.clone(),
+        };
         let mut problems = Vec::new();
         if self.model.is_none() {
-            problems.push(problem("has registrations but no #[register_model(\"Architecture\")]".into()));
+            problems.push(problem(
+                "has registrations but no #[register_model(\"Architecture\")]".into(),
+            ));
         }
         for (modality, entry) in &self.modalities {
             if entry.mapper.is_none() {
-                problems.push(problem(format!("registers max tokens for {modality} but no input mapper for it")));
+                problems.push(problem(format!(
+                    "registers max tokens for {modality} but no input mapper for it"
+                )));
             }
             if entry.max_tokens.is_none() {
-                problems.push(problem(format!("accepts {modality} but registers no max tokens for it")));
+                problems.push(problem(format!(
+                    "accepts {modality} but registers no max tokens for it"
+                )));
             }
         }
         if !self.modalities.is_empty() {
@@ -318,7 +393,9 @@ impl ModelEntry {
                 problems.push(problem("is multimodal but registers no dummy data".into()));
             }
             if self.input_processor.is_none() {
-                problems.push(problem("is multimodal but registers no input processor".into()));
+                problems.push(problem(
+                    "is multimodal but registers no input processor".into(),
+                ));
             }
         }
         problems
@@ -329,7 +406,12 @@ impl ModelEntry {
     }
 
     /// Builds the model from its checkpoint weights.
-    pub fn load(&self, ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Box<dyn MultiModalModel>> {
+    pub fn load(
+        &self,
+        ctx: &ModelContext,
+        weights: &Weights,
+        options: &LoadOptions,
+    ) -> Result<Box<dyn MultiModalModel>> {
         match self.model.map(|r| &r.hook) {
             Some(Hook::Model { load, .. }) => load(ctx, weights, options),
             _ => Err(self.missing("#[register_model]")),
@@ -346,14 +428,24 @@ impl ModelEntry {
 
     /// The largest number of placeholder tokens one item of `modality` can take.
     pub fn max_tokens(&self, ctx: &ModelContext, modality: Modality) -> Result<usize> {
-        match self.modalities.get(&modality).and_then(|e| e.max_tokens).map(|r| &r.hook) {
+        match self
+            .modalities
+            .get(&modality)
+            .and_then(|e| e.max_tokens)
+            .map(|r| &r.hook)
+        {
             Some(Hook::MaxTokens { max_tokens, .. }) => max_tokens(ctx),
             _ => Err(self.missing(&format!("max tokens for {modality}"))),
         }
     }
 
     /// The model's own count of placeholder tokens for each item of `modality` in `data`.
-    pub fn item_tokens(&self, ctx: &ModelContext, modality: Modality, data: &MultiModalData) -> Result<Vec<usize>> {
+    pub fn item_tokens(
+        &self,
+        ctx: &ModelContext,
+        modality: Modality,
+        data: &MultiModalData,
+    ) -> Result<Vec<usize>> {
         match self.mapper(modality)? {
             Hook::InputMapper { count, .. } => count(ctx, data),
             _ => unreachable!("mapper slots hold input mappers"),
@@ -361,7 +453,12 @@ impl ModelEntry {
     }
 
     /// Maps a prompt's items of `modality` to the forward inputs of the model.
-    pub fn map(&self, ctx: &ModelContext, modality: Modality, data: &MultiModalData) -> Result<TensorMap> {
+    pub fn map(
+        &self,
+        ctx: &ModelContext,
+        modality: Modality,
+        data: &MultiModalData,
+    ) -> Result<TensorMap> {
         match self.mapper(modality)? {
             Hook::InputMapper { map, .. } => map(ctx, data),
             _ => unreachable!("mapper slots hold input mappers"),
@@ -369,7 +466,12 @@ impl ModelEntry {
     }
 
     /// Runs the model's vision (or other modality) path: one `[tokens, hidden]` tensor per item.
-    pub fn embed(&self, model: &dyn MultiModalModel, modality: Modality, inputs: TensorMap) -> Result<Vec<Tensor>> {
+    pub fn embed(
+        &self,
+        model: &dyn MultiModalModel,
+        modality: Modality,
+        inputs: TensorMap,
+    ) -> Result<Vec<Tensor>> {
         match self.mapper(modality)? {
             Hook::InputMapper { embed, .. } => embed(model, inputs),
             _ => unreachable!("mapper slots hold input mappers"),
@@ -377,7 +479,11 @@ impl ModelEntry {
     }
 
     /// The registered dummy data for profiling.
-    pub fn dummy_data(&self, ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
+    pub fn dummy_data(
+        &self,
+        ctx: &ModelContext,
+        request: &DummyRequest,
+    ) -> Result<ProcessorInputs> {
         match self.dummy_data.map(|r| &r.hook) {
             Some(Hook::DummyData { dummy_data, .. }) => dummy_data(ctx, request),
             _ => Err(self.missing("dummy data")),
@@ -387,7 +493,9 @@ impl ModelEntry {
     /// Runs the input processor, then checks its placeholders against the model's token counts, so a
     /// disagreement is an error here rather than a crash when the embeddings are merged.
     pub fn process(&self, ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
-        let Some(Hook::InputProcessor { process, function }) = self.input_processor.map(|r| &r.hook) else {
+        let Some(Hook::InputProcessor { process, function }) =
+            self.input_processor.map(|r| &r.hook)
+        else {
             return Err(self.missing("input processor"));
         };
         let processed = process(ctx, inputs)?;
@@ -415,8 +523,11 @@ impl ModelEntry {
                     expected.len()
                 )));
             }
-            if let Some((item, (&actual, &expected))) =
-                actual.iter().zip(&expected).enumerate().find(|(_, (a, e))| a != e)
+            if let Some((item, (&actual, &expected))) = actual
+                .iter()
+                .zip(&expected)
+                .enumerate()
+                .find(|(_, (a, e))| a != e)
             {
                 return Err(Error::TokenCountMismatch {
                     model: self.id.path.into(),

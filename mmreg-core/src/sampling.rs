@@ -22,7 +22,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { max_tokens: 32, temperature: 0.0, top_p: 1.0, top_k: 0, seed: None, stop_token_ids: Vec::new(), top_logprobs: 0 }
+        Self {
+            max_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: None,
+            stop_token_ids: Vec::new(),
+            top_logprobs: 0,
+        }
     }
 }
 
@@ -42,7 +50,9 @@ impl Sampler {
         if let Some(seed) = params.seed {
             tch::manual_seed(seed as i64);
         }
-        Self { params: params.clone() }
+        Self {
+            params: params.clone(),
+        }
     }
 
     pub fn sample(&mut self, logits: &Tensor) -> Result<Vec<u32>> {
@@ -66,7 +76,10 @@ impl Sampler {
                 let drop = drop_sorted.scatter(-1, &indices, &drop_sorted);
                 scaled = scaled.masked_fill(&drop, f64::NEG_INFINITY);
             }
-            scaled.softmax(-1, Kind::Float).f_multinomial(1, false)?.squeeze_dim(-1)
+            scaled
+                .softmax(-1, Kind::Float)
+                .f_multinomial(1, false)?
+                .squeeze_dim(-1)
         };
         let tokens = Vec::<i64>::try_from(tokens.to_device(tch::Device::Cpu))?;
         Ok(tokens.into_iter().map(|t| t as u32).collect())

@@ -19,7 +19,9 @@ impl TensorMap {
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
         self.0.remove(name).ok_or_else(|| {
             let have: Vec<_> = self.0.keys().map(String::as_str).collect();
-            Error::Registry(format!("forward parameter `{name}` is missing from the mapped inputs (have: {have:?})"))
+            Error::Registry(format!(
+                "forward parameter `{name}` is missing from the mapped inputs (have: {have:?})"
+            ))
         })
     }
 
@@ -59,7 +61,9 @@ impl ModalityInputs for PixelValues {
     }
 
     fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
-        Ok(Self { pixel_values: tensors.take("pixel_values")? })
+        Ok(Self {
+            pixel_values: tensors.take("pixel_values")?,
+        })
     }
 }
 
@@ -82,6 +86,9 @@ impl ModalityInputs for AnyresPixelValues {
     }
 
     fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
-        Ok(Self { pixel_values: tensors.take("pixel_values")?, image_sizes: tensors.take("image_sizes")? })
+        Ok(Self {
+            pixel_values: tensors.take("pixel_values")?,
+            image_sizes: tensors.take("image_sizes")?,
+        })
     }
 }

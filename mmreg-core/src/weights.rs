@@ -32,7 +32,10 @@ pub struct Weights {
 
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Weights").field("files", &self.files.len()).field("tensors", &self.tensors.len()).finish()
+        f.debug_struct("Weights")
+            .field("files", &self.files.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
     }
 }
 
@@ -62,12 +65,18 @@ impl Weights {
         let mut files = Vec::with_capacity(paths.len());
         let mut tensors = HashMap::new();
         for (file, path) in paths.iter().enumerate() {
-            let handle = std::fs::File::open(path).map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?;
+            let handle = std::fs::File::open(path)
+                .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?;
             // SAFETY: the mapping is read-only; a checkpoint modified while mapped is the user's error
             // (every loader that maps, from safetensors to candle, shares this caveat).
-            let mmap = unsafe { Mmap::map(&handle) }.map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-                .map_err(|e| Error::Weights(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+            let mmap = unsafe { Mmap::map(&handle) }
+                .map_err(|e| Error::Weights(format!("{}: {e}", path.display())))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                Error::Weights(format!(
+                    "{}: not a valid safetensors file: {e}",
+                    path.display()
+                ))
+            })?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
                 let (start, end) = info.data_offsets;
@@ -81,7 +90,9 @@ impl Weights {
                     end: data_start + end,
                 };
                 if tensors.insert(name.clone(), info).is_some() {
-                    return Err(Error::Weights(format!("tensor `{name}` appears in more than one shard")));
+                    return Err(Error::Weights(format!(
+                        "tensor `{name}` appears in more than one shard"
+                    )));
                 }
             }
             files.push((path.clone(), mmap));
@@ -90,12 +101,19 @@ impl Weights {
         let progress = (total >= PROGRESS_MIN_BYTES).then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("loading weights {bar:40} {bytes}/{total_bytes} {eta}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                indicatif::ProgressStyle::with_template(
+                    "loading weights {bar:40} {bytes}/{total_bytes} {eta}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
             );
             bar
         });
-        Ok(Self { files: files.into(), tensors, used: Mutex::default(), progress })
+        Ok(Self {
+            files: files.into(),
+            tensors,
+            used: Mutex::default(),
+            progress,
+        })
     }
 
     /// A view of the same mapped files with every tensor renamed through `canonical` (checkpoint name →
@@ -112,7 +130,12 @@ impl Weights {
                 }
             }
         }
-        Ok(Self { files: self.files.clone(), tensors: renamed, used: Mutex::default(), progress: self.progress.clone() })
+        Ok(Self {
+            files: self.files.clone(),
+            tensors: renamed,
+            used: Mutex::default(),
+            progress: self.progress.clone(),
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -135,13 +158,23 @@ impl Weights {
             )));
         }
         let source_kind = kind_of(info.dtype).ok_or_else(|| {
-            Error::Weights(format!("tensor `{name}` has unsupported dtype {:?}", info.dtype))
+            Error::Weights(format!(
+                "tensor `{name}` has unsupported dtype {:?}",
+                info.dtype
+            ))
         })?;
         let bytes = &self.files[info.file].1[info.start..info.end];
         let tensor = Tensor::f_from_data_size(bytes, &info.shape, source_kind)?;
-        let tensor = if source_kind == kind { tensor } else { tensor.f_to_kind(kind)? };
+        let tensor = if source_kind == kind {
+            tensor
+        } else {
+            tensor.f_to_kind(kind)?
+        };
         let tensor = tensor.f_to_device(device)?;
-        self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_owned());
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned());
         if let Some(bar) = &self.progress {
             bar.inc((info.end - info.start) as u64);
         }
@@ -153,7 +186,12 @@ impl Weights {
     pub fn skip_prefix(&self, prefix: &str) {
         let prefix = format!("{prefix}.");
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        used.extend(self.tensors.keys().filter(|k| k.starts_with(&prefix)).cloned());
+        used.extend(
+            self.tensors
+                .keys()
+                .filter(|k| k.starts_with(&prefix))
+                .cloned(),
+        );
     }
 
     /// Fails if the checkpoint holds tensors the model never read, naming them.
@@ -171,13 +209,21 @@ impl Weights {
         if unused.is_empty() {
             return Ok(());
         }
-        let list: Vec<String> = unused.iter().take(10).map(|(n, s)| format!("`{n}` {s:?}")).collect();
+        let list: Vec<String> = unused
+            .iter()
+            .take(10)
+            .map(|(n, s)| format!("`{n}` {s:?}"))
+            .collect();
         let more = unused.len().saturating_sub(10);
         Err(Error::Weights(format!(
             "the checkpoint has {} tensor(s) the model does not use: {}{}",
             unused.len(),
             list.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         )))
     }
 
@@ -192,13 +238,20 @@ impl Weights {
             .collect();
         similar.sort_unstable();
         similar.truncate(3);
-        let hint = if similar.is_empty() { String::new() } else { format!(" (similar: {})", similar.join(", ")) };
-        Error::Weights(format!("tensor `{name}` is missing from the checkpoint{hint}"))
+        let hint = if similar.is_empty() {
+            String::new()
+        } else {
+            format!(" (similar: {})", similar.join(", "))
+        };
+        Error::Weights(format!(
+            "tensor `{name}` is missing from the checkpoint{hint}"
+        ))
     }
 }
 
 fn shards_of(index: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::Weights(format!("{}: {e}", index.display())))?;
+    let text = std::fs::read_to_string(index)
+        .map_err(|e| Error::Weights(format!("{}: {e}", index.display())))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::config(index.display().to_string(), e))?;
     let map = json
@@ -209,10 +262,16 @@ fn shards_of(index: &Path) -> Result<Vec<PathBuf>> {
     let mut shards: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
         let file = file.as_str().ok_or_else(|| {
-            Error::config(index.display().to_string(), format!("`weight_map.{tensor}` is not a file name"))
+            Error::config(
+                index.display().to_string(),
+                format!("`weight_map.{tensor}` is not a file name"),
+            )
         })?;
         if file.contains('/') || file.contains("..") {
-            return Err(Error::config(index.display().to_string(), format!("shard `{file}` is outside the checkpoint")));
+            return Err(Error::config(
+                index.display().to_string(),
+                format!("shard `{file}` is outside the checkpoint"),
+            ));
         }
         let path = dir.join(file);
         if !shards.contains(&path) {

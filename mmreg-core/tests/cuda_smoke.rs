@@ -7,11 +7,18 @@ use tch::{Device, Kind, Tensor};
 
 fn cuda() -> Option<Device> {
     if tch::Cuda::is_available() {
-        println!("CUDA available: {} device(s), cuDNN: {}", tch::Cuda::device_count(), tch::Cuda::cudnn_is_available());
+        println!(
+            "CUDA available: {} device(s), cuDNN: {}",
+            tch::Cuda::device_count(),
+            tch::Cuda::cudnn_is_available()
+        );
         Some(Device::Cuda(0))
     } else {
         // Written past the test harness's output capture, so the skip shows in a plain `cargo test`.
-        let _ = writeln!(std::io::stderr(), "SKIPPED cuda smoke test: CUDA is not available on this machine");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED cuda smoke test: CUDA is not available on this machine"
+        );
         None
     }
 }
@@ -45,9 +52,19 @@ fn sdpa_on_cuda_matches_cpu() {
     let q = Tensor::randn(shape, (Kind::Float, Device::Cpu));
     let k = Tensor::randn(shape, (Kind::Float, Device::Cpu));
     let v = Tensor::randn(shape, (Kind::Float, Device::Cpu));
-    let expected = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
+    let expected =
+        Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false);
     let on = |t: &Tensor| t.to_device(device).to_kind(Kind::BFloat16);
-    let actual = Tensor::scaled_dot_product_attention(&on(&q), &on(&k), &on(&v), None::<Tensor>, 0.0, true, None, false);
+    let actual = Tensor::scaled_dot_product_attention(
+        &on(&q),
+        &on(&k),
+        &on(&v),
+        None::<Tensor>,
+        0.0,
+        true,
+        None,
+        false,
+    );
     let error = max_relative_error(&actual, &expected);
     println!("bf16 causal SDPA on {device:?}: max relative error {error:.2e}");
     assert!(error < 3e-2, "SDPA error {error}");

@@ -22,10 +22,17 @@ pub struct ModalityArg {
 }
 
 /// `modality` or `modality = function`, comma separated.
-pub fn parse_modalities(attr: TokenStream, function_required: bool, example: &str) -> syn::Result<Vec<ModalityArg>> {
+pub fn parse_modalities(
+    attr: TokenStream,
+    function_required: bool,
+    example: &str,
+) -> syn::Result<Vec<ModalityArg>> {
     let entries = Punctuated::<Expr, Token![,]>::parse_terminated.parse2(attr)?;
     if entries.is_empty() {
-        return Err(syn::Error::new(Span::call_site(), format!("expected a modality, e.g. `{example}`")));
+        return Err(syn::Error::new(
+            Span::call_site(),
+            format!("expected a modality, e.g. `{example}`"),
+        ));
     }
     let mut errors: Option<syn::Error> = None;
     let mut push = |e: syn::Error| match &mut errors {
@@ -37,9 +44,14 @@ pub fn parse_modalities(attr: TokenStream, function_required: bool, example: &st
         let (key, function) = match &entry {
             Expr::Path(ExprPath { path, .. }) => (path.clone(), None),
             Expr::Assign(assign) => match (&*assign.left, &*assign.right) {
-                (Expr::Path(left), Expr::Path(right)) => (left.path.clone(), Some(right.path.clone())),
+                (Expr::Path(left), Expr::Path(right)) => {
+                    (left.path.clone(), Some(right.path.clone()))
+                }
                 (Expr::Path(_), right) => {
-                    push(syn::Error::new_spanned(right, "expected the path of a function"));
+                    push(syn::Error::new_spanned(
+                        right,
+                        "expected the path of a function",
+                    ));
                     continue;
                 }
                 (left, _) => {
@@ -48,7 +60,10 @@ pub fn parse_modalities(attr: TokenStream, function_required: bool, example: &st
                 }
             },
             other => {
-                push(syn::Error::new_spanned(other, format!("expected `modality` or `modality = function`, e.g. `{example}`")));
+                push(syn::Error::new_spanned(
+                    other,
+                    format!("expected `modality` or `modality = function`, e.g. `{example}`"),
+                ));
                 continue;
             }
         };
@@ -57,19 +72,39 @@ pub fn parse_modalities(attr: TokenStream, function_required: bool, example: &st
             continue;
         };
         let Some(&(_, variant, marker)) = MODALITIES.iter().find(|(n, _, _)| name == n) else {
-            let valid: Vec<String> = MODALITIES.iter().map(|(n, _, _)| format!("`{n}`")).collect();
-            push(syn::Error::new_spanned(&name, format!("unknown modality `{name}`; expected one of: {}", valid.join(", "))));
+            let valid: Vec<String> = MODALITIES
+                .iter()
+                .map(|(n, _, _)| format!("`{n}`"))
+                .collect();
+            push(syn::Error::new_spanned(
+                &name,
+                format!(
+                    "unknown modality `{name}`; expected one of: {}",
+                    valid.join(", ")
+                ),
+            ));
             continue;
         };
         if function_required && function.is_none() {
-            push(syn::Error::new_spanned(&name, format!("expected `{name} = function`, e.g. `{example}`")));
+            push(syn::Error::new_spanned(
+                &name,
+                format!("expected `{name} = function`, e.g. `{example}`"),
+            ));
             continue;
         }
         if parsed.iter().any(|p| p.name == name) {
-            push(syn::Error::new_spanned(&name, format!("duplicate modality `{name}`")));
+            push(syn::Error::new_spanned(
+                &name,
+                format!("duplicate modality `{name}`"),
+            ));
             continue;
         }
-        parsed.push(ModalityArg { name, variant, marker, function });
+        parsed.push(ModalityArg {
+            name,
+            variant,
+            marker,
+            function,
+        });
     }
     match errors {
         Some(errors) => Err(errors),
@@ -80,19 +115,31 @@ pub fn parse_modalities(attr: TokenStream, function_required: bool, example: &st
 /// A single function path: `#[register_dummy_data(function)]`.
 pub fn parse_function(attr: TokenStream, example: &str) -> syn::Result<Path> {
     if attr.is_empty() {
-        return Err(syn::Error::new(Span::call_site(), format!("expected a function, e.g. `{example}`")));
+        return Err(syn::Error::new(
+            Span::call_site(),
+            format!("expected a function, e.g. `{example}`"),
+        ));
     }
     let span = attr.span();
     let entries = Punctuated::<Expr, Token![,]>::parse_terminated.parse2(attr)?;
     let mut iter = entries.into_iter();
     let first = iter.next();
     if let Some(extra) = iter.next() {
-        return Err(syn::Error::new_spanned(extra, "expected exactly one function"));
+        return Err(syn::Error::new_spanned(
+            extra,
+            "expected exactly one function",
+        ));
     }
     match first {
         Some(Expr::Path(ExprPath { path, .. })) => Ok(path),
-        Some(other) => Err(syn::Error::new_spanned(other, format!("expected the path of a function, e.g. `{example}`"))),
-        None => Err(syn::Error::new(span, format!("expected a function, e.g. `{example}`"))),
+        Some(other) => Err(syn::Error::new_spanned(
+            other,
+            format!("expected the path of a function, e.g. `{example}`"),
+        )),
+        None => Err(syn::Error::new(
+            span,
+            format!("expected a function, e.g. `{example}`"),
+        )),
     }
 }
 
@@ -110,17 +157,29 @@ pub fn parse_architectures(attr: TokenStream) -> syn::Result<Vec<LitStr>> {
     let mut errors: Option<syn::Error> = None;
     for entry in entries {
         let error = match &entry {
-            Expr::Lit(ExprLit { lit: Lit::Str(name), .. }) if name.value().is_empty() => {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(name),
+                ..
+            }) if name.value().is_empty() => {
                 syn::Error::new_spanned(name, "the architecture name is empty")
             }
-            Expr::Lit(ExprLit { lit: Lit::Str(name), .. }) if names.iter().any(|n| n.value() == name.value()) => {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(name),
+                ..
+            }) if names.iter().any(|n| n.value() == name.value()) => {
                 syn::Error::new_spanned(name, format!("duplicate architecture `{}`", name.value()))
             }
-            Expr::Lit(ExprLit { lit: Lit::Str(name), .. }) => {
+            Expr::Lit(ExprLit {
+                lit: Lit::Str(name),
+                ..
+            }) => {
                 names.push(name.clone());
                 continue;
             }
-            other => syn::Error::new_spanned(other, format!("expected a string literal, e.g. `{example}`")),
+            other => syn::Error::new_spanned(
+                other,
+                format!("expected a string literal, e.g. `{example}`"),
+            ),
         };
         match &mut errors {
             Some(all) => all.combine(error),
@@ -165,7 +224,9 @@ impl Parse for ModelItem {
                 "a generic model type cannot be registered; register a concrete type (e.g. a newtype)",
             ));
         }
-        Ok(ModelItem { ident: ident.clone() })
+        Ok(ModelItem {
+            ident: ident.clone(),
+        })
     }
 }
 

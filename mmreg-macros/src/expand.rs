@@ -57,16 +57,25 @@ enum Registration {
 fn parse_registrations(kind: Kind, attr: TokenStream) -> syn::Result<Vec<Registration>> {
     Ok(match kind {
         Kind::Model => vec![Registration::Model(args::parse_architectures(attr)?)],
-        Kind::InputMapper => args::parse_modalities(attr, false, "#[register_input_mapper(image)]")?
-            .into_iter()
-            .map(Registration::InputMapper)
-            .collect(),
-        Kind::MaxTokens => args::parse_modalities(attr, true, "#[register_max_tokens(image = max_image_tokens)]")?
-            .into_iter()
-            .map(Registration::MaxTokens)
-            .collect(),
+        Kind::InputMapper => {
+            args::parse_modalities(attr, false, "#[register_input_mapper(image)]")?
+                .into_iter()
+                .map(Registration::InputMapper)
+                .collect()
+        }
+        Kind::MaxTokens => args::parse_modalities(
+            attr,
+            true,
+            "#[register_max_tokens(image = max_image_tokens)]",
+        )?
+        .into_iter()
+        .map(Registration::MaxTokens)
+        .collect(),
         Kind::DummyData => {
-            vec![Registration::DummyData(args::parse_function(attr, "#[register_dummy_data(dummy_data)]")?)]
+            vec![Registration::DummyData(args::parse_function(
+                attr,
+                "#[register_dummy_data(dummy_data)]",
+            )?)]
         }
         Kind::InputProcessor => vec![Registration::InputProcessor(args::parse_function(
             attr,
@@ -81,9 +90,12 @@ impl Registration {
         let (key, hook) = match self {
             Registration::Model(architectures) => {
                 let load = quote_spanned!(model.span()=> #private::load::<#model>);
-                ("MODEL".to_owned(), quote! {
-                    #private::Hook::Model { architectures: &[#(#architectures),*], load: #load }
-                })
+                (
+                    "MODEL".to_owned(),
+                    quote! {
+                        #private::Hook::Model { architectures: &[#(#architectures),*], load: #load }
+                    },
+                )
             }
             Registration::InputMapper(modality) => {
                 let variant = format_ident!("{}", modality.variant);
@@ -93,48 +105,66 @@ impl Registration {
                     Some(path) => {
                         let path = resolve_self(path, model);
                         let name = path_name(&path);
-                        (quote!(::core::option::Option::Some(#name)), quote! {
-                            |ctx, data| #private::map_with::<#types>(#path, ctx, data)
-                        })
+                        (
+                            quote!(::core::option::Option::Some(#name)),
+                            quote! {
+                                |ctx, data| #private::map_with::<#types>(#path, ctx, data)
+                            },
+                        )
                     }
-                    None => (quote!(::core::option::Option::None), quote!(#private::map_default::<#types>)),
+                    None => (
+                        quote!(::core::option::Option::None),
+                        quote!(#private::map_default::<#types>),
+                    ),
                 };
-                (format!("INPUT_MAPPER__{}", modality.name.to_string().to_uppercase()), quote! {
-                    #private::Hook::InputMapper {
-                        modality: ::mmreg_core::Modality::#variant,
-                        function: #function,
-                        params: #private::params::<#types>(),
-                        map: #map,
-                        embed: #private::embed::<#types>,
-                        count: #private::count::<#types>,
-                    }
-                })
+                (
+                    format!("INPUT_MAPPER__{}", modality.name.to_string().to_uppercase()),
+                    quote! {
+                        #private::Hook::InputMapper {
+                            modality: ::mmreg_core::Modality::#variant,
+                            function: #function,
+                            params: #private::params::<#types>(),
+                            map: #map,
+                            embed: #private::embed::<#types>,
+                            count: #private::count::<#types>,
+                        }
+                    },
+                )
             }
             Registration::MaxTokens(modality) => {
                 let variant = format_ident!("{}", modality.variant);
                 let path = resolve_self(modality.function.expect("parsed as required"), model);
                 let name = path_name(&path);
-                (format!("MAX_TOKENS__{}", modality.name.to_string().to_uppercase()), quote! {
-                    #private::Hook::MaxTokens {
-                        modality: ::mmreg_core::Modality::#variant,
-                        function: #name,
-                        max_tokens: #path,
-                    }
-                })
+                (
+                    format!("MAX_TOKENS__{}", modality.name.to_string().to_uppercase()),
+                    quote! {
+                        #private::Hook::MaxTokens {
+                            modality: ::mmreg_core::Modality::#variant,
+                            function: #name,
+                            max_tokens: #path,
+                        }
+                    },
+                )
             }
             Registration::DummyData(path) => {
                 let path = resolve_self(path, model);
                 let name = path_name(&path);
-                ("DUMMY_DATA".to_owned(), quote! {
-                    #private::Hook::DummyData { function: #name, dummy_data: #path }
-                })
+                (
+                    "DUMMY_DATA".to_owned(),
+                    quote! {
+                        #private::Hook::DummyData { function: #name, dummy_data: #path }
+                    },
+                )
             }
             Registration::InputProcessor(path) => {
                 let path = resolve_self(path, model);
                 let name = path_name(&path);
-                ("INPUT_PROCESSOR".to_owned(), quote! {
-                    #private::Hook::InputProcessor { function: #name, process: #path }
-                })
+                (
+                    "INPUT_PROCESSOR".to_owned(),
+                    quote! {
+                        #private::Hook::InputProcessor { function: #name, process: #path }
+                    },
+                )
             }
         };
         let static_name = format_ident!("__MMREG_{}__{}", key, upper_snake(&model.to_string()));

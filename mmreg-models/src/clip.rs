@@ -86,8 +86,20 @@ impl Attention {
         let k = split(self.k_proj.forward(x));
         let v = split(self.v_proj.forward(x));
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, scale, false);
-        self.out_proj.forward(&out.transpose(1, 2).reshape([b, l, self.heads * self.head_dim]))
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            None::<Tensor>,
+            0.0,
+            false,
+            scale,
+            false,
+        );
+        self.out_proj.forward(
+            &out.transpose(1, 2)
+                .reshape([b, l, self.heads * self.head_dim]),
+        )
     }
 }
 
@@ -102,7 +114,11 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn load(loader: &Loader, config: &ClipVisionConfig) -> Result<Self> {
-        let (h, i, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
+        let (h, i, eps) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.layer_norm_eps,
+        );
         Ok(Self {
             layer_norm1: LayerNorm::load(&loader.pp("layer_norm1"), h, eps)?,
             self_attn: Attention::load(&loader.pp("self_attn"), config)?,
@@ -115,7 +131,11 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
-        let mlp = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x))));
+        let mlp = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.layer_norm2.forward(&x))),
+        );
         x + mlp
     }
 }
@@ -134,13 +154,23 @@ impl ClipVisionTower {
     /// Loads the layers needed for `hidden_states[i]` for every `i` in `feature_layers` (HF indexing:
     /// 0 is the embeddings after `pre_layrnorm`, -1 the last layer); later layers and `post_layernorm`
     /// are skipped.
-    pub fn load(loader: &Loader, config: &ClipVisionConfig, feature_layers: &[usize]) -> Result<Self> {
+    pub fn load(
+        loader: &Loader,
+        config: &ClipVisionConfig,
+        feature_layers: &[usize],
+    ) -> Result<Self> {
         let (h, p, c) = (config.hidden_size, config.patch_size, config.num_channels);
         let positions = config.patches_per_side().pow(2) + 1;
-        let needed = feature_layers.iter().copied().max().unwrap_or(config.num_hidden_layers);
+        let needed = feature_layers
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(config.num_hidden_layers);
         let embeddings = loader.pp("embeddings");
         let encoder = loader.pp("encoder.layers");
-        let layers = (0..needed).map(|i| EncoderLayer::load(&encoder.pp(i), config)).collect::<Result<_>>()?;
+        let layers = (0..needed)
+            .map(|i| EncoderLayer::load(&encoder.pp(i), config))
+            .collect::<Result<_>>()?;
         for i in needed..config.num_hidden_layers {
             encoder.pp(i).skip_all();
         }
@@ -158,14 +188,27 @@ impl ClipVisionTower {
     /// `hidden_states[i]` for each requested `i`, from pixel values `[n, 3, H, W]`.
     pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Vec<Tensor> {
         let pixel_values = pixel_values.to_kind(self.patch_embedding.kind());
-        let patches = pixel_values.conv2d(&self.patch_embedding, None::<Tensor>, self.patch_size, 0, 1, 1);
+        let patches = pixel_values.conv2d(
+            &self.patch_embedding,
+            None::<Tensor>,
+            self.patch_size,
+            0,
+            1,
+            1,
+        );
         let patches = patches.flatten(2, -1).transpose(1, 2); // [n, patches, hidden], row-major
         let n = patches.size()[0];
-        let class = self.class_embedding.view([1, 1, -1]).expand([n, 1, -1], false);
+        let class = self
+            .class_embedding
+            .view([1, 1, -1])
+            .expand([n, 1, -1], false);
         let embeddings = Tensor::cat(&[class, patches], 1) + &self.position_embedding;
         let mut x = self.pre_layrnorm.forward(&embeddings);
         let mut states: Vec<Option<Tensor>> = indices.iter().map(|_| None).collect();
-        for (depth, layer) in std::iter::once(None).chain(self.layers.iter().map(Some)).enumerate() {
+        for (depth, layer) in std::iter::once(None)
+            .chain(self.layers.iter().map(Some))
+            .enumerate()
+        {
             if let Some(layer) = layer {
                 x = layer.forward(&x);
             }
@@ -175,6 +218,9 @@ impl ClipVisionTower {
                 }
             }
         }
-        states.into_iter().map(|s| s.expect("the tower loads every requested layer")).collect()
+        states
+            .into_iter()
+            .map(|s| s.expect("the tower loads every requested layer"))
+            .collect()
     }
 }

@@ -14,7 +14,11 @@ pub struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     pub fn new(weights: &'a Weights, options: &'a LoadOptions) -> Self {
-        Self { weights, options, prefix: String::new() }
+        Self {
+            weights,
+            options,
+            prefix: String::new(),
+        }
     }
 
     /// The full name of `name` under this prefix.
@@ -28,7 +32,10 @@ impl<'a> Loader<'a> {
 
     /// A loader for the sub-module `name`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Loader<'a> {
-        Loader { prefix: self.name(&name.to_string()), ..*self }
+        Loader {
+            prefix: self.name(&name.to_string()),
+            ..*self
+        }
     }
 
     /// A tensor in the model's dtype, on its device, with a shape check.
@@ -37,7 +44,8 @@ impl<'a> Loader<'a> {
     }
 
     pub fn get_kind(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
-        self.weights.get(&self.name(name), shape, kind, self.options.device)
+        self.weights
+            .get(&self.name(name), shape, kind, self.options.device)
     }
 
     /// Marks every tensor under this prefix as deliberately unread (e.g. CLIP's `post_layernorm`).
@@ -55,7 +63,11 @@ impl Linear {
     pub fn load(loader: &Loader, in_features: i64, out_features: i64, bias: bool) -> Result<Self> {
         Ok(Self {
             weight: loader.get("weight", &[out_features, in_features])?,
-            bias: if bias { Some(loader.get("bias", &[out_features])?) } else { None },
+            bias: if bias {
+                Some(loader.get("bias", &[out_features])?)
+            } else {
+                None
+            },
         })
     }
 
@@ -72,11 +84,21 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(loader: &Loader, size: i64, eps: f64) -> Result<Self> {
-        Ok(Self { weight: loader.get("weight", &[size])?, bias: loader.get("bias", &[size])?, eps })
+        Ok(Self {
+            weight: loader.get("weight", &[size])?,
+            bias: loader.get("bias", &[size])?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
+        x.layer_norm(
+            [self.weight.size()[0]],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
     }
 }
 
@@ -88,7 +110,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(loader: &Loader, size: i64, eps: f64) -> Result<Self> {
-        Ok(Self { weight: loader.get("weight", &[size])?, eps })
+        Ok(Self {
+            weight: loader.get("weight", &[size])?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -120,7 +145,12 @@ impl Activation {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
             "quick_gelu" => Activation::QuickGelu,
             "relu" => Activation::Relu,
-            other => return Err(Error::config("config.json", format!("unsupported activation `{other}`"))),
+            other => {
+                return Err(Error::config(
+                    "config.json",
+                    format!("unsupported activation `{other}`"),
+                ))
+            }
         })
     }
 

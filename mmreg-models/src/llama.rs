@@ -57,12 +57,22 @@ impl TextConfigJson {
             None | Some("llama") => false,
             Some("mistral") => true,
             Some(other) => {
-                return Err(Error::config("config.json", format!("text_config.model_type `{other}` is not supported (llama, mistral)")))
+                return Err(Error::config(
+                    "config.json",
+                    format!("text_config.model_type `{other}` is not supported (llama, mistral)"),
+                ))
             }
         };
-        if let Some(kind) = self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
+        if let Some(kind) = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_type.as_deref())
+        {
             if kind != "default" {
-                return Err(Error::config("config.json", format!("rope_type `{kind}` is not supported")));
+                return Err(Error::config(
+                    "config.json",
+                    format!("rope_type `{kind}` is not supported"),
+                ));
             }
         }
         let hidden_size = self.hidden_size.unwrap_or(4096);
@@ -70,13 +80,27 @@ impl TextConfigJson {
         let config = TextConfig {
             vocab_size: self.vocab_size.unwrap_or(32000),
             hidden_size,
-            intermediate_size: self.intermediate_size.unwrap_or(if mistral { 14336 } else { 11008 }),
+            intermediate_size: self.intermediate_size.unwrap_or(if mistral {
+                14336
+            } else {
+                11008
+            }),
             num_hidden_layers: self.num_hidden_layers.unwrap_or(32),
             num_attention_heads,
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(if mistral { 8 } else { num_attention_heads }),
-            head_dim: self.head_dim.unwrap_or(hidden_size / num_attention_heads.max(1)),
+            num_key_value_heads: self.num_key_value_heads.unwrap_or(if mistral {
+                8
+            } else {
+                num_attention_heads
+            }),
+            head_dim: self
+                .head_dim
+                .unwrap_or(hidden_size / num_attention_heads.max(1)),
             hidden_act: self.hidden_act.clone().unwrap_or_else(|| "silu".into()),
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(if mistral { 4096 * 32 } else { 2048 }),
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(if mistral {
+                4096 * 32
+            } else {
+                2048
+            }),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: self
                 .rope_parameters
@@ -126,7 +150,14 @@ impl Attention {
     }
 
     /// `x` is `[tokens, hidden]`, packed as `batch` describes.
-    fn forward(&self, x: &Tensor, rope: &Rope, layer: usize, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        layer: usize,
+        batch: &AttentionBatch,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
         let t = x.size()[0];
         let split = |y: Tensor, heads: i64| y.view([t, heads, self.head_dim]);
         let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
@@ -134,7 +165,9 @@ impl Attention {
         let v = split(self.v_proj.forward(x), self.kv_heads);
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = paged_attention(&q, &k, &v, layer, batch, cache, scale)?;
-        Ok(self.o_proj.forward(&out.reshape([t, self.heads * self.head_dim])))
+        Ok(self
+            .o_proj
+            .forward(&out.reshape([t, self.heads * self.head_dim])))
     }
 }
 
@@ -157,7 +190,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj.forward(&(self.act.forward(&self.gate_proj.forward(x)) * self.up_proj.forward(x)))
+        self.down_proj
+            .forward(&(self.act.forward(&self.gate_proj.forward(x)) * self.up_proj.forward(x)))
     }
 }
 
@@ -207,14 +241,21 @@ impl Llama {
                 Ok(DecoderLayer {
                     input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), c.hidden_size, eps)?,
                     self_attn: Attention::load(&l.pp("self_attn"), c)?,
-                    post_attention_layernorm: RmsNorm::load(&l.pp("post_attention_layernorm"), c.hidden_size, eps)?,
+                    post_attention_layernorm: RmsNorm::load(
+                        &l.pp("post_attention_layernorm"),
+                        c.hidden_size,
+                        eps,
+                    )?,
                     mlp: Mlp::load(&l.pp("mlp"), c)?,
                 })
             })
             .collect::<Result<_>>()?;
-        let exponent = Tensor::arange_start_step(0, c.head_dim, 2, (Kind::Int64, Device::Cpu)).to_kind(Kind::Float)
+        let exponent = Tensor::arange_start_step(0, c.head_dim, 2, (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Float)
             / c.head_dim as f64;
-        let inv_freq = Tensor::scalar_tensor(c.rope_theta, (Kind::Float, Device::Cpu)).pow(&exponent).reciprocal();
+        let inv_freq = Tensor::scalar_tensor(c.rope_theta, (Kind::Float, Device::Cpu))
+            .pow(&exponent)
+            .reciprocal();
         Ok(Self {
             embed_tokens: loader.get("embed_tokens.weight", &[c.vocab_size, c.hidden_size])?,
             layers,
@@ -241,16 +282,34 @@ impl Llama {
     fn rope(&self, positions: &Tensor, kind: Kind) -> Rope {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], 1).unsqueeze(1);
-        Rope { cos: emb.cos().to_kind(kind), sin: emb.sin().to_kind(kind) }
+        Rope {
+            cos: emb.cos().to_kind(kind),
+            sin: emb.sin().to_kind(kind),
+        }
     }
 
     /// Logits of the rows `batch.logits_indices` selects, for `[tokens, hidden]` embeddings.
-    pub fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        batch: &AttentionBatch,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
         let rope = self.rope(&batch.positions, inputs_embeds.kind());
         let mut x = inputs_embeds.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
-            x = &x + layer.self_attn.forward(&layer.input_layernorm.forward(&x), &rope, i, batch, cache)?;
-            x = &x + layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
+            x = &x
+                + layer.self_attn.forward(
+                    &layer.input_layernorm.forward(&x),
+                    &rope,
+                    i,
+                    batch,
+                    cache,
+                )?;
+            x = &x
+                + layer
+                    .mlp
+                    .forward(&layer.post_attention_layernorm.forward(&x));
         }
         if let Some(rows) = &batch.logits_indices {
             x = x.index_select(0, rows);
@@ -260,6 +319,11 @@ impl Llama {
 
     pub fn kv_cache_spec(&self) -> KvCacheSpec {
         let c = &self.config;
-        KvCacheSpec { layers: c.num_hidden_layers, kv_heads: c.num_key_value_heads, head_dim: c.head_dim, kind: self.dtype() }
+        KvCacheSpec {
+            layers: c.num_hidden_layers,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            kind: self.dtype(),
+        }
     }
 }

@@ -3,9 +3,10 @@
 //! the released checkpoints), counted by [`image_tokens`] alone.
 
 use mmreg_core::{
-    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
-    AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec, LoadModel, LoadOptions, Modality, ModelContext,
-    MultiModalData, MultiModalModel, PagedKvCache, PixelValues, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
+    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
+    register_model, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec,
+    LoadModel, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel, PagedKvCache,
+    PixelValues, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
     SupportsVision, Weights,
 };
 use serde::Deserialize;
@@ -60,7 +61,10 @@ impl LlavaConfig {
         match self.vision_feature_select_strategy.as_str() {
             "default" => Ok(true),
             "full" => Ok(false),
-            other => Err(Error::config("config.json", format!("unknown vision_feature_select_strategy `{other}`"))),
+            other => Err(Error::config(
+                "config.json",
+                format!("unknown vision_feature_select_strategy `{other}`"),
+            )),
         }
     }
 
@@ -78,7 +82,12 @@ impl LlavaConfig {
                 if (0..states).contains(&index) {
                     Ok(index as usize)
                 } else {
-                    Err(Error::config("config.json", format!("vision_feature_layer {layer} is outside the {states} hidden states")))
+                    Err(Error::config(
+                        "config.json",
+                        format!(
+                            "vision_feature_layer {layer} is outside the {states} hidden states"
+                        ),
+                    ))
                 }
             })
             .collect()
@@ -96,7 +105,10 @@ impl LlavaConfig {
 pub fn image_tokens(config: &LlavaConfig) -> Result<usize> {
     let side = config.vision_config.patches_per_side();
     if side <= 0 || config.vision_config.image_size % config.vision_config.patch_size != 0 {
-        return Err(Error::config("config.json", "vision_config.image_size must be a multiple of patch_size"));
+        return Err(Error::config(
+            "config.json",
+            "vision_config.image_size must be a multiple of patch_size",
+        ));
     }
     Ok((side * side) as usize + usize::from(!config.drops_cls()?))
 }
@@ -119,13 +131,20 @@ fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
 fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
     let config = ctx.config::<LlavaConfig>()?;
     let images = request.counts.get(Modality::Image);
-    let filler = request.seq_len.saturating_sub(images * image_tokens(&config)?);
+    let filler = request
+        .seq_len
+        .saturating_sub(images * image_tokens(&config)?);
     let mut ids = vec![config.image_token_index; images];
     ids.extend(std::iter::repeat_n(0, filler));
     let side = config.vision_config.image_size as u32;
     let image = image::DynamicImage::new_rgb8(side, side);
-    let images = (0..images).map(|i| ImageInput::new(format!("dummy image {i}"), image.clone())).collect();
-    Ok(ProcessorInputs { prompt: Prompt::TokenIds(ids), multimodal: MultiModalData::with_images(images) })
+    let images = (0..images)
+        .map(|i| ImageInput::new(format!("dummy image {i}"), image.clone()))
+        .collect();
+    Ok(ProcessorInputs {
+        prompt: Prompt::TokenIds(ids),
+        multimodal: MultiModalData::with_images(images),
+    })
 }
 
 /// Tokenizes a text prompt (BOS included, as HF's processor does) and expands every `<image>` token
@@ -135,14 +154,24 @@ fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Proces
     let ids = match inputs.prompt {
         Prompt::TokenIds(ids) => ids,
         Prompt::Text(text) => {
-            let encoding = ctx.tokenizer()?.encode(text, true).map_err(|e| Error::bad_input("prompt", e))?;
+            let encoding = ctx
+                .tokenizer()?
+                .encode(text, true)
+                .map_err(|e| Error::bad_input("prompt", e))?;
             encoding.get_ids().to_vec()
         }
     };
-    expand_placeholders(&ids, config.image_token_index, &inputs.multimodal, |image| {
-        Llava::num_image_tokens(ctx, image.size())
+    expand_placeholders(
+        &ids,
+        config.image_token_index,
+        &inputs.multimodal,
+        |image| Llava::num_image_tokens(ctx, image.size()),
+    )
+    .map(|(token_ids, placeholders)| ProcessedInputs {
+        token_ids,
+        placeholders,
+        multimodal: inputs.multimodal,
     })
-    .map(|(token_ids, placeholders)| ProcessedInputs { token_ids, placeholders, multimodal: inputs.multimodal })
 }
 
 /// Replaces the i-th `image_token` by `count(image i)` copies of it and records each range. Shared with
@@ -172,7 +201,12 @@ pub fn expand_placeholders(
                 let image = images.next().expect("markers were counted");
                 let length = count(image)?;
                 let item = placeholders.len();
-                placeholders.push(PlaceholderRange { modality: Modality::Image, item, offset: token_ids.len(), length });
+                placeholders.push(PlaceholderRange {
+                    modality: Modality::Image,
+                    item,
+                    offset: token_ids.len(),
+                    length,
+                });
                 token_ids.extend(std::iter::repeat_n(image_token, length));
             }
         }
@@ -188,7 +222,13 @@ pub struct Projector {
 }
 
 impl Projector {
-    pub fn load(loader: &Loader, in_features: i64, hidden: i64, act: &str, bias: bool) -> Result<Self> {
+    pub fn load(
+        loader: &Loader,
+        in_features: i64,
+        hidden: i64,
+        act: &str,
+        bias: bool,
+    ) -> Result<Self> {
         Ok(Self {
             linear_1: Linear::load(&loader.pp("linear_1"), in_features, hidden, bias)?,
             act: Activation::parse(act)?,
@@ -197,7 +237,8 @@ impl Projector {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.linear_2.forward(&self.act.forward(&self.linear_1.forward(x)))
+        self.linear_2
+            .forward(&self.act.forward(&self.linear_1.forward(x)))
     }
 }
 
@@ -210,7 +251,9 @@ pub fn canonical_weight_name(name: &str) -> Option<String> {
     let name = name.strip_prefix("model.").unwrap_or(name);
     let name = match name {
         "language_model.lm_head.weight" => "lm_head.weight".to_owned(),
-        _ => name.replacen("language_model.model.", "language_model.", 1).replacen("vision_tower.vision_model.", "vision_tower.", 1),
+        _ => name
+            .replacen("language_model.model.", "language_model.", 1)
+            .replacen("vision_tower.vision_model.", "vision_tower.", 1),
     };
     Some(name)
 }
@@ -231,7 +274,11 @@ impl LlavaParts {
         let text = config.text()?;
         let vision = &config.vision_config;
         Ok(Self {
-            vision_tower: ClipVisionTower::load(&loader.pp("vision_tower"), vision, &feature_layers)?,
+            vision_tower: ClipVisionTower::load(
+                &loader.pp("vision_tower"),
+                vision,
+                &feature_layers,
+            )?,
             projector: Projector::load(
                 &loader.pp("multi_modal_projector"),
                 vision.hidden_size * feature_layers.len() as i64,
@@ -248,9 +295,19 @@ impl LlavaParts {
     /// Projected features `[n, tokens, hidden]` of `[n, 3, H, W]` pixel values: the selected layers'
     /// hidden states (CLS dropped under `default`), concatenated, through the projector.
     pub(crate) fn image_features(&self, pixel_values: &Tensor) -> Tensor {
-        let states = self.vision_tower.hidden_states(pixel_values, &self.feature_layers);
-        let states: Vec<Tensor> =
-            states.into_iter().map(|h| if self.drops_cls { h.narrow(1, 1, h.size()[1] - 1) } else { h }).collect();
+        let states = self
+            .vision_tower
+            .hidden_states(pixel_values, &self.feature_layers);
+        let states: Vec<Tensor> = states
+            .into_iter()
+            .map(|h| {
+                if self.drops_cls {
+                    h.narrow(1, 1, h.size()[1] - 1)
+                } else {
+                    h
+                }
+            })
+            .collect();
         self.projector.forward(&Tensor::cat(&states, -1))
     }
 }
@@ -296,8 +353,15 @@ macro_rules! impl_multimodal_model_via_parts {
                 Ok(self.parts.language_model.embed_tokens(token_ids))
             }
 
-            fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
-                self.parts.language_model.forward(inputs_embeds, batch, cache)
+            fn forward(
+                &self,
+                inputs_embeds: &Tensor,
+                batch: &AttentionBatch,
+                cache: &mut PagedKvCache,
+            ) -> Result<Tensor> {
+                self.parts
+                    .language_model
+                    .forward(inputs_embeds, batch, cache)
             }
 
             fn kv_cache_spec(&self) -> KvCacheSpec {

@@ -4,17 +4,20 @@
 //! tokens depends on the image size and is computed by [`anyres_layout`] alone.
 
 use mmreg_core::{
-    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
-    AnyresPixelValues, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec, LoadModel,
-    LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel, PagedKvCache, ProcessedInputs,
-    ProcessorInputs, Prompt, Result, SupportsVision, Weights,
+    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
+    register_model, AnyresPixelValues, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize,
+    KvCacheSpec, LoadModel, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
+    PagedKvCache, ProcessedInputs, ProcessorInputs, Prompt, Result, SupportsVision, Weights,
 };
 use mmreg_image::select_best_resolution;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::layers::Loader;
-use crate::llava::{canonical_weight_name, expand_placeholders, impl_multimodal_model_via_parts, LlavaConfig, LlavaParts};
+use crate::llava::{
+    canonical_weight_name, expand_placeholders, impl_multimodal_model_via_parts, LlavaConfig,
+    LlavaParts,
+};
 
 /// config.json of a LLaVA-NeXT checkpoint: LLaVA's keys plus the grid pinpoints.
 #[derive(Debug, Clone, Deserialize)]
@@ -27,7 +30,10 @@ pub struct LlavaNextConfig {
 }
 
 fn default_pinpoints() -> Vec<[u64; 2]> {
-    mmreg_image::DEFAULT_GRID_PINPOINTS.iter().map(|&[h, w]| [h as u64, w as u64]).collect()
+    mmreg_image::DEFAULT_GRID_PINPOINTS
+        .iter()
+        .map(|&[h, w]| [h as u64, w as u64])
+        .collect()
 }
 
 /// Where an image's tokens come from: the grid canvas and the unpadded feature grid.
@@ -62,12 +68,18 @@ pub fn anyres_layout(config: &LlavaNextConfig, size: ImageSize) -> Result<Anyres
     }
     let crop = vision.image_size;
     let per_side = vision.patches_per_side();
-    let pinpoints: Vec<(usize, usize)> =
-        config.image_grid_pinpoints.iter().map(|&[h, w]| (h as usize, w as usize)).collect();
+    let pinpoints: Vec<(usize, usize)> = config
+        .image_grid_pinpoints
+        .iter()
+        .map(|&[h, w]| (h as usize, w as usize))
+        .collect();
     let (bh, bw) = select_best_resolution((oh as usize, ow as usize), &pinpoints);
     let grid = (bh as i64 / crop, bw as i64 / crop);
     if grid.0 <= 0 || grid.1 <= 0 || per_side <= 0 {
-        return Err(Error::config("config.json", format!("pinpoint {bh}x{bw} is smaller than one {crop}px crop")));
+        return Err(Error::config(
+            "config.json",
+            format!("pinpoint {bh}x{bw} is smaller than one {crop}px crop"),
+        ));
     }
     let (full_h, full_w) = (per_side * grid.0, per_side * grid.1);
     let (mut rows, mut columns, mut top, mut left) = (full_h, full_w, 0, 0);
@@ -82,14 +94,24 @@ pub fn anyres_layout(config: &LlavaNextConfig, size: ImageSize) -> Result<Anyres
         columns = full_w - 2 * left;
     }
     let cls = i64::from(!config.llava.drops_cls()?);
-    Ok(AnyresLayout { grid, rows, columns, top, left, base_tokens: per_side * per_side + cls })
+    Ok(AnyresLayout {
+        grid,
+        rows,
+        columns,
+        top,
+        left,
+        base_tokens: per_side * per_side + cls,
+    })
 }
 
 /// The image size with the most tokens: the full grid of some pinpoint canvas.
 fn costliest_image(config: &LlavaNextConfig) -> Result<(ImageSize, usize)> {
     let mut best = None;
     for &[h, w] in &config.image_grid_pinpoints {
-        let size = ImageSize { width: w as u32, height: h as u32 };
+        let size = ImageSize {
+            width: w as u32,
+            height: h as u32,
+        };
         let tokens = anyres_layout(config, size)?.tokens();
         if best.is_none_or(|(_, t)| tokens > t) {
             best = Some((size, tokens));
@@ -119,10 +141,18 @@ fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInp
     let (size, tokens) = costliest_image(&config)?;
     let images = request.counts.get(Modality::Image);
     let mut ids = vec![config.llava.image_token_index; images];
-    ids.extend(std::iter::repeat_n(0, request.seq_len.saturating_sub(images * tokens)));
+    ids.extend(std::iter::repeat_n(
+        0,
+        request.seq_len.saturating_sub(images * tokens),
+    ));
     let image = image::DynamicImage::new_rgb8(size.width, size.height);
-    let images = (0..images).map(|i| ImageInput::new(format!("dummy image {i}"), image.clone())).collect();
-    Ok(ProcessorInputs { prompt: Prompt::TokenIds(ids), multimodal: MultiModalData::with_images(images) })
+    let images = (0..images)
+        .map(|i| ImageInput::new(format!("dummy image {i}"), image.clone()))
+        .collect();
+    Ok(ProcessorInputs {
+        prompt: Prompt::TokenIds(ids),
+        multimodal: MultiModalData::with_images(images),
+    })
 }
 
 /// Tokenizes (BOS included) and expands each `<image>` into that image's number of tokens.
@@ -130,15 +160,24 @@ fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Proces
     let config = ctx.config::<LlavaNextConfig>()?;
     let ids = match inputs.prompt {
         Prompt::TokenIds(ids) => ids,
-        Prompt::Text(text) => {
-            ctx.tokenizer()?.encode(text, true).map_err(|e| Error::bad_input("prompt", e))?.get_ids().to_vec()
-        }
+        Prompt::Text(text) => ctx
+            .tokenizer()?
+            .encode(text, true)
+            .map_err(|e| Error::bad_input("prompt", e))?
+            .get_ids()
+            .to_vec(),
     };
-    let (token_ids, placeholders) =
-        expand_placeholders(&ids, config.llava.image_token_index, &inputs.multimodal, |image| {
-            LlavaNext::num_image_tokens(ctx, image.size())
-        })?;
-    Ok(ProcessedInputs { token_ids, placeholders, multimodal: inputs.multimodal })
+    let (token_ids, placeholders) = expand_placeholders(
+        &ids,
+        config.llava.image_token_index,
+        &inputs.multimodal,
+        |image| LlavaNext::num_image_tokens(ctx, image.size()),
+    )?;
+    Ok(ProcessedInputs {
+        token_ids,
+        placeholders,
+        multimodal: inputs.multimodal,
+    })
 }
 
 impl LoadModel for LlavaNext {
@@ -148,7 +187,11 @@ impl LoadModel for LlavaNext {
         let loader = Loader::new(&weights, options);
         let parts = LlavaParts::load(&config.llava, &loader)?;
         let hidden = parts.language_model.config.hidden_size;
-        let model = Self { image_newline: loader.get("image_newline", &[hidden])?, parts, config };
+        let model = Self {
+            image_newline: loader.get("image_newline", &[hidden])?,
+            parts,
+            config,
+        };
         weights.check_all_used()?;
         Ok(model)
     }
@@ -165,13 +208,30 @@ impl SupportsVision for LlavaNext {
         let sizes = Vec::<i64>::try_from(inputs.image_sizes.to_device(Device::Cpu).flatten(0, -1))?;
         let layouts = sizes
             .chunks(2)
-            .map(|hw| anyres_layout(&self.config, ImageSize { height: hw[0] as u32, width: hw[1] as u32 }))
+            .map(|hw| {
+                anyres_layout(
+                    &self.config,
+                    ImageSize {
+                        height: hw[0] as u32,
+                        width: hw[1] as u32,
+                    },
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         // Drop the batch's padding patches, run every real patch through the tower at once.
         let patches: Vec<i64> = layouts.iter().map(|l| 1 + l.grid.0 * l.grid.1).collect();
-        let real: Vec<Tensor> = patches.iter().enumerate().map(|(i, &n)| inputs.pixel_values.get(i as i64).narrow(0, 0, n)).collect();
+        let real: Vec<Tensor> = patches
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| inputs.pixel_values.get(i as i64).narrow(0, 0, n))
+            .collect();
         let features = self.parts.image_features(&Tensor::cat(&real, 0));
-        features.split_with_sizes(&patches, 0).iter().zip(&layouts).map(|(f, layout)| self.pack(f, layout)).collect()
+        features
+            .split_with_sizes(&patches, 0)
+            .iter()
+            .zip(&layouts)
+            .map(|(f, layout)| self.pack(f, layout))
+            .collect()
     }
 }
 
@@ -191,8 +251,14 @@ impl LlavaNext {
             .reshape([hidden, grid_h * side, grid_w * side])
             .narrow(1, layout.top, layout.rows)
             .narrow(2, layout.left, layout.columns);
-        let newline = self.image_newline.to_kind(grid.kind()).view([hidden, 1, 1]).expand([hidden, layout.rows, 1], false);
-        let rows = Tensor::cat(&[grid, newline], 2).flatten(1, 2).transpose(0, 1);
+        let newline = self
+            .image_newline
+            .to_kind(grid.kind())
+            .view([hidden, 1, 1])
+            .expand([hidden, layout.rows, 1], false);
+        let rows = Tensor::cat(&[grid, newline], 2)
+            .flatten(1, 2)
+            .transpose(0, 1);
         let packed = Tensor::cat(&[base, rows], 0);
         if packed.size()[0] as usize != layout.tokens() {
             return Err(Error::Registry(format!(

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use mmreg_core::generate::prepare;
 use mmreg_core::{
-    Error, ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry, Weights,
+    Error, ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt,
+    Registry, Weights,
 };
 use mmreg_models as _;
 use tch::{Kind, Tensor};
@@ -40,13 +41,21 @@ fn missing_tensor_is_named() {
     let name = "language_model.model.layers.1.mlp.up_proj.weight";
     let dir = edited_checkpoint(|t| t.retain(|(n, _)| n != name));
     let error = load_error(dir.path());
-    assert!(error.starts_with("tensor `language_model.layers.1.mlp.up_proj.weight` is missing from the checkpoint"), "{error}");
+    assert!(
+        error.starts_with(
+            "tensor `language_model.layers.1.mlp.up_proj.weight` is missing from the checkpoint"
+        ),
+        "{error}"
+    );
 }
 
 #[test]
 fn misshaped_tensor_names_both_shapes() {
     let dir = edited_checkpoint(|t| {
-        let entry = t.iter_mut().find(|(n, _)| n == "multi_modal_projector.linear_2.weight").expect("present");
+        let entry = t
+            .iter_mut()
+            .find(|(n, _)| n == "multi_modal_projector.linear_2.weight")
+            .expect("present");
         entry.1 = Tensor::zeros([32, 31], (Kind::Float, tch::Device::Cpu));
     });
     let error = load_error(dir.path());
@@ -59,7 +68,12 @@ fn misshaped_tensor_names_both_shapes() {
 
 #[test]
 fn unexpected_tensor_is_named() {
-    let dir = edited_checkpoint(|t| t.push(("language_model.model.extra.weight".into(), Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)))));
+    let dir = edited_checkpoint(|t| {
+        t.push((
+            "language_model.model.extra.weight".into(),
+            Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)),
+        ))
+    });
     assert_eq!(load_error(dir.path()), "the checkpoint has 1 tensor(s) the model does not use: `language_model.model.extra.weight` [2]");
 }
 
@@ -69,7 +83,9 @@ fn truncated_safetensors_is_reported() {
     let file = dir.path().join("model.safetensors");
     let bytes = std::fs::read(&file).expect("read");
     std::fs::write(&file, &bytes[..bytes.len() / 2]).expect("truncate");
-    let error = Weights::from_dir(dir.path()).expect_err("truncated").to_string();
+    let error = Weights::from_dir(dir.path())
+        .expect_err("truncated")
+        .to_string();
     assert!(error.contains("not a valid safetensors file"), "{error}");
 }
 
@@ -77,7 +93,9 @@ fn truncated_safetensors_is_reported() {
 fn invalid_config_names_the_file() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("config.json"), "{ not json").expect("write");
-    let error = ModelContext::from_dir(dir.path()).expect_err("invalid").to_string();
+    let error = ModelContext::from_dir(dir.path())
+        .expect_err("invalid")
+        .to_string();
     assert!(error.contains("config.json: invalid JSON"), "{error}");
 }
 
@@ -92,8 +110,18 @@ fn image_count_mismatch_names_both_numbers() {
         multimodal: MultiModalData::with_images(vec![image.clone(), image]),
     };
     let error = prepare(entry, &ctx, inputs, 4096).expect_err("mismatch");
-    assert!(matches!(error, Error::PlaceholderMismatch { placeholders: 1, items: 2, .. }));
-    assert_eq!(error.to_string(), "the prompt has 1 `<image>` placeholder(s) but 2 image item(s) were given");
+    assert!(matches!(
+        error,
+        Error::PlaceholderMismatch {
+            placeholders: 1,
+            items: 2,
+            ..
+        }
+    ));
+    assert_eq!(
+        error.to_string(),
+        "the prompt has 1 `<image>` placeholder(s) but 2 image item(s) were given"
+    );
 }
 
 #[test]
@@ -107,5 +135,8 @@ fn overlong_prompt_is_rejected_before_the_model_runs() {
         multimodal: MultiModalData::with_images(vec![image]),
     };
     let error = prepare(entry, &ctx, inputs, 100).expect_err("too long");
-    assert!(matches!(error, Error::PromptTooLong { max: 100, .. }), "{error}");
+    assert!(
+        matches!(error, Error::PromptTooLong { max: 100, .. }),
+        "{error}"
+    );
 }

@@ -6,25 +6,34 @@ use std::path::{Path, PathBuf};
 use mmreg_core::generate::{embed_prompt, generate, prefill_logits, prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    ImageInput, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel, ProcessorInputs, Prompt,
-    Registry, SamplingParams, TensorMap, Weights,
+    ImageInput, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
+    ProcessorInputs, Prompt, Registry, SamplingParams, TensorMap, Weights,
 };
 use mmreg_models as _;
 use tch::{Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures")
+        .join(name)
 }
 
 struct Golden(Vec<(String, Tensor)>);
 
 impl Golden {
     fn load(dir: &Path) -> Self {
-        Golden(Tensor::read_safetensors(dir.join("golden.safetensors")).expect("golden.safetensors"))
+        Golden(
+            Tensor::read_safetensors(dir.join("golden.safetensors")).expect("golden.safetensors"),
+        )
     }
 
     fn get(&self, key: &str) -> &Tensor {
-        &self.0.iter().find(|(k, _)| k == key).unwrap_or_else(|| panic!("golden has no `{key}`")).1
+        &self
+            .0
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("golden has no `{key}`"))
+            .1
     }
 
     fn ids(&self, key: &str) -> Vec<i64> {
@@ -42,10 +51,19 @@ struct Checkpoint {
 fn checkpoint(name: &str) -> Checkpoint {
     let dir = fixture(name);
     let ctx = ModelContext::from_dir(&dir).expect("context");
-    let entry = Registry::global().for_context(&ctx).expect("LLaVA is registered");
+    let entry = Registry::global()
+        .for_context(&ctx)
+        .expect("LLaVA is registered");
     let weights = Weights::from_dir(&dir).expect("weights");
-    let model = entry.load(&ctx, &weights, &LoadOptions::default()).expect("loads");
-    Checkpoint { ctx, entry, model, golden: Golden::load(&dir) }
+    let model = entry
+        .load(&ctx, &weights, &LoadOptions::default())
+        .expect("loads");
+    Checkpoint {
+        ctx,
+        entry,
+        model,
+        golden: Golden::load(&dir),
+    }
 }
 
 fn image(name: &str) -> ImageInput {
@@ -62,26 +80,56 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
 fn assert_matches_hf(c: &Checkpoint, case: &str, prepare_inputs: impl Fn() -> PreparedInputs) {
     let _guard = tch::no_grad_guard();
     let prepared = prepare_inputs();
-    let ids: Vec<i64> = prepared.processed.token_ids.iter().map(|&t| t as i64).collect();
-    assert_eq!(ids, c.golden.ids(&format!("{case}.input_ids")), "{case}: input_ids differ from HF's");
+    let ids: Vec<i64> = prepared
+        .processed
+        .token_ids
+        .iter()
+        .map(|&t| t as i64)
+        .collect();
+    assert_eq!(
+        ids,
+        c.golden.ids(&format!("{case}.input_ids")),
+        "{case}: input_ids differ from HF's"
+    );
 
     let embeds = embed_prompt(c.entry, c.model.as_ref(), prepared).expect("embeds");
     let logits = prefill_logits(c.model.as_ref(), &embeds).expect("prefill");
     let positions = c.golden.get(&format!("{case}.logit_positions"));
-    let error = relative_error(&logits.index_select(0, positions), c.golden.get(&format!("{case}.logits")));
-    assert!(error <= 1e-5, "{case}: prefill logits relative error {error:e} > 1e-5");
+    let error = relative_error(
+        &logits.index_select(0, positions),
+        c.golden.get(&format!("{case}.logits")),
+    );
+    assert!(
+        error <= 1e-5,
+        "{case}: prefill logits relative error {error:e} > 1e-5"
+    );
     let argmax = Vec::<i64>::try_from(logits.argmax(-1, false)).expect("argmax");
-    assert_eq!(argmax, c.golden.ids(&format!("{case}.logits_argmax")), "{case}: argmax at some position differs");
+    assert_eq!(
+        argmax,
+        c.golden.ids(&format!("{case}.logits_argmax")),
+        "{case}: argmax at some position differs"
+    );
 
-    let params = SamplingParams { max_tokens: 20, ..SamplingParams::default() };
-    let generated = generate(c.entry, c.model.as_ref(), prepare_inputs(), &params).expect("generates");
+    let params = SamplingParams {
+        max_tokens: 20,
+        ..SamplingParams::default()
+    };
+    let generated =
+        generate(c.entry, c.model.as_ref(), prepare_inputs(), &params).expect("generates");
     let generated: Vec<i64> = generated.token_ids.iter().map(|&t| t as i64).collect();
-    assert_eq!(generated, c.golden.ids(&format!("{case}.generated")), "{case}: greedy tokens differ from HF's");
+    assert_eq!(
+        generated,
+        c.golden.ids(&format!("{case}.generated")),
+        "{case}: greedy tokens differ from HF's"
+    );
 }
 
 fn real_inputs(c: &Checkpoint, prompt: &str, images: &[&str]) -> PreparedInputs {
     let images = images.iter().map(|name| image(name)).collect();
-    let inputs = ProcessorInputs { prompt: Prompt::Text(prompt.into()), multimodal: MultiModalData::with_images(images) };
+    let inputs = ProcessorInputs {
+        prompt: Prompt::Text(prompt.into()),
+        multimodal: MultiModalData::with_images(images),
+    };
     prepare(c.entry, &c.ctx, inputs, 4096).expect("prepared")
 }
 
@@ -91,13 +139,17 @@ const TWO_IMAGES: &str = "USER: <image>\n<image>\nWhat differs between these ima
 #[test]
 fn tiny_real_one_image_matches_hf() {
     let c = checkpoint("llava-tiny-real");
-    assert_matches_hf(&c, "one_image", || real_inputs(&c, ONE_IMAGE, &["a_300x200.png"]));
+    assert_matches_hf(&c, "one_image", || {
+        real_inputs(&c, ONE_IMAGE, &["a_300x200.png"])
+    });
 }
 
 #[test]
 fn tiny_real_two_images_matches_hf() {
     let c = checkpoint("llava-tiny-real");
-    assert_matches_hf(&c, "two_images", || real_inputs(&c, TWO_IMAGES, &["a_300x200.png", "b_480x640.png"]));
+    assert_matches_hf(&c, "two_images", || {
+        real_inputs(&c, TWO_IMAGES, &["a_300x200.png", "b_480x640.png"])
+    });
 }
 
 #[test]
@@ -106,16 +158,29 @@ fn pixel_values_are_bit_identical_to_hf() {
     let prepared = real_inputs(&c, TWO_IMAGES, &["a_300x200.png", "b_480x640.png"]);
     let (modality, mapped) = &prepared.mapped[0];
     assert_eq!(*modality, Modality::Image);
-    let ours = mapped.iter().find(|(name, _)| *name == "pixel_values").expect("pixel_values").1;
+    let ours = mapped
+        .iter()
+        .find(|(name, _)| *name == "pixel_values")
+        .expect("pixel_values")
+        .1;
     let hf = c.golden.get("two_images.pixel_values");
     assert_eq!(ours.size(), hf.size());
-    assert!(ours.equal(hf), "pixel_values differ: max abs diff {}", (ours - hf).abs().max().double_value(&[]));
+    assert!(
+        ours.equal(hf),
+        "pixel_values differ: max abs diff {}",
+        (ours - hf).abs().max().double_value(&[])
+    );
 }
 
 #[test]
 fn tokenization_with_the_llama2_tokenizer_matches_hf() {
     let c = checkpoint("llava-tiny-real");
-    let ids = c.ctx.tokenizer().expect("tokenizer").encode(ONE_IMAGE, true).expect("encodes");
+    let ids = c
+        .ctx
+        .tokenizer()
+        .expect("tokenizer")
+        .encode(ONE_IMAGE, true)
+        .expect("encodes");
     let ids: Vec<i64> = ids.get_ids().iter().map(|&t| t as i64).collect();
     assert_eq!(ids, c.golden.ids("one_image.prompt_ids"));
     assert_eq!(ids.iter().filter(|&&t| t == 32000).count(), 1);
@@ -135,11 +200,17 @@ fn hf_tester_inputs(c: &Checkpoint, case: &str) -> PreparedInputs {
     let pixel_values = c.golden.get(&format!("{case}.pixel_values"));
     let n = pixel_values.size()[0] as usize;
     let blank = ImageInput::new("pixel values", image::DynamicImage::new_rgb8(8, 8));
-    let inputs = ProcessorInputs { prompt: Prompt::TokenIds(ids), multimodal: MultiModalData::with_images(vec![blank; n]) };
+    let inputs = ProcessorInputs {
+        prompt: Prompt::TokenIds(ids),
+        multimodal: MultiModalData::with_images(vec![blank; n]),
+    };
     let processed = c.entry.process(&c.ctx, inputs).expect("processed");
     let mut mapped = TensorMap::default();
     mapped.insert("pixel_values", pixel_values.shallow_clone());
-    PreparedInputs { processed, mapped: vec![(Modality::Image, mapped)] }
+    PreparedInputs {
+        processed,
+        mapped: vec![(Modality::Image, mapped)],
+    }
 }
 
 #[test]
@@ -156,11 +227,26 @@ fn bf16_load_runs_and_agrees_on_the_first_token() {
     let ctx = ModelContext::from_dir(&dir).expect("context");
     let entry = Registry::global().for_context(&ctx).expect("registered");
     let weights = Weights::from_dir(&dir).expect("weights");
-    let options = LoadOptions { dtype: Kind::BFloat16, ..LoadOptions::default() };
+    let options = LoadOptions {
+        dtype: Kind::BFloat16,
+        ..LoadOptions::default()
+    };
     let model = entry.load(&ctx, &weights, &options).expect("loads in bf16");
     assert_eq!(model.dtype(), Kind::BFloat16);
     let c = checkpoint("llava-tiny-real");
-    let params = SamplingParams { max_tokens: 1, ..SamplingParams::default() };
-    let first = generate(entry, model.as_ref(), real_inputs(&c, ONE_IMAGE, &["a_300x200.png"]), &params).expect("runs");
-    assert_eq!(first.token_ids[0] as i64, c.golden.ids("one_image.generated")[0]);
+    let params = SamplingParams {
+        max_tokens: 1,
+        ..SamplingParams::default()
+    };
+    let first = generate(
+        entry,
+        model.as_ref(),
+        real_inputs(&c, ONE_IMAGE, &["a_300x200.png"]),
+        &params,
+    )
+    .expect("runs");
+    assert_eq!(
+        first.token_ids[0] as i64,
+        c.golden.ids("one_image.generated")[0]
+    );
 }

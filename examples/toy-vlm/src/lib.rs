@@ -5,13 +5,14 @@
 //! its aspect ratio, and each cell's mean colour is projected to one token, so the number of image tokens
 //! is dynamic (as in LLaVA-NeXT). Language: one causal self-attention layer over token embeddings.
 
+use mmreg_core::attention::paged_attention;
 use mmreg_core::{
-    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens, register_model,
-    AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec, LoadModel, LoadOptions, ModalityInputs, ModelContext,
-    MultiModalData, MultiModalModel, PagedKvCache, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
+    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
+    register_model, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec,
+    LoadModel, LoadOptions, ModalityInputs, ModelContext, MultiModalData, MultiModalModel,
+    PagedKvCache, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
     SupportsVision, TensorMap, Weights,
 };
-use mmreg_core::attention::paged_attention;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
@@ -30,7 +31,13 @@ pub struct ToyConfig {
 
 impl Default for ToyConfig {
     fn default() -> Self {
-        Self { vocab_size: 16, hidden_size: 8, image_token_id: 15, grid: 2, max_position_embeddings: 256 }
+        Self {
+            vocab_size: 16,
+            hidden_size: 8,
+            image_token_id: 15,
+            grid: 2,
+            max_position_embeddings: 256,
+        }
     }
 }
 
@@ -50,7 +57,9 @@ pub struct ToyVlm {
 /// The cell layout of an image: the one function behind every image-token count of the toy model.
 pub fn cell_layout(config: &ToyConfig, size: ImageSize) -> (u32, u32) {
     let aspect = size.width as f64 / size.height.max(1) as f64;
-    let columns = (config.grid as f64 * aspect).round().clamp(1.0, 2.0 * config.grid as f64) as u32;
+    let columns = (config.grid as f64 * aspect)
+        .round()
+        .clamp(1.0, 2.0 * config.grid as f64) as u32;
     (config.grid, columns)
 }
 
@@ -72,7 +81,10 @@ impl ModalityInputs for ToyImageInputs {
     }
 
     fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
-        Ok(Self { cells: tensors.take("cells")?, cells_per_image: tensors.take("cells_per_image")? })
+        Ok(Self {
+            cells: tensors.take("cells")?,
+            cells_per_image: tensors.take("cells_per_image")?,
+        })
     }
 }
 
@@ -84,7 +96,8 @@ fn map_images(ctx: &ModelContext, images: &[ImageInput]) -> Result<ToyImageInput
     for image in images {
         let (rows, columns) = cell_layout(&config, image.size());
         let rgb = image.image.to_rgb8();
-        let small = image::imageops::resize(&rgb, columns, rows, image::imageops::FilterType::Triangle);
+        let small =
+            image::imageops::resize(&rgb, columns, rows, image::imageops::FilterType::Triangle);
         cells.extend(small.pixels().flat_map(|p| p.0.map(|c| c as f32 / 255.0)));
         counts.push((rows * columns) as i64);
     }
@@ -100,7 +113,10 @@ fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
 }
 
 fn widest_image() -> ImageSize {
-    ImageSize { width: 64, height: 8 }
+    ImageSize {
+        width: 64,
+        height: 8,
+    }
 }
 
 /// As many image markers as images, each followed by filler text, padded to the requested length.
@@ -113,15 +129,23 @@ fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInp
     ids.extend(std::iter::repeat_n(1, text));
     // The costliest image: the widest layout.
     let blank = image::DynamicImage::new_rgb8(widest_image().width, widest_image().height);
-    let images = (0..images).map(|i| ImageInput::new(format!("dummy image {i}"), blank.clone())).collect();
-    Ok(ProcessorInputs { prompt: Prompt::TokenIds(ids), multimodal: MultiModalData::with_images(images) })
+    let images = (0..images)
+        .map(|i| ImageInput::new(format!("dummy image {i}"), blank.clone()))
+        .collect();
+    Ok(ProcessorInputs {
+        prompt: Prompt::TokenIds(ids),
+        multimodal: MultiModalData::with_images(images),
+    })
 }
 
 /// Expands each image marker into the image's placeholder tokens. Token-id prompts only (no tokenizer).
 fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
     let config = ctx.config::<ToyConfig>()?;
     let Prompt::TokenIds(ids) = inputs.prompt else {
-        return Err(Error::bad_input("prompt", "the toy model takes token ids only"));
+        return Err(Error::bad_input(
+            "prompt",
+            "the toy model takes token ids only",
+        ));
     };
     let markers = ids.iter().filter(|&&t| t == config.image_token_id).count();
     if markers != inputs.multimodal.images.len() {
@@ -140,20 +164,30 @@ fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Proces
             let image = images.next().expect("counted above");
             let length = ToyVlm::num_image_tokens(ctx, image.size())?;
             let item = placeholders.len();
-            placeholders.push(PlaceholderRange { modality: mmreg_core::Modality::Image, item, offset: token_ids.len(), length });
+            placeholders.push(PlaceholderRange {
+                modality: mmreg_core::Modality::Image,
+                item,
+                offset: token_ids.len(),
+                length,
+            });
             token_ids.extend(std::iter::repeat_n(id, length));
         } else {
             token_ids.push(id);
         }
     }
-    Ok(ProcessedInputs { token_ids, placeholders, multimodal: inputs.multimodal })
+    Ok(ProcessedInputs {
+        token_ids,
+        placeholders,
+        multimodal: inputs.multimodal,
+    })
 }
 
 impl LoadModel for ToyVlm {
     fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
         let config = (*ctx.config::<ToyConfig>()?).clone();
         let (v, h) = (config.vocab_size, config.hidden_size);
-        let get = |name: &str, shape: &[i64]| weights.get(name, shape, options.dtype, options.device);
+        let get =
+            |name: &str, shape: &[i64]| weights.get(name, shape, options.dtype, options.device);
         let model = Self {
             embed_tokens: get("embed_tokens.weight", &[v, h])?,
             cell_proj: get("cell_proj.weight", &[h, 3])?,
@@ -175,7 +209,10 @@ impl SupportsVision for ToyVlm {
     }
 
     fn embed_images(&self, inputs: ToyImageInputs) -> Result<Vec<Tensor>> {
-        let features = inputs.cells.to_kind(self.cell_proj.kind()).matmul(&self.cell_proj.tr());
+        let features = inputs
+            .cells
+            .to_kind(self.cell_proj.kind())
+            .matmul(&self.cell_proj.tr());
         let counts = Vec::<i64>::try_from(&inputs.cells_per_image)?;
         Ok(features.split_with_sizes(counts, 0))
     }
@@ -183,10 +220,21 @@ impl SupportsVision for ToyVlm {
 
 impl MultiModalModel for ToyVlm {
     fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
-        Ok(Tensor::embedding(&self.embed_tokens, token_ids, -1, false, false))
+        Ok(Tensor::embedding(
+            &self.embed_tokens,
+            token_ids,
+            -1,
+            false,
+            false,
+        ))
     }
 
-    fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        batch: &AttentionBatch,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
         let x = inputs_embeds.unsqueeze(1); // one head: [tokens, 1, hidden]
         let scale = (self.config.hidden_size as f64).powf(-0.5);
         let attended = paged_attention(&x, &x, &x, 0, batch, cache, scale)?.squeeze_dim(1);
@@ -198,7 +246,12 @@ impl MultiModalModel for ToyVlm {
     }
 
     fn kv_cache_spec(&self) -> KvCacheSpec {
-        KvCacheSpec { layers: 1, kv_heads: 1, head_dim: self.config.hidden_size, kind: self.embed_tokens.kind() }
+        KvCacheSpec {
+            layers: 1,
+            kv_heads: 1,
+            head_dim: self.config.hidden_size,
+            kind: self.embed_tokens.kind(),
+        }
     }
 
     fn device(&self) -> Device {
@@ -226,9 +279,18 @@ pub fn write_checkpoint(dir: &std::path::Path, seed: i64) -> Result<()> {
     std::fs::write(dir.join("config.json"), config.to_string()).map_err(anyhow_io)?;
     tch::manual_seed(seed);
     let tensors = [
-        ("embed_tokens.weight", Tensor::randn([16, 8], (Kind::Float, Device::Cpu))),
-        ("cell_proj.weight", Tensor::randn([8, 3], (Kind::Float, Device::Cpu))),
-        ("lm_head.weight", Tensor::randn([16, 8], (Kind::Float, Device::Cpu))),
+        (
+            "embed_tokens.weight",
+            Tensor::randn([16, 8], (Kind::Float, Device::Cpu)),
+        ),
+        (
+            "cell_proj.weight",
+            Tensor::randn([8, 3], (Kind::Float, Device::Cpu)),
+        ),
+        (
+            "lm_head.weight",
+            Tensor::randn([16, 8], (Kind::Float, Device::Cpu)),
+        ),
     ];
     Tensor::write_safetensors(&tensors, dir.join("model.safetensors"))?;
     Ok(())

@@ -1,8 +1,9 @@
 //! Two registrations of the same architecture, and of the same hook, are reported with both locations.
 
 use mmreg_core::{
-    register_dummy_data, register_model, AttentionBatch, DummyRequest, KvCacheSpec, LoadModel, LoadOptions, ModelContext,
-    MultiModalModel, PagedKvCache, ProcessorInputs, Registry, Result, Weights,
+    register_dummy_data, register_model, AttentionBatch, DummyRequest, KvCacheSpec, LoadModel,
+    LoadOptions, ModelContext, MultiModalModel, PagedKvCache, ProcessorInputs, Registry, Result,
+    Weights,
 };
 use tch::{Device, Kind, Tensor};
 use toy_vlm::ToyVlm;
@@ -14,7 +15,9 @@ use toy_vlm::ToyVlm;
 struct Impostor(ToyVlm);
 
 fn no_dummy_data(_: &ModelContext, _: &DummyRequest) -> Result<ProcessorInputs> {
-    Err(mmreg_core::Error::Registry("the impostor has no dummy data".into()))
+    Err(mmreg_core::Error::Registry(
+        "the impostor has no dummy data".into(),
+    ))
 }
 
 impl LoadModel for Impostor {
@@ -27,7 +30,12 @@ impl MultiModalModel for Impostor {
     fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
         self.0.embed_tokens(token_ids)
     }
-    fn forward(&self, inputs_embeds: &Tensor, batch: &AttentionBatch, cache: &mut PagedKvCache) -> Result<Tensor> {
+    fn forward(
+        &self,
+        inputs_embeds: &Tensor,
+        batch: &AttentionBatch,
+        cache: &mut PagedKvCache,
+    ) -> Result<Tensor> {
         self.0.forward(inputs_embeds, batch, cache)
     }
     fn kv_cache_spec(&self) -> KvCacheSpec {
@@ -52,11 +60,17 @@ fn duplicates_are_reported_with_both_locations() {
 
     let clash = problems
         .iter()
-        .find(|p| p.message.contains("architecture `ToyVlmForCausalLM` is also registered by"))
+        .find(|p| {
+            p.message
+                .contains("architecture `ToyVlmForCausalLM` is also registered by")
+        })
         .unwrap_or_else(|| panic!("no architecture clash in {problems:#?}"));
     let files: Vec<&str> = clash.locations.iter().map(|l| l.file).collect();
     assert_eq!(clash.locations.len(), 2, "{clash}");
-    assert!(files.iter().any(|f| f.ends_with("toy-vlm/src/lib.rs")), "{clash}");
+    assert!(
+        files.iter().any(|f| f.ends_with("toy-vlm/src/lib.rs")),
+        "{clash}"
+    );
     assert!(files.contains(&this_file), "{clash}");
 
     let twice = problems
@@ -67,5 +81,8 @@ fn duplicates_are_reported_with_both_locations() {
     assert_eq!(lines, vec![12, 13], "{twice}");
 
     let error = registry.validate().expect_err("invalid").to_string();
-    assert!(error.contains("ToyVlmForCausalLM") && error.contains(this_file), "{error}");
+    assert!(
+        error.contains("ToyVlmForCausalLM") && error.contains(this_file),
+        "{error}"
+    );
 }
