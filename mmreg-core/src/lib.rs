@@ -10,6 +10,7 @@ extern crate self as mmreg_core;
 pub mod attention;
 pub mod check;
 mod context;
+pub mod cuda;
 mod error;
 pub mod generate;
 mod inputs;

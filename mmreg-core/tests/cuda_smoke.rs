@@ -69,3 +69,21 @@ fn sdpa_on_cuda_matches_cpu() {
     println!("bf16 causal SDPA on {device:?}: max relative error {error:.2e}");
     assert!(error < 3e-2, "SDPA error {error}");
 }
+
+#[test]
+fn caching_allocator_statistics_follow_an_allocation() {
+    let Some(device) = cuda() else { return };
+    mmreg_core::cuda::empty_cache();
+    mmreg_core::cuda::reset_peak_stats(0);
+    let before = mmreg_core::cuda::memory_stats(0).expect("statistics through the shim");
+    let tensor = Tensor::zeros([256, 1024, 1024], (Kind::Float, device)); // 1 GiB
+    let during = mmreg_core::cuda::memory_stats(0).expect("statistics");
+    drop(tensor);
+    let after = mmreg_core::cuda::memory_stats(0).expect("statistics");
+    let (free, total) = mmreg_core::cuda::mem_get_info(0).expect("cudaMemGetInfo");
+    println!("allocated {} -> {} -> {} bytes, peak {}, free {free} of {total}", before.allocated, during.allocated, after.allocated, after.peak_allocated);
+    assert_eq!(during.allocated - before.allocated, 1 << 30);
+    assert_eq!(after.allocated, before.allocated);
+    assert!(after.peak_allocated >= before.allocated + (1 << 30));
+    assert!(free <= total && total > 1 << 30);
+}
