@@ -1,7 +1,7 @@
 // CUDA memory statistics from PyTorch's caching allocator, which tch does not expose. Every function
 // catches C++ exceptions and returns non-zero instead, so nothing unwinds into Rust.
 #include <c10/cuda/CUDACachingAllocator.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <dlfcn.h>
 #include <cstdint>
 
@@ -52,9 +52,12 @@ int mmreg_cuda_mem_get_info(int device, int64_t* out) {
     if (mem_get_info == nullptr) {
       return 2;
     }
-    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    auto previous = c10::cuda::current_device();
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
     size_t free = 0, total = 0;
-    if (mem_get_info(&free, &total) != 0) {
+    int status = mem_get_info(&free, &total);
+    c10::cuda::set_device(previous);
+    if (status != 0) {
       return 3;
     }
     out[0] = static_cast<int64_t>(free);
