@@ -7,8 +7,8 @@ use clap::Args;
 use mmreg_core::generate::{self, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
-    SamplingParams, Weights,
+    Completion, Engine, EngineOptions, ImageInput, ImageSource, LoadOptions, ModelContext, MultiModalData,
+    ProcessorInputs, Prompt, Registry, Request, RequestHandle, SamplingParams, Weights,
 };
 use tch::Tensor;
 
@@ -168,8 +168,19 @@ pub fn preprocess(args: &PreprocessArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    #[command(flatten)]
-    pub prompt: PromptArgs,
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json, preprocessor_config.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt text; each `<image>` marks where an image goes.
+    #[arg(long, required_unless_present = "requests", conflicts_with = "requests")]
+    pub prompt: Option<String>,
+    /// Image files, in the order of the prompt's `<image>` markers.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// A JSON-lines file of requests (`{"prompt": ..., "images": [...], "max_tokens": 32, ...}`), run
+    /// batched; one JSON object per line is printed, in input order.
+    #[arg(long)]
+    pub requests: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
     /// 0 = greedy.
@@ -181,6 +192,9 @@ pub struct GenerateArgs {
     pub top_k: i64,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Stop when the text contains this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
     /// Keep generating past the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
@@ -196,54 +210,135 @@ pub struct GenerateArgs {
     /// With --json, also print the ids of the N most likely tokens at each step (`top_tokens`).
     #[arg(long, default_value_t = 0)]
     pub top_logprobs: usize,
+    /// Longest sequence (prompt and output); default: the model's.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// KV cache size on the CPU, in GiB (on CUDA it is profiled).
+    #[arg(long, default_value_t = 1.0)]
+    pub cpu_kv_cache_gib: f64,
+}
+
+/// One line of a `--requests` file; absent fields take the command line's values.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestLine {
+    prompt: String,
+    #[serde(default)]
+    images: Vec<PathBuf>,
+    max_tokens: Option<usize>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    seed: Option<u64>,
+    #[serde(default)]
+    stop: Vec<String>,
+    #[serde(default)]
+    stop_token_ids: Vec<u32>,
+    ignore_eos: Option<bool>,
+}
+
+impl GenerateArgs {
+    fn params(&self, eos: Option<u32>) -> SamplingParams {
+        SamplingParams {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            stop_token_ids: if self.ignore_eos { Vec::new() } else { eos.into_iter().collect() },
+            stop: self.stop.clone(),
+            top_logprobs: self.top_logprobs,
+        }
+    }
+
+    fn request(&self, line: RequestLine, eos: Option<u32>) -> Request {
+        let mut params = self.params(eos);
+        params.max_tokens = line.max_tokens.unwrap_or(params.max_tokens);
+        params.temperature = line.temperature.unwrap_or(params.temperature);
+        params.top_p = line.top_p.unwrap_or(params.top_p);
+        params.top_k = line.top_k.unwrap_or(params.top_k);
+        params.seed = line.seed.or(params.seed);
+        params.stop.extend(line.stop);
+        if line.ignore_eos == Some(true) {
+            params.stop_token_ids.clear();
+        }
+        params.stop_token_ids.extend(line.stop_token_ids);
+        let images = line.images.into_iter().map(ImageSource::Path).collect();
+        Request { prompt: Prompt::Text(line.prompt), images, params }
+    }
 }
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let options = LoadOptions {
-        device: generate::parse_device(&args.device)?,
-        dtype: generate::parse_dtype(&args.dtype)?,
-    };
-    if let tch::Device::Cuda(_) = options.device {
+    let device = generate::parse_device(&args.device)?;
+    if let tch::Device::Cuda(_) = device {
         if !tch::Cuda::is_available() {
-            bail!(
-                "--device {}: CUDA is not available on this machine",
-                args.device
-            );
+            bail!("--device {}: CUDA is not available on this machine", args.device);
         }
     }
-    let ctx = ModelContext::from_dir(&args.prompt.model)?;
-    let entry = Registry::global().for_context(&ctx)?;
-    let model = load(entry, &ctx, &args.prompt.model, &options)?;
-    let prepared = prepare(entry, &ctx, &args.prompt, model.max_model_len())?;
-    let mut params = SamplingParams {
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        top_p: args.top_p,
-        top_k: args.top_k,
-        seed: args.seed,
-        stop_token_ids: Vec::new(),
-        top_logprobs: args.top_logprobs,
+    let options = EngineOptions {
+        device,
+        dtype: generate::parse_dtype(&args.dtype)?,
+        max_model_len: args.max_model_len,
+        max_num_seqs: args.max_num_seqs,
+        cpu_kv_cache_bytes: (args.cpu_kv_cache_gib * (1u64 << 30) as f64) as usize,
+        ..EngineOptions::default()
     };
-    if !args.ignore_eos {
-        params.stop_token_ids.extend(eos_token_id(&ctx));
-    }
-    let generation = generate::generate(entry, model.as_ref(), prepared, &params)?;
-    let text = match ctx.tokenizer() {
-        Ok(tokenizer) => tokenizer
-            .decode(&generation.token_ids, true)
-            .map_err(anyhow::Error::msg)?,
-        Err(_) => String::new(),
-    };
-    if args.json {
-        let mut json = serde_json::json!({ "text": text, "token_ids": generation.token_ids });
-        if args.top_logprobs > 0 {
-            json["top_tokens"] = serde_json::json!(generation.top_tokens);
+    let engine = Engine::new(&args.model, options)?;
+    let eos = eos_token_id(engine.context());
+    let Some(path) = &args.requests else {
+        let line = RequestLine {
+            prompt: args.prompt.clone().unwrap_or_default(),
+            images: args.images.clone(),
+            max_tokens: None,
+            temperature: None,
+            top_p: None,
+            top_k: None,
+            seed: None,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: None,
+        };
+        let completion = engine.submit(args.request(line, eos)).wait()?;
+        if args.json {
+            println!("{}", completion_json(&completion, args.top_logprobs));
+        } else {
+            println!("{}", completion.text);
         }
-        println!("{json}");
-    } else {
-        println!("{text}");
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let progress = indicatif::ProgressBar::new(lines.len() as u64);
+    // Submit everything first so the engine batches; a line that does not parse gets its error in place.
+    let handles: Vec<std::result::Result<RequestHandle, String>> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| match serde_json::from_str::<RequestLine>(line) {
+            Ok(line) => Ok(engine.submit(args.request(line, eos))),
+            Err(e) => Err(format!("line {}: invalid request: {e}", i + 1)),
+        })
+        .collect();
+    for handle in handles {
+        let json = match handle.map(|h| h.wait().map_err(|e| e.to_string())) {
+            Ok(Ok(completion)) => completion_json(&completion, args.top_logprobs),
+            Ok(Err(error)) | Err(error) => serde_json::json!({ "error": error }),
+        };
+        progress.suspend(|| println!("{json}"));
+        progress.inc(1);
     }
+    progress.finish_and_clear();
     Ok(())
+}
+
+fn completion_json(completion: &Completion, top_logprobs: usize) -> serde_json::Value {
+    let mut json = serde_json::json!({ "text": completion.text, "token_ids": completion.token_ids });
+    if top_logprobs > 0 {
+        json["top_tokens"] = serde_json::json!(completion.top_tokens);
+    }
+    json
 }
 
 fn context(dir: Option<&PathBuf>) -> Result<ModelContext> {

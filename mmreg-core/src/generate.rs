@@ -18,6 +18,18 @@ pub struct PreparedInputs {
     pub mapped: Vec<(crate::Modality, TensorMap)>,
 }
 
+impl PreparedInputs {
+    /// A copy sharing the tensors' storage (for recomputing a preempted sequence).
+    pub fn shallow_clone(&self) -> Self {
+        let mapped = self
+            .mapped
+            .iter()
+            .map(|(m, t)| (*m, TensorMap(t.iter().map(|(k, v)| (k.to_owned(), v.shallow_clone())).collect())))
+            .collect();
+        Self { processed: self.processed.clone(), mapped }
+    }
+}
+
 /// Runs the input processor and the input mappers.
 pub fn prepare(
     entry: &ModelEntry,
@@ -162,11 +174,9 @@ pub fn generate(
     while generated.len() < params.max_tokens {
         let last = &logits;
         if params.top_logprobs > 0 {
-            let (_, top) = last.f_topk(params.top_logprobs as i64, -1, true, true)?;
-            let top = Vec::<i64>::try_from(top.select(0, 0).to_device(Device::Cpu))?;
-            top_tokens.push(top.into_iter().map(|t| t as u32).collect());
+            top_tokens.push(top_token_ids(last, params.top_logprobs)?);
         }
-        let token = sampler.sample(last)?[0];
+        let token = sampler.sample(last)?;
         generated.push(token);
         let len = prompt_len + generated.len();
         if params.is_stop(token) || len >= capacity {
@@ -181,6 +191,12 @@ pub fn generate(
         prompt_len,
         top_tokens,
     })
+}
+
+/// The `k` most likely token ids of a `[1, vocab]` or `[vocab]` logits row.
+pub fn top_token_ids(logits: &Tensor, k: usize) -> Result<Vec<u32>> {
+    let (_, top) = logits.flatten(0, -1).f_topk(k as i64, 0, true, true)?;
+    Ok(Vec::<i64>::try_from(top.to_device(Device::Cpu))?.into_iter().map(|t| t as u32).collect())
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.

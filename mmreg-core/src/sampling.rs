@@ -1,6 +1,9 @@
-//! Per-request sampling: greedy, temperature, top-k, top-p, seeded.
+//! Per-request sampling: greedy, temperature, top-k, top-p, with a seeded generator per request, so a
+//! request samples the same tokens alone or batched with others.
 
-use tch::{Kind, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tch::{Device, Kind, Tensor};
 
 use crate::Result;
 
@@ -16,6 +19,8 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Generation stops after any of these (EOS included by the caller).
     pub stop_token_ids: Vec<u32>,
+    /// Generation stops when the text ends with any of these (which are cut from the text).
+    pub stop: Vec<String>,
     /// Also return the ids of the `top_logprobs` most likely tokens at each step (0: none).
     pub top_logprobs: usize,
 }
@@ -29,6 +34,7 @@ impl Default for SamplingParams {
             top_k: 0,
             seed: None,
             stop_token_ids: Vec::new(),
+            stop: Vec::new(),
             top_logprobs: 0,
         }
     }
@@ -38,50 +44,60 @@ impl SamplingParams {
     pub fn is_stop(&self, token: u32) -> bool {
         self.stop_token_ids.contains(&token)
     }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
 }
 
-/// Picks the next token of each row of `[batch, vocab]` logits.
+/// Picks a request's next token from its logits row.
 pub struct Sampler {
     params: SamplingParams,
+    rng: StdRng,
 }
 
 impl Sampler {
     pub fn new(params: &SamplingParams) -> Self {
-        if let Some(seed) = params.seed {
-            tch::manual_seed(seed as i64);
-        }
-        Self {
-            params: params.clone(),
-        }
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Self { params: params.clone(), rng }
     }
 
-    pub fn sample(&mut self, logits: &Tensor) -> Result<Vec<u32>> {
-        let logits = logits.f_to_kind(Kind::Float)?;
-        let tokens = if self.params.temperature <= 0.0 {
-            logits.f_argmax(-1, false)?
-        } else {
-            let mut scaled = logits / self.params.temperature;
-            let vocab = scaled.size()[1];
-            if self.params.top_k > 0 && self.params.top_k < vocab {
-                let (top, _) = scaled.f_topk(self.params.top_k, -1, true, true)?;
-                let threshold = top.narrow(1, self.params.top_k - 1, 1);
-                scaled = scaled.masked_fill(&scaled.lt_tensor(&threshold), f64::NEG_INFINITY);
+    /// The next token from `[vocab]` (or `[1, vocab]`) logits.
+    pub fn sample(&mut self, logits: &Tensor) -> Result<u32> {
+        let logits = logits.f_to_kind(Kind::Float)?.flatten(0, -1);
+        if self.params.is_greedy() {
+            return Ok(logits.f_argmax(0, false)?.int64_value(&[]) as u32);
+        }
+        let mut scaled = logits / self.params.temperature;
+        let vocab = scaled.size()[0];
+        if self.params.top_k > 0 && self.params.top_k < vocab {
+            let (top, _) = scaled.f_topk(self.params.top_k, 0, true, true)?;
+            let threshold = top.get(self.params.top_k - 1);
+            scaled = scaled.masked_fill(&scaled.lt_tensor(&threshold), f64::NEG_INFINITY);
+        }
+        if self.params.top_p < 1.0 {
+            let (sorted, indices) = scaled.f_sort(0, true)?;
+            let probs = sorted.softmax(0, Kind::Float);
+            // Drop a token once the mass before it reaches top_p (the most likely one always stays).
+            let drop_sorted = (probs.cumsum(0, Kind::Float) - &probs).ge(self.params.top_p);
+            let drop = drop_sorted.scatter(0, &indices, &drop_sorted);
+            scaled = scaled.masked_fill(&drop, f64::NEG_INFINITY);
+        }
+        let probs = Vec::<f32>::try_from(scaled.softmax(0, Kind::Float).to_device(Device::Cpu))?;
+        let mut target: f32 = self.rng.random::<f32>() * probs.iter().sum::<f32>();
+        let mut last_possible = 0;
+        for (token, &p) in probs.iter().enumerate() {
+            if p > 0.0 {
+                last_possible = token;
+                if target < p {
+                    return Ok(token as u32);
+                }
+                target -= p;
             }
-            if self.params.top_p < 1.0 {
-                let (sorted, indices) = scaled.f_sort(-1, true)?;
-                let cumulative = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
-                // Drop a token once the mass before it already reaches top_p (the first always stays).
-                let before = &cumulative - sorted.softmax(-1, Kind::Float);
-                let drop_sorted = before.ge(self.params.top_p);
-                let drop = drop_sorted.scatter(-1, &indices, &drop_sorted);
-                scaled = scaled.masked_fill(&drop, f64::NEG_INFINITY);
-            }
-            scaled
-                .softmax(-1, Kind::Float)
-                .f_multinomial(1, false)?
-                .squeeze_dim(-1)
-        };
-        let tokens = Vec::<i64>::try_from(tokens.to_device(tch::Device::Cpu))?;
-        Ok(tokens.into_iter().map(|t| t as u32).collect())
+        }
+        Ok(last_possible as u32)
     }
 }
