@@ -5,6 +5,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -163,6 +164,14 @@ struct Ready {
     events: Sender<Event>,
 }
 
+/// Counters of the scheduler's decisions.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    pub steps: AtomicUsize,
+    /// Sequences evicted from the KV cache to make room, and recomputed later.
+    pub preemptions: AtomicUsize,
+}
+
 /// A model serving many requests at once.
 pub struct Engine {
     jobs: Option<Sender<Job>>,
@@ -170,6 +179,7 @@ pub struct Engine {
     scheduler: Option<JoinHandle<()>>,
     profile: EngineProfile,
     ctx: Arc<ModelContext>,
+    counters: Arc<EngineCounters>,
 }
 
 impl Engine {
@@ -205,7 +215,9 @@ impl Engine {
             })
             .collect();
         let allocator = BlockAllocator::new(profile.kv_blocks, profile.block_size);
+        let counters = Arc::new(EngineCounters::default());
         let mut scheduler = Scheduler {
+            counters: counters.clone(),
             entry,
             ctx: ctx.clone(),
             model,
@@ -218,11 +230,15 @@ impl Engine {
             max_model_len,
         };
         let scheduler = std::thread::spawn(move || scheduler.run(ready_rx));
-        Ok(Engine { jobs: Some(job_tx), workers, scheduler: Some(scheduler), profile, ctx })
+        Ok(Engine { jobs: Some(job_tx), workers, scheduler: Some(scheduler), profile, ctx, counters })
     }
 
     pub fn profile(&self) -> &EngineProfile {
         &self.profile
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.counters
     }
 
     pub fn context(&self) -> &ModelContext {
@@ -307,8 +323,8 @@ fn profile_and_allocate(
             let budget = (total as f64 * options.gpu_memory_utilization) as u64;
             budget.checked_sub(weights + activations).ok_or_else(|| {
                 Error::Registry(format!(
-                    "no memory is left for the KV cache: {:.1} GiB usable ({} of {:.1} GiB) < weights {:.1} GiB + activations {:.1} GiB; raise gpu_memory_utilization or lower max_num_batched_tokens",
-                    gib(budget), options.gpu_memory_utilization, gib(total), gib(weights), gib(activations)
+                    "no memory is left for the KV cache: {} usable ({} of {}) < weights {} + activations {}; raise gpu_memory_utilization or lower max_num_batched_tokens",
+                    human(budget), options.gpu_memory_utilization, human(total), human(weights), human(activations)
                 ))
             })?
         }
@@ -319,9 +335,9 @@ fn profile_and_allocate(
     let capacity = kv_blocks * options.block_size;
     if capacity < max_model_len {
         return Err(Error::Registry(format!(
-            "the KV cache holds {capacity} tokens ({kv_blocks} blocks of {}, {:.2} GiB) but one sequence may need max_model_len = {max_model_len}; lower max_model_len or give the cache more memory",
+            "the KV cache holds {capacity} tokens ({kv_blocks} blocks of {}, {}) but one sequence may need max_model_len = {max_model_len}; lower max_model_len or give the cache more memory",
             options.block_size,
-            gib(kv_cache_bytes)
+            human(kv_cache_bytes)
         )));
     }
     let cache = PagedKvCache::new(spec, kv_blocks, options.block_size, model.device())?;
@@ -339,8 +355,12 @@ fn profile_and_allocate(
     Ok((cache, profile))
 }
 
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{b} bytes"),
+    }
 }
 
 /// A worker: decodes images, runs the input processor and mappers, checks limits; failures go straight
@@ -409,6 +429,7 @@ impl Sequence {
 }
 
 struct Scheduler {
+    counters: Arc<EngineCounters>,
     entry: &'static ModelEntry,
     ctx: Arc<ModelContext>,
     model: Box<dyn MultiModalModel>,
@@ -480,6 +501,7 @@ impl Scheduler {
             if self.allocator.grow(&mut self.running[i].blocks, needed) {
                 i += 1;
             } else if let Some(mut victim) = self.running.pop() {
+                self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
                 self.allocator.release(&mut victim.blocks);
                 victim.cached = 0;
                 self.waiting.push_front(victim);
@@ -500,6 +522,7 @@ impl Scheduler {
     }
 
     fn forward_and_sample(&mut self) -> Result<()> {
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
         let device = self.model.device();
         let mut embeds = Vec::with_capacity(self.running.len());
         let mut layout = Vec::with_capacity(self.running.len());
