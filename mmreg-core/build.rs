@@ -10,9 +10,15 @@ fn main() {
     let Some(lib) = link_libtorch() else { return };
     // `lib` may go through the `.libtorch` link; the wheels sit next to its target.
     let lib = std::fs::canonicalize(&lib).unwrap_or(lib);
-    let torch = lib.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let torch = lib
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
     // pip's torch gets the CUDA runtime headers from the nvidia-* wheels beside it.
-    let site = torch.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let site = torch
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
     let Some(cuda_include) = ["nvidia/cu13/include", "nvidia/cuda_runtime/include"]
         .iter()
         .map(|p| site.join(p))
@@ -23,11 +29,14 @@ fn main() {
     };
     // The runtime wheel lacks nvcc's `crt/` headers that cuda_runtime.h includes; triton (a torch
     // dependency) ships them.
-    let Some(crt_include) = ["nvidia/cu13/include", "nvidia/cuda_nvcc/include", "triton/backends/nvidia/include"]
-        .iter()
-        .map(|p| site.join(p))
-        .find(|p| p.join("crt/host_config.h").exists())
-    else {
+    let Some(crt_include) = [
+        "nvidia/cu13/include",
+        "nvidia/cuda_nvcc/include",
+        "triton/backends/nvidia/include",
+    ]
+    .iter()
+    .map(|p| site.join(p))
+    .find(|p| p.join("crt/host_config.h").exists()) else {
         println!("cargo:warning=no CUDA crt/ headers next to libtorch: CUDA memory statistics will be unavailable");
         return;
     };

@@ -7,8 +7,9 @@ use clap::Args;
 use mmreg_core::generate::{self, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    Completion, Engine, EngineOptions, ImageInput, ImageSource, LoadOptions, ModelContext, MultiModalData,
-    ProcessorInputs, Prompt, Registry, Request, RequestHandle, SamplingParams, Weights,
+    Completion, Engine, EngineOptions, ImageInput, ImageSource, LoadOptions, ModelContext,
+    MultiModalData, ProcessorInputs, Prompt, Registry, Request, RequestHandle, SamplingParams,
+    Weights,
 };
 use tch::Tensor;
 
@@ -172,7 +173,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt text; each `<image>` marks where an image goes.
-    #[arg(long, required_unless_present = "requests", conflicts_with = "requests")]
+    #[arg(
+        long,
+        required_unless_present = "requests",
+        conflicts_with = "requests"
+    )]
     pub prompt: Option<String>,
     /// Image files, in the order of the prompt's `<image>` markers.
     #[arg(long = "image")]
@@ -248,7 +253,11 @@ impl GenerateArgs {
             top_p: self.top_p,
             top_k: self.top_k,
             seed: self.seed,
-            stop_token_ids: if self.ignore_eos { Vec::new() } else { eos.into_iter().collect() },
+            stop_token_ids: if self.ignore_eos {
+                Vec::new()
+            } else {
+                eos.into_iter().collect()
+            },
             stop: self.stop.clone(),
             top_logprobs: self.top_logprobs,
         }
@@ -267,7 +276,11 @@ impl GenerateArgs {
         }
         params.stop_token_ids.extend(line.stop_token_ids);
         let images = line.images.into_iter().map(ImageSource::Path).collect();
-        Request { prompt: Prompt::Text(line.prompt), images, params }
+        Request {
+            prompt: Prompt::Text(line.prompt),
+            images,
+            params,
+        }
     }
 }
 
@@ -275,7 +288,10 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let device = generate::parse_device(&args.device)?;
     if let tch::Device::Cuda(_) = device {
         if !tch::Cuda::is_available() {
-            bail!("--device {}: CUDA is not available on this machine", args.device);
+            bail!(
+                "--device {}: CUDA is not available on this machine",
+                args.device
+            );
         }
     }
     let options = EngineOptions {
@@ -309,17 +325,20 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         }
         return Ok(());
     };
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let progress = indicatif::ProgressBar::new(lines.len() as u64);
     // Submit everything first so the engine batches; a line that does not parse gets its error in place.
     let handles: Vec<std::result::Result<RequestHandle, String>> = lines
         .iter()
         .enumerate()
-        .map(|(i, line)| match serde_json::from_str::<RequestLine>(line) {
-            Ok(line) => Ok(engine.submit(args.request(line, eos))),
-            Err(e) => Err(format!("line {}: invalid request: {e}", i + 1)),
-        })
+        .map(
+            |(i, line)| match serde_json::from_str::<RequestLine>(line) {
+                Ok(line) => Ok(engine.submit(args.request(line, eos))),
+                Err(e) => Err(format!("line {}: invalid request: {e}", i + 1)),
+            },
+        )
         .collect();
     for handle in handles {
         let json = match handle.map(|h| h.wait().map_err(|e| e.to_string())) {
@@ -334,7 +353,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 }
 
 fn completion_json(completion: &Completion, top_logprobs: usize) -> serde_json::Value {
-    let mut json = serde_json::json!({ "text": completion.text, "token_ids": completion.token_ids });
+    let mut json =
+        serde_json::json!({ "text": completion.text, "token_ids": completion.token_ids });
     if top_logprobs > 0 {
         json["top_tokens"] = serde_json::json!(completion.top_tokens);
     }

@@ -31,7 +31,12 @@ mod shim {
         // SAFETY: the shim writes exactly four values and catches every C++ exception.
         let status = unsafe { mmreg_cuda_memory_stats(device as i32, out.as_mut_ptr()) };
         let [allocated, reserved, peak_allocated, peak_reserved] = out.map(|v| v as u64);
-        (status == 0).then_some(MemoryStats { allocated, reserved, peak_allocated, peak_reserved })
+        (status == 0).then_some(MemoryStats {
+            allocated,
+            reserved,
+            peak_allocated,
+            peak_reserved,
+        })
     }
 
     /// Free and total memory of the device in bytes, as the driver sees it.

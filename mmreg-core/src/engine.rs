@@ -4,8 +4,8 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -17,8 +17,8 @@ use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
 use crate::registry::ModelEntry;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{
-    cuda, Error, ImageInput, LoadOptions, ModelContext, MultiModalData, MultiModalModel, ProcessorInputs, Prompt,
-    Registry, Result, Weights,
+    cuda, Error, ImageInput, LoadOptions, ModelContext, MultiModalData, MultiModalModel,
+    ProcessorInputs, Prompt, Registry, Result, Weights,
 };
 
 /// How the engine is set up.
@@ -134,7 +134,9 @@ impl RequestHandle {
                 Event::Failed(error) => return Err(error),
             }
         }
-        Err(Error::Registry("the engine stopped before the request finished".into()))
+        Err(Error::Registry(
+            "the engine stopped before the request finished".into(),
+        ))
     }
 }
 
@@ -198,10 +200,23 @@ impl Engine {
             cuda::empty_cache();
             cuda::reset_peak_stats(i);
         }
-        let load = LoadOptions { device: options.device, dtype: options.dtype };
+        let load = LoadOptions {
+            device: options.device,
+            dtype: options.dtype,
+        };
         let model = entry.load(&ctx, &Weights::from_dir(dir)?, &load)?;
-        let max_model_len = options.max_model_len.unwrap_or(model.max_model_len()).min(model.max_model_len());
-        let (cache, profile) = profile_and_allocate(entry, &ctx, model.as_ref(), &options, max_model_len, device_index)?;
+        let max_model_len = options
+            .max_model_len
+            .unwrap_or(model.max_model_len())
+            .min(model.max_model_len());
+        let (cache, profile) = profile_and_allocate(
+            entry,
+            &ctx,
+            model.as_ref(),
+            &options,
+            max_model_len,
+            device_index,
+        )?;
         tracing::info!(?profile, "engine ready");
 
         let (job_tx, job_rx) = mpsc::channel::<Job>();
@@ -210,7 +225,11 @@ impl Engine {
         let workers = (0..options.preprocess_threads.max(1))
             .map(|_| {
                 let (jobs, ready, ctx) = (job_rx.clone(), ready_tx.clone(), ctx.clone());
-                let limits = (max_model_len, options.max_num_batched_tokens, options.max_images_per_prompt);
+                let limits = (
+                    max_model_len,
+                    options.max_num_batched_tokens,
+                    options.max_images_per_prompt,
+                );
                 std::thread::spawn(move || preprocess_loop(entry, &ctx, &jobs, &ready, limits))
             })
             .collect();
@@ -230,7 +249,14 @@ impl Engine {
             max_model_len,
         };
         let scheduler = std::thread::spawn(move || scheduler.run(ready_rx));
-        Ok(Engine { jobs: Some(job_tx), workers, scheduler: Some(scheduler), profile, ctx, counters })
+        Ok(Engine {
+            jobs: Some(job_tx),
+            workers,
+            scheduler: Some(scheduler),
+            profile,
+            ctx,
+            counters,
+        })
     }
 
     pub fn profile(&self) -> &EngineProfile {
@@ -251,11 +277,15 @@ impl Engine {
         match &self.jobs {
             Some(jobs) => {
                 if let Err(mpsc::SendError(job)) = jobs.send(Job { request, events }) {
-                    let _ = job.events.send(Event::Failed(Error::Registry("the engine has stopped".into())));
+                    let _ = job.events.send(Event::Failed(Error::Registry(
+                        "the engine has stopped".into(),
+                    )));
                 }
             }
             None => {
-                let _ = events.send(Event::Failed(Error::Registry("the engine has stopped".into())));
+                let _ = events.send(Event::Failed(Error::Registry(
+                    "the engine has stopped".into(),
+                )));
             }
         }
         RequestHandle { events: rx }
@@ -291,14 +321,22 @@ fn profile_and_allocate(
     max_model_len: usize,
     device_index: Option<usize>,
 ) -> Result<(PagedKvCache, EngineProfile)> {
-    let weights_bytes = device_index.and_then(cuda::memory_stats).map(|s| s.allocated);
+    let weights_bytes = device_index
+        .and_then(cuda::memory_stats)
+        .map(|s| s.allocated);
     let mut counts = ModalityCounts::default();
     for modality in entry.modalities() {
         counts.set(modality, options.max_images_per_prompt);
     }
     // The worst single step: the longest prompt it may hold, with the costliest items.
     let seq_len = options.max_num_batched_tokens.min(max_model_len);
-    let dummy = entry.dummy_data(ctx, &DummyRequest { seq_len, counts: counts.clone() })?;
+    let dummy = entry.dummy_data(
+        ctx,
+        &DummyRequest {
+            seq_len,
+            counts: counts.clone(),
+        },
+    )?;
     let prepared = prepare(entry, ctx, dummy, usize::MAX)?;
     let dummy_prompt_tokens = prepared.processed.token_ids.len();
     let dummy_items = prepared.processed.multimodal.counts();
@@ -306,13 +344,30 @@ fn profile_and_allocate(
         let _guard = tch::no_grad_guard();
         let embeds = embed_prompt(entry, model, prepared)?;
         let spec = model.kv_cache_spec();
-        let mut cache = PagedKvCache::new(spec, dummy_prompt_tokens.div_ceil(options.block_size), options.block_size, model.device())?;
+        let mut cache = PagedKvCache::new(
+            spec,
+            dummy_prompt_tokens.div_ceil(options.block_size),
+            options.block_size,
+            model.device(),
+        )?;
         let blocks: Vec<u32> = (0..cache.num_blocks() as u32).collect();
-        let batch = attention_batch(&[(&blocks, 0, dummy_prompt_tokens)], options.block_size, true, model.device())?;
-        model.forward(&embeds, &batch, &mut cache)?.f_sum(Kind::Float)?.double_value(&[]);
+        let batch = attention_batch(
+            &[(&blocks, 0, dummy_prompt_tokens)],
+            options.block_size,
+            true,
+            model.device(),
+        )?;
+        model
+            .forward(&embeds, &batch, &mut cache)?
+            .f_sum(Kind::Float)?
+            .double_value(&[]);
     }
-    let peak = device_index.and_then(cuda::memory_stats).map(|s| s.peak_allocated);
-    let total = device_index.and_then(cuda::mem_get_info).map(|(_, total)| total);
+    let peak = device_index
+        .and_then(cuda::memory_stats)
+        .map(|s| s.peak_allocated);
+    let total = device_index
+        .and_then(cuda::mem_get_info)
+        .map(|(_, total)| total);
     let peak_activation_bytes = peak.zip(weights_bytes).map(|(p, w)| p.saturating_sub(w));
     if let Some(i) = device_index {
         cuda::empty_cache();
@@ -331,7 +386,8 @@ fn profile_and_allocate(
         _ => options.cpu_kv_cache_bytes as u64,
     };
     let spec = model.kv_cache_spec();
-    let kv_blocks = (kv_cache_bytes / (spec.bytes_per_token() * options.block_size) as u64) as usize;
+    let kv_blocks =
+        (kv_cache_bytes / (spec.bytes_per_token() * options.block_size) as u64) as usize;
     let capacity = kv_blocks * options.block_size;
     if capacity < max_model_len {
         return Err(Error::Registry(format!(
@@ -377,25 +433,48 @@ fn preprocess_loop(
             Ok(jobs) => jobs.recv(),
             Err(_) => return,
         };
-        let Ok(Job { request, events }) = job else { return };
+        let Ok(Job { request, events }) = job else {
+            return;
+        };
         let params = request.params.clone();
         let outcome = (|| {
             if request.images.len() > max_images {
                 return Err(Error::bad_input(
                     "request",
-                    format!("{} images given but at most {max_images} are allowed per prompt", request.images.len()),
+                    format!(
+                        "{} images given but at most {max_images} are allowed per prompt",
+                        request.images.len()
+                    ),
                 ));
             }
-            let images = request.images.into_iter().map(ImageSource::decode).collect::<Result<Vec<_>>>()?;
-            let inputs = ProcessorInputs { prompt: request.prompt, multimodal: MultiModalData::with_images(images) };
+            let images = request
+                .images
+                .into_iter()
+                .map(ImageSource::decode)
+                .collect::<Result<Vec<_>>>()?;
+            let inputs = ProcessorInputs {
+                prompt: request.prompt,
+                multimodal: MultiModalData::with_images(images),
+            };
             // Room for at least one generated token.
-            let prepared = prepare(entry, ctx, inputs, max_model_len.saturating_sub(1).min(max_batched))?;
+            let prepared = prepare(
+                entry,
+                ctx,
+                inputs,
+                max_model_len.saturating_sub(1).min(max_batched),
+            )?;
             Ok(prepared)
         })();
         match outcome {
             Ok(prepared) => {
-                if let Err(mpsc::SendError(ready)) = ready.send(Ready { prepared, params, events }) {
-                    let _ = ready.events.send(Event::Failed(Error::Registry("the engine has stopped".into())));
+                if let Err(mpsc::SendError(ready)) = ready.send(Ready {
+                    prepared,
+                    params,
+                    events,
+                }) {
+                    let _ = ready.events.send(Event::Failed(Error::Registry(
+                        "the engine has stopped".into(),
+                    )));
                 }
             }
             Err(error) => {
@@ -460,7 +539,9 @@ impl Scheduler {
                 // A failed step fails the sequences in it; the engine carries on.
                 let message = error.to_string();
                 for seq in self.running.drain(..) {
-                    let _ = seq.events.send(Event::Failed(Error::Registry(format!("model step failed: {message}"))));
+                    let _ = seq.events.send(Event::Failed(Error::Registry(format!(
+                        "model step failed: {message}"
+                    ))));
                     self.allocator.release(&mut { seq.blocks });
                 }
             }
@@ -483,10 +564,13 @@ impl Scheduler {
     /// Admits waiting sequences that fit, makes room for every decode (preempting the newest sequences
     /// if the pool runs dry; they are recomputed later), and runs one step.
     fn step(&mut self) -> Result<()> {
-        let mut budget = self.max_num_batched_tokens.saturating_sub(self.running.len());
+        let mut budget = self
+            .max_num_batched_tokens
+            .saturating_sub(self.running.len());
         while let Some(seq) = self.waiting.front_mut() {
             let tokens = seq.len();
-            let fits = self.running.len() < self.max_num_seqs && (tokens <= budget || self.running.is_empty());
+            let fits = self.running.len() < self.max_num_seqs
+                && (tokens <= budget || self.running.is_empty());
             if !fits || !self.allocator.grow(&mut seq.blocks, tokens + 1) {
                 break;
             }
@@ -529,24 +613,35 @@ impl Scheduler {
         for seq in &self.running {
             let new_tokens = if seq.cached == 0 {
                 // Prefill, or recompute after preemption: the prompt (with its images), then what was generated.
-                let prompt = embed_prompt(self.entry, self.model.as_ref(), seq.prepared.shallow_clone())?;
+                let prompt = embed_prompt(
+                    self.entry,
+                    self.model.as_ref(),
+                    seq.prepared.shallow_clone(),
+                )?;
                 let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
                 if generated.is_empty() {
                     embeds.push(prompt);
                 } else {
-                    let more = self.model.embed_tokens(&Tensor::from_slice(&generated).to_device(device))?;
+                    let more = self
+                        .model
+                        .embed_tokens(&Tensor::from_slice(&generated).to_device(device))?;
                     embeds.push(Tensor::cat(&[prompt, more.to_kind(self.model.dtype())], 0));
                 }
                 seq.len()
             } else {
                 let last = seq.generated.last().copied().unwrap_or_default() as i64;
-                embeds.push(self.model.embed_tokens(&Tensor::from_slice(&[last]).to_device(device))?);
+                embeds.push(
+                    self.model
+                        .embed_tokens(&Tensor::from_slice(&[last]).to_device(device))?,
+                );
                 1
             };
             layout.push((seq.blocks.as_slice(), seq.len() - new_tokens, new_tokens));
         }
         let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
-        let logits = self.model.forward(&Tensor::cat(&embeds, 0), &batch, &mut self.cache)?;
+        let logits = self
+            .model
+            .forward(&Tensor::cat(&embeds, 0), &batch, &mut self.cache)?;
         // One host transfer for every greedy row.
         let greedy = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.to_device(Device::Cpu))?;
         let mut finished = Vec::new();
@@ -554,9 +649,14 @@ impl Scheduler {
             seq.cached = seq.len();
             let logits_row = logits.get(row as i64);
             if seq.params.top_logprobs > 0 {
-                seq.top_tokens.push(top_token_ids(&logits_row, seq.params.top_logprobs)?);
+                seq.top_tokens
+                    .push(top_token_ids(&logits_row, seq.params.top_logprobs)?);
             }
-            let token = if seq.params.is_greedy() { greedy[row] as u32 } else { seq.sampler.sample(&logits_row)? };
+            let token = if seq.params.is_greedy() {
+                greedy[row] as u32
+            } else {
+                seq.sampler.sample(&logits_row)?
+            };
             seq.generated.push(token);
             let _ = seq.events.send(Event::Token(token));
             if let Some(reason) = finish_reason(&self.ctx, self.max_model_len, seq) {
@@ -571,8 +671,13 @@ impl Scheduler {
             if let Some(at) = stop_string_at(&text, &seq.params.stop) {
                 text.truncate(at);
             }
-            let completion =
-                Completion { token_ids: seq.generated, text, finish_reason: reason, prompt_tokens, top_tokens: seq.top_tokens };
+            let completion = Completion {
+                token_ids: seq.generated,
+                text,
+                finish_reason: reason,
+                prompt_tokens,
+                top_tokens: seq.top_tokens,
+            };
             let _ = seq.events.send(Event::Finished(completion));
         }
         Ok(())
@@ -584,10 +689,13 @@ fn finish_reason(ctx: &ModelContext, max_model_len: usize, seq: &Sequence) -> Op
     if seq.params.is_stop(last) {
         return Some(FinishReason::Stop);
     }
-    if !seq.params.stop.is_empty() && stop_string_at(&decode(ctx, &seq.generated), &seq.params.stop).is_some() {
+    if !seq.params.stop.is_empty()
+        && stop_string_at(&decode(ctx, &seq.generated), &seq.params.stop).is_some()
+    {
         return Some(FinishReason::Stop);
     }
-    (seq.generated.len() >= seq.params.max_tokens || seq.len() >= max_model_len).then_some(FinishReason::Length)
+    (seq.generated.len() >= seq.params.max_tokens || seq.len() >= max_model_len)
+        .then_some(FinishReason::Length)
 }
 
 /// Generated text without special tokens (empty for a checkpoint without a tokenizer).
@@ -600,5 +708,9 @@ fn decode(ctx: &ModelContext, tokens: &[u32]) -> String {
 
 /// Byte offset where the earliest stop string starts in `text`.
 fn stop_string_at(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }

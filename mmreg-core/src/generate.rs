@@ -24,9 +24,21 @@ impl PreparedInputs {
         let mapped = self
             .mapped
             .iter()
-            .map(|(m, t)| (*m, TensorMap(t.iter().map(|(k, v)| (k.to_owned(), v.shallow_clone())).collect())))
+            .map(|(m, t)| {
+                (
+                    *m,
+                    TensorMap(
+                        t.iter()
+                            .map(|(k, v)| (k.to_owned(), v.shallow_clone()))
+                            .collect(),
+                    ),
+                )
+            })
             .collect();
-        Self { processed: self.processed.clone(), mapped }
+        Self {
+            processed: self.processed.clone(),
+            mapped,
+        }
     }
 }
 
@@ -196,7 +208,10 @@ pub fn generate(
 /// The `k` most likely token ids of a `[1, vocab]` or `[vocab]` logits row.
 pub fn top_token_ids(logits: &Tensor, k: usize) -> Result<Vec<u32>> {
     let (_, top) = logits.flatten(0, -1).f_topk(k as i64, 0, true, true)?;
-    Ok(Vec::<i64>::try_from(top.to_device(Device::Cpu))?.into_iter().map(|t| t as u32).collect())
+    Ok(Vec::<i64>::try_from(top.to_device(Device::Cpu))?
+        .into_iter()
+        .map(|t| t as u32)
+        .collect())
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.

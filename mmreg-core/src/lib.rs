@@ -10,8 +10,8 @@ extern crate self as mmreg_core;
 pub mod attention;
 pub mod check;
 mod context;
-pub mod engine;
 pub mod cuda;
+pub mod engine;
 mod error;
 pub mod generate;
 mod inputs;
@@ -29,7 +29,10 @@ pub mod weights;
 pub mod __private;
 
 pub use context::ModelContext;
-pub use engine::{Completion, Engine, EngineOptions, EngineProfile, Event, FinishReason, ImageSource, Request, RequestHandle};
+pub use engine::{
+    Completion, Engine, EngineOptions, EngineProfile, Event, FinishReason, ImageSource, Request,
+    RequestHandle,
+};
 pub use error::{Error, Result};
 pub use inputs::{
     DummyRequest, ImageInput, ImageSize, ModalityCounts, MultiModalData, MultiModalItem,

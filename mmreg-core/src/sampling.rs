@@ -62,7 +62,10 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Self { params: params.clone(), rng }
+        Self {
+            params: params.clone(),
+            rng,
+        }
     }
 
     /// The next token from `[vocab]` (or `[1, vocab]`) logits.

@@ -81,7 +81,10 @@ fn caching_allocator_statistics_follow_an_allocation() {
     drop(tensor);
     let after = mmreg_core::cuda::memory_stats(0).expect("statistics");
     let (free, total) = mmreg_core::cuda::mem_get_info(0).expect("cudaMemGetInfo");
-    println!("allocated {} -> {} -> {} bytes, peak {}, free {free} of {total}", before.allocated, during.allocated, after.allocated, after.peak_allocated);
+    println!(
+        "allocated {} -> {} -> {} bytes, peak {}, free {free} of {total}",
+        before.allocated, during.allocated, after.allocated, after.peak_allocated
+    );
     assert_eq!(during.allocated - before.allocated, 1 << 30);
     assert_eq!(after.allocated, before.allocated);
     assert!(after.peak_allocated >= before.allocated + (1 << 30));

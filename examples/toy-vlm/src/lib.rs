@@ -89,7 +89,7 @@ impl ModalityInputs for ToyImageInputs {
 }
 
 /// Mean colour of each cell, in [0, 1].
-fn map_images(ctx: &ModelContext, images: &[ImageInput]) -> Result<ToyImageInputs> {
+pub fn map_images(ctx: &ModelContext, images: &[ImageInput]) -> Result<ToyImageInputs> {
     let config = ctx.config::<ToyConfig>()?;
     let mut cells = Vec::new();
     let mut counts = Vec::with_capacity(images.len());
@@ -108,7 +108,7 @@ fn map_images(ctx: &ModelContext, images: &[ImageInput]) -> Result<ToyImageInput
 }
 
 /// The widest image allowed has `2 × grid` columns.
-fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
+pub fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
     ToyVlm::num_image_tokens(ctx, widest_image())
 }
 
@@ -120,7 +120,7 @@ fn widest_image() -> ImageSize {
 }
 
 /// As many image markers as images, each followed by filler text, padded to the requested length.
-fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
+pub fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
     let config = ctx.config::<ToyConfig>()?;
     let images = request.counts.get(mmreg_core::Modality::Image);
     let per_image = max_image_tokens(ctx)?;
@@ -139,7 +139,7 @@ fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInp
 }
 
 /// Expands each image marker into the image's placeholder tokens. Token-id prompts only (no tokenizer).
-fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
+pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
     let config = ctx.config::<ToyConfig>()?;
     let Prompt::TokenIds(ids) = inputs.prompt else {
         return Err(Error::bad_input(
