@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod commands;
 
 #[derive(Debug, Parser)]
@@ -28,8 +29,10 @@ enum Command {
     Check(commands::CheckArgs),
     /// Write exactly what the model would be fed (input_ids and mapped tensors) to a safetensors file.
     Preprocess(commands::PreprocessArgs),
-    /// Generate text for a prompt with images.
+    /// Generate text for a prompt with images, or for a JSON-lines file of requests.
     Generate(commands::GenerateArgs),
+    /// Measure prefill latency, time to first token and decode throughput.
+    Bench(bench::BenchArgs),
 }
 
 /// Parses the command line, runs the command, prints errors with their causes.
@@ -41,6 +44,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => commands::check(&args),
         Command::Preprocess(args) => commands::preprocess(&args),
         Command::Generate(args) => commands::generate(&args),
+        Command::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

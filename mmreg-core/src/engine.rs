@@ -55,7 +55,7 @@ impl Default for EngineOptions {
             gpu_memory_utilization: 0.9,
             cpu_kv_cache_bytes: 1 << 30,
             block_size: 16,
-            preprocess_threads: 2,
+            preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             max_images_per_prompt: 4,
         }
     }
@@ -172,6 +172,30 @@ pub struct EngineCounters {
     pub steps: AtomicUsize,
     /// Sequences evicted from the KV cache to make room, and recomputed later.
     pub preemptions: AtomicUsize,
+    /// Requests submitted but not yet preprocessed.
+    pub preprocessing: AtomicUsize,
+    /// Every step's shape and duration (for benchmarks), when enabled with `record_steps`.
+    pub step_log: Mutex<Option<Vec<StepTiming>>>,
+}
+
+/// One scheduler step: tokens prefilled, sequences decoded, and its wall time including sampling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTiming {
+    pub prefill_tokens: usize,
+    pub decodes: usize,
+    pub seconds: f64,
+}
+
+impl EngineCounters {
+    /// Starts (or restarts) recording step timings.
+    pub fn record_steps(&self) {
+        *self.step_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// The steps recorded since `record_steps`.
+    pub fn take_steps(&self) -> Vec<StepTiming> {
+        self.step_log.lock().unwrap_or_else(|e| e.into_inner()).replace(Vec::new()).unwrap_or_default()
+    }
 }
 
 /// A model serving many requests at once.
@@ -222,19 +246,20 @@ impl Engine {
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         let job_rx = Arc::new(Mutex::new(job_rx));
+        let counters = Arc::new(EngineCounters::default());
         let workers = (0..options.preprocess_threads.max(1))
             .map(|_| {
                 let (jobs, ready, ctx) = (job_rx.clone(), ready_tx.clone(), ctx.clone());
+                let counters = counters.clone();
                 let limits = (
                     max_model_len,
                     options.max_num_batched_tokens,
                     options.max_images_per_prompt,
                 );
-                std::thread::spawn(move || preprocess_loop(entry, &ctx, &jobs, &ready, limits))
+                std::thread::spawn(move || preprocess_loop(entry, &ctx, &jobs, &ready, &counters, limits))
             })
             .collect();
         let allocator = BlockAllocator::new(profile.kv_blocks, profile.block_size);
-        let counters = Arc::new(EngineCounters::default());
         let mut scheduler = Scheduler {
             counters: counters.clone(),
             entry,
@@ -276,7 +301,9 @@ impl Engine {
         let (events, rx) = mpsc::channel();
         match &self.jobs {
             Some(jobs) => {
+                self.counters.preprocessing.fetch_add(1, Ordering::SeqCst);
                 if let Err(mpsc::SendError(job)) = jobs.send(Job { request, events }) {
+                    self.counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
                     let _ = job.events.send(Event::Failed(Error::Registry(
                         "the engine has stopped".into(),
                     )));
@@ -426,6 +453,7 @@ fn preprocess_loop(
     ctx: &ModelContext,
     jobs: &Mutex<Receiver<Job>>,
     ready: &Sender<Ready>,
+    counters: &EngineCounters,
     (max_model_len, max_batched, max_images): (usize, usize, usize),
 ) {
     loop {
@@ -481,8 +509,12 @@ fn preprocess_loop(
                 let _ = events.send(Event::Failed(error));
             }
         }
+        counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// How long an idle scheduler waits for the rest of a burst of requests to be preprocessed.
+const BURST_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A request inside the scheduler.
 struct Sequence {
@@ -530,6 +562,16 @@ impl Scheduler {
                 match ready.recv() {
                     Ok(r) => self.enqueue(r),
                     Err(_) => return,
+                }
+                // Waking from idle: let a burst of submissions finish preprocessing (briefly) so that
+                // their prefills share the first step.
+                let deadline = std::time::Instant::now() + BURST_WAIT;
+                while self.counters.preprocessing.load(Ordering::SeqCst) > 0 {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match ready.recv_timeout(left) {
+                        Ok(r) => self.enqueue(r),
+                        Err(_) => break,
+                    }
                 }
             }
             while let Ok(r) = ready.try_recv() {
@@ -607,6 +649,7 @@ impl Scheduler {
 
     fn forward_and_sample(&mut self) -> Result<()> {
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let device = self.model.device();
         let mut embeds = Vec::with_capacity(self.running.len());
         let mut layout = Vec::with_capacity(self.running.len());
@@ -639,11 +682,18 @@ impl Scheduler {
             layout.push((seq.blocks.as_slice(), seq.len() - new_tokens, new_tokens));
         }
         let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
+        // (context, new tokens) per sequence, for the step log.
+        let shape: Vec<(usize, usize)> = layout.iter().map(|&(_, context, new)| (context, new)).collect();
         let logits = self
             .model
             .forward(&Tensor::cat(&embeds, 0), &batch, &mut self.cache)?;
-        // One host transfer for every greedy row.
+        // One host transfer for every greedy row (which also waits for the step to finish).
         let greedy = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.to_device(Device::Cpu))?;
+        if let Some(log) = self.counters.step_log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let prefill_tokens = shape.iter().filter(|&&(context, _)| context == 0).map(|&(_, new)| new).sum();
+            let decodes = shape.iter().filter(|&&(context, _)| context > 0).count();
+            log.push(StepTiming { prefill_tokens, decodes, seconds: started.elapsed().as_secs_f64() });
+        }
         let mut finished = Vec::new();
         for (row, seq) in self.running.iter_mut().enumerate() {
             seq.cached = seq.len();

@@ -1,0 +1,96 @@
+//! `mmreg bench`: prefill latency, time to first token and decode throughput of the engine on one
+//! checkpoint, printed as one JSON object.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use mmreg_core::generate;
+use mmreg_core::{Engine, EngineOptions, Event, ImageSource, Prompt, Request, SamplingParams};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// Batch sizes to measure (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub batch: Vec<usize>,
+    /// Tokens generated per request in the decode measurement.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Timed repetitions of the prefill.
+    #[arg(long, default_value_t = 5)]
+    pub repeat: usize,
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    let device = generate::parse_device(&args.device)?;
+    let options = EngineOptions { device, dtype: generate::parse_dtype(&args.dtype)?, ..EngineOptions::default() };
+    let started = Instant::now();
+    let engine = Engine::new(&args.model, options)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let profile = engine.profile().clone();
+    eprintln!("engine ready in {load_s:.1}s: {profile:?}");
+    let request = Request {
+        prompt: Prompt::Text(args.prompt.clone()),
+        images: args.images.iter().cloned().map(ImageSource::Path).collect(),
+        params: SamplingParams { max_tokens: args.max_tokens, ..SamplingParams::default() },
+    };
+    let mut results = serde_json::Map::new();
+    results.insert("load_s".into(), load_s.into());
+    for &b in &args.batch {
+        // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
+        // (vision tower, projector, decoder; preprocessing happens before, on the workers).
+        engine.generate(vec![request.clone(); b]);
+        let one_token = Request { params: SamplingParams { max_tokens: 1, ..request.params.clone() }, ..request.clone() };
+        engine.counters().record_steps();
+        for _ in 0..args.repeat {
+            engine.generate(vec![one_token.clone(); b]);
+        }
+        let steps = engine.counters().take_steps();
+        let prefill: f64 = steps.iter().filter(|s| s.prefill_tokens > 0).map(|s| s.seconds).sum();
+        results.insert(format!("prefill_bs{b}_ms"), (prefill * 1000.0 / args.repeat as f64).into());
+        results.insert(format!("prefill_steps_bs{b}"), (steps.len() as f64 / args.repeat as f64).into());
+
+        // Time to first token and decode throughput of `b` concurrent requests.
+        let t = Instant::now();
+        let handles: Vec<_> = (0..b).map(|_| engine.submit(request.clone())).collect();
+        let mut first_token = None;
+        let mut generated = 0;
+        for handle in handles {
+            while let Some(event) = handle.next_event() {
+                match event {
+                    Event::Token(_) => {
+                        first_token.get_or_insert(t.elapsed().as_secs_f64());
+                        generated += 1;
+                    }
+                    Event::Finished(completion) => {
+                        results.insert("prompt_tokens".into(), completion.prompt_tokens.into());
+                        break;
+                    }
+                    Event::Failed(e) => return Err(e.into()),
+                }
+            }
+        }
+        let total = t.elapsed().as_secs_f64();
+        let ttft = first_token.unwrap_or(total);
+        results.insert(format!("ttft_bs{b}_ms"), (ttft * 1000.0).into());
+        results.insert(format!("decode_tok_per_s_bs{b}"), ((generated - b) as f64 / (total - ttft)).into());
+    }
+    if let tch::Device::Cuda(i) = device {
+        if let Some(stats) = mmreg_core::cuda::memory_stats(i) {
+            results.insert("peak_mem_gib".into(), (stats.peak_allocated as f64 / (1u64 << 30) as f64).into());
+        }
+    }
+    println!("{}", serde_json::Value::Object(results));
+    Ok(())
+}

@@ -1,0 +1,105 @@
+"""The GPU benchmark and bf16 parity run, in one go (see docs/benchmarks.md).
+
+For LLaVA-1.5-7B shapes: HF transformers (bf16, sdpa) and mmreg on the same random checkpoint: prefill
+at batch 1 and 8, decode tokens/s at batch 1 and 8 (128 tokens), peak memory; then mmreg alone at batch
+32. For LLaVA-NeXT-Mistral-7B shapes: bf16 greedy agreement with HF by vLLM's top-5 rule over 32 tokens.
+Run from the repo root on the GPU machine after staging binaries:  python3 scripts/gpu/bench.py gpu-stage/run.sh
+"""
+import json, subprocess, sys, time
+
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+sys.path.insert(0, "scripts/gpu")
+import checkpoints  # noqa: E402
+
+RUN = sys.argv[1] if len(sys.argv) > 1 else "gpu-stage/run.sh"
+GEN = 128
+LLAVA, NEXT = "/tmp/llava-1.5-7b", "/tmp/llava-next-mistral-7b"
+IMAGE15 = "fixtures/llava-tiny-real/images/b_480x640.png"
+IMAGE_NEXT = "fixtures/llava-next-tiny-real/images/landscape_480x640.png"
+PROMPT15 = "USER: <image>\nWhat is shown in this image? Describe every detail of it, please. ASSISTANT:"
+PROMPT_NEXT = "[INST] <image>\nWhat is shown in this image? [/INST]"
+sync = torch.cuda.synchronize
+
+
+def hf_bench(model, processor):
+    inputs = processor(images=Image.open(IMAGE15), text=PROMPT15, return_tensors="pt").to("cuda")
+    print("HF prompt tokens", inputs["input_ids"].shape[1], flush=True)
+    res = {}
+    with torch.inference_mode():
+        for b in (1, 8):
+            batch = {k: v.repeat(b, *[1] * (v.dim() - 1)) for k, v in inputs.items()}
+            batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+            for _ in range(3):
+                model(**batch)
+            sync(); t = time.perf_counter()
+            for _ in range(5):
+                model(**batch)
+            sync(); prefill = (time.perf_counter() - t) / 5
+            res[f"prefill_bs{b}_ms"] = prefill * 1000
+            model.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+            sync(); t = time.perf_counter()
+            model.generate(**batch, max_new_tokens=GEN, min_new_tokens=GEN, do_sample=False)
+            sync(); el = time.perf_counter() - t
+            res[f"decode_tok_per_s_bs{b}"] = b * (GEN - 1) / (el - prefill)
+            print("HF", res, flush=True)
+    res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
+
+
+def mmreg(args):
+    out = subprocess.run([RUN, "mmreg", *args], capture_output=True, text=True)
+    sys.stderr.write(out.stderr[-3000:])
+    if out.returncode != 0:
+        print(out.stdout)
+        sys.exit(f"mmreg {args[0]} failed with {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def vllm_rule(a, a_top, b, b_top):
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return (x in b_top[i] and y in a_top[i]), i
+    return True, None
+
+
+card = torch.cuda.get_device_name(0)
+model = checkpoints.llava15(LLAVA)
+processor = AutoProcessor.from_pretrained(LLAVA, backend="pil")
+hf = hf_bench(model, processor)
+del model
+torch.cuda.empty_cache()
+ours = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8,32",
+              "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"])
+print("mmreg", ours, flush=True)
+
+model = checkpoints.llava_next_mistral(NEXT)
+processor = AutoProcessor.from_pretrained(NEXT, backend="pil")
+inputs = processor(images=Image.open(IMAGE_NEXT), text=PROMPT_NEXT, return_tensors="pt").to("cuda")
+inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+with torch.inference_mode():
+    sync(); t = time.perf_counter()
+    out = model.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None, output_scores=True,
+                         return_dict_in_generate=True)
+    sync(); hf_next_s = time.perf_counter() - t
+hf_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+hf_top = [s[0].topk(5).indices.tolist() for s in out.scores]
+del model
+torch.cuda.empty_cache()
+nx = mmreg(["generate", "--model", NEXT, "--image", IMAGE_NEXT, "--prompt", PROMPT_NEXT, "--max-tokens", "32",
+            "--device", "cuda", "--dtype", "bf16", "--json", "--ignore-eos", "--top-logprobs", "5"])
+ok, first = vllm_rule(hf_tokens, hf_top, nx["token_ids"], nx["top_tokens"])
+same = sum(x == y for x, y in zip(hf_tokens, nx["token_ids"]))
+
+print(f"\n## {card}, {time.strftime('%Y-%m-%d')}, LLaVA-1.5-7B shapes, bf16, prompt {ours.get('prompt_tokens')} tokens")
+print("| metric | HF transformers (sdpa) | mmreg |\n|---|---|---|")
+for key in ["prefill_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8", "peak_mem_gib"]:
+    print(f"| {key} | {hf.get(key, float('nan')):.1f} | {ours.get(key, float('nan')):.1f} |")
+for key in ["ttft_bs1_ms", "ttft_bs8_ms", "decode_tok_per_s_bs32", "ttft_bs32_ms", "prefill_bs32_ms"]:
+    print(f"| {key} | - | {ours.get(key, float('nan')):.1f} |")
+print(f"\nLLaVA-NeXT-Mistral-7B shapes, bf16 greedy vs HF: identical {same}/32, first difference {first}, "
+      f"vLLM top-5 rule: {'PASS' if ok else 'FAIL'} (HF generate {hf_next_s:.2f}s)")
+print("HF   :", hf_tokens)
+print("mmreg:", nx["token_ids"])
