@@ -34,7 +34,11 @@ pub struct BenchArgs {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let device = generate::parse_device(&args.device)?;
-    let options = EngineOptions { device, dtype: generate::parse_dtype(&args.dtype)?, ..EngineOptions::default() };
+    let options = EngineOptions {
+        device,
+        dtype: generate::parse_dtype(&args.dtype)?,
+        ..EngineOptions::default()
+    };
     let started = Instant::now();
     let engine = Engine::new(&args.model, options)?;
     let load_s = started.elapsed().as_secs_f64();
@@ -43,7 +47,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let request = Request {
         prompt: Prompt::Text(args.prompt.clone()),
         images: args.images.iter().cloned().map(ImageSource::Path).collect(),
-        params: SamplingParams { max_tokens: args.max_tokens, ..SamplingParams::default() },
+        params: SamplingParams {
+            max_tokens: args.max_tokens,
+            ..SamplingParams::default()
+        },
     };
     let mut results = serde_json::Map::new();
     results.insert("load_s".into(), load_s.into());
@@ -51,15 +58,31 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
         // (vision tower, projector, decoder; preprocessing happens before, on the workers).
         engine.generate(vec![request.clone(); b]);
-        let one_token = Request { params: SamplingParams { max_tokens: 1, ..request.params.clone() }, ..request.clone() };
+        let one_token = Request {
+            params: SamplingParams {
+                max_tokens: 1,
+                ..request.params.clone()
+            },
+            ..request.clone()
+        };
         engine.counters().record_steps();
         for _ in 0..args.repeat {
             engine.generate(vec![one_token.clone(); b]);
         }
         let steps = engine.counters().take_steps();
-        let prefill: f64 = steps.iter().filter(|s| s.prefill_tokens > 0).map(|s| s.seconds).sum();
-        results.insert(format!("prefill_bs{b}_ms"), (prefill * 1000.0 / args.repeat as f64).into());
-        results.insert(format!("prefill_steps_bs{b}"), (steps.len() as f64 / args.repeat as f64).into());
+        let prefill: f64 = steps
+            .iter()
+            .filter(|s| s.prefill_tokens > 0)
+            .map(|s| s.seconds)
+            .sum();
+        results.insert(
+            format!("prefill_bs{b}_ms"),
+            (prefill * 1000.0 / args.repeat as f64).into(),
+        );
+        results.insert(
+            format!("prefill_steps_bs{b}"),
+            (steps.len() as f64 / args.repeat as f64).into(),
+        );
 
         // Time to first token and decode throughput of `b` concurrent requests.
         let t = Instant::now();
@@ -84,11 +107,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let total = t.elapsed().as_secs_f64();
         let ttft = first_token.unwrap_or(total);
         results.insert(format!("ttft_bs{b}_ms"), (ttft * 1000.0).into());
-        results.insert(format!("decode_tok_per_s_bs{b}"), ((generated - b) as f64 / (total - ttft)).into());
+        results.insert(
+            format!("decode_tok_per_s_bs{b}"),
+            ((generated - b) as f64 / (total - ttft)).into(),
+        );
     }
     if let tch::Device::Cuda(i) = device {
         if let Some(stats) = mmreg_core::cuda::memory_stats(i) {
-            results.insert("peak_mem_gib".into(), (stats.peak_allocated as f64 / (1u64 << 30) as f64).into());
+            results.insert(
+                "peak_mem_gib".into(),
+                (stats.peak_allocated as f64 / (1u64 << 30) as f64).into(),
+            );
         }
     }
     println!("{}", serde_json::Value::Object(results));

@@ -194,7 +194,11 @@ impl EngineCounters {
 
     /// The steps recorded since `record_steps`.
     pub fn take_steps(&self) -> Vec<StepTiming> {
-        self.step_log.lock().unwrap_or_else(|e| e.into_inner()).replace(Vec::new()).unwrap_or_default()
+        self.step_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(Vec::new())
+            .unwrap_or_default()
     }
 }
 
@@ -256,7 +260,9 @@ impl Engine {
                     options.max_num_batched_tokens,
                     options.max_images_per_prompt,
                 );
-                std::thread::spawn(move || preprocess_loop(entry, &ctx, &jobs, &ready, &counters, limits))
+                std::thread::spawn(move || {
+                    preprocess_loop(entry, &ctx, &jobs, &ready, &counters, limits)
+                })
             })
             .collect();
         let allocator = BlockAllocator::new(profile.kv_blocks, profile.block_size);
@@ -683,16 +689,33 @@ impl Scheduler {
         }
         let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
         // (context, new tokens) per sequence, for the step log.
-        let shape: Vec<(usize, usize)> = layout.iter().map(|&(_, context, new)| (context, new)).collect();
+        let shape: Vec<(usize, usize)> = layout
+            .iter()
+            .map(|&(_, context, new)| (context, new))
+            .collect();
         let logits = self
             .model
             .forward(&Tensor::cat(&embeds, 0), &batch, &mut self.cache)?;
         // One host transfer for every greedy row (which also waits for the step to finish).
         let greedy = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.to_device(Device::Cpu))?;
-        if let Some(log) = self.counters.step_log.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-            let prefill_tokens = shape.iter().filter(|&&(context, _)| context == 0).map(|&(_, new)| new).sum();
+        if let Some(log) = self
+            .counters
+            .step_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let prefill_tokens = shape
+                .iter()
+                .filter(|&&(context, _)| context == 0)
+                .map(|&(_, new)| new)
+                .sum();
             let decodes = shape.iter().filter(|&&(context, _)| context > 0).count();
-            log.push(StepTiming { prefill_tokens, decodes, seconds: started.elapsed().as_secs_f64() });
+            log.push(StepTiming {
+                prefill_tokens,
+                decodes,
+                seconds: started.elapsed().as_secs_f64(),
+            });
         }
         let mut finished = Vec::new();
         for (row, seq) in self.running.iter_mut().enumerate() {
