@@ -20,6 +20,27 @@ pub fn paged_attention(
 ) -> Result<Tensor> {
     cache.write(layer, key, value, &batch.new_slots)?;
     let gqa = query.size()[1] != key.size()[1];
+    if let Some((slots, mask)) = &batch.decode_gather {
+        // One attention call for all single-token decodes, over their contexts padded to the longest.
+        let (n, longest) = (mask.size()[0], mask.size()[3]);
+        let (k, v) = cache.gather(layer, slots)?;
+        let heads_first = |t: Tensor| {
+            t.view([n, longest, t.size()[1], t.size()[2]])
+                .transpose(1, 2)
+        };
+        let q = query.unsqueeze(2); // [n, heads, 1, d]
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &heads_first(k),
+            &heads_first(v),
+            Some(mask),
+            0.0,
+            false,
+            scale,
+            gqa,
+        )?;
+        return Ok(out.squeeze_dim(2));
+    }
     let mut outputs = Vec::with_capacity(batch.sequences.len());
     for seq in &batch.sequences {
         // [n, heads, d] → [1, heads, n, d]

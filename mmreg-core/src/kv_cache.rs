@@ -156,6 +156,10 @@ pub struct AttentionBatch {
     pub sequences: Vec<SequenceSlice>,
     /// Rows to compute logits for (usually each sequence's last token); all rows when `None`.
     pub logits_indices: Option<Tensor>,
+    /// For a step of several single-token decodes: every sequence's slots padded to the longest
+    /// (`[sequences * longest]`) and which of them are real (`[sequences, 1, 1, longest]`), so that
+    /// attention runs once for the whole step.
+    pub decode_gather: Option<(Tensor, Tensor)>,
 }
 
 /// Cache slots of tokens `0..len` of a sequence that owns `blocks`.
@@ -177,6 +181,16 @@ pub fn attention_batch(
     let mut slices = Vec::with_capacity(sequences.len());
     let mut logits_rows = Vec::with_capacity(sequences.len());
     let mut start = 0i64;
+    let all_decodes = sequences.len() > 1
+        && sequences
+            .iter()
+            .all(|&(_, context, len)| len == 1 && context > 0);
+    let longest = sequences
+        .iter()
+        .map(|&(_, context, len)| context + len)
+        .max()
+        .unwrap_or(0);
+    let (mut padded, mut valid) = (Vec::new(), Vec::new());
     for &(blocks, context, len) in sequences {
         if blocks.len() * block_size < context + len {
             return Err(Error::Registry(format!(
@@ -186,6 +200,14 @@ pub fn attention_batch(
             )));
         }
         let all = slots(blocks, block_size, 0..context + len);
+        if all_decodes {
+            padded.extend(
+                all.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, longest - all.len())),
+            );
+            valid.extend((0..longest).map(|i| i < all.len()));
+        }
         positions.extend((context..context + len).map(|p| p as i64));
         new_slots.extend_from_slice(&all[context..]);
         slices.push(SequenceSlice {
@@ -203,5 +225,13 @@ pub fn attention_batch(
         sequences: slices,
         logits_indices: last_token_logits
             .then(|| Tensor::from_slice(&logits_rows).to_device(device)),
+        decode_gather: all_decodes.then(|| {
+            let mask =
+                Tensor::from_slice(&valid).view([sequences.len() as i64, 1, 1, longest as i64]);
+            (
+                Tensor::from_slice(&padded).to_device(device),
+                mask.to_device(device),
+            )
+        }),
     })
 }

@@ -85,8 +85,20 @@ fn caching_allocator_statistics_follow_an_allocation() {
         "allocated {} -> {} -> {} bytes, peak {}, free {free} of {total}",
         before.allocated, during.allocated, after.allocated, after.peak_allocated
     );
-    assert_eq!(during.allocated - before.allocated, 1 << 30);
-    assert_eq!(after.allocated, before.allocated);
-    assert!(after.peak_allocated >= before.allocated + (1 << 30));
-    assert!(free <= total && total > 1 << 30);
+    assert!(
+        during.allocated >= before.allocated + (1 << 30),
+        "{before:?} -> {during:?}"
+    );
+    assert!(
+        after.allocated + (1 << 30) <= during.allocated,
+        "{during:?} -> {after:?}"
+    );
+    assert!(
+        after.peak_allocated >= before.allocated + (1 << 30),
+        "{after:?}"
+    );
+    assert!(
+        free <= total && total > 1 << 30,
+        "free {free}, total {total}"
+    );
 }
