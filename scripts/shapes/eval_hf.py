@@ -15,7 +15,7 @@
 * Writes ``<model>/eval_hf.json`` (accuracy, confusions, versions).
 
 Run (from the repo root):
-    ~/.cache/mmreg/pydev/bin/python scripts/shapes/eval_hf.py [--model assets/shapes-llava] [--n 300] [--goldens 40]
+    ~/.cache/mmreg/pydev/bin/python scripts/shapes/eval_hf.py [--model assets/shapes-llava] [--n 500] [--goldens 40]
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def greedy(model, enc) -> list[int]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(REPO / "assets" / "shapes-llava"))
-    ap.add_argument("--n", type=int, default=300, help="held-out images (indices 0..n-1 of seed 2)")
+    ap.add_argument("--n", type=int, default=500, help="held-out images (indices 0..n-1 of seed 2)")
     ap.add_argument("--goldens", type=int, default=40, help="how many of them become goldens (first G)")
     a = ap.parse_args()
     torch.set_num_threads(1)
