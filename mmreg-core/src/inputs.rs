@@ -16,6 +16,9 @@ pub enum Prompt {
     TokenIds(Vec<u32>),
 }
 
+/// The most pixels an image may have (64 Mi, e.g. 8192x8192): larger ones are refused from their header.
+pub const MAX_IMAGE_PIXELS: u64 = 64 << 20;
+
 /// One decoded image and a name for it (its path, or `image #i`) used in error messages.
 #[derive(Debug, Clone)]
 pub struct ImageInput {
@@ -39,13 +42,31 @@ impl ImageInput {
         Self::decode(name, &bytes)
     }
 
-    /// Decodes encoded image bytes (PNG, JPEG, …).
+    /// Decodes encoded image bytes (PNG, JPEG, …). The size in the header is checked against
+    /// [`MAX_IMAGE_PIXELS`] before any pixel is allocated, so a decompression bomb costs nothing.
     pub fn decode(name: impl Into<Arc<str>>, bytes: &[u8]) -> Result<Self> {
         let name = name.into();
-        let image = image::load_from_memory(bytes).map_err(|e| Error::bad_input(&*name, e))?;
-        if image.width() == 0 || image.height() == 0 {
-            return Err(Error::bad_input(&*name, "the image has no pixels"));
+        let bad = |reason: &dyn std::fmt::Display| Error::bad_input(&*name, reason);
+        let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format();
+        let (width, height) = reader()
+            .map_err(|e| bad(&e))?
+            .into_dimensions()
+            .map_err(|e| bad(&e))?;
+        if width == 0 || height == 0 {
+            return Err(bad(&format!(
+                "the image is {width}x{height}: it has no pixels"
+            )));
         }
+        if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+            return Err(bad(&format!(
+                "the image is {width}x{height} = {} pixels, over the limit of {MAX_IMAGE_PIXELS}",
+                u64::from(width) * u64::from(height)
+            )));
+        }
+        let image = reader()
+            .map_err(|e| bad(&e))?
+            .decode()
+            .map_err(|e| bad(&e))?;
         Ok(Self { name, image })
     }
 

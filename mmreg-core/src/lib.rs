@@ -36,7 +36,7 @@ pub use engine::{
 pub use error::{Error, Result};
 pub use inputs::{
     DummyRequest, ImageInput, ImageSize, ModalityCounts, MultiModalData, MultiModalItem,
-    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt,
+    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, MAX_IMAGE_PIXELS,
 };
 pub use kv_cache::{AttentionBatch, KvCacheSpec, PagedKvCache};
 pub use modality::Modality;
