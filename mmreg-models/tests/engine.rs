@@ -71,7 +71,7 @@ fn llava_requests() -> Vec<Request> {
     vec![
         request(
             "USER: <image>\nWhat is shown in this image? ASSISTANT:",
-            &[a.clone()],
+            std::slice::from_ref(&a),
             greedy(12),
         ),
         request(

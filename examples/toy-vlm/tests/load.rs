@@ -29,7 +29,7 @@ fn request(i: usize) -> (Request, bool) {
     };
     let params = SamplingParams {
         max_tokens: 1 + i % 6,
-        temperature: if i % 3 == 0 { 0.7 } else { 0.0 },
+        temperature: if i.is_multiple_of(3) { 0.7 } else { 0.0 },
         seed: Some(i as u64),
         ..SamplingParams::default()
     };
