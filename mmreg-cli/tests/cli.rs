@@ -173,3 +173,43 @@ fn bad_image_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn preprocess_on_llava_next_writes_the_counted_placeholders_and_image_sizes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("next.safetensors");
+    let image = "fixtures/llava-next-tiny-real/images/portrait_500x316.png";
+    let prompt = "[INST] <image>\nWhat is shown in this image? [/INST]";
+    mmreg(&[
+        "preprocess",
+        "--model",
+        "fixtures/llava-next-tiny-real",
+        "--prompt",
+        prompt,
+        "--image",
+        image,
+        "--out",
+        out.to_str().expect("path"),
+    ]);
+    let tensors = Tensor::read_safetensors(&out).expect("readable");
+    let get = |name: &str| {
+        &tensors
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .1
+    };
+    // 500x316 (height x width): best canvas 672x336, unpadded grid 38x24, 576 + 38 * 25 = 1526 tokens.
+    assert_eq!(
+        get("input_ids")
+            .eq(32000)
+            .sum(tch::Kind::Int64)
+            .int64_value(&[]),
+        1526
+    );
+    assert_eq!(
+        Vec::<i64>::try_from(get("image_sizes").flatten(0, -1)).expect("i64"),
+        vec![500, 316]
+    );
+    assert_eq!(get("pixel_values").size(), vec![1, 3, 3, 336, 336]);
+}

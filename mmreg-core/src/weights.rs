@@ -163,6 +163,13 @@ impl Weights {
                 info.dtype
             ))
         })?;
+        if is_float(kind) && !is_float(source_kind) {
+            return Err(Error::Weights(format!(
+                "tensor `{name}` has dtype {:?} in {} but the model expects floating-point weights",
+                info.dtype,
+                self.files[info.file].0.display()
+            )));
+        }
         let bytes = &self.files[info.file].1[info.start..info.end];
         let tensor = Tensor::f_from_data_size(bytes, &info.shape, source_kind)?;
         let tensor = if source_kind == kind {
@@ -280,6 +287,13 @@ fn shards_of(index: &Path) -> Result<Vec<PathBuf>> {
     }
     shards.sort();
     Ok(shards)
+}
+
+fn is_float(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
+    )
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {

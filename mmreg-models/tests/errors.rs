@@ -140,3 +140,49 @@ fn overlong_prompt_is_rejected_before_the_model_runs() {
         "{error}"
     );
 }
+
+#[test]
+fn integer_weights_are_refused_with_their_dtype() {
+    let dir = edited_checkpoint(|t| {
+        let entry = t
+            .iter_mut()
+            .find(|(n, _)| n == "language_model.model.norm.weight")
+            .expect("present");
+        entry.1 = Tensor::ones([32], (Kind::Int64, tch::Device::Cpu));
+    });
+    let error = load_error(dir.path());
+    assert!(
+        error.starts_with("tensor `language_model.norm.weight` has dtype I64")
+            && error.ends_with("expects floating-point weights"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_text_prompt_without_a_tokenizer_is_a_clear_error() {
+    let ctx = ModelContext::from_dir(tiny_hf()).expect("context");
+    let entry = Registry::global().for_context(&ctx).expect("registered");
+    let inputs = ProcessorInputs {
+        prompt: Prompt::Text("hello".into()),
+        multimodal: MultiModalData::default(),
+    };
+    let error = prepare(entry, &ctx, inputs, 100)
+        .expect_err("no tokenizer")
+        .to_string();
+    assert!(
+        error.ends_with("no tokenizer.json: give the prompt as token ids or add a tokenizer"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_empty_prompt_is_refused() {
+    let ctx = ModelContext::from_dir(tiny_hf()).expect("context");
+    let entry = Registry::global().for_context(&ctx).expect("registered");
+    let inputs = ProcessorInputs {
+        prompt: Prompt::TokenIds(vec![]),
+        multimodal: MultiModalData::default(),
+    };
+    let error = prepare(entry, &ctx, inputs, 100).expect_err("empty");
+    assert!(matches!(error, Error::EmptyPrompt), "{error}");
+}
