@@ -299,3 +299,62 @@ pub fn write_checkpoint(dir: &std::path::Path, seed: i64) -> Result<()> {
 fn anyhow_io(error: std::io::Error) -> Error {
     Error::Other(error.into())
 }
+
+/// Implements `LoadModel`, `MultiModalModel` and `SupportsVision` for a newtype around [`ToyVlm`], so that
+/// tests can register variants of the toy (other dummy data, a wrong processor) in a few lines.
+#[macro_export]
+macro_rules! toy_newtype {
+    ($name:ident) => {
+        impl mmreg_core::LoadModel for $name {
+            fn load(
+                ctx: &mmreg_core::ModelContext,
+                weights: &mmreg_core::Weights,
+                options: &mmreg_core::LoadOptions,
+            ) -> mmreg_core::Result<Self> {
+                <$crate::ToyVlm as mmreg_core::LoadModel>::load(ctx, weights, options).map($name)
+            }
+        }
+
+        impl mmreg_core::SupportsVision for $name {
+            type ImageInputs = $crate::ToyImageInputs;
+            fn num_image_tokens(
+                ctx: &mmreg_core::ModelContext,
+                size: mmreg_core::ImageSize,
+            ) -> mmreg_core::Result<usize> {
+                <$crate::ToyVlm as mmreg_core::SupportsVision>::num_image_tokens(ctx, size)
+            }
+            fn embed_images(
+                &self,
+                inputs: $crate::ToyImageInputs,
+            ) -> mmreg_core::Result<Vec<tch::Tensor>> {
+                self.0.embed_images(inputs)
+            }
+        }
+
+        impl mmreg_core::MultiModalModel for $name {
+            fn embed_tokens(&self, token_ids: &tch::Tensor) -> mmreg_core::Result<tch::Tensor> {
+                self.0.embed_tokens(token_ids)
+            }
+            fn forward(
+                &self,
+                inputs_embeds: &tch::Tensor,
+                batch: &mmreg_core::AttentionBatch,
+                cache: &mut mmreg_core::PagedKvCache,
+            ) -> mmreg_core::Result<tch::Tensor> {
+                self.0.forward(inputs_embeds, batch, cache)
+            }
+            fn kv_cache_spec(&self) -> mmreg_core::KvCacheSpec {
+                self.0.kv_cache_spec()
+            }
+            fn device(&self) -> tch::Device {
+                self.0.device()
+            }
+            fn dtype(&self) -> tch::Kind {
+                self.0.dtype()
+            }
+            fn max_model_len(&self) -> usize {
+                self.0.max_model_len()
+            }
+        }
+    };
+}

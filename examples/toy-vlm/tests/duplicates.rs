@@ -1,11 +1,9 @@
 //! Two registrations of the same architecture, and of the same hook, are reported with both locations.
 
 use mmreg_core::{
-    register_dummy_data, register_model, AttentionBatch, DummyRequest, KvCacheSpec, LoadModel,
-    LoadOptions, ModelContext, MultiModalModel, PagedKvCache, ProcessorInputs, Registry, Result,
-    Weights,
+    register_dummy_data, register_model, DummyRequest, ModelContext, ProcessorInputs, Registry,
+    Result,
 };
-use tch::{Device, Kind, Tensor};
 use toy_vlm::ToyVlm;
 
 /// Claims the toy's architecture a second time, and registers its dummy data twice.
@@ -20,37 +18,8 @@ fn no_dummy_data(_: &ModelContext, _: &DummyRequest) -> Result<ProcessorInputs> 
     ))
 }
 
-impl LoadModel for Impostor {
-    fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
-        ToyVlm::load(ctx, weights, options).map(Impostor)
-    }
-}
-
-impl MultiModalModel for Impostor {
-    fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
-        self.0.embed_tokens(token_ids)
-    }
-    fn forward(
-        &self,
-        inputs_embeds: &Tensor,
-        batch: &AttentionBatch,
-        cache: &mut PagedKvCache,
-    ) -> Result<Tensor> {
-        self.0.forward(inputs_embeds, batch, cache)
-    }
-    fn kv_cache_spec(&self) -> KvCacheSpec {
-        self.0.kv_cache_spec()
-    }
-    fn device(&self) -> Device {
-        self.0.device()
-    }
-    fn dtype(&self) -> Kind {
-        self.0.dtype()
-    }
-    fn max_model_len(&self) -> usize {
-        self.0.max_model_len()
-    }
-}
+// Only `LoadModel` is needed to register a model; the toy's newtype macro brings it.
+toy_vlm::toy_newtype!(Impostor);
 
 #[test]
 fn duplicates_are_reported_with_both_locations() {

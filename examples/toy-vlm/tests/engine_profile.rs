@@ -3,12 +3,10 @@
 
 use mmreg_core::{
     register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
-    register_model, AttentionBatch, DummyRequest, Engine, EngineOptions, ImageSize, KvCacheSpec,
-    LoadModel, LoadOptions, ModelContext, MultiModalModel, PagedKvCache, ProcessorInputs, Prompt,
-    Request, Result, SamplingParams, SupportsVision, Weights,
+    register_model, DummyRequest, Engine, EngineOptions, ModelContext, ProcessorInputs, Prompt,
+    Request, Result, SamplingParams,
 };
-use tch::{Device, Kind, Tensor};
-use toy_vlm::{ToyImageInputs, ToyVlm};
+use toy_vlm::ToyVlm;
 
 /// The toy model under another architecture name, whose dummy data is half as long and has no images.
 #[register_model("ToyLeanForCausalLM")]
@@ -26,47 +24,7 @@ fn lean_dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<Process
     toy_vlm::dummy_data(ctx, &half)
 }
 
-impl LoadModel for ToyLean {
-    fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
-        ToyVlm::load(ctx, weights, options).map(ToyLean)
-    }
-}
-
-impl SupportsVision for ToyLean {
-    type ImageInputs = ToyImageInputs;
-    fn num_image_tokens(ctx: &ModelContext, size: ImageSize) -> Result<usize> {
-        ToyVlm::num_image_tokens(ctx, size)
-    }
-    fn embed_images(&self, inputs: ToyImageInputs) -> Result<Vec<Tensor>> {
-        self.0.embed_images(inputs)
-    }
-}
-
-impl MultiModalModel for ToyLean {
-    fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
-        self.0.embed_tokens(token_ids)
-    }
-    fn forward(
-        &self,
-        inputs_embeds: &Tensor,
-        batch: &AttentionBatch,
-        cache: &mut PagedKvCache,
-    ) -> Result<Tensor> {
-        self.0.forward(inputs_embeds, batch, cache)
-    }
-    fn kv_cache_spec(&self) -> KvCacheSpec {
-        self.0.kv_cache_spec()
-    }
-    fn device(&self) -> Device {
-        self.0.device()
-    }
-    fn dtype(&self) -> Kind {
-        self.0.dtype()
-    }
-    fn max_model_len(&self) -> usize {
-        self.0.max_model_len()
-    }
-}
+toy_vlm::toy_newtype!(ToyLean);
 
 fn checkpoint(architecture: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
