@@ -169,9 +169,10 @@ pub fn preprocess(args: &PreprocessArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (config.json, safetensors, tokenizer.json, preprocessor_config.json).
+    /// Checkpoint directory (config.json, safetensors, tokenizer.json, preprocessor_config.json);
+    /// default: the embedded demo model, a tiny LLaVA that describes shapes (prompt "<image> describe:").
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Prompt text; each `<image>` marks where an image goes.
     #[arg(
         long,
@@ -302,7 +303,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         cpu_kv_cache_bytes: (args.cpu_kv_cache_gib * (1u64 << 30) as f64) as usize,
         ..EngineOptions::default()
     };
-    let engine = Engine::new(&args.model, options)?;
+    let model = args.model.clone().unwrap_or_else(demo_model);
+    let engine = Engine::new(&model, options)
+        .with_context(|| format!("starting the engine on {}", model.display()))?;
     let eos = eos_token_id(engine.context());
     let Some(path) = &args.requests else {
         let line = RequestLine {
@@ -359,6 +362,19 @@ fn completion_json(completion: &Completion, top_logprobs: usize) -> serde_json::
         json["top_tokens"] = serde_json::json!(completion.top_tokens);
     }
     json
+}
+
+/// The demo checkpoint shipped in `assets/shapes-llava` (see docs/demo-model.md).
+pub fn demo_model() -> PathBuf {
+    let built_in = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../assets/shapes-llava"
+    ));
+    if built_in.join("config.json").exists() {
+        built_in
+    } else {
+        PathBuf::from("assets/shapes-llava")
+    }
 }
 
 fn context(dir: Option<&PathBuf>) -> Result<ModelContext> {

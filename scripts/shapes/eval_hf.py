@@ -12,6 +12,7 @@
   recorded in ``<model>/goldens.json`` with the prompt, its ids, HF's generated ids (including the final </s>,
   as mmreg's Generation.token_ids) and text, and the true caption. The images can also be recreated with
   ``data.make_sample(2, index)`` or ``scripts/shapes/data.py --split heldout --n 40 --out DIR``.
+* The same for the demo images in ``<model>/samples/`` (key "samples" of goldens.json).
 * Writes ``<model>/eval_hf.json`` (accuracy, confusions, versions).
 
 Run (from the repo root):
@@ -113,6 +114,18 @@ def main():
                             "generated_ids": r["generated_ids"], "generated_text": r["generated_text"],
                             "true_caption": r["true_caption"], "exact_match": r["exact_match"]})
 
+    samples = []  # the demo images of <model>/samples (written by train.py), same procedure
+    sample_caps = json.loads((model_dir / "samples" / "captions.json").read_text(encoding="utf-8"))
+    for f, cap in sample_caps.items():
+        img = Image.open(model_dir / "samples" / f)
+        img.load()
+        ids = greedy(eager, proc(images=[img], text=PROMPT, return_tensors="pt"))
+        text = proc.tokenizer.decode(ids, skip_special_tokens=True)
+        samples.append({"image": f"samples/{f}", "width": img.width, "height": img.height, "prompt": PROMPT,
+                        "generated_ids": ids, "generated_text": text, "true_caption": cap,
+                        "exact_match": text == cap})
+        print(f"sample {f}: {text!r} {'OK' if text == cap else 'MISS, want ' + repr(cap)}")
+
     versions = {"transformers": transformers.__version__, "torch": torch.__version__,
                 "tokenizers": tokenizers.__version__, "PIL": PIL.__version__, "numpy": np.__version__}
     meta = {
@@ -128,6 +141,7 @@ def main():
                            "scripts/shapes/data.py --split heldout --n 40 --out DIR",
         "versions": versions,
         "goldens": goldens,
+        "samples": samples,
     }
     (model_dir / "goldens.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     report = {"heldout_images": len(rows), "exact_match": n_ok, "accuracy": acc,

@@ -281,6 +281,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--bench", action="store_true", help="time 10 training steps on 480 images and exit")
+    ap.add_argument("--samples-only", action="store_true", help="only (re)write <out>/samples/ and exit")
     ap.add_argument("--set", nargs="*", default=[], help="override recipe entries, KEY=VALUE (experiments)")
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -289,6 +290,9 @@ def main():
         k, v = kv.split("=", 1)
         r[k] = type(RECIPE[k])(v) if not isinstance(RECIPE[k], list) else json.loads(v)
     out = Path(a.out)
+    if a.samples_only:
+        write_samples(out)
+        return
     if a.bench:
         r.update(train_images=480, steps=10, val_images=0)
         out = Path("/tmp/shapes-llava-bench")
@@ -397,25 +401,29 @@ def main():
 
 
 def pick_samples() -> list[tuple[int, "PIL.Image.Image", str]]:
-    """Five held-out-seed images beyond the evaluated range (indices >= 10000): one per (kind, aspect) slot below,
-    the first index that fills each slot, so the sizes and layouts vary."""
+    """Six held-out-seed images beyond the evaluated range (indices >= 10000): for each slot below, the first index
+    that fills it, so sizes, aspect ratios, counts and positions (center included) vary."""
     seed = data.SPLIT_SEEDS["heldout"]
-    slots = [("one", "land"), ("one", "port"), ("two", "land"), ("two", "port"), ("two", "square")]
+    slots = [("one", "land", False), ("one", "port", False), ("one", "square", True),
+             ("two", "land", False), ("two", "port", True), ("two", "square", False)]
     found, i = {}, 10000
     while len(found) < len(slots):
         img, cap, _ = data.make_sample(seed, i)
         kind = "two" if " and " in cap else "one"
         w, h = img.size
         asp = "land" if w > 1.25 * h else "port" if h > 1.25 * w else "square"
-        if (kind, asp) in slots and (kind, asp) not in found:
-            found[(kind, asp)] = (i, img, cap)
+        key = (kind, asp, "center" in cap)
+        if key in slots and key not in found:
+            found[key] = (i, img, cap)
         i += 1
     return [found[k] for k in slots]
 
 
 def write_samples(out: Path):
     sd = out / "samples"
-    sd.mkdir(parents=True, exist_ok=True)
+    if sd.exists():
+        shutil.rmtree(sd)
+    sd.mkdir(parents=True)
     caps = {}
     for i, img, cap in pick_samples():
         f = f"shapes_{i:05d}_{img.width}x{img.height}.png"
