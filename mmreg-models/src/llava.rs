@@ -130,37 +130,61 @@ fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
 /// `seq_len` tokens: one `<image>` per requested image (expanded by the processor), then filler.
 fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
     let config = ctx.config::<LlavaConfig>()?;
-    let images = request.counts.get(Modality::Image);
-    let filler = request
-        .seq_len
-        .saturating_sub(images * image_tokens(&config)?);
-    let mut ids = vec![config.image_token_index; images];
-    ids.extend(std::iter::repeat_n(0, filler));
     let side = config.vision_config.image_size as u32;
-    let image = image::DynamicImage::new_rgb8(side, side);
+    let size = ImageSize {
+        width: side,
+        height: side,
+    };
+    Ok(dummy_prompt(
+        config.image_token_index,
+        image_tokens(&config)?,
+        size,
+        request,
+    ))
+}
+
+/// `request.seq_len` token ids after expansion: one image marker per requested image of `size` (each
+/// `tokens` long once expanded), then filler. Shared with LLaVA-NeXT.
+pub(crate) fn dummy_prompt(
+    image_token: u32,
+    tokens: usize,
+    size: ImageSize,
+    request: &DummyRequest,
+) -> ProcessorInputs {
+    let images = request.counts.get(Modality::Image);
+    let mut ids = vec![image_token; images];
+    ids.extend(std::iter::repeat_n(
+        0,
+        request.seq_len.saturating_sub(images * tokens),
+    ));
+    let image = image::DynamicImage::new_rgb8(size.width, size.height);
     let images = (0..images)
         .map(|i| ImageInput::new(format!("dummy image {i}"), image.clone()))
         .collect();
-    Ok(ProcessorInputs {
+    ProcessorInputs {
         prompt: Prompt::TokenIds(ids),
         multimodal: MultiModalData::with_images(images),
-    })
+    }
+}
+
+/// Token ids of a prompt: text is tokenized with BOS, as HF's processor does; ids pass through.
+pub(crate) fn prompt_ids(ctx: &ModelContext, prompt: Prompt) -> Result<Vec<u32>> {
+    match prompt {
+        Prompt::TokenIds(ids) => Ok(ids),
+        Prompt::Text(text) => Ok(ctx
+            .tokenizer()?
+            .encode(text, true)
+            .map_err(|e| Error::bad_input("prompt", e))?
+            .get_ids()
+            .to_vec()),
+    }
 }
 
 /// Tokenizes a text prompt (BOS included, as HF's processor does) and expands every `<image>` token
 /// into the image's placeholder tokens.
 fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
     let config = ctx.config::<LlavaConfig>()?;
-    let ids = match inputs.prompt {
-        Prompt::TokenIds(ids) => ids,
-        Prompt::Text(text) => {
-            let encoding = ctx
-                .tokenizer()?
-                .encode(text, true)
-                .map_err(|e| Error::bad_input("prompt", e))?;
-            encoding.get_ids().to_vec()
-        }
-    };
+    let ids = prompt_ids(ctx, inputs.prompt)?;
     expand_placeholders(
         &ids,
         config.image_token_index,

@@ -5,9 +5,9 @@
 
 use mmreg_core::{
     register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
-    register_model, AnyresPixelValues, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize,
-    KvCacheSpec, LoadModel, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
-    PagedKvCache, ProcessedInputs, ProcessorInputs, Prompt, Result, SupportsVision, Weights,
+    register_model, AnyresPixelValues, AttentionBatch, DummyRequest, Error, ImageSize, KvCacheSpec,
+    LoadModel, LoadOptions, ModelContext, MultiModalModel, PagedKvCache, ProcessedInputs,
+    ProcessorInputs, Result, SupportsVision, Weights,
 };
 use mmreg_image::select_best_resolution;
 use serde::Deserialize;
@@ -15,8 +15,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::layers::Loader;
 use crate::llava::{
-    canonical_weight_name, expand_placeholders, impl_multimodal_model_via_parts, LlavaConfig,
-    LlavaParts,
+    canonical_weight_name, dummy_prompt, expand_placeholders, impl_multimodal_model_via_parts,
+    prompt_ids, LlavaConfig, LlavaParts,
 };
 
 /// config.json of a LLaVA-NeXT checkpoint: LLaVA's keys plus the grid pinpoints.
@@ -139,34 +139,18 @@ fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
 fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
     let config = ctx.config::<LlavaNextConfig>()?;
     let (size, tokens) = costliest_image(&config)?;
-    let images = request.counts.get(Modality::Image);
-    let mut ids = vec![config.llava.image_token_index; images];
-    ids.extend(std::iter::repeat_n(
-        0,
-        request.seq_len.saturating_sub(images * tokens),
-    ));
-    let image = image::DynamicImage::new_rgb8(size.width, size.height);
-    let images = (0..images)
-        .map(|i| ImageInput::new(format!("dummy image {i}"), image.clone()))
-        .collect();
-    Ok(ProcessorInputs {
-        prompt: Prompt::TokenIds(ids),
-        multimodal: MultiModalData::with_images(images),
-    })
+    Ok(dummy_prompt(
+        config.llava.image_token_index,
+        tokens,
+        size,
+        request,
+    ))
 }
 
 /// Tokenizes (BOS included) and expands each `<image>` into that image's number of tokens.
 fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
     let config = ctx.config::<LlavaNextConfig>()?;
-    let ids = match inputs.prompt {
-        Prompt::TokenIds(ids) => ids,
-        Prompt::Text(text) => ctx
-            .tokenizer()?
-            .encode(text, true)
-            .map_err(|e| Error::bad_input("prompt", e))?
-            .get_ids()
-            .to_vec(),
-    };
+    let ids = prompt_ids(ctx, inputs.prompt)?;
     let (token_ids, placeholders) = expand_placeholders(
         &ids,
         config.llava.image_token_index,
