@@ -8,6 +8,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cache=${MMREG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmreg}
 venv=$cache/torch-$TORCH_VERSION
 python=${PYTHON:-python3}
+# torch warns on import when numpy is absent; it is not needed here.
+export PYTHONWARNINGS=ignore
 
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
     echo "mmreg: installing torch==$TORCH_VERSION into $venv (once per user, about 3 GB)" >&2
