@@ -46,27 +46,8 @@ impl ImageInput {
     /// [`MAX_IMAGE_PIXELS`] before any pixel is allocated, so a decompression bomb costs nothing.
     pub fn decode(name: impl Into<Arc<str>>, bytes: &[u8]) -> Result<Self> {
         let name = name.into();
-        let bad = |reason: &dyn std::fmt::Display| Error::bad_input(&*name, reason);
-        let reader = || image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format();
-        let (width, height) = reader()
-            .map_err(|e| bad(&e))?
-            .into_dimensions()
-            .map_err(|e| bad(&e))?;
-        if width == 0 || height == 0 {
-            return Err(bad(&format!(
-                "the image is {width}x{height}: it has no pixels"
-            )));
-        }
-        if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
-            return Err(bad(&format!(
-                "the image is {width}x{height} = {} pixels, over the limit of {MAX_IMAGE_PIXELS}",
-                u64::from(width) * u64::from(height)
-            )));
-        }
-        let image = reader()
-            .map_err(|e| bad(&e))?
-            .decode()
-            .map_err(|e| bad(&e))?;
+        let image = mmreg_image::decode(bytes, MAX_IMAGE_PIXELS)
+            .map_err(|e| Error::bad_input(&*name, e))?;
         Ok(Self { name, image })
     }
 

@@ -49,6 +49,17 @@ pub enum ImageError {
         source: std::io::Error,
     },
 
+    /// The header claims more pixels than allowed (a decompression bomb, or just too large).
+    #[error("the image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels}", pixels = u64::from(*.width) * u64::from(*.height))]
+    TooLarge {
+        /// Width in the header.
+        width: u32,
+        /// Height in the header.
+        height: u32,
+        /// The limit.
+        max_pixels: u64,
+    },
+
     /// An image file could not be decoded.
     #[error("cannot decode image: {0}")]
     Decode(#[from] image::ImageError),

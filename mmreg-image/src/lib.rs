@@ -20,6 +20,7 @@
 mod clip;
 mod config;
 mod convert;
+mod decode;
 mod error;
 mod kernels;
 mod llava_next;
@@ -33,6 +34,7 @@ pub use config::{
     OPENAI_CLIP_STD,
 };
 pub use convert::to_rgb8;
+pub use decode::decode;
 pub use error::{ImageError, Result};
 pub use llava_next::{
     get_patch_output_size, select_best_resolution, LlavaNextImageProcessor, NextBatch,
