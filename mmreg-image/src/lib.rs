@@ -22,6 +22,8 @@ mod config;
 mod convert;
 mod decode;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod kernels;
 mod llava_next;
 mod pipeline;
