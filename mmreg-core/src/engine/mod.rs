@@ -1,0 +1,416 @@
+//! The engine: one model shared by many requests. Requests are preprocessed on worker threads (image
+//! decoding, input processor, input mapper), then a scheduler thread runs steps that mix prefills and
+//! decodes over one paged KV cache sized at startup by profiling the registered dummy data.
+
+mod profile;
+mod scheduler;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tch::{Device, Kind};
+
+use crate::generate::{prepare, PreparedInputs};
+use crate::inputs::ModalityCounts;
+use crate::kv_cache::BlockAllocator;
+use crate::registry::ModelEntry;
+use crate::sampling::SamplingParams;
+use crate::{
+    cuda, Error, ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt,
+    Registry, Result, Weights,
+};
+use profile::profile_and_allocate;
+use scheduler::Scheduler;
+
+/// How the engine is set up.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub device: Device,
+    pub dtype: Kind,
+    /// Longest sequence (prompt and output); default: the model's.
+    pub max_model_len: Option<usize>,
+    /// Sequences decoded together at most.
+    pub max_num_seqs: usize,
+    /// Tokens one step processes at most (a prompt longer than this is rejected).
+    pub max_num_batched_tokens: usize,
+    /// Share of the GPU's memory the engine may use (weights, activations and KV cache).
+    pub gpu_memory_utilization: f64,
+    /// KV cache size on the CPU, where there is no memory profile.
+    pub cpu_kv_cache_bytes: usize,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+    /// Worker threads decoding and preprocessing requests.
+    pub preprocess_threads: usize,
+    /// Images one prompt may carry.
+    pub max_images_per_prompt: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: Kind::Float,
+            max_model_len: None,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 8192,
+            gpu_memory_utilization: 0.9,
+            cpu_kv_cache_bytes: 1 << 30,
+            block_size: 16,
+            preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
+            max_images_per_prompt: 4,
+        }
+    }
+}
+
+/// An image as a request carries it.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    Path(PathBuf),
+    Bytes { name: String, bytes: Vec<u8> },
+    Decoded(ImageInput),
+}
+
+impl ImageSource {
+    fn decode(self) -> Result<ImageInput> {
+        match self {
+            ImageSource::Path(path) => ImageInput::open(path),
+            ImageSource::Bytes { name, bytes } => ImageInput::decode(name, &bytes),
+            ImageSource::Decoded(image) => Ok(image),
+        }
+    }
+}
+
+/// One request: a prompt, its images and how to sample.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Prompt,
+    pub images: Vec<ImageSource>,
+    pub params: SamplingParams,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the model length.
+    Length,
+}
+
+/// A finished request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    pub prompt_tokens: usize,
+    /// With `top_logprobs = k`: the k most likely ids at each generated position.
+    pub top_tokens: Vec<Vec<u32>>,
+}
+
+/// What a request's stream carries: its tokens as they come, then its end.
+#[derive(Debug)]
+pub enum Event {
+    Token(u32),
+    Finished(Completion),
+    Failed(Error),
+}
+
+/// A submitted request's stream of events.
+pub struct RequestHandle {
+    events: Receiver<Event>,
+}
+
+impl RequestHandle {
+    /// The next event; `None` once the request has finished or failed.
+    pub fn next_event(&self) -> Option<Event> {
+        self.events.recv().ok()
+    }
+
+    /// Waits for the end of the request.
+    pub fn wait(self) -> Result<Completion> {
+        while let Ok(event) = self.events.recv() {
+            match event {
+                Event::Token(_) => {}
+                Event::Finished(completion) => return Ok(completion),
+                Event::Failed(error) => return Err(error),
+            }
+        }
+        Err(Error::Registry(
+            "the engine stopped before the request finished".into(),
+        ))
+    }
+}
+
+/// What startup measured and decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineProfile {
+    pub weights_bytes: Option<u64>,
+    pub peak_activation_bytes: Option<u64>,
+    pub total_device_bytes: Option<u64>,
+    /// Tokens and items of the profiling run (from the registered dummy data).
+    pub dummy_prompt_tokens: usize,
+    pub dummy_items: ModalityCounts,
+    pub kv_cache_bytes: u64,
+    pub kv_blocks: usize,
+    pub block_size: usize,
+    pub max_model_len: usize,
+}
+
+struct Job {
+    request: Request,
+    events: Sender<Event>,
+}
+
+struct Ready {
+    prepared: PreparedInputs,
+    params: SamplingParams,
+    events: Sender<Event>,
+}
+
+/// Counters of the scheduler's decisions.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    pub steps: AtomicUsize,
+    /// Sequences evicted from the KV cache to make room, and recomputed later.
+    pub preemptions: AtomicUsize,
+    /// Requests submitted but not yet preprocessed.
+    pub preprocessing: AtomicUsize,
+    /// Every step's shape and duration (for benchmarks), when enabled with `record_steps`.
+    pub step_log: Mutex<Option<Vec<StepTiming>>>,
+}
+
+/// One scheduler step: tokens prefilled, sequences decoded, and its wall time including sampling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTiming {
+    pub prefill_tokens: usize,
+    pub decodes: usize,
+    pub seconds: f64,
+}
+
+impl EngineCounters {
+    /// Starts (or restarts) recording step timings.
+    pub fn record_steps(&self) {
+        *self.step_log.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// The steps recorded since `record_steps`.
+    pub fn take_steps(&self) -> Vec<StepTiming> {
+        self.step_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(Vec::new())
+            .unwrap_or_default()
+    }
+}
+
+/// A model serving many requests at once.
+pub struct Engine {
+    jobs: Option<Sender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    scheduler: Option<JoinHandle<()>>,
+    profile: EngineProfile,
+    ctx: Arc<ModelContext>,
+    counters: Arc<EngineCounters>,
+}
+
+impl Engine {
+    /// Loads the checkpoint in `dir`, validates the registry, profiles memory with the model's dummy data
+    /// and allocates the KV cache, then starts the worker and scheduler threads.
+    pub fn new(dir: impl AsRef<Path>, options: EngineOptions) -> Result<Engine> {
+        let dir = dir.as_ref();
+        Registry::global().validate()?;
+        let ctx = Arc::new(ModelContext::from_dir(dir)?);
+        let entry = Registry::global().for_context(&ctx)?;
+        let device_index = match options.device {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        if let Some(i) = device_index {
+            cuda::empty_cache();
+            cuda::reset_peak_stats(i);
+        }
+        let load = LoadOptions {
+            device: options.device,
+            dtype: options.dtype,
+        };
+        let model = entry.load(&ctx, &Weights::from_dir(dir)?, &load)?;
+        let max_model_len = options
+            .max_model_len
+            .unwrap_or(model.max_model_len())
+            .min(model.max_model_len());
+        let (cache, profile) = profile_and_allocate(
+            entry,
+            &ctx,
+            model.as_ref(),
+            &options,
+            max_model_len,
+            device_index,
+        )?;
+        tracing::info!(?profile, "engine ready");
+
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let counters = Arc::new(EngineCounters::default());
+        let workers = (0..options.preprocess_threads.max(1))
+            .map(|_| {
+                let (jobs, ready, ctx) = (job_rx.clone(), ready_tx.clone(), ctx.clone());
+                let counters = counters.clone();
+                let limits = (
+                    max_model_len,
+                    options.max_num_batched_tokens,
+                    options.max_images_per_prompt,
+                );
+                std::thread::spawn(move || {
+                    preprocess_loop(entry, &ctx, &jobs, &ready, &counters, limits)
+                })
+            })
+            .collect();
+        let allocator = BlockAllocator::new(profile.kv_blocks, profile.block_size);
+        let mut scheduler = Scheduler::new(
+            counters.clone(),
+            entry,
+            ctx.clone(),
+            model,
+            cache,
+            allocator,
+            (
+                options.max_num_seqs,
+                options.max_num_batched_tokens,
+                max_model_len,
+            ),
+        );
+        let scheduler = std::thread::spawn(move || scheduler.run(ready_rx));
+        Ok(Engine {
+            jobs: Some(job_tx),
+            workers,
+            scheduler: Some(scheduler),
+            profile,
+            ctx,
+            counters,
+        })
+    }
+
+    pub fn profile(&self) -> &EngineProfile {
+        &self.profile
+    }
+
+    pub fn counters(&self) -> &EngineCounters {
+        &self.counters
+    }
+
+    pub fn context(&self) -> &ModelContext {
+        &self.ctx
+    }
+
+    /// Queues a request; its events arrive on the returned handle.
+    pub fn submit(&self, request: Request) -> RequestHandle {
+        let (events, rx) = mpsc::channel();
+        match &self.jobs {
+            Some(jobs) => {
+                self.counters.preprocessing.fetch_add(1, Ordering::SeqCst);
+                if let Err(mpsc::SendError(job)) = jobs.send(Job { request, events }) {
+                    self.counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
+                    let _ = job.events.send(Event::Failed(Error::Registry(
+                        "the engine has stopped".into(),
+                    )));
+                }
+            }
+            None => {
+                let _ = events.send(Event::Failed(Error::Registry(
+                    "the engine has stopped".into(),
+                )));
+            }
+        }
+        RequestHandle { events: rx }
+    }
+
+    /// Runs requests together and returns their results in order.
+    pub fn generate(&self, requests: Vec<Request>) -> Vec<Result<Completion>> {
+        let handles: Vec<_> = requests.into_iter().map(|r| self.submit(r)).collect();
+        handles.into_iter().map(RequestHandle::wait).collect()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the job channel ends the workers, which closes the scheduler's channel in turn.
+        self.jobs.take();
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+        if let Some(scheduler) = self.scheduler.take() {
+            let _ = scheduler.join();
+        }
+    }
+}
+
+/// A worker: decodes images, runs the input processor and mappers, checks limits; failures go straight
+/// back to their request, so a bad request never reaches the model loop.
+fn preprocess_loop(
+    entry: &'static ModelEntry,
+    ctx: &ModelContext,
+    jobs: &Mutex<Receiver<Job>>,
+    ready: &Sender<Ready>,
+    counters: &EngineCounters,
+    (max_model_len, max_batched, max_images): (usize, usize, usize),
+) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(jobs) => jobs.recv(),
+            Err(_) => return,
+        };
+        let Ok(Job { request, events }) = job else {
+            return;
+        };
+        let params = request.params.clone();
+        let outcome = (|| {
+            if request.images.len() > max_images {
+                return Err(Error::bad_input(
+                    "request",
+                    format!(
+                        "{} images given but at most {max_images} are allowed per prompt",
+                        request.images.len()
+                    ),
+                ));
+            }
+            let images = request
+                .images
+                .into_iter()
+                .map(ImageSource::decode)
+                .collect::<Result<Vec<_>>>()?;
+            let inputs = ProcessorInputs {
+                prompt: request.prompt,
+                multimodal: MultiModalData::with_images(images),
+            };
+            // Room for at least one generated token.
+            let prepared = prepare(
+                entry,
+                ctx,
+                inputs,
+                max_model_len.saturating_sub(1).min(max_batched),
+            )?;
+            Ok(prepared)
+        })();
+        match outcome {
+            Ok(prepared) => {
+                if let Err(mpsc::SendError(ready)) = ready.send(Ready {
+                    prepared,
+                    params,
+                    events,
+                }) {
+                    let _ = ready.events.send(Event::Failed(Error::Registry(
+                        "the engine has stopped".into(),
+                    )));
+                }
+            }
+            Err(error) => {
+                let _ = events.send(Event::Failed(error));
+            }
+        }
+        counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,311 @@
+//! The scheduler thread: admits prepared requests into the KV cache, runs steps that mix prefills and
+//! decodes, samples, streams tokens, and finishes or preempts sequences.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+
+use tch::{Device, Tensor};
+
+use super::{Completion, EngineCounters, Event, FinishReason, Ready, StepTiming};
+use crate::generate::{embed_prompt, top_token_ids, PreparedInputs};
+use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
+use crate::registry::ModelEntry;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::{Error, ModelContext, MultiModalModel, Result};
+
+/// How long an idle scheduler waits for the rest of a burst of requests to be preprocessed.
+const BURST_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// A request inside the scheduler.
+struct Sequence {
+    prepared: PreparedInputs,
+    params: SamplingParams,
+    sampler: Sampler,
+    events: Sender<Event>,
+    generated: Vec<u32>,
+    top_tokens: Vec<Vec<u32>>,
+    blocks: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    cached: usize,
+}
+
+impl Sequence {
+    fn prompt_len(&self) -> usize {
+        self.prepared.processed.token_ids.len()
+    }
+
+    fn len(&self) -> usize {
+        self.prompt_len() + self.generated.len()
+    }
+}
+
+pub(super) struct Scheduler {
+    counters: Arc<EngineCounters>,
+    entry: &'static ModelEntry,
+    ctx: Arc<ModelContext>,
+    model: Box<dyn MultiModalModel>,
+    cache: PagedKvCache,
+    allocator: BlockAllocator,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    max_num_seqs: usize,
+    max_num_batched_tokens: usize,
+    max_model_len: usize,
+}
+
+impl Scheduler {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        counters: Arc<EngineCounters>,
+        entry: &'static ModelEntry,
+        ctx: Arc<ModelContext>,
+        model: Box<dyn MultiModalModel>,
+        cache: PagedKvCache,
+        allocator: BlockAllocator,
+        limits: (usize, usize, usize),
+    ) -> Self {
+        let (max_num_seqs, max_num_batched_tokens, max_model_len) = limits;
+        Self {
+            counters,
+            entry,
+            ctx,
+            model,
+            cache,
+            allocator,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            max_num_seqs,
+            max_num_batched_tokens,
+            max_model_len,
+        }
+    }
+
+    pub(super) fn run(&mut self, ready: Receiver<Ready>) {
+        let _guard = tch::no_grad_guard();
+        loop {
+            // Block only when idle; otherwise take whatever has arrived and keep stepping.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match ready.recv() {
+                    Ok(r) => self.enqueue(r),
+                    Err(_) => return,
+                }
+                // Waking from idle: let a burst of submissions finish preprocessing (briefly) so that
+                // their prefills share the first step.
+                let deadline = std::time::Instant::now() + BURST_WAIT;
+                while self.counters.preprocessing.load(Ordering::SeqCst) > 0 {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    match ready.recv_timeout(left) {
+                        Ok(r) => self.enqueue(r),
+                        Err(_) => break,
+                    }
+                }
+            }
+            while let Ok(r) = ready.try_recv() {
+                self.enqueue(r);
+            }
+            if let Err(error) = self.step() {
+                // A failed step fails the sequences in it; the engine carries on.
+                let message = error.to_string();
+                for seq in self.running.drain(..) {
+                    let _ = seq.events.send(Event::Failed(Error::Registry(format!(
+                        "model step failed: {message}"
+                    ))));
+                    self.allocator.release(&mut { seq.blocks });
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, ready: Ready) {
+        self.waiting.push_back(Sequence {
+            sampler: Sampler::new(&ready.params),
+            prepared: ready.prepared,
+            params: ready.params,
+            events: ready.events,
+            generated: Vec::new(),
+            top_tokens: Vec::new(),
+            blocks: Vec::new(),
+            cached: 0,
+        });
+    }
+
+    /// Admits waiting sequences that fit, makes room for every decode (preempting the newest sequences
+    /// if the pool runs dry; they are recomputed later), and runs one step.
+    fn step(&mut self) -> Result<()> {
+        let mut budget = self
+            .max_num_batched_tokens
+            .saturating_sub(self.running.len());
+        while let Some(seq) = self.waiting.front_mut() {
+            let tokens = seq.len();
+            let fits = self.running.len() < self.max_num_seqs
+                && (tokens <= budget || self.running.is_empty());
+            if !fits || !self.allocator.grow(&mut seq.blocks, tokens + 1) {
+                break;
+            }
+            budget = budget.saturating_sub(tokens);
+            let seq = self.waiting.pop_front().expect("front exists");
+            self.running.push(seq);
+        }
+        // Every running sequence needs room for the token this step adds.
+        let mut i = 0;
+        while i < self.running.len() {
+            let needed = self.running[i].len() + 1;
+            if self.allocator.grow(&mut self.running[i].blocks, needed) {
+                i += 1;
+            } else if let Some(mut victim) = self.running.pop() {
+                self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
+                self.allocator.release(&mut victim.blocks);
+                victim.cached = 0;
+                self.waiting.push_front(victim);
+            }
+        }
+        if self.running.is_empty() {
+            if let Some(seq) = self.waiting.pop_front() {
+                let error = Error::Registry(format!(
+                    "the KV cache ({} blocks) cannot hold a sequence of {} tokens",
+                    self.allocator.total_blocks(),
+                    seq.len()
+                ));
+                let _ = seq.events.send(Event::Failed(error));
+            }
+            return Ok(());
+        }
+        self.forward_and_sample()
+    }
+
+    fn forward_and_sample(&mut self) -> Result<()> {
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let device = self.model.device();
+        let mut embeds = Vec::with_capacity(self.running.len());
+        let mut layout = Vec::with_capacity(self.running.len());
+        for seq in &self.running {
+            let new_tokens = if seq.cached == 0 {
+                // Prefill, or recompute after preemption: the prompt (with its images), then what was generated.
+                let prompt = embed_prompt(
+                    self.entry,
+                    self.model.as_ref(),
+                    seq.prepared.shallow_clone(),
+                )?;
+                let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
+                if generated.is_empty() {
+                    embeds.push(prompt);
+                } else {
+                    let more = self
+                        .model
+                        .embed_tokens(&Tensor::from_slice(&generated).to_device(device))?;
+                    embeds.push(Tensor::cat(&[prompt, more.to_kind(self.model.dtype())], 0));
+                }
+                seq.len()
+            } else {
+                let last = seq.generated.last().copied().unwrap_or_default() as i64;
+                embeds.push(
+                    self.model
+                        .embed_tokens(&Tensor::from_slice(&[last]).to_device(device))?,
+                );
+                1
+            };
+            layout.push((seq.blocks.as_slice(), seq.len() - new_tokens, new_tokens));
+        }
+        let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
+        // (context, new tokens) per sequence, for the step log.
+        let shape: Vec<(usize, usize)> = layout
+            .iter()
+            .map(|&(_, context, new)| (context, new))
+            .collect();
+        let logits = self
+            .model
+            .forward(&Tensor::cat(&embeds, 0), &batch, &mut self.cache)?;
+        // One host transfer for every greedy row (which also waits for the step to finish).
+        let greedy = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.to_device(Device::Cpu))?;
+        if let Some(log) = self
+            .counters
+            .step_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            let prefill_tokens = shape
+                .iter()
+                .filter(|&&(context, _)| context == 0)
+                .map(|&(_, new)| new)
+                .sum();
+            let decodes = shape.iter().filter(|&&(context, _)| context > 0).count();
+            log.push(StepTiming {
+                prefill_tokens,
+                decodes,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+        let mut finished = Vec::new();
+        for (row, seq) in self.running.iter_mut().enumerate() {
+            seq.cached = seq.len();
+            let logits_row = logits.get(row as i64);
+            if seq.params.top_logprobs > 0 {
+                seq.top_tokens
+                    .push(top_token_ids(&logits_row, seq.params.top_logprobs)?);
+            }
+            let token = if seq.params.is_greedy() {
+                greedy[row] as u32
+            } else {
+                seq.sampler.sample(&logits_row)?
+            };
+            seq.generated.push(token);
+            let _ = seq.events.send(Event::Token(token));
+            if let Some(reason) = finish_reason(&self.ctx, self.max_model_len, seq) {
+                finished.push((row, reason));
+            }
+        }
+        for &(row, reason) in finished.iter().rev() {
+            let mut seq = self.running.remove(row);
+            self.allocator.release(&mut seq.blocks);
+            let prompt_tokens = seq.prompt_len();
+            let mut text = decode(&self.ctx, &seq.generated);
+            if let Some(at) = stop_string_at(&text, &seq.params.stop) {
+                text.truncate(at);
+            }
+            let completion = Completion {
+                token_ids: seq.generated,
+                text,
+                finish_reason: reason,
+                prompt_tokens,
+                top_tokens: seq.top_tokens,
+            };
+            let _ = seq.events.send(Event::Finished(completion));
+        }
+        Ok(())
+    }
+}
+
+fn finish_reason(ctx: &ModelContext, max_model_len: usize, seq: &Sequence) -> Option<FinishReason> {
+    let last = *seq.generated.last()?;
+    if seq.params.is_stop(last) {
+        return Some(FinishReason::Stop);
+    }
+    if !seq.params.stop.is_empty()
+        && stop_string_at(&decode(ctx, &seq.generated), &seq.params.stop).is_some()
+    {
+        return Some(FinishReason::Stop);
+    }
+    (seq.generated.len() >= seq.params.max_tokens || seq.len() >= max_model_len)
+        .then_some(FinishReason::Length)
+}
+
+/// Generated text without special tokens (empty for a checkpoint without a tokenizer).
+fn decode(ctx: &ModelContext, tokens: &[u32]) -> String {
+    match ctx.tokenizer() {
+        Ok(tokenizer) => tokenizer.decode(tokens, true).unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Byte offset where the earliest stop string starts in `text`.
+fn stop_string_at(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
