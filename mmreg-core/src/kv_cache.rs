@@ -137,7 +137,8 @@ impl BlockAllocator {
 }
 
 /// One sequence's part of a step: `len` new tokens at `start` in the packed batch, after `context`
-/// cached ones; `slots` address all `context + len` of its tokens in the cache.
+/// cached ones; `slots` address all `context + len` of its tokens in the cache (left empty in a step of
+/// decodes, which attends through [`AttentionBatch::decode_gather`]).
 #[derive(Debug)]
 pub struct SequenceSlice {
     pub start: i64,
@@ -210,11 +211,17 @@ pub fn attention_batch(
         }
         positions.extend((context..context + len).map(|p| p as i64));
         new_slots.extend_from_slice(&all[context..]);
+        // A step of decodes attends through `decode_gather`; only other steps need per-sequence slots.
+        let slots = if all_decodes {
+            Tensor::new()
+        } else {
+            Tensor::from_slice(&all).to_device(device)
+        };
         slices.push(SequenceSlice {
             start,
             len: len as i64,
             context: context as i64,
-            slots: Tensor::from_slice(&all).to_device(device),
+            slots,
         });
         start += len as i64;
         logits_rows.push(start - 1);

@@ -24,12 +24,12 @@ PROMPT_NEXT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 sync = torch.cuda.synchronize
 
 
-def hf_bench(model, processor):
-    inputs = processor(images=Image.open(IMAGE15), text=PROMPT15, return_tensors="pt").to("cuda")
+def hf_bench(model, processor, image, prompt, batches):
+    inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt").to("cuda")
     print("HF prompt tokens", inputs["input_ids"].shape[1], flush=True)
     res = {}
     with torch.inference_mode():
-        for b in (1, 8):
+        for b in batches:
             batch = {k: v.repeat(b, *[1] * (v.dim() - 1)) for k, v in inputs.items()}
             batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
             for _ in range(3):
@@ -68,7 +68,7 @@ def vllm_rule(a, a_top, b, b_top):
 card = torch.cuda.get_device_name(0)
 model = checkpoints.llava15(LLAVA)
 processor = AutoProcessor.from_pretrained(LLAVA, backend="pil")
-hf = hf_bench(model, processor)
+hf = hf_bench(model, processor, IMAGE15, PROMPT15, (1, 8, 32))
 del model
 torch.cuda.empty_cache()
 ours = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8,32",
@@ -86,8 +86,12 @@ with torch.inference_mode():
     sync(); hf_next_s = time.perf_counter() - t
 hf_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
 hf_top = [s[0].topk(5).indices.tolist() for s in out.scores]
+hf_nx = hf_bench(model, processor, IMAGE_NEXT, PROMPT_NEXT, (1, 8))
 del model
 torch.cuda.empty_cache()
+ours_nx = mmreg(["bench", "--model", NEXT, "--prompt", PROMPT_NEXT, "--image", IMAGE_NEXT, "--batch", "1,8",
+                 "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"])
+print("mmreg NeXT", ours_nx, flush=True)
 nx = mmreg(["generate", "--model", NEXT, "--image", IMAGE_NEXT, "--prompt", PROMPT_NEXT, "--max-tokens", "32",
             "--device", "cuda", "--dtype", "bf16", "--json", "--ignore-eos", "--top-logprobs", "5"])
 ok, first = vllm_rule(hf_tokens, hf_top, nx["token_ids"], nx["top_tokens"])
@@ -97,8 +101,14 @@ print(f"\n## {card}, {time.strftime('%Y-%m-%d')}, LLaVA-1.5-7B shapes, bf16, pro
 print("| metric | HF transformers (sdpa) | mmreg |\n|---|---|---|")
 for key in ["prefill_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8", "peak_mem_gib"]:
     print(f"| {key} | {hf.get(key, float('nan')):.1f} | {ours.get(key, float('nan')):.1f} |")
-for key in ["ttft_bs1_ms", "ttft_bs8_ms", "decode_tok_per_s_bs32", "ttft_bs32_ms", "prefill_bs32_ms"]:
+for key in ["decode_tok_per_s_bs32", "prefill_bs32_ms"]:
+    print(f"| {key} | {hf.get(key, float('nan')):.1f} | {ours.get(key, float('nan')):.1f} |")
+for key in ["ttft_bs1_ms", "ttft_bs8_ms", "ttft_bs32_ms"]:
     print(f"| {key} | - | {ours.get(key, float('nan')):.1f} |")
+print(f"\n## LLaVA-NeXT-Mistral-7B shapes, bf16, 480x640 image, prompt {ours_nx.get('prompt_tokens')} tokens")
+print("| metric | HF transformers (sdpa) | mmreg |\n|---|---|---|")
+for key in ["prefill_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8"]:
+    print(f"| {key} | {hf_nx.get(key, float('nan')):.1f} | {ours_nx.get(key, float('nan')):.1f} |")
 print(f"\nLLaVA-NeXT-Mistral-7B shapes, bf16 greedy vs HF: identical {same}/32, first difference {first}, "
       f"vLLM top-5 rule: {'PASS' if ok else 'FAIL'} (HF generate {hf_next_s:.2f}s)")
 print("HF   :", hf_tokens)

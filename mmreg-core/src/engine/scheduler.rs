@@ -179,33 +179,50 @@ impl Scheduler {
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let device = self.model.device();
+        // Every decode's last token, embedded in one call (one host-to-device copy for the step).
+        let last_tokens: Vec<i64> = self
+            .running
+            .iter()
+            .filter(|seq| seq.cached > 0)
+            .map(|seq| seq.generated.last().copied().unwrap_or_default() as i64)
+            .collect();
+        let decode_embeds = if last_tokens.is_empty() {
+            None
+        } else {
+            Some(
+                self.model
+                    .embed_tokens(&Tensor::from_slice(&last_tokens).to_device(device))?,
+            )
+        };
         let mut embeds = Vec::with_capacity(self.running.len());
         let mut layout = Vec::with_capacity(self.running.len());
+        let mut decode_row = 0;
         for seq in &self.running {
-            let new_tokens = if seq.cached == 0 {
-                // Prefill, or recompute after preemption: the prompt (with its images), then what was generated.
-                let prompt = embed_prompt(
-                    self.entry,
-                    self.model.as_ref(),
-                    seq.prepared.shallow_clone(),
-                )?;
-                let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
-                if generated.is_empty() {
-                    embeds.push(prompt);
-                } else {
-                    let more = self
-                        .model
-                        .embed_tokens(&Tensor::from_slice(&generated).to_device(device))?;
-                    embeds.push(Tensor::cat(&[prompt, more.to_kind(self.model.dtype())], 0));
+            let new_tokens = match &decode_embeds {
+                Some(decodes) if seq.cached > 0 => {
+                    embeds.push(decodes.narrow(0, decode_row, 1));
+                    decode_row += 1;
+                    1
                 }
-                seq.len()
-            } else {
-                let last = seq.generated.last().copied().unwrap_or_default() as i64;
-                embeds.push(
-                    self.model
-                        .embed_tokens(&Tensor::from_slice(&[last]).to_device(device))?,
-                );
-                1
+                _ => {
+                    // Prefill, or recompute after preemption: the prompt (with its images), then what
+                    // was generated.
+                    let prompt = embed_prompt(
+                        self.entry,
+                        self.model.as_ref(),
+                        seq.prepared.shallow_clone(),
+                    )?;
+                    let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
+                    if generated.is_empty() {
+                        embeds.push(prompt);
+                    } else {
+                        let more = self
+                            .model
+                            .embed_tokens(&Tensor::from_slice(&generated).to_device(device))?;
+                        embeds.push(Tensor::cat(&[prompt, more.to_kind(self.model.dtype())], 0));
+                    }
+                    seq.len()
+                }
             };
             layout.push((seq.blocks.as_slice(), seq.len() - new_tokens, new_tokens));
         }
