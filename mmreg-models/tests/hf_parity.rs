@@ -3,42 +3,22 @@
 
 use std::path::{Path, PathBuf};
 
-use mmreg_core::generate::{embed_prompt, generate, prefill_logits, prepare, PreparedInputs};
+use mmreg_core::generate::{generate, prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     ImageInput, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
     ProcessorInputs, Prompt, Registry, SamplingParams, TensorMap, Weights,
 };
 use mmreg_models as _;
-use tch::{Kind, Tensor};
+
+mod common;
+use common::Golden;
+use tch::Kind;
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../fixtures")
         .join(name)
-}
-
-struct Golden(Vec<(String, Tensor)>);
-
-impl Golden {
-    fn load(dir: &Path) -> Self {
-        Golden(
-            Tensor::read_safetensors(dir.join("golden.safetensors")).expect("golden.safetensors"),
-        )
-    }
-
-    fn get(&self, key: &str) -> &Tensor {
-        &self
-            .0
-            .iter()
-            .find(|(k, _)| k == key)
-            .unwrap_or_else(|| panic!("golden has no `{key}`"))
-            .1
-    }
-
-    fn ids(&self, key: &str) -> Vec<i64> {
-        Vec::<i64>::try_from(self.get(key).flatten(0, -1)).expect("i64 ids")
-    }
 }
 
 struct Checkpoint {
@@ -70,58 +50,9 @@ fn image(name: &str) -> ImageInput {
     ImageInput::open(fixture("llava-tiny-real/images").join(name)).expect("image")
 }
 
-/// Largest absolute difference relative to the largest golden magnitude.
-fn relative_error(actual: &Tensor, expected: &Tensor) -> f64 {
-    let diff = (actual - expected).abs().max().double_value(&[]);
-    diff / expected.abs().max().double_value(&[])
-}
-
 /// Prefill logits at the golden's positions, and greedy generation, against HF.
-fn assert_matches_hf(c: &Checkpoint, case: &str, prepare_inputs: impl Fn() -> PreparedInputs) {
-    let _guard = tch::no_grad_guard();
-    let prepared = prepare_inputs();
-    let ids: Vec<i64> = prepared
-        .processed
-        .token_ids
-        .iter()
-        .map(|&t| t as i64)
-        .collect();
-    assert_eq!(
-        ids,
-        c.golden.ids(&format!("{case}.input_ids")),
-        "{case}: input_ids differ from HF's"
-    );
-
-    let embeds = embed_prompt(c.entry, c.model.as_ref(), prepared).expect("embeds");
-    let logits = prefill_logits(c.model.as_ref(), &embeds).expect("prefill");
-    let positions = c.golden.get(&format!("{case}.logit_positions"));
-    let error = relative_error(
-        &logits.index_select(0, positions),
-        c.golden.get(&format!("{case}.logits")),
-    );
-    assert!(
-        error <= 1e-5,
-        "{case}: prefill logits relative error {error:e} > 1e-5"
-    );
-    let argmax = Vec::<i64>::try_from(logits.argmax(-1, false)).expect("argmax");
-    assert_eq!(
-        argmax,
-        c.golden.ids(&format!("{case}.logits_argmax")),
-        "{case}: argmax at some position differs"
-    );
-
-    let params = SamplingParams {
-        max_tokens: 20,
-        ..SamplingParams::default()
-    };
-    let generated =
-        generate(c.entry, c.model.as_ref(), prepare_inputs(), &params).expect("generates");
-    let generated: Vec<i64> = generated.token_ids.iter().map(|&t| t as i64).collect();
-    assert_eq!(
-        generated,
-        c.golden.ids(&format!("{case}.generated")),
-        "{case}: greedy tokens differ from HF's"
-    );
+fn assert_matches_hf(c: &Checkpoint, case: &str, inputs: impl Fn() -> PreparedInputs) {
+    common::assert_matches_hf(c.entry, c.model.as_ref(), &c.golden, case, inputs);
 }
 
 fn real_inputs(c: &Checkpoint, prompt: &str, images: &[&str]) -> PreparedInputs {

@@ -3,16 +3,19 @@
 
 use std::path::{Path, PathBuf};
 
-use mmreg_core::generate::{embed_prompt, generate, prefill_logits, prepare, PreparedInputs};
+use mmreg_core::generate::{prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     ImageInput, ImageSize, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
-    ProcessorInputs, Prompt, Registry, SamplingParams, SupportsVision, TensorMap, Weights,
+    ProcessorInputs, Prompt, Registry, SupportsVision, TensorMap, Weights,
 };
 use mmreg_models::llava_next::anyres_layout;
 use mmreg_models::{LlavaNext, LlavaNextConfig};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+mod common;
+use common::Golden;
 use tch::Tensor;
 
 fn fixture(name: &str) -> PathBuf {
@@ -104,7 +107,7 @@ struct Checkpoint {
     ctx: ModelContext,
     entry: &'static ModelEntry,
     model: Box<dyn MultiModalModel>,
-    golden: Vec<(String, Tensor)>,
+    golden: Golden,
     meta: Value,
 }
 
@@ -123,7 +126,7 @@ impl Checkpoint {
                 &LoadOptions::default(),
             )
             .expect("loads");
-        let golden = Tensor::read_safetensors(dir.join("golden.safetensors")).expect("golden");
+        let golden = Golden::load(&dir);
         let meta = json(dir.join("golden.json"));
         Self {
             dir,
@@ -136,60 +139,16 @@ impl Checkpoint {
     }
 
     fn get(&self, key: &str) -> &Tensor {
-        &self
-            .golden
-            .iter()
-            .find(|(k, _)| k == key)
-            .unwrap_or_else(|| panic!("golden has no `{key}`"))
-            .1
+        self.golden.get(key)
     }
 
     fn ids(&self, key: &str) -> Vec<i64> {
-        Vec::<i64>::try_from(self.get(key).flatten(0, -1)).expect("ids")
+        self.golden.ids(key)
     }
 }
 
 fn assert_matches_hf(c: &Checkpoint, case: &str, inputs: impl Fn() -> PreparedInputs) {
-    let _guard = tch::no_grad_guard();
-    let prepared = inputs();
-    let ids: Vec<i64> = prepared
-        .processed
-        .token_ids
-        .iter()
-        .map(|&t| t as i64)
-        .collect();
-    assert_eq!(
-        ids,
-        c.ids(&format!("{case}.input_ids")),
-        "{case}: input_ids differ from HF's"
-    );
-    let embeds = embed_prompt(c.entry, c.model.as_ref(), prepared).expect("embeds");
-    let logits = prefill_logits(c.model.as_ref(), &embeds).expect("prefill");
-    let expected = c.get(&format!("{case}.logits"));
-    let actual = logits.index_select(0, c.get(&format!("{case}.logit_positions")));
-    let error =
-        (&actual - expected).abs().max().double_value(&[]) / expected.abs().max().double_value(&[]);
-    assert!(
-        error <= 1e-5,
-        "{case}: prefill logits relative error {error:e} > 1e-5"
-    );
-    let argmax = Vec::<i64>::try_from(logits.argmax(-1, false)).expect("argmax");
-    assert_eq!(
-        argmax,
-        c.ids(&format!("{case}.logits_argmax")),
-        "{case}: argmax differs at some position"
-    );
-    let params = SamplingParams {
-        max_tokens: 20,
-        ..SamplingParams::default()
-    };
-    let generated = generate(c.entry, c.model.as_ref(), inputs(), &params).expect("generates");
-    let generated: Vec<i64> = generated.token_ids.iter().map(|&t| t as i64).collect();
-    assert_eq!(
-        generated,
-        c.ids(&format!("{case}.generated")),
-        "{case}: greedy tokens differ from HF's"
-    );
+    common::assert_matches_hf(c.entry, c.model.as_ref(), &c.golden, case, inputs);
 }
 
 fn sha256(tensor: &Tensor) -> String {
