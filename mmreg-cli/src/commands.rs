@@ -146,15 +146,9 @@ pub fn preprocess(args: &PreprocessArgs) -> Result<()> {
     let ctx = ModelContext::from_dir(&args.prompt.model)?;
     let entry = Registry::global().for_context(&ctx)?;
     let prepared = prepare(entry, &ctx, &args.prompt, usize::MAX)?;
-    let ids: Vec<i64> = prepared
-        .processed
-        .token_ids
-        .iter()
-        .map(|&t| t as i64)
-        .collect();
     let mut tensors = vec![(
         "input_ids".to_owned(),
-        Tensor::from_slice(&ids).unsqueeze(0),
+        prepared.processed.input_ids().unsqueeze(0),
     )];
     for (_, mapped) in prepared.mapped {
         tensors.extend(mapped.0);

@@ -23,6 +23,33 @@ fn mmreg(args: &[&str]) -> Output {
     output
 }
 
+/// Runs `mmreg preprocess` and reads back what it wrote.
+fn preprocess(model: &str, prompt: &str, image: &str) -> Vec<(String, Tensor)> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = dir.path().join("inputs.safetensors");
+    let out = out.to_str().expect("path");
+    mmreg(&[
+        "preprocess",
+        "--model",
+        model,
+        "--prompt",
+        prompt,
+        "--image",
+        image,
+        "--out",
+        out,
+    ]);
+    Tensor::read_safetensors(out).expect("readable")
+}
+
+fn tensor<'a>(tensors: &'a [(String, Tensor)], name: &str) -> &'a Tensor {
+    &tensors
+        .iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no {name}"))
+        .1
+}
+
 const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
 
 #[test]
@@ -76,28 +103,9 @@ fn check_passes_on_the_tiny_checkpoint() {
 
 #[test]
 fn preprocess_writes_what_the_model_is_fed() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("inputs.safetensors");
     let image = "fixtures/llava-tiny-real/images/a_300x200.png";
-    mmreg(&[
-        "preprocess",
-        "--model",
-        "fixtures/llava-tiny-real",
-        "--prompt",
-        PROMPT,
-        "--image",
-        image,
-        "--out",
-        out.to_str().expect("path"),
-    ]);
-    let tensors = Tensor::read_safetensors(&out).expect("readable");
-    let get = |name: &str| {
-        &tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no {name}"))
-            .1
-    };
+    let tensors = preprocess("fixtures/llava-tiny-real", PROMPT, image);
+    let get = |name: &str| tensor(&tensors, name);
     let ids = get("input_ids");
     assert_eq!(ids.kind(), tch::Kind::Int64);
     assert_eq!(ids.eq(32000).sum(tch::Kind::Int64).int64_value(&[]), 576);
@@ -176,29 +184,10 @@ fn bad_image_is_a_clear_error() {
 
 #[test]
 fn preprocess_on_llava_next_writes_the_counted_placeholders_and_image_sizes() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let out = dir.path().join("next.safetensors");
     let image = "fixtures/llava-next-tiny-real/images/portrait_500x316.png";
     let prompt = "[INST] <image>\nWhat is shown in this image? [/INST]";
-    mmreg(&[
-        "preprocess",
-        "--model",
-        "fixtures/llava-next-tiny-real",
-        "--prompt",
-        prompt,
-        "--image",
-        image,
-        "--out",
-        out.to_str().expect("path"),
-    ]);
-    let tensors = Tensor::read_safetensors(&out).expect("readable");
-    let get = |name: &str| {
-        &tensors
-            .iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no {name}"))
-            .1
-    };
+    let tensors = preprocess("fixtures/llava-next-tiny-real", prompt, image);
+    let get = |name: &str| tensor(&tensors, name);
     // 500x316 (height x width): best canvas 672x336, unpadded grid 38x24, 576 + 38 * 25 = 1526 tokens.
     assert_eq!(
         get("input_ids")

@@ -105,16 +105,8 @@ pub fn check_model(
             .map(|(name, t)| (name.to_owned(), t.size()))
             .collect();
         if let Some(model) = model {
-            let device = model.device();
-            let on_device = crate::TensorMap(
-                mapped
-                    .0
-                    .into_iter()
-                    .map(|(k, t)| (k, t.to_device(device)))
-                    .collect(),
-            );
             let rows: Vec<usize> = entry
-                .embed(model, modality, on_device)?
+                .embed(model, modality, mapped)?
                 .iter()
                 .map(|t| t.size().first().copied().unwrap_or(0) as usize)
                 .collect();

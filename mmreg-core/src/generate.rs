@@ -75,22 +75,9 @@ pub fn embed_prompt(
     prepared: PreparedInputs,
 ) -> Result<Tensor> {
     let device = model.device();
-    let ids: Vec<i64> = prepared
-        .processed
-        .token_ids
-        .iter()
-        .map(|&t| t as i64)
-        .collect();
-    let ids = Tensor::from_slice(&ids).to_device(device);
+    let ids = prepared.processed.input_ids().to_device(device);
     let embeds = model.embed_tokens(&ids)?;
     for (modality, tensors) in prepared.mapped {
-        let tensors = TensorMap(
-            tensors
-                .0
-                .into_iter()
-                .map(|(k, t)| (k, t.to_device(device)))
-                .collect(),
-        );
         let features = entry.embed(model, modality, tensors)?;
         let mut ranges: Vec<_> = prepared
             .processed

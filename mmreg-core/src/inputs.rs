@@ -153,6 +153,12 @@ pub struct ProcessedInputs {
 }
 
 impl ProcessedInputs {
+    /// The token ids as a 1-D i64 tensor on the CPU, as the model (and `mmreg preprocess`) takes them.
+    pub fn input_ids(&self) -> tch::Tensor {
+        let ids: Vec<i64> = self.token_ids.iter().map(|&t| i64::from(t)).collect();
+        tch::Tensor::from_slice(&ids)
+    }
+
     /// Placeholder lengths for one modality, in item order.
     pub fn placeholder_lengths(&self, modality: Modality) -> Vec<usize> {
         let mut ranges: Vec<_> = self

@@ -465,7 +465,8 @@ impl ModelEntry {
         }
     }
 
-    /// Runs the model's vision (or other modality) path: one `[tokens, hidden]` tensor per item.
+    /// Runs the model's vision (or other modality) path on the mapper's tensors (moved to the model's
+    /// device here): one `[tokens, hidden]` tensor per item.
     pub fn embed(
         &self,
         model: &dyn MultiModalModel,
@@ -473,7 +474,17 @@ impl ModelEntry {
         inputs: TensorMap,
     ) -> Result<Vec<Tensor>> {
         match self.mapper(modality)? {
-            Hook::InputMapper { embed, .. } => embed(model, inputs),
+            Hook::InputMapper { embed, .. } => {
+                let device = model.device();
+                let inputs = TensorMap(
+                    inputs
+                        .0
+                        .into_iter()
+                        .map(|(k, t)| (k, t.to_device(device)))
+                        .collect(),
+                );
+                embed(model, inputs)
+            }
             _ => unreachable!("mapper slots hold input mappers"),
         }
     }
