@@ -1,6 +1,6 @@
 //! Links libtorch (see `build/libtorch.rs`) and compiles the CUDA shim: the caching allocator's memory
-//! statistics, which tch does not expose. Without CUDA headers the shim is left out and the statistics
-//! report themselves unavailable.
+//! statistics and CUDA graphs, which tch does not expose. Without CUDA headers the shim is left out, the
+//! statistics report themselves unavailable and decode steps run without graphs.
 
 include!("../build/libtorch.rs");
 
@@ -24,7 +24,7 @@ fn main() {
         .map(|p| site.join(p))
         .find(|p| p.join("cuda_runtime_api.h").exists())
     else {
-        println!("cargo:warning=no CUDA headers next to libtorch: CUDA memory statistics will be unavailable");
+        println!("cargo:warning=no CUDA headers next to libtorch: CUDA memory statistics and graphs will be unavailable");
         return;
     };
     // The runtime wheel lacks nvcc's `crt/` headers that cuda_runtime.h includes; triton (a torch
@@ -37,7 +37,7 @@ fn main() {
     .iter()
     .map(|p| site.join(p))
     .find(|p| p.join("crt/host_config.h").exists()) else {
-        println!("cargo:warning=no CUDA crt/ headers next to libtorch: CUDA memory statistics will be unavailable");
+        println!("cargo:warning=no CUDA crt/ headers next to libtorch: CUDA memory statistics and graphs will be unavailable");
         return;
     };
     cc::Build::new()
@@ -53,5 +53,6 @@ fn main() {
         .compile("mmreg_cuda_shim");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=torch_cuda");
     println!("cargo:rustc-cfg=mmreg_cuda_shim");
 }

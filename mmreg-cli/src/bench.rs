@@ -79,6 +79,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             format!("prefill_bs{b}_ms"),
             (prefill * 1000.0 / args.repeat as f64).into(),
         );
+        let embed: f64 = steps
+            .iter()
+            .filter(|s| s.prefill_tokens > 0)
+            .map(|s| s.embed_seconds)
+            .sum();
+        results.insert(
+            format!("prefill_embed_bs{b}_ms"),
+            (embed * 1000.0 / args.repeat as f64).into(),
+        );
         results.insert(
             format!("prefill_steps_bs{b}"),
             (steps.len() as f64 / args.repeat as f64).into(),

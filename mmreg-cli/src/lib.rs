@@ -37,6 +37,13 @@ enum Command {
 
 /// Parses the command line, runs the command, prints errors with their causes.
 pub fn main() -> ExitCode {
+    // Warnings (a CUDA graph that could not be captured, say) on stderr; MMREG_LOG=debug for more.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MMREG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Models => commands::models(),

@@ -1,7 +1,9 @@
-// CUDA memory statistics from PyTorch's caching allocator, which tch does not expose. Every function
-// catches C++ exceptions and returns non-zero instead, so nothing unwinds into Rust.
+// What tch does not expose of libtorch's CUDA side: the caching allocator's memory statistics and CUDA
+// graphs. Every function catches C++ exceptions and returns non-zero instead, so nothing unwinds into Rust.
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
 #include <dlfcn.h>
 #include <cstdint>
 
@@ -62,6 +64,95 @@ int mmreg_cuda_mem_get_info(int device, int64_t* out) {
     }
     out[0] = static_cast<int64_t>(free);
     out[1] = static_cast<int64_t>(total);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+}
+
+// CUDA graphs (tch has none): capture the kernels a closure launches on a side stream, replay them later
+// with one launch. All graphs share one memory pool, so their intermediates reuse the same memory; they
+// must then be replayed one at a time, which the engine's single scheduler thread guarantees.
+struct MmregGraph {
+  at::cuda::CUDAGraph graph;
+  c10::cuda::CUDAStream stream;
+  c10::DeviceIndex device;
+  explicit MmregGraph(c10::DeviceIndex d) : stream(c10::cuda::getStreamFromPool(false, d)), device(d) {}
+};
+
+extern "C" {
+
+void* mmreg_graph_new(int device) {
+  try {
+    return new MmregGraph(static_cast<c10::DeviceIndex>(device));
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+void mmreg_graph_free(void* graph) {
+  try {
+    delete static_cast<MmregGraph*>(graph);
+  } catch (...) {
+  }
+}
+
+// Makes the graph's side stream current on this thread (after the device is idle), so that what runs
+// next is ordered on it: the warm-up, then the capture.
+int mmreg_graph_enter_stream(void* graph) {
+  try {
+    auto* g = static_cast<MmregGraph*>(graph);
+    c10::cuda::device_synchronize();
+    c10::cuda::setCurrentCUDAStream(g->stream);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// Waits for the side stream and makes the device's default stream current again.
+int mmreg_graph_leave_stream(void* graph) {
+  try {
+    auto* g = static_cast<MmregGraph*>(graph);
+    g->stream.synchronize();
+    c10::cuda::setCurrentCUDAStream(c10::cuda::getDefaultCUDAStream(g->device));
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// pool: the shared pool's id (both zero: a new pool). Thread-local capture mode: worker threads that
+// allocate or copy meanwhile do not invalidate the capture.
+int mmreg_graph_capture_begin(void* graph, uint64_t pool0, uint64_t pool1) {
+  try {
+    auto* g = static_cast<MmregGraph*>(graph);
+    g->graph.capture_begin({pool0, pool1}, cudaStreamCaptureModeThreadLocal);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// Ends the capture; out: the pool's id, for the next graph to share.
+int mmreg_graph_capture_end(void* graph, uint64_t* out) {
+  try {
+    auto* g = static_cast<MmregGraph*>(graph);
+    g->graph.capture_end();
+    auto pool = g->graph.pool();
+    out[0] = pool.first;
+    out[1] = pool.second;
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// Launches the captured kernels on the current stream.
+int mmreg_graph_replay(void* graph) {
+  try {
+    static_cast<MmregGraph*>(graph)->graph.replay();
     return 0;
   } catch (...) {
     return 1;

@@ -1,5 +1,8 @@
-//! CUDA memory statistics of the caching allocator, through the C++ shim in `csrc/cuda_shim.cpp`.
-//! Every function returns `None` (or does nothing) where CUDA or the shim is unavailable.
+//! What tch lacks of libtorch's CUDA side, through the C++ shim in `csrc/cuda_shim.cpp`: memory
+//! statistics of the caching allocator, and CUDA graphs. The statistics are `None` (and the other calls do
+//! nothing) where CUDA or the shim is unavailable; capturing a graph there is an error.
+
+use crate::{Error, Result};
 
 /// Bytes held by PyTorch's caching allocator on one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,11 +15,74 @@ pub struct MemoryStats {
 
 pub use shim::{empty_cache, mem_get_info, memory_stats, reset_peak_stats};
 
+/// Whether [`Graph::capture`] can work in this build and on this machine, and is not switched off with
+/// `MMREG_NO_CUDA_GRAPHS=1` (everything then runs eagerly, as with vLLM's `enforce_eager`).
+pub fn graphs_available() -> bool {
+    let off = std::env::var("MMREG_NO_CUDA_GRAPHS").is_ok_and(|v| !v.is_empty() && v != "0");
+    cfg!(mmreg_cuda_shim) && !off && tch::Cuda::is_available()
+}
+
+/// A captured sequence of kernels, replayed with one launch. The tensors the captured code read and wrote
+/// keep their addresses: refill the inputs in place (`copy_`) before [`Graph::replay`], and read the
+/// outputs it returned at capture afterwards.
+pub struct Graph {
+    raw: shim::RawGraph,
+}
+
+/// The memory pool graphs share (see [`Graph::capture`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GraphPool(u64, u64);
+
+impl Graph {
+    /// Runs `f` once on a side stream to warm up (lazy initialisation, cuBLAS workspaces), then again under
+    /// capture, and returns the graph with what the captured run returned. Intermediates live in `pool`
+    /// (a new one if `None`; [`Graph::pool`] gives it for the next capture): graphs sharing a pool must not
+    /// run concurrently, and one graph's outputs may be overwritten by another's replay.
+    pub fn capture<T>(
+        device: usize,
+        pool: Option<GraphPool>,
+        mut f: impl FnMut() -> Result<T>,
+    ) -> Result<(Graph, T, GraphPool)> {
+        if !graphs_available() {
+            return Err(Error::Registry(
+                "CUDA graphs are unavailable: no CUDA device or no CUDA shim in this build".into(),
+            ));
+        }
+        let raw = shim::RawGraph::new(device)?;
+        raw.enter_stream()?;
+        let warm = f().map(drop);
+        let captured = warm.and_then(|()| {
+            raw.capture_begin(pool.unwrap_or(GraphPool(0, 0)))?;
+            let result = f();
+            // End the capture even when `f` failed, so the stream is usable again.
+            let ended = raw.capture_end();
+            Ok((result?, ended?))
+        });
+        let left = raw.leave_stream();
+        let (value, pool) = captured?;
+        left?;
+        Ok((Graph { raw }, value, pool))
+    }
+
+    /// Launches the captured kernels on the current stream.
+    pub fn replay(&self) -> Result<()> {
+        self.raw.replay()
+    }
+}
+
 #[cfg(mmreg_cuda_shim)]
 mod shim {
-    use super::MemoryStats;
+    use super::{GraphPool, MemoryStats};
+    use crate::{Error, Result};
 
     extern "C" {
+        fn mmreg_graph_new(device: i32) -> *mut std::ffi::c_void;
+        fn mmreg_graph_free(graph: *mut std::ffi::c_void);
+        fn mmreg_graph_enter_stream(graph: *mut std::ffi::c_void) -> i32;
+        fn mmreg_graph_leave_stream(graph: *mut std::ffi::c_void) -> i32;
+        fn mmreg_graph_capture_begin(graph: *mut std::ffi::c_void, pool0: u64, pool1: u64) -> i32;
+        fn mmreg_graph_capture_end(graph: *mut std::ffi::c_void, out: *mut u64) -> i32;
+        fn mmreg_graph_replay(graph: *mut std::ffi::c_void) -> i32;
         fn mmreg_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
         fn mmreg_cuda_reset_peak_stats(device: i32) -> i32;
         fn mmreg_cuda_empty_cache() -> i32;
@@ -65,11 +131,107 @@ mod shim {
             unsafe { mmreg_cuda_empty_cache() };
         }
     }
+
+    /// An owned `at::cuda::CUDAGraph` with its side stream.
+    pub struct RawGraph(*mut std::ffi::c_void);
+
+    // SAFETY: the graph is used by one thread at a time (it is not Sync); CUDA graphs and streams are not
+    // tied to the thread that made them.
+    unsafe impl Send for RawGraph {}
+
+    fn check(status: i32, what: &str) -> Result<()> {
+        match status {
+            0 => Ok(()),
+            _ => Err(Error::Registry(format!("CUDA graph: {what} failed"))),
+        }
+    }
+
+    impl RawGraph {
+        pub fn new(device: usize) -> Result<Self> {
+            // SAFETY: returns an owned pointer or null; catches every C++ exception.
+            let raw = unsafe { mmreg_graph_new(device as i32) };
+            if raw.is_null() {
+                return Err(Error::Registry("CUDA graph: creation failed".into()));
+            }
+            Ok(Self(raw))
+        }
+
+        pub fn enter_stream(&self) -> Result<()> {
+            // SAFETY: `self.0` is a live graph; the shim catches every C++ exception.
+            check(
+                unsafe { mmreg_graph_enter_stream(self.0) },
+                "switching to its stream",
+            )
+        }
+
+        pub fn leave_stream(&self) -> Result<()> {
+            // SAFETY: as above.
+            check(
+                unsafe { mmreg_graph_leave_stream(self.0) },
+                "leaving its stream",
+            )
+        }
+
+        pub fn capture_begin(&self, pool: GraphPool) -> Result<()> {
+            // SAFETY: as above.
+            check(
+                unsafe { mmreg_graph_capture_begin(self.0, pool.0, pool.1) },
+                "starting the capture",
+            )
+        }
+
+        pub fn capture_end(&self) -> Result<GraphPool> {
+            let mut out = [0u64; 2];
+            // SAFETY: as above; the shim writes two values.
+            check(
+                unsafe { mmreg_graph_capture_end(self.0, out.as_mut_ptr()) },
+                "ending the capture (was something in it not capturable?)",
+            )?;
+            Ok(GraphPool(out[0], out[1]))
+        }
+
+        pub fn replay(&self) -> Result<()> {
+            // SAFETY: as above.
+            check(unsafe { mmreg_graph_replay(self.0) }, "replay")
+        }
+    }
+
+    impl Drop for RawGraph {
+        fn drop(&mut self) {
+            // SAFETY: `self.0` came from `mmreg_graph_new` and is freed once.
+            unsafe { mmreg_graph_free(self.0) }
+        }
+    }
 }
 
 #[cfg(not(mmreg_cuda_shim))]
 mod shim {
-    use super::MemoryStats;
+    use super::{GraphPool, MemoryStats};
+    use crate::{Error, Result};
+
+    /// Never made: [`super::Graph::capture`] fails first without the shim.
+    pub struct RawGraph;
+
+    impl RawGraph {
+        pub fn new(_device: usize) -> Result<Self> {
+            Err(Error::Registry("CUDA graphs need the CUDA shim".into()))
+        }
+        pub fn enter_stream(&self) -> Result<()> {
+            Ok(())
+        }
+        pub fn leave_stream(&self) -> Result<()> {
+            Ok(())
+        }
+        pub fn capture_begin(&self, _pool: GraphPool) -> Result<()> {
+            Ok(())
+        }
+        pub fn capture_end(&self) -> Result<GraphPool> {
+            Ok(GraphPool(0, 0))
+        }
+        pub fn replay(&self) -> Result<()> {
+            Ok(())
+        }
+    }
 
     pub fn memory_stats(_device: usize) -> Option<MemoryStats> {
         None

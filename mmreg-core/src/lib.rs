@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod engine;
 mod error;
 pub mod generate;
+pub mod graphs;
 mod inputs;
 pub mod kv_cache;
 mod modality;

@@ -102,3 +102,21 @@ fn caching_allocator_statistics_follow_an_allocation() {
         "free {free}, total {total}"
     );
 }
+
+#[test]
+fn a_captured_graph_replays_with_new_inputs() {
+    let Some(device) = cuda() else { return };
+    let mut x = Tensor::zeros([1024], (Kind::Float, device));
+    let w = Tensor::randn([1024, 1024], (Kind::Float, device));
+    let (graph, y, _pool) =
+        mmreg_core::cuda::Graph::capture(0, None, || Ok(w.mv(&x).relu() + 1.0)).expect("captures");
+    for seed in 0..3 {
+        let input = Tensor::randn([1024], (Kind::Float, device)) * (seed + 1) as f64;
+        x.copy_(&input);
+        graph.replay().expect("replays");
+        let expected = w.mv(&input).relu() + 1.0;
+        let error = max_relative_error(&y, &expected);
+        println!("graph replay {seed}: relative error {error:.2e}");
+        assert!(error < 1e-5, "replay {seed} differs from eager: {error}");
+    }
+}

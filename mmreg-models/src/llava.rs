@@ -2,6 +2,9 @@
 //! (or Mistral) decoder. Every image becomes `(image_size / patch_size)²` placeholder tokens (576 for
 //! the released checkpoints), counted by [`image_tokens`] alone.
 
+use std::sync::Mutex;
+
+use mmreg_core::graphs::GraphCache;
 use mmreg_core::{
     register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
     register_model, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec,
@@ -289,6 +292,8 @@ pub(crate) struct LlavaParts {
     pub(crate) language_model: Llama,
     feature_layers: Vec<usize>,
     drops_cls: bool,
+    /// The vision path for each pixel-value shape, replayed as a CUDA graph on a GPU.
+    vision_graphs: Mutex<GraphCache<Vec<i64>>>,
 }
 
 impl LlavaParts {
@@ -313,12 +318,30 @@ impl LlavaParts {
             language_model: Llama::load(&loader.pp("language_model"), &loader.pp("lm_head"), text)?,
             drops_cls: config.drops_cls()?,
             feature_layers,
+            vision_graphs: Mutex::new(GraphCache::new(loader.options.device)),
         })
     }
 
     /// Projected features `[n, tokens, hidden]` of `[n, 3, H, W]` pixel values: the selected layers'
-    /// hidden states (CLS dropped under `default`), concatenated, through the projector.
-    pub(crate) fn image_features(&self, pixel_values: &Tensor) -> Tensor {
+    /// hidden states (CLS dropped under `default`), concatenated, through the projector. On a GPU the
+    /// path runs as one CUDA graph per shape (its few hundred kernels are too short to launch one by one).
+    pub(crate) fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let mut graphs = self
+            .vision_graphs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let features = graphs.run(pixel_values.size(), &[pixel_values], |inputs| {
+            Ok(self.image_features_eager(&inputs[0]))
+        })?;
+        // A replay's output is overwritten by the next replay.
+        Ok(if graphs.captures() {
+            features.copy()
+        } else {
+            features
+        })
+    }
+
+    fn image_features_eager(&self, pixel_values: &Tensor) -> Tensor {
         let states = self
             .vision_tower
             .hidden_states(pixel_values, &self.feature_layers);
@@ -357,7 +380,7 @@ impl SupportsVision for Llava {
     }
 
     fn embed_images(&self, inputs: PixelValues) -> Result<Vec<Tensor>> {
-        let features = self.parts.image_features(&inputs.pixel_values);
+        let features = self.parts.image_features(&inputs.pixel_values)?;
         let rows = features.size()[1] as usize;
         if rows != self.tokens_per_image {
             return Err(Error::Registry(format!(
@@ -402,6 +425,10 @@ macro_rules! impl_multimodal_model_via_parts {
 
             fn max_model_len(&self) -> usize {
                 self.parts.language_model.config.max_position_embeddings
+            }
+
+            fn supports_decode_graphs(&self) -> bool {
+                true
             }
         }
     };

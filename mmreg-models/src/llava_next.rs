@@ -209,7 +209,7 @@ impl SupportsVision for LlavaNext {
             .enumerate()
             .map(|(i, &n)| inputs.pixel_values.get(i as i64).narrow(0, 0, n))
             .collect();
-        let features = self.parts.image_features(&Tensor::cat(&real, 0));
+        let features = self.parts.image_features(&Tensor::cat(&real, 0))?;
         features
             .split_with_sizes(&patches, 0)
             .iter()

@@ -31,6 +31,17 @@ fn greedy(max_tokens: usize) -> SamplingParams {
     }
 }
 
+/// Both ways of running decode steps: packed like any step, and in fixed shapes (what CUDA graphs
+/// replay on a GPU; run without capture here).
+const DECODE_MODES: [Option<bool>; 2] = [Some(false), Some(true)];
+
+fn with_decode_graphs(decode_graphs: Option<bool>) -> EngineOptions {
+    EngineOptions {
+        decode_graphs,
+        ..EngineOptions::default()
+    }
+}
+
 /// The same requests one at a time, without the engine.
 fn sequential(dir: &Path, requests: &[Request]) -> Vec<Vec<u32>> {
     let ctx = ModelContext::from_dir(dir).expect("context");
@@ -100,14 +111,16 @@ fn batched_outputs_equal_one_at_a_time_outputs() {
     let dir = fixture("llava-tiny-real");
     let requests = llava_requests();
     let expected = sequential(&dir, &requests);
-    let engine = Engine::new(&dir, EngineOptions::default()).expect("engine");
-    let results = engine.generate(requests);
-    for (i, (result, expected)) in results.into_iter().zip(&expected).enumerate() {
-        assert_eq!(
-            &result.expect("completes").token_ids,
-            expected,
-            "request {i}"
-        );
+    for mode in DECODE_MODES {
+        let engine = Engine::new(&dir, with_decode_graphs(mode)).expect("engine");
+        let results = engine.generate(requests.clone());
+        for (i, (result, expected)) in results.into_iter().zip(&expected).enumerate() {
+            assert_eq!(
+                &result.expect("completes").token_ids,
+                expected,
+                "request {i}, decode_graphs {mode:?}"
+            );
+        }
     }
 }
 
@@ -116,22 +129,23 @@ fn requests_arriving_while_others_decode_get_the_same_outputs() {
     let dir = fixture("llava-tiny-real");
     let requests = llava_requests();
     let expected = sequential(&dir, &requests);
-    let engine = Engine::new(&dir, EngineOptions::default()).expect("engine");
-    let first = engine.submit(requests[0].clone());
-    // Wait until the first request is decoding, then send the rest.
-    assert!(matches!(first.next_event(), Some(Event::Token(_))));
-    let rest: Vec<_> = requests[1..]
-        .iter()
-        .cloned()
-        .map(|r| engine.submit(r))
-        .collect();
-    let mut outputs = vec![first.wait().expect("completes").token_ids];
-    outputs.extend(
-        rest.into_iter()
-            .map(|h| h.wait().expect("completes").token_ids),
-    );
-    assert_eq!(outputs[0][1..], expected[0][1..]);
-    assert_eq!(outputs, expected);
+    for mode in DECODE_MODES {
+        let engine = Engine::new(&dir, with_decode_graphs(mode)).expect("engine");
+        let first = engine.submit(requests[0].clone());
+        // Wait until the first request is decoding, then send the rest.
+        assert!(matches!(first.next_event(), Some(Event::Token(_))));
+        let rest: Vec<_> = requests[1..]
+            .iter()
+            .cloned()
+            .map(|r| engine.submit(r))
+            .collect();
+        let mut outputs = vec![first.wait().expect("completes").token_ids];
+        outputs.extend(
+            rest.into_iter()
+                .map(|h| h.wait().expect("completes").token_ids),
+        );
+        assert_eq!(outputs, expected, "decode_graphs {mode:?}");
+    }
 }
 
 #[test]
@@ -151,27 +165,29 @@ fn a_small_cache_queues_and_preempts_without_changing_outputs() {
     let expected = sequential(&dir, &requests);
     // 2 layers × 2 KV heads × 8 dims × 2 (K, V) × 4 bytes = 256 bytes per token. 76 blocks of 16 hold two
     // of these ~590-token prompts exactly; their decodes then need more blocks than are free.
-    let options = EngineOptions {
-        max_model_len: Some(1216),
-        cpu_kv_cache_bytes: 1216 * 256,
-        ..EngineOptions::default()
-    };
-    let engine = Engine::new(&dir, options).expect("engine");
-    assert_eq!(engine.profile().kv_blocks, 76);
-    let outputs: Vec<_> = engine
-        .generate(requests)
-        .into_iter()
-        .map(|r| r.expect("completes").token_ids)
-        .collect();
-    assert_eq!(outputs, expected);
-    assert!(
-        engine
-            .counters()
-            .preemptions
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0,
-        "no sequence was preempted"
-    );
+    for mode in DECODE_MODES {
+        let options = EngineOptions {
+            max_model_len: Some(1216),
+            cpu_kv_cache_bytes: 1216 * 256,
+            ..with_decode_graphs(mode)
+        };
+        let engine = Engine::new(&dir, options).expect("engine");
+        assert_eq!(engine.profile().kv_blocks, 76);
+        let outputs: Vec<_> = engine
+            .generate(requests.clone())
+            .into_iter()
+            .map(|r| r.expect("completes").token_ids)
+            .collect();
+        assert_eq!(outputs, expected, "decode_graphs {mode:?}");
+        assert!(
+            engine
+                .counters()
+                .preemptions
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0,
+            "no sequence was preempted (decode_graphs {mode:?})"
+        );
+    }
 }
 
 #[test]
@@ -188,13 +204,15 @@ fn llava_next_requests_with_different_image_sizes_batch_correctly() {
     .map(|name| request(prompt, &[images.join(name)], greedy(6)))
     .collect();
     let expected = sequential(&dir, &requests);
-    let engine = Engine::new(&dir, EngineOptions::default()).expect("engine");
-    let outputs: Vec<_> = engine
-        .generate(requests)
-        .into_iter()
-        .map(|r| r.expect("completes").token_ids)
-        .collect();
-    assert_eq!(outputs, expected);
+    for mode in DECODE_MODES {
+        let engine = Engine::new(&dir, with_decode_graphs(mode)).expect("engine");
+        let outputs: Vec<_> = engine
+            .generate(requests.clone())
+            .into_iter()
+            .map(|r| r.expect("completes").token_ids)
+            .collect();
+        assert_eq!(outputs, expected, "decode_graphs {mode:?}");
+    }
 }
 
 #[test]

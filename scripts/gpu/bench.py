@@ -5,7 +5,7 @@ at batch 1 and 8, decode tokens/s at batch 1 and 8 (128 tokens), peak memory; th
 32. For LLaVA-NeXT-Mistral-7B shapes: bf16 greedy agreement with HF by vLLM's top-5 rule over 32 tokens.
 Run from the repo root on the GPU machine after staging binaries:  python3 scripts/gpu/bench.py gpu-stage/run.sh
 """
-import json, subprocess, sys, time
+import json, os, subprocess, sys, time
 
 import torch
 from PIL import Image
@@ -49,8 +49,10 @@ def hf_bench(model, processor, image, prompt, batches):
     return res
 
 
-def mmreg(args):
-    out = subprocess.run([RUN, "mmreg", *args], capture_output=True, text=True)
+def mmreg(args, eager=False):
+    # eager: without CUDA graphs (the A/B comparison of the same build).
+    env = dict(os.environ, MMREG_NO_CUDA_GRAPHS="1") if eager else None
+    out = subprocess.run([RUN, "mmreg", *args], capture_output=True, text=True, env=env)
     sys.stderr.write(out.stderr[-3000:])
     if out.returncode != 0:
         print(out.stdout)
@@ -74,6 +76,9 @@ torch.cuda.empty_cache()
 ours = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8,32",
               "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"])
 print("mmreg", ours, flush=True)
+eager = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8",
+               "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"], eager=True)
+print("mmreg eager", eager, flush=True)
 
 model = checkpoints.llava_next_mistral(NEXT)
 processor = AutoProcessor.from_pretrained(NEXT, backend="pil")
@@ -98,17 +103,17 @@ ok, first = vllm_rule(hf_tokens, hf_top, nx["token_ids"], nx["top_tokens"])
 same = sum(x == y for x, y in zip(hf_tokens, nx["token_ids"]))
 
 print(f"\n## {card}, {time.strftime('%Y-%m-%d')}, LLaVA-1.5-7B shapes, bf16, prompt {ours.get('prompt_tokens')} tokens")
-print("| metric | HF transformers (sdpa) | mmreg |\n|---|---|---|")
-for key in ["prefill_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8", "peak_mem_gib"]:
-    print(f"| {key} | {hf.get(key, float('nan')):.1f} | {ours.get(key, float('nan')):.1f} |")
-for key in ["decode_tok_per_s_bs32", "prefill_bs32_ms"]:
-    print(f"| {key} | {hf.get(key, float('nan')):.1f} | {ours.get(key, float('nan')):.1f} |")
-for key in ["ttft_bs1_ms", "ttft_bs8_ms", "ttft_bs32_ms"]:
-    print(f"| {key} | - | {ours.get(key, float('nan')):.1f} |")
+print("| metric | HF transformers (sdpa) | mmreg | mmreg without CUDA graphs |\n|---|---|---|---|")
+nan = float("nan")
+for key in ["prefill_bs1_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms", "prefill_embed_bs8_ms", "prefill_bs32_ms",
+            "ttft_bs1_ms", "ttft_bs8_ms", "ttft_bs32_ms",
+            "decode_tok_per_s_bs1", "decode_tok_per_s_bs8", "decode_tok_per_s_bs32", "peak_mem_gib"]:
+    print(f"| {key} | {hf.get(key, nan):.1f} | {ours.get(key, nan):.1f} | {eager.get(key, nan):.1f} |")
 print(f"\n## LLaVA-NeXT-Mistral-7B shapes, bf16, 480x640 image, prompt {ours_nx.get('prompt_tokens')} tokens")
 print("| metric | HF transformers (sdpa) | mmreg |\n|---|---|---|")
-for key in ["prefill_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8"]:
-    print(f"| {key} | {hf_nx.get(key, float('nan')):.1f} | {ours_nx.get(key, float('nan')):.1f} |")
+for key in ["prefill_bs1_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1",
+            "decode_tok_per_s_bs8"]:
+    print(f"| {key} | {hf_nx.get(key, nan):.1f} | {ours_nx.get(key, nan):.1f} |")
 print(f"\nLLaVA-NeXT-Mistral-7B shapes, bf16 greedy vs HF: identical {same}/32, first difference {first}, "
       f"vLLM top-5 rule: {'PASS' if ok else 'FAIL'} (HF generate {hf_next_s:.2f}s)")
 print("HF   :", hf_tokens)

@@ -2,6 +2,7 @@
 //! decoding, input processor, input mapper), then a scheduler thread runs steps that mix prefills and
 //! decodes over one paged KV cache sized at startup by profiling the registered dummy data.
 
+mod decode_graphs;
 mod profile;
 mod scheduler;
 
@@ -22,6 +23,7 @@ use crate::{
     cuda, Error, ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt,
     Registry, Result, Weights,
 };
+use decode_graphs::FixedShapeDecode;
 use profile::profile_and_allocate;
 use scheduler::Scheduler;
 
@@ -46,6 +48,11 @@ pub struct EngineOptions {
     pub preprocess_threads: usize,
     /// Images one prompt may carry.
     pub max_images_per_prompt: usize,
+    /// Run steps in which every sequence decodes one token in fixed shapes (batch and context rounded up
+    /// to buckets), captured once per bucket as CUDA graphs and replayed. `None`: wherever CUDA graphs
+    /// work and the model allows it ([`MultiModalModel::supports_decode_graphs`]). `Some(true)` on the CPU
+    /// runs the same fixed-shape steps without capture (the tests compare those).
+    pub decode_graphs: Option<bool>,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +68,7 @@ impl Default for EngineOptions {
             block_size: 16,
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             max_images_per_prompt: 4,
+            decode_graphs: None,
         }
     }
 }
@@ -187,6 +195,8 @@ pub struct EngineCounters {
 pub struct StepTiming {
     pub prefill_tokens: usize,
     pub decodes: usize,
+    /// Until the step's embeddings (the vision path included) were ready; 0 for fixed-shape decode steps.
+    pub embed_seconds: f64,
     pub seconds: f64,
 }
 
@@ -269,7 +279,22 @@ impl Engine {
                 })
             })
             .collect();
-        let allocator = BlockAllocator::new(profile.kv_blocks, profile.block_size);
+        let fixed_decode = options
+            .decode_graphs
+            .unwrap_or(options.device.is_cuda() && cuda::graphs_available())
+            && model.supports_decode_graphs()
+            && profile.kv_blocks > 1;
+        // Fixed-shape steps keep the pool's last block as scratch space for their padding rows.
+        let usable_blocks = profile.kv_blocks - usize::from(fixed_decode);
+        let allocator = BlockAllocator::new(usable_blocks, profile.block_size);
+        let fixed_decode = fixed_decode.then(|| {
+            FixedShapeDecode::new(
+                options.device,
+                profile.block_size,
+                (usable_blocks * profile.block_size) as i64,
+                options.max_num_seqs,
+            )
+        });
         let mut scheduler = Scheduler::new(
             counters.clone(),
             entry,
@@ -277,6 +302,7 @@ impl Engine {
             model,
             cache,
             allocator,
+            fixed_decode,
             (
                 options.max_num_seqs,
                 options.max_num_batched_tokens,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
+use super::decode_graphs::{DecodeRow, FixedShapeDecode};
 use super::{Completion, EngineCounters, Event, FinishReason, Ready, StepTiming};
 use crate::generate::{embed_prompt, top_token_ids, PreparedInputs};
 use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
@@ -48,6 +49,8 @@ pub(super) struct Scheduler {
     model: Box<dyn MultiModalModel>,
     cache: PagedKvCache,
     allocator: BlockAllocator,
+    /// Decode-only steps in fixed shapes (CUDA graphs on a GPU), where enabled.
+    fixed_decode: Option<FixedShapeDecode>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     max_num_seqs: usize,
@@ -64,6 +67,7 @@ impl Scheduler {
         model: Box<dyn MultiModalModel>,
         cache: PagedKvCache,
         allocator: BlockAllocator,
+        fixed_decode: Option<FixedShapeDecode>,
         limits: (usize, usize, usize),
     ) -> Self {
         let (max_num_seqs, max_num_batched_tokens, max_model_len) = limits;
@@ -74,6 +78,7 @@ impl Scheduler {
             model,
             cache,
             allocator,
+            fixed_decode,
             waiting: VecDeque::new(),
             running: Vec::new(),
             max_num_seqs,
@@ -178,63 +183,26 @@ impl Scheduler {
     fn forward_and_sample(&mut self) -> Result<()> {
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let device = self.model.device();
-        // Every decode's last token, embedded in one call (one host-to-device copy for the step).
-        let last_tokens: Vec<i64> = self
-            .running
-            .iter()
-            .filter(|seq| seq.cached > 0)
-            .map(|seq| seq.generated.last().copied().unwrap_or_default() as i64)
-            .collect();
-        let decode_embeds = if last_tokens.is_empty() {
-            None
-        } else {
-            Some(
-                self.model
-                    .embed_tokens(&Tensor::from_slice(&last_tokens).to_device(device))?,
-            )
+        let decodes_only = self.running.iter().all(|seq| seq.cached > 0);
+        let fixed = match &mut self.fixed_decode {
+            Some(fixed) if decodes_only => {
+                let rows: Vec<DecodeRow> = self
+                    .running
+                    .iter()
+                    .map(|seq| DecodeRow {
+                        token: seq.generated.last().copied().unwrap_or_default(),
+                        blocks: &seq.blocks,
+                        len: seq.len(),
+                    })
+                    .collect();
+                fixed.run(self.model.as_ref(), &mut self.cache, &rows)?
+            }
+            _ => None,
         };
-        let mut embeds = Vec::with_capacity(self.running.len());
-        let mut layout = Vec::with_capacity(self.running.len());
-        let mut decode_row = 0;
-        for seq in &self.running {
-            let new_tokens = match &decode_embeds {
-                Some(decodes) if seq.cached > 0 => {
-                    embeds.push(decodes.narrow(0, decode_row, 1));
-                    decode_row += 1;
-                    1
-                }
-                _ => {
-                    // Prefill, or recompute after preemption: the prompt (with its images), then what
-                    // was generated.
-                    let prompt = embed_prompt(
-                        self.entry,
-                        self.model.as_ref(),
-                        seq.prepared.shallow_clone(),
-                    )?;
-                    let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
-                    if generated.is_empty() {
-                        embeds.push(prompt);
-                    } else {
-                        let more = self
-                            .model
-                            .embed_tokens(&Tensor::from_slice(&generated).to_device(device))?;
-                        embeds.push(Tensor::cat(&[prompt, more.to_kind(self.model.dtype())], 0));
-                    }
-                    seq.len()
-                }
-            };
-            layout.push((seq.blocks.as_slice(), seq.len() - new_tokens, new_tokens));
-        }
-        let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
-        // (context, new tokens) per sequence, for the step log.
-        let shape: Vec<(usize, usize)> = layout
-            .iter()
-            .map(|&(_, context, new)| (context, new))
-            .collect();
-        let logits = self
-            .model
-            .forward(&Tensor::cat(&embeds, 0), &batch, &mut self.cache)?;
+        let (logits, prefill_tokens, embed_seconds) = match fixed {
+            Some(logits) => (logits, 0, 0.0),
+            None => self.packed_step(started)?,
+        };
         // One host transfer for every greedy row (which also waits for the step to finish).
         let greedy = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.to_device(Device::Cpu))?;
         if let Some(log) = self
@@ -244,15 +212,11 @@ impl Scheduler {
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
         {
-            let prefill_tokens = shape
-                .iter()
-                .filter(|&&(context, _)| context == 0)
-                .map(|&(_, new)| new)
-                .sum();
-            let decodes = shape.iter().filter(|&&(context, _)| context > 0).count();
+            let decodes = self.running.iter().filter(|seq| seq.cached > 0).count();
             log.push(StepTiming {
                 prefill_tokens,
                 decodes,
+                embed_seconds,
                 seconds: started.elapsed().as_secs_f64(),
             });
         }
@@ -293,6 +257,83 @@ impl Scheduler {
             let _ = seq.events.send(Event::Finished(completion));
         }
         Ok(())
+    }
+}
+
+impl Scheduler {
+    /// A step of any mix of prefills and decodes, packed along one axis: the logits of each sequence's
+    /// last token, the number of prompt tokens it prefilled, and (when steps are recorded) the seconds
+    /// from `started` until the embeddings were ready.
+    fn packed_step(&mut self, started: std::time::Instant) -> Result<(Tensor, usize, f64)> {
+        let device = self.model.device();
+        // Every decode's last token, embedded in one call (one host-to-device copy for the step).
+        let last_tokens: Vec<i64> = self
+            .running
+            .iter()
+            .filter(|seq| seq.cached > 0)
+            .map(|seq| seq.generated.last().copied().unwrap_or_default() as i64)
+            .collect();
+        let decode_embeds = if last_tokens.is_empty() {
+            None
+        } else {
+            Some(
+                self.model
+                    .embed_tokens(&Tensor::from_slice(&last_tokens).to_device(device))?,
+            )
+        };
+        let mut embeds = Vec::with_capacity(self.running.len());
+        let mut layout = Vec::with_capacity(self.running.len());
+        let mut decode_row = 0;
+        let mut prefill_tokens = 0;
+        for seq in &self.running {
+            let new_tokens = match &decode_embeds {
+                Some(decodes) if seq.cached > 0 => {
+                    embeds.push(decodes.narrow(0, decode_row, 1));
+                    decode_row += 1;
+                    1
+                }
+                _ => {
+                    // Prefill, or recompute after preemption: the prompt (with its images), then what
+                    // was generated.
+                    let prompt = embed_prompt(
+                        self.entry,
+                        self.model.as_ref(),
+                        seq.prepared.shallow_clone(),
+                    )?;
+                    let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
+                    if generated.is_empty() {
+                        embeds.push(prompt);
+                    } else {
+                        let more = self
+                            .model
+                            .embed_tokens(&Tensor::from_slice(&generated).to_device(device))?;
+                        embeds.push(Tensor::cat(&[prompt, more.to_kind(self.model.dtype())], 0));
+                    }
+                    prefill_tokens += seq.len();
+                    seq.len()
+                }
+            };
+            layout.push((seq.blocks.as_slice(), seq.len() - new_tokens, new_tokens));
+        }
+        let embeds = Tensor::cat(&embeds, 0);
+        let mut embed_seconds = 0.0;
+        if self.recording() {
+            // Benchmarks only: wait for the embeddings (vision path included) to time them apart.
+            if let Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            embed_seconds = started.elapsed().as_secs_f64();
+        }
+        let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
+        let logits = self.model.forward(&embeds, &batch, &mut self.cache)?;
+        Ok((logits, prefill_tokens, embed_seconds))
+    }
+
+    fn recording(&self) -> bool {
+        self.counters
+            .step_log
+            .lock()
+            .map_or(false, |log| log.is_some())
     }
 }
 
