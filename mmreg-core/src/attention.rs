@@ -19,16 +19,16 @@ pub fn paged_attention(
     scale: f64,
 ) -> Result<Tensor> {
     cache.write(layer, key, value, &batch.new_slots)?;
-    let gqa = query.size()[1] != key.size()[1];
     if let Some((slots, mask)) = &batch.decode_gather {
         // One attention call for all single-token decodes, over their contexts padded to the longest.
+        // Each key/value head's group of query heads goes in as that head's queries (`[n, kv_heads,
+        // group, d]`): grouped-query attention without repeating keys and values, on kernels that take a
+        // mask but not groups.
         let (n, longest) = (mask.size()[0], mask.size()[3]);
+        let (heads, kv_heads, d) = (query.size()[1], key.size()[1], query.size()[2]);
         let (k, v) = cache.gather(layer, slots)?;
-        let heads_first = |t: Tensor| {
-            t.view([n, longest, t.size()[1], t.size()[2]])
-                .transpose(1, 2)
-        };
-        let q = query.unsqueeze(2); // [n, heads, 1, d]
+        let heads_first = |t: Tensor| t.view([n, longest, kv_heads, d]).transpose(1, 2);
+        let q = query.reshape([n, kv_heads, heads / kv_heads, d]);
         let out = Tensor::f_scaled_dot_product_attention(
             &q,
             &heads_first(k),
@@ -37,10 +37,11 @@ pub fn paged_attention(
             0.0,
             false,
             scale,
-            gqa,
+            false,
         )?;
-        return Ok(out.squeeze_dim(2));
+        return Ok(out.reshape([n, heads, d]));
     }
+    let gqa = query.size()[1] != key.size()[1];
     let mut outputs = Vec::with_capacity(batch.sequences.len());
     for seq in &batch.sequences {
         // [n, heads, d] → [1, heads, n, d]

@@ -158,8 +158,8 @@ pub struct AttentionBatch {
     /// Rows to compute logits for (usually each sequence's last token); all rows when `None`.
     pub logits_indices: Option<Tensor>,
     /// For a step of several single-token decodes: every sequence's slots padded to the longest
-    /// (`[sequences * longest]`) and which of them are real (`[sequences, 1, 1, longest]`), so that
-    /// attention runs once for the whole step.
+    /// (`[sequences * longest]`) and which of them are real (`[sequences, 1, 1, longest]`: a boolean mask,
+    /// or an additive bias in the query dtype, 0 or -inf), so that attention runs once for the whole step.
     pub decode_gather: Option<(Tensor, Tensor)>,
 }
 

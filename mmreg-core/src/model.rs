@@ -73,12 +73,12 @@ pub trait MultiModalModel: AsAny + Send {
     /// The longest sequence the model supports (`max_position_embeddings`).
     fn max_model_len(&self) -> usize;
 
-    /// Whether the engine may capture decode steps as CUDA graphs: for a batch with
-    /// [`AttentionBatch::decode_gather`] set, [`Self::embed_tokens`] and [`Self::forward`] read nothing
-    /// but the batch's tensors (no host-side values such as `batch.sequences`, which is then empty), run
-    /// no host synchronisation and take shapes from the tensors alone. Then the kernels of one such step,
-    /// replayed with new values in the same tensors, compute the right answer.
-    fn supports_decode_graphs(&self) -> bool {
+    /// Whether the engine may capture steps as CUDA graphs and replay them with new values in the same
+    /// tensors. Return true only if [`Self::embed_tokens`] and [`Self::forward`] run no host
+    /// synchronisation and launch kernels that depend on nothing but the batch's tensors and their
+    /// shapes, for two kinds of batch: decodes ([`AttentionBatch::decode_gather`] set, `sequences`
+    /// empty), and one fresh sequence (`sequences` = one slice with `start` and `context` 0).
+    fn supports_cuda_graphs(&self) -> bool {
         false
     }
 }

@@ -71,6 +71,21 @@ impl Linear {
         })
     }
 
+    /// Several projections of the same input stacked into one (`q_proj`, `k_proj`, `v_proj` → one matrix):
+    /// one matrix multiply instead of several, with the outputs side by side in `parts` order.
+    pub fn load_stacked(parts: &[(&Loader, i64)], in_features: i64, bias: bool) -> Result<Self> {
+        let loaded = parts
+            .iter()
+            .map(|&(loader, out)| Linear::load(loader, in_features, out, bias))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = loaded.iter().map(|l| &l.weight).collect();
+        let biases: Option<Vec<&Tensor>> = loaded.iter().map(|l| l.bias.as_ref()).collect();
+        Ok(Self {
+            weight: Tensor::f_cat(&weights, 0)?,
+            bias: biases.map(|b| Tensor::f_cat(&b, 0)).transpose()?,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
     }
@@ -116,11 +131,11 @@ impl RmsNorm {
         })
     }
 
+    /// libtorch's `rms_norm` without a weight computes exactly that (in f32 for half types, cast back), in
+    /// one fused kernel on CUDA; the weight then multiplies in the input dtype.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let xf = x.to_kind(Kind::Float);
-        let variance = xf.square().mean_dim(-1, true, Kind::Float);
-        let normed = xf * (variance + self.eps).rsqrt();
-        &self.weight * normed.to_kind(x.kind())
+        let normed = x.rms_norm([self.weight.size()[0]], None::<Tensor>, self.eps);
+        &self.weight * normed
     }
 }
 

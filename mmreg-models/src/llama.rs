@@ -126,9 +126,8 @@ impl TextConfigJson {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` stacked: one matrix multiply.
+    qkv_proj: Linear,
     o_proj: Linear,
     heads: i64,
     kv_heads: i64,
@@ -138,11 +137,18 @@ struct Attention {
 impl Attention {
     fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim);
+        let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         Ok(Self {
-            q_proj: Linear::load(&loader.pp("q_proj"), h, c.num_attention_heads * d, false)?,
-            k_proj: Linear::load(&loader.pp("k_proj"), h, c.num_key_value_heads * d, false)?,
-            v_proj: Linear::load(&loader.pp("v_proj"), h, c.num_key_value_heads * d, false)?,
-            o_proj: Linear::load(&loader.pp("o_proj"), c.num_attention_heads * d, h, false)?,
+            qkv_proj: Linear::load_stacked(
+                &[
+                    (&loader.pp("q_proj"), q),
+                    (&loader.pp("k_proj"), kv),
+                    (&loader.pp("v_proj"), kv),
+                ],
+                h,
+                false,
+            )?,
+            o_proj: Linear::load(&loader.pp("o_proj"), q, h, false)?,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: d,
@@ -159,39 +165,52 @@ impl Attention {
         cache: &mut PagedKvCache,
     ) -> Result<Tensor> {
         let t = x.size()[0];
-        let split = |y: Tensor, heads: i64| y.view([t, heads, self.head_dim]);
-        let q = rope.apply(&split(self.q_proj.forward(x), self.heads));
-        let k = rope.apply(&split(self.k_proj.forward(x), self.kv_heads));
-        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let (h, kv) = (self.heads, self.kv_heads);
+        let qkv = self
+            .qkv_proj
+            .forward(x)
+            .view([t, h + 2 * kv, self.head_dim]);
+        // Queries and keys rotate together.
+        let qk = rope.apply(&qkv.narrow(1, 0, h + kv));
+        let (q, k, v) = (
+            qk.narrow(1, 0, h),
+            qk.narrow(1, h, kv),
+            qkv.narrow(1, h + kv, kv),
+        );
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = paged_attention(&q, &k, &v, layer, batch, cache, scale)?;
-        Ok(self
-            .o_proj
-            .forward(&out.reshape([t, self.heads * self.head_dim])))
+        Ok(self.o_proj.forward(&out.reshape([t, h * self.head_dim])))
     }
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj` stacked: one matrix multiply.
+    gate_up_proj: Linear,
     down_proj: Linear,
     act: Activation,
+    intermediate: i64,
 }
 
 impl Mlp {
     fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(Self {
-            gate_proj: Linear::load(&loader.pp("gate_proj"), h, i, false)?,
-            up_proj: Linear::load(&loader.pp("up_proj"), h, i, false)?,
+            gate_up_proj: Linear::load_stacked(
+                &[(&loader.pp("gate_proj"), i), (&loader.pp("up_proj"), i)],
+                h,
+                false,
+            )?,
             down_proj: Linear::load(&loader.pp("down_proj"), i, h, false)?,
             act: Activation::parse(&c.hidden_act)?,
+            intermediate: i,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&(self.act.forward(&self.gate_proj.forward(x)) * self.up_proj.forward(x)))
+        let gate_up = self.gate_up_proj.forward(x);
+        let i = self.intermediate;
+        let (gate, up) = (gate_up.narrow(-1, 0, i), gate_up.narrow(-1, i, i));
+        self.down_proj.forward(&(self.act.forward(&gate) * up))
     }
 }
 
@@ -202,19 +221,20 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// cos/sin `[tokens, 1, head_dim]` of the rotary embedding at the step's positions, in the model dtype.
+/// cos/sin `[tokens, 1, head_dim]` of the rotary embedding at the step's positions, in the model dtype;
+/// `sin` carries the sign of `rotate_half` (negative first half).
 struct Rope {
     cos: Tensor,
-    sin: Tensor,
+    signed_sin: Tensor,
 }
 
 impl Rope {
     /// `q * cos + rotate_half(q) * sin` on `[tokens, heads, head_dim]`, with `rotate_half(x) = cat(-x2, x1)`
-    /// (half split, not interleaved).
+    /// (half split, not interleaved), computed as `q * cos + roll(q, half) * signed_sin`: the same products
+    /// (negation is exact) in three kernels fewer.
     fn apply(&self, x: &Tensor) -> Tensor {
         let half = x.size()[2] / 2;
-        let rotated = Tensor::cat(&[-x.narrow(2, half, half), x.narrow(2, 0, half)], 2);
-        x * &self.cos + rotated * &self.sin
+        x * &self.cos + x.roll([half], [2]) * &self.signed_sin
     }
 }
 
@@ -282,9 +302,10 @@ impl Llama {
     fn rope(&self, positions: &Tensor, kind: Kind) -> Rope {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], 1).unsqueeze(1);
+        let sin = freqs.sin();
         Rope {
             cos: emb.cos().to_kind(kind),
-            sin: emb.sin().to_kind(kind),
+            signed_sin: Tensor::cat(&[-&sin, sin], 1).unsqueeze(1).to_kind(kind),
         }
     }
 

@@ -427,7 +427,7 @@ macro_rules! impl_multimodal_model_via_parts {
                 self.parts.language_model.config.max_position_embeddings
             }
 
-            fn supports_decode_graphs(&self) -> bool {
+            fn supports_cuda_graphs(&self) -> bool {
                 true
             }
         }

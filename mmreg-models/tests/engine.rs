@@ -35,9 +35,9 @@ fn greedy(max_tokens: usize) -> SamplingParams {
 /// replay on a GPU; run without capture here).
 const DECODE_MODES: [Option<bool>; 2] = [Some(false), Some(true)];
 
-fn with_decode_graphs(decode_graphs: Option<bool>) -> EngineOptions {
+fn with_cuda_graphs(cuda_graphs: Option<bool>) -> EngineOptions {
     EngineOptions {
-        decode_graphs,
+        cuda_graphs,
         ..EngineOptions::default()
     }
 }
@@ -112,13 +112,13 @@ fn batched_outputs_equal_one_at_a_time_outputs() {
     let requests = llava_requests();
     let expected = sequential(&dir, &requests);
     for mode in DECODE_MODES {
-        let engine = Engine::new(&dir, with_decode_graphs(mode)).expect("engine");
+        let engine = Engine::new(&dir, with_cuda_graphs(mode)).expect("engine");
         let results = engine.generate(requests.clone());
         for (i, (result, expected)) in results.into_iter().zip(&expected).enumerate() {
             assert_eq!(
                 &result.expect("completes").token_ids,
                 expected,
-                "request {i}, decode_graphs {mode:?}"
+                "request {i}, cuda_graphs {mode:?}"
             );
         }
     }
@@ -130,7 +130,7 @@ fn requests_arriving_while_others_decode_get_the_same_outputs() {
     let requests = llava_requests();
     let expected = sequential(&dir, &requests);
     for mode in DECODE_MODES {
-        let engine = Engine::new(&dir, with_decode_graphs(mode)).expect("engine");
+        let engine = Engine::new(&dir, with_cuda_graphs(mode)).expect("engine");
         let first = engine.submit(requests[0].clone());
         // Wait until the first request is decoding, then send the rest.
         assert!(matches!(first.next_event(), Some(Event::Token(_))));
@@ -144,7 +144,7 @@ fn requests_arriving_while_others_decode_get_the_same_outputs() {
             rest.into_iter()
                 .map(|h| h.wait().expect("completes").token_ids),
         );
-        assert_eq!(outputs, expected, "decode_graphs {mode:?}");
+        assert_eq!(outputs, expected, "cuda_graphs {mode:?}");
     }
 }
 
@@ -169,7 +169,7 @@ fn a_small_cache_queues_and_preempts_without_changing_outputs() {
         let options = EngineOptions {
             max_model_len: Some(1216),
             cpu_kv_cache_bytes: 1216 * 256,
-            ..with_decode_graphs(mode)
+            ..with_cuda_graphs(mode)
         };
         let engine = Engine::new(&dir, options).expect("engine");
         assert_eq!(engine.profile().kv_blocks, 76);
@@ -178,14 +178,14 @@ fn a_small_cache_queues_and_preempts_without_changing_outputs() {
             .into_iter()
             .map(|r| r.expect("completes").token_ids)
             .collect();
-        assert_eq!(outputs, expected, "decode_graphs {mode:?}");
+        assert_eq!(outputs, expected, "cuda_graphs {mode:?}");
         assert!(
             engine
                 .counters()
                 .preemptions
                 .load(std::sync::atomic::Ordering::Relaxed)
                 > 0,
-            "no sequence was preempted (decode_graphs {mode:?})"
+            "no sequence was preempted (cuda_graphs {mode:?})"
         );
     }
 }
@@ -205,13 +205,13 @@ fn llava_next_requests_with_different_image_sizes_batch_correctly() {
     .collect();
     let expected = sequential(&dir, &requests);
     for mode in DECODE_MODES {
-        let engine = Engine::new(&dir, with_decode_graphs(mode)).expect("engine");
+        let engine = Engine::new(&dir, with_cuda_graphs(mode)).expect("engine");
         let outputs: Vec<_> = engine
             .generate(requests.clone())
             .into_iter()
             .map(|r| r.expect("completes").token_ids)
             .collect();
-        assert_eq!(outputs, expected, "decode_graphs {mode:?}");
+        assert_eq!(outputs, expected, "cuda_graphs {mode:?}");
     }
 }
 

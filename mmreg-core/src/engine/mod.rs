@@ -2,9 +2,9 @@
 //! decoding, input processor, input mapper), then a scheduler thread runs steps that mix prefills and
 //! decodes over one paged KV cache sized at startup by profiling the registered dummy data.
 
-mod decode_graphs;
 mod profile;
 mod scheduler;
+mod step_graphs;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,9 +23,9 @@ use crate::{
     cuda, Error, ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt,
     Registry, Result, Weights,
 };
-use decode_graphs::FixedShapeDecode;
 use profile::profile_and_allocate;
 use scheduler::Scheduler;
+use step_graphs::FixedShapeSteps;
 
 /// How the engine is set up.
 #[derive(Debug, Clone)]
@@ -48,11 +48,12 @@ pub struct EngineOptions {
     pub preprocess_threads: usize,
     /// Images one prompt may carry.
     pub max_images_per_prompt: usize,
-    /// Run steps in which every sequence decodes one token in fixed shapes (batch and context rounded up
-    /// to buckets), captured once per bucket as CUDA graphs and replayed. `None`: wherever CUDA graphs
-    /// work and the model allows it ([`MultiModalModel::supports_decode_graphs`]). `Some(true)` on the CPU
-    /// runs the same fixed-shape steps without capture (the tests compare those).
-    pub decode_graphs: Option<bool>,
+    /// Run decode-only steps and lone prefills of short prompts in fixed shapes (batch, context and prompt
+    /// length rounded up to buckets), captured once per bucket as CUDA graphs and replayed. `None`:
+    /// wherever CUDA graphs work and the model allows it ([`MultiModalModel::supports_cuda_graphs`]);
+    /// `MMREG_NO_CUDA_GRAPHS=1` turns them off. `Some(true)` on the CPU runs the same fixed-shape steps
+    /// without capture (the tests compare those).
+    pub cuda_graphs: Option<bool>,
 }
 
 impl Default for EngineOptions {
@@ -68,7 +69,7 @@ impl Default for EngineOptions {
             block_size: 16,
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             max_images_per_prompt: 4,
-            decode_graphs: None,
+            cuda_graphs: None,
         }
     }
 }
@@ -279,16 +280,16 @@ impl Engine {
                 })
             })
             .collect();
-        let fixed_decode = options
-            .decode_graphs
+        let fixed_steps = options
+            .cuda_graphs
             .unwrap_or(options.device.is_cuda() && cuda::graphs_available())
-            && model.supports_decode_graphs()
+            && model.supports_cuda_graphs()
             && profile.kv_blocks > 1;
         // Fixed-shape steps keep the pool's last block as scratch space for their padding rows.
-        let usable_blocks = profile.kv_blocks - usize::from(fixed_decode);
+        let usable_blocks = profile.kv_blocks - usize::from(fixed_steps);
         let allocator = BlockAllocator::new(usable_blocks, profile.block_size);
-        let fixed_decode = fixed_decode.then(|| {
-            FixedShapeDecode::new(
+        let fixed_steps = fixed_steps.then(|| {
+            FixedShapeSteps::new(
                 options.device,
                 profile.block_size,
                 (usable_blocks * profile.block_size) as i64,
@@ -302,7 +303,7 @@ impl Engine {
             model,
             cache,
             allocator,
-            fixed_decode,
+            fixed_steps,
             (
                 options.max_num_seqs,
                 options.max_num_batched_tokens,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-use super::decode_graphs::{DecodeRow, FixedShapeDecode};
+use super::step_graphs::{DecodeRow, FixedShapeSteps};
 use super::{Completion, EngineCounters, Event, FinishReason, Ready, StepTiming};
 use crate::generate::{embed_prompt, top_token_ids, PreparedInputs};
 use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
@@ -50,7 +50,7 @@ pub(super) struct Scheduler {
     cache: PagedKvCache,
     allocator: BlockAllocator,
     /// Decode-only steps in fixed shapes (CUDA graphs on a GPU), where enabled.
-    fixed_decode: Option<FixedShapeDecode>,
+    fixed_steps: Option<FixedShapeSteps>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     max_num_seqs: usize,
@@ -67,7 +67,7 @@ impl Scheduler {
         model: Box<dyn MultiModalModel>,
         cache: PagedKvCache,
         allocator: BlockAllocator,
-        fixed_decode: Option<FixedShapeDecode>,
+        fixed_steps: Option<FixedShapeSteps>,
         limits: (usize, usize, usize),
     ) -> Self {
         let (max_num_seqs, max_num_batched_tokens, max_model_len) = limits;
@@ -78,7 +78,7 @@ impl Scheduler {
             model,
             cache,
             allocator,
-            fixed_decode,
+            fixed_steps,
             waiting: VecDeque::new(),
             running: Vec::new(),
             max_num_seqs,
@@ -184,7 +184,7 @@ impl Scheduler {
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
         let decodes_only = self.running.iter().all(|seq| seq.cached > 0);
-        let fixed = match &mut self.fixed_decode {
+        let fixed = match &mut self.fixed_steps {
             Some(fixed) if decodes_only => {
                 let rows: Vec<DecodeRow> = self
                     .running
@@ -195,7 +195,7 @@ impl Scheduler {
                         len: seq.len(),
                     })
                     .collect();
-                fixed.run(self.model.as_ref(), &mut self.cache, &rows)?
+                fixed.decode(self.model.as_ref(), &mut self.cache, &rows)?
             }
             _ => None,
         };
@@ -324,6 +324,14 @@ impl Scheduler {
             }
             embed_seconds = started.elapsed().as_secs_f64();
         }
+        if let (Some(fixed), &[(blocks, 0, _)]) = (&mut self.fixed_steps, layout.as_slice()) {
+            // One sequence prefilled alone.
+            if let Some(logits) =
+                fixed.prefill(self.model.as_ref(), &mut self.cache, &embeds, blocks)?
+            {
+                return Ok((logits, prefill_tokens, embed_seconds));
+            }
+        }
         let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
         let logits = self.model.forward(&embeds, &batch, &mut self.cache)?;
         Ok((logits, prefill_tokens, embed_seconds))
@@ -333,7 +341,7 @@ impl Scheduler {
         self.counters
             .step_log
             .lock()
-            .map_or(false, |log| log.is_some())
+            .is_ok_and(|log| log.is_some())
     }
 }
 

@@ -1,6 +1,6 @@
-//! On a GPU: the engine with decode steps replayed as CUDA graphs generates what it does without them,
-//! at several batch sizes (so several graph buckets, padding rows included). Skipped, with a message, on
-//! a machine without CUDA.
+//! On a GPU: the engine with CUDA graphs (vision path, lone prefills, decode steps) generates what it
+//! generates without any, at several batch sizes (so several graph buckets, padding rows included).
+//! Skipped, with a message, on a machine without CUDA.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,11 +18,11 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 #[test]
-fn decode_graphs_generate_what_plain_steps_generate() {
+fn cuda_graphs_generate_what_plain_steps_generate() {
     if !mmreg_core::cuda::graphs_available() {
         let _ = writeln!(
             std::io::stderr(),
-            "SKIPPED decode graph test: CUDA graphs are not available on this machine"
+            "SKIPPED CUDA graph test: CUDA graphs are not available on this machine"
         );
         return;
     }
@@ -40,27 +40,42 @@ fn decode_graphs_generate_what_plain_steps_generate() {
             },
         })
         .collect();
-    let run = |decode_graphs| {
+    let run = |graphs: bool| {
+        // Read when the model loads (vision path) and the engine starts (steps).
+        if graphs {
+            std::env::remove_var("MMREG_NO_CUDA_GRAPHS");
+        } else {
+            std::env::set_var("MMREG_NO_CUDA_GRAPHS", "1");
+        }
         let options = EngineOptions {
             device: Device::Cuda(0),
             dtype: Kind::Float,
-            decode_graphs: Some(decode_graphs),
+            cuda_graphs: None,
             ..EngineOptions::default()
         };
         let engine = Engine::new(&dir, options).expect("engine");
-        // 11 requests finishing at different steps: batches 11 down to 1 run through buckets 16, 8, 4, 2, 1.
-        let outputs: Vec<Vec<u32>> = engine
-            .generate(requests.clone())
-            .into_iter()
-            .map(|r| r.expect("completes").token_ids)
-            .collect();
+        // A lone request (its prefill alone in a step), then 11 finishing at different steps: batches 11
+        // down to 1 run through decode buckets 16, 8, 4, 2 and 1.
+        let mut outputs = vec![
+            engine
+                .generate(vec![requests[0].clone()])
+                .remove(0)
+                .expect("completes")
+                .token_ids,
+        ];
+        outputs.extend(
+            engine
+                .generate(requests.clone())
+                .into_iter()
+                .map(|r| r.expect("completes").token_ids),
+        );
         outputs
     };
     let plain = run(false);
     let graphs = run(true);
     assert_eq!(graphs, plain);
     println!(
-        "decode graphs: {} requests, {} tokens, identical to plain steps",
+        "CUDA graphs: {} requests, {} tokens, identical to plain steps",
         plain.len(),
         plain.iter().map(Vec::len).sum::<usize>()
     );

@@ -1,0 +1,199 @@
+//! Steps in fixed shapes, replayed as CUDA graphs.
+//!
+//! A 7B decoder step launches about a thousand kernels. When each is short (a decode step, or the prefill
+//! of one short prompt) launching them one by one from the host takes longer than the GPU needs to run
+//! them. Rounded up to a bucket, such a step has fixed shapes, so its kernels can be captured once per
+//! bucket and replayed with one launch:
+//! - a step in which every sequence decodes one token: batch size and context length are rounded up;
+//!   padding rows write to a scratch cache slot that no sequence owns and attend to it alone;
+//! - a step that prefills one sequence alone: its token count is rounded up; the padding tokens come after
+//!   the real ones, which causal attention keeps them from touching, and write to the scratch slot.
+//!
+//! A step's integer inputs travel in one i64 buffer whose address the graph keeps. On the CPU the same
+//! fixed-shape steps run without capture, which is what the tests compare against one-at-a-time
+//! generation.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::graphs::GraphCache;
+use crate::kv_cache::{slots, AttentionBatch, PagedKvCache, SequenceSlice};
+use crate::{MultiModalModel, Result};
+
+/// Context lengths of decode steps are rounded up to a multiple of this.
+const CONTEXT_STEP: usize = 256;
+/// Contexts longer than this decode without graphs (each bucket's gathered keys and values take memory).
+const MAX_GRAPH_CONTEXT: usize = 4096;
+/// Prompt lengths of single prefills are rounded up to a multiple of this.
+const PREFILL_STEP: usize = 64;
+/// Longer prompts prefill without graphs: their kernels are long enough to hide launching, and each
+/// bucket's activations would take memory.
+const MAX_GRAPH_PREFILL: usize = 2048;
+
+/// One decoding sequence of a step: its last token, its cache blocks and its length with that token.
+pub(super) struct DecodeRow<'a> {
+    pub token: u32,
+    pub blocks: &'a [u32],
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Bucket {
+    Decode { batch: usize, context: usize },
+    Prefill { tokens: usize },
+}
+
+pub(super) struct FixedShapeSteps {
+    block_size: usize,
+    /// A cache slot that belongs to no sequence, for the padding rows.
+    scratch_slot: i64,
+    max_batch: usize,
+    /// Decode and prefill graphs share one memory pool: steps run one at a time.
+    graphs: GraphCache<Bucket>,
+}
+
+impl FixedShapeSteps {
+    pub(super) fn new(
+        device: Device,
+        block_size: usize,
+        scratch_slot: i64,
+        max_batch: usize,
+    ) -> Self {
+        Self {
+            block_size,
+            scratch_slot,
+            max_batch,
+            graphs: GraphCache::new(device),
+        }
+    }
+
+    /// Logits `[rows, vocab]` of a step of single-token decodes, or `None` if the step fits no bucket (the
+    /// caller then runs it the ordinary way). The logits are valid until the next step.
+    pub(super) fn decode(
+        &mut self,
+        model: &dyn MultiModalModel,
+        cache: &mut PagedKvCache,
+        rows: &[DecodeRow],
+    ) -> Result<Option<Tensor>> {
+        let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
+        let batch = match rows.len() {
+            0 => return Ok(None),
+            n @ (1 | 2 | 4 | 8) => n,
+            3 => 4,
+            5..=7 => 8,
+            n => n.next_multiple_of(8),
+        };
+        let context = longest.next_multiple_of(CONTEXT_STEP);
+        if batch > self.max_batch.next_multiple_of(8) || context > MAX_GRAPH_CONTEXT {
+            return Ok(None);
+        }
+        let packed = Tensor::from_slice(&self.pack_decode(rows, batch, context));
+        let bucket = Bucket::Decode { batch, context };
+        let logits = self.graphs.run(bucket, &[&packed], |inputs| {
+            decode_step(model, &mut *cache, &inputs[0], (batch, context))
+        })?;
+        Ok(Some(logits.narrow(0, 0, rows.len() as i64)))
+    }
+
+    /// The logits `[1, vocab]` of the last token of one sequence prefilled alone from `embeds`
+    /// (`[tokens, hidden]`), or `None` if the prompt fits no bucket. Valid until the next step.
+    pub(super) fn prefill(
+        &mut self,
+        model: &dyn MultiModalModel,
+        cache: &mut PagedKvCache,
+        embeds: &Tensor,
+        blocks: &[u32],
+    ) -> Result<Option<Tensor>> {
+        let len = embeds.size()[0] as usize;
+        let tokens = len.next_multiple_of(PREFILL_STEP);
+        if len == 0 || tokens > MAX_GRAPH_PREFILL {
+            return Ok(None);
+        }
+        // Positions, then cache slots (padding at the scratch slot), then the row to take logits of.
+        let mut packed: Vec<i64> = (0..tokens as i64).collect();
+        packed.extend(slots(blocks, self.block_size, 0..len));
+        packed.extend(std::iter::repeat_n(self.scratch_slot, tokens - len));
+        packed.push(len as i64 - 1);
+        let packed = Tensor::from_slice(&packed);
+        let padded = embeds.f_constant_pad_nd([0, 0, 0, (tokens - len) as i64])?;
+        let logits =
+            self.graphs
+                .run(Bucket::Prefill { tokens }, &[&padded, &packed], |inputs| {
+                    prefill_step(model, &mut *cache, &inputs[0], &inputs[1])
+                })?;
+        Ok(Some(logits))
+    }
+
+    /// A decode step's inputs in the layout [`decode_step`] reads: tokens, positions, new slots and
+    /// lengths (`batch` each), then every row's context slots (`batch × context`).
+    fn pack_decode(&self, rows: &[DecodeRow], batch: usize, context: usize) -> Vec<i64> {
+        let mut out = vec![0i64; 4 * batch + batch * context];
+        let (head, gather) = out.split_at_mut(4 * batch);
+        head[2 * batch..3 * batch].fill(self.scratch_slot);
+        head[3 * batch..].fill(1);
+        gather.fill(self.scratch_slot);
+        for (i, row) in rows.iter().enumerate() {
+            let all = slots(row.blocks, self.block_size, 0..row.len);
+            head[i] = row.token as i64;
+            head[batch + i] = row.len as i64 - 1;
+            head[2 * batch + i] = all[row.len - 1];
+            head[3 * batch + i] = row.len as i64;
+            gather[i * context..i * context + row.len].copy_from_slice(&all);
+        }
+        out
+    }
+}
+
+/// One decode step over fixed shapes, reading everything from `inputs` (see
+/// [`FixedShapeSteps::pack_decode`]) so that a captured graph sees new values on replay: `[batch, vocab]`
+/// logits.
+fn decode_step(
+    model: &dyn MultiModalModel,
+    cache: &mut PagedKvCache,
+    inputs: &Tensor,
+    (batch, context): (usize, usize),
+) -> Result<Tensor> {
+    let (b, c) = (batch as i64, context as i64);
+    let part = |i: i64, n: i64| inputs.narrow(0, i * b, n);
+    let lens = part(3, b);
+    // Attention bias in the model dtype, made once for every layer: 0 on each row's real slots, -inf on
+    // its padding.
+    let padding = Tensor::f_arange(c, (Kind::Int64, inputs.device()))?
+        .unsqueeze(0)
+        .f_ge_tensor(&lens.unsqueeze(1))?
+        .view([b, 1, 1, c]);
+    let bias = Tensor::f_zeros([b, 1, 1, c], (model.dtype(), inputs.device()))?
+        .f_masked_fill(&padding, f64::NEG_INFINITY)?;
+    let batch = AttentionBatch {
+        positions: part(1, b),
+        new_slots: part(2, b),
+        sequences: Vec::new(),
+        logits_indices: None,
+        decode_gather: Some((part(4, b * c), bias)),
+    };
+    let embeds = model.embed_tokens(&part(0, b))?;
+    model.forward(&embeds, &batch, cache)
+}
+
+/// One sequence's prefill over `embeds` (`[tokens, hidden]`, padded), reading positions, slots and the
+/// logits row from `packed` (see [`FixedShapeSteps::prefill`]): `[1, vocab]` logits.
+fn prefill_step(
+    model: &dyn MultiModalModel,
+    cache: &mut PagedKvCache,
+    embeds: &Tensor,
+    packed: &Tensor,
+) -> Result<Tensor> {
+    let t = embeds.size()[0];
+    let batch = AttentionBatch {
+        positions: packed.narrow(0, 0, t),
+        new_slots: packed.narrow(0, t, t),
+        sequences: vec![SequenceSlice {
+            start: 0,
+            len: t,
+            context: 0,
+            slots: Tensor::new(),
+        }],
+        logits_indices: Some(packed.narrow(0, 2 * t, 1)),
+        decode_gather: None,
+    };
+    model.forward(embeds, &batch, cache)
+}
