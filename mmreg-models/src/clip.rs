@@ -58,9 +58,8 @@ impl ClipVisionConfig {
 }
 
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` stacked: one matrix multiply.
+    qkv_proj: Linear,
     out_proj: Linear,
     heads: i64,
     head_dim: i64,
@@ -70,9 +69,15 @@ impl Attention {
     fn load(loader: &Loader, config: &ClipVisionConfig) -> Result<Self> {
         let h = config.hidden_size;
         Ok(Self {
-            q_proj: Linear::load(&loader.pp("q_proj"), h, h, true)?,
-            k_proj: Linear::load(&loader.pp("k_proj"), h, h, true)?,
-            v_proj: Linear::load(&loader.pp("v_proj"), h, h, true)?,
+            qkv_proj: Linear::load_stacked(
+                &[
+                    (&loader.pp("q_proj"), h),
+                    (&loader.pp("k_proj"), h),
+                    (&loader.pp("v_proj"), h),
+                ],
+                h,
+                true,
+            )?,
             out_proj: Linear::load(&loader.pp("out_proj"), h, h, true)?,
             heads: config.num_attention_heads,
             head_dim: h / config.num_attention_heads,
@@ -81,10 +86,13 @@ impl Attention {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, l, _) = x.size3().expect("[batch, seq, hidden]");
-        let split = |t: Tensor| t.view([b, l, self.heads, self.head_dim]).transpose(1, 2);
-        let q = split(self.q_proj.forward(x));
-        let k = split(self.k_proj.forward(x));
-        let v = split(self.v_proj.forward(x));
+        // [b, l, 3, heads, d] → three [b, heads, l, d] views.
+        let qkv = self
+            .qkv_proj
+            .forward(x)
+            .view([b, l, 3, self.heads, self.head_dim]);
+        let split = |i: i64| qkv.select(2, i).transpose(1, 2);
+        let (q, k, v) = (split(0), split(1), split(2));
         let scale = (self.head_dim as f64).powf(-0.5);
         let out = Tensor::scaled_dot_product_attention(
             &q,

@@ -223,15 +223,17 @@ impl Scheduler {
         let mut finished = Vec::new();
         for (row, seq) in self.running.iter_mut().enumerate() {
             seq.cached = seq.len();
-            let logits_row = logits.get(row as i64);
+            // A greedy row without top tokens needs nothing but its argmax.
             if seq.params.top_logprobs > 0 {
-                seq.top_tokens
-                    .push(top_token_ids(&logits_row, seq.params.top_logprobs)?);
+                seq.top_tokens.push(top_token_ids(
+                    &logits.get(row as i64),
+                    seq.params.top_logprobs,
+                )?);
             }
             let token = if seq.params.is_greedy() {
                 greedy[row] as u32
             } else {
-                seq.sampler.sample(&logits_row)?
+                seq.sampler.sample(&logits.get(row as i64))?
             };
             seq.generated.push(token);
             let _ = seq.events.send(Event::Token(token));
@@ -338,10 +340,7 @@ impl Scheduler {
     }
 
     fn recording(&self) -> bool {
-        self.counters
-            .step_log
-            .lock()
-            .is_ok_and(|log| log.is_some())
+        self.counters.step_log.lock().is_ok_and(|log| log.is_some())
     }
 }
 

@@ -20,11 +20,11 @@ use crate::kv_cache::{slots, AttentionBatch, PagedKvCache, SequenceSlice};
 use crate::{MultiModalModel, Result};
 
 /// Context lengths of decode steps are rounded up to a multiple of this.
-const CONTEXT_STEP: usize = 256;
+const CONTEXT_STEP: usize = 128;
 /// Contexts longer than this decode without graphs (each bucket's gathered keys and values take memory).
 const MAX_GRAPH_CONTEXT: usize = 4096;
 /// Prompt lengths of single prefills are rounded up to a multiple of this.
-const PREFILL_STEP: usize = 64;
+const PREFILL_STEP: usize = 32;
 /// Longer prompts prefill without graphs: their kernels are long enough to hide launching, and each
 /// bucket's activations would take memory.
 const MAX_GRAPH_PREFILL: usize = 2048;
