@@ -8,12 +8,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 CARD = "NVIDIA H200, LLaVA-1.5-7B shapes, bf16, 604-token prompt, 128 new tokens"
-MMREG = {1: 66.8, 8: 523.9, 32: 1211.2}
-HF = {1: 17.1, 8: 141.8}
-FLOOR_BS1 = 4.3e12 / 14.1e9  # bandwidth floor at batch 1: 14.1 GB of weights read once per token at ~4.3 TB/s
+# Run 7 (16920b8), one H200, all three in the same run.
+MMREG = {1: 177.0, 8: 1004.2, 32: 1779.3}
+MMREG_EAGER = {1: 106.6, 8: 846.5}
+HF = {1: 12.0, 8: 136.2, 32: 517.7}
+FLOOR_BS1 = 4.18e12 / 14.1e9  # batch-1 floor: 14.1 GB of weights read once per token at the measured 4.18 TB/s
 
 fig, ax = plt.subplots(figsize=(7, 4.5))
 ax.plot(list(MMREG), list(MMREG.values()), "o-", label="mmreg")
+ax.plot(list(MMREG_EAGER), list(MMREG_EAGER.values()), "^:", label="mmreg without CUDA graphs")
 ax.plot(list(HF), list(HF.values()), "s-", label="HF transformers 5.17 (sdpa)")
 ax.axhline(FLOOR_BS1, color="gray", ls="--", lw=1, label=f"batch-1 bandwidth floor ({FLOOR_BS1:.0f} tok/s)")
 ax.set_xscale("log", base=2)
