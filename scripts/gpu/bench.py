@@ -1,8 +1,9 @@
 """The GPU benchmark and bf16 parity run, in one go (see docs/benchmarks.md).
 
 For LLaVA-1.5-7B shapes: HF transformers (bf16, sdpa) and mmreg on the same random checkpoint: prefill
-at batch 1 and 8, decode tokens/s at batch 1 and 8 (128 tokens), peak memory; then mmreg alone at batch
-32. For LLaVA-NeXT-Mistral-7B shapes: bf16 greedy agreement with HF by vLLM's top-5 rule over 32 tokens.
+at batch 1, 8 and 32, decode tokens/s at batch 1, 8 and 32 (128 tokens), peak memory; the same mmreg build
+without CUDA graphs at batch 1 and 8. For both LLaVA-1.5-7B and LLaVA-NeXT-Mistral-7B shapes:
+bf16 greedy agreement with HF by vLLM's top-5 rule over 32 tokens.
 Run from the repo root on the GPU machine after staging binaries:  python3 scripts/gpu/bench.py gpu-stage/run.sh
 """
 import json, os, subprocess, sys, time
@@ -67,10 +68,30 @@ def vllm_rule(a, a_top, b, b_top):
     return True, None
 
 
+def hf_greedy(model, processor, image, prompt, steps=32):
+    """HF's greedy tokens and each step's top-5 ids (bf16), for vLLM's top-5 rule."""
+    inputs = processor(images=Image.open(image), text=prompt, return_tensors="pt").to("cuda")
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                             output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens, [s[0].topk(5).indices.tolist() for s in out.scores]
+
+
+def mmreg_agreement(ckpt, image, prompt, hf_tokens, hf_top):
+    ours = mmreg(["generate", "--model", ckpt, "--image", image, "--prompt", prompt, "--max-tokens", "32",
+                  "--device", "cuda", "--dtype", "bf16", "--json", "--ignore-eos", "--top-logprobs", "5"])
+    ok, first = vllm_rule(hf_tokens, hf_top, ours["token_ids"], ours["top_tokens"])
+    same = sum(x == y for x, y in zip(hf_tokens, ours["token_ids"]))
+    return ok, first, same, ours["token_ids"]
+
+
 card = torch.cuda.get_device_name(0)
 model = checkpoints.llava15(LLAVA)
 processor = AutoProcessor.from_pretrained(LLAVA, backend="pil")
 hf = hf_bench(model, processor, IMAGE15, PROMPT15, (1, 8, 32))
+hf15_tokens, hf15_top = hf_greedy(model, processor, IMAGE15, PROMPT15)
 del model
 torch.cuda.empty_cache()
 ours = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8,32",
@@ -79,29 +100,18 @@ print("mmreg", ours, flush=True)
 eager = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8",
                "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"], eager=True)
 print("mmreg eager", eager, flush=True)
+ok15, first15, same15, ours15 = mmreg_agreement(LLAVA, IMAGE15, PROMPT15, hf15_tokens, hf15_top)
 
 model = checkpoints.llava_next_mistral(NEXT)
 processor = AutoProcessor.from_pretrained(NEXT, backend="pil")
-inputs = processor(images=Image.open(IMAGE_NEXT), text=PROMPT_NEXT, return_tensors="pt").to("cuda")
-inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-with torch.inference_mode():
-    sync(); t = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=32, do_sample=False, eos_token_id=None, output_scores=True,
-                         return_dict_in_generate=True)
-    sync(); hf_next_s = time.perf_counter() - t
-hf_tokens = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
-hf_top = [s[0].topk(5).indices.tolist() for s in out.scores]
+hf_tokens, hf_top = hf_greedy(model, processor, IMAGE_NEXT, PROMPT_NEXT)
 hf_nx = hf_bench(model, processor, IMAGE_NEXT, PROMPT_NEXT, (1, 8))
 del model
 torch.cuda.empty_cache()
 ours_nx = mmreg(["bench", "--model", NEXT, "--prompt", PROMPT_NEXT, "--image", IMAGE_NEXT, "--batch", "1,8",
                  "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"])
 print("mmreg NeXT", ours_nx, flush=True)
-nx = mmreg(["generate", "--model", NEXT, "--image", IMAGE_NEXT, "--prompt", PROMPT_NEXT, "--max-tokens", "32",
-            "--device", "cuda", "--dtype", "bf16", "--json", "--ignore-eos", "--top-logprobs", "5"])
-ok, first = vllm_rule(hf_tokens, hf_top, nx["token_ids"], nx["top_tokens"])
-same = sum(x == y for x, y in zip(hf_tokens, nx["token_ids"]))
-
+ok, first, same, nx_tokens = mmreg_agreement(NEXT, IMAGE_NEXT, PROMPT_NEXT, hf_tokens, hf_top)
 print(f"\n## {card}, {time.strftime('%Y-%m-%d')}, LLaVA-1.5-7B shapes, bf16, prompt {ours.get('prompt_tokens')} tokens")
 print("| metric | HF transformers (sdpa) | mmreg | mmreg without CUDA graphs |\n|---|---|---|---|")
 nan = float("nan")
@@ -109,12 +119,14 @@ for key in ["prefill_bs1_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms", "prefill
             "ttft_bs1_ms", "ttft_bs8_ms", "ttft_bs32_ms",
             "decode_tok_per_s_bs1", "decode_tok_per_s_bs8", "decode_tok_per_s_bs32", "peak_mem_gib"]:
     print(f"| {key} | {hf.get(key, nan):.1f} | {ours.get(key, nan):.1f} | {eager.get(key, nan):.1f} |")
+print(f"\nLLaVA-1.5-7B shapes, bf16 greedy vs HF: identical {same15}/32, first difference {first15}, "
+      f"vLLM top-5 rule: {'PASS' if ok15 else 'FAIL'}")
 print(f"\n## LLaVA-NeXT-Mistral-7B shapes, bf16, 480x640 image, prompt {ours_nx.get('prompt_tokens')} tokens")
 print("| metric | HF transformers (sdpa) | mmreg |\n|---|---|---|")
 for key in ["prefill_bs1_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1",
             "decode_tok_per_s_bs8"]:
     print(f"| {key} | {hf_nx.get(key, nan):.1f} | {ours_nx.get(key, nan):.1f} |")
 print(f"\nLLaVA-NeXT-Mistral-7B shapes, bf16 greedy vs HF: identical {same}/32, first difference {first}, "
-      f"vLLM top-5 rule: {'PASS' if ok else 'FAIL'} (HF generate {hf_next_s:.2f}s)")
+      f"vLLM top-5 rule: {'PASS' if ok else 'FAIL'}")
 print("HF   :", hf_tokens)
-print("mmreg:", nx["token_ids"])
+print("mmreg:", nx_tokens)
