@@ -1,5 +1,5 @@
 //! Links libtorch (see `build/libtorch.rs`) and compiles the CUDA shim: the caching allocator's memory
-//! statistics and CUDA graphs, which tch does not expose. Without CUDA headers the shim is left out, the
+//! statistics, CUDA graphs and the Kineto profiler, which tch does not expose. Without CUDA headers the shim is left out, the
 //! statistics report themselves unavailable and decode steps run without graphs.
 
 include!("../build/libtorch.rs");
@@ -54,5 +54,6 @@ fn main() {
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-cfg=mmreg_cuda_shim");
 }

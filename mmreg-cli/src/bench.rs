@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Timed repetitions of the prefill.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
+    /// Also profile (CUDA): write Chrome traces of one lone prefill (`prefill_bs1.json`) and of 8
+    /// requests of 16 tokens (`decode_bs8.json`) into this folder.
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -120,6 +124,29 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             format!("decode_tok_per_s_bs{b}"),
             ((generated - b) as f64 / (total - ttft)).into(),
         );
+    }
+    if let Some(dir) = &args.trace {
+        std::fs::create_dir_all(dir)?;
+        let with_tokens = |max_tokens| Request {
+            params: SamplingParams {
+                max_tokens,
+                ..request.params.clone()
+            },
+            ..request.clone()
+        };
+        for (name, requests) in [
+            ("prefill_bs1.json", vec![with_tokens(1)]),
+            ("decode_bs8.json", vec![with_tokens(16); 8]),
+        ] {
+            // Warm (graphs captured), then traced.
+            engine.generate(requests.clone());
+            mmreg_core::cuda::start_profiler()?;
+            let results = engine.generate(requests);
+            mmreg_core::cuda::stop_profiler(&dir.join(name))?;
+            for result in results {
+                result?;
+            }
+        }
     }
     if let tch::Device::Cuda(i) = device {
         if let Some(stats) = mmreg_core::cuda::memory_stats(i) {

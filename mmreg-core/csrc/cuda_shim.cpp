@@ -1,6 +1,7 @@
 // What tch does not expose of libtorch's CUDA side: the caching allocator's memory statistics and CUDA
 // graphs. Every function catches C++ exceptions and returns non-zero instead, so nothing unwinds into Rust.
 #include <ATen/cuda/CUDAGraph.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
@@ -153,6 +154,37 @@ int mmreg_graph_capture_end(void* graph, uint64_t* out) {
 int mmreg_graph_replay(void* graph) {
   try {
     static_cast<MmregGraph*>(graph)->graph.replay();
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+}
+
+// libtorch's Kineto profiler (what torch.profiler drives in Python): CPU ops of this thread and every CUDA
+// kernel, memcpy and graph launch on the device, saved as a Chrome trace.
+extern "C" {
+
+int mmreg_profiler_start() {
+  try {
+    using namespace torch::profiler::impl;
+    ProfilerConfig config(ProfilerState::KINETO);
+    std::set<ActivityType> activities{ActivityType::CPU, ActivityType::CUDA};
+    torch::autograd::profiler::prepareProfiler(config, activities);
+    torch::autograd::profiler::enableProfiler(config, activities);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+
+int mmreg_profiler_stop(const char* path) {
+  try {
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (!result) {
+      return 2;
+    }
+    result->save(path);
     return 0;
   } catch (...) {
     return 1;

@@ -15,6 +15,18 @@ pub struct MemoryStats {
 
 pub use shim::{empty_cache, mem_get_info, memory_stats, reset_peak_stats};
 
+/// Records every CUDA kernel, copy and graph launch on the device (and this thread's CPU ops) with
+/// libtorch's Kineto profiler until [`stop_profiler`] saves them as a Chrome trace (chrome://tracing,
+/// Perfetto). For benchmarks.
+pub fn start_profiler() -> Result<()> {
+    shim::profiler_start()
+}
+
+/// Stops the profiler and writes the trace to `path`.
+pub fn stop_profiler(path: &std::path::Path) -> Result<()> {
+    shim::profiler_stop(path)
+}
+
 /// Whether [`Graph::capture`] can work in this build and on this machine, and is not switched off with
 /// `MMREG_NO_CUDA_GRAPHS=1` (everything then runs eagerly, as with vLLM's `enforce_eager`).
 pub fn graphs_available() -> bool {
@@ -83,6 +95,8 @@ mod shim {
         fn mmreg_graph_capture_begin(graph: *mut std::ffi::c_void, pool0: u64, pool1: u64) -> i32;
         fn mmreg_graph_capture_end(graph: *mut std::ffi::c_void, out: *mut u64) -> i32;
         fn mmreg_graph_replay(graph: *mut std::ffi::c_void) -> i32;
+        fn mmreg_profiler_start() -> i32;
+        fn mmreg_profiler_stop(path: *const std::ffi::c_char) -> i32;
         fn mmreg_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
         fn mmreg_cuda_reset_peak_stats(device: i32) -> i32;
         fn mmreg_cuda_empty_cache() -> i32;
@@ -130,6 +144,24 @@ mod shim {
             // SAFETY: the shim catches every C++ exception.
             unsafe { mmreg_cuda_empty_cache() };
         }
+    }
+
+    pub fn profiler_start() -> Result<()> {
+        // SAFETY: the shim catches every C++ exception.
+        let status = unsafe { mmreg_profiler_start() };
+        (status == 0)
+            .then_some(())
+            .ok_or_else(|| Error::Registry("starting the Kineto profiler failed".into()))
+    }
+
+    pub fn profiler_stop(path: &std::path::Path) -> Result<()> {
+        let path = std::ffi::CString::new(path.to_string_lossy().as_bytes())
+            .map_err(|_| Error::Registry("a trace path with a NUL byte".into()))?;
+        // SAFETY: `path` is a valid C string for the call; the shim catches every C++ exception.
+        let status = unsafe { mmreg_profiler_stop(path.as_ptr()) };
+        (status == 0).then_some(()).ok_or_else(|| {
+            Error::Registry("stopping the profiler or saving its trace failed".into())
+        })
     }
 
     /// An owned `at::cuda::CUDAGraph` with its side stream.
@@ -208,6 +240,14 @@ mod shim {
 mod shim {
     use super::{GraphPool, MemoryStats};
     use crate::{Error, Result};
+
+    pub fn profiler_start() -> Result<()> {
+        Err(Error::Registry("the profiler needs the CUDA shim".into()))
+    }
+
+    pub fn profiler_stop(_path: &std::path::Path) -> Result<()> {
+        Err(Error::Registry("the profiler needs the CUDA shim".into()))
+    }
 
     /// Never made: [`super::Graph::capture`] fails first without the shim.
     pub struct RawGraph;

@@ -18,6 +18,7 @@ import checkpoints  # noqa: E402
 RUN = sys.argv[1] if len(sys.argv) > 1 else "gpu-stage/run.sh"
 GEN = 128
 LLAVA, NEXT = "/tmp/llava-1.5-7b", "/tmp/llava-next-mistral-7b"
+TRACES = os.environ.get("TRACES", "/tmp/mmreg-traces")  # Kineto traces of mmreg (scripts/gpu/trace_summary.py)
 IMAGE15 = "fixtures/llava-tiny-real/images/b_480x640.png"
 IMAGE_NEXT = "fixtures/llava-next-tiny-real/images/landscape_480x640.png"
 PROMPT15 = "USER: <image>\nWhat is shown in this image? Describe every detail of it, please. ASSISTANT:"
@@ -95,7 +96,7 @@ hf15_tokens, hf15_top = hf_greedy(model, processor, IMAGE15, PROMPT15)
 del model
 torch.cuda.empty_cache()
 ours = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8,32",
-              "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"])
+              "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16", "--trace", TRACES])
 print("mmreg", ours, flush=True)
 eager = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8",
                "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"], eager=True)
