@@ -170,11 +170,11 @@ impl Attention {
             .qkv_proj
             .forward(x)
             .view([t, h + 2 * kv, self.head_dim]);
-        // Queries and keys rotate together.
-        let qk = rope.apply(&qkv.narrow(1, 0, h + kv));
+        // Queries and keys rotate; values pass through unchanged (see `Rope`).
+        let qkv = rope.apply(&qkv);
         let (q, k, v) = (
-            qk.narrow(1, 0, h),
-            qk.narrow(1, h, kv),
+            qkv.narrow(1, 0, h),
+            qkv.narrow(1, h, kv),
             qkv.narrow(1, h + kv, kv),
         );
         let scale = (self.head_dim as f64).powf(-0.5);
@@ -221,20 +221,23 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// cos/sin `[tokens, 1, head_dim]` of the rotary embedding at the step's positions, in the model dtype;
-/// `sin` carries the sign of `rotate_half` (negative first half).
+/// cos/sin of the rotary embedding at the step's positions for every head of the stacked q, k, v
+/// projection (`[tokens, heads + 2 kv_heads, head_dim]`, model dtype): the rotation on the query and key
+/// heads, and cos 1, sin 0 (the identity) on the value heads. `sin` carries the sign of `rotate_half`
+/// (negative first half).
 struct Rope {
     cos: Tensor,
     signed_sin: Tensor,
 }
 
 impl Rope {
-    /// `q * cos + rotate_half(q) * sin` on `[tokens, heads, head_dim]`, with `rotate_half(x) = cat(-x2, x1)`
-    /// (half split, not interleaved), computed as `q * cos + roll(q, half) * signed_sin`: the same products
-    /// (negation is exact) in three kernels fewer.
-    fn apply(&self, x: &Tensor) -> Tensor {
-        let half = x.size()[2] / 2;
-        x * &self.cos + x.roll([half], [2]) * &self.signed_sin
+    /// `q * cos + rotate_half(q) * sin` with `rotate_half(x) = cat(-x2, x1)` (half split, not interleaved),
+    /// computed as `x * cos + roll(x, half) * signed_sin` over the whole stacked projection: the same
+    /// products as HF's for queries and keys (negation is exact), the values unchanged (`v·1 + r·0 = v`),
+    /// and every operand contiguous and of one shape, so each kernel runs vectorised.
+    fn apply(&self, qkv: &Tensor) -> Tensor {
+        let half = qkv.size()[2] / 2;
+        qkv * &self.cos + qkv.roll([half], [2]) * &self.signed_sin
     }
 }
 
@@ -300,12 +303,24 @@ impl Llama {
     }
 
     fn rope(&self, positions: &Tensor, kind: Kind) -> Rope {
+        let c = &self.config;
+        let (t, d) = (positions.size()[0], c.head_dim);
+        let rotated = c.num_attention_heads + c.num_key_value_heads;
+        let kv = c.num_key_value_heads;
         let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[&freqs, &freqs], 1).unsqueeze(1);
         let sin = freqs.sin();
+        let options = (kind, positions.device());
+        // Rotation on the query and key heads, identity on the value heads.
+        let per_head = |rotation: Tensor, identity: Tensor| {
+            Tensor::cat(&[rotation.expand([t, rotated, d], false), identity], 1)
+        };
         Rope {
-            cos: emb.cos().to_kind(kind),
-            signed_sin: Tensor::cat(&[-&sin, sin], 1).unsqueeze(1).to_kind(kind),
+            cos: per_head(emb.cos().to_kind(kind), Tensor::ones([t, kv, d], options)),
+            signed_sin: per_head(
+                Tensor::cat(&[-&sin, sin], 1).unsqueeze(1).to_kind(kind),
+                Tensor::zeros([t, kv, d], options),
+            ),
         }
     }
 

@@ -189,6 +189,9 @@ pub struct EngineCounters {
     pub preprocessing: AtomicUsize,
     /// Every step's shape and duration (for benchmarks), when enabled with `record_steps`.
     pub step_log: Mutex<Option<Vec<StepTiming>>>,
+    /// Benchmarks only: wait for each packed step's embeddings to time them apart
+    /// ([`StepTiming::embed_seconds`]); the wait itself slows the step a little.
+    pub time_embeddings: std::sync::atomic::AtomicBool,
 }
 
 /// One scheduler step: tokens prefilled, sequences decoded, and its wall time including sampling.
@@ -196,7 +199,8 @@ pub struct EngineCounters {
 pub struct StepTiming {
     pub prefill_tokens: usize,
     pub decodes: usize,
-    /// Until the step's embeddings (the vision path included) were ready; 0 for fixed-shape decode steps.
+    /// Until the step's embeddings (the vision path included) were ready, with
+    /// [`EngineCounters::time_embeddings`] on; 0 otherwise.
     pub embed_seconds: f64,
     pub seconds: f64,
 }

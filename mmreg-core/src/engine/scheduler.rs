@@ -319,7 +319,7 @@ impl Scheduler {
         }
         let embeds = Tensor::cat(&embeds, 0);
         let mut embed_seconds = 0.0;
-        if self.recording() {
+        if self.counters.time_embeddings.load(Ordering::Relaxed) {
             // Benchmarks only: wait for the embeddings (vision path included) to time them apart.
             if let Device::Cuda(i) = device {
                 tch::Cuda::synchronize(i as i64);
@@ -337,10 +337,6 @@ impl Scheduler {
         let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
         let logits = self.model.forward(&embeds, &batch, &mut self.cache)?;
         Ok((logits, prefill_tokens, embed_seconds))
-    }
-
-    fn recording(&self) -> bool {
-        self.counters.step_log.lock().is_ok_and(|log| log.is_some())
     }
 }
 
