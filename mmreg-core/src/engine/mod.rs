@@ -398,7 +398,8 @@ fn preprocess_loop(
             return;
         };
         let params = request.params.clone();
-        let outcome = (|| {
+        // The model's registered functions run here; a panic in one is this request's error.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if request.images.len() > max_images {
                 return Err(Error::bad_input(
                     "request",
@@ -425,7 +426,13 @@ fn preprocess_loop(
                 max_model_len.saturating_sub(1).min(max_batched),
             )?;
             Ok(prepared)
-        })();
+        }))
+        .unwrap_or_else(|panic| {
+            Err(Error::Registry(scheduler::panic_message(
+                "preprocessing",
+                panic,
+            )))
+        });
         match outcome {
             Ok(prepared) => {
                 if let Err(mpsc::SendError(ready)) = ready.send(Ready {

@@ -110,7 +110,10 @@ impl Scheduler {
             while let Ok(r) = ready.try_recv() {
                 self.enqueue(r);
             }
-            if let Err(error) = self.step() {
+            // A panic in model code (tch's operators panic on a shape error, say) is this step's error.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()))
+                .unwrap_or_else(|panic| Err(Error::Registry(panic_message("the step", panic))));
+            if let Err(error) = stepped {
                 // A failed step fails the sequences in it; the engine carries on.
                 let message = error.to_string();
                 for seq in self.running.drain(..) {
@@ -338,6 +341,18 @@ impl Scheduler {
         let logits = self.model.forward(&embeds, &batch, &mut self.cache)?;
         Ok((logits, prefill_tokens, embed_seconds))
     }
+}
+
+/// What a caught panic said, for an error message: "`what` panicked: …".
+pub(super) fn panic_message(what: &str, panic: Box<dyn std::any::Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    // libtorch's errors carry a C++ backtrace after the first line.
+    let first = text.lines().next().unwrap_or_default();
+    format!("{what} panicked: {first}")
 }
 
 fn finish_reason(ctx: &ModelContext, max_model_len: usize, seq: &Sequence) -> Option<FinishReason> {
