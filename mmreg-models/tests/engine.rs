@@ -42,6 +42,28 @@ fn with_cuda_graphs(cuda_graphs: Option<bool>) -> EngineOptions {
     }
 }
 
+/// The generated tokens of `requests` run together through `engine`.
+fn token_ids(engine: &Engine, requests: &[Request]) -> Vec<Vec<u32>> {
+    engine
+        .generate(requests.to_vec())
+        .into_iter()
+        .map(|r| r.expect("completes").token_ids)
+        .collect()
+}
+
+/// `requests` through the engine, both ways of running decode steps, give what one at a time gives.
+fn assert_engine_matches_sequential(dir: &Path, requests: &[Request]) {
+    let expected = sequential(dir, requests);
+    for mode in DECODE_MODES {
+        let engine = Engine::new(dir, with_cuda_graphs(mode)).expect("engine");
+        assert_eq!(
+            token_ids(&engine, requests),
+            expected,
+            "cuda_graphs {mode:?}"
+        );
+    }
+}
+
 /// The same requests one at a time, without the engine.
 fn sequential(dir: &Path, requests: &[Request]) -> Vec<Vec<u32>> {
     let ctx = ModelContext::from_dir(dir).expect("context");
@@ -110,18 +132,7 @@ fn llava_requests() -> Vec<Request> {
 fn batched_outputs_equal_one_at_a_time_outputs() {
     let dir = fixture("llava-tiny-real");
     let requests = llava_requests();
-    let expected = sequential(&dir, &requests);
-    for mode in DECODE_MODES {
-        let engine = Engine::new(&dir, with_cuda_graphs(mode)).expect("engine");
-        let results = engine.generate(requests.clone());
-        for (i, (result, expected)) in results.into_iter().zip(&expected).enumerate() {
-            assert_eq!(
-                &result.expect("completes").token_ids,
-                expected,
-                "request {i}, cuda_graphs {mode:?}"
-            );
-        }
-    }
+    assert_engine_matches_sequential(&dir, &requests);
 }
 
 #[test]
@@ -173,12 +184,11 @@ fn a_small_cache_queues_and_preempts_without_changing_outputs() {
         };
         let engine = Engine::new(&dir, options).expect("engine");
         assert_eq!(engine.profile().kv_blocks, 76);
-        let outputs: Vec<_> = engine
-            .generate(requests.clone())
-            .into_iter()
-            .map(|r| r.expect("completes").token_ids)
-            .collect();
-        assert_eq!(outputs, expected, "cuda_graphs {mode:?}");
+        assert_eq!(
+            token_ids(&engine, &requests),
+            expected,
+            "cuda_graphs {mode:?}"
+        );
         assert!(
             engine
                 .counters()
@@ -203,16 +213,7 @@ fn llava_next_requests_with_different_image_sizes_batch_correctly() {
     .iter()
     .map(|name| request(prompt, &[images.join(name)], greedy(6)))
     .collect();
-    let expected = sequential(&dir, &requests);
-    for mode in DECODE_MODES {
-        let engine = Engine::new(&dir, with_cuda_graphs(mode)).expect("engine");
-        let outputs: Vec<_> = engine
-            .generate(requests.clone())
-            .into_iter()
-            .map(|r| r.expect("completes").token_ids)
-            .collect();
-        assert_eq!(outputs, expected, "cuda_graphs {mode:?}");
-    }
+    assert_engine_matches_sequential(&dir, &requests);
 }
 
 #[test]
