@@ -24,16 +24,7 @@ impl PreparedInputs {
         let mapped = self
             .mapped
             .iter()
-            .map(|(m, t)| {
-                (
-                    *m,
-                    TensorMap(
-                        t.iter()
-                            .map(|(k, v)| (k.to_owned(), v.shallow_clone()))
-                            .collect(),
-                    ),
-                )
-            })
+            .map(|(m, t)| (*m, t.shallow_clone()))
             .collect();
         Self {
             processed: self.processed.clone(),
@@ -74,44 +65,140 @@ pub fn embed_prompt(
     model: &dyn MultiModalModel,
     prepared: PreparedInputs,
 ) -> Result<Tensor> {
+    let mut embeds = embed_prompts(entry, model, vec![prepared], usize::MAX)?;
+    Ok(embeds.pop().expect("one prompt in, one out"))
+}
+
+/// [`embed_prompt`] for several prompts (a step's prefills) at once. Each modality's items of consecutive
+/// prompts go through the model's multimodal path together, at most `max_items` at a time (what startup
+/// profiling measured), where the model's input type can join them (`ModalityInputs::concat`);
+/// otherwise prompt by prompt. The results are the same either way.
+pub fn embed_prompts(
+    entry: &ModelEntry,
+    model: &dyn MultiModalModel,
+    prompts: Vec<PreparedInputs>,
+    max_items: usize,
+) -> Result<Vec<Tensor>> {
     let device = model.device();
-    let ids = prepared.processed.input_ids().to_device(device);
-    let embeds = model.embed_tokens(&ids)?;
-    for (modality, tensors) in prepared.mapped {
-        let features = entry.embed(model, modality, tensors)?;
-        let mut ranges: Vec<_> = prepared
-            .processed
-            .placeholders
-            .iter()
-            .filter(|r| r.modality == modality)
-            .collect();
-        ranges.sort_by_key(|r| r.item);
-        if features.len() != ranges.len() {
-            return Err(Error::Registry(format!(
-                "{}: the {modality} path returned {} feature tensor(s) for {} item(s)",
-                entry.id.path,
-                features.len(),
-                ranges.len()
-            )));
-        }
-        for (range, feature) in ranges.iter().zip(&features) {
-            let rows = feature.size().first().copied().unwrap_or(0) as usize;
-            if rows != range.length {
-                return Err(Error::TokenCountMismatch {
-                    model: entry.id.path.into(),
-                    modality,
-                    item: range.item,
-                    what: "the model's embedding",
-                    actual: rows,
-                    expected: range.length,
-                });
+    let mut embeds = prompts
+        .iter()
+        .map(|p| model.embed_tokens(&p.processed.input_ids().to_device(device)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut mapped: Vec<Vec<(crate::Modality, TensorMap)>> = Vec::with_capacity(prompts.len());
+    let mut processed = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        mapped.push(prompt.mapped);
+        processed.push(prompt.processed);
+    }
+    for modality in entry.modalities() {
+        // (prompt, its inputs, its number of items) for the prompts with items of this modality.
+        let mut pending: Vec<(usize, TensorMap, usize)> = Vec::new();
+        for (i, maps) in mapped.iter_mut().enumerate() {
+            if let Some(at) = maps.iter().position(|(m, _)| *m == modality) {
+                let (_, inputs) = maps.swap_remove(at);
+                pending.push((i, inputs, processed[i].multimodal.items(modality).len()));
             }
-            embeds
-                .narrow(0, range.offset as i64, range.length as i64)
-                .f_copy_(&feature.to_kind(embeds.kind()))?;
+        }
+        for group in groups(&pending, max_items) {
+            let members: Vec<(usize, TensorMap, usize)> = pending.drain(..group).collect();
+            let counts: Vec<usize> = members.iter().map(|m| m.2).collect();
+            let prompts_of_group: Vec<usize> = members.iter().map(|m| m.0).collect();
+            let inputs: Vec<TensorMap> = members.into_iter().map(|m| m.1).collect();
+            let joined = if inputs.len() > 1 {
+                entry.concat(
+                    modality,
+                    inputs.iter().map(TensorMap::shallow_clone).collect(),
+                )?
+            } else {
+                None
+            };
+            let per_prompt: Vec<Vec<Tensor>> = match joined {
+                Some(all) => {
+                    let mut features = entry.embed(model, modality, all)?.into_iter();
+                    let expected: usize = counts.iter().sum();
+                    if features.len() != expected {
+                        return Err(Error::Registry(format!(
+                            "{}: the {modality} path returned {} feature tensor(s) for {expected} item(s)",
+                            entry.id.path,
+                            features.len(),
+                        )));
+                    }
+                    counts
+                        .iter()
+                        .map(|&n| features.by_ref().take(n).collect())
+                        .collect()
+                }
+                None => inputs
+                    .into_iter()
+                    .map(|one| entry.embed(model, modality, one))
+                    .collect::<Result<_>>()?,
+            };
+            for (i, features) in prompts_of_group.into_iter().zip(per_prompt) {
+                write_features(entry, modality, &processed[i], &mut embeds[i], &features)?;
+            }
         }
     }
     Ok(embeds)
+}
+
+/// Sizes of consecutive groups of `pending` prompts with at most `max_items` items each (a prompt with
+/// more goes alone).
+fn groups<T>(pending: &[(usize, T, usize)], max_items: usize) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let (mut len, mut items) = (0, 0);
+    for &(_, _, n) in pending {
+        if len > 0 && items + n > max_items {
+            sizes.push(len);
+            (len, items) = (0, 0);
+        }
+        len += 1;
+        items += n;
+    }
+    if len > 0 {
+        sizes.push(len);
+    }
+    sizes
+}
+
+/// Writes one prompt's features of `modality` over its placeholders, checking their number and rows.
+fn write_features(
+    entry: &ModelEntry,
+    modality: crate::Modality,
+    processed: &crate::ProcessedInputs,
+    embeds: &mut Tensor,
+    features: &[Tensor],
+) -> Result<()> {
+    let mut ranges: Vec<_> = processed
+        .placeholders
+        .iter()
+        .filter(|r| r.modality == modality)
+        .collect();
+    ranges.sort_by_key(|r| r.item);
+    if features.len() != ranges.len() {
+        return Err(Error::Registry(format!(
+            "{}: the {modality} path returned {} feature tensor(s) for {} item(s)",
+            entry.id.path,
+            features.len(),
+            ranges.len()
+        )));
+    }
+    for (range, feature) in ranges.iter().zip(features) {
+        let rows = feature.size().first().copied().unwrap_or(0) as usize;
+        if rows != range.length {
+            return Err(Error::TokenCountMismatch {
+                model: entry.id.path.into(),
+                modality,
+                item: range.item,
+                what: "the model's embedding",
+                actual: rows,
+                expected: range.length,
+            });
+        }
+        embeds
+            .narrow(0, range.offset as i64, range.length as i64)
+            .f_copy_(&feature.to_kind(embeds.kind()))?;
+    }
+    Ok(())
 }
 
 /// What a finished generation returns.

@@ -55,6 +55,16 @@ pub fn embed<M: SupportsModality<K>, K: ModalityKind>(
     model.embed(M::Inputs::from_tensors(inputs)?)
 }
 
+pub fn concat<M: SupportsModality<K>, K: ModalityKind>(
+    parts: Vec<TensorMap>,
+) -> Result<Option<TensorMap>> {
+    let parts = parts
+        .into_iter()
+        .map(M::Inputs::from_tensors)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(M::Inputs::concat(parts)?.map(ModalityInputs::into_tensors))
+}
+
 pub fn count<M: SupportsModality<K>, K: ModalityKind>(
     ctx: &ModelContext,
     data: &MultiModalData,

@@ -15,6 +15,7 @@ use crate::{Error, Modality, ModelContext, Result, TensorMap};
 pub type LoadFn = fn(&ModelContext, &Weights, &LoadOptions) -> Result<Box<dyn MultiModalModel>>;
 pub type MapFn = fn(&ModelContext, &MultiModalData) -> Result<TensorMap>;
 pub type EmbedFn = fn(&dyn MultiModalModel, TensorMap) -> Result<Vec<Tensor>>;
+pub type ConcatFn = fn(Vec<TensorMap>) -> Result<Option<TensorMap>>;
 pub type CountFn = fn(&ModelContext, &MultiModalData) -> Result<Vec<usize>>;
 pub type MaxTokensFn = fn(&ModelContext) -> Result<usize>;
 pub type DummyDataFn = fn(&ModelContext, &DummyRequest) -> Result<ProcessorInputs>;
@@ -68,6 +69,8 @@ pub enum Hook {
         params: &'static [&'static str],
         map: MapFn,
         embed: EmbedFn,
+        /// Joins several prompts' mapped inputs (`ModalityInputs::concat`).
+        concat: ConcatFn,
         count: CountFn,
     },
     /// `#[register_max_tokens(modality = function)]`.
@@ -485,6 +488,15 @@ impl ModelEntry {
                 );
                 embed(model, inputs)
             }
+            _ => unreachable!("mapper slots hold input mappers"),
+        }
+    }
+
+    /// Several prompts' mapped inputs of `modality` joined into one (items in order), or `None` if the
+    /// model's input type cannot join them.
+    pub fn concat(&self, modality: Modality, parts: Vec<TensorMap>) -> Result<Option<TensorMap>> {
+        match self.mapper(modality)? {
+            Hook::InputMapper { concat, .. } => concat(parts),
             _ => unreachable!("mapper slots hold input mappers"),
         }
     }

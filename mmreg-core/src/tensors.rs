@@ -32,6 +32,16 @@ impl TensorMap {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
+
+    /// A copy sharing the tensors' storage.
+    pub fn shallow_clone(&self) -> Self {
+        Self(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.clone(), v.shallow_clone()))
+                .collect(),
+        )
+    }
 }
 
 /// The typed forward inputs of one modality. An input mapper returns this type and the model's embedding
@@ -43,6 +53,49 @@ pub trait ModalityInputs: Sized + 'static {
     fn into_tensors(self) -> TensorMap;
 
     fn from_tensors(tensors: TensorMap) -> Result<Self>;
+
+    /// Several prompts' inputs as one, so that the model's multimodal path runs once for all their items
+    /// (in order); `None` where they cannot be joined (the default: each prompt then runs alone).
+    fn concat(parts: Vec<Self>) -> Result<Option<Self>> {
+        let _ = parts;
+        Ok(None)
+    }
+}
+
+/// Joins tensors along their first axis, padding axis `pad_axis` of each with zeros to the largest;
+/// `None` if any other axis differs.
+fn cat_padded(tensors: &[Tensor], pad_axis: Option<usize>) -> Result<Option<Tensor>> {
+    let Some(first) = tensors.first() else {
+        return Ok(None);
+    };
+    let rank = first.dim();
+    let widest = |axis: usize| tensors.iter().map(|t| t.size()[axis]).max().unwrap_or(0);
+    let target: Vec<i64> = (0..rank)
+        .map(|axis| {
+            if Some(axis) == pad_axis {
+                widest(axis)
+            } else {
+                first.size()[axis]
+            }
+        })
+        .collect();
+    let mut padded = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        let size = t.size();
+        if size.len() != rank || (1..rank).any(|a| Some(a) != pad_axis && size[a] != target[a]) {
+            return Ok(None);
+        }
+        padded.push(match pad_axis {
+            Some(axis) if size[axis] < target[axis] => {
+                // `constant_pad_nd` lists (before, after) pairs from the last axis backwards.
+                let mut pad = vec![0i64; 2 * (rank - axis)];
+                pad[2 * (rank - 1 - axis) + 1] = target[axis] - size[axis];
+                t.f_constant_pad_nd(pad.as_slice())?
+            }
+            _ => t.shallow_clone(),
+        });
+    }
+    Ok(Some(Tensor::f_cat(&padded, 0)?))
 }
 
 /// `pixel_values` `[n, 3, H, W]` float32: the input of CLIP-style vision towers (LLaVA-1.5).
@@ -64,6 +117,11 @@ impl ModalityInputs for PixelValues {
         Ok(Self {
             pixel_values: tensors.take("pixel_values")?,
         })
+    }
+
+    fn concat(parts: Vec<Self>) -> Result<Option<Self>> {
+        let pixels: Vec<Tensor> = parts.into_iter().map(|p| p.pixel_values).collect();
+        Ok(cat_padded(&pixels, None)?.map(|pixel_values| Self { pixel_values }))
     }
 }
 
@@ -90,5 +148,22 @@ impl ModalityInputs for AnyresPixelValues {
             pixel_values: tensors.take("pixel_values")?,
             image_sizes: tensors.take("image_sizes")?,
         })
+    }
+
+    /// Pads every prompt's patches to the most any of them has (as HF's processor pads within a prompt).
+    fn concat(parts: Vec<Self>) -> Result<Option<Self>> {
+        let (pixels, sizes): (Vec<Tensor>, Vec<Tensor>) = parts
+            .into_iter()
+            .map(|p| (p.pixel_values, p.image_sizes))
+            .unzip();
+        let (Some(pixel_values), Some(image_sizes)) =
+            (cat_padded(&pixels, Some(1))?, cat_padded(&sizes, None)?)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            pixel_values,
+            image_sizes,
+        }))
     }
 }

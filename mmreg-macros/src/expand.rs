@@ -126,6 +126,7 @@ impl Registration {
                             params: #private::params::<#types>(),
                             map: #map,
                             embed: #private::embed::<#types>,
+                            concat: #private::concat::<#types>,
                             count: #private::count::<#types>,
                         }
                     },

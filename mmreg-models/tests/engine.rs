@@ -175,11 +175,13 @@ fn a_small_cache_queues_and_preempts_without_changing_outputs() {
         .collect();
     let expected = sequential(&dir, &requests);
     // 2 layers × 2 KV heads × 8 dims × 2 (K, V) × 4 bytes = 256 bytes per token. 76 blocks of 16 hold two
-    // of these ~590-token prompts exactly; their decodes then need more blocks than are free.
+    // of these ~590-token prompts exactly; their decodes then need more blocks than are free. A long burst
+    // wait makes sure that all three are preprocessed before the first step, however loaded the machine.
     for mode in DECODE_MODES {
         let options = EngineOptions {
             max_model_len: Some(1216),
             cpu_kv_cache_bytes: 1216 * 256,
+            burst_wait: std::time::Duration::from_secs(30),
             ..with_cuda_graphs(mode)
         };
         let engine = Engine::new(&dir, options).expect("engine");

@@ -86,6 +86,18 @@ impl ModalityInputs for ToyImageInputs {
             cells_per_image: tensors.take("cells_per_image")?,
         })
     }
+
+    /// Several prompts' cells end to end, so a step's prefills embed their images in one call.
+    fn concat(parts: Vec<Self>) -> Result<Option<Self>> {
+        let (cells, counts): (Vec<Tensor>, Vec<Tensor>) = parts
+            .into_iter()
+            .map(|p| (p.cells, p.cells_per_image))
+            .unzip();
+        Ok(Some(Self {
+            cells: Tensor::f_cat(&cells, 0)?,
+            cells_per_image: Tensor::f_cat(&counts, 0)?,
+        }))
+    }
 }
 
 /// Mean colour of each cell, in [0, 1].

@@ -54,6 +54,9 @@ pub struct EngineOptions {
     /// `MMREG_NO_CUDA_GRAPHS=1` turns them off. `Some(true)` on the CPU runs the same fixed-shape steps
     /// without capture (the tests compare those).
     pub cuda_graphs: Option<bool>,
+    /// How long an idle engine, woken by a request, waits for the rest of a burst of submissions to be
+    /// preprocessed so that their prefills share the first step (it stops waiting as soon as none is left).
+    pub burst_wait: std::time::Duration,
 }
 
 impl Default for EngineOptions {
@@ -70,6 +73,7 @@ impl Default for EngineOptions {
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             max_images_per_prompt: 4,
             cuda_graphs: None,
+            burst_wait: std::time::Duration::from_millis(20),
         }
     }
 }
@@ -312,7 +316,9 @@ impl Engine {
                 options.max_num_seqs,
                 options.max_num_batched_tokens,
                 max_model_len,
+                options.max_images_per_prompt.max(1),
             ),
+            options.burst_wait,
         );
         let scheduler = std::thread::spawn(move || scheduler.run(ready_rx));
         Ok(Engine {

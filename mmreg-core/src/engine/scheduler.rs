@@ -10,14 +10,11 @@ use tch::{Device, Tensor};
 
 use super::step_graphs::{DecodeRow, FixedShapeSteps};
 use super::{Completion, EngineCounters, Event, FinishReason, Ready, StepTiming};
-use crate::generate::{embed_prompt, top_token_ids, PreparedInputs};
+use crate::generate::{embed_prompts, top_token_ids, PreparedInputs};
 use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
 use crate::registry::ModelEntry;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Error, ModelContext, MultiModalModel, Result};
-
-/// How long an idle scheduler waits for the rest of a burst of requests to be preprocessed.
-const BURST_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A request inside the scheduler.
 struct Sequence {
@@ -56,6 +53,10 @@ pub(super) struct Scheduler {
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
     max_model_len: usize,
+    /// Items per call of a modality's path when a step's prefills run it together: what startup
+    /// profiling measured (`max_images_per_prompt`).
+    max_items_per_embed: usize,
+    burst_wait: std::time::Duration,
 }
 
 impl Scheduler {
@@ -68,9 +69,10 @@ impl Scheduler {
         cache: PagedKvCache,
         allocator: BlockAllocator,
         fixed_steps: Option<FixedShapeSteps>,
-        limits: (usize, usize, usize),
+        limits: (usize, usize, usize, usize),
+        burst_wait: std::time::Duration,
     ) -> Self {
-        let (max_num_seqs, max_num_batched_tokens, max_model_len) = limits;
+        let (max_num_seqs, max_num_batched_tokens, max_model_len, max_items_per_embed) = limits;
         Self {
             counters,
             entry,
@@ -84,6 +86,8 @@ impl Scheduler {
             max_num_seqs,
             max_num_batched_tokens,
             max_model_len,
+            max_items_per_embed,
+            burst_wait,
         }
     }
 
@@ -98,7 +102,7 @@ impl Scheduler {
                 }
                 // Waking from idle: let a burst of submissions finish preprocessing (briefly) so that
                 // their prefills share the first step.
-                let deadline = std::time::Instant::now() + BURST_WAIT;
+                let deadline = std::time::Instant::now() + self.burst_wait;
                 while self.counters.preprocessing.load(Ordering::SeqCst) > 0 {
                     let left = deadline.saturating_duration_since(std::time::Instant::now());
                     match ready.recv_timeout(left) {
@@ -286,6 +290,20 @@ impl Scheduler {
                     .embed_tokens(&Tensor::from_slice(&last_tokens).to_device(device))?,
             )
         };
+        // Every prefill's prompt (with its images), embedded together.
+        let prompts: Vec<PreparedInputs> = self
+            .running
+            .iter()
+            .filter(|seq| seq.cached == 0)
+            .map(|seq| seq.prepared.shallow_clone())
+            .collect();
+        let mut prompt_embeds = embed_prompts(
+            self.entry,
+            self.model.as_ref(),
+            prompts,
+            self.max_items_per_embed,
+        )?
+        .into_iter();
         let mut embeds = Vec::with_capacity(self.running.len());
         let mut layout = Vec::with_capacity(self.running.len());
         let mut decode_row = 0;
@@ -300,11 +318,9 @@ impl Scheduler {
                 _ => {
                     // Prefill, or recompute after preemption: the prompt (with its images), then what
                     // was generated.
-                    let prompt = embed_prompt(
-                        self.entry,
-                        self.model.as_ref(),
-                        seq.prepared.shallow_clone(),
-                    )?;
+                    let prompt = prompt_embeds
+                        .next()
+                        .ok_or_else(|| Error::Registry("a prefill lost its embeddings".into()))?;
                     let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
                     if generated.is_empty() {
                         embeds.push(prompt);
