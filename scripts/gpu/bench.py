@@ -6,7 +6,7 @@ without CUDA graphs at batch 1 and 8. For both LLaVA-1.5-7B and LLaVA-NeXT-Mistr
 bf16 greedy agreement with HF by vLLM's top-5 rule over 32 tokens.
 Run from the repo root on the GPU machine after staging binaries:  python3 scripts/gpu/bench.py gpu-stage/run.sh
 """
-import json, os, subprocess, sys, time
+import sys, time
 
 import torch
 from PIL import Image
@@ -14,15 +14,9 @@ from transformers import AutoProcessor
 
 sys.path.insert(0, "scripts/gpu")
 import checkpoints  # noqa: E402
+from bench_common import (GEN, IMAGE15, IMAGE_NEXT, LLAVA, NEXT, PROMPT15, PROMPT_NEXT, TRACES,  # noqa: E402
+                          mmreg)
 
-RUN = sys.argv[1] if len(sys.argv) > 1 else "gpu-stage/run.sh"
-GEN = 128
-LLAVA, NEXT = "/tmp/llava-1.5-7b", "/tmp/llava-next-mistral-7b"
-TRACES = os.environ.get("TRACES", "/tmp/mmreg-traces")  # Kineto traces of mmreg (scripts/gpu/trace_summary.py)
-IMAGE15 = "fixtures/llava-tiny-real/images/b_480x640.png"
-IMAGE_NEXT = "fixtures/llava-next-tiny-real/images/landscape_480x640.png"
-PROMPT15 = "USER: <image>\nWhat is shown in this image? Describe every detail of it, please. ASSISTANT:"
-PROMPT_NEXT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 sync = torch.cuda.synchronize
 
 
@@ -49,17 +43,6 @@ def hf_bench(model, processor, image, prompt, batches):
             print("HF", res, flush=True)
     res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
-
-
-def mmreg(args, eager=False):
-    # eager: without CUDA graphs (the A/B comparison of the same build).
-    env = dict(os.environ, MMREG_NO_CUDA_GRAPHS="1") if eager else None
-    out = subprocess.run([RUN, "mmreg", *args], capture_output=True, text=True, env=env)
-    sys.stderr.write(out.stderr[-3000:])
-    if out.returncode != 0:
-        print(out.stdout)
-        sys.exit(f"mmreg {args[0]} failed with {out.returncode}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def vllm_rule(a, a_top, b, b_top):
