@@ -45,7 +45,7 @@ fn preprocess_both(config: &PreprocessorConfig, image: &DynamicImage) {
     if let Ok(clip) = ClipImageProcessor::new(config) {
         // Refuse configs that would make the output itself enormous.
         let (h, w) = clip.output_size(image.height() as usize, image.width() as usize);
-        if (h as u64) * (w as u64) <= MAX_FUZZ_PIXELS {
+        if (h as u64).saturating_mul(w as u64) <= MAX_FUZZ_PIXELS {
             let _ = clip.preprocess(image);
         }
     }
@@ -53,10 +53,12 @@ fn preprocess_both(config: &PreprocessorConfig, image: &DynamicImage) {
         let canvas: u64 = next
             .grid_pinpoints()
             .iter()
-            .map(|&(h, w)| h as u64 * w as u64)
+            .map(|&(h, w)| (h as u64).saturating_mul(w as u64))
             .max()
             .unwrap_or(0);
-        if canvas <= 4 * MAX_FUZZ_PIXELS {
+        let (h, w) = next.base_size();
+        let base = (h as u64).saturating_mul(w as u64);
+        if canvas <= 4 * MAX_FUZZ_PIXELS && base <= MAX_FUZZ_PIXELS {
             let _ = next.preprocess(image);
         }
     }
