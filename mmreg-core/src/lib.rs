@@ -13,6 +13,8 @@ mod context;
 pub mod cuda;
 pub mod engine;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod generate;
 mod inputs;
 pub mod kv_cache;

@@ -2,6 +2,8 @@
 //! found (`tests/fuzz_regressions.rs`). Each must return normally for any input: errors are fine, panics,
 //! hangs and huge allocations are not.
 
+use std::path::Path;
+
 use image::DynamicImage;
 
 use crate::{
@@ -80,4 +82,25 @@ pub fn best_resolution(bytes: &[u8]) {
         .collect();
     let _ = select_best_resolution((*h, *w), &pinpoints);
     let _ = select_best_resolution((*h, *w), &defaults);
+}
+
+/// Runs every file in `dir` (a `fuzz/regressions/<target>/` folder, absent while it would be empty)
+/// through `run` and returns how many there were, so that a test can insist on some. Shared by the
+/// regression tests of every crate with fuzz targets.
+pub fn replay(dir: &Path, run: impl Fn(&[u8])) -> usize {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+        Err(e) => panic!("{}: {e}", dir.display()),
+    };
+    let mut paths: Vec<_> = entries
+        .map(|entry| entry.expect("a readable directory entry").path())
+        .collect();
+    paths.sort();
+    for path in &paths {
+        // Shown with the test's output if `run` panics.
+        eprintln!("replaying {}", path.display());
+        run(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+    }
+    paths.len()
 }
