@@ -13,6 +13,8 @@ mod context;
 pub mod cuda;
 pub mod engine;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod generate;
 pub mod graphs;
 mod inputs;

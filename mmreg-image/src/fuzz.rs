@@ -2,6 +2,8 @@
 //! found (`tests/fuzz_regressions.rs`). Each must return normally for any input: errors are fine, panics,
 //! hangs and huge allocations are not.
 
+use std::path::Path;
+
 use image::DynamicImage;
 
 use crate::{
@@ -45,7 +47,7 @@ fn preprocess_both(config: &PreprocessorConfig, image: &DynamicImage) {
     if let Ok(clip) = ClipImageProcessor::new(config) {
         // Refuse configs that would make the output itself enormous.
         let (h, w) = clip.output_size(image.height() as usize, image.width() as usize);
-        if (h as u64) * (w as u64) <= MAX_FUZZ_PIXELS {
+        if (h as u64).saturating_mul(w as u64) <= MAX_FUZZ_PIXELS {
             let _ = clip.preprocess(image);
         }
     }
@@ -53,10 +55,12 @@ fn preprocess_both(config: &PreprocessorConfig, image: &DynamicImage) {
         let canvas: u64 = next
             .grid_pinpoints()
             .iter()
-            .map(|&(h, w)| h as u64 * w as u64)
+            .map(|&(h, w)| (h as u64).saturating_mul(w as u64))
             .max()
             .unwrap_or(0);
-        if canvas <= 4 * MAX_FUZZ_PIXELS {
+        let (h, w) = next.base_size();
+        let base = (h as u64).saturating_mul(w as u64);
+        if canvas <= 4 * MAX_FUZZ_PIXELS && base <= MAX_FUZZ_PIXELS {
             let _ = next.preprocess(image);
         }
     }
@@ -78,4 +82,25 @@ pub fn best_resolution(bytes: &[u8]) {
         .collect();
     let _ = select_best_resolution((*h, *w), &pinpoints);
     let _ = select_best_resolution((*h, *w), &defaults);
+}
+
+/// Runs every file in `dir` (a `fuzz/regressions/<target>/` folder, absent while it would be empty)
+/// through `run` and returns how many there were, so that a test can insist on some. Shared by the
+/// regression tests of every crate with fuzz targets.
+pub fn replay(dir: &Path, run: impl Fn(&[u8])) -> usize {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
+        Err(e) => panic!("{}: {e}", dir.display()),
+    };
+    let mut paths: Vec<_> = entries
+        .map(|entry| entry.expect("a readable directory entry").path())
+        .collect();
+    paths.sort();
+    for path in &paths {
+        // Shown with the test's output if `run` panics.
+        eprintln!("replaying {}", path.display());
+        run(&std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
+    }
+    paths.len()
 }

@@ -111,6 +111,11 @@ impl LlavaNextImageProcessor {
         &self.pinpoints
     }
 
+    /// The size the base image is squashed to, `(height, width)`.
+    pub(crate) fn base_size(&self) -> (usize, usize) {
+        self.base_size
+    }
+
     /// Number of tiles (base image included) produced for an image of `(height, width)`.
     pub fn num_patches(&self, height: usize, width: usize) -> usize {
         let (ph, pw) = select_best_resolution((height, width), &self.pinpoints);

@@ -2,6 +2,8 @@
 //! tests link this crate (`use mmreg_models as _;`) to make them visible in the registry.
 
 mod clip;
+#[doc(hidden)]
+pub mod fuzz;
 mod layers;
 mod llama;
 pub mod llava;

@@ -10,7 +10,7 @@ use mmreg_core::{
     register_model, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec,
     LoadModel, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel, PagedKvCache,
     PixelValues, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
-    SupportsVision, Weights,
+    SupportsVision, Weights, MAX_IMAGE_PIXELS,
 };
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -77,7 +77,17 @@ impl LlavaConfig {
             FeatureLayers::One(layer) => vec![*layer],
             FeatureLayers::Many(layers) => layers.clone(),
         };
-        let states = self.vision_config.num_hidden_layers as i64 + 1;
+        let layer_count = self.vision_config.num_hidden_layers;
+        // The embeddings and every layer's output.
+        let states = i64::try_from(layer_count)
+            .ok()
+            .and_then(|n| n.checked_add(1))
+            .ok_or_else(|| {
+                Error::config(
+                    "config.json",
+                    format!("vision_config.num_hidden_layers {layer_count} is too large"),
+                )
+            })?;
         layers
             .iter()
             .map(|&layer| {
@@ -106,14 +116,31 @@ impl LlavaConfig {
 /// Placeholder tokens per image: one per patch, plus CLS under the `full` strategy. The one source of
 /// truth for the input processor, the dummy data, the max tokens and the vision path's shape check.
 pub fn image_tokens(config: &LlavaConfig) -> Result<usize> {
-    let side = config.vision_config.patches_per_side();
-    if side <= 0 || config.vision_config.image_size % config.vision_config.patch_size != 0 {
+    let side = patches_per_side(&config.vision_config)?;
+    Ok((side * side) as usize + usize::from(!config.drops_cls()?))
+}
+
+/// `vision_config`'s patches per side, once its sizes are known to fit: a positive `patch_size` that
+/// divides `image_size`, and an input of at most `MAX_IMAGE_PIXELS` (the dummy data allocates one).
+/// Checked before anything divides by `patch_size` or sizes a tensor from it.
+pub(crate) fn patches_per_side(vision: &ClipVisionConfig) -> Result<i64> {
+    let (size, patch) = (vision.image_size, vision.patch_size);
+    let fits = size > 0
+        && patch > 0
+        && size % patch == 0
+        && size
+            .checked_mul(size)
+            .is_some_and(|pixels| pixels as u64 <= MAX_IMAGE_PIXELS);
+    if !fits {
         return Err(Error::config(
             "config.json",
-            "vision_config.image_size must be a multiple of patch_size",
+            format!(
+                "vision_config: image_size {size} must be a positive multiple of patch_size {patch}, \
+                 with at most {MAX_IMAGE_PIXELS} pixels"
+            ),
         ));
     }
-    Ok((side * side) as usize + usize::from(!config.drops_cls()?))
+    Ok(vision.patches_per_side())
 }
 
 #[register_model("LlavaForConditionalGeneration")]
@@ -156,8 +183,10 @@ pub(crate) fn dummy_prompt(
 ) -> ProcessorInputs {
     let images = request.counts.get(Modality::Image);
     let mut ids = vec![image_token; images];
+    // Filler id 0 would read as more images where 0 is the image token (as in HF's tiny test configs).
+    let filler = u32::from(image_token == 0);
     ids.extend(std::iter::repeat_n(
-        0,
+        filler,
         request.seq_len.saturating_sub(images * tokens),
     ));
     let image = image::DynamicImage::new_rgb8(size.width, size.height);
@@ -299,6 +328,7 @@ pub(crate) struct LlavaParts {
 impl LlavaParts {
     /// Loads the shared parts from canonical weight names (see [`canonical_weight_name`]).
     pub(crate) fn load(config: &LlavaConfig, loader: &Loader) -> Result<Self> {
+        patches_per_side(&config.vision_config)?;
         let feature_layers = config.feature_layers()?;
         let text = config.text()?;
         let vision = &config.vision_config;

@@ -7,7 +7,7 @@ use mmreg_core::{
     register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
     register_model, AnyresPixelValues, AttentionBatch, DummyRequest, Error, ImageSize, KvCacheSpec,
     LoadModel, LoadOptions, ModelContext, MultiModalModel, PagedKvCache, ProcessedInputs,
-    ProcessorInputs, Result, SupportsVision, Weights,
+    ProcessorInputs, Result, SupportsVision, Weights, MAX_IMAGE_PIXELS,
 };
 use mmreg_image::select_best_resolution;
 use serde::Deserialize;
@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::layers::Loader;
 use crate::llava::{
     canonical_weight_name, dummy_prompt, expand_placeholders, impl_multimodal_model_via_parts,
-    prompt_ids, LlavaConfig, LlavaParts,
+    patches_per_side, prompt_ids, LlavaConfig, LlavaParts,
 };
 
 /// config.json of a LLaVA-NeXT checkpoint: LLaVA's keys plus the grid pinpoints.
@@ -66,16 +66,12 @@ pub fn anyres_layout(config: &LlavaNextConfig, size: ImageSize) -> Result<Anyres
     if oh <= 0 || ow <= 0 {
         return Err(Error::bad_input("image", "the image has no pixels"));
     }
+    let per_side = patches_per_side(vision)?;
     let crop = vision.image_size;
-    let per_side = vision.patches_per_side();
-    let pinpoints: Vec<(usize, usize)> = config
-        .image_grid_pinpoints
-        .iter()
-        .map(|&[h, w]| (h as usize, w as usize))
-        .collect();
+    let pinpoints = pinpoints(config)?;
     let (bh, bw) = select_best_resolution((oh as usize, ow as usize), &pinpoints);
     let grid = (bh as i64 / crop, bw as i64 / crop);
-    if grid.0 <= 0 || grid.1 <= 0 || per_side <= 0 {
+    if grid.0 <= 0 || grid.1 <= 0 {
         return Err(Error::config(
             "config.json",
             format!("pinpoint {bh}x{bw} is smaller than one {crop}px crop"),
@@ -104,10 +100,30 @@ pub fn anyres_layout(config: &LlavaNextConfig, size: ImageSize) -> Result<Anyres
     })
 }
 
+/// `image_grid_pinpoints` as `(height, width)`, each canvas non-empty and at most `MAX_IMAGE_PIXELS`, so
+/// that the grid arithmetic cannot overflow and the dummy image (a whole canvas) stays allocatable.
+fn pinpoints(config: &LlavaNextConfig) -> Result<Vec<(usize, usize)>> {
+    config
+        .image_grid_pinpoints
+        .iter()
+        .map(|&[h, w]| {
+            let pixels = h.saturating_mul(w);
+            if pixels == 0 || pixels > MAX_IMAGE_PIXELS {
+                return Err(Error::config(
+                    "config.json",
+                    format!("pinpoint {h}x{w} must have between 1 and {MAX_IMAGE_PIXELS} pixels"),
+                ));
+            }
+            Ok((h as usize, w as usize))
+        })
+        .collect()
+}
+
 /// The image size with the most tokens: the full grid of some pinpoint canvas.
 fn costliest_image(config: &LlavaNextConfig) -> Result<(ImageSize, usize)> {
     let mut best = None;
-    for &[h, w] in &config.image_grid_pinpoints {
+    for (h, w) in pinpoints(config)? {
+        // Both sides fit: a canvas has at most MAX_IMAGE_PIXELS.
         let size = ImageSize {
             width: w as u32,
             height: h as u32,

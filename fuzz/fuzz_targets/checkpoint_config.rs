@@ -1,0 +1,11 @@
+#![no_main]
+
+use std::path::Path;
+use std::sync::LazyLock;
+
+use mmreg_models::fuzz::ConfigFuzz;
+
+static FUZZ: LazyLock<ConfigFuzz> =
+    LazyLock::new(|| ConfigFuzz::new(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")));
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| FUZZ.run(data));
