@@ -1,6 +1,6 @@
 //! The CLIP vision tower of LLaVA (`CLIPVisionModel`), up to the feature layer LLaVA reads.
 
-use mmreg_core::Result;
+use mmreg_core::{Error, Result};
 use serde::Deserialize;
 use tch::Tensor;
 
@@ -53,7 +53,27 @@ impl ClipVisionConfig {
 
     /// Patches per side of the (square) input.
     pub fn patches_per_side(&self) -> i64 {
-        self.image_size / self.patch_size
+        self.image_size / self.patch_size.max(1)
+    }
+
+    /// Checks what the tower's shapes are computed from, so that a bad config.json is a `Config` error
+    /// rather than a division by zero or a nonsensical allocation.
+    pub fn validate(&self) -> Result<()> {
+        let sizes_ok = self.hidden_size > 0
+            && self.intermediate_size > 0
+            && self.num_channels > 0
+            && self.num_attention_heads > 0
+            && self.hidden_size % self.num_attention_heads == 0;
+        if !sizes_ok {
+            return Err(Error::config(
+                "config.json",
+                format!(
+                    "vision_config: hidden_size {}, intermediate_size {}, num_channels {} and num_attention_heads {} do not fit together (all positive, heads dividing hidden_size)",
+                    self.hidden_size, self.intermediate_size, self.num_channels, self.num_attention_heads
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -167,6 +187,7 @@ impl ClipVisionTower {
         config: &ClipVisionConfig,
         feature_layers: &[usize],
     ) -> Result<Self> {
+        config.validate()?;
         let (h, p, c) = (config.hidden_size, config.patch_size, config.num_channels);
         let positions = config.patches_per_side().pow(2) + 1;
         let needed = feature_layers
@@ -179,8 +200,24 @@ impl ClipVisionTower {
         let layers = (0..needed)
             .map(|i| EncoderLayer::load(&encoder.pp(i), config))
             .collect::<Result<_>>()?;
-        for i in needed..config.num_hidden_layers {
-            encoder.pp(i).skip_all();
+        // The layers past the deepest one read, as the checkpoint names them (however large
+        // `num_hidden_layers` claims to be).
+        let layer_prefix = encoder.name("");
+        let unread: Vec<String> = loader
+            .weights
+            .names()
+            .filter_map(|name| {
+                let index: usize = name
+                    .strip_prefix(&layer_prefix)?
+                    .split('.')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                (index >= needed).then(|| format!("{layer_prefix}{index}"))
+            })
+            .collect();
+        for layer in unread {
+            loader.weights.skip_prefix(&layer);
         }
         loader.pp("post_layernorm").skip_all();
         Ok(Self {
