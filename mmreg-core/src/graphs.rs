@@ -51,11 +51,11 @@ impl<K: Hash + Eq + Clone + Debug> GraphCache<K> {
         self.capture_on.is_some()
     }
 
-    /// `f(inputs)`, with the inputs moved to the cache's device. The first call with a key runs `f` on copies of `inputs` under capture; later calls copy
-    /// `inputs` into those copies and replay. Every call with a key must pass inputs of the same shapes and
-    /// dtypes, and `f` must be capturable: no host synchronisation, and nothing but its inputs may change
-    /// between calls. The output of a replay is overwritten by the next replay of any graph of this cache:
-    /// copy what must outlive it.
+    /// `f(inputs)`, with the inputs moved to the cache's device. The first call with a key runs `f` on
+    /// copies of `inputs` under capture; later calls copy `inputs` into those copies and replay. Every
+    /// call with a key must pass inputs of the same shapes and dtypes, and `f` must be capturable: no
+    /// host synchronisation, and nothing but its inputs may change between calls. The output of a replay
+    /// is overwritten by the next replay of any graph of this cache: copy what must outlive it.
     pub fn run(
         &mut self,
         key: K,
