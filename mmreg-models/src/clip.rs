@@ -1,6 +1,6 @@
 //! The CLIP vision tower of LLaVA (`CLIPVisionModel`), up to the feature layer LLaVA reads.
 
-use mmreg_core::{Error, Result};
+use mmreg_core::{Error, Result, MAX_IMAGE_PIXELS};
 use serde::Deserialize;
 use tch::Tensor;
 
@@ -51,14 +51,33 @@ impl ClipVisionConfig {
         }
     }
 
-    /// Patches per side of the (square) input.
-    pub fn patches_per_side(&self) -> i64 {
-        self.image_size / self.patch_size.max(1)
+    /// Patches per side of the (square) input, once the sizes are known to fit: a positive `patch_size`
+    /// that divides `image_size`, and an input of at most `MAX_IMAGE_PIXELS` (the dummy data allocates
+    /// one). Checked before anything divides by `patch_size` or sizes a tensor from it.
+    pub fn patches_per_side(&self) -> Result<i64> {
+        let (size, patch) = (self.image_size, self.patch_size);
+        let fits = size > 0
+            && patch > 0
+            && size % patch == 0
+            && size
+                .checked_mul(size)
+                .is_some_and(|pixels| pixels as u64 <= MAX_IMAGE_PIXELS);
+        if !fits {
+            return Err(Error::config(
+                "config.json",
+                format!(
+                    "vision_config: image_size {size} must be a positive multiple of patch_size {patch}, \
+                     with at most {MAX_IMAGE_PIXELS} pixels"
+                ),
+            ));
+        }
+        Ok(size / patch)
     }
 
     /// Checks what the tower's shapes are computed from, so that a bad config.json is a `Config` error
     /// rather than a division by zero or a nonsensical allocation.
     pub fn validate(&self) -> Result<()> {
+        self.patches_per_side()?;
         let sizes_ok = self.hidden_size > 0
             && self.intermediate_size > 0
             && self.num_channels > 0
@@ -189,7 +208,7 @@ impl ClipVisionTower {
     ) -> Result<Self> {
         config.validate()?;
         let (h, p, c) = (config.hidden_size, config.patch_size, config.num_channels);
-        let positions = config.patches_per_side().pow(2) + 1;
+        let positions = config.patches_per_side()?.pow(2) + 1;
         let needed = feature_layers
             .iter()
             .copied()

@@ -10,7 +10,7 @@ use mmreg_core::{
     register_model, AttentionBatch, DummyRequest, Error, ImageInput, ImageSize, KvCacheSpec,
     LoadModel, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel, PagedKvCache,
     PixelValues, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
-    SupportsVision, Weights, MAX_IMAGE_PIXELS,
+    SupportsVision, Weights,
 };
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -116,31 +116,8 @@ impl LlavaConfig {
 /// Placeholder tokens per image: one per patch, plus CLS under the `full` strategy. The one source of
 /// truth for the input processor, the dummy data, the max tokens and the vision path's shape check.
 pub fn image_tokens(config: &LlavaConfig) -> Result<usize> {
-    let side = patches_per_side(&config.vision_config)?;
+    let side = config.vision_config.patches_per_side()?;
     Ok((side * side) as usize + usize::from(!config.drops_cls()?))
-}
-
-/// `vision_config`'s patches per side, once its sizes are known to fit: a positive `patch_size` that
-/// divides `image_size`, and an input of at most `MAX_IMAGE_PIXELS` (the dummy data allocates one).
-/// Checked before anything divides by `patch_size` or sizes a tensor from it.
-pub(crate) fn patches_per_side(vision: &ClipVisionConfig) -> Result<i64> {
-    let (size, patch) = (vision.image_size, vision.patch_size);
-    let fits = size > 0
-        && patch > 0
-        && size % patch == 0
-        && size
-            .checked_mul(size)
-            .is_some_and(|pixels| pixels as u64 <= MAX_IMAGE_PIXELS);
-    if !fits {
-        return Err(Error::config(
-            "config.json",
-            format!(
-                "vision_config: image_size {size} must be a positive multiple of patch_size {patch}, \
-                 with at most {MAX_IMAGE_PIXELS} pixels"
-            ),
-        ));
-    }
-    Ok(vision.patches_per_side())
 }
 
 #[register_model("LlavaForConditionalGeneration")]
@@ -328,7 +305,6 @@ pub(crate) struct LlavaParts {
 impl LlavaParts {
     /// Loads the shared parts from canonical weight names (see [`canonical_weight_name`]).
     pub(crate) fn load(config: &LlavaConfig, loader: &Loader) -> Result<Self> {
-        patches_per_side(&config.vision_config)?;
         let feature_layers = config.feature_layers()?;
         let text = config.text()?;
         let vision = &config.vision_config;

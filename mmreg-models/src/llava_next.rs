@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::layers::Loader;
 use crate::llava::{
     canonical_weight_name, dummy_prompt, expand_placeholders, impl_multimodal_model_via_parts,
-    patches_per_side, prompt_ids, LlavaConfig, LlavaParts,
+    prompt_ids, LlavaConfig, LlavaParts,
 };
 
 /// config.json of a LLaVA-NeXT checkpoint: LLaVA's keys plus the grid pinpoints.
@@ -66,7 +66,7 @@ pub fn anyres_layout(config: &LlavaNextConfig, size: ImageSize) -> Result<Anyres
     if oh <= 0 || ow <= 0 {
         return Err(Error::bad_input("image", "the image has no pixels"));
     }
-    let per_side = patches_per_side(vision)?;
+    let per_side = vision.patches_per_side()?;
     let crop = vision.image_size;
     let pinpoints = pinpoints(config)?;
     let (bh, bw) = select_best_resolution((oh as usize, ow as usize), &pinpoints);
