@@ -9,14 +9,12 @@ use clap::Args;
 use mmreg_core::generate;
 use mmreg_core::{Engine, EngineOptions, Event, ImageSource, Prompt, Request, SamplingParams};
 
+use crate::commands::PromptArgs;
+
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long)]
-    pub prompt: String,
-    #[arg(long = "image")]
-    pub images: Vec<PathBuf>,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
     /// Batch sizes to measure (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     pub batch: Vec<usize>,
@@ -44,13 +42,19 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ..EngineOptions::default()
     };
     let started = Instant::now();
-    let engine = Engine::new(&args.model, options)?;
+    let engine = Engine::new(&args.prompt.model, options)?;
     let load_s = started.elapsed().as_secs_f64();
     let profile = engine.profile().clone();
     eprintln!("engine ready in {load_s:.1}s: {profile:?}");
     let request = Request {
-        prompt: Prompt::Text(args.prompt.clone()),
-        images: args.images.iter().cloned().map(ImageSource::Path).collect(),
+        prompt: Prompt::Text(args.prompt.prompt.clone()),
+        images: args
+            .prompt
+            .images
+            .iter()
+            .cloned()
+            .map(ImageSource::Path)
+            .collect(),
         params: SamplingParams {
             max_tokens: args.max_tokens,
             ..SamplingParams::default()

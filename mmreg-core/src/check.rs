@@ -33,10 +33,7 @@ pub fn check_model(
     model: Option<&dyn MultiModalModel>,
 ) -> Result<CheckReport> {
     let modalities = entry.modalities();
-    let mut counts = ModalityCounts::default();
-    for &modality in &modalities {
-        counts.set(modality, 1);
-    }
+    let counts = ModalityCounts::each(&modalities, 1);
     let dummy = entry.dummy_data(
         ctx,
         &DummyRequest {

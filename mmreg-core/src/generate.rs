@@ -117,11 +117,12 @@ pub fn embed_prompts(
                     let mut features = entry.embed(model, modality, all)?.into_iter();
                     let expected: usize = counts.iter().sum();
                     if features.len() != expected {
-                        return Err(Error::Registry(format!(
-                            "{}: the {modality} path returned {} feature tensor(s) for {expected} item(s)",
-                            entry.id.path,
+                        return Err(feature_count_error(
+                            entry,
+                            modality,
                             features.len(),
-                        )));
+                            expected,
+                        ));
                     }
                     counts
                         .iter()
@@ -160,6 +161,18 @@ fn groups<T>(pending: &[(usize, T, usize)], max_items: usize) -> Vec<usize> {
     sizes
 }
 
+fn feature_count_error(
+    entry: &ModelEntry,
+    modality: crate::Modality,
+    returned: usize,
+    items: usize,
+) -> Error {
+    Error::Registry(format!(
+        "{}: the {modality} path returned {returned} feature tensor(s) for {items} item(s)",
+        entry.id.path
+    ))
+}
+
 /// Writes one prompt's features of `modality` over its placeholders, checking their number and rows.
 fn write_features(
     entry: &ModelEntry,
@@ -175,12 +188,12 @@ fn write_features(
         .collect();
     ranges.sort_by_key(|r| r.item);
     if features.len() != ranges.len() {
-        return Err(Error::Registry(format!(
-            "{}: the {modality} path returned {} feature tensor(s) for {} item(s)",
-            entry.id.path,
+        return Err(feature_count_error(
+            entry,
+            modality,
             features.len(),
-            ranges.len()
-        )));
+            ranges.len(),
+        ));
     }
     for (range, feature) in ranges.iter().zip(features) {
         let rows = feature.size().first().copied().unwrap_or(0) as usize;

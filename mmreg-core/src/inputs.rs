@@ -117,6 +117,11 @@ impl MultiModalData {
 pub struct ModalityCounts(pub BTreeMap<Modality, usize>);
 
 impl ModalityCounts {
+    /// `count` items of each of `modalities`.
+    pub fn each(modalities: &[Modality], count: usize) -> Self {
+        Self(modalities.iter().map(|&m| (m, count)).collect())
+    }
+
     pub fn get(&self, modality: Modality) -> usize {
         self.0.get(&modality).copied().unwrap_or(0)
     }

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use image::DynamicImage;
-use mmreg_core::fuzz::ScratchDir;
+use mmreg_core::fuzz::scratch_file;
 use mmreg_core::generate::prepare;
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
@@ -227,17 +227,14 @@ impl ConfigFuzz {
     /// Checked: dummy data that a config gives is processed without error, and no dummy image takes
     /// more tokens than the model's registered maximum.
     pub fn run(&self, bytes: &[u8]) {
-        let dir = ScratchDir::new();
-        dir.write("config.json", bytes);
+        let (dir, _) = scratch_file("config.json", bytes);
         let Ok(ctx) = ModelContext::from_dir(dir.path()) else {
             return;
         };
         let _ = Registry::global().for_context(&ctx);
-        let mut counts = ModalityCounts::default();
-        counts.set(Modality::Image, 1);
         let request = DummyRequest {
             seq_len: 64,
-            counts,
+            counts: ModalityCounts::each(&[Modality::Image], 1),
         };
         for (entry, weights) in &self.models {
             let max_tokens = entry.max_tokens(&ctx, Modality::Image);

@@ -312,13 +312,8 @@ impl Engine {
             cache,
             allocator,
             fixed_steps,
-            (
-                options.max_num_seqs,
-                options.max_num_batched_tokens,
-                max_model_len,
-                options.max_images_per_prompt.max(1),
-            ),
-            options.burst_wait,
+            &options,
+            max_model_len,
         );
         let scheduler = std::thread::spawn(move || scheduler.run(ready_rx));
         Ok(Engine {

@@ -22,10 +22,7 @@ pub(super) fn profile_and_allocate(
     let weights_bytes = device_index
         .and_then(cuda::memory_stats)
         .map(|s| s.allocated);
-    let mut counts = ModalityCounts::default();
-    for modality in entry.modalities() {
-        counts.set(modality, options.max_images_per_prompt);
-    }
+    let counts = ModalityCounts::each(&entry.modalities(), options.max_images_per_prompt);
     // The worst single step: the longest prompt it may hold, with the costliest items.
     let seq_len = options.max_num_batched_tokens.min(max_model_len);
     let dummy = entry.dummy_data(

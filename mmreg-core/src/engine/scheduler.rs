@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tch::{Device, Tensor};
 
 use super::step_graphs::{DecodeRow, FixedShapeSteps};
-use super::{Completion, EngineCounters, Event, FinishReason, Ready, StepTiming};
+use super::{Completion, EngineCounters, EngineOptions, Event, FinishReason, Ready, StepTiming};
 use crate::generate::{embed_prompts, top_token_ids, PreparedInputs};
 use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
 use crate::registry::ModelEntry;
@@ -46,7 +46,7 @@ pub(super) struct Scheduler {
     model: Box<dyn MultiModalModel>,
     cache: PagedKvCache,
     allocator: BlockAllocator,
-    /// Decode-only steps in fixed shapes (CUDA graphs on a GPU), where enabled.
+    /// Decode-only steps and lone prefills in fixed shapes (CUDA graphs on a GPU), where enabled.
     fixed_steps: Option<FixedShapeSteps>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
@@ -69,10 +69,9 @@ impl Scheduler {
         cache: PagedKvCache,
         allocator: BlockAllocator,
         fixed_steps: Option<FixedShapeSteps>,
-        limits: (usize, usize, usize, usize),
-        burst_wait: std::time::Duration,
+        options: &EngineOptions,
+        max_model_len: usize,
     ) -> Self {
-        let (max_num_seqs, max_num_batched_tokens, max_model_len, max_items_per_embed) = limits;
         Self {
             counters,
             entry,
@@ -83,11 +82,11 @@ impl Scheduler {
             fixed_steps,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            max_num_seqs,
-            max_num_batched_tokens,
+            max_num_seqs: options.max_num_seqs,
+            max_num_batched_tokens: options.max_num_batched_tokens,
             max_model_len,
-            max_items_per_embed,
-            burst_wait,
+            max_items_per_embed: options.max_images_per_prompt.max(1),
+            burst_wait: options.burst_wait,
         }
     }
 
