@@ -1,12 +1,17 @@
-// What tch does not expose of libtorch's CUDA side: the caching allocator's memory statistics and CUDA
-// graphs. Every function catches C++ exceptions and returns non-zero instead, so nothing unwinds into Rust.
+// What tch does not expose of libtorch's CUDA side: the caching allocator's memory statistics, CUDA
+// graphs, the profiler, and launching kernels of our own. Every function catches C++ exceptions and
+// returns non-zero instead, so nothing unwinds into Rust.
 #include <ATen/cuda/CUDAGraph.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <dlfcn.h>
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
 
 namespace {
 constexpr size_t kAggregate = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
@@ -186,6 +191,183 @@ int mmreg_profiler_stop(const char* path) {
     }
     result->save(path);
     return 0;
+  } catch (...) {
+    return 1;
+  }
+}
+}
+
+// Kernels of our own (src/kernels.rs): CUDA C compiled at run time by NVRTC for the current device's
+// architecture, loaded and launched on libtorch's current stream through the driver API, so that a launch
+// inside a graph capture is captured. NVRTC and the driver are looked up with dlopen: libtorch_cuda loads
+// neither at link time, and the build machine has no driver.
+namespace {
+
+using NvrtcProgram = void*;
+struct Nvrtc {
+  int (*create)(NvrtcProgram*, const char*, const char*, int, const char* const*, const char* const*);
+  int (*compile)(NvrtcProgram, int, const char* const*);
+  int (*log_size)(NvrtcProgram, size_t*);
+  int (*log)(NvrtcProgram, char*);
+  int (*cubin_size)(NvrtcProgram, size_t*);
+  int (*cubin)(NvrtcProgram, char*);
+  int (*destroy)(NvrtcProgram*);
+};
+
+struct Driver {
+  int (*module_load_data)(void**, const void*);
+  int (*module_get_function)(void**, void*, const char*);
+  int (*launch_kernel)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
+                       void*, void**, void**);
+};
+
+// The directory of libtorch's libraries (torch/lib): pip's wheels put NVRTC in ../../nvidia/cu13/lib.
+std::string torch_lib_dir() {
+  Dl_info info;
+  if (dladdr(reinterpret_cast<void*>(&c10::cuda::current_device), &info) == 0 || info.dli_fname == nullptr) {
+    return "";
+  }
+  std::string path(info.dli_fname);
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? "" : path.substr(0, slash);
+}
+
+void* open_first(const std::vector<std::string>& names) {
+  for (const auto& name : names) {
+    if (void* handle = dlopen(name.c_str(), RTLD_NOW | RTLD_GLOBAL)) {
+      return handle;
+    }
+  }
+  return nullptr;
+}
+
+template <typename F>
+bool find(void* lib, const char* name, F& out) {
+  out = reinterpret_cast<F>(dlsym(lib, name));
+  return out != nullptr;
+}
+
+void set_error(char* error, size_t capacity, const std::string& message) {
+  if (capacity == 0) {
+    return;
+  }
+  size_t n = std::min(capacity - 1, message.size());
+  memcpy(error, message.data(), n);
+  error[n] = '\0';
+}
+
+}  // namespace
+
+extern "C" {
+
+// Compiles `source` for `device` and loads it; *module receives the handle. On failure returns non-zero
+// and writes why (NVRTC's log included) into `error`.
+int mmreg_kernels_load(int device, const char* source, void** module, char* error, size_t capacity) {
+  try {
+    // NVRTC opens its builtins library by name when it compiles; loading that first from the wheel's
+    // directory lets the by-name lookup find it without LD_LIBRARY_PATH.
+    std::string wheel = torch_lib_dir() + "/../../nvidia/cu13/lib/";
+    dlopen((wheel + "libnvrtc-builtins.so.13.0").c_str(), RTLD_NOW | RTLD_GLOBAL);
+    void* nvrtc_lib = open_first({"libnvrtc.so.13", wheel + "libnvrtc.so.13"});
+    if (nvrtc_lib == nullptr) {
+      set_error(error, capacity, "NVRTC (libnvrtc.so.13, CUDA 13 as pip's torch 2.11) not found");
+      return 2;
+    }
+    Nvrtc nvrtc;
+    if (!find(nvrtc_lib, "nvrtcCreateProgram", nvrtc.create) || !find(nvrtc_lib, "nvrtcCompileProgram", nvrtc.compile) ||
+        !find(nvrtc_lib, "nvrtcGetProgramLogSize", nvrtc.log_size) || !find(nvrtc_lib, "nvrtcGetProgramLog", nvrtc.log) ||
+        !find(nvrtc_lib, "nvrtcGetCUBINSize", nvrtc.cubin_size) || !find(nvrtc_lib, "nvrtcGetCUBIN", nvrtc.cubin) ||
+        !find(nvrtc_lib, "nvrtcDestroyProgram", nvrtc.destroy)) {
+      set_error(error, capacity, "NVRTC lacks a function mmreg needs");
+      return 3;
+    }
+    void* driver_lib = open_first({"libcuda.so.1", "libcuda.so"});
+    if (driver_lib == nullptr) {
+      set_error(error, capacity, "the CUDA driver (libcuda.so.1) not found");
+      return 4;
+    }
+    Driver driver;
+    if (!find(driver_lib, "cuModuleLoadData", driver.module_load_data) ||
+        !find(driver_lib, "cuModuleGetFunction", driver.module_get_function)) {
+      set_error(error, capacity, "the CUDA driver lacks a function mmreg needs");
+      return 5;
+    }
+    c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    // cudaDeviceGetAttribute from the runtime libtorch_cuda loaded (as for cudaMemGetInfo above).
+    using GetAttribute = int (*)(int*, int, int);
+    auto get_attribute = reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
+    int major = 0, minor = 0;
+    if (get_attribute == nullptr || get_attribute(&major, cudaDevAttrComputeCapabilityMajor, device) != 0 ||
+        get_attribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != 0) {
+      set_error(error, capacity, "cannot read the device's compute capability");
+      return 9;
+    }
+    std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
+    const char* options[] = {arch.c_str(), "--std=c++17"};
+    NvrtcProgram program = nullptr;
+    if (nvrtc.create(&program, source, "mmreg_fused_kernels.cu", 0, nullptr, nullptr) != 0) {
+      set_error(error, capacity, "nvrtcCreateProgram failed");
+      return 6;
+    }
+    int compiled = nvrtc.compile(program, 2, options);
+    if (compiled != 0) {
+      size_t size = 0;
+      nvrtc.log_size(program, &size);
+      std::string log(size, '\0');
+      nvrtc.log(program, log.data());
+      nvrtc.destroy(&program);
+      set_error(error, capacity, "NVRTC compile (" + arch + ") failed: " + log);
+      return 7;
+    }
+    size_t size = 0;
+    nvrtc.cubin_size(program, &size);
+    std::string cubin(size, '\0');
+    nvrtc.cubin(program, cubin.data());
+    nvrtc.destroy(&program);
+    int loaded = driver.module_load_data(module, cubin.data());
+    if (loaded != 0) {
+      set_error(error, capacity, "cuModuleLoadData failed with CUDA error " + std::to_string(loaded));
+      return 8;
+    }
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(error, capacity, e.what());
+    return 1;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// The kernel `name` of a loaded module, or null.
+void* mmreg_kernels_function(void* module, const char* name) {
+  try {
+    void* driver_lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    Driver driver;
+    if (driver_lib == nullptr || !find(driver_lib, "cuModuleGetFunction", driver.module_get_function)) {
+      return nullptr;
+    }
+    void* function = nullptr;
+    return driver.module_get_function(&function, module, name) == 0 ? function : nullptr;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// Launches `function` on the current stream of the current device; `args` point at the arguments.
+int mmreg_kernels_launch(void* function, unsigned grid, unsigned block, void** args) {
+  try {
+    static auto launch = [] {
+      decltype(Driver::launch_kernel) f = nullptr;
+      if (void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD)) {
+        find(lib, "cuLaunchKernel", f);
+      }
+      return f;
+    }();
+    if (launch == nullptr) {
+      return 2;
+    }
+    void* stream = c10::cuda::getCurrentCUDAStream().stream();
+    return launch(function, grid, 1, 1, block, 1, 1, 0, stream, args, nullptr);
   } catch (...) {
     return 1;
   }

@@ -18,6 +18,7 @@ pub mod fuzz;
 pub mod generate;
 pub mod graphs;
 mod inputs;
+pub mod kernels;
 pub mod kv_cache;
 mod modality;
 pub mod model;

@@ -1,6 +1,6 @@
 //! Building blocks shared by the architectures, loaded by checkpoint name.
 
-use mmreg_core::{Error, LoadOptions, Result, Weights};
+use mmreg_core::{kernels, Error, LoadOptions, Result, Weights};
 use tch::{Kind, Tensor};
 
 /// Reads tensors under a name prefix, so module code names weights like the checkpoint does
@@ -131,11 +131,14 @@ impl RmsNorm {
         })
     }
 
-    /// libtorch's `rms_norm` without a weight computes exactly that (in f32 for half types, cast back), in
-    /// one fused kernel on CUDA; the weight then multiplies in the input dtype.
+    /// One fused kernel on CUDA (`mmreg_core::kernels`), libtorch's ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let normed = x.rms_norm([self.weight.size()[0]], None::<Tensor>, self.eps);
-        &self.weight * normed
+        kernels::rms_norm(x, &self.weight, self.eps)
+    }
+
+    /// The residual add before the norm, fused with it: `(x + delta, norm(x + delta))`.
+    pub fn forward_add(&self, x: &Tensor, delta: &Tensor) -> (Tensor, Tensor) {
+        kernels::add_rms_norm(x, delta, &self.weight, self.eps)
     }
 }
 

@@ -2,6 +2,7 @@
 //! embeddings, grouped-query attention, gated MLP, with a preallocated KV cache.
 
 use mmreg_core::attention::paged_attention;
+use mmreg_core::kernels;
 use mmreg_core::{AttentionBatch, Error, KvCacheSpec, PagedKvCache, Result};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
@@ -208,9 +209,13 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let gate_up = self.gate_up_proj.forward(x);
-        let i = self.intermediate;
-        let (gate, up) = (gate_up.narrow(-1, 0, i), gate_up.narrow(-1, i, i));
-        self.down_proj.forward(&(self.act.forward(&gate) * up))
+        let hidden = if self.act == Activation::Silu {
+            kernels::silu_mul(&gate_up)
+        } else {
+            let i = self.intermediate;
+            self.act.forward(&gate_up.narrow(-1, 0, i)) * gate_up.narrow(-1, i, i)
+        };
+        self.down_proj.forward(&hidden)
     }
 }
 
@@ -221,23 +226,19 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// cos/sin of the rotary embedding at the step's positions for every head of the stacked q, k, v
-/// projection (`[tokens, heads + 2 kv_heads, head_dim]`, model dtype): the rotation on the query and key
-/// heads, and cos 1, sin 0 (the identity) on the value heads. `sin` carries the sign of `rotate_half`
-/// (negative first half).
+/// cos and sin of the rotary embedding at the step's positions, `[tokens, head_dim]` in the model dtype
+/// (HF casts them before the products), and how many heads of the stacked q, k, v projection rotate.
 struct Rope {
     cos: Tensor,
-    signed_sin: Tensor,
+    sin: Tensor,
+    rotated_heads: i64,
 }
 
 impl Rope {
-    /// `q * cos + rotate_half(q) * sin` with `rotate_half(x) = cat(-x2, x1)` (half split, not interleaved),
-    /// computed as `x * cos + roll(x, half) * signed_sin` over the whole stacked projection: the same
-    /// products as HF's for queries and keys (negation is exact), the values unchanged (`v·1 + r·0 = v`),
-    /// and every operand contiguous and of one shape, so each kernel runs vectorised.
+    /// `x * cos + rotate_half(x) * sin` on the query and key heads of `[tokens, heads + 2 kv_heads,
+    /// head_dim]`; the value heads pass through. One kernel on CUDA.
     fn apply(&self, qkv: &Tensor) -> Tensor {
-        let half = qkv.size()[2] / 2;
-        qkv * &self.cos + qkv.roll([half], [2]) * &self.signed_sin
+        kernels::rope(qkv, &self.cos, &self.sin, self.rotated_heads)
     }
 }
 
@@ -304,23 +305,12 @@ impl Llama {
 
     fn rope(&self, positions: &Tensor, kind: Kind) -> Rope {
         let c = &self.config;
-        let (t, d) = (positions.size()[0], c.head_dim);
-        let rotated = c.num_attention_heads + c.num_key_value_heads;
-        let kv = c.num_key_value_heads;
         let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], 1).unsqueeze(1);
-        let sin = freqs.sin();
-        let options = (kind, positions.device());
-        // Rotation on the query and key heads, identity on the value heads.
-        let per_head = |rotation: Tensor, identity: Tensor| {
-            Tensor::cat(&[rotation.expand([t, rotated, d], false), identity], 1)
-        };
+        let emb = Tensor::cat(&[&freqs, &freqs], 1);
         Rope {
-            cos: per_head(emb.cos().to_kind(kind), Tensor::ones([t, kv, d], options)),
-            signed_sin: per_head(
-                Tensor::cat(&[-&sin, sin], 1).unsqueeze(1).to_kind(kind),
-                Tensor::zeros([t, kv, d], options),
-            ),
+            cos: emb.cos().to_kind(kind),
+            sin: emb.sin().to_kind(kind),
+            rotated_heads: c.num_attention_heads + c.num_key_value_heads,
         }
     }
 
@@ -332,25 +322,28 @@ impl Llama {
         cache: &mut PagedKvCache,
     ) -> Result<Tensor> {
         let rope = self.rope(&batch.positions, inputs_embeds.kind());
-        let mut x = inputs_embeds.shallow_clone();
+        // `residual` is the stream the layers add to; `normed` the next norm's output. Each residual add
+        // is fused with the norm that follows it (the next layer's, or the final one).
+        let mut residual = inputs_embeds.shallow_clone();
+        let first_norm = self
+            .layers
+            .first()
+            .map_or(&self.norm, |l| &l.input_layernorm);
+        let mut normed = first_norm.forward(&residual);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = &x
-                + layer.self_attn.forward(
-                    &layer.input_layernorm.forward(&x),
-                    &rope,
-                    i,
-                    batch,
-                    cache,
-                )?;
-            x = &x
-                + layer
-                    .mlp
-                    .forward(&layer.post_attention_layernorm.forward(&x));
+            let attn = layer.self_attn.forward(&normed, &rope, i, batch, cache)?;
+            let (sum, mlp_in) = layer.post_attention_layernorm.forward_add(&residual, &attn);
+            let mlp = layer.mlp.forward(&mlp_in);
+            let next_norm = self
+                .layers
+                .get(i + 1)
+                .map_or(&self.norm, |l| &l.input_layernorm);
+            (residual, normed) = next_norm.forward_add(&sum, &mlp);
         }
         if let Some(rows) = &batch.logits_indices {
-            x = x.index_select(0, rows);
+            normed = normed.index_select(0, rows);
         }
-        Ok(self.lm_head.forward(&self.norm.forward(&x)))
+        Ok(self.lm_head.forward(&normed))
     }
 
     pub fn kv_cache_spec(&self) -> KvCacheSpec {

@@ -1,0 +1,163 @@
+// Fused elementwise kernels for the decoder layer, compiled at startup by NVRTC (see src/kernels.rs).
+// Each kernel does in one pass what libtorch does in several, with the same roundings as HF's op-by-op
+// code: every intermediate that HF stores in the model dtype is rounded to it here too, so the results
+// equal the unfused ops (RMSNorm up to the order of its f32 sum).
+//
+// No headers: NVRTC compiles this alone. bf16 and f16 are handled as their bits.
+
+typedef unsigned short u16;
+
+struct F32 {
+  typedef float T;
+  static __device__ __forceinline__ float load(float x) { return x; }
+  static __device__ __forceinline__ float store(float x) { return x; }
+};
+
+struct BF16 {
+  typedef u16 T;
+  static __device__ __forceinline__ float load(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
+  // Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays NaN.
+  static __device__ __forceinline__ u16 store(float x) {
+    unsigned bits = __float_as_uint(x);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) {
+      return 0x7fc0;
+    }
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (u16)(bits >> 16);
+  }
+};
+
+struct F16 {
+  typedef u16 T;
+  static __device__ __forceinline__ float load(u16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+  }
+  static __device__ __forceinline__ u16 store(float x) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+  }
+};
+
+// x rounded to the storage type and back: what HF gets when an op writes a tensor of the model dtype.
+template <typename D>
+__device__ __forceinline__ float round_to(float x) {
+  return D::load(D::store(x));
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    partial[warp] = v;
+  }
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+  v = lane < warps ? partial[lane] : 0.0f;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+// One block per row. HF's LlamaRMSNorm: y = x * rsqrt(mean(x²) + eps) in f32, rounded to the model
+// dtype, then weight * y in the model dtype. With `delta`, the row is first x + delta (the residual add,
+// rounded, and written to `sum`).
+template <typename D>
+__device__ void rms_norm_row(typename D::T* out, typename D::T* sum, const typename D::T* x,
+                             const typename D::T* delta, const typename D::T* weight, int cols,
+                             float eps) {
+  const long long row = blockIdx.x;
+  x += row * cols;
+  out += row * cols;
+  if (delta != nullptr) {
+    delta += row * cols;
+    sum += row * cols;
+  }
+  float squares = 0.0f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    float v = D::load(x[c]);
+    if (delta != nullptr) {
+      const typename D::T s = D::store(v + D::load(delta[c]));
+      sum[c] = s;
+      v = D::load(s);
+    }
+    squares += v * v;
+  }
+  const float inv = rsqrtf(block_sum(squares) / cols + eps);
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    // The thread reads back what it wrote itself.
+    const float v = D::load(delta != nullptr ? sum[c] : x[c]);
+    out[c] = D::store(D::load(weight[c]) * round_to<D>(v * inv));
+  }
+}
+
+// silu(gate) * up for a stacked [rows, 2 * cols] projection (gate first): HF's act_fn(gate) * up,
+// with silu's result rounded before the product.
+template <typename D>
+__device__ void silu_mul_all(typename D::T* out, const typename D::T* gate_up, long long rows,
+                             long long cols) {
+  const long long total = rows * cols;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / cols, c = i % cols;
+    const float g = D::load(gate_up[r * 2 * cols + c]);
+    const float u = D::load(gate_up[r * 2 * cols + cols + c]);
+    out[i] = D::store(round_to<D>(g / (1.0f + expf(-g))) * u);
+  }
+}
+
+// Rotary embedding of the stacked [tokens, heads, dim] q/k/v projection: the first `rotated` heads
+// (queries and keys) become x * cos + rotate_half(x) * sin, each product rounded as in HF; the rest
+// (values) are copied. cos and sin are [tokens, dim] in the model dtype.
+template <typename D>
+__device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typename D::T* cos,
+                         const typename D::T* sin, long long tokens, int heads, int rotated,
+                         int dim) {
+  const long long total = tokens * heads * dim;
+  const int half = dim / 2;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const int j = i % dim;
+    const long long head = (i / dim) % heads;
+    if (head >= rotated) {
+      out[i] = qkv[i];
+      continue;
+    }
+    const long long t = i / ((long long)dim * heads);
+    const float x = D::load(qkv[i]);
+    const float r = j < half ? -D::load(qkv[i + half]) : D::load(qkv[i - half]);
+    const float c = D::load(cos[t * dim + j]), s = D::load(sin[t * dim + j]);
+    out[i] = D::store(round_to<D>(x * c) + round_to<D>(r * s));
+  }
+}
+
+#define MMREG_KERNELS(D, suffix)                                                                   \
+  extern "C" __global__ void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight,      \
+                                               int cols, float eps) {                              \
+    rms_norm_row<D>(out, nullptr, x, nullptr, weight, cols, eps);                                  \
+  }                                                                                                \
+  extern "C" __global__ void add_rms_norm_##suffix(D::T* out, D::T* sum, const D::T* x,           \
+                                                   const D::T* delta, const D::T* weight,          \
+                                                   int cols, float eps) {                          \
+    rms_norm_row<D>(out, sum, x, delta, weight, cols, eps);                                        \
+  }                                                                                                \
+  extern "C" __global__ void silu_mul_##suffix(D::T* out, const D::T* gate_up, long long rows,    \
+                                               long long cols) {                                   \
+    silu_mul_all<D>(out, gate_up, rows, cols);                                                     \
+  }                                                                                                \
+  extern "C" __global__ void rope_##suffix(D::T* out, const D::T* qkv, const D::T* cos,           \
+                                           const D::T* sin, long long tokens, int heads,           \
+                                           int rotated, int dim) {                                 \
+    rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim);                                  \
+  }
+
+MMREG_KERNELS(F32, f32)
+MMREG_KERNELS(BF16, bf16)
+MMREG_KERNELS(F16, f16)

@@ -1,0 +1,396 @@
+//! Fused elementwise kernels for decoder layers: RMSNorm (with the residual add before it), SiLU × up,
+//! and rotary embeddings. Each replaces several libtorch kernels with one and computes the same values
+//! (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op code does).
+//!
+//! On CUDA they are compiled once per device by NVRTC (which pip's torch ships) and launched through the
+//! shim on libtorch's current stream, so they run inside CUDA graphs. Everywhere else — on the CPU, in a
+//! build without the shim, when NVRTC fails, or with `MMREG_NO_FUSED_KERNELS=1` — each function runs the
+//! plain libtorch ops instead, so model code calls these functions unconditionally.
+
+use tch::{Device, Kind, Tensor};
+
+/// Whether the fused kernels run for tensors on `device`: a CUDA device, the shim built in, not switched
+/// off with `MMREG_NO_FUSED_KERNELS=1`, and the kernels compiled (the first call compiles them; a failure
+/// is logged once and everything then runs unfused).
+pub fn fused_available(device: Device) -> bool {
+    kernels_for(device).is_ok()
+}
+
+/// Why the fused kernels do not run on `device`, if they don't (compiling them on first use).
+pub fn unavailable_reason(device: Device) -> Option<String> {
+    kernels_for(device).err()
+}
+
+/// HF's `LlamaRMSNorm`: `weight * (x * rsqrt(mean(x²) + eps))`, normalised in f32 over the last
+/// dimension, rounded to `x`'s dtype, then multiplied by `weight` in that dtype.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    if let Some(kernels) = fused_for(&[x, weight]) {
+        let cols = weight.size()[0];
+        if x.size().last() == Some(&cols) {
+            let out = x.empty_like();
+            let rows = x.numel() as i64 / cols.max(1);
+            kernels.rms_norm(&out, None, x, None, weight, rows, cols, eps);
+            return out;
+        }
+    }
+    weight * x.rms_norm([weight.size()[0]], None::<Tensor>, eps)
+}
+
+/// The residual add and the next RMSNorm: returns `(x + delta, rms_norm(x + delta, weight))`, the sum
+/// rounded to the dtype before it is normalised (as two separate ops would).
+pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
+    if let Some(kernels) = fused_for(&[x, delta, weight]) {
+        let cols = weight.size()[0];
+        if x.size() == delta.size() && x.size().last() == Some(&cols) {
+            let (sum, out) = (x.empty_like(), x.empty_like());
+            let rows = x.numel() as i64 / cols.max(1);
+            kernels.rms_norm(&out, Some(&sum), x, Some(delta), weight, rows, cols, eps);
+            return (sum, out);
+        }
+    }
+    let sum = x + delta;
+    let normed = rms_norm(&sum, weight, eps);
+    (sum, normed)
+}
+
+/// `silu(gate) * up` for a stacked `[.., 2 * n]` projection (`gate` the first half): `[.., n]`.
+pub fn silu_mul(gate_up: &Tensor) -> Tensor {
+    let size = gate_up.size();
+    let n = size.last().copied().unwrap_or(0) / 2;
+    if let Some(kernels) = fused_for(&[gate_up]) {
+        let mut out_size = size.clone();
+        *out_size.last_mut().expect("gate_up has a last dimension") = n;
+        let out = Tensor::empty(out_size, (gate_up.kind(), gate_up.device()));
+        let rows = gate_up.numel() as i64 / (2 * n).max(1);
+        kernels.silu_mul(&out, gate_up, rows, n);
+        return out;
+    }
+    gate_up.narrow(-1, 0, n).silu() * gate_up.narrow(-1, n, n)
+}
+
+/// Rotary embedding on a stacked `[tokens, heads, dim]` projection: the first `rotated` heads (queries
+/// and keys) become `x * cos + rotate_half(x) * sin` (halves, not interleaved, as HF's Llama), the other
+/// heads (values) are returned unchanged. `cos` and `sin` are `[tokens, dim]` in `qkv`'s dtype.
+pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
+    let [tokens, heads, dim] = qkv.size()[..] else {
+        panic!("rope expects [tokens, heads, dim], got {:?}", qkv.size());
+    };
+    if let Some(kernels) = fused_for(&[qkv, cos, sin]) {
+        if cos.size() == [tokens, dim] && sin.size() == [tokens, dim] && dim % 2 == 0 {
+            let out = qkv.empty_like();
+            kernels.rope(&out, qkv, cos, sin, tokens, heads, rotated, dim);
+            return out;
+        }
+    }
+    let half = dim / 2;
+    let x = qkv.narrow(1, 0, rotated);
+    let rotate_half = Tensor::cat(&[-x.narrow(2, half, half), x.narrow(2, 0, half)], 2);
+    let roped = &x * cos.unsqueeze(1) + rotate_half * sin.unsqueeze(1);
+    Tensor::cat(&[roped, qkv.narrow(1, rotated, heads - rotated)], 1)
+}
+
+/// The compiled kernels when every tensor is a contiguous CUDA tensor of one supported dtype.
+fn fused_for(tensors: &[&Tensor]) -> Option<&'static shim::Kernels> {
+    let first = tensors.first()?;
+    let (device, kind) = (first.device(), first.kind());
+    if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+        return None;
+    }
+    let uniform = tensors
+        .iter()
+        .all(|t| t.device() == device && t.kind() == kind && t.is_contiguous());
+    if !uniform {
+        return None;
+    }
+    kernels_for(device).ok()
+}
+
+fn kernels_for(device: Device) -> Result<&'static shim::Kernels, String> {
+    let Device::Cuda(index) = device else {
+        return Err(format!("{device:?} is not a CUDA device"));
+    };
+    let off = std::env::var("MMREG_NO_FUSED_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0");
+    if off {
+        return Err("switched off by MMREG_NO_FUSED_KERNELS".into());
+    }
+    shim::kernels(index)
+}
+
+#[cfg(mmreg_cuda_shim)]
+mod shim {
+    use std::collections::HashMap;
+    use std::ffi::{c_char, c_void, CString};
+    use std::sync::Mutex;
+
+    use tch::{Kind, Tensor};
+
+    const SOURCE: &str = include_str!("../csrc/fused_kernels.cu");
+    const BLOCK: u32 = 256;
+    /// Grid-stride loops: enough blocks to fill any current GPU, no more.
+    const MAX_BLOCKS: i64 = 8192;
+
+    extern "C" {
+        fn mmreg_kernels_load(
+            device: i32,
+            source: *const c_char,
+            module: *mut *mut c_void,
+            error: *mut c_char,
+            capacity: usize,
+        ) -> i32;
+        fn mmreg_kernels_function(module: *mut c_void, name: *const c_char) -> *mut c_void;
+        fn mmreg_kernels_launch(
+            function: *mut c_void,
+            grid: u32,
+            block: u32,
+            args: *mut *mut c_void,
+        ) -> i32;
+    }
+
+    /// A kernel's handle (`CUfunction`), valid for the life of the process.
+    #[derive(Clone, Copy)]
+    struct Function(*mut c_void);
+    // SAFETY: a CUfunction may be launched from any thread of the process.
+    unsafe impl Send for Function {}
+    unsafe impl Sync for Function {}
+
+    /// The four kernels for one dtype.
+    struct ForKind {
+        rms_norm: Function,
+        add_rms_norm: Function,
+        silu_mul: Function,
+        rope: Function,
+    }
+
+    pub struct Kernels {
+        f32: ForKind,
+        bf16: ForKind,
+        f16: ForKind,
+    }
+
+    /// Compiled once per device, or why not (logged once).
+    type Loaded = Result<&'static Kernels, String>;
+    static LOADED: Mutex<Option<HashMap<usize, Loaded>>> = Mutex::new(None);
+
+    pub fn kernels(device: usize) -> Loaded {
+        let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded = loaded.get_or_insert_with(HashMap::new);
+        let entry = loaded.entry(device).or_insert_with(|| match load(device) {
+            Ok(kernels) => {
+                tracing::debug!(device, "fused kernels compiled");
+                Ok(Box::leak(Box::new(kernels)))
+            }
+            Err(why) => {
+                tracing::warn!(
+                    device,
+                    "fused kernels unavailable, running unfused ops: {why}"
+                );
+                Err(why)
+            }
+        });
+        entry.clone()
+    }
+
+    fn load(device: usize) -> Result<Kernels, String> {
+        let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
+        let mut module = std::ptr::null_mut();
+        let mut error = vec![0u8; 16 * 1024];
+        // SAFETY: the shim writes a NUL-terminated message of at most `capacity` bytes and catches every
+        // C++ exception.
+        let status = unsafe {
+            mmreg_kernels_load(
+                device as i32,
+                source.as_ptr(),
+                &mut module,
+                error.as_mut_ptr().cast(),
+                error.len(),
+            )
+        };
+        if status != 0 {
+            let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
+            return Err(String::from_utf8_lossy(&error[..end]).into_owned());
+        }
+        let function = |name: String| {
+            let c_name = CString::new(name.clone()).map_err(|e| e.to_string())?;
+            // SAFETY: `module` was loaded above; the shim returns null when the name is missing.
+            let f = unsafe { mmreg_kernels_function(module, c_name.as_ptr()) };
+            if f.is_null() {
+                Err(format!("kernel {name} missing from the compiled module"))
+            } else {
+                Ok(Function(f))
+            }
+        };
+        let for_kind = |suffix: &str| -> Result<ForKind, String> {
+            Ok(ForKind {
+                rms_norm: function(format!("rms_norm_{suffix}"))?,
+                add_rms_norm: function(format!("add_rms_norm_{suffix}"))?,
+                silu_mul: function(format!("silu_mul_{suffix}"))?,
+                rope: function(format!("rope_{suffix}"))?,
+            })
+        };
+        Ok(Kernels {
+            f32: for_kind("f32")?,
+            bf16: for_kind("bf16")?,
+            f16: for_kind("f16")?,
+        })
+    }
+
+    fn ptr(t: &Tensor) -> *mut c_void {
+        t.data_ptr()
+    }
+
+    /// Launches `f` with `args` (pointers to each argument's value).
+    fn launch(f: Function, grid: i64, block: u32, args: &mut [*mut c_void]) {
+        // SAFETY: the argument list matches the kernel's parameters (see the callers), every tensor
+        // pointer is a live contiguous CUDA buffer of the kernel's dtype and size, and the shim catches
+        // every C++ exception.
+        let status =
+            unsafe { mmreg_kernels_launch(f.0, grid.max(1) as u32, block, args.as_mut_ptr()) };
+        // A launch only fails on a broken context or invalid configuration, which our sizes rule out;
+        // libtorch's own launches panic the same way through tch.
+        assert_eq!(status, 0, "CUDA kernel launch failed with error {status}");
+    }
+
+    fn blocks(total: i64) -> i64 {
+        ((total + BLOCK as i64 - 1) / BLOCK as i64).clamp(1, MAX_BLOCKS)
+    }
+
+    macro_rules! arg {
+        ($v:expr) => {
+            (&mut $v) as *mut _ as *mut c_void
+        };
+    }
+
+    impl Kernels {
+        fn of(&self, kind: Kind) -> &ForKind {
+            match kind {
+                Kind::BFloat16 => &self.bf16,
+                Kind::Half => &self.f16,
+                _ => &self.f32,
+            }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        pub fn rms_norm(
+            &self,
+            out: &Tensor,
+            sum: Option<&Tensor>,
+            x: &Tensor,
+            delta: Option<&Tensor>,
+            weight: &Tensor,
+            rows: i64,
+            cols: i64,
+            eps: f64,
+        ) {
+            if rows == 0 {
+                return;
+            }
+            let k = self.of(x.kind());
+            let (mut out_p, mut x_p, mut w_p) = (ptr(out), ptr(x), ptr(weight));
+            let (mut cols, mut eps) = (cols as i32, eps as f32);
+            // One block per row, a multiple of 32 threads up to 256.
+            let block = (cols as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
+            match (sum, delta) {
+                (Some(sum), Some(delta)) => {
+                    let (mut sum_p, mut delta_p) = (ptr(sum), ptr(delta));
+                    let mut args = [
+                        arg!(out_p),
+                        arg!(sum_p),
+                        arg!(x_p),
+                        arg!(delta_p),
+                        arg!(w_p),
+                        arg!(cols),
+                        arg!(eps),
+                    ];
+                    launch(k.add_rms_norm, rows, block, &mut args);
+                }
+                _ => {
+                    let mut args = [arg!(out_p), arg!(x_p), arg!(w_p), arg!(cols), arg!(eps)];
+                    launch(k.rms_norm, rows, block, &mut args);
+                }
+            }
+        }
+
+        pub fn silu_mul(&self, out: &Tensor, gate_up: &Tensor, rows: i64, cols: i64) {
+            let k = self.of(gate_up.kind());
+            let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(out), ptr(gate_up), rows, cols);
+            let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
+            launch(k.silu_mul, blocks(rows * cols), BLOCK, &mut args);
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        pub fn rope(
+            &self,
+            out: &Tensor,
+            qkv: &Tensor,
+            cos: &Tensor,
+            sin: &Tensor,
+            tokens: i64,
+            heads: i64,
+            rotated: i64,
+            dim: i64,
+        ) {
+            let k = self.of(qkv.kind());
+            let (mut out_p, mut qkv_p, mut cos_p, mut sin_p) =
+                (ptr(out), ptr(qkv), ptr(cos), ptr(sin));
+            let mut tokens = tokens;
+            let (mut heads, mut rotated, mut dim) = (heads as i32, rotated as i32, dim as i32);
+            let mut args = [
+                arg!(out_p),
+                arg!(qkv_p),
+                arg!(cos_p),
+                arg!(sin_p),
+                arg!(tokens),
+                arg!(heads),
+                arg!(rotated),
+                arg!(dim),
+            ];
+            let total = tokens * heads as i64 * dim as i64;
+            launch(k.rope, blocks(total), BLOCK, &mut args);
+        }
+    }
+}
+
+#[cfg(not(mmreg_cuda_shim))]
+mod shim {
+    use tch::Tensor;
+
+    /// Never constructed: without the shim there are no kernels.
+    pub enum Kernels {}
+
+    pub fn kernels(_device: usize) -> Result<&'static Kernels, String> {
+        Err("this build has no CUDA shim (no CUDA headers next to libtorch)".into())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    impl Kernels {
+        pub fn rms_norm(
+            &self,
+            _: &Tensor,
+            _: Option<&Tensor>,
+            _: &Tensor,
+            _: Option<&Tensor>,
+            _: &Tensor,
+            _: i64,
+            _: i64,
+            _: f64,
+        ) {
+            match *self {}
+        }
+        pub fn silu_mul(&self, _: &Tensor, _: &Tensor, _: i64, _: i64) {
+            match *self {}
+        }
+        pub fn rope(
+            &self,
+            _: &Tensor,
+            _: &Tensor,
+            _: &Tensor,
+            _: &Tensor,
+            _: i64,
+            _: i64,
+            _: i64,
+            _: i64,
+        ) {
+            match *self {}
+        }
+    }
+}
