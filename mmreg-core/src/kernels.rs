@@ -3,15 +3,45 @@
 //! (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op code does).
 //!
 //! On CUDA they are compiled once per device by NVRTC (which pip's torch ships) and launched through the
-//! shim on libtorch's current stream, so they run inside CUDA graphs. Everywhere else — on the CPU, in a
-//! build without the shim, when NVRTC fails, or with `MMREG_NO_FUSED_KERNELS=1` — each function runs the
-//! plain libtorch ops instead, so model code calls these functions unconditionally.
+//! shim on libtorch's current stream, so they run inside CUDA graphs. **Opt-in for now**
+//! (`MMREG_FUSED_KERNELS=1` or [`set_enabled`]): they have not yet run on a GPU, so the default stays the
+//! measured libtorch path until `tests/fused_kernels.rs` and the benchmark have run on one. Everywhere
+//! else — on the CPU, in a build without the shim, when NVRTC fails, or switched off — each function runs
+//! HF's plain libtorch ops instead, so model code calls these functions unconditionally.
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
-/// Whether the fused kernels run for tensors on `device`: a CUDA device, the shim built in, not switched
-/// off with `MMREG_NO_FUSED_KERNELS=1`, and the kernels compiled (the first call compiles them; a failure
-/// is logged once and everything then runs unfused).
+/// 0: not decided yet (read `MMREG_FUSED_KERNELS` on first use), 1: off, 2: on.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Switches the fused kernels on or off for the whole process (overrides `MMREG_FUSED_KERNELS`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels are switched on: [`set_enabled`], else `MMREG_FUSED_KERNELS=1`.
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("MMREG_FUSED_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0");
+            // A concurrent set_enabled wins over the environment.
+            let _ = ENABLED.compare_exchange(
+                0,
+                if on { 2 } else { 1 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            ENABLED.load(Ordering::Relaxed) == 2
+        }
+        state => state == 2,
+    }
+}
+
+/// Whether the fused kernels run for tensors on `device`: switched on ([`enabled`]), a CUDA device, the
+/// shim built in, and the kernels compiled (the first call compiles them; a failure is logged once and
+/// everything then runs unfused).
 pub fn fused_available(device: Device) -> bool {
     kernels_for(device).is_ok()
 }
@@ -109,9 +139,8 @@ fn kernels_for(device: Device) -> Result<&'static shim::Kernels, String> {
     let Device::Cuda(index) = device else {
         return Err(format!("{device:?} is not a CUDA device"));
     };
-    let off = std::env::var("MMREG_NO_FUSED_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0");
-    if off {
-        return Err("switched off by MMREG_NO_FUSED_KERNELS".into());
+    if !enabled() {
+        return Err("switched off (MMREG_FUSED_KERNELS=1 switches them on)".into());
     }
     shim::kernels(index)
 }

@@ -9,6 +9,8 @@ use tch::{Device, Kind, Tensor};
 const KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
 
 fn devices() -> Vec<Device> {
+    // Opt-in in the library for now; these tests are what lets it become the default.
+    kernels::set_enabled(true);
     let mut devices = vec![Device::Cpu];
     if tch::Cuda::is_available() {
         devices.push(Device::Cuda(0));
@@ -85,6 +87,7 @@ fn rope_tables(tokens: i64, dim: i64, kind: Kind, device: Device) -> (Tensor, Te
 
 #[test]
 fn fused_kernels_compile_wherever_there_is_a_gpu() {
+    kernels::set_enabled(true);
     assert!(!kernels::fused_available(Device::Cpu));
     if tch::Cuda::is_available() && mmreg_core::cuda::graphs_available() {
         // The shim is built in and a GPU is present: the kernels must compile (a failure would be
@@ -168,6 +171,7 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
         eprintln!("fused kernels: no CUDA graphs here, skipping the graph check");
         return;
     }
+    kernels::set_enabled(true);
     let device = Device::Cuda(0);
     let kind = Kind::BFloat16;
     let mut gate_up = random(&[8, 256], kind, device, 1);

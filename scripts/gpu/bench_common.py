@@ -11,14 +11,14 @@ PROMPT15 = "USER: <image>\nWhat is shown in this image? Describe every detail of
 PROMPT_NEXT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 
 
-def mmreg(args, eager=False, unfused=False):
+def mmreg(args, eager=False, fused=False):
     """Runs the staged `mmreg` and returns the JSON object of its last line. eager: without CUDA graphs;
-    unfused: without the fused elementwise kernels (libtorch's ops instead)."""
+    fused: with the (opt-in) fused elementwise kernels."""
     env = dict(os.environ)
     if eager:
         env["MMREG_NO_CUDA_GRAPHS"] = "1"
-    if unfused:
-        env["MMREG_NO_FUSED_KERNELS"] = "1"
+    if fused:
+        env["MMREG_FUSED_KERNELS"] = "1"
     out = subprocess.run([RUN, "mmreg", *args], capture_output=True, text=True, env=env)
     sys.stderr.write(out.stderr[-3000:])
     if out.returncode != 0:
