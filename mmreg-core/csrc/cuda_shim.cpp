@@ -256,31 +256,76 @@ void set_error(char* error, size_t capacity, const std::string& message) {
   error[n] = '\0';
 }
 
+// Compiles `source` with NVRTC for compute capability major.minor into `cubin`; on failure returns false
+// with why (NVRTC's log included). Needs no GPU.
+bool nvrtc_compile(const char* source, int major, int minor, std::string& cubin, std::string& why) {
+  // NVRTC opens its builtins library by name when it compiles; loading that first from the wheel's
+  // directory lets the by-name lookup find it without LD_LIBRARY_PATH.
+  std::string wheel = torch_lib_dir() + "/../../nvidia/cu13/lib/";
+  dlopen((wheel + "libnvrtc-builtins.so.13.0").c_str(), RTLD_NOW | RTLD_GLOBAL);
+  void* lib = open_first({"libnvrtc.so.13", wheel + "libnvrtc.so.13"});
+  if (lib == nullptr) {
+    why = "NVRTC (libnvrtc.so.13, CUDA 13 as pip's torch 2.11) not found";
+    return false;
+  }
+  Nvrtc nvrtc;
+  if (!find(lib, "nvrtcCreateProgram", nvrtc.create) || !find(lib, "nvrtcCompileProgram", nvrtc.compile) ||
+      !find(lib, "nvrtcGetProgramLogSize", nvrtc.log_size) || !find(lib, "nvrtcGetProgramLog", nvrtc.log) ||
+      !find(lib, "nvrtcGetCUBINSize", nvrtc.cubin_size) || !find(lib, "nvrtcGetCUBIN", nvrtc.cubin) ||
+      !find(lib, "nvrtcDestroyProgram", nvrtc.destroy)) {
+    why = "NVRTC lacks a function mmreg needs";
+    return false;
+  }
+  std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
+  const char* options[] = {arch.c_str(), "--std=c++17"};
+  NvrtcProgram program = nullptr;
+  if (nvrtc.create(&program, source, "mmreg_fused_kernels.cu", 0, nullptr, nullptr) != 0) {
+    why = "nvrtcCreateProgram failed";
+    return false;
+  }
+  bool ok = nvrtc.compile(program, 2, options) == 0;
+  size_t size = 0;
+  if (!ok) {
+    nvrtc.log_size(program, &size);
+    std::string log(size, '\0');
+    nvrtc.log(program, log.data());
+    why = "NVRTC compile (" + arch + ") failed: " + log;
+  } else {
+    nvrtc.cubin_size(program, &size);
+    cubin.assign(size, '\0');
+    nvrtc.cubin(program, cubin.data());
+  }
+  nvrtc.destroy(&program);
+  return ok;
+}
+
 }  // namespace
 
 extern "C" {
 
-// Compiles `source` for `device` and loads it; *module receives the handle. On failure returns non-zero
-// and writes why (NVRTC's log included) into `error`.
-int mmreg_kernels_load(int device, const char* source, void** module, char* error, size_t capacity) {
+// Compiles `source` for compute capability major.minor without loading it; *size receives the cubin's
+// size. For checking the kernels where there is no GPU.
+int mmreg_kernels_compile(const char* source, int major, int minor, size_t* size, char* error, size_t capacity) {
   try {
-    // NVRTC opens its builtins library by name when it compiles; loading that first from the wheel's
-    // directory lets the by-name lookup find it without LD_LIBRARY_PATH.
-    std::string wheel = torch_lib_dir() + "/../../nvidia/cu13/lib/";
-    dlopen((wheel + "libnvrtc-builtins.so.13.0").c_str(), RTLD_NOW | RTLD_GLOBAL);
-    void* nvrtc_lib = open_first({"libnvrtc.so.13", wheel + "libnvrtc.so.13"});
-    if (nvrtc_lib == nullptr) {
-      set_error(error, capacity, "NVRTC (libnvrtc.so.13, CUDA 13 as pip's torch 2.11) not found");
+    std::string cubin, why;
+    if (!nvrtc_compile(source, major, minor, cubin, why)) {
+      set_error(error, capacity, why);
       return 2;
     }
-    Nvrtc nvrtc;
-    if (!find(nvrtc_lib, "nvrtcCreateProgram", nvrtc.create) || !find(nvrtc_lib, "nvrtcCompileProgram", nvrtc.compile) ||
-        !find(nvrtc_lib, "nvrtcGetProgramLogSize", nvrtc.log_size) || !find(nvrtc_lib, "nvrtcGetProgramLog", nvrtc.log) ||
-        !find(nvrtc_lib, "nvrtcGetCUBINSize", nvrtc.cubin_size) || !find(nvrtc_lib, "nvrtcGetCUBIN", nvrtc.cubin) ||
-        !find(nvrtc_lib, "nvrtcDestroyProgram", nvrtc.destroy)) {
-      set_error(error, capacity, "NVRTC lacks a function mmreg needs");
-      return 3;
-    }
+    *size = cubin.size();
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(error, capacity, e.what());
+    return 1;
+  } catch (...) {
+    return 1;
+  }
+}
+
+// Compiles `source` for `device` and loads it; *module receives the handle. On failure returns non-zero
+// and writes why into `error`.
+int mmreg_kernels_load(int device, const char* source, void** module, char* error, size_t capacity) {
+  try {
     void* driver_lib = open_first({"libcuda.so.1", "libcuda.so"});
     if (driver_lib == nullptr) {
       set_error(error, capacity, "the CUDA driver (libcuda.so.1) not found");
@@ -302,28 +347,11 @@ int mmreg_kernels_load(int device, const char* source, void** module, char* erro
       set_error(error, capacity, "cannot read the device's compute capability");
       return 9;
     }
-    std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
-    const char* options[] = {arch.c_str(), "--std=c++17"};
-    NvrtcProgram program = nullptr;
-    if (nvrtc.create(&program, source, "mmreg_fused_kernels.cu", 0, nullptr, nullptr) != 0) {
-      set_error(error, capacity, "nvrtcCreateProgram failed");
-      return 6;
-    }
-    int compiled = nvrtc.compile(program, 2, options);
-    if (compiled != 0) {
-      size_t size = 0;
-      nvrtc.log_size(program, &size);
-      std::string log(size, '\0');
-      nvrtc.log(program, log.data());
-      nvrtc.destroy(&program);
-      set_error(error, capacity, "NVRTC compile (" + arch + ") failed: " + log);
+    std::string cubin, why;
+    if (!nvrtc_compile(source, major, minor, cubin, why)) {
+      set_error(error, capacity, why);
       return 7;
     }
-    size_t size = 0;
-    nvrtc.cubin_size(program, &size);
-    std::string cubin(size, '\0');
-    nvrtc.cubin(program, cubin.data());
-    nvrtc.destroy(&program);
     int loaded = driver.module_load_data(module, cubin.data());
     if (loaded != 0) {
       set_error(error, capacity, "cuModuleLoadData failed with CUDA error " + std::to_string(loaded));
@@ -353,8 +381,10 @@ void* mmreg_kernels_function(void* module, const char* name) {
   }
 }
 
-// Launches `function` on the current stream of the current device; `args` point at the arguments.
-int mmreg_kernels_launch(void* function, unsigned grid, unsigned block, void** args) {
+// Launches `function` (loaded for `device`) on that device's current stream; `args` point at the
+// arguments. The device is made current for the launch: libtorch's allocator restores the previous device
+// after allocating, so the calling thread's current device may be another.
+int mmreg_kernels_launch(void* function, int device, unsigned grid, unsigned block, void** args) {
   try {
     static auto launch = [] {
       decltype(Driver::launch_kernel) f = nullptr;
@@ -366,8 +396,17 @@ int mmreg_kernels_launch(void* function, unsigned grid, unsigned block, void** a
     if (launch == nullptr) {
       return 2;
     }
-    void* stream = c10::cuda::getCurrentCUDAStream().stream();
-    return launch(function, grid, 1, 1, block, 1, 1, 0, stream, args, nullptr);
+    auto index = static_cast<c10::DeviceIndex>(device);
+    auto previous = c10::cuda::current_device();
+    if (previous != index) {
+      c10::cuda::set_device(index);
+    }
+    void* stream = c10::cuda::getCurrentCUDAStream(index).stream();
+    int status = launch(function, grid, 1, 1, block, 1, 1, 0, stream, args, nullptr);
+    if (previous != index) {
+      c10::cuda::set_device(previous);
+    }
+    return status;
   } catch (...) {
     return 1;
   }

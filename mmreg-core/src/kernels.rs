@@ -119,6 +119,13 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
     Tensor::cat(&[roped, qkv.narrow(1, rotated, heads - rotated)], 1)
 }
 
+/// Compiles the kernels with NVRTC for compute capability `major.minor` without a GPU (nothing is loaded)
+/// and returns the size of the binary: checks the source and the NVRTC lookup on any machine. An error
+/// says why (NVRTC's log included), or that this build has no shim.
+pub fn compile_for(major: i32, minor: i32) -> Result<usize, String> {
+    shim::compile_for(major, minor)
+}
+
 /// The compiled kernels when every tensor is a contiguous CUDA tensor of one supported dtype.
 fn fused_for(tensors: &[&Tensor]) -> Option<&'static shim::Kernels> {
     let first = tensors.first()?;
@@ -166,9 +173,18 @@ mod shim {
             error: *mut c_char,
             capacity: usize,
         ) -> i32;
+        fn mmreg_kernels_compile(
+            source: *const c_char,
+            major: i32,
+            minor: i32,
+            size: *mut usize,
+            error: *mut c_char,
+            capacity: usize,
+        ) -> i32;
         fn mmreg_kernels_function(module: *mut c_void, name: *const c_char) -> *mut c_void;
         fn mmreg_kernels_launch(
             function: *mut c_void,
+            device: i32,
             grid: u32,
             block: u32,
             args: *mut *mut c_void,
@@ -182,8 +198,9 @@ mod shim {
     unsafe impl Send for Function {}
     unsafe impl Sync for Function {}
 
-    /// The four kernels for one dtype.
+    /// The four kernels for one dtype, and the device they were loaded for.
     struct ForKind {
+        device: i32,
         rms_norm: Function,
         add_rms_norm: Function,
         silu_mul: Function,
@@ -219,25 +236,36 @@ mod shim {
         entry.clone()
     }
 
+    /// Calls the shim with an error buffer; the message it wrote when it returned non-zero.
+    fn with_error(call: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), String> {
+        let mut error = vec![0u8; 16 * 1024];
+        let status = call(error.as_mut_ptr().cast(), error.len());
+        if status == 0 {
+            return Ok(());
+        }
+        let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
+        let message = String::from_utf8_lossy(&error[..end]);
+        Err(format!("{message} (status {status})"))
+    }
+
+    pub fn compile_for(major: i32, minor: i32) -> Result<usize, String> {
+        let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
+        let mut size = 0usize;
+        // SAFETY: the shim writes the size and a NUL-terminated message of at most `capacity` bytes, and
+        // catches every C++ exception.
+        with_error(|error, capacity| unsafe {
+            mmreg_kernels_compile(source.as_ptr(), major, minor, &mut size, error, capacity)
+        })?;
+        Ok(size)
+    }
+
     fn load(device: usize) -> Result<Kernels, String> {
         let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
         let mut module = std::ptr::null_mut();
-        let mut error = vec![0u8; 16 * 1024];
-        // SAFETY: the shim writes a NUL-terminated message of at most `capacity` bytes and catches every
-        // C++ exception.
-        let status = unsafe {
-            mmreg_kernels_load(
-                device as i32,
-                source.as_ptr(),
-                &mut module,
-                error.as_mut_ptr().cast(),
-                error.len(),
-            )
-        };
-        if status != 0 {
-            let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
-            return Err(String::from_utf8_lossy(&error[..end]).into_owned());
-        }
+        // SAFETY: as in `compile_for`; the shim sets `module` on success.
+        with_error(|error, capacity| unsafe {
+            mmreg_kernels_load(device as i32, source.as_ptr(), &mut module, error, capacity)
+        })?;
         let function = |name: String| {
             let c_name = CString::new(name.clone()).map_err(|e| e.to_string())?;
             // SAFETY: `module` was loaded above; the shim returns null when the name is missing.
@@ -250,6 +278,7 @@ mod shim {
         };
         let for_kind = |suffix: &str| -> Result<ForKind, String> {
             Ok(ForKind {
+                device: device as i32,
                 rms_norm: function(format!("rms_norm_{suffix}"))?,
                 add_rms_norm: function(format!("add_rms_norm_{suffix}"))?,
                 silu_mul: function(format!("silu_mul_{suffix}"))?,
@@ -267,13 +296,14 @@ mod shim {
         t.data_ptr()
     }
 
-    /// Launches `f` with `args` (pointers to each argument's value).
-    fn launch(f: Function, grid: i64, block: u32, args: &mut [*mut c_void]) {
+    /// Launches `f` (of `k`) with `args` (pointers to each argument's value).
+    fn launch(k: &ForKind, f: Function, grid: i64, block: u32, args: &mut [*mut c_void]) {
         // SAFETY: the argument list matches the kernel's parameters (see the callers), every tensor
         // pointer is a live contiguous CUDA buffer of the kernel's dtype and size, and the shim catches
         // every C++ exception.
-        let status =
-            unsafe { mmreg_kernels_launch(f.0, grid.max(1) as u32, block, args.as_mut_ptr()) };
+        let status = unsafe {
+            mmreg_kernels_launch(f.0, k.device, grid.max(1) as u32, block, args.as_mut_ptr())
+        };
         // A launch only fails on a broken context or invalid configuration, which our sizes rule out;
         // libtorch's own launches panic the same way through tch.
         assert_eq!(status, 0, "CUDA kernel launch failed with error {status}");
@@ -330,11 +360,11 @@ mod shim {
                         arg!(cols),
                         arg!(eps),
                     ];
-                    launch(k.add_rms_norm, rows, block, &mut args);
+                    launch(k, k.add_rms_norm, rows, block, &mut args);
                 }
                 _ => {
                     let mut args = [arg!(out_p), arg!(x_p), arg!(w_p), arg!(cols), arg!(eps)];
-                    launch(k.rms_norm, rows, block, &mut args);
+                    launch(k, k.rms_norm, rows, block, &mut args);
                 }
             }
         }
@@ -343,7 +373,7 @@ mod shim {
             let k = self.of(gate_up.kind());
             let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(out), ptr(gate_up), rows, cols);
             let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
-            launch(k.silu_mul, blocks(rows * cols), BLOCK, &mut args);
+            launch(k, k.silu_mul, blocks(rows * cols), BLOCK, &mut args);
         }
 
         #[allow(clippy::too_many_arguments)]
@@ -374,7 +404,7 @@ mod shim {
                 arg!(dim),
             ];
             let total = tokens * heads as i64 * dim as i64;
-            launch(k.rope, blocks(total), BLOCK, &mut args);
+            launch(k, k.rope, blocks(total), BLOCK, &mut args);
         }
     }
 }
@@ -386,8 +416,14 @@ mod shim {
     /// Never constructed: without the shim there are no kernels.
     pub enum Kernels {}
 
+    const NO_SHIM: &str = "this build has no CUDA shim (no CUDA headers next to libtorch)";
+
     pub fn kernels(_device: usize) -> Result<&'static Kernels, String> {
-        Err("this build has no CUDA shim (no CUDA headers next to libtorch)".into())
+        Err(NO_SHIM.into())
+    }
+
+    pub fn compile_for(_major: i32, _minor: i32) -> Result<usize, String> {
+        Err(NO_SHIM.into())
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -85,6 +85,19 @@ fn rope_tables(tokens: i64, dim: i64, kind: Kind, device: Device) -> (Tensor, Te
     )
 }
 
+/// NVRTC needs no GPU: the source compiles here for the cards the benchmarks run on (H100/H200: sm_90)
+/// and for Ampere (sm_80). This build machine and CI have pip's torch with its CUDA wheels, so the shim
+/// is built; a build without it says so.
+#[test]
+fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere() {
+    for (major, minor) in [(9, 0), (8, 0)] {
+        match kernels::compile_for(major, minor) {
+            Ok(bytes) => assert!(bytes > 1000, "sm_{major}{minor}: a {bytes}-byte cubin"),
+            Err(why) => panic!("sm_{major}{minor}: {why}"),
+        }
+    }
+}
+
 #[test]
 fn fused_kernels_compile_wherever_there_is_a_gpu() {
     kernels::set_enabled(true);
