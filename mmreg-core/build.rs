@@ -1,12 +1,24 @@
 //! Links libtorch (see `build/libtorch.rs`) and compiles the CUDA shim: the caching allocator's memory
-//! statistics, CUDA graphs and the Kineto profiler, which tch does not expose. Without CUDA headers the shim is left out, the
-//! statistics report themselves unavailable and decode steps run without graphs.
+//! statistics, CUDA graphs, the Kineto profiler and launching our own kernels, which tch does not expose.
+//! Without CUDA headers the shim is left out: the statistics report themselves unavailable, decode steps
+//! run without graphs and the fused kernels fall back to libtorch's ops. Also compiles the CPU emulator of
+//! the fused kernels, for tests.
 
 include!("../build/libtorch.rs");
 
 fn main() {
     println!("cargo:rustc-check-cfg=cfg(mmreg_cuda_shim)");
     println!("cargo:rerun-if-changed=csrc/cuda_shim.cpp");
+    // The CPU emulator of the fused kernels (tests without a GPU) needs only a C++20 compiler.
+    println!("cargo:rerun-if-changed=csrc/kernel_emulator.cpp");
+    println!("cargo:rerun-if-changed=csrc/fused_kernels.cu");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/kernel_emulator.cpp")
+        .flag("-std=c++20")
+        // Products and sums rounded one by one, as on the GPU (NVRTC runs with --fmad=false).
+        .flag("-ffp-contract=off")
+        .compile("mmreg_kernel_emulator");
     let Some(lib) = link_libtorch() else { return };
     // `lib` may go through the `.libtorch` link; the wheels sit next to its target.
     let lib = std::fs::canonicalize(&lib).unwrap_or(lib);

@@ -277,13 +277,14 @@ bool nvrtc_compile(const char* source, int major, int minor, std::string& cubin,
     return false;
   }
   std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
-  const char* options[] = {arch.c_str(), "--std=c++17"};
+  // --fmad=false: a product and a sum stay two roundings, as in libtorch's separate kernels.
+  const char* options[] = {arch.c_str(), "--std=c++17", "--fmad=false"};
   NvrtcProgram program = nullptr;
   if (nvrtc.create(&program, source, "mmreg_fused_kernels.cu", 0, nullptr, nullptr) != 0) {
     why = "nvrtcCreateProgram failed";
     return false;
   }
-  bool ok = nvrtc.compile(program, 2, options) == 0;
+  bool ok = nvrtc.compile(program, 3, options) == 0;
   size_t size = 0;
   if (!ok) {
     nvrtc.log_size(program, &size);

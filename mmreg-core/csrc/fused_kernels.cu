@@ -3,9 +3,15 @@
 // code: every intermediate that HF stores in the model dtype is rounded to it here too, so the results
 // equal the unfused ops (RMSNorm up to the order of its f32 sum).
 //
-// No headers: NVRTC compiles this alone. bf16 and f16 are handled as their bits.
+// No headers: NVRTC compiles this alone. bf16 and f16 are handled as their bits. The same source also
+// compiles as C++ for the CPU emulator that tests it where there is no GPU (csrc/kernel_emulator.cpp,
+// which defines MMREG_EMULATE and the CUDA built-ins used here).
 
 typedef unsigned short u16;
+
+#ifndef MMREG_KERNEL
+#define MMREG_KERNEL extern "C" __global__
+#endif
 
 struct F32 {
   typedef float T;
@@ -29,6 +35,10 @@ struct BF16 {
 
 struct F16 {
   typedef u16 T;
+#ifdef MMREG_EMULATE
+  static float load(u16 x) { return (float)__builtin_bit_cast(_Float16, x); }
+  static u16 store(float x) { return __builtin_bit_cast(u16, (_Float16)x); }
+#else
   static __device__ __forceinline__ float load(u16 x) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
@@ -39,6 +49,7 @@ struct F16 {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     return h;
   }
+#endif
 };
 
 // x rounded to the storage type and back: what HF gets when an op writes a tensor of the model dtype.
@@ -139,20 +150,20 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 }
 
 #define MMREG_KERNELS(D, suffix)                                                                   \
-  extern "C" __global__ void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight,      \
+  MMREG_KERNEL void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight,      \
                                                int cols, float eps) {                              \
     rms_norm_row<D>(out, nullptr, x, nullptr, weight, cols, eps);                                  \
   }                                                                                                \
-  extern "C" __global__ void add_rms_norm_##suffix(D::T* out, D::T* sum, const D::T* x,           \
+  MMREG_KERNEL void add_rms_norm_##suffix(D::T* out, D::T* sum, const D::T* x,           \
                                                    const D::T* delta, const D::T* weight,          \
                                                    int cols, float eps) {                          \
     rms_norm_row<D>(out, sum, x, delta, weight, cols, eps);                                        \
   }                                                                                                \
-  extern "C" __global__ void silu_mul_##suffix(D::T* out, const D::T* gate_up, long long rows,    \
+  MMREG_KERNEL void silu_mul_##suffix(D::T* out, const D::T* gate_up, long long rows,    \
                                                long long cols) {                                   \
     silu_mul_all<D>(out, gate_up, rows, cols);                                                     \
   }                                                                                                \
-  extern "C" __global__ void rope_##suffix(D::T* out, const D::T* qkv, const D::T* cos,           \
+  MMREG_KERNEL void rope_##suffix(D::T* out, const D::T* qkv, const D::T* cos,           \
                                            const D::T* sin, long long tokens, int heads,           \
                                            int rotated, int dim) {                                 \
     rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim);                                  \

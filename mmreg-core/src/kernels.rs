@@ -9,6 +9,8 @@
 //! else — on the CPU, in a build without the shim, when NVRTC fails, or switched off — each function runs
 //! HF's plain libtorch ops instead, so model code calls these functions unconditionally.
 
+use std::cell::Cell;
+use std::ffi::c_void;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use tch::{Device, Kind, Tensor};
@@ -44,6 +46,18 @@ pub fn enabled() -> bool {
 /// everything then runs unfused).
 pub fn fused_available(device: Device) -> bool {
     kernels_for(device).is_ok()
+}
+
+/// Runs the fused kernels on CPU tensors of this thread through the CPU emulator of
+/// `csrc/kernel_emulator.cpp` (each CUDA thread an OS thread): slow, for tests of the kernels and of the
+/// launches where there is no GPU. Still needs the kernels switched on ([`set_enabled`]).
+#[doc(hidden)]
+pub fn emulate_on_this_thread(on: bool) {
+    EMULATE.with(|e| e.set(on));
+}
+
+thread_local! {
+    static EMULATE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Why the fused kernels do not run on `device`, if they don't (compiling them on first use).
@@ -106,7 +120,8 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
         panic!("rope expects [tokens, heads, dim], got {:?}", qkv.size());
     };
     if let Some(kernels) = fused_for(&[qkv, cos, sin]) {
-        if cos.size() == [tokens, dim] && sin.size() == [tokens, dim] && dim % 2 == 0 {
+        let shapes_fit = cos.size() == [tokens, dim] && sin.size() == [tokens, dim];
+        if shapes_fit && dim % 2 == 0 && (0..=heads).contains(&rotated) {
             let out = qkv.empty_like();
             kernels.rope(&out, qkv, cos, sin, tokens, heads, rotated, dim);
             return out;
@@ -123,11 +138,11 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
 /// and returns the size of the binary: checks the source and the NVRTC lookup on any machine. An error
 /// says why (NVRTC's log included), or that this build has no shim.
 pub fn compile_for(major: i32, minor: i32) -> Result<usize, String> {
-    shim::compile_for(major, minor)
+    cuda::compile_for(major, minor)
 }
 
-/// The compiled kernels when every tensor is a contiguous CUDA tensor of one supported dtype.
-fn fused_for(tensors: &[&Tensor]) -> Option<&'static shim::Kernels> {
+/// The kernels when every tensor is contiguous, of one supported dtype and on one device they run on.
+fn fused_for(tensors: &[&Tensor]) -> Option<&'static Kernels> {
     let first = tensors.first()?;
     let (device, kind) = (first.device(), first.kind());
     if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
@@ -142,42 +157,214 @@ fn fused_for(tensors: &[&Tensor]) -> Option<&'static shim::Kernels> {
     kernels_for(device).ok()
 }
 
-fn kernels_for(device: Device) -> Result<&'static shim::Kernels, String> {
-    let Device::Cuda(index) = device else {
-        return Err(format!("{device:?} is not a CUDA device"));
-    };
+fn kernels_for(device: Device) -> Result<&'static Kernels, String> {
     if !enabled() {
         return Err("switched off (MMREG_FUSED_KERNELS=1 switches them on)".into());
     }
-    shim::kernels(index)
+    match device {
+        Device::Cuda(index) => cuda::kernels(index),
+        Device::Cpu if EMULATE.with(Cell::get) => Ok(&EMULATED),
+        _ => Err(format!("{device:?} is not a CUDA device")),
+    }
 }
 
+/// A kernel: a `CUfunction` of a loaded module, or the emulator's number for it.
+#[derive(Clone, Copy)]
+enum Function {
+    Cuda(*mut c_void),
+    Emulated(i32),
+}
+
+// SAFETY: a CUfunction may be launched from any thread of the process.
+unsafe impl Send for Function {}
+unsafe impl Sync for Function {}
+
+/// The four kernels for one dtype, in the emulator's order.
+struct ForKind {
+    rms_norm: Function,
+    add_rms_norm: Function,
+    silu_mul: Function,
+    rope: Function,
+}
+
+/// The kernels of one device, for each dtype.
+struct Kernels {
+    /// The CUDA device they were loaded for (unused by the emulator).
+    device: i32,
+    /// Blocks of a grid-stride launch: enough to fill a GPU; a few for the emulator, which runs each
+    /// thread as an OS thread (and so still checks the striding).
+    max_blocks: i64,
+    f32: ForKind,
+    bf16: ForKind,
+    f16: ForKind,
+}
+
+const NAMES: [&str; 4] = ["rms_norm", "add_rms_norm", "silu_mul", "rope"];
+const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
+/// Threads per block of the elementwise kernels, and at most for RMSNorm.
+const BLOCK: u32 = 256;
+
+static EMULATED: Kernels = {
+    const fn for_kind(k: i32) -> ForKind {
+        ForKind {
+            rms_norm: Function::Emulated(4 * k),
+            add_rms_norm: Function::Emulated(4 * k + 1),
+            silu_mul: Function::Emulated(4 * k + 2),
+            rope: Function::Emulated(4 * k + 3),
+        }
+    }
+    Kernels {
+        device: -1,
+        max_blocks: 3,
+        f32: for_kind(0),
+        bf16: for_kind(1),
+        f16: for_kind(2),
+    }
+};
+
+extern "C" {
+    fn mmreg_emulator_launch(id: i32, grid: u32, block: u32, args: *mut *mut c_void) -> i32;
+}
+
+fn ptr(t: &Tensor) -> *mut c_void {
+    t.data_ptr()
+}
+
+/// A pointer to an argument's value, as a launch takes it.
+macro_rules! arg {
+    ($v:expr) => {
+        (&mut $v) as *mut _ as *mut c_void
+    };
+}
+
+impl Kernels {
+    fn of(&self, kind: Kind) -> &ForKind {
+        match kind {
+            Kind::BFloat16 => &self.bf16,
+            Kind::Half => &self.f16,
+            _ => &self.f32,
+        }
+    }
+
+    fn blocks(&self, total: i64) -> i64 {
+        ((total + BLOCK as i64 - 1) / BLOCK as i64).clamp(1, self.max_blocks)
+    }
+
+    /// Launches `f` with `args` (pointers to each argument's value, in the kernel's parameter order).
+    fn launch(&self, f: Function, grid: i64, block: u32, args: &mut [*mut c_void]) {
+        let grid = grid.max(1) as u32;
+        let status = match f {
+            Function::Cuda(function) => cuda::launch(function, self.device, grid, block, args),
+            // SAFETY: as for the CUDA launch: the arguments match the kernel's parameters and point at
+            // live buffers (here in host memory) of its dtype and size.
+            Function::Emulated(id) => unsafe {
+                mmreg_emulator_launch(id, grid, block, args.as_mut_ptr())
+            },
+        };
+        // A launch fails only on a broken context or an invalid configuration, which these sizes rule
+        // out; libtorch's own launches panic the same way through tch.
+        assert_eq!(status, 0, "kernel launch failed with error {status}");
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm(
+        &self,
+        out: &Tensor,
+        sum: Option<&Tensor>,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        weight: &Tensor,
+        rows: i64,
+        cols: i64,
+        eps: f64,
+    ) {
+        if rows == 0 {
+            return;
+        }
+        let k = self.of(x.kind());
+        let (mut out_p, mut x_p, mut w_p) = (ptr(out), ptr(x), ptr(weight));
+        let (mut cols, mut eps) = (cols as i32, eps as f32);
+        // One block per row, a multiple of 32 threads up to 256.
+        let block = (cols as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
+        if let (Some(sum), Some(delta)) = (sum, delta) {
+            let (mut sum_p, mut delta_p) = (ptr(sum), ptr(delta));
+            let mut args = [
+                arg!(out_p),
+                arg!(sum_p),
+                arg!(x_p),
+                arg!(delta_p),
+                arg!(w_p),
+                arg!(cols),
+                arg!(eps),
+            ];
+            self.launch(k.add_rms_norm, rows, block, &mut args);
+        } else {
+            let mut args = [arg!(out_p), arg!(x_p), arg!(w_p), arg!(cols), arg!(eps)];
+            self.launch(k.rms_norm, rows, block, &mut args);
+        }
+    }
+
+    fn silu_mul(&self, out: &Tensor, gate_up: &Tensor, rows: i64, cols: i64) {
+        let k = self.of(gate_up.kind());
+        let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(out), ptr(gate_up), rows, cols);
+        let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
+        self.launch(k.silu_mul, self.blocks(rows * cols), BLOCK, &mut args);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        out: &Tensor,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        tokens: i64,
+        heads: i64,
+        rotated: i64,
+        dim: i64,
+    ) {
+        let k = self.of(qkv.kind());
+        let (mut out_p, mut qkv_p, mut cos_p, mut sin_p) = (ptr(out), ptr(qkv), ptr(cos), ptr(sin));
+        let mut tokens = tokens;
+        let (mut heads32, mut rotated, mut dim32) = (heads as i32, rotated as i32, dim as i32);
+        let mut args = [
+            arg!(out_p),
+            arg!(qkv_p),
+            arg!(cos_p),
+            arg!(sin_p),
+            arg!(tokens),
+            arg!(heads32),
+            arg!(rotated),
+            arg!(dim32),
+        ];
+        self.launch(k.rope, self.blocks(tokens * heads * dim), BLOCK, &mut args);
+    }
+}
+
+/// Loading and launching on CUDA devices through the shim.
 #[cfg(mmreg_cuda_shim)]
-mod shim {
+mod cuda {
     use std::collections::HashMap;
     use std::ffi::{c_char, c_void, CString};
     use std::sync::Mutex;
 
-    use tch::{Kind, Tensor};
+    use super::{ForKind, Function, Kernels, NAMES, SUFFIXES};
 
     const SOURCE: &str = include_str!("../csrc/fused_kernels.cu");
-    const BLOCK: u32 = 256;
-    /// Grid-stride loops: enough blocks to fill any current GPU, no more.
-    const MAX_BLOCKS: i64 = 8192;
 
     extern "C" {
-        fn mmreg_kernels_load(
-            device: i32,
-            source: *const c_char,
-            module: *mut *mut c_void,
-            error: *mut c_char,
-            capacity: usize,
-        ) -> i32;
         fn mmreg_kernels_compile(
             source: *const c_char,
             major: i32,
             minor: i32,
             size: *mut usize,
+            error: *mut c_char,
+            capacity: usize,
+        ) -> i32;
+        fn mmreg_kernels_load(
+            device: i32,
+            source: *const c_char,
+            module: *mut *mut c_void,
             error: *mut c_char,
             capacity: usize,
         ) -> i32;
@@ -191,33 +378,11 @@ mod shim {
         ) -> i32;
     }
 
-    /// A kernel's handle (`CUfunction`), valid for the life of the process.
-    #[derive(Clone, Copy)]
-    struct Function(*mut c_void);
-    // SAFETY: a CUfunction may be launched from any thread of the process.
-    unsafe impl Send for Function {}
-    unsafe impl Sync for Function {}
-
-    /// The four kernels for one dtype, and the device they were loaded for.
-    struct ForKind {
-        device: i32,
-        rms_norm: Function,
-        add_rms_norm: Function,
-        silu_mul: Function,
-        rope: Function,
-    }
-
-    pub struct Kernels {
-        f32: ForKind,
-        bf16: ForKind,
-        f16: ForKind,
-    }
-
     /// Compiled once per device, or why not (logged once).
     type Loaded = Result<&'static Kernels, String>;
     static LOADED: Mutex<Option<HashMap<usize, Loaded>>> = Mutex::new(None);
 
-    pub fn kernels(device: usize) -> Loaded {
+    pub(super) fn kernels(device: usize) -> Loaded {
         let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = loaded.get_or_insert_with(HashMap::new);
         let entry = loaded.entry(device).or_insert_with(|| match load(device) {
@@ -248,7 +413,7 @@ mod shim {
         Err(format!("{message} (status {status})"))
     }
 
-    pub fn compile_for(major: i32, minor: i32) -> Result<usize, String> {
+    pub(super) fn compile_for(major: i32, minor: i32) -> Result<usize, String> {
         let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
         let mut size = 0usize;
         // SAFETY: the shim writes the size and a NUL-terminated message of at most `capacity` bytes, and
@@ -273,189 +438,60 @@ mod shim {
             if f.is_null() {
                 Err(format!("kernel {name} missing from the compiled module"))
             } else {
-                Ok(Function(f))
+                Ok(Function::Cuda(f))
             }
         };
         let for_kind = |suffix: &str| -> Result<ForKind, String> {
+            let [rms_norm, add_rms_norm, silu_mul, rope] =
+                NAMES.map(|name| function(format!("{name}_{suffix}")));
             Ok(ForKind {
-                device: device as i32,
-                rms_norm: function(format!("rms_norm_{suffix}"))?,
-                add_rms_norm: function(format!("add_rms_norm_{suffix}"))?,
-                silu_mul: function(format!("silu_mul_{suffix}"))?,
-                rope: function(format!("rope_{suffix}"))?,
+                rms_norm: rms_norm?,
+                add_rms_norm: add_rms_norm?,
+                silu_mul: silu_mul?,
+                rope: rope?,
             })
         };
+        let [f32, bf16, f16] = SUFFIXES.map(for_kind);
         Ok(Kernels {
-            f32: for_kind("f32")?,
-            bf16: for_kind("bf16")?,
-            f16: for_kind("f16")?,
+            device: device as i32,
+            max_blocks: 8192,
+            f32: f32?,
+            bf16: bf16?,
+            f16: f16?,
         })
     }
 
-    fn ptr(t: &Tensor) -> *mut c_void {
-        t.data_ptr()
-    }
-
-    /// Launches `f` (of `k`) with `args` (pointers to each argument's value).
-    fn launch(k: &ForKind, f: Function, grid: i64, block: u32, args: &mut [*mut c_void]) {
-        // SAFETY: the argument list matches the kernel's parameters (see the callers), every tensor
-        // pointer is a live contiguous CUDA buffer of the kernel's dtype and size, and the shim catches
-        // every C++ exception.
-        let status = unsafe {
-            mmreg_kernels_launch(f.0, k.device, grid.max(1) as u32, block, args.as_mut_ptr())
-        };
-        // A launch only fails on a broken context or invalid configuration, which our sizes rule out;
-        // libtorch's own launches panic the same way through tch.
-        assert_eq!(status, 0, "CUDA kernel launch failed with error {status}");
-    }
-
-    fn blocks(total: i64) -> i64 {
-        ((total + BLOCK as i64 - 1) / BLOCK as i64).clamp(1, MAX_BLOCKS)
-    }
-
-    macro_rules! arg {
-        ($v:expr) => {
-            (&mut $v) as *mut _ as *mut c_void
-        };
-    }
-
-    impl Kernels {
-        fn of(&self, kind: Kind) -> &ForKind {
-            match kind {
-                Kind::BFloat16 => &self.bf16,
-                Kind::Half => &self.f16,
-                _ => &self.f32,
-            }
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        pub fn rms_norm(
-            &self,
-            out: &Tensor,
-            sum: Option<&Tensor>,
-            x: &Tensor,
-            delta: Option<&Tensor>,
-            weight: &Tensor,
-            rows: i64,
-            cols: i64,
-            eps: f64,
-        ) {
-            if rows == 0 {
-                return;
-            }
-            let k = self.of(x.kind());
-            let (mut out_p, mut x_p, mut w_p) = (ptr(out), ptr(x), ptr(weight));
-            let (mut cols, mut eps) = (cols as i32, eps as f32);
-            // One block per row, a multiple of 32 threads up to 256.
-            let block = (cols as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
-            match (sum, delta) {
-                (Some(sum), Some(delta)) => {
-                    let (mut sum_p, mut delta_p) = (ptr(sum), ptr(delta));
-                    let mut args = [
-                        arg!(out_p),
-                        arg!(sum_p),
-                        arg!(x_p),
-                        arg!(delta_p),
-                        arg!(w_p),
-                        arg!(cols),
-                        arg!(eps),
-                    ];
-                    launch(k, k.add_rms_norm, rows, block, &mut args);
-                }
-                _ => {
-                    let mut args = [arg!(out_p), arg!(x_p), arg!(w_p), arg!(cols), arg!(eps)];
-                    launch(k, k.rms_norm, rows, block, &mut args);
-                }
-            }
-        }
-
-        pub fn silu_mul(&self, out: &Tensor, gate_up: &Tensor, rows: i64, cols: i64) {
-            let k = self.of(gate_up.kind());
-            let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(out), ptr(gate_up), rows, cols);
-            let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
-            launch(k, k.silu_mul, blocks(rows * cols), BLOCK, &mut args);
-        }
-
-        #[allow(clippy::too_many_arguments)]
-        pub fn rope(
-            &self,
-            out: &Tensor,
-            qkv: &Tensor,
-            cos: &Tensor,
-            sin: &Tensor,
-            tokens: i64,
-            heads: i64,
-            rotated: i64,
-            dim: i64,
-        ) {
-            let k = self.of(qkv.kind());
-            let (mut out_p, mut qkv_p, mut cos_p, mut sin_p) =
-                (ptr(out), ptr(qkv), ptr(cos), ptr(sin));
-            let mut tokens = tokens;
-            let (mut heads, mut rotated, mut dim) = (heads as i32, rotated as i32, dim as i32);
-            let mut args = [
-                arg!(out_p),
-                arg!(qkv_p),
-                arg!(cos_p),
-                arg!(sin_p),
-                arg!(tokens),
-                arg!(heads),
-                arg!(rotated),
-                arg!(dim),
-            ];
-            let total = tokens * heads as i64 * dim as i64;
-            launch(k, k.rope, blocks(total), BLOCK, &mut args);
-        }
+    pub(super) fn launch(
+        function: *mut c_void,
+        device: i32,
+        grid: u32,
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> i32 {
+        // SAFETY: the caller passes arguments matching the kernel's parameters, every tensor pointer a
+        // live contiguous CUDA buffer of the kernel's dtype and size; the shim catches every C++
+        // exception.
+        unsafe { mmreg_kernels_launch(function, device, grid, block, args.as_mut_ptr()) }
     }
 }
 
 #[cfg(not(mmreg_cuda_shim))]
-mod shim {
-    use tch::Tensor;
+mod cuda {
+    use std::ffi::c_void;
 
-    /// Never constructed: without the shim there are no kernels.
-    pub enum Kernels {}
+    use super::Kernels;
 
     const NO_SHIM: &str = "this build has no CUDA shim (no CUDA headers next to libtorch)";
 
-    pub fn kernels(_device: usize) -> Result<&'static Kernels, String> {
+    pub(super) fn kernels(_device: usize) -> Result<&'static Kernels, String> {
         Err(NO_SHIM.into())
     }
 
-    pub fn compile_for(_major: i32, _minor: i32) -> Result<usize, String> {
+    pub(super) fn compile_for(_major: i32, _minor: i32) -> Result<usize, String> {
         Err(NO_SHIM.into())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    impl Kernels {
-        pub fn rms_norm(
-            &self,
-            _: &Tensor,
-            _: Option<&Tensor>,
-            _: &Tensor,
-            _: Option<&Tensor>,
-            _: &Tensor,
-            _: i64,
-            _: i64,
-            _: f64,
-        ) {
-            match *self {}
-        }
-        pub fn silu_mul(&self, _: &Tensor, _: &Tensor, _: i64, _: i64) {
-            match *self {}
-        }
-        pub fn rope(
-            &self,
-            _: &Tensor,
-            _: &Tensor,
-            _: &Tensor,
-            _: &Tensor,
-            _: i64,
-            _: i64,
-            _: i64,
-            _: i64,
-        ) {
-            match *self {}
-        }
+    pub(super) fn launch(_: *mut c_void, _: i32, _: u32, _: u32, _: &mut [*mut c_void]) -> i32 {
+        unreachable!("no CUDA kernels are loaded without the shim")
     }
 }

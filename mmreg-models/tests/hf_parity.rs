@@ -75,6 +75,20 @@ fn tiny_real_one_image_matches_hf() {
     });
 }
 
+/// The decoder with the fused kernels (residual add + RMSNorm, SiLU × up, rope), run by the CPU emulator
+/// of their CUDA source: the same logits and tokens as HF.
+#[test]
+fn tiny_real_one_image_matches_hf_with_the_fused_kernels_emulated() {
+    let c = checkpoint("llava-tiny-real");
+    mmreg_core::kernels::set_enabled(true);
+    mmreg_core::kernels::emulate_on_this_thread(true);
+    assert!(mmreg_core::kernels::fused_available(tch::Device::Cpu));
+    assert_matches_hf(&c, "one_image", || {
+        real_inputs(&c, ONE_IMAGE, &["a_300x200.png"])
+    });
+    mmreg_core::kernels::emulate_on_this_thread(false);
+}
+
 #[test]
 fn tiny_real_two_images_matches_hf() {
     let c = checkpoint("llava-tiny-real");

@@ -1,0 +1,141 @@
+// Runs csrc/fused_kernels.cu on the CPU, for tests where there is no GPU: every CUDA thread of a block is
+// an OS thread, __syncthreads a barrier of the block, warp shuffles an exchange through memory between
+// two barriers of the warp. Blocks, and launches, run one after another, so `__shared__` (a static here)
+// is the running block's. Slow, and only as exact as the host's expf and rsqrt: it checks the kernels'
+// indexing, roundings and reductions, not their speed.
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace mmreg_emulator {
+
+struct Dim {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct Block {
+  std::barrier<> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<float> exchange;
+  explicit Block(unsigned threads) : all(threads), exchange(threads) {
+    for (unsigned w = 0; w < threads / 32; ++w) {
+      warps.push_back(std::make_unique<std::barrier<>>(32));
+    }
+  }
+};
+
+Dim grid_dim, block_dim;
+thread_local Dim thread_idx, block_idx;
+thread_local Block* block = nullptr;
+
+inline void syncthreads() { block->all.arrive_and_wait(); }
+
+inline float shfl_xor(float v, int offset) {
+  auto& warp = *block->warps[thread_idx.x / 32];
+  block->exchange[thread_idx.x] = v;
+  warp.arrive_and_wait();
+  float other = block->exchange[thread_idx.x ^ offset];
+  warp.arrive_and_wait();
+  return other;
+}
+
+// Runs `kernel` for every thread of every block; `threads` a multiple of 32. One launch at a time in the
+// process: the dimensions and `__shared__` memory are global.
+void launch(unsigned blocks, unsigned threads, const std::function<void()>& kernel) {
+  static std::mutex one_at_a_time;
+  std::lock_guard<std::mutex> lock(one_at_a_time);
+  grid_dim = {blocks, 1, 1};
+  block_dim = {threads, 1, 1};
+  // One OS thread per CUDA thread of a block, reused for every block; a barrier between blocks keeps the
+  // next from starting before this one is done with `__shared__` memory.
+  Block state(threads);
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      thread_idx = {t, 0, 0};
+      block = &state;
+      for (unsigned b = 0; b < blocks; ++b) {
+        block_idx = {b, 0, 0};
+        kernel();
+        state.all.arrive_and_wait();
+      }
+    });
+  }
+  for (auto& thread : pool) {
+    thread.join();
+  }
+}
+
+}  // namespace mmreg_emulator
+
+#define MMREG_EMULATE
+#define MMREG_KERNEL static
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define threadIdx (mmreg_emulator::thread_idx)
+#define blockIdx (mmreg_emulator::block_idx)
+#define blockDim (mmreg_emulator::block_dim)
+#define gridDim (mmreg_emulator::grid_dim)
+#define __syncthreads() mmreg_emulator::syncthreads()
+#define __shfl_xor_sync(mask, v, offset) mmreg_emulator::shfl_xor((v), (offset))
+inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
+inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+
+#include "fused_kernels.cu"
+
+namespace {
+
+template <typename T>
+T arg(void** args, int i) {
+  T value;
+  std::memcpy(&value, args[i], sizeof(T));
+  return value;
+}
+
+// The kernels in the order of `Kernel` in src/kernels.rs, for each dtype: f32, bf16, f16.
+#define MMREG_EMULATED(suffix, T)                                                                      \
+  [](void** a) { rms_norm_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),           \
+                                   arg<int>(a, 3), arg<float>(a, 4)); },                              \
+  [](void** a) { add_rms_norm_##suffix(arg<T*>(a, 0), arg<T*>(a, 1), arg<const T*>(a, 2),             \
+                                       arg<const T*>(a, 3), arg<const T*>(a, 4), arg<int>(a, 5),      \
+                                       arg<float>(a, 6)); },                                          \
+  [](void** a) { silu_mul_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2),          \
+                                   arg<long long>(a, 3)); },                                          \
+  [](void** a) { rope_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),              \
+                               arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),             \
+                               arg<int>(a, 6), arg<int>(a, 7)); }
+
+using Emulated = void (*)(void**);
+const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),
+                              MMREG_EMULATED(f16, u16)};
+
+}  // namespace
+
+extern "C" {
+
+// Runs kernel number `id` (see kEmulated) on `grid` blocks of `block` threads; `args` point at its
+// arguments, as for cuLaunchKernel. Returns non-zero for an unknown id or a block size that is not a
+// multiple of 32.
+int mmreg_emulator_launch(int id, unsigned grid, unsigned block, void** args) {
+  if (id < 0 || id >= static_cast<int>(sizeof(kEmulated) / sizeof(kEmulated[0])) || block == 0 ||
+      block % 32 != 0) {
+    return 1;
+  }
+  try {
+    mmreg_emulator::launch(grid, block, [&] { kEmulated[id](args); });
+    return 0;
+  } catch (...) {
+    return 2;
+  }
+}
+}
