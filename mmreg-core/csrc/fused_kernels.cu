@@ -12,6 +12,9 @@ typedef unsigned short u16;
 #ifndef MMREG_KERNEL
 #define MMREG_KERNEL extern "C" __global__
 #endif
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
 
 struct F32 {
   typedef float T;
@@ -149,6 +152,105 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
   }
 }
 
+// Decode attention over the paged KV cache, reading each sequence's keys and values where they are (no
+// gathered copy): one block per (sequence, key/value head), its warps taking every WARPS-th position of
+// the sequence's `lengths[seq]` slots (`slots[seq * slot_stride + p]`), with an online softmax in f32,
+// then combined across warps. The head's `group` query heads (grouped-query attention) share each key
+// and value read. q is [sequences, heads, dim] with `q_stride` elements between sequences; caches are
+// [slots, kv_heads, dim]; out is [sequences, heads, dim]. Each lane holds ceil(dim / 32) consecutive
+// elements (lanes past the end hold none). dim at most 256, group at most 8 and group * dim at most 1024
+// (the caller checks).
+constexpr int kWarps = 8;
+constexpr int kMaxPerLane = 8;     // ceil(dim / 32)
+constexpr int kMaxGroup = 8;
+constexpr int kMaxGroupDim = 1024;  // group * dim
+
+template <typename D>
+__device__ void paged_decode_attention_block(typename D::T* out, const typename D::T* q, long long q_stride,
+                                             const typename D::T* key_cache,
+                                             const typename D::T* value_cache, const long long* slots,
+                                             long long slot_stride, const long long* lengths, int heads,
+                                             int kv_heads, int dim, float scale) {
+  __shared__ float shared_max[kWarps][kMaxGroup];
+  __shared__ float shared_sum[kWarps][kMaxGroup];
+  __shared__ float shared_acc[kWarps][kMaxGroupDim];
+  const int seq = blockIdx.x / kv_heads, kv_head = blockIdx.x % kv_heads;
+  const int group = heads / kv_heads, per_lane = (dim + 31) / 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int first = lane * per_lane, count = first >= dim ? 0 : min(per_lane, dim - first);
+  const long long length = lengths[seq];
+
+  float query[kMaxGroup][kMaxPerLane];
+  float acc[kMaxGroup][kMaxPerLane];
+  float running_max[kMaxGroup], running_sum[kMaxGroup];
+  for (int g = 0; g < group; ++g) {
+    const typename D::T* row = q + seq * q_stride + (long long)(kv_head * group + g) * dim + first;
+    for (int e = 0; e < per_lane; ++e) {
+      query[g][e] = e < count ? D::load(row[e]) : 0.0f;
+      acc[g][e] = 0.0f;
+    }
+    running_max[g] = -INFINITY;
+    running_sum[g] = 0.0f;
+  }
+  for (long long p = warp; p < length; p += kWarps) {
+    const long long slot = slots[seq * slot_stride + p];
+    const long long offset = (slot * kv_heads + kv_head) * dim + first;
+    float key[kMaxPerLane], value[kMaxPerLane];
+    for (int e = 0; e < per_lane; ++e) {
+      key[e] = e < count ? D::load(key_cache[offset + e]) : 0.0f;
+      value[e] = e < count ? D::load(value_cache[offset + e]) : 0.0f;
+    }
+    for (int g = 0; g < group; ++g) {
+      float dot = 0.0f;
+      for (int e = 0; e < per_lane; ++e) {
+        dot += query[g][e] * key[e];
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      }
+      const float score = dot * scale;
+      const float new_max = fmaxf(running_max[g], score);
+      const float correction = expf(running_max[g] - new_max);
+      const float weight = expf(score - new_max);
+      running_sum[g] = running_sum[g] * correction + weight;
+      for (int e = 0; e < per_lane; ++e) {
+        acc[g][e] = acc[g][e] * correction + weight * value[e];
+      }
+      running_max[g] = new_max;
+    }
+  }
+  for (int g = 0; g < group; ++g) {
+    if (lane == 0) {
+      shared_max[warp][g] = running_max[g];
+      shared_sum[warp][g] = running_sum[g];
+    }
+    for (int e = 0; e < count; ++e) {
+      shared_acc[warp][g * dim + first + e] = acc[g][e];
+    }
+  }
+  __syncthreads();
+  // Each thread combines some (head, element) pairs over the warps; a warp that saw no position has
+  // a sum of 0 and is skipped.
+  for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
+    const int g = i / dim;
+    float total_max = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) {
+      if (shared_sum[w][g] > 0.0f) {
+        total_max = fmaxf(total_max, shared_max[w][g]);
+      }
+    }
+    float total_sum = 0.0f, total = 0.0f;
+    for (int w = 0; w < kWarps; ++w) {
+      if (shared_sum[w][g] > 0.0f) {
+        const float factor = expf(shared_max[w][g] - total_max);
+        total_sum += shared_sum[w][g] * factor;
+        total += shared_acc[w][i] * factor;
+      }
+    }
+    out[((long long)seq * heads + kv_head * group + g) * dim + (i % dim)] = D::store(total / total_sum);
+  }
+}
+
 #define MMREG_KERNELS(D, suffix)                                                                   \
   MMREG_KERNEL void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight,      \
                                                int cols, float eps) {                              \
@@ -167,6 +269,13 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
                                            const D::T* sin, long long tokens, int heads,           \
                                            int rotated, int dim) {                                 \
     rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim);                                  \
+  }                                                                                                \
+  MMREG_KERNEL void paged_decode_attention_##suffix(                                               \
+      D::T* out, const D::T* q, long long q_stride, const D::T* key_cache, const D::T* value_cache,  \
+      const long long* slots, long long slot_stride, const long long* lengths, int heads,            \
+      int kv_heads, int dim, float scale) {                                                        \
+    paged_decode_attention_block<D>(out, q, q_stride, key_cache, value_cache, slots, slot_stride,  \
+                                    lengths, heads, kv_heads, dim, scale);                         \
   }
 
 MMREG_KERNELS(F32, f32)

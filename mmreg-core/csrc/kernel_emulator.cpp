@@ -3,6 +3,7 @@
 // two barriers of the warp. Blocks, and launches, run one after another, so `__shared__` (a static here)
 // is the running block's. Slow, and only as exact as the host's expf and rsqrt: it checks the kernels'
 // indexing, roundings and reductions, not their speed.
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -90,6 +91,7 @@ void launch(unsigned blocks, unsigned threads, const std::function<void()>& kern
 inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+using std::min;
 
 #include "fused_kernels.cu"
 
@@ -113,7 +115,14 @@ T arg(void** args, int i) {
                                    arg<long long>(a, 3)); },                                          \
   [](void** a) { rope_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),              \
                                arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),             \
-                               arg<int>(a, 6), arg<int>(a, 7)); }
+                               arg<int>(a, 6), arg<int>(a, 7)); },                                    \
+  [](void** a) {                                                                                      \
+    paged_decode_attention_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2),         \
+                                    arg<const T*>(a, 3), arg<const T*>(a, 4),                         \
+                                    arg<const long long*>(a, 5), arg<long long>(a, 6),                \
+                                    arg<const long long*>(a, 7), arg<int>(a, 8), arg<int>(a, 9),      \
+                                    arg<int>(a, 10), arg<float>(a, 11));                              \
+  }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

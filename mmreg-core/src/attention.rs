@@ -2,7 +2,8 @@
 
 use tch::{Kind, Tensor};
 
-use crate::kv_cache::{AttentionBatch, PagedKvCache};
+use crate::kernels;
+use crate::kv_cache::{AttentionBatch, DecodeGather, PagedKvCache};
 use crate::Result;
 
 /// Writes the step's new keys and values to the cache, then attends each sequence's queries to its own
@@ -19,7 +20,18 @@ pub fn paged_attention(
     scale: f64,
 ) -> Result<Tensor> {
     cache.write(layer, key, value, &batch.new_slots)?;
-    if let Some((slots, mask)) = &batch.decode_gather {
+    if let Some(DecodeGather {
+        slots,
+        mask,
+        lengths,
+    }) = &batch.decode_gather
+    {
+        let (keys, values) = cache.layer(layer);
+        if let Some(out) =
+            kernels::paged_decode_attention(query, keys, values, slots, lengths, scale)
+        {
+            return Ok(out);
+        }
         // One attention call for all single-token decodes, over their contexts padded to the longest.
         // Each key/value head's group of query heads goes in as that head's queries (`[n, kv_heads,
         // group, d]`): grouped-query attention without repeating keys and values, on kernels that take a

@@ -134,6 +134,66 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
     Tensor::cat(&[roped, qkv.narrow(1, rotated, heads - rotated)], 1)
 }
 
+/// Attention of one new token per sequence over its cached keys and values, read in place from the paged
+/// cache: `query` `[sequences, heads, dim]` (rows may be strided, as a narrow of the stacked projection),
+/// `key_cache`/`value_cache` `[slots, kv_heads, dim]`, `slots` `[sequences * width]` (each sequence's
+/// slots, padded to `width`), `lengths` `[sequences]` (how many are real). Returns `[sequences, heads,
+/// dim]`, or `None` where the kernel does not run (not on CUDA, switched off, or shapes it does not
+/// handle: `dim` up to 256, at most 8 query heads per key/value head, group × dim at most 1024): the
+/// caller then gathers the keys and values and runs libtorch's attention.
+pub fn paged_decode_attention(
+    query: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slots: &Tensor,
+    lengths: &Tensor,
+    scale: f64,
+) -> Option<Tensor> {
+    let [sequences, heads, dim] = query.size()[..] else {
+        return None;
+    };
+    let [_, kv_heads, cache_dim] = key_cache.size()[..] else {
+        return None;
+    };
+    let group = if kv_heads > 0 && heads % kv_heads == 0 {
+        heads / kv_heads
+    } else {
+        return None;
+    };
+    let shapes_fit = cache_dim == dim
+        && (1..=256).contains(&dim)
+        && group <= 8
+        && group * dim <= 1024
+        && lengths.size() == [sequences]
+        && sequences > 0
+        && slots.numel() as i64 % sequences == 0;
+    // The query's rows may be strided (a narrow of the stacked projection); within a row, contiguous.
+    let row_contiguous = query.stride()[1..] == [dim, 1];
+    let indices_fit = [slots, lengths]
+        .iter()
+        .all(|t| t.kind() == Kind::Int64 && t.device() == query.device() && t.is_contiguous());
+    if !(shapes_fit && row_contiguous && indices_fit) {
+        return None;
+    }
+    let kernels = fused_for(&[key_cache, value_cache])?;
+    if query.kind() != key_cache.kind() || query.device() != key_cache.device() {
+        return None;
+    }
+    let out = Tensor::empty([sequences, heads, dim], (query.kind(), query.device()));
+    let width = slots.numel() as i64 / sequences;
+    kernels.paged_decode_attention(
+        &out,
+        query,
+        key_cache,
+        value_cache,
+        slots,
+        width,
+        lengths,
+        scale,
+    );
+    Some(out)
+}
+
 /// Compiles the kernels with NVRTC for compute capability `major.minor` without a GPU (nothing is loaded)
 /// and returns the size of the binary: checks the source and the NVRTC lookup on any machine. An error
 /// says why (NVRTC's log included), or that this build has no shim.
@@ -179,12 +239,13 @@ enum Function {
 unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
-/// The four kernels for one dtype, in the emulator's order.
+/// The kernels for one dtype, in the emulator's order.
 struct ForKind {
     rms_norm: Function,
     add_rms_norm: Function,
     silu_mul: Function,
     rope: Function,
+    paged_decode_attention: Function,
 }
 
 /// The kernels of one device, for each dtype.
@@ -199,18 +260,26 @@ struct Kernels {
     f16: ForKind,
 }
 
-const NAMES: [&str; 4] = ["rms_norm", "add_rms_norm", "silu_mul", "rope"];
+const NAMES: [&str; 5] = [
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "rope",
+    "paged_decode_attention",
+];
 const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 /// Threads per block of the elementwise kernels, and at most for RMSNorm.
 const BLOCK: u32 = 256;
 
 static EMULATED: Kernels = {
     const fn for_kind(k: i32) -> ForKind {
+        let n = NAMES.len() as i32;
         ForKind {
-            rms_norm: Function::Emulated(4 * k),
-            add_rms_norm: Function::Emulated(4 * k + 1),
-            silu_mul: Function::Emulated(4 * k + 2),
-            rope: Function::Emulated(4 * k + 3),
+            rms_norm: Function::Emulated(n * k),
+            add_rms_norm: Function::Emulated(n * k + 1),
+            silu_mul: Function::Emulated(n * k + 2),
+            rope: Function::Emulated(n * k + 3),
+            paged_decode_attention: Function::Emulated(n * k + 4),
         }
     }
     Kernels {
@@ -339,6 +408,53 @@ impl Kernels {
         ];
         self.launch(k.rope, self.blocks(tokens * heads * dim), BLOCK, &mut args);
     }
+
+    /// One block per (sequence, key/value head) of `BLOCK` threads, the 8 warps (`kWarps`) that
+    /// `paged_decode_attention_block` in the CUDA source is written for.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_decode_attention(
+        &self,
+        out: &Tensor,
+        query: &Tensor,
+        key_cache: &Tensor,
+        value_cache: &Tensor,
+        slots: &Tensor,
+        width: i64,
+        lengths: &Tensor,
+        scale: f64,
+    ) {
+        let k = self.of(query.kind());
+        let [sequences, heads, dim] = query.size()[..] else {
+            unreachable!("checked by the caller")
+        };
+        let kv_heads = key_cache.size()[1];
+        let (mut out_p, mut q_p, mut keys_p, mut values_p) =
+            (ptr(out), ptr(query), ptr(key_cache), ptr(value_cache));
+        let (mut slots_p, mut lengths_p) = (ptr(slots), ptr(lengths));
+        let (mut q_stride, mut width) = (query.stride()[0], width);
+        let (mut heads32, mut kv_heads32, mut dim32) = (heads as i32, kv_heads as i32, dim as i32);
+        let mut scale = scale as f32;
+        let mut args = [
+            arg!(out_p),
+            arg!(q_p),
+            arg!(q_stride),
+            arg!(keys_p),
+            arg!(values_p),
+            arg!(slots_p),
+            arg!(width),
+            arg!(lengths_p),
+            arg!(heads32),
+            arg!(kv_heads32),
+            arg!(dim32),
+            arg!(scale),
+        ];
+        self.launch(
+            k.paged_decode_attention,
+            sequences * kv_heads,
+            BLOCK,
+            &mut args,
+        );
+    }
 }
 
 /// Loading and launching on CUDA devices through the shim.
@@ -442,13 +558,14 @@ mod cuda {
             }
         };
         let for_kind = |suffix: &str| -> Result<ForKind, String> {
-            let [rms_norm, add_rms_norm, silu_mul, rope] =
+            let [rms_norm, add_rms_norm, silu_mul, rope, paged_decode_attention] =
                 NAMES.map(|name| function(format!("{name}_{suffix}")));
             Ok(ForKind {
                 rms_norm: rms_norm?,
                 add_rms_norm: add_rms_norm?,
                 silu_mul: silu_mul?,
                 rope: rope?,
+                paged_decode_attention: paged_decode_attention?,
             })
         };
         let [f32, bf16, f16] = SUFFIXES.map(for_kind);

@@ -78,6 +78,11 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// A layer's whole key and value pools, `[slots, kv_heads, head_dim]` each.
+    pub fn layer(&self, layer: usize) -> (&Tensor, &Tensor) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
     /// A sequence's keys and values `[len, kv_heads, head_dim]` from its slots `[len]`.
     pub fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
@@ -157,10 +162,21 @@ pub struct AttentionBatch {
     pub sequences: Vec<SequenceSlice>,
     /// Rows to compute logits for (usually each sequence's last token); all rows when `None`.
     pub logits_indices: Option<Tensor>,
-    /// For a step of several single-token decodes: every sequence's slots padded to the longest
-    /// (`[sequences * longest]`) and which of them are real (`[sequences, 1, 1, longest]`: a boolean mask,
-    /// or an additive bias in the query dtype, 0 or -inf), so that attention runs once for the whole step.
-    pub decode_gather: Option<(Tensor, Tensor)>,
+    /// For a step of several single-token decodes: every sequence's slots, padded to one width, so that
+    /// attention runs once for the whole step.
+    pub decode_gather: Option<DecodeGather>,
+}
+
+/// The cache slots of a step of single-token decodes (see [`AttentionBatch::decode_gather`]).
+#[derive(Debug)]
+pub struct DecodeGather {
+    /// Every sequence's slots padded to the same width: `[sequences * width]` (int64).
+    pub slots: Tensor,
+    /// Which of them are real, `[sequences, 1, 1, width]`: a boolean mask, or an additive bias in the
+    /// query dtype (0 or -inf).
+    pub mask: Tensor,
+    /// How many of each sequence's slots are real (the first ones), `[sequences]` (int64).
+    pub lengths: Tensor,
 }
 
 /// Cache slots of tokens `0..len` of a sequence that owns `blocks`.
@@ -191,7 +207,7 @@ pub fn attention_batch(
         .map(|&(_, context, len)| context + len)
         .max()
         .unwrap_or(0);
-    let (mut padded, mut valid) = (Vec::new(), Vec::new());
+    let (mut padded, mut valid, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
     for &(blocks, context, len) in sequences {
         if blocks.len() * block_size < context + len {
             return Err(Error::Registry(format!(
@@ -208,6 +224,7 @@ pub fn attention_batch(
                     .chain(std::iter::repeat_n(0, longest - all.len())),
             );
             valid.extend((0..longest).map(|i| i < all.len()));
+            lengths.push(all.len() as i64);
         }
         positions.extend((context..context + len).map(|p| p as i64));
         new_slots.extend_from_slice(&all[context..]);
@@ -235,10 +252,11 @@ pub fn attention_batch(
         decode_gather: all_decodes.then(|| {
             let mask =
                 Tensor::from_slice(&valid).view([sequences.len() as i64, 1, 1, longest as i64]);
-            (
-                Tensor::from_slice(&padded).to_device(device),
-                mask.to_device(device),
-            )
+            DecodeGather {
+                slots: Tensor::from_slice(&padded).to_device(device),
+                mask: mask.to_device(device),
+                lengths: Tensor::from_slice(&lengths).to_device(device),
+            }
         }),
     })
 }

@@ -42,7 +42,7 @@ pub use inputs::{
     DummyRequest, ImageInput, ImageSize, ModalityCounts, MultiModalData, MultiModalItem,
     PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, MAX_IMAGE_PIXELS,
 };
-pub use kv_cache::{AttentionBatch, KvCacheSpec, PagedKvCache};
+pub use kv_cache::{AttentionBatch, DecodeGather, KvCacheSpec, PagedKvCache};
 pub use modality::Modality;
 pub use model::{
     Image, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality, SupportsVision,

@@ -245,6 +245,103 @@ fn rms_norm_and_residual_add_match_hf() {
     }
 }
 
+/// softmax(q·k·scale)·v over each sequence's real slots, in f32, grouped-query heads sharing their key
+/// and value head: what sdpa computes, one sequence at a time.
+fn reference_decode_attention(
+    query: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    slots: &[Vec<i64>],
+    scale: f64,
+) -> Tensor {
+    let group = query.size()[1] / keys.size()[1];
+    let rows: Vec<Tensor> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, slots)| {
+            let index = Tensor::from_slice(slots).to_device(keys.device());
+            let gather = |cache: &Tensor| {
+                cache
+                    .index_select(0, &index)
+                    .to_kind(Kind::Float)
+                    .repeat_interleave_self_int(group, Some(1), None)
+                    .transpose(0, 1)
+            };
+            let (k, v) = (gather(keys), gather(values));
+            let q = query.get(i as i64).to_kind(Kind::Float).unsqueeze(1);
+            let weights = (q.matmul(&k.transpose(1, 2)) * scale).softmax(-1, Kind::Float);
+            weights.matmul(&v).squeeze_dim(1)
+        })
+        .collect();
+    Tensor::stack(&rows, 0).to_kind(query.kind())
+}
+
+#[test]
+fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
+    for mode in modes() {
+        let device = mode.device();
+        for kind in KINDS {
+            // No grouping (LLaVA-1.5), 4 query heads per key/value head (Mistral), small heads,
+            // and heads narrower than a warp, or not a multiple of its width.
+            for (heads, kv_heads, dim) in [(4, 4, 128), (8, 2, 64), (2, 1, 8), (3, 1, 40)] {
+                let lengths = [1i64, 9, 40, 23];
+                let width = 48;
+                let pool = 200;
+                let keys = random(&[pool, kv_heads, dim], kind, device, heads);
+                let values = random(&[pool, kv_heads, dim], kind, device, heads + 1);
+                // Each sequence's slots scattered over the pool; padding points anywhere (slot 0).
+                let slots: Vec<Vec<i64>> = lengths
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &len)| (0..len).map(|p| (p * 7 + i as i64 * 31) % pool).collect())
+                    .collect();
+                let padded: Vec<i64> = slots
+                    .iter()
+                    .flat_map(|s| {
+                        s.iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(0, width - s.len()))
+                    })
+                    .collect();
+                // The query as a narrow of a wider stacked projection: strided rows.
+                let stacked = random(&[4, heads + 2 * kv_heads, dim], kind, device, 5);
+                let query = stacked.narrow(1, 0, heads);
+                let scale = (dim as f64).powf(-0.5);
+                let out = kernels::paged_decode_attention(
+                    &query,
+                    &keys,
+                    &values,
+                    &Tensor::from_slice(&padded).to_device(device),
+                    &Tensor::from_slice(&lengths).to_device(device),
+                    scale,
+                );
+                let Some(out) = out else {
+                    assert_eq!(mode, Mode::Fallback, "the kernel did not run");
+                    continue;
+                };
+                assert_ne!(mode, Mode::Fallback);
+                let expected = reference_decode_attention(&query, &keys, &values, &slots, scale);
+                // A different summation order than one softmax: within a rounding step of the
+                // outputs' scale (they are averages of values of about unit size).
+                let diff = (out.to_kind(Kind::Float) - expected.to_kind(Kind::Float))
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                let tolerance = match kind {
+                    Kind::Float => 1e-5,
+                    Kind::Half => 2e-3,
+                    _ => 1.6e-2,
+                };
+                assert!(
+                    diff <= tolerance,
+                    "paged decode attention {mode:?} {kind:?} ({heads}/{kv_heads} heads, dim {dim}): \
+                     off by {diff}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn fused_kernels_replay_inside_a_cuda_graph() {
     if !mmreg_core::cuda::graphs_available() {

@@ -89,6 +89,79 @@ fn tiny_real_one_image_matches_hf_with_the_fused_kernels_emulated() {
     mmreg_core::kernels::emulate_on_this_thread(false);
 }
 
+/// A step of two single-token decodes (the engine's batched decode: one attention call over the paged
+/// cache) gives the same logits with the fused kernels, paged decode attention included, run by the CPU
+/// emulator, as with libtorch's ops (which gather the cached keys and values first).
+#[test]
+fn a_step_of_decodes_with_the_fused_kernels_emulated_matches_libtorch() {
+    use mmreg_core::generate::embed_prompt;
+    use mmreg_core::kernels;
+    use mmreg_core::kv_cache::attention_batch;
+    use mmreg_core::PagedKvCache;
+
+    let _guard = tch::no_grad_guard();
+    let c = checkpoint("llava-tiny-real");
+    let model = c.model.as_ref();
+    const BLOCK: usize = 16;
+    let mut cache =
+        PagedKvCache::new(model.kv_cache_spec(), 128, BLOCK, tch::Device::Cpu).expect("cache");
+    // Two prompts of different lengths, prefilled into disjoint blocks.
+    let prompts = [
+        real_inputs(&c, ONE_IMAGE, &["a_300x200.png"]),
+        real_inputs(&c, TWO_IMAGES, &["a_300x200.png", "b_480x640.png"]),
+    ];
+    let mut sequences = Vec::new();
+    let mut next_block = 0u32;
+    let mut last_tokens = Vec::new();
+    for prepared in prompts {
+        let embeds = embed_prompt(c.entry, model, prepared).expect("embeds");
+        let len = embeds.size()[0] as usize;
+        let blocks: Vec<u32> =
+            (next_block..next_block + (len + 1).div_ceil(BLOCK) as u32).collect();
+        next_block += blocks.len() as u32;
+        let batch =
+            attention_batch(&[(&blocks, 0, len)], BLOCK, true, tch::Device::Cpu).expect("batch");
+        let logits = model.forward(&embeds, &batch, &mut cache).expect("prefill");
+        last_tokens.push(logits.argmax(-1, false).int64_value(&[0]));
+        sequences.push((blocks, len));
+    }
+    let layout: Vec<(&[u32], usize, usize)> = sequences
+        .iter()
+        .map(|(blocks, len)| (blocks.as_slice(), *len, 1))
+        .collect();
+    let mut decode = |emulated: bool| {
+        kernels::set_enabled(true);
+        kernels::emulate_on_this_thread(emulated);
+        let batch = attention_batch(&layout, BLOCK, true, tch::Device::Cpu).expect("batch");
+        let gather = batch
+            .decode_gather
+            .as_ref()
+            .expect("a step of decodes attends in one call");
+        // The kernel runs for this model's heads (emulated), or not at all (libtorch's path).
+        let (keys, values) = cache.layer(0);
+        let query = tch::Tensor::zeros([2, 4, 8], (Kind::Float, tch::Device::Cpu));
+        let ran = kernels::paged_decode_attention(
+            &query,
+            keys,
+            values,
+            &gather.slots,
+            &gather.lengths,
+            1.0,
+        );
+        assert_eq!(ran.is_some(), emulated);
+        let embeds = model
+            .embed_tokens(&tch::Tensor::from_slice(&last_tokens))
+            .expect("embeds");
+        let logits = model.forward(&embeds, &batch, &mut cache).expect("decode");
+        kernels::emulate_on_this_thread(false);
+        logits
+    };
+    let (libtorch, fused) = (decode(false), decode(true));
+    let error =
+        (&fused - &libtorch).abs().max().double_value(&[]) / libtorch.abs().max().double_value(&[]);
+    assert!(error <= 1e-5, "decode logits relative error {error:e}");
+}
+
 #[test]
 fn tiny_real_two_images_matches_hf() {
     let c = checkpoint("llava-tiny-real");

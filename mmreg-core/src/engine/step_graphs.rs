@@ -16,7 +16,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::graphs::GraphCache;
-use crate::kv_cache::{slots, AttentionBatch, PagedKvCache, SequenceSlice};
+use crate::kv_cache::{slots, AttentionBatch, DecodeGather, PagedKvCache, SequenceSlice};
 use crate::{MultiModalModel, Result};
 
 /// Context lengths of decode steps are rounded up to a multiple of this.
@@ -168,7 +168,11 @@ fn decode_step(
         new_slots: part(2, b),
         sequences: Vec::new(),
         logits_indices: None,
-        decode_gather: Some((part(4, b * c), bias)),
+        decode_gather: Some(DecodeGather {
+            slots: part(4, b * c),
+            mask: bias,
+            lengths: lens,
+        }),
     };
     let embeds = model.embed_tokens(&part(0, b))?;
     model.forward(&embeds, &batch, cache)
