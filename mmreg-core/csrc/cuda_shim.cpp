@@ -300,6 +300,19 @@ bool nvrtc_compile(const char* source, int major, int minor, std::string& cubin,
   return ok;
 }
 
+// Runs `body` (which returns a status), turning a C++ exception into status 1 with its message in `error`.
+template <typename F>
+int guarded(char* error, size_t capacity, F body) {
+  try {
+    return body();
+  } catch (const std::exception& e) {
+    set_error(error, capacity, e.what());
+  } catch (...) {
+    set_error(error, capacity, "unknown C++ exception");
+  }
+  return 1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -307,7 +320,7 @@ extern "C" {
 // Compiles `source` for compute capability major.minor without loading it; *size receives the cubin's
 // size. For checking the kernels where there is no GPU.
 int mmreg_kernels_compile(const char* source, int major, int minor, size_t* size, char* error, size_t capacity) {
-  try {
+  return guarded(error, capacity, [&] {
     std::string cubin, why;
     if (!nvrtc_compile(source, major, minor, cubin, why)) {
       set_error(error, capacity, why);
@@ -315,18 +328,13 @@ int mmreg_kernels_compile(const char* source, int major, int minor, size_t* size
     }
     *size = cubin.size();
     return 0;
-  } catch (const std::exception& e) {
-    set_error(error, capacity, e.what());
-    return 1;
-  } catch (...) {
-    return 1;
-  }
+  });
 }
 
 // Compiles `source` for `device` and loads it; *module receives the handle. On failure returns non-zero
 // and writes why into `error`.
 int mmreg_kernels_load(int device, const char* source, void** module, char* error, size_t capacity) {
-  try {
+  return guarded(error, capacity, [&] {
     void* driver_lib = open_first({"libcuda.so.1", "libcuda.so"});
     if (driver_lib == nullptr) {
       set_error(error, capacity, "the CUDA driver (libcuda.so.1) not found");
@@ -359,12 +367,7 @@ int mmreg_kernels_load(int device, const char* source, void** module, char* erro
       return 8;
     }
     return 0;
-  } catch (const std::exception& e) {
-    set_error(error, capacity, e.what());
-    return 1;
-  } catch (...) {
-    return 1;
-  }
+  });
 }
 
 // The kernel `name` of a loaded module, or null.
