@@ -2,8 +2,9 @@
 
 For LLaVA-1.5-7B shapes: HF transformers (bf16, sdpa) and mmreg on the same random checkpoint: prefill
 at batch 1, 8 and 32, decode tokens/s at batch 1, 8 and 32 (128 tokens), peak memory; the same mmreg build
-without CUDA graphs, and with the opt-in fused kernels, at batch 1 and 8. For both LLaVA-1.5-7B and LLaVA-NeXT-Mistral-7B shapes:
-bf16 greedy agreement with HF by vLLM's top-5 rule over 32 tokens.
+without CUDA graphs, and with the opt-in fused kernels, at batch 1 and 8. For both LLaVA-1.5-7B and
+LLaVA-NeXT-Mistral-7B shapes: bf16 greedy agreement with HF by vLLM's top-5 rule over 32 tokens, with and
+without the fused kernels.
 Run from the repo root on the GPU machine after staging binaries:  python3 scripts/gpu/bench.py gpu-stage/run.sh
 """
 import sys, time
@@ -63,9 +64,10 @@ def hf_greedy(model, processor, image, prompt, steps=32):
     return tokens, [s[0].topk(5).indices.tolist() for s in out.scores]
 
 
-def mmreg_agreement(ckpt, image, prompt, hf_tokens, hf_top):
+def mmreg_agreement(ckpt, image, prompt, hf_tokens, hf_top, fused=False):
     ours = mmreg(["generate", "--model", ckpt, "--image", image, "--prompt", prompt, "--max-tokens", "32",
-                  "--device", "cuda", "--dtype", "bf16", "--json", "--ignore-eos", "--top-logprobs", "5"])
+                  "--device", "cuda", "--dtype", "bf16", "--json", "--ignore-eos", "--top-logprobs", "5"],
+                 fused=fused)
     ok, first = vllm_rule(hf_tokens, hf_top, ours["token_ids"], ours["top_tokens"])
     same = sum(x == y for x, y in zip(hf_tokens, ours["token_ids"]))
     return ok, first, same, ours["token_ids"]
@@ -85,9 +87,11 @@ eager = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE
                "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"], eager=True)
 print("mmreg eager", eager, flush=True)
 fused = mmreg(["bench", "--model", LLAVA, "--prompt", PROMPT15, "--image", IMAGE15, "--batch", "1,8",
-               "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"], fused=True)
+               "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16", "--trace", TRACES + "-fused"],
+              fused=True)
 print("mmreg fused", fused, flush=True)
 ok15, first15, same15, ours15 = mmreg_agreement(LLAVA, IMAGE15, PROMPT15, hf15_tokens, hf15_top)
+ok15f, first15f, same15f, _ = mmreg_agreement(LLAVA, IMAGE15, PROMPT15, hf15_tokens, hf15_top, fused=True)
 
 model = checkpoints.llava_next_mistral(NEXT)
 processor = AutoProcessor.from_pretrained(NEXT, backend="pil")
@@ -99,6 +103,7 @@ ours_nx = mmreg(["bench", "--model", NEXT, "--prompt", PROMPT_NEXT, "--image", I
                  "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"])
 print("mmreg NeXT", ours_nx, flush=True)
 ok, first, same, nx_tokens = mmreg_agreement(NEXT, IMAGE_NEXT, PROMPT_NEXT, hf_tokens, hf_top)
+okf, firstf, samef, _ = mmreg_agreement(NEXT, IMAGE_NEXT, PROMPT_NEXT, hf_tokens, hf_top, fused=True)
 print(f"\n## {card}, {time.strftime('%Y-%m-%d')}, LLaVA-1.5-7B shapes, bf16, prompt {ours.get('prompt_tokens')} tokens")
 print("| metric | HF transformers (sdpa) | mmreg | mmreg without CUDA graphs | mmreg with fused kernels |\n"
       "|---|---|---|---|---|")
@@ -109,13 +114,15 @@ for key in ["prefill_bs1_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms", "prefill
     print(f"| {key} | {hf.get(key, nan):.1f} | {ours.get(key, nan):.1f} | {eager.get(key, nan):.1f} | "
           f"{fused.get(key, nan):.1f} |")
 print(f"\nLLaVA-1.5-7B shapes, bf16 greedy vs HF: identical {same15}/32, first difference {first15}, "
-      f"vLLM top-5 rule: {'PASS' if ok15 else 'FAIL'}")
+      f"vLLM top-5 rule: {'PASS' if ok15 else 'FAIL'}; with the fused kernels: identical {same15f}/32, "
+      f"first difference {first15f}, {'PASS' if ok15f else 'FAIL'}")
 print(f"\n## LLaVA-NeXT-Mistral-7B shapes, bf16, 480x640 image, prompt {ours_nx.get('prompt_tokens')} tokens")
 print("| metric | HF transformers (sdpa) | mmreg |\n|---|---|---|")
 for key in ["prefill_bs1_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1",
             "decode_tok_per_s_bs8"]:
     print(f"| {key} | {hf_nx.get(key, nan):.1f} | {ours_nx.get(key, nan):.1f} |")
 print(f"\nLLaVA-NeXT-Mistral-7B shapes, bf16 greedy vs HF: identical {same}/32, first difference {first}, "
-      f"vLLM top-5 rule: {'PASS' if ok else 'FAIL'}")
+      f"vLLM top-5 rule: {'PASS' if ok else 'FAIL'}; with the fused kernels: identical {samef}/32, "
+      f"first difference {firstf}, {'PASS' if okf else 'FAIL'}")
 print("HF   :", hf_tokens)
 print("mmreg:", nx_tokens)
