@@ -14,7 +14,7 @@ cp target/release/mmreg "$stage/"
 # Test binaries worth running on a GPU (each a cargo test harness); the tree that travels is capped at
 # 64 MiB, so only those named in $GPU_TESTS (default: the CUDA smoke, CUDA graph and fused kernel tests) are
 # staged.
-tests=${GPU_TESTS:-cuda_smoke cuda_graphs fused_kernels}
+tests=${GPU_TESTS:-cuda_smoke cuda_graphs fused_kernels fused_engine}
 cargo test --release --no-run --message-format=json -p mmreg-core -p mmreg-models 2>/dev/null \
   | python3 -c '
 import json, sys

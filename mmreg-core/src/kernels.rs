@@ -11,7 +11,7 @@
 
 use std::cell::Cell;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
@@ -56,9 +56,16 @@ pub fn emulate_on_this_thread(on: bool) {
     EMULATE.with(|e| e.set(on));
 }
 
+/// [`emulate_on_this_thread`] for every thread of the process, such as an engine's scheduler.
+#[doc(hidden)]
+pub fn emulate_on_all_threads(on: bool) {
+    EMULATE_ALL.store(on, Ordering::Relaxed);
+}
+
 thread_local! {
     static EMULATE: Cell<bool> = const { Cell::new(false) };
 }
+static EMULATE_ALL: AtomicBool = AtomicBool::new(false);
 
 /// Why the fused kernels do not run on `device`, if they don't (compiling them on first use).
 pub fn unavailable_reason(device: Device) -> Option<String> {
@@ -223,7 +230,9 @@ fn kernels_for(device: Device) -> Result<&'static Kernels, String> {
     }
     match device {
         Device::Cuda(index) => cuda::kernels(index),
-        Device::Cpu if EMULATE.with(Cell::get) => Ok(&EMULATED),
+        Device::Cpu if EMULATE.with(Cell::get) || EMULATE_ALL.load(Ordering::Relaxed) => {
+            Ok(&EMULATED)
+        }
         _ => Err(format!("{device:?} is not a CUDA device")),
     }
 }
