@@ -75,48 +75,31 @@ pub fn unavailable_reason(device: Device) -> Option<String> {
 /// HF's `LlamaRMSNorm`: `weight * (x * rsqrt(mean(x²) + eps))`, normalised in f32 over the last
 /// dimension, rounded to `x`'s dtype, then multiplied by `weight` in that dtype.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    if let Some(kernels) = fused_for(&[x, weight]) {
-        let cols = weight.size()[0];
-        if x.size().last() == Some(&cols) {
-            let out = x.empty_like();
-            let rows = x.numel() as i64 / cols.max(1);
-            kernels.rms_norm(&out, None, x, None, weight, rows, cols, eps);
-            return out;
-        }
+    match fused_for(&[x, weight]) {
+        Some(k) if x.size().last() == weight.size().first() => k.rms_norm(x, None, weight, eps).1,
+        _ => unfused::rms_norm(x, weight, eps),
     }
-    weight * x.rms_norm([weight.size()[0]], None::<Tensor>, eps)
 }
 
 /// The residual add and the next RMSNorm: returns `(x + delta, rms_norm(x + delta, weight))`, the sum
 /// rounded to the dtype before it is normalised (as two separate ops would).
 pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
-    if let Some(kernels) = fused_for(&[x, delta, weight]) {
-        let cols = weight.size()[0];
-        if x.size() == delta.size() && x.size().last() == Some(&cols) {
-            let (sum, out) = (x.empty_like(), x.empty_like());
-            let rows = x.numel() as i64 / cols.max(1);
-            kernels.rms_norm(&out, Some(&sum), x, Some(delta), weight, rows, cols, eps);
-            return (sum, out);
+    let fits = x.size() == delta.size() && x.size().last() == weight.size().first();
+    match fused_for(&[x, delta, weight]) {
+        Some(k) if fits => {
+            let (sum, normed) = k.rms_norm(x, Some(delta), weight, eps);
+            (sum.expect("the fused add returns the sum"), normed)
         }
+        _ => unfused::add_rms_norm(x, delta, weight, eps),
     }
-    let sum = x + delta;
-    let normed = rms_norm(&sum, weight, eps);
-    (sum, normed)
 }
 
 /// `silu(gate) * up` for a stacked `[.., 2 * n]` projection (`gate` the first half): `[.., n]`.
 pub fn silu_mul(gate_up: &Tensor) -> Tensor {
-    let size = gate_up.size();
-    let n = size.last().copied().unwrap_or(0) / 2;
-    if let Some(kernels) = fused_for(&[gate_up]) {
-        let mut out_size = size.clone();
-        *out_size.last_mut().expect("gate_up has a last dimension") = n;
-        let out = Tensor::empty(out_size, (gate_up.kind(), gate_up.device()));
-        let rows = gate_up.numel() as i64 / (2 * n).max(1);
-        kernels.silu_mul(&out, gate_up, rows, n);
-        return out;
+    match fused_for(&[gate_up]) {
+        Some(k) if gate_up.dim() > 0 => k.silu_mul(gate_up),
+        _ => unfused::silu_mul(gate_up),
     }
-    gate_up.narrow(-1, 0, n).silu() * gate_up.narrow(-1, n, n)
 }
 
 /// Rotary embedding on a stacked `[tokens, heads, dim]` projection: the first `rotated` heads (queries
@@ -126,19 +109,14 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
     let [tokens, heads, dim] = qkv.size()[..] else {
         panic!("rope expects [tokens, heads, dim], got {:?}", qkv.size());
     };
-    if let Some(kernels) = fused_for(&[qkv, cos, sin]) {
-        let shapes_fit = cos.size() == [tokens, dim] && sin.size() == [tokens, dim];
-        if shapes_fit && dim % 2 == 0 && (0..=heads).contains(&rotated) {
-            let out = qkv.empty_like();
-            kernels.rope(&out, qkv, cos, sin, tokens, heads, rotated, dim);
-            return out;
-        }
+    let fits = cos.size() == [tokens, dim]
+        && sin.size() == [tokens, dim]
+        && dim % 2 == 0
+        && (0..=heads).contains(&rotated);
+    match fused_for(&[qkv, cos, sin]) {
+        Some(k) if fits => k.rope(qkv, cos, sin, rotated),
+        _ => unfused::rope(qkv, cos, sin, rotated),
     }
-    let half = dim / 2;
-    let x = qkv.narrow(1, 0, rotated);
-    let rotate_half = Tensor::cat(&[-x.narrow(2, half, half), x.narrow(2, 0, half)], 2);
-    let roped = &x * cos.unsqueeze(1) + rotate_half * sin.unsqueeze(1);
-    Tensor::cat(&[roped, qkv.narrow(1, rotated, heads - rotated)], 1)
 }
 
 /// Attention of one new token per sequence over its cached keys and values, read in place from the paged
@@ -168,6 +146,7 @@ pub fn paged_decode_attention(
         return None;
     };
     let shapes_fit = cache_dim == dim
+        && value_cache.size() == key_cache.size()
         && (1..=256).contains(&dim)
         && group <= 8
         && group * dim <= 1024
@@ -176,29 +155,158 @@ pub fn paged_decode_attention(
         && slots.numel() as i64 % sequences == 0;
     // The query's rows may be strided (a narrow of the stacked projection); within a row, contiguous.
     let row_contiguous = query.stride()[1..] == [dim, 1];
+    let same = query.kind() == key_cache.kind() && query.device() == key_cache.device();
     let indices_fit = [slots, lengths]
         .iter()
         .all(|t| t.kind() == Kind::Int64 && t.device() == query.device() && t.is_contiguous());
-    if !(shapes_fit && row_contiguous && indices_fit) {
+    if !(shapes_fit && row_contiguous && same && indices_fit) {
         return None;
     }
-    let kernels = fused_for(&[key_cache, value_cache])?;
-    if query.kind() != key_cache.kind() || query.device() != key_cache.device() {
-        return None;
+    let k = fused_for(&[key_cache, value_cache])?;
+    Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale))
+}
+
+/// Runs every kernel for `device` (as switched on: compiled, or emulated on the CPU) on small fixed
+/// inputs in f32, bf16 and f16 and compares it with libtorch's ops: `Err` names the first that
+/// disagrees. Loading the kernels on a GPU runs it first, and kernels that fail it are never used.
+pub fn self_check(device: Device) -> Result<(), String> {
+    check_kernels(kernels_for(device)?, device)
+}
+
+/// The libtorch ops each kernel replaces: HF's formulas, op by op.
+mod unfused {
+    use tch::{Kind, Tensor};
+
+    pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+        weight * x.rms_norm([weight.size()[0]], None::<Tensor>, eps)
     }
-    let out = Tensor::empty([sequences, heads, dim], (query.kind(), query.device()));
-    let width = slots.numel() as i64 / sequences;
-    kernels.paged_decode_attention(
-        &out,
-        query,
-        key_cache,
-        value_cache,
-        slots,
-        width,
-        lengths,
-        scale,
-    );
-    Some(out)
+
+    pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
+        let sum = x + delta;
+        let normed = rms_norm(&sum, weight, eps);
+        (sum, normed)
+    }
+
+    pub fn silu_mul(gate_up: &Tensor) -> Tensor {
+        let n = gate_up.size().last().copied().unwrap_or(0) / 2;
+        gate_up.narrow(-1, 0, n).silu() * gate_up.narrow(-1, n, n)
+    }
+
+    pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
+        let [_, heads, dim] = qkv.size()[..] else {
+            unreachable!("checked by kernels::rope")
+        };
+        let half = dim / 2;
+        let x = qkv.narrow(1, 0, rotated);
+        let rotate_half = Tensor::cat(&[-x.narrow(2, half, half), x.narrow(2, 0, half)], 2);
+        let roped = &x * cos.unsqueeze(1) + rotate_half * sin.unsqueeze(1);
+        Tensor::cat(&[roped, qkv.narrow(1, rotated, heads - rotated)], 1)
+    }
+
+    /// softmax(q·k·scale)·v in f32 over each sequence's slots: what attention over the gathered copy
+    /// computes.
+    pub fn decode_attention(
+        query: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        slots: &[Vec<i64>],
+        scale: f64,
+    ) -> Tensor {
+        let group = query.size()[1] / keys.size()[1];
+        let rows: Vec<Tensor> = slots
+            .iter()
+            .enumerate()
+            .map(|(i, slots)| {
+                let index = Tensor::from_slice(slots).to_device(keys.device());
+                let gather = |cache: &Tensor| {
+                    cache
+                        .index_select(0, &index)
+                        .to_kind(Kind::Float)
+                        .repeat_interleave_self_int(group, Some(1), None)
+                        .transpose(0, 1)
+                };
+                let (k, v) = (gather(keys), gather(values));
+                let q = query.get(i as i64).to_kind(Kind::Float).unsqueeze(1);
+                let weights = (q.matmul(&k.transpose(1, 2)) * scale).softmax(-1, Kind::Float);
+                weights.matmul(&v).squeeze_dim(1)
+            })
+            .collect();
+        Tensor::stack(&rows, 0).to_kind(query.kind())
+    }
+}
+
+/// Deterministic inputs of about unit size (no random generator: the caller's seeds stay untouched).
+fn waves(shape: &[i64], phase: f64, kind: Kind, device: Device) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let t = Tensor::arange(n, (Kind::Float, Device::Cpu));
+    ((&t * 0.7311 + phase).sin() * 1.7 + (&t * 0.0917 + 2.0 * phase).cos())
+        .view(shape)
+        .to_kind(kind)
+        .to_device(device)
+}
+
+/// See [`self_check`].
+fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
+    let _no_grad = tch::no_grad_guard();
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        // Off by at most a few roundings of the dtype, relative to the largest expected value: a wrong
+        // index or a missing term is far beyond that.
+        let tolerance = match kind {
+            Kind::Float => 1e-5,
+            Kind::Half => 4e-3,
+            _ => 3e-2,
+        };
+        let compare = |what: &str, actual: &Tensor, expected: &Tensor| -> Result<(), String> {
+            let (a, e) = (actual.to_kind(Kind::Float), expected.to_kind(Kind::Float));
+            let scale = e.abs().max().double_value(&[]).max(1.0);
+            let error = (a - e).abs().max().double_value(&[]) / scale;
+            if error <= tolerance {
+                Ok(())
+            } else {
+                Err(format!(
+                    "fused kernel {what} ({kind:?}) disagrees with libtorch: relative error {error:e}"
+                ))
+            }
+        };
+        let w = |shape: &[i64], phase: f64| waves(shape, phase, kind, device);
+        let (x, delta, weight) = (w(&[5, 200], 0.1), w(&[5, 200], 0.2), w(&[200], 0.3));
+        let eps = 1e-5;
+        let normed = k.rms_norm(&x, None, &weight, eps).1;
+        compare("rms_norm", &normed, &unfused::rms_norm(&x, &weight, eps))?;
+        let (sum, normed) = k.rms_norm(&x, Some(&delta), &weight, eps);
+        let (expected_sum, expected) = unfused::add_rms_norm(&x, &delta, &weight, eps);
+        compare("residual add", &sum.expect("the sum"), &expected_sum)?;
+        compare("add_rms_norm", &normed, &expected)?;
+        let gate_up = w(&[3, 2 * 300], 0.4);
+        compare(
+            "silu_mul",
+            &k.silu_mul(&gate_up),
+            &unfused::silu_mul(&gate_up),
+        )?;
+        let (qkv, cos, sin) = (w(&[4, 6, 64], 0.5), w(&[4, 64], 0.6), w(&[4, 64], 0.7));
+        let roped = k.rope(&qkv, &cos, &sin, 4);
+        compare("rope", &roped, &unfused::rope(&qkv, &cos, &sin, 4))?;
+        // Sequences of 3 and 37 slots (padded to 40) scattered over a pool of 50, 2 query heads per
+        // key/value head, query rows strided.
+        let (keys, values) = (w(&[50, 2, 64], 0.8), w(&[50, 2, 64], 0.9));
+        let slots = [vec![7, 3, 41], (0..37).map(|p| (p * 11 + 5) % 50).collect()];
+        let padded: Vec<i64> = slots
+            .iter()
+            .flat_map(|s| {
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, 40 - s.len()))
+            })
+            .collect();
+        let on_device = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        let query = w(&[2, 8, 64], 1.0).narrow(1, 0, 4);
+        let scale = 0.125;
+        let (padded, lengths) = (on_device(&padded), on_device(&[3, 37]));
+        let out = k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale);
+        let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
+        compare("paged_decode_attention", &out, &expected)?;
+    }
+    Ok(())
 }
 
 /// Compiles the kernels with NVRTC for compute capability `major.minor` without a GPU (nothing is loaded)
@@ -344,27 +452,27 @@ impl Kernels {
         assert_eq!(status, 0, "kernel launch failed with error {status}");
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `x` (plus `delta`, when given, which is also returned) normalised over its last dimension.
     fn rms_norm(
         &self,
-        out: &Tensor,
-        sum: Option<&Tensor>,
         x: &Tensor,
         delta: Option<&Tensor>,
         weight: &Tensor,
-        rows: i64,
-        cols: i64,
         eps: f64,
-    ) {
+    ) -> (Option<Tensor>, Tensor) {
+        let out = x.empty_like();
+        let sum = delta.map(|_| x.empty_like());
+        let cols = weight.size()[0];
+        let rows = x.numel() as i64 / cols.max(1);
         if rows == 0 {
-            return;
+            return (sum, out);
         }
         let k = self.of(x.kind());
-        let (mut out_p, mut x_p, mut w_p) = (ptr(out), ptr(x), ptr(weight));
+        let (mut out_p, mut x_p, mut w_p) = (ptr(&out), ptr(x), ptr(weight));
         let (mut cols, mut eps) = (cols as i32, eps as f32);
         // One block per row, a multiple of 32 threads up to 256.
         let block = (cols as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
-        if let (Some(sum), Some(delta)) = (sum, delta) {
+        if let (Some(sum), Some(delta)) = (&sum, delta) {
             let (mut sum_p, mut delta_p) = (ptr(sum), ptr(delta));
             let mut args = [
                 arg!(out_p),
@@ -380,29 +488,31 @@ impl Kernels {
             let mut args = [arg!(out_p), arg!(x_p), arg!(w_p), arg!(cols), arg!(eps)];
             self.launch(k.rms_norm, rows, block, &mut args);
         }
+        (sum, out)
     }
 
-    fn silu_mul(&self, out: &Tensor, gate_up: &Tensor, rows: i64, cols: i64) {
+    fn silu_mul(&self, gate_up: &Tensor) -> Tensor {
+        let mut size = gate_up.size();
+        let last = size.last_mut().expect("checked by kernels::silu_mul");
+        let n = *last / 2;
+        *last = n;
+        let out = Tensor::empty(size, (gate_up.kind(), gate_up.device()));
         let k = self.of(gate_up.kind());
-        let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(out), ptr(gate_up), rows, cols);
+        let rows = gate_up.numel() as i64 / (2 * n).max(1);
+        let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(&out), ptr(gate_up), rows, n);
         let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
         self.launch(k.silu_mul, self.blocks(rows * cols), BLOCK, &mut args);
+        out
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn rope(
-        &self,
-        out: &Tensor,
-        qkv: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        tokens: i64,
-        heads: i64,
-        rotated: i64,
-        dim: i64,
-    ) {
+    fn rope(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
+        let out = qkv.empty_like();
         let k = self.of(qkv.kind());
-        let (mut out_p, mut qkv_p, mut cos_p, mut sin_p) = (ptr(out), ptr(qkv), ptr(cos), ptr(sin));
+        let [tokens, heads, dim] = qkv.size()[..] else {
+            unreachable!("checked by kernels::rope")
+        };
+        let (mut out_p, mut qkv_p, mut cos_p, mut sin_p) =
+            (ptr(&out), ptr(qkv), ptr(cos), ptr(sin));
         let mut tokens = tokens;
         let (mut heads32, mut rotated, mut dim32) = (heads as i32, rotated as i32, dim as i32);
         let mut args = [
@@ -416,31 +526,30 @@ impl Kernels {
             arg!(dim32),
         ];
         self.launch(k.rope, self.blocks(tokens * heads * dim), BLOCK, &mut args);
+        out
     }
 
     /// One block per (sequence, key/value head) of `BLOCK` threads, the 8 warps (`kWarps`) that
     /// `paged_decode_attention_block` in the CUDA source is written for.
-    #[allow(clippy::too_many_arguments)]
     fn paged_decode_attention(
         &self,
-        out: &Tensor,
         query: &Tensor,
         key_cache: &Tensor,
         value_cache: &Tensor,
         slots: &Tensor,
-        width: i64,
         lengths: &Tensor,
         scale: f64,
-    ) {
-        let k = self.of(query.kind());
+    ) -> Tensor {
         let [sequences, heads, dim] = query.size()[..] else {
-            unreachable!("checked by the caller")
+            unreachable!("checked by kernels::paged_decode_attention")
         };
+        let out = Tensor::empty([sequences, heads, dim], (query.kind(), query.device()));
+        let k = self.of(query.kind());
         let kv_heads = key_cache.size()[1];
         let (mut out_p, mut q_p, mut keys_p, mut values_p) =
-            (ptr(out), ptr(query), ptr(key_cache), ptr(value_cache));
+            (ptr(&out), ptr(query), ptr(key_cache), ptr(value_cache));
         let (mut slots_p, mut lengths_p) = (ptr(slots), ptr(lengths));
-        let (mut q_stride, mut width) = (query.stride()[0], width);
+        let (mut q_stride, mut width) = (query.stride()[0], slots.numel() as i64 / sequences);
         let (mut heads32, mut kv_heads32, mut dim32) = (heads as i32, kv_heads as i32, dim as i32);
         let mut scale = scale as f32;
         let mut args = [
@@ -457,12 +566,9 @@ impl Kernels {
             arg!(dim32),
             arg!(scale),
         ];
-        self.launch(
-            k.paged_decode_attention,
-            sequences * kv_heads,
-            BLOCK,
-            &mut args,
-        );
+        let blocks = sequences * kv_heads;
+        self.launch(k.paged_decode_attention, blocks, BLOCK, &mut args);
+        out
     }
 }
 
@@ -473,7 +579,7 @@ mod cuda {
     use std::ffi::{c_char, c_void, CString};
     use std::sync::Mutex;
 
-    use super::{ForKind, Function, Kernels, NAMES, SUFFIXES};
+    use super::{check_kernels, ForKind, Function, Kernels, NAMES, SUFFIXES};
 
     const SOURCE: &str = include_str!("../csrc/fused_kernels.cu");
 
@@ -510,18 +616,22 @@ mod cuda {
     pub(super) fn kernels(device: usize) -> Loaded {
         let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
         let loaded = loaded.get_or_insert_with(HashMap::new);
-        let entry = loaded.entry(device).or_insert_with(|| match load(device) {
-            Ok(kernels) => {
-                tracing::debug!(device, "fused kernels compiled");
-                Ok(Box::leak(Box::new(kernels)))
+        let entry = loaded.entry(device).or_insert_with(|| {
+            let checked = load(device).and_then(|kernels| {
+                let kernels: &'static Kernels = Box::leak(Box::new(kernels));
+                check_kernels(kernels, tch::Device::Cuda(device))?;
+                Ok(kernels)
+            });
+            match &checked {
+                Ok(_) => tracing::debug!(device, "fused kernels compiled and checked"),
+                Err(why) => {
+                    tracing::warn!(
+                        device,
+                        "fused kernels unavailable, running unfused ops: {why}"
+                    )
+                }
             }
-            Err(why) => {
-                tracing::warn!(
-                    device,
-                    "fused kernels unavailable, running unfused ops: {why}"
-                );
-                Err(why)
-            }
+            checked
         });
         entry.clone()
     }

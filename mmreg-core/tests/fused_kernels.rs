@@ -181,6 +181,20 @@ fn fused_kernels_run_only_where_they_can() {
     }
 }
 
+/// The check that loading runs on a GPU (kernels that fail it are never used) passes for the emulated
+/// kernels, and for the real ones where there is a GPU.
+#[test]
+fn the_self_check_passes() {
+    kernels::set_enabled(true);
+    kernels::emulate_on_this_thread(true);
+    assert_eq!(kernels::self_check(Device::Cpu), Ok(()));
+    kernels::emulate_on_this_thread(false);
+    assert!(kernels::self_check(Device::Cpu).is_err(), "no kernels to check");
+    if tch::Cuda::is_available() && mmreg_core::cuda::graphs_available() {
+        assert_eq!(kernels::self_check(Device::Cuda(0)), Ok(()));
+    }
+}
+
 #[test]
 fn silu_mul_equals_silu_of_gate_times_up() {
     for mode in modes() {
