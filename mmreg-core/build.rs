@@ -18,6 +18,8 @@ fn main() {
         .flag("-std=c++20")
         // Products and sums rounded one by one, as on the GPU (NVRTC runs with --fmad=false).
         .flag("-ffp-contract=off")
+        // The CUDA source's `#pragma unroll` means nothing to the host compiler.
+        .flag("-Wno-unknown-pragmas")
         .compile("mmreg_kernel_emulator");
     let Some(lib) = link_libtorch() else { return };
     // `lib` may go through the `.libtorch` link; the wheels sit next to its target.

@@ -153,19 +153,19 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 }
 
 // Decode attention over the paged KV cache, reading each sequence's keys and values where they are (no
-// gathered copy): one block per (sequence, key/value head), its warps taking every WARPS-th position of
+// gathered copy): one block per (sequence, key/value head), its warps taking every kWarps-th position of
 // the sequence's `lengths[seq]` slots (`slots[seq * slot_stride + p]`), with an online softmax in f32,
 // then combined across warps. The head's `group` query heads (grouped-query attention) share each key
 // and value read. q is [sequences, heads, dim] with `q_stride` elements between sequences; caches are
-// [slots, kv_heads, dim]; out is [sequences, heads, dim]. Each lane holds ceil(dim / 32) consecutive
-// elements (lanes past the end hold none). dim at most 256, group at most 8 and group * dim at most 1024
-// (the caller checks).
+// [slots, kv_heads, dim]; out is [sequences, heads, dim]. Each lane holds E consecutive elements of a
+// head (lanes past the end hold none): E = 1, 2, 4 or 8 for heads of up to 32, 64, 128 or 256. Loops
+// run to compile-time bounds, so every per-lane array stays in registers. group at most 8 and
+// group * dim at most 1024 (the caller checks). Launched with kWarps * 32 threads.
 constexpr int kWarps = 8;
-constexpr int kMaxPerLane = 8;     // ceil(dim / 32)
 constexpr int kMaxGroup = 8;
 constexpr int kMaxGroupDim = 1024;  // group * dim
 
-template <typename D>
+template <typename D, int E>
 __device__ void paged_decode_attention_block(typename D::T* out, const typename D::T* q, long long q_stride,
                                              const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
@@ -175,18 +175,20 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
   __shared__ float shared_sum[kWarps][kMaxGroup];
   __shared__ float shared_acc[kWarps][kMaxGroupDim];
   const int seq = blockIdx.x / kv_heads, kv_head = blockIdx.x % kv_heads;
-  const int group = heads / kv_heads, per_lane = (dim + 31) / 32;
+  const int group = heads / kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int first = lane * per_lane, count = first >= dim ? 0 : min(per_lane, dim - first);
+  const int first = lane * E, count = first >= dim ? 0 : min(E, dim - first);
   const long long length = lengths[seq];
 
-  float query[kMaxGroup][kMaxPerLane];
-  float acc[kMaxGroup][kMaxPerLane];
+  float query[kMaxGroup][E];
+  float acc[kMaxGroup][E];
   float running_max[kMaxGroup], running_sum[kMaxGroup];
-  for (int g = 0; g < group; ++g) {
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
     const typename D::T* row = q + seq * q_stride + (long long)(kv_head * group + g) * dim + first;
-    for (int e = 0; e < per_lane; ++e) {
-      query[g][e] = e < count ? D::load(row[e]) : 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      query[g][e] = g < group && e < count ? D::load(row[e]) : 0.0f;
       acc[g][e] = 0.0f;
     }
     running_max[g] = -INFINITY;
@@ -195,37 +197,50 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
   for (long long p = warp; p < length; p += kWarps) {
     const long long slot = slots[seq * slot_stride + p];
     const long long offset = (slot * kv_heads + kv_head) * dim + first;
-    float key[kMaxPerLane], value[kMaxPerLane];
-    for (int e = 0; e < per_lane; ++e) {
+    float key[E], value[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
       key[e] = e < count ? D::load(key_cache[offset + e]) : 0.0f;
       value[e] = e < count ? D::load(value_cache[offset + e]) : 0.0f;
     }
-    for (int g = 0; g < group; ++g) {
-      float dot = 0.0f;
-      for (int e = 0; e < per_lane; ++e) {
-        dot += query[g][e] * key[e];
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      // The same for every lane: the shuffles below see the whole warp.
+      if (g < group) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          dot += query[g][e] * key[e];
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+          dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        }
+        const float score = dot * scale;
+        const float new_max = fmaxf(running_max[g], score);
+        const float correction = expf(running_max[g] - new_max);
+        const float weight = expf(score - new_max);
+        running_sum[g] = running_sum[g] * correction + weight;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          acc[g][e] = acc[g][e] * correction + weight * value[e];
+        }
+        running_max[g] = new_max;
       }
-      for (int o = 16; o > 0; o >>= 1) {
-        dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      }
-      const float score = dot * scale;
-      const float new_max = fmaxf(running_max[g], score);
-      const float correction = expf(running_max[g] - new_max);
-      const float weight = expf(score - new_max);
-      running_sum[g] = running_sum[g] * correction + weight;
-      for (int e = 0; e < per_lane; ++e) {
-        acc[g][e] = acc[g][e] * correction + weight * value[e];
-      }
-      running_max[g] = new_max;
     }
   }
-  for (int g = 0; g < group; ++g) {
-    if (lane == 0) {
-      shared_max[warp][g] = running_max[g];
-      shared_sum[warp][g] = running_sum[g];
-    }
-    for (int e = 0; e < count; ++e) {
-      shared_acc[warp][g * dim + first + e] = acc[g][e];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    if (g < group) {
+      if (lane == 0) {
+        shared_max[warp][g] = running_max[g];
+        shared_sum[warp][g] = running_sum[g];
+      }
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        if (e < count) {
+          shared_acc[warp][g * dim + first + e] = acc[g][e];
+        }
+      }
     }
   }
   __syncthreads();
@@ -251,6 +266,15 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
   }
 }
 
+#define MMREG_ATTENTION(D, suffix, E)                                                              \
+  MMREG_KERNEL void paged_decode_attention_e##E##_##suffix(                                        \
+      D::T* out, const D::T* q, long long q_stride, const D::T* key_cache, const D::T* value_cache,  \
+      const long long* slots, long long slot_stride, const long long* lengths, int heads,            \
+      int kv_heads, int dim, float scale) {                                                        \
+    paged_decode_attention_block<D, E>(out, q, q_stride, key_cache, value_cache, slots,            \
+                                       slot_stride, lengths, heads, kv_heads, dim, scale);         \
+  }
+
 #define MMREG_KERNELS(D, suffix)                                                                   \
   MMREG_KERNEL void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight,      \
                                                int cols, float eps) {                              \
@@ -270,13 +294,10 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
                                            int rotated, int dim) {                                 \
     rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim);                                  \
   }                                                                                                \
-  MMREG_KERNEL void paged_decode_attention_##suffix(                                               \
-      D::T* out, const D::T* q, long long q_stride, const D::T* key_cache, const D::T* value_cache,  \
-      const long long* slots, long long slot_stride, const long long* lengths, int heads,            \
-      int kv_heads, int dim, float scale) {                                                        \
-    paged_decode_attention_block<D>(out, q, q_stride, key_cache, value_cache, slots, slot_stride,  \
-                                    lengths, heads, kv_heads, dim, scale);                         \
-  }
+  MMREG_ATTENTION(D, suffix, 1)                                                                    \
+  MMREG_ATTENTION(D, suffix, 2)                                                                    \
+  MMREG_ATTENTION(D, suffix, 4)                                                                    \
+  MMREG_ATTENTION(D, suffix, 8)
 
 MMREG_KERNELS(F32, f32)
 MMREG_KERNELS(BF16, bf16)

@@ -104,7 +104,16 @@ T arg(void** args, int i) {
   return value;
 }
 
-// The kernels in the order of `Kernel` in src/kernels.rs, for each dtype: f32, bf16, f16.
+#define MMREG_EMULATED_ATTENTION(suffix, T, E)                                                       \
+  [](void** a) {                                                                                      \
+    paged_decode_attention_e##E##_##suffix(                                                           \
+        arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2), arg<const T*>(a, 3),                \
+        arg<const T*>(a, 4), arg<const long long*>(a, 5), arg<long long>(a, 6),                       \
+        arg<const long long*>(a, 7), arg<int>(a, 8), arg<int>(a, 9), arg<int>(a, 10),                 \
+        arg<float>(a, 11));                                                                           \
+  }
+
+// The kernels in the order of `NAMES` in src/kernels.rs, for each dtype: f32, bf16, f16.
 #define MMREG_EMULATED(suffix, T)                                                                      \
   [](void** a) { rms_norm_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),           \
                                    arg<int>(a, 3), arg<float>(a, 4)); },                              \
@@ -116,13 +125,8 @@ T arg(void** args, int i) {
   [](void** a) { rope_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),              \
                                arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),             \
                                arg<int>(a, 6), arg<int>(a, 7)); },                                    \
-  [](void** a) {                                                                                      \
-    paged_decode_attention_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2),         \
-                                    arg<const T*>(a, 3), arg<const T*>(a, 4),                         \
-                                    arg<const long long*>(a, 5), arg<long long>(a, 6),                \
-                                    arg<const long long*>(a, 7), arg<int>(a, 8), arg<int>(a, 9),      \
-                                    arg<int>(a, 10), arg<float>(a, 11));                              \
-  }
+  MMREG_EMULATED_ATTENTION(suffix, T, 1), MMREG_EMULATED_ATTENTION(suffix, T, 2),                   \
+  MMREG_EMULATED_ATTENTION(suffix, T, 4), MMREG_EMULATED_ATTENTION(suffix, T, 8)
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -362,7 +362,8 @@ struct ForKind {
     add_rms_norm: Function,
     silu_mul: Function,
     rope: Function,
-    paged_decode_attention: Function,
+    /// For heads of up to 32, 64, 128 and 256 elements (1, 2, 4, 8 per lane).
+    paged_decode_attention: [Function; 4],
 }
 
 /// The kernels of one device, for each dtype.
@@ -377,12 +378,15 @@ struct Kernels {
     f16: ForKind,
 }
 
-const NAMES: [&str; 5] = [
+const NAMES: [&str; 8] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
     "rope",
-    "paged_decode_attention",
+    "paged_decode_attention_e1",
+    "paged_decode_attention_e2",
+    "paged_decode_attention_e4",
+    "paged_decode_attention_e8",
 ];
 const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 /// Threads per block of the elementwise kernels, and at most for RMSNorm.
@@ -396,7 +400,12 @@ static EMULATED: Kernels = {
             add_rms_norm: Function::Emulated(n * k + 1),
             silu_mul: Function::Emulated(n * k + 2),
             rope: Function::Emulated(n * k + 3),
-            paged_decode_attention: Function::Emulated(n * k + 4),
+            paged_decode_attention: [
+                Function::Emulated(n * k + 4),
+                Function::Emulated(n * k + 5),
+                Function::Emulated(n * k + 6),
+                Function::Emulated(n * k + 7),
+            ],
         }
     }
     Kernels {
@@ -566,8 +575,15 @@ impl Kernels {
             arg!(dim32),
             arg!(scale),
         ];
+        // Elements per lane: the variant for the smallest of 1, 2, 4, 8 that covers the head.
+        let variant = match (dim as u32).div_ceil(32) {
+            0 | 1 => 0,
+            2 => 1,
+            3 | 4 => 2,
+            _ => 3,
+        };
         let blocks = sequences * kv_heads;
-        self.launch(k.paged_decode_attention, blocks, BLOCK, &mut args);
+        self.launch(k.paged_decode_attention[variant], blocks, BLOCK, &mut args);
         out
     }
 }
@@ -677,14 +693,14 @@ mod cuda {
             }
         };
         let for_kind = |suffix: &str| -> Result<ForKind, String> {
-            let [rms_norm, add_rms_norm, silu_mul, rope, paged_decode_attention] =
+            let [rms_norm, add_rms_norm, silu_mul, rope, e1, e2, e4, e8] =
                 NAMES.map(|name| function(format!("{name}_{suffix}")));
             Ok(ForKind {
                 rms_norm: rms_norm?,
                 add_rms_norm: add_rms_norm?,
                 silu_mul: silu_mul?,
                 rope: rope?,
-                paged_decode_attention: paged_decode_attention?,
+                paged_decode_attention: [e1?, e2?, e4?, e8?],
             })
         };
         let [f32, bf16, f16] = SUFFIXES.map(for_kind);

@@ -189,7 +189,10 @@ fn the_self_check_passes() {
     kernels::emulate_on_this_thread(true);
     assert_eq!(kernels::self_check(Device::Cpu), Ok(()));
     kernels::emulate_on_this_thread(false);
-    assert!(kernels::self_check(Device::Cpu).is_err(), "no kernels to check");
+    assert!(
+        kernels::self_check(Device::Cpu).is_err(),
+        "no kernels to check"
+    );
     if tch::Cuda::is_available() && mmreg_core::cuda::graphs_available() {
         assert_eq!(kernels::self_check(Device::Cuda(0)), Ok(()));
     }
@@ -295,9 +298,17 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
     for mode in modes() {
         let device = mode.device();
         for kind in KINDS {
-            // No grouping (LLaVA-1.5), 4 query heads per key/value head (Mistral), small heads,
-            // and heads narrower than a warp, or not a multiple of its width.
-            for (heads, kv_heads, dim) in [(4, 4, 128), (8, 2, 64), (2, 1, 8), (3, 1, 40)] {
+            // No grouping (LLaVA-1.5), 4 query heads per key/value head (Mistral); heads of every
+            // kernel variant (up to 32, 64, 128, 256 elements), narrower than a warp or not a multiple
+            // of its width.
+            for (heads, kv_heads, dim) in [
+                (4, 4, 128),
+                (8, 2, 64),
+                (2, 1, 8),
+                (3, 1, 40),
+                (2, 1, 256),
+                (4, 1, 96),
+            ] {
                 let lengths = [1i64, 9, 40, 23];
                 let width = 48;
                 let pool = 200;
