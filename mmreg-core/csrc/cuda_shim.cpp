@@ -388,7 +388,8 @@ void* mmreg_kernels_function(void* module, const char* name) {
 // Launches `function` (loaded for `device`) on that device's current stream; `args` point at the
 // arguments. The device is made current for the launch: libtorch's allocator restores the previous device
 // after allocating, so the calling thread's current device may be another.
-int mmreg_kernels_launch(void* function, int device, unsigned grid, unsigned block, void** args) {
+int mmreg_kernels_launch(void* function, int device, unsigned grid_x, unsigned grid_y, unsigned block,
+                         void** args) {
   try {
     static auto launch = [] {
       decltype(Driver::launch_kernel) f = nullptr;
@@ -406,7 +407,7 @@ int mmreg_kernels_launch(void* function, int device, unsigned grid, unsigned blo
       c10::cuda::set_device(index);
     }
     void* stream = c10::cuda::getCurrentCUDAStream(index).stream();
-    int status = launch(function, grid, 1, 1, block, 1, 1, 0, stream, args, nullptr);
+    int status = launch(function, grid_x, grid_y, 1, block, 1, 1, 0, stream, args, nullptr);
     if (previous != index) {
       c10::cuda::set_device(previous);
     }

@@ -113,42 +113,51 @@ __device__ void rms_norm_row(typename D::T* out, typename D::T* sum, const typen
 }
 
 // silu(gate) * up for a stacked [rows, 2 * cols] projection (gate first): HF's act_fn(gate) * up,
-// with silu's result rounded before the product.
+// with silu's result rounded before the product. Grid-stride loops over rows (y) and columns (x): no
+// per-element division.
 template <typename D>
 __device__ void silu_mul_all(typename D::T* out, const typename D::T* gate_up, long long rows,
                              long long cols) {
-  const long long total = rows * cols;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long r = i / cols, c = i % cols;
-    const float g = D::load(gate_up[r * 2 * cols + c]);
-    const float u = D::load(gate_up[r * 2 * cols + cols + c]);
-    out[i] = D::store(round_to<D>(g / (1.0f + expf(-g))) * u);
+  for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+    const typename D::T* gate = gate_up + r * 2 * cols;
+    const typename D::T* up = gate + cols;
+    for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < cols;
+         c += (long long)gridDim.x * blockDim.x) {
+      const float g = D::load(gate[c]);
+      out[r * cols + c] = D::store(round_to<D>(g / (1.0f + expf(-g))) * D::load(up[c]));
+    }
   }
 }
 
 // Rotary embedding of the stacked [tokens, heads, dim] q/k/v projection: the first `rotated` heads
 // (queries and keys) become x * cos + rotate_half(x) * sin, each product rounded as in HF; the rest
-// (values) are copied. cos and sin are [tokens, dim] in the model dtype.
+// (values) are copied. cos and sin are [tokens, dim] in the model dtype. Each thread takes a pair of
+// elements j and j + dim/2 (which rotate into each other) of a row (token, head): grid-stride loops
+// over rows (y) and pairs (x).
 template <typename D>
 __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typename D::T* cos,
                          const typename D::T* sin, long long tokens, int heads, int rotated,
                          int dim) {
-  const long long total = tokens * heads * dim;
   const int half = dim / 2;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const int j = i % dim;
-    const long long head = (i / dim) % heads;
-    if (head >= rotated) {
-      out[i] = qkv[i];
-      continue;
+  for (long long row = blockIdx.y; row < tokens * heads; row += gridDim.y) {
+    const long long t = row / heads;
+    const bool rotates = row % heads < rotated;
+    const typename D::T* x = qkv + row * dim;
+    typename D::T* y = out + row * dim;
+    const typename D::T* c = cos + t * dim;
+    const typename D::T* s = sin + t * dim;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < half; j += gridDim.x * blockDim.x) {
+      if (!rotates) {
+        y[j] = x[j];
+        y[j + half] = x[j + half];
+        continue;
+      }
+      const float first = D::load(x[j]), second = D::load(x[j + half]);
+      // rotate_half(x) = (-second, first).
+      y[j] = D::store(round_to<D>(first * D::load(c[j])) + round_to<D>(-second * D::load(s[j])));
+      y[j + half] = D::store(round_to<D>(second * D::load(c[j + half])) +
+                             round_to<D>(first * D::load(s[j + half])));
     }
-    const long long t = i / ((long long)dim * heads);
-    const float x = D::load(qkv[i]);
-    const float r = j < half ? -D::load(qkv[i + half]) : D::load(qkv[i - half]);
-    const float c = D::load(cos[t * dim + j]), s = D::load(sin[t * dim + j]);
-    out[i] = D::store(round_to<D>(x * c) + round_to<D>(r * s));
   }
 }
 

@@ -46,12 +46,12 @@ inline float shfl_xor(float v, int offset) {
   return other;
 }
 
-// Runs `kernel` for every thread of every block; `threads` a multiple of 32. One launch at a time in the
-// process: the dimensions and `__shared__` memory are global.
-void launch(unsigned blocks, unsigned threads, const std::function<void()>& kernel) {
+// Runs `kernel` for every thread of every block of a grid_x × grid_y grid; `threads` a multiple of 32.
+// One launch at a time in the process: the dimensions and `__shared__` memory are global.
+void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::function<void()>& kernel) {
   static std::mutex one_at_a_time;
   std::lock_guard<std::mutex> lock(one_at_a_time);
-  grid_dim = {blocks, 1, 1};
+  grid_dim = {grid_x, grid_y, 1};
   block_dim = {threads, 1, 1};
   // One OS thread per CUDA thread of a block, reused for every block; a barrier between blocks keeps the
   // next from starting before this one is done with `__shared__` memory.
@@ -62,10 +62,12 @@ void launch(unsigned blocks, unsigned threads, const std::function<void()>& kern
     pool.emplace_back([&, t] {
       thread_idx = {t, 0, 0};
       block = &state;
-      for (unsigned b = 0; b < blocks; ++b) {
-        block_idx = {b, 0, 0};
-        kernel();
-        state.all.arrive_and_wait();
+      for (unsigned by = 0; by < grid_y; ++by) {
+        for (unsigned bx = 0; bx < grid_x; ++bx) {
+          block_idx = {bx, by, 0};
+          kernel();
+          state.all.arrive_and_wait();
+        }
       }
     });
   }
@@ -136,16 +138,16 @@ const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u
 
 extern "C" {
 
-// Runs kernel number `id` (see kEmulated) on `grid` blocks of `block` threads; `args` point at its
+// Runs kernel number `id` (see kEmulated) on grid_x × grid_y blocks of `block` threads; `args` point at its
 // arguments, as for cuLaunchKernel. Returns non-zero for an unknown id or a block size that is not a
 // multiple of 32.
-int mmreg_emulator_launch(int id, unsigned grid, unsigned block, void** args) {
+int mmreg_emulator_launch(int id, unsigned grid_x, unsigned grid_y, unsigned block, void** args) {
   if (id < 0 || id >= static_cast<int>(sizeof(kEmulated) / sizeof(kEmulated[0])) || block == 0 ||
       block % 32 != 0) {
     return 1;
   }
   try {
-    mmreg_emulator::launch(grid, block, [&] { kEmulated[id](args); });
+    mmreg_emulator::launch(grid_x, grid_y, block, [&] { kEmulated[id](args); });
     return 0;
   } catch (...) {
     return 2;

@@ -370,9 +370,10 @@ struct ForKind {
 struct Kernels {
     /// The CUDA device they were loaded for (unused by the emulator).
     device: i32,
-    /// Blocks of a grid-stride launch: enough to fill a GPU; a few for the emulator, which runs each
-    /// thread as an OS thread (and so still checks the striding).
-    max_blocks: i64,
+    /// The most blocks a grid-stride launch uses along x and y: enough to fill a GPU (y at CUDA's
+    /// limit); a few for the emulator, which runs each thread as an OS thread (and so still checks the
+    /// striding).
+    max_grid: (i64, i64),
     f32: ForKind,
     bf16: ForKind,
     f16: ForKind,
@@ -410,7 +411,7 @@ static EMULATED: Kernels = {
     }
     Kernels {
         device: -1,
-        max_blocks: 3,
+        max_grid: (3, 3),
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -418,7 +419,13 @@ static EMULATED: Kernels = {
 };
 
 extern "C" {
-    fn mmreg_emulator_launch(id: i32, grid: u32, block: u32, args: *mut *mut c_void) -> i32;
+    fn mmreg_emulator_launch(
+        id: i32,
+        grid_x: u32,
+        grid_y: u32,
+        block: u32,
+        args: *mut *mut c_void,
+    ) -> i32;
 }
 
 fn ptr(t: &Tensor) -> *mut c_void {
@@ -441,19 +448,20 @@ impl Kernels {
         }
     }
 
-    fn blocks(&self, total: i64) -> i64 {
-        ((total + BLOCK as i64 - 1) / BLOCK as i64).clamp(1, self.max_blocks)
+    /// A grid-stride launch's grid for `x` blocks along x and `y` along y, within `max_grid`.
+    fn grid(&self, x: i64, y: i64) -> (i64, i64) {
+        (x.clamp(1, self.max_grid.0), y.clamp(1, self.max_grid.1))
     }
 
     /// Launches `f` with `args` (pointers to each argument's value, in the kernel's parameter order).
-    fn launch(&self, f: Function, grid: i64, block: u32, args: &mut [*mut c_void]) {
-        let grid = grid.max(1) as u32;
+    fn launch(&self, f: Function, grid: (i64, i64), block: u32, args: &mut [*mut c_void]) {
+        let (x, y) = (grid.0.max(1) as u32, grid.1.max(1) as u32);
         let status = match f {
-            Function::Cuda(function) => cuda::launch(function, self.device, grid, block, args),
+            Function::Cuda(function) => cuda::launch(function, self.device, (x, y), block, args),
             // SAFETY: as for the CUDA launch: the arguments match the kernel's parameters and point at
             // live buffers (here in host memory) of its dtype and size.
             Function::Emulated(id) => unsafe {
-                mmreg_emulator_launch(id, grid, block, args.as_mut_ptr())
+                mmreg_emulator_launch(id, x, y, block, args.as_mut_ptr())
             },
         };
         // A launch fails only on a broken context or an invalid configuration, which these sizes rule
@@ -492,10 +500,10 @@ impl Kernels {
                 arg!(cols),
                 arg!(eps),
             ];
-            self.launch(k.add_rms_norm, rows, block, &mut args);
+            self.launch(k.add_rms_norm, (rows, 1), block, &mut args);
         } else {
             let mut args = [arg!(out_p), arg!(x_p), arg!(w_p), arg!(cols), arg!(eps)];
-            self.launch(k.rms_norm, rows, block, &mut args);
+            self.launch(k.rms_norm, (rows, 1), block, &mut args);
         }
         (sum, out)
     }
@@ -510,7 +518,8 @@ impl Kernels {
         let rows = gate_up.numel() as i64 / (2 * n).max(1);
         let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(&out), ptr(gate_up), rows, n);
         let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
-        self.launch(k.silu_mul, self.blocks(rows * cols), BLOCK, &mut args);
+        let grid = self.grid((cols + BLOCK as i64 - 1) / BLOCK as i64, rows);
+        self.launch(k.silu_mul, grid, BLOCK, &mut args);
         out
     }
 
@@ -534,7 +543,11 @@ impl Kernels {
             arg!(rotated),
             arg!(dim32),
         ];
-        self.launch(k.rope, self.blocks(tokens * heads * dim), BLOCK, &mut args);
+        // A thread per pair of elements (j, j + dim/2) of a row (token, head).
+        let half = dim / 2;
+        let block = (half as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
+        let grid = self.grid((half + block as i64 - 1) / block as i64, tokens * heads);
+        self.launch(k.rope, grid, block, &mut args);
         out
     }
 
@@ -583,7 +596,12 @@ impl Kernels {
             _ => 3,
         };
         let blocks = sequences * kv_heads;
-        self.launch(k.paged_decode_attention[variant], blocks, BLOCK, &mut args);
+        self.launch(
+            k.paged_decode_attention[variant],
+            (blocks, 1),
+            BLOCK,
+            &mut args,
+        );
         out
     }
 }
@@ -619,7 +637,8 @@ mod cuda {
         fn mmreg_kernels_launch(
             function: *mut c_void,
             device: i32,
-            grid: u32,
+            grid_x: u32,
+            grid_y: u32,
             block: u32,
             args: *mut *mut c_void,
         ) -> i32;
@@ -706,7 +725,7 @@ mod cuda {
         let [f32, bf16, f16] = SUFFIXES.map(for_kind);
         Ok(Kernels {
             device: device as i32,
-            max_blocks: 8192,
+            max_grid: (8192, 65535),
             f32: f32?,
             bf16: bf16?,
             f16: f16?,
@@ -716,14 +735,14 @@ mod cuda {
     pub(super) fn launch(
         function: *mut c_void,
         device: i32,
-        grid: u32,
+        (grid_x, grid_y): (u32, u32),
         block: u32,
         args: &mut [*mut c_void],
     ) -> i32 {
         // SAFETY: the caller passes arguments matching the kernel's parameters, every tensor pointer a
         // live contiguous CUDA buffer of the kernel's dtype and size; the shim catches every C++
         // exception.
-        unsafe { mmreg_kernels_launch(function, device, grid, block, args.as_mut_ptr()) }
+        unsafe { mmreg_kernels_launch(function, device, grid_x, grid_y, block, args.as_mut_ptr()) }
     }
 }
 
@@ -743,7 +762,13 @@ mod cuda {
         Err(NO_SHIM.into())
     }
 
-    pub(super) fn launch(_: *mut c_void, _: i32, _: u32, _: u32, _: &mut [*mut c_void]) -> i32 {
+    pub(super) fn launch(
+        _: *mut c_void,
+        _: i32,
+        _: (u32, u32),
+        _: u32,
+        _: &mut [*mut c_void],
+    ) -> i32 {
         unreachable!("no CUDA kernels are loaded without the shim")
     }
 }
