@@ -1,13 +1,18 @@
-//! Fused elementwise kernels for decoder layers: RMSNorm (with the residual add before it), SiLU × up,
-//! and rotary embeddings. Each replaces several libtorch kernels with one and computes the same values
-//! (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op code does).
+//! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
+//! embeddings, and decode attention that reads the paged KV cache in place. The elementwise ones replace
+//! several libtorch kernels each and compute the same values (`csrc/fused_kernels.cu` rounds every
+//! intermediate to the model dtype where HF's op-by-op code does).
 //!
-//! On CUDA they are compiled once per device by NVRTC (which pip's torch ships) and launched through the
-//! shim on libtorch's current stream, so they run inside CUDA graphs. **Opt-in for now**
-//! (`MMREG_FUSED_KERNELS=1` or [`set_enabled`]): they have not yet run on a GPU, so the default stays the
-//! measured libtorch path until `tests/fused_kernels.rs` and the benchmark have run on one. Everywhere
-//! else — on the CPU, in a build without the shim, when NVRTC fails, or switched off — each function runs
-//! HF's plain libtorch ops instead, so model code calls these functions unconditionally.
+//! On CUDA they are compiled once per device by NVRTC (which pip's torch ships), checked against
+//! libtorch's ops ([`self_check`]), and launched through the shim on libtorch's current stream, so they
+//! run inside CUDA graphs. **Opt-in for now** (`MMREG_FUSED_KERNELS=1` or [`set_enabled`]): they have
+//! not yet run on a GPU, so the default stays the measured libtorch path until `tests/fused_kernels.rs`,
+//! `fused_engine` and the benchmark have run on one. Everywhere else (on the CPU, in a build without the
+//! shim, when NVRTC or the self-check fails, or switched off) each function runs HF's plain libtorch ops
+//! instead, so model code calls these functions unconditionally.
+//!
+//! Without a GPU, the CPU emulator (`csrc/kernel_emulator.cpp`) runs the same CUDA source, launched by
+//! the same code, for the tests.
 
 use std::cell::Cell;
 use std::ffi::c_void;
