@@ -134,29 +134,45 @@ __device__ void silu_mul_all(typename D::T* out, const typename D::T* gate_up, l
 // (values) are copied. cos and sin are [tokens, dim] in the model dtype. Each thread takes a pair of
 // elements j and j + dim/2 (which rotate into each other) of a row (token, head): grid-stride loops
 // over rows (y) and pairs (x).
+//
+// With caches (not null), the last 2 * kv_heads heads are the keys and the values: their rows are also
+// stored at the token's slot, `key_cache`/`value_cache` being [slots, kv_heads, dim] (the KV-cache write
+// of the step, in the same pass).
 template <typename D>
 __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typename D::T* cos,
-                         const typename D::T* sin, long long tokens, int heads, int rotated,
-                         int dim) {
+                         const typename D::T* sin, long long tokens, int heads, int rotated, int dim,
+                         typename D::T* key_cache, typename D::T* value_cache, const long long* slots,
+                         int kv_heads) {
   const int half = dim / 2;
+  const int first_key = heads - 2 * kv_heads, first_value = heads - kv_heads;
   for (long long row = blockIdx.y; row < tokens * heads; row += gridDim.y) {
     const long long t = row / heads;
-    const bool rotates = row % heads < rotated;
+    const int head = row % heads;
     const typename D::T* x = qkv + row * dim;
     typename D::T* y = out + row * dim;
+    typename D::T* stored = nullptr;
+    if (key_cache != nullptr && head >= first_key) {
+      typename D::T* cache = head < first_value ? key_cache : value_cache;
+      const int kv_head = head < first_value ? head - first_key : head - first_value;
+      stored = cache + (slots[t] * kv_heads + kv_head) * dim;
+    }
     const typename D::T* c = cos + t * dim;
     const typename D::T* s = sin + t * dim;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < half; j += gridDim.x * blockDim.x) {
-      if (!rotates) {
-        y[j] = x[j];
-        y[j + half] = x[j + half];
-        continue;
+      typename D::T low = x[j], high = x[j + half];
+      if (head < rotated) {
+        const float first = D::load(low), second = D::load(high);
+        // rotate_half(x) = (-second, first).
+        low = D::store(round_to<D>(first * D::load(c[j])) + round_to<D>(-second * D::load(s[j])));
+        high = D::store(round_to<D>(second * D::load(c[j + half])) +
+                        round_to<D>(first * D::load(s[j + half])));
       }
-      const float first = D::load(x[j]), second = D::load(x[j + half]);
-      // rotate_half(x) = (-second, first).
-      y[j] = D::store(round_to<D>(first * D::load(c[j])) + round_to<D>(-second * D::load(s[j])));
-      y[j + half] = D::store(round_to<D>(second * D::load(c[j + half])) +
-                             round_to<D>(first * D::load(s[j + half])));
+      y[j] = low;
+      y[j + half] = high;
+      if (stored != nullptr) {
+        stored[j] = low;
+        stored[j + half] = high;
+      }
     }
   }
 }
@@ -298,10 +314,12 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
                                                long long cols) {                                   \
     silu_mul_all<D>(out, gate_up, rows, cols);                                                     \
   }                                                                                                \
-  MMREG_KERNEL void rope_##suffix(D::T* out, const D::T* qkv, const D::T* cos,           \
-                                           const D::T* sin, long long tokens, int heads,           \
-                                           int rotated, int dim) {                                 \
-    rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim);                                  \
+  MMREG_KERNEL void rope_##suffix(D::T* out, const D::T* qkv, const D::T* cos, const D::T* sin,     \
+                                  long long tokens, int heads, int rotated, int dim,               \
+                                  D::T* key_cache, D::T* value_cache, const long long* slots,      \
+                                  int kv_heads) {                                                  \
+    rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache, slots,    \
+                kv_heads);                                                                         \
   }                                                                                                \
   MMREG_ATTENTION(D, suffix, 1)                                                                    \
   MMREG_ATTENTION(D, suffix, 2)                                                                    \

@@ -126,7 +126,8 @@ T arg(void** args, int i) {
                                    arg<long long>(a, 3)); },                                          \
   [](void** a) { rope_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),              \
                                arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),             \
-                               arg<int>(a, 6), arg<int>(a, 7)); },                                    \
+                               arg<int>(a, 6), arg<int>(a, 7), arg<T*>(a, 8), arg<T*>(a, 9),          \
+                               arg<const long long*>(a, 10), arg<int>(a, 11)); },                     \
   MMREG_EMULATED_ATTENTION(suffix, T, 1), MMREG_EMULATED_ATTENTION(suffix, T, 2),                   \
   MMREG_EMULATED_ATTENTION(suffix, T, 4), MMREG_EMULATED_ATTENTION(suffix, T, 8)
 

@@ -20,6 +20,20 @@ pub fn paged_attention(
     scale: f64,
 ) -> Result<Tensor> {
     cache.write(layer, key, value, &batch.new_slots)?;
+    attend_stored(query, key, value, layer, batch, cache, scale)
+}
+
+/// [`paged_attention`] when the step's keys and values are already in the cache at
+/// `batch.new_slots` (written by [`kernels::rope_and_store`], say).
+pub fn attend_stored(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    layer: usize,
+    batch: &AttentionBatch,
+    cache: &PagedKvCache,
+    scale: f64,
+) -> Result<Tensor> {
     if let Some(DecodeGather {
         slots,
         mask,

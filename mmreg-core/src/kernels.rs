@@ -119,9 +119,45 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
         && dim % 2 == 0
         && (0..=heads).contains(&rotated);
     match fused_for(&[qkv, cos, sin]) {
-        Some(k) if fits => k.rope(qkv, cos, sin, rotated),
+        Some(k) if fits => k.rope(qkv, cos, sin, rotated, None),
         _ => unfused::rope(qkv, cos, sin, rotated),
     }
+}
+
+/// [`rope`] of a decoder layer's stacked `[tokens, heads, dim]` projection whose last `2 * kv_heads`
+/// heads are the keys and the values (queries and keys rotate), which also stores the keys (rotated)
+/// and values in `key_cache`/`value_cache` (`[slots, kv_heads, dim]`) at `slots` (`[tokens]`, int64):
+/// the step's KV-cache write in the same pass. `None` where the kernel does not run: the caller then
+/// applies [`rope`] and writes the cache itself.
+pub fn rope_and_store(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    kv_heads: i64,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slots: &Tensor,
+) -> Option<Tensor> {
+    let [tokens, heads, dim] = qkv.size()[..] else {
+        return None;
+    };
+    let fits = cos.size() == [tokens, dim]
+        && sin.size() == [tokens, dim]
+        && dim % 2 == 0
+        && kv_heads > 0
+        && 2 * kv_heads <= heads
+        && key_cache.size().get(1..) == Some(&[kv_heads, dim][..])
+        && value_cache.size() == key_cache.size()
+        && slots.size() == [tokens]
+        && slots.kind() == Kind::Int64
+        && slots.device() == qkv.device()
+        && slots.is_contiguous();
+    if !fits {
+        return None;
+    }
+    let k = fused_for(&[qkv, cos, sin, key_cache, value_cache])?;
+    let store = (key_cache, value_cache, slots, kv_heads);
+    Some(k.rope(qkv, cos, sin, heads - kv_heads, Some(store)))
 }
 
 /// Attention of one new token per sequence over its cached keys and values, read in place from the paged
@@ -289,8 +325,28 @@ fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &unfused::silu_mul(&gate_up),
         )?;
         let (qkv, cos, sin) = (w(&[4, 6, 64], 0.5), w(&[4, 64], 0.6), w(&[4, 64], 0.7));
-        let roped = k.rope(&qkv, &cos, &sin, 4);
+        let roped = k.rope(&qkv, &cos, &sin, 4, None);
         compare("rope", &roped, &unfused::rope(&qkv, &cos, &sin, 4))?;
+        // With the key (head 4) and value (head 5) rows stored at slots 9, 2, 5, 0 of a pool of 12.
+        let (keys, values) = (w(&[12, 1, 64], 1.1), w(&[12, 1, 64], 1.2));
+        let rows = Tensor::from_slice(&[9i64, 2, 5, 0]).to_device(device);
+        let roped = k.rope(&qkv, &cos, &sin, 5, Some((&keys, &values, &rows, 1)));
+        compare(
+            "rope_and_store",
+            &roped,
+            &unfused::rope(&qkv, &cos, &sin, 5),
+        )?;
+        let stored = |cache: &Tensor| cache.index_select(0, &rows);
+        compare(
+            "rope_and_store keys",
+            &stored(&keys),
+            &roped.narrow(1, 4, 1),
+        )?;
+        compare(
+            "rope_and_store values",
+            &stored(&values),
+            &roped.narrow(1, 5, 1),
+        )?;
         // Sequences of 3 and 37 slots (padded to 40) scattered over a pool of 50, 2 query heads per
         // key/value head, query rows strided.
         let (keys, values) = (w(&[50, 2, 64], 0.8), w(&[50, 2, 64], 0.9));
@@ -528,7 +584,15 @@ impl Kernels {
         out
     }
 
-    fn rope(&self, qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
+    /// `store`: key cache, value cache, slots and key/value heads, for [`rope_and_store`].
+    fn rope(
+        &self,
+        qkv: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        rotated: i64,
+        store: Option<(&Tensor, &Tensor, &Tensor, i64)>,
+    ) -> Tensor {
         let out = qkv.empty_like();
         let k = self.of(qkv.kind());
         let [tokens, heads, dim] = qkv.size()[..] else {
@@ -538,6 +602,11 @@ impl Kernels {
             (ptr(&out), ptr(qkv), ptr(cos), ptr(sin));
         let mut tokens = tokens;
         let (mut heads32, mut rotated, mut dim32) = (heads as i32, rotated as i32, dim as i32);
+        let null = std::ptr::null_mut();
+        let (mut keys_p, mut values_p, mut slots_p, mut kv_heads) = match store {
+            Some((keys, values, slots, kv)) => (ptr(keys), ptr(values), ptr(slots), kv as i32),
+            None => (null, null, null, 0),
+        };
         let mut args = [
             arg!(out_p),
             arg!(qkv_p),
@@ -547,6 +616,10 @@ impl Kernels {
             arg!(heads32),
             arg!(rotated),
             arg!(dim32),
+            arg!(keys_p),
+            arg!(values_p),
+            arg!(slots_p),
+            arg!(kv_heads),
         ];
         // A thread per pair of elements (j, j + dim/2) of a row (token, head).
         let half = dim / 2;

@@ -239,6 +239,43 @@ fn rope_equals_hf_rotary_embedding() {
 }
 
 #[test]
+fn rope_and_store_also_writes_the_keys_and_values_at_their_slots() {
+    for mode in modes() {
+        let device = mode.device();
+        for kind in KINDS {
+            // Mistral-like: 8 query heads, 2 key and 2 value heads; 5 tokens into a pool of 16 slots.
+            let (tokens, kv_heads, dim) = (5, 2, 64);
+            let heads = 8 + 2 * kv_heads;
+            let qkv = random(&[tokens, heads, dim], kind, device, 11);
+            let (cos, sin) = rope_tables(tokens, dim, kind, device);
+            let keys = Tensor::zeros([16, kv_heads, dim], (kind, device));
+            let values = Tensor::zeros([16, kv_heads, dim], (kind, device));
+            let slots = Tensor::from_slice(&[3i64, 15, 0, 8, 9]).to_device(device);
+            let out = kernels::rope_and_store(&qkv, &cos, &sin, kv_heads, &keys, &values, &slots);
+            let Some(out) = out else {
+                assert_eq!(mode, Mode::Fallback, "the kernel did not run");
+                continue;
+            };
+            let expected = hf_rope(&qkv, &cos, &sin, heads - kv_heads);
+            let what = format!("rope_and_store {mode:?}");
+            assert_identical(&what, &out, &expected);
+            let stored = |cache: &Tensor| cache.index_select(0, &slots);
+            assert_identical(&what, &stored(&keys), &expected.narrow(1, 8, kv_heads));
+            assert_identical(&what, &stored(&values), &expected.narrow(1, 10, kv_heads));
+            // Nothing else written.
+            let written = keys
+                .abs()
+                .sum_dim_intlist(&[1i64, 2][..], false, Kind::Float)
+                .gt(0.0);
+            let expected_written = Tensor::zeros([16], (Kind::Bool, device))
+                .index_fill(0, &slots, 1)
+                .to_kind(Kind::Bool);
+            assert_identical(&what, &written, &expected_written);
+        }
+    }
+}
+
+#[test]
 fn rms_norm_and_residual_add_match_hf() {
     for mode in modes() {
         for kind in KINDS {

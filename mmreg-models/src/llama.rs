@@ -1,7 +1,7 @@
 //! The Llama decoder (Mistral and Vicuna use the same code): RMSNorm in f32, half-split rotary
 //! embeddings, grouped-query attention, gated MLP, with a preallocated KV cache.
 
-use mmreg_core::attention::paged_attention;
+use mmreg_core::attention::{attend_stored, paged_attention};
 use mmreg_core::kernels;
 use mmreg_core::{AttentionBatch, Error, KvCacheSpec, PagedKvCache, Result};
 use serde::Deserialize;
@@ -171,15 +171,31 @@ impl Attention {
             .qkv_proj
             .forward(x)
             .view([t, h + 2 * kv, self.head_dim]);
-        // Queries and keys rotate; values pass through unchanged (see `Rope`).
-        let qkv = rope.apply(&qkv);
+        // Queries and keys rotate; values pass through unchanged (see `Rope`). Where the kernel runs, the
+        // same pass stores the keys and values in the cache.
+        let (keys, values) = cache.layer(layer);
+        let stored = kernels::rope_and_store(
+            &qkv,
+            &rope.cos,
+            &rope.sin,
+            kv,
+            keys,
+            values,
+            &batch.new_slots,
+        );
+        let in_cache = stored.is_some();
+        let qkv = stored.unwrap_or_else(|| rope.apply(&qkv));
         let (q, k, v) = (
             qkv.narrow(1, 0, h),
             qkv.narrow(1, h, kv),
             qkv.narrow(1, h + kv, kv),
         );
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = paged_attention(&q, &k, &v, layer, batch, cache, scale)?;
+        let out = if in_cache {
+            attend_stored(&q, &k, &v, layer, batch, cache, scale)?
+        } else {
+            paged_attention(&q, &k, &v, layer, batch, cache, scale)?
+        };
         Ok(self.o_proj.forward(&out.reshape([t, h * self.head_dim])))
     }
 }
