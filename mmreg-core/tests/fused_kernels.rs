@@ -299,8 +299,8 @@ fn rms_norm_and_residual_add_match_hf() {
     }
 }
 
-/// softmax(q·k·scale)·v over each sequence's real slots, in f32, grouped-query heads sharing their key
-/// and value head: what sdpa computes, one sequence at a time.
+/// softmax(q k^T scale) v over each sequence's real slots, in f32, written as einsums over the gathered
+/// rows (grouped-query heads repeat their key/value head, as HF's repeat_kv).
 fn reference_decode_attention(
     query: &Tensor,
     keys: &Tensor,
@@ -309,22 +309,22 @@ fn reference_decode_attention(
     scale: f64,
 ) -> Tensor {
     let group = query.size()[1] / keys.size()[1];
+    let per_query_head = |cache: &Tensor, index: &Tensor| {
+        cache
+            .index_select(0, index)
+            .to_kind(Kind::Float)
+            .repeat_interleave_self_int(group, Some(1), None)
+    };
     let rows: Vec<Tensor> = slots
         .iter()
-        .enumerate()
-        .map(|(i, slots)| {
+        .zip(0i64..)
+        .map(|(slots, i)| {
             let index = Tensor::from_slice(slots).to_device(keys.device());
-            let gather = |cache: &Tensor| {
-                cache
-                    .index_select(0, &index)
-                    .to_kind(Kind::Float)
-                    .repeat_interleave_self_int(group, Some(1), None)
-                    .transpose(0, 1)
-            };
-            let (k, v) = (gather(keys), gather(values));
-            let q = query.get(i as i64).to_kind(Kind::Float).unsqueeze(1);
-            let weights = (q.matmul(&k.transpose(1, 2)) * scale).softmax(-1, Kind::Float);
-            weights.matmul(&v).squeeze_dim(1)
+            let (k, v) = (per_query_head(keys, &index), per_query_head(values, &index));
+            let q = query.get(i).to_kind(Kind::Float);
+            let scores = Tensor::einsum("hd,lhd->hl", &[&q, &k], None::<i64>) * scale;
+            let weights = scores.softmax(-1, Kind::Float);
+            Tensor::einsum("hl,lhd->hd", &[&weights, &v], None::<i64>)
         })
         .collect();
     Tensor::stack(&rows, 0).to_kind(query.kind())
