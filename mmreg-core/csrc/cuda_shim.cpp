@@ -256,9 +256,11 @@ void set_error(char* error, size_t capacity, const std::string& message) {
   error[n] = '\0';
 }
 
-// Compiles `source` with NVRTC for compute capability major.minor into `cubin`; on failure returns false
-// with why (NVRTC's log included). Needs no GPU.
-bool nvrtc_compile(const char* source, int major, int minor, std::string& cubin, std::string& why) {
+// Compiles `source` with NVRTC for compute capability major.minor into `cubin`, and NVRTC's log into `log`
+// (with `report`, ptxas's registers, stack frame and spills of every kernel); on failure returns false
+// with why (the log included). Needs no GPU.
+bool nvrtc_compile(const char* source, int major, int minor, bool report, std::string& cubin,
+                   std::string& log, std::string& why) {
   // NVRTC opens its builtins library by name when it compiles; loading that first from the wheel's
   // directory lets the by-name lookup find it without LD_LIBRARY_PATH.
   std::string wheel = torch_lib_dir() + "/../../nvidia/cu13/lib/";
@@ -278,18 +280,19 @@ bool nvrtc_compile(const char* source, int major, int minor, std::string& cubin,
   }
   std::string arch = "--gpu-architecture=sm_" + std::to_string(major) + std::to_string(minor);
   // --fmad=false: a product and a sum stay two roundings, as in libtorch's separate kernels.
-  const char* options[] = {arch.c_str(), "--std=c++17", "--fmad=false"};
+  const char* options[] = {arch.c_str(), "--std=c++17", "--fmad=false", "--ptxas-options=--verbose"};
   NvrtcProgram program = nullptr;
   if (nvrtc.create(&program, source, "mmreg_fused_kernels.cu", 0, nullptr, nullptr) != 0) {
     why = "nvrtcCreateProgram failed";
     return false;
   }
-  bool ok = nvrtc.compile(program, 3, options) == 0;
+  bool ok = nvrtc.compile(program, report ? 4 : 3, options) == 0;
   size_t size = 0;
+  nvrtc.log_size(program, &size);
+  log.assign(size, '\0');
+  nvrtc.log(program, log.data());
+  log.resize(strnlen(log.data(), log.size()));
   if (!ok) {
-    nvrtc.log_size(program, &size);
-    std::string log(size, '\0');
-    nvrtc.log(program, log.data());
     why = "NVRTC compile (" + arch + ") failed: " + log;
   } else {
     nvrtc.cubin_size(program, &size);
@@ -318,14 +321,17 @@ int guarded(char* error, size_t capacity, F body) {
 extern "C" {
 
 // Compiles `source` for compute capability major.minor without loading it; *size receives the cubin's
-// size. For checking the kernels where there is no GPU.
-int mmreg_kernels_compile(const char* source, int major, int minor, size_t* size, char* error, size_t capacity) {
+// size and `report` ptxas's account of every kernel's registers, stack frame and spills. For checking the
+// kernels where there is no GPU.
+int mmreg_kernels_compile(const char* source, int major, int minor, size_t* size, char* report,
+                          size_t report_capacity, char* error, size_t capacity) {
   return guarded(error, capacity, [&] {
-    std::string cubin, why;
-    if (!nvrtc_compile(source, major, minor, cubin, why)) {
+    std::string cubin, log, why;
+    if (!nvrtc_compile(source, major, minor, true, cubin, log, why)) {
       set_error(error, capacity, why);
       return 2;
     }
+    set_error(report, report_capacity, log);
     *size = cubin.size();
     return 0;
   });
@@ -356,8 +362,8 @@ int mmreg_kernels_load(int device, const char* source, void** module, char* erro
       set_error(error, capacity, "cannot read the device's compute capability");
       return 9;
     }
-    std::string cubin, why;
-    if (!nvrtc_compile(source, major, minor, cubin, why)) {
+    std::string cubin, log, why;
+    if (!nvrtc_compile(source, major, minor, false, cubin, log, why)) {
       set_error(error, capacity, why);
       return 7;
     }

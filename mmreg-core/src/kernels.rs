@@ -371,9 +371,10 @@ fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
 }
 
 /// Compiles the kernels with NVRTC for compute capability `major.minor` without a GPU (nothing is loaded)
-/// and returns the size of the binary: checks the source and the NVRTC lookup on any machine. An error
-/// says why (NVRTC's log included), or that this build has no shim.
-pub fn compile_for(major: i32, minor: i32) -> Result<usize, String> {
+/// and returns the size of the binary and ptxas's report (each kernel's registers, stack frame and
+/// spills): checks the source and the NVRTC lookup on any machine. An error says why (NVRTC's log
+/// included), or that this build has no shim.
+pub fn compile_for(major: i32, minor: i32) -> Result<(usize, String), String> {
     cuda::compile_for(major, minor)
 }
 
@@ -701,6 +702,8 @@ mod cuda {
             major: i32,
             minor: i32,
             size: *mut usize,
+            report: *mut c_char,
+            report_capacity: usize,
             error: *mut c_char,
             capacity: usize,
         ) -> i32;
@@ -761,15 +764,26 @@ mod cuda {
         Err(format!("{message} (status {status})"))
     }
 
-    pub(super) fn compile_for(major: i32, minor: i32) -> Result<usize, String> {
+    pub(super) fn compile_for(major: i32, minor: i32) -> Result<(usize, String), String> {
         let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
         let mut size = 0usize;
-        // SAFETY: the shim writes the size and a NUL-terminated message of at most `capacity` bytes, and
+        let mut report = vec![0u8; 64 * 1024];
+        // SAFETY: the shim writes the size and NUL-terminated texts of at most their capacities, and
         // catches every C++ exception.
         with_error(|error, capacity| unsafe {
-            mmreg_kernels_compile(source.as_ptr(), major, minor, &mut size, error, capacity)
+            mmreg_kernels_compile(
+                source.as_ptr(),
+                major,
+                minor,
+                &mut size,
+                report.as_mut_ptr().cast(),
+                report.len(),
+                error,
+                capacity,
+            )
         })?;
-        Ok(size)
+        let end = report.iter().position(|&b| b == 0).unwrap_or(report.len());
+        Ok((size, String::from_utf8_lossy(&report[..end]).into_owned()))
     }
 
     fn load(device: usize) -> Result<Kernels, String> {
@@ -836,7 +850,7 @@ mod cuda {
         Err(NO_SHIM.into())
     }
 
-    pub(super) fn compile_for(_major: i32, _minor: i32) -> Result<usize, String> {
+    pub(super) fn compile_for(_major: i32, _minor: i32) -> Result<(usize, String), String> {
         Err(NO_SHIM.into())
     }
 

@@ -141,14 +141,39 @@ fn rope_tables(tokens: i64, dim: i64, kind: Kind, device: Device) -> (Tensor, Te
 
 /// NVRTC needs no GPU: the source compiles here for the cards the benchmarks run on (H100/H200: sm_90)
 /// and for Ampere (sm_80). This build machine and CI have pip's torch with its CUDA wheels, so the shim
-/// is built; a build without it says so.
+/// is built; a build without it says so. ptxas's report must show every kernel without local memory
+/// (no stack frame, no spills): per-lane arrays indexed at run time would land there and make the
+/// attention kernel slow, which no CPU test would notice.
 #[test]
-fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere() {
+fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory() {
     for (major, minor) in [(9, 0), (8, 0)] {
-        match kernels::compile_for(major, minor) {
-            Ok(bytes) => assert!(bytes > 1000, "sm_{major}{minor}: a {bytes}-byte cubin"),
+        let (bytes, report) = match kernels::compile_for(major, minor) {
+            Ok(compiled) => compiled,
             Err(why) => panic!("sm_{major}{minor}: {why}"),
+        };
+        assert!(bytes > 1000, "sm_{major}{minor}: a {bytes}-byte cubin");
+        // "ptxas info    : Function properties for NAME" is followed by
+        // "    N bytes stack frame, N bytes spill stores, N bytes spill loads".
+        let mut kernels = 0;
+        let mut lines = report.lines();
+        while let Some(line) = lines.next() {
+            let Some(name) = line.split("Function properties for ").nth(1) else {
+                continue;
+            };
+            let properties = lines.next().unwrap_or_default();
+            kernels += 1;
+            assert!(
+                properties.contains(" 0 bytes stack frame")
+                    && properties.contains(" 0 bytes spill stores")
+                    && properties.contains(" 0 bytes spill loads"),
+                "sm_{major}{minor}: {name} uses local memory: {properties}"
+            );
         }
+        // 8 kernels in each of 3 dtypes.
+        assert_eq!(
+            kernels, 24,
+            "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
+        );
     }
 }
 
