@@ -247,6 +247,19 @@ bool find(void* lib, const char* name, F& out) {
   return out != nullptr;
 }
 
+// The driver's entry points, looked up once (null where there is no driver: a machine without a GPU).
+const Driver* driver() {
+  static const Driver* found = [] () -> const Driver* {
+    static Driver d;
+    void* lib = open_first({"libcuda.so.1", "libcuda.so"});
+    bool ok = lib != nullptr && find(lib, "cuModuleLoadData", d.module_load_data) &&
+              find(lib, "cuModuleGetFunction", d.module_get_function) &&
+              find(lib, "cuLaunchKernel", d.launch_kernel);
+    return ok ? &d : nullptr;
+  }();
+  return found;
+}
+
 void set_error(char* error, size_t capacity, const std::string& message) {
   if (capacity == 0) {
     return;
@@ -341,16 +354,10 @@ int mmreg_kernels_compile(const char* source, int major, int minor, size_t* size
 // and writes why into `error`.
 int mmreg_kernels_load(int device, const char* source, void** module, char* error, size_t capacity) {
   return guarded(error, capacity, [&] {
-    void* driver_lib = open_first({"libcuda.so.1", "libcuda.so"});
-    if (driver_lib == nullptr) {
-      set_error(error, capacity, "the CUDA driver (libcuda.so.1) not found");
+    const Driver* cuda = driver();
+    if (cuda == nullptr) {
+      set_error(error, capacity, "the CUDA driver (libcuda.so.1, with the functions mmreg calls) not found");
       return 4;
-    }
-    Driver driver;
-    if (!find(driver_lib, "cuModuleLoadData", driver.module_load_data) ||
-        !find(driver_lib, "cuModuleGetFunction", driver.module_get_function)) {
-      set_error(error, capacity, "the CUDA driver lacks a function mmreg needs");
-      return 5;
     }
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
     // cudaDeviceGetAttribute from the runtime libtorch_cuda loaded (as for cudaMemGetInfo above).
@@ -367,7 +374,7 @@ int mmreg_kernels_load(int device, const char* source, void** module, char* erro
       set_error(error, capacity, why);
       return 7;
     }
-    int loaded = driver.module_load_data(module, cubin.data());
+    int loaded = cuda->module_load_data(module, cubin.data());
     if (loaded != 0) {
       set_error(error, capacity, "cuModuleLoadData failed with CUDA error " + std::to_string(loaded));
       return 8;
@@ -379,13 +386,9 @@ int mmreg_kernels_load(int device, const char* source, void** module, char* erro
 // The kernel `name` of a loaded module, or null.
 void* mmreg_kernels_function(void* module, const char* name) {
   try {
-    void* driver_lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
-    Driver driver;
-    if (driver_lib == nullptr || !find(driver_lib, "cuModuleGetFunction", driver.module_get_function)) {
-      return nullptr;
-    }
+    const Driver* cuda = driver();
     void* function = nullptr;
-    return driver.module_get_function(&function, module, name) == 0 ? function : nullptr;
+    return cuda != nullptr && cuda->module_get_function(&function, module, name) == 0 ? function : nullptr;
   } catch (...) {
     return nullptr;
   }
@@ -397,14 +400,8 @@ void* mmreg_kernels_function(void* module, const char* name) {
 int mmreg_kernels_launch(void* function, int device, unsigned grid_x, unsigned grid_y, unsigned block,
                          void** args) {
   try {
-    static auto launch = [] {
-      decltype(Driver::launch_kernel) f = nullptr;
-      if (void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD)) {
-        find(lib, "cuLaunchKernel", f);
-      }
-      return f;
-    }();
-    if (launch == nullptr) {
+    const Driver* cuda = driver();
+    if (cuda == nullptr) {
       return 2;
     }
     auto index = static_cast<c10::DeviceIndex>(device);
@@ -413,7 +410,7 @@ int mmreg_kernels_launch(void* function, int device, unsigned grid_x, unsigned g
       c10::cuda::set_device(index);
     }
     void* stream = c10::cuda::getCurrentCUDAStream(index).stream();
-    int status = launch(function, grid_x, grid_y, 1, block, 1, 1, 0, stream, args, nullptr);
+    int status = cuda->launch_kernel(function, grid_x, grid_y, 1, block, 1, 1, 0, stream, args, nullptr);
     if (previous != index) {
       c10::cuda::set_device(previous);
     }

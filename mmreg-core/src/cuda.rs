@@ -1,6 +1,7 @@
 //! What tch lacks of libtorch's CUDA side, through the C++ shim in `csrc/cuda_shim.cpp`: memory
-//! statistics of the caching allocator, and CUDA graphs. The statistics are `None` (and the other calls do
-//! nothing) where CUDA or the shim is unavailable; capturing a graph there is an error.
+//! statistics of the caching allocator, CUDA graphs and the Kineto profiler. The statistics are `None`
+//! (and the other calls do nothing) where CUDA or the shim is unavailable; capturing a graph or profiling
+//! there is an error.
 
 use crate::{Error, Result};
 
@@ -47,9 +48,9 @@ pub struct GraphPool(u64, u64);
 
 impl Graph {
     /// Runs `f` once on a side stream to warm up (lazy initialisation, cuBLAS workspaces), then again under
-    /// capture, and returns the graph with what the captured run returned. Intermediates live in `pool`
-    /// (a new one if `None`; [`Graph::pool`] gives it for the next capture): graphs sharing a pool must not
-    /// run concurrently, and one graph's outputs may be overwritten by another's replay.
+    /// capture, and returns the graph with what the captured run returned and the pool its
+    /// intermediates live in: `pool` (a new one if `None`), to pass to the next capture. Graphs sharing a
+    /// pool must not run concurrently, and one graph's outputs may be overwritten by another's replay.
     pub fn capture<T>(
         device: usize,
         pool: Option<GraphPool>,

@@ -74,7 +74,7 @@ static EMULATE_ALL: AtomicBool = AtomicBool::new(false);
 
 /// Why the fused kernels do not run on `device`, if they don't (compiling them on first use).
 pub fn unavailable_reason(device: Device) -> Option<String> {
-    kernels_for(device).err()
+    kernels_for(device).err().map(str::to_owned)
 }
 
 /// HF's `LlamaRMSNorm`: `weight * (x * rsqrt(mean(x²) + eps))`, normalised in f32 over the last
@@ -89,9 +89,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 /// The residual add and the next RMSNorm: returns `(x + delta, rms_norm(x + delta, weight))`, the sum
 /// rounded to the dtype before it is normalised (as two separate ops would).
 pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
-    let fits = x.size() == delta.size() && x.size().last() == weight.size().first();
+    let fits = || x.size() == delta.size() && x.size().last() == weight.size().first();
     match fused_for(&[x, delta, weight]) {
-        Some(k) if fits => {
+        Some(k) if fits() => {
             let (sum, normed) = k.rms_norm(x, Some(delta), weight, eps);
             (sum.expect("the fused add returns the sum"), normed)
         }
@@ -114,12 +114,14 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
     let [tokens, heads, dim] = qkv.size()[..] else {
         panic!("rope expects [tokens, heads, dim], got {:?}", qkv.size());
     };
-    let fits = cos.size() == [tokens, dim]
-        && sin.size() == [tokens, dim]
-        && dim % 2 == 0
-        && (0..=heads).contains(&rotated);
+    let fits = || {
+        cos.size() == [tokens, dim]
+            && sin.size() == [tokens, dim]
+            && dim % 2 == 0
+            && (0..=heads).contains(&rotated)
+    };
     match fused_for(&[qkv, cos, sin]) {
-        Some(k) if fits => k.rope(qkv, cos, sin, rotated, None),
+        Some(k) if fits() => k.rope(qkv, cos, sin, rotated, None),
         _ => unfused::rope(qkv, cos, sin, rotated),
     }
 }
@@ -138,6 +140,7 @@ pub fn rope_and_store(
     value_cache: &Tensor,
     slots: &Tensor,
 ) -> Option<Tensor> {
+    let k = fused_for(&[qkv, cos, sin, key_cache, value_cache])?;
     let [tokens, heads, dim] = qkv.size()[..] else {
         return None;
     };
@@ -149,13 +152,10 @@ pub fn rope_and_store(
         && key_cache.size().get(1..) == Some(&[kv_heads, dim][..])
         && value_cache.size() == key_cache.size()
         && slots.size() == [tokens]
-        && slots.kind() == Kind::Int64
-        && slots.device() == qkv.device()
-        && slots.is_contiguous();
+        && readable_indices(slots, qkv.device());
     if !fits {
         return None;
     }
-    let k = fused_for(&[qkv, cos, sin, key_cache, value_cache])?;
     let store = (key_cache, value_cache, slots, kv_heads);
     Some(k.rope(qkv, cos, sin, heads - kv_heads, Some(store)))
 }
@@ -175,6 +175,7 @@ pub fn paged_decode_attention(
     lengths: &Tensor,
     scale: f64,
 ) -> Option<Tensor> {
+    let k = fused_for(&[key_cache, value_cache])?;
     let [sequences, heads, dim] = query.size()[..] else {
         return None;
     };
@@ -199,11 +200,10 @@ pub fn paged_decode_attention(
     let same = query.kind() == key_cache.kind() && query.device() == key_cache.device();
     let indices_fit = [slots, lengths]
         .iter()
-        .all(|t| t.kind() == Kind::Int64 && t.device() == query.device() && t.is_contiguous());
+        .all(|t| readable_indices(t, query.device()));
     if !(shapes_fit && row_contiguous && same && indices_fit) {
         return None;
     }
-    let k = fused_for(&[key_cache, value_cache])?;
     Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale))
 }
 
@@ -378,32 +378,39 @@ pub fn compile_for(major: i32, minor: i32) -> Result<(usize, String), String> {
     cuda::compile_for(major, minor)
 }
 
+/// An index tensor a kernel can read: contiguous int64 on `device`.
+fn readable_indices(t: &Tensor, device: Device) -> bool {
+    t.kind() == Kind::Int64 && t.device() == device && t.is_contiguous()
+}
+
 /// The kernels when every tensor is contiguous, of one supported dtype and on one device they run on.
+/// Whether the kernels run at all is asked first: off (the default), a call costs one device lookup.
 fn fused_for(tensors: &[&Tensor]) -> Option<&'static Kernels> {
     let first = tensors.first()?;
-    let (device, kind) = (first.device(), first.kind());
+    let device = first.device();
+    let kernels = kernels_for(device).ok()?;
+    let kind = first.kind();
     if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
         return None;
     }
     let uniform = tensors
         .iter()
         .all(|t| t.device() == device && t.kind() == kind && t.is_contiguous());
-    if !uniform {
-        return None;
-    }
-    kernels_for(device).ok()
+    uniform.then_some(kernels)
 }
 
-fn kernels_for(device: Device) -> Result<&'static Kernels, String> {
+/// The kernels for `device`, or why not as a static message: every kernel call asks, so the answer
+/// allocates nothing (a failure's message is kept from when the kernels were loaded).
+fn kernels_for(device: Device) -> Result<&'static Kernels, &'static str> {
     if !enabled() {
-        return Err("switched off (MMREG_FUSED_KERNELS=1 switches them on)".into());
+        return Err("switched off (MMREG_FUSED_KERNELS=1 switches them on)");
     }
     match device {
         Device::Cuda(index) => cuda::kernels(index),
         Device::Cpu if EMULATE.with(Cell::get) || EMULATE_ALL.load(Ordering::Relaxed) => {
             Ok(&EMULATED)
         }
-        _ => Err(format!("{device:?} is not a CUDA device")),
+        _ => Err("not a CUDA device"),
     }
 }
 
@@ -725,8 +732,8 @@ mod cuda {
         ) -> i32;
     }
 
-    /// Compiled once per device, or why not (logged once).
-    type Loaded = Result<&'static Kernels, String>;
+    /// Compiled and checked once per device, or why not (logged once, the message kept for good).
+    type Loaded = Result<&'static Kernels, &'static str>;
     static LOADED: Mutex<Option<HashMap<usize, Loaded>>> = Mutex::new(None);
 
     pub(super) fn kernels(device: usize) -> Loaded {
@@ -747,9 +754,9 @@ mod cuda {
                     )
                 }
             }
-            checked
+            checked.map_err(|why| &*Box::leak(why.into_boxed_str()))
         });
-        entry.clone()
+        *entry
     }
 
     /// Calls the shim with an error buffer; the message it wrote when it returned non-zero.
@@ -846,8 +853,8 @@ mod cuda {
 
     const NO_SHIM: &str = "this build has no CUDA shim (no CUDA headers next to libtorch)";
 
-    pub(super) fn kernels(_device: usize) -> Result<&'static Kernels, String> {
-        Err(NO_SHIM.into())
+    pub(super) fn kernels(_device: usize) -> Result<&'static Kernels, &'static str> {
+        Err(NO_SHIM)
     }
 
     pub(super) fn compile_for(_major: i32, _minor: i32) -> Result<(usize, String), String> {

@@ -172,11 +172,20 @@ pub struct AttentionBatch {
 pub struct DecodeGather {
     /// Every sequence's slots padded to the same width: `[sequences * width]` (int64).
     pub slots: Tensor,
-    /// Which of them are real, `[sequences, 1, 1, width]`: a boolean mask, or an additive bias in the
-    /// query dtype (0 or -inf).
+    /// Which of them are real, `[sequences, 1, 1, width]`: [`real_slots`], or an additive bias made from
+    /// it in the query dtype (0 or -inf).
     pub mask: Tensor,
     /// How many of each sequence's slots are real (the first ones), `[sequences]` (int64).
     pub lengths: Tensor,
+}
+
+/// Which of each sequence's `width` padded slots are real, given how many are (`lengths`, `[sequences]`,
+/// the first ones): `[sequences, 1, 1, width]`, true on the real slots (the boolean attention mask).
+pub fn real_slots(lengths: &Tensor, width: i64) -> Result<Tensor> {
+    Ok(Tensor::f_arange(width, (Kind::Int64, lengths.device()))?
+        .unsqueeze(0)
+        .f_lt_tensor(&lengths.unsqueeze(1))?
+        .view([-1, 1, 1, width]))
 }
 
 /// Cache slots of tokens `0..len` of a sequence that owns `blocks`.
@@ -207,7 +216,7 @@ pub fn attention_batch(
         .map(|&(_, context, len)| context + len)
         .max()
         .unwrap_or(0);
-    let (mut padded, mut valid, mut lengths) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut padded, mut lengths) = (Vec::new(), Vec::new());
     for &(blocks, context, len) in sequences {
         if blocks.len() * block_size < context + len {
             return Err(Error::Registry(format!(
@@ -223,7 +232,6 @@ pub fn attention_batch(
                     .copied()
                     .chain(std::iter::repeat_n(0, longest - all.len())),
             );
-            valid.extend((0..longest).map(|i| i < all.len()));
             lengths.push(all.len() as i64);
         }
         positions.extend((context..context + len).map(|p| p as i64));
@@ -249,14 +257,15 @@ pub fn attention_batch(
         sequences: slices,
         logits_indices: last_token_logits
             .then(|| Tensor::from_slice(&logits_rows).to_device(device)),
-        decode_gather: all_decodes.then(|| {
-            let mask =
-                Tensor::from_slice(&valid).view([sequences.len() as i64, 1, 1, longest as i64]);
-            DecodeGather {
-                slots: Tensor::from_slice(&padded).to_device(device),
-                mask: mask.to_device(device),
-                lengths: Tensor::from_slice(&lengths).to_device(device),
-            }
-        }),
+        decode_gather: all_decodes
+            .then(|| -> Result<DecodeGather> {
+                let lengths = Tensor::from_slice(&lengths).to_device(device);
+                Ok(DecodeGather {
+                    slots: Tensor::from_slice(&padded).to_device(device),
+                    mask: real_slots(&lengths, longest as i64)?,
+                    lengths,
+                })
+            })
+            .transpose()?,
     })
 }

@@ -2,7 +2,7 @@
 //! prompt, for LLaVA-1.5 (fixed-size pixel values) and LLaVA-NeXT (patch counts that differ per image,
 //! padded to join), whatever the grouping limit.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use mmreg_core::generate::{embed_prompt, embed_prompts, prepare, PreparedInputs};
 use mmreg_core::{
@@ -11,11 +11,8 @@ use mmreg_core::{
 };
 use mmreg_models as _;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures")
-        .join(name)
-}
+mod support;
+use support::fixture;
 
 fn check(dir: &Path, prompts: &[(&str, &[&str])]) {
     let ctx = ModelContext::from_dir(dir).expect("context");

@@ -3,19 +3,13 @@
 //! Skipped, with a message, on a machine without CUDA.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 
 use mmreg_core::{Engine, EngineOptions, ImageSource, Prompt, Request, SamplingParams};
 use mmreg_models as _;
-use tch::{Device, Kind};
 
-fn fixture(name: &str) -> PathBuf {
-    // On the GPU machine the staged binary runs outside the checkout; MMREG_REPO points back at it.
-    let repo = std::env::var("MMREG_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
-    repo.join("fixtures").join(name)
-}
+mod support;
+use support::fixture;
+use tch::{Device, Kind};
 
 #[test]
 fn cuda_graphs_generate_what_plain_steps_generate() {

@@ -10,11 +10,8 @@ use mmreg_core::{
 };
 use mmreg_models as _;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures")
-        .join(name)
-}
+mod support;
+use support::fixture;
 
 fn request(prompt: &str, images: &[PathBuf], params: SamplingParams) -> Request {
     Request {

@@ -4,23 +4,17 @@
 //! there is one, for real (f32, CUDA graphs captured). Its own binary: the switches are process-wide.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use mmreg_core::{kernels, Engine, EngineOptions, ImageSource, Prompt, Request, SamplingParams};
 use mmreg_models as _;
+
+mod support;
+use support::fixture;
 use tch::{Device, Kind};
 
 /// The tests switch the kernels for the whole process: one at a time.
 static SWITCHES: Mutex<()> = Mutex::new(());
-
-fn fixture(name: &str) -> PathBuf {
-    // On the GPU machine the staged binary runs outside the checkout; MMREG_REPO points back at it.
-    let repo = std::env::var("MMREG_REPO")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
-    repo.join("fixtures").join(name)
-}
 
 fn request(prompt: &str, images: &[&str], max_tokens: usize) -> Request {
     let dir = fixture("llava-tiny-real/images");

@@ -1,8 +1,6 @@
 //! Parity with Hugging Face transformers on tiny random LLaVA checkpoints and goldens made by
 //! `scripts/make_llava_fixtures.py` (HF eager attention, float32, CPU).
 
-use std::path::{Path, PathBuf};
-
 use mmreg_core::generate::{generate, prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
@@ -11,15 +9,12 @@ use mmreg_core::{
 };
 use mmreg_models as _;
 
+mod support;
+use support::fixture;
+
 mod common;
 use common::Golden;
 use tch::Kind;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures")
-        .join(name)
-}
 
 struct Checkpoint {
     ctx: ModelContext,

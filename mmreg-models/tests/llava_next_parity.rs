@@ -1,7 +1,7 @@
 //! LLaVA-NeXT against Hugging Face transformers: the token count over a sweep of sizes, and tiny random
 //! checkpoints made by `scripts/make_llava_next_fixtures.py` (HF eager attention, float32, CPU).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use mmreg_core::generate::{prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
@@ -15,14 +15,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 mod common;
+mod support;
 use common::Golden;
+use support::fixture;
 use tch::Tensor;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fixtures")
-        .join(name)
-}
 
 fn json(path: PathBuf) -> Value {
     serde_json::from_slice(&std::fs::read(&path).expect("readable")).expect("valid JSON")

@@ -13,10 +13,12 @@
 //! fixed-shape steps run without capture, which is what the tests compare against one-at-a-time
 //! generation.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::graphs::GraphCache;
-use crate::kv_cache::{slots, AttentionBatch, DecodeGather, PagedKvCache, SequenceSlice};
+use crate::kv_cache::{
+    real_slots, slots, AttentionBatch, DecodeGather, PagedKvCache, SequenceSlice,
+};
 use crate::{MultiModalModel, Result};
 
 /// Context lengths of decode steps are rounded up to a multiple of this.
@@ -157,12 +159,12 @@ fn decode_step(
     let lens = part(3, b);
     // Attention bias in the model dtype, made once for every layer: 0 on each row's real slots, -inf on
     // its padding.
-    let padding = Tensor::f_arange(c, (Kind::Int64, inputs.device()))?
-        .unsqueeze(0)
-        .f_ge_tensor(&lens.unsqueeze(1))?
-        .view([b, 1, 1, c]);
-    let bias = Tensor::f_zeros([b, 1, 1, c], (model.dtype(), inputs.device()))?
-        .f_masked_fill(&padding, f64::NEG_INFINITY)?;
+    let bias = Tensor::f_full(
+        [b, 1, 1, c],
+        f64::NEG_INFINITY,
+        (model.dtype(), inputs.device()),
+    )?
+    .f_masked_fill(&real_slots(&lens, c)?, 0.0)?;
     let batch = AttentionBatch {
         positions: part(1, b),
         new_slots: part(2, b),
