@@ -6,8 +6,10 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use mmreg_core::generate;
-use mmreg_core::{Engine, EngineOptions, Event, ImageSource, Prompt, Request, SamplingParams};
+use mmreg_core::Prompt;
+use mmreg_engine::{cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams};
+
+use crate::options::{parse_device, parse_dtype};
 
 use crate::commands::PromptArgs;
 
@@ -35,10 +37,10 @@ pub struct BenchArgs {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    let device = generate::parse_device(&args.device)?;
+    let device = parse_device(&args.device)?;
     let options = EngineOptions {
         device,
-        dtype: generate::parse_dtype(&args.dtype)?,
+        dtype: parse_dtype(&args.dtype)?,
         ..EngineOptions::default()
     };
     let started = Instant::now();
@@ -150,16 +152,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ] {
             // Warm (graphs captured), then traced.
             engine.generate(requests.clone());
-            mmreg_core::cuda::start_profiler()?;
+            cuda::start_profiler()?;
             let results = engine.generate(requests);
-            mmreg_core::cuda::stop_profiler(&dir.join(name))?;
+            cuda::stop_profiler(&dir.join(name))?;
             for result in results {
                 result?;
             }
         }
     }
     if let tch::Device::Cuda(i) = device {
-        if let Some(stats) = mmreg_core::cuda::memory_stats(i) {
+        if let Some(stats) = cuda::memory_stats(i) {
             results.insert(
                 "peak_mem_gib".into(),
                 (stats.peak_allocated as f64 / (1u64 << 30) as f64).into(),

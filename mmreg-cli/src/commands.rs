@@ -4,14 +4,18 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use mmreg_core::generate::{self, PreparedInputs};
+use mmreg_core::prepare::{self, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    Completion, Engine, EngineOptions, ImageInput, ImageSource, LoadOptions, ModelContext,
-    MultiModalData, ProcessorInputs, Prompt, Registry, Request, RequestHandle, SamplingParams,
+    ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
     Weights,
 };
+use mmreg_engine::{
+    Completion, Engine, EngineOptions, ImageSource, Request, RequestHandle, SamplingParams,
+};
 use tch::Tensor;
+
+use crate::options::{parse_device, parse_dtype};
 
 pub fn models() -> Result<()> {
     let registry = Registry::global();
@@ -280,7 +284,7 @@ impl GenerateArgs {
 }
 
 pub fn generate(args: &GenerateArgs) -> Result<()> {
-    let device = generate::parse_device(&args.device)?;
+    let device = parse_device(&args.device)?;
     if let tch::Device::Cuda(_) = device {
         if !tch::Cuda::is_available() {
             bail!(
@@ -291,7 +295,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     }
     let options = EngineOptions {
         device,
-        dtype: generate::parse_dtype(&args.dtype)?,
+        dtype: parse_dtype(&args.dtype)?,
         max_model_len: args.max_model_len,
         max_num_seqs: args.max_num_seqs,
         cpu_kv_cache_bytes: (args.cpu_kv_cache_gib * (1u64 << 30) as f64) as usize,
@@ -403,7 +407,7 @@ fn prepare(
         prompt: Prompt::Text(args.prompt.clone()),
         multimodal: MultiModalData::with_images(images),
     };
-    Ok(generate::prepare(entry, ctx, inputs, max_len)?)
+    Ok(prepare::prepare(entry, ctx, inputs, max_len)?)
 }
 
 /// `eos_token_id` from config.json (top level or `text_config`), as HF's generation would stop on.

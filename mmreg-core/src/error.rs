@@ -53,6 +53,14 @@ pub enum Error {
     #[error("{0}")]
     Registry(String),
 
+    /// A model's computation disagreed with what it declared (rows per item, mapped inputs, a shape).
+    #[error("{0}")]
+    Model(String),
+
+    /// The engine cannot take or finish a request (stopped, out of KV-cache blocks, a panic in a step).
+    #[error("{0}")]
+    Engine(String),
+
     /// libtorch reported an error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

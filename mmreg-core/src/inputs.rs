@@ -59,6 +59,22 @@ impl ImageInput {
     }
 }
 
+/// One video given as its decoded frames (all of one size), with a name for error messages.
+#[derive(Debug, Clone)]
+pub struct VideoInput {
+    pub name: Arc<str>,
+    pub frames: Vec<DynamicImage>,
+}
+
+impl VideoInput {
+    pub fn new(name: impl Into<Arc<str>>, frames: Vec<DynamicImage>) -> Self {
+        Self {
+            name: name.into(),
+            frames,
+        }
+    }
+}
+
 /// An image's size in pixels, the input of token-count functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ImageSize {
@@ -70,12 +86,14 @@ pub struct ImageSize {
 #[derive(Debug, Clone, Copy)]
 pub enum MultiModalItem<'a> {
     Image(&'a ImageInput),
+    Video(&'a VideoInput),
 }
 
 impl MultiModalItem<'_> {
     pub fn modality(&self) -> Modality {
         match self {
             MultiModalItem::Image(_) => Modality::Image,
+            MultiModalItem::Video(_) => Modality::Video,
         }
     }
 }
@@ -84,31 +102,53 @@ impl MultiModalItem<'_> {
 #[derive(Debug, Clone, Default)]
 pub struct MultiModalData {
     pub images: Vec<ImageInput>,
+    pub videos: Vec<VideoInput>,
 }
 
 impl MultiModalData {
     pub fn with_images(images: Vec<ImageInput>) -> Self {
-        Self { images }
+        Self {
+            images,
+            ..Self::default()
+        }
     }
 
     /// The number of items of each modality present.
     pub fn counts(&self) -> ModalityCounts {
         let mut counts = ModalityCounts::default();
-        if !self.images.is_empty() {
-            counts.0.insert(Modality::Image, self.images.len());
+        for &modality in Modality::ALL {
+            let n = self.len(modality);
+            if n > 0 {
+                counts.0.insert(modality, n);
+            }
         }
         counts
+    }
+
+    /// How many items of `modality` there are.
+    pub fn len(&self, modality: Modality) -> usize {
+        match modality {
+            Modality::Image => self.images.len(),
+            Modality::Video => self.videos.len(),
+        }
     }
 
     /// The items of one modality.
     pub fn items(&self, modality: Modality) -> Vec<MultiModalItem<'_>> {
         match modality {
             Modality::Image => self.images.iter().map(MultiModalItem::Image).collect(),
+            Modality::Video => self.videos.iter().map(MultiModalItem::Video).collect(),
         }
     }
 
+    /// Moves every item of `other` after this one's.
+    pub fn append(&mut self, mut other: MultiModalData) {
+        self.images.append(&mut other.images);
+        self.videos.append(&mut other.videos);
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.images.is_empty()
+        Modality::ALL.iter().all(|&m| self.len(m) == 0)
     }
 }
 

@@ -1,30 +1,28 @@
-//! mmreg-core: registries, inputs, image processors, checkpoint loading and generation for multimodal
-//! models on libtorch.
+//! mmreg-core: what a multimodal model author touches. The registry and its attribute macros, the model
+//! traits, the inputs a request carries, the checkpoint context and weights, the step a forward pass is
+//! given, and typed errors.
 //!
 //! A model crate defines a struct, implements [`LoadModel`], [`MultiModalModel`] and a modality trait
-//! such as [`SupportsVision`], and registers it with the attribute macros re-exported here. See
-//! `docs/adding-a-multimodal-model.md`.
+//! such as [`SupportsVision`], and registers it with the attribute macros re-exported here; its layers
+//! come from `mmreg-nn`, and `mmreg-engine` runs it. See `docs/adding-a-multimodal-model.md` and
+//! `docs/architecture.md`.
 
 extern crate self as mmreg_core;
 
-pub mod attention;
 pub mod check;
 mod context;
-pub mod cuda;
-pub mod engine;
+pub mod defaults;
 mod error;
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
-pub mod generate;
-pub mod graphs;
 mod inputs;
-pub mod kernels;
-pub mod kv_cache;
 mod modality;
 pub mod model;
+pub mod prepare;
 pub mod processors;
 pub mod registry;
-pub mod sampling;
+pub mod step;
 mod tensors;
 pub mod weights;
 
@@ -33,26 +31,23 @@ pub mod weights;
 pub mod __private;
 
 pub use context::ModelContext;
-pub use engine::{
-    Completion, Engine, EngineOptions, EngineProfile, Event, FinishReason, ImageSource, Request,
-    RequestHandle,
-};
 pub use error::{Error, Result};
 pub use inputs::{
     DummyRequest, ImageInput, ImageSize, ModalityCounts, MultiModalData, MultiModalItem,
-    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, MAX_IMAGE_PIXELS,
+    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, VideoInput, MAX_IMAGE_PIXELS,
 };
-pub use kv_cache::{AttentionBatch, DecodeGather, KvCacheSpec, PagedKvCache};
 pub use modality::Modality;
 pub use model::{
-    Image, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality, SupportsVision,
+    Image, LanguageModel, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality,
+    SupportsVision, Video,
 };
+pub use processors::DefaultMapper;
 pub use registry::Registry;
-pub use sampling::SamplingParams;
-pub use tensors::{AnyresPixelValues, ModalityInputs, PixelValues, TensorMap};
+pub use step::{AttentionBatch, KvCacheSpec, PagedKvCache, Step};
+pub use tensors::{concat_tensors, ModalityInputs, TensorMap};
 pub use weights::Weights;
 
 pub use mmreg_macros::{
     register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
-    register_model,
+    register_model, ModalityInputs,
 };

@@ -6,8 +6,8 @@ use std::any::Any;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::inputs::{ImageInput, ImageSize, MultiModalData};
-use crate::kv_cache::{AttentionBatch, KvCacheSpec, PagedKvCache};
+use crate::inputs::{ImageInput, ImageSize, MultiModalData, VideoInput};
+use crate::step::{KvCacheSpec, Step};
 use crate::tensors::ModalityInputs;
 use crate::weights::Weights;
 use crate::{Modality, ModelContext, Result};
@@ -40,55 +40,103 @@ impl Default for LoadOptions {
 }
 
 /// Builds a model from a checkpoint. `#[register_model("Arch")]` registers this constructor.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be registered as a model: it does not implement `LoadModel`",
+    note = "#[register_model(\"Arch\")] registers `LoadModel::load` as the constructor: `impl LoadModel for {Self}`"
+)]
 pub trait LoadModel: MultiModalModel + Sized {
     fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self>;
 }
 
-/// The language-model side of a multimodal model, object-safe so the engine holds `Box<dyn MultiModalModel>`.
+/// The decoder a multimodal model's merged embeddings go through, object-safe: token embeddings, a
+/// forward over one engine [`Step`], and what its KV cache holds. `mmreg_nn::llama::Llama` is one.
 ///
 /// A step packs the new tokens of every sequence in the batch along one axis (`[tokens, hidden]`):
-/// prefills and decodes of different lengths mix freely. The multimodal embeddings are merged into the
-/// token embeddings by the caller, at the placeholder positions.
-pub trait MultiModalModel: AsAny + Send {
+/// prefills and decodes of different lengths mix freely.
+pub trait LanguageModel: Send {
     /// Token embeddings: i64 ids of any shape → that shape plus `[hidden]`.
     fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor>;
 
-    /// Runs the decoder over `[tokens, hidden]` embeddings laid out as `batch` describes, writes their
-    /// keys and values to `cache`, and returns the logits of `batch.logits_indices` (all rows if none):
-    /// `[rows, vocab]`.
-    fn forward(
-        &self,
-        inputs_embeds: &Tensor,
-        batch: &AttentionBatch,
-        cache: &mut PagedKvCache,
-    ) -> Result<Tensor>;
+    /// Runs the decoder over the step's `[tokens, hidden]` embeddings and returns the logits of the rows
+    /// the step asks for ([`Step::logits_rows`]): `[rows, vocab]`. The attention layers take the step
+    /// as it is; the model reads nothing else of it but [`Step::positions`].
+    fn forward(&self, inputs_embeds: &Tensor, step: &mut Step) -> Result<Tensor>;
 
     /// What the KV cache holds per token for this model.
     fn kv_cache_spec(&self) -> KvCacheSpec;
 
     fn device(&self) -> Device;
 
-    fn dtype(&self) -> Kind;
+    /// The activations' dtype: by default the KV cache's.
+    fn dtype(&self) -> Kind {
+        self.kv_cache_spec().kind
+    }
 
     /// The longest sequence the model supports (`max_position_embeddings`).
     fn max_model_len(&self) -> usize;
 
     /// Whether the engine may capture steps as CUDA graphs and replay them with new values in the same
     /// tensors. Return true only if [`Self::embed_tokens`] and [`Self::forward`] run no host
-    /// synchronisation and launch kernels that depend on nothing but the batch's tensors and their
-    /// shapes, for two kinds of batch: decodes ([`AttentionBatch::decode_gather`] set, `sequences`
-    /// empty), and one fresh sequence (`sequences` = one slice with `start` and `context` 0).
+    /// synchronisation and launch kernels that depend on nothing but the step's tensors and their
+    /// shapes (true of decoders built from `mmreg-nn`'s layers, whose attention handles both kinds of
+    /// captured step: a step of decodes, and one fresh sequence).
     fn supports_cuda_graphs(&self) -> bool {
         false
+    }
+}
+
+/// A multimodal model as the engine holds it (`Box<dyn MultiModalModel>`): its language model, plus the
+/// per-modality paths its `SupportsVision` (…) impls give. Every method but [`Self::language_model`]
+/// delegates to it; override one only where the model differs from its decoder.
+///
+/// The multimodal embeddings are merged into the token embeddings by the engine, at the placeholder
+/// positions, before [`Self::forward`].
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a multimodal model: it does not implement `MultiModalModel`",
+    note = "implement `MultiModalModel::language_model` for `{Self}` (its decoder, e.g. `mmreg_nn::llama::Llama`)"
+)]
+pub trait MultiModalModel: AsAny + Send {
+    /// The decoder the merged embeddings go through.
+    fn language_model(&self) -> &dyn LanguageModel;
+
+    fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
+        self.language_model().embed_tokens(token_ids)
+    }
+
+    fn forward(&self, inputs_embeds: &Tensor, step: &mut Step) -> Result<Tensor> {
+        self.language_model().forward(inputs_embeds, step)
+    }
+
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        self.language_model().kv_cache_spec()
+    }
+
+    fn device(&self) -> Device {
+        self.language_model().device()
+    }
+
+    fn dtype(&self) -> Kind {
+        self.language_model().dtype()
+    }
+
+    fn max_model_len(&self) -> usize {
+        self.language_model().max_model_len()
+    }
+
+    fn supports_cuda_graphs(&self) -> bool {
+        self.language_model().supports_cuda_graphs()
     }
 }
 
 /// A marker type per modality, linking it to the item type a request carries.
 pub trait ModalityKind: 'static {
     const MODALITY: Modality;
-    type Item: 'static;
+    type Item: Clone + 'static;
 
     fn items(data: &MultiModalData) -> &[Self::Item];
+
+    /// A prompt's data holding just these items.
+    fn into_data(items: Vec<Self::Item>) -> MultiModalData;
 }
 
 /// Marker for [`Modality::Image`].
@@ -101,10 +149,40 @@ impl ModalityKind for Image {
     fn items(data: &MultiModalData) -> &[ImageInput] {
         &data.images
     }
+
+    fn into_data(images: Vec<ImageInput>) -> MultiModalData {
+        MultiModalData {
+            images,
+            ..MultiModalData::default()
+        }
+    }
+}
+
+/// Marker for [`Modality::Video`]: a video given as its frames.
+pub struct Video;
+
+impl ModalityKind for Video {
+    const MODALITY: Modality = Modality::Video;
+    type Item = VideoInput;
+
+    fn items(data: &MultiModalData) -> &[VideoInput] {
+        &data.videos
+    }
+
+    fn into_data(videos: Vec<VideoInput>) -> MultiModalData {
+        MultiModalData {
+            videos,
+            ..MultiModalData::default()
+        }
+    }
 }
 
 /// A model that accepts modality `K`. Implemented through the per-modality traits such as
 /// [`SupportsVision`]; the registration macros are written against this one.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not accept this modality",
+    note = "#[register_input_mapper(image)] needs `impl SupportsVision for {Self}`"
+)]
 pub trait SupportsModality<K: ModalityKind>: MultiModalModel + Sized {
     /// What the forward pass takes for this modality; the input mapper must produce exactly this.
     type Inputs: ModalityInputs;
@@ -112,18 +190,38 @@ pub trait SupportsModality<K: ModalityKind>: MultiModalModel + Sized {
     /// The one source of truth for the number of placeholder tokens of an item.
     fn num_tokens(ctx: &ModelContext, item: &K::Item) -> Result<usize>;
 
+    /// The token id that marks an item in a prompt and fills its placeholder run.
+    fn placeholder_token(ctx: &ModelContext) -> Result<u32>;
+
+    /// The costliest item the processor accepts: what max tokens and the profiling dummy data use
+    /// unless the model registers its own.
+    fn costliest_item(ctx: &ModelContext) -> Result<K::Item>;
+
     /// Embeds a prompt's items: one `[num_tokens(item), hidden]` tensor per item, in order.
     fn embed(&self, inputs: Self::Inputs) -> Result<Vec<Tensor>>;
 }
 
-/// A vision-language model.
+/// A vision-language model. With this trait, the registrations beyond `#[register_model]` and
+/// `#[register_input_mapper(image)]` are optional: max tokens, dummy data and the input processor
+/// default to what [`Self::image_token_id`], [`Self::largest_image`] and [`Self::num_image_tokens`] say.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a vision model: it does not implement `SupportsVision`",
+    note = "#[register_input_mapper(image)] needs `impl SupportsVision for {Self}`"
+)]
 pub trait SupportsVision: MultiModalModel + Sized {
-    /// The forward parameters for images (e.g. [`crate::PixelValues`]).
+    /// The forward parameters for images (e.g. `mmreg_nn::clip::PixelValues`).
     type ImageInputs: ModalityInputs;
 
     /// Placeholder tokens for one image of this size: the one function the input processor, the dummy
     /// data, the max-tokens registration and the vision path's shape check all call.
     fn num_image_tokens(ctx: &ModelContext, size: ImageSize) -> Result<usize>;
+
+    /// The token that marks an image in a prompt (LLaVA's `<image>`, `image_token_index`), which the
+    /// default input processor expands into the image's placeholder run.
+    fn image_token_id(ctx: &ModelContext) -> Result<u32>;
+
+    /// The size of the image with the most placeholder tokens the processor produces.
+    fn largest_image(ctx: &ModelContext) -> Result<ImageSize>;
 
     /// Image features, one `[num_image_tokens, hidden]` tensor per image.
     fn embed_images(&self, inputs: Self::ImageInputs) -> Result<Vec<Tensor>>;
@@ -134,6 +232,16 @@ impl<T: SupportsVision> SupportsModality<Image> for T {
 
     fn num_tokens(ctx: &ModelContext, item: &ImageInput) -> Result<usize> {
         T::num_image_tokens(ctx, item.size())
+    }
+
+    fn placeholder_token(ctx: &ModelContext) -> Result<u32> {
+        T::image_token_id(ctx)
+    }
+
+    fn costliest_item(ctx: &ModelContext) -> Result<ImageInput> {
+        let size = T::largest_image(ctx)?;
+        let blank = image::DynamicImage::new_rgb8(size.width, size.height);
+        Ok(ImageInput::new("dummy image", blank))
     }
 
     fn embed(&self, inputs: Self::Inputs) -> Result<Vec<Tensor>> {

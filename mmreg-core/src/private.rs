@@ -1,6 +1,9 @@
 //! What the registration macros' generated code calls. Not a public API: names may change in any release.
 
 pub use linkme;
+pub use tch;
+
+pub use crate::defaults::ModalityDefaults;
 
 pub use crate::registry::{Hook, Location, ModelId, Registration, REGISTRATIONS};
 
@@ -47,7 +50,7 @@ pub fn embed<M: SupportsModality<K>, K: ModalityKind>(
     inputs: TensorMap,
 ) -> Result<Vec<Tensor>> {
     let model = model.as_any().downcast_ref::<M>().ok_or_else(|| {
-        Error::Registry(format!(
+        Error::Model(format!(
             "the loaded model is not a `{}`",
             std::any::type_name::<M>()
         ))
@@ -77,4 +80,14 @@ pub fn count<M: SupportsModality<K>, K: ModalityKind>(
 
 pub const fn params<M: SupportsModality<K>, K: ModalityKind>() -> &'static [&'static str] {
     <M::Inputs as ModalityInputs>::PARAMS
+}
+
+/// The defaults of modality `K` for model `M` (see [`ModalityDefaults`]).
+pub const fn modality_defaults<M: SupportsModality<K>, K: ModalityKind>() -> ModalityDefaults {
+    ModalityDefaults::of::<M, K>()
+}
+
+/// What `#[derive(ModalityInputs)]`'s `concat` calls per field (see [`crate::concat_tensors`]).
+pub fn concat_tensors(tensors: Vec<Tensor>, pad_axis: Option<usize>) -> Result<Option<Tensor>> {
+    crate::tensors::concat_tensors(&tensors, pad_axis)
 }

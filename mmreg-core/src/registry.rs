@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use tch::Tensor;
 
+use crate::defaults::ModalityDefaults;
 use crate::inputs::{DummyRequest, MultiModalData, ProcessedInputs, ProcessorInputs};
 use crate::model::{LoadOptions, MultiModalModel};
 use crate::weights::Weights;
@@ -72,6 +73,8 @@ pub enum Hook {
         /// Joins several prompts' mapped inputs (`ModalityInputs::concat`).
         concat: ConcatFn,
         count: CountFn,
+        /// Max tokens, dummy data and input processing where the model registers none of its own.
+        defaults: ModalityDefaults,
     },
     /// `#[register_max_tokens(modality = function)]`.
     MaxTokens {
@@ -379,26 +382,12 @@ impl ModelEntry {
                 "has registrations but no #[register_model(\"Architecture\")]".into(),
             ));
         }
+        // Max tokens, dummy data and the input processor are optional: the modality traits give defaults.
         for (modality, entry) in &self.modalities {
             if entry.mapper.is_none() {
                 problems.push(problem(format!(
                     "registers max tokens for {modality} but no input mapper for it"
                 )));
-            }
-            if entry.max_tokens.is_none() {
-                problems.push(problem(format!(
-                    "accepts {modality} but registers no max tokens for it"
-                )));
-            }
-        }
-        if !self.modalities.is_empty() {
-            if self.dummy_data.is_none() {
-                problems.push(problem("is multimodal but registers no dummy data".into()));
-            }
-            if self.input_processor.is_none() {
-                problems.push(problem(
-                    "is multimodal but registers no input processor".into(),
-                ));
             }
         }
         problems
@@ -421,7 +410,7 @@ impl ModelEntry {
         }
     }
 
-    fn mapper(&self, modality: Modality) -> Result<&'static Hook> {
+    pub(crate) fn mapper(&self, modality: Modality) -> Result<&'static Hook> {
         self.modalities
             .get(&modality)
             .and_then(|e| e.mapper)
@@ -429,7 +418,8 @@ impl ModelEntry {
             .ok_or_else(|| self.missing(&format!("input mapper for {modality}")))
     }
 
-    /// The largest number of placeholder tokens one item of `modality` can take.
+    /// The largest number of placeholder tokens one item of `modality` can take: the registered
+    /// function, else the count of the modality trait's costliest item.
     pub fn max_tokens(&self, ctx: &ModelContext, modality: Modality) -> Result<usize> {
         match self
             .modalities
@@ -438,7 +428,7 @@ impl ModelEntry {
             .map(|r| &r.hook)
         {
             Some(Hook::MaxTokens { max_tokens, .. }) => max_tokens(ctx),
-            _ => Err(self.missing(&format!("max tokens for {modality}"))),
+            _ => self.default_max_tokens(ctx, modality),
         }
     }
 
@@ -501,7 +491,8 @@ impl ModelEntry {
         }
     }
 
-    /// The registered dummy data for profiling.
+    /// The dummy data for profiling: the registered function, else the costliest items of each
+    /// modality and filler text.
     pub fn dummy_data(
         &self,
         ctx: &ModelContext,
@@ -509,19 +500,21 @@ impl ModelEntry {
     ) -> Result<ProcessorInputs> {
         match self.dummy_data.map(|r| &r.hook) {
             Some(Hook::DummyData { dummy_data, .. }) => dummy_data(ctx, request),
-            _ => Err(self.missing("dummy data")),
+            _ => self.default_dummy_data(ctx, request),
         }
     }
 
-    /// Runs the input processor, then checks its placeholders against the model's token counts, so a
+    /// Runs the input processor (the registered one, else the default that expands each item's
+    /// placeholder token), then checks its placeholders against the model's token counts, so a
     /// disagreement is an error here rather than a crash when the embeddings are merged.
     pub fn process(&self, ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
-        let Some(Hook::InputProcessor { process, function }) =
-            self.input_processor.map(|r| &r.hook)
-        else {
-            return Err(self.missing("input processor"));
+        let (processed, function) = match self.input_processor.map(|r| &r.hook) {
+            Some(Hook::InputProcessor { process, function }) => (process(ctx, inputs)?, *function),
+            _ => (
+                self.default_process(ctx, inputs)?,
+                "default input processor",
+            ),
         };
-        let processed = process(ctx, inputs)?;
         for range in &processed.placeholders {
             let end = range.offset.checked_add(range.length);
             if end.is_none_or(|end| end > processed.token_ids.len()) {

@@ -19,7 +19,7 @@ impl TensorMap {
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
         self.0.remove(name).ok_or_else(|| {
             let have: Vec<_> = self.0.keys().map(String::as_str).collect();
-            Error::Registry(format!(
+            Error::Model(format!(
                 "forward parameter `{name}` is missing from the mapped inputs (have: {have:?})"
             ))
         })
@@ -63,8 +63,8 @@ pub trait ModalityInputs: Sized + 'static {
 }
 
 /// Joins tensors along their first axis, padding axis `pad_axis` of each with zeros to the largest;
-/// `None` if any other axis differs.
-fn cat_padded(tensors: &[Tensor], pad_axis: Option<usize>) -> Result<Option<Tensor>> {
+/// `None` if any other axis differs. What `#[derive(ModalityInputs)]`'s `concat` does per field.
+pub fn concat_tensors(tensors: &[Tensor], pad_axis: Option<usize>) -> Result<Option<Tensor>> {
     let Some(first) = tensors.first() else {
         return Ok(None);
     };
@@ -96,74 +96,4 @@ fn cat_padded(tensors: &[Tensor], pad_axis: Option<usize>) -> Result<Option<Tens
         });
     }
     Ok(Some(Tensor::f_cat(&padded, 0)?))
-}
-
-/// `pixel_values` `[n, 3, H, W]` float32: the input of CLIP-style vision towers (LLaVA-1.5).
-#[derive(Debug)]
-pub struct PixelValues {
-    pub pixel_values: Tensor,
-}
-
-impl ModalityInputs for PixelValues {
-    const PARAMS: &'static [&'static str] = &["pixel_values"];
-
-    fn into_tensors(self) -> TensorMap {
-        let mut map = TensorMap::default();
-        map.insert("pixel_values", self.pixel_values);
-        map
-    }
-
-    fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
-        Ok(Self {
-            pixel_values: tensors.take("pixel_values")?,
-        })
-    }
-
-    fn concat(parts: Vec<Self>) -> Result<Option<Self>> {
-        let pixels: Vec<Tensor> = parts.into_iter().map(|p| p.pixel_values).collect();
-        Ok(cat_padded(&pixels, None)?.map(|pixel_values| Self { pixel_values }))
-    }
-}
-
-/// LLaVA-NeXT's image inputs, as HF's processor returns them: `pixel_values` `[n, max_patches, 3, H, W]`
-/// (images with fewer patches padded with 0.0) and `image_sizes` `[n, 2]` i64, the original (height, width).
-#[derive(Debug)]
-pub struct AnyresPixelValues {
-    pub pixel_values: Tensor,
-    pub image_sizes: Tensor,
-}
-
-impl ModalityInputs for AnyresPixelValues {
-    const PARAMS: &'static [&'static str] = &["image_sizes", "pixel_values"];
-
-    fn into_tensors(self) -> TensorMap {
-        let mut map = TensorMap::default();
-        map.insert("pixel_values", self.pixel_values);
-        map.insert("image_sizes", self.image_sizes);
-        map
-    }
-
-    fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
-        Ok(Self {
-            pixel_values: tensors.take("pixel_values")?,
-            image_sizes: tensors.take("image_sizes")?,
-        })
-    }
-
-    /// Pads every prompt's patches to the most any of them has (as HF's processor pads within a prompt).
-    fn concat(parts: Vec<Self>) -> Result<Option<Self>> {
-        let (pixels, sizes): (Vec<Tensor>, Vec<Tensor>) = parts
-            .into_iter()
-            .map(|p| (p.pixel_values, p.image_sizes))
-            .unzip();
-        let (Some(pixel_values), Some(image_sizes)) =
-            (cat_padded(&pixels, Some(1))?, cat_padded(&sizes, None)?)
-        else {
-            return Ok(None);
-        };
-        Ok(Some(Self {
-            pixel_values,
-            image_sizes,
-        }))
-    }
 }

@@ -23,6 +23,7 @@ mod convert;
 mod decode;
 mod error;
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 mod kernels;
 mod llava_next;

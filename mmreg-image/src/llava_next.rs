@@ -112,6 +112,7 @@ impl LlavaNextImageProcessor {
     }
 
     /// The size the base image is squashed to, `(height, width)`.
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn base_size(&self) -> (usize, usize) {
         self.base_size
     }

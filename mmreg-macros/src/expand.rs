@@ -1,10 +1,14 @@
-//! Expansion: the user's item untouched, then one `const _: () = { static … }` per registration.
+//! Expansion: the user's item untouched, then one `const _: () = { static … }` per registration. The
+//! derive and the modality list live in the submodules; all work on `proc_macro2` tokens.
 
 use proc_macro2::{Ident, Span, TokenStream};
-use quote::{format_ident, quote, quote_spanned, ToTokens};
+use quote::{format_ident, quote, quote_spanned};
 use syn::Path;
 
 use crate::args::{self, ModelItem};
+
+pub mod inputs;
+pub mod modalities;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -30,15 +34,10 @@ pub fn expand(kind: Kind, attr: TokenStream, item: TokenStream) -> syn::Result<T
     // Report problems with the item and with the arguments together.
     let model = syn::parse2::<ModelItem>(item.clone());
     let registrations = parse_registrations(kind, attr);
-    let (model, registrations) = match (model, registrations) {
-        (Ok(model), Ok(registrations)) => (model, registrations),
-        (Err(mut a), Err(b)) => {
-            a.combine(b);
-            return Err(a);
-        }
-        (Err(e), _) | (_, Err(e)) => return Err(e),
-    };
-    let blocks = registrations.into_iter().map(|r| r.emit(&model.ident));
+    let (model, (krate, registrations)) = args::both(model, registrations)?;
+    let blocks = registrations
+        .into_iter()
+        .map(|r| r.emit(&model.ident, &krate));
     Ok(quote! {
         #item
         #(#blocks)*
@@ -54,17 +53,23 @@ enum Registration {
     InputProcessor(Path),
 }
 
-fn parse_registrations(kind: Kind, attr: TokenStream) -> syn::Result<Vec<Registration>> {
+/// The crate path (`crate = path` or `::mmreg_core`) and the registrations, with the errors of both.
+fn parse_registrations(kind: Kind, attr: TokenStream) -> syn::Result<(Path, Vec<Registration>)> {
+    let (krate, entries) = args::take_crate(args::parse_entries(attr)?);
+    args::both(krate, parse_kind(kind, entries))
+}
+
+fn parse_kind(kind: Kind, entries: Vec<syn::Expr>) -> syn::Result<Vec<Registration>> {
     Ok(match kind {
-        Kind::Model => vec![Registration::Model(args::parse_architectures(attr)?)],
+        Kind::Model => vec![Registration::Model(args::parse_architectures(entries)?)],
         Kind::InputMapper => {
-            args::parse_modalities(attr, false, "#[register_input_mapper(image)]")?
+            args::parse_modalities(entries, false, "#[register_input_mapper(image)]")?
                 .into_iter()
                 .map(Registration::InputMapper)
                 .collect()
         }
         Kind::MaxTokens => args::parse_modalities(
-            attr,
+            entries,
             true,
             "#[register_max_tokens(image = max_image_tokens)]",
         )?
@@ -73,20 +78,21 @@ fn parse_registrations(kind: Kind, attr: TokenStream) -> syn::Result<Vec<Registr
         .collect(),
         Kind::DummyData => {
             vec![Registration::DummyData(args::parse_function(
-                attr,
+                entries,
                 "#[register_dummy_data(dummy_data)]",
             )?)]
         }
         Kind::InputProcessor => vec![Registration::InputProcessor(args::parse_function(
-            attr,
+            entries,
             "#[register_input_processor(input_processor)]",
         )?)],
     })
 }
 
 impl Registration {
-    fn emit(self, model: &Ident) -> TokenStream {
-        let private = quote!(::mmreg_core::__private);
+    /// `krate` is how the user's crate names mmreg-core: every generated path starts with it.
+    fn emit(self, model: &Ident, krate: &Path) -> TokenStream {
+        let private = quote!(#krate::__private);
         let (key, hook) = match self {
             Registration::Model(architectures) => {
                 let load = quote_spanned!(model.span()=> #private::load::<#model>);
@@ -100,7 +106,7 @@ impl Registration {
             Registration::InputMapper(modality) => {
                 let variant = format_ident!("{}", modality.variant);
                 let marker = format_ident!("{}", modality.marker);
-                let types = quote!(#model, ::mmreg_core::#marker);
+                let types = quote!(#model, #krate::#marker);
                 let (function, map) = match modality.function {
                     Some(path) => {
                         let path = resolve_self(path, model);
@@ -121,13 +127,14 @@ impl Registration {
                     format!("INPUT_MAPPER__{}", modality.name.to_string().to_uppercase()),
                     quote! {
                         #private::Hook::InputMapper {
-                            modality: ::mmreg_core::Modality::#variant,
+                            modality: #krate::Modality::#variant,
                             function: #function,
                             params: #private::params::<#types>(),
                             map: #map,
                             embed: #private::embed::<#types>,
                             concat: #private::concat::<#types>,
                             count: #private::count::<#types>,
+                            defaults: #private::modality_defaults::<#types>(),
                         }
                     },
                 )
@@ -140,7 +147,7 @@ impl Registration {
                     format!("MAX_TOKENS__{}", modality.name.to_string().to_uppercase()),
                     quote! {
                         #private::Hook::MaxTokens {
-                            modality: ::mmreg_core::Modality::#variant,
+                            modality: #krate::Modality::#variant,
                             function: #name,
                             max_tokens: #path,
                         }
@@ -202,8 +209,7 @@ fn resolve_self(mut path: Path, model: &Ident) -> Path {
 
 /// The function's path as written, without spaces (`Llava::dummy_data`).
 fn path_name(path: &Path) -> syn::LitStr {
-    let text = path.to_token_stream().to_string().replace(' ', "");
-    syn::LitStr::new(&text, Span::call_site())
+    syn::LitStr::new(&args::path_text(path), Span::call_site())
 }
 
 fn upper_snake(name: &str) -> String {

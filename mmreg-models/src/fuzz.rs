@@ -7,7 +7,7 @@ use std::path::Path;
 
 use image::DynamicImage;
 use mmreg_core::fuzz::scratch_file;
-use mmreg_core::generate::prepare;
+use mmreg_core::prepare::prepare;
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     DummyRequest, Error, ImageInput, LoadOptions, Modality, ModalityCounts, ModelContext,

@@ -1,13 +1,12 @@
-//! Multimodal architectures for mmreg. Each model registers itself with mmreg's macros; binaries and
-//! tests link this crate (`use mmreg_models as _;`) to make them visible in the registry.
+//! Multimodal architectures for mmreg, each written on `mmreg-nn`'s building blocks and registered with
+//! mmreg's macros. Binaries and tests link this crate (`use mmreg_models as _;`) to make them visible in
+//! the registry.
 
-mod clip;
 #[doc(hidden)]
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
-mod layers;
-mod llama;
 pub mod llava;
 pub mod llava_next;
 
 pub use llava::{Llava, LlavaConfig};
-pub use llava_next::{LlavaNext, LlavaNextConfig};
+pub use llava_next::{AnyresPixelValues, LlavaNext, LlavaNextConfig};

@@ -4,20 +4,16 @@
 //! tokens depends on the image size and is computed by [`anyres_layout`] alone.
 
 use mmreg_core::{
-    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
-    register_model, AnyresPixelValues, AttentionBatch, DummyRequest, Error, ImageSize, KvCacheSpec,
-    LoadModel, LoadOptions, ModelContext, MultiModalModel, PagedKvCache, ProcessedInputs,
-    ProcessorInputs, Result, SupportsVision, Weights, MAX_IMAGE_PIXELS,
+    concat_tensors, register_input_mapper, register_model, DefaultMapper, Error, Image, ImageInput,
+    ImageSize, LanguageModel, LoadModel, LoadOptions, ModalityInputs, ModelContext,
+    MultiModalModel, Result, SupportsVision, TensorMap, Weights, MAX_IMAGE_PIXELS,
 };
-use mmreg_image::select_best_resolution;
+use mmreg_image::{select_best_resolution, LlavaNextImageProcessor, PreprocessorConfig};
+use mmreg_nn::Loader;
 use serde::Deserialize;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use crate::layers::Loader;
-use crate::llava::{
-    canonical_weight_name, dummy_prompt, expand_placeholders, impl_multimodal_model_via_parts,
-    prompt_ids, LlavaConfig, LlavaParts,
-};
+use crate::llava::{canonical_weight_name, LlavaConfig, LlavaParts};
 
 /// config.json of a LLaVA-NeXT checkpoint: LLaVA's keys plus the grid pinpoints.
 #[derive(Debug, Clone, Deserialize)]
@@ -136,48 +132,14 @@ fn costliest_image(config: &LlavaNextConfig) -> Result<(ImageSize, usize)> {
     best.ok_or_else(|| Error::config("config.json", "image_grid_pinpoints is empty"))
 }
 
+/// LLaVA-NeXT. Max tokens, dummy data and the input processor are `SupportsVision`'s defaults: the
+/// costliest image is a whole pinpoint canvas, and each `<image>` expands into [`anyres_layout`]'s count.
 #[register_model("LlavaNextForConditionalGeneration")]
-#[register_input_mapper(image)]
-#[register_max_tokens(image = max_image_tokens)]
-#[register_dummy_data(dummy_data)]
-#[register_input_processor(input_processor)]
+#[register_input_mapper(image)] // the anyres image processor, from preprocessor_config.json
 pub struct LlavaNext {
     parts: LlavaParts,
     image_newline: Tensor,
     config: LlavaNextConfig,
-}
-
-fn max_image_tokens(ctx: &ModelContext) -> Result<usize> {
-    Ok(costliest_image(&*ctx.config::<LlavaNextConfig>()?)?.1)
-}
-
-/// `seq_len` tokens with the requested images, each of the costliest size.
-fn dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
-    let config = ctx.config::<LlavaNextConfig>()?;
-    let (size, tokens) = costliest_image(&config)?;
-    Ok(dummy_prompt(
-        config.llava.image_token_index,
-        tokens,
-        size,
-        request,
-    ))
-}
-
-/// Tokenizes (BOS included) and expands each `<image>` into that image's number of tokens.
-fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
-    let config = ctx.config::<LlavaNextConfig>()?;
-    let ids = prompt_ids(ctx, inputs.prompt)?;
-    let (token_ids, placeholders) = expand_placeholders(
-        &ids,
-        config.llava.image_token_index,
-        &inputs.multimodal,
-        |image| LlavaNext::num_image_tokens(ctx, image.size()),
-    )?;
-    Ok(ProcessedInputs {
-        token_ids,
-        placeholders,
-        multimodal: inputs.multimodal,
-    })
 }
 
 impl LoadModel for LlavaNext {
@@ -202,6 +164,14 @@ impl SupportsVision for LlavaNext {
 
     fn num_image_tokens(ctx: &ModelContext, size: ImageSize) -> Result<usize> {
         Ok(anyres_layout(&*ctx.config::<LlavaNextConfig>()?, size)?.tokens())
+    }
+
+    fn image_token_id(ctx: &ModelContext) -> Result<u32> {
+        Ok(ctx.config::<LlavaNextConfig>()?.llava.image_token_index)
+    }
+
+    fn largest_image(ctx: &ModelContext) -> Result<ImageSize> {
+        Ok(costliest_image(&*ctx.config::<LlavaNextConfig>()?)?.0)
     }
 
     fn embed_images(&self, inputs: AnyresPixelValues) -> Result<Vec<Tensor>> {
@@ -261,7 +231,7 @@ impl LlavaNext {
             .transpose(0, 1);
         let packed = Tensor::cat(&[base, rows], 0);
         if packed.size()[0] as usize != layout.tokens() {
-            return Err(Error::Registry(format!(
+            return Err(Error::Model(format!(
                 "LLaVA-NeXT packed {} rows but anyres_layout() says {}",
                 packed.size()[0],
                 layout.tokens()
@@ -271,4 +241,92 @@ impl LlavaNext {
     }
 }
 
-impl_multimodal_model_via_parts!(LlavaNext);
+impl MultiModalModel for LlavaNext {
+    fn language_model(&self) -> &dyn LanguageModel {
+        &self.parts.language_model
+    }
+}
+
+/// LLaVA-NeXT's image inputs, as HF's processor returns them: `pixel_values` `[n, max_patches, 3, H, W]`
+/// (images with fewer patches padded with 0.0) and `image_sizes` `[n, 2]` i64, the original (height, width).
+#[derive(Debug)]
+pub struct AnyresPixelValues {
+    pub pixel_values: Tensor,
+    pub image_sizes: Tensor,
+}
+
+impl ModalityInputs for AnyresPixelValues {
+    const PARAMS: &'static [&'static str] = &["image_sizes", "pixel_values"];
+
+    fn into_tensors(self) -> TensorMap {
+        let mut map = TensorMap::default();
+        map.insert("pixel_values", self.pixel_values);
+        map.insert("image_sizes", self.image_sizes);
+        map
+    }
+
+    fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
+        Ok(Self {
+            pixel_values: tensors.take("pixel_values")?,
+            image_sizes: tensors.take("image_sizes")?,
+        })
+    }
+
+    /// Pads every prompt's patches to the most any of them has (as HF's processor pads within a prompt).
+    fn concat(parts: Vec<Self>) -> Result<Option<Self>> {
+        let (pixels, sizes): (Vec<Tensor>, Vec<Tensor>) = parts
+            .into_iter()
+            .map(|p| (p.pixel_values, p.image_sizes))
+            .unzip();
+        let (Some(pixel_values), Some(image_sizes)) = (
+            concat_tensors(&pixels, Some(1))?,
+            concat_tensors(&sizes, None)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            pixel_values,
+            image_sizes,
+        }))
+    }
+}
+
+/// The LLaVA-NeXT "anyres" processor: best grid canvas, patches, base image, `image_sizes`.
+impl DefaultMapper<Image> for AnyresPixelValues {
+    fn map(ctx: &ModelContext, images: &[ImageInput]) -> Result<Self> {
+        let config = ctx.processor_config::<PreprocessorConfig>()?;
+        let processor = LlavaNextImageProcessor::new(&config)
+            .map_err(|e| Error::config("preprocessor_config.json", e))?;
+        let outputs = images
+            .iter()
+            .map(|i| {
+                processor
+                    .preprocess(&i.image)
+                    .map_err(|e| Error::bad_input(&*i.name, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Pad along the patch axis with 0.0 to the largest patch count, as HF batches them.
+        let [_, c, h, w] = outputs
+            .first()
+            .map(|o| o.pixel_values.shape)
+            .unwrap_or([0, 3, 0, 0]);
+        let max_patches = outputs
+            .iter()
+            .map(|o| o.pixel_values.shape[0])
+            .max()
+            .unwrap_or(0);
+        let mut data = vec![0f32; outputs.len() * max_patches * c * h * w];
+        for (chunk, output) in data.chunks_mut(max_patches * c * h * w).zip(&outputs) {
+            chunk[..output.pixel_values.data.len()].copy_from_slice(&output.pixel_values.data);
+        }
+        let sizes: Vec<i64> = outputs
+            .iter()
+            .flat_map(|o| [o.image_size.0 as i64, o.image_size.1 as i64])
+            .collect();
+        let shape = [outputs.len(), max_patches, c, h, w].map(|d| d as i64);
+        Ok(AnyresPixelValues {
+            pixel_values: Tensor::from_slice(&data).reshape(shape),
+            image_sizes: Tensor::from_slice(&sizes).reshape([images.len() as i64, 2]),
+        })
+    }
+}

@@ -4,11 +4,11 @@
 
 use std::path::Path;
 
-use mmreg_core::generate::{embed_prompt, embed_prompts, prepare, PreparedInputs};
 use mmreg_core::{
     ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
     Weights,
 };
+use mmreg_engine::generate::{embed_prompt, embed_prompts, prepare, PreparedInputs};
 use mmreg_models as _;
 
 mod support;

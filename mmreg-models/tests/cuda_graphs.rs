@@ -2,9 +2,10 @@
 //! generates without any, at several batch sizes (so several graph buckets, padding rows included).
 //! Skipped, with a message, on a machine without CUDA.
 
+use mmreg_core::Prompt;
 use std::io::Write;
 
-use mmreg_core::{Engine, EngineOptions, ImageSource, Prompt, Request, SamplingParams};
+use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
 use mmreg_models as _;
 
 mod support;
@@ -13,7 +14,7 @@ use tch::{Device, Kind};
 
 #[test]
 fn cuda_graphs_generate_what_plain_steps_generate() {
-    if !mmreg_core::cuda::graphs_available() {
+    if !mmreg_engine::cuda::graphs_available() {
         let _ = writeln!(
             std::io::stderr(),
             "SKIPPED CUDA graph test: CUDA graphs are not available on this machine"

@@ -2,9 +2,10 @@
 //! images and the samples, mmreg's batched greedy captions equal transformers' for every image, and are
 //! exactly right for at least 95%.
 
+use mmreg_core::Prompt;
 use std::path::Path;
 
-use mmreg_core::{Engine, EngineOptions, ImageSource, Prompt, Request, SamplingParams};
+use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
 use mmreg_models as _;
 use serde_json::Value;
 

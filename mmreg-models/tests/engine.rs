@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use mmreg_core::generate::{generate, prepare};
 use mmreg_core::{
-    Engine, EngineOptions, Event, ImageInput, ImageSource, LoadOptions, ModelContext,
-    MultiModalData, ProcessorInputs, Prompt, Registry, Request, SamplingParams, Weights,
+    ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
+    Weights,
 };
+use mmreg_engine::generate::{generate, prepare};
+use mmreg_engine::{Engine, EngineOptions, Event, ImageSource, Request, SamplingParams};
 use mmreg_models as _;
 
 mod support;
@@ -289,7 +290,7 @@ fn stop_strings_and_eos_end_generation() {
     by_id.params.stop_token_ids = vec![full.token_ids[1]];
     let stopped = engine.submit(by_id).wait().expect("completes");
     assert_eq!(stopped.token_ids, full.token_ids[..2]);
-    assert_eq!(stopped.finish_reason, mmreg_core::FinishReason::Stop);
+    assert_eq!(stopped.finish_reason, mmreg_engine::FinishReason::Stop);
     let tokenizer = engine.context().tokenizer().expect("tokenizer");
     let second = tokenizer
         .decode(&full.token_ids[2..3], true)

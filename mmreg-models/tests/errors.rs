@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use mmreg_core::generate::prepare;
 use mmreg_core::{
     Error, ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt,
     Registry, Weights,
 };
+use mmreg_engine::generate::prepare;
 use mmreg_models as _;
 use tch::{Kind, Tensor};
 

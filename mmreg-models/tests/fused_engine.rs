@@ -6,7 +6,9 @@
 use std::io::Write;
 use std::sync::Mutex;
 
-use mmreg_core::{kernels, Engine, EngineOptions, ImageSource, Prompt, Request, SamplingParams};
+use mmreg_core::Prompt;
+use mmreg_engine::kernels;
+use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
 use mmreg_models as _;
 
 mod support;

@@ -1,12 +1,13 @@
 //! Parity with Hugging Face transformers on tiny random LLaVA checkpoints and goldens made by
 //! `scripts/make_llava_fixtures.py` (HF eager attention, float32, CPU).
 
-use mmreg_core::generate::{generate, prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     ImageInput, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
-    ProcessorInputs, Prompt, Registry, SamplingParams, TensorMap, Weights,
+    ProcessorInputs, Prompt, Registry, Step, TensorMap, Weights,
 };
+use mmreg_engine::generate::{generate, prepare, PreparedInputs};
+use mmreg_engine::SamplingParams;
 use mmreg_models as _;
 
 mod support;
@@ -75,13 +76,13 @@ fn tiny_real_one_image_matches_hf() {
 #[test]
 fn tiny_real_one_image_matches_hf_with_the_fused_kernels_emulated() {
     let c = checkpoint("llava-tiny-real");
-    mmreg_core::kernels::set_enabled(true);
-    mmreg_core::kernels::emulate_on_this_thread(true);
-    assert!(mmreg_core::kernels::fused_available(tch::Device::Cpu));
+    mmreg_engine::kernels::set_enabled(true);
+    mmreg_engine::kernels::emulate_on_this_thread(true);
+    assert!(mmreg_engine::kernels::fused_available(tch::Device::Cpu));
     assert_matches_hf(&c, "one_image", || {
         real_inputs(&c, ONE_IMAGE, &["a_300x200.png"])
     });
-    mmreg_core::kernels::emulate_on_this_thread(false);
+    mmreg_engine::kernels::emulate_on_this_thread(false);
 }
 
 /// A step of two single-token decodes (the engine's batched decode: one attention call over the paged
@@ -89,10 +90,10 @@ fn tiny_real_one_image_matches_hf_with_the_fused_kernels_emulated() {
 /// emulator, as with libtorch's ops (which gather the cached keys and values first).
 #[test]
 fn a_step_of_decodes_with_the_fused_kernels_emulated_matches_libtorch() {
-    use mmreg_core::generate::embed_prompt;
-    use mmreg_core::kernels;
-    use mmreg_core::kv_cache::attention_batch;
     use mmreg_core::PagedKvCache;
+    use mmreg_engine::attention_batch;
+    use mmreg_engine::generate::embed_prompt;
+    use mmreg_engine::kernels;
 
     let _guard = tch::no_grad_guard();
     let c = checkpoint("llava-tiny-real");
@@ -116,7 +117,9 @@ fn a_step_of_decodes_with_the_fused_kernels_emulated_matches_libtorch() {
         next_block += blocks.len() as u32;
         let batch =
             attention_batch(&[(&blocks, 0, len)], BLOCK, true, tch::Device::Cpu).expect("batch");
-        let logits = model.forward(&embeds, &batch, &mut cache).expect("prefill");
+        let logits = model
+            .forward(&embeds, &mut Step::new(&batch, &mut cache))
+            .expect("prefill");
         last_tokens.push(logits.argmax(-1, false).int64_value(&[0]));
         sequences.push((blocks, len));
     }
@@ -147,7 +150,9 @@ fn a_step_of_decodes_with_the_fused_kernels_emulated_matches_libtorch() {
         let embeds = model
             .embed_tokens(&tch::Tensor::from_slice(&last_tokens))
             .expect("embeds");
-        let logits = model.forward(&embeds, &batch, &mut cache).expect("decode");
+        let logits = model
+            .forward(&embeds, &mut Step::new(&batch, &mut cache))
+            .expect("decode");
         kernels::emulate_on_this_thread(false);
         logits
     };

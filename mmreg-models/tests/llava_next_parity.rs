@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use mmreg_core::generate::{prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     ImageInput, ImageSize, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
     ProcessorInputs, Prompt, Registry, SupportsVision, TensorMap, Weights,
 };
+use mmreg_engine::generate::{prepare, PreparedInputs};
 use mmreg_models::llava_next::anyres_layout;
 use mmreg_models::{LlavaNext, LlavaNextConfig};
 use serde_json::Value;

@@ -1,5 +1,7 @@
 //! Two registrations of the same architecture, and of the same hook, are reported with both locations.
 
+mod support;
+
 use mmreg_core::{
     register_dummy_data, register_model, DummyRequest, ModelContext, ProcessorInputs, Registry,
     Result,
@@ -19,7 +21,7 @@ fn no_dummy_data(_: &ModelContext, _: &DummyRequest) -> Result<ProcessorInputs> 
 }
 
 // Only `LoadModel` is needed to register a model; the toy's newtype macro brings it.
-toy_vlm::toy_newtype!(Impostor);
+toy_newtype!(Impostor);
 
 #[test]
 fn duplicates_are_reported_with_both_locations() {

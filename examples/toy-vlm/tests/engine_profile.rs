@@ -1,19 +1,19 @@
 //! Startup profiling runs the model's registered dummy data: a model that registers leaner dummy data
 //! gets a different profile, and both serve requests through the engine.
 
+mod support;
+
 use mmreg_core::{
-    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
-    register_model, DummyRequest, Engine, EngineOptions, ModelContext, ProcessorInputs, Prompt,
-    Request, Result, SamplingParams,
+    register_dummy_data, register_input_mapper, register_model, DummyRequest, ModelContext,
+    ProcessorInputs, Prompt, Result,
 };
+use mmreg_engine::{Engine, EngineOptions, Request, SamplingParams};
 use toy_vlm::ToyVlm;
 
 /// The toy model under another architecture name, whose dummy data is half as long and has no images.
 #[register_model("ToyLeanForCausalLM")]
 #[register_input_mapper(image = toy_vlm::map_images)]
-#[register_max_tokens(image = toy_vlm::max_image_tokens)]
 #[register_dummy_data(lean_dummy_data)]
-#[register_input_processor(toy_vlm::input_processor)]
 struct ToyLean(ToyVlm);
 
 fn lean_dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
@@ -21,14 +21,14 @@ fn lean_dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<Process
         seq_len: request.seq_len / 2,
         counts: Default::default(),
     };
-    toy_vlm::dummy_data(ctx, &half)
+    support::toy_entry().dummy_data(ctx, &half)
 }
 
-toy_vlm::toy_newtype!(ToyLean);
+toy_newtype!(ToyLean);
 
 fn checkpoint(architecture: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    toy_vlm::write_checkpoint(dir.path(), 3).expect("checkpoint");
+    support::write_checkpoint(dir.path(), 3).expect("checkpoint");
     let config = std::fs::read_to_string(dir.path().join("config.json")).expect("config");
     let config = config.replace("ToyVlmForCausalLM", architecture);
     std::fs::write(dir.path().join("config.json"), config).expect("config");

@@ -1,28 +1,27 @@
 //! A registration whose input processor disagrees with the model's token count is caught before any
 //! request reaches the model: by `process` on every request and by `mmreg check`.
 
+mod support;
+
 use mmreg_core::check::check_model;
 use mmreg_core::{
-    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
-    register_model, Error, ImageInput, ModelContext, MultiModalData, ProcessedInputs,
-    ProcessorInputs, Prompt, Registry, Result,
+    register_input_mapper, register_input_processor, register_model, Error, ImageInput,
+    ModelContext, MultiModalData, ProcessedInputs, ProcessorInputs, Prompt, Registry, Result,
 };
 
 /// The toy model with an input processor that inserts one placeholder per image instead of the model's count.
 #[register_model("ToyLiarForCausalLM")]
 #[register_input_mapper(image = toy_vlm::map_images)]
-#[register_max_tokens(image = toy_vlm::max_image_tokens)]
-#[register_dummy_data(toy_vlm::dummy_data)]
 #[register_input_processor(one_placeholder_per_image)]
 struct ToyLiar(toy_vlm::ToyVlm);
 
-toy_vlm::toy_newtype!(ToyLiar);
+toy_newtype!(ToyLiar);
 
 fn one_placeholder_per_image(
     ctx: &ModelContext,
     inputs: ProcessorInputs,
 ) -> Result<ProcessedInputs> {
-    let mut processed = toy_vlm::input_processor(ctx, inputs)?;
+    let mut processed = support::toy_entry().process(ctx, inputs)?;
     for range in &mut processed.placeholders {
         range.length = 1;
     }

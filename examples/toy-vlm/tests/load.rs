@@ -2,11 +2,14 @@
 //! result or its error exactly once, valid outputs equal their one-at-a-time outputs, and a second round
 //! does not grow the process's memory.
 
-use mmreg_core::generate::{generate, prepare};
+mod support;
+
 use mmreg_core::{
-    Engine, EngineOptions, ImageInput, ImageSource, LoadOptions, ModelContext, MultiModalData,
-    ProcessorInputs, Prompt, Registry, Request, SamplingParams, Weights,
+    ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
+    Weights,
 };
+use mmreg_engine::generate::{generate, prepare};
+use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
 
 fn png(width: u32, height: u32, shade: u8) -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -136,7 +139,7 @@ fn resident_bytes() -> u64 {
 #[test]
 fn a_thousand_concurrent_requests_each_get_their_answer() {
     let dir = tempfile::tempdir().expect("temp dir");
-    toy_vlm::write_checkpoint(dir.path(), 11).expect("checkpoint");
+    support::write_checkpoint(dir.path(), 11).expect("checkpoint");
     let options = EngineOptions {
         cpu_kv_cache_bytes: 8 << 20,
         max_num_seqs: 32,

@@ -2,11 +2,13 @@
 //! thread fails that request alone, a panic in the model during a step fails that step's requests, and
 //! the engine goes on serving.
 
+mod support;
+
 use mmreg_core::{
-    register_dummy_data, register_input_mapper, register_input_processor, register_max_tokens,
-    register_model, Engine, EngineOptions, ImageInput, ImageSource, ModelContext, ProcessedInputs,
-    ProcessorInputs, Prompt, Request, Result, SamplingParams,
+    register_input_mapper, register_input_processor, register_model, ImageInput, ModelContext,
+    ProcessedInputs, ProcessorInputs, Prompt, Result,
 };
+use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
 use tch::Tensor;
 use toy_vlm::ToyImageInputs;
 
@@ -14,18 +16,16 @@ use toy_vlm::ToyImageInputs;
 /// 13-pixel-wide images a malformed tensor that makes the model's matmul panic inside the step.
 #[register_model("ToyPanickyForCausalLM")]
 #[register_input_mapper(image = buggy_mapper)]
-#[register_max_tokens(image = toy_vlm::max_image_tokens)]
-#[register_dummy_data(toy_vlm::dummy_data)]
 #[register_input_processor(buggy_processor)]
 struct ToyPanicky(toy_vlm::ToyVlm);
 
-toy_vlm::toy_newtype!(ToyPanicky);
+toy_newtype!(ToyPanicky);
 
 fn buggy_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
     if matches!(&inputs.prompt, Prompt::TokenIds(ids) if ids.contains(&99)) {
         panic!("planted bug in the input processor");
     }
-    toy_vlm::input_processor(ctx, inputs)
+    support::toy_entry().process(ctx, inputs)
 }
 
 fn buggy_mapper(ctx: &ModelContext, images: &[ImageInput]) -> Result<ToyImageInputs> {
@@ -39,7 +39,7 @@ fn buggy_mapper(ctx: &ModelContext, images: &[ImageInput]) -> Result<ToyImageInp
 
 fn checkpoint() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    toy_vlm::write_checkpoint(dir.path(), 3).expect("checkpoint");
+    support::write_checkpoint(dir.path(), 3).expect("checkpoint");
     let config = std::fs::read_to_string(dir.path().join("config.json")).expect("config");
     let config = config.replace("ToyVlmForCausalLM", "ToyPanickyForCausalLM");
     std::fs::write(dir.path().join("config.json"), config).expect("config");

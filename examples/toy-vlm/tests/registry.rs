@@ -1,16 +1,19 @@
 //! The toy model, defined outside mmreg-models, is found and run through the registry.
 
-use mmreg_core::generate::{embed_prompt, generate, prepare};
+mod support;
+
 use mmreg_core::{
     ImageInput, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
-    ProcessorInputs, Prompt, Registry, SamplingParams, SupportsVision, Weights,
+    ProcessorInputs, Prompt, Registry, SupportsVision, Weights,
 };
+use mmreg_engine::generate::{embed_prompt, generate, prepare};
+use mmreg_engine::SamplingParams;
 use tch::Tensor;
 use toy_vlm::ToyVlm;
 
 fn checkpoint() -> (tempfile::TempDir, ModelContext, Weights) {
     let dir = tempfile::tempdir().expect("temp dir");
-    toy_vlm::write_checkpoint(dir.path(), 7).expect("checkpoint");
+    support::write_checkpoint(dir.path(), 7).expect("checkpoint");
     let ctx = ModelContext::from_dir(dir.path()).expect("context");
     let weights = Weights::from_dir(dir.path()).expect("weights");
     (dir, ctx, weights)
@@ -154,7 +157,7 @@ fn image_token_counts_follow_the_aspect_ratio() {
 fn embed_rows(
     entry: &mmreg_core::registry::ModelEntry,
     model: &dyn MultiModalModel,
-    prepared: mmreg_core::generate::PreparedInputs,
+    prepared: mmreg_engine::generate::PreparedInputs,
 ) -> Vec<i64> {
     let (modality, mapped) = prepared.mapped.into_iter().next().expect("mapped images");
     let features = entry.embed(model, modality, mapped).expect("embeds");

@@ -1,10 +1,11 @@
 //! Shared by the parity tests: the goldens made by transformers, and the comparison against them.
 
+use mmreg_core::MultiModalModel;
 use std::path::Path;
 
-use mmreg_core::generate::{embed_prompt, generate, prefill_logits, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
-use mmreg_core::{MultiModalModel, SamplingParams};
+use mmreg_engine::generate::{embed_prompt, generate, prefill_logits, PreparedInputs};
+use mmreg_engine::SamplingParams;
 use tch::Tensor;
 
 /// `golden.safetensors` of a fixture.

@@ -1,10 +1,19 @@
-//! The CLIP vision tower of LLaVA (`CLIPVisionModel`), up to the feature layer LLaVA reads.
+//! The CLIP vision tower (`CLIPVisionModel`) up to the deepest feature layer a model reads, its input
+//! type ([`PixelValues`]) and that type's default input mapper: the CLIP image processor configured by
+//! the checkpoint's preprocessor_config.json.
 
-use mmreg_core::{Error, Result, MAX_IMAGE_PIXELS};
+use std::sync::Mutex;
+
+use mmreg_core::{
+    DefaultMapper, Error, Image, ImageInput, ModalityInputs, ModelContext, Result, TensorMap,
+    MAX_IMAGE_PIXELS,
+};
+use mmreg_engine::graphs::GraphCache;
+use mmreg_image::{ClipImageProcessor, PreprocessorConfig};
 use serde::Deserialize;
 use tch::Tensor;
 
-use crate::layers::{Activation, LayerNorm, Linear, Loader};
+use crate::{Activation, LayerNorm, Linear, Loader};
 
 /// `vision_config`; missing keys take `CLIPVisionConfig`'s defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -187,7 +196,15 @@ impl EncoderLayer {
     }
 }
 
-/// Embeddings, `pre_layrnorm` and the encoder layers up to the deepest one LLaVA reads.
+/// Which hidden states a model reads from the tower: HF's `vision_feature_layer` (as indices into
+/// `hidden_states`, 0 being the embeddings) and `vision_feature_select_strategy` (`default` drops CLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureSelect {
+    pub layers: Vec<usize>,
+    pub drop_cls: bool,
+}
+
+/// Embeddings, `pre_layrnorm` and the encoder layers up to the deepest one a model reads.
 pub struct ClipVisionTower {
     patch_embedding: Tensor,
     class_embedding: Tensor,
@@ -195,17 +212,17 @@ pub struct ClipVisionTower {
     pre_layrnorm: LayerNorm,
     layers: Vec<EncoderLayer>,
     patch_size: i64,
+    select: FeatureSelect,
+    /// [`Self::features`] per pixel-value shape, replayed as a CUDA graph on a GPU (its few hundred
+    /// kernels are too short to launch one by one).
+    graphs: Mutex<GraphCache<Vec<i64>>>,
 }
 
 impl ClipVisionTower {
-    /// Loads the layers needed for `hidden_states[i]` for every `i` in `feature_layers` (HF indexing:
-    /// 0 is the embeddings after `pre_layrnorm`, -1 the last layer); later layers and `post_layernorm`
-    /// are skipped.
-    pub fn load(
-        loader: &Loader,
-        config: &ClipVisionConfig,
-        feature_layers: &[usize],
-    ) -> Result<Self> {
+    /// Loads the layers needed for every selected hidden state; later layers and `post_layernorm` are
+    /// skipped.
+    pub fn load(loader: &Loader, config: &ClipVisionConfig, select: FeatureSelect) -> Result<Self> {
+        let feature_layers = &select.layers;
         config.validate()?;
         let (h, p, c) = (config.hidden_size, config.patch_size, config.num_channels);
         let positions = config.patches_per_side()?.pow(2) + 1;
@@ -246,7 +263,39 @@ impl ClipVisionTower {
             pre_layrnorm: LayerNorm::load(&loader.pp("pre_layrnorm"), h, config.layer_norm_eps)?,
             layers,
             patch_size: p,
+            graphs: Mutex::new(GraphCache::new(loader.options.device)),
+            select,
         })
+    }
+
+    /// The selected hidden states of pixel values `[n, 3, H, W]`, CLS dropped if asked, concatenated
+    /// along the hidden axis: `[n, tokens, hidden × layers]`.
+    pub fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        let features = graphs.run(pixel_values.size(), &[pixel_values], |inputs| {
+            Ok(self.features_eager(&inputs[0]))
+        })?;
+        // A replay's output is overwritten by the next replay.
+        Ok(if graphs.captures() {
+            features.copy()
+        } else {
+            features
+        })
+    }
+
+    fn features_eager(&self, pixel_values: &Tensor) -> Tensor {
+        let states: Vec<Tensor> = self
+            .hidden_states(pixel_values, &self.select.layers)
+            .into_iter()
+            .map(|h| {
+                if self.select.drop_cls {
+                    h.narrow(1, 1, h.size()[1] - 1)
+                } else {
+                    h
+                }
+            })
+            .collect();
+        Tensor::cat(&states, -1)
     }
 
     /// `hidden_states[i]` for each requested `i`, from pixel values `[n, 3, H, W]`.
@@ -286,5 +335,53 @@ impl ClipVisionTower {
             .into_iter()
             .map(|s| s.expect("the tower loads every requested layer"))
             .collect()
+    }
+}
+
+/// `pixel_values` `[n, 3, H, W]` float32: the input of CLIP-style vision towers (LLaVA-1.5).
+#[derive(Debug)]
+pub struct PixelValues {
+    pub pixel_values: Tensor,
+}
+
+impl ModalityInputs for PixelValues {
+    const PARAMS: &'static [&'static str] = &["pixel_values"];
+
+    fn into_tensors(self) -> TensorMap {
+        let mut map = TensorMap::default();
+        map.insert("pixel_values", self.pixel_values);
+        map
+    }
+
+    fn from_tensors(mut tensors: TensorMap) -> Result<Self> {
+        Ok(Self {
+            pixel_values: tensors.take("pixel_values")?,
+        })
+    }
+
+    fn concat(parts: Vec<Self>) -> Result<Option<Self>> {
+        let pixels: Vec<Tensor> = parts.into_iter().map(|p| p.pixel_values).collect();
+        Ok(mmreg_core::concat_tensors(&pixels, None)?.map(|pixel_values| Self { pixel_values }))
+    }
+}
+
+/// The CLIP image processor (resize shortest edge, center crop, rescale, normalize): LLaVA-1.5's.
+impl DefaultMapper<Image> for PixelValues {
+    fn map(ctx: &ModelContext, images: &[ImageInput]) -> Result<Self> {
+        let config = ctx.processor_config::<PreprocessorConfig>()?;
+        let processor = ClipImageProcessor::new(&config)
+            .map_err(|e| Error::config("preprocessor_config.json", e))?;
+        let mut data = Vec::new();
+        let mut shape = None;
+        for image in images {
+            let pixels = processor
+                .preprocess(&image.image)
+                .map_err(|e| Error::bad_input(&*image.name, e))?;
+            shape.get_or_insert(pixels.shape);
+            data.extend_from_slice(&pixels.data);
+        }
+        let [_, c, h, w] = shape.unwrap_or([0, 3, 0, 0]).map(|d| d as i64);
+        let pixel_values = Tensor::from_slice(&data).reshape([images.len() as i64, c, h, w]);
+        Ok(PixelValues { pixel_values })
     }
 }

@@ -2,16 +2,19 @@
 
 use tch::Kind;
 
-use super::{EngineOptions, EngineProfile};
+use mmreg_core::registry::ModelEntry;
+use mmreg_core::{
+    DummyRequest, Error, ModalityCounts, ModelContext, MultiModalModel, PagedKvCache, Result, Step,
+};
+
+use crate::blocks::attention_batch;
+use crate::cuda;
+use crate::engine::{EngineOptions, EngineProfile};
 use crate::generate::{embed_prompt, prepare};
-use crate::inputs::{DummyRequest, ModalityCounts};
-use crate::kv_cache::{attention_batch, PagedKvCache};
-use crate::registry::ModelEntry;
-use crate::{cuda, Error, ModelContext, MultiModalModel, Result};
 
 /// Runs the registered dummy data for the worst case, measures the activation peak, and sizes the cache:
 /// `fraction × total − weights − peak activations` on CUDA, `cpu_kv_cache_bytes` on the CPU.
-pub(super) fn profile_and_allocate(
+pub(crate) fn profile_and_allocate(
     entry: &ModelEntry,
     ctx: &ModelContext,
     model: &dyn MultiModalModel,
@@ -53,7 +56,7 @@ pub(super) fn profile_and_allocate(
             model.device(),
         )?;
         model
-            .forward(&embeds, &batch, &mut cache)?
+            .forward(&embeds, &mut Step::new(&batch, &mut cache))?
             .f_sum(Kind::Float)?
             .double_value(&[]);
     }
@@ -72,7 +75,7 @@ pub(super) fn profile_and_allocate(
         (Some(total), Some(weights), Some(activations)) => {
             let budget = (total as f64 * options.gpu_memory_utilization) as u64;
             budget.checked_sub(weights + activations).ok_or_else(|| {
-                Error::Registry(format!(
+                Error::Engine(format!(
                     "no memory is left for the KV cache: {} usable ({} of {}) < weights {} + activations {}; raise gpu_memory_utilization or lower max_num_batched_tokens",
                     human(budget), options.gpu_memory_utilization, human(total), human(weights), human(activations)
                 ))
@@ -85,7 +88,7 @@ pub(super) fn profile_and_allocate(
         (kv_cache_bytes / (spec.bytes_per_token() * options.block_size) as u64) as usize;
     let capacity = kv_blocks * options.block_size;
     if capacity < max_model_len {
-        return Err(Error::Registry(format!(
+        return Err(Error::Engine(format!(
             "the KV cache holds {capacity} tokens ({kv_blocks} blocks of {}, {}) but one sequence may need max_model_len = {max_model_len}; lower max_model_len or give the cache more memory",
             options.block_size,
             human(kv_cache_bytes)

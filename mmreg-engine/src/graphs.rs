@@ -10,7 +10,7 @@ use std::hash::Hash;
 use tch::{Device, Tensor};
 
 use crate::cuda::{self, Graph, GraphPool};
-use crate::Result;
+use mmreg_core::Result;
 
 struct Captured {
     graph: Graph,

@@ -2,10 +2,6 @@
 //! decoding, input processor, input mapper), then a scheduler thread runs steps that mix prefills and
 //! decodes over one paged KV cache sized at startup by profiling the registered dummy data.
 
-mod profile;
-mod scheduler;
-mod step_graphs;
-
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -14,18 +10,19 @@ use std::thread::JoinHandle;
 
 use tch::{Device, Kind};
 
-use crate::generate::{prepare, PreparedInputs};
-use crate::inputs::ModalityCounts;
-use crate::kv_cache::BlockAllocator;
-use crate::registry::ModelEntry;
-use crate::sampling::SamplingParams;
-use crate::{
-    cuda, Error, ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt,
-    Registry, Result, Weights,
+use mmreg_core::registry::ModelEntry;
+use mmreg_core::{
+    Error, ImageInput, LoadOptions, ModalityCounts, ModelContext, MultiModalData, ProcessorInputs,
+    Prompt, Registry, Result, Weights,
 };
-use profile::profile_and_allocate;
-use scheduler::Scheduler;
-use step_graphs::FixedShapeSteps;
+
+use crate::blocks::BlockAllocator;
+use crate::cuda;
+use crate::generate::{prepare, PreparedInputs};
+use crate::profile::profile_and_allocate;
+use crate::sampling::SamplingParams;
+use crate::scheduler::{self, Scheduler};
+use crate::step_graphs::FixedShapeSteps;
 
 /// How the engine is set up.
 #[derive(Debug, Clone)]
@@ -151,7 +148,7 @@ impl RequestHandle {
                 Event::Failed(error) => return Err(error),
             }
         }
-        Err(Error::Registry(
+        Err(Error::Engine(
             "the engine stopped before the request finished".into(),
         ))
     }
@@ -177,10 +174,10 @@ struct Job {
     events: Sender<Event>,
 }
 
-struct Ready {
-    prepared: PreparedInputs,
-    params: SamplingParams,
-    events: Sender<Event>,
+pub(crate) struct Ready {
+    pub(crate) prepared: PreparedInputs,
+    pub(crate) params: SamplingParams,
+    pub(crate) events: Sender<Event>,
 }
 
 /// Counters of the scheduler's decisions.
@@ -346,13 +343,13 @@ impl Engine {
                 self.counters.preprocessing.fetch_add(1, Ordering::SeqCst);
                 if let Err(mpsc::SendError(job)) = jobs.send(Job { request, events }) {
                     self.counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
-                    let _ = job.events.send(Event::Failed(Error::Registry(
+                    let _ = job.events.send(Event::Failed(Error::Engine(
                         "the engine has stopped".into(),
                     )));
                 }
             }
             None => {
-                let _ = events.send(Event::Failed(Error::Registry(
+                let _ = events.send(Event::Failed(Error::Engine(
                     "the engine has stopped".into(),
                 )));
             }
@@ -429,7 +426,7 @@ fn preprocess_loop(
             Ok(prepared)
         }))
         .unwrap_or_else(|panic| {
-            Err(Error::Registry(scheduler::panic_message(
+            Err(Error::Engine(scheduler::panic_message(
                 "preprocessing",
                 panic,
             )))
@@ -441,7 +438,7 @@ fn preprocess_loop(
                     params,
                     events,
                 }) {
-                    let _ = ready.events.send(Event::Failed(Error::Registry(
+                    let _ = ready.events.send(Event::Failed(Error::Engine(
                         "the engine has stopped".into(),
                     )));
                 }

@@ -15,11 +15,11 @@
 
 use tch::{Device, Tensor};
 
+use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice};
+use mmreg_core::{MultiModalModel, PagedKvCache, Result, Step};
+
+use crate::blocks::slots;
 use crate::graphs::GraphCache;
-use crate::kv_cache::{
-    real_slots, slots, AttentionBatch, DecodeGather, PagedKvCache, SequenceSlice,
-};
-use crate::{MultiModalModel, Result};
 
 /// Context lengths of decode steps are rounded up to a multiple of this.
 const CONTEXT_STEP: usize = 128;
@@ -32,7 +32,7 @@ const PREFILL_STEP: usize = 32;
 const MAX_GRAPH_PREFILL: usize = 2048;
 
 /// One decoding sequence of a step: its last token, its cache blocks and its length with that token.
-pub(super) struct DecodeRow<'a> {
+pub(crate) struct DecodeRow<'a> {
     pub token: u32,
     pub blocks: &'a [u32],
     pub len: usize,
@@ -44,7 +44,7 @@ enum Bucket {
     Prefill { tokens: usize },
 }
 
-pub(super) struct FixedShapeSteps {
+pub(crate) struct FixedShapeSteps {
     block_size: usize,
     /// A cache slot that belongs to no sequence, for the padding rows.
     scratch_slot: i64,
@@ -54,7 +54,7 @@ pub(super) struct FixedShapeSteps {
 }
 
 impl FixedShapeSteps {
-    pub(super) fn new(
+    pub(crate) fn new(
         device: Device,
         block_size: usize,
         scratch_slot: i64,
@@ -70,7 +70,7 @@ impl FixedShapeSteps {
 
     /// Logits `[rows, vocab]` of a step of single-token decodes, or `None` if the step fits no bucket (the
     /// caller then runs it the ordinary way). The logits are valid until the next step.
-    pub(super) fn decode(
+    pub(crate) fn decode(
         &mut self,
         model: &dyn MultiModalModel,
         cache: &mut PagedKvCache,
@@ -98,7 +98,7 @@ impl FixedShapeSteps {
 
     /// The logits `[1, vocab]` of the last token of one sequence prefilled alone from `embeds`
     /// (`[tokens, hidden]`), or `None` if the prompt fits no bucket. Valid until the next step.
-    pub(super) fn prefill(
+    pub(crate) fn prefill(
         &mut self,
         model: &dyn MultiModalModel,
         cache: &mut PagedKvCache,
@@ -177,7 +177,7 @@ fn decode_step(
         }),
     };
     let embeds = model.embed_tokens(&part(0, b))?;
-    model.forward(&embeds, &batch, cache)
+    model.forward(&embeds, &mut Step::new(&batch, cache))
 }
 
 /// One sequence's prefill over `embeds` (`[tokens, hidden]`, padded), reading positions, slots and the
@@ -201,5 +201,5 @@ fn prefill_step(
         logits_indices: Some(packed.narrow(0, 2 * t, 1)),
         decode_gather: None,
     };
-    model.forward(embeds, &batch, cache)
+    model.forward(embeds, &mut Step::new(&batch, cache))
 }

@@ -1,13 +1,12 @@
-//! The Llama decoder (Mistral and Vicuna use the same code): RMSNorm in f32, half-split rotary
-//! embeddings, grouped-query attention, gated MLP, with a preallocated KV cache.
+//! The Llama decoder (`LlamaForCausalLM`'s model and head; Mistral and Vicuna use the same code):
+//! RMSNorm in f32, half-split rotary embeddings, grouped-query attention, gated MLP.
 
-use mmreg_core::attention::{attend_stored, paged_attention};
-use mmreg_core::kernels;
-use mmreg_core::{AttentionBatch, Error, KvCacheSpec, PagedKvCache, Result};
+use mmreg_core::{Error, KvCacheSpec, LanguageModel, Result, Step};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::layers::{Activation, Linear, Loader, RmsNorm};
+use crate::rotary::{RopeKind, RopeScaling, RotaryAt, RotaryEmbedding};
+use crate::{Activation, Attention, Embedding, Linear, Loader, RmsNorm};
 
 /// `text_config` as written in config.json: every key optional, defaults depend on `model_type`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -24,15 +23,11 @@ pub struct TextConfigJson {
     pub max_position_embeddings: Option<usize>,
     pub rms_norm_eps: Option<f64>,
     pub rope_theta: Option<f64>,
-    /// transformers 5 writes `rope_parameters: {rope_type, rope_theta}` instead of `rope_theta`.
-    pub rope_parameters: Option<RopeParameters>,
+    /// transformers 5 writes `rope_parameters: {rope_type, rope_theta, …}` instead of `rope_theta` and
+    /// `rope_scaling`.
+    pub rope_parameters: Option<RopeScaling>,
+    pub rope_scaling: Option<RopeScaling>,
     pub eos_token_id: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct RopeParameters {
-    pub rope_type: Option<String>,
-    pub rope_theta: Option<f64>,
 }
 
 /// The resolved decoder configuration.
@@ -49,6 +44,7 @@ pub struct TextConfig {
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    pub rope_kind: RopeKind,
 }
 
 impl TextConfigJson {
@@ -64,18 +60,8 @@ impl TextConfigJson {
                 ))
             }
         };
-        if let Some(kind) = self
-            .rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_type.as_deref())
-        {
-            if kind != "default" {
-                return Err(Error::config(
-                    "config.json",
-                    format!("rope_type `{kind}` is not supported"),
-                ));
-            }
-        }
+        let rope_kind =
+            RopeKind::from_config(self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()))?;
         let hidden_size = self.hidden_size.unwrap_or(4096);
         let num_attention_heads = self.num_attention_heads.unwrap_or(32);
         let config = TextConfig {
@@ -109,6 +95,7 @@ impl TextConfigJson {
                 .and_then(|r| r.rope_theta)
                 .or(self.rope_theta)
                 .unwrap_or(10000.0),
+            rope_kind,
         };
         let heads_ok = config.num_attention_heads > 0
             && config.num_key_value_heads > 0
@@ -126,17 +113,19 @@ impl TextConfigJson {
     }
 }
 
-struct Attention {
+/// `self_attn`: the stacked q/k/v projection, attention over the KV cache, `o_proj`.
+struct LlamaAttention {
     /// `q_proj`, `k_proj` and `v_proj` stacked: one matrix multiply.
     qkv_proj: Linear,
     o_proj: Linear,
+    attn: Attention,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
 }
 
-impl Attention {
-    fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
+impl LlamaAttention {
+    fn load(loader: &Loader, layer: usize, c: &TextConfig) -> Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
         Ok(Self {
@@ -150,62 +139,31 @@ impl Attention {
                 false,
             )?,
             o_proj: Linear::load(&loader.pp("o_proj"), q, h, false)?,
+            attn: Attention::new(layer, c.num_attention_heads, c.num_key_value_heads, d),
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
             head_dim: d,
         })
     }
 
-    /// `x` is `[tokens, hidden]`, packed as `batch` describes.
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        layer: usize,
-        batch: &AttentionBatch,
-        cache: &mut PagedKvCache,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rotary: &RotaryAt, step: &mut Step) -> Result<Tensor> {
         let t = x.size()[0];
-        let (h, kv) = (self.heads, self.kv_heads);
         let qkv = self
             .qkv_proj
             .forward(x)
-            .view([t, h + 2 * kv, self.head_dim]);
-        // Queries and keys rotate; values pass through unchanged (see `Rope`). Where the kernel runs, the
-        // same pass stores the keys and values in the cache.
-        let (keys, values) = cache.layer(layer);
-        let stored = kernels::rope_and_store(
-            &qkv,
-            &rope.cos,
-            &rope.sin,
-            kv,
-            keys,
-            values,
-            &batch.new_slots,
-        );
-        let in_cache = stored.is_some();
-        let qkv = stored.unwrap_or_else(|| rope.apply(&qkv));
-        let (q, k, v) = (
-            qkv.narrow(1, 0, h),
-            qkv.narrow(1, h, kv),
-            qkv.narrow(1, h + kv, kv),
-        );
-        let scale = (self.head_dim as f64).powf(-0.5);
-        let out = if in_cache {
-            attend_stored(&q, &k, &v, layer, batch, cache, scale)?
-        } else {
-            paged_attention(&q, &k, &v, layer, batch, cache, scale)?
-        };
-        Ok(self.o_proj.forward(&out.reshape([t, h * self.head_dim])))
+            .view([t, self.heads + 2 * self.kv_heads, self.head_dim]);
+        let out = self.attn.forward_rotary(&qkv, rotary, step)?;
+        Ok(self
+            .o_proj
+            .forward(&out.reshape([t, self.heads * self.head_dim])))
     }
 }
 
+/// `mlp`: `down_proj(act(gate_proj(x)) * up_proj(x))`, gate and up stacked into one matrix multiply.
 struct Mlp {
-    /// `gate_proj` and `up_proj` stacked: one matrix multiply.
     gate_up_proj: Linear,
     down_proj: Linear,
     act: Activation,
-    intermediate: i64,
 }
 
 impl Mlp {
@@ -219,59 +177,58 @@ impl Mlp {
             )?,
             down_proj: Linear::load(&loader.pp("down_proj"), i, h, false)?,
             act: Activation::parse(&c.hidden_act)?,
-            intermediate: i,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let gate_up = self.gate_up_proj.forward(x);
-        let hidden = if self.act == Activation::Silu {
-            kernels::silu_mul(&gate_up)
-        } else {
-            let i = self.intermediate;
-            self.act.forward(&gate_up.narrow(-1, 0, i)) * gate_up.narrow(-1, i, i)
-        };
-        self.down_proj.forward(&hidden)
+        self.down_proj
+            .forward(&self.act.gated(&self.gate_up_proj.forward(x)))
     }
 }
 
 struct DecoderLayer {
     input_layernorm: RmsNorm,
-    self_attn: Attention,
+    self_attn: LlamaAttention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
 }
 
-/// cos and sin of the rotary embedding at the step's positions, `[tokens, head_dim]` in the model dtype
-/// (HF casts them before the products), and how many heads of the stacked q, k, v projection rotate.
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-    rotated_heads: i64,
-}
-
-impl Rope {
-    /// `x * cos + rotate_half(x) * sin` on the query and key heads of `[tokens, heads + 2 kv_heads,
-    /// head_dim]`; the value heads pass through. One kernel on CUDA.
-    fn apply(&self, qkv: &Tensor) -> Tensor {
-        kernels::rope(qkv, &self.cos, &self.sin, self.rotated_heads)
+impl DecoderLayer {
+    /// `residual` is the stream the layers add to (`None` before the first layer); returns this layer's
+    /// MLP output and the stream before it. Each residual add is fused with the norm after it.
+    fn forward(
+        &self,
+        hidden: Tensor,
+        residual: Option<Tensor>,
+        rotary: &RotaryAt,
+        step: &mut Step,
+    ) -> Result<(Tensor, Tensor)> {
+        let (residual, normed) = match residual {
+            None => {
+                let normed = self.input_layernorm.forward(&hidden);
+                (hidden, normed)
+            }
+            Some(residual) => self.input_layernorm.forward_add(&residual, &hidden),
+        };
+        let attn = self.self_attn.forward(&normed, rotary, step)?;
+        let (residual, normed) = self.post_attention_layernorm.forward_add(&residual, &attn);
+        Ok((self.mlp.forward(&normed), residual))
     }
 }
 
 /// The decoder stack with its embeddings and LM head.
 pub struct Llama {
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
-    /// `1 / theta^(2i/d)`, computed in f32 on the CPU as HF does.
-    inv_freq: Tensor,
+    rotary_emb: RotaryEmbedding,
     pub config: TextConfig,
     device: Device,
 }
 
 impl Llama {
-    /// Loads `language_model.*` (decoder) and `lm_head` from the canonical names.
+    /// Loads `model.*` (embeddings, layers, norm) from `loader` and `lm_head` from its own loader.
     pub fn load(loader: &Loader, lm_head: &Loader, config: TextConfig) -> Result<Self> {
         let c = &config;
         let eps = c.rms_norm_eps;
@@ -280,7 +237,7 @@ impl Llama {
                 let l = loader.pp("layers").pp(i);
                 Ok(DecoderLayer {
                     input_layernorm: RmsNorm::load(&l.pp("input_layernorm"), c.hidden_size, eps)?,
-                    self_attn: Attention::load(&l.pp("self_attn"), c)?,
+                    self_attn: LlamaAttention::load(&l.pp("self_attn"), i, c)?,
                     post_attention_layernorm: RmsNorm::load(
                         &l.pp("post_attention_layernorm"),
                         c.hidden_size,
@@ -290,79 +247,41 @@ impl Llama {
                 })
             })
             .collect::<Result<_>>()?;
-        let exponent = Tensor::arange_start_step(0, c.head_dim, 2, (Kind::Int64, Device::Cpu))
-            .to_kind(Kind::Float)
-            / c.head_dim as f64;
-        let inv_freq = Tensor::scalar_tensor(c.rope_theta, (Kind::Float, Device::Cpu))
-            .pow(&exponent)
-            .reciprocal();
+        let device = loader.options.device;
         Ok(Self {
-            embed_tokens: loader.get("embed_tokens.weight", &[c.vocab_size, c.hidden_size])?,
+            embed_tokens: Embedding::load(&loader.pp("embed_tokens"), c.vocab_size, c.hidden_size)?,
             layers,
             norm: RmsNorm::load(&loader.pp("norm"), c.hidden_size, eps)?,
             lm_head: Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?,
-            inv_freq: inv_freq.to_device(loader.options.device),
-            device: loader.options.device,
+            rotary_emb: RotaryEmbedding::new(c.head_dim, c.rope_theta, c.rope_kind, device),
+            device,
             config,
         })
     }
+}
 
-    pub fn embed_tokens(&self, token_ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, token_ids, -1, false, false)
+impl LanguageModel for Llama {
+    fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.forward(token_ids))
     }
 
-    pub fn dtype(&self) -> Kind {
-        self.embed_tokens.kind()
-    }
-
-    pub fn device(&self) -> Device {
-        self.device
-    }
-
-    fn rope(&self, positions: &Tensor, kind: Kind) -> Rope {
-        let c = &self.config;
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
-        let emb = Tensor::cat(&[&freqs, &freqs], 1);
-        Rope {
-            cos: emb.cos().to_kind(kind),
-            sin: emb.sin().to_kind(kind),
-            rotated_heads: c.num_attention_heads + c.num_key_value_heads,
+    /// Logits `[rows, vocab]` of the rows the step asks for, for `[tokens, hidden]` embeddings.
+    fn forward(&self, inputs_embeds: &Tensor, step: &mut Step) -> Result<Tensor> {
+        let rotary = self.rotary_emb.at(step.positions(), inputs_embeds.kind());
+        let mut hidden = inputs_embeds.shallow_clone();
+        let mut residual = None;
+        for layer in &self.layers {
+            let (out, stream) = layer.forward(hidden, residual, &rotary, step)?;
+            (hidden, residual) = (out, Some(stream));
         }
+        let normed = match residual {
+            Some(residual) => self.norm.forward_add(&residual, &hidden).1,
+            None => self.norm.forward(&hidden),
+        };
+        Ok(self.lm_head.forward(&step.logits_rows(normed)?))
     }
 
-    /// Logits of the rows `batch.logits_indices` selects, for `[tokens, hidden]` embeddings.
-    pub fn forward(
-        &self,
-        inputs_embeds: &Tensor,
-        batch: &AttentionBatch,
-        cache: &mut PagedKvCache,
-    ) -> Result<Tensor> {
-        let rope = self.rope(&batch.positions, inputs_embeds.kind());
-        // `residual` is the stream the layers add to; `normed` the next norm's output. Each residual add
-        // is fused with the norm that follows it (the next layer's, or the final one).
-        let mut residual = inputs_embeds.shallow_clone();
-        let first_norm = self
-            .layers
-            .first()
-            .map_or(&self.norm, |l| &l.input_layernorm);
-        let mut normed = first_norm.forward(&residual);
-        for (i, layer) in self.layers.iter().enumerate() {
-            let attn = layer.self_attn.forward(&normed, &rope, i, batch, cache)?;
-            let (sum, mlp_in) = layer.post_attention_layernorm.forward_add(&residual, &attn);
-            let mlp = layer.mlp.forward(&mlp_in);
-            let next_norm = self
-                .layers
-                .get(i + 1)
-                .map_or(&self.norm, |l| &l.input_layernorm);
-            (residual, normed) = next_norm.forward_add(&sum, &mlp);
-        }
-        if let Some(rows) = &batch.logits_indices {
-            normed = normed.index_select(0, rows);
-        }
-        Ok(self.lm_head.forward(&normed))
-    }
-
-    pub fn kv_cache_spec(&self) -> KvCacheSpec {
+    fn kv_cache_spec(&self) -> KvCacheSpec {
         let c = &self.config;
         KvCacheSpec {
             layers: c.num_hidden_layers,
@@ -370,5 +289,21 @@ impl Llama {
             head_dim: c.head_dim,
             kind: self.dtype(),
         }
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn dtype(&self) -> Kind {
+        self.embed_tokens.weight().kind()
+    }
+
+    fn max_model_len(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    fn supports_cuda_graphs(&self) -> bool {
+        true
     }
 }

@@ -3,7 +3,7 @@
 //! (and the other calls do nothing) where CUDA or the shim is unavailable; capturing a graph or profiling
 //! there is an error.
 
-use crate::{Error, Result};
+use mmreg_core::{Error, Result};
 
 /// Bytes held by PyTorch's caching allocator on one device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl Graph {
         mut f: impl FnMut() -> Result<T>,
     ) -> Result<(Graph, T, GraphPool)> {
         if !graphs_available() {
-            return Err(Error::Registry(
+            return Err(Error::Engine(
                 "CUDA graphs are unavailable: no CUDA device or no CUDA shim in this build".into(),
             ));
         }
@@ -86,7 +86,7 @@ impl Graph {
 #[cfg(mmreg_cuda_shim)]
 mod shim {
     use super::{GraphPool, MemoryStats};
-    use crate::{Error, Result};
+    use mmreg_core::{Error, Result};
 
     extern "C" {
         fn mmreg_graph_new(device: i32) -> *mut std::ffi::c_void;
@@ -152,17 +152,17 @@ mod shim {
         let status = unsafe { mmreg_profiler_start() };
         (status == 0)
             .then_some(())
-            .ok_or_else(|| Error::Registry("starting the Kineto profiler failed".into()))
+            .ok_or_else(|| Error::Engine("starting the Kineto profiler failed".into()))
     }
 
     pub fn profiler_stop(path: &std::path::Path) -> Result<()> {
         let path = std::ffi::CString::new(path.to_string_lossy().as_bytes())
-            .map_err(|_| Error::Registry("a trace path with a NUL byte".into()))?;
+            .map_err(|_| Error::Engine("a trace path with a NUL byte".into()))?;
         // SAFETY: `path` is a valid C string for the call; the shim catches every C++ exception.
         let status = unsafe { mmreg_profiler_stop(path.as_ptr()) };
-        (status == 0).then_some(()).ok_or_else(|| {
-            Error::Registry("stopping the profiler or saving its trace failed".into())
-        })
+        (status == 0)
+            .then_some(())
+            .ok_or_else(|| Error::Engine("stopping the profiler or saving its trace failed".into()))
     }
 
     /// An owned `at::cuda::CUDAGraph` with its side stream.
@@ -175,7 +175,7 @@ mod shim {
     fn check(status: i32, what: &str) -> Result<()> {
         match status {
             0 => Ok(()),
-            _ => Err(Error::Registry(format!("CUDA graph: {what} failed"))),
+            _ => Err(Error::Engine(format!("CUDA graph: {what} failed"))),
         }
     }
 
@@ -184,7 +184,7 @@ mod shim {
             // SAFETY: returns an owned pointer or null; catches every C++ exception.
             let raw = unsafe { mmreg_graph_new(device as i32) };
             if raw.is_null() {
-                return Err(Error::Registry("CUDA graph: creation failed".into()));
+                return Err(Error::Engine("CUDA graph: creation failed".into()));
             }
             Ok(Self(raw))
         }
@@ -240,14 +240,14 @@ mod shim {
 #[cfg(not(mmreg_cuda_shim))]
 mod shim {
     use super::{GraphPool, MemoryStats};
-    use crate::{Error, Result};
+    use mmreg_core::{Error, Result};
 
     pub fn profiler_start() -> Result<()> {
-        Err(Error::Registry("the profiler needs the CUDA shim".into()))
+        Err(Error::Engine("the profiler needs the CUDA shim".into()))
     }
 
     pub fn profiler_stop(_path: &std::path::Path) -> Result<()> {
-        Err(Error::Registry("the profiler needs the CUDA shim".into()))
+        Err(Error::Engine("the profiler needs the CUDA shim".into()))
     }
 
     /// Never made: [`super::Graph::capture`] fails first without the shim.
@@ -255,7 +255,7 @@ mod shim {
 
     impl RawGraph {
         pub fn new(_device: usize) -> Result<Self> {
-            Err(Error::Registry("CUDA graphs need the CUDA shim".into()))
+            Err(Error::Engine("CUDA graphs need the CUDA shim".into()))
         }
         pub fn enter_stream(&self) -> Result<()> {
             Ok(())

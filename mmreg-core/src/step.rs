@@ -1,9 +1,11 @@
-//! The paged KV cache: one pool of fixed-size blocks shared by every sequence, and the per-step batch
-//! description (which tokens belong to which sequence, where their keys and values go).
+//! What one engine step hands a model's forward: the step's tokens packed along one axis, where each
+//! sequence's tokens are, and the paged KV cache they attend to. Model files pass the [`Step`] on to the
+//! attention layers of `mmreg-nn` and read nothing in it but positions; the layers own how keys and
+//! values are written and read, the engine owns how the step was scheduled.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::{Error, Result};
+use crate::Result;
 
 /// What a model's KV cache holds per token.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -83,61 +85,21 @@ impl PagedKvCache {
         (&self.keys[layer], &self.values[layer])
     }
 
+    /// A layer's pools for writing (a kernel that stores keys and values in place).
+    pub fn layer_mut(&mut self, layer: usize) -> (&mut Tensor, &mut Tensor) {
+        (&mut self.keys[layer], &mut self.values[layer])
+    }
+
+    pub fn layers(&self) -> usize {
+        self.keys.len()
+    }
+
     /// A sequence's keys and values `[len, kv_heads, head_dim]` from its slots `[len]`.
     pub fn gather(&self, layer: usize, slots: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
             self.keys[layer].f_index_select(0, slots)?,
             self.values[layer].f_index_select(0, slots)?,
         ))
-    }
-}
-
-/// Free blocks of the pool.
-#[derive(Debug)]
-pub struct BlockAllocator {
-    free: Vec<u32>,
-    block_size: usize,
-    total: usize,
-}
-
-impl BlockAllocator {
-    pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        Self {
-            free: (0..num_blocks as u32).rev().collect(),
-            block_size,
-            total: num_blocks,
-        }
-    }
-
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.free.len()
-    }
-
-    pub fn total_blocks(&self) -> usize {
-        self.total
-    }
-
-    /// Blocks needed to hold `tokens` tokens.
-    pub fn blocks_for(&self, tokens: usize) -> usize {
-        tokens.div_ceil(self.block_size)
-    }
-
-    /// Grows a sequence's block list to hold `tokens` tokens; false (and no change) if the pool is short.
-    pub fn grow(&mut self, blocks: &mut Vec<u32>, tokens: usize) -> bool {
-        let needed = self.blocks_for(tokens).saturating_sub(blocks.len());
-        if needed > self.free.len() {
-            return false;
-        }
-        blocks.extend(self.free.drain(self.free.len() - needed..));
-        true
-    }
-
-    pub fn release(&mut self, blocks: &mut Vec<u32>) {
-        self.free.append(blocks);
     }
 }
 
@@ -188,84 +150,39 @@ pub fn real_slots(lengths: &Tensor, width: i64) -> Result<Tensor> {
         .view([-1, 1, 1, width]))
 }
 
-/// Cache slots of tokens `0..len` of a sequence that owns `blocks`.
-pub fn slots(blocks: &[u32], block_size: usize, range: std::ops::Range<usize>) -> Vec<i64> {
-    range
-        .map(|i| blocks[i / block_size] as i64 * block_size as i64 + (i % block_size) as i64)
-        .collect()
+/// One step of the engine as a model's forward sees it: the batch layout and the KV cache.
+#[derive(Debug)]
+pub struct Step<'a> {
+    batch: &'a AttentionBatch,
+    cache: &'a mut PagedKvCache,
 }
 
-/// Builds the batch description for sequences `(blocks, context, new tokens)` packed in order.
-pub fn attention_batch(
-    sequences: &[(&[u32], usize, usize)],
-    block_size: usize,
-    last_token_logits: bool,
-    device: Device,
-) -> Result<AttentionBatch> {
-    let mut positions = Vec::new();
-    let mut new_slots = Vec::new();
-    let mut slices = Vec::with_capacity(sequences.len());
-    let mut logits_rows = Vec::with_capacity(sequences.len());
-    let mut start = 0i64;
-    let all_decodes = sequences.len() > 1
-        && sequences
-            .iter()
-            .all(|&(_, context, len)| len == 1 && context > 0);
-    let longest = sequences
-        .iter()
-        .map(|&(_, context, len)| context + len)
-        .max()
-        .unwrap_or(0);
-    let (mut padded, mut lengths) = (Vec::new(), Vec::new());
-    for &(blocks, context, len) in sequences {
-        if blocks.len() * block_size < context + len {
-            return Err(Error::Registry(format!(
-                "a sequence of {} tokens has only {} cache blocks",
-                context + len,
-                blocks.len()
-            )));
-        }
-        let all = slots(blocks, block_size, 0..context + len);
-        if all_decodes {
-            padded.extend(
-                all.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, longest - all.len())),
-            );
-            lengths.push(all.len() as i64);
-        }
-        positions.extend((context..context + len).map(|p| p as i64));
-        new_slots.extend_from_slice(&all[context..]);
-        // A step of decodes attends through `decode_gather`; only other steps need per-sequence slots.
-        let slots = if all_decodes {
-            Tensor::new()
-        } else {
-            Tensor::from_slice(&all).to_device(device)
-        };
-        slices.push(SequenceSlice {
-            start,
-            len: len as i64,
-            context: context as i64,
-            slots,
-        });
-        start += len as i64;
-        logits_rows.push(start - 1);
+impl<'a> Step<'a> {
+    pub fn new(batch: &'a AttentionBatch, cache: &'a mut PagedKvCache) -> Self {
+        Self { batch, cache }
     }
-    Ok(AttentionBatch {
-        positions: Tensor::from_slice(&positions).to_device(device),
-        new_slots: Tensor::from_slice(&new_slots).to_device(device),
-        sequences: slices,
-        logits_indices: last_token_logits
-            .then(|| Tensor::from_slice(&logits_rows).to_device(device)),
-        decode_gather: all_decodes
-            .then(|| -> Result<DecodeGather> {
-                let lengths = Tensor::from_slice(&lengths).to_device(device);
-                Ok(DecodeGather {
-                    slots: Tensor::from_slice(&padded).to_device(device),
-                    mask: real_slots(&lengths, longest as i64)?,
-                    lengths,
-                })
-            })
-            .transpose()?,
-    })
+
+    /// The position of every new token, `[tokens]` (int64).
+    pub fn positions(&self) -> &Tensor {
+        &self.batch.positions
+    }
+
+    /// The rows whose logits the engine needs (each sequence's last token in a generation step): the
+    /// final hidden states `[tokens, hidden]` narrowed to those rows before the LM head.
+    pub fn logits_rows(&self, hidden: Tensor) -> Result<Tensor> {
+        Ok(match &self.batch.logits_indices {
+            Some(rows) => hidden.f_index_select(0, rows)?,
+            None => hidden,
+        })
+    }
+
+    /// The batch layout, for attention layers.
+    pub fn batch(&self) -> &'a AttentionBatch {
+        self.batch
+    }
+
+    /// The KV cache, for attention layers.
+    pub fn cache(&mut self) -> &mut PagedKvCache {
+        self.cache
+    }
 }

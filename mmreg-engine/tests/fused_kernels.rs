@@ -4,8 +4,8 @@
 //! also inside a CUDA graph. Rope and the residual add are bit-exact; RMSNorm (the order of its f32 sum)
 //! and SiLU (the platform's expf) are within one rounding step.
 
-use mmreg_core::cuda::Graph;
-use mmreg_core::kernels;
+use mmreg_engine::cuda::Graph;
+use mmreg_engine::kernels;
 use tch::{Device, Kind, Tensor};
 
 const KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
@@ -198,7 +198,7 @@ fn fused_kernels_run_only_where_they_can() {
         &hf_silu_mul(&strided),
     );
     kernels::emulate_on_this_thread(false);
-    if tch::Cuda::is_available() && mmreg_core::cuda::graphs_available() {
+    if tch::Cuda::is_available() && mmreg_engine::cuda::graphs_available() {
         // The shim is built in and a GPU is present: the kernels must compile (a failure would be
         // logged and everything would silently run unfused).
         let reason = kernels::unavailable_reason(Device::Cuda(0));
@@ -218,7 +218,7 @@ fn the_self_check_passes() {
         kernels::self_check(Device::Cpu).is_err(),
         "no kernels to check"
     );
-    if tch::Cuda::is_available() && mmreg_core::cuda::graphs_available() {
+    if tch::Cuda::is_available() && mmreg_engine::cuda::graphs_available() {
         assert_eq!(kernels::self_check(Device::Cuda(0)), Ok(()));
     }
 }
@@ -273,10 +273,11 @@ fn rope_and_store_also_writes_the_keys_and_values_at_their_slots() {
             let heads = 8 + 2 * kv_heads;
             let qkv = random(&[tokens, heads, dim], kind, device, 11);
             let (cos, sin) = rope_tables(tokens, dim, kind, device);
-            let keys = Tensor::zeros([16, kv_heads, dim], (kind, device));
-            let values = Tensor::zeros([16, kv_heads, dim], (kind, device));
+            let mut keys = Tensor::zeros([16, kv_heads, dim], (kind, device));
+            let mut values = Tensor::zeros([16, kv_heads, dim], (kind, device));
             let slots = Tensor::from_slice(&[3i64, 15, 0, 8, 9]).to_device(device);
-            let out = kernels::rope_and_store(&qkv, &cos, &sin, kv_heads, &keys, &values, &slots);
+            let out =
+                kernels::rope_and_store(&qkv, &cos, &sin, kv_heads, &mut keys, &mut values, &slots);
             let Some(out) = out else {
                 assert_eq!(mode, Mode::Fallback, "the kernel did not run");
                 continue;
@@ -431,7 +432,7 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
 
 #[test]
 fn fused_kernels_replay_inside_a_cuda_graph() {
-    if !mmreg_core::cuda::graphs_available() {
+    if !mmreg_engine::cuda::graphs_available() {
         eprintln!("fused kernels: no CUDA graphs here, skipping the graph check");
         return;
     }

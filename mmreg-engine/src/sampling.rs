@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
-use crate::Result;
+use mmreg_core::Result;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {

@@ -8,13 +8,16 @@ use std::sync::Arc;
 
 use tch::{Device, Tensor};
 
-use super::step_graphs::{DecodeRow, FixedShapeSteps};
-use super::{Completion, EngineCounters, EngineOptions, Event, FinishReason, Ready, StepTiming};
+use mmreg_core::registry::ModelEntry;
+use mmreg_core::{Error, ModelContext, MultiModalModel, PagedKvCache, Result, Step};
+
+use crate::blocks::{attention_batch, BlockAllocator};
+use crate::engine::{
+    Completion, EngineCounters, EngineOptions, Event, FinishReason, Ready, StepTiming,
+};
 use crate::generate::{embed_prompts, top_token_ids, PreparedInputs};
-use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
-use crate::registry::ModelEntry;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::{Error, ModelContext, MultiModalModel, Result};
+use crate::step_graphs::{DecodeRow, FixedShapeSteps};
 
 /// A request inside the scheduler.
 struct Sequence {
@@ -39,7 +42,7 @@ impl Sequence {
     }
 }
 
-pub(super) struct Scheduler {
+pub(crate) struct Scheduler {
     counters: Arc<EngineCounters>,
     entry: &'static ModelEntry,
     ctx: Arc<ModelContext>,
@@ -61,7 +64,7 @@ pub(super) struct Scheduler {
 
 impl Scheduler {
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(
+    pub(crate) fn new(
         counters: Arc<EngineCounters>,
         entry: &'static ModelEntry,
         ctx: Arc<ModelContext>,
@@ -90,7 +93,7 @@ impl Scheduler {
         }
     }
 
-    pub(super) fn run(&mut self, ready: Receiver<Ready>) {
+    pub(crate) fn run(&mut self, ready: Receiver<Ready>) {
         let _guard = tch::no_grad_guard();
         loop {
             // Block only when idle; otherwise take whatever has arrived and keep stepping.
@@ -115,12 +118,12 @@ impl Scheduler {
             }
             // A panic in model code (tch's operators panic on a shape error, say) is this step's error.
             let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()))
-                .unwrap_or_else(|panic| Err(Error::Registry(panic_message("the step", panic))));
+                .unwrap_or_else(|panic| Err(Error::Engine(panic_message("the step", panic))));
             if let Err(error) = stepped {
                 // A failed step fails the sequences in it; the engine carries on.
                 let message = error.to_string();
                 for seq in self.running.drain(..) {
-                    let _ = seq.events.send(Event::Failed(Error::Registry(format!(
+                    let _ = seq.events.send(Event::Failed(Error::Engine(format!(
                         "model step failed: {message}"
                     ))));
                     self.allocator.release(&mut { seq.blocks });
@@ -174,7 +177,7 @@ impl Scheduler {
         }
         if self.running.is_empty() {
             if let Some(seq) = self.waiting.pop_front() {
-                let error = Error::Registry(format!(
+                let error = Error::Engine(format!(
                     "the KV cache ({} blocks) cannot hold a sequence of {} tokens",
                     self.allocator.total_blocks(),
                     seq.len()
@@ -319,7 +322,7 @@ impl Scheduler {
                     // was generated.
                     let prompt = prompt_embeds
                         .next()
-                        .ok_or_else(|| Error::Registry("a prefill lost its embeddings".into()))?;
+                        .ok_or_else(|| Error::Engine("a prefill lost its embeddings".into()))?;
                     let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
                     if generated.is_empty() {
                         embeds.push(prompt);
@@ -353,13 +356,15 @@ impl Scheduler {
             }
         }
         let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
-        let logits = self.model.forward(&embeds, &batch, &mut self.cache)?;
+        let logits = self
+            .model
+            .forward(&embeds, &mut Step::new(&batch, &mut self.cache))?;
         Ok((logits, prefill_tokens, embed_seconds))
     }
 }
 
 /// What a caught panic said, for an error message: "`what` panicked: …".
-pub(super) fn panic_message(what: &str, panic: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(what: &str, panic: Box<dyn std::any::Any + Send>) -> String {
     let text = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -1,63 +1,16 @@
 //! One request through the registry, end to end: input processor → input mapper → the model's
 //! multimodal path → merge at the placeholders → prefill → decode.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
-use crate::inputs::{ProcessedInputs, ProcessorInputs};
-use crate::kv_cache::{attention_batch, BlockAllocator, PagedKvCache};
-use crate::registry::ModelEntry;
+pub use mmreg_core::prepare::{prepare, PreparedInputs};
+use mmreg_core::registry::ModelEntry;
+use mmreg_core::{
+    Error, Modality, MultiModalModel, PagedKvCache, ProcessedInputs, Result, Step, TensorMap,
+};
+
+use crate::blocks::{attention_batch, BlockAllocator};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::{Error, ModelContext, MultiModalModel, Result, TensorMap};
-
-/// A processed request and its mapped forward inputs, ready for the model: what `mmreg preprocess`
-/// writes and what prefill consumes.
-#[derive(Debug)]
-pub struct PreparedInputs {
-    pub processed: ProcessedInputs,
-    /// Per modality, the mapper's tensors (on the CPU).
-    pub mapped: Vec<(crate::Modality, TensorMap)>,
-}
-
-impl PreparedInputs {
-    /// A copy sharing the tensors' storage (for recomputing a preempted sequence).
-    pub fn shallow_clone(&self) -> Self {
-        let mapped = self
-            .mapped
-            .iter()
-            .map(|(m, t)| (*m, t.shallow_clone()))
-            .collect();
-        Self {
-            processed: self.processed.clone(),
-            mapped,
-        }
-    }
-}
-
-/// Runs the input processor and the input mappers.
-pub fn prepare(
-    entry: &ModelEntry,
-    ctx: &ModelContext,
-    inputs: ProcessorInputs,
-    max_len: usize,
-) -> Result<PreparedInputs> {
-    let processed = entry.process(ctx, inputs)?;
-    if processed.token_ids.is_empty() {
-        return Err(Error::EmptyPrompt);
-    }
-    if processed.token_ids.len() > max_len {
-        return Err(Error::PromptTooLong {
-            len: processed.token_ids.len(),
-            max: max_len,
-        });
-    }
-    let mut mapped = Vec::new();
-    for modality in entry.modalities() {
-        if !processed.multimodal.items(modality).is_empty() {
-            mapped.push((modality, entry.map(ctx, modality, &processed.multimodal)?));
-        }
-    }
-    Ok(PreparedInputs { processed, mapped })
-}
 
 /// Token embeddings `[len, hidden]` with every item's features written over its placeholders.
 pub fn embed_prompt(
@@ -84,7 +37,7 @@ pub fn embed_prompts(
         .iter()
         .map(|p| model.embed_tokens(&p.processed.input_ids().to_device(device)))
         .collect::<Result<Vec<_>>>()?;
-    let mut mapped: Vec<Vec<(crate::Modality, TensorMap)>> = Vec::with_capacity(prompts.len());
+    let mut mapped: Vec<Vec<(Modality, TensorMap)>> = Vec::with_capacity(prompts.len());
     let mut processed = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         mapped.push(prompt.mapped);
@@ -163,11 +116,11 @@ fn groups<T>(pending: &[(usize, T, usize)], max_items: usize) -> Vec<usize> {
 
 fn feature_count_error(
     entry: &ModelEntry,
-    modality: crate::Modality,
+    modality: Modality,
     returned: usize,
     items: usize,
 ) -> Error {
-    Error::Registry(format!(
+    Error::Model(format!(
         "{}: the {modality} path returned {returned} feature tensor(s) for {items} item(s)",
         entry.id.path
     ))
@@ -176,8 +129,8 @@ fn feature_count_error(
 /// Writes one prompt's features of `modality` over its placeholders, checking their number and rows.
 fn write_features(
     entry: &ModelEntry,
-    modality: crate::Modality,
-    processed: &crate::ProcessedInputs,
+    modality: Modality,
+    processed: &ProcessedInputs,
     embeds: &mut Tensor,
     features: &[Tensor],
 ) -> Result<()> {
@@ -248,7 +201,7 @@ pub fn prefill_logits(model: &dyn MultiModalModel, embeds: &Tensor) -> Result<Te
     let len = embeds.size()[0] as usize;
     let (mut cache, blocks) = private_cache(model, len)?;
     let batch = attention_batch(&[(&blocks, 0, len)], BLOCK_SIZE, false, model.device())?;
-    model.forward(embeds, &batch, &mut cache)
+    model.forward(embeds, &mut Step::new(&batch, &mut cache))
 }
 
 /// Generates for one prepared request, greedy or sampled, with its own KV cache (the engine batches
@@ -266,7 +219,7 @@ pub fn generate(
     let embeds = embed_prompt(entry, model, prepared)?;
     let (mut cache, blocks) = private_cache(model, capacity)?;
     let batch = attention_batch(&[(&blocks, 0, prompt_len)], BLOCK_SIZE, true, device)?;
-    let mut logits = model.forward(&embeds, &batch, &mut cache)?;
+    let mut logits = model.forward(&embeds, &mut Step::new(&batch, &mut cache))?;
     let mut sampler = Sampler::new(params);
     let mut generated: Vec<u32> = Vec::with_capacity(params.max_tokens);
     let mut top_tokens = Vec::new();
@@ -283,7 +236,7 @@ pub fn generate(
         }
         let next = model.embed_tokens(&Tensor::from_slice(&[token as i64]).to_device(device))?;
         let batch = attention_batch(&[(&blocks, len - 1, 1)], BLOCK_SIZE, true, device)?;
-        logits = model.forward(&next, &batch, &mut cache)?;
+        logits = model.forward(&next, &mut Step::new(&batch, &mut cache))?;
     }
     Ok(Generation {
         token_ids: generated,
@@ -299,35 +252,4 @@ pub fn top_token_ids(logits: &Tensor, k: usize) -> Result<Vec<u32>> {
         .into_iter()
         .map(|t| t as u32)
         .collect())
-}
-
-/// Parses `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(text: &str) -> Result<Device> {
-    match text {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        _ => text
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| {
-                Error::config(
-                    "--device",
-                    format!("`{text}`: expected cpu, cuda or cuda:N"),
-                )
-            }),
-    }
-}
-
-/// Parses `f32`, `bf16` or `f16`.
-pub fn parse_dtype(text: &str) -> Result<Kind> {
-    match text {
-        "f32" | "float32" => Ok(Kind::Float),
-        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
-        "f16" | "float16" => Ok(Kind::Half),
-        _ => Err(Error::config(
-            "--dtype",
-            format!("`{text}`: expected f32, bf16 or f16"),
-        )),
-    }
 }

@@ -73,14 +73,14 @@ fn sdpa_on_cuda_matches_cpu() {
 #[test]
 fn caching_allocator_statistics_follow_an_allocation() {
     let Some(device) = cuda() else { return };
-    mmreg_core::cuda::empty_cache();
-    mmreg_core::cuda::reset_peak_stats(0);
-    let before = mmreg_core::cuda::memory_stats(0).expect("statistics through the shim");
+    mmreg_engine::cuda::empty_cache();
+    mmreg_engine::cuda::reset_peak_stats(0);
+    let before = mmreg_engine::cuda::memory_stats(0).expect("statistics through the shim");
     let tensor = Tensor::zeros([256, 1024, 1024], (Kind::Float, device)); // 1 GiB
-    let during = mmreg_core::cuda::memory_stats(0).expect("statistics");
+    let during = mmreg_engine::cuda::memory_stats(0).expect("statistics");
     drop(tensor);
-    let after = mmreg_core::cuda::memory_stats(0).expect("statistics");
-    let (free, total) = mmreg_core::cuda::mem_get_info(0).expect("cudaMemGetInfo");
+    let after = mmreg_engine::cuda::memory_stats(0).expect("statistics");
+    let (free, total) = mmreg_engine::cuda::mem_get_info(0).expect("cudaMemGetInfo");
     println!(
         "allocated {} -> {} -> {} bytes, peak {}, free {free} of {total}",
         before.allocated, during.allocated, after.allocated, after.peak_allocated
@@ -109,7 +109,8 @@ fn a_captured_graph_replays_with_new_inputs() {
     let mut x = Tensor::zeros([1024], (Kind::Float, device));
     let w = Tensor::randn([1024, 1024], (Kind::Float, device));
     let (graph, y, _pool) =
-        mmreg_core::cuda::Graph::capture(0, None, || Ok(w.mv(&x).relu() + 1.0)).expect("captures");
+        mmreg_engine::cuda::Graph::capture(0, None, || Ok(w.mv(&x).relu() + 1.0))
+            .expect("captures");
     for seed in 0..3 {
         let input = Tensor::randn([1024], (Kind::Float, device)) * (seed + 1) as f64;
         x.copy_(&input);

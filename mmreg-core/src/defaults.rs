@@ -1,0 +1,188 @@
+//! What a model gets without `#[register_max_tokens]`, `#[register_dummy_data]` or
+//! `#[register_input_processor]`: each derived from its modality trait (the placeholder token, the
+//! costliest item, the per-item token count), so the common case registers only the model and its
+//! input mappers.
+
+use crate::inputs::{
+    DummyRequest, MultiModalData, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt,
+};
+use crate::model::{ModalityKind, SupportsModality};
+use crate::registry::ModelEntry;
+use crate::{Error, Modality, ModelContext, Result};
+
+/// A modality's defaults, instantiated for the model by `#[register_input_mapper]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ModalityDefaults {
+    pub placeholder_token: fn(&ModelContext) -> Result<u32>,
+    /// Placeholder tokens of the costliest item.
+    pub max_tokens: fn(&ModelContext) -> Result<usize>,
+    /// `n` copies of the costliest item.
+    pub dummy_items: fn(&ModelContext, usize) -> Result<MultiModalData>,
+}
+
+impl ModalityDefaults {
+    pub const fn of<M: SupportsModality<K>, K: ModalityKind>() -> Self {
+        Self {
+            placeholder_token: M::placeholder_token,
+            max_tokens: costliest_tokens::<M, K>,
+            dummy_items: costliest_items::<M, K>,
+        }
+    }
+}
+
+fn costliest_tokens<M: SupportsModality<K>, K: ModalityKind>(ctx: &ModelContext) -> Result<usize> {
+    M::num_tokens(ctx, &M::costliest_item(ctx)?)
+}
+
+fn costliest_items<M: SupportsModality<K>, K: ModalityKind>(
+    ctx: &ModelContext,
+    n: usize,
+) -> Result<MultiModalData> {
+    Ok(K::into_data(vec![M::costliest_item(ctx)?; n]))
+}
+
+/// Token ids of a prompt: text is tokenized with the tokenizer's special tokens (BOS), as HF's
+/// processors do; ids pass through.
+pub fn prompt_ids(ctx: &ModelContext, prompt: Prompt) -> Result<Vec<u32>> {
+    match prompt {
+        Prompt::TokenIds(ids) => Ok(ids),
+        Prompt::Text(text) => Ok(ctx
+            .tokenizer()?
+            .encode(text, true)
+            .map_err(|e| Error::bad_input("prompt", e))?
+            .get_ids()
+            .to_vec()),
+    }
+}
+
+/// The default input processor: every placeholder token of a modality is replaced by the run of
+/// placeholders of the next item of that modality (`count` of them), in prompt order.
+pub fn expand_placeholders(
+    ctx: &ModelContext,
+    ids: &[u32],
+    markers: &[(Modality, u32)],
+    data: &MultiModalData,
+    count: impl Fn(Modality, usize) -> Result<usize>,
+) -> Result<(Vec<u32>, Vec<PlaceholderRange>)> {
+    for &(modality, token) in markers {
+        let found = ids.iter().filter(|&&t| t == token).count();
+        if found != data.len(modality) {
+            let marker = ctx
+                .tokenizer()
+                .ok()
+                .and_then(|t| t.id_to_token(token))
+                .unwrap_or_else(|| format!("token {token}"));
+            return Err(Error::PlaceholderMismatch {
+                modality,
+                marker,
+                placeholders: found,
+                items: data.len(modality),
+            });
+        }
+    }
+    let mut token_ids = Vec::with_capacity(ids.len());
+    let mut placeholders = Vec::new();
+    let mut next_item = vec![0usize; markers.len()];
+    for &id in ids {
+        let Some(m) = markers.iter().position(|&(_, token)| token == id) else {
+            token_ids.push(id);
+            continue;
+        };
+        let (modality, item) = (markers[m].0, next_item[m]);
+        next_item[m] += 1;
+        let length = count(modality, item)?;
+        placeholders.push(PlaceholderRange {
+            modality,
+            item,
+            offset: token_ids.len(),
+            length,
+        });
+        token_ids.extend(std::iter::repeat_n(id, length));
+    }
+    Ok((token_ids, placeholders))
+}
+
+impl ModelEntry {
+    fn defaults(&self, modality: Modality) -> Result<ModalityDefaults> {
+        match self.mapper(modality)? {
+            crate::registry::Hook::InputMapper { defaults, .. } => Ok(*defaults),
+            _ => unreachable!("mapper slots hold input mappers"),
+        }
+    }
+
+    fn markers(&self, ctx: &ModelContext) -> Result<Vec<(Modality, u32)>> {
+        self.modalities()
+            .into_iter()
+            .map(|m| Ok((m, (self.defaults(m)?.placeholder_token)(ctx)?)))
+            .collect()
+    }
+
+    pub(crate) fn default_max_tokens(
+        &self,
+        ctx: &ModelContext,
+        modality: Modality,
+    ) -> Result<usize> {
+        (self.defaults(modality)?.max_tokens)(ctx)
+    }
+
+    /// Each requested item the costliest, its placeholder token in the prompt, then filler text up to
+    /// `seq_len` tokens after expansion.
+    pub(crate) fn default_dummy_data(
+        &self,
+        ctx: &ModelContext,
+        request: &DummyRequest,
+    ) -> Result<ProcessorInputs> {
+        let markers = self.markers(ctx)?;
+        let (mut ids, mut data, mut expanded) = (Vec::new(), MultiModalData::default(), 0);
+        for &(modality, token) in &markers {
+            let n = request.counts.get(modality);
+            if n == 0 {
+                continue;
+            }
+            ids.extend(std::iter::repeat_n(token, n));
+            data.append((self.defaults(modality)?.dummy_items)(ctx, n)?);
+            expanded += n * self.max_tokens(ctx, modality)?;
+        }
+        // Filler must not read as another placeholder (id 0 is the image token of HF's tiny configs).
+        let filler = (0..)
+            .find(|id| markers.iter().all(|&(_, token)| token != *id))
+            .unwrap_or(0);
+        ids.extend(std::iter::repeat_n(
+            filler,
+            request.seq_len.saturating_sub(expanded),
+        ));
+        Ok(ProcessorInputs {
+            prompt: Prompt::TokenIds(ids),
+            multimodal: data,
+        })
+    }
+
+    pub(crate) fn default_process(
+        &self,
+        ctx: &ModelContext,
+        inputs: ProcessorInputs,
+    ) -> Result<ProcessedInputs> {
+        let ids = prompt_ids(ctx, inputs.prompt)?;
+        let data = &inputs.multimodal;
+        let markers = self.markers(ctx)?;
+        let counts = markers
+            .iter()
+            .map(|&(modality, _)| Ok((modality, self.item_tokens(ctx, modality, data)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let (token_ids, placeholders) =
+            expand_placeholders(ctx, &ids, &markers, data, |modality, item| {
+                let (_, counts) = counts
+                    .iter()
+                    .find(|(m, _)| *m == modality)
+                    .expect("a marker");
+                counts.get(item).copied().ok_or_else(|| {
+                    Error::Model(format!("no token count for {modality} item {item}"))
+                })
+            })?;
+        Ok(ProcessedInputs {
+            token_ids,
+            placeholders,
+            multimodal: inputs.multimodal,
+        })
+    }
+}

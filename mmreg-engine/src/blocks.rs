@@ -1,0 +1,136 @@
+//! KV-cache blocks: which of the pool's blocks each sequence owns, and the step layout built from them.
+
+use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice};
+use mmreg_core::{Error, Result};
+use tch::{Device, Tensor};
+
+/// Free blocks of the pool.
+#[derive(Debug)]
+pub struct BlockAllocator {
+    free: Vec<u32>,
+    block_size: usize,
+    total: usize,
+}
+
+impl BlockAllocator {
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        Self {
+            free: (0..num_blocks as u32).rev().collect(),
+            block_size,
+            total: num_blocks,
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn total_blocks(&self) -> usize {
+        self.total
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+
+    /// Grows a sequence's block list to hold `tokens` tokens; false (and no change) if the pool is short.
+    pub fn grow(&mut self, blocks: &mut Vec<u32>, tokens: usize) -> bool {
+        let needed = self.blocks_for(tokens).saturating_sub(blocks.len());
+        if needed > self.free.len() {
+            return false;
+        }
+        blocks.extend(self.free.drain(self.free.len() - needed..));
+        true
+    }
+
+    pub fn release(&mut self, blocks: &mut Vec<u32>) {
+        self.free.append(blocks);
+    }
+}
+
+/// Cache slots of tokens `0..len` of a sequence that owns `blocks`.
+pub fn slots(blocks: &[u32], block_size: usize, range: std::ops::Range<usize>) -> Vec<i64> {
+    range
+        .map(|i| blocks[i / block_size] as i64 * block_size as i64 + (i % block_size) as i64)
+        .collect()
+}
+
+/// Builds the batch description for sequences `(blocks, context, new tokens)` packed in order.
+pub fn attention_batch(
+    sequences: &[(&[u32], usize, usize)],
+    block_size: usize,
+    last_token_logits: bool,
+    device: Device,
+) -> Result<AttentionBatch> {
+    let mut positions = Vec::new();
+    let mut new_slots = Vec::new();
+    let mut slices = Vec::with_capacity(sequences.len());
+    let mut logits_rows = Vec::with_capacity(sequences.len());
+    let mut start = 0i64;
+    let all_decodes = sequences.len() > 1
+        && sequences
+            .iter()
+            .all(|&(_, context, len)| len == 1 && context > 0);
+    let longest = sequences
+        .iter()
+        .map(|&(_, context, len)| context + len)
+        .max()
+        .unwrap_or(0);
+    let (mut padded, mut lengths) = (Vec::new(), Vec::new());
+    for &(blocks, context, len) in sequences {
+        if blocks.len() * block_size < context + len {
+            return Err(Error::Engine(format!(
+                "a sequence of {} tokens has only {} cache blocks",
+                context + len,
+                blocks.len()
+            )));
+        }
+        let all = slots(blocks, block_size, 0..context + len);
+        if all_decodes {
+            padded.extend(
+                all.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, longest - all.len())),
+            );
+            lengths.push(all.len() as i64);
+        }
+        positions.extend((context..context + len).map(|p| p as i64));
+        new_slots.extend_from_slice(&all[context..]);
+        // A step of decodes attends through `decode_gather`; only other steps need per-sequence slots.
+        let slots = if all_decodes {
+            Tensor::new()
+        } else {
+            Tensor::from_slice(&all).to_device(device)
+        };
+        slices.push(SequenceSlice {
+            start,
+            len: len as i64,
+            context: context as i64,
+            slots,
+        });
+        start += len as i64;
+        logits_rows.push(start - 1);
+    }
+    Ok(AttentionBatch {
+        positions: Tensor::from_slice(&positions).to_device(device),
+        new_slots: Tensor::from_slice(&new_slots).to_device(device),
+        sequences: slices,
+        logits_indices: last_token_logits
+            .then(|| Tensor::from_slice(&logits_rows).to_device(device)),
+        decode_gather: all_decodes
+            .then(|| -> Result<DecodeGather> {
+                let lengths = Tensor::from_slice(&lengths).to_device(device);
+                Ok(DecodeGather {
+                    slots: Tensor::from_slice(&padded).to_device(device),
+                    mask: real_slots(&lengths, longest as i64)?,
+                    lengths,
+                })
+            })
+            .transpose()?,
+    })
+}

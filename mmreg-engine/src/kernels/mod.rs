@@ -1,0 +1,266 @@
+//! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
+//! embeddings, and decode attention that reads the paged KV cache in place. The elementwise ones replace
+//! several libtorch kernels each and compute the same values (`csrc/fused_kernels.cu` rounds every
+//! intermediate to the model dtype where HF's op-by-op code does).
+//!
+//! On CUDA they are compiled once per device by NVRTC (which pip's torch ships), checked against
+//! libtorch's ops ([`self_check`]), and launched through the shim on libtorch's current stream, so they
+//! run inside CUDA graphs. **Opt-in for now** (`MMREG_FUSED_KERNELS=1` or [`set_enabled`]): they have
+//! not yet run on a GPU, so the default stays the measured libtorch path until `tests/fused_kernels.rs`,
+//! `fused_engine` and the benchmark have run on one. Everywhere else (on the CPU, in a build without the
+//! shim, when NVRTC or the self-check fails, or switched off) each function runs HF's plain libtorch ops
+//! instead, so model code calls these functions unconditionally.
+//!
+//! Without a GPU, the CPU emulator (`csrc/kernel_emulator.cpp`) runs the same CUDA source, launched by
+//! the same code, for the tests.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use tch::{Device, Kind, Tensor};
+
+mod launch;
+mod nvrtc;
+pub mod reference;
+mod self_check;
+
+use launch::{Kernels, EMULATED};
+use reference as unfused;
+
+/// 0: not decided yet (read `MMREG_FUSED_KERNELS` on first use), 1: off, 2: on.
+static ENABLED: AtomicU8 = AtomicU8::new(0);
+
+/// Switches the fused kernels on or off for the whole process (overrides `MMREG_FUSED_KERNELS`).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// Whether the fused kernels are switched on: [`set_enabled`], else `MMREG_FUSED_KERNELS=1`.
+pub fn enabled() -> bool {
+    match ENABLED.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("MMREG_FUSED_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0");
+            // A concurrent set_enabled wins over the environment.
+            let _ = ENABLED.compare_exchange(
+                0,
+                if on { 2 } else { 1 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            ENABLED.load(Ordering::Relaxed) == 2
+        }
+        state => state == 2,
+    }
+}
+
+/// Whether the fused kernels run for tensors on `device`: switched on ([`enabled`]), a CUDA device, the
+/// shim built in, and the kernels compiled (the first call compiles them; a failure is logged once and
+/// everything then runs unfused).
+pub fn fused_available(device: Device) -> bool {
+    kernels_for(device).is_ok()
+}
+
+/// Runs the fused kernels on CPU tensors of this thread through the CPU emulator of
+/// `csrc/kernel_emulator.cpp` (each CUDA thread an OS thread): slow, for tests of the kernels and of the
+/// launches where there is no GPU. Still needs the kernels switched on ([`set_enabled`]).
+#[doc(hidden)]
+pub fn emulate_on_this_thread(on: bool) {
+    EMULATE.with(|e| e.set(on));
+}
+
+/// [`emulate_on_this_thread`] for every thread of the process, such as an engine's scheduler.
+#[doc(hidden)]
+pub fn emulate_on_all_threads(on: bool) {
+    EMULATE_ALL.store(on, Ordering::Relaxed);
+}
+
+thread_local! {
+    static EMULATE: Cell<bool> = const { Cell::new(false) };
+}
+static EMULATE_ALL: AtomicBool = AtomicBool::new(false);
+
+/// Why the fused kernels do not run on `device`, if they don't (compiling them on first use).
+pub fn unavailable_reason(device: Device) -> Option<String> {
+    kernels_for(device).err().map(str::to_owned)
+}
+
+/// HF's `LlamaRMSNorm`: `weight * (x * rsqrt(mean(x²) + eps))`, normalised in f32 over the last
+/// dimension, rounded to `x`'s dtype, then multiplied by `weight` in that dtype.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    match fused_for(&[x, weight]) {
+        Some(k) if x.size().last() == weight.size().first() => k.rms_norm(x, None, weight, eps).1,
+        _ => unfused::rms_norm(x, weight, eps),
+    }
+}
+
+/// The residual add and the next RMSNorm: returns `(x + delta, rms_norm(x + delta, weight))`, the sum
+/// rounded to the dtype before it is normalised (as two separate ops would).
+pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
+    let fits = || x.size() == delta.size() && x.size().last() == weight.size().first();
+    match fused_for(&[x, delta, weight]) {
+        Some(k) if fits() => {
+            let (sum, normed) = k.rms_norm(x, Some(delta), weight, eps);
+            (sum.expect("the fused add returns the sum"), normed)
+        }
+        _ => unfused::add_rms_norm(x, delta, weight, eps),
+    }
+}
+
+/// `silu(gate) * up` for a stacked `[.., 2 * n]` projection (`gate` the first half): `[.., n]`.
+pub fn silu_mul(gate_up: &Tensor) -> Tensor {
+    match fused_for(&[gate_up]) {
+        Some(k) if gate_up.dim() > 0 => k.silu_mul(gate_up),
+        _ => unfused::silu_mul(gate_up),
+    }
+}
+
+/// Rotary embedding on a stacked `[tokens, heads, dim]` projection: the first `rotated` heads (queries
+/// and keys) become `x * cos + rotate_half(x) * sin` (halves, not interleaved, as HF's Llama), the other
+/// heads (values) are returned unchanged. `cos` and `sin` are `[tokens, dim]` in `qkv`'s dtype.
+pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
+    let [tokens, heads, dim] = qkv.size()[..] else {
+        panic!("rope expects [tokens, heads, dim], got {:?}", qkv.size());
+    };
+    let fits = || {
+        cos.size() == [tokens, dim]
+            && sin.size() == [tokens, dim]
+            && dim % 2 == 0
+            && (0..=heads).contains(&rotated)
+    };
+    match fused_for(&[qkv, cos, sin]) {
+        Some(k) if fits() => k.rope(qkv, cos, sin, rotated, None),
+        _ => unfused::rope(qkv, cos, sin, rotated),
+    }
+}
+
+/// [`rope`] of a decoder layer's stacked `[tokens, heads, dim]` projection whose last `2 * kv_heads`
+/// heads are the keys and the values (queries and keys rotate), which also stores the keys (rotated)
+/// and values in `key_cache`/`value_cache` (`[slots, kv_heads, dim]`) at `slots` (`[tokens]`, int64):
+/// the step's KV-cache write in the same pass. `None` where the kernel does not run: the caller then
+/// applies [`rope`] and writes the cache itself.
+pub fn rope_and_store(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    kv_heads: i64,
+    key_cache: &mut Tensor,
+    value_cache: &mut Tensor,
+    slots: &Tensor,
+) -> Option<Tensor> {
+    let k = fused_for(&[qkv, cos, sin, &*key_cache, &*value_cache])?;
+    let [tokens, heads, dim] = qkv.size()[..] else {
+        return None;
+    };
+    let fits = cos.size() == [tokens, dim]
+        && sin.size() == [tokens, dim]
+        && dim % 2 == 0
+        && kv_heads > 0
+        && 2 * kv_heads <= heads
+        && key_cache.size().get(1..) == Some(&[kv_heads, dim][..])
+        && value_cache.size() == key_cache.size()
+        && slots.size() == [tokens]
+        && readable_indices(slots, qkv.device());
+    if !fits {
+        return None;
+    }
+    let store = (&*key_cache, &*value_cache, slots, kv_heads);
+    Some(k.rope(qkv, cos, sin, heads - kv_heads, Some(store)))
+}
+
+/// Attention of one new token per sequence over its cached keys and values, read in place from the paged
+/// cache: `query` `[sequences, heads, dim]` (rows may be strided, as a narrow of the stacked projection),
+/// `key_cache`/`value_cache` `[slots, kv_heads, dim]`, `slots` `[sequences * width]` (each sequence's
+/// slots, padded to `width`), `lengths` `[sequences]` (how many are real). Returns `[sequences, heads,
+/// dim]`, or `None` where the kernel does not run (not on CUDA, switched off, or shapes it does not
+/// handle: `dim` up to 256, at most 8 query heads per key/value head, group × dim at most 1024): the
+/// caller then gathers the keys and values and runs libtorch's attention.
+pub fn paged_decode_attention(
+    query: &Tensor,
+    key_cache: &Tensor,
+    value_cache: &Tensor,
+    slots: &Tensor,
+    lengths: &Tensor,
+    scale: f64,
+) -> Option<Tensor> {
+    let k = fused_for(&[key_cache, value_cache])?;
+    let [sequences, heads, dim] = query.size()[..] else {
+        return None;
+    };
+    let [_, kv_heads, cache_dim] = key_cache.size()[..] else {
+        return None;
+    };
+    let group = if kv_heads > 0 && heads % kv_heads == 0 {
+        heads / kv_heads
+    } else {
+        return None;
+    };
+    let shapes_fit = cache_dim == dim
+        && value_cache.size() == key_cache.size()
+        && (1..=256).contains(&dim)
+        && group <= 8
+        && group * dim <= 1024
+        && lengths.size() == [sequences]
+        && sequences > 0
+        && slots.numel() as i64 % sequences == 0;
+    // The query's rows may be strided (a narrow of the stacked projection); within a row, contiguous.
+    let row_contiguous = query.stride()[1..] == [dim, 1];
+    let same = query.kind() == key_cache.kind() && query.device() == key_cache.device();
+    let indices_fit = [slots, lengths]
+        .iter()
+        .all(|t| readable_indices(t, query.device()));
+    if !(shapes_fit && row_contiguous && same && indices_fit) {
+        return None;
+    }
+    Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale))
+}
+
+/// Runs every kernel for `device` (as switched on: compiled, or emulated on the CPU) on small fixed
+/// inputs in f32, bf16 and f16 and compares it with libtorch's ops: `Err` names the first that
+/// disagrees. Loading the kernels on a GPU runs it first, and kernels that fail it are never used.
+pub fn self_check(device: Device) -> Result<(), String> {
+    self_check::check_kernels(kernels_for(device)?, device)
+}
+
+/// Compiles the kernels with NVRTC for compute capability `major.minor` without a GPU (nothing is loaded)
+/// and returns the size of the binary and ptxas's report (each kernel's registers, stack frame and
+/// spills): checks the source and the NVRTC lookup on any machine. An error says why (NVRTC's log
+/// included), or that this build has no shim.
+pub fn compile_for(major: i32, minor: i32) -> Result<(usize, String), String> {
+    nvrtc::compile_for(major, minor)
+}
+
+/// An index tensor a kernel can read: contiguous int64 on `device`.
+fn readable_indices(t: &Tensor, device: Device) -> bool {
+    t.kind() == Kind::Int64 && t.device() == device && t.is_contiguous()
+}
+
+/// The kernels when every tensor is contiguous, of one supported dtype and on one device they run on.
+/// Whether the kernels run at all is asked first: off (the default), a call costs one device lookup.
+fn fused_for(tensors: &[&Tensor]) -> Option<&'static Kernels> {
+    let first = tensors.first()?;
+    let device = first.device();
+    let kernels = kernels_for(device).ok()?;
+    let kind = first.kind();
+    if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+        return None;
+    }
+    let uniform = tensors
+        .iter()
+        .all(|t| t.device() == device && t.kind() == kind && t.is_contiguous());
+    uniform.then_some(kernels)
+}
+
+/// The kernels for `device`, or why not as a static message: every kernel call asks, so the answer
+/// allocates nothing (a failure's message is kept from when the kernels were loaded).
+fn kernels_for(device: Device) -> Result<&'static Kernels, &'static str> {
+    if !enabled() {
+        return Err("switched off (MMREG_FUSED_KERNELS=1 switches them on)");
+    }
+    match device {
+        Device::Cuda(index) => nvrtc::kernels(index),
+        Device::Cpu if EMULATE.with(Cell::get) || EMULATE_ALL.load(Ordering::Relaxed) => {
+            Ok(&EMULATED)
+        }
+        _ => Err("not a CUDA device"),
+    }
+}

@@ -1,0 +1,189 @@
+//! Compiling the CUDA source with NVRTC, loading it on a device and launching, through the shim.
+
+#[cfg(mmreg_cuda_shim)]
+mod shim {
+    use std::collections::HashMap;
+    use std::ffi::{c_char, c_void, CString};
+    use std::sync::Mutex;
+
+    use super::super::launch::{ForKind, Function, Kernels, NAMES, SUFFIXES};
+    use super::super::self_check::check_kernels;
+
+    const SOURCE: &str = include_str!("../../csrc/fused_kernels.cu");
+
+    extern "C" {
+        fn mmreg_kernels_compile(
+            source: *const c_char,
+            major: i32,
+            minor: i32,
+            size: *mut usize,
+            report: *mut c_char,
+            report_capacity: usize,
+            error: *mut c_char,
+            capacity: usize,
+        ) -> i32;
+        fn mmreg_kernels_load(
+            device: i32,
+            source: *const c_char,
+            module: *mut *mut c_void,
+            error: *mut c_char,
+            capacity: usize,
+        ) -> i32;
+        fn mmreg_kernels_function(module: *mut c_void, name: *const c_char) -> *mut c_void;
+        fn mmreg_kernels_launch(
+            function: *mut c_void,
+            device: i32,
+            grid_x: u32,
+            grid_y: u32,
+            block: u32,
+            args: *mut *mut c_void,
+        ) -> i32;
+    }
+
+    /// Compiled and checked once per device, or why not (logged once, the message kept for good).
+    type Loaded = Result<&'static Kernels, &'static str>;
+    static LOADED: Mutex<Option<HashMap<usize, Loaded>>> = Mutex::new(None);
+
+    pub(in crate::kernels) fn kernels(device: usize) -> Loaded {
+        let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+        let loaded = loaded.get_or_insert_with(HashMap::new);
+        let entry = loaded.entry(device).or_insert_with(|| {
+            let checked = load(device).and_then(|kernels| {
+                let kernels: &'static Kernels = Box::leak(Box::new(kernels));
+                check_kernels(kernels, tch::Device::Cuda(device))?;
+                Ok(kernels)
+            });
+            match &checked {
+                Ok(_) => tracing::debug!(device, "fused kernels compiled and checked"),
+                Err(why) => {
+                    tracing::warn!(
+                        device,
+                        "fused kernels unavailable, running unfused ops: {why}"
+                    )
+                }
+            }
+            checked.map_err(|why| &*Box::leak(why.into_boxed_str()))
+        });
+        *entry
+    }
+
+    /// Calls the shim with an error buffer; the message it wrote when it returned non-zero.
+    fn with_error(call: impl FnOnce(*mut c_char, usize) -> i32) -> Result<(), String> {
+        let mut error = vec![0u8; 16 * 1024];
+        let status = call(error.as_mut_ptr().cast(), error.len());
+        if status == 0 {
+            return Ok(());
+        }
+        let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
+        let message = String::from_utf8_lossy(&error[..end]);
+        Err(format!("{message} (status {status})"))
+    }
+
+    pub(in crate::kernels) fn compile_for(
+        major: i32,
+        minor: i32,
+    ) -> Result<(usize, String), String> {
+        let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
+        let mut size = 0usize;
+        let mut report = vec![0u8; 64 * 1024];
+        // SAFETY: the shim writes the size and NUL-terminated texts of at most their capacities, and
+        // catches every C++ exception.
+        with_error(|error, capacity| unsafe {
+            mmreg_kernels_compile(
+                source.as_ptr(),
+                major,
+                minor,
+                &mut size,
+                report.as_mut_ptr().cast(),
+                report.len(),
+                error,
+                capacity,
+            )
+        })?;
+        let end = report.iter().position(|&b| b == 0).unwrap_or(report.len());
+        Ok((size, String::from_utf8_lossy(&report[..end]).into_owned()))
+    }
+
+    fn load(device: usize) -> Result<Kernels, String> {
+        let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: as in `compile_for`; the shim sets `module` on success.
+        with_error(|error, capacity| unsafe {
+            mmreg_kernels_load(device as i32, source.as_ptr(), &mut module, error, capacity)
+        })?;
+        let function = |name: String| {
+            let c_name = CString::new(name.clone()).map_err(|e| e.to_string())?;
+            // SAFETY: `module` was loaded above; the shim returns null when the name is missing.
+            let f = unsafe { mmreg_kernels_function(module, c_name.as_ptr()) };
+            if f.is_null() {
+                Err(format!("kernel {name} missing from the compiled module"))
+            } else {
+                Ok(Function::Cuda(f))
+            }
+        };
+        let for_kind = |suffix: &str| -> Result<ForKind, String> {
+            let [rms_norm, add_rms_norm, silu_mul, rope, e1, e2, e4, e8] =
+                NAMES.map(|name| function(format!("{name}_{suffix}")));
+            Ok(ForKind {
+                rms_norm: rms_norm?,
+                add_rms_norm: add_rms_norm?,
+                silu_mul: silu_mul?,
+                rope: rope?,
+                paged_decode_attention: [e1?, e2?, e4?, e8?],
+            })
+        };
+        let [f32, bf16, f16] = SUFFIXES.map(for_kind);
+        Ok(Kernels {
+            device: device as i32,
+            max_grid: (8192, 65535),
+            f32: f32?,
+            bf16: bf16?,
+            f16: f16?,
+        })
+    }
+
+    pub(in crate::kernels) fn launch(
+        function: *mut c_void,
+        device: i32,
+        (grid_x, grid_y): (u32, u32),
+        block: u32,
+        args: &mut [*mut c_void],
+    ) -> i32 {
+        // SAFETY: the caller passes arguments matching the kernel's parameters, every tensor pointer a
+        // live contiguous CUDA buffer of the kernel's dtype and size; the shim catches every C++
+        // exception.
+        unsafe { mmreg_kernels_launch(function, device, grid_x, grid_y, block, args.as_mut_ptr()) }
+    }
+}
+
+#[cfg(not(mmreg_cuda_shim))]
+mod shim {
+    use std::ffi::c_void;
+
+    use super::super::launch::Kernels;
+
+    const NO_SHIM: &str = "this build has no CUDA shim (no CUDA headers next to libtorch)";
+
+    pub(in crate::kernels) fn kernels(_device: usize) -> Result<&'static Kernels, &'static str> {
+        Err(NO_SHIM)
+    }
+
+    pub(in crate::kernels) fn compile_for(
+        _major: i32,
+        _minor: i32,
+    ) -> Result<(usize, String), String> {
+        Err(NO_SHIM.into())
+    }
+
+    pub(in crate::kernels) fn launch(
+        _: *mut c_void,
+        _: i32,
+        _: (u32, u32),
+        _: u32,
+        _: &mut [*mut c_void],
+    ) -> i32 {
+        unreachable!("no CUDA kernels are loaded without the shim")
+    }
+}
+
+pub(super) use shim::{compile_for, kernels, launch};

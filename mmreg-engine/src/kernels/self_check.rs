@@ -1,0 +1,100 @@
+//! The self-check run when the kernels load: each kernel against its libtorch reference on fixed inputs.
+
+use tch::{Device, Kind, Tensor};
+
+use super::launch::Kernels;
+use super::reference as unfused;
+
+/// Deterministic inputs of about unit size (no random generator: the caller's seeds stay untouched).
+fn waves(shape: &[i64], phase: f64, kind: Kind, device: Device) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let t = Tensor::arange(n, (Kind::Float, Device::Cpu));
+    ((&t * 0.7311 + phase).sin() * 1.7 + (&t * 0.0917 + 2.0 * phase).cos())
+        .view(shape)
+        .to_kind(kind)
+        .to_device(device)
+}
+
+/// See [`super::self_check`].
+pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
+    let _no_grad = tch::no_grad_guard();
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        // Off by at most a few roundings of the dtype, relative to the largest expected value: a wrong
+        // index or a missing term is far beyond that.
+        let tolerance = match kind {
+            Kind::Float => 1e-5,
+            Kind::Half => 4e-3,
+            _ => 3e-2,
+        };
+        let compare = |what: &str, actual: &Tensor, expected: &Tensor| -> Result<(), String> {
+            let (a, e) = (actual.to_kind(Kind::Float), expected.to_kind(Kind::Float));
+            let scale = e.abs().max().double_value(&[]).max(1.0);
+            let error = (a - e).abs().max().double_value(&[]) / scale;
+            if error <= tolerance {
+                Ok(())
+            } else {
+                Err(format!(
+                    "fused kernel {what} ({kind:?}) disagrees with libtorch: relative error {error:e}"
+                ))
+            }
+        };
+        let w = |shape: &[i64], phase: f64| waves(shape, phase, kind, device);
+        let (x, delta, weight) = (w(&[5, 200], 0.1), w(&[5, 200], 0.2), w(&[200], 0.3));
+        let eps = 1e-5;
+        let normed = k.rms_norm(&x, None, &weight, eps).1;
+        compare("rms_norm", &normed, &unfused::rms_norm(&x, &weight, eps))?;
+        let (sum, normed) = k.rms_norm(&x, Some(&delta), &weight, eps);
+        let (expected_sum, expected) = unfused::add_rms_norm(&x, &delta, &weight, eps);
+        compare("residual add", &sum.expect("the sum"), &expected_sum)?;
+        compare("add_rms_norm", &normed, &expected)?;
+        let gate_up = w(&[3, 2 * 300], 0.4);
+        compare(
+            "silu_mul",
+            &k.silu_mul(&gate_up),
+            &unfused::silu_mul(&gate_up),
+        )?;
+        let (qkv, cos, sin) = (w(&[4, 6, 64], 0.5), w(&[4, 64], 0.6), w(&[4, 64], 0.7));
+        let roped = k.rope(&qkv, &cos, &sin, 4, None);
+        compare("rope", &roped, &unfused::rope(&qkv, &cos, &sin, 4))?;
+        // With the key (head 4) and value (head 5) rows stored at slots 9, 2, 5, 0 of a pool of 12.
+        let (keys, values) = (w(&[12, 1, 64], 1.1), w(&[12, 1, 64], 1.2));
+        let rows = Tensor::from_slice(&[9i64, 2, 5, 0]).to_device(device);
+        let roped = k.rope(&qkv, &cos, &sin, 5, Some((&keys, &values, &rows, 1)));
+        compare(
+            "rope_and_store",
+            &roped,
+            &unfused::rope(&qkv, &cos, &sin, 5),
+        )?;
+        let stored = |cache: &Tensor| cache.index_select(0, &rows);
+        compare(
+            "rope_and_store keys",
+            &stored(&keys),
+            &roped.narrow(1, 4, 1),
+        )?;
+        compare(
+            "rope_and_store values",
+            &stored(&values),
+            &roped.narrow(1, 5, 1),
+        )?;
+        // Sequences of 3 and 37 slots (padded to 40) scattered over a pool of 50, 2 query heads per
+        // key/value head, query rows strided.
+        let (keys, values) = (w(&[50, 2, 64], 0.8), w(&[50, 2, 64], 0.9));
+        let slots = [vec![7, 3, 41], (0..37).map(|p| (p * 11 + 5) % 50).collect()];
+        let padded: Vec<i64> = slots
+            .iter()
+            .flat_map(|s| {
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(0, 40 - s.len()))
+            })
+            .collect();
+        let on_device = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        let query = w(&[2, 8, 64], 1.0).narrow(1, 0, 4);
+        let scale = 0.125;
+        let (padded, lengths) = (on_device(&padded), on_device(&[3, 37]));
+        let out = k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale);
+        let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
+        compare("paged_decode_attention", &out, &expected)?;
+    }
+    Ok(())
+}

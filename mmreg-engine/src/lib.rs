@@ -1,0 +1,24 @@
+//! mmreg-engine: runs a registered model for many requests at once. Preprocessing on worker threads, a
+//! scheduler that mixes prefills and decodes over one paged KV cache sized by profiling the model's dummy
+//! data, CUDA graphs for the fixed-shape steps, and the CUDA shim and kernels underneath.
+//!
+//! Nothing here names a model: the engine finds one through `mmreg_core::Registry`, drives it through
+//! `mmreg_core::MultiModalModel`, and hands each forward a `mmreg_core::Step`.
+
+mod blocks;
+pub mod cuda;
+mod engine;
+pub mod generate;
+pub mod graphs;
+pub mod kernels;
+mod profile;
+pub mod sampling;
+mod scheduler;
+mod step_graphs;
+
+pub use blocks::{attention_batch, slots, BlockAllocator};
+pub use engine::{
+    Completion, Engine, EngineCounters, EngineOptions, EngineProfile, Event, FinishReason,
+    ImageSource, Request, RequestHandle, StepTiming,
+};
+pub use sampling::SamplingParams;

@@ -1,0 +1,173 @@
+//! Attention over the paged KV cache, the one layer that knows how a step's keys and values are stored
+//! and read: it writes them to the cache (fused with rotary embeddings where the kernel runs), reads each
+//! sequence's context through its slots, and picks between the paged decode kernel and libtorch's
+//! attention. Model files call [`Attention::forward`] or [`Attention::forward_rotary`] with the step
+//! they were given and nothing else.
+
+use mmreg_core::step::{AttentionBatch, DecodeGather};
+use mmreg_core::{PagedKvCache, Result, Step};
+use mmreg_engine::kernels;
+use tch::{Kind, Tensor};
+
+use crate::rotary::RotaryAt;
+
+/// Causal self-attention of one decoder layer over the paged KV cache, with grouped-query heads when
+/// `kv_heads < heads`.
+#[derive(Debug, Clone, Copy)]
+pub struct Attention {
+    /// The decoder layer, which picks its pools in the cache.
+    layer: usize,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+    scale: f64,
+}
+
+impl Attention {
+    /// Layer `layer` of the decoder, scaled by `head_dim^-0.5`.
+    pub fn new(layer: usize, heads: i64, kv_heads: i64, head_dim: i64) -> Self {
+        Self {
+            layer,
+            heads,
+            kv_heads,
+            head_dim,
+            scale: (head_dim as f64).powf(-0.5),
+        }
+    }
+
+    /// Another softmax scale (Gemma's `query_pre_attn_scalar`, say).
+    pub fn with_scale(self, scale: f64) -> Self {
+        Self { scale, ..self }
+    }
+
+    /// Attends the step's queries `[tokens, heads, head_dim]` to the cached and new keys and values
+    /// (`[tokens, kv_heads, head_dim]`) of their own sequence, causally, after storing the new ones in
+    /// the cache. Returns `[tokens, heads, head_dim]`.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, step: &mut Step) -> Result<Tensor> {
+        let batch = step.batch();
+        let cache = step.cache();
+        cache.write(self.layer, k, v, &batch.new_slots)?;
+        attend_stored(q, k, v, self.layer, batch, cache, self.scale)
+    }
+
+    /// [`Self::forward`] for a stacked projection `[tokens, heads + 2 kv_heads, head_dim]` (queries, keys,
+    /// values) whose queries and keys take rotary embeddings first (half-split, as HF's Llama). Where the
+    /// fused kernel runs, the rotation and the cache write are one pass.
+    pub fn forward_rotary(
+        &self,
+        qkv: &Tensor,
+        rotary: &RotaryAt,
+        step: &mut Step,
+    ) -> Result<Tensor> {
+        let (h, kv) = (self.heads, self.kv_heads);
+        let batch = step.batch();
+        let cache = step.cache();
+        let (keys, values) = cache.layer_mut(self.layer);
+        let stored = kernels::rope_and_store(
+            qkv,
+            &rotary.cos,
+            &rotary.sin,
+            kv,
+            keys,
+            values,
+            &batch.new_slots,
+        );
+        let in_cache = stored.is_some();
+        let qkv = stored.unwrap_or_else(|| kernels::rope(qkv, &rotary.cos, &rotary.sin, h + kv));
+        let (q, k, v) = (
+            qkv.narrow(1, 0, h),
+            qkv.narrow(1, h, kv),
+            qkv.narrow(1, h + kv, kv),
+        );
+        if !in_cache {
+            cache.write(self.layer, &k, &v, &batch.new_slots)?;
+        }
+        attend_stored(&q, &k, &v, self.layer, batch, cache, self.scale)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim
+    }
+}
+
+/// Attends to keys and values already stored in the cache at `batch.new_slots`.
+fn attend_stored(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    layer: usize,
+    batch: &AttentionBatch,
+    cache: &PagedKvCache,
+    scale: f64,
+) -> Result<Tensor> {
+    if let Some(DecodeGather {
+        slots,
+        mask,
+        lengths,
+    }) = &batch.decode_gather
+    {
+        let (keys, values) = cache.layer(layer);
+        if let Some(out) =
+            kernels::paged_decode_attention(query, keys, values, slots, lengths, scale)
+        {
+            return Ok(out);
+        }
+        // One attention call for all single-token decodes, over their contexts padded to the longest.
+        // Each key/value head's group of query heads goes in as that head's queries (`[n, kv_heads,
+        // group, d]`): grouped-query attention without repeating keys and values, on kernels that take a
+        // mask but not groups.
+        let (n, longest) = (mask.size()[0], mask.size()[3]);
+        let (heads, kv_heads, d) = (query.size()[1], key.size()[1], query.size()[2]);
+        let (k, v) = cache.gather(layer, slots)?;
+        let heads_first = |t: Tensor| t.view([n, longest, kv_heads, d]).transpose(1, 2);
+        let q = query.reshape([n, kv_heads, heads / kv_heads, d]);
+        let out = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &heads_first(k),
+            &heads_first(v),
+            Some(mask),
+            0.0,
+            false,
+            scale,
+            false,
+        )?;
+        return Ok(out.reshape([n, heads, d]));
+    }
+    let gqa = query.size()[1] != key.size()[1];
+    let mut outputs = Vec::with_capacity(batch.sequences.len());
+    for seq in &batch.sequences {
+        // [n, heads, d] → [1, heads, n, d]
+        let heads_first = |t: Tensor| t.transpose(0, 1).unsqueeze(0);
+        let q = heads_first(query.narrow(0, seq.start, seq.len));
+        let (k, v) = if seq.context == 0 {
+            (
+                key.narrow(0, seq.start, seq.len),
+                value.narrow(0, seq.start, seq.len),
+            )
+        } else {
+            cache.gather(layer, &seq.slots)?
+        };
+        let (k, v) = (heads_first(k), heads_first(v));
+        let out = if seq.context == 0 || seq.len == 1 {
+            // A fresh prompt is plainly causal; one new token sees everything cached.
+            Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                seq.context == 0 && seq.len > 1,
+                scale,
+                gqa,
+            )?
+        } else {
+            // Several new tokens after cached ones: causal mask aligned to the bottom right.
+            let total = seq.context + seq.len;
+            let mask =
+                Tensor::ones([seq.len, total], (Kind::Bool, query.device())).tril(seq.context);
+            Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, gqa)?
+        };
+        outputs.push(out.squeeze_dim(0).transpose(0, 1));
+    }
+    Ok(Tensor::cat(&outputs, 0))
+}
