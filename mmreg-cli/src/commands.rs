@@ -34,12 +34,10 @@ pub fn models() -> Result<()> {
                 modalities.join(", ")
             }
         );
-        for registration in model.registrations() {
+        for line in model.listing() {
             println!(
                 "    {:<22} {:<36} {}",
-                registration.hook.describe(),
-                registration.hook.function(),
-                registration.location
+                line.what, line.function, line.location
             );
         }
     }
@@ -63,15 +61,15 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     let ctx = context(args.model_dir.as_ref())?;
     println!("model:         {}", entry.id.path);
     println!("architectures: {}", entry.architectures().join(", "));
+    for line in entry.listing() {
+        println!("{:<24} {:<36} {}", line.what, line.function, line.location);
+    }
     for registration in entry.registrations() {
-        println!(
-            "{:<24} {:<36} {}",
-            registration.hook.describe(),
-            registration.hook.function(),
-            registration.location
-        );
-        if let mmreg_core::registry::Hook::InputMapper { params, .. } = &registration.hook {
-            println!("{:<24} forward parameters: {}", "", params.join(", "));
+        if let mmreg_core::registry::Hook::InputMapper {
+            params, modality, ..
+        } = &registration.hook
+        {
+            println!("forward parameters ({modality}): {}", params.join(", "));
         }
     }
     for modality in entry.modalities() {
@@ -301,7 +299,10 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         cpu_kv_cache_bytes: (args.cpu_kv_cache_gib * (1u64 << 30) as f64) as usize,
         ..EngineOptions::default()
     };
-    let model = args.model.clone().unwrap_or_else(demo_model);
+    let model = match &args.model {
+        Some(model) => model.clone(),
+        None => crate::demo::demo_model()?,
+    };
     let engine = Engine::new(&model, options)
         .with_context(|| format!("starting the engine on {}", model.display()))?;
     let eos = eos_token_id(engine.context());
@@ -360,19 +361,6 @@ fn completion_json(completion: &Completion, top_logprobs: usize) -> serde_json::
         json["top_tokens"] = serde_json::json!(completion.top_tokens);
     }
     json
-}
-
-/// The demo checkpoint shipped in `assets/shapes-llava` (see docs/demo-model.md).
-pub fn demo_model() -> PathBuf {
-    let built_in = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../assets/shapes-llava"
-    ));
-    if built_in.join("config.json").exists() {
-        built_in
-    } else {
-        PathBuf::from("assets/shapes-llava")
-    }
 }
 
 fn context(dir: Option<&PathBuf>) -> Result<ModelContext> {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod commands;
+mod demo;
 mod options;
 
 #[derive(Debug, Parser)]

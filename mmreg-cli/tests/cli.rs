@@ -202,3 +202,47 @@ fn preprocess_on_llava_next_writes_the_counted_placeholders_and_image_sizes() {
     );
     assert_eq!(get("pixel_values").size(), vec![1, 3, 3, 336, 336]);
 }
+
+/// The demo model is inside the binary: a copy of it, run from a directory with no checkout and a fresh
+/// cache, describes a sample image as the one in the source tree does (HF's caption).
+#[test]
+fn the_demo_model_travels_inside_the_binary() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let binary = dir.path().join("mmreg");
+    std::fs::copy(env!("CARGO_BIN_EXE_mmreg"), &binary).expect("copy the binary");
+    let samples = repo().join("assets/shapes-llava/samples");
+    let captions: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(samples.join("captions.json")).expect("captions"),
+    )
+    .expect("json");
+    let (name, caption) = captions
+        .as_object()
+        .and_then(|c| c.iter().next())
+        .expect("a sample");
+    let image = samples.join(name);
+    let output = Command::new(&binary)
+        .args(["generate", "--image", image.to_str().expect("path")])
+        .args([
+            "--prompt",
+            "<image> describe:",
+            "--max-tokens",
+            "24",
+            "--json",
+        ])
+        .current_dir(dir.path())
+        .env("MMREG_CACHE", dir.path().join("cache"))
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(json["text"], *caption, "{json}");
+    assert!(dir
+        .path()
+        .join("cache")
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some()));
+}

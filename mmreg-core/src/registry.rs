@@ -143,6 +143,16 @@ pub struct ModelEntry {
     pub input_processor: Option<&'static Registration>,
 }
 
+/// One line of `mmreg models`: a registration, or the default standing in for an optional one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// `input mapper (image)`, `dummy data`, …
+    pub what: String,
+    /// The registered function, or `default: …`.
+    pub function: String,
+    pub location: Location,
+}
+
 /// A problem `validate()` found, with every location involved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -348,6 +358,55 @@ impl ModelEntry {
             .filter(|(_, e)| e.mapper.is_some())
             .map(|(m, _)| *m)
             .collect()
+    }
+
+    /// Every registration of the model and, where an optional one is absent, the default that stands
+    /// in for it (located at the input mapper registration that instantiated it), in a stable order.
+    pub fn listing(&self) -> Vec<Listed> {
+        let listed = |r: &'static Registration| Listed {
+            what: r.hook.describe(),
+            function: r.hook.function(),
+            location: r.location,
+        };
+        let default = |what: String, function: &str, at: &'static Registration| Listed {
+            what,
+            function: format!("default: {function}"),
+            location: at.location,
+        };
+        let mut lines: Vec<Listed> = self.model.into_iter().map(listed).collect();
+        let mut first_mapper = None;
+        for (modality, entry) in &self.modalities {
+            lines.extend(entry.mapper.map(listed));
+            first_mapper = first_mapper.or(entry.mapper);
+            match (entry.max_tokens, entry.mapper) {
+                (Some(r), _) => lines.push(listed(r)),
+                (None, Some(mapper)) => lines.push(default(
+                    format!("max tokens ({modality})"),
+                    "tokens of the costliest item",
+                    mapper,
+                )),
+                (None, None) => {}
+            }
+        }
+        match (self.dummy_data, first_mapper) {
+            (Some(r), _) => lines.push(listed(r)),
+            (None, Some(mapper)) => lines.push(default(
+                "dummy data".into(),
+                "the costliest items, then filler",
+                mapper,
+            )),
+            (None, None) => {}
+        }
+        match (self.input_processor, first_mapper) {
+            (Some(r), _) => lines.push(listed(r)),
+            (None, Some(mapper)) => lines.push(default(
+                "input processor".into(),
+                "expand each placeholder token",
+                mapper,
+            )),
+            (None, None) => {}
+        }
+        lines
     }
 
     /// Every registration of the model, in a stable order, for listings.

@@ -42,6 +42,31 @@ fn token_ids(options: EngineOptions, requests: &[Request]) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The launches of every kernel family the decoder uses, to check that a run really used them: the same
+/// tokens with the kernels silently off would prove nothing.
+struct KernelsRan([u64; 5]);
+
+const FAMILIES: [&str; 5] = [
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "rope",
+    "paged_decode_attention",
+];
+
+impl KernelsRan {
+    fn start() -> Self {
+        Self(FAMILIES.map(|f| kernels::launches(f).expect("a kernel family")))
+    }
+
+    fn assert(&self) {
+        for (family, before) in FAMILIES.iter().zip(self.0) {
+            let after = kernels::launches(family).expect("a kernel family");
+            assert!(after > before, "the fused {family} kernel never ran");
+        }
+    }
+}
+
 #[test]
 fn emulated_kernels_generate_what_libtorch_does() {
     let _one_at_a_time = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
@@ -70,7 +95,9 @@ fn emulated_kernels_generate_what_libtorch_does() {
     kernels::emulate_on_all_threads(true);
     assert!(kernels::fused_available(Device::Cpu));
     for cuda_graphs in [Some(false), Some(true)] {
+        let ran = KernelsRan::start();
         let actual = token_ids(options(cuda_graphs), &requests);
+        ran.assert();
         assert_eq!(actual, expected, "cuda_graphs {cuda_graphs:?}");
     }
     kernels::emulate_on_all_threads(false);
@@ -109,7 +136,9 @@ fn on_a_gpu_the_kernels_generate_what_libtorch_does() {
     assert!(reason.is_none(), "fused kernels unavailable: {reason:?}");
     // Eager steps, then CUDA graphs (where they work) around the kernels.
     for cuda_graphs in [Some(false), None] {
+        let ran = KernelsRan::start();
         let actual = token_ids(options(cuda_graphs), &requests);
+        ran.assert();
         assert_eq!(actual, expected, "cuda_graphs {cuda_graphs:?}");
     }
     kernels::set_enabled(false);

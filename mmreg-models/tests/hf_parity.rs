@@ -79,10 +79,17 @@ fn tiny_real_one_image_matches_hf_with_the_fused_kernels_emulated() {
     mmreg_engine::kernels::set_enabled(true);
     mmreg_engine::kernels::emulate_on_this_thread(true);
     assert!(mmreg_engine::kernels::fused_available(tch::Device::Cpu));
+    let families = ["rms_norm", "add_rms_norm", "silu_mul", "rope"];
+    let before = families.map(|f| mmreg_engine::kernels::launches(f).expect("a kernel family"));
     assert_matches_hf(&c, "one_image", || {
         real_inputs(&c, ONE_IMAGE, &["a_300x200.png"])
     });
     mmreg_engine::kernels::emulate_on_this_thread(false);
+    // The kernels really ran: a parity pass with them silently off would prove nothing.
+    for (family, before) in families.iter().zip(before) {
+        let after = mmreg_engine::kernels::launches(family).expect("a kernel family");
+        assert!(after > before, "the fused {family} kernel never ran");
+    }
 }
 
 /// A step of two single-token decodes (the engine's batched decode: one attention call over the paged
@@ -150,9 +157,17 @@ fn a_step_of_decodes_with_the_fused_kernels_emulated_matches_libtorch() {
         let embeds = model
             .embed_tokens(&tch::Tensor::from_slice(&last_tokens))
             .expect("embeds");
+        let launched = || kernels::launches("paged_decode_attention").expect("a kernel family");
+        let before = launched();
         let logits = model
             .forward(&embeds, &mut Step::new(&batch, &mut cache))
             .expect("decode");
+        if emulated {
+            assert!(
+                launched() > before,
+                "the model's decode step did not use the kernel"
+            );
+        }
         kernels::emulate_on_this_thread(false);
         logits
     };

@@ -2,10 +2,26 @@
 //! kernel's parameter order, grids and blocks.
 
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tch::{Kind, Tensor};
 
 use super::nvrtc;
+
+/// Launches of each kernel family since the process started, for tests that must see a kernel run:
+/// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention`.
+pub(super) static LAUNCHES: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+pub(super) const FAMILIES: [&str; 5] = [
+    "rms_norm",
+    "add_rms_norm",
+    "silu_mul",
+    "rope",
+    "paged_decode_attention",
+];
+
+fn counted(family: usize) {
+    LAUNCHES[family].fetch_add(1, Ordering::Relaxed);
+}
 
 /// A kernel: a `CUfunction` of a loaded module, or the emulator's number for it.
 #[derive(Clone, Copy)]
@@ -163,9 +179,11 @@ impl Kernels {
                 arg!(eps),
             ];
             self.launch(k.add_rms_norm, (rows, 1), block, &mut args);
+            counted(1);
         } else {
             let mut args = [arg!(out_p), arg!(x_p), arg!(w_p), arg!(cols), arg!(eps)];
             self.launch(k.rms_norm, (rows, 1), block, &mut args);
+            counted(0);
         }
         (sum, out)
     }
@@ -182,6 +200,7 @@ impl Kernels {
         let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
         let grid = self.grid((cols + BLOCK as i64 - 1) / BLOCK as i64, rows);
         self.launch(k.silu_mul, grid, BLOCK, &mut args);
+        counted(2);
         out
     }
 
@@ -227,6 +246,7 @@ impl Kernels {
         let block = (half as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
         let grid = self.grid((half + block as i64 - 1) / block as i64, tokens * heads);
         self.launch(k.rope, grid, block, &mut args);
+        counted(3);
         out
     }
 
@@ -281,6 +301,7 @@ impl Kernels {
             BLOCK,
             &mut args,
         );
+        counted(4);
         out
     }
 }

@@ -214,6 +214,14 @@ pub fn paged_decode_attention(
     Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale))
 }
 
+/// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope` or
+/// `paged_decode_attention`) has been launched in this process, on any device, the emulator included:
+/// for tests that must see a kernel run, not only its result. `None` for an unknown name.
+pub fn launches(family: &str) -> Option<u64> {
+    let index = launch::FAMILIES.iter().position(|&f| f == family)?;
+    Some(launch::LAUNCHES[index].load(Ordering::Relaxed))
+}
+
 /// Runs every kernel for `device` (as switched on: compiled, or emulated on the CPU) on small fixed
 /// inputs in f32, bf16 and f16 and compares it with libtorch's ops: `Err` names the first that
 /// disagrees. Loading the kernels on a GPU runs it first, and kernels that fail it are never used.
