@@ -15,7 +15,7 @@ cp target/release/mmreg "$stage/"
 # 64 MiB, so only those named in $GPU_TESTS (default: the CUDA smoke, CUDA graph and fused kernel tests) are
 # staged.
 tests=${GPU_TESTS:-cuda_smoke cuda_graphs fused_kernels fused_engine}
-cargo test --release --no-run --message-format=json -p mmreg-core -p mmreg-models 2>/dev/null \
+cargo test --release --no-run --message-format=json -p mmreg-engine -p mmreg-models 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -11,15 +11,15 @@ PROMPT15 = "USER: <image>\nWhat is shown in this image? Describe every detail of
 PROMPT_NEXT = "[INST] <image>\nWhat is shown in this image? [/INST]"
 
 
-def mmreg(args, eager=False, fused=False):
-    """Runs the staged `mmreg` and returns the JSON object of its last line. eager: without CUDA graphs;
-    fused: with the (opt-in) fused elementwise kernels."""
+def mmreg(args, eager=False, fused=False, binary="mmreg"):
+    """Runs the staged `mmreg` (or another staged binary, such as `mmreg-before`) and returns the JSON
+    object of its last line. eager: without CUDA graphs; fused: with the (opt-in) fused kernels."""
     env = dict(os.environ)
     if eager:
         env["MMREG_NO_CUDA_GRAPHS"] = "1"
     if fused:
         env["MMREG_FUSED_KERNELS"] = "1"
-    out = subprocess.run([RUN, "mmreg", *args], capture_output=True, text=True, env=env)
+    out = subprocess.run([RUN, binary, *args], capture_output=True, text=True, env=env)
     sys.stderr.write(out.stderr[-3000:])
     if out.returncode != 0:
         print(out.stdout)

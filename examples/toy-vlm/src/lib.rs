@@ -3,9 +3,9 @@
 //! one token per cell, so the image-token count is dynamic. Language: one causal self-attention layer.
 
 use mmreg_core::{
-    register_input_mapper, register_model, ImageInput, ImageSize, LanguageModel, LoadModel,
-    LoadOptions, ModalityInputs, ModelContext, MultiModalModel, Result, Step, SupportsVision,
-    Weights,
+    register_input_mapper, register_model, ImageInput, ImageSize, KvCacheSpec, LanguageModel,
+    LoadModel, LoadOptions, ModalityInputs, ModelContext, MultiModalModel, Result, Step,
+    SupportsVision, Weights,
 };
 use mmreg_nn::{Attention, Embedding, Linear, Loader};
 use serde::Deserialize;
@@ -150,10 +150,11 @@ impl LanguageModel for ToyVlm {
             .forward(&step.logits_rows(attended + inputs_embeds)?))
     }
 
-    fn kv_cache_spec(&self) -> mmreg_core::KvCacheSpec {
-        let (kv_heads, head_dim, kind) = (1, self.config.hidden_size, LanguageModel::dtype(self));
-        mmreg_core::KvCacheSpec {
-            layers: 1,
+    fn kv_cache_spec(&self) -> KvCacheSpec {
+        let kind = self.embed_tokens.weight().kind();
+        let (layers, kv_heads, head_dim) = (1, 1, self.config.hidden_size);
+        KvCacheSpec {
+            layers,
             kv_heads,
             head_dim,
             kind,

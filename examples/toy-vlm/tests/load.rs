@@ -4,6 +4,8 @@
 
 mod support;
 
+use toy_vlm as _; // links the toy's registrations
+
 use mmreg_core::{
     ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
     Weights,

@@ -45,16 +45,14 @@ fn registry_is_valid_and_finds_the_toy_by_architecture() {
         entry.max_tokens(&ctx, Modality::Image).expect("max tokens"),
         8
     );
-    let lines: Vec<u32> = entry
-        .registrations()
-        .iter()
-        .map(|r| r.location.line)
-        .collect();
+    // Two registrations, and the defaults of the three optional ones, all located in the toy's file.
+    let lines: Vec<u32> = entry.listing().iter().map(|l| l.location.line).collect();
     assert_eq!(lines.len(), 5);
+    assert_eq!(entry.registrations().len(), 2);
     assert!(entry
-        .registrations()
+        .listing()
         .iter()
-        .all(|r| r.location.file.ends_with("toy-vlm/src/lib.rs")));
+        .all(|l| l.location.file.ends_with("toy-vlm/src/lib.rs")));
 }
 
 #[test]
