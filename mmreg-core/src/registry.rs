@@ -370,7 +370,7 @@ impl ModelEntry {
         };
         let default = |what: String, function: &str, at: &'static Registration| Listed {
             what,
-            function: format!("default: {function}"),
+            function: format!("default {function}"),
             location: at.location,
         };
         let mut lines: Vec<Listed> = self.model.into_iter().map(listed).collect();
@@ -382,7 +382,7 @@ impl ModelEntry {
                 (Some(r), _) => lines.push(listed(r)),
                 (None, Some(mapper)) => lines.push(default(
                     format!("max tokens ({modality})"),
-                    "tokens of the costliest item",
+                    "(costliest item)",
                     mapper,
                 )),
                 (None, None) => {}
@@ -392,7 +392,7 @@ impl ModelEntry {
             (Some(r), _) => lines.push(listed(r)),
             (None, Some(mapper)) => lines.push(default(
                 "dummy data".into(),
-                "the costliest items, then filler",
+                "(costliest items, filler)",
                 mapper,
             )),
             (None, None) => {}
@@ -401,7 +401,7 @@ impl ModelEntry {
             (Some(r), _) => lines.push(listed(r)),
             (None, Some(mapper)) => lines.push(default(
                 "input processor".into(),
-                "expand each placeholder token",
+                "(expand placeholders)",
                 mapper,
             )),
             (None, None) => {}

@@ -1,4 +1,4 @@
-//! `mmreg_core::kernels` against HF's op-by-op formulas, in f32, bf16 and f16, three ways: libtorch's
+//! `mmreg_engine::kernels` against HF's op-by-op formulas, in f32, bf16 and f16, three ways: libtorch's
 //! fallback on the CPU; the fused kernels run by the CPU emulator (the same CUDA source and the same
 //! launch code, each CUDA thread an OS thread); and, where there is a GPU, the NVRTC kernels on cuda:0,
 //! also inside a CUDA graph. Rope and the residual add are bit-exact; RMSNorm (the order of its f32 sum)

@@ -48,7 +48,7 @@ impl RmsNorm {
         })
     }
 
-    /// One fused kernel on CUDA (`mmreg_core::kernels`), libtorch's ops elsewhere.
+    /// One fused kernel on CUDA (`mmreg_engine::kernels`), libtorch's ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         kernels::rms_norm(x, &self.weight, self.eps)
     }

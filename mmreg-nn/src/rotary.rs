@@ -71,7 +71,7 @@ impl RotaryEmbedding {
             .pow(&exponent)
             .reciprocal();
         if let RopeKind::Linear { factor } = kind {
-            inv_freq = inv_freq / factor;
+            inv_freq /= factor;
         }
         Self {
             inv_freq: inv_freq.to_device(device),

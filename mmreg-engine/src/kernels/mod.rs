@@ -5,11 +5,15 @@
 //!
 //! On CUDA they are compiled once per device by NVRTC (which pip's torch ships), checked against
 //! libtorch's ops ([`self_check`]), and launched through the shim on libtorch's current stream, so they
-//! run inside CUDA graphs. **Opt-in for now** (`MMREG_FUSED_KERNELS=1` or [`set_enabled`]): they have
-//! not yet run on a GPU, so the default stays the measured libtorch path until `tests/fused_kernels.rs`,
-//! `fused_engine` and the benchmark have run on one. Everywhere else (on the CPU, in a build without the
+//! run inside CUDA graphs. **Opt-in for now** (`MMREG_FUSED_KERNELS=1` or [`set_enabled`]): they pass
+//! every GPU test, but on an H200 they made batch-1 decode slower (docs/benchmarks.md), so the default
+//! stays libtorch's path until they win everywhere. Everywhere else (on the CPU, in a build without the
 //! shim, when NVRTC or the self-check fails, or switched off) each function runs HF's plain libtorch ops
-//! instead, so model code calls these functions unconditionally.
+//! instead, so the layers of `mmreg-nn` call these functions unconditionally.
+//!
+//! The module by concern: the switches and entry points here; [`reference`] (the libtorch formulas each
+//! kernel replaces); `launch` (argument lists, grids, the launch counters); `nvrtc` (compiling and
+//! loading through the shim); `self_check` (each kernel against its reference when it loads).
 //!
 //! Without a GPU, the CPU emulator (`csrc/kernel_emulator.cpp`) runs the same CUDA source, launched by
 //! the same code, for the tests.
