@@ -183,6 +183,7 @@ impl ModelEntry {
             token_ids,
             placeholders,
             multimodal: inputs.multimodal,
+            positions: None,
         })
     }
 }

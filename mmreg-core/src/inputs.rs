@@ -195,6 +195,42 @@ pub struct ProcessedInputs {
     pub token_ids: Vec<u32>,
     pub placeholders: Vec<PlaceholderRange>,
     pub multimodal: MultiModalData,
+    /// Positions the model computes for this prompt (Qwen2-VL's M-RoPE); `None`: `0..len`.
+    pub positions: Option<PromptPositions>,
+}
+
+/// Positions a model computes for its prompt instead of `0..len`, in `sections` rows (Qwen2-VL's M-RoPE:
+/// temporal, height and width). Prompt token `i` sits at `ids[s * len + i]` in section `s`; a token after
+/// the prompt (a generated one, at index `i ≥ len`) at `i + delta` in every section, as HF's
+/// `rope_deltas` continue them. The engine keeps them per sequence through batching, preemption and CUDA
+/// graphs; the model reads a step's positions as `[sections, tokens]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptPositions {
+    pub sections: usize,
+    /// `sections × len` positions, section-major.
+    pub ids: Vec<i64>,
+    pub delta: i64,
+}
+
+impl PromptPositions {
+    /// The prompt's length.
+    pub fn len(&self) -> usize {
+        self.ids.len() / self.sections.max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Position of token `i` of the sequence in `section`.
+    pub fn at(&self, section: usize, i: usize) -> i64 {
+        let len = self.len();
+        if i < len {
+            self.ids[section * len + i]
+        } else {
+            i as i64 + self.delta
+        }
+    }
 }
 
 impl ProcessedInputs {

@@ -34,7 +34,8 @@ pub use context::ModelContext;
 pub use error::{Error, Result};
 pub use inputs::{
     DummyRequest, ImageInput, ImageSize, ModalityCounts, MultiModalData, MultiModalItem,
-    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, VideoInput, MAX_IMAGE_PIXELS,
+    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, PromptPositions, VideoInput,
+    MAX_IMAGE_PIXELS,
 };
 pub use modality::Modality;
 pub use model::{

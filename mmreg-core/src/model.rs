@@ -75,6 +75,12 @@ pub trait LanguageModel: Send {
     /// The longest sequence the model supports (`max_position_embeddings`).
     fn max_model_len(&self) -> usize;
 
+    /// How many rows of positions a step carries (`Step::positions`): 1 (`[tokens]`), or 3 for
+    /// Qwen2-VL's M-RoPE (`[3, tokens]`: temporal, height, width).
+    fn position_sections(&self) -> usize {
+        1
+    }
+
     /// Whether the engine may capture steps as CUDA graphs and replay them with new values in the same
     /// tensors. Return true only if [`Self::embed_tokens`] and [`Self::forward`] run no host
     /// synchronisation and launch kernels that depend on nothing but the step's tensors and their
@@ -125,6 +131,10 @@ pub trait MultiModalModel: AsAny + Send {
 
     fn supports_cuda_graphs(&self) -> bool {
         self.language_model().supports_cuda_graphs()
+    }
+
+    fn position_sections(&self) -> usize {
+        self.language_model().position_sections()
     }
 }
 

@@ -587,6 +587,17 @@ impl ModelEntry {
                 )));
             }
         }
+        if let Some(positions) = &processed.positions {
+            if positions.sections == 0 || positions.ids.len() != positions.sections * processed.token_ids.len() {
+                return Err(Error::Registry(format!(
+                    "{}: input processor `{function}` returned {} positions in {} section(s) for a {}-token prompt",
+                    self.id.path,
+                    positions.ids.len(),
+                    positions.sections,
+                    processed.token_ids.len()
+                )));
+            }
+        }
         for modality in self.modalities() {
             let expected = self.item_tokens(ctx, modality, &processed.multimodal)?;
             let actual = processed.placeholder_lengths(modality);

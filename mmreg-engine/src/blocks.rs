@@ -1,7 +1,7 @@
 //! KV-cache blocks: which of the pool's blocks each sequence owns, and the step layout built from them.
 
 use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice};
-use mmreg_core::{Error, Result};
+use mmreg_core::{Error, PromptPositions, Result};
 use tch::{Device, Tensor};
 
 /// Free blocks of the pool.
@@ -133,4 +133,60 @@ pub fn attention_batch(
             })
             .transpose()?,
     })
+}
+
+/// One sequence's part of a step, for its positions: tokens `context..context + new` of a sequence whose
+/// prompt has model-computed positions (`prompt`) or none (`0..`).
+#[derive(Debug, Clone, Copy)]
+pub struct SeqPositions<'a> {
+    pub context: usize,
+    pub new: usize,
+    pub prompt: Option<&'a PromptPositions>,
+}
+
+/// The positions of a step's tokens, packed in sequence order: `[tokens]` for a model that reads one
+/// position per token, `[sections, tokens]` otherwise (each section `0..` where the prompt has none).
+pub fn step_positions(sections: usize, seqs: &[SeqPositions], device: Device) -> Result<Tensor> {
+    let tokens: usize = seqs.iter().map(|s| s.new).sum();
+    let mut out = vec![0i64; sections.max(1) * tokens];
+    for section in 0..sections.max(1) {
+        let row = &mut out[section * tokens..(section + 1) * tokens];
+        let mut at = 0;
+        for seq in seqs {
+            for (k, i) in (seq.context..seq.context + seq.new).enumerate() {
+                row[at + k] = match seq.prompt {
+                    Some(prompt) if prompt.sections == sections => prompt.at(section, i),
+                    Some(prompt) => {
+                        return Err(Error::Model(format!(
+                            "a prompt has positions in {} section(s) but the model reads {sections}",
+                            prompt.sections
+                        )))
+                    }
+                    None => i as i64,
+                };
+            }
+            at += seq.new;
+        }
+    }
+    let positions = Tensor::from_slice(&out);
+    let positions = if sections > 1 {
+        positions.view([sections as i64, tokens as i64])
+    } else {
+        positions
+    };
+    Ok(positions.to_device(device))
+}
+
+/// Replaces a step's default positions (`context..` per sequence) where the model reads several rows
+/// or a sequence's prompt has positions of its own; a no-op otherwise.
+pub fn set_positions(
+    batch: &mut AttentionBatch,
+    sections: usize,
+    seqs: &[SeqPositions],
+    device: Device,
+) -> Result<()> {
+    if sections > 1 || seqs.iter().any(|s| s.prompt.is_some()) {
+        batch.positions = step_positions(sections, seqs, device)?;
+    }
+    Ok(())
 }

@@ -299,6 +299,7 @@ impl Engine {
                 profile.block_size,
                 (usable_blocks * profile.block_size) as i64,
                 options.max_num_seqs,
+                model.position_sections(),
             )
         });
         let mut scheduler = Scheduler::new(

@@ -6,10 +6,11 @@ use tch::{Device, Tensor};
 pub use mmreg_core::prepare::{prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    Error, Modality, MultiModalModel, PagedKvCache, ProcessedInputs, Result, Step, TensorMap,
+    Error, Modality, MultiModalModel, PagedKvCache, ProcessedInputs, PromptPositions, Result, Step,
+    TensorMap,
 };
 
-use crate::blocks::{attention_batch, BlockAllocator};
+use crate::blocks::{attention_batch, set_positions, BlockAllocator, SeqPositions};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// Token embeddings `[len, hidden]` with every item's features written over its placeholders.
@@ -197,10 +198,25 @@ fn private_cache(model: &dyn MultiModalModel, tokens: usize) -> Result<(PagedKvC
 
 /// Logits of every prompt position `[len, vocab]` (for parity checks against a reference).
 pub fn prefill_logits(model: &dyn MultiModalModel, embeds: &Tensor) -> Result<Tensor> {
+    prefill_logits_at(model, embeds, None)
+}
+
+/// [`prefill_logits`] of a prompt whose model computed its positions ([`ProcessedInputs::positions`]).
+pub fn prefill_logits_at(
+    model: &dyn MultiModalModel,
+    embeds: &Tensor,
+    positions: Option<&PromptPositions>,
+) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     let len = embeds.size()[0] as usize;
     let (mut cache, blocks) = private_cache(model, len)?;
-    let batch = attention_batch(&[(&blocks, 0, len)], BLOCK_SIZE, false, model.device())?;
+    let mut batch = attention_batch(&[(&blocks, 0, len)], BLOCK_SIZE, false, model.device())?;
+    let seq = SeqPositions {
+        context: 0,
+        new: len,
+        prompt: positions,
+    };
+    set_positions(&mut batch, model.position_sections(), &[seq], model.device())?;
     model.forward(embeds, &mut Step::new(&batch, &mut cache))
 }
 
@@ -216,9 +232,17 @@ pub fn generate(
     let device = model.device();
     let prompt_len = prepared.processed.token_ids.len();
     let capacity = (prompt_len + params.max_tokens).min(model.max_model_len().max(prompt_len));
+    let positions = prepared.processed.positions.clone();
+    let sections = model.position_sections();
+    let at = |context: usize, new: usize| SeqPositions {
+        context,
+        new,
+        prompt: positions.as_ref(),
+    };
     let embeds = embed_prompt(entry, model, prepared)?;
     let (mut cache, blocks) = private_cache(model, capacity)?;
-    let batch = attention_batch(&[(&blocks, 0, prompt_len)], BLOCK_SIZE, true, device)?;
+    let mut batch = attention_batch(&[(&blocks, 0, prompt_len)], BLOCK_SIZE, true, device)?;
+    set_positions(&mut batch, sections, &[at(0, prompt_len)], device)?;
     let mut logits = model.forward(&embeds, &mut Step::new(&batch, &mut cache))?;
     let mut sampler = Sampler::new(params);
     let mut generated: Vec<u32> = Vec::with_capacity(params.max_tokens);
@@ -235,7 +259,8 @@ pub fn generate(
             break;
         }
         let next = model.embed_tokens(&Tensor::from_slice(&[token as i64]).to_device(device))?;
-        let batch = attention_batch(&[(&blocks, len - 1, 1)], BLOCK_SIZE, true, device)?;
+        let mut batch = attention_batch(&[(&blocks, len - 1, 1)], BLOCK_SIZE, true, device)?;
+        set_positions(&mut batch, sections, &[at(len - 1, 1)], device)?;
         logits = model.forward(&next, &mut Step::new(&batch, &mut cache))?;
     }
     Ok(Generation {

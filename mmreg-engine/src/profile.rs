@@ -7,7 +7,7 @@ use mmreg_core::{
     DummyRequest, Error, ModalityCounts, ModelContext, MultiModalModel, PagedKvCache, Result, Step,
 };
 
-use crate::blocks::attention_batch;
+use crate::blocks::{attention_batch, set_positions, SeqPositions};
 use crate::cuda;
 use crate::engine::{EngineOptions, EngineProfile};
 use crate::generate::{embed_prompt, prepare};
@@ -40,6 +40,7 @@ pub(crate) fn profile_and_allocate(
     let dummy_items = prepared.processed.multimodal.counts();
     {
         let _guard = tch::no_grad_guard();
+        let positions = prepared.processed.positions.clone();
         let embeds = embed_prompt(entry, model, prepared)?;
         let spec = model.kv_cache_spec();
         let mut cache = PagedKvCache::new(
@@ -49,12 +50,18 @@ pub(crate) fn profile_and_allocate(
             model.device(),
         )?;
         let blocks: Vec<u32> = (0..cache.num_blocks() as u32).collect();
-        let batch = attention_batch(
+        let mut batch = attention_batch(
             &[(&blocks, 0, dummy_prompt_tokens)],
             options.block_size,
             true,
             model.device(),
         )?;
+        let seq = SeqPositions {
+            context: 0,
+            new: dummy_prompt_tokens,
+            prompt: positions.as_ref(),
+        };
+        set_positions(&mut batch, model.position_sections(), &[seq], model.device())?;
         model
             .forward(&embeds, &mut Step::new(&batch, &mut cache))?
             .f_sum(Kind::Float)?

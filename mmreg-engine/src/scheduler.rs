@@ -11,7 +11,7 @@ use tch::{Device, Tensor};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{Error, ModelContext, MultiModalModel, PagedKvCache, Result, Step};
 
-use crate::blocks::{attention_batch, BlockAllocator};
+use crate::blocks::{attention_batch, set_positions, BlockAllocator, SeqPositions};
 use crate::engine::{
     Completion, EngineCounters, EngineOptions, Event, FinishReason, Ready, StepTiming,
 };
@@ -202,6 +202,12 @@ impl Scheduler {
                         token: seq.generated.last().copied().unwrap_or_default(),
                         blocks: &seq.blocks,
                         len: seq.len(),
+                        position_delta: seq
+                            .prepared
+                            .processed
+                            .positions
+                            .as_ref()
+                            .map_or(0, |p| p.delta),
                     })
                     .collect();
                 fixed.decode(self.model.as_ref(), &mut self.cache, &rows)?
@@ -349,13 +355,25 @@ impl Scheduler {
         }
         if let (Some(fixed), &[(blocks, 0, _)]) = (&mut self.fixed_steps, layout.as_slice()) {
             // One sequence prefilled alone.
+            let positions = self.running[0].prepared.processed.positions.as_ref();
             if let Some(logits) =
-                fixed.prefill(self.model.as_ref(), &mut self.cache, &embeds, blocks)?
+                fixed.prefill(self.model.as_ref(), &mut self.cache, &embeds, blocks, positions)?
             {
                 return Ok((logits, prefill_tokens, embed_seconds));
             }
         }
-        let batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
+        let mut batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
+        let positions: Vec<SeqPositions> = self
+            .running
+            .iter()
+            .zip(&layout)
+            .map(|(seq, &(_, context, new))| SeqPositions {
+                context,
+                new,
+                prompt: seq.prepared.processed.positions.as_ref(),
+            })
+            .collect();
+        set_positions(&mut batch, self.model.position_sections(), &positions, device)?;
         let logits = self
             .model
             .forward(&embeds, &mut Step::new(&batch, &mut self.cache))?;

@@ -16,7 +16,7 @@
 use tch::{Device, Tensor};
 
 use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice};
-use mmreg_core::{MultiModalModel, PagedKvCache, Result, Step};
+use mmreg_core::{MultiModalModel, PagedKvCache, PromptPositions, Result, Step};
 
 use crate::blocks::slots;
 use crate::graphs::GraphCache;
@@ -36,6 +36,8 @@ pub(crate) struct DecodeRow<'a> {
     pub token: u32,
     pub blocks: &'a [u32],
     pub len: usize,
+    /// What the sequence's positions add past its prompt (`PromptPositions::delta`; 0 for most models).
+    pub position_delta: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -49,6 +51,8 @@ pub(crate) struct FixedShapeSteps {
     /// A cache slot that belongs to no sequence, for the padding rows.
     scratch_slot: i64,
     max_batch: usize,
+    /// Rows of positions the model reads (`LanguageModel::position_sections`).
+    sections: usize,
     /// Decode and prefill graphs share one memory pool: steps run one at a time.
     graphs: GraphCache<Bucket>,
 }
@@ -59,11 +63,13 @@ impl FixedShapeSteps {
         block_size: usize,
         scratch_slot: i64,
         max_batch: usize,
+        sections: usize,
     ) -> Self {
         Self {
             block_size,
             scratch_slot,
             max_batch,
+            sections: sections.max(1),
             graphs: GraphCache::new(device),
         }
     }
@@ -90,37 +96,46 @@ impl FixedShapeSteps {
         }
         let packed = Tensor::from_slice(&self.pack_decode(rows, batch, context));
         let bucket = Bucket::Decode { batch, context };
+        let sections = self.sections;
         let logits = self.graphs.run(bucket, &[&packed], |inputs| {
-            decode_step(model, &mut *cache, &inputs[0], (batch, context))
+            decode_step(model, &mut *cache, &inputs[0], (batch, context, sections))
         })?;
         Ok(Some(logits.narrow(0, 0, rows.len() as i64)))
     }
 
     /// The logits `[1, vocab]` of the last token of one sequence prefilled alone from `embeds`
-    /// (`[tokens, hidden]`), or `None` if the prompt fits no bucket. Valid until the next step.
+    /// (`[tokens, hidden]`, its prompt's model-computed `positions` if any), or `None` if the prompt fits
+    /// no bucket. Valid until the next step.
     pub(crate) fn prefill(
         &mut self,
         model: &dyn MultiModalModel,
         cache: &mut PagedKvCache,
         embeds: &Tensor,
         blocks: &[u32],
+        positions: Option<&PromptPositions>,
     ) -> Result<Option<Tensor>> {
         let len = embeds.size()[0] as usize;
         let tokens = len.next_multiple_of(PREFILL_STEP);
         if len == 0 || tokens > MAX_GRAPH_PREFILL {
             return Ok(None);
         }
-        // Positions, then cache slots (padding at the scratch slot), then the row to take logits of.
-        let mut packed: Vec<i64> = (0..tokens as i64).collect();
+        // Positions (a row per section), then cache slots (padding at the scratch slot), then the row to
+        // take logits of.
+        let mut packed: Vec<i64> = (0..self.sections)
+            .flat_map(|s| {
+                (0..tokens).map(move |i| positions.map_or(i as i64, |p| p.at(s, i)))
+            })
+            .collect();
         packed.extend(slots(blocks, self.block_size, 0..len));
         packed.extend(std::iter::repeat_n(self.scratch_slot, tokens - len));
         packed.push(len as i64 - 1);
         let packed = Tensor::from_slice(&packed);
         let padded = embeds.f_constant_pad_nd([0, 0, 0, (tokens - len) as i64])?;
+        let sections = self.sections;
         let logits =
             self.graphs
                 .run(Bucket::Prefill { tokens }, &[&padded, &packed], |inputs| {
-                    prefill_step(model, &mut *cache, &inputs[0], &inputs[1])
+                    prefill_step(model, &mut *cache, &inputs[0], &inputs[1], sections)
                 })?;
         Ok(Some(logits))
     }
@@ -136,7 +151,7 @@ impl FixedShapeSteps {
         for (i, row) in rows.iter().enumerate() {
             let all = slots(row.blocks, self.block_size, 0..row.len);
             head[i] = row.token as i64;
-            head[batch + i] = row.len as i64 - 1;
+            head[batch + i] = row.len as i64 - 1 + row.position_delta;
             head[2 * batch + i] = all[row.len - 1];
             head[3 * batch + i] = row.len as i64;
             gather[i * context..i * context + row.len].copy_from_slice(&all);
@@ -152,7 +167,7 @@ fn decode_step(
     model: &dyn MultiModalModel,
     cache: &mut PagedKvCache,
     inputs: &Tensor,
-    (batch, context): (usize, usize),
+    (batch, context, sections): (usize, usize, usize),
 ) -> Result<Tensor> {
     let (b, c) = (batch as i64, context as i64);
     let part = |i: i64, n: i64| inputs.narrow(0, i * b, n);
@@ -165,8 +180,13 @@ fn decode_step(
         (model.dtype(), inputs.device()),
     )?
     .f_masked_fill(&real_slots(&lens, c)?, 0.0)?;
+    // A decoded token sits at the same position in every section (past the prompt, `i + delta`).
+    let positions = match sections {
+        1 => part(1, b),
+        s => part(1, b).unsqueeze(0).expand([s as i64, b], false),
+    };
     let batch = AttentionBatch {
-        positions: part(1, b),
+        positions,
         new_slots: part(2, b),
         sequences: Vec::new(),
         logits_indices: None,
@@ -187,18 +207,24 @@ fn prefill_step(
     cache: &mut PagedKvCache,
     embeds: &Tensor,
     packed: &Tensor,
+    sections: usize,
 ) -> Result<Tensor> {
     let t = embeds.size()[0];
+    let s = sections as i64;
+    let positions = match sections {
+        1 => packed.narrow(0, 0, t),
+        _ => packed.narrow(0, 0, s * t).view([s, t]),
+    };
     let batch = AttentionBatch {
-        positions: packed.narrow(0, 0, t),
-        new_slots: packed.narrow(0, t, t),
+        positions,
+        new_slots: packed.narrow(0, s * t, t),
         sequences: vec![SequenceSlice {
             start: 0,
             len: t,
             context: 0,
             slots: Tensor::new(),
         }],
-        logits_indices: Some(packed.narrow(0, 2 * t, 1)),
+        logits_indices: Some(packed.narrow(0, (s + 1) * t, 1)),
         decode_gather: None,
     };
     model.forward(embeds, &mut Step::new(&batch, cache))
