@@ -49,6 +49,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let profile = engine.profile().clone();
     eprintln!("engine ready in {load_s:.1}s: {profile:?}");
     let request = Request {
+        videos: Vec::new(),
         prompt: Prompt::Text(args.prompt.prompt.clone()),
         images: args
             .prompt
@@ -69,6 +70,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         // (vision tower, projector, decoder; preprocessing happens before, on the workers).
         engine.generate(vec![request.clone(); b]);
         let one_token = Request {
+            videos: Vec::new(),
             params: SamplingParams {
                 max_tokens: 1,
                 ..request.params.clone()
@@ -140,6 +142,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     if let Some(dir) = &args.trace {
         std::fs::create_dir_all(dir)?;
         let with_tokens = |max_tokens| Request {
+            videos: Vec::new(),
             params: SamplingParams {
                 max_tokens,
                 ..request.params.clone()

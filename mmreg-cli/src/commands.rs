@@ -8,7 +8,7 @@ use mmreg_core::prepare::{self, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
-    Weights,
+    VideoInput, Weights,
 };
 use mmreg_engine::{
     Completion, Engine, EngineOptions, ImageSource, Request, RequestHandle, SamplingParams,
@@ -133,6 +133,10 @@ pub struct PromptArgs {
     /// Image files, in the order of the prompt's `<image>` markers.
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
+    /// A video as its frame files, comma-separated (`--video f1.png,f2.png,...`), in the order of the
+    /// prompt's video markers; repeatable.
+    #[arg(long = "video", value_parser = parse_frames)]
+    pub videos: Vec<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Args)]
@@ -179,7 +183,11 @@ pub struct GenerateArgs {
     /// Image files, in the order of the prompt's `<image>` markers.
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
-    /// A JSON-lines file of requests (`{"prompt": ..., "images": [...], "max_tokens": 32, ...}`), run
+    /// A video as its frame files, comma-separated (`--video f1.png,f2.png,...`); repeatable.
+    #[arg(long = "video", value_parser = parse_frames)]
+    pub videos: Vec<Vec<PathBuf>>,
+    /// A JSON-lines file of requests (`{"prompt": ..., "images": [...], "videos": [[...]],
+    /// "max_tokens": 32, ...}`), run
     /// batched; one JSON object per line is printed, in input order.
     #[arg(long)]
     pub requests: Option<PathBuf>,
@@ -230,6 +238,9 @@ struct RequestLine {
     prompt: String,
     #[serde(default)]
     images: Vec<PathBuf>,
+    /// Each video as its frame files.
+    #[serde(default)]
+    videos: Vec<Vec<PathBuf>>,
     max_tokens: Option<usize>,
     temperature: Option<f64>,
     top_p: Option<f64>,
@@ -273,7 +284,13 @@ impl GenerateArgs {
         }
         params.stop_token_ids.extend(line.stop_token_ids);
         let images = line.images.into_iter().map(ImageSource::Path).collect();
+        let videos = line
+            .videos
+            .into_iter()
+            .map(|frames| frames.into_iter().map(ImageSource::Path).collect())
+            .collect();
         Request {
+            videos,
             prompt: Prompt::Text(line.prompt),
             images,
             params,
@@ -310,6 +327,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         let line = RequestLine {
             prompt: args.prompt.clone().unwrap_or_default(),
             images: args.images.clone(),
+            videos: args.videos.clone(),
             max_tokens: None,
             temperature: None,
             top_p: None,
@@ -391,11 +409,38 @@ fn prepare(
         .iter()
         .map(ImageInput::open)
         .collect::<mmreg_core::Result<Vec<_>>>()?;
+    let videos = args
+        .videos
+        .iter()
+        .map(|frames| open_video(frames))
+        .collect::<mmreg_core::Result<Vec<_>>>()?;
     let inputs = ProcessorInputs {
         prompt: Prompt::Text(args.prompt.clone()),
-        multimodal: MultiModalData::with_images(images),
+        multimodal: MultiModalData { images, videos },
     };
     Ok(prepare::prepare(entry, ctx, inputs, max_len)?)
+}
+
+/// `f1.png,f2.png,...`: a video's frame files.
+fn parse_frames(text: &str) -> std::result::Result<Vec<PathBuf>, String> {
+    let frames: Vec<PathBuf> = text.split(',').map(PathBuf::from).collect();
+    if frames.iter().any(|f| f.as_os_str().is_empty()) {
+        return Err(format!("`{text}`: expected frame files separated by commas"));
+    }
+    Ok(frames)
+}
+
+/// A video from its frame files, named after the first.
+fn open_video(frames: &[PathBuf]) -> mmreg_core::Result<VideoInput> {
+    let name = frames
+        .first()
+        .map(|f| format!("video {}", f.display()))
+        .unwrap_or_else(|| "video".into());
+    let frames = frames
+        .iter()
+        .map(|f| ImageInput::open(f).map(|f| f.image))
+        .collect::<mmreg_core::Result<Vec<_>>>()?;
+    Ok(VideoInput::new(name, frames))
 }
 
 /// `eos_token_id` from config.json (top level or `text_config`), as HF's generation would stop on.

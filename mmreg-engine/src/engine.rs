@@ -13,7 +13,7 @@ use tch::{Device, Kind};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     Error, ImageInput, LoadOptions, ModalityCounts, ModelContext, MultiModalData, ProcessorInputs,
-    Prompt, Registry, Result, Weights,
+    Prompt, Registry, Result, VideoInput, Weights,
 };
 
 use crate::blocks::BlockAllocator;
@@ -98,6 +98,8 @@ impl ImageSource {
 pub struct Request {
     pub prompt: Prompt,
     pub images: Vec<ImageSource>,
+    /// Videos, each given as its frames in order.
+    pub videos: Vec<Vec<ImageSource>>,
     pub params: SamplingParams,
 }
 
@@ -408,14 +410,38 @@ fn preprocess_loop(
                     ),
                 ));
             }
+            if request.videos.len() > max_images {
+                return Err(Error::bad_input(
+                    "request",
+                    format!(
+                        "{} videos given but at most {max_images} are allowed per prompt",
+                        request.videos.len()
+                    ),
+                ));
+            }
             let images = request
                 .images
                 .into_iter()
                 .map(ImageSource::decode)
                 .collect::<Result<Vec<_>>>()?;
+            let videos = request
+                .videos
+                .into_iter()
+                .enumerate()
+                .map(|(i, frames)| {
+                    let frames = frames
+                        .into_iter()
+                        .map(|f| ImageSource::decode(f).map(|f| f.image))
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(VideoInput::new(format!("video #{i}"), frames))
+                })
+                .collect::<Result<Vec<_>>>()?;
             let inputs = ProcessorInputs {
                 prompt: request.prompt,
-                multimodal: MultiModalData::with_images(images),
+                multimodal: MultiModalData {
+                    images,
+                    videos,
+                },
             };
             // Room for at least one generated token.
             let prepared = prepare(

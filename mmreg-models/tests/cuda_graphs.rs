@@ -25,6 +25,7 @@ fn cuda_graphs_generate_what_plain_steps_generate() {
     let image = ImageSource::Path(dir.join("images/a_300x200.png"));
     let requests: Vec<Request> = (0..11)
         .map(|i| Request {
+            videos: Vec::new(),
             prompt: Prompt::Text(format!("USER: <image>\nQuestion {i}? ASSISTANT:")),
             images: vec![image.clone()],
             params: SamplingParams {

@@ -40,6 +40,7 @@ fn demo_model_captions_match_hf_and_are_right() {
                 dir.join("samples").join(image)
             };
             Request {
+                videos: Vec::new(),
                 prompt: Prompt::Text(case["prompt"].as_str().expect("prompt").to_owned()),
                 images: vec![ImageSource::Path(image)],
                 params: SamplingParams {

@@ -16,6 +16,7 @@ use support::fixture;
 
 fn request(prompt: &str, images: &[PathBuf], params: SamplingParams) -> Request {
     Request {
+        videos: Vec::new(),
         prompt: Prompt::Text(prompt.into()),
         images: images.iter().cloned().map(ImageSource::Path).collect(),
         params,

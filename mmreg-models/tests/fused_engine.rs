@@ -21,6 +21,7 @@ static SWITCHES: Mutex<()> = Mutex::new(());
 fn request(prompt: &str, images: &[&str], max_tokens: usize) -> Request {
     let dir = fixture("llava-tiny-real/images");
     Request {
+        videos: Vec::new(),
         prompt: Prompt::Text(prompt.into()),
         images: images
             .iter()

@@ -60,6 +60,7 @@ fn the_registered_dummy_data_shapes_the_profile() {
     );
     // Both serve the same request the same way.
     let request = Request {
+        videos: Vec::new(),
         prompt: Prompt::TokenIds(vec![3, 4, 5]),
         images: vec![],
         params: SamplingParams::default(),

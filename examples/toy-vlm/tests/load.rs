@@ -46,6 +46,7 @@ fn request(i: usize) -> (Request, bool) {
     match i % 10 {
         0 => (
             Request {
+                videos: Vec::new(),
                 prompt: Prompt::TokenIds(vec![15, 2]),
                 images: vec![],
                 params,
@@ -54,6 +55,7 @@ fn request(i: usize) -> (Request, bool) {
         ), // marker, no image
         5 => (
             Request {
+                videos: Vec::new(),
                 prompt: Prompt::TokenIds(vec![15, 3]),
                 images: vec![ImageSource::Bytes {
                     name: "broken".into(),
@@ -65,6 +67,7 @@ fn request(i: usize) -> (Request, bool) {
         ),
         7 if i % 20 == 7 => (
             Request {
+                videos: Vec::new(),
                 prompt: Prompt::TokenIds(ids(300)),
                 images: vec![],
                 params,
@@ -77,6 +80,7 @@ fn request(i: usize) -> (Request, bool) {
             prompt.push(15);
             (
                 Request {
+                    videos: Vec::new(),
                     prompt: Prompt::TokenIds(prompt),
                     images: vec![image(i), image(i + 1)],
                     params,
@@ -89,6 +93,7 @@ fn request(i: usize) -> (Request, bool) {
             prompt.insert(1, 15);
             (
                 Request {
+                    videos: Vec::new(),
                     prompt: Prompt::TokenIds(prompt),
                     images: vec![image(i)],
                     params,

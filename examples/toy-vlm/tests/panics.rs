@@ -48,6 +48,7 @@ fn checkpoint() -> tempfile::TempDir {
 
 fn request(tokens: &[u32], image_width: Option<u32>) -> Request {
     Request {
+        videos: Vec::new(),
         prompt: Prompt::TokenIds(tokens.to_vec()),
         images: image_width
             .map(|w| {
