@@ -10,7 +10,7 @@ stage=gpu-stage
 rm -rf "$stage" && mkdir -p "$stage/tests"
 
 cargo build --release -p mmreg
-cp target/release/mmreg "$stage/"
+cp "${CARGO_TARGET_DIR:-target}/release/mmreg" "$stage/"
 # Test binaries worth running on a GPU (each a cargo test harness); the tree that travels is capped at
 # 64 MiB, so only those named in $GPU_TESTS (default: the CUDA smoke, CUDA graph and fused kernel tests) are
 # staged.
