@@ -425,7 +425,9 @@ fn prepare(
 fn parse_frames(text: &str) -> std::result::Result<Vec<PathBuf>, String> {
     let frames: Vec<PathBuf> = text.split(',').map(PathBuf::from).collect();
     if frames.iter().any(|f| f.as_os_str().is_empty()) {
-        return Err(format!("`{text}`: expected frame files separated by commas"));
+        return Err(format!(
+            "`{text}`: expected frame files separated by commas"
+        ));
     }
     Ok(frames)
 }

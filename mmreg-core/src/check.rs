@@ -107,8 +107,16 @@ pub fn check_model(
                 .iter()
                 .map(|t| t.size().first().copied().unwrap_or(0) as usize)
                 .collect();
-            if rows != item_tokens {
-                return Err(fail(entry, format!("{modality}: the model's embedding has {rows:?} rows for {item_tokens:?} placeholders")));
+            // One row per embedded placeholder token (all of them, unless a mask interleaves text).
+            let mut ranges: Vec<_> = processed
+                .placeholders
+                .iter()
+                .filter(|r| r.modality == modality)
+                .collect();
+            ranges.sort_by_key(|r| r.item);
+            let embedded: Vec<usize> = ranges.iter().map(|r| r.embedded()).collect();
+            if rows != embedded {
+                return Err(fail(entry, format!("{modality}: the model's embedding has {rows:?} rows for {embedded:?} placeholders")));
             }
         }
         reports.push(ModalityReport {

@@ -127,6 +127,15 @@ impl ModelContext {
         })
     }
 
+    /// Another JSON file of the checkpoint (`video_preprocessor_config.json`, say), if the context came
+    /// from a directory that has it.
+    pub fn json_file(&self, name: &str) -> Result<Option<serde_json::Value>> {
+        match &self.dir {
+            Some(dir) => read_json(&dir.join(name)),
+            None => Ok(None),
+        }
+    }
+
     /// config.json parsed as `T` (serde defaults fill missing keys), parsed once and cached.
     pub fn config<T: DeserializeOwned + Send + Sync + 'static>(&self) -> Result<Arc<T>> {
         self.parse_cached(&self.config_json, "config.json")

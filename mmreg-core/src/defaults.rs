@@ -96,6 +96,7 @@ pub fn expand_placeholders(
             item,
             offset: token_ids.len(),
             length,
+            is_embed: None,
         });
         token_ids.extend(std::iter::repeat_n(id, length));
     }
@@ -126,7 +127,8 @@ impl ModelEntry {
     }
 
     /// Each requested item the costliest, its placeholder token in the prompt, then filler text up to
-    /// `seq_len` tokens after expansion.
+    /// `seq_len` tokens after expansion. Items that would not fit in `seq_len` are left out (a step never
+    /// holds more), the first modalities first served.
     pub(crate) fn default_dummy_data(
         &self,
         ctx: &ModelContext,
@@ -135,13 +137,15 @@ impl ModelEntry {
         let markers = self.markers(ctx)?;
         let (mut ids, mut data, mut expanded) = (Vec::new(), MultiModalData::default(), 0);
         for &(modality, token) in &markers {
-            let n = request.counts.get(modality);
+            let per_item = self.max_tokens(ctx, modality)?;
+            let fit = request.seq_len.saturating_sub(expanded) / per_item.max(1);
+            let n = request.counts.get(modality).min(fit);
             if n == 0 {
                 continue;
             }
             ids.extend(std::iter::repeat_n(token, n));
             data.append((self.defaults(modality)?.dummy_items)(ctx, n)?);
-            expanded += n * self.max_tokens(ctx, modality)?;
+            expanded += n * per_item;
         }
         // Filler must not read as another placeholder (id 0 is the image token of HF's tiny configs).
         let filler = (0..)

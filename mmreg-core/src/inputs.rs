@@ -179,13 +179,27 @@ pub struct ProcessorInputs {
 }
 
 /// Where one item's placeholder tokens sit in the processed prompt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlaceholderRange {
     pub modality: Modality,
     /// Index of the item within its modality.
     pub item: usize,
     pub offset: usize,
     pub length: usize,
+    /// Which tokens of the range take the item's embedding rows, in order, when the run interleaves
+    /// them with plain text tokens (Idefics3's `<row_1_col_1>` between image tokens; vLLM's
+    /// `PromptUpdateDetails.select_token_id`). `None`: every token does.
+    pub is_embed: Option<Arc<[bool]>>,
+}
+
+impl PlaceholderRange {
+    /// How many embedding rows the item gives: the range's length, or its embedded tokens.
+    pub fn embedded(&self) -> usize {
+        match &self.is_embed {
+            Some(mask) => mask.iter().filter(|&&e| e).count(),
+            None => self.length,
+        }
+    }
 }
 
 /// The output of an input processor: token ids with every placeholder expanded, and where each item's

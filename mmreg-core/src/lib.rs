@@ -40,7 +40,7 @@ pub use inputs::{
 pub use modality::Modality;
 pub use model::{
     Image, LanguageModel, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality,
-    SupportsVision, Video,
+    SupportsVideo, SupportsVision, Video,
 };
 pub use processors::DefaultMapper;
 pub use registry::Registry;

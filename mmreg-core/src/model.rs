@@ -258,3 +258,47 @@ impl<T: SupportsVision> SupportsModality<Image> for T {
         self.embed_images(inputs)
     }
 }
+
+/// A model that accepts videos, given as their frames. Like [`SupportsVision`], it gives the defaults of
+/// max tokens, dummy data and the input processor for the video modality.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a video model: it does not implement `SupportsVideo`",
+    note = "#[register_input_mapper(video = ...)] needs `impl SupportsVideo for {Self}`"
+)]
+pub trait SupportsVideo: MultiModalModel + Sized {
+    /// The forward parameters for videos (e.g. Qwen2-VL's `pixel_values_videos`, `video_grid_thw`).
+    type VideoInputs: ModalityInputs;
+
+    /// Placeholder tokens for one video: the one count the processor, the dummy data and the video
+    /// path's shape check all use.
+    fn num_video_tokens(ctx: &ModelContext, video: &VideoInput) -> Result<usize>;
+
+    /// The token that marks a video in a prompt.
+    fn video_token_id(ctx: &ModelContext) -> Result<u32>;
+
+    /// The video with the most placeholder tokens the processor's limits allow.
+    fn largest_video(ctx: &ModelContext) -> Result<VideoInput>;
+
+    /// Video features, one `[num_video_tokens, hidden]` tensor per video.
+    fn embed_videos(&self, inputs: Self::VideoInputs) -> Result<Vec<Tensor>>;
+}
+
+impl<T: SupportsVideo> SupportsModality<Video> for T {
+    type Inputs = T::VideoInputs;
+
+    fn num_tokens(ctx: &ModelContext, item: &VideoInput) -> Result<usize> {
+        T::num_video_tokens(ctx, item)
+    }
+
+    fn placeholder_token(ctx: &ModelContext) -> Result<u32> {
+        T::video_token_id(ctx)
+    }
+
+    fn costliest_item(ctx: &ModelContext) -> Result<VideoInput> {
+        T::largest_video(ctx)
+    }
+
+    fn embed(&self, inputs: Self::Inputs) -> Result<Vec<Tensor>> {
+        self.embed_videos(inputs)
+    }
+}

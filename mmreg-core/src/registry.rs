@@ -587,8 +587,23 @@ impl ModelEntry {
                 )));
             }
         }
+        if let Some(range) = processed
+            .placeholders
+            .iter()
+            .find(|r| r.is_embed.as_ref().is_some_and(|m| m.len() != r.length))
+        {
+            return Err(Error::Registry(format!(
+                "{}: input processor `{function}` returned a {} placeholder range of {} tokens with an is-embedding mask of {}",
+                self.id.path,
+                range.modality,
+                range.length,
+                range.is_embed.as_ref().map_or(0, |m| m.len())
+            )));
+        }
         if let Some(positions) = &processed.positions {
-            if positions.sections == 0 || positions.ids.len() != positions.sections * processed.token_ids.len() {
+            if positions.sections == 0
+                || positions.ids.len() != positions.sections * processed.token_ids.len()
+            {
                 return Err(Error::Registry(format!(
                     "{}: input processor `{function}` returned {} positions in {} section(s) for a {}-token prompt",
                     self.id.path,

@@ -158,9 +158,9 @@ pub fn step_positions(sections: usize, seqs: &[SeqPositions], device: Device) ->
                     Some(prompt) if prompt.sections == sections => prompt.at(section, i),
                     Some(prompt) => {
                         return Err(Error::Model(format!(
-                            "a prompt has positions in {} section(s) but the model reads {sections}",
-                            prompt.sections
-                        )))
+                        "a prompt has positions in {} section(s) but the model reads {sections}",
+                        prompt.sections
+                    )))
                     }
                     None => i as i64,
                 };

@@ -438,10 +438,7 @@ fn preprocess_loop(
                 .collect::<Result<Vec<_>>>()?;
             let inputs = ProcessorInputs {
                 prompt: request.prompt,
-                multimodal: MultiModalData {
-                    images,
-                    videos,
-                },
+                multimodal: MultiModalData { images, videos },
             };
             // Room for at least one generated token.
             let prepared = prepare(

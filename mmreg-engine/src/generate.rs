@@ -151,19 +151,35 @@ fn write_features(
     }
     for (range, feature) in ranges.iter().zip(features) {
         let rows = feature.size().first().copied().unwrap_or(0) as usize;
-        if rows != range.length {
+        if rows != range.embedded() {
             return Err(Error::TokenCountMismatch {
                 model: entry.id.path.into(),
                 modality,
                 item: range.item,
                 what: "the model's embedding",
                 actual: rows,
-                expected: range.length,
+                expected: range.embedded(),
             });
         }
-        embeds
-            .narrow(0, range.offset as i64, range.length as i64)
-            .f_copy_(&feature.to_kind(embeds.kind()))?;
+        let feature = feature.to_kind(embeds.kind());
+        match &range.is_embed {
+            None => {
+                embeds
+                    .narrow(0, range.offset as i64, range.length as i64)
+                    .f_copy_(&feature)?;
+            }
+            // Only the embedded tokens take rows; the text tokens between them keep their embeddings.
+            Some(mask) => {
+                let rows: Vec<i64> = mask
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &e)| e)
+                    .map(|(i, _)| (range.offset + i) as i64)
+                    .collect();
+                let rows = Tensor::from_slice(&rows).to_device(embeds.device());
+                let _ = embeds.f_index_copy_(0, &rows, &feature)?;
+            }
+        }
     }
     Ok(())
 }
@@ -216,7 +232,12 @@ pub fn prefill_logits_at(
         new: len,
         prompt: positions,
     };
-    set_positions(&mut batch, model.position_sections(), &[seq], model.device())?;
+    set_positions(
+        &mut batch,
+        model.position_sections(),
+        &[seq],
+        model.device(),
+    )?;
     model.forward(embeds, &mut Step::new(&batch, &mut cache))
 }
 

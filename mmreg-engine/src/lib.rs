@@ -16,7 +16,9 @@ pub mod sampling;
 mod scheduler;
 mod step_graphs;
 
-pub use blocks::{attention_batch, set_positions, slots, step_positions, BlockAllocator, SeqPositions};
+pub use blocks::{
+    attention_batch, set_positions, slots, step_positions, BlockAllocator, SeqPositions,
+};
 pub use engine::{
     Completion, Engine, EngineCounters, EngineOptions, EngineProfile, Event, FinishReason,
     ImageSource, Request, RequestHandle, StepTiming,

@@ -61,7 +61,12 @@ pub(crate) fn profile_and_allocate(
             new: dummy_prompt_tokens,
             prompt: positions.as_ref(),
         };
-        set_positions(&mut batch, model.position_sections(), &[seq], model.device())?;
+        set_positions(
+            &mut batch,
+            model.position_sections(),
+            &[seq],
+            model.device(),
+        )?;
         model
             .forward(&embeds, &mut Step::new(&batch, &mut cache))?
             .f_sum(Kind::Float)?

@@ -356,9 +356,13 @@ impl Scheduler {
         if let (Some(fixed), &[(blocks, 0, _)]) = (&mut self.fixed_steps, layout.as_slice()) {
             // One sequence prefilled alone.
             let positions = self.running[0].prepared.processed.positions.as_ref();
-            if let Some(logits) =
-                fixed.prefill(self.model.as_ref(), &mut self.cache, &embeds, blocks, positions)?
-            {
+            if let Some(logits) = fixed.prefill(
+                self.model.as_ref(),
+                &mut self.cache,
+                &embeds,
+                blocks,
+                positions,
+            )? {
                 return Ok((logits, prefill_tokens, embed_seconds));
             }
         }
@@ -373,7 +377,12 @@ impl Scheduler {
                 prompt: seq.prepared.processed.positions.as_ref(),
             })
             .collect();
-        set_positions(&mut batch, self.model.position_sections(), &positions, device)?;
+        set_positions(
+            &mut batch,
+            self.model.position_sections(),
+            &positions,
+            device,
+        )?;
         let logits = self
             .model
             .forward(&embeds, &mut Step::new(&batch, &mut self.cache))?;

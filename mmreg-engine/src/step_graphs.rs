@@ -122,9 +122,7 @@ impl FixedShapeSteps {
         // Positions (a row per section), then cache slots (padding at the scratch slot), then the row to
         // take logits of.
         let mut packed: Vec<i64> = (0..self.sections)
-            .flat_map(|s| {
-                (0..tokens).map(move |i| positions.map_or(i as i64, |p| p.at(s, i)))
-            })
+            .flat_map(|s| (0..tokens).map(move |i| positions.map_or(i as i64, |p| p.at(s, i))))
             .collect();
         packed.extend(slots(blocks, self.block_size, 0..len));
         packed.extend(std::iter::repeat_n(self.scratch_slot, tokens - len));

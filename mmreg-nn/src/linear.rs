@@ -23,6 +23,11 @@ impl Linear {
         })
     }
 
+    /// A layer over tensors already loaded (a tied LM head reads the token embeddings).
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
     /// Several projections of the same input stacked into one (`q_proj`, `k_proj`, `v_proj` → one matrix):
     /// one matrix multiply instead of several, with the outputs side by side in `parts` order.
     pub fn load_stacked(parts: &[(&Loader, i64)], in_features: i64, bias: bool) -> Result<Self> {

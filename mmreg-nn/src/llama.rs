@@ -1,5 +1,6 @@
-//! The Llama decoder (`LlamaForCausalLM`'s model and head; Mistral and Vicuna use the same code):
-//! RMSNorm in f32, half-split rotary embeddings, grouped-query attention, gated MLP.
+//! The Llama decoder (`LlamaForCausalLM`'s model and head; Mistral, Vicuna and Qwen2 use the same code):
+//! RMSNorm in f32, half-split rotary embeddings, grouped-query attention, gated MLP. Qwen2 adds biases to
+//! the q/k/v projections, and Qwen2-VL multimodal rotary embeddings (M-RoPE, three rows of positions).
 
 use mmreg_core::{Error, KvCacheSpec, LanguageModel, Result, Step};
 use serde::Deserialize;
@@ -28,6 +29,10 @@ pub struct TextConfigJson {
     pub rope_parameters: Option<RopeScaling>,
     pub rope_scaling: Option<RopeScaling>,
     pub eos_token_id: Option<serde_json::Value>,
+    pub tie_word_embeddings: Option<bool>,
+    /// Biases on the q/k/v (and o) projections; Qwen2's q/k/v always have them.
+    pub attention_bias: Option<bool>,
+    pub use_sliding_window: Option<bool>,
 }
 
 /// The resolved decoder configuration.
@@ -45,23 +50,46 @@ pub struct TextConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_kind: RopeKind,
+    /// Biases on q_proj, k_proj and v_proj.
+    pub qkv_bias: bool,
+    /// The LM head reads the token embeddings (no `lm_head.weight`).
+    pub tie_word_embeddings: bool,
+    /// Qwen2-VL's M-RoPE sections (`None`: one row of positions).
+    pub mrope_section: Option<Vec<i64>>,
 }
 
 impl TextConfigJson {
     /// Fills missing keys with `LlamaConfig`'s or `MistralConfig`'s defaults.
     pub fn resolve(&self) -> Result<TextConfig> {
-        let mistral = match self.model_type.as_deref() {
-            None | Some("llama") => false,
-            Some("mistral") => true,
+        let (mistral, qwen2) = match self.model_type.as_deref() {
+            None | Some("llama") => (false, false),
+            Some("mistral") => (true, false),
+            Some("qwen2" | "qwen2_vl" | "qwen2_vl_text" | "qwen2_5_vl" | "qwen2_5_vl_text") => {
+                (false, true)
+            }
             Some(other) => {
                 return Err(Error::config(
                     "config.json",
-                    format!("text_config.model_type `{other}` is not supported (llama, mistral)"),
+                    format!(
+                        "text_config.model_type `{other}` is not supported (llama, mistral, qwen2, qwen2_vl_text, qwen2_5_vl_text)"
+                    ),
                 ))
             }
         };
-        let rope_kind =
-            RopeKind::from_config(self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()))?;
+        if self.use_sliding_window == Some(true) {
+            return Err(Error::config(
+                "config.json",
+                "use_sliding_window: sliding-window attention is not implemented for this decoder",
+            ));
+        }
+        if self.attention_bias == Some(true) && !qwen2 {
+            return Err(Error::config(
+                "config.json",
+                "attention_bias: biased attention projections are not implemented for llama/mistral",
+            ));
+        }
+        let rope = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
+        let rope_kind = RopeKind::from_config(rope)?;
         let hidden_size = self.hidden_size.unwrap_or(4096);
         let num_attention_heads = self.num_attention_heads.unwrap_or(32);
         let config = TextConfig {
@@ -94,9 +122,25 @@ impl TextConfigJson {
                 .as_ref()
                 .and_then(|r| r.rope_theta)
                 .or(self.rope_theta)
-                .unwrap_or(10000.0),
+                .unwrap_or(if qwen2 { 1_000_000.0 } else { 10000.0 }),
             rope_kind,
+            qkv_bias: qwen2,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            mrope_section: rope.and_then(|r| r.mrope_section.clone()),
         };
+        if let Some(sections) = &config.mrope_section {
+            if sections.iter().sum::<i64>() * 2 != config.head_dim
+                || sections.iter().any(|&s| s < 0)
+            {
+                return Err(Error::config(
+                    "config.json",
+                    format!(
+                        "mrope_section {sections:?} must add up to head_dim / 2 = {}",
+                        config.head_dim / 2
+                    ),
+                ));
+            }
+        }
         let heads_ok = config.num_attention_heads > 0
             && config.num_key_value_heads > 0
             && config.num_attention_heads % config.num_key_value_heads == 0;
@@ -136,7 +180,7 @@ impl LlamaAttention {
                     (&loader.pp("v_proj"), kv),
                 ],
                 h,
-                false,
+                c.qkv_bias,
             )?,
             o_proj: Linear::load(&loader.pp("o_proj"), q, h, false)?,
             attn: Attention::new(layer, c.num_attention_heads, c.num_key_value_heads, d),
@@ -228,7 +272,8 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads `model.*` (embeddings, layers, norm) from `loader` and `lm_head` from its own loader.
+    /// Loads `model.*` (embeddings, layers, norm) from `loader` and `lm_head` from its own loader (or
+    /// the token embeddings, with `tie_word_embeddings`).
     pub fn load(loader: &Loader, lm_head: &Loader, config: TextConfig) -> Result<Self> {
         let c = &config;
         let eps = c.rms_norm_eps;
@@ -248,12 +293,23 @@ impl Llama {
             })
             .collect::<Result<_>>()?;
         let device = loader.options.device;
+        let embed_tokens =
+            Embedding::load(&loader.pp("embed_tokens"), c.vocab_size, c.hidden_size)?;
+        let lm_head = if c.tie_word_embeddings {
+            Linear::from_weight(embed_tokens.weight().shallow_clone(), None)
+        } else {
+            Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
+        };
+        let mut rotary_emb = RotaryEmbedding::new(c.head_dim, c.rope_theta, c.rope_kind, device);
+        if let Some(sections) = &c.mrope_section {
+            rotary_emb = rotary_emb.with_mrope_section(sections.clone());
+        }
         Ok(Self {
-            embed_tokens: Embedding::load(&loader.pp("embed_tokens"), c.vocab_size, c.hidden_size)?,
+            embed_tokens,
             layers,
             norm: RmsNorm::load(&loader.pp("norm"), c.hidden_size, eps)?,
-            lm_head: Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?,
-            rotary_emb: RotaryEmbedding::new(c.head_dim, c.rope_theta, c.rope_kind, device),
+            lm_head,
+            rotary_emb,
             device,
             config,
         })
@@ -301,6 +357,10 @@ impl LanguageModel for Llama {
 
     fn max_model_len(&self) -> usize {
         self.config.max_position_embeddings
+    }
+
+    fn position_sections(&self) -> usize {
+        self.rotary_emb.position_rows()
     }
 
     fn supports_cuda_graphs(&self) -> bool {

@@ -15,6 +15,9 @@ pub struct RopeScaling {
     pub factor: Option<f64>,
     /// transformers 5 keeps `rope_theta` here.
     pub rope_theta: Option<f64>,
+    /// Qwen2-VL's M-RoPE: how many of the `head_dim / 2` frequencies follow the temporal, height and
+    /// width positions.
+    pub mrope_section: Option<Vec<i64>>,
 }
 
 /// How positions map to angles.
@@ -34,7 +37,8 @@ impl RopeKind {
             return Ok(RopeKind::Default);
         };
         match scaling.rope_type.as_deref() {
-            None | Some("default") => Ok(RopeKind::Default),
+            // Qwen2-VL's configs of transformers 4.x name M-RoPE `mrope`; its angles are the default's.
+            None | Some("default") | Some("mrope") => Ok(RopeKind::Default),
             Some("linear") => match scaling.factor {
                 Some(factor) if factor > 0.0 => Ok(RopeKind::Linear { factor }),
                 other => Err(Error::config(
@@ -54,6 +58,9 @@ impl RopeKind {
 pub struct RotaryEmbedding {
     /// `1 / theta^(2i/d)` (divided by the linear factor), f32 on the model's device.
     inv_freq: Tensor,
+    /// M-RoPE (Qwen2-VL): the frequencies taken from each position row, in order, cycling through the
+    /// rows (temporal, height, width); `None` for one row of positions.
+    mrope_section: Option<Vec<i64>>,
 }
 
 /// `cos` and `sin` at one step's positions, `[tokens, head_dim]` in the model dtype.
@@ -75,12 +82,42 @@ impl RotaryEmbedding {
         }
         Self {
             inv_freq: inv_freq.to_device(device),
+            mrope_section: None,
         }
     }
 
-    /// `cos` and `sin` for `positions` (`[tokens]`, int64), in `kind`.
+    /// Multimodal RoPE: positions come in `sections.len()` rows (`[rows, tokens]`), and frequency chunk
+    /// `i` (of `sections[i]` frequencies) follows row `i % rows`, as HF's Qwen2-VL recomposes them.
+    pub fn with_mrope_section(self, sections: Vec<i64>) -> Self {
+        Self {
+            mrope_section: Some(sections),
+            ..self
+        }
+    }
+
+    /// How many rows of positions [`Self::at`] takes.
+    pub fn position_rows(&self) -> usize {
+        self.mrope_section.as_ref().map_or(1, |_| 3)
+    }
+
+    /// `cos` and `sin` for `positions` (`[tokens]`, or `[3, tokens]` with M-RoPE; int64), in `kind`.
     pub fn at(&self, positions: &Tensor, kind: Kind) -> RotaryAt {
-        let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0);
+        let freqs = match (&self.mrope_section, positions.dim()) {
+            (Some(sections), 2) => {
+                // [rows, tokens, d/2], then each chunk of frequencies from its row.
+                let all =
+                    positions.to_kind(Kind::Float).unsqueeze(2) * self.inv_freq.view([1, 1, -1]);
+                let rows = all.size()[0];
+                let chunks: Vec<Tensor> = all
+                    .split_with_sizes(sections.as_slice(), 2)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, chunk)| chunk.get(i as i64 % rows))
+                    .collect();
+                Tensor::cat(&chunks, 1)
+            }
+            _ => positions.to_kind(Kind::Float).unsqueeze(1) * self.inv_freq.unsqueeze(0),
+        };
         let emb = Tensor::cat(&[&freqs, &freqs], 1);
         RotaryAt {
             cos: emb.cos().to_kind(kind),
