@@ -51,6 +51,18 @@ pub struct PreprocessorConfig {
     pub do_pad: Option<bool>,
     /// LLaVA-NeXT: candidate `[height, width]` canvases for the anyres grid.
     pub image_grid_pinpoints: Option<Vec<Vec<i64>>>,
+    /// Qwen2-VL: fewest pixels after resizing (older configs; overrides `size.shortest_edge`).
+    pub min_pixels: Option<i64>,
+    /// Qwen2-VL: most pixels after resizing (older configs; overrides `size.longest_edge`).
+    pub max_pixels: Option<i64>,
+    /// Qwen2-VL: side of a ViT patch in pixels (default 14).
+    pub patch_size: Option<i64>,
+    /// Qwen2-VL: frames per patch (default 2; an image is repeated to fill them).
+    pub temporal_patch_size: Option<i64>,
+    /// Qwen2-VL: patches merged per side into one token (default 2).
+    pub merge_size: Option<i64>,
+    /// Qwen2-VL video processor: most frames HF samples from a video (default 768).
+    pub max_frames: Option<i64>,
 }
 
 impl PreprocessorConfig {
@@ -144,10 +156,7 @@ const DEFAULT_CROP: usize = 224;
 impl PipelineConfig {
     /// Validates `cfg`, filling absent keys with the CLIP class defaults.
     pub(crate) fn resolve(cfg: &PreprocessorConfig) -> Result<Self> {
-        let resample = cfg.resample.unwrap_or(BICUBIC);
-        if resample != BICUBIC {
-            return Err(ImageError::UnsupportedResample(resample));
-        }
+        check_resample(cfg)?;
         let resize = if cfg.do_resize.unwrap_or(true) {
             Some(size_of(cfg)?)
         } else {
@@ -158,35 +167,49 @@ impl PipelineConfig {
         } else {
             None
         };
-        let rescale = if cfg.do_rescale.unwrap_or(true) {
-            let factor = cfg.rescale_factor.unwrap_or(1.0 / 255.0);
-            if !factor.is_finite() {
-                return Err(invalid(format!(
-                    "rescale_factor must be finite, got {factor}"
-                )));
-            }
-            Some(factor)
-        } else {
-            None
-        };
-        let normalize = if cfg.do_normalize.unwrap_or(true) {
-            let mean = per_channel("image_mean", cfg.image_mean.as_ref(), OPENAI_CLIP_MEAN)?;
-            let std = per_channel("image_std", cfg.image_std.as_ref(), OPENAI_CLIP_STD)?;
-            if std.contains(&0.0) {
-                return Err(invalid(format!("image_std must be non-zero, got {std:?}")));
-            }
-            Some((mean, std))
-        } else {
-            None
-        };
         Ok(PipelineConfig {
             convert_rgb: cfg.do_convert_rgb.unwrap_or(true),
             resize,
             crop,
-            rescale,
-            normalize,
+            rescale: rescale_of(cfg)?,
+            normalize: normalize_of(cfg)?,
         })
     }
+}
+
+/// Refuses every filter but bicubic (the default).
+pub(crate) fn check_resample(cfg: &PreprocessorConfig) -> Result<()> {
+    match cfg.resample.unwrap_or(BICUBIC) {
+        BICUBIC => Ok(()),
+        other => Err(ImageError::UnsupportedResample(other)),
+    }
+}
+
+/// The rescale factor, if rescaling (default `1/255`).
+pub(crate) fn rescale_of(cfg: &PreprocessorConfig) -> Result<Option<f64>> {
+    if !cfg.do_rescale.unwrap_or(true) {
+        return Ok(None);
+    }
+    let factor = cfg.rescale_factor.unwrap_or(1.0 / 255.0);
+    if !factor.is_finite() {
+        return Err(invalid(format!(
+            "rescale_factor must be finite, got {factor}"
+        )));
+    }
+    Ok(Some(factor))
+}
+
+/// `(mean, std)` as `f32`, if normalising (default: the OpenAI CLIP values).
+pub(crate) fn normalize_of(cfg: &PreprocessorConfig) -> Result<Option<([f32; 3], [f32; 3])>> {
+    if !cfg.do_normalize.unwrap_or(true) {
+        return Ok(None);
+    }
+    let mean = per_channel("image_mean", cfg.image_mean.as_ref(), OPENAI_CLIP_MEAN)?;
+    let std = per_channel("image_std", cfg.image_std.as_ref(), OPENAI_CLIP_STD)?;
+    if std.contains(&0.0) {
+        return Err(invalid(format!("image_std must be non-zero, got {std:?}")));
+    }
+    Ok(Some((mean, std)))
 }
 
 /// The resolved `size`, whether or not `do_resize` is set.

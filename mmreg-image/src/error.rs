@@ -32,6 +32,26 @@ pub enum ImageError {
     #[error("image is {0} but do_convert_rgb is false; only 8-bit RGB input can skip conversion")]
     NotRgb(String),
 
+    /// The image is too elongated for the processor: Qwen2-VL's `smart_resize` refuses aspect
+    /// ratios over 200 (the message ends with HF's own).
+    #[error(
+        "image is {width}x{height}: absolute aspect ratio must be smaller than {limit}, got {ratio:?}"
+    )]
+    AspectRatio {
+        /// Width in pixels.
+        width: usize,
+        /// Height in pixels.
+        height: usize,
+        /// `max(height, width) / min(height, width)`.
+        ratio: f64,
+        /// The largest ratio accepted.
+        limit: u32,
+    },
+
+    /// A video's frames cannot be processed together (no frames, or frames of different sizes).
+    #[error("invalid video: {0}")]
+    InvalidVideo(String),
+
     /// A configuration value is out of range or inconsistent.
     #[error("invalid preprocessor config: {0}")]
     InvalidConfig(String),

@@ -28,6 +28,7 @@ pub mod fuzz;
 mod kernels;
 mod llava_next;
 mod pipeline;
+mod qwen2_vl;
 mod resize;
 mod view;
 
@@ -43,6 +44,7 @@ pub use llava_next::{
     get_patch_output_size, select_best_resolution, LlavaNextImageProcessor, NextBatch,
     NextPixelValues,
 };
+pub use qwen2_vl::{smart_resize, Qwen2VlImageProcessor, QwenPatches};
 pub use resize::{resize_bicubic, PassOrder};
 
 /// Preprocessed images: `f32` values in row-major `[n, 3, H, W]` order (CHW per image, RGB).
