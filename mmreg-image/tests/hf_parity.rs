@@ -5,12 +5,12 @@
 //! values. This test runs the Rust processors on the same PNGs and compares hashes; on a mismatch
 //! it reports the image, the processor and the first recorded sample that differs.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::{fixtures, pass_order, read_json, sha256_hex};
 use image::DynamicImage;
-use mmreg_image::{ClipImageProcessor, LlavaNextImageProcessor, PassOrder};
+use mmreg_image::{ClipImageProcessor, LlavaNextImageProcessor};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 #[derive(Deserialize)]
 struct Goldens {
@@ -45,38 +45,8 @@ struct ExpectedNext {
     num_patches: usize,
 }
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
-}
-
 fn load_goldens() -> Goldens {
-    let path = fixtures().join("image-goldens.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The pass order of the Pillow release that produced the goldens.
-fn pass_order(pillow: &str) -> PassOrder {
-    match pillow
-        .split('.')
-        .next()
-        .and_then(|major| major.parse::<u32>().ok())
-    {
-        Some(major) if major < 13 => PassOrder::Pillow12,
-        _ => PassOrder::Pillow13,
-    }
-}
-
-fn sha256_hex(values: &[f32]) -> String {
-    let mut hasher = Sha256::new();
-    for v in values {
-        hasher.update(v.to_le_bytes());
-    }
-    hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    read_json("image-goldens.json")
 }
 
 /// Compares one output with its golden; returns a human-readable problem on mismatch.
