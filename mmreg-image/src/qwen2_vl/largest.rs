@@ -10,8 +10,9 @@
 //!   short side's floor steps up to a whole number of factors, or at ratio 200, where the short
 //!   side is held at one factor and the long side overshoots `max_pixels` (for small
 //!   `max_pixels`);
-//! * ceiling (too small): only small inputs take it; they are enumerated when their bound,
-//!   `min_pixels` plus the overshoot at ratio 200, could beat the other two.
+//! * ceiling (too small): only small inputs take it, and its output is bounded by a function of
+//!   the aspect ratio that grows towards 200; the inputs in the band of ratios where that bound
+//!   beats the best so far are enumerated (none for ordinary configs).
 //!
 //! Every candidate is resized by the processor itself, so the answer is always reachable, and
 //! the tests check on exhaustive sweeps that nothing exceeds it. `O(sqrt(max_pixels) / factor)`
@@ -19,7 +20,8 @@
 
 use super::{Qwen2VlImageProcessor, MAX_ASPECT_RATIO};
 
-/// Inputs the ceiling branch enumeration may visit; only `min_pixels` in the billions reach it.
+/// Inputs the ceiling-branch enumeration may visit, a safety valve that no config with
+/// `max_pixels >= min_pixels` comes near (the band it enumerates is narrow).
 const CEILING_BUDGET: u64 = 50_000_000;
 
 /// The best input found so far and the size it resizes to.
@@ -80,11 +82,7 @@ impl Qwen2VlImageProcessor {
                 best.consider(h.saturating_add(1), w);
             }
         }
-        let v = self.min_pixels as f64 / (f * f) as f64;
-        let bound = v + 1.0 + (limit as f64 * v).sqrt() + (v / limit as f64).sqrt();
-        if bound * (f * f) as f64 >= best.area() as f64 {
-            self.ceiling_inputs(&mut best);
-        }
+        self.ceiling_inputs(&mut best);
         (best.input, best.output)
     }
 
@@ -114,19 +112,51 @@ impl Qwen2VlImageProcessor {
         }
     }
 
-    /// Every input `h <= w` (ratio at most 200) that takes the ceiling branch, within a budget.
+    /// The inputs `h <= w` that take the ceiling branch and could beat `best`.
+    ///
+    /// With long-side units `z = sqrt(v * w / h)` (`v = min_pixels / factor²`) the output is
+    /// `ceil(z) * ceil(v / z) <= v + 1 + z + v / z` units, which grows with `z`: only the band of
+    /// aspect ratios near 200 where that bound reaches `best` needs enumerating.
     fn ceiling_inputs(&self, best: &mut Best<'_>) {
         let f = self.factor();
-        let (lo, ff) = (self.min_pixels as u128, (f * f) as u128);
+        let limit = MAX_ASPECT_RATIO as usize;
+        // Small inputs at and just under the ratio limit, where the branch overshoots most.
+        for h in 1..=f + 1 {
+            for under in 0..3 {
+                best.consider(h, limit * h - under);
+            }
+        }
+        let ff = (f * f) as f64;
+        let v = self.min_pixels as f64 / ff;
+        let need = best.area() as f64 / ff - v - 1.0;
+        let z_max = (limit as f64 * v).sqrt();
+        if z_max + v / z_max < need {
+            return;
+        }
+        // The smallest z >= sqrt(v) with z + v / z >= need, as a ratio w / h (with a margin).
+        let disc = need * need - 4.0 * v;
+        let z = if need > 2.0 * v.sqrt() && disc > 0.0 {
+            (need + disc.sqrt()) / 2.0
+        } else {
+            v.sqrt()
+        };
+        let ratio = (z * z / v * (1.0 - 1e-9)).max(1.0);
+        // The ceiling branch takes inputs that round to fewer than min_pixels and no more than
+        // max_pixels.
+        let cap = (self.min_pixels as u128).min(self.max_pixels as u128 + 1);
+        let rounds_below = |h: usize, w: usize| {
+            let units = round_units(h, f).saturating_mul(round_units(w, f));
+            units.saturating_mul((f * f) as u128) < cap
+        };
         let mut budget = CEILING_BUDGET;
         for h in 1usize.. {
-            let a = round_units(h, f);
-            // From here on even w = h rounds to at least min_pixels.
-            if a > 0 && a * a * ff >= lo {
+            let first = ((h as f64 * ratio).ceil() as usize).max(h);
+            // Rounding only grows with h: once the band's first input leaves the branch, all do.
+            if !rounds_below(h, first) {
                 return;
             }
-            for w in h..=h.saturating_mul(MAX_ASPECT_RATIO as usize) {
-                if a * round_units(w, f) * ff >= lo {
+            for w in first..=h.saturating_mul(limit) {
+                if !rounds_below(h, w) {
                     break;
                 }
                 best.consider(h, w);

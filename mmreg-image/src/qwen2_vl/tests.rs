@@ -284,6 +284,14 @@ fn max_grid_bounds_every_input_and_is_reached() {
             200,
             None,
         ),
+        // Fixed-size configs, and min above max: the ceiling branch decides.
+        (r#"{"min_pixels": 200704, "max_pixels": 200704}"#, 700, None),
+        (
+            r#"{"min_pixels": 12845056, "max_pixels": 12845056}"#,
+            300,
+            None,
+        ),
+        (r#"{"min_pixels": 50176, "max_pixels": 3136}"#, 300, None),
     ] {
         let max = check_max_grid(json, n);
         if let Some(expect) = expect {
