@@ -64,6 +64,9 @@ impl ImageInput {
 pub struct VideoInput {
     pub name: Arc<str>,
     pub frames: Vec<DynamicImage>,
+    /// Frames per second, where known (HF's `video_metadata.fps`); models that space temporal positions
+    /// by time read it.
+    pub fps: Option<f64>,
 }
 
 impl VideoInput {
@@ -71,6 +74,14 @@ impl VideoInput {
         Self {
             name: name.into(),
             frames,
+            fps: None,
+        }
+    }
+
+    pub fn with_fps(self, fps: f64) -> Self {
+        Self {
+            fps: Some(fps),
+            ..self
         }
     }
 }

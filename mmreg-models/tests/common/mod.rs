@@ -27,6 +27,11 @@ impl Golden {
             .1
     }
 
+    #[allow(dead_code)] // only the tests whose goldens have optional keys ask
+    pub fn has(&self, key: &str) -> bool {
+        self.0.iter().any(|(k, _)| k == key)
+    }
+
     pub fn ids(&self, key: &str) -> Vec<i64> {
         Vec::<i64>::try_from(self.get(key).flatten(0, -1)).expect("i64 ids")
     }
