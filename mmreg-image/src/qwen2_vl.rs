@@ -66,6 +66,10 @@ pub struct Qwen2VlImageProcessor {
     /// The output value of every 8-bit sample per channel: HF's rescale and normalize, computed
     /// once by the same kernel as the CLIP pipeline.
     values: [[f32; 256]; 3],
+    /// The same for video frames: HF's video processor (torchvision only in transformers 5.17) fuses
+    /// rescale and normalize into `(u8 − mean / rescale) / (std / rescale)` in f32, which rounds
+    /// differently from the image path (by up to 2.4e-7).
+    video_values: [[f32; 256]; 3],
     order: PassOrder,
 }
 
@@ -118,7 +122,22 @@ impl Qwen2VlImageProcessor {
             );
             table.copy_from_slice(&out);
         }
+        let video_values = match (rescale, normalize) {
+            (Some(rescale), Some((mean, std))) => {
+                let factor = (1.0 / rescale) as f32;
+                let mut fused = [[0.0; 256]; 3];
+                for (c, table) in fused.iter_mut().enumerate() {
+                    let (m, s) = (mean[c] * factor, std[c] * factor);
+                    for (v, out) in table.iter_mut().enumerate() {
+                        *out = (v as f32 - m) / s;
+                    }
+                }
+                fused
+            }
+            _ => values,
+        };
         Ok(Qwen2VlImageProcessor {
+            video_values,
             convert_rgb: config.do_convert_rgb.unwrap_or(true),
             do_resize: config.do_resize.unwrap_or(true),
             min_pixels,
@@ -255,7 +274,7 @@ impl Qwen2VlImageProcessor {
     /// Preprocesses one image: `[h * w, 3 * temporal_patch_size * patch_size²]` patches, grid `[1, h, w]`.
     pub fn preprocess(&self, image: &DynamicImage) -> Result<QwenPatches> {
         let (planes, size) = self.resized_planes(image)?;
-        Ok(self.patchify(&[planes], size))
+        Ok(self.patchify(&[planes], size, &self.values))
     }
 
     /// Preprocesses the frames of one video (all of one size), padded with copies of the last
@@ -285,7 +304,7 @@ impl Qwen2VlImageProcessor {
             planes.push(p);
             resized = hw;
         }
-        Ok(self.patchify(&planes, resized))
+        Ok(self.patchify(&planes, resized, &self.video_values))
     }
 
     /// The image as 8-bit RGB resized by PIL's bicubic, in three `h * w` planes, and `(h, w)`.
@@ -308,7 +327,12 @@ impl Qwen2VlImageProcessor {
     /// HF's reshape `[t, temporal, C, h/m, m, p, w/m, m, p]`, permuted to
     /// `[t, h/m, w/m, m, m, C, temporal, p, p]` and flattened to rows of `C * temporal * p * p`,
     /// normalising each sample on the way. Frames past the last repeat the last one.
-    fn patchify(&self, frames: &[Vec<u8>], (h, w): (usize, usize)) -> QwenPatches {
+    fn patchify(
+        &self,
+        frames: &[Vec<u8>],
+        (h, w): (usize, usize),
+        values: &[[f32; 256]; 3],
+    ) -> QwenPatches {
         let (p, m, temporal) = (self.patch_size, self.merge_size, self.temporal_patch_size);
         let (gh, gw) = (h / p, w / p);
         let gt = frames.len().div_ceil(temporal);
@@ -323,7 +347,7 @@ impl Qwen2VlImageProcessor {
                 for block_x in (0..gw).step_by(m) {
                     for py in block_y..block_y + m {
                         for px in block_x..block_x + m {
-                            for (c, table) in self.values.iter().enumerate() {
+                            for (c, table) in values.iter().enumerate() {
                                 for frame in &group {
                                     let channel = &frame[c * plane..(c + 1) * plane];
                                     for y in py * p..(py + 1) * p {
