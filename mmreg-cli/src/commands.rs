@@ -235,7 +235,13 @@ pub struct GenerateArgs {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RequestLine {
-    prompt: String,
+    /// The prompt as text (placeholders written as the model's markers), or …
+    #[serde(default)]
+    prompt: Option<String>,
+    /// … as token ids, each image or video marked by its one placeholder token (vLLM's
+    /// `prompt_token_ids`).
+    #[serde(default)]
+    prompt_token_ids: Option<Vec<u32>>,
     #[serde(default)]
     images: Vec<PathBuf>,
     /// Each video as its frame files.
@@ -291,7 +297,10 @@ impl GenerateArgs {
             .collect();
         Request {
             videos,
-            prompt: Prompt::Text(line.prompt),
+            prompt: match line.prompt_token_ids {
+                Some(ids) => Prompt::TokenIds(ids),
+                None => Prompt::Text(line.prompt.unwrap_or_default()),
+            },
             images,
             params,
         }
@@ -325,7 +334,8 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     let eos = eos_token_id(engine.context());
     let Some(path) = &args.requests else {
         let line = RequestLine {
-            prompt: args.prompt.clone().unwrap_or_default(),
+            prompt: args.prompt.clone(),
+            prompt_token_ids: None,
             images: args.images.clone(),
             videos: args.videos.clone(),
             max_tokens: None,
@@ -355,6 +365,12 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         .enumerate()
         .map(
             |(i, line)| match serde_json::from_str::<RequestLine>(line) {
+                Ok(line) if line.prompt.is_some() == line.prompt_token_ids.is_some() => {
+                    Err(format!(
+                        "line {}: give exactly one of `prompt` and `prompt_token_ids`",
+                        i + 1
+                    ))
+                }
                 Ok(line) => Ok(engine.submit(args.request(line, eos))),
                 Err(e) => Err(format!("line {}: invalid request: {e}", i + 1)),
             },
