@@ -8,7 +8,7 @@ import pathlib, re
 
 root = pathlib.Path(__file__).resolve().parent.parent
 guide = root / "docs/adding-a-multimodal-model.md"
-sources = [(root / p).read_text() for p in ["mmreg-models/src/llava.rs", "examples/toy-vlm/src/lib.rs"]]
+sources = [(root / p).read_text() for p in ["mmreg-models/src/llava.rs", "examples/toy-vlm/src/lib.rs", "mmreg-models/src/qwen2_vl.rs"]]
 
 
 def current(block: str) -> str:

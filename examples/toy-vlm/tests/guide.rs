@@ -9,6 +9,7 @@ fn guide_code_blocks_are_taken_from_compiled_sources() {
     let sources = [
         read("mmreg-models/src/llava.rs"),
         read("examples/toy-vlm/src/lib.rs"),
+        read("mmreg-models/src/qwen2_vl.rs"),
     ];
     let blocks: Vec<&str> = guide
         .split("```rust\n")
