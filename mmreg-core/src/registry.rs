@@ -593,10 +593,11 @@ impl ModelEntry {
             .find(|r| r.is_embed.as_ref().is_some_and(|m| m.len() != r.length))
         {
             return Err(Error::Registry(format!(
-                "{}: input processor `{function}` returned a {} placeholder range of {} tokens with an is-embedding mask of {}",
+                "{}: input processor `{function}` returned a placeholder range of {} tokens ({} item {}) with an is-embedding mask of {}",
                 self.id.path,
-                range.modality,
                 range.length,
+                range.modality,
+                range.item,
                 range.is_embed.as_ref().map_or(0, |m| m.len())
             )));
         }
