@@ -260,7 +260,7 @@ struct RequestLine {
 }
 
 impl GenerateArgs {
-    fn params(&self, eos: Option<u32>) -> SamplingParams {
+    fn params(&self, eos: &[u32]) -> SamplingParams {
         SamplingParams {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
@@ -270,14 +270,14 @@ impl GenerateArgs {
             stop_token_ids: if self.ignore_eos {
                 Vec::new()
             } else {
-                eos.into_iter().collect()
+                eos.to_vec()
             },
             stop: self.stop.clone(),
             top_logprobs: self.top_logprobs,
         }
     }
 
-    fn request(&self, line: RequestLine, eos: Option<u32>) -> Request {
+    fn request(&self, line: RequestLine, eos: &[u32]) -> Request {
         let mut params = self.params(eos);
         params.max_tokens = line.max_tokens.unwrap_or(params.max_tokens);
         params.temperature = line.temperature.unwrap_or(params.temperature);
@@ -331,7 +331,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     };
     let engine = Engine::new(&model, options)
         .with_context(|| format!("starting the engine on {}", model.display()))?;
-    let eos = eos_token_id(engine.context());
+    let eos = eos_token_ids(engine.context());
     let Some(path) = &args.requests else {
         let line = RequestLine {
             prompt: args.prompt.clone(),
@@ -347,7 +347,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             stop_token_ids: Vec::new(),
             ignore_eos: None,
         };
-        let completion = engine.submit(args.request(line, eos)).wait()?;
+        let completion = engine.submit(args.request(line, &eos)).wait()?;
         if args.json {
             println!("{}", completion_json(&completion, args.top_logprobs));
         } else {
@@ -371,7 +371,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                         i + 1
                     ))
                 }
-                Ok(line) => Ok(engine.submit(args.request(line, eos))),
+                Ok(line) => Ok(engine.submit(args.request(line, &eos))),
                 Err(e) => Err(format!("line {}: invalid request: {e}", i + 1)),
             },
         )
@@ -461,10 +461,13 @@ fn open_video(frames: &[PathBuf]) -> mmreg_core::Result<VideoInput> {
     Ok(VideoInput::new(name, frames))
 }
 
-/// `eos_token_id` from config.json (top level or `text_config`), as HF's generation would stop on.
-fn eos_token_id(ctx: &ModelContext) -> Option<u32> {
+/// The ids HF's generation stops on: `eos_token_id` (an id or a list) of generation_config.json, else
+/// of config.json (top level or `text_config`).
+fn eos_token_ids(ctx: &ModelContext) -> Vec<u32> {
     let config = ctx.config_json();
-    [
+    let generation = ctx.json_file("generation_config.json").ok().flatten();
+    let ids = [
+        generation.as_ref().and_then(|g| g.get("eos_token_id")),
         config.get("eos_token_id"),
         config
             .get("text_config")
@@ -472,6 +475,14 @@ fn eos_token_id(ctx: &ModelContext) -> Option<u32> {
     ]
     .into_iter()
     .flatten()
-    .find_map(|v| v.as_u64())
-    .map(|v| v as u32)
+    .map(|v| match v {
+        serde_json::Value::Array(ids) => ids.iter().filter_map(|id| id.as_u64()).collect(),
+        id => id.as_u64().into_iter().collect::<Vec<_>>(),
+    })
+    .find(|ids| !ids.is_empty())
+    .unwrap_or_default()
+    .into_iter()
+    .filter_map(|id| u32::try_from(id).ok())
+    .collect();
+    ids
 }
