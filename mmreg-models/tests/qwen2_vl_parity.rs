@@ -256,18 +256,12 @@ fn qwen2_5_vl_matches_hf_on_every_case() {
 }
 
 /// Every case in one engine batch (twice, so that steps mix prefills of different modalities and
-/// decodes of sequences with different M-RoPE offsets): HF's 20 greedy tokens for each.
-fn engine_batch(name: &str) {
+/// decodes of sequences with different M-RoPE offsets): HF's 20 greedy tokens for each. `options` picks
+/// the engine's paths: packed steps, fixed-shape steps (what CUDA graphs replay, run uncaptured on the
+/// CPU), a KV cache small enough to preempt.
+fn engine_batch(name: &str, options: EngineOptions) -> usize {
     let c = checkpoint(name);
-    let engine = Engine::new(
-        &c.dir,
-        EngineOptions {
-            max_model_len: Some(512),
-            max_num_batched_tokens: 512,
-            ..EngineOptions::default()
-        },
-    )
-    .expect("engine");
+    let engine = Engine::new(&c.dir, options).expect("engine");
     let requests: Vec<Request> = CASES
         .iter()
         .chain(CASES.iter().rev())
@@ -306,16 +300,49 @@ fn engine_batch(name: &str) {
             "{name} {case}: engine tokens"
         );
     }
+    engine
+        .counters()
+        .preemptions
+        .load(std::sync::atomic::Ordering::SeqCst)
+}
+
+fn packed() -> EngineOptions {
+    EngineOptions {
+        max_model_len: Some(512),
+        max_num_batched_tokens: 512,
+        cuda_graphs: Some(false),
+        ..EngineOptions::default()
+    }
+}
+
+/// Decode steps and lone prefills in the fixed shapes CUDA graphs capture (M-RoPE rows packed into the
+/// step's buffer), and a KV cache of 160 tokens for ten sequences of up to 95: sequences are preempted
+/// and recomputed, their positions with them.
+fn fixed_shapes_and_preemption() -> EngineOptions {
+    EngineOptions {
+        max_model_len: Some(128),
+        max_num_batched_tokens: 128,
+        cuda_graphs: Some(true),
+        // 10 blocks of 16 tokens at 192 bytes a token (3 layers × keys and values × 1 head × 8 × f32).
+        cpu_kv_cache_bytes: 10 * 16 * 192,
+        ..EngineOptions::default()
+    }
 }
 
 #[test]
 fn qwen2_vl_through_the_engine_in_one_batch() {
-    engine_batch("qwen2-vl-tiny");
+    engine_batch("qwen2-vl-tiny", packed());
 }
 
 #[test]
 fn qwen2_5_vl_through_the_engine_in_one_batch() {
-    engine_batch("qwen2_5-vl-tiny");
+    engine_batch("qwen2_5-vl-tiny", packed());
+}
+
+#[test]
+fn qwen2_vl_through_fixed_shape_steps_and_preemption() {
+    let preempted = engine_batch("qwen2-vl-tiny", fixed_shapes_and_preemption());
+    assert!(preempted > 0, "the small cache preempted no sequence");
 }
 
 /// The placeholder count of every size in HF's sweep (8637 sizes, each side 1..2000, aspect ratios up to
@@ -360,9 +387,8 @@ fn qwen2_vl_token_counts_equal_hf_on_a_size_sweep() {
                 width: widths[i].expect("width") as u32,
                 height: heights[i].expect("height") as u32,
             };
-            let ours = <mmreg_models::Qwen2Vl as mmreg_core::SupportsVision>::num_image_tokens(
-                &ctx, size,
-            );
+            let ours =
+                <mmreg_models::Qwen2Vl as mmreg_core::SupportsVision>::num_image_tokens(&ctx, size);
             match (grid_h[i], grid_w[i]) {
                 (Some(h), Some(w)) => assert_eq!(
                     ours.as_ref().ok().copied(),
