@@ -28,13 +28,7 @@ impl Default for ToyConfig {
     fn default() -> Self {
         let (vocab_size, hidden_size, image_token_id, grid) = (16, 8, 15, 2);
         let max_position_embeddings = 256;
-        Self {
-            vocab_size,
-            hidden_size,
-            image_token_id,
-            grid,
-            max_position_embeddings,
-        }
+        Self { vocab_size, hidden_size, image_token_id, grid, max_position_embeddings }
     }
 }
 
@@ -52,9 +46,7 @@ pub struct ToyVlm {
 /// The cell layout of an image: the one function behind every image-token count of the toy model.
 pub fn cell_layout(config: &ToyConfig, size: ImageSize) -> (u32, u32) {
     let aspect = size.width as f64 / size.height.max(1) as f64;
-    let columns = (config.grid as f64 * aspect)
-        .round()
-        .clamp(1.0, 2.0 * config.grid as f64);
+    let columns = (config.grid as f64 * aspect).round().clamp(1.0, 2.0 * config.grid as f64);
     (config.grid, columns as u32)
 }
 
@@ -78,20 +70,13 @@ pub fn map_images(ctx: &ModelContext, images: &[ImageInput]) -> Result<ToyImageI
         counts.push((rows * columns) as i64);
     }
     let cells = Tensor::from_slice(&cells).reshape([-1, 3]);
-    Ok(ToyImageInputs {
-        cells,
-        cells_per_image: Tensor::from_slice(&counts),
-    })
+    Ok(ToyImageInputs { cells, cells_per_image: Tensor::from_slice(&counts) })
 }
 
 impl LoadModel for ToyVlm {
     fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
         let config = (*ctx.config::<ToyConfig>()?).clone();
-        let (v, h, vb) = (
-            config.vocab_size,
-            config.hidden_size,
-            Loader::new(weights, options),
-        );
+        let (v, h, vb) = (config.vocab_size, config.hidden_size, Loader::new(weights, options));
         let model = Self {
             embed_tokens: Embedding::load(&vb.pp("embed_tokens"), v, h)?,
             cell_proj: Linear::load(&vb.pp("cell_proj"), 3, h, false)?,
@@ -118,10 +103,7 @@ impl SupportsVision for ToyVlm {
 
     /// The widest layout: `2 × grid` columns.
     fn largest_image(_: &ModelContext) -> Result<ImageSize> {
-        Ok(ImageSize {
-            width: 64,
-            height: 8,
-        })
+        Ok(ImageSize { width: 64, height: 8 })
     }
 
     fn embed_images(&self, inputs: ToyImageInputs) -> Result<Vec<Tensor>> {
@@ -145,20 +127,13 @@ impl LanguageModel for ToyVlm {
     fn forward(&self, inputs_embeds: &Tensor, step: &mut Step) -> Result<Tensor> {
         let x = inputs_embeds.unsqueeze(1); // one head: [tokens, 1, hidden]
         let attended = self.self_attn.forward(&x, &x, &x, step)?.squeeze_dim(1);
-        Ok(self
-            .lm_head
-            .forward(&step.logits_rows(attended + inputs_embeds)?))
+        Ok(self.lm_head.forward(&step.logits_rows(attended + inputs_embeds)?))
     }
 
     fn kv_cache_spec(&self) -> KvCacheSpec {
         let kind = self.embed_tokens.weight().kind();
         let (layers, kv_heads, head_dim) = (1, 1, self.config.hidden_size);
-        KvCacheSpec {
-            layers,
-            kv_heads,
-            head_dim,
-            kind,
-        }
+        KvCacheSpec { layers, kv_heads, head_dim, kind }
     }
 
     fn device(&self) -> Device {

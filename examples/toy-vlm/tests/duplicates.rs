@@ -15,9 +15,7 @@ use toy_vlm::ToyVlm;
 struct Impostor(ToyVlm);
 
 fn no_dummy_data(_: &ModelContext, _: &DummyRequest) -> Result<ProcessorInputs> {
-    Err(mmreg_core::Error::Registry(
-        "the impostor has no dummy data".into(),
-    ))
+    Err(mmreg_core::Error::Registry("the impostor has no dummy data".into()))
 }
 
 // Only `LoadModel` is needed to register a model; the toy's newtype macro brings it.
@@ -31,17 +29,11 @@ fn duplicates_are_reported_with_both_locations() {
 
     let clash = problems
         .iter()
-        .find(|p| {
-            p.message
-                .contains("architecture `ToyVlmForCausalLM` is also registered by")
-        })
+        .find(|p| p.message.contains("architecture `ToyVlmForCausalLM` is also registered by"))
         .unwrap_or_else(|| panic!("no architecture clash in {problems:#?}"));
     let files: Vec<&str> = clash.locations.iter().map(|l| l.file).collect();
     assert_eq!(clash.locations.len(), 2, "{clash}");
-    assert!(
-        files.iter().any(|f| f.ends_with("toy-vlm/src/lib.rs")),
-        "{clash}"
-    );
+    assert!(files.iter().any(|f| f.ends_with("toy-vlm/src/lib.rs")), "{clash}");
     assert!(files.contains(&this_file), "{clash}");
 
     let twice = problems
@@ -59,8 +51,5 @@ fn duplicates_are_reported_with_both_locations() {
     assert_eq!(lines, expected, "{twice}");
 
     let error = registry.validate().expect_err("invalid").to_string();
-    assert!(
-        error.contains("ToyVlmForCausalLM") && error.contains(this_file),
-        "{error}"
-    );
+    assert!(error.contains("ToyVlmForCausalLM") && error.contains(this_file), "{error}");
 }

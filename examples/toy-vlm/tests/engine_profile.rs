@@ -17,10 +17,7 @@ use toy_vlm::ToyVlm;
 struct ToyLean(ToyVlm);
 
 fn lean_dummy_data(ctx: &ModelContext, request: &DummyRequest) -> Result<ProcessorInputs> {
-    let half = DummyRequest {
-        seq_len: request.seq_len / 2,
-        counts: Default::default(),
-    };
+    let half = DummyRequest { seq_len: request.seq_len / 2, counts: Default::default() };
     support::toy_entry().dummy_data(ctx, &half)
 }
 
@@ -42,22 +39,13 @@ fn the_registered_dummy_data_shapes_the_profile() {
         max_images_per_prompt: 3,
         ..EngineOptions::default()
     };
-    let (toy_dir, lean_dir) = (
-        checkpoint("ToyVlmForCausalLM"),
-        checkpoint("ToyLeanForCausalLM"),
-    );
+    let (toy_dir, lean_dir) = (checkpoint("ToyVlmForCausalLM"), checkpoint("ToyLeanForCausalLM"));
     let toy = Engine::new(toy_dir.path(), options.clone()).expect("toy engine");
     let lean = Engine::new(lean_dir.path(), options).expect("lean engine");
     assert_eq!(toy.profile().dummy_prompt_tokens, 200);
-    assert_eq!(
-        toy.profile().dummy_items.get(mmreg_core::Modality::Image),
-        3
-    );
+    assert_eq!(toy.profile().dummy_items.get(mmreg_core::Modality::Image), 3);
     assert_eq!(lean.profile().dummy_prompt_tokens, 100);
-    assert_eq!(
-        lean.profile().dummy_items.get(mmreg_core::Modality::Image),
-        0
-    );
+    assert_eq!(lean.profile().dummy_items.get(mmreg_core::Modality::Image), 0);
     // Both serve the same request the same way.
     let request = Request {
         videos: Vec::new(),

@@ -11,11 +11,8 @@ fn guide_code_blocks_are_taken_from_compiled_sources() {
         read("examples/toy-vlm/src/lib.rs"),
         read("mmreg-models/src/qwen2_vl.rs"),
     ];
-    let blocks: Vec<&str> = guide
-        .split("```rust\n")
-        .skip(1)
-        .map(|b| b.split("```").next().unwrap_or(""))
-        .collect();
+    let blocks: Vec<&str> =
+        guide.split("```rust\n").skip(1).map(|b| b.split("```").next().unwrap_or("")).collect();
     assert!(blocks.len() >= 10, "found {} rust blocks", blocks.len());
     for block in blocks {
         assert!(

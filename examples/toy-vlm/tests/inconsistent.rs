@@ -41,28 +41,13 @@ fn inconsistent_counts_are_reported_with_both_numbers() {
         multimodal: MultiModalData::with_images(vec![image]),
     };
     let error = entry.process(&ctx, inputs).expect_err("inconsistent");
-    assert!(
-        matches!(
-            error,
-            Error::TokenCountMismatch {
-                actual: 1,
-                expected: 4,
-                ..
-            }
-        ),
-        "{error:?}"
-    );
+    assert!(matches!(error, Error::TokenCountMismatch { actual: 1, expected: 4, .. }), "{error:?}");
     assert!(
         error.to_string().contains(
             "the input processor's placeholder range has 1 token(s) but the model's count is 4"
         ),
         "{error}"
     );
-    let error = check_model(entry, &ctx, 64, None)
-        .expect_err("mmreg check fails")
-        .to_string();
-    assert!(
-        error.contains("ToyLiar") && error.contains("model's count is 8"),
-        "{error}"
-    );
+    let error = check_model(entry, &ctx, 64, None).expect_err("mmreg check fails").to_string();
+    assert!(error.contains("ToyLiar") && error.contains("model's count is 8"), "{error}");
 }

@@ -18,10 +18,7 @@ fn png(width: u32, height: u32, shade: u8) -> Vec<u8> {
     image::RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([shade, (x * 7) as u8, (y * 5) as u8])
     })
-    .write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
+    .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
     .expect("encodes");
     bytes
 }
@@ -38,11 +35,7 @@ fn request(i: usize) -> (Request, bool) {
         seed: Some(i as u64),
         ..SamplingParams::default()
     };
-    let ids = |n: usize| {
-        (0..n)
-            .map(|k| 1 + ((i + k) % 13) as u32)
-            .collect::<Vec<u32>>()
-    };
+    let ids = |n: usize| (0..n).map(|k| 1 + ((i + k) % 13) as u32).collect::<Vec<u32>>();
     match i % 10 {
         0 => (
             Request {
@@ -107,11 +100,7 @@ fn request(i: usize) -> (Request, bool) {
 fn sequential(ctx: &ModelContext, dir: &std::path::Path, request: Request) -> Vec<u32> {
     let entry = Registry::global().for_context(ctx).expect("registered");
     let model = entry
-        .load(
-            ctx,
-            &Weights::from_dir(dir).expect("weights"),
-            &LoadOptions::default(),
-        )
+        .load(ctx, &Weights::from_dir(dir).expect("weights"), &LoadOptions::default())
         .expect("loads");
     let images = request
         .images
@@ -123,35 +112,23 @@ fn sequential(ctx: &ModelContext, dir: &std::path::Path, request: Request) -> Ve
             _ => unreachable!("the load test sends bytes"),
         })
         .collect();
-    let inputs = ProcessorInputs {
-        prompt: request.prompt,
-        multimodal: MultiModalData::with_images(images),
-    };
+    let inputs =
+        ProcessorInputs { prompt: request.prompt, multimodal: MultiModalData::with_images(images) };
     let prepared = prepare(entry, ctx, inputs, usize::MAX).expect("prepared");
-    generate(entry, model.as_ref(), prepared, &request.params)
-        .expect("generates")
-        .token_ids
+    generate(entry, model.as_ref(), prepared, &request.params).expect("generates").token_ids
 }
 
 fn resident_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse::<u64>().ok())
-        .unwrap_or(0)
-        * 4096
+    statm.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
 }
 
 #[test]
 fn a_thousand_concurrent_requests_each_get_their_answer() {
     let dir = tempfile::tempdir().expect("temp dir");
     support::write_checkpoint(dir.path(), 11).expect("checkpoint");
-    let options = EngineOptions {
-        cpu_kv_cache_bytes: 8 << 20,
-        max_num_seqs: 32,
-        ..EngineOptions::default()
-    };
+    let options =
+        EngineOptions { cpu_kv_cache_bytes: 8 << 20, max_num_seqs: 32, ..EngineOptions::default() };
     let engine = Engine::new(dir.path(), options).expect("engine");
     let ctx = ModelContext::from_dir(dir.path()).expect("context");
     let mut rounds = Vec::new();
@@ -166,11 +143,7 @@ fn a_thousand_concurrent_requests_each_get_their_answer() {
         // Valid outputs equal their one-at-a-time outputs (a sample, to keep the test quick).
         for i in (0..1000).filter(|i| request(*i).1).step_by(37) {
             let expected = sequential(&ctx, dir.path(), request(i).0);
-            assert_eq!(
-                results[i].as_ref().expect("valid").token_ids,
-                expected,
-                "request {i}"
-            );
+            assert_eq!(results[i].as_ref().expect("valid").token_ids, expected, "request {i}");
         }
         rounds.push(resident_bytes());
     }

@@ -54,12 +54,7 @@ fn interleaved(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedI
         placeholders.push(range);
     }
     token_ids.extend_from_slice(&expanded[src..]);
-    Ok(ProcessedInputs {
-        token_ids,
-        placeholders,
-        multimodal: inputs.multimodal,
-        positions: None,
-    })
+    Ok(ProcessedInputs { token_ids, placeholders, multimodal: inputs.multimodal, positions: None })
 }
 
 impl LoadModel for ToyInterleaved {
@@ -118,11 +113,7 @@ fn masked_runs_embed_only_their_image_tokens() {
     let _guard = tch::no_grad_guard();
     let (dir, ctx, entry) = checkpoint();
     let model = entry
-        .load(
-            &ctx,
-            &Weights::from_dir(dir.path()).expect("weights"),
-            &LoadOptions::default(),
-        )
+        .load(&ctx, &Weights::from_dir(dir.path()).expect("weights"), &LoadOptions::default())
         .expect("loads");
     // `mmreg check`: the embedding's rows equal the masked count, not the run's length.
     let report =
@@ -136,21 +127,14 @@ fn masked_runs_embed_only_their_image_tokens() {
     let prepared = mmreg_core::prepare::prepare(entry, &ctx, inputs, 1024).expect("prepares");
     let processed = prepared.processed.clone();
     let embeds = embed_prompt(entry, model.as_ref(), prepared).expect("embeds");
-    let tokens = Tensor::from_slice(
-        &processed
-            .token_ids
-            .iter()
-            .map(|&t| t as i64)
-            .collect::<Vec<_>>(),
-    );
+    let tokens =
+        Tensor::from_slice(&processed.token_ids.iter().map(|&t| t as i64).collect::<Vec<_>>());
     let plain = model.embed_tokens(&tokens).expect("token embeddings");
     let features = entry
         .embed(
             model.as_ref(),
             Modality::Image,
-            entry
-                .map(&ctx, Modality::Image, &processed.multimodal)
-                .expect("maps"),
+            entry.map(&ctx, Modality::Image, &processed.multimodal).expect("maps"),
         )
         .expect("features");
     for (range, feature) in processed.placeholders.iter().zip(&features) {
@@ -160,10 +144,7 @@ fn masked_runs_embed_only_their_image_tokens() {
             let at = (range.offset + i) as i64;
             let got = embeds.get(at);
             if embedded {
-                assert!(
-                    got.equal(&feature.get(row).to_kind(Kind::Float)),
-                    "row {at}"
-                );
+                assert!(got.equal(&feature.get(row).to_kind(Kind::Float)), "row {at}");
                 row += 1;
             } else {
                 assert_eq!(processed.token_ids[at as usize], BETWEEN);
@@ -181,12 +162,11 @@ fn a_mask_of_the_wrong_length_is_a_clear_error() {
         prompt: Prompt::TokenIds(vec![1, 15, BROKEN]),
         multimodal: MultiModalData::with_images(vec![image(30, 20)]),
     };
-    let error = entry
-        .process(&ctx, inputs)
-        .expect_err("refused")
-        .to_string();
+    let error = entry.process(&ctx, inputs).expect_err("refused").to_string();
     assert!(
-        error.contains("placeholder range of 12 tokens (image item 0) with an is-embedding mask of 11"),
+        error.contains(
+            "placeholder range of 12 tokens (image item 0) with an is-embedding mask of 11"
+        ),
         "{error}"
     );
 }

@@ -57,10 +57,7 @@ fn request(tokens: &[u32], image_width: Option<u32>) -> Request {
             })
             .into_iter()
             .collect(),
-        params: SamplingParams {
-            max_tokens: 4,
-            ..SamplingParams::default()
-        },
+        params: SamplingParams { max_tokens: 4, ..SamplingParams::default() },
     }
 }
 
@@ -76,18 +73,13 @@ fn panics_in_model_code_fail_their_requests_and_the_engine_carries_on() {
     let results = engine.generate(vec![request(&[3, 99], None), good.clone()]);
     let error = results[0].as_ref().expect_err("the processor panicked");
     assert!(
-        error
-            .to_string()
-            .contains("preprocessing panicked: planted bug in the input processor"),
+        error.to_string().contains("preprocessing panicked: planted bug in the input processor"),
         "{error}"
     );
     assert_eq!(results[1].as_ref().expect("completes"), &expected);
 
     // A panic inside the model during a step (scheduler thread) fails that step's request.
-    let error = engine
-        .submit(request(&[15, 3], Some(13)))
-        .wait()
-        .expect_err("the model panicked");
+    let error = engine.submit(request(&[15, 3], Some(13))).wait().expect_err("the model panicked");
     assert!(error.to_string().contains("the step panicked"), "{error}");
 
     // The engine still serves, with the same output as before.

@@ -36,42 +36,24 @@ fn registry_is_valid_and_finds_the_toy_by_architecture() {
     let registry = Registry::global();
     registry.validate().expect("valid registrations");
     let (_dir, ctx, _) = checkpoint();
-    let entry = registry
-        .for_context(&ctx)
-        .expect("found by config.json architectures");
+    let entry = registry.for_context(&ctx).expect("found by config.json architectures");
     assert_eq!(entry.id.name, "ToyVlm");
     assert_eq!(entry.modalities(), vec![Modality::Image]);
-    assert_eq!(
-        entry.max_tokens(&ctx, Modality::Image).expect("max tokens"),
-        8
-    );
+    assert_eq!(entry.max_tokens(&ctx, Modality::Image).expect("max tokens"), 8);
     // Two registrations, and the defaults of the three optional ones, all located in the toy's file.
     let lines: Vec<u32> = entry.listing().iter().map(|l| l.location.line).collect();
     assert_eq!(lines.len(), 5);
     assert_eq!(entry.registrations().len(), 2);
-    assert!(entry
-        .listing()
-        .iter()
-        .all(|l| l.location.file.ends_with("toy-vlm/src/lib.rs")));
+    assert!(entry.listing().iter().all(|l| l.location.file.ends_with("toy-vlm/src/lib.rs")));
 }
 
 #[test]
 fn generation_through_the_registry_equals_direct_calls() {
     let (_dir, ctx, weights) = checkpoint();
     let entry = Registry::global().for_context(&ctx).expect("registered");
-    let model = entry
-        .load(&ctx, &weights, &LoadOptions::default())
-        .expect("loads");
-    let request = || {
-        inputs(
-            vec![3, 15, 4, 15, 5],
-            vec![solid(255, 0, 0), solid(0, 0, 255)],
-        )
-    };
-    let params = SamplingParams {
-        max_tokens: 6,
-        ..SamplingParams::default()
-    };
+    let model = entry.load(&ctx, &weights, &LoadOptions::default()).expect("loads");
+    let request = || inputs(vec![3, 15, 4, 15, 5], vec![solid(255, 0, 0), solid(0, 0, 255)]);
+    let params = SamplingParams { max_tokens: 6, ..SamplingParams::default() };
 
     let prepared = prepare(entry, &ctx, request(), 256).expect("prepared");
     assert_eq!(prepared.processed.token_ids.len(), 3 + 2 * 4);
@@ -92,9 +74,7 @@ fn generation_through_the_registry_equals_direct_calls() {
     };
     let red = toy.embed_images(pixels).expect("features").remove(0);
     assert!(embeds.narrow(0, 1, 4).allclose(&red, 1e-6, 1e-6, false));
-    assert!(embeds
-        .narrow(0, 0, 1)
-        .allclose(&text.narrow(0, 0, 1), 0.0, 0.0, false));
+    assert!(embeds.narrow(0, 0, 1).allclose(&text.narrow(0, 0, 1), 0.0, 0.0, false));
 }
 
 #[test]
@@ -102,10 +82,7 @@ fn placeholder_mismatch_names_both_counts() {
     let (_dir, ctx, _) = checkpoint();
     let entry = Registry::global().for_context(&ctx).expect("registered");
     let error = entry
-        .process(
-            &ctx,
-            inputs(vec![15, 1], vec![solid(1, 2, 3), solid(4, 5, 6)]),
-        )
+        .process(&ctx, inputs(vec![15, 1], vec![solid(1, 2, 3), solid(4, 5, 6)]))
         .expect_err("mismatch");
     assert_eq!(
         error.to_string(),
@@ -117,17 +94,12 @@ fn placeholder_mismatch_names_both_counts() {
 fn self_check_passes_with_and_without_weights() {
     let (_dir, ctx, weights) = checkpoint();
     let entry = Registry::global().for_context(&ctx).expect("registered");
-    let model = entry
-        .load(&ctx, &weights, &LoadOptions::default())
-        .expect("loads");
+    let model = entry.load(&ctx, &weights, &LoadOptions::default()).expect("loads");
     let report =
         mmreg_core::check::check_model(entry, &ctx, 32, Some(model.as_ref())).expect("consistent");
     assert_eq!(report.prompt_tokens, 32);
     assert_eq!(report.modalities[0].dummy_item_tokens, vec![8]);
-    let mapped = vec![
-        ("cells".to_owned(), vec![8, 3]),
-        ("cells_per_image".to_owned(), vec![1]),
-    ];
+    let mapped = vec![("cells".to_owned(), vec![8, 3]), ("cells_per_image".to_owned(), vec![1])];
     assert_eq!(report.modalities[0].mapped, mapped);
     mmreg_core::check::check_model(entry, &ctx, 32, None).expect("consistent without weights");
 }
@@ -140,14 +112,9 @@ fn image_token_counts_follow_the_aspect_ratio() {
     let tall = ImageInput::new("tall", image::RgbImage::new(10, 40).into());
     let prepared =
         prepare(entry, &ctx, inputs(vec![15, 2, 15], vec![wide, tall]), 256).expect("prepared");
-    assert_eq!(
-        prepared.processed.placeholder_lengths(Modality::Image),
-        vec![8, 2]
-    );
+    assert_eq!(prepared.processed.placeholder_lengths(Modality::Image), vec![8, 2]);
     assert_eq!(prepared.processed.token_ids.len(), 8 + 1 + 2);
-    let model = entry
-        .load(&ctx, &weights, &LoadOptions::default())
-        .expect("loads");
+    let model = entry.load(&ctx, &weights, &LoadOptions::default()).expect("loads");
     let rows: Vec<i64> = embed_rows(entry, model.as_ref(), prepared);
     assert_eq!(rows, vec![8, 2]);
 }
