@@ -1,24 +1,28 @@
 //! Entry points shared by the fuzz targets (`fuzz/`) and the regression test that replays the cases they
-//! found (`tests/fuzz_regressions.rs`): the LLaVA and LLaVA-NeXT input processors, and config.json through
-//! everything that reads it. Each must return normally for any input: errors are fine, panics and huge
-//! allocations are not, and a broken invariant is a panic.
+//! found (`tests/fuzz_regressions.rs`): the LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL input processors,
+//! and config.json through everything that reads it. Each must return normally for any input: errors are
+//! fine, panics and huge allocations are not, and a broken invariant is a panic.
 
 use std::path::Path;
 
 use image::DynamicImage;
 use mmreg_core::fuzz::scratch_file;
-use mmreg_core::prepare::prepare;
+use mmreg_core::prepare::{prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     DummyRequest, Error, ImageInput, LoadOptions, Modality, ModalityCounts, ModelContext,
-    MultiModalData, ProcessedInputs, ProcessorInputs, Prompt, Registry, Weights,
+    MultiModalData, ProcessedInputs, ProcessorInputs, Prompt, Registry, VideoInput, Weights,
 };
 use tokenizers::Tokenizer;
 
-use crate::LlavaConfig;
+use crate::{LlavaConfig, Qwen2VlConfig};
 
 /// The tiny checkpoints in `fixtures/`: LLaVA-1.5, then LLaVA-NeXT.
 const CHECKPOINTS: [&str; 2] = ["llava-tiny-hf", "llava-next-tiny-hf"];
+/// The tiny Qwen checkpoints (with their Qwen tokenizer): Qwen2-VL, then Qwen2.5-VL.
+const QWEN_CHECKPOINTS: [&str; 2] = ["qwen2-vl-tiny", "qwen2_5-vl-tiny"];
+/// The length limit of a fuzzed Qwen prompt: low enough that expanded items reach it.
+const MAX_QWEN_LEN: usize = 512;
 
 /// Keeps each run fast: an image has at most this many pixels (far below `MAX_IMAGE_PIXELS`), whatever
 /// its aspect ratio.
@@ -34,6 +38,7 @@ fn read_json(path: &Path) -> serde_json::Value {
 pub struct InputProcessorFuzz {
     models: Vec<(&'static ModelEntry, ModelContext)>,
     vocab: u32,
+    qwen: Vec<(&'static ModelEntry, ModelContext)>,
 }
 
 impl InputProcessorFuzz {
@@ -61,16 +66,29 @@ impl InputProcessorFuzz {
                 (entry, ctx)
             })
             .collect();
+        let qwen = QWEN_CHECKPOINTS
+            .iter()
+            .map(|name| {
+                let ctx =
+                    ModelContext::from_dir(fixtures.join(name)).expect("the fixture's context");
+                let entry = Registry::global()
+                    .for_context(&ctx)
+                    .expect("the fixture's architecture is registered");
+                (entry, ctx)
+            })
+            .collect();
         Self {
             models,
             vocab: tokenizer.get_vocab_size(true) as u32,
+            qwen,
         }
     }
 
     /// A prompt and images from arbitrary bytes through the model's registered input processor and
     /// mapper (`generate::prepare`). Byte 0 picks the model (bit 0) and a text or token-id prompt (bit 1),
     /// byte 1 the number of images, then 4 bytes per image (width, height: u16 LE), then the prompt
-    /// (UTF-8, lossily, or u16 LE token ids).
+    /// (UTF-8, lossily, or u16 LE token ids). With bit 2 of byte 0, a Qwen checkpoint takes the bytes
+    /// instead ([`Self::run_qwen`]).
     ///
     /// Checked: an error is one of the typed errors a request may get and agrees with the inputs; a
     /// success has one placeholder range per image, as long as the model counts for it, made of image
@@ -79,6 +97,9 @@ impl InputProcessorFuzz {
         let [flags, images, rest @ ..] = bytes else {
             return;
         };
+        if flags & 4 != 0 {
+            return self.run_qwen(*flags, *images, rest);
+        }
         let (entry, ctx) = &self.models[usize::from(flags & 1)];
         let count = usize::from(*images) % (MAX_FUZZ_IMAGES + 1);
         let Some((sizes, prompt)) = rest.split_at_checked(4 * count) else {
@@ -193,6 +214,214 @@ fn check_expansion(ids: &[u32], image_token: u32, counts: &[usize], processed: &
             .eq(ids.iter().filter(|&&t| t != image_token)),
         "the text around the images changed"
     );
+}
+
+impl InputProcessorFuzz {
+    /// Images, videos and a prompt with placeholder tokens from arbitrary bytes through a tiny Qwen
+    /// checkpoint's input processor and mappers. `flags` bit 0 picks Qwen2-VL or Qwen2.5-VL, bit 1 a text
+    /// or a token-id prompt; `counts` gives the number of images (low nibble, mod 5) and videos (high
+    /// nibble, mod 3). Then 2 bytes per image (width, height), 4 per video (frames mod 9, width, height,
+    /// and a byte whose bit 0 widens the last frame by a pixel and whose other bits give the fps: none,
+    /// n/4, or 0 for 127), then the prompt: UTF-8, lossily, or u16 LE values that are, mod 8,
+    /// `<|image_pad|>`, `<|video_pad|>`, `<|vision_start|>`, `<|vision_end|>` or (else) another token.
+    ///
+    /// Checked: bad items (empty, over the aspect ratio, frames of two sizes, no frames, fps 0 where
+    /// Qwen2.5-VL reads it) are refused as bad input and nothing else is; otherwise the outcome is the one
+    /// the numbers call for (a placeholder mismatch, an empty or over-long prompt), and a success has one
+    /// placeholder range per item as long as the model counts, made of its pad token only, the prompt's
+    /// other tokens in order, mapped grids that give the same counts, and M-RoPE positions whose three
+    /// rows agree on every text token.
+    pub fn run_qwen(&self, flags: u8, counts: u8, bytes: &[u8]) {
+        let (entry, ctx) = &self.qwen[usize::from(flags & 1)];
+        let config = ctx
+            .config::<Qwen2VlConfig>()
+            .expect("the fixture config parses");
+        let tokenizer = ctx.tokenizer().expect("the fixture has a tokenizer");
+        let pads = [config.image_token_id, config.video_token_id];
+        let vision_end = tokenizer
+            .token_to_id("<|vision_end|>")
+            .expect("the Qwen tokenizer has <|vision_end|>");
+        let given = [usize::from(counts & 15) % 5, usize::from(counts >> 4) % 3];
+        let Some((sizes, rest)) = bytes.split_at_checked(2 * given[0]) else {
+            return;
+        };
+        let Some((videos, prompt)) = rest.split_at_checked(4 * given[1]) else {
+            return;
+        };
+        let blank = |w: u8, h: u8| DynamicImage::new_rgb8(w.into(), h.into());
+        let images = sizes
+            .chunks_exact(2)
+            .enumerate()
+            .map(|(i, s)| ImageInput::new(format!("image {i}"), blank(s[0], s[1])))
+            .collect();
+        let mut zero_fps = false;
+        let videos = videos
+            .chunks_exact(4)
+            .enumerate()
+            .map(|(i, v)| {
+                let mut frames = vec![blank(v[1], v[2]); usize::from(v[0] % 9)];
+                if let (Some(last), 1) = (frames.last_mut(), v[3] & 1) {
+                    *last = DynamicImage::new_rgb8(u32::from(v[1]) + 1, v[2].into());
+                }
+                let video = VideoInput::new(format!("video {i}"), frames);
+                match v[3] >> 1 {
+                    0 => video,
+                    127 => {
+                        zero_fps = true;
+                        video.with_fps(0.0)
+                    }
+                    n => video.with_fps(f64::from(n) / 4.0),
+                }
+            })
+            .collect();
+        let prompt = if flags & 2 == 0 {
+            Prompt::Text(String::from_utf8_lossy(prompt).into_owned())
+        } else {
+            let vocab = tokenizer.get_vocab_size(true) as u32;
+            let special = [pads[0], pads[1], config.vision_start_token_id, vision_end];
+            Prompt::TokenIds(
+                prompt
+                    .chunks_exact(2)
+                    .map(|c| {
+                        let v = u16::from_le_bytes([c[0], c[1]]);
+                        special
+                            .get(usize::from(v % 8))
+                            .copied()
+                            .unwrap_or(u32::from(v >> 3) * 19 % vocab)
+                    })
+                    .collect(),
+            )
+        };
+        let ids = match &prompt {
+            Prompt::TokenIds(ids) => Some(ids.clone()),
+            Prompt::Text(text) => tokenizer
+                .encode(text.as_str(), true)
+                .ok()
+                .map(|encoding| encoding.get_ids().to_vec()),
+        };
+        let data = MultiModalData { images, videos };
+        // The model's own count per item, independent of the input processor.
+        let counts = [Modality::Image, Modality::Video].map(|m| entry.item_tokens(ctx, m, &data));
+        let inputs = ProcessorInputs {
+            prompt,
+            multimodal: data,
+        };
+        let result = prepare(entry, ctx, inputs, MAX_QWEN_LEN);
+        let bad_items = counts.iter().any(Result::is_err) || (zero_fps && flags & 1 == 1);
+        let (Some(ids), [Ok(images), Ok(videos)], false) = (ids, counts, bad_items) else {
+            match result {
+                Err(Error::BadInput { .. }) => return,
+                Err(error) => panic!("a bad item or prompt, yet: {error}"),
+                Ok(_) => panic!("a bad item or a prompt that does not tokenize was accepted"),
+            }
+        };
+        let counts = [images, videos];
+        let found = pads.map(|pad| ids.iter().filter(|&&id| id == pad).count());
+        let len = ids.len() - found.iter().sum::<usize>() + counts.iter().flatten().sum::<usize>();
+        match result {
+            Err(Error::PlaceholderMismatch {
+                modality,
+                placeholders,
+                items,
+                ..
+            }) => {
+                let m = usize::from(modality == Modality::Video);
+                assert_eq!((placeholders, items), (found[m], given[m]));
+                assert_ne!(placeholders, items, "a mismatch of equal numbers");
+                assert!(m == 0 || found[0] == given[0], "images are matched first");
+            }
+            _ if found != given => panic!("{found:?} placeholders for {given:?} items: {result:?}"),
+            Err(Error::EmptyPrompt) => assert!(ids.is_empty()),
+            Err(Error::PromptTooLong { len: l, max }) => {
+                assert_eq!((l, max), (len, MAX_QWEN_LEN));
+                assert!(len > max, "{len} tokens are refused under the limit {max}");
+            }
+            Ok(prepared) => {
+                assert!(
+                    !ids.is_empty() && len <= MAX_QWEN_LEN,
+                    "{len} tokens accepted"
+                );
+                check_qwen_expansion(&ids, pads, &counts, &prepared);
+            }
+            Err(error) => panic!("unexpected error: {error}"),
+        }
+    }
+}
+
+/// The invariants of a successful Qwen expansion of `ids` whose items of each modality take `counts`.
+fn check_qwen_expansion(
+    ids: &[u32],
+    pads: [u32; 2],
+    counts: &[Vec<usize>; 2],
+    prepared: &PreparedInputs,
+) {
+    let processed = &prepared.processed;
+    let tokens = &processed.token_ids;
+    let modalities = [Modality::Image, Modality::Video];
+    let mut ranges = processed.placeholders.clone();
+    ranges.sort_by_key(|r| r.offset);
+    // One range per pad of the prompt, in its order, each item in turn.
+    let order: Vec<usize> = ids
+        .iter()
+        .filter_map(|id| pads.iter().position(|p| p == id))
+        .collect();
+    assert_eq!(ranges.len(), order.len());
+    let (mut next, mut end) = ([0, 0], 0);
+    for (range, &m) in ranges.iter().zip(&order) {
+        assert_eq!((range.modality, range.item), (modalities[m], next[m]));
+        assert_eq!(range.length, counts[m][next[m]], "{range:?}");
+        assert!(range.offset >= end, "placeholder ranges overlap");
+        end = range.offset + range.length;
+        assert!(tokens[range.offset..end].iter().all(|&t| t == pads[m]));
+        next[m] += 1;
+    }
+    let text = |t: &&u32| !pads.contains(t);
+    assert!(
+        tokens.iter().filter(text).eq(ids.iter().filter(text)),
+        "the text around the items changed"
+    );
+    assert_eq!(
+        tokens.len() - tokens.iter().filter(text).count(),
+        counts.iter().flatten().sum::<usize>()
+    );
+    let positions = processed.positions.as_ref().expect("M-RoPE positions");
+    assert_eq!((positions.sections, positions.len()), (3, tokens.len()));
+    let max = positions.ids.iter().copied().max().unwrap_or(-1);
+    assert_eq!(positions.delta, max + 1 - tokens.len() as i64);
+    for (i, _) in tokens.iter().enumerate().filter(|(_, t)| text(t)) {
+        let at = |s| positions.at(s, i);
+        assert!(
+            at(0) == at(1) && at(1) == at(2),
+            "text token {i} at {:?}",
+            [at(0), at(1), at(2)]
+        );
+    }
+    for (m, (pixels, grid)) in [
+        ("pixel_values", "image_grid_thw"),
+        ("pixel_values_videos", "video_grid_thw"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mapped = prepared
+            .mapped
+            .iter()
+            .find(|(modality, _)| *modality == modalities[m]);
+        let Some((_, tensors)) = mapped else {
+            assert!(
+                counts[m].is_empty(),
+                "{} items were not mapped",
+                modalities[m]
+            );
+            continue;
+        };
+        let get = |name: &str| tensors.iter().find(|(n, _)| *n == name).expect(name).1;
+        let grids = Vec::<i64>::try_from(get(grid).flatten(0, -1)).expect("i64 grids");
+        let patches: Vec<i64> = grids.chunks(3).map(|g| g.iter().product()).collect();
+        let tokens: Vec<usize> = patches.iter().map(|&p| p as usize / 4).collect();
+        assert_eq!(tokens, counts[m], "the mapped {grid} counts differently");
+        assert_eq!(get(pixels).size()[0], patches.iter().sum::<i64>());
+    }
 }
 
 /// The tiny checkpoints' weights, which every registered model loads under a fuzzed config.json.
