@@ -205,8 +205,8 @@ fn tiny_images_are_scaled_up_to_hfs_grids() {
                 [1, h as i64, w as i64],
                 "{name} {width}x{height}"
             );
-            // At least min_pixels = 56x56 px, in patches of 14x14.
-            assert!(h >= 4 && w >= 2 && h * w * 196 >= 3136, "{width}x{height}");
+            // At least min_pixels = 56x56 px and 28 px a side, in patches of 14x14.
+            assert!(h >= 2 && w >= 2 && h * w * 196 >= 3136, "{width}x{height}");
             let rows = mapped(&prepared, Modality::Image, "pixel_values").size();
             assert_eq!(rows, [(h * w) as i64, 3 * 2 * 14 * 14]);
             assert_eq!(
