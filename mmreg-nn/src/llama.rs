@@ -28,6 +28,12 @@ pub struct TextConfigJson {
     pub rope_parameters: Option<RopeScaling>,
     pub rope_scaling: Option<RopeScaling>,
     pub eos_token_id: Option<serde_json::Value>,
+    /// Keys that change the numbers: implemented where this decoder can (`sliding_window`, by keeping
+    /// sequences within the window), refused by name otherwise ([`TextConfigJson::refuse_unimplemented`]).
+    pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub sliding_window: Option<usize>,
+    pub tie_word_embeddings: Option<bool>,
 }
 
 /// The resolved decoder configuration.
@@ -60,6 +66,7 @@ impl TextConfigJson {
                 ))
             }
         };
+        self.refuse_unimplemented()?;
         let rope_kind =
             RopeKind::from_config(self.rope_parameters.as_ref().or(self.rope_scaling.as_ref()))?;
         let hidden_size = self.hidden_size.unwrap_or(4096);
@@ -83,11 +90,12 @@ impl TextConfigJson {
                 .head_dim
                 .unwrap_or(hidden_size / num_attention_heads.max(1)),
             hidden_act: self.hidden_act.clone().unwrap_or_else(|| "silu".into()),
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(if mistral {
-                4096 * 32
-            } else {
-                2048
-            }),
+            // Attention limited to a window changes nothing for sequences that fit in it: keeping every
+            // sequence within the window computes what HF computes.
+            max_position_embeddings: self
+                .max_position_embeddings
+                .unwrap_or(if mistral { 4096 * 32 } else { 2048 })
+                .min(self.sliding_window.unwrap_or(usize::MAX)),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: self
                 .rope_parameters
@@ -110,6 +118,34 @@ impl TextConfigJson {
             ));
         }
         Ok(config)
+    }
+}
+
+impl TextConfigJson {
+    /// An error naming each key set to a value this decoder does not compute, rather than results
+    /// that silently differ from HF's.
+    pub fn refuse_unimplemented(&self) -> Result<()> {
+        let refused: Vec<&str> = [
+            (self.attention_bias == Some(true), "attention_bias: true"),
+            (self.mlp_bias == Some(true), "mlp_bias: true"),
+            (
+                self.tie_word_embeddings == Some(true),
+                "tie_word_embeddings: true",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(set, key)| set.then_some(key))
+        .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(Error::config(
+            "config.json",
+            format!(
+                "text_config: {} not supported by the Llama/Mistral decoder",
+                refused.join(", ")
+            ),
+        ))
     }
 }
 
@@ -305,5 +341,41 @@ impl LanguageModel for Llama {
 
     fn supports_cuda_graphs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::TextConfigJson;
+
+    fn parse(json: serde_json::Value) -> TextConfigJson {
+        serde_json::from_value(json).expect("parses")
+    }
+
+    #[test]
+    fn keys_that_change_the_numbers_are_refused_by_name() {
+        let error = parse(serde_json::json!({"attention_bias": true, "mlp_bias": true}))
+            .resolve()
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("attention_bias: true, mlp_bias: true not supported"),
+            "{error}"
+        );
+        assert!(parse(serde_json::json!({"attention_bias": false}))
+            .resolve()
+            .is_ok());
+    }
+
+    #[test]
+    fn a_sliding_window_keeps_sequences_within_it() {
+        let config = parse(serde_json::json!({"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096}))
+            .resolve()
+            .expect("resolves");
+        assert_eq!(config.max_position_embeddings, 4096);
+        let null = parse(serde_json::json!({"model_type": "mistral", "sliding_window": null}))
+            .resolve()
+            .expect("resolves");
+        assert_eq!(null.max_position_embeddings, 4096 * 32);
     }
 }
