@@ -11,7 +11,8 @@ use mmreg_core::{
     Weights,
 };
 use mmreg_engine::{
-    Completion, Engine, EngineOptions, ImageSource, Request, RequestHandle, SamplingParams,
+    Completion, Engine, EngineOptions, GenerationConfig, ImageSource, Request, RequestHandle,
+    SamplingParams,
 };
 use tch::Tensor;
 
@@ -218,9 +219,10 @@ pub struct GenerateArgs {
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 64)]
     pub max_num_seqs: usize,
-    /// KV cache size on the CPU, in GiB (on CUDA it is profiled).
-    #[arg(long, default_value_t = 1.0)]
-    pub cpu_kv_cache_gib: f64,
+    /// KV cache size on the CPU, in GiB (on CUDA it is profiled); default: room for --max-num-seqs
+    /// sequences of --max-model-len tokens, within half the available memory.
+    #[arg(long)]
+    pub cpu_kv_cache_gib: Option<f64>,
 }
 
 /// One line of a `--requests` file; absent fields take the command line's values.
@@ -243,7 +245,7 @@ struct RequestLine {
 }
 
 impl GenerateArgs {
-    fn params(&self, eos: Option<u32>) -> SamplingParams {
+    fn params(&self, eos: &[u32]) -> SamplingParams {
         SamplingParams {
             max_tokens: self.max_tokens,
             temperature: self.temperature,
@@ -253,14 +255,15 @@ impl GenerateArgs {
             stop_token_ids: if self.ignore_eos {
                 Vec::new()
             } else {
-                eos.into_iter().collect()
+                eos.to_vec()
             },
             stop: self.stop.clone(),
             top_logprobs: self.top_logprobs,
+            logprobs: false,
         }
     }
 
-    fn request(&self, line: RequestLine, eos: Option<u32>) -> Request {
+    fn request(&self, line: RequestLine, eos: &[u32]) -> Request {
         let mut params = self.params(eos);
         params.max_tokens = line.max_tokens.unwrap_or(params.max_tokens);
         params.temperature = line.temperature.unwrap_or(params.temperature);
@@ -296,7 +299,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         dtype: parse_dtype(&args.dtype)?,
         max_model_len: args.max_model_len,
         max_num_seqs: args.max_num_seqs,
-        cpu_kv_cache_bytes: (args.cpu_kv_cache_gib * (1u64 << 30) as f64) as usize,
+        cpu_kv_cache_bytes: args
+            .cpu_kv_cache_gib
+            .map_or(0, |gib| (gib * (1u64 << 30) as f64) as usize),
         ..EngineOptions::default()
     };
     let model = match &args.model {
@@ -305,7 +310,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     };
     let engine = Engine::new(&model, options)
         .with_context(|| format!("starting the engine on {}", model.display()))?;
-    let eos = eos_token_id(engine.context());
+    // EOS from generation_config.json (one id or a list), else config.json, as HF's generate stops.
+    let eos = GenerationConfig::from_context(engine.context())?.eos_token_ids;
+    let eos = eos.as_slice();
     let Some(path) = &args.requests else {
         let line = RequestLine {
             prompt: args.prompt.clone().unwrap_or_default(),
@@ -396,19 +403,4 @@ fn prepare(
         multimodal: MultiModalData::with_images(images),
     };
     Ok(prepare::prepare(entry, ctx, inputs, max_len)?)
-}
-
-/// `eos_token_id` from config.json (top level or `text_config`), as HF's generation would stop on.
-fn eos_token_id(ctx: &ModelContext) -> Option<u32> {
-    let config = ctx.config_json();
-    [
-        config.get("eos_token_id"),
-        config
-            .get("text_config")
-            .and_then(|t| t.get("eos_token_id")),
-    ]
-    .into_iter()
-    .flatten()
-    .find_map(|v| v.as_u64())
-    .map(|v| v as u32)
 }
