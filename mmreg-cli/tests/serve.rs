@@ -337,6 +337,26 @@ async fn a_client_that_disconnects_frees_its_kv_blocks() {
 }
 
 #[tokio::test]
+async fn a_client_that_gives_up_on_a_whole_answer_cancels_it_too() {
+    let server = Server::start(&[]);
+    let url = server.url("/v1/completions");
+    let body = json!({"prompt": "USER: Hi ASSISTANT:", "max_tokens": 3000, "ignore_eos": true});
+    let request =
+        tokio::spawn(async move { reqwest::Client::new().post(url).json(&body).send().await });
+    server
+        .wait_for_metric("mmreg_requests_running", |v| v == 1.0)
+        .await;
+    // Dropping the client's future closes its connection mid-answer.
+    request.abort();
+    server
+        .wait_for_metric("mmreg_engine_requests_cancelled_total", |v| v == 1.0)
+        .await;
+    server
+        .wait_for_metric("mmreg_kv_cache_blocks_used", |v| v == 0.0)
+        .await;
+}
+
+#[tokio::test]
 async fn local_images_are_served_only_from_the_allowed_directory() {
     let images = repo().join("fixtures/llava-tiny-real/images");
     let server = Server::start(&["--allowed-local-media-path", images.to_str().unwrap()]);

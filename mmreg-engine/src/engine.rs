@@ -352,9 +352,6 @@ impl Engine {
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let counters = Arc::new(EngineCounters::default());
-        counters
-            .kv_blocks_total
-            .store(profile.kv_blocks, Ordering::Relaxed);
         let workers = (0..options.preprocess_threads.max(1))
             .map(|_| {
                 let (jobs, ready, ctx) = (job_rx.clone(), ready_tx.clone(), ctx.clone());
@@ -377,6 +374,9 @@ impl Engine {
         // Fixed-shape steps keep the pool's last block as scratch space for their padding rows.
         let usable_blocks = profile.kv_blocks - usize::from(fixed_steps);
         let allocator = BlockAllocator::new(usable_blocks, profile.block_size);
+        counters
+            .kv_blocks_total
+            .store(usable_blocks, Ordering::Relaxed);
         let fixed_steps = fixed_steps.then(|| {
             FixedShapeSteps::new(
                 options.device,

@@ -43,7 +43,8 @@ fn wait_for(engine: &Engine, what: &str, done: impl Fn(&Engine) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !done(engine) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::yield_now();
+        // Polling the published state (not spinning: the engine needs the cores).
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

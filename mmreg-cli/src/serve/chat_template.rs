@@ -3,7 +3,7 @@
 //! like Python's `json.dumps`, Python's string and dict methods through minijinja-contrib's pycompat), so
 //! that the prompt is the one `apply_chat_template(messages, add_generation_prompt=True)` gives.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
 use minijinja::{Environment, ErrorKind, Value};
@@ -198,7 +198,7 @@ fn find_in(dir: &Path) -> Result<Option<(String, String)>> {
 }
 
 /// `key` as a string, or (tokenizer_config.json's named templates) the entry named `default`.
-fn template_in(json: &Json, key: &str, path: &PathBuf) -> Result<Option<String>> {
+fn template_in(json: &Json, key: &str, path: &Path) -> Result<Option<String>> {
     match json.get(key) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::String(text)) => Ok(Some(text.clone())),

@@ -194,7 +194,7 @@ mod tests {
     }
 
     fn message(result: Result<ImageSource, ApiError>) -> String {
-        result.err().expect("refused").message
+        result.expect_err("refused").message
     }
 
     #[tokio::test]

@@ -123,7 +123,10 @@ pub async fn run(
             return Err(error.into());
         }
         Some(event) => event,
-        None => return Err(engine_stopped()),
+        None => {
+            submission.counted = true;
+            return Err(engine_stopped());
+        }
     };
     if answer.stream {
         Ok(stream(submission, first, answer, &stop))
@@ -237,7 +240,10 @@ async fn collect(mut submission: Submission, first: Event, answer: Answer) -> Ap
                 return Err(error.into());
             }
             Some(Event::Token(_) | Event::Logprobs(_)) => {}
-            None => return Err(engine_stopped()),
+            None => {
+                submission.counted = true;
+                return Err(engine_stopped());
+            }
         }
         next = submission.next().await;
     };
