@@ -128,6 +128,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                         break;
                     }
                     Event::Failed(e) => return Err(e.into()),
+                    Event::Logprobs(_) => {}
                 }
             }
         }

@@ -11,7 +11,8 @@ use mmreg_core::{
     VideoInput, Weights,
 };
 use mmreg_engine::{
-    Completion, Engine, EngineOptions, ImageSource, Request, RequestHandle, SamplingParams,
+    Completion, Engine, EngineOptions, GenerationConfig, ImageSource, Request, RequestHandle,
+    SamplingParams,
 };
 use tch::Tensor;
 
@@ -226,9 +227,10 @@ pub struct GenerateArgs {
     /// Sequences decoded together at most.
     #[arg(long, default_value_t = 64)]
     pub max_num_seqs: usize,
-    /// KV cache size on the CPU, in GiB (on CUDA it is profiled).
-    #[arg(long, default_value_t = 1.0)]
-    pub cpu_kv_cache_gib: f64,
+    /// KV cache size on the CPU, in GiB (on CUDA it is profiled); default: room for --max-num-seqs
+    /// sequences of --max-model-len tokens, within half the available memory.
+    #[arg(long)]
+    pub cpu_kv_cache_gib: Option<f64>,
 }
 
 /// One line of a `--requests` file; absent fields take the command line's values.
@@ -274,6 +276,7 @@ impl GenerateArgs {
             },
             stop: self.stop.clone(),
             top_logprobs: self.top_logprobs,
+            logprobs: false,
         }
     }
 
@@ -322,7 +325,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
         dtype: parse_dtype(&args.dtype)?,
         max_model_len: args.max_model_len,
         max_num_seqs: args.max_num_seqs,
-        cpu_kv_cache_bytes: (args.cpu_kv_cache_gib * (1u64 << 30) as f64) as usize,
+        cpu_kv_cache_bytes: args
+            .cpu_kv_cache_gib
+            .map_or(0, |gib| (gib * (1u64 << 30) as f64) as usize),
         ..EngineOptions::default()
     };
     let model = match &args.model {
@@ -331,7 +336,9 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
     };
     let engine = Engine::new(&model, options)
         .with_context(|| format!("starting the engine on {}", model.display()))?;
-    let eos = eos_token_ids(engine.context());
+    // EOS from generation_config.json (one id or a list), else config.json, as HF's generate stops.
+    let eos = GenerationConfig::from_context(engine.context())?.eos_token_ids;
+    let eos = eos.as_slice();
     let Some(path) = &args.requests else {
         let line = RequestLine {
             prompt: args.prompt.clone(),
@@ -459,30 +466,4 @@ fn open_video(frames: &[PathBuf]) -> mmreg_core::Result<VideoInput> {
         .map(|f| ImageInput::open(f).map(|f| f.image))
         .collect::<mmreg_core::Result<Vec<_>>>()?;
     Ok(VideoInput::new(name, frames))
-}
-
-/// The ids HF's generation stops on: `eos_token_id` (an id or a list) of generation_config.json, else
-/// of config.json (top level or `text_config`).
-fn eos_token_ids(ctx: &ModelContext) -> Vec<u32> {
-    let config = ctx.config_json();
-    let generation = ctx.json_file("generation_config.json").ok().flatten();
-    let ids = [
-        generation.as_ref().and_then(|g| g.get("eos_token_id")),
-        config.get("eos_token_id"),
-        config
-            .get("text_config")
-            .and_then(|t| t.get("eos_token_id")),
-    ]
-    .into_iter()
-    .flatten()
-    .map(|v| match v {
-        serde_json::Value::Array(ids) => ids.iter().filter_map(|id| id.as_u64()).collect(),
-        id => id.as_u64().into_iter().collect::<Vec<_>>(),
-    })
-    .find(|ids| !ids.is_empty())
-    .unwrap_or_default()
-    .into_iter()
-    .filter_map(|id| u32::try_from(id).ok())
-    .collect();
-    ids
 }

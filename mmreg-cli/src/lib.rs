@@ -9,12 +9,13 @@ mod bench;
 mod commands;
 mod demo;
 mod options;
+mod serve;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "mmreg",
     version,
-    about = "Multimodal models on libtorch: list, inspect, check, preprocess, generate"
+    about = "Multimodal models on libtorch: list, inspect, check, preprocess, generate, serve"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,18 +36,25 @@ enum Command {
     Generate(commands::GenerateArgs),
     /// Measure prefill latency, time to first token and decode throughput.
     Bench(bench::BenchArgs),
+    /// Serve a model over HTTP with OpenAI's API (chat completions with images, completions, models).
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line, runs the command, prints errors with their causes.
 pub fn main() -> ExitCode {
-    // Warnings (a CUDA graph that could not be captured, say) on stderr; MMREG_LOG=debug for more.
+    let cli = Cli::parse();
+    // Warnings (a CUDA graph that could not be captured, say) on stderr; MMREG_LOG=debug for more. A
+    // server also logs its start-up figures (KV cache, chat template).
+    let default_filter = match cli.command {
+        Command::Serve(_) => "warn,mmreg_engine=info,mmreg_cli=info",
+        _ => "warn",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("MMREG_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Models => commands::models(),
         Command::Inspect(args) => commands::inspect(&args),
@@ -54,6 +62,7 @@ pub fn main() -> ExitCode {
         Command::Preprocess(args) => commands::preprocess(&args),
         Command::Generate(args) => commands::generate(&args),
         Command::Bench(args) => bench::bench(&args),
+        Command::Serve(args) => serve::serve(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,8 @@ use crate::{Error, Result};
 /// Typed configs already parsed, keyed by type and file.
 type ParsedConfigs = HashMap<(TypeId, &'static str), Arc<dyn Any + Send + Sync>>;
 
-/// Model config (`config.json`), processor config (`preprocessor_config.json`) and tokenizer of one checkpoint.
+/// Model config (`config.json`), image-processor config (`preprocessor_config.json`, or the
+/// `image_processor` of `processor_config.json` as transformers 5 saves it) and tokenizer of one checkpoint.
 ///
 /// Registered functions read typed configs with [`ModelContext::config`], which parses once per type and
 /// caches, so an input processor called per request does not re-parse JSON.
@@ -21,6 +22,8 @@ pub struct ModelContext {
     dir: Option<PathBuf>,
     config_json: serde_json::Value,
     processor_config_json: serde_json::Value,
+    /// The file the processor config came from, for error messages.
+    processor_config_file: &'static str,
     tokenizer: Option<Arc<Tokenizer>>,
     parsed: Mutex<ParsedConfigs>,
 }
@@ -41,6 +44,7 @@ impl ModelContext {
             dir: None,
             config_json: config,
             processor_config_json: processor_config,
+            processor_config_file: PREPROCESSOR_CONFIG,
             tokenizer: None,
             parsed: Mutex::default(),
         }
@@ -62,8 +66,7 @@ impl ModelContext {
                 "file not found",
             )
         })?;
-        let processor_config =
-            read_json(&dir.join("preprocessor_config.json"))?.unwrap_or_default();
+        let (processor_config, processor_config_file) = processor_config(dir)?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer = if tokenizer_path.exists() {
             let tokenizer = Tokenizer::from_file(&tokenizer_path)
@@ -76,6 +79,7 @@ impl ModelContext {
             dir: Some(dir.to_path_buf()),
             config_json: config,
             processor_config_json: processor_config,
+            processor_config_file,
             tokenizer,
             parsed: Mutex::default(),
         })
@@ -141,9 +145,10 @@ impl ModelContext {
         self.parse_cached(&self.config_json, "config.json")
     }
 
-    /// preprocessor_config.json parsed as `T`, parsed once and cached.
+    /// The image processor's config (preprocessor_config.json, or processor_config.json's
+    /// `image_processor`) parsed as `T`, parsed once and cached.
     pub fn processor_config<T: DeserializeOwned + Send + Sync + 'static>(&self) -> Result<Arc<T>> {
-        self.parse_cached(&self.processor_config_json, "preprocessor_config.json")
+        self.parse_cached(&self.processor_config_json, self.processor_config_file)
     }
 
     fn parse_cached<T: DeserializeOwned + Send + Sync + 'static>(
@@ -170,6 +175,24 @@ impl ModelContext {
             None => file.to_owned(),
         }
     }
+}
+
+const PREPROCESSOR_CONFIG: &str = "preprocessor_config.json";
+const PROCESSOR_CONFIG_IMAGE: &str = "processor_config.json (image_processor)";
+
+/// The image processor's settings: preprocessor_config.json (transformers 4.x and the hub), else the
+/// `image_processor` object nested in processor_config.json (what transformers 5 `save_pretrained`
+/// writes, with no preprocessor_config.json); `null` when neither has one.
+fn processor_config(dir: &Path) -> Result<(serde_json::Value, &'static str)> {
+    if let Some(json) = read_json(&dir.join(PREPROCESSOR_CONFIG))? {
+        return Ok((json, PREPROCESSOR_CONFIG));
+    }
+    let nested = read_json(&dir.join("processor_config.json"))?
+        .and_then(|mut p| p.get_mut("image_processor").map(serde_json::Value::take));
+    Ok(match nested {
+        Some(json) => (json, PROCESSOR_CONFIG_IMAGE),
+        None => (serde_json::Value::Null, PREPROCESSOR_CONFIG),
+    })
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {

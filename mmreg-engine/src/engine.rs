@@ -3,7 +3,7 @@
 //! decodes over one paged KV cache sized at startup by profiling the registered dummy data.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -37,7 +37,9 @@ pub struct EngineOptions {
     pub max_num_batched_tokens: usize,
     /// Share of the GPU's memory the engine may use (weights, activations and KV cache).
     pub gpu_memory_utilization: f64,
-    /// KV cache size on the CPU, where there is no memory profile.
+    /// KV cache size on the CPU, where there is no memory profile. 0 (the default): room for
+    /// `max_num_seqs` sequences of `max_model_len` tokens, at most half the memory still available once
+    /// the weights are loaded, and at least one sequence.
     pub cpu_kv_cache_bytes: usize,
     /// Tokens per KV-cache block.
     pub block_size: usize,
@@ -65,7 +67,7 @@ impl Default for EngineOptions {
             max_num_seqs: 64,
             max_num_batched_tokens: 8192,
             gpu_memory_utilization: 0.9,
-            cpu_kv_cache_bytes: 1 << 30,
+            cpu_kv_cache_bytes: 0,
             block_size: 16,
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             max_images_per_prompt: 4,
@@ -120,22 +122,83 @@ pub struct Completion {
     pub prompt_tokens: usize,
     /// With `top_logprobs = k`: the k most likely ids at each generated position.
     pub top_tokens: Vec<Vec<u32>>,
+    /// With `logprobs` or `top_logprobs` asked for: one entry per generated token.
+    pub logprobs: Vec<TokenLogprobs>,
 }
 
-/// What a request's stream carries: its tokens as they come, then its end.
+/// Log-probabilities at one generated position, from the model's raw distribution (before temperature,
+/// top-k and top-p), as OpenAI's API and vLLM report them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// The `top_logprobs` most likely `(token, logprob)`, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What a request's stream carries: its tokens as they come, then its end. With logprobs asked for,
+/// each `Token` is preceded by the `Logprobs` of its position.
 #[derive(Debug)]
 pub enum Event {
     Token(u32),
+    Logprobs(TokenLogprobs),
     Finished(Completion),
     Failed(Error),
 }
 
-/// A submitted request's stream of events.
+/// Cancels a submitted request: the scheduler drops it before its next step (or before its prefill, if
+/// it is still waiting) and frees its KV-cache blocks. Cancelling a finished request does nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Canceller(Arc<AtomicBool>);
+
+impl Canceller {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Where a request's events go, and whether its receiver still wants them.
+pub(crate) struct EventSink {
+    deliver: Box<dyn Fn(Event) -> bool + Send>,
+    canceller: Canceller,
+}
+
+impl EventSink {
+    /// Delivers an event; a receiver that has gone away cancels the request.
+    pub(crate) fn send(&self, event: Event) {
+        if !(self.deliver)(event) {
+            self.canceller.cancel();
+        }
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.canceller.is_cancelled()
+    }
+}
+
+/// A submitted request's stream of events. Dropping the handle before the end cancels the request
+/// (a client that went away should not hold KV-cache blocks).
 pub struct RequestHandle {
     events: Receiver<Event>,
+    canceller: Canceller,
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        self.canceller.cancel();
+    }
 }
 
 impl RequestHandle {
+    /// Cancels the request; its stream ends without `Finished`.
+    pub fn cancel(&self) {
+        self.canceller.cancel();
+    }
+
     /// The next event; `None` once the request has finished or failed.
     pub fn next_event(&self) -> Option<Event> {
         self.events.recv().ok()
@@ -145,7 +208,7 @@ impl RequestHandle {
     pub fn wait(self) -> Result<Completion> {
         while let Ok(event) = self.events.recv() {
             match event {
-                Event::Token(_) => {}
+                Event::Token(_) | Event::Logprobs(_) => {}
                 Event::Finished(completion) => return Ok(completion),
                 Event::Failed(error) => return Err(error),
             }
@@ -162,6 +225,8 @@ pub struct EngineProfile {
     pub weights_bytes: Option<u64>,
     pub peak_activation_bytes: Option<u64>,
     pub total_device_bytes: Option<u64>,
+    /// Free device memory before the weights were loaded (what `gpu_memory_utilization` is a share of).
+    pub free_device_bytes: Option<u64>,
     /// Tokens and items of the profiling run (from the registered dummy data).
     pub dummy_prompt_tokens: usize,
     pub dummy_items: ModalityCounts,
@@ -173,13 +238,13 @@ pub struct EngineProfile {
 
 struct Job {
     request: Request,
-    events: Sender<Event>,
+    events: EventSink,
 }
 
 pub(crate) struct Ready {
     pub(crate) prepared: PreparedInputs,
     pub(crate) params: SamplingParams,
-    pub(crate) events: Sender<Event>,
+    pub(crate) events: EventSink,
 }
 
 /// Counters of the scheduler's decisions.
@@ -195,6 +260,17 @@ pub struct EngineCounters {
     /// Benchmarks only: wait for each packed step's embeddings to time them apart
     /// ([`StepTiming::embed_seconds`]); the wait itself slows the step a little.
     pub time_embeddings: std::sync::atomic::AtomicBool,
+    /// Preprocessed requests waiting for a sequence slot and KV-cache blocks (after each step).
+    pub waiting: AtomicUsize,
+    /// Sequences in the running batch (after each step).
+    pub running: AtomicUsize,
+    /// KV-cache blocks held by sequences (after each step), out of `kv_blocks_total`.
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    /// Requests cancelled (or whose receiver went away) before they finished.
+    pub cancelled: AtomicUsize,
+    /// Wall time of every step so far, in microseconds (with `steps`: the mean step time).
+    pub step_micros: AtomicU64,
 }
 
 /// One scheduler step: tokens prefilled, sequences decoded, and its wall time including sampling.
@@ -250,6 +326,10 @@ impl Engine {
             cuda::empty_cache();
             cuda::reset_peak_stats(i);
         }
+        // What is free before the weights: another process's memory is not ours to plan with.
+        let free_before_load = device_index
+            .and_then(cuda::mem_get_info)
+            .map(|(free, _)| free);
         let load = LoadOptions {
             device: options.device,
             dtype: options.dtype,
@@ -266,6 +346,7 @@ impl Engine {
             &options,
             max_model_len,
             device_index,
+            free_before_load,
         )?;
         tracing::info!(?profile, "engine ready");
 
@@ -295,6 +376,9 @@ impl Engine {
         // Fixed-shape steps keep the pool's last block as scratch space for their padding rows.
         let usable_blocks = profile.kv_blocks - usize::from(fixed_steps);
         let allocator = BlockAllocator::new(usable_blocks, profile.block_size);
+        counters
+            .kv_blocks_total
+            .store(usable_blocks, Ordering::Relaxed);
         let fixed_steps = fixed_steps.then(|| {
             FixedShapeSteps::new(
                 options.device,
@@ -341,23 +425,43 @@ impl Engine {
     /// Queues a request; its events arrive on the returned handle.
     pub fn submit(&self, request: Request) -> RequestHandle {
         let (events, rx) = mpsc::channel();
+        let canceller = self.submit_with(request, move |event| events.send(event).is_ok());
+        RequestHandle {
+            events: rx,
+            canceller,
+        }
+    }
+
+    /// Queues a request whose events are handed to `on_event` (on the engine's threads: it must not
+    /// block), for callers that are not threads waiting on a channel, such as an async server.
+    /// `on_event` returning false means the receiver has gone: the request is cancelled.
+    pub fn submit_with(
+        &self,
+        request: Request,
+        on_event: impl Fn(Event) -> bool + Send + 'static,
+    ) -> Canceller {
+        let canceller = Canceller::default();
+        let events = EventSink {
+            deliver: Box::new(on_event),
+            canceller: canceller.clone(),
+        };
         match &self.jobs {
             Some(jobs) => {
                 self.counters.preprocessing.fetch_add(1, Ordering::SeqCst);
                 if let Err(mpsc::SendError(job)) = jobs.send(Job { request, events }) {
                     self.counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
-                    let _ = job.events.send(Event::Failed(Error::Engine(
+                    job.events.send(Event::Failed(Error::Engine(
                         "the engine has stopped".into(),
                     )));
                 }
             }
             None => {
-                let _ = events.send(Event::Failed(Error::Engine(
+                events.send(Event::Failed(Error::Engine(
                     "the engine has stopped".into(),
                 )));
             }
         }
-        RequestHandle { events: rx }
+        canceller
     }
 
     /// Runs requests together and returns their results in order.
@@ -398,6 +502,11 @@ fn preprocess_loop(
         let Ok(Job { request, events }) = job else {
             return;
         };
+        if events.is_cancelled() {
+            counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
         let params = request.params.clone();
         // The model's registered functions run here; a panic in one is this request's error.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -462,13 +571,13 @@ fn preprocess_loop(
                     params,
                     events,
                 }) {
-                    let _ = ready.events.send(Event::Failed(Error::Engine(
+                    ready.events.send(Event::Failed(Error::Engine(
                         "the engine has stopped".into(),
                     )));
                 }
             }
             Err(error) => {
-                let _ = events.send(Event::Failed(error));
+                events.send(Event::Failed(error));
             }
         }
         counters.preprocessing.fetch_sub(1, Ordering::SeqCst);

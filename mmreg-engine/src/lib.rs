@@ -9,6 +9,7 @@ mod blocks;
 pub mod cuda;
 mod engine;
 pub mod generate;
+mod generation_config;
 pub mod graphs;
 pub mod kernels;
 mod profile;
@@ -20,7 +21,8 @@ pub use blocks::{
     attention_batch, set_positions, slots, step_positions, BlockAllocator, SeqPositions,
 };
 pub use engine::{
-    Completion, Engine, EngineCounters, EngineOptions, EngineProfile, Event, FinishReason,
-    ImageSource, Request, RequestHandle, StepTiming,
+    Canceller, Completion, Engine, EngineCounters, EngineOptions, EngineProfile, Event,
+    FinishReason, ImageSource, Request, RequestHandle, StepTiming, TokenLogprobs,
 };
+pub use generation_config::GenerationConfig;
 pub use sampling::SamplingParams;

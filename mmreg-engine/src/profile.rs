@@ -13,7 +13,9 @@ use crate::engine::{EngineOptions, EngineProfile};
 use crate::generate::{embed_prompt, prepare};
 
 /// Runs the registered dummy data for the worst case, measures the activation peak, and sizes the cache:
-/// `fraction × total − weights − peak activations` on CUDA, `cpu_kv_cache_bytes` on the CPU.
+/// `fraction × free − weights − peak activations` on CUDA (free: before the weights were loaded), and
+/// [`cpu_cache_bytes`] on the CPU; neither more than `max_num_seqs` sequences of `max_model_len` tokens
+/// can use.
 pub(crate) fn profile_and_allocate(
     entry: &ModelEntry,
     ctx: &ModelContext,
@@ -21,6 +23,7 @@ pub(crate) fn profile_and_allocate(
     options: &EngineOptions,
     max_model_len: usize,
     device_index: Option<usize>,
+    free_before_load: Option<u64>,
 ) -> Result<(PagedKvCache, EngineProfile)> {
     let weights_bytes = device_index
         .and_then(cuda::memory_stats)
@@ -83,19 +86,40 @@ pub(crate) fn profile_and_allocate(
         cuda::empty_cache();
         cuda::reset_peak_stats(i);
     }
-    let kv_cache_bytes = match (total, weights_bytes, peak_activation_bytes) {
-        (Some(total), Some(weights), Some(activations)) => {
-            let budget = (total as f64 * options.gpu_memory_utilization) as u64;
-            budget.checked_sub(weights + activations).ok_or_else(|| {
-                Error::Engine(format!(
-                    "no memory is left for the KV cache: {} usable ({} of {}) < weights {} + activations {}; raise gpu_memory_utilization or lower max_num_batched_tokens",
-                    human(budget), options.gpu_memory_utilization, human(total), human(weights), human(activations)
-                ))
-            })?
-        }
-        _ => options.cpu_kv_cache_bytes as u64,
-    };
     let spec = model.kv_cache_spec();
+    let bytes_per_token = (spec.bytes_per_token()) as u64;
+    // More than every sequence slot filled to max_model_len is memory no step can use.
+    let useful = bytes_per_token * (options.max_num_seqs.max(1) * max_model_len) as u64;
+    let kv_cache_bytes = match (
+        free_before_load.or(total),
+        weights_bytes,
+        peak_activation_bytes,
+    ) {
+        (Some(free), Some(weights), Some(activations)) => {
+            let budget = (free as f64 * options.gpu_memory_utilization) as u64;
+            let left = budget.checked_sub(weights + activations).ok_or_else(|| {
+                Error::Engine(format!(
+                    "no memory is left for the KV cache: {} usable ({} of {} free) < weights {} + activations {}; raise gpu_memory_utilization, free the device or lower max_num_batched_tokens",
+                    human(budget), options.gpu_memory_utilization, human(free), human(weights), human(activations)
+                ))
+            })?;
+            tracing::info!(
+                free = %human(free),
+                gpu_memory_utilization = options.gpu_memory_utilization,
+                weights = %human(weights),
+                activations = %human(activations),
+                left = %human(left),
+                "KV cache budget on the GPU"
+            );
+            left.min(useful)
+        }
+        _ if options.cpu_kv_cache_bytes > 0 => options.cpu_kv_cache_bytes as u64,
+        _ => cpu_cache_bytes(
+            useful,
+            bytes_per_token * max_model_len as u64,
+            available_memory(),
+        ),
+    };
     let kv_blocks =
         (kv_cache_bytes / (spec.bytes_per_token() * options.block_size) as u64) as usize;
     let capacity = kv_blocks * options.block_size;
@@ -106,11 +130,20 @@ pub(crate) fn profile_and_allocate(
             human(kv_cache_bytes)
         )));
     }
+    tracing::info!(
+        kv_cache = %human(kv_cache_bytes),
+        blocks = kv_blocks,
+        tokens = capacity,
+        max_model_len,
+        max_num_seqs = options.max_num_seqs,
+        "KV cache sized"
+    );
     let cache = PagedKvCache::new(spec, kv_blocks, options.block_size, model.device())?;
     let profile = EngineProfile {
         weights_bytes,
         peak_activation_bytes,
         total_device_bytes: total,
+        free_device_bytes: free_before_load,
         dummy_prompt_tokens,
         dummy_items,
         kv_cache_bytes,
@@ -121,10 +154,39 @@ pub(crate) fn profile_and_allocate(
     Ok((cache, profile))
 }
 
+/// The CPU cache without a size given: what the sequence slots can use (`useful`), at most half the
+/// memory still available, but at least one sequence of `max_model_len` (`one_sequence`), so that a
+/// machine too small fails at startup with the numbers rather than later.
+fn cpu_cache_bytes(useful: u64, one_sequence: u64, available: Option<u64>) -> u64 {
+    let cap = available.map_or(useful, |a| a / 2);
+    useful.min(cap).max(one_sequence)
+}
+
+/// `MemAvailable` from /proc/meminfo (Linux), in bytes.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn human(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64),
         b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
         b => format!("{b} bytes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_cache_bytes;
+
+    #[test]
+    fn the_cpu_cache_fills_the_slots_within_half_the_available_memory_and_holds_one_sequence() {
+        assert_eq!(cpu_cache_bytes(100, 10, Some(1000)), 100);
+        assert_eq!(cpu_cache_bytes(100, 10, Some(120)), 60);
+        assert_eq!(cpu_cache_bytes(100, 10, Some(4)), 10);
+        assert_eq!(cpu_cache_bytes(100, 10, None), 100);
     }
 }

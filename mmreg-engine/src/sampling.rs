@@ -7,6 +7,8 @@ use tch::{Device, Kind, Tensor};
 
 use mmreg_core::Result;
 
+use crate::engine::TokenLogprobs;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     pub max_tokens: usize,
@@ -21,8 +23,11 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Generation stops when the text ends with any of these (which are cut from the text).
     pub stop: Vec<String>,
-    /// Also return the ids of the `top_logprobs` most likely tokens at each step (0: none).
+    /// Also return the ids of the `top_logprobs` most likely tokens at each step (0: none), and with
+    /// their log-probabilities in [`Completion::logprobs`](crate::Completion::logprobs).
     pub top_logprobs: usize,
+    /// Return the log-probability of each generated token ([`Completion::logprobs`](crate::Completion::logprobs)).
+    pub logprobs: bool,
 }
 
 impl Default for SamplingParams {
@@ -36,6 +41,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             stop: Vec::new(),
             top_logprobs: 0,
+            logprobs: false,
         }
     }
 }
@@ -48,6 +54,34 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+
+    /// Whether log-probabilities are asked for.
+    pub fn wants_logprobs(&self) -> bool {
+        self.logprobs || self.top_logprobs > 0
+    }
+}
+
+/// The log-probability of `token` and the `k` most likely tokens in a `[vocab]` (or `[1, vocab]`) logits
+/// row, under the model's raw distribution.
+pub fn token_logprobs(logits: &Tensor, token: u32, k: usize) -> Result<TokenLogprobs> {
+    let logprobs = logits
+        .f_to_kind(Kind::Float)?
+        .flatten(0, -1)
+        .f_log_softmax(0, Kind::Float)?;
+    let logprob = logprobs.f_double_value(&[i64::from(token)])? as f32;
+    let top = if k == 0 {
+        Vec::new()
+    } else {
+        let (values, ids) = logprobs.f_topk(k as i64, 0, true, true)?;
+        let values = Vec::<f32>::try_from(values.to_device(Device::Cpu))?;
+        let ids = Vec::<i64>::try_from(ids.to_device(Device::Cpu))?;
+        ids.into_iter().map(|t| t as u32).zip(values).collect()
+    };
+    Ok(TokenLogprobs {
+        token,
+        logprob,
+        top,
+    })
 }
 
 /// Picks a request's next token from its logits row.

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use tch::{Device, Tensor};
@@ -13,10 +13,11 @@ use mmreg_core::{Error, ModelContext, MultiModalModel, PagedKvCache, Result, Ste
 
 use crate::blocks::{attention_batch, set_positions, BlockAllocator, SeqPositions};
 use crate::engine::{
-    Completion, EngineCounters, EngineOptions, Event, FinishReason, Ready, StepTiming,
+    Completion, EngineCounters, EngineOptions, Event, EventSink, FinishReason, Ready, StepTiming,
+    TokenLogprobs,
 };
 use crate::generate::{embed_prompts, top_token_ids, PreparedInputs};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{token_logprobs, Sampler, SamplingParams};
 use crate::step_graphs::{DecodeRow, FixedShapeSteps};
 
 /// A request inside the scheduler.
@@ -24,9 +25,10 @@ struct Sequence {
     prepared: PreparedInputs,
     params: SamplingParams,
     sampler: Sampler,
-    events: Sender<Event>,
+    events: EventSink,
     generated: Vec<u32>,
     top_tokens: Vec<Vec<u32>>,
+    logprobs: Vec<TokenLogprobs>,
     blocks: Vec<u32>,
     /// Tokens whose keys and values are in the cache.
     cached: usize,
@@ -123,13 +125,46 @@ impl Scheduler {
                 // A failed step fails the sequences in it; the engine carries on.
                 let message = error.to_string();
                 for seq in self.running.drain(..) {
-                    let _ = seq.events.send(Event::Failed(Error::Engine(format!(
+                    seq.events.send(Event::Failed(Error::Engine(format!(
                         "model step failed: {message}"
                     ))));
                     self.allocator.release(&mut { seq.blocks });
                 }
             }
+            self.publish_state();
         }
+    }
+
+    /// Drops the sequences whose request was cancelled (or whose receiver went away), freeing their
+    /// blocks, so a client that left costs at most the step it left in.
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len() + self.running.len();
+        let allocator = &mut self.allocator;
+        let mut keep = |seq: &mut Sequence| {
+            if seq.events.is_cancelled() {
+                allocator.release(&mut seq.blocks);
+                false
+            } else {
+                true
+            }
+        };
+        self.waiting.retain_mut(&mut keep);
+        self.running.retain_mut(&mut keep);
+        let dropped = before - self.waiting.len() - self.running.len();
+        self.counters
+            .cancelled
+            .fetch_add(dropped, Ordering::Relaxed);
+    }
+
+    /// Queue depth and KV-cache use, for metrics.
+    fn publish_state(&self) {
+        let c = &self.counters;
+        c.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        c.running.store(self.running.len(), Ordering::Relaxed);
+        c.kv_blocks_used.store(
+            self.allocator.total_blocks() - self.allocator.free_blocks(),
+            Ordering::Relaxed,
+        );
     }
 
     fn enqueue(&mut self, ready: Ready) {
@@ -140,6 +175,7 @@ impl Scheduler {
             events: ready.events,
             generated: Vec::new(),
             top_tokens: Vec::new(),
+            logprobs: Vec::new(),
             blocks: Vec::new(),
             cached: 0,
         });
@@ -148,6 +184,7 @@ impl Scheduler {
     /// Admits waiting sequences that fit, makes room for every decode (preempting the newest sequences
     /// if the pool runs dry; they are recomputed later), and runs one step.
     fn step(&mut self) -> Result<()> {
+        self.drop_cancelled();
         let mut budget = self
             .max_num_batched_tokens
             .saturating_sub(self.running.len());
@@ -182,7 +219,7 @@ impl Scheduler {
                     self.allocator.total_blocks(),
                     seq.len()
                 ));
-                let _ = seq.events.send(Event::Failed(error));
+                seq.events.send(Event::Failed(error));
             }
             return Ok(());
         }
@@ -250,8 +287,14 @@ impl Scheduler {
             } else {
                 seq.sampler.sample(&logits.get(row as i64))?
             };
+            if seq.params.wants_logprobs() {
+                let logprobs =
+                    token_logprobs(&logits.get(row as i64), token, seq.params.top_logprobs)?;
+                seq.logprobs.push(logprobs.clone());
+                seq.events.send(Event::Logprobs(logprobs));
+            }
             seq.generated.push(token);
-            let _ = seq.events.send(Event::Token(token));
+            seq.events.send(Event::Token(token));
             if let Some(reason) = finish_reason(&self.ctx, self.max_model_len, seq) {
                 finished.push((row, reason));
             }
@@ -270,9 +313,13 @@ impl Scheduler {
                 finish_reason: reason,
                 prompt_tokens,
                 top_tokens: seq.top_tokens,
+                logprobs: seq.logprobs,
             };
-            let _ = seq.events.send(Event::Finished(completion));
+            seq.events.send(Event::Finished(completion));
         }
+        self.counters
+            .step_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(())
     }
 }

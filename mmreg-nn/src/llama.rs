@@ -29,10 +29,15 @@ pub struct TextConfigJson {
     pub rope_parameters: Option<RopeScaling>,
     pub rope_scaling: Option<RopeScaling>,
     pub eos_token_id: Option<serde_json::Value>,
-    pub tie_word_embeddings: Option<bool>,
-    /// Biases on the q/k/v (and o) projections; Qwen2's q/k/v always have them.
+    /// Keys that change the numbers: implemented where this decoder can (`tie_word_embeddings`;
+    /// `sliding_window`, by keeping sequences within the window), refused by name otherwise
+    /// ([`TextConfigJson::refuse_unimplemented`]). Qwen2's q/k/v always have biases.
     pub attention_bias: Option<bool>,
+    pub mlp_bias: Option<bool>,
+    pub sliding_window: Option<usize>,
+    /// Qwen2's switch for `sliding_window`; off in the released Qwen2-VL checkpoints.
     pub use_sliding_window: Option<bool>,
+    pub tie_word_embeddings: Option<bool>,
 }
 
 /// The resolved decoder configuration.
@@ -76,18 +81,7 @@ impl TextConfigJson {
                 ))
             }
         };
-        if self.use_sliding_window == Some(true) {
-            return Err(Error::config(
-                "config.json",
-                "use_sliding_window: sliding-window attention is not implemented for this decoder",
-            ));
-        }
-        if self.attention_bias == Some(true) && !qwen2 {
-            return Err(Error::config(
-                "config.json",
-                "attention_bias: biased attention projections are not implemented for llama/mistral",
-            ));
-        }
+        self.refuse_unimplemented(qwen2)?;
         let rope = self.rope_parameters.as_ref().or(self.rope_scaling.as_ref());
         let rope_kind = RopeKind::from_config(rope)?;
         let hidden_size = self.hidden_size.unwrap_or(4096);
@@ -111,11 +105,12 @@ impl TextConfigJson {
                 .head_dim
                 .unwrap_or(hidden_size / num_attention_heads.max(1)),
             hidden_act: self.hidden_act.clone().unwrap_or_else(|| "silu".into()),
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(if mistral {
-                4096 * 32
-            } else {
-                2048
-            }),
+            // Attention limited to a window changes nothing for sequences that fit in it: keeping every
+            // sequence within the window computes what HF computes.
+            max_position_embeddings: self
+                .max_position_embeddings
+                .unwrap_or(if mistral { 4096 * 32 } else { 2048 })
+                .min(self.sliding_window.unwrap_or(usize::MAX)),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             rope_theta: self
                 .rope_parameters
@@ -154,6 +149,37 @@ impl TextConfigJson {
             ));
         }
         Ok(config)
+    }
+}
+
+impl TextConfigJson {
+    /// An error naming each key set to a value this decoder does not compute, rather than results
+    /// that silently differ from HF's.
+    pub fn refuse_unimplemented(&self, qwen2: bool) -> Result<()> {
+        let refused: Vec<&str> = [
+            (
+                self.attention_bias == Some(true) && !qwen2,
+                "attention_bias: true",
+            ),
+            (self.mlp_bias == Some(true), "mlp_bias: true"),
+            (
+                self.use_sliding_window == Some(true),
+                "use_sliding_window: true",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(set, key)| set.then_some(key))
+        .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(Error::config(
+            "config.json",
+            format!(
+                "text_config: {} not supported by the Llama/Mistral decoder",
+                refused.join(", ")
+            ),
+        ))
     }
 }
 
@@ -365,5 +391,41 @@ impl LanguageModel for Llama {
 
     fn supports_cuda_graphs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::TextConfigJson;
+
+    fn parse(json: serde_json::Value) -> TextConfigJson {
+        serde_json::from_value(json).expect("parses")
+    }
+
+    #[test]
+    fn keys_that_change_the_numbers_are_refused_by_name() {
+        let error = parse(serde_json::json!({"attention_bias": true, "mlp_bias": true}))
+            .resolve()
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("attention_bias: true, mlp_bias: true not supported"),
+            "{error}"
+        );
+        assert!(parse(serde_json::json!({"attention_bias": false}))
+            .resolve()
+            .is_ok());
+    }
+
+    #[test]
+    fn a_sliding_window_keeps_sequences_within_it() {
+        let config = parse(serde_json::json!({"model_type": "mistral", "max_position_embeddings": 32768, "sliding_window": 4096}))
+            .resolve()
+            .expect("resolves");
+        assert_eq!(config.max_position_embeddings, 4096);
+        let null = parse(serde_json::json!({"model_type": "mistral", "sliding_window": null}))
+            .resolve()
+            .expect("resolves");
+        assert_eq!(null.max_position_embeddings, 4096 * 32);
     }
 }

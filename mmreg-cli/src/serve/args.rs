@@ -1,0 +1,109 @@
+//! `mmreg serve`'s flags, named as vLLM's `vllm serve` names them where it has the same one.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Checkpoint directory; default: the embedded demo model.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one. The address is printed on stdout once the server listens.
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients send and `/v1/models` lists; default: --model as given.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Require `Authorization: Bearer KEY` on /v1/ routes (also read from $MMREG_API_KEY).
+    #[arg(long, env = "MMREG_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Longest sequence (prompt and output); default: the model's.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Share of the GPU's free memory the engine may use (weights, activations and KV cache).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
+    /// Items per prompt, `image=N` (or vLLM's JSON form `{"image": N}`).
+    #[arg(long, value_parser = parse_limit_mm, default_value = "image=4")]
+    pub limit_mm_per_prompt: usize,
+    /// A chat template (a file, or the template itself) used instead of the checkpoint's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// Hosts http(s) image URLs may be fetched from (comma-separated, or repeated); `*` allows any.
+    /// Without it, http(s) image URLs are refused.
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_media_domains: Vec<String>,
+    /// Serve `file://` image URLs from under this directory (and nowhere else).
+    #[arg(long)]
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Seconds an image download may take.
+    #[arg(long, default_value_t = 10.0)]
+    pub media_fetch_timeout: f64,
+    /// Largest image download or file, in MiB.
+    #[arg(long, default_value_t = 20.0)]
+    pub max_media_mib: f64,
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Requests that may wait beyond the --max-num-seqs running ones; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 256)]
+    pub max_waiting_requests: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, bf16, f16, or auto: f32 on the CPU, the checkpoint's `torch_dtype` on CUDA.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// KV cache size on the CPU, in GiB; default: room for --max-num-seqs sequences of --max-model-len
+    /// tokens, within half the available memory.
+    #[arg(long)]
+    pub cpu_kv_cache_gib: Option<f64>,
+}
+
+/// `image=N`, `{"image": N}`; other modalities are refused by name.
+fn parse_limit_mm(text: &str) -> Result<usize> {
+    let pairs: Vec<(String, serde_json::Value)> = if text.trim_start().starts_with('{') {
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)?
+            .into_iter()
+            .collect()
+    } else {
+        text.split(',')
+            .map(|pair| {
+                let (key, value) = pair
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("`{pair}`: expected MODALITY=N"))?;
+                Ok((key.trim().to_owned(), value.trim().parse::<u64>()?.into()))
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut images = None;
+    for (key, value) in pairs {
+        match (key.as_str(), value.as_u64()) {
+            ("image", Some(n)) => images = Some(n as usize),
+            ("image", None) => bail!("image: `{value}` is not a count"),
+            (other, _) => bail!("`{other}`: this server takes images only"),
+        }
+    }
+    images.ok_or_else(|| anyhow::anyhow!("expected image=N"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_limit_mm;
+
+    #[test]
+    fn image_limits_parse_in_both_of_vllms_forms() {
+        assert_eq!(parse_limit_mm("image=2").unwrap(), 2);
+        assert_eq!(parse_limit_mm(r#"{"image": 3}"#).unwrap(), 3);
+        assert!(parse_limit_mm("video=1")
+            .unwrap_err()
+            .to_string()
+            .contains("`video`"));
+        assert!(parse_limit_mm("image").is_err());
+    }
+}
