@@ -7,8 +7,8 @@ use std::path::Path;
 use image::DynamicImage;
 
 use crate::{
-    select_best_resolution, ClipImageProcessor, LlavaNextImageProcessor, PreprocessorConfig,
-    DEFAULT_GRID_PINPOINTS,
+    select_best_resolution, smart_resize, ClipImageProcessor, LlavaNextImageProcessor,
+    PreprocessorConfig, Qwen2VlImageProcessor, DEFAULT_GRID_PINPOINTS,
 };
 
 /// Keeps each run fast: images are bounded far below the production limit.
@@ -82,6 +82,54 @@ pub fn best_resolution(bytes: &[u8]) {
         .collect();
     let _ = select_best_resolution((*h, *w), &pinpoints);
     let _ = select_best_resolution((*h, *w), &defaults);
+}
+
+/// Arbitrary bytes as an image file, through the Qwen2-VL processor as an image (default and small
+/// pixel bounds) and as a three-frame video.
+pub fn qwen2_vl_decode_and_preprocess(bytes: &[u8]) {
+    let Ok(image) = crate::decode(bytes, MAX_FUZZ_PIXELS) else {
+        return;
+    };
+    let processor = |json: &str| {
+        let config = PreprocessorConfig::from_json_str(json).expect("a valid config");
+        Qwen2VlImageProcessor::new(&config).expect("a valid Qwen2-VL config")
+    };
+    // Default bounds: at most about 2^20 pixels out, like the input.
+    let _ = processor("{}").preprocess(&image);
+    let small = processor(r#"{"min_pixels": 3136, "max_pixels": 50176}"#);
+    let _ = small.preprocess(&image);
+    let _ = small.preprocess_video(&[image.clone(), image.clone(), image]);
+}
+
+/// Arbitrary numbers as image sizes and Qwen2-VL settings, through `smart_resize`, the grids and
+/// the search for the largest grid.
+pub fn qwen2_vl_sizes(bytes: &[u8]) {
+    let numbers: Vec<usize> = bytes
+        .chunks(4)
+        .map(|c| c.iter().fold(0usize, |n, &b| n << 8 | b as usize))
+        .collect();
+    let [h, w, lo, hi, patch, merge, frames, ..] = numbers[..] else {
+        return;
+    };
+    let _ = smart_resize(h, w, patch, lo, hi);
+    let json = format!(
+        r#"{{"min_pixels": {lo}, "max_pixels": {hi}, "patch_size": {patch}, "merge_size": {merge}}}"#
+    );
+    let Ok(processor) = PreprocessorConfig::from_json_str(&json)
+        .and_then(|config| Qwen2VlImageProcessor::new(&config))
+    else {
+        return;
+    };
+    let _ = processor.grid(h, w);
+    let _ = processor.video_grid(frames, h, w);
+    // The search is O(sqrt(max_pixels) / factor) plus a band of small inputs (up to factor / 2
+    // wide): keep each run short.
+    let f = processor.factor();
+    if f <= 64 && hi / (f * f) <= 1 << 14 && lo / (f * f) <= 1 << 14 {
+        let grid = processor.max_grid();
+        let (h, w) = processor.largest_size();
+        assert_eq!(processor.grid(h, w).ok(), Some(grid), "{json}");
+    }
 }
 
 /// Runs every file in `dir` (a `fuzz/regressions/<target>/` folder, absent while it would be empty)

@@ -18,6 +18,11 @@ fn fuzz_regressions_return_normally() {
     ) + replay(
         &regressions("preprocessor_config"),
         fuzz::config_then_preprocess,
-    ) + replay(&regressions("best_resolution"), fuzz::best_resolution);
+    ) + replay(&regressions("best_resolution"), fuzz::best_resolution)
+        + replay(
+            &regressions("qwen2_vl_decode_and_preprocess"),
+            fuzz::qwen2_vl_decode_and_preprocess,
+        )
+        + replay(&regressions("qwen2_vl_sizes"), fuzz::qwen2_vl_sizes);
     assert!(total > 0, "no regression inputs found");
 }

@@ -20,9 +20,10 @@
 
 use super::{Qwen2VlImageProcessor, MAX_ASPECT_RATIO};
 
-/// Inputs the ceiling-branch enumeration may visit, a safety valve that no config with
-/// `max_pixels >= min_pixels` comes near (the band it enumerates is narrow).
-const CEILING_BUDGET: u64 = 50_000_000;
+/// Inputs the ceiling-branch enumeration may visit. Fixed-size configs (`min_pixels ==
+/// max_pixels`, up to 16384 tokens' worth) visit under a million; only `min_pixels` far above
+/// `max_pixels`, or factors in the thousands, reach it, and may then get a slight underestimate.
+const CEILING_BUDGET: u64 = 5_000_000;
 
 /// The best input found so far and the size it resizes to.
 struct Best<'a> {
@@ -121,15 +122,20 @@ impl Qwen2VlImageProcessor {
         let f = self.factor();
         let limit = MAX_ASPECT_RATIO as usize;
         // Small inputs at and just under the ratio limit, where the branch overshoots most.
-        for h in 1..=f + 1 {
+        for h in 1..=(f + 1).min(64) {
             for under in 0..3 {
                 best.consider(h, limit * h - under);
             }
         }
         let ff = (f * f) as f64;
         let v = self.min_pixels as f64 / ff;
-        let need = best.area() as f64 / ff - v - 1.0;
+        let best_units = best.area() as f64 / ff;
         let z_max = (limit as f64 * v).sqrt();
+        // Long side at most ceil(z_max) units, short side at most ceil(sqrt(v)).
+        if z_max.ceil() * v.sqrt().ceil() <= best_units {
+            return;
+        }
+        let need = best_units - v - 1.0;
         if z_max + v / z_max < need {
             return;
         }
