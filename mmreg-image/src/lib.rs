@@ -1,9 +1,10 @@
-//! PIL-compatible image processors for LLaVA-style models, in pure Rust.
+//! PIL-compatible image processors for LLaVA-style and Qwen2-VL models, in pure Rust.
 //!
 //! The processors reproduce Hugging Face transformers' PIL backend (`CLIPImageProcessorPil`,
-//! `LlavaNextImageProcessorPil`, transformers 5.17 with Pillow 13) **bit for bit**: same `u8`
-//! resize (Pillow's fixed-point bicubic), same crop/pad geometry, same `f32` rounding in
-//! rescale and normalize. `tests/hf_parity.rs` checks SHA-256 hashes of HF's outputs.
+//! `LlavaNextImageProcessorPil`, `Qwen2VLImageProcessorPil`, transformers 5.17 with Pillow 13)
+//! **bit for bit**: same `u8` resize (Pillow's fixed-point bicubic), same crop/pad geometry, same
+//! `f32` rounding in rescale and normalize, same patch layout. `tests/hf_parity.rs` and
+//! `tests/qwen2_vl_parity.rs` check SHA-256 hashes of HF's outputs.
 //!
 //! ```no_run
 //! use mmreg_image::ClipImageProcessor;

@@ -8,9 +8,10 @@
 //! patches at a time: the order in which the vision tower's merger folds them into one token.
 //!
 //! Images are bit-exact with `Qwen2VLImageProcessorPil` (transformers 5.17). transformers has no
-//! PIL video processor: frames go through the same PIL-backend steps as images, then HF's video
-//! layout (`Qwen2VLVideoProcessor.patchify`, which pads a video by repeating its last frame).
-//! docs/preprocessing.md says how far HF's torchvision-only video processor is from that.
+//! PIL video processor: frames are resized with PIL's bicubic like images, then rescaled,
+//! normalized and laid out as HF's torchvision-only `Qwen2VLVideoProcessor` does (its fused
+//! normalization; padding by repeating the last frame). docs/preprocessing.md says how far that
+//! processor's own resize is from PIL's.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -163,7 +163,10 @@ fn image_is_a_one_frame_video() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(worst < 1e-6, "{worst}");
-    assert!(worst > 0.0, "the video path should round as HF's fused normalize does");
+    assert!(
+        worst > 0.0,
+        "the video path should round as HF's fused normalize does"
+    );
     assert_eq!(p.num_tokens(image.grid_thw), 6);
 }
 
