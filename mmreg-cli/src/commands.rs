@@ -89,9 +89,10 @@ pub struct CheckArgs {
     /// A checkpoint directory: use its configs, and load its weights to check the model's embeddings.
     #[arg(long = "model-dir")]
     pub model_dir: Option<PathBuf>,
-    /// Sequence length the dummy data is asked to fill.
-    #[arg(long, default_value_t = 4096)]
-    pub seq_len: usize,
+    /// Sequence length the dummy data is asked to fill; default: 4096, or more where one costliest
+    /// item of each modality needs it (a long video, say).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
 }
 
 pub fn check(args: &CheckArgs) -> Result<()> {
@@ -107,7 +108,20 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         None => None,
     };
     for entry in entries {
-        let report = mmreg_core::check::check_model(entry, &ctx, args.seq_len, model.as_deref())
+        let seq_len = match args.seq_len {
+            Some(seq_len) => seq_len,
+            None => {
+                let items = entry
+                    .modalities()
+                    .into_iter()
+                    .map(|m| entry.max_tokens(&ctx, m))
+                    .sum::<mmreg_core::Result<usize>>()
+                    .with_context(|| format!("max tokens of {}", entry.id.path))?;
+                // Room for the items and some text around them.
+                4096.max(items + 64)
+            }
+        };
+        let report = mmreg_core::check::check_model(entry, &ctx, seq_len, model.as_deref())
             .with_context(|| format!("checking {}", entry.id.path))?;
         println!(
             "ok  {}  dummy prompt: {} tokens",

@@ -322,6 +322,8 @@ impl Llama {
         let embed_tokens =
             Embedding::load(&loader.pp("embed_tokens"), c.vocab_size, c.hidden_size)?;
         let lm_head = if c.tie_word_embeddings {
+            // Some tied checkpoints still ship a copy as `lm_head.weight`; the embeddings are what HF reads.
+            lm_head.skip_all();
             Linear::from_weight(embed_tokens.weight().shallow_clone(), None)
         } else {
             Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
