@@ -368,7 +368,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             stop_token_ids: Vec::new(),
             ignore_eos: None,
         };
-        let completion = engine.submit(args.request(line, &eos)).wait()?;
+        let completion = engine.submit(args.request(line, eos)).wait()?;
         if args.json {
             println!("{}", completion_json(&completion, args.top_logprobs));
         } else {
@@ -392,7 +392,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
                         i + 1
                     ))
                 }
-                Ok(line) => Ok(engine.submit(args.request(line, &eos))),
+                Ok(line) => Ok(engine.submit(args.request(line, eos))),
                 Err(e) => Err(format!("line {}: invalid request: {e}", i + 1)),
             },
         )
