@@ -14,11 +14,16 @@ import json, os, shutil, subprocess, sys, tempfile, time
 
 import torch
 from PIL import Image
-from transformers import (AutoImageProcessor, AutoProcessor, Qwen2VLConfig,
+from transformers import (AutoImageProcessor, AutoProcessor, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                           Qwen2VLForConditionalGeneration)
 
 RUN = sys.argv[1] if len(sys.argv) > 1 else "gpu-stage/run.sh"
-CKPT = os.environ.get("CKPT", "/tmp/qwen2-vl-7b-random")
+# MODEL=qwen2_5 runs the same checks on Qwen2.5-VL-7B's shapes (windowed ViT attention).
+QWEN25 = os.environ.get("MODEL") == "qwen2_5"
+NAME = "Qwen2.5-VL-7B" if QWEN25 else "Qwen2-VL-7B"
+MODEL_CLASS = Qwen2_5_VLForConditionalGeneration if QWEN25 else Qwen2VLForConditionalGeneration
+CKPT = os.environ.get("CKPT", "/tmp/qwen2_5-vl-7b-random" if QWEN25 else "/tmp/qwen2-vl-7b-random")
 FIXTURE = "fixtures/qwen2-vl-tiny"
 IMAGE = "fixtures/images/next_480x640.png"
 PROMPT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -35,6 +40,8 @@ PROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merg
 
 
 def make_checkpoint():
+    if QWEN25:
+        return make_checkpoint_25()
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
@@ -46,9 +53,29 @@ def make_checkpoint():
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
         tie_word_embeddings=False)
     config.architectures = ["Qwen2VLForConditionalGeneration"]
+    return save(config)
+
+
+def make_checkpoint_25():
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                         max_position_embeddings=128000,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                          "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, hidden_act="silu",
+                           out_hidden_size=3584, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return save(config)
+
+
+def save(config):
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+        model = MODEL_CLASS._from_config(config, dtype=torch.bfloat16)
     model.eval()
     t = time.time()
     model.save_pretrained(CKPT)
@@ -133,7 +160,7 @@ def main():
     if not os.path.exists(f"{CKPT}/config.json"):
         model = make_checkpoint()
     else:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(CKPT, dtype=torch.bfloat16, device_map="cuda")
+        model = MODEL_CLASS.from_pretrained(CKPT, dtype=torch.bfloat16, device_map="cuda")
     model.eval()
     proc = processor()
     hf_tokens, hf_top5, prompt_len = hf_greedy(model, proc)
@@ -155,17 +182,18 @@ def main():
     bench = json.loads(mmreg(["bench", "--model", CKPT, "--image", IMAGE, "--prompt", PROMPT, "--batch", "1,8",
                               "--max-tokens", str(DECODE), "--device", "cuda", "--dtype", "bf16"])
                        .strip().splitlines()[-1])
-    print(f"## {torch.cuda.get_device_name(0)}: Qwen2-VL-7B shapes, random bf16, prompt {prompt_len} tokens "
+    print(f"## {torch.cuda.get_device_name(0)}: {NAME} shapes, random bf16, prompt {prompt_len} tokens "
           f"(one 480x640 image)")
     print("| metric | mmreg | HF transformers (generate, sdpa) |")
     for key in ["prefill_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8"]:
         print(f"| {key} | {bench.get(key, float('nan')):.1f} | {hf[key]:.1f} |")
     print(f"| top-5 agreement, steps | {agree}/{STEPS} | |")
-    result = {"gpu": torch.cuda.get_device_name(0), "prompt_tokens": prompt_len, "hf": hf, "mmreg": bench,
+    result = {"gpu": torch.cuda.get_device_name(0), "model": NAME, "prompt_tokens": prompt_len, "hf": hf,
+              "mmreg": bench,
               "agreement": {"steps": STEPS, "pass": agree, "per_step": steps, "hf_tokens": hf_tokens,
                             "mmreg_tokens": ours, "hf_top5": hf_top5, "mmreg_top5": ours_top5}}
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "qwen2-vl-7b.json"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"{NAME.lower()}.json"), "w") as f:
             json.dump(result, f, indent=1)
 
 
