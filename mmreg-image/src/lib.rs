@@ -31,6 +31,7 @@ mod llava_next;
 mod pipeline;
 mod qwen2_vl;
 mod resize;
+mod torch_resize;
 mod view;
 
 pub use clip::ClipImageProcessor;

@@ -25,6 +25,7 @@ use crate::config::{
 use crate::error::{ImageError, Result};
 use crate::kernels;
 use crate::resize::{resize_region, PassOrder};
+use crate::torch_resize;
 use crate::view::RgbView;
 
 /// `smart_resize` refuses images whose long side exceeds this many times the short side.
@@ -301,7 +302,7 @@ impl Qwen2VlImageProcessor {
         let mut planes = Vec::with_capacity(frames.len());
         let mut resized = (0, 0);
         for frame in frames {
-            let (p, hw) = self.resized_planes(frame)?;
+            let (p, hw) = self.video_frame_planes(frame)?;
             planes.push(p);
             resized = hw;
         }
@@ -314,15 +315,21 @@ impl Qwen2VlImageProcessor {
         let src = RgbView::from_image(&rgb)?;
         let (h, w) = self.resized_size(src.height, src.width)?;
         let resized = resize_region(src, w, h, 0..w, 0..h, self.order);
-        let view = resized.view();
-        let mut planes = Vec::with_capacity(3 * h * w);
-        let mut scratch = Vec::new();
-        for c in 0..3 {
-            for y in 0..h {
-                planes.extend_from_slice(view.channel(y, c, &mut scratch));
-            }
-        }
-        Ok((planes, (h, w)))
+        Ok((rgb_planes(resized.view(), h), (h, w)))
+    }
+
+    /// A video frame as HF's video processor resizes it: torch's 8-bit antialiased bicubic
+    /// (transformers has no PIL video processor), in three `h * w` planes, and `(h, w)`.
+    fn video_frame_planes(&self, frame: &DynamicImage) -> Result<(Vec<u8>, (usize, usize))> {
+        let rgb = rgb_input(frame, self.convert_rgb)?;
+        let src = RgbView::from_image(&rgb)?;
+        let (height, width) = (src.height, src.width);
+        let (h, w) = self.resized_size(height, width)?;
+        let planes = rgb_planes(src, height);
+        Ok((
+            torch_resize::resize_planes(&planes, 3, (height, width), (h, w)),
+            (h, w),
+        ))
     }
 
     /// HF's reshape `[t, temporal, C, h/m, m, p, w/m, m, p]`, permuted to
@@ -457,3 +464,15 @@ pub fn smart_resize(
 mod largest;
 #[cfg(test)]
 mod tests;
+
+/// An RGB view of `height` rows as three row-major planes.
+fn rgb_planes(view: RgbView<'_>, height: usize) -> Vec<u8> {
+    let mut planes = Vec::with_capacity(3 * height * view.width);
+    let mut scratch = Vec::new();
+    for c in 0..3 {
+        for y in 0..height {
+            planes.extend_from_slice(view.channel(y, c, &mut scratch));
+        }
+    }
+    planes
+}

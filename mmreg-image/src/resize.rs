@@ -52,7 +52,7 @@ impl PassOrder {
 }
 
 /// Pillow's bicubic kernel (a = -0.5), with its exact operation order so every `f64` rounds alike.
-fn bicubic(x: f64) -> f64 {
+pub(crate) fn bicubic(x: f64) -> f64 {
     const A: f64 = -0.5;
     let x = x.abs();
     if x < 1.0 {

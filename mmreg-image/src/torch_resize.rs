@@ -61,8 +61,18 @@ fn taps(in_size: usize, out_size: usize) -> Taps {
 
 /// One pass over `planes` (`channels` planes of `rows × cols`, row-major) along columns (`along_rows`
 /// false: each row resampled from `cols` to `out`) or rows.
-fn pass(planes: &[u8], channels: usize, (rows, cols): (usize, usize), out: usize, along_rows: bool) -> Vec<u8> {
-    let (in_len, other) = if along_rows { (rows, cols) } else { (cols, rows) };
+fn pass(
+    planes: &[u8],
+    channels: usize,
+    (rows, cols): (usize, usize),
+    out: usize,
+    along_rows: bool,
+) -> Vec<u8> {
+    let (in_len, other) = if along_rows {
+        (rows, cols)
+    } else {
+        (cols, rows)
+    };
     let t = taps(in_len, out);
     let (out_rows, out_cols) = if along_rows { (out, cols) } else { (rows, out) };
     let mut result = vec![0u8; channels * out_rows * out_cols];

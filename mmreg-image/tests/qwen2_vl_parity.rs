@@ -77,10 +77,11 @@ struct VideoCase {
     torchvision_video_processor: Torchvision,
 }
 
-/// HF's torchvision `Qwen2VLVideoProcessor` on the same frames (its values differ, see docs).
+/// HF's torchvision `Qwen2VLVideoProcessor` on the same frames.
 #[derive(Deserialize)]
 struct Torchvision {
     grid_thw: [usize; 3],
+    sha256: String,
 }
 
 #[derive(Deserialize)]
@@ -203,22 +204,21 @@ fn videos_match_hf_layout_and_grid() {
         let out = p
             .preprocess_video(&frames)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        // The goldens compose HF's functions as mmreg processes a video: PIL's resize per frame,
-        // then the video processor's fused rescale+normalize and patchify. (On frames that need no
-        // resize that is HF's video processor itself: `videos_without_resize_equal_hf_video_processor`.)
-        if let Some(problem) = check(&name, &out, &case.out, p.patch_size()) {
-            panic!("{problem}");
-        }
         let (w, h) = (frames[0].width() as usize, frames[0].height() as usize);
         assert_eq!(
             p.video_grid(frames.len(), h, w).unwrap(),
             out.grid_thw,
             "{name}"
         );
-        // HF's actual (torchvision) video processor gives the same grid, hence the same tokens.
+        // HF's video processor: torch's 8-bit antialiased bicubic per frame, then its fused
+        // rescale+normalize and patchify, bit for bit.
+        let hf = &case.torchvision_video_processor;
+        assert_eq!(hf.grid_thw, out.grid_thw, "{name}");
+        assert_eq!(case.out.shape, out.shape, "{name}");
         assert_eq!(
-            case.torchvision_video_processor.grid_thw, out.grid_thw,
-            "{name}"
+            sha256_hex(&out.data),
+            hf.sha256,
+            "{name}: pixel values differ from HF's video processor"
         );
         counts.push(frames.len());
     }
@@ -361,13 +361,11 @@ fn max_grid_bounds_the_sweep() {
     }
 }
 
-/// HF's actual video processor (transformers 5.17 has only the torchvision one) on frames that need no
-/// resize, as `scripts/make_qwen2_vl_fixtures.py` recorded it (fixtures/qwen2-vl-processor/pixels.json):
-/// 4 frames, 3 frames (padded with the last) and 1 frame, bit for bit. Frames that need a resize go
-/// through torchvision's antialiased bicubic in HF, which differs from PIL's by up to one 8-bit level;
-/// mmreg resizes them with PIL's, as for images.
+/// HF's actual video processor (transformers 5.17 has only the torchvision one), as
+/// `scripts/make_qwen2_vl_fixtures.py` recorded it (fixtures/qwen2-vl-processor/pixels.json): 4 frames,
+/// 3 frames (padded with the last) and 1 frame that need no resize, and 2 frames that do, bit for bit.
 #[test]
-fn videos_without_resize_equal_hf_video_processor() {
+fn videos_equal_hf_video_processor() {
     let pixels: serde_json::Value = read_json("qwen2-vl-processor/pixels.json");
     let settings = &pixels["settings"];
     let p = processor(
@@ -379,9 +377,6 @@ fn videos_without_resize_equal_hf_video_processor() {
     );
     let mut checked = 0;
     for (name, video) in pixels["videos"].as_object().expect("videos") {
-        if video["needs_resize"].as_bool() != Some(false) {
-            continue;
-        }
         let frames: Vec<DynamicImage> = video["frames"]
             .as_array()
             .expect("frames")
@@ -403,5 +398,8 @@ fn videos_without_resize_equal_hf_video_processor() {
         );
         checked += 1;
     }
-    assert_eq!(checked, 3, "the 4-, 3- and 1-frame videos");
+    assert_eq!(
+        checked, 4,
+        "the 4-, 3- and 1-frame videos and the resized one"
+    );
 }
