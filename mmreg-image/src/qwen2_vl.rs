@@ -8,10 +8,8 @@
 //! patches at a time: the order in which the vision tower's merger folds them into one token.
 //!
 //! Images are bit-exact with `Qwen2VLImageProcessorPil` (transformers 5.17). transformers has no
-//! PIL video processor: frames are resized with PIL's bicubic like images, then rescaled,
-//! normalized and laid out as HF's torchvision-only `Qwen2VLVideoProcessor` does (its fused
-//! normalization; padding by repeating the last frame). docs/preprocessing.md says how far that
-//! processor's own resize is from PIL's.
+//! PIL video processor: videos are bit-exact with its torchvision-only `Qwen2VLVideoProcessor`
+//! (torch's 8-bit antialiased resize, its fused normalization, padding by repeating the last frame).
 
 use std::collections::BTreeMap;
 use std::path::Path;
