@@ -9,6 +9,7 @@ use clap::Args;
 use mmreg_core::Prompt;
 use mmreg_engine::{cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams};
 
+use crate::bench_cache::Scenario;
 use crate::options::{parse_device, parse_dtype};
 
 use crate::commands::PromptArgs;
@@ -30,6 +31,13 @@ pub struct BenchArgs {
     /// Timed repetitions of the prefill.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
+    /// What to measure: `decode` (prefill and decode of the prompt repeated), or what caching and
+    /// chunked prefill change: `chat`, `shared-images`, `long-prefill` (see docs/benchmarks.md).
+    #[arg(long, value_enum, default_value = "decode")]
+    pub scenario: Scenario,
+    /// `--scenario long-prefill`: tokens per step in its chunked run.
+    #[arg(long, default_value_t = 2048)]
+    pub chunk: usize,
     /// Also profile (CUDA): write Chrome traces of one lone prefill (`prefill_bs1.json`) and of 8
     /// requests of 16 tokens (`decode_bs8.json`) into this folder.
     #[arg(long)]
@@ -38,11 +46,24 @@ pub struct BenchArgs {
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
+    // Every measurement repeats one request: caching would serve the repeats from the first, so the
+    // prefill and decode figures are measured without it.
     let options = EngineOptions {
         device,
         dtype: parse_dtype(&args.dtype)?,
+        prefix_caching: false,
+        encoder_cache_bytes: 0,
         ..EngineOptions::default()
     };
+    if args.scenario != Scenario::Decode {
+        let options = EngineOptions {
+            prefix_caching: true,
+            encoder_cache_bytes: EngineOptions::default().encoder_cache_bytes,
+            ..options
+        };
+        println!("{}", crate::bench_cache::run(args, options)?);
+        return Ok(());
+    }
     let started = Instant::now();
     let engine = Engine::new(&args.prompt.model, options)?;
     let load_s = started.elapsed().as_secs_f64();

@@ -16,7 +16,7 @@ use mmreg_engine::{
 };
 use tch::Tensor;
 
-use crate::options::{parse_device, parse_dtype};
+use crate::options::{parse_device, parse_dtype, SchedulerArgs};
 
 pub fn models() -> Result<()> {
     let registry = Registry::global();
@@ -245,6 +245,8 @@ pub struct GenerateArgs {
     /// sequences of --max-model-len tokens, within half the available memory.
     #[arg(long)]
     pub cpu_kv_cache_gib: Option<f64>,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
 }
 
 /// One line of a `--requests` file; absent fields take the command line's values.
@@ -334,7 +336,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             );
         }
     }
-    let options = EngineOptions {
+    let mut options = EngineOptions {
         device,
         dtype: parse_dtype(&args.dtype)?,
         max_model_len: args.max_model_len,
@@ -344,6 +346,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             .map_or(0, |gib| (gib * (1u64 << 30) as f64) as usize),
         ..EngineOptions::default()
     };
+    args.scheduler.apply(&mut options)?;
     let model = match &args.model {
         Some(model) => model.clone(),
         None => crate::demo::demo_model()?,
@@ -410,8 +413,12 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
 }
 
 fn completion_json(completion: &Completion, top_logprobs: usize) -> serde_json::Value {
-    let mut json =
-        serde_json::json!({ "text": completion.text, "token_ids": completion.token_ids });
+    let mut json = serde_json::json!({
+        "text": completion.text,
+        "token_ids": completion.token_ids,
+        "prompt_tokens": completion.prompt_tokens,
+        "cached_tokens": completion.cached_tokens,
+    });
     if top_logprobs > 0 {
         json["top_tokens"] = serde_json::json!(completion.top_tokens);
     }

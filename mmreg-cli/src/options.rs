@@ -1,6 +1,7 @@
 //! Command-line values shared by the subcommands.
 
 use anyhow::{anyhow, bail, Result};
+use mmreg_engine::{EngineOptions, MultiModalLimits};
 use tch::{Device, Kind};
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -23,5 +24,42 @@ pub fn parse_dtype(text: &str) -> Result<Kind> {
         "bf16" | "bfloat16" => Ok(Kind::BFloat16),
         "f16" | "float16" => Ok(Kind::Half),
         _ => bail!("--dtype: `{text}`: expected f32, bf16 or f16"),
+    }
+}
+
+/// The scheduler's and the caches' flags, shared by `generate` and `serve` (named as vLLM names them).
+#[derive(Debug, clap::Args)]
+pub struct SchedulerArgs {
+    /// Tokens one step computes at most; a longer prompt is prefilled in chunks over several steps,
+    /// beside the running decodes.
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// Compute every prompt from scratch: no reuse of the KV-cache blocks of a prefix seen before.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
+    /// MiB of vision-encoder outputs kept by image hash for reuse (0: none).
+    #[arg(long, default_value_t = 1024.0)]
+    pub encoder_cache_mib: f64,
+    /// Items per prompt and modality, `image=N,video=N`, or vLLM's JSON form with an optional largest
+    /// size, `{"image": {"count": 1, "width": 512, "height": 512}}`. Startup profiling reserves memory for
+    /// that many of the largest; a request over the limits is refused.
+    #[arg(long, value_parser = MultiModalLimits::parse, default_value = "image=4,video=4")]
+    pub limit_mm_per_prompt: MultiModalLimits,
+}
+
+impl SchedulerArgs {
+    /// Sets these flags' fields of the engine's options.
+    pub fn apply(&self, options: &mut EngineOptions) -> Result<()> {
+        if self.max_num_batched_tokens == 0 {
+            bail!("--max-num-batched-tokens must be at least 1");
+        }
+        if !(self.encoder_cache_mib >= 0.0) {
+            bail!("--encoder-cache-mib must be 0 or more");
+        }
+        options.max_num_batched_tokens = self.max_num_batched_tokens;
+        options.prefix_caching = !self.no_prefix_caching;
+        options.encoder_cache_bytes = (self.encoder_cache_mib * (1u64 << 20) as f64) as usize;
+        options.limit_mm_per_prompt = self.limit_mm_per_prompt.clone();
+        Ok(())
     }
 }

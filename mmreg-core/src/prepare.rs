@@ -35,6 +35,23 @@ pub fn prepare(
     inputs: ProcessorInputs,
     max_len: usize,
 ) -> Result<PreparedInputs> {
+    let processed = process(entry, ctx, inputs, max_len)?;
+    let mut mapped = Vec::new();
+    for modality in entry.modalities() {
+        if !processed.multimodal.items(modality).is_empty() {
+            mapped.push((modality, entry.map(ctx, modality, &processed.multimodal)?));
+        }
+    }
+    Ok(PreparedInputs { processed, mapped })
+}
+
+/// Runs the input processor and checks the prompt it made: not empty, at most `max_len` tokens.
+pub fn process(
+    entry: &ModelEntry,
+    ctx: &ModelContext,
+    inputs: ProcessorInputs,
+    max_len: usize,
+) -> Result<ProcessedInputs> {
     let processed = entry.process(ctx, inputs)?;
     if processed.token_ids.is_empty() {
         return Err(Error::EmptyPrompt);
@@ -45,11 +62,5 @@ pub fn prepare(
             max: max_len,
         });
     }
-    let mut mapped = Vec::new();
-    for modality in entry.modalities() {
-        if !processed.multimodal.items(modality).is_empty() {
-            mapped.push((modality, entry.map(ctx, modality, &processed.multimodal)?));
-        }
-    }
-    Ok(PreparedInputs { processed, mapped })
+    Ok(processed)
 }

@@ -12,13 +12,15 @@ use tch::{Device, Kind};
 
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    Error, ImageInput, LoadOptions, ModalityCounts, ModelContext, MultiModalData, ProcessorInputs,
-    Prompt, Registry, Result, VideoInput, Weights,
+    Error, ImageInput, LoadOptions, Modality, ModalityCounts, ModelContext, MultiModalData,
+    ProcessorInputs, Prompt, Registry, Result, VideoInput, Weights,
 };
 
-use crate::blocks::BlockAllocator;
+use crate::block_pool::{BlockPool, Hash};
 use crate::cuda;
-use crate::generate::{prepare, PreparedInputs};
+use crate::encoder_cache::processor_settings;
+use crate::items::{prepare_request, PreparedRequest};
+use crate::limits::MultiModalLimits;
 use crate::profile::profile_and_allocate;
 use crate::sampling::SamplingParams;
 use crate::scheduler::{self, Scheduler};
@@ -33,8 +35,15 @@ pub struct EngineOptions {
     pub max_model_len: Option<usize>,
     /// Sequences decoded together at most.
     pub max_num_seqs: usize,
-    /// Tokens one step processes at most (a prompt longer than this is rejected).
+    /// Tokens one step computes at most: a longer prompt is prefilled in chunks over several steps,
+    /// beside the running decodes. Also the encoder budget: an item with more feature rows than
+    /// `max(max_num_batched_tokens, the largest item profiled)` is refused.
     pub max_num_batched_tokens: usize,
+    /// Reuse the KV-cache blocks of a prefix computed before (the hash of each block covers its tokens
+    /// and the images in it).
+    pub prefix_caching: bool,
+    /// Bytes of encoder outputs (vision-tower features) kept by item hash for reuse; 0 keeps none.
+    pub encoder_cache_bytes: usize,
     /// Share of the GPU's memory the engine may use (weights, activations and KV cache).
     pub gpu_memory_utilization: f64,
     /// KV cache size on the CPU, where there is no memory profile. 0 (the default): room for
@@ -45,8 +54,9 @@ pub struct EngineOptions {
     pub block_size: usize,
     /// Worker threads decoding and preprocessing requests.
     pub preprocess_threads: usize,
-    /// Images one prompt may carry.
-    pub max_images_per_prompt: usize,
+    /// Items of each modality one prompt may carry, and how large (`--limit-mm-per-prompt`); startup
+    /// profiling runs that many of the largest.
+    pub limit_mm_per_prompt: MultiModalLimits,
     /// Run decode-only steps and lone prefills of short prompts in fixed shapes (batch, context and prompt
     /// length rounded up to buckets), captured once per bucket as CUDA graphs and replayed. `None`:
     /// wherever CUDA graphs work and the model allows it ([`MultiModalModel::supports_cuda_graphs`]);
@@ -66,11 +76,13 @@ impl Default for EngineOptions {
             max_model_len: None,
             max_num_seqs: 64,
             max_num_batched_tokens: 8192,
+            prefix_caching: true,
+            encoder_cache_bytes: 1 << 30,
             gpu_memory_utilization: 0.9,
             cpu_kv_cache_bytes: 0,
             block_size: 16,
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
-            max_images_per_prompt: 4,
+            limit_mm_per_prompt: MultiModalLimits::default(),
             cuda_graphs: None,
             burst_wait: std::time::Duration::from_millis(20),
         }
@@ -120,6 +132,8 @@ pub struct Completion {
     pub text: String,
     pub finish_reason: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
     /// With `top_logprobs = k`: the k most likely ids at each generated position.
     pub top_tokens: Vec<Vec<u32>>,
     /// With `logprobs` or `top_logprobs` asked for: one entry per generated token.
@@ -230,6 +244,8 @@ pub struct EngineProfile {
     /// Tokens and items of the profiling run (from the registered dummy data).
     pub dummy_prompt_tokens: usize,
     pub dummy_items: ModalityCounts,
+    /// Feature rows of the largest item profiled (with `max_num_batched_tokens`, the encoder budget).
+    pub largest_item_tokens: usize,
     pub kv_cache_bytes: u64,
     pub kv_blocks: usize,
     pub block_size: usize,
@@ -242,7 +258,7 @@ struct Job {
 }
 
 pub(crate) struct Ready {
-    pub(crate) prepared: PreparedInputs,
+    pub(crate) prepared: PreparedRequest,
     pub(crate) params: SamplingParams,
     pub(crate) events: EventSink,
 }
@@ -271,6 +287,15 @@ pub struct EngineCounters {
     pub cancelled: AtomicUsize,
     /// Wall time of every step so far, in microseconds (with `steps`: the mean step time).
     pub step_micros: AtomicU64,
+    /// Prompt tokens of admitted requests, and how many of them the prefix cache served.
+    pub prefix_cache_queries: AtomicUsize,
+    pub prefix_cache_hits: AtomicUsize,
+    /// Multimodal items whose features came from the encoder cache, and items encoded (each a part of
+    /// a call of the modality's path).
+    pub encoder_cache_hits: AtomicUsize,
+    pub encoder_cache_misses: AtomicUsize,
+    /// Bytes the encoder cache holds (after each step).
+    pub encoder_cache_bytes: AtomicUsize,
 }
 
 /// One scheduler step: tokens prefilled, sequences decoded, and its wall time including sampling.
@@ -350,6 +375,7 @@ impl Engine {
         )?;
         tracing::info!(?profile, "engine ready");
 
+        let settings = processor_settings(&ctx);
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         let job_rx = Arc::new(Mutex::new(job_rx));
@@ -358,11 +384,14 @@ impl Engine {
             .map(|_| {
                 let (jobs, ready, ctx) = (job_rx.clone(), ready_tx.clone(), ctx.clone());
                 let counters = counters.clone();
-                let limits = (
-                    max_model_len,
-                    options.max_num_batched_tokens,
-                    options.max_images_per_prompt,
-                );
+                let limits = Limits {
+                    max_len: max_model_len.saturating_sub(1),
+                    mm: options.limit_mm_per_prompt.clone(),
+                    encoder_budget: options
+                        .max_num_batched_tokens
+                        .max(profile.largest_item_tokens),
+                    settings,
+                };
                 std::thread::spawn(move || {
                     preprocess_loop(entry, &ctx, &jobs, &ready, &counters, limits)
                 })
@@ -375,7 +404,7 @@ impl Engine {
             && profile.kv_blocks > 1;
         // Fixed-shape steps keep the pool's last block as scratch space for their padding rows.
         let usable_blocks = profile.kv_blocks - usize::from(fixed_steps);
-        let allocator = BlockAllocator::new(usable_blocks, profile.block_size);
+        let pool = BlockPool::new(usable_blocks, profile.block_size, options.prefix_caching);
         counters
             .kv_blocks_total
             .store(usable_blocks, Ordering::Relaxed);
@@ -394,7 +423,7 @@ impl Engine {
             ctx.clone(),
             model,
             cache,
-            allocator,
+            pool,
             fixed_steps,
             &options,
             max_model_len,
@@ -484,15 +513,26 @@ impl Drop for Engine {
     }
 }
 
-/// A worker: decodes images, runs the input processor and mappers, checks limits; failures go straight
-/// back to their request, so a bad request never reaches the model loop.
+/// What a worker checks a request against.
+struct Limits {
+    /// Longest prompt after expansion (room for one generated token).
+    max_len: usize,
+    mm: MultiModalLimits,
+    /// Most feature rows of one item.
+    encoder_budget: usize,
+    /// [`processor_settings`] of the checkpoint, for item hashes.
+    settings: Hash,
+}
+
+/// A worker: decodes images, runs the input processor and mappers, hashes the items, checks limits;
+/// failures go straight back to their request, so a bad request never reaches the model loop.
 fn preprocess_loop(
     entry: &'static ModelEntry,
     ctx: &ModelContext,
     jobs: &Mutex<Receiver<Job>>,
     ready: &Sender<Ready>,
     counters: &EngineCounters,
-    (max_model_len, max_batched, max_images): (usize, usize, usize),
+    limits: Limits,
 ) {
     loop {
         let job = match jobs.lock() {
@@ -510,23 +550,19 @@ fn preprocess_loop(
         let params = request.params.clone();
         // The model's registered functions run here; a panic in one is this request's error.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if request.images.len() > max_images {
-                return Err(Error::bad_input(
-                    "request",
-                    format!(
-                        "{} images given but at most {max_images} are allowed per prompt",
-                        request.images.len()
-                    ),
-                ));
-            }
-            if request.videos.len() > max_images {
-                return Err(Error::bad_input(
-                    "request",
-                    format!(
-                        "{} videos given but at most {max_images} are allowed per prompt",
-                        request.videos.len()
-                    ),
-                ));
+            for (modality, n) in [
+                (Modality::Image, request.images.len()),
+                (Modality::Video, request.videos.len()),
+            ] {
+                let most = limits.mm.get(modality).count;
+                if n > most {
+                    return Err(Error::bad_input(
+                        "request",
+                        format!(
+                            "{n} {modality}s given but at most {most} are allowed per prompt (--limit-mm-per-prompt)"
+                        ),
+                    ));
+                }
             }
             let images = request
                 .images
@@ -545,17 +581,29 @@ fn preprocess_loop(
                     Ok(VideoInput::new(format!("video #{i}"), frames))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let multimodal = MultiModalData { images, videos };
+            limits.mm.check(&multimodal)?;
             let inputs = ProcessorInputs {
                 prompt: request.prompt,
-                multimodal: MultiModalData { images, videos },
+                multimodal,
             };
-            // Room for at least one generated token.
-            let prepared = prepare(
-                entry,
-                ctx,
-                inputs,
-                max_model_len.saturating_sub(1).min(max_batched),
-            )?;
+            let prepared = prepare_request(entry, ctx, &limits.settings, inputs, limits.max_len)?;
+            if let Some(item) = prepared
+                .items
+                .iter()
+                .find(|item| item.rows.len() > limits.encoder_budget)
+            {
+                return Err(Error::bad_input(
+                    "request",
+                    format!(
+                        "{} #{} needs {} encoder tokens but the encoder budget is {} (the larger of --max-num-batched-tokens and the largest item profiled)",
+                        item.modality,
+                        item.item,
+                        item.rows.len(),
+                        limits.encoder_budget
+                    ),
+                ));
+            }
             Ok(prepared)
         }))
         .unwrap_or_else(|panic| {

@@ -5,24 +5,31 @@
 //! Nothing here names a model: the engine finds one through `mmreg_core::Registry`, drives it through
 //! `mmreg_core::MultiModalModel`, and hands each forward a `mmreg_core::Step`.
 
+mod block_pool;
 mod blocks;
 pub mod cuda;
+mod encoder_cache;
 mod engine;
 pub mod generate;
 mod generation_config;
 pub mod graphs;
+mod items;
 pub mod kernels;
+mod limits;
 mod profile;
 pub mod sampling;
 mod scheduler;
 mod step_graphs;
 
+pub use block_pool::{block_hash, BlockPool, Hash};
 pub use blocks::{
     attention_batch, set_positions, slots, step_positions, BlockAllocator, SeqPositions,
 };
+pub use encoder_cache::{item_hash, processor_settings, EncoderCache};
 pub use engine::{
     Canceller, Completion, Engine, EngineCounters, EngineOptions, EngineProfile, Event,
     FinishReason, ImageSource, Request, RequestHandle, StepTiming, TokenLogprobs,
 };
 pub use generation_config::GenerationConfig;
+pub use limits::{ModalityLimit, MultiModalLimits, DEFAULT_ITEMS_PER_PROMPT};
 pub use sampling::SamplingParams;

@@ -28,40 +28,58 @@ pub(crate) fn profile_and_allocate(
     let weights_bytes = device_index
         .and_then(cuda::memory_stats)
         .map(|s| s.allocated);
-    let counts = ModalityCounts::each(&entry.modalities(), options.max_images_per_prompt);
-    // The worst single step: the longest prompt it may hold, with the costliest items.
-    let seq_len = options.max_num_batched_tokens.min(max_model_len);
-    let dummy = entry.dummy_data(
+    let limits = &options.limit_mm_per_prompt;
+    let counts = ModalityCounts(
+        entry
+            .modalities()
+            .into_iter()
+            .map(|m| (m, limits.get(m).count))
+            .collect(),
+    );
+    // The worst step: the first `max_num_batched_tokens` tokens of the longest prompt, after every item
+    // of it (as many of the costliest as the limits allow) went through its modality's path.
+    let seq_len = max_model_len.saturating_sub(1).max(1);
+    let mut dummy = entry.dummy_data(
         ctx,
         &DummyRequest {
             seq_len,
             counts: counts.clone(),
         },
     )?;
+    limits.cap_dummy(&mut dummy.multimodal);
     let prepared = prepare(entry, ctx, dummy, usize::MAX)?;
     let dummy_prompt_tokens = prepared.processed.token_ids.len();
     let dummy_items = prepared.processed.multimodal.counts();
+    let largest_item_tokens = prepared
+        .processed
+        .placeholders
+        .iter()
+        .map(|r| r.embedded())
+        .max()
+        .unwrap_or(0);
     {
         let _guard = tch::no_grad_guard();
         let positions = prepared.processed.positions.clone();
         let embeds = embed_prompt(entry, model, prepared)?;
+        let step_tokens = dummy_prompt_tokens.min(options.max_num_batched_tokens.max(1));
+        let embeds = embeds.narrow(0, 0, step_tokens as i64);
         let spec = model.kv_cache_spec();
         let mut cache = PagedKvCache::new(
             spec,
-            dummy_prompt_tokens.div_ceil(options.block_size),
+            step_tokens.div_ceil(options.block_size),
             options.block_size,
             model.device(),
         )?;
         let blocks: Vec<u32> = (0..cache.num_blocks() as u32).collect();
         let mut batch = attention_batch(
-            &[(&blocks, 0, dummy_prompt_tokens)],
+            &[(&blocks, 0, step_tokens)],
             options.block_size,
             true,
             model.device(),
         )?;
         let seq = SeqPositions {
             context: 0,
-            new: dummy_prompt_tokens,
+            new: step_tokens,
             prompt: positions.as_ref(),
         };
         set_positions(
@@ -146,6 +164,7 @@ pub(crate) fn profile_and_allocate(
         free_device_bytes: free_before_load,
         dummy_prompt_tokens,
         dummy_items,
+        largest_item_tokens,
         kv_cache_bytes,
         kv_blocks,
         block_size: options.block_size,

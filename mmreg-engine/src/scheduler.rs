@@ -9,20 +9,25 @@ use std::sync::Arc;
 use tch::{Device, Tensor};
 
 use mmreg_core::registry::ModelEntry;
-use mmreg_core::{Error, ModelContext, MultiModalModel, PagedKvCache, Result, Step};
+use mmreg_core::{
+    Error, ModelContext, MultiModalModel, PagedKvCache, PromptPositions, Result, Step, TensorMap,
+};
 
-use crate::blocks::{attention_batch, set_positions, BlockAllocator, SeqPositions};
+use crate::block_pool::{block_hash, BlockPool, Hash};
+use crate::blocks::{attention_batch, set_positions, SeqPositions};
+use crate::encoder_cache::EncoderCache;
 use crate::engine::{
     Completion, EngineCounters, EngineOptions, Event, EventSink, FinishReason, Ready, StepTiming,
     TokenLogprobs,
 };
-use crate::generate::{embed_prompts, top_token_ids, PreparedInputs};
+use crate::generate::top_token_ids;
+use crate::items::PreparedRequest;
 use crate::sampling::{token_logprobs, Sampler, SamplingParams};
 use crate::step_graphs::{DecodeRow, FixedShapeSteps};
 
 /// A request inside the scheduler.
 struct Sequence {
-    prepared: PreparedInputs,
+    request: PreparedRequest,
     params: SamplingParams,
     sampler: Sampler,
     events: EventSink,
@@ -30,17 +35,58 @@ struct Sequence {
     top_tokens: Vec<Vec<u32>>,
     logprobs: Vec<TokenLogprobs>,
     blocks: Vec<u32>,
-    /// Tokens whose keys and values are in the cache.
-    cached: usize,
+    /// Tokens whose keys and values are in the cache (computed, or found by prefix caching).
+    computed: usize,
+    /// The hashes of the sequence's first full blocks, as far as they were needed (prefix caching).
+    block_hashes: Vec<Hash>,
+    /// Each item's features while the prompt is prefilled (dropped when it is, or on preemption).
+    features: Vec<Option<Tensor>>,
+    /// Prompt tokens the prefix cache served when the sequence was first admitted.
+    cached_tokens: Option<usize>,
 }
 
 impl Sequence {
     fn prompt_len(&self) -> usize {
-        self.prepared.processed.token_ids.len()
+        self.request.prompt_len()
     }
 
     fn len(&self) -> usize {
         self.prompt_len() + self.generated.len()
+    }
+
+    /// Token `i` of the sequence: a prompt token, or a generated one.
+    fn token(&self, i: usize) -> u32 {
+        let prompt = &self.request.processed.token_ids;
+        prompt
+            .get(i)
+            .copied()
+            .unwrap_or_else(|| self.generated[i - prompt.len()])
+    }
+
+    /// A step of this sequence would be one decode: its last generated token is all that is new.
+    fn decoding(&self) -> bool {
+        !self.generated.is_empty() && self.computed + 1 == self.len()
+    }
+
+    /// Hashes the sequence's first `blocks` full blocks (those not hashed yet).
+    fn hash_blocks(&mut self, blocks: usize, block_size: usize) {
+        for b in self.block_hashes.len()..blocks {
+            let (start, end) = (b * block_size, (b + 1) * block_size);
+            let tokens: Vec<u32> = (start..end).map(|i| self.token(i)).collect();
+            let items: Vec<&Hash> = self
+                .request
+                .items
+                .iter()
+                .filter(|item| item.overlaps(start, end))
+                .map(|item| &item.hash)
+                .collect();
+            let hash = block_hash(self.block_hashes.last(), &tokens, &items);
+            self.block_hashes.push(hash);
+        }
+    }
+
+    fn positions(&self) -> Option<&PromptPositions> {
+        self.request.processed.positions.as_ref()
     }
 }
 
@@ -50,7 +96,8 @@ pub(crate) struct Scheduler {
     ctx: Arc<ModelContext>,
     model: Box<dyn MultiModalModel>,
     cache: PagedKvCache,
-    allocator: BlockAllocator,
+    pool: BlockPool,
+    encoder_cache: EncoderCache,
     /// Decode-only steps and lone prefills in fixed shapes (CUDA graphs on a GPU), where enabled.
     fixed_steps: Option<FixedShapeSteps>,
     waiting: VecDeque<Sequence>,
@@ -58,10 +105,17 @@ pub(crate) struct Scheduler {
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
     max_model_len: usize,
-    /// Items per call of a modality's path when a step's prefills run it together: what startup
-    /// profiling measured (`max_images_per_prompt`).
+    /// Items per call of a modality's path when a step encodes several: what startup profiling measured
+    /// (the most items `--limit-mm-per-prompt` allows).
     max_items_per_embed: usize,
     burst_wait: std::time::Duration,
+}
+
+/// One sequence's part of a step: its index in `running` and how many of its tokens the step computes.
+#[derive(Debug, Clone, Copy)]
+struct Scheduled {
+    seq: usize,
+    new: usize,
 }
 
 impl Scheduler {
@@ -72,7 +126,7 @@ impl Scheduler {
         ctx: Arc<ModelContext>,
         model: Box<dyn MultiModalModel>,
         cache: PagedKvCache,
-        allocator: BlockAllocator,
+        pool: BlockPool,
         fixed_steps: Option<FixedShapeSteps>,
         options: &EngineOptions,
         max_model_len: usize,
@@ -83,14 +137,15 @@ impl Scheduler {
             ctx,
             model,
             cache,
-            allocator,
+            pool,
+            encoder_cache: EncoderCache::new(options.encoder_cache_bytes),
             fixed_steps,
             waiting: VecDeque::new(),
             running: Vec::new(),
             max_num_seqs: options.max_num_seqs,
-            max_num_batched_tokens: options.max_num_batched_tokens,
+            max_num_batched_tokens: options.max_num_batched_tokens.max(1),
             max_model_len,
-            max_items_per_embed: options.max_images_per_prompt.max(1),
+            max_items_per_embed: options.limit_mm_per_prompt.max_count().max(1),
             burst_wait: options.burst_wait,
         }
     }
@@ -124,11 +179,11 @@ impl Scheduler {
             if let Err(error) = stepped {
                 // A failed step fails the sequences in it; the engine carries on.
                 let message = error.to_string();
-                for seq in self.running.drain(..) {
+                for mut seq in self.running.drain(..) {
                     seq.events.send(Event::Failed(Error::Engine(format!(
                         "model step failed: {message}"
                     ))));
-                    self.allocator.release(&mut { seq.blocks });
+                    self.pool.release(&mut seq.blocks);
                 }
             }
             self.publish_state();
@@ -139,10 +194,10 @@ impl Scheduler {
     /// blocks, so a client that left costs at most the step it left in.
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len() + self.running.len();
-        let allocator = &mut self.allocator;
+        let pool = &mut self.pool;
         let mut keep = |seq: &mut Sequence| {
             if seq.events.is_cancelled() {
-                allocator.release(&mut seq.blocks);
+                pool.release(&mut seq.blocks);
                 false
             } else {
                 true
@@ -162,89 +217,141 @@ impl Scheduler {
         c.waiting.store(self.waiting.len(), Ordering::Relaxed);
         c.running.store(self.running.len(), Ordering::Relaxed);
         c.kv_blocks_used.store(
-            self.allocator.total_blocks() - self.allocator.free_blocks(),
+            self.pool.total_blocks() - self.pool.free_blocks(),
             Ordering::Relaxed,
         );
+        c.encoder_cache_bytes
+            .store(self.encoder_cache.bytes(), Ordering::Relaxed);
     }
 
     fn enqueue(&mut self, ready: Ready) {
+        let items = ready.prepared.items.len();
         self.waiting.push_back(Sequence {
             sampler: Sampler::new(&ready.params),
-            prepared: ready.prepared,
+            request: ready.prepared,
             params: ready.params,
             events: ready.events,
             generated: Vec::new(),
             top_tokens: Vec::new(),
             logprobs: Vec::new(),
             blocks: Vec::new(),
-            cached: 0,
+            computed: 0,
+            block_hashes: Vec::new(),
+            features: (0..items).map(|_| None).collect(),
+            cached_tokens: None,
         });
     }
 
-    /// Admits waiting sequences that fit, makes room for every decode (preempting the newest sequences
-    /// if the pool runs dry; they are recomputed later), and runs one step.
-    fn step(&mut self) -> Result<()> {
-        self.drop_cancelled();
-        let mut budget = self
-            .max_num_batched_tokens
-            .saturating_sub(self.running.len());
-        while let Some(seq) = self.waiting.front_mut() {
-            let tokens = seq.len();
-            let fits = self.running.len() < self.max_num_seqs
-                && (tokens <= budget || self.running.is_empty());
-            if !fits || !self.allocator.grow(&mut seq.blocks, tokens + 1) {
-                break;
-            }
-            budget = budget.saturating_sub(tokens);
-            let seq = self.waiting.pop_front().expect("front exists");
-            self.running.push(seq);
-        }
-        // Every running sequence needs room for the token this step adds.
-        let mut i = 0;
-        while i < self.running.len() {
-            let needed = self.running[i].len() + 1;
-            if self.allocator.grow(&mut self.running[i].blocks, needed) {
-                i += 1;
-            } else if let Some(mut victim) = self.running.pop() {
-                self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
-                self.allocator.release(&mut victim.blocks);
-                victim.cached = 0;
-                self.waiting.push_front(victim);
-            }
-        }
-        if self.running.is_empty() {
-            if let Some(seq) = self.waiting.pop_front() {
-                let error = Error::Engine(format!(
-                    "the KV cache ({} blocks) cannot hold a sequence of {} tokens",
-                    self.allocator.total_blocks(),
-                    seq.len()
-                ));
-                seq.events.send(Event::Failed(error));
-            }
-            return Ok(());
-        }
-        self.forward_and_sample()
+    /// Evicts a sequence from the KV cache; it waits at the front and is recomputed later (what prefix
+    /// caching and the encoder cache still hold is reused).
+    fn preempt(&mut self, mut victim: Sequence) {
+        self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
+        self.pool.release(&mut victim.blocks);
+        victim.computed = 0;
+        victim.features.iter_mut().for_each(|f| *f = None);
+        self.waiting.push_front(victim);
     }
 
-    fn forward_and_sample(&mut self) -> Result<()> {
+    /// Chooses the step: every running decode, then the running prefills' next chunks, then new
+    /// sequences' first chunks, within `max_num_batched_tokens`; each with the blocks its tokens need
+    /// (the newest running sequences are preempted when the pool runs dry).
+    fn schedule(&mut self) -> Vec<Scheduled> {
+        let mut plan = Vec::new();
+        let mut budget = self.max_num_batched_tokens;
+        'plan: while !self.running.is_empty() {
+            plan.clear();
+            budget = self.max_num_batched_tokens;
+            let (decodes, prefills): (Vec<usize>, Vec<usize>) =
+                (0..self.running.len()).partition(|&i| self.running[i].decoding());
+            for i in decodes.into_iter().chain(prefills) {
+                if budget == 0 {
+                    break;
+                }
+                let seq = &mut self.running[i];
+                let new = (seq.len() - seq.computed).min(budget);
+                if !self.pool.grow(&mut seq.blocks, seq.computed + new) {
+                    let victim = self.running.pop().expect("not empty");
+                    self.preempt(victim);
+                    continue 'plan;
+                }
+                budget -= new;
+                plan.push(Scheduled { seq: i, new });
+            }
+            break;
+        }
+        let block_size = self.pool.block_size();
+        while budget > 0 && self.running.len() < self.max_num_seqs {
+            let Some(seq) = self.waiting.front_mut() else {
+                break;
+            };
+            if self.pool.blocks_for(seq.len() + 1) > self.pool.total_blocks() {
+                let error = Error::Engine(format!(
+                    "the KV cache ({} blocks of {block_size}) cannot hold a sequence of {} tokens",
+                    self.pool.total_blocks(),
+                    seq.len()
+                ));
+                let seq = self.waiting.pop_front().expect("front exists");
+                seq.events.send(Event::Failed(error));
+                continue;
+            }
+            if self.pool.caching() {
+                // At least one token is left to compute: its logits are the step's output.
+                let full = (seq.len() - 1) / block_size;
+                seq.hash_blocks(full, block_size);
+                seq.blocks = self.pool.take_prefix(&seq.block_hashes[..full]);
+                seq.computed = seq.blocks.len() * block_size;
+            }
+            let new = (seq.len() - seq.computed).min(budget);
+            if !self.pool.grow(&mut seq.blocks, seq.computed + new) {
+                self.pool.release(&mut seq.blocks);
+                seq.computed = 0;
+                break;
+            }
+            if seq.cached_tokens.is_none() {
+                seq.cached_tokens = Some(seq.computed.min(seq.prompt_len()));
+                let c = &self.counters;
+                c.prefix_cache_queries
+                    .fetch_add(seq.prompt_len(), Ordering::Relaxed);
+                c.prefix_cache_hits
+                    .fetch_add(seq.computed.min(seq.prompt_len()), Ordering::Relaxed);
+            }
+            budget -= new;
+            let seq = self.waiting.pop_front().expect("front exists");
+            self.running.push(seq);
+            plan.push(Scheduled {
+                seq: self.running.len() - 1,
+                new,
+            });
+        }
+        plan
+    }
+
+    /// Schedules and runs one step.
+    fn step(&mut self) -> Result<()> {
+        self.drop_cancelled();
+        let plan = self.schedule();
+        if plan.is_empty() {
+            return Ok(());
+        }
+        self.forward_and_sample(&plan)
+    }
+
+    fn forward_and_sample(&mut self, plan: &[Scheduled]) -> Result<()> {
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let decodes_only = self.running.iter().all(|seq| seq.cached > 0);
+        let decodes_only = plan.iter().all(|s| self.running[s.seq].decoding());
         let fixed = match &mut self.fixed_steps {
             Some(fixed) if decodes_only => {
-                let rows: Vec<DecodeRow> = self
-                    .running
+                let rows: Vec<DecodeRow> = plan
                     .iter()
-                    .map(|seq| DecodeRow {
-                        token: seq.generated.last().copied().unwrap_or_default(),
-                        blocks: &seq.blocks,
-                        len: seq.len(),
-                        position_delta: seq
-                            .prepared
-                            .processed
-                            .positions
-                            .as_ref()
-                            .map_or(0, |p| p.delta),
+                    .map(|s| {
+                        let seq = &self.running[s.seq];
+                        DecodeRow {
+                            token: seq.generated.last().copied().unwrap_or_default(),
+                            blocks: &seq.blocks,
+                            len: seq.len(),
+                            position_delta: seq.positions().map_or(0, |p| p.delta),
+                        }
                     })
                     .collect();
                 fixed.decode(self.model.as_ref(), &mut self.cache, &rows)?
@@ -253,7 +360,7 @@ impl Scheduler {
         };
         let (logits, prefill_tokens, embed_seconds) = match fixed {
             Some(logits) => (logits, 0, 0.0),
-            None => self.packed_step(started)?,
+            None => self.packed_step(plan, started)?,
         };
         // One host transfer for every greedy row (which also waits for the step to finish).
         let greedy = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.to_device(Device::Cpu))?;
@@ -264,7 +371,10 @@ impl Scheduler {
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
         {
-            let decodes = self.running.iter().filter(|seq| seq.cached > 0).count();
+            let decodes = plan
+                .iter()
+                .filter(|s| self.running[s.seq].decoding())
+                .count();
             log.push(StepTiming {
                 prefill_tokens,
                 decodes,
@@ -272,9 +382,25 @@ impl Scheduler {
                 seconds: started.elapsed().as_secs_f64(),
             });
         }
+        let block_size = self.pool.block_size();
         let mut finished = Vec::new();
-        for (row, seq) in self.running.iter_mut().enumerate() {
-            seq.cached = seq.len();
+        for (row, s) in plan.iter().enumerate() {
+            let seq = &mut self.running[s.seq];
+            seq.computed += s.new;
+            if self.pool.caching() {
+                let full = seq.computed / block_size;
+                seq.hash_blocks(full, block_size);
+                for (&block, &hash) in seq.blocks.iter().zip(&seq.block_hashes).take(full) {
+                    self.pool.register(block, hash);
+                }
+            }
+            if seq.computed >= seq.prompt_len() && seq.features.iter().any(Option::is_some) {
+                seq.features.iter_mut().for_each(|f| *f = None);
+            }
+            if seq.computed < seq.len() {
+                // A chunk of a longer prefill: nothing to sample yet.
+                continue;
+            }
             // A greedy row without top tokens needs nothing but its argmax.
             if seq.params.top_logprobs > 0 {
                 seq.top_tokens.push(top_token_ids(
@@ -296,12 +422,13 @@ impl Scheduler {
             seq.generated.push(token);
             seq.events.send(Event::Token(token));
             if let Some(reason) = finish_reason(&self.ctx, self.max_model_len, seq) {
-                finished.push((row, reason));
+                finished.push((s.seq, reason));
             }
         }
-        for &(row, reason) in finished.iter().rev() {
-            let mut seq = self.running.remove(row);
-            self.allocator.release(&mut seq.blocks);
+        finished.sort_by_key(|&(i, _)| i);
+        for &(i, reason) in finished.iter().rev() {
+            let mut seq = self.running.remove(i);
+            self.pool.release(&mut seq.blocks);
             let prompt_tokens = seq.prompt_len();
             let mut text = decode(&self.ctx, &seq.generated);
             if let Some(at) = stop_string_at(&text, &seq.params.stop) {
@@ -312,6 +439,7 @@ impl Scheduler {
                 text,
                 finish_reason: reason,
                 prompt_tokens,
+                cached_tokens: seq.cached_tokens.unwrap_or(0),
                 top_tokens: seq.top_tokens,
                 logprobs: seq.logprobs,
             };
@@ -325,73 +453,166 @@ impl Scheduler {
 }
 
 impl Scheduler {
-    /// A step of any mix of prefills and decodes, packed along one axis: the logits of each sequence's
-    /// last token, the number of prompt tokens it prefilled, and (when steps are recorded) the seconds
-    /// from `started` until the embeddings were ready.
-    fn packed_step(&mut self, started: std::time::Instant) -> Result<(Tensor, usize, f64)> {
-        let device = self.model.device();
-        // Every decode's last token, embedded in one call (one host-to-device copy for the step).
-        let last_tokens: Vec<i64> = self
-            .running
-            .iter()
-            .filter(|seq| seq.cached > 0)
-            .map(|seq| seq.generated.last().copied().unwrap_or_default() as i64)
-            .collect();
-        let decode_embeds = if last_tokens.is_empty() {
-            None
-        } else {
-            Some(
-                self.model
-                    .embed_tokens(&Tensor::from_slice(&last_tokens).to_device(device))?,
-            )
-        };
-        // Every prefill's prompt (with its images), embedded together.
-        let prompts: Vec<PreparedInputs> = self
-            .running
-            .iter()
-            .filter(|seq| seq.cached == 0)
-            .map(|seq| seq.prepared.shallow_clone())
-            .collect();
-        let mut prompt_embeds = embed_prompts(
-            self.entry,
-            self.model.as_ref(),
-            prompts,
-            self.max_items_per_embed,
-        )?
-        .into_iter();
-        let mut embeds = Vec::with_capacity(self.running.len());
-        let mut layout = Vec::with_capacity(self.running.len());
-        let mut decode_row = 0;
-        let mut prefill_tokens = 0;
-        for seq in &self.running {
-            let new_tokens = match &decode_embeds {
-                Some(decodes) if seq.cached > 0 => {
-                    embeds.push(decodes.narrow(0, decode_row, 1));
-                    decode_row += 1;
-                    1
+    /// Makes sure every item whose placeholders fall in this step's chunks has its features: from the
+    /// sequence (an earlier chunk), the encoder cache, or the modality's path, which runs once per step
+    /// over every item missing (at most `max_items_per_embed` per call, where the model's input type can
+    /// join them), each distinct item once.
+    fn encode_items(&mut self, plan: &[Scheduled]) -> Result<()> {
+        // (sequence, item) pairs still without features, by item hash.
+        let mut wanted: Vec<(Hash, Vec<(usize, usize)>)> = Vec::new();
+        for s in plan {
+            let seq = &mut self.running[s.seq];
+            let (start, end) = (seq.computed, seq.computed + s.new);
+            for (k, item) in seq.request.items.iter().enumerate() {
+                if seq.features[k].is_some() || !item.overlaps(start, end) {
+                    continue;
                 }
-                _ => {
-                    // Prefill, or recompute after preemption: the prompt (with its images), then what
-                    // was generated.
-                    let prompt = prompt_embeds
-                        .next()
-                        .ok_or_else(|| Error::Engine("a prefill lost its embeddings".into()))?;
-                    let generated: Vec<i64> = seq.generated.iter().map(|&t| t as i64).collect();
-                    if generated.is_empty() {
-                        embeds.push(prompt);
-                    } else {
-                        let more = self
-                            .model
-                            .embed_tokens(&Tensor::from_slice(&generated).to_device(device))?;
-                        embeds.push(Tensor::cat(&[prompt, more.to_kind(self.model.dtype())], 0));
-                    }
-                    prefill_tokens += seq.len();
-                    seq.len()
+                if let Some(features) = self.encoder_cache.get(&item.hash) {
+                    self.counters
+                        .encoder_cache_hits
+                        .fetch_add(1, Ordering::Relaxed);
+                    seq.features[k] = Some(features);
+                    continue;
                 }
-            };
-            layout.push((seq.blocks.as_slice(), seq.len() - new_tokens, new_tokens));
+                match wanted.iter_mut().find(|(h, _)| *h == item.hash) {
+                    Some((_, users)) => users.push((s.seq, k)),
+                    None => wanted.push((item.hash, vec![(s.seq, k)])),
+                }
+            }
         }
-        let embeds = Tensor::cat(&embeds, 0);
+        for modality in self.entry.modalities() {
+            let missing: Vec<&(Hash, Vec<(usize, usize)>)> = wanted
+                .iter()
+                .filter(|(_, users)| {
+                    let (i, k) = users[0];
+                    self.running[i].request.items[k].modality == modality
+                })
+                .collect();
+            for group in missing.chunks(self.max_items_per_embed) {
+                let inputs: Vec<TensorMap> = group
+                    .iter()
+                    .map(|(_, users)| {
+                        let (i, k) = users[0];
+                        self.running[i].request.items[k].inputs.shallow_clone()
+                    })
+                    .collect();
+                let joined = if inputs.len() > 1 {
+                    self.entry.concat(
+                        modality,
+                        inputs.iter().map(TensorMap::shallow_clone).collect(),
+                    )?
+                } else {
+                    None
+                };
+                let features = match joined {
+                    Some(all) => self.entry.embed(self.model.as_ref(), modality, all)?,
+                    None => {
+                        let mut features = Vec::with_capacity(inputs.len());
+                        for one in inputs {
+                            features.extend(self.entry.embed(
+                                self.model.as_ref(),
+                                modality,
+                                one,
+                            )?);
+                        }
+                        features
+                    }
+                };
+                if features.len() != group.len() {
+                    return Err(Error::Model(format!(
+                        "{}: the {modality} path returned {} feature tensor(s) for {} item(s)",
+                        self.entry.id.path,
+                        features.len(),
+                        group.len()
+                    )));
+                }
+                self.counters
+                    .encoder_cache_misses
+                    .fetch_add(group.len(), Ordering::Relaxed);
+                for ((hash, users), features) in group.iter().zip(features) {
+                    let (i, k) = users[0];
+                    let item = &self.running[i].request.items[k];
+                    let rows = features.size().first().copied().unwrap_or(0) as usize;
+                    if rows != item.rows.len() {
+                        return Err(Error::TokenCountMismatch {
+                            model: self.entry.id.path.into(),
+                            modality,
+                            item: item.item,
+                            what: "the model's embedding",
+                            actual: rows,
+                            expected: item.rows.len(),
+                        });
+                    }
+                    self.encoder_cache.insert(*hash, &features);
+                    for &(i, k) in users {
+                        self.running[i].features[k] = Some(features.shallow_clone());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The step's input embeddings, packed in plan order: each token's embedding, with the features of
+    /// the items whose placeholders fall in a chunk written over those rows.
+    fn step_embeddings(&mut self, plan: &[Scheduled]) -> Result<Tensor> {
+        self.encode_items(plan)?;
+        let device = self.model.device();
+        let mut ids = Vec::new();
+        let (mut rows, mut features) = (Vec::new(), Vec::new());
+        for s in plan {
+            let seq = &self.running[s.seq];
+            let (start, end) = (seq.computed, seq.computed + s.new);
+            let base = ids.len();
+            ids.extend((start..end).map(|i| i64::from(seq.token(i))));
+            for (item, held) in seq.request.items.iter().zip(&seq.features) {
+                if !item.overlaps(start, end) {
+                    continue;
+                }
+                let held = held
+                    .as_ref()
+                    .ok_or_else(|| Error::Engine("an item lost its features".into()))?;
+                let (mut taken, mut at) = (Vec::new(), Vec::new());
+                for (k, &p) in item.rows.iter().enumerate() {
+                    if (start..end).contains(&p) {
+                        taken.push(k as i64);
+                        at.push((base + p - start) as i64);
+                    }
+                }
+                if taken.is_empty() {
+                    continue;
+                }
+                features
+                    .push(held.f_index_select(0, &Tensor::from_slice(&taken).to_device(device))?);
+                rows.extend(at);
+            }
+        }
+        let mut embeds = self
+            .model
+            .embed_tokens(&Tensor::from_slice(&ids).to_device(device))?;
+        if !rows.is_empty() {
+            let features = Tensor::f_cat(&features, 0)?.to_kind(embeds.kind());
+            let rows = Tensor::from_slice(&rows).to_device(device);
+            let _ = embeds.f_index_copy_(0, &rows, &features)?;
+        }
+        Ok(embeds)
+    }
+
+    /// A step of any mix of prefill chunks and decodes, packed along one axis: the logits of each
+    /// scheduled sequence's last token, the number of prompt tokens it prefilled, and (when steps are
+    /// recorded) the seconds from `started` until the embeddings were ready.
+    fn packed_step(
+        &mut self,
+        plan: &[Scheduled],
+        started: std::time::Instant,
+    ) -> Result<(Tensor, usize, f64)> {
+        let device = self.model.device();
+        let embeds = self.step_embeddings(plan)?;
+        let prefill_tokens = plan
+            .iter()
+            .filter(|s| !self.running[s.seq].decoding())
+            .map(|s| s.new)
+            .sum();
         let mut embed_seconds = 0.0;
         if self.counters.time_embeddings.load(Ordering::Relaxed) {
             // Benchmarks only: wait for the embeddings (vision path included) to time them apart.
@@ -400,9 +621,16 @@ impl Scheduler {
             }
             embed_seconds = started.elapsed().as_secs_f64();
         }
+        let layout: Vec<(&[u32], usize, usize)> = plan
+            .iter()
+            .map(|s| {
+                let seq = &self.running[s.seq];
+                (seq.blocks.as_slice(), seq.computed, s.new)
+            })
+            .collect();
         if let (Some(fixed), &[(blocks, 0, _)]) = (&mut self.fixed_steps, layout.as_slice()) {
-            // One sequence prefilled alone.
-            let positions = self.running[0].prepared.processed.positions.as_ref();
+            // One sequence prefilled alone, from its start.
+            let positions = self.running[plan[0].seq].positions();
             if let Some(logits) = fixed.prefill(
                 self.model.as_ref(),
                 &mut self.cache,
@@ -414,14 +642,15 @@ impl Scheduler {
             }
         }
         let mut batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
-        let positions: Vec<SeqPositions> = self
-            .running
+        let positions: Vec<SeqPositions> = plan
             .iter()
-            .zip(&layout)
-            .map(|(seq, &(_, context, new))| SeqPositions {
-                context,
-                new,
-                prompt: seq.prepared.processed.positions.as_ref(),
+            .map(|s| {
+                let seq = &self.running[s.seq];
+                SeqPositions {
+                    context: seq.computed,
+                    new: s.new,
+                    prompt: seq.positions(),
+                }
             })
             .collect();
         set_positions(

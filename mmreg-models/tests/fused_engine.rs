@@ -87,7 +87,7 @@ fn emulated_kernels_generate_what_libtorch_does() {
         cuda_graphs,
         max_model_len: Some(128),
         max_num_batched_tokens: 128,
-        max_images_per_prompt: 0,
+        limit_mm_per_prompt: mmreg_engine::MultiModalLimits::each(0),
         ..EngineOptions::default()
     };
     kernels::set_enabled(false);

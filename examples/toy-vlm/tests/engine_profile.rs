@@ -36,15 +36,18 @@ fn checkpoint(architecture: &str) -> tempfile::TempDir {
 fn the_registered_dummy_data_shapes_the_profile() {
     let options = EngineOptions {
         max_num_batched_tokens: 200,
-        max_images_per_prompt: 3,
+        limit_mm_per_prompt: mmreg_engine::MultiModalLimits::each(3),
         ..EngineOptions::default()
     };
     let (toy_dir, lean_dir) = (checkpoint("ToyVlmForCausalLM"), checkpoint("ToyLeanForCausalLM"));
     let toy = Engine::new(toy_dir.path(), options.clone()).expect("toy engine");
     let lean = Engine::new(lean_dir.path(), options).expect("lean engine");
-    assert_eq!(toy.profile().dummy_prompt_tokens, 200);
+    // The longest prompt the model allows (room for one generated token), of which profiling runs the
+    // first `max_num_batched_tokens` as one step.
+    let longest = toy.profile().max_model_len - 1;
+    assert_eq!(toy.profile().dummy_prompt_tokens, longest);
     assert_eq!(toy.profile().dummy_items.get(mmreg_core::Modality::Image), 3);
-    assert_eq!(lean.profile().dummy_prompt_tokens, 100);
+    assert_eq!(lean.profile().dummy_prompt_tokens, longest / 2);
     assert_eq!(lean.profile().dummy_items.get(mmreg_core::Modality::Image), 0);
     // Both serve the same request the same way.
     let request = Request {

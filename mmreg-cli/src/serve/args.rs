@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
 use clap::Args;
+
+use crate::options::SchedulerArgs;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -28,9 +29,8 @@ pub struct ServeArgs {
     /// Share of the GPU's free memory the engine may use (weights, activations and KV cache).
     #[arg(long, default_value_t = 0.9)]
     pub gpu_memory_utilization: f64,
-    /// Items per prompt, `image=N` (or vLLM's JSON form `{"image": N}`).
-    #[arg(long, value_parser = parse_limit_mm, default_value = "image=4")]
-    pub limit_mm_per_prompt: usize,
+    #[command(flatten)]
+    pub scheduler: SchedulerArgs,
     /// A chat template (a file, or the template itself) used instead of the checkpoint's.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
@@ -63,47 +63,4 @@ pub struct ServeArgs {
     /// tokens, within half the available memory.
     #[arg(long)]
     pub cpu_kv_cache_gib: Option<f64>,
-}
-
-/// `image=N`, `{"image": N}`; other modalities are refused by name.
-fn parse_limit_mm(text: &str) -> Result<usize> {
-    let pairs: Vec<(String, serde_json::Value)> = if text.trim_start().starts_with('{') {
-        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text)?
-            .into_iter()
-            .collect()
-    } else {
-        text.split(',')
-            .map(|pair| {
-                let (key, value) = pair
-                    .split_once('=')
-                    .ok_or_else(|| anyhow::anyhow!("`{pair}`: expected MODALITY=N"))?;
-                Ok((key.trim().to_owned(), value.trim().parse::<u64>()?.into()))
-            })
-            .collect::<Result<_>>()?
-    };
-    let mut images = None;
-    for (key, value) in pairs {
-        match (key.as_str(), value.as_u64()) {
-            ("image", Some(n)) => images = Some(n as usize),
-            ("image", None) => bail!("image: `{value}` is not a count"),
-            (other, _) => bail!("`{other}`: this server takes images only"),
-        }
-    }
-    images.ok_or_else(|| anyhow::anyhow!("expected image=N"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_limit_mm;
-
-    #[test]
-    fn image_limits_parse_in_both_of_vllms_forms() {
-        assert_eq!(parse_limit_mm("image=2").unwrap(), 2);
-        assert_eq!(parse_limit_mm(r#"{"image": 3}"#).unwrap(), 3);
-        assert!(parse_limit_mm("video=1")
-            .unwrap_err()
-            .to_string()
-            .contains("`video`"));
-        assert!(parse_limit_mm("image").is_err());
-    }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use mmreg_core::Modality;
 use mmreg_engine::{Engine, EngineOptions, GenerationConfig, SamplingParams};
 
 mod args;
@@ -74,18 +75,18 @@ fn app_state(args: &ServeArgs, model: &Path) -> Result<AppState> {
     if !(0.0..=1.0).contains(&args.gpu_memory_utilization) || args.gpu_memory_utilization == 0.0 {
         bail!("--gpu-memory-utilization must be within (0, 1]");
     }
-    let options = EngineOptions {
+    let mut options = EngineOptions {
         device,
         dtype,
         max_model_len: args.max_model_len,
         max_num_seqs: args.max_num_seqs,
         gpu_memory_utilization: args.gpu_memory_utilization,
-        max_images_per_prompt: args.limit_mm_per_prompt,
         cpu_kv_cache_bytes: args
             .cpu_kv_cache_gib
             .map_or(0, |gib| (gib * (1u64 << 30) as f64) as usize),
         ..EngineOptions::default()
     };
+    args.scheduler.apply(&mut options)?;
     let template = ChatTemplate::load(model, args.chat_template.as_deref())?;
     let engine = Engine::new(model, options)
         .with_context(|| format!("starting the engine on {}", model.display()))?;
@@ -140,10 +141,16 @@ fn app_state(args: &ServeArgs, model: &Path) -> Result<AppState> {
         metrics: Arc::new(Metrics::new()),
         defaults,
         max_model_len,
-        max_images: args.limit_mm_per_prompt,
+        max_images: args
+            .scheduler
+            .limit_mm_per_prompt
+            .get(Modality::Image)
+            .count,
         queue_limit: args.max_num_seqs + args.max_waiting_requests,
         // Base64 data URLs are 4/3 of the image, and a prompt may carry several.
-        max_body_bytes: max_media_bytes * 4 / 3 * args.limit_mm_per_prompt.max(1) + (1 << 20),
+        max_body_bytes: max_media_bytes * 4 / 3
+            * args.scheduler.limit_mm_per_prompt.max_count().max(1)
+            + (1 << 20),
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

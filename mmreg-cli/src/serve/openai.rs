@@ -183,17 +183,21 @@ pub struct Usage {
 
 #[derive(Debug, Serialize)]
 pub struct PromptTokensDetails {
-    /// Tokens served from a prefix cache: always 0, there is none yet.
+    /// Prompt tokens whose keys and values came from the prefix cache.
     pub cached_tokens: usize,
 }
 
 impl Usage {
-    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+    pub fn new(completion: &mmreg_engine::Completion) -> Self {
+        let (prompt_tokens, completion_tokens) =
+            (completion.prompt_tokens, completion.token_ids.len());
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
-            prompt_tokens_details: PromptTokensDetails { cached_tokens: 0 },
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: completion.cached_tokens,
+            },
         }
     }
 }

@@ -276,7 +276,7 @@ async fn collect(mut submission: Submission, first: Event, answer: Answer) -> Ap
         "created": now(),
         "model": state.model_name,
         "choices": [choice],
-        "usage": Usage::new(completion.prompt_tokens, completion.token_ids.len()),
+        "usage": Usage::new(&completion),
     }))
 }
 
@@ -358,7 +358,7 @@ impl Streaming {
                 self.submission.record(reason, Some(&completion));
                 self.send(tokenizer, rest, Some(reason));
                 if self.answer.include_usage {
-                    let usage = Usage::new(completion.prompt_tokens, completion.token_ids.len());
+                    let usage = Usage::new(&completion);
                     let chunk = self.envelope(json!([]), Some(json!(usage)));
                     self.out.push_back(chunk);
                 }
