@@ -13,8 +13,9 @@ cargo build --release -p mmreg
 cp "${CARGO_TARGET_DIR:-target}/release/mmreg" "$stage/"
 # Test binaries worth running on a GPU (each a cargo test harness); the tree that travels is capped at
 # 64 MiB, so only those named in $GPU_TESTS (default: the CUDA smoke, CUDA graph and fused kernel tests) are
-# staged.
+# staged; GPU_TESTS=none stages the CLI alone.
 tests=${GPU_TESTS:-cuda_smoke cuda_graphs fused_kernels fused_engine}
+if [ "$tests" != none ]; then  # GPU_TESTS=none stages the CLI alone (a benchmark run)
 cargo test --release --no-run --message-format=json -p mmreg-engine -p mmreg-models 2>/dev/null \
   | python3 -c '
 import json, sys
@@ -27,6 +28,7 @@ for line in sys.stdin:
 ' | while read -r name exe; do
   case " $tests " in *" $name "*) cp "$exe" "$stage/tests/$name" ;; esac
 done
+fi
 strip "$stage/mmreg" "$stage"/tests/* 2>/dev/null || true
 cp -r scripts/gpu "$stage/scripts" 2>/dev/null || true
 

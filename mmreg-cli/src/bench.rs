@@ -35,9 +35,10 @@ pub struct BenchArgs {
     /// chunked prefill change: `chat`, `shared-images`, `long-prefill` (see docs/benchmarks.md).
     #[arg(long, value_enum, default_value = "decode")]
     pub scenario: Scenario,
-    /// `--scenario long-prefill`: tokens per step in its chunked run.
-    #[arg(long, default_value_t = 2048)]
-    pub chunk: usize,
+    /// `--scenario long-prefill`: tokens per step of its chunked runs (comma separated); one more run
+    /// takes the whole prompt in one step.
+    #[arg(long, value_delimiter = ',', default_value = "256,2048")]
+    pub chunk: Vec<usize>,
     /// Also profile (CUDA): write Chrome traces of one lone prefill (`prefill_bs1.json`) and of 8
     /// requests of 16 tokens (`decode_bs8.json`) into this folder.
     #[arg(long)]

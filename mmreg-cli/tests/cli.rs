@@ -246,3 +246,44 @@ fn the_demo_model_travels_inside_the_binary() {
         .read_dir()
         .is_ok_and(|mut d| d.next().is_some()));
 }
+
+#[test]
+fn requests_report_the_prompt_tokens_served_from_the_prefix_cache() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let requests = dir.path().join("requests.jsonl");
+    let line = serde_json::json!({
+        "prompt": PROMPT,
+        "images": ["fixtures/llava-tiny-real/images/a_300x200.png"],
+        "max_tokens": 3,
+    });
+    std::fs::write(&requests, format!("{line}\n{line}\n")).expect("requests");
+    let requests = requests.to_str().expect("utf-8 path");
+    let run = |extra: &[&str]| -> Vec<serde_json::Value> {
+        // One sequence at a time: the second request starts after the first has finished.
+        let mut args = vec![
+            "generate",
+            "--model",
+            "fixtures/llava-tiny-real",
+            "--requests",
+            requests,
+            "--max-num-seqs",
+            "1",
+        ];
+        args.extend(extra);
+        let output = mmreg(&args);
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    let cached = run(&[]);
+    assert_eq!(cached[0]["prompt_tokens"], 595);
+    assert_eq!(cached[0]["cached_tokens"], 0);
+    // Every full 16-token block before the last prompt token.
+    assert_eq!(cached[1]["cached_tokens"], (595 - 1) / 16 * 16);
+    assert_eq!(cached[0]["token_ids"], cached[1]["token_ids"]);
+    let plain = run(&["--no-prefix-caching"]);
+    assert_eq!(plain[1]["cached_tokens"], 0);
+    assert_eq!(plain[1]["token_ids"], cached[1]["token_ids"]);
+}

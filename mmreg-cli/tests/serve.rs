@@ -70,6 +70,12 @@ async fn chat_completion_gives_hf_greedy_tokens_with_usage() {
     body["logprobs"] = json!(true);
     body["top_logprobs"] = json!(2);
     let (_, json) = post(&server, "/v1/chat/completions", &body).await;
+    // The same prompt again: every full 16-token block of it but the last token's comes from the prefix
+    // cache.
+    assert_eq!(
+        json["usage"]["prompt_tokens_details"]["cached_tokens"],
+        (595 - 1) / 16 * 16
+    );
     let content = json["choices"][0]["logprobs"]["content"]
         .as_array()
         .expect("logprobs");

@@ -39,6 +39,8 @@ struct Sequence {
     computed: usize,
     /// The hashes of the sequence's first full blocks, as far as they were needed (prefix caching).
     block_hashes: Vec<Hash>,
+    /// The first blocks offered to the pool for reuse (hashed, full and computed).
+    registered: usize,
     /// Each item's features while the prompt is prefilled (dropped when it is, or on preemption).
     features: Vec<Option<Tensor>>,
     /// Prompt tokens the prefix cache served when the sequence was first admitted.
@@ -237,6 +239,7 @@ impl Scheduler {
             blocks: Vec::new(),
             computed: 0,
             block_hashes: Vec::new(),
+            registered: 0,
             features: (0..items).map(|_| None).collect(),
             cached_tokens: None,
         });
@@ -248,6 +251,7 @@ impl Scheduler {
         self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
         self.pool.release(&mut victim.blocks);
         victim.computed = 0;
+        victim.registered = 0;
         victim.features.iter_mut().for_each(|f| *f = None);
         self.waiting.push_front(victim);
     }
@@ -300,11 +304,13 @@ impl Scheduler {
                 seq.hash_blocks(full, block_size);
                 seq.blocks = self.pool.take_prefix(&seq.block_hashes[..full]);
                 seq.computed = seq.blocks.len() * block_size;
+                seq.registered = seq.blocks.len();
             }
             let new = (seq.len() - seq.computed).min(budget);
             if !self.pool.grow(&mut seq.blocks, seq.computed + new) {
                 self.pool.release(&mut seq.blocks);
                 seq.computed = 0;
+                seq.registered = 0;
                 break;
             }
             if seq.cached_tokens.is_none() {
@@ -390,9 +396,10 @@ impl Scheduler {
             if self.pool.caching() {
                 let full = seq.computed / block_size;
                 seq.hash_blocks(full, block_size);
-                for (&block, &hash) in seq.blocks.iter().zip(&seq.block_hashes).take(full) {
-                    self.pool.register(block, hash);
+                for b in seq.registered..full {
+                    self.pool.register(seq.blocks[b], seq.block_hashes[b]);
                 }
+                seq.registered = seq.registered.max(full);
             }
             if seq.computed >= seq.prompt_len() && seq.features.iter().any(Option::is_some) {
                 seq.features.iter_mut().for_each(|f| *f = None);

@@ -45,6 +45,10 @@ pub struct Metrics {
     step_seconds: Counter<f64, AtomicU64>,
     cancelled: Counter,
     preemptions: Counter,
+    prefix_cache_queries: Counter,
+    prefix_cache_hits: Counter,
+    encoder_cache_hits: Counter,
+    encoder_cache_misses: Counter,
 }
 
 /// Latency buckets from 10 ms to ~80 s.
@@ -78,6 +82,10 @@ impl Metrics {
             step_seconds: Counter::default(),
             cancelled: Counter::default(),
             preemptions: Counter::default(),
+            prefix_cache_queries: Counter::default(),
+            prefix_cache_hits: Counter::default(),
+            encoder_cache_hits: Counter::default(),
+            encoder_cache_misses: Counter::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -158,6 +166,26 @@ impl Metrics {
             "Sequences evicted from the KV cache to make room",
             m.preemptions.clone(),
         );
+        r.register(
+            "prefix_cache_queries",
+            "Prompt tokens of admitted requests (looked up in the prefix cache)",
+            m.prefix_cache_queries.clone(),
+        );
+        r.register(
+            "prefix_cache_hits",
+            "Prompt tokens served from the prefix cache",
+            m.prefix_cache_hits.clone(),
+        );
+        r.register(
+            "encoder_cache_hits",
+            "Multimodal items whose features came from the encoder cache",
+            m.encoder_cache_hits.clone(),
+        );
+        r.register(
+            "encoder_cache_misses",
+            "Multimodal items run through the vision path",
+            m.encoder_cache_misses.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -188,6 +216,14 @@ impl Metrics {
             &self.preemptions,
             engine.preemptions.load(Ordering::Relaxed) as u64,
         );
+        for (counter, value) in [
+            (&self.prefix_cache_queries, &engine.prefix_cache_queries),
+            (&self.prefix_cache_hits, &engine.prefix_cache_hits),
+            (&self.encoder_cache_hits, &engine.encoder_cache_hits),
+            (&self.encoder_cache_misses, &engine.encoder_cache_misses),
+        ] {
+            catch_up(counter, value.load(Ordering::Relaxed) as u64);
+        }
         let seconds = engine.step_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let behind = seconds - self.step_seconds.get();
         if behind > 0.0 {
