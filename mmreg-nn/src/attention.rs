@@ -161,11 +161,33 @@ fn attend_stored(
                 gqa,
             )?
         } else {
-            // Several new tokens after cached ones: causal mask aligned to the bottom right.
+            // Several new tokens after cached ones (a chunk of a prompt, or a prompt after a cached
+            // prefix): causal mask aligned to the bottom right. Grouped-query heads go in as their key
+            // head's queries (`[1, kv_heads, group × len, d]`, the mask repeated per group): libtorch's
+            // kernels that take a mask do not take groups, and would otherwise fall back to the
+            // unfused path.
             let total = seq.context + seq.len;
             let mask =
                 Tensor::ones([seq.len, total], (Kind::Bool, query.device())).tril(seq.context);
-            Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, scale, gqa)?
+            let (heads, kv_heads, d) = (query.size()[1], k.size()[1], query.size()[2]);
+            let group = heads / kv_heads;
+            let q = query
+                .narrow(0, seq.start, seq.len)
+                .view([seq.len, kv_heads, group, d])
+                .permute([1, 2, 0, 3])
+                .reshape([1, kv_heads, group * seq.len, d]);
+            let out = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(mask.repeat([group, 1])),
+                0.0,
+                false,
+                scale,
+                false,
+            )?;
+            // [1, kv_heads, group × len, d] is [1, heads, len, d] in memory (heads are kv-major).
+            out.reshape([1, heads, seq.len, d])
         };
         outputs.push(out.squeeze_dim(0).transpose(0, 1));
     }
