@@ -255,7 +255,7 @@ fn decodes_beside(
         std::thread::sleep(Duration::from_millis(2));
     }
     let submitted = Instant::now();
-    let (ttft, done) = first_token(&engine, long.clone())?;
+    let (ttft, done) = first_token(engine, long.clone())?;
     let finished = Instant::now();
     // A few more steps after it, then stop the decodes.
     let after = count(0) + 16;

@@ -53,7 +53,7 @@ impl SchedulerArgs {
         if self.max_num_batched_tokens == 0 {
             bail!("--max-num-batched-tokens must be at least 1");
         }
-        if !(self.encoder_cache_mib >= 0.0) {
+        if self.encoder_cache_mib.is_nan() || self.encoder_cache_mib < 0.0 {
             bail!("--encoder-cache-mib must be 0 or more");
         }
         options.max_num_batched_tokens = self.max_num_batched_tokens;
