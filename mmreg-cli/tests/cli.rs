@@ -279,9 +279,14 @@ fn requests_report_the_prompt_tokens_served_from_the_prefix_cache() {
     };
     let cached = run(&[]);
     assert_eq!(cached[0]["prompt_tokens"], 595);
-    assert_eq!(cached[0]["cached_tokens"], 0);
-    // Every full 16-token block before the last prompt token.
-    assert_eq!(cached[1]["cached_tokens"], (595 - 1) / 16 * 16);
+    // Whichever the workers hand over first runs cold; the other reuses every full 16-token block before
+    // the last prompt token.
+    let mut counts: Vec<u64> = cached
+        .iter()
+        .map(|c| c["cached_tokens"].as_u64().expect("cached_tokens"))
+        .collect();
+    counts.sort();
+    assert_eq!(counts, [0, (595 - 1) / 16 * 16]);
     assert_eq!(cached[0]["token_ids"], cached[1]["token_ids"]);
     let plain = run(&["--no-prefix-caching"]);
     assert_eq!(plain[1]["cached_tokens"], 0);

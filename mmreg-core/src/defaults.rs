@@ -188,6 +188,7 @@ impl ModelEntry {
             placeholders,
             multimodal: inputs.multimodal,
             positions: None,
+            bidirectional: Vec::new(),
         })
     }
 }

@@ -222,6 +222,11 @@ pub struct ProcessedInputs {
     pub multimodal: MultiModalData,
     /// Positions the model computes for this prompt (Qwen2-VL's M-RoPE); `None`: `0..len`.
     pub positions: Option<PromptPositions>,
+    /// Runs of the prompt whose tokens attend to each other both ways (Gemma 3's image tokens,
+    /// PaliGemma's image and prefix); every other pair is causal. The engine computes each run in one
+    /// step (a prefill chunk never ends inside one) and hashes a run's tokens into the KV-cache blocks that
+    /// overlap it. Empty: a causal prompt.
+    pub bidirectional: Vec<std::ops::Range<usize>>,
 }
 
 /// Positions a model computes for its prompt instead of `0..len`, in `sections` rows (Qwen2-VL's M-RoPE:

@@ -112,6 +112,7 @@ pub fn attention_batch(
             len: len as i64,
             context: context as i64,
             slots,
+            bidirectional: Vec::new(),
         });
         start += len as i64;
         logits_rows.push(start - 1);
@@ -133,6 +134,19 @@ pub fn attention_batch(
             })
             .transpose()?,
     })
+}
+
+/// Gives each sequence of a step the bidirectional runs of its prompt (`spans[i]` for the batch's
+/// sequence `i`) that reach this step's tokens.
+pub fn set_bidirectional(batch: &mut AttentionBatch, spans: &[&[std::ops::Range<usize>]]) {
+    for (seq, spans) in batch.sequences.iter_mut().zip(spans) {
+        let (from, to) = (seq.context as usize, (seq.context + seq.len) as usize);
+        seq.bidirectional = spans
+            .iter()
+            .filter(|r| r.start < to && from < r.end && r.len() > 1)
+            .map(|r| (r.start as i64, r.end as i64))
+            .collect();
+    }
 }
 
 /// One sequence's part of a step, for its positions: tokens `context..context + new` of a sequence whose

@@ -10,7 +10,9 @@ use mmreg_core::{
     TensorMap,
 };
 
-use crate::blocks::{attention_batch, set_positions, BlockAllocator, SeqPositions};
+use crate::blocks::{
+    attention_batch, set_bidirectional, set_positions, BlockAllocator, SeqPositions,
+};
 use crate::sampling::{Sampler, SamplingParams};
 
 /// Token embeddings `[len, hidden]` with every item's features written over its placeholders.
@@ -223,10 +225,35 @@ pub fn prefill_logits_at(
     embeds: &Tensor,
     positions: Option<&PromptPositions>,
 ) -> Result<Tensor> {
+    prefill_logits_with(model, embeds, positions, &[])
+}
+
+/// [`prefill_logits`] of a processed prompt: its positions and its bidirectional runs
+/// ([`ProcessedInputs::bidirectional`]) as the model declared them.
+pub fn prefill_logits_of(
+    model: &dyn MultiModalModel,
+    embeds: &Tensor,
+    processed: &ProcessedInputs,
+) -> Result<Tensor> {
+    prefill_logits_with(
+        model,
+        embeds,
+        processed.positions.as_ref(),
+        &processed.bidirectional,
+    )
+}
+
+fn prefill_logits_with(
+    model: &dyn MultiModalModel,
+    embeds: &Tensor,
+    positions: Option<&PromptPositions>,
+    spans: &[std::ops::Range<usize>],
+) -> Result<Tensor> {
     let _guard = tch::no_grad_guard();
     let len = embeds.size()[0] as usize;
     let (mut cache, blocks) = private_cache(model, len)?;
     let mut batch = attention_batch(&[(&blocks, 0, len)], BLOCK_SIZE, false, model.device())?;
+    set_bidirectional(&mut batch, &[spans]);
     let seq = SeqPositions {
         context: 0,
         new: len,
@@ -254,6 +281,7 @@ pub fn generate(
     let prompt_len = prepared.processed.token_ids.len();
     let capacity = (prompt_len + params.max_tokens).min(model.max_model_len().max(prompt_len));
     let positions = prepared.processed.positions.clone();
+    let spans = prepared.processed.bidirectional.clone();
     let sections = model.position_sections();
     let at = |context: usize, new: usize| SeqPositions {
         context,
@@ -263,6 +291,7 @@ pub fn generate(
     let embeds = embed_prompt(entry, model, prepared)?;
     let (mut cache, blocks) = private_cache(model, capacity)?;
     let mut batch = attention_batch(&[(&blocks, 0, prompt_len)], BLOCK_SIZE, true, device)?;
+    set_bidirectional(&mut batch, &[&spans]);
     set_positions(&mut batch, sections, &[at(0, prompt_len)], device)?;
     let mut logits = model.forward(&embeds, &mut Step::new(&batch, &mut cache))?;
     let mut sampler = Sampler::new(params);

@@ -14,7 +14,7 @@ use mmreg_core::{
 };
 
 use crate::block_pool::{block_hash, BlockPool, Hash};
-use crate::blocks::{attention_batch, set_positions, SeqPositions};
+use crate::blocks::{attention_batch, set_bidirectional, set_positions, SeqPositions};
 use crate::encoder_cache::EncoderCache;
 use crate::engine::{
     Completion, EngineCounters, EngineOptions, Event, EventSink, FinishReason, Ready, StepTiming,
@@ -45,6 +45,9 @@ struct Sequence {
     features: Vec<Option<Tensor>>,
     /// Prompt tokens the prefix cache served when the sequence was first admitted.
     cached_tokens: Option<usize>,
+    /// The content hash of each bidirectional run of the prompt (its tokens and items): part of the hash
+    /// of every block that overlaps it, since such a block's keys depend on the whole run.
+    span_hashes: Vec<Hash>,
 }
 
 impl Sequence {
@@ -75,12 +78,20 @@ impl Sequence {
         for b in self.block_hashes.len()..blocks {
             let (start, end) = (b * block_size, (b + 1) * block_size);
             let tokens: Vec<u32> = (start..end).map(|i| self.token(i)).collect();
+            let spans = &self.request.processed.bidirectional;
             let items: Vec<&Hash> = self
                 .request
                 .items
                 .iter()
                 .filter(|item| item.overlaps(start, end))
                 .map(|item| &item.hash)
+                .chain(
+                    spans
+                        .iter()
+                        .zip(&self.span_hashes)
+                        .filter(|(run, _)| run.start < end && start < run.end)
+                        .map(|(_, hash)| hash),
+                )
                 .collect();
             let hash = block_hash(self.block_hashes.last(), &tokens, &items);
             self.block_hashes.push(hash);
@@ -90,6 +101,40 @@ impl Sequence {
     fn positions(&self) -> Option<&PromptPositions> {
         self.request.processed.positions.as_ref()
     }
+
+    /// How many tokens from `computed` a step should compute, given `room`: at most `room`, except that
+    /// a chunk never ends inside a bidirectional run (it stops before the run, or takes all of it when
+    /// the run starts the chunk).
+    fn chunk(&self, room: usize) -> usize {
+        let start = self.computed;
+        let mut end = (start + room).min(self.len());
+        loop {
+            let inside = self
+                .request
+                .processed
+                .bidirectional
+                .iter()
+                .find(|run| run.start < end && end < run.end);
+            match inside {
+                Some(run) if run.start > start => end = run.start,
+                Some(run) => end = run.end.min(self.len()),
+                None => return end - start,
+            }
+        }
+    }
+}
+
+/// The content hash of a prompt's run `run`: its token ids and the hashes of the items in it.
+fn span_hash(request: &PreparedRequest, run: &std::ops::Range<usize>) -> Hash {
+    let tokens = &request.processed.token_ids
+        [run.start.min(request.prompt_len())..run.end.min(request.prompt_len())];
+    let items: Vec<&Hash> = request
+        .items
+        .iter()
+        .filter(|item| item.overlaps(run.start, run.end))
+        .map(|item| &item.hash)
+        .collect();
+    block_hash(None, tokens, &items)
 }
 
 pub(crate) struct Scheduler {
@@ -228,6 +273,13 @@ impl Scheduler {
 
     fn enqueue(&mut self, ready: Ready) {
         let items = ready.prepared.items.len();
+        let span_hashes = ready
+            .prepared
+            .processed
+            .bidirectional
+            .iter()
+            .map(|run| span_hash(&ready.prepared, run))
+            .collect();
         self.waiting.push_back(Sequence {
             sampler: Sampler::new(&ready.params),
             request: ready.prepared,
@@ -242,6 +294,7 @@ impl Scheduler {
             registered: 0,
             features: (0..items).map(|_| None).collect(),
             cached_tokens: None,
+            span_hashes,
         });
     }
 
@@ -272,13 +325,13 @@ impl Scheduler {
                     break;
                 }
                 let seq = &mut self.running[i];
-                let new = (seq.len() - seq.computed).min(budget);
+                let new = seq.chunk(budget);
                 if !self.pool.grow(&mut seq.blocks, seq.computed + new) {
                     let victim = self.running.pop().expect("not empty");
                     self.preempt(victim);
                     continue 'plan;
                 }
-                budget -= new;
+                budget = budget.saturating_sub(new);
                 plan.push(Scheduled { seq: i, new });
             }
             break;
@@ -306,7 +359,7 @@ impl Scheduler {
                 seq.computed = seq.blocks.len() * block_size;
                 seq.registered = seq.blocks.len();
             }
-            let new = (seq.len() - seq.computed).min(budget);
+            let new = seq.chunk(budget);
             if !self.pool.grow(&mut seq.blocks, seq.computed + new) {
                 self.pool.release(&mut seq.blocks);
                 seq.computed = 0;
@@ -321,7 +374,7 @@ impl Scheduler {
                 c.prefix_cache_hits
                     .fetch_add(seq.computed.min(seq.prompt_len()), Ordering::Relaxed);
             }
-            budget -= new;
+            budget = budget.saturating_sub(new);
             let seq = self.waiting.pop_front().expect("front exists");
             self.running.push(seq);
             plan.push(Scheduled {
@@ -635,8 +688,21 @@ impl Scheduler {
                 (seq.blocks.as_slice(), seq.computed, s.new)
             })
             .collect();
-        if let (Some(fixed), &[(blocks, 0, _)]) = (&mut self.fixed_steps, layout.as_slice()) {
-            // One sequence prefilled alone, from its start.
+        let spans: Vec<&[std::ops::Range<usize>]> = plan
+            .iter()
+            .map(|s| {
+                self.running[s.seq]
+                    .request
+                    .processed
+                    .bidirectional
+                    .as_slice()
+            })
+            .collect();
+        let causal = spans.iter().all(|s| s.is_empty());
+        if let (Some(fixed), &[(blocks, 0, _)], true) =
+            (&mut self.fixed_steps, layout.as_slice(), causal)
+        {
+            // One causal sequence prefilled alone, from its start.
             let positions = self.running[plan[0].seq].positions();
             if let Some(logits) = fixed.prefill(
                 self.model.as_ref(),
@@ -649,6 +715,7 @@ impl Scheduler {
             }
         }
         let mut batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
+        set_bidirectional(&mut batch, &spans);
         let positions: Vec<SeqPositions> = plan
             .iter()
             .map(|s| {

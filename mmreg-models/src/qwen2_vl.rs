@@ -212,6 +212,7 @@ pub(crate) fn process(
         placeholders,
         multimodal: inputs.multimodal,
         positions: Some(positions),
+        bidirectional: Vec::new(),
     })
 }
 

@@ -4,7 +4,7 @@
 //! attention. Model files call [`Attention::forward`] or [`Attention::forward_rotary`] with the step
 //! they were given and nothing else.
 
-use mmreg_core::step::{AttentionBatch, DecodeGather};
+use mmreg_core::step::{AttentionBatch, DecodeGather, SequenceSlice};
 use mmreg_core::{PagedKvCache, Result, Step};
 use mmreg_engine::kernels;
 use tch::{Kind, Tensor};
@@ -90,6 +90,30 @@ impl Attention {
     }
 }
 
+/// Which of a sequence's `context + len` keys each of its `len` new tokens sees, `[len, context + len]`:
+/// the keys up to its own position, and every key of a bidirectional run it belongs to.
+fn prompt_mask(seq: &SequenceSlice, device: tch::Device) -> Result<Tensor> {
+    let total = seq.context + seq.len;
+    let mask = Tensor::f_ones([seq.len, total], (Kind::Bool, device))?.f_tril(seq.context)?;
+    if seq.bidirectional.is_empty() {
+        return Ok(mask);
+    }
+    // Query row i is position context + i; a run start..end opens keys start..end to its own rows.
+    let mut open = vec![false; (seq.len * total) as usize];
+    for &(start, end) in &seq.bidirectional {
+        for p in start.max(seq.context)..end.min(total) {
+            let row = (p - seq.context) * total;
+            for k in start..end.min(total) {
+                open[(row + k) as usize] = true;
+            }
+        }
+    }
+    let open = Tensor::from_slice(&open)
+        .view([seq.len, total])
+        .to_device(device);
+    Ok(mask.f_logical_or(&open)?)
+}
+
 /// Attends to keys and values already stored in the cache at `batch.new_slots`.
 fn attend_stored(
     query: &Tensor,
@@ -148,7 +172,7 @@ fn attend_stored(
             cache.gather(layer, &seq.slots)?
         };
         let (k, v) = (heads_first(k), heads_first(v));
-        let out = if seq.context == 0 || seq.len == 1 {
+        let out = if seq.bidirectional.is_empty() && (seq.context == 0 || seq.len == 1) {
             // A fresh prompt is plainly causal; one new token sees everything cached.
             Tensor::f_scaled_dot_product_attention(
                 &q,
@@ -162,13 +186,12 @@ fn attend_stored(
             )?
         } else {
             // Several new tokens after cached ones (a chunk of a prompt, or a prompt after a cached
-            // prefix): causal mask aligned to the bottom right. Grouped-query heads go in as their key
+            // prefix), or a prompt with bidirectional runs: causal mask aligned to the bottom right, with
+            // the runs opened both ways. Grouped-query heads go in as their key
             // head's queries (`[1, kv_heads, group × len, d]`, the mask repeated per group): libtorch's
             // kernels that take a mask do not take groups, and would otherwise fall back to the
             // unfused path.
-            let total = seq.context + seq.len;
-            let mask =
-                Tensor::ones([seq.len, total], (Kind::Bool, query.device())).tril(seq.context);
+            let mask = prompt_mask(seq, query.device())?;
             let (heads, kv_heads, d) = (query.size()[1], k.size()[1], query.size()[2]);
             let group = heads / kv_heads;
             let q = query

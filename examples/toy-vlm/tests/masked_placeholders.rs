@@ -54,7 +54,13 @@ fn interleaved(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedI
         placeholders.push(range);
     }
     token_ids.extend_from_slice(&expanded[src..]);
-    Ok(ProcessedInputs { token_ids, placeholders, multimodal: inputs.multimodal, positions: None })
+    Ok(ProcessedInputs {
+        token_ids,
+        placeholders,
+        multimodal: inputs.multimodal,
+        positions: None,
+        bidirectional: Vec::new(),
+    })
 }
 
 impl LoadModel for ToyInterleaved {
