@@ -5,10 +5,11 @@
 
 mod support;
 
+use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
     register_input_mapper, register_input_processor, register_model, ImageInput, LoadOptions,
-    ModelContext, MultiModalData, ProcessedInputs, ProcessorInputs, Prompt, Registry, Result,
-    Weights,
+    ModelContext, MultiModalData, MultiModalModel, ProcessedInputs, ProcessorInputs, Prompt,
+    Registry, Result, Weights,
 };
 use mmreg_engine::generate::{
     embed_prompt, generate, prefill_logits_at, prefill_logits_of, prepare,
@@ -41,6 +42,16 @@ fn checkpoint() -> tempfile::TempDir {
     dir
 }
 
+/// The checkpoint's context, registry entry and model.
+fn load(dir: &std::path::Path) -> (ModelContext, &'static ModelEntry, Box<dyn MultiModalModel>) {
+    let ctx = ModelContext::from_dir(dir).expect("context");
+    let entry = Registry::global().for_context(&ctx).expect("registered");
+    let model = entry
+        .load(&ctx, &Weights::from_dir(dir).expect("weights"), &LoadOptions::default())
+        .expect("loads");
+    (ctx, entry, model)
+}
+
 fn picture(width: u32, height: u32, shade: u8) -> ImageInput {
     let image = image::RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([shade, (x * 9) as u8, (y * 13) as u8])
@@ -60,11 +71,7 @@ fn inputs() -> ProcessorInputs {
 fn prefill_logits_equal_a_dense_reference_with_the_runs_open_both_ways() {
     let _guard = tch::no_grad_guard();
     let dir = checkpoint();
-    let ctx = ModelContext::from_dir(dir.path()).expect("context");
-    let entry = Registry::global().for_context(&ctx).expect("registered");
-    let model = entry
-        .load(&ctx, &Weights::from_dir(dir.path()).expect("weights"), &LoadOptions::default())
-        .expect("loads");
+    let (ctx, entry, model) = load(dir.path());
     let prepared = prepare(entry, &ctx, inputs(), 256).expect("prepared");
     let processed = prepared.processed.clone();
     assert_eq!(processed.bidirectional.len(), 2);
@@ -107,11 +114,7 @@ fn prefill_logits_equal_a_dense_reference_with_the_runs_open_both_ways() {
 #[test]
 fn the_engine_keeps_each_run_in_one_chunk_and_generates_what_generate_does() {
     let dir = checkpoint();
-    let ctx = ModelContext::from_dir(dir.path()).expect("context");
-    let entry = Registry::global().for_context(&ctx).expect("registered");
-    let model = entry
-        .load(&ctx, &Weights::from_dir(dir.path()).expect("weights"), &LoadOptions::default())
-        .expect("loads");
+    let (ctx, entry, model) = load(dir.path());
     let params = SamplingParams { max_tokens: 12, ..SamplingParams::default() };
     let want = generate(
         entry,
