@@ -129,12 +129,13 @@ pub struct AttentionBatch {
     pub sequences: Vec<SequenceSlice>,
     /// Rows to compute logits for (usually each sequence's last token); all rows when `None`.
     pub logits_indices: Option<Tensor>,
-    /// For a step of several single-token decodes: every sequence's slots, padded to one width, so that
-    /// attention runs once for the whole step.
+    /// Where a step starts with several single-token decodes: their slots, padded to one width, so that
+    /// attention runs once for all of them (the first `DecodeGather::lengths.size()[0]` sequences, one
+    /// token each); the sequences after them attend one by one.
     pub decode_gather: Option<DecodeGather>,
 }
 
-/// The cache slots of a step of single-token decodes (see [`AttentionBatch::decode_gather`]).
+/// The cache slots of a step's leading single-token decodes (see [`AttentionBatch::decode_gather`]).
 #[derive(Debug)]
 pub struct DecodeGather {
     /// Every sequence's slots padded to the same width: `[sequences * width]` (int64).

@@ -72,17 +72,21 @@ pub fn attention_batch(
     let mut slices = Vec::with_capacity(sequences.len());
     let mut logits_rows = Vec::with_capacity(sequences.len());
     let mut start = 0i64;
-    let all_decodes = sequences.len() > 1
-        && sequences
-            .iter()
-            .all(|&(_, context, len)| len == 1 && context > 0);
-    let longest = sequences
+    // The leading single-token decodes (the scheduler puts a step's decodes first) attend together
+    // through `decode_gather` when there are several; the other sequences one by one.
+    let decodes = sequences
+        .iter()
+        .take_while(|&&(_, context, len)| len == 1 && context > 0)
+        .count();
+    let decodes = if decodes > 1 { decodes } else { 0 };
+    let longest = sequences[..decodes]
         .iter()
         .map(|&(_, context, len)| context + len)
         .max()
         .unwrap_or(0);
     let (mut padded, mut lengths) = (Vec::new(), Vec::new());
-    for &(blocks, context, len) in sequences {
+    for (i, &(blocks, context, len)) in sequences.iter().enumerate() {
+        let gathered = i < decodes;
         if blocks.len() * block_size < context + len {
             return Err(Error::Engine(format!(
                 "a sequence of {} tokens has only {} cache blocks",
@@ -91,7 +95,7 @@ pub fn attention_batch(
             )));
         }
         let all = slots(blocks, block_size, 0..context + len);
-        if all_decodes {
+        if gathered {
             padded.extend(
                 all.iter()
                     .copied()
@@ -101,8 +105,8 @@ pub fn attention_batch(
         }
         positions.extend((context..context + len).map(|p| p as i64));
         new_slots.extend_from_slice(&all[context..]);
-        // A step of decodes attends through `decode_gather`; only other steps need per-sequence slots.
-        let slots = if all_decodes {
+        // The gathered decodes attend through `decode_gather`; only the others need their own slots.
+        let slots = if gathered {
             Tensor::new()
         } else {
             Tensor::from_slice(&all).to_device(device)
@@ -123,7 +127,7 @@ pub fn attention_batch(
         sequences: slices,
         logits_indices: last_token_logits
             .then(|| Tensor::from_slice(&logits_rows).to_device(device)),
-        decode_gather: all_decodes
+        decode_gather: (decodes > 0)
             .then(|| -> Result<DecodeGather> {
                 let lengths = Tensor::from_slice(&lengths).to_device(device);
                 Ok(DecodeGather {

@@ -114,6 +114,47 @@ fn prompt_mask(seq: &SequenceSlice, device: tch::Device) -> Result<Tensor> {
     Ok(mask.f_logical_or(&open)?)
 }
 
+/// The leading single-token decodes of a step (`query`: `[n, heads, d]`), in one attention call over
+/// their gathered contexts: the paged decode kernel where it runs, else libtorch's attention over the
+/// contexts padded to the longest.
+fn attend_gathered(
+    query: &Tensor,
+    kv_heads: i64,
+    layer: usize,
+    gather: &DecodeGather,
+    cache: &PagedKvCache,
+    scale: f64,
+) -> Result<Tensor> {
+    let DecodeGather {
+        slots,
+        mask,
+        lengths,
+    } = gather;
+    let (keys, values) = cache.layer(layer);
+    if let Some(out) = kernels::paged_decode_attention(query, keys, values, slots, lengths, scale) {
+        return Ok(out);
+    }
+    // Each key/value head's group of query heads goes in as that head's queries (`[n, kv_heads, group,
+    // d]`): grouped-query attention without repeating keys and values, on kernels that take a mask but
+    // not groups.
+    let (n, longest) = (mask.size()[0], mask.size()[3]);
+    let (heads, d) = (query.size()[1], query.size()[2]);
+    let (k, v) = cache.gather(layer, slots)?;
+    let heads_first = |t: Tensor| t.view([n, longest, kv_heads, d]).transpose(1, 2);
+    let q = query.reshape([n, kv_heads, heads / kv_heads, d]);
+    let out = Tensor::f_scaled_dot_product_attention(
+        &q,
+        &heads_first(k),
+        &heads_first(v),
+        Some(mask),
+        0.0,
+        false,
+        scale,
+        false,
+    )?;
+    Ok(out.reshape([n, heads, d]))
+}
+
 /// Attends to keys and values already stored in the cache at `batch.new_slots`.
 fn attend_stored(
     query: &Tensor,
@@ -124,42 +165,20 @@ fn attend_stored(
     cache: &PagedKvCache,
     scale: f64,
 ) -> Result<Tensor> {
-    if let Some(DecodeGather {
-        slots,
-        mask,
-        lengths,
-    }) = &batch.decode_gather
-    {
-        let (keys, values) = cache.layer(layer);
-        if let Some(out) =
-            kernels::paged_decode_attention(query, keys, values, slots, lengths, scale)
-        {
+    let mut outputs = Vec::with_capacity(batch.sequences.len());
+    let mut gathered = 0;
+    if let Some(gather) = &batch.decode_gather {
+        gathered = gather.lengths.size()[0] as usize;
+        let decodes = query.narrow(0, 0, gathered as i64);
+        let out = attend_gathered(&decodes, key.size()[1], layer, gather, cache, scale)?;
+        // Fixed-shape decode steps describe no sequences beyond the gather.
+        if gathered >= batch.sequences.len() {
             return Ok(out);
         }
-        // One attention call for all single-token decodes, over their contexts padded to the longest.
-        // Each key/value head's group of query heads goes in as that head's queries (`[n, kv_heads,
-        // group, d]`): grouped-query attention without repeating keys and values, on kernels that take a
-        // mask but not groups.
-        let (n, longest) = (mask.size()[0], mask.size()[3]);
-        let (heads, kv_heads, d) = (query.size()[1], key.size()[1], query.size()[2]);
-        let (k, v) = cache.gather(layer, slots)?;
-        let heads_first = |t: Tensor| t.view([n, longest, kv_heads, d]).transpose(1, 2);
-        let q = query.reshape([n, kv_heads, heads / kv_heads, d]);
-        let out = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &heads_first(k),
-            &heads_first(v),
-            Some(mask),
-            0.0,
-            false,
-            scale,
-            false,
-        )?;
-        return Ok(out.reshape([n, heads, d]));
+        outputs.push(out);
     }
     let gqa = query.size()[1] != key.size()[1];
-    let mut outputs = Vec::with_capacity(batch.sequences.len());
-    for seq in &batch.sequences {
+    for seq in &batch.sequences[gathered..] {
         // [n, heads, d] → [1, heads, n, d]
         let heads_first = |t: Tensor| t.transpose(0, 1).unsqueeze(0);
         let q = heads_first(query.narrow(0, seq.start, seq.len));
