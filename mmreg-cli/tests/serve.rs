@@ -76,6 +76,14 @@ async fn chat_completion_gives_hf_greedy_tokens_with_usage() {
         json["usage"]["prompt_tokens_details"]["cached_tokens"],
         (595 - 1) / 16 * 16
     );
+    // /metrics counts the same: prompt tokens looked up and found, and the one image encoded once (the
+    // second request's image lies in its cached prefix).
+    assert_eq!(
+        server.metric("mmreg_prefix_cache_queries_total").await,
+        1190.0
+    );
+    assert_eq!(server.metric("mmreg_prefix_cache_hits_total").await, 592.0);
+    assert_eq!(server.metric("mmreg_encoder_cache_misses_total").await, 1.0);
     let content = json["choices"][0]["logprobs"]["content"]
         .as_array()
         .expect("logprobs");
