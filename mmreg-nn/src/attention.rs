@@ -21,6 +21,8 @@ pub struct Attention {
     kv_heads: i64,
     head_dim: i64,
     scale: f64,
+    /// Keys older than this many positions are out of sight (a sliding-window layer).
+    window: Option<i64>,
 }
 
 impl Attention {
@@ -32,6 +34,17 @@ impl Attention {
             kv_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
+            window: None,
+        }
+    }
+
+    /// A sliding-window layer (Mistral's, Gemma 2 and 3's local layers): a query at position `i` sees the
+    /// keys at positions `j ≤ i` with `i − j < window`, as HF's sliding-window mask; a bidirectional run
+    /// of the prompt stays open in full.
+    pub fn with_sliding_window(self, window: usize) -> Self {
+        Self {
+            window: Some(window.max(1) as i64),
+            ..self
         }
     }
 
@@ -47,7 +60,7 @@ impl Attention {
         let batch = step.batch();
         let cache = step.cache();
         cache.write(self.layer, k, v, &batch.new_slots)?;
-        attend_stored(q, k, v, self.layer, batch, cache, self.scale)
+        attend_stored(q, k, v, self.layer, batch, cache, self.scale, self.window)
     }
 
     /// [`Self::forward`] for a stacked projection `[tokens, heads + 2 kv_heads, head_dim]` (queries, keys,
@@ -82,7 +95,16 @@ impl Attention {
         if !in_cache {
             cache.write(self.layer, &k, &v, &batch.new_slots)?;
         }
-        attend_stored(&q, &k, &v, self.layer, batch, cache, self.scale)
+        attend_stored(
+            &q,
+            &k,
+            &v,
+            self.layer,
+            batch,
+            cache,
+            self.scale,
+            self.window,
+        )
     }
 
     pub fn head_dim(&self) -> i64 {
@@ -91,10 +113,15 @@ impl Attention {
 }
 
 /// Which of a sequence's `context + len` keys each of its `len` new tokens sees, `[len, context + len]`:
-/// the keys up to its own position, and every key of a bidirectional run it belongs to.
-fn prompt_mask(seq: &SequenceSlice, device: tch::Device) -> Result<Tensor> {
+/// the keys up to its own position (the last `window` of them in a sliding-window layer), and every key
+/// of a bidirectional run it belongs to.
+fn prompt_mask(seq: &SequenceSlice, window: Option<i64>, device: tch::Device) -> Result<Tensor> {
     let total = seq.context + seq.len;
-    let mask = Tensor::f_ones([seq.len, total], (Kind::Bool, device))?.f_tril(seq.context)?;
+    let mut mask = Tensor::f_ones([seq.len, total], (Kind::Bool, device))?.f_tril(seq.context)?;
+    if let Some(w) = window {
+        // Row i is position context + i: keys from context + i − (w − 1) on.
+        mask = mask.f_triu(seq.context - w + 1)?;
+    }
     if seq.bidirectional.is_empty() {
         return Ok(mask);
     }
@@ -124,6 +151,7 @@ fn attend_gathered(
     gather: &DecodeGather,
     cache: &PagedKvCache,
     scale: f64,
+    window: Option<i64>,
 ) -> Result<Tensor> {
     let DecodeGather {
         slots,
@@ -131,9 +159,28 @@ fn attend_gathered(
         lengths,
     } = gather;
     let (keys, values) = cache.layer(layer);
-    if let Some(out) = kernels::paged_decode_attention(query, keys, values, slots, lengths, scale) {
-        return Ok(out);
+    if window.is_none() {
+        if let Some(out) =
+            kernels::paged_decode_attention(query, keys, values, slots, lengths, scale)
+        {
+            return Ok(out);
+        }
     }
+    // A sliding window hides each sequence's slots before `length − window` (the mask's slots are a
+    // sequence's positions in order).
+    let windowed;
+    let mask = match window {
+        Some(w) => {
+            let width = mask.size()[3];
+            let first = (lengths - w).view([-1, 1, 1, 1]);
+            let seen = Tensor::f_arange(width, (Kind::Int64, mask.device()))?
+                .view([1, 1, 1, width])
+                .f_ge_tensor(&first)?;
+            windowed = mask.f_logical_and(&seen)?;
+            &windowed
+        }
+        None => mask,
+    };
     // Each key/value head's group of query heads goes in as that head's queries (`[n, kv_heads, group,
     // d]`): grouped-query attention without repeating keys and values, on kernels that take a mask but
     // not groups.
@@ -156,6 +203,7 @@ fn attend_gathered(
 }
 
 /// Attends to keys and values already stored in the cache at `batch.new_slots`.
+#[allow(clippy::too_many_arguments)]
 fn attend_stored(
     query: &Tensor,
     key: &Tensor,
@@ -164,13 +212,14 @@ fn attend_stored(
     batch: &AttentionBatch,
     cache: &PagedKvCache,
     scale: f64,
+    window: Option<i64>,
 ) -> Result<Tensor> {
     let mut outputs = Vec::with_capacity(batch.sequences.len());
     let mut gathered = 0;
     if let Some(gather) = &batch.decode_gather {
         gathered = gather.lengths.size()[0] as usize;
         let decodes = query.narrow(0, 0, gathered as i64);
-        let out = attend_gathered(&decodes, key.size()[1], layer, gather, cache, scale)?;
+        let out = attend_gathered(&decodes, key.size()[1], layer, gather, cache, scale, window)?;
         // Fixed-shape decode steps describe no sequences beyond the gather.
         if gathered >= batch.sequences.len() {
             return Ok(out);
@@ -191,7 +240,9 @@ fn attend_stored(
             cache.gather(layer, &seq.slots)?
         };
         let (k, v) = (heads_first(k), heads_first(v));
-        let out = if seq.bidirectional.is_empty() && (seq.context == 0 || seq.len == 1) {
+        let windowed = window.is_some_and(|w| seq.context + seq.len > w);
+        let out = if seq.bidirectional.is_empty() && !windowed && (seq.context == 0 || seq.len == 1)
+        {
             // A fresh prompt is plainly causal; one new token sees everything cached.
             Tensor::f_scaled_dot_product_attention(
                 &q,
@@ -210,7 +261,7 @@ fn attend_stored(
             // head's queries (`[1, kv_heads, group × len, d]`, the mask repeated per group): libtorch's
             // kernels that take a mask do not take groups, and would otherwise fall back to the
             // unfused path.
-            let mask = prompt_mask(seq, query.device())?;
+            let mask = prompt_mask(seq, window, query.device())?;
             let (heads, kv_heads, d) = (query.size()[1], k.size()[1], query.size()[2]);
             let group = heads / kv_heads;
             let q = query

@@ -22,13 +22,23 @@ pub struct ToyConfig {
     /// Images have `grid` rows of cells and between 1 and `2 × grid` columns.
     pub grid: u32,
     pub max_position_embeddings: usize,
+    /// Attend to the last `sliding_window` positions only (HF's `sliding_window`); `None`: all.
+    pub sliding_window: Option<usize>,
 }
 
 impl Default for ToyConfig {
     fn default() -> Self {
         let (vocab_size, hidden_size, image_token_id, grid) = (16, 8, 15, 2);
         let max_position_embeddings = 256;
-        Self { vocab_size, hidden_size, image_token_id, grid, max_position_embeddings }
+        let sliding_window = None;
+        Self {
+            vocab_size,
+            hidden_size,
+            image_token_id,
+            grid,
+            max_position_embeddings,
+            sliding_window,
+        }
     }
 }
 
@@ -77,10 +87,14 @@ impl LoadModel for ToyVlm {
     fn load(ctx: &ModelContext, weights: &Weights, options: &LoadOptions) -> Result<Self> {
         let config = (*ctx.config::<ToyConfig>()?).clone();
         let (v, h, vb) = (config.vocab_size, config.hidden_size, Loader::new(weights, options));
+        let self_attn = match config.sliding_window {
+            Some(window) => Attention::new(0, 1, 1, h).with_sliding_window(window),
+            None => Attention::new(0, 1, 1, h),
+        };
         let model = Self {
             embed_tokens: Embedding::load(&vb.pp("embed_tokens"), v, h)?,
             cell_proj: Linear::load(&vb.pp("cell_proj"), 3, h, false)?,
-            self_attn: Attention::new(0, 1, 1, h),
+            self_attn,
             lm_head: Linear::load(&vb.pp("lm_head"), h, v, false)?,
             config,
         };
