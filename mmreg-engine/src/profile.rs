@@ -115,17 +115,22 @@ pub(crate) fn profile_and_allocate(
     ) {
         (Some(free), Some(weights), Some(activations)) => {
             let budget = (free as f64 * options.gpu_memory_utilization) as u64;
-            let left = budget.checked_sub(weights + activations).ok_or_else(|| {
-                Error::Engine(format!(
-                    "no memory is left for the KV cache: {} usable ({} of {} free) < weights {} + activations {}; raise gpu_memory_utilization, free the device or lower max_num_batched_tokens",
-                    human(budget), options.gpu_memory_utilization, human(free), human(weights), human(activations)
-                ))
-            })?;
+            // The encoder cache fills up as images come: its bytes are set aside too.
+            let encoder_cache = options.encoder_cache_bytes as u64;
+            let left = budget
+                .checked_sub(weights + activations + encoder_cache)
+                .ok_or_else(|| {
+                    Error::Engine(format!(
+                        "no memory is left for the KV cache: {} usable ({} of {} free) < weights {} + activations {} + encoder cache {}; raise gpu_memory_utilization, free the device, or lower max_num_batched_tokens or the encoder cache",
+                        human(budget), options.gpu_memory_utilization, human(free), human(weights), human(activations), human(encoder_cache)
+                    ))
+                })?;
             tracing::info!(
                 free = %human(free),
                 gpu_memory_utilization = options.gpu_memory_utilization,
                 weights = %human(weights),
                 activations = %human(activations),
+                encoder_cache = %human(encoder_cache),
                 left = %human(left),
                 "KV cache budget on the GPU"
             );
