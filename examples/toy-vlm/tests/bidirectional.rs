@@ -5,17 +5,15 @@
 
 mod support;
 
-use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    register_input_mapper, register_input_processor, register_model, ImageInput, LoadOptions,
-    ModelContext, MultiModalData, MultiModalModel, ProcessedInputs, ProcessorInputs, Prompt,
-    Registry, Result, Weights,
+    register_input_mapper, register_input_processor, register_model, ImageInput, ModelContext,
+    MultiModalData, ProcessedInputs, ProcessorInputs, Prompt, Result,
 };
 use mmreg_engine::generate::{
     embed_prompt, generate, prefill_logits_at, prefill_logits_of, prepare,
 };
 use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use toy_vlm::ToyVlm;
 
 #[register_model("ToyBidirectionalForCausalLM")]
@@ -42,16 +40,6 @@ fn checkpoint() -> tempfile::TempDir {
     dir
 }
 
-/// The checkpoint's context, registry entry and model.
-fn load(dir: &std::path::Path) -> (ModelContext, &'static ModelEntry, Box<dyn MultiModalModel>) {
-    let ctx = ModelContext::from_dir(dir).expect("context");
-    let entry = Registry::global().for_context(&ctx).expect("registered");
-    let model = entry
-        .load(&ctx, &Weights::from_dir(dir).expect("weights"), &LoadOptions::default())
-        .expect("loads");
-    (ctx, entry, model)
-}
-
 fn picture(width: u32, height: u32, shade: u8) -> ImageInput {
     let image = image::RgbImage::from_fn(width, height, |x, y| {
         image::Rgb([shade, (x * 9) as u8, (y * 13) as u8])
@@ -71,7 +59,7 @@ fn inputs() -> ProcessorInputs {
 fn prefill_logits_equal_a_dense_reference_with_the_runs_open_both_ways() {
     let _guard = tch::no_grad_guard();
     let dir = checkpoint();
-    let (ctx, entry, model) = load(dir.path());
+    let (ctx, entry, model) = support::load(dir.path());
     let prepared = prepare(entry, &ctx, inputs(), 256).expect("prepared");
     let processed = prepared.processed.clone();
     assert_eq!(processed.bidirectional.len(), 2);
@@ -92,15 +80,7 @@ fn prefill_logits_equal_a_dense_reference_with_the_runs_open_both_ways() {
         }
     }
     let allowed = Tensor::from_slice(&allowed).view([len, len]);
-    let scores = embeds
-        .matmul(&embeds.transpose(0, 1))
-        .f_div_scalar(8f64.sqrt())
-        .expect("scale")
-        .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
-    let attended = scores.softmax(-1, Kind::Float).matmul(&embeds);
-    let weights = Tensor::read_safetensors(dir.path().join("model.safetensors")).expect("weights");
-    let lm_head = &weights.iter().find(|(k, _)| k == "lm_head.weight").expect("lm_head").1;
-    let want = (attended + &embeds).matmul(&lm_head.transpose(0, 1));
+    let want = support::dense_toy_logits(dir.path(), &embeds, &allowed);
     let diff = (&got - &want).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "max |Δ| = {diff}");
 
@@ -114,7 +94,7 @@ fn prefill_logits_equal_a_dense_reference_with_the_runs_open_both_ways() {
 #[test]
 fn the_engine_keeps_each_run_in_one_chunk_and_generates_what_generate_does() {
     let dir = checkpoint();
-    let (ctx, entry, model) = load(dir.path());
+    let (ctx, entry, model) = support::load(dir.path());
     let params = SamplingParams { max_tokens: 12, ..SamplingParams::default() };
     let want = generate(
         entry,

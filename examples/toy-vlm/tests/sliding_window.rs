@@ -5,9 +5,7 @@
 
 mod support;
 
-use mmreg_core::{
-    LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry, Weights,
-};
+use mmreg_core::{LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Weights};
 use mmreg_engine::generate::{embed_prompt, generate, prefill_logits, prepare};
 use mmreg_engine::{Engine, EngineOptions, Request, SamplingParams};
 use tch::{Kind, Tensor};
@@ -34,11 +32,7 @@ fn prompt(i: u32) -> Vec<u32> {
 fn prefill_logits_equal_a_dense_reference_with_the_window() {
     let _guard = tch::no_grad_guard();
     let dir = checkpoint();
-    let ctx = ModelContext::from_dir(dir.path()).expect("context");
-    let entry = Registry::global().for_context(&ctx).expect("registered");
-    let model = entry
-        .load(&ctx, &Weights::from_dir(dir.path()).expect("weights"), &LoadOptions::default())
-        .expect("loads");
+    let (ctx, entry, model) = support::load(dir.path());
     let inputs = ProcessorInputs {
         prompt: Prompt::TokenIds(prompt(3)),
         multimodal: MultiModalData::default(),
@@ -51,15 +45,7 @@ fn prefill_logits_equal_a_dense_reference_with_the_window() {
     let q = Tensor::arange(len, (Kind::Int64, tch::Device::Cpu)).view([-1, 1]);
     let k = Tensor::arange(len, (Kind::Int64, tch::Device::Cpu)).view([1, -1]);
     let allowed = k.le_tensor(&q).logical_and(&(&q - &k).lt(WINDOW));
-    let scores = embeds
-        .matmul(&embeds.transpose(0, 1))
-        .f_div_scalar(8f64.sqrt())
-        .expect("scale")
-        .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
-    let attended = scores.softmax(-1, Kind::Float).matmul(&embeds);
-    let weights = Tensor::read_safetensors(dir.path().join("model.safetensors")).expect("weights");
-    let lm_head = &weights.iter().find(|(k, _)| k == "lm_head.weight").expect("lm_head").1;
-    let want = (attended + &embeds).matmul(&lm_head.transpose(0, 1));
+    let want = support::dense_toy_logits(dir.path(), &embeds, &allowed);
     let diff = (&got - &want).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "max |Δ| = {diff}");
     // Past the window the mask matters: the same weights without it attend to every earlier key.
@@ -77,11 +63,7 @@ fn prefill_logits_equal_a_dense_reference_with_the_window() {
 #[test]
 fn the_engine_generates_what_generate_does_with_a_window() {
     let dir = checkpoint();
-    let ctx = ModelContext::from_dir(dir.path()).expect("context");
-    let entry = Registry::global().for_context(&ctx).expect("registered");
-    let model = entry
-        .load(&ctx, &Weights::from_dir(dir.path()).expect("weights"), &LoadOptions::default())
-        .expect("loads");
+    let (ctx, entry, model) = support::load(dir.path());
     let params = SamplingParams { max_tokens: 10, ..SamplingParams::default() };
     let want: Vec<Vec<u32>> = (0..6)
         .map(|i| {

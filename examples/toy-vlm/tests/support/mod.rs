@@ -80,3 +80,34 @@ pub fn toy_entry() -> &'static mmreg_core::registry::ModelEntry {
         .by_architecture("ToyVlmForCausalLM")
         .expect("the toy is registered")
 }
+
+/// A checkpoint's context, registry entry and model.
+pub fn load(
+    dir: &std::path::Path,
+) -> (
+    mmreg_core::ModelContext,
+    &'static mmreg_core::registry::ModelEntry,
+    Box<dyn mmreg_core::MultiModalModel>,
+) {
+    let ctx = mmreg_core::ModelContext::from_dir(dir).expect("context");
+    let entry = mmreg_core::Registry::global().for_context(&ctx).expect("registered");
+    let weights = mmreg_core::Weights::from_dir(dir).expect("weights");
+    let model = entry.load(&ctx, &weights, &mmreg_core::LoadOptions::default()).expect("loads");
+    (ctx, entry, model)
+}
+
+/// The toy's prefill logits written out densely, for the attention tests: one head whose queries, keys
+/// and values are the embeddings `[len, hidden]`, the keys each query may see given by `allowed`
+/// (`[len, len]`, bool), the residual, then `lm_head` read from the checkpoint in `dir`.
+pub fn dense_toy_logits(dir: &std::path::Path, embeds: &Tensor, allowed: &Tensor) -> Tensor {
+    let hidden = embeds.size()[1] as f64;
+    let scores = embeds
+        .matmul(&embeds.transpose(0, 1))
+        .f_div_scalar(hidden.sqrt())
+        .expect("scale")
+        .masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+    let attended = scores.softmax(-1, Kind::Float).matmul(embeds);
+    let weights = Tensor::read_safetensors(dir.join("model.safetensors")).expect("weights");
+    let lm_head = &weights.iter().find(|(k, _)| k == "lm_head.weight").expect("lm_head").1;
+    (attended + embeds).matmul(&lm_head.transpose(0, 1))
+}
