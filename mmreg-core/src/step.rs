@@ -112,11 +112,10 @@ pub struct SequenceSlice {
     pub len: i64,
     pub context: i64,
     pub slots: Tensor,
-    /// Runs of the sequence (positions `start..end`, counted from its first token) whose tokens attend to
-    /// each other both ways ([`crate::ProcessedInputs::bidirectional`]); the attention layers apply them
-    /// on top of the causal mask. Each run that reaches this step's tokens lies within
-    /// `0..context + len`.
-    pub bidirectional: Vec<(i64, i64)>,
+    /// The keys that the prompt's bidirectional runs ([`crate::ProcessedInputs::bidirectional`]) open to
+    /// this step's tokens beyond the causal mask, `[len, context + len]` (bool, on the step's device):
+    /// built once per step, applied by every attention layer. `None`: causal.
+    pub bidirectional: Option<Tensor>,
 }
 
 /// A step's tokens, packed along one axis (`[tokens, hidden]`), with where each sequence's are.

@@ -116,7 +116,7 @@ pub fn attention_batch(
             len: len as i64,
             context: context as i64,
             slots,
-            bidirectional: Vec::new(),
+            bidirectional: None,
         });
         start += len as i64;
         logits_rows.push(start - 1);
@@ -140,16 +140,34 @@ pub fn attention_batch(
     })
 }
 
-/// Gives each sequence of a step the bidirectional runs of its prompt (`spans[i]` for the batch's
-/// sequence `i`) that reach this step's tokens.
-pub fn set_bidirectional(batch: &mut AttentionBatch, spans: &[&[std::ops::Range<usize>]]) {
+/// Gives each sequence of a step the keys its prompt's bidirectional runs (`spans[i]` for the batch's
+/// sequence `i`) open to this step's tokens: row `p − context` sees every key of a run holding `p`.
+pub fn set_bidirectional(
+    batch: &mut AttentionBatch,
+    spans: &[&[std::ops::Range<usize>]],
+    device: Device,
+) {
     for (seq, spans) in batch.sequences.iter_mut().zip(spans) {
         let (from, to) = (seq.context as usize, (seq.context + seq.len) as usize);
-        seq.bidirectional = spans
+        let runs: Vec<_> = spans
             .iter()
             .filter(|r| r.start < to && from < r.end && r.len() > 1)
-            .map(|r| (r.start as i64, r.end as i64))
             .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let mut open = vec![false; seq.len as usize * to];
+        for run in runs {
+            for p in run.start.max(from)..run.end.min(to) {
+                let row = (p - from) * to;
+                open[row + run.start..row + run.end.min(to)].fill(true);
+            }
+        }
+        seq.bidirectional = Some(
+            Tensor::from_slice(&open)
+                .view([seq.len, to as i64])
+                .to_device(device),
+        );
     }
 }
 

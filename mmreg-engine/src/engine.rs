@@ -550,20 +550,9 @@ fn preprocess_loop(
         let params = request.params.clone();
         // The model's registered functions run here; a panic in one is this request's error.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            for (modality, n) in [
-                (Modality::Image, request.images.len()),
-                (Modality::Video, request.videos.len()),
-            ] {
-                let most = limits.mm.get(modality).count;
-                if n > most {
-                    return Err(Error::bad_input(
-                        "request",
-                        format!(
-                            "{n} {modality}s given but at most {most} are allowed per prompt (--limit-mm-per-prompt)"
-                        ),
-                    ));
-                }
-            }
+            // Counts first: too many images are refused before any is decoded.
+            limits.mm.check_count(Modality::Image, request.images.len())?;
+            limits.mm.check_count(Modality::Video, request.videos.len())?;
             let images = request
                 .images
                 .into_iter()

@@ -45,6 +45,14 @@ impl PreparedRequest {
     pub fn prompt_len(&self) -> usize {
         self.processed.token_ids.len()
     }
+
+    /// The hashes of the items whose placeholders overlap positions `start..end`, in prompt order.
+    pub fn item_hashes(&self, start: usize, end: usize) -> impl Iterator<Item = &Hash> {
+        self.items
+            .iter()
+            .filter(move |item| item.overlaps(start, end))
+            .map(|item| &item.hash)
+    }
 }
 
 /// One item as a prompt's only data, for its mapper.

@@ -140,21 +140,25 @@ impl MultiModalLimits {
         Ok(limits)
     }
 
+    /// Checks a number of items of one modality against its limit (before they are decoded).
+    pub fn check_count(&self, modality: Modality, n: usize) -> Result<()> {
+        let most = self.get(modality).count;
+        if n > most {
+            return Err(Error::bad_input(
+                "request",
+                format!(
+                    "{n} {modality}s given but at most {most} are allowed per prompt (--limit-mm-per-prompt)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks a request's items against the limits.
     pub fn check(&self, data: &MultiModalData) -> Result<()> {
         for &modality in Modality::ALL {
-            let limit = self.get(modality);
-            let n = data.len(modality);
-            if n > limit.count {
-                return Err(Error::bad_input(
-                    "request",
-                    format!(
-                        "{n} {modality}s given but at most {} are allowed per prompt (--limit-mm-per-prompt)",
-                        limit.count
-                    ),
-                ));
-            }
-            let Some(largest) = limit.largest else {
+            self.check_count(modality, data.len(modality))?;
+            let Some(largest) = self.get(modality).largest else {
                 continue;
             };
             for item in data.items(modality) {

@@ -81,10 +81,7 @@ impl Sequence {
             let spans = &self.request.processed.bidirectional;
             let items: Vec<&Hash> = self
                 .request
-                .items
-                .iter()
-                .filter(|item| item.overlaps(start, end))
-                .map(|item| &item.hash)
+                .item_hashes(start, end)
                 .chain(
                     spans
                         .iter()
@@ -128,12 +125,7 @@ impl Sequence {
 fn span_hash(request: &PreparedRequest, run: &std::ops::Range<usize>) -> Hash {
     let tokens = &request.processed.token_ids
         [run.start.min(request.prompt_len())..run.end.min(request.prompt_len())];
-    let items: Vec<&Hash> = request
-        .items
-        .iter()
-        .filter(|item| item.overlaps(run.start, run.end))
-        .map(|item| &item.hash)
-        .collect();
+    let items: Vec<&Hash> = request.item_hashes(run.start, run.end).collect();
     block_hash(None, tokens, &items)
 }
 
@@ -715,7 +707,7 @@ impl Scheduler {
             }
         }
         let mut batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
-        set_bidirectional(&mut batch, &spans);
+        set_bidirectional(&mut batch, &spans, device);
         let positions: Vec<SeqPositions> = plan
             .iter()
             .map(|s| {

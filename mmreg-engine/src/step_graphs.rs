@@ -221,7 +221,7 @@ fn prefill_step(
             len: t,
             context: 0,
             slots: Tensor::new(),
-            bidirectional: Vec::new(),
+            bidirectional: None,
         }],
         logits_indices: Some(packed.narrow(0, (s + 1) * t, 1)),
         decode_gather: None,

@@ -122,23 +122,10 @@ fn prompt_mask(seq: &SequenceSlice, window: Option<i64>, device: tch::Device) ->
         // Row i is position context + i: keys from context + i − (w − 1) on.
         mask = mask.f_triu(seq.context - w + 1)?;
     }
-    if seq.bidirectional.is_empty() {
-        return Ok(mask);
+    match &seq.bidirectional {
+        Some(open) => Ok(mask.f_logical_or(open)?),
+        None => Ok(mask),
     }
-    // Query row i is position context + i; a run start..end opens keys start..end to its own rows.
-    let mut open = vec![false; (seq.len * total) as usize];
-    for &(start, end) in &seq.bidirectional {
-        for p in start.max(seq.context)..end.min(total) {
-            let row = (p - seq.context) * total;
-            for k in start..end.min(total) {
-                open[(row + k) as usize] = true;
-            }
-        }
-    }
-    let open = Tensor::from_slice(&open)
-        .view([seq.len, total])
-        .to_device(device);
-    Ok(mask.f_logical_or(&open)?)
 }
 
 /// The leading single-token decodes of a step (`query`: `[n, heads, d]`), in one attention call over
@@ -241,7 +228,7 @@ fn attend_stored(
         };
         let (k, v) = (heads_first(k), heads_first(v));
         let windowed = window.is_some_and(|w| seq.context + seq.len > w);
-        let out = if seq.bidirectional.is_empty() && !windowed && (seq.context == 0 || seq.len == 1)
+        let out = if seq.bidirectional.is_none() && !windowed && (seq.context == 0 || seq.len == 1)
         {
             // A fresh prompt is plainly causal; one new token sees everything cached.
             Tensor::f_scaled_dot_product_attention(
