@@ -83,6 +83,33 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
 }
 
 #[derive(Debug, Args)]
+pub struct ParityArgs {
+    /// A directory written by `scripts/parity.py` (checkpoint, parity.json, parity.safetensors).
+    pub dir: PathBuf,
+    /// Also run every case through the engine in one batch.
+    #[arg(long)]
+    pub engine: bool,
+}
+
+/// Prints every comparison with transformers' goldens; fails if one does.
+pub fn parity(args: &ParityArgs) -> Result<()> {
+    let mut report = mmreg_parity::check(&args.dir)?;
+    if args.engine {
+        let engine = mmreg_parity::check_engine(&args.dir, EngineOptions::default())?;
+        report.checks.extend(engine.checks);
+    }
+    print!("{}", report.table());
+    let failed = report.failures().len();
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} of {} checks differ from transformers",
+        report.checks.len()
+    );
+    println!("{}: all {} checks agree with transformers", report.arch, report.checks.len());
+    Ok(())
+}
+
+#[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Check one model (architecture or type name); all models when absent.
     pub model: Option<String>,

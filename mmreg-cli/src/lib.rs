@@ -39,6 +39,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve a model over HTTP with OpenAI's API (chat completions with images, completions, models).
     Serve(serve::ServeArgs),
+    /// Check a checkpoint's registered model against the goldens `scripts/parity.py` wrote next to it.
+    Parity(commands::ParityArgs),
 }
 
 /// Parses the command line, runs the command, prints errors with their causes.
@@ -64,6 +66,7 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => commands::generate(&args),
         Command::Bench(args) => bench::bench(&args),
         Command::Serve(args) => serve::serve(&args),
+        Command::Parity(args) => commands::parity(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,6 +9,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::error::{ImageError, Result};
+use crate::resize::Resample;
 
 /// OpenAI CLIP channel means (transformers `OPENAI_CLIP_MEAN`), the CLIP/LLaVA class default.
 pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -47,7 +48,8 @@ pub struct PreprocessorConfig {
     pub image_mean: Option<PerChannel>,
     /// Per-channel standard deviation (or one value for all channels).
     pub image_std: Option<PerChannel>,
-    /// LLaVA-NeXT: pad batches to the same number of patches (default true).
+    /// LLaVA-NeXT: pad batches to the same number of patches (default true). Idefics3 / SmolVLM:
+    /// pad every frame to the batch's largest and return `pixel_attention_mask` (default true).
     pub do_pad: Option<bool>,
     /// LLaVA-NeXT: candidate `[height, width]` canvases for the anyres grid.
     pub image_grid_pinpoints: Option<Vec<Vec<i64>>>,
@@ -63,6 +65,20 @@ pub struct PreprocessorConfig {
     pub merge_size: Option<i64>,
     /// Qwen2-VL video processor: most frames HF samples from a video (default 768).
     pub max_frames: Option<i64>,
+    /// Idefics3 / SmolVLM: cut an image larger than one `max_image_size` tile into tiles, followed
+    /// by the whole image resized to one tile (default true).
+    pub do_image_splitting: Option<bool>,
+    /// Idefics3 / SmolVLM: `{"longest_edge": n}`, the side of a tile and of the global image
+    /// (default 364; SmolVLM checkpoints use 384 or 512).
+    pub max_image_size: Option<SizeSpec>,
+    /// Gemma 3: add crops of a long image to it (default false).
+    pub do_pan_and_scan: Option<bool>,
+    /// Gemma 3: smallest side of a crop (default 256).
+    pub pan_and_scan_min_crop_size: Option<i64>,
+    /// Gemma 3: most crops per image (default 4).
+    pub pan_and_scan_max_num_crops: Option<i64>,
+    /// Gemma 3: the aspect ratio from which an image is cropped (default 1.2).
+    pub pan_and_scan_min_ratio_to_activate: Option<f64>,
 }
 
 impl PreprocessorConfig {
@@ -142,6 +158,7 @@ impl ResizeTarget {
 pub(crate) struct PipelineConfig {
     pub convert_rgb: bool,
     pub resize: Option<ResizeTarget>,
+    pub resample: Resample,
     /// `(height, width)` of the center crop.
     pub crop: Option<(usize, usize)>,
     pub rescale: Option<f64>,
@@ -170,6 +187,7 @@ impl PipelineConfig {
         Ok(PipelineConfig {
             convert_rgb: cfg.do_convert_rgb.unwrap_or(true),
             resize,
+            resample: Resample::Bicubic,
             crop,
             rescale: rescale_of(cfg)?,
             normalize: normalize_of(cfg)?,
@@ -182,6 +200,14 @@ pub(crate) fn check_resample(cfg: &PreprocessorConfig) -> Result<()> {
     match cfg.resample.unwrap_or(BICUBIC) {
         BICUBIC => Ok(()),
         other => Err(ImageError::UnsupportedResample(other)),
+    }
+}
+
+/// The filter `resample` names (`default` when absent): bicubic or bilinear.
+pub(crate) fn resample_of(cfg: &PreprocessorConfig, default: Resample) -> Result<Resample> {
+    match cfg.resample {
+        None => Ok(default),
+        Some(code) => Resample::from_pil(code).ok_or(ImageError::UnsupportedResample(code)),
     }
 }
 

@@ -17,9 +17,10 @@ pub enum ImageError {
         height: usize,
     },
 
-    /// A resample filter other than bicubic was requested.
+    /// A resample filter the processor does not implement was requested.
     #[error(
-        "unsupported resample filter {0} (PIL {name}); only 3 (BICUBIC) is implemented",
+        "unsupported resample filter {0} (PIL {name}); CLIP, LLaVA-NeXT and Qwen2-VL implement only \
+         3 (BICUBIC), SigLIP, Gemma 3, Idefics3 and SmolVLM also 2 (BILINEAR) and 1 (LANCZOS)",
         name = resample_name(*.0)
     )]
     UnsupportedResample(i64),

@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use crate::config::PipelineConfig;
 use crate::kernels;
-use crate::resize::{resize_region, PassOrder};
+use crate::resize::{resize_region_with, PassOrder};
 use crate::view::RgbView;
 
 /// Rescale + normalize with HF's exact `f32` rounding.
@@ -112,7 +112,8 @@ impl Pipeline {
         let rows = Geometry::visible(g.top, oh, g.resized.0);
         let cols = Geometry::visible(g.left, ow, g.resized.1);
         let pixels = (!rows.is_empty() && !cols.is_empty()).then(|| {
-            resize_region(
+            resize_region_with(
+                self.config.resample,
                 src,
                 g.resized.1,
                 g.resized.0,
@@ -169,6 +170,7 @@ mod tests {
         let config = PipelineConfig {
             convert_rgb: true,
             resize,
+            resample: crate::resize::Resample::Bicubic,
             crop,
             rescale: None,
             normalize: None,

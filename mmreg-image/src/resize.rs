@@ -1,6 +1,7 @@
-//! Pillow-exact bicubic resampling of 8-bit RGB images.
+//! Pillow-exact bicubic, bilinear and Lanczos resampling of 8-bit RGB images.
 //!
-//! Reproduces `PIL.Image.resize(size, Image.BICUBIC)` (Pillow's `Resample.c`, 8-bit path) bit for bit:
+//! Reproduces `PIL.Image.resize(size, Image.BICUBIC)` (and `Image.BILINEAR`, `Image.LANCZOS`;
+//! Pillow's `Resample.c`, 8-bit path) bit for bit:
 //! per-axis filter weights computed in `f64`, quantised to 22-bit fixed point, two separable passes
 //! with a rounded and clamped `u8` image in between, and a pass skipped when its axis keeps its size.
 //!
@@ -19,8 +20,74 @@ use crate::view::{RgbBuf, RgbView};
 /// Fixed-point fraction bits of Pillow's 8-bit resampler (`PRECISION_BITS = 32 - 8 - 2`).
 pub(crate) const PRECISION_BITS: u32 = 22;
 
-/// Bicubic support radius in input pixels at scale 1 (`filter->support`).
-const BICUBIC_SUPPORT: f64 = 2.0;
+/// The resampling filters implemented: PIL's `LANCZOS` (1), `BILINEAR` (2) and `BICUBIC` (3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Resample {
+    /// Pillow's `lanczos_filter`: a sinc windowed by a 3-lobe sinc (Idefics3, SmolVLM).
+    Lanczos,
+    Bilinear,
+    #[default]
+    Bicubic,
+}
+
+impl Resample {
+    /// The filter of a PIL resampling code, if implemented.
+    pub fn from_pil(code: i64) -> Option<Self> {
+        match code {
+            1 => Some(Resample::Lanczos),
+            2 => Some(Resample::Bilinear),
+            3 => Some(Resample::Bicubic),
+            _ => None,
+        }
+    }
+
+    /// Support radius in input pixels at scale 1 (`filter->support`).
+    fn support(self) -> f64 {
+        match self {
+            Resample::Lanczos => 3.0,
+            Resample::Bilinear => 1.0,
+            Resample::Bicubic => 2.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Resample::Lanczos => lanczos(x),
+            Resample::Bilinear => bilinear(x),
+            Resample::Bicubic => bicubic(x),
+        }
+    }
+}
+
+/// Pillow's `sinc_filter`: `sin(pi x) / (pi x)`, 1 at 0, computed in the same operation order
+/// (`x * M_PI`, then libm's `sin`, then one division).
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        return 1.0;
+    }
+    let x = x * std::f64::consts::PI;
+    x.sin() / x
+}
+
+/// Pillow's `lanczos_filter`: `sinc(x) * sinc(x / 3)` on the half-open `[-3, 3)`, 0 elsewhere (so
+/// exactly 3.0 weighs 0 while -3.0 weighs the product of two `sin` rounding residues, ~1e-33).
+pub(crate) fn lanczos(x: f64) -> f64 {
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// Pillow's triangle kernel.
+pub(crate) fn bilinear(x: f64) -> f64 {
+    let x = x.abs();
+    if x < 1.0 {
+        1.0 - x
+    } else {
+        0.0
+    }
+}
 
 /// The order of the two separable passes, which changed in Pillow 13.
 ///
@@ -64,7 +131,7 @@ pub(crate) fn bicubic(x: f64) -> f64 {
     }
 }
 
-/// Fixed-point bicubic weights for resampling one axis from `in_size` to `out_size` samples
+/// Fixed-point filter weights for resampling one axis from `in_size` to `out_size` samples
 /// (Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`).
 #[derive(Clone, Debug)]
 pub(crate) struct AxisFilter {
@@ -83,16 +150,21 @@ impl AxisFilter {
     /// Computes the weights of all `out_size` outputs. Both sizes must be non-zero.
     #[cfg(test)]
     pub(crate) fn bicubic(in_size: usize, out_size: usize) -> Self {
-        Self::bicubic_range(in_size, out_size, 0..out_size)
+        Self::range(Resample::Bicubic, in_size, out_size, 0..out_size)
     }
 
     /// Computes the weights of the outputs in `outputs` only (a crop needs no others).
-    pub(crate) fn bicubic_range(in_size: usize, out_size: usize, outputs: Range<usize>) -> Self {
+    pub(crate) fn range(
+        filter: Resample,
+        in_size: usize,
+        out_size: usize,
+        outputs: Range<usize>,
+    ) -> Self {
         debug_assert!(in_size > 0 && out_size > 0 && outputs.end <= out_size);
         let scale = in_size as f64 / out_size as f64;
         // Antialiasing: when shrinking, the kernel is stretched over `scale` input pixels.
         let filterscale = scale.max(1.0);
-        let support = BICUBIC_SUPPORT * filterscale;
+        let support = filter.support() * filterscale;
         let ksize = support.ceil() as usize * 2 + 1;
         let inv_filterscale = 1.0 / filterscale;
 
@@ -108,7 +180,7 @@ impl AxisFilter {
             let len = xmax - xmin;
             let mut sum = 0.0;
             for (x, tap) in taps[..len].iter_mut().enumerate() {
-                *tap = bicubic(((x + xmin) as f64 - center + 0.5) * inv_filterscale);
+                *tap = filter.weight(((x + xmin) as f64 - center + 0.5) * inv_filterscale);
                 sum += *tap;
             }
             // Same operation as Pillow's `k[x] /= ww` (a division, not a reciprocal multiply).
@@ -193,6 +265,19 @@ pub(crate) fn resize_region(
     ys: Range<usize>,
     order: PassOrder,
 ) -> RgbBuf {
+    resize_region_with(Resample::Bicubic, src, out_w, out_h, xs, ys, order)
+}
+
+/// [`resize_region`] with another filter.
+pub(crate) fn resize_region_with(
+    filter: Resample,
+    src: RgbView<'_>,
+    out_w: usize,
+    out_h: usize,
+    xs: Range<usize>,
+    ys: Range<usize>,
+    order: PassOrder,
+) -> RgbBuf {
     debug_assert!(xs.start < xs.end && xs.end <= out_w && ys.start < ys.end && ys.end <= out_h);
     let src_planar = src.run_count() == 3;
     let (w, h) = (xs.len(), ys.len());
@@ -201,7 +286,7 @@ pub(crate) fn resize_region(
     match (need_h, need_v) {
         (false, false) => RgbBuf::copy_of(src.crop(xs.start, ys.start, w, h)),
         (true, false) => {
-            let fh = AxisFilter::bicubic_range(src.width, out_w, xs.clone());
+            let fh = AxisFilter::range(filter, src.width, out_w, xs.clone());
             let mut out = RgbBuf::new(w, h, true);
             kernels::horizontal(
                 src.crop(0, ys.start, src.width, h),
@@ -213,7 +298,7 @@ pub(crate) fn resize_region(
             out
         }
         (false, true) => {
-            let fv = AxisFilter::bicubic_range(src.height, out_h, ys.clone());
+            let fv = AxisFilter::range(filter, src.height, out_h, ys.clone());
             let mut out = RgbBuf::new(w, h, src_planar);
             kernels::vertical(
                 src.crop(xs.start, 0, w, src.height),
@@ -225,8 +310,8 @@ pub(crate) fn resize_region(
             out
         }
         (true, true) => {
-            let fh = AxisFilter::bicubic_range(src.width, out_w, xs.clone());
-            let fv = AxisFilter::bicubic_range(src.height, out_h, ys.clone());
+            let fh = AxisFilter::range(filter, src.width, out_w, xs.clone());
+            let fv = AxisFilter::range(filter, src.height, out_h, ys.clone());
             let mut out = RgbBuf::new(w, h, true);
             if order.vertical_first(src.width, src.height, out_w, out_h) {
                 let cols = fh.source_span(xs.clone());
@@ -257,6 +342,23 @@ mod tests {
         assert_eq!(bicubic(2.0), 0.0);
         assert_eq!(bicubic(0.5), 0.5625);
         assert_eq!(bicubic(-1.5), -0.0625);
+    }
+
+    #[test]
+    fn lanczos_kernel_values() {
+        assert_eq!(lanczos(0.0), 1.0);
+        assert_eq!(lanczos(3.0), 0.0);
+        assert_eq!(lanczos(3.5), 0.0);
+        assert_eq!(lanczos(-3.5), 0.0);
+        assert!(lanczos(-3.0).abs() < 1e-30);
+        // Symmetric, with negative lobes between 1 and 2.
+        let pi = std::f64::consts::PI;
+        let expect = (0.5 * pi).sin() / (0.5 * pi) * ((0.5 / 3.0 * pi).sin() / (0.5 / 3.0 * pi));
+        assert_eq!(lanczos(0.5), expect);
+        assert_eq!(lanczos(-0.5), lanczos(0.5));
+        assert!(lanczos(1.5) < 0.0 && lanczos(2.5) > 0.0);
+        assert_eq!(Resample::from_pil(1), Some(Resample::Lanczos));
+        assert_eq!(Resample::from_pil(0), None);
     }
 
     #[test]
@@ -384,6 +486,16 @@ mod tests {
         for (ow, oh) in [(5, 9), (100, 30), (23, 336)] {
             let out = resize_bicubic(&img, ow, oh, PassOrder::Pillow13).unwrap();
             assert!(out.pixels().all(|p| p.0 == [10, 128, 250]), "{ow}x{oh}");
+            for filter in [Resample::Lanczos, Resample::Bilinear] {
+                let src = RgbView::from_image(&img).unwrap();
+                let (w, h) = (ow as usize, oh as usize);
+                let out = resize_region_with(filter, src, w, h, 0..w, 0..h, PassOrder::Pillow13);
+                let out = RgbBuf::interleaved_from(out.view()).data;
+                assert!(
+                    out.chunks(3).all(|p| p == [10, 128, 250]),
+                    "{filter:?} {ow}x{oh}"
+                );
+            }
         }
     }
 

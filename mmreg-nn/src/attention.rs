@@ -39,8 +39,9 @@ impl Attention {
     }
 
     /// A sliding-window layer (Mistral's, Gemma 2 and 3's local layers): a query at position `i` sees the
-    /// keys at positions `j ≤ i` with `i − j < window`, as HF's sliding-window mask; a bidirectional run
-    /// of the prompt stays open in full.
+    /// keys at positions `j ≤ i` with `i − j < window`, as HF's sliding-window mask; inside a
+    /// bidirectional run of the prompt it also sees the run's later keys (HF's Gemma 3 masks: the window
+    /// applied over causal-or-run).
     pub fn with_sliding_window(self, window: usize) -> Self {
         Self {
             window: Some(window.max(1) as i64),
@@ -113,19 +114,20 @@ impl Attention {
 }
 
 /// Which of a sequence's `context + len` keys each of its `len` new tokens sees, `[len, context + len]`:
-/// the keys up to its own position (the last `window` of them in a sliding-window layer), and every key
-/// of a bidirectional run it belongs to.
+/// the keys up to its own position and every key of a bidirectional run it belongs to, less, in a
+/// sliding-window layer, the keys `window` or more positions before it.
 fn prompt_mask(seq: &SequenceSlice, window: Option<i64>, device: tch::Device) -> Result<Tensor> {
     let total = seq.context + seq.len;
     let mut mask = Tensor::f_ones([seq.len, total], (Kind::Bool, device))?.f_tril(seq.context)?;
+    if let Some(open) = &seq.bidirectional {
+        mask = mask.f_logical_or(open)?;
+    }
     if let Some(w) = window {
-        // Row i is position context + i: keys from context + i − (w − 1) on.
+        // Row i is position context + i: keys from context + i − (w − 1) on. The window hides the far
+        // past inside a bidirectional run too (HF: AND(window, OR(causal, run))).
         mask = mask.f_triu(seq.context - w + 1)?;
     }
-    match &seq.bidirectional {
-        Some(open) => Ok(mask.f_logical_or(open)?),
-        None => Ok(mask),
-    }
+    Ok(mask)
 }
 
 /// The leading single-token decodes of a step (`query`: `[n, heads, d]`), in one attention call over

@@ -159,7 +159,8 @@ impl Attention {
     }
 }
 
-struct EncoderLayer {
+/// One pre-norm transformer layer of the CLIP and SigLIP towers (`encoder.layers.N`).
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
@@ -169,7 +170,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(loader: &Loader, config: &ClipVisionConfig) -> Result<Self> {
+    pub(crate) fn load(loader: &Loader, config: &ClipVisionConfig) -> Result<Self> {
         let (h, i, eps) = (
             config.hidden_size,
             config.intermediate_size,
@@ -185,7 +186,7 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
         let mlp = self.fc2.forward(
             &self

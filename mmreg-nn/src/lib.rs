@@ -8,17 +8,20 @@
 //! - [`Attention`]: attention over the paged KV cache. It owns the cache write, the paged read, the
 //!   fused kernels and the choice between them; a model calls `attn.forward(q, k, v, step)`.
 //! - Towers and decoders: [`clip`] (the CLIP vision tower and its `PixelValues` inputs), [`llama`] (the
-//!   Llama/Mistral decoder), [`projector`] (LLaVA's multimodal projector).
+//!   Llama/Mistral decoder), [`projector`] (LLaVA's multimodal projector), [`siglip`] (the SigLIP
+//!   vision tower), [`gemma`] (the Gemma and Gemma 3 decoders).
 
 mod activation;
 pub mod attention;
 pub mod clip;
+pub mod gemma;
 mod linear;
 pub mod llama;
 mod loader;
 mod norm;
 pub mod projector;
 pub mod rotary;
+pub mod siglip;
 
 pub use activation::Activation;
 pub use attention::Attention;
