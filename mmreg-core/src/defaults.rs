@@ -55,6 +55,26 @@ pub fn prompt_ids(ctx: &ModelContext, prompt: Prompt) -> Result<Vec<u32>> {
     }
 }
 
+/// How many tokens a placeholder range spans when a processor writes an item as `text` with its
+/// embedded positions at `token` and plain text between them (Gemma 3's crops, Idefics3's tiles): from
+/// the first `token` of `text`'s tokens to the last. What such a model's token count returns.
+pub fn placeholder_span(ctx: &ModelContext, text: &str, token: u32) -> Result<usize> {
+    let encoded = ctx
+        .tokenizer()?
+        .encode(text, false)
+        .map_err(|e| Error::bad_input("prompt", e))?;
+    let ids = encoded.get_ids();
+    match (
+        ids.iter().position(|&t| t == token),
+        ids.iter().rposition(|&t| t == token),
+    ) {
+        (Some(first), Some(last)) => Ok(last - first + 1),
+        _ => Err(Error::Model(format!(
+            "the placeholder text holds no token {token}"
+        ))),
+    }
+}
+
 /// The default input processor: every placeholder token of a modality is replaced by the run of
 /// placeholders of the next item of that modality (`count` of them), in prompt order.
 pub fn expand_placeholders(

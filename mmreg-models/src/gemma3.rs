@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use mmreg_core::defaults::prompt_ids;
+use mmreg_core::defaults::placeholder_span;
 use mmreg_core::{
     register_input_mapper, register_input_processor, register_model, Error, ImageInput, ImageSize,
     LanguageModel, LoadModel, LoadOptions, Modality, ModalityInputs, ModelContext,
@@ -181,12 +181,17 @@ impl LoadModel for Gemma3 {
 impl SupportsVision for Gemma3 {
     type ImageInputs = Gemma3ImageInputs;
 
-    /// 256 tokens for the image and 256 for each pan-and-scan crop.
+    /// 256 tokens; with pan-and-scan crops, the span from the image's first soft token to its last
+    /// crop's (whose 256 each are the embedded ones).
     fn num_image_tokens(ctx: &ModelContext, size: ImageSize) -> Result<usize> {
         let crops = image_processor(ctx)?
             .crops(size.width as usize, size.height as usize)
             .len();
-        Ok((1 + crops) * ctx.config::<Gemma3Config>()?.mm_tokens_per_image as usize)
+        let config = ctx.config::<Gemma3Config>()?;
+        if crops == 0 {
+            return Ok(config.mm_tokens_per_image as usize);
+        }
+        placeholder_span(ctx, &Prompts::new(ctx, &config)?.image(crops), config.image_token_index)
     }
 
     /// The marker a prompt writes for an image: `<start_of_image>`, which the input processor expands.
@@ -240,10 +245,51 @@ impl MultiModalModel for Gemma3 {
     }
 }
 
+/// The text `Gemma3Processor` writes for an image.
+struct Prompts {
+    boi: String,
+    /// `\n\n<start_of_image>` + the soft tokens + `<end_of_image>\n\n`.
+    sequence: String,
+}
+
+impl Prompts {
+    fn new(ctx: &ModelContext, config: &Gemma3Config) -> Result<Self> {
+        let tokenizer = ctx.tokenizer()?;
+        let name = |id: u32| {
+            tokenizer.id_to_token(id).ok_or_else(|| {
+                Error::config("tokenizer.json", format!("token {id} is not in the tokenizer"))
+            })
+        };
+        let (boi, eoi, soft) = (
+            name(config.boi_token_index)?,
+            name(config.eoi_token_index)?,
+            name(config.image_token_index)?,
+        );
+        let sequence = format!(
+            "\n\n{boi}{}{eoi}\n\n",
+            soft.repeat(config.mm_tokens_per_image as usize)
+        );
+        Ok(Self { boi, sequence })
+    }
+
+    /// An image and its `crops` crops.
+    fn image(&self, crops: usize) -> String {
+        if crops == 0 {
+            return self.sequence.clone();
+        }
+        format!(
+            "Here is the original image {} and here are some crops to help you see better {}",
+            self.sequence,
+            vec![self.sequence.as_str(); crops].join(" ")
+        )
+    }
+}
+
 /// Gemma 3's prompt, as `Gemma3Processor` builds it: each `<start_of_image>` becomes
 /// `\n\n<start_of_image>` + 256 `<image_soft_token>` + `<end_of_image>\n\n` (with pan-and-scan crops:
 /// "Here is the original image …, and here are some crops to help you see better …"). The runs of soft
-/// tokens take the image's rows and attend to each other both ways. In a prompt of ids, a marker that
+/// tokens take the image's rows and attend to each other both ways. Text gets the tokenizer's `<bos>`
+/// unless it starts with one (a chat template's does). In a prompt of ids, a marker that
 /// soft tokens already follow is kept as it is (ids as HF's processor returns them).
 pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<ProcessedInputs> {
     let config = ctx.config::<Gemma3Config>()?;
@@ -257,45 +303,34 @@ pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Pr
         })
         .collect();
     let tokenizer = ctx.tokenizer()?;
-    let name = |id: u32| {
-        tokenizer.id_to_token(id).ok_or_else(|| {
-            Error::config("tokenizer.json", format!("token {id} is not in the tokenizer"))
-        })
-    };
-    let (boi, eoi, soft) = (
-        name(config.boi_token_index)?,
-        name(config.eoi_token_index)?,
-        name(config.image_token_index)?,
-    );
-    let sequence = format!(
-        "\n\n{boi}{}{eoi}\n\n",
-        soft.repeat(config.mm_tokens_per_image as usize)
-    );
-    let expansion = |crops: usize| -> String {
-        if crops == 0 {
-            return sequence.clone();
-        }
-        format!(
-            "Here is the original image {sequence} and here are some crops to help you see better {}",
-            vec![sequence.as_str(); crops].join(" ")
-        )
-    };
+    let prompts = Prompts::new(ctx, &config)?;
+    let boi = &prompts.boi;
     let ids = match inputs.prompt {
         Prompt::Text(text) => {
             let parts: Vec<&str> = text.split(boi.as_str()).collect();
-            check_count(parts.len() - 1, images.len(), &boi)?;
+            check_count(parts.len() - 1, images.len(), boi)?;
             let mut expanded = parts[0].to_owned();
             for (part, crops) in parts[1..].iter().zip(&crops) {
-                expanded.push_str(&expansion(*crops));
+                expanded.push_str(&prompts.image(*crops));
                 expanded.push_str(part);
             }
-            prompt_ids(ctx, Prompt::Text(expanded))?
+            // A chat template's text starts with `<bos>` already: no second one (as
+            // `apply_chat_template(tokenize=True)` and vLLM's chat path tokenize it).
+            let bos = config.text_config.bos_token_id.unwrap_or(2);
+            let has_bos = tokenizer
+                .id_to_token(bos)
+                .is_some_and(|b| expanded.starts_with(&b));
+            tokenizer
+                .encode(expanded, !has_bos)
+                .map_err(|e| Error::bad_input("prompt", e))?
+                .get_ids()
+                .to_vec()
         }
         Prompt::TokenIds(ids) => {
             let markers = ids.iter().filter(|&&t| t == config.boi_token_index).count();
             let images_markers = markers - crops.iter().sum::<usize>().min(markers);
             if markers != images.len() && images_markers != images.len() {
-                check_count(markers, images.len(), &boi)?;
+                check_count(markers, images.len(), boi)?;
             }
             let mut expanded = Vec::with_capacity(ids.len());
             let mut next = crops.iter();
@@ -307,10 +342,10 @@ pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Pr
                     continue;
                 }
                 let Some(&crops) = next.next() else {
-                    return Err(mismatch(markers, images.len(), &boi));
+                    return Err(mismatch(markers, images.len(), boi));
                 };
                 let encoded = tokenizer
-                    .encode(expansion(crops), false)
+                    .encode(prompts.image(crops), false)
                     .map_err(|e| Error::bad_input("prompt", e))?;
                 expanded.extend_from_slice(encoded.get_ids());
             }

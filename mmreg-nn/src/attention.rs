@@ -165,7 +165,12 @@ fn attend_gathered(
             let seen = Tensor::f_arange(width, (Kind::Int64, mask.device()))?
                 .view([1, 1, 1, width])
                 .f_ge_tensor(&first)?;
-            windowed = mask.f_logical_and(&seen)?;
+            // The mask is boolean (eager steps) or an additive bias (fixed-shape steps: 0 or −∞).
+            windowed = if mask.kind() == Kind::Bool {
+                mask.f_logical_and(&seen)?
+            } else {
+                mask.f_masked_fill(&seen.f_logical_not()?, f64::NEG_INFINITY)?
+            };
             &windowed
         }
         None => mask,

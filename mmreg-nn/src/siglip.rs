@@ -80,6 +80,9 @@ pub struct SiglipVisionTower {
     layers: Vec<EncoderLayer>,
     post_layernorm: LayerNorm,
     patch_size: i64,
+    /// Which position embedding each patch takes (Idefics3's bucketed positions); `None`: patch `i`
+    /// takes row `i`.
+    position_ids: Option<Tensor>,
     /// [`Self::forward`] per pixel-value shape, replayed as a CUDA graph on a GPU.
     graphs: Mutex<GraphCache<Vec<i64>>>,
 }
@@ -107,8 +110,17 @@ impl SiglipVisionTower {
                 config.layer_norm_eps,
             )?,
             patch_size: p,
+            position_ids: None,
             graphs: Mutex::new(GraphCache::new(loader.options.device)),
         })
+    }
+
+    /// Patch `i` takes position embedding `position_ids[i]` (int64, on the tower's device).
+    pub fn with_position_ids(self, position_ids: Tensor) -> Self {
+        Self {
+            position_ids: Some(position_ids),
+            ..self
+        }
     }
 
     /// `last_hidden_state` `[n, patches, hidden]` of pixel values `[n, 3, H, W]`.
@@ -134,15 +146,19 @@ impl SiglipVisionTower {
             )?
             .flatten(2, -1)
             .transpose(1, 2); // [n, patches, hidden], row-major
-        if patches.size()[1] != self.position_embedding.size()[0] {
+        let positions = match &self.position_ids {
+            Some(ids) => self.position_embedding.f_index_select(0, ids)?,
+            None => self.position_embedding.shallow_clone(),
+        };
+        if patches.size()[1] != positions.size()[0] {
             return Err(Error::Model(format!(
                 "SigLIP: {} patches but {} position embeddings (pixel values {:?})",
                 patches.size()[1],
-                self.position_embedding.size()[0],
+                positions.size()[0],
                 pixel_values.size()
             )));
         }
-        let mut x = patches + &self.position_embedding;
+        let mut x = patches + positions;
         for layer in &self.layers {
             x = layer.forward(&x);
         }

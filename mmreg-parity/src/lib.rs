@@ -19,12 +19,13 @@ use anyhow::{anyhow, Context as _, Result};
 use mmreg_core::prepare::{prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    ImageInput, LoadOptions, Modality, ModelContext, MultiModalData, MultiModalModel,
+    DummyRequest, ImageInput, LoadOptions, Modality, ModalityCounts, ModelContext, MultiModalData, MultiModalModel,
     ProcessorInputs, Prompt, Registry, Weights,
 };
 use mmreg_engine::generate::{embed_prompt, generate, prefill_logits_of};
 use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
 use serde::Deserialize;
+use sha2::Digest as _;
 use tch::{Kind, Tensor};
 
 /// The relative error allowed on f32 logits (of the largest golden logit magnitude).
@@ -52,6 +53,35 @@ pub struct Case {
     /// Paths relative to the fixture directory.
     #[serde(default)]
     pub images: Vec<String>,
+    /// Keyword arguments HF's processor was called with. `add_special_tokens` is the tokenizer's (the
+    /// model's input processor must reach the same ids on its own); any other is an image-processor
+    /// setting, which mmreg reads from the checkpoint, so such a case runs on a copy of the checkpoint
+    /// whose processor config has them.
+    #[serde(default)]
+    pub processor_kwargs: serde_json::Map<String, serde_json::Value>,
+    /// Processor outputs too large to store, as shape, dtype and the SHA-256 of their little-endian
+    /// bytes.
+    #[serde(default)]
+    pub processor_output_digests: HashMap<String, Digest>,
+}
+
+/// A tensor known by its shape and the SHA-256 of its little-endian, C-order bytes.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Digest {
+    pub shape: Vec<i64>,
+    pub dtype: String,
+    pub sha256_le: String,
+}
+
+/// The image-processor settings among a case's (or sweep point's) processor kwargs.
+fn image_kwargs(
+    kwargs: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    kwargs
+        .iter()
+        .filter(|(k, _)| k.as_str() != "add_special_tokens")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// The placeholder tokens HF's processor gave one image of `width × height`, or its error.
@@ -61,10 +91,9 @@ pub struct SweepPoint {
     pub height: u32,
     pub tokens: Option<usize>,
     pub error: Option<String>,
-    /// Processor settings the point was made with (e.g. `{"do_pan_and_scan": true}`); such points are
-    /// checked by the model's own tests, not here.
+    /// Processor settings the point was made with (e.g. `{"do_pan_and_scan": true}`).
     #[serde(default)]
-    pub processor_kwargs: Option<serde_json::Value>,
+    pub processor_kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A fixture directory's goldens.
@@ -132,10 +161,10 @@ pub fn unpack_tokenizer(dir: &Path) -> Result<()> {
     flate2::read::GzDecoder::new(std::fs::File::open(&packed)?)
         .read_to_end(&mut json)
         .with_context(|| format!("decompressing {}", packed.display()))?;
-    // Written under another name first: tests running in parallel never read half a file.
-    let partial = dir.join(format!("tokenizer.json.{}.partial", std::process::id()));
-    std::fs::write(&partial, json)?;
-    std::fs::rename(&partial, &plain)?;
+    // Written under a name of its own first: tests running in parallel never read half a file.
+    let mut partial = tempfile::NamedTempFile::new_in(dir)?;
+    std::io::Write::write_all(&mut partial, &json)?;
+    partial.persist(&plain)?;
     Ok(())
 }
 
@@ -220,19 +249,97 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     Ok(Loaded { ctx, entry, model })
 }
 
+/// A checkpoint to run some cases on: the fixture itself, or a copy whose image-processor config has a
+/// case's settings (the other files linked, not copied).
+pub struct Variant {
+    pub dir: PathBuf,
+    /// The settings, as `key=value` words for the report; empty for the fixture itself.
+    pub label: String,
+    _copy: Option<tempfile::TempDir>,
+}
+
+impl Variant {
+    fn new(dir: &Path, kwargs: &serde_json::Map<String, serde_json::Value>) -> Result<Self> {
+        if kwargs.is_empty() {
+            return Ok(Self {
+                dir: dir.to_owned(),
+                label: String::new(),
+                _copy: None,
+            });
+        }
+        let copy = tempfile::tempdir()?;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let target = copy.path().join(&name);
+            match name.to_str() {
+                Some("processor_config.json") | Some("preprocessor_config.json") => {
+                    let mut json: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(entry.path())?)?;
+                    let settings = match json.get_mut("image_processor") {
+                        Some(nested) => nested,
+                        None => &mut json,
+                    };
+                    let settings = settings
+                        .as_object_mut()
+                        .ok_or_else(|| anyhow!("{name:?} is not a JSON object"))?;
+                    settings.extend(kwargs.clone());
+                    std::fs::write(&target, serde_json::to_vec_pretty(&json)?)?;
+                }
+                _ => std::os::unix::fs::symlink(entry.path().canonicalize()?, &target)?,
+            }
+        }
+        let label = kwargs
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(Self {
+            dir: copy.path().to_owned(),
+            label,
+            _copy: Some(copy),
+        })
+    }
+}
+
+/// The distinct image-processor settings of the cases and sweep points, the fixture's own first.
+fn settings(g: &Goldens) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    let mut all = vec![serde_json::Map::new()];
+    let cases = g.meta.cases.iter().map(|c| image_kwargs(&c.processor_kwargs));
+    let points = g.meta.sweep.iter().map(|p| image_kwargs(&p.processor_kwargs));
+    for kwargs in cases.chain(points) {
+        if !all.contains(&kwargs) {
+            all.push(kwargs);
+        }
+    }
+    all
+}
+
 /// Checks the model registered for the checkpoint in `dir` against its goldens: every case, then the
-/// sweep.
+/// sweep, each on the processor settings HF ran it with.
 pub fn check(dir: &Path) -> Result<Report> {
+    unpack_tokenizer(dir)?;
     let goldens = Goldens::load(dir)?;
-    let loaded = load(dir)?;
     let mut report = Report {
         arch: goldens.meta.arch.clone(),
         checks: Vec::new(),
     };
-    for case in &goldens.meta.cases {
-        check_case(&loaded, &goldens, case, &mut report)?;
+    for kwargs in settings(&goldens) {
+        let variant = Variant::new(dir, &kwargs)?;
+        let loaded = load(&variant.dir)?;
+        for case in &goldens.meta.cases {
+            if image_kwargs(&case.processor_kwargs) == kwargs {
+                check_case(&loaded, &goldens, case, &mut report)?;
+            }
+        }
+        let points: Vec<&SweepPoint> = goldens
+            .meta
+            .sweep
+            .iter()
+            .filter(|p| image_kwargs(&p.processor_kwargs) == kwargs)
+            .collect();
+        check_sweep(&loaded, &points, &variant.label, &mut report)?;
     }
-    check_sweep(&loaded, &goldens, &mut report)?;
     Ok(report)
 }
 
@@ -300,10 +407,41 @@ fn check_mapped(
 ) -> Result<()> {
     for (_, tensors) in &prepared.mapped {
         for (name, ours) in tensors.iter() {
+            if let Some(digest) = case_digest(g, case, name) {
+                let theirs_shape = &digest.shape;
+                let same_shape = drop_batch_of_one(&ours.size(), theirs_shape);
+                let hash = sha256_le(ours)?;
+                let same = same_shape && hash == digest.sha256_le;
+                report.push(
+                    case,
+                    name,
+                    same,
+                    if same {
+                        format!("{:?} bit-identical (SHA-256)", ours.size())
+                    } else {
+                        format!(
+                            "ours {:?} sha256 {}…, HF {:?} {} sha256 {}…",
+                            ours.size(),
+                            &hash[..12],
+                            digest.shape,
+                            digest.dtype,
+                            &digest.sha256_le[..12.min(digest.sha256_le.len())]
+                        )
+                    },
+                );
+                continue;
+            }
             if !g.meta.processor_outputs.iter().any(|n| n == name) {
                 continue;
             }
             let theirs = g.get(case, name)?;
+            // HF batches some outputs by prompt (`[1, images, …]`); mmreg's are per item.
+            let theirs = if drop_batch_of_one(&ours.size(), &theirs.size()) && ours.dim() < theirs.dim() {
+                theirs.squeeze_dim(0)
+            } else {
+                theirs.shallow_clone()
+            };
+            let theirs = &theirs;
             let same = ours.size() == theirs.size()
                 && ours.kind() == theirs.kind()
                 && ours.equal(theirs);
@@ -329,6 +467,30 @@ fn check_mapped(
         }
     }
     Ok(())
+}
+
+/// Whether `ours` is HF's shape, or HF's without a leading batch axis of 1.
+fn drop_batch_of_one(ours: &[i64], theirs: &[i64]) -> bool {
+    ours == theirs || (theirs.len() == ours.len() + 1 && theirs[0] == 1 && &theirs[1..] == ours)
+}
+
+fn case_digest<'a>(g: &'a Goldens, case: &str, name: &str) -> Option<&'a Digest> {
+    g.meta
+        .cases
+        .iter()
+        .find(|c| c.name == case)
+        .and_then(|c| c.processor_output_digests.get(name))
+        // A tensor stored in full is compared in full.
+        .filter(|_| g.get(case, name).is_err())
+}
+
+/// SHA-256 of a tensor's little-endian, C-order bytes.
+fn sha256_le(t: &Tensor) -> Result<String> {
+    let t = t.contiguous();
+    let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut bytes, t.numel())?;
+    let digest = sha2::Sha256::digest(&bytes);
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Logits `[T, vocab]` at every prompt position against the golden log-sum-exp, max, argmax and columns.
@@ -391,18 +553,20 @@ fn check_logits(logits: &Tensor, g: &Goldens, case: &str, report: &mut Report) -
 }
 
 /// The placeholder count of one image of each swept size, or an error where HF's processor refused.
-fn check_sweep(loaded: &Loaded, g: &Goldens, report: &mut Report) -> Result<()> {
+fn check_sweep(
+    loaded: &Loaded,
+    points: &[&SweepPoint],
+    label: &str,
+    report: &mut Report,
+) -> Result<()> {
     let (mut agree, mut differ) = (0, Vec::new());
-    for point in g.meta.sweep.iter().filter(|p| p.processor_kwargs.is_none()) {
+    for point in points {
         let image = image::DynamicImage::new_rgb8(point.width, point.height);
         let data = MultiModalData {
             images: vec![ImageInput::new("sweep", image)],
             videos: Vec::new(),
         };
-        let ours = loaded
-            .entry
-            .item_tokens(&loaded.ctx, Modality::Image, &data)
-            .map(|counts| counts[0]);
+        let ours = embedded_rows(loaded, data);
         match (&ours, point.tokens, &point.error) {
             (Ok(n), Some(m), _) if *n == m => agree += 1,
             (Err(_), None, Some(_)) => agree += 1,
@@ -416,9 +580,14 @@ fn check_sweep(loaded: &Loaded, g: &Goldens, report: &mut Report) -> Result<()> 
         }
     }
     if agree + differ.len() > 0 {
+        let what = if label.is_empty() {
+            "placeholder counts".to_owned()
+        } else {
+            format!("placeholder counts ({label})")
+        };
         report.push(
             "sweep",
-            "placeholder counts",
+            &what,
             differ.is_empty(),
             if differ.is_empty() {
                 format!("{agree} sizes agree")
@@ -430,51 +599,78 @@ fn check_sweep(loaded: &Loaded, g: &Goldens, report: &mut Report) -> Result<()> 
     Ok(())
 }
 
+/// The placeholder tokens that take embedding rows for one image (HF's count of image tokens): the
+/// model's dummy prompt for one image, processed with this image instead.
+fn embedded_rows(loaded: &Loaded, data: MultiModalData) -> mmreg_core::Result<usize> {
+    let (entry, ctx) = (loaded.entry, &loaded.ctx);
+    let request = DummyRequest {
+        seq_len: entry.max_tokens(ctx, Modality::Image)? + 1,
+        counts: ModalityCounts::each(&[Modality::Image], 1),
+    };
+    let mut inputs = entry.dummy_data(ctx, &request)?;
+    inputs.multimodal = data;
+    let processed = entry.process(ctx, inputs)?;
+    Ok(processed
+        .placeholders
+        .iter()
+        .filter(|r| r.modality == Modality::Image)
+        .map(|r| r.embedded())
+        .sum())
+}
+
 /// Every case through the engine in one batch (in order, then reversed), with `options`: the greedy
-/// tokens must equal HF's.
+/// tokens must equal HF's. Cases HF ran with other image-processor settings run in a batch of their own
+/// on a checkpoint with those settings.
 pub fn check_engine(dir: &Path, options: EngineOptions) -> Result<Report> {
-    let goldens = Goldens::load(dir)?;
     unpack_tokenizer(dir)?;
-    let engine = Engine::new(dir, options)?;
-    let cases: Vec<&Case> = goldens
-        .meta
-        .cases
-        .iter()
-        .chain(goldens.meta.cases.iter().rev())
-        .collect();
-    let requests = cases
-        .iter()
-        .map(|case| Request {
-            prompt: Prompt::Text(case.text.clone()),
-            images: case
-                .images
-                .iter()
-                .map(|p| ImageSource::Path(dir.join(p)))
-                .collect(),
-            videos: Vec::new(),
-            params: SamplingParams {
-                max_tokens: goldens.meta.greedy_tokens,
-                ..SamplingParams::default()
-            },
-        })
-        .collect();
+    let goldens = Goldens::load(dir)?;
     let mut report = Report {
         arch: goldens.meta.arch.clone(),
         checks: Vec::new(),
     };
-    for (case, result) in cases.iter().zip(engine.generate(requests)) {
-        let expected = goldens.ids(&case.name, "generated")?;
-        match result {
-            Ok(done) => {
-                let tokens: Vec<i64> = done.token_ids.iter().map(|&t| t as i64).collect();
-                report.push(
-                    &case.name,
-                    "engine greedy tokens",
-                    tokens == expected,
-                    format!("{} tokens", tokens.len()),
-                );
+    for kwargs in settings(&goldens) {
+        let group: Vec<&Case> = goldens
+            .meta
+            .cases
+            .iter()
+            .filter(|c| image_kwargs(&c.processor_kwargs) == kwargs)
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        let variant = Variant::new(dir, &kwargs)?;
+        let engine = Engine::new(&variant.dir, options.clone())?;
+        let cases: Vec<&Case> = group.iter().chain(group.iter().rev()).copied().collect();
+        let requests = cases
+            .iter()
+            .map(|case| Request {
+                prompt: Prompt::Text(case.text.clone()),
+                images: case
+                    .images
+                    .iter()
+                    .map(|p| ImageSource::Path(dir.join(p)))
+                    .collect(),
+                videos: Vec::new(),
+                params: SamplingParams {
+                    max_tokens: goldens.meta.greedy_tokens,
+                    ..SamplingParams::default()
+                },
+            })
+            .collect();
+        for (case, result) in cases.iter().zip(engine.generate(requests)) {
+            let expected = goldens.ids(&case.name, "generated")?;
+            match result {
+                Ok(done) => {
+                    let tokens: Vec<i64> = done.token_ids.iter().map(|&t| t as i64).collect();
+                    report.push(
+                        &case.name,
+                        "engine greedy tokens",
+                        tokens == expected,
+                        format!("{} tokens", tokens.len()),
+                    );
+                }
+                Err(e) => report.push(&case.name, "engine greedy tokens", false, e.to_string()),
             }
-            Err(e) => report.push(&case.name, "engine greedy tokens", false, e.to_string()),
         }
     }
     Ok(report)
