@@ -171,14 +171,22 @@ impl ModelEntry {
         let filler = (0..)
             .find(|id| markers.iter().all(|&(_, token)| token != *id))
             .unwrap_or(0);
-        ids.extend(std::iter::repeat_n(
-            filler,
-            request.seq_len.saturating_sub(expanded),
-        ));
-        Ok(ProcessorInputs {
+        let fill = request.seq_len.saturating_sub(expanded);
+        ids.extend(std::iter::repeat_n(filler, fill));
+        let mut inputs = ProcessorInputs {
             prompt: Prompt::TokenIds(ids),
             multimodal: data,
-        })
+        };
+        // A processor may frame each item with text of its own (Gemma 3's `<start_of_image>` … `\n\n`,
+        // Idefics3's tile tags): as much filler comes off as the framing adds.
+        let processed = self.process(ctx, inputs.clone())?.token_ids.len();
+        if let (Some(over), Prompt::TokenIds(ids)) = (
+            processed.checked_sub(request.seq_len).filter(|&o| o > 0),
+            &mut inputs.prompt,
+        ) {
+            ids.truncate(ids.len() - over.min(fill));
+        }
+        Ok(inputs)
     }
 
     pub(crate) fn default_process(

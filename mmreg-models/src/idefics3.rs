@@ -24,7 +24,8 @@ use mmreg_nn::{Linear, Loader};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
-/// `vision_config` (`Idefics3VisionConfig`); missing keys take its defaults.
+/// `vision_config` (`Idefics3VisionConfig`); missing keys take HuggingFaceM4/Idefics3-8B-Llama3's values
+/// (HF's class defaults, 224 px in patches of 32, give 7 × 7 patches, which `scale_factor` 2 cannot fold).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Idefics3VisionConfig {
@@ -43,12 +44,12 @@ impl Default for Idefics3VisionConfig {
     fn default() -> Self {
         Self {
             hidden_size: 1152,
-            intermediate_size: 3072,
-            num_hidden_layers: 12,
+            intermediate_size: 4304,
+            num_hidden_layers: 27,
             num_attention_heads: 16,
             num_channels: 3,
-            image_size: 224,
-            patch_size: 32,
+            image_size: 364,
+            patch_size: 14,
             hidden_act: "gelu_pytorch_tanh".into(),
             layer_norm_eps: 1e-6,
         }
