@@ -7,8 +7,9 @@ use std::path::Path;
 use image::DynamicImage;
 
 use crate::{
-    select_best_resolution, smart_resize, ClipImageProcessor, LlavaNextImageProcessor,
-    PreprocessorConfig, Qwen2VlImageProcessor, DEFAULT_GRID_PINPOINTS,
+    select_best_resolution, smart_resize, ClipImageProcessor, Gemma3ImageProcessor,
+    Idefics3ImageProcessor, LlavaNextImageProcessor, PreprocessorConfig, Qwen2VlImageProcessor,
+    SiglipImageProcessor, DEFAULT_GRID_PINPOINTS,
 };
 
 /// Keeps each run fast: images are bounded far below the production limit.
@@ -44,6 +45,47 @@ pub fn config_then_preprocess(bytes: &[u8]) {
 }
 
 fn preprocess_both(config: &PreprocessorConfig, image: &DynamicImage) {
+    preprocess_clip_and_next(config, image);
+    preprocess_siglip_family(config, image);
+}
+
+/// SigLIP (PaliGemma), Gemma 3 (with its pan-and-scan crops) and Idefics3 / SmolVLM (tiles), each
+/// skipped where the config would make its output enormous.
+fn preprocess_siglip_family(config: &PreprocessorConfig, image: &DynamicImage) {
+    let (height, width) = (image.height() as usize, image.width() as usize);
+    let small = |frames: usize, (h, w): (usize, usize)| {
+        (frames as u64)
+            .saturating_mul(h as u64)
+            .saturating_mul(w as u64)
+            <= MAX_FUZZ_PIXELS
+    };
+    if let Ok(siglip) = SiglipImageProcessor::new(config) {
+        if small(1, siglip.output_size(height, width)) {
+            let _ = siglip.preprocess(image);
+        }
+    }
+    if let Ok(gemma3) = Gemma3ImageProcessor::new(config) {
+        let crops = gemma3.crops(width, height);
+        assert!(
+            crops
+                .iter()
+                .all(|c| c.width > 0 && c.height > 0 && c.x + c.width <= width && c.y + c.height <= height),
+            "a pan-and-scan crop outside the {width}x{height} image: {crops:?}"
+        );
+        if small(1 + crops.len(), gemma3.output_size(height, width)) {
+            let _ = gemma3.preprocess(image);
+        }
+    }
+    if let Ok(idefics3) = Idefics3ImageProcessor::new(config) {
+        if let Ok(grid) = idefics3.grid(height, width) {
+            if small(grid.frames(), (grid.tile, grid.tile)) && small(1, grid.resized) {
+                let _ = idefics3.preprocess(image);
+            }
+        }
+    }
+}
+
+fn preprocess_clip_and_next(config: &PreprocessorConfig, image: &DynamicImage) {
     if let Ok(clip) = ClipImageProcessor::new(config) {
         // Refuse configs that would make the output itself enormous.
         let (h, w) = clip.output_size(image.height() as usize, image.width() as usize);

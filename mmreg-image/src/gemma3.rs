@@ -117,6 +117,11 @@ impl Gemma3ImageProcessor {
         crops
     }
 
+    /// Output `(height, width)` of the image and of each crop.
+    pub fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
+        self.image.output_size(height, width)
+    }
+
     /// `[1 + crops, 3, H, W]`: the image, then its crops.
     pub fn preprocess(&self, image: &DynamicImage) -> Result<PixelValues> {
         let (width, height) = (image.width() as usize, image.height() as usize);

@@ -1,5 +1,6 @@
 //! Entry points shared by the fuzz targets (`fuzz/`) and the regression test that replays the cases they
-//! found (`tests/fuzz_regressions.rs`): the LLaVA, LLaVA-NeXT, Qwen2-VL and Qwen2.5-VL input processors,
+//! found (`tests/fuzz_regressions.rs`): the LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, PaliGemma and Gemma 3
+//! input processors,
 //! and config.json through everything that reads it. Each must return normally for any input: errors are
 //! fine, panics and huge allocations are not, and a broken invariant is a panic.
 
@@ -23,6 +24,28 @@ const CHECKPOINTS: [&str; 2] = ["llava-tiny-hf", "llava-next-tiny-hf"];
 const QWEN_CHECKPOINTS: [&str; 2] = ["qwen2-vl-tiny", "qwen2_5-vl-tiny"];
 /// The length limit of a fuzzed Qwen prompt: low enough that expanded items reach it.
 const MAX_QWEN_LEN: usize = 512;
+/// The parity harness's Gemma-family checkpoints (gzipped real tokenizers): PaliGemma, then Gemma 3.
+const GEMMA_CHECKPOINTS: [&str; 2] = ["paligemma-tiny", "gemma3-tiny"];
+/// The length limit of a fuzzed Gemma-family prompt.
+const MAX_GEMMA_LEN: usize = 2048;
+
+/// A fixture's context, its `tokenizer.json.gz` unpacked first where needed.
+fn gzipped_context(dir: &Path) -> ModelContext {
+    use std::io::Read;
+    let plain = dir.join("tokenizer.json");
+    if !plain.exists() {
+        let mut json = Vec::new();
+        let packed = std::fs::File::open(dir.join("tokenizer.json.gz")).expect("tokenizer.json.gz");
+        flate2::read::GzDecoder::new(packed)
+            .read_to_end(&mut json)
+            .expect("gzip");
+        let tokenizer = Tokenizer::from_bytes(&json).expect("the fixture tokenizer loads");
+        return ModelContext::from_dir(dir)
+            .expect("the fixture's context")
+            .with_tokenizer(tokenizer);
+    }
+    ModelContext::from_dir(dir).expect("the fixture's context")
+}
 
 /// Keeps each run fast: an image has at most this many pixels (far below `MAX_IMAGE_PIXELS`), whatever
 /// its aspect ratio.
@@ -39,6 +62,7 @@ pub struct InputProcessorFuzz {
     models: Vec<(&'static ModelEntry, ModelContext)>,
     vocab: u32,
     qwen: Vec<(&'static ModelEntry, ModelContext)>,
+    gemma: Vec<(&'static ModelEntry, ModelContext)>,
 }
 
 impl InputProcessorFuzz {
@@ -77,10 +101,21 @@ impl InputProcessorFuzz {
                 (entry, ctx)
             })
             .collect();
+        let gemma = GEMMA_CHECKPOINTS
+            .iter()
+            .map(|name| {
+                let ctx = gzipped_context(&fixtures.join(name));
+                let entry = Registry::global()
+                    .for_context(&ctx)
+                    .expect("the fixture's architecture is registered");
+                (entry, ctx)
+            })
+            .collect();
         Self {
             models,
             vocab: tokenizer.get_vocab_size(true) as u32,
             qwen,
+            gemma,
         }
     }
 
@@ -88,7 +123,7 @@ impl InputProcessorFuzz {
     /// mapper (`generate::prepare`). Byte 0 picks the model (bit 0) and a text or token-id prompt (bit 1),
     /// byte 1 the number of images, then 4 bytes per image (width, height: u16 LE), then the prompt
     /// (UTF-8, lossily, or u16 LE token ids). With bit 2 of byte 0, a Qwen checkpoint takes the bytes
-    /// instead ([`Self::run_qwen`]).
+    /// instead ([`Self::run_qwen`]); with bit 3, a Gemma-family one ([`Self::run_gemma`]).
     ///
     /// Checked: an error is one of the typed errors a request may get and agrees with the inputs; a
     /// success has one placeholder range per image, as long as the model counts for it, made of image
@@ -97,6 +132,9 @@ impl InputProcessorFuzz {
         let [flags, images, rest @ ..] = bytes else {
             return;
         };
+        if flags & 8 != 0 {
+            return self.run_gemma(*flags, *images, rest);
+        }
         if flags & 4 != 0 {
             return self.run_qwen(*flags, *images, rest);
         }
@@ -481,6 +519,124 @@ impl ConfigFuzz {
                 }
             }
             let _ = entry.load(&ctx, weights, &LoadOptions::default());
+        }
+    }
+}
+
+impl InputProcessorFuzz {
+    /// Images and a prompt from arbitrary bytes through PaliGemma's or Gemma 3's input processor and
+    /// mapper (`flags` bit 0 picks the model, bit 1 a text or a token-id prompt, bit 4 turns Gemma 3's
+    /// pan-and-scan on); `count` mod 5 images of 2 bytes each (width, height), then the prompt: UTF-8,
+    /// lossily, or u16 LE values that are, mod 4, the model's image marker, its image token, BOS, or
+    /// (else) another token.
+    ///
+    /// Checked: an error is a typed one a request may get (a count of markers that differs from the
+    /// images, an image-less PaliGemma prompt, a prompt over the limit, bad input); a success has one
+    /// placeholder range per image whose embedded positions hold the image token only and number what
+    /// the tower gives (256 per image, and per crop), and bidirectional runs inside the prompt: the whole
+    /// prompt for PaliGemma, each image's runs of soft tokens for Gemma 3.
+    pub fn run_gemma(&self, flags: u8, count: u8, bytes: &[u8]) {
+        let (entry, ctx) = &self.gemma[usize::from(flags & 1)];
+        let gemma3 = flags & 1 == 1;
+        let count = usize::from(count % 5);
+        let Some((sizes, prompt)) = bytes.split_at_checked(2 * count) else {
+            return;
+        };
+        let images: Vec<ImageInput> = sizes
+            .chunks_exact(2)
+            .enumerate()
+            .map(|(i, s)| {
+                // Sizes up to 255 × 8 pixels, wide or tall: enough to start pan-and-scan.
+                let (w, h) = (u32::from(s[0]) * 8, u32::from(s[1]) * 8);
+                ImageInput::new(format!("image {i}"), DynamicImage::new_rgb8(w, h))
+            })
+            .collect();
+        let (marker, image_token) = if gemma3 {
+            let c = ctx.config::<crate::Gemma3Config>().expect("config");
+            (c.boi_token_index, c.image_token_index)
+        } else {
+            let c = ctx.config::<crate::PaliGemmaConfig>().expect("config");
+            (c.image_token_index, c.image_token_index)
+        };
+        let prompt = if flags & 2 == 0 {
+            Prompt::Text(String::from_utf8_lossy(prompt).into_owned())
+        } else {
+            Prompt::TokenIds(
+                prompt
+                    .chunks_exact(2)
+                    .map(|v| match u16::from_le_bytes([v[0], v[1]]) {
+                        v if v % 4 == 0 => marker,
+                        v if v % 4 == 1 => image_token,
+                        v if v % 4 == 2 => 2,
+                        v => u32::from(v) + 3,
+                    })
+                    .collect(),
+            )
+        };
+        let ctx = if gemma3 && flags & 16 != 0 {
+            let mut processor = ctx.processor_config_json().clone();
+            processor["do_pan_and_scan"] = true.into();
+            &ModelContext::from_json(ctx.config_json().clone(), processor)
+                .with_tokenizer(ctx.tokenizer().expect("tokenizer").clone())
+        } else {
+            ctx
+        };
+        let empty_image = images.iter().any(|i| i.image.width() == 0 || i.image.height() == 0);
+        let data = MultiModalData::with_images(images);
+        let rows: Result<Vec<usize>, Error> = if gemma3 {
+            let processor = mmreg_image::Gemma3ImageProcessor::new(
+                &*ctx
+                    .processor_config::<mmreg_image::PreprocessorConfig>()
+                    .expect("processor config"),
+            )
+            .expect("processor");
+            Ok(data
+                .images
+                .iter()
+                .map(|i| {
+                    let s = i.size();
+                    256 * (1 + processor.crops(s.width as usize, s.height as usize).len())
+                })
+                .collect())
+        } else {
+            Ok(vec![256; data.images.len()])
+        };
+        let items = data.images.len();
+        let inputs = ProcessorInputs {
+            prompt,
+            multimodal: data,
+        };
+        match prepare(entry, ctx, inputs, MAX_GEMMA_LEN) {
+            Ok(prepared) => {
+                let p = &prepared.processed;
+                let rows = rows.expect("counted");
+                assert_eq!(p.placeholders.len(), items);
+                for (range, &want) in p.placeholders.iter().zip(&rows) {
+                    let tokens = &p.token_ids[range.offset..range.offset + range.length];
+                    let embedded: Vec<u32> = match &range.is_embed {
+                        Some(mask) => tokens.iter().zip(mask.iter()).filter(|(_, &e)| e).map(|(&t, _)| t).collect(),
+                        None => tokens.to_vec(),
+                    };
+                    assert_eq!(embedded.len(), want, "image {}'s rows", range.item);
+                    assert!(embedded.iter().all(|&t| t == image_token), "a placeholder that is not the image token");
+                }
+                let len = p.token_ids.len();
+                assert!(p.bidirectional.iter().all(|r| r.start < r.end && r.end <= len));
+                if gemma3 {
+                    assert!(p.bidirectional.iter().all(|r| p.token_ids[r.clone()].iter().all(|&t| t == image_token)));
+                } else {
+                    assert_eq!(p.bidirectional, vec![0..len]);
+                }
+            }
+            Err(Error::PlaceholderMismatch { placeholders, items: given, .. }) => {
+                assert_eq!(given, items);
+                assert_ne!(placeholders, given, "a mismatch of equal numbers");
+            }
+            Err(Error::PromptTooLong { len, max }) => assert!(len > max),
+            Err(Error::EmptyPrompt) => {}
+            Err(Error::BadInput { .. }) => {}
+            Err(error) if empty_image => drop(error),
+            Err(error) => panic!("unexpected error: {error}"),
         }
     }
 }

@@ -355,6 +355,17 @@ pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Pr
     // Each image's runs of soft tokens: 1 + crops of them.
     let runs = soft_token_runs(&ids, config.image_token_index);
     let wanted: usize = crops.iter().map(|c| 1 + c).sum();
+    let per_run = config.mm_tokens_per_image as usize;
+    if let Some(run) = runs.iter().find(|r| r.len() != per_run) {
+        return Err(Error::bad_input(
+            "prompt",
+            format!(
+                "a run of {} image tokens at {}: each image (and crop) takes {per_run}; write each image as {boi} only",
+                run.len(),
+                run.start
+            ),
+        ));
+    }
     if runs.len() != wanted {
         return Err(Error::bad_input(
             "prompt",
