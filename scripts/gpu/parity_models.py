@@ -1,5 +1,6 @@
-"""PaliGemma-3B- and Gemma-3-4B-shaped random bf16 checkpoints on the GPU machine, HF transformers vs mmreg
-in one run (MODELS=paligemma,gemma3 picks; both by default):
+"""The parity harness's models at real sizes: PaliGemma-3B-, Gemma-3-4B- and SmolVLM-2B-shaped random bf16
+checkpoints on the GPU machine, HF transformers vs mmreg in one run (MODELS=paligemma,gemma3,smolvlm picks;
+all by default):
 
 1. bf16 agreement by vLLM's top-5 rule at every one of 32 greedy steps, teacher-forced on HF's tokens: HF
    generates 32 tokens; mmreg gets 32 requests, the prompt's ids as HF's processor made them (images
@@ -9,19 +10,20 @@ in one run (MODELS=paligemma,gemma3 picks; both by default):
    (`generate()`, sdpa, dynamic cache) and `mmreg bench`.
 
 The tokenizer and processor settings come from the tiny fixtures (fixtures/paligemma-tiny,
-fixtures/gemma3-tiny: the real Gemma 3 tokenizer; PaliGemma's extended with <image>, <locNNNN>, <segNNN>).
+fixtures/gemma3-tiny: the real Gemma 3 tokenizer; PaliGemma's extended with <image>, <locNNNN>, <segNNN>;
+fixtures/smolvlm-tiny: Llama-2's with the Idefics3 tags, its image sizes set to SmolVLM-Instruct's).
 Usage on the GPU machine, from the repo root, after staging the mmreg binary:
-    python3 scripts/gpu/gemma_family.py gpu-stage/run.sh      (writes $OUT/<model>.json when OUT is set)
+    python3 scripts/gpu/parity_models.py gpu-stage/run.sh      (writes $OUT/<model>.json when OUT is set)
 """
 import gzip, json, os, shutil, subprocess, sys, tempfile, time
 
 import torch
 from PIL import Image
 from transformers import (AutoProcessor, Gemma3Config, Gemma3ForConditionalGeneration, PaliGemmaConfig,
-                          PaliGemmaForConditionalGeneration)
+                          PaliGemmaForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration)
 
 RUN = sys.argv[1] if len(sys.argv) > 1 else "gpu-stage/run.sh"
-MODELS = os.environ.get("MODELS", "paligemma,gemma3").split(",")
+MODELS = os.environ.get("MODELS", "paligemma,gemma3,smolvlm").split(",")
 IMAGE = "fixtures/images/next_480x640.png"
 STEPS = 32
 DECODE = 64
@@ -60,12 +62,30 @@ def gemma3_config(tok_len):
     return Gemma3ForConditionalGeneration, config
 
 
+def smolvlm_config(tok_len):
+    # HuggingFaceTB/SmolVLM-Instruct: SigLIP So400m at 384 px, scale factor 3 (81 tokens a tile), SmolLM2-1.7B.
+    config = SmolVLMConfig(
+        vision_config=dict(image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                           num_hidden_layers=27, num_attention_heads=16, hidden_act="gelu_pytorch_tanh"),
+        text_config=dict(model_type="llama", vocab_size=tok_len, hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                         rms_norm_eps=1e-5, max_position_embeddings=16384, rope_theta=273768.0,
+                         tie_word_embeddings=True),
+        scale_factor=3, image_token_id=32000, tie_word_embeddings=True)
+    config.architectures = ["SmolVLMForConditionalGeneration"]
+    return SmolVLMForConditionalGeneration, config
+
+
 MODELS_SPEC = {
     "paligemma": dict(name="PaliGemma-3B", fixture="fixtures/paligemma-tiny", config=paligemma_config,
                       prompt="<image>answer en What is shown in this picture?"),
     "gemma3": dict(name="Gemma-3-4B", fixture="fixtures/gemma3-tiny", config=gemma3_config,
                    prompt="<bos><start_of_turn>user\n<start_of_image>Describe this image in detail.<end_of_turn>\n"
                           "<start_of_turn>model\n"),
+    "smolvlm": dict(name="SmolVLM-2B", fixture="fixtures/smolvlm-tiny", config=smolvlm_config,
+                    prompt="User:<image>Describe this image.<end_of_utterance>\nAssistant:",
+                    processor={"size": {"longest_edge": 1536}, "max_image_size": {"longest_edge": 384}},
+                    processor_top={"image_seq_len": 81}),
 }
 
 
@@ -74,13 +94,25 @@ def copy_processor(fixture, ckpt):
         if f.endswith(".json") and f not in ("config.json", "parity.json", "generation_config.json") \
                 or f.endswith(".jinja"):
             shutil.copy(os.path.join(fixture, f), ckpt)
-    with gzip.open(os.path.join(fixture, "tokenizer.json.gz")) as src, open(f"{ckpt}/tokenizer.json", "wb") as dst:
-        shutil.copyfileobj(src, dst)
+    packed = os.path.join(fixture, "tokenizer.json.gz")
+    if os.path.exists(packed):
+        with gzip.open(packed) as src, open(f"{ckpt}/tokenizer.json", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    else:
+        shutil.copy(os.path.join(fixture, "tokenizer.json"), ckpt)
 
 
 def make_checkpoint(spec, ckpt):
     os.makedirs(ckpt, exist_ok=True)
     copy_processor(spec["fixture"], ckpt)
+    if spec.get("processor") or spec.get("processor_top"):
+        path = f"{ckpt}/processor_config.json"
+        with open(path) as f:
+            settings = json.load(f)
+        settings["image_processor"].update(spec.get("processor", {}))
+        settings.update(spec.get("processor_top", {}))
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1)
     proc = AutoProcessor.from_pretrained(ckpt)
     model_class, config = spec["config"](len(proc.tokenizer))
     torch.manual_seed(0)
