@@ -133,6 +133,22 @@ impl Goldens {
         )?)
     }
 
+    /// Whether `ours` equals HF's processor output `name` of `case` bit for bit: the stored tensor, or
+    /// its digest (HF's leading batch axis of 1 aside).
+    pub fn matches(&self, case: &str, name: &str, ours: &Tensor) -> Result<bool> {
+        if let Some(digest) = case_digest(self, case, name) {
+            return Ok(drop_batch_of_one(&ours.size(), &digest.shape)
+                && sha256_le(ours)? == digest.sha256_le);
+        }
+        let theirs = self.get(case, name)?;
+        let theirs = if ours.dim() < theirs.dim() && drop_batch_of_one(&ours.size(), &theirs.size()) {
+            theirs.squeeze_dim(0)
+        } else {
+            theirs.shallow_clone()
+        };
+        Ok(ours.size() == theirs.size() && ours.kind() == theirs.kind() && ours.equal(&theirs))
+    }
+
     /// The case's request as mmreg takes it: the same text, the images decoded from their files.
     pub fn inputs(&self, case: &Case) -> Result<ProcessorInputs> {
         let images = case
