@@ -190,7 +190,8 @@ impl LoadModel for Idefics3 {
         let weights = weights.renamed(canonical_weight_name)?;
         let loader = Loader::new(&weights, options);
         let mut text = config.text_config.clone();
-        text.tie_word_embeddings = text.tie_word_embeddings.or(Some(config.tie_word_embeddings));
+        // transformers reads the top-level key only (text_config's is ignored).
+        text.tie_word_embeddings = Some(config.tie_word_embeddings);
         let text = text.resolve()?;
         let vision = config.vision_config.siglip();
         let side = vision.patches_per_side()?;
