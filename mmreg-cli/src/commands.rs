@@ -105,7 +105,11 @@ pub fn parity(args: &ParityArgs) -> Result<()> {
         "{failed} of {} checks differ from transformers",
         report.checks.len()
     );
-    println!("{}: all {} checks agree with transformers", report.arch, report.checks.len());
+    println!(
+        "{}: all {} checks agree with transformers",
+        report.arch,
+        report.checks.len()
+    );
     Ok(())
 }
 
@@ -160,8 +164,13 @@ pub fn check(args: &CheckArgs) -> Result<()> {
             Ok(report) => report,
             // Checking every model without a checkpoint: one whose processor frames its items with
             // text (Gemma 3, Idefics3) needs a tokenizer, which only a checkpoint has.
-            Err(e) if args.model.is_none() && args.model_dir.is_none() && ctx.tokenizer().is_err() => {
-                println!("skip  {}  needs a checkpoint's tokenizer (--model-dir): {e:#}", entry.id.path);
+            Err(e)
+                if args.model.is_none() && args.model_dir.is_none() && ctx.tokenizer().is_err() =>
+            {
+                println!(
+                    "skip  {}  needs a checkpoint's tokenizer (--model-dir): {e:#}",
+                    entry.id.path
+                );
                 continue;
             }
             Err(e) => return Err(e).with_context(|| format!("checking {}", entry.id.path)),

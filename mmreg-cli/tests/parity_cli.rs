@@ -95,11 +95,7 @@ fn contracts(fixture: &str, architecture: &str, file: &str) {
 
     let tmp = tempfile::tempdir().expect("temp dir");
     for case in g.meta.cases.iter().filter(|c| !c.images.is_empty()).take(2) {
-        let images: Vec<String> = case
-            .images
-            .iter()
-            .map(|p| format!("{dir}/{p}"))
-            .collect();
+        let images: Vec<String> = case.images.iter().map(|p| format!("{dir}/{p}")).collect();
         let with_images = |mut args: Vec<String>| {
             for image in &images {
                 args.extend(["--image".into(), image.clone()]);
@@ -170,7 +166,10 @@ fn contracts(fixture: &str, architecture: &str, file: &str) {
     }
 
     let parity = mmreg(&["parity", &dir]);
-    assert!(parity.contains("checks agree with transformers"), "{parity}");
+    assert!(
+        parity.contains("checks agree with transformers"),
+        "{parity}"
+    );
 }
 
 #[test]

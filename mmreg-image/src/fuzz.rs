@@ -67,9 +67,10 @@ fn preprocess_siglip_family(config: &PreprocessorConfig, image: &DynamicImage) {
     if let Ok(gemma3) = Gemma3ImageProcessor::new(config) {
         let crops = gemma3.crops(width, height);
         assert!(
-            crops
-                .iter()
-                .all(|c| c.width > 0 && c.height > 0 && c.x + c.width <= width && c.y + c.height <= height),
+            crops.iter().all(|c| c.width > 0
+                && c.height > 0
+                && c.x + c.width <= width
+                && c.y + c.height <= height),
             "a pan-and-scan crop outside the {width}x{height} image: {crops:?}"
         );
         if small(1 + crops.len(), gemma3.output_size(height, width)) {

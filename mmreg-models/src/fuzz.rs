@@ -581,12 +581,13 @@ impl InputProcessorFuzz {
         } else {
             ctx
         };
-        let empty_image = images.iter().any(|i| i.image.width() == 0 || i.image.height() == 0);
+        let empty_image = images
+            .iter()
+            .any(|i| i.image.width() == 0 || i.image.height() == 0);
         let data = MultiModalData::with_images(images);
         let rows: Result<Vec<usize>, Error> = if gemma3 {
             let processor = mmreg_image::Gemma3ImageProcessor::new(
-                &*ctx
-                    .processor_config::<mmreg_image::PreprocessorConfig>()
+                &ctx.processor_config::<mmreg_image::PreprocessorConfig>()
                     .expect("processor config"),
             )
             .expect("processor");
@@ -614,21 +615,40 @@ impl InputProcessorFuzz {
                 for (range, &want) in p.placeholders.iter().zip(&rows) {
                     let tokens = &p.token_ids[range.offset..range.offset + range.length];
                     let embedded: Vec<u32> = match &range.is_embed {
-                        Some(mask) => tokens.iter().zip(mask.iter()).filter(|(_, &e)| e).map(|(&t, _)| t).collect(),
+                        Some(mask) => tokens
+                            .iter()
+                            .zip(mask.iter())
+                            .filter(|(_, &e)| e)
+                            .map(|(&t, _)| t)
+                            .collect(),
                         None => tokens.to_vec(),
                     };
                     assert_eq!(embedded.len(), want, "image {}'s rows", range.item);
-                    assert!(embedded.iter().all(|&t| t == image_token), "a placeholder that is not the image token");
+                    assert!(
+                        embedded.iter().all(|&t| t == image_token),
+                        "a placeholder that is not the image token"
+                    );
                 }
                 let len = p.token_ids.len();
-                assert!(p.bidirectional.iter().all(|r| r.start < r.end && r.end <= len));
+                assert!(p
+                    .bidirectional
+                    .iter()
+                    .all(|r| r.start < r.end && r.end <= len));
                 if gemma3 {
-                    assert!(p.bidirectional.iter().all(|r| p.token_ids[r.clone()].iter().all(|&t| t == image_token)));
+                    assert!(p
+                        .bidirectional
+                        .iter()
+                        .all(|r| p.token_ids[r.clone()].iter().all(|&t| t == image_token)));
                 } else {
-                    assert_eq!(p.bidirectional, vec![0..len]);
+                    let whole = 0..len;
+                    assert_eq!(p.bidirectional, vec![whole]);
                 }
             }
-            Err(Error::PlaceholderMismatch { placeholders, items: given, .. }) => {
+            Err(Error::PlaceholderMismatch {
+                placeholders,
+                items: given,
+                ..
+            }) => {
                 assert_eq!(given, items);
                 assert_ne!(placeholders, given, "a mismatch of equal numbers");
             }

@@ -9,9 +9,8 @@ use std::sync::Arc;
 use mmreg_core::defaults::placeholder_span;
 use mmreg_core::{
     register_input_mapper, register_input_processor, register_model, Error, ImageInput, ImageSize,
-    LanguageModel, LoadModel, LoadOptions, Modality, ModalityInputs, ModelContext,
-    MultiModalModel, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
-    SupportsVision, Weights,
+    LanguageModel, LoadModel, LoadOptions, Modality, ModalityInputs, ModelContext, MultiModalModel,
+    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result, SupportsVision, Weights,
 };
 use mmreg_image::{Gemma3ImageProcessor, PreprocessorConfig};
 use mmreg_nn::gemma::{Gemma, GemmaConfigJson, GemmaRmsNorm};
@@ -128,7 +127,14 @@ impl Gemma3MultiModalProjector {
             .reshape([n, hidden, p, p])
             .contiguous();
         let pooled = grid
-            .avg_pool2d([self.kernel, self.kernel], [self.kernel, self.kernel], [0, 0], false, true, None::<i64>)
+            .avg_pool2d(
+                [self.kernel, self.kernel],
+                [self.kernel, self.kernel],
+                [0, 0],
+                false,
+                true,
+                None::<i64>,
+            )
             .flatten(2, -1)
             .transpose(1, 2);
         let normed = self.mm_soft_emb_norm.forward(&pooled);
@@ -191,7 +197,11 @@ impl SupportsVision for Gemma3 {
         if crops == 0 {
             return Ok(config.mm_tokens_per_image as usize);
         }
-        placeholder_span(ctx, &Prompts::new(ctx, &config)?.image(crops), config.image_token_index)
+        placeholder_span(
+            ctx,
+            &Prompts::new(ctx, &config)?.image(crops),
+            config.image_token_index,
+        )
     }
 
     /// The marker a prompt writes for an image: `<start_of_image>`, which the input processor expands.
@@ -257,7 +267,10 @@ impl Prompts {
         let tokenizer = ctx.tokenizer()?;
         let name = |id: u32| {
             tokenizer.id_to_token(id).ok_or_else(|| {
-                Error::config("tokenizer.json", format!("token {id} is not in the tokenizer"))
+                Error::config(
+                    "tokenizer.json",
+                    format!("token {id} is not in the tokenizer"),
+                )
             })
         };
         let (boi, eoi, soft) = (
@@ -299,7 +312,9 @@ pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Pr
         .iter()
         .map(|i| {
             let size = i.size();
-            processor.crops(size.width as usize, size.height as usize).len()
+            processor
+                .crops(size.width as usize, size.height as usize)
+                .len()
         })
         .collect();
     let tokenizer = ctx.tokenizer()?;

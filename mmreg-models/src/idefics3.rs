@@ -10,9 +10,8 @@ use std::sync::Arc;
 use mmreg_core::defaults::{placeholder_span, prompt_ids};
 use mmreg_core::{
     register_input_mapper, register_input_processor, register_model, Error, ImageInput, ImageSize,
-    LanguageModel, LoadModel, LoadOptions, Modality, ModalityInputs, ModelContext,
-    MultiModalModel, PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result,
-    SupportsVision, Weights,
+    LanguageModel, LoadModel, LoadOptions, Modality, ModalityInputs, ModelContext, MultiModalModel,
+    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result, SupportsVision, Weights,
 };
 use mmreg_image::{
     idefics3_image_prompt, Idefics3Grid, Idefics3ImageProcessor, Idefics3PromptTokens,
@@ -266,11 +265,9 @@ impl SupportsVision for Idefics3 {
     fn largest_image(ctx: &ModelContext) -> Result<ImageSize> {
         let config = ctx.processor_config::<PreprocessorConfig>()?;
         let side = match &config.size {
-            Some(mmreg_image::SizeSpec::Dict(d)) => d
-                .get("longest_edge")
-                .copied()
-                .flatten()
-                .unwrap_or(4 * 364),
+            Some(mmreg_image::SizeSpec::Dict(d)) => {
+                d.get("longest_edge").copied().flatten().unwrap_or(4 * 364)
+            }
             _ => 4 * 364,
         }
         .clamp(1, 4096) as u32;

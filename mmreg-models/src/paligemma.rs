@@ -247,12 +247,15 @@ pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Pr
                 }
             })
             .collect::<Vec<_>>();
-        let contiguous = placeholders
-            .iter()
-            .all(|p| ids[p.offset..p.offset + per_image].iter().all(|&t| t == image_token));
+        let contiguous = placeholders.iter().all(|p| {
+            ids[p.offset..p.offset + per_image]
+                .iter()
+                .all(|&t| t == image_token)
+        });
         if contiguous {
+            let prefix = 0..ids.len();
             return Ok(ProcessedInputs {
-                bidirectional: vec![0..ids.len()],
+                bidirectional: vec![prefix],
                 token_ids: ids,
                 placeholders,
                 multimodal: inputs.multimodal,

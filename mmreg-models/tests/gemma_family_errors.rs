@@ -31,7 +31,11 @@ fn inputs(prompt: Prompt, images: Vec<ImageInput>) -> ProcessorInputs {
     }
 }
 
-fn process(ctx: &ModelContext, prompt: Prompt, images: Vec<ImageInput>) -> mmreg_core::Result<Vec<u32>> {
+fn process(
+    ctx: &ModelContext,
+    prompt: Prompt,
+    images: Vec<ImageInput>,
+) -> mmreg_core::Result<Vec<u32>> {
     let entry = Registry::global().for_context(ctx).expect("registered");
     prepare(entry, ctx, inputs(prompt, images), usize::MAX).map(|p| p.processed.token_ids)
 }
@@ -62,18 +66,30 @@ fn paligemma_with_fewer_image_markers_than_images_names_both_counts() {
 #[test]
 fn paligemma_takes_ids_expanded_or_not_alike() {
     let ctx = context("paligemma-tiny");
-    let text = process(&ctx, Prompt::Text("<image>caption en".into()), vec![image("chelsea.png")])
-        .expect("text");
+    let text = process(
+        &ctx,
+        Prompt::Text("<image>caption en".into()),
+        vec![image("chelsea.png")],
+    )
+    .expect("text");
     // HF's expanded ids back in, and the same ids with one marker per image.
-    let again = process(&ctx, Prompt::TokenIds(text.clone()), vec![image("chelsea.png")])
-        .expect("expanded ids");
+    let again = process(
+        &ctx,
+        Prompt::TokenIds(text.clone()),
+        vec![image("chelsea.png")],
+    )
+    .expect("expanded ids");
     assert_eq!(again, text);
     let image_token = text[0];
     let collapsed: Vec<u32> = std::iter::once(image_token)
         .chain(text.iter().copied().filter(|&t| t != image_token))
         .collect();
-    let expanded = process(&ctx, Prompt::TokenIds(collapsed), vec![image("chelsea.png")])
-        .expect("one marker");
+    let expanded = process(
+        &ctx,
+        Prompt::TokenIds(collapsed),
+        vec![image("chelsea.png")],
+    )
+    .expect("one marker");
     assert_eq!(expanded, text);
 }
 
@@ -95,22 +111,43 @@ fn gemma3_marker_count_must_match_the_images() {
         other => panic!("{other}"),
     }
     // An image and no marker, as HF refuses it.
-    let error = process(&ctx, Prompt::Text("Describe.".into()), vec![image("chelsea.png")]).unwrap_err();
-    assert!(matches!(error, Error::PlaceholderMismatch { .. }), "{error}");
+    let error = process(
+        &ctx,
+        Prompt::Text("Describe.".into()),
+        vec![image("chelsea.png")],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(error, Error::PlaceholderMismatch { .. }),
+        "{error}"
+    );
 }
 
 #[test]
 fn gemma3_takes_its_expanded_ids_back() {
     let ctx = context("gemma3-tiny");
     let prompt = "<bos><start_of_turn>user\n<start_of_image>Describe.<end_of_turn>\n";
-    let text = process(&ctx, Prompt::Text(prompt.into()), vec![image("chelsea.png")]).expect("text");
-    let again =
-        process(&ctx, Prompt::TokenIds(text.clone()), vec![image("chelsea.png")]).expect("ids");
+    let text = process(
+        &ctx,
+        Prompt::Text(prompt.into()),
+        vec![image("chelsea.png")],
+    )
+    .expect("text");
+    let again = process(
+        &ctx,
+        Prompt::TokenIds(text.clone()),
+        vec![image("chelsea.png")],
+    )
+    .expect("ids");
     assert_eq!(again, text);
     // Text that starts with <bos> gets no second one; text without gets the tokenizer's.
     assert_eq!(text.iter().filter(|&&t| t == 2).count(), 1);
-    let plain = process(&ctx, Prompt::Text("<start_of_image>Describe.".into()), vec![image("chelsea.png")])
-        .expect("plain");
+    let plain = process(
+        &ctx,
+        Prompt::Text("<start_of_image>Describe.".into()),
+        vec![image("chelsea.png")],
+    )
+    .expect("plain");
     assert_eq!(plain[0], 2);
 }
 

@@ -65,7 +65,9 @@ fn kv_bytes_per_token(name: &str) -> usize {
     let text = &config["text_config"];
     let get = |k: &str| text[k].as_u64().expect(k) as usize;
     let heads = get("num_attention_heads");
-    let kv = text["num_key_value_heads"].as_u64().map_or(heads, |k| k as usize);
+    let kv = text["num_key_value_heads"]
+        .as_u64()
+        .map_or(heads, |k| k as usize);
     let head_dim = text["head_dim"]
         .as_u64()
         .map_or(get("hidden_size") / heads, |d| d as usize);

@@ -98,7 +98,9 @@ impl GemmaConfigJson {
             Some(other) => {
                 return Err(Error::config(
                     "config.json",
-                    format!("text_config.model_type `{other}` is not supported (gemma, gemma3_text)"),
+                    format!(
+                        "text_config.model_type `{other}` is not supported (gemma, gemma3_text)"
+                    ),
                 ))
             }
         };
@@ -116,20 +118,31 @@ impl GemmaConfigJson {
         if !refused.is_empty() {
             return Err(Error::config(
                 "config.json",
-                format!("text_config: {} not supported by the Gemma decoder", refused.join(", ")),
+                format!(
+                    "text_config: {} not supported by the Gemma decoder",
+                    refused.join(", ")
+                ),
             ));
         }
         let hidden_size = self.hidden_size.unwrap_or(if gemma3 { 2304 } else { 3072 });
-        let num_attention_heads = self.num_attention_heads.unwrap_or(if gemma3 { 8 } else { 16 });
+        let num_attention_heads = self
+            .num_attention_heads
+            .unwrap_or(if gemma3 { 8 } else { 16 });
         let head_dim = self.head_dim.unwrap_or(256);
-        let num_hidden_layers = self.num_hidden_layers.unwrap_or(if gemma3 { 26 } else { 28 });
+        let num_hidden_layers = self
+            .num_hidden_layers
+            .unwrap_or(if gemma3 { 26 } else { 28 });
         let windows = self.windows(gemma3, num_hidden_layers)?;
         let (rope, local_rope) = self.ropes(gemma3)?;
         let config = GemmaConfig {
             version,
-            vocab_size: self.vocab_size.unwrap_or(if gemma3 { 262208 } else { 256000 }),
+            vocab_size: self
+                .vocab_size
+                .unwrap_or(if gemma3 { 262208 } else { 256000 }),
             hidden_size,
-            intermediate_size: self.intermediate_size.unwrap_or(if gemma3 { 9216 } else { 24576 }),
+            intermediate_size: self
+                .intermediate_size
+                .unwrap_or(if gemma3 { 9216 } else { 24576 }),
             num_hidden_layers,
             num_attention_heads,
             num_key_value_heads: self.num_key_value_heads.unwrap_or(if gemma3 {
@@ -145,9 +158,11 @@ impl GemmaConfigJson {
             }
             .cloned()
             .unwrap_or_else(|| "gelu_pytorch_tanh".into()),
-            max_position_embeddings: self
-                .max_position_embeddings
-                .unwrap_or(if gemma3 { 131072 } else { 8192 }),
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(if gemma3 {
+                131072
+            } else {
+                8192
+            }),
             rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
             attn_scale: if gemma3 {
                 self.query_pre_attn_scalar.unwrap_or(256.0).powf(-0.5)
@@ -200,7 +215,10 @@ impl GemmaConfigJson {
         if types.len() != layers {
             return Err(Error::config(
                 "config.json",
-                format!("layer_types has {} entries for {layers} layers", types.len()),
+                format!(
+                    "layer_types has {} entries for {layers} layers",
+                    types.len()
+                ),
             ));
         }
         types
@@ -407,20 +425,25 @@ impl GemmaDecoderLayer {
         let attn = self
             .self_attn
             .forward(&self.input_layernorm.forward(hidden), rotary, step)?;
-        Ok(match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
-            (Some(pre), Some(post)) => {
-                let hidden = hidden + self.post_attention_layernorm.forward(&attn);
-                let mlp = self.mlp.forward(&pre.forward(&hidden));
-                hidden + post.forward(&mlp)
-            }
-            _ => {
-                let hidden = hidden + attn;
-                let mlp = self
-                    .mlp
-                    .forward(&self.post_attention_layernorm.forward(&hidden));
-                hidden + mlp
-            }
-        })
+        Ok(
+            match (
+                &self.pre_feedforward_layernorm,
+                &self.post_feedforward_layernorm,
+            ) {
+                (Some(pre), Some(post)) => {
+                    let hidden = hidden + self.post_attention_layernorm.forward(&attn);
+                    let mlp = self.mlp.forward(&pre.forward(&hidden));
+                    hidden + post.forward(&mlp)
+                }
+                _ => {
+                    let hidden = hidden + attn;
+                    let mlp = self
+                        .mlp
+                        .forward(&self.post_attention_layernorm.forward(&hidden));
+                    hidden + mlp
+                }
+            },
+        )
     }
 }
 
@@ -461,9 +484,8 @@ impl Gemma {
         let embed_scale = Tensor::from((c.hidden_size as f64).sqrt() as f32)
             .to_kind(dtype)
             .to_device(device);
-        let rotary = |(theta, kind): (f64, RopeKind)| {
-            RotaryEmbedding::new(c.head_dim, theta, kind, device)
-        };
+        let rotary =
+            |(theta, kind): (f64, RopeKind)| RotaryEmbedding::new(c.head_dim, theta, kind, device);
         Ok(Self {
             embed_tokens,
             embed_scale,

@@ -19,8 +19,8 @@ use anyhow::{anyhow, Context as _, Result};
 use mmreg_core::prepare::{prepare, PreparedInputs};
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    DummyRequest, ImageInput, LoadOptions, Modality, ModalityCounts, ModelContext, MultiModalData, MultiModalModel,
-    ProcessorInputs, Prompt, Registry, Weights,
+    DummyRequest, ImageInput, LoadOptions, Modality, ModalityCounts, ModelContext, MultiModalData,
+    MultiModalModel, ProcessorInputs, Prompt, Registry, Weights,
 };
 use mmreg_engine::generate::{embed_prompt, generate, prefill_logits_of};
 use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
@@ -141,7 +141,8 @@ impl Goldens {
                 && sha256_le(ours)? == digest.sha256_le);
         }
         let theirs = self.get(case, name)?;
-        let theirs = if ours.dim() < theirs.dim() && drop_batch_of_one(&ours.size(), &theirs.size()) {
+        let theirs = if ours.dim() < theirs.dim() && drop_batch_of_one(&ours.size(), &theirs.size())
+        {
             theirs.squeeze_dim(0)
         } else {
             theirs.shallow_clone()
@@ -321,8 +322,16 @@ impl Variant {
 /// The distinct image-processor settings of the cases and sweep points, the fixture's own first.
 fn settings(g: &Goldens) -> Vec<serde_json::Map<String, serde_json::Value>> {
     let mut all = vec![serde_json::Map::new()];
-    let cases = g.meta.cases.iter().map(|c| image_kwargs(&c.processor_kwargs));
-    let points = g.meta.sweep.iter().map(|p| image_kwargs(&p.processor_kwargs));
+    let cases = g
+        .meta
+        .cases
+        .iter()
+        .map(|c| image_kwargs(&c.processor_kwargs));
+    let points = g
+        .meta
+        .sweep
+        .iter()
+        .map(|p| image_kwargs(&p.processor_kwargs));
     for kwargs in cases.chain(points) {
         if !all.contains(&kwargs) {
             all.push(kwargs);
@@ -452,15 +461,15 @@ fn check_mapped(
             }
             let theirs = g.get(case, name)?;
             // HF batches some outputs by prompt (`[1, images, …]`); mmreg's are per item.
-            let theirs = if drop_batch_of_one(&ours.size(), &theirs.size()) && ours.dim() < theirs.dim() {
-                theirs.squeeze_dim(0)
-            } else {
-                theirs.shallow_clone()
-            };
+            let theirs =
+                if drop_batch_of_one(&ours.size(), &theirs.size()) && ours.dim() < theirs.dim() {
+                    theirs.squeeze_dim(0)
+                } else {
+                    theirs.shallow_clone()
+                };
             let theirs = &theirs;
-            let same = ours.size() == theirs.size()
-                && ours.kind() == theirs.kind()
-                && ours.equal(theirs);
+            let same =
+                ours.size() == theirs.size() && ours.kind() == theirs.kind() && ours.equal(theirs);
             let detail = if same {
                 format!("{:?} bit-identical", ours.size())
             } else if ours.size() != theirs.size() || ours.kind() != theirs.kind() {

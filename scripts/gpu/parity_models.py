@@ -62,6 +62,18 @@ def gemma3_config(tok_len):
     return Gemma3ForConditionalGeneration, config
 
 
+def smolvlm_processor(ckpt):
+    # SmolVLMProcessor needs num2words, which the GPU machine cannot install; Idefics3Processor writes the same
+    # prompt (scripts/parity.py checks that) and takes SmolVLM's image processor.
+    from transformers import AutoTokenizer, Idefics3Processor
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    images = SmolVLMImageProcessorPil(size={"longest_edge": 1536}, max_image_size={"longest_edge": 384}, resample=1,
+                                      do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True,
+                                      do_image_splitting=True, do_pad=True)
+    return Idefics3Processor(image_processor=images, tokenizer=AutoTokenizer.from_pretrained(ckpt), image_seq_len=81)
+
+
 def smolvlm_config(tok_len):
     # HuggingFaceTB/SmolVLM-Instruct: SigLIP So400m at 384 px, scale factor 3 (81 tokens a tile), SmolLM2-1.7B.
     config = SmolVLMConfig(
@@ -71,7 +83,7 @@ def smolvlm_config(tok_len):
                          num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
                          rms_norm_eps=1e-5, max_position_embeddings=16384, rope_theta=273768.0,
                          tie_word_embeddings=True),
-        scale_factor=3, image_token_id=32000, tie_word_embeddings=True)
+        scale_factor=3, image_token_id=32000, tie_word_embeddings=True, pad_token_id=0)
     config.architectures = ["SmolVLMForConditionalGeneration"]
     return SmolVLMForConditionalGeneration, config
 
@@ -85,7 +97,7 @@ MODELS_SPEC = {
     "smolvlm": dict(name="SmolVLM-2B", fixture="fixtures/smolvlm-tiny", config=smolvlm_config,
                     prompt="User:<image>Describe this image.<end_of_utterance>\nAssistant:",
                     processor={"size": {"longest_edge": 1536}, "max_image_size": {"longest_edge": 384}},
-                    processor_top={"image_seq_len": 81}),
+                    processor_top={"image_seq_len": 81}, build_processor=smolvlm_processor),
 }
 
 
@@ -113,7 +125,7 @@ def make_checkpoint(spec, ckpt):
         settings.update(spec.get("processor_top", {}))
         with open(path, "w") as f:
             json.dump(settings, f, indent=1)
-    proc = AutoProcessor.from_pretrained(ckpt)
+    proc = spec.get("build_processor", AutoProcessor.from_pretrained)(ckpt)
     model_class, config = spec["config"](len(proc.tokenizer))
     torch.manual_seed(0)
     with torch.device("cuda"):
