@@ -1,4 +1,4 @@
-//! Bad requests to PaliGemma and Gemma 3 get what transformers gives them: a clear error where its
+//! Bad requests to PaliGemma, Gemma 3 and Idefics3 get what transformers gives them: a clear error where its
 //! processor refuses (no image for PaliGemma, a count of image markers that differs from the images),
 //! and the same prompt where it accepts (ids already expanded, as HF's processor returns them).
 
@@ -155,4 +155,46 @@ fn gemma3_takes_its_expanded_ids_back() {
 fn an_unreadable_image_is_a_clear_error() {
     let error = ImageInput::decode("broken.png", b"\x89PNG\r\n\x1a\nnot really").unwrap_err();
     assert!(error.to_string().contains("broken.png"), "{error}");
+}
+
+#[test]
+fn idefics3_marker_count_must_match_the_images() {
+    let ctx = context("idefics3-tiny");
+    let error = process(
+        &ctx,
+        Prompt::Text("User:<image><image>Compare.<end_of_utterance>\nAssistant:".into()),
+        vec![image("chelsea.png")],
+    )
+    .unwrap_err();
+    match error {
+        Error::PlaceholderMismatch {
+            placeholders,
+            items,
+            ..
+        } => assert_eq!((placeholders, items), (2, 1)),
+        other => panic!("{other}"),
+    }
+    // HF's expanded ids come back unchanged; a broken run of <image> tokens is bad input.
+    let text = process(
+        &ctx,
+        Prompt::Text("User:<image>Describe.<end_of_utterance>\nAssistant:".into()),
+        vec![image("chelsea.png")],
+    )
+    .expect("text");
+    let again = process(
+        &ctx,
+        Prompt::TokenIds(text.clone()),
+        vec![image("chelsea.png")],
+    )
+    .expect("ids");
+    assert_eq!(again, text);
+    let image_token = 32000;
+    let first = text
+        .iter()
+        .position(|&t| t == image_token)
+        .expect("an image token");
+    let mut broken = text.clone();
+    broken.remove(first);
+    let error = process(&ctx, Prompt::TokenIds(broken), vec![image("chelsea.png")]).unwrap_err();
+    assert!(matches!(error, Error::BadInput { .. }), "{error}");
 }
