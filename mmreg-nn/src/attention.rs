@@ -148,6 +148,10 @@ fn attend_gathered(
         lengths,
     } = gather;
     let (keys, values) = cache.layer(layer);
+    // A window no narrower than the gathered contexts hides nothing (Gemma 3's 1024 at shorter contexts):
+    // the paged decode kernel serves the layer as it serves a global one.
+    let width = mask.size()[3];
+    let window = window.filter(|&w| w < width);
     if window.is_none() {
         if let Some(out) =
             kernels::paged_decode_attention(query, keys, values, slots, lengths, scale)
