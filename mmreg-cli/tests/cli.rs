@@ -55,12 +55,15 @@ const PROMPT: &str = "USER: <image>\nWhat is shown in this image? ASSISTANT:";
 #[test]
 fn models_lists_llava_with_source_locations() {
     let stdout = String::from_utf8(mmreg(&["models"]).stdout).expect("utf-8");
-    assert!(
-        stdout.starts_with(
-            "LlavaForConditionalGeneration  (mmreg_models::llava::Llava)  modalities: image"
-        ),
-        "{stdout}"
-    );
+    let header = "LlavaForConditionalGeneration  (mmreg_models::llava::Llava)  modalities: image";
+    // The models are listed by name; LLaVA's block is its header and the indented lines after it.
+    let block: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| *l != header)
+        .skip(1)
+        .take_while(|l| l.starts_with("    "))
+        .collect();
+    assert!(!block.is_empty(), "no `{header}`: {stdout}");
     for hook in [
         "model",
         "input mapper (image)",
@@ -68,8 +71,8 @@ fn models_lists_llava_with_source_locations() {
         "dummy data",
         "input processor",
     ] {
-        let line = stdout
-            .lines()
+        let line = block
+            .iter()
             .find(|l| l.trim_start().starts_with(hook))
             .unwrap_or_else(|| panic!("{hook}: {stdout}"));
         assert!(line.contains("mmreg-models/src/llava.rs:"), "{line}");
