@@ -65,9 +65,11 @@ impl ClipVisionConfig {
     /// one). Checked before anything divides by `patch_size` or sizes a tensor from it.
     pub fn patches_per_side(&self) -> Result<i64> {
         let (size, patch) = (self.image_size, self.patch_size);
+        // A size that is not a multiple loses its last pixels to the convolution, as HF's `image_size //
+        // patch_size` (SmolVLM-Instruct: 384 px in patches of 14, 27 per side).
         let fits = size > 0
             && patch > 0
-            && size % patch == 0
+            && size >= patch
             && size
                 .checked_mul(size)
                 .is_some_and(|pixels| pixels as u64 <= MAX_IMAGE_PIXELS);
@@ -75,7 +77,7 @@ impl ClipVisionConfig {
             return Err(Error::config(
                 "config.json",
                 format!(
-                    "vision_config: image_size {size} must be a positive multiple of patch_size {patch}, \
+                    "vision_config: image_size {size} must be at least patch_size {patch} (both positive), \
                      with at most {MAX_IMAGE_PIXELS} pixels"
                 ),
             ));
