@@ -68,7 +68,7 @@ pub fn image_tokens(config: &PaliGemmaConfig) -> Result<usize> {
     Ok(config.vision_config.num_patches()? as usize)
 }
 
-/// PaliGemma and PaliGemma 2 mix checkpoints with a Gemma decoder.
+/// PaliGemma (a Gemma decoder; PaliGemma 2's Gemma 2 decoder is refused by its `model_type`).
 #[register_model("PaliGemmaForConditionalGeneration")]
 #[register_input_mapper(image = map_images)]
 #[register_input_processor(input_processor)]
