@@ -75,6 +75,63 @@ pub fn placeholder_span(ctx: &ModelContext, text: &str, token: u32) -> Result<us
     }
 }
 
+/// The maximal runs of `token` in `ids`.
+pub fn token_runs(ids: &[u32], token: u32) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        if id != token {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(run) if run.end == i => run.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
+
+/// The placeholder ranges of images that a processor writes as several runs of `token` with text
+/// between them (Gemma 3's crops, Idefics3's tiles): image `i` takes the next `runs_per_item[i]` runs,
+/// each `run_len` tokens; its range spans its first run to its last and embeds rows at `token` only.
+/// Also returns the runs. A prompt whose runs do not split that way is bad input, naming `marker`, the
+/// one token a prompt writes per image.
+pub fn interleaved_placeholders(
+    ids: &[u32],
+    token: u32,
+    run_len: usize,
+    runs_per_item: &[usize],
+    marker: &str,
+) -> Result<(Vec<PlaceholderRange>, Vec<std::ops::Range<usize>>)> {
+    let runs = token_runs(ids, token);
+    let wanted: usize = runs_per_item.iter().sum();
+    if runs.len() != wanted || runs.iter().any(|r| r.len() != run_len) {
+        let lengths: Vec<usize> = runs.iter().map(|r| r.len()).collect();
+        return Err(Error::bad_input(
+            "prompt",
+            format!(
+                "the prompt has runs of {lengths:?} image tokens where its images take {wanted} runs of {run_len}: write each image as {marker} only"
+            ),
+        ));
+    }
+    let mut placeholders = Vec::with_capacity(runs_per_item.len());
+    let mut next = runs.iter();
+    for (item, &count) in runs_per_item.iter().enumerate() {
+        let mine: Vec<&std::ops::Range<usize>> = next.by_ref().take(count).collect();
+        let (Some(first), Some(last)) = (mine.first(), mine.last()) else {
+            continue;
+        };
+        let (start, end) = (first.start, last.end);
+        placeholders.push(PlaceholderRange {
+            modality: crate::Modality::Image,
+            item,
+            offset: start,
+            length: end - start,
+            is_embed: (count > 1).then(|| (start..end).map(|i| ids[i] == token).collect()),
+        });
+    }
+    Ok((placeholders, runs))
+}
+
 /// The default input processor: every placeholder token of a modality is replaced by the run of
 /// placeholders of the next item of that modality (`count` of them), in prompt order.
 pub fn expand_placeholders(

@@ -4,13 +4,11 @@
 //! framed by `<start_of_image>` / `<end_of_image>` and attending to each other both ways; with
 //! pan-and-scan, a long image's crops follow it, each framed alike.
 
-use std::sync::Arc;
-
-use mmreg_core::defaults::placeholder_span;
+use mmreg_core::defaults::{interleaved_placeholders, placeholder_span};
 use mmreg_core::{
     register_input_mapper, register_input_processor, register_model, Error, ImageInput, ImageSize,
     LanguageModel, LoadModel, LoadOptions, Modality, ModalityInputs, ModelContext, MultiModalModel,
-    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result, SupportsVision, Weights,
+    ProcessedInputs, ProcessorInputs, Prompt, Result, SupportsVision, Weights,
 };
 use mmreg_image::{Gemma3ImageProcessor, PreprocessorConfig};
 use mmreg_nn::gemma::{Gemma, GemmaConfigJson, GemmaRmsNorm};
@@ -367,49 +365,15 @@ pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Pr
             expanded
         }
     };
-    // Each image's runs of soft tokens: 1 + crops of them.
-    let runs = soft_token_runs(&ids, config.image_token_index);
-    let wanted: usize = crops.iter().map(|c| 1 + c).sum();
-    let per_run = config.mm_tokens_per_image as usize;
-    if let Some(run) = runs.iter().find(|r| r.len() != per_run) {
-        return Err(Error::bad_input(
-            "prompt",
-            format!(
-                "a run of {} image tokens at {}: each image (and crop) takes {per_run}; write each image as {boi} only",
-                run.len(),
-                run.start
-            ),
-        ));
-    }
-    if runs.len() != wanted {
-        return Err(Error::bad_input(
-            "prompt",
-            format!(
-                "the prompt has {} runs of image tokens for {} images and crops: write each image as {boi} only",
-                runs.len(),
-                wanted
-            ),
-        ));
-    }
-    let mut placeholders = Vec::with_capacity(images.len());
-    let mut run = runs.iter();
-    for (item, crops) in crops.iter().enumerate() {
-        let mine: Vec<&std::ops::Range<usize>> = run.by_ref().take(1 + crops).collect();
-        let (start, end) = (mine[0].start, mine[mine.len() - 1].end);
-        let is_embed = (mine.len() > 1).then(|| {
-            let mask: Arc<[bool]> = (start..end)
-                .map(|i| ids[i] == config.image_token_index)
-                .collect();
-            mask
-        });
-        placeholders.push(PlaceholderRange {
-            modality: Modality::Image,
-            item,
-            offset: start,
-            length: end - start,
-            is_embed,
-        });
-    }
+    // Each image's runs of soft tokens: 1 + crops of them, each one bidirectional run.
+    let per_image: Vec<usize> = crops.iter().map(|c| 1 + c).collect();
+    let (placeholders, runs) = interleaved_placeholders(
+        &ids,
+        config.image_token_index,
+        config.mm_tokens_per_image as usize,
+        &per_image,
+        boi,
+    )?;
     Ok(ProcessedInputs {
         token_ids: ids,
         placeholders,
@@ -433,19 +397,4 @@ fn mismatch(markers: usize, images: usize, boi: &str) -> Error {
         placeholders: markers,
         items: images,
     }
-}
-
-/// The maximal runs of `token` in `ids`.
-fn soft_token_runs(ids: &[u32], token: u32) -> Vec<std::ops::Range<usize>> {
-    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, &id) in ids.iter().enumerate() {
-        if id != token {
-            continue;
-        }
-        match runs.last_mut() {
-            Some(run) if run.end == i => run.end = i + 1,
-            _ => runs.push(i..i + 1),
-        }
-    }
-    runs
 }

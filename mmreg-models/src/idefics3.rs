@@ -5,13 +5,11 @@
 //! `<fake_token_around_image>`, `<row_r_col_c>` and `<global-img>` text tokens: one placeholder range
 //! per image whose embedded positions are its `<image>` tokens.
 
-use std::sync::Arc;
-
-use mmreg_core::defaults::{placeholder_span, prompt_ids};
+use mmreg_core::defaults::{interleaved_placeholders, placeholder_span, prompt_ids};
 use mmreg_core::{
     register_input_mapper, register_input_processor, register_model, Error, ImageInput, ImageSize,
     LanguageModel, LoadModel, LoadOptions, Modality, ModalityInputs, ModelContext, MultiModalModel,
-    PlaceholderRange, ProcessedInputs, ProcessorInputs, Prompt, Result, SupportsVision, Weights,
+    ProcessedInputs, ProcessorInputs, Prompt, Result, SupportsVision, Weights,
 };
 use mmreg_image::{
     idefics3_image_prompt, Idefics3Grid, Idefics3ImageProcessor, Idefics3PromptTokens,
@@ -369,31 +367,9 @@ pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Pr
             }
         }
     };
-    let runs = token_runs(&ids, image_token);
-    let wanted: usize = grids.iter().map(Idefics3Grid::frames).sum();
-    if runs.len() != wanted || runs.iter().any(|r| r.len() != seq_len) {
-        return Err(Error::bad_input(
-            "prompt",
-            format!(
-                "the prompt has {} runs of <image> tokens for {wanted} tiles of {seq_len} tokens: write each image as one <image>",
-                runs.len()
-            ),
-        ));
-    }
-    let mut placeholders = Vec::with_capacity(images.len());
-    let mut run = runs.iter();
-    for (item, g) in grids.iter().enumerate() {
-        let mine: Vec<&std::ops::Range<usize>> = run.by_ref().take(g.frames()).collect();
-        let (start, end) = (mine[0].start, mine[mine.len() - 1].end);
-        let mask: Arc<[bool]> = (start..end).map(|i| ids[i] == image_token).collect();
-        placeholders.push(PlaceholderRange {
-            modality: Modality::Image,
-            item,
-            offset: start,
-            length: end - start,
-            is_embed: (mine.len() > 1).then_some(mask),
-        });
-    }
+    let frames: Vec<usize> = grids.iter().map(Idefics3Grid::frames).collect();
+    let (placeholders, _) =
+        interleaved_placeholders(&ids, image_token, seq_len, &frames, &tokens.image_token)?;
     Ok(ProcessedInputs {
         token_ids: ids,
         placeholders,
@@ -401,19 +377,4 @@ pub fn input_processor(ctx: &ModelContext, inputs: ProcessorInputs) -> Result<Pr
         positions: None,
         bidirectional: Vec::new(),
     })
-}
-
-/// The maximal runs of `token` in `ids`.
-fn token_runs(ids: &[u32], token: u32) -> Vec<std::ops::Range<usize>> {
-    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
-    for (i, &id) in ids.iter().enumerate() {
-        if id != token {
-            continue;
-        }
-        match runs.last_mut() {
-            Some(run) if run.end == i => run.end = i + 1,
-            _ => runs.push(i..i + 1),
-        }
-    }
-    runs
 }

@@ -8,8 +8,9 @@ use mmreg_core::{Error, KvCacheSpec, LanguageModel, Result, Step};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::llama::Mlp;
 use crate::rotary::{RopeKind, RopeScaling, RotaryAt, RotaryEmbedding};
-use crate::{Activation, Attention, Embedding, Linear, Loader};
+use crate::{Attention, Embedding, Linear, Loader};
 
 /// `text_config` of a Gemma decoder as config.json writes it; defaults depend on `model_type`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -363,33 +364,6 @@ impl GemmaAttention {
     }
 }
 
-/// `mlp`: `down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))`, gate and up stacked.
-struct GemmaMlp {
-    gate_up_proj: Linear,
-    down_proj: Linear,
-    act: Activation,
-}
-
-impl GemmaMlp {
-    fn load(loader: &Loader, c: &GemmaConfig) -> Result<Self> {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        Ok(Self {
-            gate_up_proj: Linear::load_stacked(
-                &[(&loader.pp("gate_proj"), i), (&loader.pp("up_proj"), i)],
-                h,
-                false,
-            )?,
-            down_proj: Linear::load(&loader.pp("down_proj"), i, h, false)?,
-            act: Activation::parse(&c.hidden_act)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        self.down_proj
-            .forward(&self.act.gated(&self.gate_up_proj.forward(x)))
-    }
-}
-
 struct GemmaDecoderLayer {
     input_layernorm: GemmaRmsNorm,
     self_attn: GemmaAttention,
@@ -398,7 +372,8 @@ struct GemmaDecoderLayer {
     /// Gemma 3's norm before the MLP, and of the MLP's output.
     pre_feedforward_layernorm: Option<GemmaRmsNorm>,
     post_feedforward_layernorm: Option<GemmaRmsNorm>,
-    mlp: GemmaMlp,
+    /// GeGLU (`gelu_pytorch_tanh`).
+    mlp: Mlp,
     sliding: bool,
 }
 
@@ -416,7 +391,12 @@ impl GemmaDecoderLayer {
             post_feedforward_layernorm: gemma3
                 .then(|| norm("post_feedforward_layernorm"))
                 .transpose()?,
-            mlp: GemmaMlp::load(&loader.pp("mlp"), c)?,
+            mlp: Mlp::load_sized(
+                &loader.pp("mlp"),
+                c.hidden_size,
+                c.intermediate_size,
+                &c.hidden_act,
+            )?,
             sliding: c.windows[layer].is_some(),
         })
     }

@@ -229,8 +229,9 @@ impl LlamaAttention {
     }
 }
 
-/// `mlp`: `down_proj(act(gate_proj(x)) * up_proj(x))`, gate and up stacked into one matrix multiply.
-struct Mlp {
+/// `mlp`: `down_proj(act(gate_proj(x)) * up_proj(x))`, gate and up stacked into one matrix multiply
+/// (SwiGLU for Llama, GeGLU for Gemma).
+pub(crate) struct Mlp {
     gate_up_proj: Linear,
     down_proj: Linear,
     act: Activation,
@@ -238,7 +239,11 @@ struct Mlp {
 
 impl Mlp {
     fn load(loader: &Loader, c: &TextConfig) -> Result<Self> {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Self::load_sized(loader, c.hidden_size, c.intermediate_size, &c.hidden_act)
+    }
+
+    /// `hidden → intermediate → hidden` with the activation named `act`.
+    pub(crate) fn load_sized(loader: &Loader, h: i64, i: i64, act: &str) -> Result<Self> {
         Ok(Self {
             gate_up_proj: Linear::load_stacked(
                 &[(&loader.pp("gate_proj"), i), (&loader.pp("up_proj"), i)],
@@ -246,11 +251,11 @@ impl Mlp {
                 false,
             )?,
             down_proj: Linear::load(&loader.pp("down_proj"), i, h, false)?,
-            act: Activation::parse(&c.hidden_act)?,
+            act: Activation::parse(act)?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
         self.down_proj
             .forward(&self.act.gated(&self.gate_up_proj.forward(x)))
     }
