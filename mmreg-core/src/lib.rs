@@ -44,7 +44,7 @@ pub use model::{
 };
 pub use processors::DefaultMapper;
 pub use registry::Registry;
-pub use step::{AttentionBatch, KvCacheSpec, PagedKvCache, Step};
+pub use step::{AttentionBatch, KvCacheSpec, PagedKvCache, SlidingLayers, Step};
 pub use tensors::{concat_tensors, ModalityInputs, TensorMap};
 pub use weights::Weights;
 

@@ -8,54 +8,140 @@ use tch::{Device, Kind, Tensor};
 use crate::Result;
 
 /// What a model's KV cache holds per token.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct KvCacheSpec {
     pub layers: usize,
     pub kv_heads: i64,
     pub head_dim: i64,
     pub kind: Kind,
+    /// The layers that attend within a sliding window (Gemma 3's local layers): the engine keeps only
+    /// their keys and values still in sight, in a pool of their own. `None`: every layer is global.
+    pub sliding: Option<SlidingLayers>,
+}
+
+/// Layers of a decoder that attend within one sliding window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlidingLayers {
+    /// A query at position `i` sees keys at `i − window + 1 ..= i` (and, inside a bidirectional run,
+    /// the run's later keys).
+    pub window: usize,
+    /// Their indices, in `0..layers`.
+    pub layers: Vec<usize>,
 }
 
 impl KvCacheSpec {
+    /// Every layer global.
+    pub fn new(layers: usize, kv_heads: i64, head_dim: i64, kind: Kind) -> Self {
+        Self {
+            layers,
+            kv_heads,
+            head_dim,
+            kind,
+            sliding: None,
+        }
+    }
+
+    /// The same spec with `layers` attending within `window` (none if `layers` is empty).
+    pub fn with_sliding_window(self, window: usize, layers: Vec<usize>) -> Self {
+        Self {
+            sliding: (!layers.is_empty()).then_some(SlidingLayers { window, layers }),
+            ..self
+        }
+    }
+
     /// Bytes of keys and values per cached token, all layers.
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.layers * (self.kv_heads * self.head_dim) as usize * self.kind.elt_size_in_bytes()
+        self.layers * self.bytes_per_layer_token()
+    }
+
+    /// Bytes of keys and values of one layer per cached token.
+    pub fn bytes_per_layer_token(&self) -> usize {
+        2 * (self.kv_heads * self.head_dim) as usize * self.kind.elt_size_in_bytes()
+    }
+
+    /// How many layers attend within a sliding window.
+    pub fn sliding_layers(&self) -> usize {
+        self.sliding.as_ref().map_or(0, |s| s.layers.len())
+    }
+
+    /// Whether layer `layer` attends within a sliding window.
+    pub fn is_sliding(&self, layer: usize) -> bool {
+        self.sliding
+            .as_ref()
+            .is_some_and(|s| s.layers.contains(&layer))
     }
 }
 
 /// Keys and values of every layer in blocks of `block_size` tokens: `[num_blocks * block_size, kv_heads,
 /// head_dim]` per layer, addressed by slot (`block * block_size + offset`).
+///
+/// Built with [`PagedKvCache::with_sliding_pool`], the sliding-window layers have a pool of their own,
+/// `[sliding_blocks * block_size, ..]`, addressed by the step's [`SlidingSlots`]: there a sequence holds
+/// only the blocks still in sight of its window.
 #[derive(Debug)]
 pub struct PagedKvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     block_size: usize,
     num_blocks: usize,
+    /// Blocks of the sliding layers' own pool, where they have one.
+    sliding_blocks: Option<usize>,
+    /// Per layer: whether it reads and writes the sliding pool.
+    in_sliding_pool: Vec<bool>,
 }
 
 impl PagedKvCache {
+    /// One pool of `num_blocks` for every layer, sliding-window ones included (all addressed by the
+    /// step's main slots).
     pub fn new(
         spec: KvCacheSpec,
         num_blocks: usize,
         block_size: usize,
         device: Device,
     ) -> Result<Self> {
-        let shape = [
-            (num_blocks * block_size) as i64,
-            spec.kv_heads,
-            spec.head_dim,
-        ];
+        Self::build(spec, num_blocks, None, block_size, device)
+    }
+
+    /// `num_blocks` for the global layers, and a pool of `sliding_blocks` for the spec's sliding-window
+    /// layers.
+    pub fn with_sliding_pool(
+        spec: KvCacheSpec,
+        num_blocks: usize,
+        sliding_blocks: usize,
+        block_size: usize,
+        device: Device,
+    ) -> Result<Self> {
+        Self::build(spec, num_blocks, Some(sliding_blocks), block_size, device)
+    }
+
+    fn build(
+        spec: KvCacheSpec,
+        num_blocks: usize,
+        sliding_blocks: Option<usize>,
+        block_size: usize,
+        device: Device,
+    ) -> Result<Self> {
         let mut keys = Vec::with_capacity(spec.layers);
         let mut values = Vec::with_capacity(spec.layers);
-        for _ in 0..spec.layers {
+        let mut in_sliding_pool = Vec::with_capacity(spec.layers);
+        for layer in 0..spec.layers {
+            let sliding = sliding_blocks.is_some() && spec.is_sliding(layer);
+            let blocks = match sliding_blocks {
+                Some(blocks) if sliding => blocks,
+                _ => num_blocks,
+            };
+            let shape = [(blocks * block_size) as i64, spec.kv_heads, spec.head_dim];
             keys.push(Tensor::f_zeros(shape, (spec.kind, device))?);
             values.push(Tensor::f_zeros(shape, (spec.kind, device))?);
+            in_sliding_pool.push(sliding);
         }
         Ok(Self {
             keys,
             values,
             block_size,
             num_blocks,
+            sliding_blocks: sliding_blocks.filter(|_| in_sliding_pool.contains(&true)),
+            in_sliding_pool,
         })
     }
 
@@ -65,6 +151,17 @@ impl PagedKvCache {
 
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
+    }
+
+    /// Blocks of the sliding-window layers' own pool, if they have one.
+    pub fn sliding_blocks(&self) -> Option<usize> {
+        self.sliding_blocks
+    }
+
+    /// Whether layer `layer` stores its keys and values in the sliding-window pool (addressed by
+    /// [`AttentionBatch::sliding`]).
+    pub fn in_sliding_pool(&self, layer: usize) -> bool {
+        self.in_sliding_pool.get(layer).copied().unwrap_or(false)
     }
 
     /// Stores a layer's new keys and values `[tokens, kv_heads, head_dim]` at `slots` `[tokens]`.
@@ -132,6 +229,68 @@ pub struct AttentionBatch {
     /// attention runs once for all of them (the first `DecodeGather::lengths.size()[0]` sequences, one
     /// token each); the sequences after them attend one by one.
     pub decode_gather: Option<DecodeGather>,
+    /// The slots of the sliding-window layers' own pool, where the cache has one
+    /// ([`PagedKvCache::with_sliding_pool`]); those layers read and write there instead.
+    pub sliding: Option<SlidingSlots>,
+}
+
+/// A step's cache slots in the sliding-window pool, laid out as the main ones: each token's slot in
+/// that pool where the main slots address the global one. Positions a window no longer sees point at a
+/// block that holds nothing of the sequence; the window's mask hides them.
+#[derive(Debug)]
+pub struct SlidingSlots {
+    /// As [`AttentionBatch::new_slots`].
+    pub new_slots: Tensor,
+    /// As each [`SequenceSlice::slots`], in sequence order.
+    pub slots: Vec<Tensor>,
+    /// As [`DecodeGather::slots`].
+    pub gather: Option<Tensor>,
+}
+
+/// The slots a layer addresses the cache with: the step's main ones, or the sliding pool's.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerSlots<'a> {
+    batch: &'a AttentionBatch,
+    pool: Option<&'a SlidingSlots>,
+}
+
+impl AttentionBatch {
+    /// The slots through which a layer in the sliding pool (`sliding`) or the main one addresses the
+    /// cache; an error if the step carries no slots for the sliding pool.
+    pub fn layer_slots(&self, sliding: bool) -> Result<LayerSlots<'_>> {
+        let pool = match (sliding, &self.sliding) {
+            (false, _) => None,
+            (true, Some(pool)) => Some(pool),
+            (true, None) => {
+                return Err(crate::Error::Engine(
+                    "the cache has a sliding-window pool but the step carries no slots for it"
+                        .into(),
+                ))
+            }
+        };
+        Ok(LayerSlots { batch: self, pool })
+    }
+}
+
+impl<'a> LayerSlots<'a> {
+    /// Where the step's new keys and values go, `[tokens]`.
+    pub fn new_slots(&self) -> &'a Tensor {
+        self.pool.map_or(&self.batch.new_slots, |p| &p.new_slots)
+    }
+
+    /// All of sequence `i`'s slots (empty for the gathered decodes).
+    pub fn sequence(&self, i: usize) -> &'a Tensor {
+        self.pool
+            .map_or(&self.batch.sequences[i].slots, |p| &p.slots[i])
+    }
+
+    /// The gathered decodes' padded slots.
+    pub fn gather(&self) -> Option<&'a Tensor> {
+        match self.pool {
+            Some(pool) => pool.gather.as_ref(),
+            None => self.batch.decode_gather.as_ref().map(|g| &g.slots),
+        }
+    }
 }
 
 /// The cache slots of a step's leading single-token decodes (see [`AttentionBatch::decode_gather`]).

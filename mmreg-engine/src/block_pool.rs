@@ -158,6 +158,11 @@ impl BlockPool {
         }
     }
 
+    /// Whether a block holding the tokens whose hash is `hash` is cached (held or free).
+    pub fn has(&self, hash: &Hash) -> bool {
+        self.caching && self.by_hash.contains_key(hash)
+    }
+
     /// Blocks that hold a cached prefix.
     pub fn cached_blocks(&self) -> usize {
         self.by_hash.len()

@@ -1,6 +1,6 @@
 //! KV-cache blocks: which of the pool's blocks each sequence owns, and the step layout built from them.
 
-use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice};
+use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
 use mmreg_core::{Error, PromptPositions, Result};
 use tch::{Device, Tensor};
 
@@ -137,7 +137,58 @@ pub fn attention_batch(
                 })
             })
             .transpose()?,
+        sliding: None,
     })
+}
+
+/// Gives a step its slots in the sliding-window layers' pool: `tables[i]` is the batch's sequence `i`'s
+/// table there (an entry per block of its tokens, the null block's where its window no longer sees),
+/// and the gathered decodes' padding points at `pad`.
+pub fn set_sliding_slots(
+    batch: &mut AttentionBatch,
+    tables: &[&[u32]],
+    block_size: usize,
+    pad: i64,
+    device: Device,
+) -> Result<()> {
+    let gathered = batch
+        .decode_gather
+        .as_ref()
+        .map_or(0, |g| g.lengths.size()[0] as usize);
+    let total = |seq: &SequenceSlice| (seq.context + seq.len) as usize;
+    let longest = batch.sequences[..gathered]
+        .iter()
+        .map(total)
+        .max()
+        .unwrap_or(0);
+    let (mut new_slots, mut padded, mut per_sequence) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (seq, table)) in batch.sequences.iter().zip(tables).enumerate() {
+        let len = total(seq);
+        if table.len() * block_size < len {
+            return Err(Error::Engine(format!(
+                "a sequence of {len} tokens has only {} sliding-window cache blocks",
+                table.len()
+            )));
+        }
+        let all = slots(table, block_size, 0..len);
+        new_slots.extend_from_slice(&all[seq.context as usize..]);
+        per_sequence.push(if i < gathered {
+            padded.extend(
+                all.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, longest - len)),
+            );
+            Tensor::new()
+        } else {
+            Tensor::from_slice(&all).to_device(device)
+        });
+    }
+    batch.sliding = Some(SlidingSlots {
+        new_slots: Tensor::from_slice(&new_slots).to_device(device),
+        slots: per_sequence,
+        gather: (gathered > 0).then(|| Tensor::from_slice(&padded).to_device(device)),
+    });
+    Ok(())
 }
 
 /// Gives each sequence of a step the keys its prompt's bidirectional runs (`spans[i]` for the batch's

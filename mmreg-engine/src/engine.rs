@@ -24,6 +24,7 @@ use crate::limits::MultiModalLimits;
 use crate::profile::profile_and_allocate;
 use crate::sampling::SamplingParams;
 use crate::scheduler::{self, Scheduler};
+use crate::sliding_pool::SlidingPool;
 use crate::step_graphs::FixedShapeSteps;
 
 /// How the engine is set up.
@@ -247,7 +248,10 @@ pub struct EngineProfile {
     /// Feature rows of the largest item profiled (with `max_num_batched_tokens`, the encoder budget).
     pub largest_item_tokens: usize,
     pub kv_cache_bytes: u64,
+    /// Blocks of the global layers (every layer's, for a model without sliding-window layers).
     pub kv_blocks: usize,
+    /// Blocks of the sliding-window layers' own pool (its null block included); 0 without one.
+    pub sliding_blocks: usize,
     pub block_size: usize,
     pub max_model_len: usize,
 }
@@ -283,6 +287,10 @@ pub struct EngineCounters {
     /// KV-cache blocks held by sequences (after each step), out of `kv_blocks_total`.
     pub kv_blocks_used: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
+    /// The same for the sliding-window layers' own pool (0 without one), and the most ever held there.
+    pub kv_sliding_blocks_used: AtomicUsize,
+    pub kv_sliding_blocks_total: AtomicUsize,
+    pub kv_sliding_blocks_peak: AtomicUsize,
     /// Requests cancelled (or whose receiver went away) before they finished.
     pub cancelled: AtomicUsize,
     /// Wall time of every step so far, in microseconds (with `steps`: the mean step time).
@@ -408,11 +416,30 @@ impl Engine {
         counters
             .kv_blocks_total
             .store(usable_blocks, Ordering::Relaxed);
+        // The sliding-window layers' pool keeps its own null block, also their scratch space.
+        let sliding = model
+            .kv_cache_spec()
+            .sliding
+            .filter(|_| profile.sliding_blocks > 0)
+            .map(|s| {
+                SlidingPool::new(
+                    profile.sliding_blocks,
+                    profile.block_size,
+                    s.window,
+                    options.prefix_caching,
+                )
+            });
+        if let Some(sliding) = &sliding {
+            counters
+                .kv_sliding_blocks_total
+                .store(sliding.total_blocks(), Ordering::Relaxed);
+        }
         let fixed_steps = fixed_steps.then(|| {
             FixedShapeSteps::new(
                 options.device,
                 profile.block_size,
                 (usable_blocks * profile.block_size) as i64,
+                sliding.as_ref().map(SlidingPool::null_slot),
                 options.max_num_seqs,
                 model.position_sections(),
             )
@@ -424,6 +451,7 @@ impl Engine {
             model,
             cache,
             pool,
+            sliding,
             fixed_steps,
             &options,
             max_model_len,

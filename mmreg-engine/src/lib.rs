@@ -19,12 +19,13 @@ mod limits;
 mod profile;
 pub mod sampling;
 mod scheduler;
+mod sliding_pool;
 mod step_graphs;
 
 pub use block_pool::{block_hash, BlockPool, Hash};
 pub use blocks::{
-    attention_batch, set_bidirectional, set_positions, slots, step_positions, BlockAllocator,
-    SeqPositions,
+    attention_batch, set_bidirectional, set_positions, set_sliding_slots, slots, step_positions,
+    BlockAllocator, SeqPositions,
 };
 pub use encoder_cache::{item_hash, processor_settings, EncoderCache};
 pub use engine::{

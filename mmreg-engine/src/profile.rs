@@ -4,7 +4,8 @@ use tch::Kind;
 
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    DummyRequest, Error, ModalityCounts, ModelContext, MultiModalModel, PagedKvCache, Result, Step,
+    DummyRequest, Error, KvCacheSpec, ModalityCounts, ModelContext, MultiModalModel, PagedKvCache,
+    Result, Step,
 };
 
 use crate::blocks::{attention_batch, set_positions, SeqPositions};
@@ -105,9 +106,9 @@ pub(crate) fn profile_and_allocate(
         cuda::reset_peak_stats(i);
     }
     let spec = model.kv_cache_spec();
-    let bytes_per_token = (spec.bytes_per_token()) as u64;
+    let sizes = CacheSizes::new(&spec, options, max_model_len);
     // More than every sequence slot filled to max_model_len is memory no step can use.
-    let useful = bytes_per_token * (options.max_num_seqs.max(1) * max_model_len) as u64;
+    let useful = sizes.bytes(sizes.useful_blocks);
     let kv_cache_bytes = match (
         free_before_load.or(total),
         weights_bytes,
@@ -137,14 +138,10 @@ pub(crate) fn profile_and_allocate(
             left.min(useful)
         }
         _ if options.cpu_kv_cache_bytes > 0 => options.cpu_kv_cache_bytes as u64,
-        _ => cpu_cache_bytes(
-            useful,
-            bytes_per_token * max_model_len as u64,
-            available_memory(),
-        ),
+        _ => cpu_cache_bytes(useful, sizes.bytes(sizes.one_sequence), available_memory()),
     };
-    let kv_blocks =
-        (kv_cache_bytes / (spec.bytes_per_token() * options.block_size) as u64) as usize;
+    let (kv_blocks, sliding_blocks) = sizes.split(kv_cache_bytes);
+    let kv_cache_bytes = sizes.bytes_of(kv_blocks, sliding_blocks);
     let capacity = kv_blocks * options.block_size;
     if capacity < max_model_len {
         return Err(Error::Engine(format!(
@@ -156,12 +153,18 @@ pub(crate) fn profile_and_allocate(
     tracing::info!(
         kv_cache = %human(kv_cache_bytes),
         blocks = kv_blocks,
+        sliding_blocks,
         tokens = capacity,
         max_model_len,
         max_num_seqs = options.max_num_seqs,
         "KV cache sized"
     );
-    let cache = PagedKvCache::new(spec, kv_blocks, options.block_size, model.device())?;
+    let cache = match sliding_blocks {
+        0 => PagedKvCache::new(spec, kv_blocks, options.block_size, model.device())?,
+        n => {
+            PagedKvCache::with_sliding_pool(spec, kv_blocks, n, options.block_size, model.device())?
+        }
+    };
     let profile = EngineProfile {
         weights_bytes,
         peak_activation_bytes,
@@ -172,10 +175,81 @@ pub(crate) fn profile_and_allocate(
         largest_item_tokens,
         kv_cache_bytes,
         kv_blocks,
+        sliding_blocks,
         block_size: options.block_size,
         max_model_len,
     };
     Ok((cache, profile))
+}
+
+/// How the KV cache's bytes split between the global layers' blocks and the sliding-window layers'
+/// own pool. The sliding pool holds what every sequence slot's window can see, plus one step's new
+/// tokens and a null block (`SlidingPool`); the global layers take the rest.
+#[derive(Debug, Clone, Copy)]
+struct CacheSizes {
+    /// Bytes of one block of one layer.
+    layer_block: u64,
+    global_layers: u64,
+    sliding_layers: u64,
+    /// Blocks the sliding pool needs at most (0 without sliding-window layers).
+    sliding_need: usize,
+    /// Global blocks every sequence slot filled to max_model_len would use, and one sequence.
+    useful_blocks: usize,
+    one_sequence: usize,
+}
+
+impl CacheSizes {
+    fn new(spec: &KvCacheSpec, options: &EngineOptions, max_model_len: usize) -> Self {
+        let block = options.block_size.max(1);
+        let seqs = options.max_num_seqs.max(1);
+        let sliding_need = spec.sliding.as_ref().map_or(0, |s| {
+            // Between steps a sequence holds the blocks of `window − 1` past tokens and its next one;
+            // a step adds its new tokens (at most one step's budget in all, each sequence's rounded
+            // up to a block), and the pool keeps a null block.
+            seqs * ((s.window.max(1) - 1).div_ceil(block) + 3)
+                + options.max_num_batched_tokens.div_ceil(block)
+                + 1
+        });
+        Self {
+            layer_block: (spec.bytes_per_layer_token() * block) as u64,
+            global_layers: (spec.layers - spec.sliding_layers()) as u64,
+            sliding_layers: spec.sliding_layers() as u64,
+            sliding_need,
+            useful_blocks: seqs * max_model_len / block,
+            one_sequence: max_model_len.div_ceil(block),
+        }
+    }
+
+    fn bytes_of(&self, global: usize, sliding: usize) -> u64 {
+        (self.global_layers * global as u64 + self.sliding_layers * sliding as u64)
+            * self.layer_block
+    }
+
+    /// Bytes of `global` blocks of the global layers and the sliding pool they go with.
+    fn bytes(&self, global: usize) -> u64 {
+        self.bytes_of(global, self.sliding_need.min(global + 1))
+    }
+
+    /// The most global blocks `bytes` holds, with the sliding pool beside them: `(global, sliding)`.
+    fn split(&self, bytes: u64) -> (usize, usize) {
+        let layers = self.global_layers + self.sliding_layers;
+        let shared = (bytes / (layers * self.layer_block).max(1)) as usize;
+        if self.sliding_layers == 0 {
+            return (shared, 0);
+        }
+        // No larger than what a pool shared by every layer would give the sliding layers (and one
+        // null block more): a window as long as the sequences frees nothing.
+        let sliding = self.sliding_need.min(shared + 1);
+        let global = match self.global_layers {
+            // Only bookkeeping: the global blocks of a model whose every layer slides take no memory.
+            0 => self.useful_blocks.max(self.one_sequence).max(shared),
+            g => {
+                let left = bytes.saturating_sub(self.bytes_of(0, sliding));
+                (left / (g * self.layer_block)) as usize
+            }
+        };
+        (global, sliding)
+    }
 }
 
 /// The CPU cache without a size given: what the sequence slots can use (`useful`), at most half the

@@ -14,7 +14,9 @@ use mmreg_core::{
 };
 
 use crate::block_pool::{block_hash, BlockPool, Hash};
-use crate::blocks::{attention_batch, set_bidirectional, set_positions, SeqPositions};
+use crate::blocks::{
+    attention_batch, set_bidirectional, set_positions, set_sliding_slots, SeqPositions,
+};
 use crate::encoder_cache::EncoderCache;
 use crate::engine::{
     Completion, EngineCounters, EngineOptions, Event, EventSink, FinishReason, Ready, StepTiming,
@@ -23,6 +25,7 @@ use crate::engine::{
 use crate::generate::top_token_ids;
 use crate::items::PreparedRequest;
 use crate::sampling::{token_logprobs, Sampler, SamplingParams};
+use crate::sliding_pool::SlidingPool;
 use crate::step_graphs::{DecodeRow, FixedShapeSteps};
 
 /// A request inside the scheduler.
@@ -35,6 +38,8 @@ struct Sequence {
     top_tokens: Vec<Vec<u32>>,
     logprobs: Vec<TokenLogprobs>,
     blocks: Vec<u32>,
+    /// Its table in the sliding-window layers' pool, where the model has one (`SlidingPool`).
+    sliding_blocks: Vec<u32>,
     /// Tokens whose keys and values are in the cache (computed, or found by prefix caching).
     computed: usize,
     /// The hashes of the sequence's first full blocks, as far as they were needed (prefix caching).
@@ -136,6 +141,8 @@ pub(crate) struct Scheduler {
     model: Box<dyn MultiModalModel>,
     cache: PagedKvCache,
     pool: BlockPool,
+    /// The sliding-window layers' blocks, where the cache keeps them apart.
+    sliding: Option<SlidingPool>,
     encoder_cache: EncoderCache,
     /// Decode-only steps and lone prefills in fixed shapes (CUDA graphs on a GPU), where enabled.
     fixed_steps: Option<FixedShapeSteps>,
@@ -166,6 +173,7 @@ impl Scheduler {
         model: Box<dyn MultiModalModel>,
         cache: PagedKvCache,
         pool: BlockPool,
+        sliding: Option<SlidingPool>,
         fixed_steps: Option<FixedShapeSteps>,
         options: &EngineOptions,
         max_model_len: usize,
@@ -177,6 +185,7 @@ impl Scheduler {
             model,
             cache,
             pool,
+            sliding,
             encoder_cache: EncoderCache::new(options.encoder_cache_bytes),
             fixed_steps,
             waiting: VecDeque::new(),
@@ -218,11 +227,11 @@ impl Scheduler {
             if let Err(error) = stepped {
                 // A failed step fails the sequences in it; the engine carries on.
                 let message = error.to_string();
-                for mut seq in self.running.drain(..) {
+                for mut seq in std::mem::take(&mut self.running) {
                     seq.events.send(Event::Failed(Error::Engine(format!(
                         "model step failed: {message}"
                     ))));
-                    self.pool.release(&mut seq.blocks);
+                    self.release(&mut seq);
                 }
             }
             self.publish_state();
@@ -233,10 +242,10 @@ impl Scheduler {
     /// blocks, so a client that left costs at most the step it left in.
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len() + self.running.len();
-        let pool = &mut self.pool;
+        let (pool, sliding) = (&mut self.pool, &mut self.sliding);
         let mut keep = |seq: &mut Sequence| {
             if seq.events.is_cancelled() {
-                pool.release(&mut seq.blocks);
+                release(pool, sliding, seq);
                 false
             } else {
                 true
@@ -259,6 +268,11 @@ impl Scheduler {
             self.pool.total_blocks() - self.pool.free_blocks(),
             Ordering::Relaxed,
         );
+        if let Some(sliding) = &self.sliding {
+            let used = sliding.total_blocks() - sliding.free_blocks();
+            c.kv_sliding_blocks_used.store(used, Ordering::Relaxed);
+            c.kv_sliding_blocks_peak.fetch_max(used, Ordering::Relaxed);
+        }
         c.encoder_cache_bytes
             .store(self.encoder_cache.bytes(), Ordering::Relaxed);
     }
@@ -281,6 +295,7 @@ impl Scheduler {
             top_tokens: Vec::new(),
             logprobs: Vec::new(),
             blocks: Vec::new(),
+            sliding_blocks: Vec::new(),
             computed: 0,
             block_hashes: Vec::new(),
             registered: 0,
@@ -294,7 +309,7 @@ impl Scheduler {
     /// caching and the encoder cache still hold is reused).
     fn preempt(&mut self, mut victim: Sequence) {
         self.counters.preemptions.fetch_add(1, Ordering::Relaxed);
-        self.pool.release(&mut victim.blocks);
+        self.release(&mut victim);
         victim.computed = 0;
         victim.registered = 0;
         victim.features.iter_mut().for_each(|f| *f = None);
@@ -318,7 +333,7 @@ impl Scheduler {
                 }
                 let seq = &mut self.running[i];
                 let new = seq.chunk(budget);
-                if !self.pool.grow(&mut seq.blocks, seq.computed + new) {
+                if !grow(&mut self.pool, &mut self.sliding, seq, new) {
                     let victim = self.running.pop().expect("not empty");
                     self.preempt(victim);
                     continue 'plan;
@@ -343,17 +358,44 @@ impl Scheduler {
                 seq.events.send(Event::Failed(error));
                 continue;
             }
+            if let Some(sliding) = &self.sliding {
+                let most = sliding.most_held(seq.len() + 1, self.max_num_batched_tokens);
+                if most > sliding.total_blocks() {
+                    let error = Error::Engine(format!(
+                        "the sliding-window layers' KV cache ({} blocks of {block_size}) cannot hold the {most} blocks a sequence of {} tokens needs",
+                        sliding.total_blocks(),
+                        seq.len()
+                    ));
+                    let seq = self.waiting.pop_front().expect("front exists");
+                    seq.events.send(Event::Failed(error));
+                    continue;
+                }
+            }
             if self.pool.caching() {
                 // At least one token is left to compute: its logits are the step's output.
                 let full = (seq.len() - 1) / block_size;
                 seq.hash_blocks(full, block_size);
                 seq.blocks = self.pool.take_prefix(&seq.block_hashes[..full]);
+                if let Some(sliding) = &mut self.sliding {
+                    // The sliding layers must also hold what the next query sees: the longest hit
+                    // whose window the sliding pool still has.
+                    let mut hits = seq.blocks.len();
+                    let table = loop {
+                        match sliding.take_prefix(&seq.block_hashes, hits) {
+                            Some(table) => break table,
+                            None => hits -= 1,
+                        }
+                    };
+                    let mut unused = seq.blocks.split_off(hits);
+                    self.pool.release(&mut unused);
+                    seq.sliding_blocks = table;
+                }
                 seq.computed = seq.blocks.len() * block_size;
                 seq.registered = seq.blocks.len();
             }
             let new = seq.chunk(budget);
-            if !self.pool.grow(&mut seq.blocks, seq.computed + new) {
-                self.pool.release(&mut seq.blocks);
+            if !grow(&mut self.pool, &mut self.sliding, seq, new) {
+                release(&mut self.pool, &mut self.sliding, seq);
                 seq.computed = 0;
                 seq.registered = 0;
                 break;
@@ -400,6 +442,7 @@ impl Scheduler {
                         DecodeRow {
                             token: seq.generated.last().copied().unwrap_or_default(),
                             blocks: &seq.blocks,
+                            sliding_blocks: &seq.sliding_blocks,
                             len: seq.len(),
                             position_delta: seq.positions().map_or(0, |p| p.delta),
                         }
@@ -443,8 +486,15 @@ impl Scheduler {
                 seq.hash_blocks(full, block_size);
                 for b in seq.registered..full {
                     self.pool.register(seq.blocks[b], seq.block_hashes[b]);
+                    if let Some(sliding) = &mut self.sliding {
+                        sliding.register(seq.sliding_blocks[b], seq.block_hashes[b]);
+                    }
                 }
                 seq.registered = seq.registered.max(full);
+            }
+            if let Some(sliding) = &mut self.sliding {
+                // What the next query no longer sees is free for the next step.
+                sliding.drop_out_of_sight(&mut seq.sliding_blocks, seq.computed);
             }
             if seq.computed >= seq.prompt_len() && seq.features.iter().any(Option::is_some) {
                 seq.features.iter_mut().for_each(|f| *f = None);
@@ -480,7 +530,7 @@ impl Scheduler {
         finished.sort_by_key(|&(i, _)| i);
         for &(i, reason) in finished.iter().rev() {
             let mut seq = self.running.remove(i);
-            self.pool.release(&mut seq.blocks);
+            self.release(&mut seq);
             let prompt_tokens = seq.prompt_len();
             let mut text = decode(&self.ctx, &seq.generated);
             if let Some(at) = stop_string_at(&text, &seq.params.stop) {
@@ -673,6 +723,10 @@ impl Scheduler {
             }
             embed_seconds = started.elapsed().as_secs_f64();
         }
+        let tables: Vec<&[u32]> = plan
+            .iter()
+            .map(|s| self.running[s.seq].sliding_blocks.as_slice())
+            .collect();
         let layout: Vec<(&[u32], usize, usize)> = plan
             .iter()
             .map(|s| {
@@ -701,6 +755,7 @@ impl Scheduler {
                 &mut self.cache,
                 &embeds,
                 blocks,
+                tables[0],
                 positions,
             )? {
                 return Ok((logits, prefill_tokens, embed_seconds));
@@ -708,6 +763,10 @@ impl Scheduler {
         }
         let mut batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
         set_bidirectional(&mut batch, &spans, device);
+        if let Some(sliding) = &self.sliding {
+            let block_size = self.cache.block_size();
+            set_sliding_slots(&mut batch, &tables, block_size, sliding.null_slot(), device)?;
+        }
         let positions: Vec<SeqPositions> = plan
             .iter()
             .map(|s| {
@@ -730,6 +789,35 @@ impl Scheduler {
             .forward(&embeds, &mut Step::new(&batch, &mut self.cache))?;
         Ok((logits, prefill_tokens, embed_seconds))
     }
+}
+
+impl Scheduler {
+    /// Drops a sequence's hold on its blocks in both pools.
+    fn release(&mut self, seq: &mut Sequence) {
+        release(&mut self.pool, &mut self.sliding, seq);
+    }
+}
+
+fn release(pool: &mut BlockPool, sliding: &mut Option<SlidingPool>, seq: &mut Sequence) {
+    pool.release(&mut seq.blocks);
+    if let Some(sliding) = sliding {
+        sliding.release(&mut seq.sliding_blocks);
+    }
+}
+
+/// Gives a sequence the blocks its next `new` tokens need, in both pools (freeing first what its
+/// sliding-window layers no longer see); false if a pool is short.
+fn grow(
+    pool: &mut BlockPool,
+    sliding: &mut Option<SlidingPool>,
+    seq: &mut Sequence,
+    new: usize,
+) -> bool {
+    let tokens = seq.computed + new;
+    pool.grow(&mut seq.blocks, tokens)
+        && sliding
+            .as_mut()
+            .is_none_or(|s| s.grow(&mut seq.sliding_blocks, seq.computed, tokens))
 }
 
 /// What a caught panic said, for an error message: "`what` panicked: …".

@@ -9,13 +9,16 @@
 //! - a step that prefills one sequence alone: its token count is rounded up; the padding tokens come after
 //!   the real ones, which causal attention keeps them from touching, and write to the scratch slot.
 //!
+//! A model with a sliding-window pool ([`mmreg_core::PagedKvCache::with_sliding_pool`]) gets its slots
+//! there too, the padding pointing at that pool's null block.
+//!
 //! A step's integer inputs travel in one i64 buffer whose address the graph keeps. On the CPU the same
 //! fixed-shape steps run without capture, which is what the tests compare against one-at-a-time
 //! generation.
 
 use tch::{Device, Tensor};
 
-use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice};
+use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
 use mmreg_core::{MultiModalModel, PagedKvCache, PromptPositions, Result, Step};
 
 use crate::blocks::slots;
@@ -35,6 +38,8 @@ const MAX_GRAPH_PREFILL: usize = 2048;
 pub(crate) struct DecodeRow<'a> {
     pub token: u32,
     pub blocks: &'a [u32],
+    /// Its table in the sliding-window pool (empty without one).
+    pub sliding_blocks: &'a [u32],
     pub len: usize,
     /// What the sequence's positions add past its prompt (`PromptPositions::delta`; 0 for most models).
     pub position_delta: i64,
@@ -50,6 +55,8 @@ pub(crate) struct FixedShapeSteps {
     block_size: usize,
     /// A cache slot that belongs to no sequence, for the padding rows.
     scratch_slot: i64,
+    /// The same in the sliding-window pool, where the cache has one.
+    sliding_scratch: Option<i64>,
     max_batch: usize,
     /// Rows of positions the model reads (`LanguageModel::position_sections`).
     sections: usize,
@@ -62,12 +69,14 @@ impl FixedShapeSteps {
         device: Device,
         block_size: usize,
         scratch_slot: i64,
+        sliding_scratch: Option<i64>,
         max_batch: usize,
         sections: usize,
     ) -> Self {
         Self {
             block_size,
             scratch_slot,
+            sliding_scratch,
             max_batch,
             sections: sections.max(1),
             graphs: GraphCache::new(device),
@@ -96,9 +105,14 @@ impl FixedShapeSteps {
         }
         let packed = Tensor::from_slice(&self.pack_decode(rows, batch, context));
         let bucket = Bucket::Decode { batch, context };
-        let sections = self.sections;
+        let shape = DecodeShape {
+            batch,
+            context,
+            sections: self.sections,
+            sliding: self.sliding_scratch.is_some(),
+        };
         let logits = self.graphs.run(bucket, &[&packed], |inputs| {
-            decode_step(model, &mut *cache, &inputs[0], (batch, context, sections))
+            decode_step(model, &mut *cache, &inputs[0], shape)
         })?;
         Ok(Some(logits.narrow(0, 0, rows.len() as i64)))
     }
@@ -112,6 +126,7 @@ impl FixedShapeSteps {
         cache: &mut PagedKvCache,
         embeds: &Tensor,
         blocks: &[u32],
+        sliding_blocks: &[u32],
         positions: Option<&PromptPositions>,
     ) -> Result<Option<Tensor>> {
         let len = embeds.size()[0] as usize;
@@ -120,29 +135,51 @@ impl FixedShapeSteps {
             return Ok(None);
         }
         // Positions (a row per section), then cache slots (padding at the scratch slot), then the row to
-        // take logits of.
+        // take logits of, then the slots in the sliding-window pool if any.
         let mut packed: Vec<i64> = (0..self.sections)
             .flat_map(|s| (0..tokens).map(move |i| positions.map_or(i as i64, |p| p.at(s, i))))
             .collect();
         packed.extend(slots(blocks, self.block_size, 0..len));
         packed.extend(std::iter::repeat_n(self.scratch_slot, tokens - len));
         packed.push(len as i64 - 1);
+        if let Some(scratch) = self.sliding_scratch {
+            packed.extend(slots(sliding_blocks, self.block_size, 0..len));
+            packed.extend(std::iter::repeat_n(scratch, tokens - len));
+        }
         let packed = Tensor::from_slice(&packed);
         let padded = embeds.f_constant_pad_nd([0, 0, 0, (tokens - len) as i64])?;
-        let sections = self.sections;
+        let (sections, sliding) = (self.sections, self.sliding_scratch.is_some());
         let logits =
             self.graphs
                 .run(Bucket::Prefill { tokens }, &[&padded, &packed], |inputs| {
-                    prefill_step(model, &mut *cache, &inputs[0], &inputs[1], sections)
+                    prefill_step(
+                        model,
+                        &mut *cache,
+                        &inputs[0],
+                        &inputs[1],
+                        sections,
+                        sliding,
+                    )
                 })?;
         Ok(Some(logits))
     }
 
     /// A decode step's inputs in the layout [`decode_step`] reads: tokens, positions, new slots and
-    /// lengths (`batch` each), then every row's context slots (`batch × context`).
+    /// lengths (`batch` each), then every row's context slots (`batch × context`); then, with a
+    /// sliding-window pool, the new slots and context slots there.
     fn pack_decode(&self, rows: &[DecodeRow], batch: usize, context: usize) -> Vec<i64> {
-        let mut out = vec![0i64; 4 * batch + batch * context];
-        let (head, gather) = out.split_at_mut(4 * batch);
+        let main = 4 * batch + batch * context;
+        let mut out = vec![0i64; main];
+        if let Some(scratch) = self.sliding_scratch {
+            out.resize(main + batch + batch * context, scratch);
+            let (new, gather) = out[main..].split_at_mut(batch);
+            for (i, row) in rows.iter().enumerate() {
+                let all = slots(row.sliding_blocks, self.block_size, 0..row.len);
+                new[i] = all[row.len - 1];
+                gather[i * context..i * context + row.len].copy_from_slice(&all);
+            }
+        }
+        let (head, gather) = out[..main].split_at_mut(4 * batch);
         head[2 * batch..3 * batch].fill(self.scratch_slot);
         head[3 * batch..].fill(1);
         gather.fill(self.scratch_slot);
@@ -158,6 +195,16 @@ impl FixedShapeSteps {
     }
 }
 
+/// The shape of a fixed decode step.
+#[derive(Debug, Clone, Copy)]
+struct DecodeShape {
+    batch: usize,
+    context: usize,
+    sections: usize,
+    /// Whether the inputs carry slots in a sliding-window pool.
+    sliding: bool,
+}
+
 /// One decode step over fixed shapes, reading everything from `inputs` (see
 /// [`FixedShapeSteps::pack_decode`]) so that a captured graph sees new values on replay: `[batch, vocab]`
 /// logits.
@@ -165,8 +212,14 @@ fn decode_step(
     model: &dyn MultiModalModel,
     cache: &mut PagedKvCache,
     inputs: &Tensor,
-    (batch, context, sections): (usize, usize, usize),
+    shape: DecodeShape,
 ) -> Result<Tensor> {
+    let DecodeShape {
+        batch,
+        context,
+        sections,
+        sliding,
+    } = shape;
     let (b, c) = (batch as i64, context as i64);
     let part = |i: i64, n: i64| inputs.narrow(0, i * b, n);
     let lens = part(3, b);
@@ -193,6 +246,14 @@ fn decode_step(
             mask: bias,
             lengths: lens,
         }),
+        sliding: sliding.then(|| {
+            let at = 4 * b + b * c;
+            SlidingSlots {
+                new_slots: inputs.narrow(0, at, b),
+                slots: Vec::new(),
+                gather: Some(inputs.narrow(0, at + b, b * c)),
+            }
+        }),
     };
     let embeds = model.embed_tokens(&part(0, b))?;
     model.forward(&embeds, &mut Step::new(&batch, cache))
@@ -206,6 +267,7 @@ fn prefill_step(
     embeds: &Tensor,
     packed: &Tensor,
     sections: usize,
+    sliding: bool,
 ) -> Result<Tensor> {
     let t = embeds.size()[0];
     let s = sections as i64;
@@ -225,6 +287,11 @@ fn prefill_step(
         }],
         logits_indices: Some(packed.narrow(0, (s + 1) * t, 1)),
         decode_gather: None,
+        sliding: sliding.then(|| SlidingSlots {
+            new_slots: packed.narrow(0, (s + 1) * t + 1, t),
+            slots: vec![Tensor::new()],
+            gather: None,
+        }),
     };
     model.forward(embeds, &mut Step::new(&batch, cache))
 }

@@ -4,7 +4,7 @@
 //! attention. Model files call [`Attention::forward`] or [`Attention::forward_rotary`] with the step
 //! they were given and nothing else.
 
-use mmreg_core::step::{AttentionBatch, DecodeGather, SequenceSlice};
+use mmreg_core::step::{AttentionBatch, DecodeGather, LayerSlots, SequenceSlice};
 use mmreg_core::{PagedKvCache, Result, Step};
 use mmreg_engine::kernels;
 use tch::{Kind, Tensor};
@@ -60,8 +60,19 @@ impl Attention {
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor, step: &mut Step) -> Result<Tensor> {
         let batch = step.batch();
         let cache = step.cache();
-        cache.write(self.layer, k, v, &batch.new_slots)?;
-        attend_stored(q, k, v, self.layer, batch, cache, self.scale, self.window)
+        let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
+        cache.write(self.layer, k, v, slots.new_slots())?;
+        attend_stored(
+            q,
+            k,
+            v,
+            self.layer,
+            batch,
+            slots,
+            cache,
+            self.scale,
+            self.window,
+        )
     }
 
     /// [`Self::forward`] for a stacked projection `[tokens, heads + 2 kv_heads, head_dim]` (queries, keys,
@@ -76,6 +87,7 @@ impl Attention {
         let (h, kv) = (self.heads, self.kv_heads);
         let batch = step.batch();
         let cache = step.cache();
+        let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
         let (keys, values) = cache.layer_mut(self.layer);
         let stored = kernels::rope_and_store(
             qkv,
@@ -84,7 +96,7 @@ impl Attention {
             kv,
             keys,
             values,
-            &batch.new_slots,
+            slots.new_slots(),
         );
         let in_cache = stored.is_some();
         let qkv = stored.unwrap_or_else(|| kernels::rope(qkv, &rotary.cos, &rotary.sin, h + kv));
@@ -94,7 +106,7 @@ impl Attention {
             qkv.narrow(1, h + kv, kv),
         );
         if !in_cache {
-            cache.write(self.layer, &k, &v, &batch.new_slots)?;
+            cache.write(self.layer, &k, &v, slots.new_slots())?;
         }
         attend_stored(
             &q,
@@ -102,6 +114,7 @@ impl Attention {
             &v,
             self.layer,
             batch,
+            slots,
             cache,
             self.scale,
             self.window,
@@ -133,20 +146,18 @@ fn prompt_mask(seq: &SequenceSlice, window: Option<i64>, device: tch::Device) ->
 /// The leading single-token decodes of a step (`query`: `[n, heads, d]`), in one attention call over
 /// their gathered contexts: the paged decode kernel where it runs, else libtorch's attention over the
 /// contexts padded to the longest.
+#[allow(clippy::too_many_arguments)]
 fn attend_gathered(
     query: &Tensor,
     kv_heads: i64,
     layer: usize,
     gather: &DecodeGather,
+    slots: &Tensor,
     cache: &PagedKvCache,
     scale: f64,
     window: Option<i64>,
 ) -> Result<Tensor> {
-    let DecodeGather {
-        slots,
-        mask,
-        lengths,
-    } = gather;
+    let DecodeGather { mask, lengths, .. } = gather;
     let (keys, values) = cache.layer(layer);
     // A window no narrower than the gathered contexts hides nothing (Gemma 3's 1024 at shorter contexts):
     // the paged decode kernel serves the layer as it serves a global one.
@@ -200,7 +211,7 @@ fn attend_gathered(
     Ok(out.reshape([n, heads, d]))
 }
 
-/// Attends to keys and values already stored in the cache at `batch.new_slots`.
+/// Attends to keys and values already stored in the cache at `slots.new_slots()`.
 #[allow(clippy::too_many_arguments)]
 fn attend_stored(
     query: &Tensor,
@@ -208,6 +219,7 @@ fn attend_stored(
     value: &Tensor,
     layer: usize,
     batch: &AttentionBatch,
+    slots: LayerSlots,
     cache: &PagedKvCache,
     scale: f64,
     window: Option<i64>,
@@ -217,7 +229,19 @@ fn attend_stored(
     if let Some(gather) = &batch.decode_gather {
         gathered = gather.lengths.size()[0] as usize;
         let decodes = query.narrow(0, 0, gathered as i64);
-        let out = attend_gathered(&decodes, key.size()[1], layer, gather, cache, scale, window)?;
+        let gather_slots = slots.gather().ok_or_else(|| {
+            mmreg_core::Error::Engine("a decode step without gathered slots".into())
+        })?;
+        let out = attend_gathered(
+            &decodes,
+            key.size()[1],
+            layer,
+            gather,
+            gather_slots,
+            cache,
+            scale,
+            window,
+        )?;
         // Fixed-shape decode steps describe no sequences beyond the gather.
         if gathered >= batch.sequences.len() {
             return Ok(out);
@@ -225,7 +249,7 @@ fn attend_stored(
         outputs.push(out);
     }
     let gqa = query.size()[1] != key.size()[1];
-    for seq in &batch.sequences[gathered..] {
+    for (i, seq) in batch.sequences.iter().enumerate().skip(gathered) {
         // [n, heads, d] → [1, heads, n, d]
         let heads_first = |t: Tensor| t.transpose(0, 1).unsqueeze(0);
         let q = heads_first(query.narrow(0, seq.start, seq.len));
@@ -235,7 +259,7 @@ fn attend_stored(
                 value.narrow(0, seq.start, seq.len),
             )
         } else {
-            cache.gather(layer, &seq.slots)?
+            cache.gather(layer, slots.sequence(i))?
         };
         let (k, v) = (heads_first(k), heads_first(v));
         let windowed = window.is_some_and(|w| seq.context + seq.len > w);

@@ -524,11 +524,19 @@ impl LanguageModel for Gemma {
 
     fn kv_cache_spec(&self) -> KvCacheSpec {
         let c = &self.config;
-        KvCacheSpec {
-            layers: c.num_hidden_layers,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            kind: self.dtype(),
+        let spec = KvCacheSpec::new(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            self.dtype(),
+        );
+        // Every sliding layer of a Gemma decoder has the same window.
+        let sliding: Vec<usize> = (0..c.num_hidden_layers)
+            .filter(|&l| c.windows[l].is_some())
+            .collect();
+        match sliding.first().and_then(|&l| c.windows[l]) {
+            Some(window) => spec.with_sliding_window(window, sliding),
+            None => spec,
         }
     }
 

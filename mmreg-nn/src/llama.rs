@@ -372,12 +372,12 @@ impl LanguageModel for Llama {
 
     fn kv_cache_spec(&self) -> KvCacheSpec {
         let c = &self.config;
-        KvCacheSpec {
-            layers: c.num_hidden_layers,
-            kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            kind: self.dtype(),
-        }
+        KvCacheSpec::new(
+            c.num_hidden_layers,
+            c.num_key_value_heads,
+            c.head_dim,
+            self.dtype(),
+        )
     }
 
     fn device(&self) -> Device {

@@ -127,7 +127,8 @@ impl Goldens {
             .ok_or_else(|| anyhow!("parity.safetensors has no `{case}.{key}`"))
     }
 
-    fn ids(&self, case: &str, key: &str) -> Result<Vec<i64>> {
+    /// A golden tensor of `case` as a flat list of ids (token ids, greedy tokens).
+    pub fn ids(&self, case: &str, key: &str) -> Result<Vec<i64>> {
         Ok(Vec::<i64>::try_from(
             self.get(case, key)?.flatten(0, -1).to_kind(Kind::Int64),
         )?)

@@ -147,7 +147,7 @@ impl LanguageModel for ToyVlm {
     fn kv_cache_spec(&self) -> KvCacheSpec {
         let kind = self.embed_tokens.weight().kind();
         let (layers, kv_heads, head_dim) = (1, 1, self.config.hidden_size);
-        KvCacheSpec { layers, kv_heads, head_dim, kind }
+        KvCacheSpec::new(layers, kv_heads, head_dim, kind)
     }
 
     fn device(&self) -> Device {
