@@ -87,6 +87,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     };
     let mut results = serde_json::Map::new();
     results.insert("load_s".into(), load_s.into());
+    // What the KV cache holds: blocks of the global layers, and of the sliding-window layers' own
+    // pool (0 without one).
+    results.insert("kv_cache_bytes".into(), profile.kv_cache_bytes.into());
+    results.insert("kv_blocks".into(), profile.kv_blocks.into());
+    results.insert("sliding_blocks".into(), profile.sliding_blocks.into());
+    results.insert("block_size".into(), profile.block_size.into());
     for &b in &args.batch {
         // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
         // (vision tower, projector, decoder; preprocessing happens before, on the workers).

@@ -23,10 +23,15 @@ from transformers import (AutoProcessor, Gemma3Config, Gemma3ForConditionalGener
                           PaliGemmaForConditionalGeneration, SmolVLMConfig, SmolVLMForConditionalGeneration)
 
 RUN = sys.argv[1] if len(sys.argv) > 1 else "gpu-stage/run.sh"
-MODELS = os.environ.get("MODELS", "paligemma,gemma3,smolvlm").split(",")
+MODELS = os.environ.get("MODELS", "paligemma,gemma3,gemma3_long,smolvlm").split(",")
 IMAGE = "fixtures/images/next_480x640.png"
 STEPS = 32
 DECODE = 64
+
+# ~3000 Gemma tokens of plain text (a paragraph repeated with its number, so no two are alike).
+LONG_TEXT = " ".join(f"Paragraph {i}: the harbour was quiet that morning, and the boats rocked slowly while "
+                     f"gulls circled over the nets that the fishermen had left to dry on the stones."
+                     for i in range(100))
 
 SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                      patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
@@ -94,6 +99,11 @@ MODELS_SPEC = {
     "gemma3": dict(name="Gemma-3-4B", fixture="fixtures/gemma3-tiny", config=gemma3_config,
                    prompt="<bos><start_of_turn>user\n<start_of_image>Describe this image in detail.<end_of_turn>\n"
                           "<start_of_turn>model\n"),
+    # Past the 1024-token sliding window: one image and ~3k tokens of text, so the sliding layers' pool
+    # frees blocks as the window passes them (mmreg) while HF masks them.
+    "gemma3_long": dict(name="Gemma-3-4B, 3.3k-token prompt", fixture="fixtures/gemma3-tiny", config=gemma3_config,
+                        prompt="<bos><start_of_turn>user\n<start_of_image>" + LONG_TEXT +
+                               " Describe this image in detail.<end_of_turn>\n<start_of_turn>model\n"),
     "smolvlm": dict(name="SmolVLM-2B", fixture="fixtures/smolvlm-tiny", config=smolvlm_config,
                     prompt="User:<image>Describe this image.<end_of_utterance>\nAssistant:",
                     processor={"size": {"longest_edge": 1536}, "max_image_size": {"longest_edge": 384}},
@@ -178,6 +188,24 @@ def mmreg(args):
     return out.stdout
 
 
+def config_of(ckpt):
+    with open(f"{ckpt}/config.json") as f:
+        config = json.load(f)
+    return config.get("text_config", config)
+
+
+def kv_capacity(text, bench):
+    """Tokens the KV cache holds as mmreg split it, and as one pool of every layer would."""
+    if "kv_blocks" not in bench:
+        return None
+    block = bench["block_size"]
+    per_layer_token = 2 * text["num_key_value_heads"] * text.get("head_dim", 0) * 2  # bf16
+    layers = text["num_hidden_layers"]
+    return {"kv_cache_gib": bench["kv_cache_bytes"] / 2**30, "tokens": bench["kv_blocks"] * block,
+            "sliding_tokens": bench["sliding_blocks"] * block,
+            "shared_tokens": bench["kv_cache_bytes"] // (layers * per_layer_token) if per_layer_token else None}
+
+
 def run(key):
     spec = MODELS_SPEC[key]
     ckpt = f"/tmp/{key}-random"
@@ -217,8 +245,12 @@ def run(key):
     for k in ["prefill_bs1_ms", "prefill_bs8_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8"]:
         print(f"| {k} | {bench.get(k, float('nan')):.1f} | {hf[k]:.1f} |")
     print(f"| top-5 agreement, steps | {agree}/{STEPS} | |", flush=True)
+    kv = kv_capacity(config_of(ckpt), bench)
+    if kv:
+        print(f"KV cache {kv['kv_cache_gib']:.1f} GiB: the global layers hold {kv['tokens']} tokens, the sliding "
+              f"pool {kv['sliding_tokens']}; one pool of every layer would hold {kv['shared_tokens']}", flush=True)
     result = {"gpu": torch.cuda.get_device_name(0), "model": spec["name"], "prompt_tokens": len(prompt_ids),
-              "hf": hf, "mmreg": bench,
+              "hf": hf, "mmreg": bench, "kv_capacity": kv,
               "agreement": {"steps": STEPS, "pass": agree, "per_step": steps, "hf_tokens": hf_tokens,
                             "mmreg_tokens": ours, "hf_top5": hf_top5, "mmreg_top5": ours_top5}}
     if os.environ.get("OUT"):
