@@ -33,25 +33,13 @@ fn main() {
         .parent()
         .map(std::path::Path::to_path_buf)
         .unwrap_or_default();
-    let Some(cuda_include) = ["nvidia/cu13/include", "nvidia/cuda_runtime/include"]
-        .iter()
-        .map(|p| site.join(p))
-        .find(|p| p.join("cuda_runtime_api.h").exists())
-    else {
+    let cuda = cuda_includes(&site);
+    compile_dist_shim(&torch, &site, cuda.as_ref());
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    let Some((cuda_include, crt_include)) = cuda else {
         println!("cargo:warning=no CUDA headers next to libtorch: CUDA memory statistics and graphs will be unavailable");
-        return;
-    };
-    // The runtime wheel lacks nvcc's `crt/` headers that cuda_runtime.h includes; triton (a torch
-    // dependency) ships them.
-    let Some(crt_include) = [
-        "nvidia/cu13/include",
-        "nvidia/cuda_nvcc/include",
-        "triton/backends/nvidia/include",
-    ]
-    .iter()
-    .map(|p| site.join(p))
-    .find(|p| p.join("crt/host_config.h").exists()) else {
-        println!("cargo:warning=no CUDA crt/ headers next to libtorch: CUDA memory statistics and graphs will be unavailable");
         return;
     };
     cc::Build::new()
@@ -65,9 +53,66 @@ fn main() {
         .flag("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .compile("mmreg_cuda_shim");
-    println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
-    println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-cfg=mmreg_cuda_shim");
+}
+
+/// The CUDA runtime headers and nvcc's `crt/` headers that pip's torch has beside it, if any.
+fn cuda_includes(site: &std::path::Path) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let cuda_include = ["nvidia/cu13/include", "nvidia/cuda_runtime/include"]
+        .iter()
+        .map(|p| site.join(p))
+        .find(|p| p.join("cuda_runtime_api.h").exists())?;
+    // The runtime wheel lacks nvcc's `crt/` headers that cuda_runtime.h includes; triton (a torch
+    // dependency) ships them.
+    let crt_include = [
+        "nvidia/cu13/include",
+        "nvidia/cuda_nvcc/include",
+        "triton/backends/nvidia/include",
+    ]
+    .iter()
+    .map(|p| site.join(p))
+    .find(|p| p.join("crt/host_config.h").exists())?;
+    Some((cuda_include, crt_include))
+}
+
+/// The c10d shim (tensor parallelism): Gloo always, NCCL where the CUDA and NCCL headers are there. The
+/// wheel ships no Gloo headers: `csrc/third_party/gloo` has the ones c10d's Gloo header includes.
+fn compile_dist_shim(
+    torch: &std::path::Path,
+    site: &std::path::Path,
+    cuda: Option<&(std::path::PathBuf, std::path::PathBuf)>,
+) {
+    println!("cargo:rerun-if-changed=csrc/dist_shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/third_party");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("csrc/dist_shim.cpp")
+        .include("csrc/third_party")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None);
+    let nccl_include = site.join("nvidia/nccl/include");
+    if let Some((cuda_include, crt_include)) = cuda {
+        // CUDA's fp16 header includes CCCL's <nv/target> (the nvidia-cuda-cccl wheel, scripts/libtorch.sh).
+        let cccl = cuda_include.join("nv/target").exists();
+        if !cccl {
+            println!("cargo:warning=no CCCL headers (nv/target) beside CUDA's: tensor parallelism gets Gloo only; run scripts/libtorch.sh");
+        }
+        if cccl && nccl_include.join("nccl.h").exists() {
+            build
+                .include(cuda_include)
+                .include(crt_include)
+                .include(nccl_include)
+                .define("USE_C10D_NCCL", None)
+                .define("USE_CUDA", None)
+                .define("MMREG_NCCL", None);
+        }
+    }
+    build.compile("mmreg_dist_shim");
 }

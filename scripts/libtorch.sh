@@ -21,6 +21,12 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
     mv "$venv.partial" "$venv"
     # A venv records its own path in scripts; moving it breaks pip but not python or the libraries we need.
 fi
+# c10d's NCCL header (tensor parallelism) includes CUDA's fp16 header, which needs CCCL's <nv/target>: the
+# nvidia-cuda-cccl wheel (3 MB, headers only) puts it beside the CUDA headers torch already has.
+CCCL_VERSION=13.0.85
+if ! "$venv/bin/python" -m pip show nvidia-cuda-cccl 2>/dev/null | grep -q "^Version: $CCCL_VERSION"; then
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-cccl==$CCCL_VERSION"
+fi
 torch_dir=$("$venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 if [ "$(readlink "$repo/.libtorch" 2>/dev/null)" != "$torch_dir" ]; then
     ln -sfn "$torch_dir" "$repo/.libtorch"

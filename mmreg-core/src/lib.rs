@@ -19,6 +19,7 @@ pub mod fuzz;
 mod inputs;
 mod modality;
 pub mod model;
+pub mod parallel;
 pub mod prepare;
 pub mod processors;
 pub mod registry;
@@ -42,6 +43,7 @@ pub use model::{
     Image, LanguageModel, LoadModel, LoadOptions, ModalityKind, MultiModalModel, SupportsModality,
     SupportsVideo, SupportsVision, Video,
 };
+pub use parallel::Collectives;
 pub use processors::DefaultMapper;
 pub use registry::Registry;
 pub use step::{AttentionBatch, KvCacheSpec, PagedKvCache, SlidingLayers, Step};

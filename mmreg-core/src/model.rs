@@ -23,11 +23,13 @@ impl<T: Any> AsAny for T {
     }
 }
 
-/// Device and dtype for a model's weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Device and dtype for a model's weights and activations, and the tensor-parallel group the model is
+/// one rank of (its layers then load and compute their slices).
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
     pub dtype: Kind,
+    pub tensor_parallel: Option<std::sync::Arc<dyn crate::parallel::Collectives>>,
 }
 
 impl Default for LoadOptions {
@@ -35,6 +37,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             dtype: Kind::Float,
+            tensor_parallel: None,
         }
     }
 }

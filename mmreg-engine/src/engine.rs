@@ -366,6 +366,7 @@ impl Engine {
         let load = LoadOptions {
             device: options.device,
             dtype: options.dtype,
+            tensor_parallel: None,
         };
         let model = entry.load(&ctx, &Weights::from_dir(dir)?, &load)?;
         let max_model_len = options

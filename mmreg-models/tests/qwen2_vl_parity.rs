@@ -49,6 +49,7 @@ fn checkpoint(name: &str) -> Checkpoint {
     let options = LoadOptions {
         device: tch::Device::Cpu,
         dtype: Kind::Float,
+        tensor_parallel: None,
     };
     let weights = Weights::from_dir(&dir).expect("weights");
     let model = entry.load(&ctx, &weights, &options).expect("loads");

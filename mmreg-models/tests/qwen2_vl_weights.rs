@@ -85,6 +85,7 @@ fn load(dir: &Path) -> mmreg_core::Result<(ModelContext, Box<dyn MultiModalModel
     let options = LoadOptions {
         device: tch::Device::Cpu,
         dtype: Kind::Float,
+        tensor_parallel: None,
     };
     let model = entry.load(&ctx, &Weights::from_dir(dir)?, &options)?;
     Ok((ctx, model))

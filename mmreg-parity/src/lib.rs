@@ -261,6 +261,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let options = LoadOptions {
         device: tch::Device::Cpu,
         dtype: Kind::Float,
+        tensor_parallel: None,
     };
     let weights = Weights::from_dir(dir)?;
     let model = entry.load(&ctx, &weights, &options)?;
