@@ -28,6 +28,8 @@ pub struct BenchArgs {
     pub device: String,
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
+    #[command(flatten)]
+    pub parallel: crate::options::ParallelArgs,
     /// Timed repetitions of the prefill.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
@@ -56,6 +58,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         encoder_cache_bytes: 0,
         ..EngineOptions::default()
     };
+    let mut options = options;
+    args.parallel.apply(&mut options)?;
     if args.scenario != Scenario::Decode {
         let options = EngineOptions {
             prefix_caching: true,

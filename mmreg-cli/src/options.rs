@@ -45,6 +45,28 @@ pub struct SchedulerArgs {
     /// that many of the largest; a request over the limits is refused.
     #[arg(long, value_parser = MultiModalLimits::parse, default_value = "image=4,video=4")]
     pub limit_mm_per_prompt: MultiModalLimits,
+    #[command(flatten)]
+    pub parallel: ParallelArgs,
+}
+
+/// Tensor parallelism (`generate`, `serve`, `bench`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ParallelArgs {
+    /// Devices the decoder is split over (its heads, MLP and vocabulary): cuda:i … cuda:i+N−1 from
+    /// `--device cuda:i` (NCCL), or N ranks on the CPU (Gloo). One thread per rank.
+    #[arg(long, default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+}
+
+impl ParallelArgs {
+    /// Sets the engine's tensor-parallel size.
+    pub fn apply(&self, options: &mut EngineOptions) -> Result<()> {
+        if self.tensor_parallel_size == 0 {
+            bail!("--tensor-parallel-size must be at least 1");
+        }
+        options.tensor_parallel_size = self.tensor_parallel_size;
+        Ok(())
+    }
 }
 
 impl SchedulerArgs {
@@ -60,6 +82,6 @@ impl SchedulerArgs {
         options.prefix_caching = !self.no_prefix_caching;
         options.encoder_cache_bytes = (self.encoder_cache_mib * (1u64 << 20) as f64) as usize;
         options.limit_mm_per_prompt = self.limit_mm_per_prompt.clone();
-        Ok(())
+        self.parallel.apply(options)
     }
 }

@@ -247,6 +247,46 @@ pub struct SlidingSlots {
     pub gather: Option<Tensor>,
 }
 
+impl AttentionBatch {
+    /// The same batch with its tensors on `device` (shallow copies where they are there already): what
+    /// another rank of a tensor-parallel group runs the step with.
+    pub fn to_device(&self, device: Device) -> AttentionBatch {
+        let to = |t: &Tensor| {
+            if t.defined() {
+                t.to_device(device)
+            } else {
+                Tensor::new()
+            }
+        };
+        AttentionBatch {
+            positions: to(&self.positions),
+            new_slots: to(&self.new_slots),
+            sequences: self
+                .sequences
+                .iter()
+                .map(|s| SequenceSlice {
+                    start: s.start,
+                    len: s.len,
+                    context: s.context,
+                    slots: to(&s.slots),
+                    bidirectional: s.bidirectional.as_ref().map(to),
+                })
+                .collect(),
+            logits_indices: self.logits_indices.as_ref().map(to),
+            decode_gather: self.decode_gather.as_ref().map(|g| DecodeGather {
+                slots: to(&g.slots),
+                mask: to(&g.mask),
+                lengths: to(&g.lengths),
+            }),
+            sliding: self.sliding.as_ref().map(|p| SlidingSlots {
+                new_slots: to(&p.new_slots),
+                slots: p.slots.iter().map(to).collect(),
+                gather: p.gather.as_ref().map(to),
+            }),
+        }
+    }
+}
+
 /// The slots a layer addresses the cache with: the step's main ones, or the sliding pool's.
 #[derive(Debug, Clone, Copy)]
 pub struct LayerSlots<'a> {

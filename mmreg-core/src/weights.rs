@@ -193,6 +193,56 @@ impl Weights {
         Ok(tensor)
     }
 
+    /// Reads `len` rows (along `dim`) from `start` of a tensor whose full shape is `shape`: a rank's slice
+    /// under tensor parallelism. Only the slice is copied out of the mapped file (the rest is never
+    /// read into memory), cast to `kind` and moved to `device`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn get_slice(
+        &self,
+        name: &str,
+        shape: &[i64],
+        dim: usize,
+        start: i64,
+        len: i64,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Tensor> {
+        if start == 0 && shape.get(dim) == Some(&len) {
+            return self.get(name, shape, kind, device);
+        }
+        let info = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        if info.shape != shape || dim >= shape.len() || start < 0 || start + len > shape[dim] {
+            return Err(Error::Weights(format!(
+                "tensor `{name}` has shape {:?} in {}; the model expects {shape:?} and reads {len} of dim {dim} from {start}",
+                info.shape,
+                self.files[info.file].0.display()
+            )));
+        }
+        let source_kind = kind_of(info.dtype).ok_or_else(|| {
+            Error::Weights(format!(
+                "tensor `{name}` has unsupported dtype {:?}",
+                info.dtype
+            ))
+        })?;
+        let bytes = &self.files[info.file].1[info.start..info.end];
+        let strides = contiguous_strides(shape);
+        // SAFETY: `bytes` is the whole tensor (its shape and dtype checked above) in a read-only mapping
+        // that outlives this call; the view is only read, and copied before it is dropped.
+        let whole = unsafe {
+            Tensor::f_from_blob(bytes.as_ptr(), shape, &strides, source_kind, Device::Cpu)?
+        };
+        let part = whole.f_narrow(dim as i64, start, len)?;
+        let mut out_shape = shape.to_vec();
+        out_shape[dim] = len;
+        let mut out = Tensor::f_empty(&out_shape, (kind, device))?;
+        out.f_copy_(&part)?;
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned());
+        Ok(out)
+    }
+
     /// Marks every tensor under `prefix.` as deliberately unread (e.g. vision layers after the feature layer),
     /// so that [`Weights::check_all_used`] does not report them.
     pub fn skip_prefix(&self, prefix: &str) {
@@ -315,4 +365,13 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::BOOL => Kind::Bool,
         _ => return None,
     })
+}
+
+/// Row-major strides of `shape`, in elements.
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
 }

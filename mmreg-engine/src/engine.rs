@@ -12,16 +12,19 @@ use tch::{Device, Kind};
 
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::{
-    Error, ImageInput, LoadOptions, Modality, ModalityCounts, ModelContext, MultiModalData,
-    ProcessorInputs, Prompt, Registry, Result, VideoInput, Weights,
+    Collectives, Error, ImageInput, LoadOptions, Modality, ModalityCounts, ModelContext,
+    MultiModalData, MultiModalModel, ProcessorInputs, Prompt, Registry, Result, VideoInput,
+    Weights,
 };
 
 use crate::block_pool::{BlockPool, Hash};
 use crate::cuda;
+use crate::dist::{new_group, Backend};
 use crate::encoder_cache::processor_settings;
 use crate::items::{prepare_request, PreparedRequest};
 use crate::limits::MultiModalLimits;
-use crate::profile::profile_and_allocate;
+use crate::profile::{allocate, dummy_forward, profile_and_allocate};
+use crate::ranks::{RankState, Ranks};
 use crate::sampling::SamplingParams;
 use crate::scheduler::{self, Scheduler};
 use crate::sliding_pool::SlidingPool;
@@ -64,6 +67,12 @@ pub struct EngineOptions {
     /// `MMREG_NO_CUDA_GRAPHS=1` turns them off. `Some(true)` on the CPU runs the same fixed-shape steps
     /// without capture (the tests compare those).
     pub cuda_graphs: Option<bool>,
+    /// Ranks of tensor parallelism (`--tensor-parallel-size`): the decoder's heads, MLP and vocabulary
+    /// split over this many devices (`cuda:i..i+N` from `device = cuda:i`; CPU ranks share the CPU), one
+    /// thread per rank, collectives through c10d (NCCL on GPUs, Gloo on CPUs). 1: no parallelism.
+    pub tensor_parallel_size: usize,
+    /// How long a collective waits for a peer rank before it fails (and with it the step).
+    pub tensor_parallel_timeout: std::time::Duration,
     /// How long an idle engine, woken by a request, waits for the rest of a burst of submissions to be
     /// preprocessed so that their prefills share the first step (it stops waiting as soon as none is left).
     pub burst_wait: std::time::Duration,
@@ -85,6 +94,8 @@ impl Default for EngineOptions {
             preprocess_threads: std::thread::available_parallelism().map_or(2, |n| n.get().min(8)),
             limit_mm_per_prompt: MultiModalLimits::default(),
             cuda_graphs: None,
+            tensor_parallel_size: 1,
+            tensor_parallel_timeout: std::time::Duration::from_secs(300),
             burst_wait: std::time::Duration::from_millis(20),
         }
     }
@@ -333,6 +344,24 @@ impl EngineCounters {
     }
 }
 
+/// The device of each tensor-parallel rank: `cuda:i + r` from `cuda:i`, the CPU for every rank on the
+/// CPU.
+fn rank_devices(device: Device, ranks: usize) -> Result<Vec<Device>> {
+    match device {
+        Device::Cuda(first) => {
+            let available = tch::Cuda::device_count() as usize;
+            if first + ranks > available {
+                return Err(Error::Engine(format!(
+                    "--tensor-parallel-size {ranks} from cuda:{first} needs {} CUDA devices; {available} are visible",
+                    first + ranks
+                )));
+            }
+            Ok((0..ranks).map(|r| Device::Cuda(first + r)).collect())
+        }
+        other => Ok(vec![other; ranks]),
+    }
+}
+
 /// A model serving many requests at once.
 pub struct Engine {
     jobs: Option<Sender<Job>>,
@@ -363,17 +392,57 @@ impl Engine {
         let free_before_load = device_index
             .and_then(cuda::mem_get_info)
             .map(|(free, _)| free);
-        let load = LoadOptions {
-            device: options.device,
-            dtype: options.dtype,
-            tensor_parallel: None,
+        // Tensor parallelism: a c10d group of one rank per device, ranks past the first on threads of
+        // their own, each loading its shard of the checkpoint while rank 0 loads its own.
+        let tp = options.tensor_parallel_size.max(1);
+        let devices = rank_devices(options.device, tp)?;
+        let groups = if tp > 1 {
+            let backend = match options.device {
+                Device::Cuda(_) => Backend::Nccl,
+                _ => Backend::Gloo,
+            };
+            new_group(tp, backend, options.tensor_parallel_timeout)?
+        } else {
+            Vec::new()
         };
-        let model = entry.load(&ctx, &Weights::from_dir(dir)?, &load)?;
+        let load_rank = {
+            let (dir, ctx, dtype) = (dir.to_path_buf(), ctx.clone(), options.dtype);
+            let (groups, devices) = (groups.clone(), devices.clone());
+            move |rank: usize| -> Result<Box<dyn MultiModalModel>> {
+                let load = LoadOptions {
+                    device: devices[rank],
+                    dtype,
+                    tensor_parallel: groups.get(rank).map(|g| g.clone() as Arc<dyn Collectives>),
+                };
+                entry.load(&ctx, &Weights::from_dir(&dir)?, &load)
+            }
+        };
+        let mut ranks = match tp {
+            1 => None,
+            _ => Some(Ranks::spawn(&groups, &devices, load_rank.clone())?),
+        };
+        let model = load_rank(0);
+        if let Some(ranks) = &mut ranks {
+            ranks.finish()?;
+        }
+        let model = model?;
         let max_model_len = options
             .max_model_len
             .unwrap_or(model.max_model_len())
             .min(model.max_model_len());
-        let (cache, profile) = profile_and_allocate(
+        // Every rank runs the dummy step with rank 0 (their collectives meet), which sizes the cache.
+        if let Some(ranks) = &mut ranks {
+            let opts = options.clone();
+            let ctx = ctx.clone();
+            ranks.start(|_, _| {
+                let (opts, ctx) = (opts.clone(), ctx.clone());
+                Box::new(move |state: &mut RankState| {
+                    dummy_forward(entry, &ctx, state.model.as_ref(), &opts, max_model_len)
+                        .map(|_| ())
+                })
+            })?;
+        }
+        let profiled = profile_and_allocate(
             entry,
             &ctx,
             model.as_ref(),
@@ -381,7 +450,11 @@ impl Engine {
             max_model_len,
             device_index,
             free_before_load,
-        )?;
+        );
+        if let Some(ranks) = &mut ranks {
+            ranks.finish()?;
+        }
+        let (cache, profile) = profiled?;
         tracing::info!(?profile, "engine ready");
 
         let settings = processor_settings(&ctx);
@@ -457,6 +530,40 @@ impl Engine {
             &options,
             max_model_len,
         );
+        if let Some(mut ranks) = ranks {
+            // The other ranks' caches and fixed-shape steps, the same sizes as rank 0's.
+            let (kv, sliding_blocks, block) = (
+                profile.kv_blocks,
+                profile.sliding_blocks,
+                profile.block_size,
+            );
+            let fixed = scheduler.has_fixed_steps().then_some((
+                (usable_blocks * block) as i64,
+                scheduler.sliding_null_slot(),
+                options.max_num_seqs,
+            ));
+            ranks.run(
+                |_, device| {
+                    Box::new(move |state: &mut RankState| {
+                        let spec = state.model.kv_cache_spec();
+                        state.cache = Some(allocate(spec, kv, sliding_blocks, block, device)?);
+                        state.fixed = fixed.map(|(scratch, sliding, seqs)| {
+                            FixedShapeSteps::new(
+                                device,
+                                block,
+                                scratch,
+                                sliding,
+                                seqs,
+                                state.model.position_sections(),
+                            )
+                        });
+                        Ok(())
+                    })
+                },
+                || Ok(()),
+            )?;
+            scheduler.set_ranks(ranks);
+        }
         let scheduler = std::thread::spawn(move || scheduler.run(ready_rx));
         Ok(Engine {
             jobs: Some(job_tx),

@@ -18,6 +18,7 @@ mod items;
 pub mod kernels;
 mod limits;
 mod profile;
+mod ranks;
 pub mod sampling;
 mod scheduler;
 mod sliding_pool;

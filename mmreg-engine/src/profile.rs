@@ -29,71 +29,12 @@ pub(crate) fn profile_and_allocate(
     let weights_bytes = device_index
         .and_then(cuda::memory_stats)
         .map(|s| s.allocated);
-    let limits = &options.limit_mm_per_prompt;
-    let counts = ModalityCounts(
-        entry
-            .modalities()
-            .into_iter()
-            .map(|m| (m, limits.get(m).count))
-            .collect(),
-    );
-    // The worst step: the first `max_num_batched_tokens` tokens of the longest prompt, after every item
-    // of it (as many of the costliest as the limits allow) went through its modality's path.
-    let seq_len = max_model_len.saturating_sub(1).max(1);
-    let mut dummy = entry.dummy_data(
-        ctx,
-        &DummyRequest {
-            seq_len,
-            counts: counts.clone(),
-        },
-    )?;
-    limits.cap_dummy(&mut dummy.multimodal);
-    let prepared = prepare(entry, ctx, dummy, usize::MAX)?;
-    let dummy_prompt_tokens = prepared.processed.token_ids.len();
-    let dummy_items = prepared.processed.multimodal.counts();
-    let largest_item_tokens = prepared
-        .processed
-        .placeholders
-        .iter()
-        .map(|r| r.embedded())
-        .max()
-        .unwrap_or(0);
-    {
-        let _guard = tch::no_grad_guard();
-        let positions = prepared.processed.positions.clone();
-        let embeds = embed_prompt(entry, model, prepared)?;
-        let step_tokens = dummy_prompt_tokens.min(options.max_num_batched_tokens.max(1));
-        let embeds = embeds.narrow(0, 0, step_tokens as i64);
-        let spec = model.kv_cache_spec();
-        let mut cache = PagedKvCache::new(
-            spec,
-            step_tokens.div_ceil(options.block_size),
-            options.block_size,
-            model.device(),
-        )?;
-        let blocks: Vec<u32> = (0..cache.num_blocks() as u32).collect();
-        let mut batch = attention_batch(
-            &[(&blocks, 0, step_tokens)],
-            options.block_size,
-            true,
-            model.device(),
-        )?;
-        let seq = SeqPositions {
-            context: 0,
-            new: step_tokens,
-            prompt: positions.as_ref(),
-        };
-        set_positions(
-            &mut batch,
-            model.position_sections(),
-            &[seq],
-            model.device(),
-        )?;
-        model
-            .forward(&embeds, &mut Step::new(&batch, &mut cache))?
-            .f_sum(Kind::Float)?
-            .double_value(&[]);
-    }
+    let dummy = dummy_forward(entry, ctx, model, options, max_model_len)?;
+    let DummyStep {
+        dummy_prompt_tokens,
+        dummy_items,
+        largest_item_tokens,
+    } = dummy;
     let peak = device_index
         .and_then(cuda::memory_stats)
         .map(|s| s.peak_allocated);
@@ -159,12 +100,13 @@ pub(crate) fn profile_and_allocate(
         max_num_seqs = options.max_num_seqs,
         "KV cache sized"
     );
-    let cache = match sliding_blocks {
-        0 => PagedKvCache::new(spec, kv_blocks, options.block_size, model.device())?,
-        n => {
-            PagedKvCache::with_sliding_pool(spec, kv_blocks, n, options.block_size, model.device())?
-        }
-    };
+    let cache = allocate(
+        spec,
+        kv_blocks,
+        sliding_blocks,
+        options.block_size,
+        model.device(),
+    )?;
     let profile = EngineProfile {
         weights_bytes,
         peak_activation_bytes,
@@ -180,6 +122,108 @@ pub(crate) fn profile_and_allocate(
         max_model_len,
     };
     Ok((cache, profile))
+}
+
+/// A KV cache of `kv_blocks` (and a sliding-window pool of `sliding_blocks`, if not 0).
+pub(crate) fn allocate(
+    spec: KvCacheSpec,
+    kv_blocks: usize,
+    sliding_blocks: usize,
+    block_size: usize,
+    device: tch::Device,
+) -> Result<PagedKvCache> {
+    match sliding_blocks {
+        0 => PagedKvCache::new(spec, kv_blocks, block_size, device),
+        n => PagedKvCache::with_sliding_pool(spec, kv_blocks, n, block_size, device),
+    }
+}
+
+/// What the worst step of the dummy data was.
+pub(crate) struct DummyStep {
+    dummy_prompt_tokens: usize,
+    dummy_items: ModalityCounts,
+    largest_item_tokens: usize,
+}
+
+/// Runs the registered dummy data's worst step through `model` (every rank of a tensor-parallel engine
+/// runs it at once: the model's collectives are inside).
+pub(crate) fn dummy_forward(
+    entry: &ModelEntry,
+    ctx: &ModelContext,
+    model: &dyn MultiModalModel,
+    options: &EngineOptions,
+    max_model_len: usize,
+) -> Result<DummyStep> {
+    let limits = &options.limit_mm_per_prompt;
+    let counts = ModalityCounts(
+        entry
+            .modalities()
+            .into_iter()
+            .map(|m| (m, limits.get(m).count))
+            .collect(),
+    );
+    // The worst step: the first `max_num_batched_tokens` tokens of the longest prompt, after every item
+    // of it (as many of the costliest as the limits allow) went through its modality's path.
+    let seq_len = max_model_len.saturating_sub(1).max(1);
+    let mut dummy = entry.dummy_data(
+        ctx,
+        &DummyRequest {
+            seq_len,
+            counts: counts.clone(),
+        },
+    )?;
+    limits.cap_dummy(&mut dummy.multimodal);
+    let prepared = prepare(entry, ctx, dummy, usize::MAX)?;
+    let dummy_prompt_tokens = prepared.processed.token_ids.len();
+    let dummy_items = prepared.processed.multimodal.counts();
+    let largest_item_tokens = prepared
+        .processed
+        .placeholders
+        .iter()
+        .map(|r| r.embedded())
+        .max()
+        .unwrap_or(0);
+    {
+        let _guard = tch::no_grad_guard();
+        let positions = prepared.processed.positions.clone();
+        let embeds = embed_prompt(entry, model, prepared)?;
+        let step_tokens = dummy_prompt_tokens.min(options.max_num_batched_tokens.max(1));
+        let embeds = embeds.narrow(0, 0, step_tokens as i64);
+        let spec = model.kv_cache_spec();
+        let mut cache = PagedKvCache::new(
+            spec,
+            step_tokens.div_ceil(options.block_size),
+            options.block_size,
+            model.device(),
+        )?;
+        let blocks: Vec<u32> = (0..cache.num_blocks() as u32).collect();
+        let mut batch = attention_batch(
+            &[(&blocks, 0, step_tokens)],
+            options.block_size,
+            true,
+            model.device(),
+        )?;
+        let seq = SeqPositions {
+            context: 0,
+            new: step_tokens,
+            prompt: positions.as_ref(),
+        };
+        set_positions(
+            &mut batch,
+            model.position_sections(),
+            &[seq],
+            model.device(),
+        )?;
+        model
+            .forward(&embeds, &mut Step::new(&batch, &mut cache))?
+            .f_sum(Kind::Float)?
+            .double_value(&[]);
+    }
+    Ok(DummyStep {
+        dummy_prompt_tokens,
+        dummy_items,
+        largest_item_tokens,
+    })
 }
 
 /// How the KV cache's bytes split between the global layers' blocks and the sliding-window layers'

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use tch::{Device, Tensor};
 
 use mmreg_core::registry::ModelEntry;
+use mmreg_core::step::AttentionBatch;
 use mmreg_core::{
-    Error, ModelContext, MultiModalModel, PagedKvCache, PromptPositions, Result, Step, TensorMap,
+    Collectives, Error, ModelContext, MultiModalModel, PagedKvCache, PromptPositions, Result, Step,
+    TensorMap,
 };
 
 use crate::block_pool::{block_hash, BlockPool, Hash};
@@ -24,6 +26,7 @@ use crate::engine::{
 };
 use crate::generate::top_token_ids;
 use crate::items::PreparedRequest;
+use crate::ranks::{RankState, Ranks};
 use crate::sampling::{token_logprobs, Sampler, SamplingParams};
 use crate::sliding_pool::SlidingPool;
 use crate::step_graphs::{DecodeRow, FixedShapeSteps};
@@ -146,6 +149,8 @@ pub(crate) struct Scheduler {
     encoder_cache: EncoderCache,
     /// Decode-only steps and lone prefills in fixed shapes (CUDA graphs on a GPU), where enabled.
     fixed_steps: Option<FixedShapeSteps>,
+    /// The other ranks of a tensor-parallel engine (this thread is rank 0).
+    ranks: Option<Ranks>,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     max_num_seqs: usize,
@@ -188,6 +193,7 @@ impl Scheduler {
             sliding,
             encoder_cache: EncoderCache::new(options.encoder_cache_bytes),
             fixed_steps,
+            ranks: None,
             waiting: VecDeque::new(),
             running: Vec::new(),
             max_num_seqs: options.max_num_seqs,
@@ -434,6 +440,25 @@ impl Scheduler {
         let started = std::time::Instant::now();
         let decodes_only = plan.iter().all(|s| self.running[s.seq].decoding());
         let fixed = match &mut self.fixed_steps {
+            Some(_) if decodes_only && self.ranks.is_some() => {
+                let rows: Vec<DecodeRow> = plan
+                    .iter()
+                    .map(|s| {
+                        let seq = &self.running[s.seq];
+                        DecodeRow {
+                            token: seq.generated.last().copied().unwrap_or_default(),
+                            blocks: &seq.blocks,
+                            sliding_blocks: &seq.sliding_blocks,
+                            len: seq.len(),
+                            position_delta: seq.positions().map_or(0, |p| p.delta),
+                        }
+                    })
+                    .collect();
+                // The rows borrow the running sequences; the step needs the scheduler mutably.
+                let rows: Vec<OwnedDecodeRow> = rows.iter().map(OwnedDecodeRow::from).collect();
+                let rows: Vec<DecodeRow> = rows.iter().map(OwnedDecodeRow::row).collect();
+                self.parallel_decode(&rows)?
+            }
             Some(fixed) if decodes_only => {
                 let rows: Vec<DecodeRow> = plan
                     .iter()
@@ -655,9 +680,9 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The step's input embeddings, packed in plan order: each token's embedding, with the features of
-    /// the items whose placeholders fall in a chunk written over those rows.
-    fn step_embeddings(&mut self, plan: &[Scheduled]) -> Result<Tensor> {
+    /// The step's token ids (on the host), and the features of the items whose placeholders fall in a
+    /// chunk with the rows they go to.
+    fn step_inputs(&mut self, plan: &[Scheduled]) -> Result<StepInputs> {
         self.encode_items(plan)?;
         let device = self.model.device();
         let mut ids = Vec::new();
@@ -689,15 +714,11 @@ impl Scheduler {
                 rows.extend(at);
             }
         }
-        let mut embeds = self
-            .model
-            .embed_tokens(&Tensor::from_slice(&ids).to_device(device))?;
-        if !rows.is_empty() {
-            let features = Tensor::f_cat(&features, 0)?.to_kind(embeds.kind());
-            let rows = Tensor::from_slice(&rows).to_device(device);
-            let _ = embeds.f_index_copy_(0, &rows, &features)?;
-        }
-        Ok(embeds)
+        Ok(StepInputs {
+            ids: Tensor::from_slice(&ids),
+            rows,
+            features,
+        })
     }
 
     /// A step of any mix of prefill chunks and decodes, packed along one axis: the logits of each
@@ -709,12 +730,18 @@ impl Scheduler {
         started: std::time::Instant,
     ) -> Result<(Tensor, usize, f64)> {
         let device = self.model.device();
-        let embeds = self.step_embeddings(plan)?;
+        let inputs = self.step_inputs(plan)?;
         let prefill_tokens = plan
             .iter()
             .filter(|s| !self.running[s.seq].decoding())
             .map(|s| s.new)
             .sum();
+        if self.ranks.is_some() {
+            let batch = self.step_batch(plan)?;
+            let logits = self.parallel_forward(inputs, &batch)?;
+            return Ok((logits, prefill_tokens, 0.0));
+        }
+        let embeds = inputs.embed(self.model.as_ref())?;
         let mut embed_seconds = 0.0;
         if self.counters.time_embeddings.load(Ordering::Relaxed) {
             // Benchmarks only: wait for the embeddings (vision path included) to time them apart.
@@ -723,10 +750,33 @@ impl Scheduler {
             }
             embed_seconds = started.elapsed().as_secs_f64();
         }
-        let tables: Vec<&[u32]> = plan
-            .iter()
-            .map(|s| self.running[s.seq].sliding_blocks.as_slice())
-            .collect();
+        if let (Some(fixed), &[only]) = (&mut self.fixed_steps, plan) {
+            let seq = &self.running[only.seq];
+            if seq.computed == 0 && seq.request.processed.bidirectional.is_empty() {
+                // One causal sequence prefilled alone, from its start.
+                if let Some(logits) = fixed.prefill(
+                    self.model.as_ref(),
+                    &mut self.cache,
+                    &embeds,
+                    &seq.blocks,
+                    &seq.sliding_blocks,
+                    seq.positions(),
+                )? {
+                    return Ok((logits, prefill_tokens, embed_seconds));
+                }
+            }
+        }
+        let batch = self.step_batch(plan)?;
+        let logits = self
+            .model
+            .forward(&embeds, &mut Step::new(&batch, &mut self.cache))?;
+        Ok((logits, prefill_tokens, embed_seconds))
+    }
+
+    /// The step's layout: each sequence's slots in the cache (both pools), its bidirectional runs and
+    /// its tokens' positions.
+    fn step_batch(&self, plan: &[Scheduled]) -> Result<AttentionBatch> {
+        let device = self.model.device();
         let layout: Vec<(&[u32], usize, usize)> = plan
             .iter()
             .map(|s| {
@@ -734,6 +784,7 @@ impl Scheduler {
                 (seq.blocks.as_slice(), seq.computed, s.new)
             })
             .collect();
+        let mut batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
         let spans: Vec<&[std::ops::Range<usize>]> = plan
             .iter()
             .map(|s| {
@@ -744,26 +795,12 @@ impl Scheduler {
                     .as_slice()
             })
             .collect();
-        let causal = spans.iter().all(|s| s.is_empty());
-        if let (Some(fixed), &[(blocks, 0, _)], true) =
-            (&mut self.fixed_steps, layout.as_slice(), causal)
-        {
-            // One causal sequence prefilled alone, from its start.
-            let positions = self.running[plan[0].seq].positions();
-            if let Some(logits) = fixed.prefill(
-                self.model.as_ref(),
-                &mut self.cache,
-                &embeds,
-                blocks,
-                tables[0],
-                positions,
-            )? {
-                return Ok((logits, prefill_tokens, embed_seconds));
-            }
-        }
-        let mut batch = attention_batch(&layout, self.cache.block_size(), true, device)?;
         set_bidirectional(&mut batch, &spans, device);
         if let Some(sliding) = &self.sliding {
+            let tables: Vec<&[u32]> = plan
+                .iter()
+                .map(|s| self.running[s.seq].sliding_blocks.as_slice())
+                .collect();
             let block_size = self.cache.block_size();
             set_sliding_slots(&mut batch, &tables, block_size, sliding.null_slot(), device)?;
         }
@@ -784,10 +821,91 @@ impl Scheduler {
             &positions,
             device,
         )?;
-        let logits = self
-            .model
-            .forward(&embeds, &mut Step::new(&batch, &mut self.cache))?;
-        Ok((logits, prefill_tokens, embed_seconds))
+        Ok(batch)
+    }
+
+    /// A packed step on every tensor-parallel rank: each embeds the step's ids (the vocab-parallel
+    /// lookup sums over the group), rank 0 writes the item features over their rows and broadcasts the
+    /// result when there are any, and every rank runs the decoder on its shard. Rank 0's logits.
+    fn parallel_forward(&mut self, inputs: StepInputs, batch: &AttentionBatch) -> Result<Tensor> {
+        let merge = !inputs.rows.is_empty();
+        let (model, cache) = (self.model.as_ref(), &mut self.cache);
+        let ranks = self
+            .ranks
+            .as_mut()
+            .ok_or_else(|| Error::Engine("no tensor-parallel ranks".into()))?;
+        let group = ranks.group().clone();
+        let ids = &inputs.ids;
+        ranks.run(
+            |_, device| {
+                let (ids, batch) = (ids.shallow_clone(), batch.to_device(device));
+                Box::new(move |state: &mut RankState| {
+                    let mut embeds = state.model.embed_tokens(&ids.to_device(state.device))?;
+                    if merge {
+                        state.group.broadcast(&mut embeds, 0)?;
+                    }
+                    let cache = state
+                        .cache
+                        .as_mut()
+                        .ok_or_else(|| Error::Engine("a rank has no KV cache".into()))?;
+                    state
+                        .model
+                        .forward(&embeds, &mut Step::new(&batch, cache))
+                        .map(|_| ())
+                })
+            },
+            || {
+                let mut embeds = inputs.embed(model)?;
+                if merge {
+                    group.broadcast(&mut embeds, 0)?;
+                }
+                model.forward(&embeds, &mut Step::new(batch, cache))
+            },
+        )
+    }
+
+    /// A decode step in fixed shapes on every tensor-parallel rank (each replays its own graph).
+    fn parallel_decode(&mut self, rows: &[DecodeRow]) -> Result<Option<Tensor>> {
+        let (Some(fixed), Some(ranks)) = (&mut self.fixed_steps, &mut self.ranks) else {
+            return Ok(None);
+        };
+        let Some(planned) = fixed.plan_decode(rows) else {
+            return Ok(None);
+        };
+        let (model, cache) = (self.model.as_ref(), &mut self.cache);
+        ranks
+            .run(
+                |_, _| {
+                    let planned = planned.shallow_clone();
+                    Box::new(move |state: &mut RankState| {
+                        let (Some(fixed), Some(cache)) = (&mut state.fixed, &mut state.cache)
+                        else {
+                            return Err(Error::Engine(
+                                "a rank has no fixed-shape steps or KV cache".into(),
+                            ));
+                        };
+                        fixed
+                            .replay_decode(state.model.as_ref(), cache, &planned)
+                            .map(|_| ())
+                    })
+                },
+                || fixed.replay_decode(model, cache, &planned),
+            )
+            .map(Some)
+    }
+
+    /// Hands the scheduler the other ranks of a tensor-parallel engine.
+    pub(crate) fn set_ranks(&mut self, ranks: Ranks) {
+        self.ranks = Some(ranks);
+    }
+
+    pub(crate) fn has_fixed_steps(&self) -> bool {
+        self.fixed_steps.is_some()
+    }
+
+    /// The sliding-window pool's null slot (the fixed-shape steps' scratch there), if there is one.
+    pub(crate) fn sliding_null_slot(&self) -> Option<i64> {
+        self.sliding.as_ref().map(SlidingPool::null_slot)
     }
 }
 
@@ -818,6 +936,60 @@ fn grow(
         && sliding
             .as_mut()
             .is_none_or(|s| s.grow(&mut seq.sliding_blocks, seq.computed, tokens))
+}
+
+/// A decode row that owns its block lists (a step of a tensor-parallel engine borrows the scheduler
+/// mutably while it runs).
+struct OwnedDecodeRow {
+    token: u32,
+    blocks: Vec<u32>,
+    sliding_blocks: Vec<u32>,
+    len: usize,
+    position_delta: i64,
+}
+
+impl OwnedDecodeRow {
+    fn from(row: &DecodeRow) -> Self {
+        Self {
+            token: row.token,
+            blocks: row.blocks.to_vec(),
+            sliding_blocks: row.sliding_blocks.to_vec(),
+            len: row.len,
+            position_delta: row.position_delta,
+        }
+    }
+
+    fn row(&self) -> DecodeRow<'_> {
+        DecodeRow {
+            token: self.token,
+            blocks: &self.blocks,
+            sliding_blocks: &self.sliding_blocks,
+            len: self.len,
+            position_delta: self.position_delta,
+        }
+    }
+}
+
+/// A step's token ids and the item features written over some of their rows.
+struct StepInputs {
+    /// `[tokens]`, on the host.
+    ids: Tensor,
+    rows: Vec<i64>,
+    features: Vec<Tensor>,
+}
+
+impl StepInputs {
+    /// The token embeddings with the features written over their rows.
+    fn embed(&self, model: &dyn MultiModalModel) -> Result<Tensor> {
+        let device = model.device();
+        let mut embeds = model.embed_tokens(&self.ids.to_device(device))?;
+        if !self.rows.is_empty() {
+            let features = Tensor::f_cat(&self.features, 0)?.to_kind(embeds.kind());
+            let rows = Tensor::from_slice(&self.rows).to_device(device);
+            let _ = embeds.f_index_copy_(0, &rows, &features)?;
+        }
+        Ok(embeds)
+    }
 }
 
 /// What a caught panic said, for an error message: "`what` panicked: …".

@@ -45,6 +45,24 @@ pub(crate) struct DecodeRow<'a> {
     pub position_delta: i64,
 }
 
+/// A decode step in its bucket, with its inputs packed on the host.
+pub(crate) struct PlannedDecode {
+    batch: usize,
+    context: usize,
+    rows: usize,
+    packed: Tensor,
+}
+
+impl PlannedDecode {
+    /// A copy for another rank (the inputs are host memory).
+    pub(crate) fn shallow_clone(&self) -> Self {
+        Self {
+            packed: self.packed.shallow_clone(),
+            ..*self
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Bucket {
     Decode { batch: usize, context: usize },
@@ -91,9 +109,18 @@ impl FixedShapeSteps {
         cache: &mut PagedKvCache,
         rows: &[DecodeRow],
     ) -> Result<Option<Tensor>> {
+        let Some(planned) = self.plan_decode(rows) else {
+            return Ok(None);
+        };
+        self.replay_decode(model, cache, &planned).map(Some)
+    }
+
+    /// The bucket and packed inputs of a step of single-token decodes, or `None` if it fits no bucket:
+    /// what every rank of a tensor-parallel engine replays ([`Self::replay_decode`]).
+    pub(crate) fn plan_decode(&self, rows: &[DecodeRow]) -> Option<PlannedDecode> {
         let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
         let batch = match rows.len() {
-            0 => return Ok(None),
+            0 => return None,
             n @ (1 | 2 | 4 | 8) => n,
             3 => 4,
             5..=7 => 8,
@@ -101,20 +128,36 @@ impl FixedShapeSteps {
         };
         let context = longest.next_multiple_of(CONTEXT_STEP);
         if batch > self.max_batch.next_multiple_of(8) || context > MAX_GRAPH_CONTEXT {
-            return Ok(None);
+            return None;
         }
-        let packed = Tensor::from_slice(&self.pack_decode(rows, batch, context));
-        let bucket = Bucket::Decode { batch, context };
+        Some(PlannedDecode {
+            batch,
+            context,
+            rows: rows.len(),
+            packed: Tensor::from_slice(&self.pack_decode(rows, batch, context)),
+        })
+    }
+
+    /// Runs (or replays) a planned decode step: `[rows, vocab]` logits, valid until the next step.
+    pub(crate) fn replay_decode(
+        &mut self,
+        model: &dyn MultiModalModel,
+        cache: &mut PagedKvCache,
+        planned: &PlannedDecode,
+    ) -> Result<Tensor> {
+        let (batch, context) = (planned.batch, planned.context);
         let shape = DecodeShape {
             batch,
             context,
             sections: self.sections,
             sliding: self.sliding_scratch.is_some(),
         };
-        let logits = self.graphs.run(bucket, &[&packed], |inputs| {
-            decode_step(model, &mut *cache, &inputs[0], shape)
-        })?;
-        Ok(Some(logits.narrow(0, 0, rows.len() as i64)))
+        let logits = self.graphs.run(
+            Bucket::Decode { batch, context },
+            &[&planned.packed],
+            |inputs| decode_step(model, &mut *cache, &inputs[0], shape),
+        )?;
+        Ok(logits.narrow(0, 0, planned.rows as i64))
     }
 
     /// The logits `[1, vocab]` of the last token of one sequence prefilled alone from `embeds`

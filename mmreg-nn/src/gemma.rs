@@ -412,14 +412,14 @@ impl GemmaDecoderLayer {
             ) {
                 (Some(pre), Some(post)) => {
                     let hidden = hidden + self.post_attention_layernorm.forward(&attn);
-                    let mlp = self.mlp.forward(&pre.forward(&hidden));
+                    let mlp = self.mlp.forward(&pre.forward(&hidden))?;
                     hidden + post.forward(&mlp)
                 }
                 _ => {
                     let hidden = hidden + attn;
                     let mlp = self
                         .mlp
-                        .forward(&self.post_attention_layernorm.forward(&hidden));
+                        .forward(&self.post_attention_layernorm.forward(&hidden))?;
                     hidden + mlp
                 }
             },
@@ -447,6 +447,12 @@ impl Gemma {
     /// Loads `embed_tokens`, `layers` and `norm` from `loader`, and `lm_head` from its own loader (or the
     /// token embeddings, with `tie_word_embeddings`).
     pub fn load(loader: &Loader, lm_head: &Loader, config: GemmaConfig) -> Result<Self> {
+        if loader.rank_and_size().1 > 1 {
+            return Err(Error::config(
+                "config.json",
+                "tensor parallelism is not supported for the Gemma decoders yet (PaliGemma, Gemma 3): run them with --tensor-parallel-size 1",
+            ));
+        }
         let c = &config;
         let layers = (0..c.num_hidden_layers)
             .map(|i| GemmaDecoderLayer::load(&loader.pp("layers").pp(i), i, c))
@@ -494,7 +500,7 @@ impl LanguageModel for Gemma {
     /// (PaliGemma's `<image>` is one past the vocabulary), whose rows the vision features replace.
     fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
         let ids = token_ids.masked_fill(&token_ids.ge(self.config.vocab_size), 0);
-        Ok(self.embed_tokens.forward(&ids) * &self.embed_scale)
+        Ok(self.embed_tokens.forward(&ids)? * &self.embed_scale)
     }
 
     fn forward(&self, inputs_embeds: &Tensor, step: &mut Step) -> Result<Tensor> {

@@ -10,6 +10,9 @@
 //! - Towers and decoders: [`clip`] (the CLIP vision tower and its `PixelValues` inputs), [`llama`] (the
 //!   Llama/Mistral decoder), [`projector`] (LLaVA's multimodal projector), [`siglip`] (the SigLIP
 //!   vision tower), [`gemma`] (the Gemma and Gemma 3 decoders).
+//! - Tensor parallelism: [`parallel`] (column- and row-parallel linear layers, the vocab-parallel
+//!   embedding and LM head); the Llama decoder is built from them and runs sharded when its model is
+//!   loaded as a rank of a group.
 
 mod activation;
 pub mod attention;
@@ -19,6 +22,7 @@ mod linear;
 pub mod llama;
 mod loader;
 mod norm;
+pub mod parallel;
 pub mod projector;
 pub mod rotary;
 pub mod siglip;
@@ -28,3 +32,4 @@ pub use attention::Attention;
 pub use linear::{Embedding, Linear};
 pub use loader::Loader;
 pub use norm::{LayerNorm, RmsNorm};
+pub use parallel::{LmHead, RowParallelLinear};

@@ -1,8 +1,12 @@
 //! Linear layers, and several projections of one input stacked into one matrix multiply.
 
-use mmreg_core::Result;
+use std::sync::Arc;
+
+use mmreg_core::parallel::shard;
+use mmreg_core::{Collectives, Result};
 use tch::Tensor;
 
+use crate::parallel::embed_parallel;
 use crate::Loader;
 
 /// `x · weightᵀ + bias`, HF's `nn.Linear`.
@@ -46,26 +50,62 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.linear(&self.weight, self.bias.as_ref())
     }
+
+    /// `[out_features, in_features]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
 }
 
-/// A token embedding table (`embed_tokens`): ids of any shape → that shape plus `[hidden]`.
+/// A token embedding table (`embed_tokens`): ids of any shape → that shape plus `[hidden]`. Loaded as a
+/// rank of a tensor-parallel group, it holds its run of the vocabulary (see [`crate::parallel`]).
 pub struct Embedding {
     weight: Tensor,
+    /// The first id of this rank's run, and the whole vocabulary.
+    start: i64,
+    vocab: i64,
+    per_rank: i64,
+    group: Option<Arc<dyn Collectives>>,
 }
 
 impl Embedding {
     pub fn load(loader: &Loader, vocab_size: i64, hidden_size: i64) -> Result<Self> {
+        let (rank, size) = loader.rank_and_size();
+        let (start, len) = shard(vocab_size, rank, size);
         Ok(Self {
-            weight: loader.get("weight", &[vocab_size, hidden_size])?,
+            weight: loader.get_slice("weight", &[vocab_size, hidden_size], 0, start, len)?,
+            start,
+            vocab: vocab_size,
+            per_rank: shard(vocab_size, 0, size).1,
+            group: loader.tensor_parallel().filter(|g| g.size() > 1).cloned(),
         })
     }
 
-    pub fn forward(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.weight, ids, -1, false, false)
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.group {
+            None => Ok(Tensor::f_embedding(&self.weight, ids, -1, false, false)?),
+            Some(group) => embed_parallel(&self.weight, ids, self.start, group),
+        }
     }
 
-    /// The table, `[vocab, hidden]` (a tied LM head reads it).
+    /// This rank's rows of the table, `[vocab or its run, hidden]` (a tied LM head reads them).
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    pub(crate) fn vocab(&self) -> i64 {
+        self.vocab
+    }
+
+    pub(crate) fn per_rank(&self) -> i64 {
+        self.per_rank
+    }
+
+    pub(crate) fn group(&self) -> Option<&Arc<dyn Collectives>> {
+        self.group.as_ref()
     }
 }

@@ -6,8 +6,9 @@ use mmreg_core::{Error, KvCacheSpec, LanguageModel, Result, Step};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::parallel::split_heads;
 use crate::rotary::{RopeKind, RopeScaling, RotaryAt, RotaryEmbedding};
-use crate::{Activation, Attention, Embedding, Linear, Loader, RmsNorm};
+use crate::{Activation, Attention, Embedding, Linear, LmHead, Loader, RmsNorm, RowParallelLinear};
 
 /// `text_config` as written in config.json: every key optional, defaults depend on `model_type`.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -183,11 +184,12 @@ impl TextConfigJson {
     }
 }
 
-/// `self_attn`: the stacked q/k/v projection, attention over the KV cache, `o_proj`.
+/// `self_attn`: the stacked q/k/v projection, attention over the KV cache, `o_proj`. As a rank of a
+/// tensor-parallel group it holds its share of the heads (`heads`, `kv_heads` are this rank's).
 struct LlamaAttention {
     /// `q_proj`, `k_proj` and `v_proj` stacked: one matrix multiply.
     qkv_proj: Linear,
-    o_proj: Linear,
+    o_proj: RowParallelLinear,
     attn: Attention,
     heads: i64,
     kv_heads: i64,
@@ -198,20 +200,24 @@ impl LlamaAttention {
     fn load(loader: &Loader, layer: usize, c: &TextConfig) -> Result<Self> {
         let (h, d) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        let (rank, size) = loader.rank_and_size();
+        let ((q0, heads), (kv0, kv_heads)) =
+            split_heads(c.num_attention_heads, c.num_key_value_heads, rank, size)?;
+        let rows = |first: i64, count: i64| (first * d, count * d);
         Ok(Self {
-            qkv_proj: Linear::load_stacked(
+            qkv_proj: Linear::load_stacked_rows(
                 &[
-                    (&loader.pp("q_proj"), q),
-                    (&loader.pp("k_proj"), kv),
-                    (&loader.pp("v_proj"), kv),
+                    (&loader.pp("q_proj"), q, rows(q0, heads)),
+                    (&loader.pp("k_proj"), kv, rows(kv0, kv_heads)),
+                    (&loader.pp("v_proj"), kv, rows(kv0, kv_heads)),
                 ],
                 h,
                 c.qkv_bias,
             )?,
-            o_proj: Linear::load(&loader.pp("o_proj"), q, h, false)?,
-            attn: Attention::new(layer, c.num_attention_heads, c.num_key_value_heads, d),
-            heads: c.num_attention_heads,
-            kv_heads: c.num_key_value_heads,
+            o_proj: RowParallelLinear::load(&loader.pp("o_proj"), q, h, false)?,
+            attn: Attention::new(layer, heads, kv_heads, d),
+            heads,
+            kv_heads,
             head_dim: d,
         })
     }
@@ -223,17 +229,17 @@ impl LlamaAttention {
             .forward(x)
             .view([t, self.heads + 2 * self.kv_heads, self.head_dim]);
         let out = self.attn.forward_rotary(&qkv, rotary, step)?;
-        Ok(self
-            .o_proj
-            .forward(&out.reshape([t, self.heads * self.head_dim])))
+        self.o_proj
+            .forward(&out.reshape([t, self.heads * self.head_dim]))
     }
 }
 
 /// `mlp`: `down_proj(act(gate_proj(x)) * up_proj(x))`, gate and up stacked into one matrix multiply
-/// (SwiGLU for Llama, GeGLU for Gemma).
+/// (SwiGLU for Llama, GeGLU for Gemma); as a rank of a tensor-parallel group, its share of the
+/// intermediate features.
 pub(crate) struct Mlp {
     gate_up_proj: Linear,
-    down_proj: Linear,
+    down_proj: RowParallelLinear,
     act: Activation,
 }
 
@@ -244,18 +250,24 @@ impl Mlp {
 
     /// `hidden → intermediate → hidden` with the activation named `act`.
     pub(crate) fn load_sized(loader: &Loader, h: i64, i: i64, act: &str) -> Result<Self> {
+        // Each rank's run of intermediate features (the last run shorter when `i` does not divide).
+        let (rank, size) = loader.rank_and_size();
+        let rows = mmreg_core::parallel::shard(i, rank, size);
         Ok(Self {
-            gate_up_proj: Linear::load_stacked(
-                &[(&loader.pp("gate_proj"), i), (&loader.pp("up_proj"), i)],
+            gate_up_proj: Linear::load_stacked_rows(
+                &[
+                    (&loader.pp("gate_proj"), i, rows),
+                    (&loader.pp("up_proj"), i, rows),
+                ],
                 h,
                 false,
             )?,
-            down_proj: Linear::load(&loader.pp("down_proj"), i, h, false)?,
+            down_proj: RowParallelLinear::load(&loader.pp("down_proj"), i, h, false)?,
             act: Activation::parse(act)?,
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.down_proj
             .forward(&self.act.gated(&self.gate_up_proj.forward(x)))
     }
@@ -287,7 +299,7 @@ impl DecoderLayer {
         };
         let attn = self.self_attn.forward(&normed, rotary, step)?;
         let (residual, normed) = self.post_attention_layernorm.forward_add(&residual, &attn);
-        Ok((self.mlp.forward(&normed), residual))
+        Ok((self.mlp.forward(&normed)?, residual))
     }
 }
 
@@ -296,9 +308,11 @@ pub struct Llama {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    lm_head: LmHead,
     rotary_emb: RotaryEmbedding,
     pub config: TextConfig,
+    /// Key/value heads this rank keeps (all of them without tensor parallelism).
+    kv_heads: i64,
     device: Device,
 }
 
@@ -329,10 +343,13 @@ impl Llama {
         let lm_head = if c.tie_word_embeddings {
             // Some tied checkpoints still ship a copy as `lm_head.weight`; the embeddings are what HF reads.
             lm_head.skip_all();
-            Linear::from_weight(embed_tokens.weight().shallow_clone(), None)
+            LmHead::tied(&embed_tokens)
         } else {
-            Linear::load(lm_head, c.hidden_size, c.vocab_size, false)?
+            LmHead::load(lm_head, c.hidden_size, c.vocab_size)?
         };
+        let (rank, size) = loader.rank_and_size();
+        let (_, (_, kv_heads)) =
+            split_heads(c.num_attention_heads, c.num_key_value_heads, rank, size)?;
         let mut rotary_emb = RotaryEmbedding::new(c.head_dim, c.rope_theta, c.rope_kind, device);
         if let Some(sections) = &c.mrope_section {
             rotary_emb = rotary_emb.with_mrope_section(sections.clone());
@@ -345,13 +362,14 @@ impl Llama {
             rotary_emb,
             device,
             config,
+            kv_heads,
         })
     }
 }
 
 impl LanguageModel for Llama {
     fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
-        Ok(self.embed_tokens.forward(token_ids))
+        self.embed_tokens.forward(token_ids)
     }
 
     /// Logits `[rows, vocab]` of the rows the step asks for, for `[tokens, hidden]` embeddings.
@@ -367,17 +385,12 @@ impl LanguageModel for Llama {
             Some(residual) => self.norm.forward_add(&residual, &hidden).1,
             None => self.norm.forward(&hidden),
         };
-        Ok(self.lm_head.forward(&step.logits_rows(normed)?))
+        self.lm_head.forward(&step.logits_rows(normed)?)
     }
 
     fn kv_cache_spec(&self) -> KvCacheSpec {
         let c = &self.config;
-        KvCacheSpec::new(
-            c.num_hidden_layers,
-            c.num_key_value_heads,
-            c.head_dim,
-            self.dtype(),
-        )
+        KvCacheSpec::new(c.num_hidden_layers, self.kv_heads, c.head_dim, self.dtype())
     }
 
     fn device(&self) -> Device {

@@ -135,7 +135,7 @@ impl MultiModalModel for ToyVlm {
 
 impl LanguageModel for ToyVlm {
     fn embed_tokens(&self, token_ids: &Tensor) -> Result<Tensor> {
-        Ok(self.embed_tokens.forward(token_ids))
+        self.embed_tokens.forward(token_ids)
     }
 
     fn forward(&self, inputs_embeds: &Tensor, step: &mut Step) -> Result<Tensor> {

@@ -1,0 +1,188 @@
+//! The ranks of a tensor-parallel engine past the first: one thread per rank, each holding its shard of
+//! the model, its KV cache and its fixed-shape steps on its own device. The scheduler (rank 0's thread)
+//! stays one: for every step it hands each rank a job that runs the same step on that rank's state,
+//! runs its own part, then waits for every rank. The model's collectives (inside the parallel layers)
+//! keep the ranks in lockstep; a collective whose peer never comes fails after the group's timeout, and a
+//! rank that failed or panicked fails the step and then every later one, with the rank's error.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use mmreg_core::{Error, MultiModalModel, PagedKvCache, Result};
+use tch::Device;
+
+use crate::dist::ProcessGroup;
+use crate::scheduler::panic_message;
+use crate::step_graphs::FixedShapeSteps;
+
+/// What a rank holds.
+pub(crate) struct RankState {
+    pub model: Box<dyn MultiModalModel>,
+    pub cache: Option<PagedKvCache>,
+    pub fixed: Option<FixedShapeSteps>,
+    pub group: Arc<ProcessGroup>,
+    pub device: Device,
+}
+
+pub(crate) type Job = Box<dyn FnOnce(&mut RankState) -> Result<()> + Send>;
+
+struct Worker {
+    rank: usize,
+    device: Device,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Result<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Ranks `1..size` of the group, and rank 0's membership (its state lives in the scheduler).
+pub(crate) struct Ranks {
+    workers: Vec<Worker>,
+    group: Arc<ProcessGroup>,
+    /// Set once a rank has failed: the group is out of step, so every later step fails with it.
+    broken: Option<String>,
+}
+
+impl Ranks {
+    /// Starts a thread per rank `1..` that loads its model with `load(rank)` (all at once); the caller
+    /// loads rank 0's meanwhile, then waits for the others with [`Ranks::finish`].
+    pub(crate) fn spawn(
+        groups: &[Arc<ProcessGroup>],
+        devices: &[Device],
+        load: impl Fn(usize) -> Result<Box<dyn MultiModalModel>> + Send + Sync + 'static,
+    ) -> Result<Ranks> {
+        let load = Arc::new(load);
+        let mut workers = Vec::new();
+        for (rank, (group, &device)) in groups.iter().zip(devices).enumerate().skip(1) {
+            let (jobs_tx, jobs_rx) = channel::<Job>();
+            let (done_tx, done_rx) = channel::<Result<()>>();
+            let (load, group) = (load.clone(), group.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("mmreg-rank-{rank}"))
+                .spawn(move || {
+                    let _guard = tch::no_grad_guard();
+                    let loaded =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(rank)))
+                            .unwrap_or_else(|p| Err(Error::Engine(panic_message("loading", p))));
+                    let mut state = match loaded {
+                        Ok(model) => {
+                            let _ = done_tx.send(Ok(()));
+                            RankState {
+                                model,
+                                cache: None,
+                                fixed: None,
+                                group,
+                                device,
+                            }
+                        }
+                        Err(e) => {
+                            let _ = done_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    for job in jobs_rx {
+                        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(&mut state)
+                        }))
+                        .unwrap_or_else(|p| Err(Error::Engine(panic_message("the step", p))));
+                        if done_tx.send(result).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .map_err(|e| Error::Engine(format!("could not start rank {rank}: {e}")))?;
+            workers.push(Worker {
+                rank,
+                device,
+                jobs: Some(jobs_tx),
+                done: done_rx,
+                thread: Some(thread),
+            });
+        }
+        Ok(Ranks {
+            workers,
+            group: groups[0].clone(),
+            broken: None,
+        })
+    }
+
+    /// Rank 0's membership of the group.
+    pub(crate) fn group(&self) -> &Arc<ProcessGroup> {
+        &self.group
+    }
+
+    /// Hands every rank its job (`make(rank, device)` is called here, on the scheduler's thread).
+    pub(crate) fn start(&mut self, make: impl Fn(usize, Device) -> Job) -> Result<()> {
+        if let Some(error) = &self.broken {
+            return Err(Error::Engine(error.clone()));
+        }
+        for worker in &self.workers {
+            let sent = worker
+                .jobs
+                .as_ref()
+                .is_some_and(|jobs| jobs.send(make(worker.rank, worker.device)).is_ok());
+            if !sent {
+                let error = format!("tensor-parallel rank {} has stopped", worker.rank);
+                self.broken = Some(error.clone());
+                return Err(Error::Engine(error));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every rank's job; the first error (a rank's, or `local`, rank 0's) fails the step.
+    pub(crate) fn finish(&mut self) -> Result<()> {
+        let mut first = None;
+        for worker in &self.workers {
+            let result = worker.done.recv().unwrap_or_else(|_| {
+                Err(Error::Engine(format!(
+                    "tensor-parallel rank {} has stopped",
+                    worker.rank
+                )))
+            });
+            if let Err(e) = result {
+                first.get_or_insert(format!("tensor-parallel rank {}: {e}", worker.rank));
+            }
+        }
+        match first {
+            Some(error) => {
+                self.broken = Some(error.clone());
+                Err(Error::Engine(error))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `make`'s job on every rank and `local` on this thread (rank 0) at the same time, and waits
+    /// for all of them.
+    pub(crate) fn run<T>(
+        &mut self,
+        make: impl Fn(usize, Device) -> Job,
+        local: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        self.start(make)?;
+        let ours = local();
+        let theirs = self.finish();
+        match (ours, theirs) {
+            (Ok(value), Ok(())) => Ok(value),
+            (Err(e), Ok(())) => {
+                self.broken = Some(format!("tensor-parallel rank 0: {e}"));
+                Err(e)
+            }
+            (_, Err(e)) => Err(e),
+        }
+    }
+}
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for worker in &mut self.workers {
+            worker.jobs.take();
+        }
+        for worker in &mut self.workers {
+            if let Some(thread) = worker.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
