@@ -203,3 +203,66 @@ fn smolvlm_cli_contracts() {
         "idefics3.rs",
     );
 }
+
+/// `generate --tensor-parallel-size 2` (two Gloo ranks on the CPU) prints HF's greedy tokens for the
+/// tiny LLaVA-NeXT checkpoint, as one rank does; a size the heads do not split over is a clear error.
+#[test]
+fn generate_splits_over_tensor_parallel_ranks() {
+    let fixture = "llava-next-tiny-real";
+    let g = goldens(fixture);
+    let dir = format!("fixtures/{fixture}");
+    let case = g
+        .meta
+        .cases
+        .iter()
+        .find(|c| c.images.len() == 1)
+        .expect("a case with one image");
+    let image = format!("{dir}/{}", case.images[0]);
+    let generate = |tp: &str| {
+        run(&[
+            "generate",
+            "--model",
+            &dir,
+            "--prompt",
+            &case.text,
+            "--image",
+            &image,
+            "--max-tokens",
+            "20",
+            "--max-model-len",
+            "4096",
+            "--tensor-parallel-size",
+            tp,
+            "--json",
+        ])
+    };
+    let output = generate("2");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: Value = serde_json::from_slice(&output.stdout).expect("one JSON object");
+    let tokens: Vec<i64> = json["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no token_ids: {json}"))
+        .iter()
+        .map(|v| v.as_i64().expect("id"))
+        .collect();
+    let all = ids(g.get(&case.name, "generated").expect("golden"));
+    let stops = eos(&repo().join(&dir));
+    let expected = match all.iter().position(|t| stops.contains(t)) {
+        Some(i) => all[..=i].to_vec(),
+        None => all,
+    };
+    assert_eq!(tokens, expected, "--tensor-parallel-size 2");
+
+    // 4 heads over 3 ranks.
+    let refused = generate("3");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("4 attention heads do not split over 3 tensor-parallel ranks"),
+        "{stderr}"
+    );
+}

@@ -396,7 +396,10 @@ impl Engine {
         // their own, each loading its shard of the checkpoint while rank 0 loads its own.
         let tp = options.tensor_parallel_size.max(1);
         let devices = rank_devices(options.device, tp)?;
-        let groups = if tp > 1 {
+        // MMREG_TP_GROUP=1 makes a group even of one rank, so that one GPU runs the collectives (NCCL
+        // inside the CUDA graphs) as every rank of a larger group would.
+        let one_rank_group = std::env::var("MMREG_TP_GROUP").is_ok_and(|v| v == "1");
+        let groups = if tp > 1 || one_rank_group {
             let backend = match options.device {
                 Device::Cuda(_) => Backend::Nccl,
                 _ => Backend::Gloo,

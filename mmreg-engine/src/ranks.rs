@@ -186,3 +186,109 @@ impl Drop for Ranks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use mmreg_core::{Collectives, KvCacheSpec, LanguageModel, Step};
+    use tch::{Kind, Tensor};
+
+    use super::*;
+    use crate::dist::{new_group, Backend};
+
+    /// A model that is only a rank to run jobs on.
+    struct Nothing;
+
+    impl LanguageModel for Nothing {
+        fn embed_tokens(&self, _: &Tensor) -> Result<Tensor> {
+            Ok(Tensor::new())
+        }
+        fn forward(&self, _: &Tensor, _: &mut Step) -> Result<Tensor> {
+            Ok(Tensor::new())
+        }
+        fn kv_cache_spec(&self) -> KvCacheSpec {
+            KvCacheSpec::new(1, 1, 1, Kind::Float)
+        }
+        fn device(&self) -> Device {
+            Device::Cpu
+        }
+        fn max_model_len(&self) -> usize {
+            1
+        }
+    }
+
+    impl MultiModalModel for Nothing {
+        fn language_model(&self) -> &dyn LanguageModel {
+            self
+        }
+    }
+
+    fn ranks(size: usize, timeout: Duration) -> Ranks {
+        let groups = new_group(size, Backend::Gloo, timeout).expect("group");
+        let mut ranks = Ranks::spawn(&groups, &vec![Device::Cpu; size], |_| {
+            Ok(Box::new(Nothing) as Box<dyn MultiModalModel>)
+        })
+        .expect("ranks");
+        ranks.finish().expect("loaded");
+        ranks
+    }
+
+    #[test]
+    fn every_rank_runs_the_step_with_rank_0() {
+        let mut ranks = ranks(3, Duration::from_secs(30));
+        let group = ranks.group().clone();
+        let sum = ranks
+            .run(
+                |rank, _| {
+                    Box::new(move |state: &mut RankState| {
+                        let mut t = Tensor::from_slice(&[rank as f32]);
+                        state.group.all_reduce(&mut t)
+                    })
+                },
+                || {
+                    let mut t = Tensor::from_slice(&[0.0f32]);
+                    group.all_reduce(&mut t)?;
+                    Ok(t.double_value(&[0]))
+                },
+            )
+            .expect("step");
+        assert_eq!(sum, 3.0);
+    }
+
+    #[test]
+    fn a_rank_that_fails_or_panics_fails_the_step_and_every_later_one_without_a_hang() {
+        for panics in [false, true] {
+            let mut ranks = ranks(2, Duration::from_millis(500));
+            let group = ranks.group().clone();
+            let started = std::time::Instant::now();
+            let error = ranks
+                .run(
+                    |_, _| {
+                        Box::new(move |_: &mut RankState| {
+                            if panics {
+                                panic!("rank 1 lost its device");
+                            }
+                            Err(Error::Engine("rank 1 lost its device".into()))
+                        })
+                    },
+                    // Rank 0 waits in a collective that rank 1 never joins: the timeout ends it.
+                    || {
+                        let mut t = Tensor::from_slice(&[1.0f32]);
+                        group.all_reduce(&mut t)
+                    },
+                )
+                .expect_err("rank 1 failed");
+            assert!(started.elapsed() < Duration::from_secs(20));
+            let message = error.to_string();
+            assert!(
+                message.contains("tensor-parallel rank 1") && message.contains("lost its device"),
+                "{message}"
+            );
+            let later = ranks
+                .run(|_, _| Box::new(|_: &mut RankState| Ok(())), || Ok(()))
+                .expect_err("broken");
+            assert!(later.to_string().contains("rank 1"), "{later}");
+        }
+    }
+}

@@ -81,7 +81,7 @@ impl Embedding {
             start,
             vocab: vocab_size,
             per_rank: shard(vocab_size, 0, size).1,
-            group: loader.tensor_parallel().filter(|g| g.size() > 1).cloned(),
+            group: loader.tensor_parallel().cloned(),
         })
     }
 

@@ -72,7 +72,7 @@ impl RowParallelLinear {
             bias: bias
                 .then(|| loader.get("bias", &[out_features]))
                 .transpose()?,
-            group: loader.tensor_parallel().filter(|g| g.size() > 1).cloned(),
+            group: loader.tensor_parallel().cloned(),
         })
     }
 
@@ -168,7 +168,7 @@ impl LmHead {
             weight: loader.get_slice("weight", &[vocab, hidden], 0, start, len)?,
             per_rank: shard(vocab, 0, size).1,
             vocab,
-            group: loader.tensor_parallel().filter(|g| g.size() > 1).cloned(),
+            group: loader.tensor_parallel().cloned(),
         })
     }
 
