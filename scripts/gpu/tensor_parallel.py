@@ -64,7 +64,8 @@ def checkpoint(path):
         model = model_class._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size="5GB")
     for f in os.listdir(fixture):
-        if f.endswith(".json") and f not in ("config.json", "parity.json", "golden.json", "generation_config.json"):
+        if f.endswith(".json") and f not in ("config.json", "parity.json", "golden.json", "generation_config.json",
+                                             "model.safetensors.index.json"):
             shutil.copy(os.path.join(fixture, f), path)
     del model
     torch.cuda.empty_cache()
@@ -100,7 +101,9 @@ def main():
     heads = checkpoint(ckpt)
     proc = AutoProcessor.from_pretrained(ckpt)
     prompt_ids = proc(images=[Image.open(IMAGE).convert("RGB")], text=[PROMPT], return_tensors="pt")["input_ids"][0]
-    prompt_ids = prompt_ids.tolist()
+    # One <image> marker (mmreg's LLaVA input processor expands it; HF's processor already did).
+    ids = prompt_ids.tolist()
+    prompt_ids = [t for i, t in enumerate(ids) if not (t == 32000 and i and ids[i - 1] == 32000)]
     gpus = torch.cuda.device_count()
     variants = [("TP=1", 1, None), ("TP=1, NCCL group of one", 1, {"MMREG_TP_GROUP": "1"})]
     variants += [(f"TP={n}", n, None) for n in (2, 4, 8) if n <= gpus and heads % n == 0]
@@ -110,6 +113,8 @@ def main():
         path = f.name
     ref = json.loads(mmreg(["generate", "--model", ckpt, "--requests", path, "--device", "cuda", "--dtype", "bf16",
                             "--max-model-len", "4096", "--max-tokens", str(STEPS), "--top-logprobs", "5"]).strip())
+    if "token_ids" not in ref:
+        raise RuntimeError(f"TP=1 reference: {ref}")
     ref_tokens, ref_top5 = ref["token_ids"], ref["top_tokens"]
     results = {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "shapes": SHAPES, "prompt_tokens": len(prompt_ids),
                "variants": {}}
