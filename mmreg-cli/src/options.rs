@@ -56,6 +56,17 @@ pub struct ParallelArgs {
     /// `--device cuda:i` (NCCL), or N ranks on the CPU (Gloo). One thread per rank.
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
+    /// Where the vision tower (replicated on every rank) encodes a step's items: `rank0`, or `data`
+    /// (each rank a share, as vLLM's `--mm-encoder-tp-mode data`).
+    #[arg(long, value_enum, default_value = "rank0")]
+    pub mm_encoder_tp_mode: EncoderMode,
+}
+
+/// `--mm-encoder-tp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EncoderMode {
+    Rank0,
+    Data,
 }
 
 impl ParallelArgs {
@@ -65,6 +76,10 @@ impl ParallelArgs {
             bail!("--tensor-parallel-size must be at least 1");
         }
         options.tensor_parallel_size = self.tensor_parallel_size;
+        options.mm_encoder_tp_mode = match self.mm_encoder_tp_mode {
+            EncoderMode::Rank0 => mmreg_engine::EncoderTpMode::Rank0,
+            EncoderMode::Data => mmreg_engine::EncoderTpMode::Data,
+        };
         Ok(())
     }
 }

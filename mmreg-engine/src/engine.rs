@@ -73,6 +73,9 @@ pub struct EngineOptions {
     pub tensor_parallel_size: usize,
     /// How long a collective waits for a peer rank before it fails (and with it the step).
     pub tensor_parallel_timeout: std::time::Duration,
+    /// Where a tensor-parallel engine runs the vision tower (replicated on every rank): on rank 0 for
+    /// every item, or each rank a share of a step's items (vLLM's `mm_encoder_tp_mode="data"`).
+    pub mm_encoder_tp_mode: EncoderTpMode,
     /// How long an idle engine, woken by a request, waits for the rest of a burst of submissions to be
     /// preprocessed so that their prefills share the first step (it stops waiting as soon as none is left).
     pub burst_wait: std::time::Duration,
@@ -96,9 +99,21 @@ impl Default for EngineOptions {
             cuda_graphs: None,
             tensor_parallel_size: 1,
             tensor_parallel_timeout: std::time::Duration::from_secs(300),
+            mm_encoder_tp_mode: EncoderTpMode::Rank0,
             burst_wait: std::time::Duration::from_millis(20),
         }
     }
+}
+
+/// Where a tensor-parallel engine encodes a step's images and videos (see
+/// [`EngineOptions::mm_encoder_tp_mode`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EncoderTpMode {
+    /// Rank 0 encodes every item.
+    #[default]
+    Rank0,
+    /// Each rank encodes a share of the step's calls of the modality's path.
+    Data,
 }
 
 /// An image as a request carries it.
@@ -315,6 +330,9 @@ pub struct EngineCounters {
     pub encoder_cache_misses: AtomicUsize,
     /// Bytes the encoder cache holds (after each step).
     pub encoder_cache_bytes: AtomicUsize,
+    /// Calls of a modality's path run on tensor-parallel ranks other than rank 0
+    /// ([`EncoderTpMode::Data`]).
+    pub encoder_calls_on_other_ranks: AtomicUsize,
 }
 
 /// One scheduler step: tokens prefilled, sequences decoded, and its wall time including sampling.

@@ -106,6 +106,11 @@ impl Ranks {
         })
     }
 
+    /// Ranks in the group, rank 0 included.
+    pub(crate) fn size(&self) -> usize {
+        self.workers.len() + 1
+    }
+
     /// Rank 0's membership of the group.
     pub(crate) fn group(&self) -> &Arc<ProcessGroup> {
         &self.group

@@ -4,15 +4,15 @@
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tch::{Device, Tensor};
 
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::step::AttentionBatch;
 use mmreg_core::{
-    Collectives, Error, ModelContext, MultiModalModel, PagedKvCache, PromptPositions, Result, Step,
-    TensorMap,
+    Collectives, Error, Modality, ModelContext, MultiModalModel, PagedKvCache, PromptPositions,
+    Result, Step, TensorMap,
 };
 
 use crate::block_pool::{block_hash, BlockPool, Hash};
@@ -21,8 +21,8 @@ use crate::blocks::{
 };
 use crate::encoder_cache::EncoderCache;
 use crate::engine::{
-    Completion, EngineCounters, EngineOptions, Event, EventSink, FinishReason, Ready, StepTiming,
-    TokenLogprobs,
+    Completion, EncoderTpMode, EngineCounters, EngineOptions, Event, EventSink, FinishReason,
+    Ready, StepTiming, TokenLogprobs,
 };
 use crate::generate::top_token_ids;
 use crate::items::PreparedRequest;
@@ -151,6 +151,8 @@ pub(crate) struct Scheduler {
     fixed_steps: Option<FixedShapeSteps>,
     /// The other ranks of a tensor-parallel engine (this thread is rank 0).
     ranks: Option<Ranks>,
+    /// Whether a step's items are encoded on every rank (a share each) rather than on rank 0.
+    encoder_data_parallel: bool,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     max_num_seqs: usize,
@@ -194,6 +196,7 @@ impl Scheduler {
             encoder_cache: EncoderCache::new(options.encoder_cache_bytes),
             fixed_steps,
             ranks: None,
+            encoder_data_parallel: options.mm_encoder_tp_mode == EncoderTpMode::Data,
             waiting: VecDeque::new(),
             running: Vec::new(),
             max_num_seqs: options.max_num_seqs,
@@ -607,6 +610,9 @@ impl Scheduler {
                 }
             }
         }
+        // Each call of a modality's path: the items it encodes (at most `max_items_per_embed`, each
+        // distinct item once) and their inputs.
+        let mut calls: Vec<EmbedCall> = Vec::new();
         for modality in self.entry.modalities() {
             let missing: Vec<&(Hash, Vec<(usize, usize)>)> = wanted
                 .iter()
@@ -616,68 +622,112 @@ impl Scheduler {
                 })
                 .collect();
             for group in missing.chunks(self.max_items_per_embed) {
-                let inputs: Vec<TensorMap> = group
+                let inputs = group
                     .iter()
                     .map(|(_, users)| {
                         let (i, k) = users[0];
                         self.running[i].request.items[k].inputs.shallow_clone()
                     })
                     .collect();
-                let joined = if inputs.len() > 1 {
-                    self.entry.concat(
+                calls.push(EmbedCall {
+                    modality,
+                    group: group.iter().map(|&g| g.clone()).collect(),
+                    inputs,
+                });
+            }
+        }
+        let outputs = self.run_embed_calls(&calls)?;
+        for (call, features) in calls.iter().zip(outputs) {
+            let (modality, group) = (call.modality, &call.group);
+            if features.len() != group.len() {
+                return Err(Error::Model(format!(
+                    "{}: the {modality} path returned {} feature tensor(s) for {} item(s)",
+                    self.entry.id.path,
+                    features.len(),
+                    group.len()
+                )));
+            }
+            self.counters
+                .encoder_cache_misses
+                .fetch_add(group.len(), Ordering::Relaxed);
+            for ((hash, users), features) in group.iter().zip(features) {
+                let (i, k) = users[0];
+                let item = &self.running[i].request.items[k];
+                let rows = features.size().first().copied().unwrap_or(0) as usize;
+                if rows != item.rows.len() {
+                    return Err(Error::TokenCountMismatch {
+                        model: self.entry.id.path.into(),
                         modality,
-                        inputs.iter().map(TensorMap::shallow_clone).collect(),
-                    )?
-                } else {
-                    None
-                };
-                let features = match joined {
-                    Some(all) => self.entry.embed(self.model.as_ref(), modality, all)?,
-                    None => {
-                        let mut features = Vec::with_capacity(inputs.len());
-                        for one in inputs {
-                            features.extend(self.entry.embed(
-                                self.model.as_ref(),
-                                modality,
-                                one,
-                            )?);
-                        }
-                        features
-                    }
-                };
-                if features.len() != group.len() {
-                    return Err(Error::Model(format!(
-                        "{}: the {modality} path returned {} feature tensor(s) for {} item(s)",
-                        self.entry.id.path,
-                        features.len(),
-                        group.len()
-                    )));
+                        item: item.item,
+                        what: "the model's embedding",
+                        actual: rows,
+                        expected: item.rows.len(),
+                    });
                 }
-                self.counters
-                    .encoder_cache_misses
-                    .fetch_add(group.len(), Ordering::Relaxed);
-                for ((hash, users), features) in group.iter().zip(features) {
-                    let (i, k) = users[0];
-                    let item = &self.running[i].request.items[k];
-                    let rows = features.size().first().copied().unwrap_or(0) as usize;
-                    if rows != item.rows.len() {
-                        return Err(Error::TokenCountMismatch {
-                            model: self.entry.id.path.into(),
-                            modality,
-                            item: item.item,
-                            what: "the model's embedding",
-                            actual: rows,
-                            expected: item.rows.len(),
-                        });
-                    }
-                    self.encoder_cache.insert(*hash, &features);
-                    for &(i, k) in users {
-                        self.running[i].features[k] = Some(features.shallow_clone());
-                    }
+                self.encoder_cache.insert(*hash, &features);
+                for &(i, k) in users {
+                    self.running[i].features[k] = Some(features.shallow_clone());
                 }
             }
         }
         Ok(())
+    }
+
+    /// The features of each call's items, in order: on rank 0, or, with a tensor-parallel engine whose
+    /// encoder runs data-parallel, call `c` on rank `c mod size` (every rank has the whole tower), its
+    /// features moved to rank 0's device.
+    fn run_embed_calls(&mut self, calls: &[EmbedCall]) -> Result<Vec<Vec<Tensor>>> {
+        let (entry, model) = (self.entry, self.model.as_ref());
+        let ranks = match &mut self.ranks {
+            Some(ranks) if self.encoder_data_parallel && calls.len() > 1 => ranks,
+            _ => {
+                return calls
+                    .iter()
+                    .map(|c| embed_call(entry, model, c.modality, c.shallow_inputs()))
+                    .collect()
+            }
+        };
+        let size = ranks.size();
+        let device = model.device();
+        let elsewhere = (0..calls.len()).filter(|c| c % size != 0).count();
+        self.counters
+            .encoder_calls_on_other_ranks
+            .fetch_add(elsewhere, Ordering::Relaxed);
+        let done: Arc<Mutex<Vec<Option<Vec<Tensor>>>>> =
+            Arc::new(Mutex::new((0..calls.len()).map(|_| None).collect()));
+        ranks.run(
+            |rank, _| {
+                let mine: Vec<(usize, Modality, Vec<TensorMap>)> = calls
+                    .iter()
+                    .enumerate()
+                    .filter(|(c, _)| c % size == rank)
+                    .map(|(c, call)| (c, call.modality, call.shallow_inputs()))
+                    .collect();
+                let done = done.clone();
+                Box::new(move |state: &mut RankState| {
+                    for (c, modality, inputs) in mine {
+                        let features = embed_call(entry, state.model.as_ref(), modality, inputs)?;
+                        let features = features.iter().map(|f| f.to_device(device)).collect();
+                        done.lock().unwrap_or_else(|e| e.into_inner())[c] = Some(features);
+                    }
+                    Ok(())
+                })
+            },
+            || {
+                for (c, call) in calls.iter().enumerate().filter(|(c, _)| c % size == 0) {
+                    let features = embed_call(entry, model, call.modality, call.shallow_inputs())?;
+                    done.lock().unwrap_or_else(|e| e.into_inner())[c] = Some(features);
+                }
+                Ok(())
+            },
+        )?;
+        let mut done = done.lock().unwrap_or_else(|e| e.into_inner());
+        done.iter_mut()
+            .map(|f| {
+                f.take()
+                    .ok_or_else(|| Error::Engine("a rank left an item unencoded".into()))
+            })
+            .collect()
     }
 
     /// The step's token ids (on the host), and the features of the items whose placeholders fall in a
@@ -966,6 +1016,48 @@ impl OwnedDecodeRow {
             sliding_blocks: &self.sliding_blocks,
             len: self.len,
             position_delta: self.position_delta,
+        }
+    }
+}
+
+/// One call of a modality's path: the items it encodes (by content hash, with the (sequence, item) pairs
+/// that wait for each) and their inputs.
+struct EmbedCall {
+    modality: Modality,
+    group: Vec<(Hash, Vec<(usize, usize)>)>,
+    inputs: Vec<TensorMap>,
+}
+
+impl EmbedCall {
+    fn shallow_inputs(&self) -> Vec<TensorMap> {
+        self.inputs.iter().map(TensorMap::shallow_clone).collect()
+    }
+}
+
+/// The features of `inputs` (items of one modality): one call over them joined, where the model's input
+/// type can join them, else one call each.
+fn embed_call(
+    entry: &ModelEntry,
+    model: &dyn MultiModalModel,
+    modality: Modality,
+    inputs: Vec<TensorMap>,
+) -> Result<Vec<Tensor>> {
+    let joined = if inputs.len() > 1 {
+        entry.concat(
+            modality,
+            inputs.iter().map(TensorMap::shallow_clone).collect(),
+        )?
+    } else {
+        None
+    };
+    match joined {
+        Some(all) => entry.embed(model, modality, all),
+        None => {
+            let mut features = Vec::with_capacity(inputs.len());
+            for one in inputs {
+                features.extend(entry.embed(model, modality, one)?);
+            }
+            Ok(features)
         }
     }
 }

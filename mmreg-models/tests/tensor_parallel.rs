@@ -10,14 +10,16 @@ mod support;
 use std::path::{Path, PathBuf};
 
 use mmreg_core::Prompt;
-use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
+use std::sync::atomic::Ordering;
+
+use mmreg_engine::{
+    EncoderTpMode, Engine, EngineOptions, ImageSource, MultiModalLimits, Request, SamplingParams,
+};
 use mmreg_models as _;
 use support::fixture;
 
 /// Every parity case of `dir` through an engine of `tp` ranks, in one batch: their greedy tokens.
 fn tokens(dir: &Path, tp: usize, fixed_shapes: bool, chunk: usize) -> Vec<Vec<i64>> {
-    mmreg_parity::unpack_tokenizer(dir).expect("tokenizer");
-    let goldens = mmreg_parity::Goldens::load(dir).expect("goldens");
     let options = EngineOptions {
         tensor_parallel_size: tp,
         max_model_len: Some(4096),
@@ -26,7 +28,12 @@ fn tokens(dir: &Path, tp: usize, fixed_shapes: bool, chunk: usize) -> Vec<Vec<i6
         tensor_parallel_timeout: std::time::Duration::from_secs(120),
         ..EngineOptions::default()
     };
-    let engine = Engine::new(dir, options).expect("engine");
+    generate(dir, &Engine::new(dir, options).expect("engine"))
+}
+
+fn generate(dir: &Path, engine: &Engine) -> Vec<Vec<i64>> {
+    mmreg_parity::unpack_tokenizer(dir).expect("tokenizer");
+    let goldens = mmreg_parity::Goldens::load(dir).expect("goldens");
     let requests = goldens
         .meta
         .cases
@@ -119,6 +126,32 @@ fn qwen2_vl_with_four_heads_splits_over_4_ranks() {
     assert_eq!(tokens(&dir, 4, false, 8192), one);
     assert_eq!(tokens(&dir, 4, true, 64), one);
     assert_eq!(tokens(&dir, 2, true, 8192), one);
+}
+
+/// The vision tower encoding a share of each step's images on every rank (one image per call of the
+/// tower, so a batch's images spread over the ranks) gives the same tokens.
+#[test]
+fn images_encoded_on_every_rank_give_the_same_tokens() {
+    let dir = fixture("llava-tiny-real");
+    let expected = hf_tokens(&dir);
+    for tp in [2, 4] {
+        let options = EngineOptions {
+            tensor_parallel_size: tp,
+            max_model_len: Some(4096),
+            mm_encoder_tp_mode: EncoderTpMode::Data,
+            limit_mm_per_prompt: MultiModalLimits::parse("image=2,video=2").expect("limits"),
+            // Every request in the first step, so that its three images make two calls.
+            burst_wait: std::time::Duration::from_secs(2),
+            ..EngineOptions::default()
+        };
+        let engine = Engine::new(&dir, options).expect("engine");
+        assert_eq!(generate(&dir, &engine), expected, "{tp} ranks");
+        let elsewhere = engine
+            .counters()
+            .encoder_calls_on_other_ranks
+            .load(Ordering::Relaxed);
+        assert!(elsewhere > 0, "no image was encoded off rank 0");
+    }
 }
 
 #[test]
