@@ -56,8 +56,9 @@ pub struct ParallelArgs {
     /// `--device cuda:i` (NCCL), or N ranks on the CPU (Gloo). One thread per rank.
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
-    /// Where the vision tower (replicated on every rank) encodes a step's items: `rank0`, or `data`
-    /// (each rank a share, as vLLM's `--mm-encoder-tp-mode data`).
+    /// How the vision tower runs over the ranks: replicated and run on rank 0 (`rank0`), replicated with
+    /// each rank encoding a share of a step's items (`data`), or split over the ranks like the decoder
+    /// (`weights`; CLIP and SigLIP towers), as vLLM's `--mm-encoder-tp-mode`.
     #[arg(long, value_enum, default_value = "rank0")]
     pub mm_encoder_tp_mode: EncoderMode,
 }
@@ -67,6 +68,7 @@ pub struct ParallelArgs {
 pub enum EncoderMode {
     Rank0,
     Data,
+    Weights,
 }
 
 impl ParallelArgs {
@@ -79,6 +81,7 @@ impl ParallelArgs {
         options.mm_encoder_tp_mode = match self.mm_encoder_tp_mode {
             EncoderMode::Rank0 => mmreg_engine::EncoderTpMode::Rank0,
             EncoderMode::Data => mmreg_engine::EncoderTpMode::Data,
+            EncoderMode::Weights => mmreg_engine::EncoderTpMode::Weights,
         };
         Ok(())
     }

@@ -438,3 +438,20 @@ async fn sigterm_lets_the_running_request_finish_and_stops() {
         "still listening"
     );
 }
+
+/// `serve --tensor-parallel-size 2`: the decoder split over two Gloo ranks on the CPU answers with
+/// HF's greedy tokens.
+#[tokio::test]
+async fn a_tensor_parallel_server_gives_hf_greedy_tokens() {
+    let server = Server::start(&["--tensor-parallel-size", "2"]);
+    let (status, json) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat_body(&data_url(IMAGE_A), 20),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let ids: Vec<u32> =
+        serde_json::from_value(json["choices"][0]["token_ids"].clone()).expect("ids");
+    assert_eq!(ids, hf_tokens());
+}

@@ -30,6 +30,9 @@ pub struct LoadOptions {
     pub device: Device,
     pub dtype: Kind,
     pub tensor_parallel: Option<std::sync::Arc<dyn crate::parallel::Collectives>>,
+    /// Whether the CLIP/SigLIP vision towers are split over the tensor-parallel group too (by heads and
+    /// MLP features, as the decoder), rather than replicated on every rank.
+    pub shard_vision_tower: bool,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +41,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: Kind::Float,
             tensor_parallel: None,
+            shard_vision_tower: false,
         }
     }
 }

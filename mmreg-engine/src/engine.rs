@@ -73,8 +73,9 @@ pub struct EngineOptions {
     pub tensor_parallel_size: usize,
     /// How long a collective waits for a peer rank before it fails (and with it the step).
     pub tensor_parallel_timeout: std::time::Duration,
-    /// Where a tensor-parallel engine runs the vision tower (replicated on every rank): on rank 0 for
-    /// every item, or each rank a share of a step's items (vLLM's `mm_encoder_tp_mode="data"`).
+    /// How a tensor-parallel engine runs the vision tower: replicated and run on rank 0, replicated and
+    /// each rank encoding a share of a step's items (vLLM's `mm_encoder_tp_mode="data"`), or sharded
+    /// over the ranks like the decoder (`"weights"`).
     pub mm_encoder_tp_mode: EncoderTpMode,
     /// How long an idle engine, woken by a request, waits for the rest of a burst of submissions to be
     /// preprocessed so that their prefills share the first step (it stops waiting as soon as none is left).
@@ -114,6 +115,9 @@ pub enum EncoderTpMode {
     Rank0,
     /// Each rank encodes a share of the step's calls of the modality's path.
     Data,
+    /// The CLIP/SigLIP towers split over the ranks by heads and MLP features; every rank runs every
+    /// call (other towers stay replicated and every rank computes them alike).
+    Weights,
 }
 
 /// An image as a request carries it.
@@ -426,6 +430,7 @@ impl Engine {
         } else {
             Vec::new()
         };
+        let shard_vision_tower = options.mm_encoder_tp_mode == EncoderTpMode::Weights;
         let load_rank = {
             let (dir, ctx, dtype) = (dir.to_path_buf(), ctx.clone(), options.dtype);
             let (groups, devices) = (groups.clone(), devices.clone());
@@ -434,6 +439,7 @@ impl Engine {
                     device: devices[rank],
                     dtype,
                     tensor_parallel: groups.get(rank).map(|g| g.clone() as Arc<dyn Collectives>),
+                    shard_vision_tower,
                 };
                 entry.load(&ctx, &Weights::from_dir(&dir)?, &load)
             }

@@ -151,8 +151,8 @@ pub(crate) struct Scheduler {
     fixed_steps: Option<FixedShapeSteps>,
     /// The other ranks of a tensor-parallel engine (this thread is rank 0).
     ranks: Option<Ranks>,
-    /// Whether a step's items are encoded on every rank (a share each) rather than on rank 0.
-    encoder_data_parallel: bool,
+    /// How a tensor-parallel engine encodes a step's items.
+    encoder_mode: EncoderTpMode,
     waiting: VecDeque<Sequence>,
     running: Vec<Sequence>,
     max_num_seqs: usize,
@@ -196,7 +196,7 @@ impl Scheduler {
             encoder_cache: EncoderCache::new(options.encoder_cache_bytes),
             fixed_steps,
             ranks: None,
-            encoder_data_parallel: options.mm_encoder_tp_mode == EncoderTpMode::Data,
+            encoder_mode: options.mm_encoder_tp_mode,
             waiting: VecDeque::new(),
             running: Vec::new(),
             max_num_seqs: options.max_num_seqs,
@@ -678,14 +678,33 @@ impl Scheduler {
     /// features moved to rank 0's device.
     fn run_embed_calls(&mut self, calls: &[EmbedCall]) -> Result<Vec<Vec<Tensor>>> {
         let (entry, model) = (self.entry, self.model.as_ref());
-        let ranks = match &mut self.ranks {
-            Some(ranks) if self.encoder_data_parallel && calls.len() > 1 => ranks,
-            _ => {
-                return calls
-                    .iter()
-                    .map(|c| embed_call(entry, model, c.modality, c.shallow_inputs()))
-                    .collect()
+        let local = |calls: &[EmbedCall]| -> Result<Vec<Vec<Tensor>>> {
+            calls
+                .iter()
+                .map(|c| embed_call(entry, model, c.modality, c.shallow_inputs()))
+                .collect()
+        };
+        let ranks = match (&mut self.ranks, self.encoder_mode) {
+            (Some(ranks), EncoderTpMode::Weights) => {
+                // A sharded tower: every rank runs every call (its collectives meet); rank 0's output.
+                return ranks.run(
+                    |_, _| {
+                        let inputs: Vec<(Modality, Vec<TensorMap>)> = calls
+                            .iter()
+                            .map(|c| (c.modality, c.shallow_inputs()))
+                            .collect();
+                        Box::new(move |state: &mut RankState| {
+                            for (modality, inputs) in inputs {
+                                embed_call(entry, state.model.as_ref(), modality, inputs)?;
+                            }
+                            Ok(())
+                        })
+                    },
+                    || local(calls),
+                );
             }
+            (Some(ranks), EncoderTpMode::Data) if calls.len() > 1 => ranks,
+            _ => return local(calls),
         };
         let size = ranks.size();
         let device = model.device();

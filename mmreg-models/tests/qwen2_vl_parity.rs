@@ -50,6 +50,7 @@ fn checkpoint(name: &str) -> Checkpoint {
         device: tch::Device::Cpu,
         dtype: Kind::Float,
         tensor_parallel: None,
+        shard_vision_tower: false,
     };
     let weights = Weights::from_dir(&dir).expect("weights");
     let model = entry.load(&ctx, &weights, &options).expect("loads");

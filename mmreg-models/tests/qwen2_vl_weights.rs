@@ -86,6 +86,7 @@ fn load(dir: &Path) -> mmreg_core::Result<(ModelContext, Box<dyn MultiModalModel
         device: tch::Device::Cpu,
         dtype: Kind::Float,
         tensor_parallel: None,
+        shard_vision_tower: false,
     };
     let model = entry.load(&ctx, &Weights::from_dir(dir)?, &options)?;
     Ok((ctx, model))

@@ -13,7 +13,8 @@ use mmreg_image::{ClipImageProcessor, PreprocessorConfig};
 use serde::Deserialize;
 use tch::Tensor;
 
-use crate::{Activation, LayerNorm, Linear, Loader};
+use crate::parallel::split_heads;
+use crate::{Activation, LayerNorm, Linear, Loader, RowParallelLinear};
 
 /// `vision_config`; missing keys take `CLIPVisionConfig`'s defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -107,10 +108,12 @@ impl ClipVisionConfig {
     }
 }
 
+/// Self-attention of a tower layer; loaded as a rank of a tensor-parallel group (a sharded tower, see
+/// [`vision_loader`]), its share of the heads.
 struct Attention {
     /// `q_proj`, `k_proj` and `v_proj` stacked: one matrix multiply.
     qkv_proj: Linear,
-    out_proj: Linear,
+    out_proj: RowParallelLinear,
     heads: i64,
     head_dim: i64,
 }
@@ -118,23 +121,32 @@ struct Attention {
 impl Attention {
     fn load(loader: &Loader, config: &ClipVisionConfig) -> Result<Self> {
         let h = config.hidden_size;
+        let d = h / config.num_attention_heads;
+        let (rank, size) = loader.rank_and_size();
+        let ((first, heads), _) = split_heads(
+            config.num_attention_heads,
+            config.num_attention_heads,
+            rank,
+            size,
+        )?;
+        let rows = (first * d, heads * d);
         Ok(Self {
-            qkv_proj: Linear::load_stacked(
+            qkv_proj: Linear::load_stacked_rows(
                 &[
-                    (&loader.pp("q_proj"), h),
-                    (&loader.pp("k_proj"), h),
-                    (&loader.pp("v_proj"), h),
+                    (&loader.pp("q_proj"), h, rows),
+                    (&loader.pp("k_proj"), h, rows),
+                    (&loader.pp("v_proj"), h, rows),
                 ],
                 h,
                 true,
             )?,
-            out_proj: Linear::load(&loader.pp("out_proj"), h, h, true)?,
-            heads: config.num_attention_heads,
-            head_dim: h / config.num_attention_heads,
+            out_proj: RowParallelLinear::load(&loader.pp("out_proj"), h, h, true)?,
+            heads,
+            head_dim: d,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, _) = x.size3().expect("[batch, seq, hidden]");
         // [b, l, 3, heads, d] → three [b, heads, l, d] views.
         let qkv = self
@@ -161,13 +173,35 @@ impl Attention {
     }
 }
 
+/// The loader a vision tower reads its layers with: the model's, when the tower is sharded over the
+/// tensor-parallel group ([`mmreg_core::LoadOptions::shard_vision_tower`]); else one without the group
+/// (`replicated`: the model's options less the group), so every rank holds the whole tower.
+pub(crate) fn vision_loader<'b>(
+    loader: &Loader<'b>,
+    replicated: &'b mmreg_core::LoadOptions,
+) -> Loader<'b> {
+    if loader.options.shard_vision_tower {
+        loader.clone()
+    } else {
+        loader.with_options(replicated)
+    }
+}
+
+/// The model's load options without its tensor-parallel group.
+pub(crate) fn unsharded(options: &mmreg_core::LoadOptions) -> mmreg_core::LoadOptions {
+    mmreg_core::LoadOptions {
+        tensor_parallel: None,
+        ..options.clone()
+    }
+}
+
 /// One pre-norm transformer layer of the CLIP and SigLIP towers (`encoder.layers.N`).
 pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
     fc1: Linear,
-    fc2: Linear,
+    fc2: RowParallelLinear,
     act: Activation,
 }
 
@@ -182,20 +216,24 @@ impl EncoderLayer {
             layer_norm1: LayerNorm::load(&loader.pp("layer_norm1"), h, eps)?,
             self_attn: Attention::load(&loader.pp("self_attn"), config)?,
             layer_norm2: LayerNorm::load(&loader.pp("layer_norm2"), h, eps)?,
-            fc1: Linear::load(&loader.pp("mlp.fc1"), h, i, true)?,
-            fc2: Linear::load(&loader.pp("mlp.fc2"), i, h, true)?,
+            fc1: {
+                let (rank, size) = loader.rank_and_size();
+                let rows = mmreg_core::parallel::shard(i, rank, size);
+                Linear::load_rows(&loader.pp("mlp.fc1"), h, i, rows, true)?
+            },
+            fc2: RowParallelLinear::load(&loader.pp("mlp.fc2"), i, h, true)?,
             act: Activation::parse(&config.hidden_act)?,
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
-        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x));
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x))?;
         let mlp = self.fc2.forward(
             &self
                 .act
                 .forward(&self.fc1.forward(&self.layer_norm2.forward(&x))),
-        );
-        x + mlp
+        )?;
+        Ok(x + mlp)
     }
 }
 
@@ -225,6 +263,8 @@ impl ClipVisionTower {
     /// Loads the layers needed for every selected hidden state; later layers and `post_layernorm` are
     /// skipped.
     pub fn load(loader: &Loader, config: &ClipVisionConfig, select: FeatureSelect) -> Result<Self> {
+        let replicated = unsharded(loader.options);
+        let loader = &vision_loader(loader, &replicated);
         let feature_layers = &select.layers;
         config.validate()?;
         let (h, p, c) = (config.hidden_size, config.patch_size, config.num_channels);
@@ -276,7 +316,7 @@ impl ClipVisionTower {
     pub fn features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
         let features = graphs.run(pixel_values.size(), &[pixel_values], |inputs| {
-            Ok(self.features_eager(&inputs[0]))
+            self.features_eager(&inputs[0])
         })?;
         // A replay's output is overwritten by the next replay.
         Ok(if graphs.captures() {
@@ -286,9 +326,9 @@ impl ClipVisionTower {
         })
     }
 
-    fn features_eager(&self, pixel_values: &Tensor) -> Tensor {
+    fn features_eager(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let states: Vec<Tensor> = self
-            .hidden_states(pixel_values, &self.select.layers)
+            .hidden_states(pixel_values, &self.select.layers)?
             .into_iter()
             .map(|h| {
                 if self.select.drop_cls {
@@ -298,11 +338,11 @@ impl ClipVisionTower {
                 }
             })
             .collect();
-        Tensor::cat(&states, -1)
+        Ok(Tensor::cat(&states, -1))
     }
 
     /// `hidden_states[i]` for each requested `i`, from pixel values `[n, 3, H, W]`.
-    pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Vec<Tensor> {
+    pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
         let pixel_values = pixel_values.to_kind(self.patch_embedding.kind());
         let patches = pixel_values.conv2d(
             &self.patch_embedding,
@@ -326,7 +366,7 @@ impl ClipVisionTower {
             .enumerate()
         {
             if let Some(layer) = layer {
-                x = layer.forward(&x);
+                x = layer.forward(&x)?;
             }
             for (slot, &index) in states.iter_mut().zip(indices) {
                 if index == depth {
@@ -334,10 +374,10 @@ impl ClipVisionTower {
                 }
             }
         }
-        states
+        Ok(states
             .into_iter()
             .map(|s| s.expect("the tower loads every requested layer"))
-            .collect()
+            .collect())
     }
 }
 

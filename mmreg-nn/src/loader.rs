@@ -39,6 +39,18 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// The same position in the checkpoint, loading with other options.
+    pub fn with_options<'b>(&self, options: &'b LoadOptions) -> Loader<'b>
+    where
+        'a: 'b,
+    {
+        Loader {
+            weights: self.weights,
+            options,
+            prefix: self.prefix.clone(),
+        }
+    }
+
     /// A tensor in the model's dtype, on its device, with a shape check.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
         self.get_kind(name, shape, self.options.dtype)

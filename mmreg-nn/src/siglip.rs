@@ -91,6 +91,8 @@ impl SiglipVisionTower {
     /// Loads every layer and `post_layernorm`; the pooling head (`head.*`), which PaliGemma and Gemma 3
     /// do not read, is skipped.
     pub fn load(loader: &Loader, config: &SiglipVisionConfig) -> Result<Self> {
+        let replicated = crate::clip::unsharded(loader.options);
+        let loader = &crate::clip::vision_loader(loader, &replicated);
         let encoder = config.encoder();
         let (h, p, c) = (config.hidden_size, config.patch_size, config.num_channels);
         let positions = config.num_patches()?;
@@ -160,7 +162,7 @@ impl SiglipVisionTower {
         }
         let mut x = patches + positions;
         for layer in &self.layers {
-            x = layer.forward(&x);
+            x = layer.forward(&x)?;
         }
         Ok(self.post_layernorm.forward(&x))
     }

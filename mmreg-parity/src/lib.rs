@@ -262,6 +262,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         device: tch::Device::Cpu,
         dtype: Kind::Float,
         tensor_parallel: None,
+        shard_vision_tower: false,
     };
     let weights = Weights::from_dir(dir)?;
     let model = entry.load(&ctx, &weights, &options)?;

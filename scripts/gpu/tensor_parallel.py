@@ -82,7 +82,7 @@ def mmreg(args, env=None):
     return out.stdout
 
 
-def top5_steps(ckpt, tp, prompt_ids, tokens, env=None):
+def top5_steps(ckpt, tp, prompt_ids, tokens, env=None, extra=()):
     """TP=tp's pick and top-5 at each teacher-forced step on `tokens`."""
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for k in range(STEPS):
@@ -91,7 +91,7 @@ def top5_steps(ckpt, tp, prompt_ids, tokens, env=None):
         path = f.name
     lines = mmreg(["generate", "--model", ckpt, "--requests", path, "--top-logprobs", "5", "--device", "cuda",
                    "--dtype", "bf16", "--max-model-len", "4096", "--max-tokens", "1",
-                   "--tensor-parallel-size", str(tp)], env).strip().splitlines()
+                   "--tensor-parallel-size", str(tp), *extra], env).strip().splitlines()
     results = [json.loads(l) for l in lines]
     return [r["token_ids"][0] for r in results], [r["top_tokens"][0] for r in results]
 
@@ -105,8 +105,12 @@ def main():
     ids = prompt_ids.tolist()
     prompt_ids = [t for i, t in enumerate(ids) if not (t == 32000 and i and ids[i - 1] == 32000)]
     gpus = torch.cuda.device_count()
-    variants = [("TP=1", 1, None), ("TP=1, NCCL group of one", 1, {"MMREG_TP_GROUP": "1"})]
-    variants += [(f"TP={n}", n, None) for n in (2, 4, 8) if n <= gpus and heads % n == 0]
+    variants = [("TP=1", 1, None, []), ("TP=1, NCCL group of one", 1, {"MMREG_TP_GROUP": "1"}, [])]
+    sizes = [n for n in (2, 4, 8) if n <= gpus and heads % n == 0]
+    variants += [(f"TP={n}", n, None, []) for n in sizes]
+    # The vision tower's three modes at the largest size (rank0 is the default above).
+    variants += [(f"TP={n}, tower {mode}", n, None, ["--mm-encoder-tp-mode", mode])
+                 for n in sizes[-1:] for mode in ("data", "weights")]
     # The reference: TP=1's own greedy tokens, then each variant teacher-forced on them.
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         f.write(json.dumps({"prompt_token_ids": prompt_ids, "images": [IMAGE], "max_tokens": STEPS}) + "\n")
@@ -118,13 +122,13 @@ def main():
     ref_tokens, ref_top5 = ref["token_ids"], ref["top_tokens"]
     results = {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "shapes": SHAPES, "prompt_tokens": len(prompt_ids),
                "variants": {}}
-    for name, tp, env in variants:
-        picks, top5 = top5_steps(ckpt, tp, prompt_ids, ref_tokens, env)
+    for name, tp, env, extra in variants:
+        picks, top5 = top5_steps(ckpt, tp, prompt_ids, ref_tokens, env, extra)
         steps = [a == b or (a in h5 and b in o5) for a, b, h5, o5 in zip(picks, ref_tokens, ref_top5, top5)]
         bench = json.loads(mmreg(["bench", "--model", ckpt, "--image", IMAGE, "--prompt", PROMPT, "--batch", "1,8,32",
                                   "--max-tokens", "128", "--device", "cuda", "--dtype", "bf16",
-                                  "--tensor-parallel-size", str(tp)], env).strip().splitlines()[-1])
-        results["variants"][name] = {"tp": tp, "env": env, "agree": sum(steps), "identical": sum(
+                                  "--tensor-parallel-size", str(tp), *extra], env).strip().splitlines()[-1])
+        results["variants"][name] = {"tp": tp, "env": env, "args": extra, "agree": sum(steps), "identical": sum(
             a == b for a, b in zip(picks, ref_tokens)), "per_step": steps, "bench": bench}
         print(f"{name}: top-5 rule {sum(steps)}/{STEPS}, decode b1 {bench.get('decode_tok_per_s_bs1', 0):.1f} "
               f"b8 {bench.get('decode_tok_per_s_bs8', 0):.1f} b32 {bench.get('decode_tok_per_s_bs32', 0):.1f} tok/s",
