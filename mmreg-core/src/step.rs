@@ -243,8 +243,10 @@ pub struct SlidingSlots {
     pub new_slots: Tensor,
     /// As each [`SequenceSlice::slots`], in sequence order.
     pub slots: Vec<Tensor>,
-    /// As [`DecodeGather::slots`].
-    pub gather: Option<Tensor>,
+    /// The gathered decodes' keys in this pool: only the slots of each sequence's window (its last
+    /// `window` positions), padded to the longest, with their own mask and lengths. A layer reading them
+    /// needs no window mask.
+    pub gather: Option<DecodeGather>,
 }
 
 impl AttentionBatch {
@@ -281,7 +283,11 @@ impl AttentionBatch {
             sliding: self.sliding.as_ref().map(|p| SlidingSlots {
                 new_slots: to(&p.new_slots),
                 slots: p.slots.iter().map(to).collect(),
-                gather: p.gather.as_ref().map(to),
+                gather: p.gather.as_ref().map(|g| DecodeGather {
+                    slots: to(&g.slots),
+                    mask: to(&g.mask),
+                    lengths: to(&g.lengths),
+                }),
             }),
         }
     }
@@ -324,12 +330,17 @@ impl<'a> LayerSlots<'a> {
             .map_or(&self.batch.sequences[i].slots, |p| &p.slots[i])
     }
 
-    /// The gathered decodes' padded slots.
-    pub fn gather(&self) -> Option<&'a Tensor> {
+    /// The gathered decodes' padded slots, mask and lengths.
+    pub fn gather(&self) -> Option<&'a DecodeGather> {
         match self.pool {
             Some(pool) => pool.gather.as_ref(),
-            None => self.batch.decode_gather.as_ref().map(|g| &g.slots),
+            None => self.batch.decode_gather.as_ref(),
         }
+    }
+
+    /// Whether these are the sliding pool's slots, whose gathered decodes hold only their windows.
+    pub fn windowed(&self) -> bool {
+        self.pool.is_some()
     }
 }
 

@@ -142,12 +142,14 @@ pub fn attention_batch(
 }
 
 /// Gives a step its slots in the sliding-window layers' pool: `tables[i]` is the batch's sequence `i`'s
-/// table there (an entry per block of its tokens, the null block's where its window no longer sees),
-/// and the gathered decodes' padding points at `pad`.
+/// table there (an entry per block of its tokens, the null block's where its window no longer sees).
+/// The gathered decodes take only the slots of their last `window` positions (padded at `pad`), so that
+/// the sliding layers read no more than their window.
 pub fn set_sliding_slots(
     batch: &mut AttentionBatch,
     tables: &[&[u32]],
     block_size: usize,
+    window: usize,
     pad: i64,
     device: Device,
 ) -> Result<()> {
@@ -156,12 +158,13 @@ pub fn set_sliding_slots(
         .as_ref()
         .map_or(0, |g| g.lengths.size()[0] as usize);
     let total = |seq: &SequenceSlice| (seq.context + seq.len) as usize;
-    let longest = batch.sequences[..gathered]
+    let width = batch.sequences[..gathered]
         .iter()
-        .map(total)
+        .map(|s| total(s).min(window))
         .max()
         .unwrap_or(0);
-    let (mut new_slots, mut padded, mut per_sequence) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut new_slots, mut per_sequence) = (Vec::new(), Vec::new());
+    let (mut padded, mut lengths) = (Vec::new(), Vec::new());
     for (i, (seq, table)) in batch.sequences.iter().zip(tables).enumerate() {
         let len = total(seq);
         if table.len() * block_size < len {
@@ -170,23 +173,31 @@ pub fn set_sliding_slots(
                 table.len()
             )));
         }
-        let all = slots(table, block_size, 0..len);
-        new_slots.extend_from_slice(&all[seq.context as usize..]);
+        new_slots.extend(slots(table, block_size, seq.context as usize..len));
         per_sequence.push(if i < gathered {
-            padded.extend(
-                all.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(pad, longest - len)),
-            );
+            let seen = slots(table, block_size, len - len.min(window)..len);
+            lengths.push(seen.len() as i64);
+            let pad = std::iter::repeat_n(pad, width - seen.len());
+            padded.extend(seen.into_iter().chain(pad));
             Tensor::new()
         } else {
-            Tensor::from_slice(&all).to_device(device)
+            Tensor::from_slice(&slots(table, block_size, 0..len)).to_device(device)
         });
     }
+    let gather = (gathered > 0)
+        .then(|| -> Result<DecodeGather> {
+            let lengths = Tensor::from_slice(&lengths).to_device(device);
+            Ok(DecodeGather {
+                slots: Tensor::from_slice(&padded).to_device(device),
+                mask: real_slots(&lengths, width as i64)?,
+                lengths,
+            })
+        })
+        .transpose()?;
     batch.sliding = Some(SlidingSlots {
         new_slots: Tensor::from_slice(&new_slots).to_device(device),
         slots: per_sequence,
-        gather: (gathered > 0).then(|| Tensor::from_slice(&padded).to_device(device)),
+        gather,
     });
     Ok(())
 }

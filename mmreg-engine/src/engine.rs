@@ -540,7 +540,7 @@ impl Engine {
                 options.device,
                 profile.block_size,
                 (usable_blocks * profile.block_size) as i64,
-                sliding.as_ref().map(SlidingPool::null_slot),
+                sliding.as_ref().map(|s| (s.null_slot(), s.window())),
                 options.max_num_seqs,
                 model.position_sections(),
             )

@@ -871,7 +871,8 @@ impl Scheduler {
                 .map(|s| self.running[s.seq].sliding_blocks.as_slice())
                 .collect();
             let block_size = self.cache.block_size();
-            set_sliding_slots(&mut batch, &tables, block_size, sliding.null_slot(), device)?;
+            let (window, pad) = (sliding.window(), sliding.null_slot());
+            set_sliding_slots(&mut batch, &tables, block_size, window, pad, device)?;
         }
         let positions: Vec<SeqPositions> = plan
             .iter()
@@ -972,9 +973,10 @@ impl Scheduler {
         self.fixed_steps.is_some()
     }
 
-    /// The sliding-window pool's null slot (the fixed-shape steps' scratch there), if there is one.
-    pub(crate) fn sliding_null_slot(&self) -> Option<i64> {
-        self.sliding.as_ref().map(SlidingPool::null_slot)
+    /// The sliding-window pool's null slot (the fixed-shape steps' scratch there) and its window, if
+    /// there is one.
+    pub(crate) fn sliding_null_slot(&self) -> Option<(i64, usize)> {
+        self.sliding.as_ref().map(|s| (s.null_slot(), s.window()))
     }
 }
 

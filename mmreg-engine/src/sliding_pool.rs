@@ -31,6 +31,10 @@ impl SlidingPool {
         }
     }
 
+    pub(crate) fn window(&self) -> usize {
+        self.window
+    }
+
     /// The first slot of the null block.
     pub(crate) fn null_slot(&self) -> i64 {
         self.null as i64 * self.pool.block_size() as i64

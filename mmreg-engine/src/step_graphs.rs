@@ -73,8 +73,8 @@ pub(crate) struct FixedShapeSteps {
     block_size: usize,
     /// A cache slot that belongs to no sequence, for the padding rows.
     scratch_slot: i64,
-    /// The same in the sliding-window pool, where the cache has one.
-    sliding_scratch: Option<i64>,
+    /// The same in the sliding-window pool, where the cache has one, and the window.
+    sliding: Option<(i64, usize)>,
     max_batch: usize,
     /// Rows of positions the model reads (`LanguageModel::position_sections`).
     sections: usize,
@@ -87,14 +87,14 @@ impl FixedShapeSteps {
         device: Device,
         block_size: usize,
         scratch_slot: i64,
-        sliding_scratch: Option<i64>,
+        sliding: Option<(i64, usize)>,
         max_batch: usize,
         sections: usize,
     ) -> Self {
         Self {
             block_size,
             scratch_slot,
-            sliding_scratch,
+            sliding,
             max_batch,
             sections: sections.max(1),
             graphs: GraphCache::new(device),
@@ -150,7 +150,7 @@ impl FixedShapeSteps {
             batch,
             context,
             sections: self.sections,
-            sliding: self.sliding_scratch.is_some(),
+            sliding: self.sliding_width(context),
         };
         let logits = self.graphs.run(
             Bucket::Decode { batch, context },
@@ -185,13 +185,13 @@ impl FixedShapeSteps {
         packed.extend(slots(blocks, self.block_size, 0..len));
         packed.extend(std::iter::repeat_n(self.scratch_slot, tokens - len));
         packed.push(len as i64 - 1);
-        if let Some(scratch) = self.sliding_scratch {
+        if let Some((scratch, _)) = self.sliding {
             packed.extend(slots(sliding_blocks, self.block_size, 0..len));
             packed.extend(std::iter::repeat_n(scratch, tokens - len));
         }
         let packed = Tensor::from_slice(&packed);
         let padded = embeds.f_constant_pad_nd([0, 0, 0, (tokens - len) as i64])?;
-        let (sections, sliding) = (self.sections, self.sliding_scratch.is_some());
+        let (sections, sliding) = (self.sections, self.sliding.is_some());
         let logits =
             self.graphs
                 .run(Bucket::Prefill { tokens }, &[&padded, &packed], |inputs| {
@@ -207,19 +207,34 @@ impl FixedShapeSteps {
         Ok(Some(logits))
     }
 
+    /// How many slots a decode step of `context` gathers per row from the sliding-window pool: its
+    /// window (rounded up like contexts), at most the context; `None` without that pool.
+    fn sliding_width(&self, context: usize) -> Option<usize> {
+        self.sliding
+            .map(|(_, window)| window.next_multiple_of(CONTEXT_STEP).min(context))
+    }
+
     /// A decode step's inputs in the layout [`decode_step`] reads: tokens, positions, new slots and
     /// lengths (`batch` each), then every row's context slots (`batch × context`); then, with a
-    /// sliding-window pool, the new slots and context slots there.
+    /// sliding-window pool, the new slots and lengths there (`batch` each) and the slots of each row's
+    /// window (`batch × width`).
     fn pack_decode(&self, rows: &[DecodeRow], batch: usize, context: usize) -> Vec<i64> {
         let main = 4 * batch + batch * context;
         let mut out = vec![0i64; main];
-        if let Some(scratch) = self.sliding_scratch {
-            out.resize(main + batch + batch * context, scratch);
-            let (new, gather) = out[main..].split_at_mut(batch);
+        if let (Some((scratch, window)), Some(width)) = (self.sliding, self.sliding_width(context))
+        {
+            out.resize(main + 2 * batch + batch * width, scratch);
+            let (head, gather) = out[main..].split_at_mut(2 * batch);
+            head[batch..].fill(1);
             for (i, row) in rows.iter().enumerate() {
-                let all = slots(row.sliding_blocks, self.block_size, 0..row.len);
-                new[i] = all[row.len - 1];
-                gather[i * context..i * context + row.len].copy_from_slice(&all);
+                let seen = slots(
+                    row.sliding_blocks,
+                    self.block_size,
+                    row.len - row.len.min(window)..row.len,
+                );
+                head[i] = seen[seen.len() - 1];
+                head[batch + i] = seen.len() as i64;
+                gather[i * width..i * width + seen.len()].copy_from_slice(&seen);
             }
         }
         let (head, gather) = out[..main].split_at_mut(4 * batch);
@@ -244,8 +259,8 @@ struct DecodeShape {
     batch: usize,
     context: usize,
     sections: usize,
-    /// Whether the inputs carry slots in a sliding-window pool.
-    sliding: bool,
+    /// With a sliding-window pool, the slots gathered per row there.
+    sliding: Option<usize>,
 }
 
 /// One decode step over fixed shapes, reading everything from `inputs` (see
@@ -268,17 +283,27 @@ fn decode_step(
     let lens = part(3, b);
     // Attention bias in the model dtype, made once for every layer: 0 on each row's real slots, -inf on
     // its padding.
-    let bias = Tensor::f_full(
-        [b, 1, 1, c],
-        f64::NEG_INFINITY,
-        (model.dtype(), inputs.device()),
-    )?
-    .f_masked_fill(&real_slots(&lens, c)?, 0.0)?;
+    let bias = bias_of(&lens, c, model.dtype())?;
     // A decoded token sits at the same position in every section (past the prompt, `i + delta`).
     let positions = match sections {
         1 => part(1, b),
         s => part(1, b).unsqueeze(0).expand([s as i64, b], false),
     };
+    let sliding = sliding
+        .map(|width| -> Result<SlidingSlots> {
+            let (at, w) = (4 * b + b * c, width as i64);
+            let lengths = inputs.narrow(0, at + b, b);
+            Ok(SlidingSlots {
+                new_slots: inputs.narrow(0, at, b),
+                slots: Vec::new(),
+                gather: Some(DecodeGather {
+                    slots: inputs.narrow(0, at + 2 * b, b * w),
+                    mask: bias_of(&lengths, w, model.dtype())?,
+                    lengths,
+                }),
+            })
+        })
+        .transpose()?;
     let batch = AttentionBatch {
         positions,
         new_slots: part(2, b),
@@ -289,17 +314,22 @@ fn decode_step(
             mask: bias,
             lengths: lens,
         }),
-        sliding: sliding.then(|| {
-            let at = 4 * b + b * c;
-            SlidingSlots {
-                new_slots: inputs.narrow(0, at, b),
-                slots: Vec::new(),
-                gather: Some(inputs.narrow(0, at + b, b * c)),
-            }
-        }),
+        sliding,
     };
     let embeds = model.embed_tokens(&part(0, b))?;
     model.forward(&embeds, &mut Step::new(&batch, cache))
+}
+
+/// An attention bias `[rows, 1, 1, width]` in `kind`: 0 on each row's first `lengths` slots, −∞ on the
+/// rest.
+fn bias_of(lengths: &Tensor, width: i64, kind: tch::Kind) -> Result<Tensor> {
+    let rows = lengths.size()[0];
+    Ok(Tensor::f_full(
+        [rows, 1, 1, width],
+        f64::NEG_INFINITY,
+        (kind, lengths.device()),
+    )?
+    .f_masked_fill(&real_slots(lengths, width)?, 0.0)?)
 }
 
 /// One sequence's prefill over `embeds` (`[tokens, hidden]`, padded), reading positions, slots and the

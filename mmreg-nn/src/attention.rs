@@ -146,18 +146,20 @@ fn prompt_mask(seq: &SequenceSlice, window: Option<i64>, device: tch::Device) ->
 /// The leading single-token decodes of a step (`query`: `[n, heads, d]`), in one attention call over
 /// their gathered contexts: the paged decode kernel where it runs, else libtorch's attention over the
 /// contexts padded to the longest.
-#[allow(clippy::too_many_arguments)]
 fn attend_gathered(
     query: &Tensor,
     kv_heads: i64,
     layer: usize,
     gather: &DecodeGather,
-    slots: &Tensor,
     cache: &PagedKvCache,
     scale: f64,
     window: Option<i64>,
 ) -> Result<Tensor> {
-    let DecodeGather { mask, lengths, .. } = gather;
+    let DecodeGather {
+        slots,
+        mask,
+        lengths,
+    } = gather;
     let (keys, values) = cache.layer(layer);
     // A window no narrower than the gathered contexts hides nothing (Gemma 3's 1024 at shorter contexts):
     // the paged decode kernel serves the layer as it serves a global one.
@@ -226,22 +228,15 @@ fn attend_stored(
 ) -> Result<Tensor> {
     let mut outputs = Vec::with_capacity(batch.sequences.len());
     let mut gathered = 0;
-    if let Some(gather) = &batch.decode_gather {
-        gathered = gather.lengths.size()[0] as usize;
+    if let Some(main) = &batch.decode_gather {
+        gathered = main.lengths.size()[0] as usize;
         let decodes = query.narrow(0, 0, gathered as i64);
-        let gather_slots = slots.gather().ok_or_else(|| {
+        let gather = slots.gather().ok_or_else(|| {
             mmreg_core::Error::Engine("a decode step without gathered slots".into())
         })?;
-        let out = attend_gathered(
-            &decodes,
-            key.size()[1],
-            layer,
-            gather,
-            gather_slots,
-            cache,
-            scale,
-            window,
-        )?;
+        // The sliding pool's gather holds only each sequence's window: nothing left to hide.
+        let window = window.filter(|_| !slots.windowed());
+        let out = attend_gathered(&decodes, key.size()[1], layer, gather, cache, scale, window)?;
         // Fixed-shape decode steps describe no sequences beyond the gather.
         if gathered >= batch.sequences.len() {
             return Ok(out);

@@ -105,7 +105,9 @@ def main():
     ids = prompt_ids.tolist()
     prompt_ids = [t for i, t in enumerate(ids) if not (t == 32000 and i and ids[i - 1] == 32000)]
     gpus = torch.cuda.device_count()
-    variants = [("TP=1", 1, None, []), ("TP=1, NCCL group of one", 1, {"MMREG_TP_GROUP": "1"}, [])]
+    one = {"MMREG_TP_GROUP": "1"}
+    variants = [("TP=1", 1, None, []), ("TP=1, NCCL group of one", 1, one, []),
+                ("TP=1, NCCL group of one, tower weights", 1, one, ["--mm-encoder-tp-mode", "weights"])]
     sizes = [n for n in (2, 4, 8) if n <= gpus and heads % n == 0]
     variants += [(f"TP={n}", n, None, []) for n in sizes]
     # The vision tower's three modes at the largest size (rank0 is the default above).
