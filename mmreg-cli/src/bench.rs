@@ -30,6 +30,9 @@ pub struct BenchArgs {
     pub dtype: String,
     #[command(flatten)]
     pub parallel: crate::options::ParallelArgs,
+    /// Tokens one step computes at most (longer prompts, or more of them, prefill over several steps).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
     /// Timed repetitions of the prefill.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
@@ -56,6 +59,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         dtype: parse_dtype(&args.dtype)?,
         prefix_caching: false,
         encoder_cache_bytes: 0,
+        max_num_batched_tokens: args.max_num_batched_tokens.max(1),
         ..EngineOptions::default()
     };
     let mut options = options;
@@ -143,33 +147,68 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             (steps as f64 / args.repeat as f64).into(),
         );
 
-        // Time to first token and decode throughput of `b` concurrent requests.
+        // Time to first token and decode throughput of `b` concurrent requests. Each request's events
+        // are read as they come (a thread each), so that decode is timed from the moment the last
+        // request had its first token: before it, steps still prefill other prompts.
         let t = Instant::now();
         let handles: Vec<_> = (0..b).map(|_| engine.submit(request.clone())).collect();
-        let mut first_token = None;
-        let mut generated = 0;
-        for handle in handles {
-            while let Some(event) = handle.next_event() {
-                match event {
-                    Event::Token(_) => {
-                        first_token.get_or_insert(t.elapsed().as_secs_f64());
-                        generated += 1;
-                    }
-                    Event::Finished(completion) => {
-                        results.insert("prompt_tokens".into(), completion.prompt_tokens.into());
-                        break;
-                    }
-                    Event::Failed(e) => return Err(e.into()),
-                    Event::Logprobs(_) => {}
-                }
-            }
-        }
+        let streams: Vec<Result<(Vec<f64>, usize)>> = std::thread::scope(|scope| {
+            let readers: Vec<_> = handles
+                .into_iter()
+                .map(|handle| {
+                    scope.spawn(move || -> Result<(Vec<f64>, usize)> {
+                        let mut times = Vec::new();
+                        while let Some(event) = handle.next_event() {
+                            match event {
+                                Event::Token(_) => times.push(t.elapsed().as_secs_f64()),
+                                Event::Finished(completion) => {
+                                    return Ok((times, completion.prompt_tokens))
+                                }
+                                Event::Failed(e) => return Err(e.into()),
+                                Event::Logprobs(_) => {}
+                            }
+                        }
+                        Ok((times, 0))
+                    })
+                })
+                .collect();
+            readers
+                .into_iter()
+                .map(|r| {
+                    r.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a reader panicked")))
+                })
+                .collect()
+        });
+        let streams = streams.into_iter().collect::<Result<Vec<_>>>()?;
         let total = t.elapsed().as_secs_f64();
-        let ttft = first_token.unwrap_or(total);
+        if let Some((_, prompt_tokens)) = streams.first() {
+            results.insert("prompt_tokens".into(), (*prompt_tokens).into());
+        }
+        let firsts: Vec<f64> = streams
+            .iter()
+            .map(|(times, _)| times.first().copied().unwrap_or(total))
+            .collect();
+        let ttft = firsts.iter().copied().fold(f64::INFINITY, f64::min);
+        let all_prefilled = firsts.iter().copied().fold(0.0, f64::max);
+        let decoded = streams
+            .iter()
+            .flat_map(|(times, _)| times)
+            .filter(|&&time| time > all_prefilled)
+            .count();
+        let last = streams
+            .iter()
+            .filter_map(|(times, _)| times.last().copied())
+            .fold(all_prefilled, f64::max);
         results.insert(format!("ttft_bs{b}_ms"), (ttft * 1000.0).into());
         results.insert(
+            format!("ttft_last_bs{b}_ms"),
+            (all_prefilled * 1000.0).into(),
+        );
+        // Tokens after every request's first, over the time from then to the last token.
+        results.insert(
             format!("decode_tok_per_s_bs{b}"),
-            ((generated - b) as f64 / (total - ttft)).into(),
+            (decoded as f64 / (last - all_prefilled)).into(),
         );
     }
     if let Some(dir) = &args.trace {

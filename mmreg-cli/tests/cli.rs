@@ -295,3 +295,44 @@ fn requests_report_the_prompt_tokens_served_from_the_prefix_cache() {
     assert_eq!(plain[1]["cached_tokens"], 0);
     assert_eq!(plain[1]["token_ids"], cached[1]["token_ids"]);
 }
+
+/// `bench` prints one JSON object: the KV cache's blocks, prefill and first-token times, and decode
+/// throughput timed from the moment the last request had its first token (so that steps still
+/// prefilling other prompts are not counted as decode).
+#[test]
+fn bench_times_decode_after_every_prompt_is_prefilled() {
+    let output = mmreg(&[
+        "bench",
+        "--model",
+        "fixtures/llava-tiny-real",
+        "--image",
+        "fixtures/llava-tiny-real/images/a_300x200.png",
+        "--prompt",
+        "USER: <image>\nWhat is shown? ASSISTANT:",
+        "--batch",
+        "1,3",
+        "--max-tokens",
+        "12",
+        "--repeat",
+        "1",
+        "--device",
+        "cpu",
+        "--dtype",
+        "f32",
+        "--max-num-batched-tokens",
+        "600",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a line")).expect("one JSON object");
+    let number = |k: &str| json[k].as_f64().unwrap_or_else(|| panic!("no {k}: {json}"));
+    assert!(number("kv_blocks") > 0.0);
+    assert_eq!(number("sliding_blocks"), 0.0);
+    for b in [1, 3] {
+        assert!(number(&format!("decode_tok_per_s_bs{b}")) > 0.0);
+        assert!(number(&format!("ttft_last_bs{b}_ms")) >= number(&format!("ttft_bs{b}_ms")));
+    }
+    // Three 595-token prompts in steps of at most 600 tokens: the last one starts later.
+    assert!(number("prefill_steps_bs3") >= 3.0, "{json}");
+    assert!(number("ttft_last_bs3_ms") > number("ttft_bs3_ms"), "{json}");
+}
