@@ -39,6 +39,8 @@ pub struct Metrics {
     waiting: Gauge,
     kv_blocks_used: Gauge,
     kv_blocks_total: Gauge,
+    kv_sliding_blocks_used: Gauge,
+    kv_sliding_blocks_total: Gauge,
     kv_usage: Gauge<f64, AtomicU64>,
     in_flight_gauge: Gauge,
     steps: Counter,
@@ -76,6 +78,8 @@ impl Metrics {
             waiting: Gauge::default(),
             kv_blocks_used: Gauge::default(),
             kv_blocks_total: Gauge::default(),
+            kv_sliding_blocks_used: Gauge::default(),
+            kv_sliding_blocks_total: Gauge::default(),
             kv_usage: Gauge::default(),
             in_flight_gauge: Gauge::default(),
             steps: Counter::default(),
@@ -146,6 +150,16 @@ impl Metrics {
             m.kv_blocks_total.clone(),
         );
         r.register(
+            "kv_cache_sliding_blocks_used",
+            "Blocks of the sliding-window layers' own KV pool held by sequences (0 without one)",
+            m.kv_sliding_blocks_used.clone(),
+        );
+        r.register(
+            "kv_cache_sliding_blocks_total",
+            "Blocks in the sliding-window layers' own KV pool (0 without one)",
+            m.kv_sliding_blocks_total.clone(),
+        );
+        r.register(
             "kv_cache_usage_ratio",
             "Share of the KV-cache blocks in use",
             m.kv_usage.clone(),
@@ -201,6 +215,10 @@ impl Metrics {
         let (used, total) = (load(&engine.kv_blocks_used), load(&engine.kv_blocks_total));
         self.kv_blocks_used.set(used);
         self.kv_blocks_total.set(total);
+        self.kv_sliding_blocks_used
+            .set(load(&engine.kv_sliding_blocks_used));
+        self.kv_sliding_blocks_total
+            .set(load(&engine.kv_sliding_blocks_total));
         self.kv_usage.set(if total > 0 {
             used as f64 / total as f64
         } else {
@@ -286,12 +304,16 @@ mod tests {
         let engine = EngineCounters::default();
         engine.kv_blocks_total.store(8, Ordering::Relaxed);
         engine.kv_blocks_used.store(2, Ordering::Relaxed);
+        engine.kv_sliding_blocks_total.store(5, Ordering::Relaxed);
+        engine.kv_sliding_blocks_used.store(3, Ordering::Relaxed);
         engine.step_micros.store(1_500_000, Ordering::Relaxed);
         let text = metrics.render(&engine);
         for line in [
             "mmreg_requests_received_total{endpoint=\"chat\"} 1",
             "mmreg_kv_cache_blocks_used 2",
             "mmreg_kv_cache_usage_ratio 0.25",
+            "mmreg_kv_cache_sliding_blocks_used 3",
+            "mmreg_kv_cache_sliding_blocks_total 5",
             "mmreg_engine_step_seconds_total 1.5",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
