@@ -25,7 +25,9 @@ fi
 # nvidia-cuda-cccl wheel (3 MB, headers only) puts it beside the CUDA headers torch already has.
 CCCL_VERSION=13.0.85
 if ! "$venv/bin/python" -m pip show nvidia-cuda-cccl 2>/dev/null | grep -q "^Version: $CCCL_VERSION"; then
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-cccl==$CCCL_VERSION"
+    # Not fatal: without it the build leaves NCCL out (tensor parallelism on CPUs through Gloo still works).
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-cccl==$CCCL_VERSION" \
+        || echo "mmreg: could not install nvidia-cuda-cccl; tensor parallelism will have Gloo only (no NCCL)" >&2
 fi
 torch_dir=$("$venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 if [ "$(readlink "$repo/.libtorch" 2>/dev/null)" != "$torch_dir" ]; then
