@@ -121,6 +121,7 @@ def main():
                             "--max-model-len", "4096", "--max-tokens", str(STEPS), "--top-logprobs", "5"]).strip())
     if "token_ids" not in ref:
         raise RuntimeError(f"TP=1 reference: {ref}")
+    # The reference may stop at its EOS before STEPS tokens: the steps compared are its tokens.
     ref_tokens, ref_top5 = ref["token_ids"], ref["top_tokens"]
     results = {"gpu": torch.cuda.get_device_name(0), "gpus": gpus, "shapes": SHAPES, "prompt_tokens": len(prompt_ids),
                "variants": {}}
@@ -132,7 +133,7 @@ def main():
                                   "--tensor-parallel-size", str(tp), *extra], env).strip().splitlines()[-1])
         results["variants"][name] = {"tp": tp, "env": env, "args": extra, "agree": sum(steps), "identical": sum(
             a == b for a, b in zip(picks, ref_tokens)), "per_step": steps, "bench": bench}
-        print(f"{name}: top-5 rule {sum(steps)}/{STEPS}, decode b1 {bench.get('decode_tok_per_s_bs1', 0):.1f} "
+        print(f"{name}: top-5 rule {sum(steps)}/{len(steps)}, decode b1 {bench.get('decode_tok_per_s_bs1', 0):.1f} "
               f"b8 {bench.get('decode_tok_per_s_bs8', 0):.1f} b32 {bench.get('decode_tok_per_s_bs32', 0):.1f} tok/s",
               flush=True)
     print(f"## {results['gpu']} x{gpus}: {SHAPES} shapes, random bf16, prompt {len(prompt_ids)} tokens")
@@ -140,7 +141,7 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for name, v in results["variants"].items():
         b = v["bench"]
-        print(f"| {name} | {v['agree']}/{STEPS} | {b.get('prefill_bs1_ms', 0):.1f} | {b.get('prefill_bs8_ms', 0):.1f} | "
+        print(f"| {name} | {v['agree']}/{len(v['per_step'])} | {b.get('prefill_bs1_ms', 0):.1f} | {b.get('prefill_bs8_ms', 0):.1f} | "
               f"{b.get('decode_tok_per_s_bs1', 0):.1f} | {b.get('decode_tok_per_s_bs8', 0):.1f} | "
               f"{b.get('decode_tok_per_s_bs32', 0):.1f} |")
     if os.environ.get("OUT"):
