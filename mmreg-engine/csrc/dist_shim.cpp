@@ -11,6 +11,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 #include <chrono>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -77,6 +78,11 @@ void mmreg_dist_store_free(void* store) { delete static_cast<Store*>(store); }
 void* mmreg_dist_group_new(void* store, const char* prefix, int rank, int size, int nccl,
                            int64_t timeout_ms, char* error, size_t capacity) {
   Group* group = nullptr;
+  // c10d's flight recorder (a trace of recent collectives for debugging hangs) is one per process and
+  // assumes one process group per process: our ranks' groups, all in this process, race on it. It is
+  // read once, at its first use; a user's own setting stands.
+  setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
+  setenv("TORCH_NCCL_TRACE_BUFFER_SIZE", "0", 0);
   guarded(error, capacity, [&] {
     auto scoped = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix),
                                                          static_cast<Store*>(store)->store);

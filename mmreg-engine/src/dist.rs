@@ -100,6 +100,9 @@ pub struct ProcessGroup {
     backend: Backend,
     /// A rank's collectives are called from its own thread; the lock makes that a guarantee.
     lock: Mutex<()>,
+    /// Set when a collective failed (a peer timed out, say): its work may still be running inside
+    /// c10d, so the group is never freed (freeing it under that work crashes the process).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 // SAFETY: the group is only used under `lock`, one call at a time.
@@ -118,6 +121,10 @@ impl std::fmt::Debug for ProcessGroup {
 
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
+        if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            // A broken group is left allocated: see `failed`.
+            return;
+        }
         // SAFETY: made by `mmreg_dist_group_new`, freed once.
         unsafe { mmreg_dist_group_free(self.group) }
     }
@@ -198,6 +205,7 @@ fn join(
         size,
         backend,
         lock: Mutex::new(()),
+        failed: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
@@ -212,13 +220,17 @@ impl ProcessGroup {
         f: impl FnOnce(*mut c_void, *mut c_char, usize) -> c_int,
     ) -> Result<()> {
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        checked(
+        let result = checked(
             &format!(
                 "tensor parallelism, rank {} of {}: {what}",
                 self.rank, self.size
             ),
             |error, capacity| f(self.group, error, capacity),
-        )
+        );
+        if result.is_err() {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        result
     }
 }
 
