@@ -162,6 +162,21 @@ impl Weights {
                 self.files[info.file].0.display()
             )));
         }
+        let source_kind = self.source_kind(name, info, kind)?;
+        let bytes = &self.files[info.file].1[info.start..info.end];
+        let tensor = Tensor::f_from_data_size(bytes, &info.shape, source_kind)?;
+        let tensor = if source_kind == kind {
+            tensor
+        } else {
+            tensor.f_to_kind(kind)?
+        };
+        let tensor = tensor.f_to_device(device)?;
+        self.mark_read(name, info.end - info.start);
+        Ok(tensor)
+    }
+
+    /// The kind a tensor is stored in, checked against the `kind` the model reads it as.
+    fn source_kind(&self, name: &str, info: &TensorInfo, kind: Kind) -> Result<Kind> {
         let source_kind = kind_of(info.dtype).ok_or_else(|| {
             Error::Weights(format!(
                 "tensor `{name}` has unsupported dtype {:?}",
@@ -175,22 +190,18 @@ impl Weights {
                 self.files[info.file].0.display()
             )));
         }
-        let bytes = &self.files[info.file].1[info.start..info.end];
-        let tensor = Tensor::f_from_data_size(bytes, &info.shape, source_kind)?;
-        let tensor = if source_kind == kind {
-            tensor
-        } else {
-            tensor.f_to_kind(kind)?
-        };
-        let tensor = tensor.f_to_device(device)?;
+        Ok(source_kind)
+    }
+
+    /// Records that `name` was read (`bytes` of it), for `check_all_used` and the progress bar.
+    fn mark_read(&self, name: &str, bytes: usize) {
         self.used
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_owned());
         if let Some(bar) = &self.progress {
-            bar.inc((info.end - info.start) as u64);
+            bar.inc(bytes as u64);
         }
-        Ok(tensor)
     }
 
     /// Reads `len` rows (along `dim`) from `start` of a tensor whose full shape is `shape`: a rank's slice
@@ -218,12 +229,7 @@ impl Weights {
                 self.files[info.file].0.display()
             )));
         }
-        let source_kind = kind_of(info.dtype).ok_or_else(|| {
-            Error::Weights(format!(
-                "tensor `{name}` has unsupported dtype {:?}",
-                info.dtype
-            ))
-        })?;
+        let source_kind = self.source_kind(name, info, kind)?;
         let bytes = &self.files[info.file].1[info.start..info.end];
         let strides = contiguous_strides(shape);
         // SAFETY: `bytes` is the whole tensor (its shape and dtype checked above) in a read-only mapping
@@ -236,10 +242,10 @@ impl Weights {
         out_shape[dim] = len;
         let mut out = Tensor::f_empty(&out_shape, (kind, device))?;
         out.f_copy_(&part)?;
-        self.used
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_owned());
+        self.mark_read(
+            name,
+            (info.end - info.start) * len as usize / shape[dim].max(1) as usize,
+        );
         Ok(out)
     }
 

@@ -444,38 +444,14 @@ impl Scheduler {
         let decodes_only = plan.iter().all(|s| self.running[s.seq].decoding());
         let fixed = match &mut self.fixed_steps {
             Some(_) if decodes_only && self.ranks.is_some() => {
-                let rows: Vec<DecodeRow> = plan
-                    .iter()
-                    .map(|s| {
-                        let seq = &self.running[s.seq];
-                        DecodeRow {
-                            token: seq.generated.last().copied().unwrap_or_default(),
-                            blocks: &seq.blocks,
-                            sliding_blocks: &seq.sliding_blocks,
-                            len: seq.len(),
-                            position_delta: seq.positions().map_or(0, |p| p.delta),
-                        }
-                    })
-                    .collect();
+                let rows = decode_rows(&self.running, plan);
                 // The rows borrow the running sequences; the step needs the scheduler mutably.
                 let rows: Vec<OwnedDecodeRow> = rows.iter().map(OwnedDecodeRow::from).collect();
                 let rows: Vec<DecodeRow> = rows.iter().map(OwnedDecodeRow::row).collect();
                 self.parallel_decode(&rows)?
             }
             Some(fixed) if decodes_only => {
-                let rows: Vec<DecodeRow> = plan
-                    .iter()
-                    .map(|s| {
-                        let seq = &self.running[s.seq];
-                        DecodeRow {
-                            token: seq.generated.last().copied().unwrap_or_default(),
-                            blocks: &seq.blocks,
-                            sliding_blocks: &seq.sliding_blocks,
-                            len: seq.len(),
-                            position_delta: seq.positions().map_or(0, |p| p.delta),
-                        }
-                    })
-                    .collect();
+                let rows = decode_rows(&self.running, plan);
                 fixed.decode(self.model.as_ref(), &mut self.cache, &rows)?
             }
             _ => None,
@@ -1007,6 +983,22 @@ fn grow(
         && sliding
             .as_mut()
             .is_none_or(|s| s.grow(&mut seq.sliding_blocks, seq.computed, tokens))
+}
+
+/// Each planned sequence's decode row: its last token, blocks and length.
+fn decode_rows<'a>(running: &'a [Sequence], plan: &[Scheduled]) -> Vec<DecodeRow<'a>> {
+    plan.iter()
+        .map(|s| {
+            let seq = &running[s.seq];
+            DecodeRow {
+                token: seq.generated.last().copied().unwrap_or_default(),
+                blocks: &seq.blocks,
+                sliding_blocks: &seq.sliding_blocks,
+                len: seq.len(),
+                position_delta: seq.positions().map_or(0, |p| p.delta),
+            }
+        })
+        .collect()
 }
 
 /// A decode row that owns its block lists (a step of a tensor-parallel engine borrows the scheduler

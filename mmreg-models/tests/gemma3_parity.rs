@@ -11,8 +11,7 @@ mod support;
 
 use std::sync::atomic::Ordering;
 
-use mmreg_core::Prompt;
-use mmreg_engine::{Engine, EngineOptions, ImageSource, Request, SamplingParams};
+use mmreg_engine::{Engine, EngineOptions};
 use mmreg_models as _;
 use support::fixture;
 
@@ -97,19 +96,7 @@ fn gemma3_sliding_layers_hold_only_their_window() {
         "{} global blocks",
         profile.kv_blocks
     );
-    let request = || Request {
-        prompt: Prompt::Text(case.text.clone()),
-        images: case
-            .images
-            .iter()
-            .map(|p| ImageSource::Path(dir.join(p)))
-            .collect(),
-        videos: Vec::new(),
-        params: SamplingParams {
-            max_tokens: goldens.meta.greedy_tokens,
-            ..SamplingParams::default()
-        },
-    };
+    let request = || goldens.request(&dir, case);
     let first = engine.generate(vec![request()]).remove(0).expect("first");
     let again = engine.generate(vec![request()]).remove(0).expect("again");
     let tokens = |c: &mmreg_engine::Completion| -> Vec<i64> {

@@ -9,12 +9,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
-use mmreg_core::Prompt;
 use std::sync::atomic::Ordering;
 
-use mmreg_engine::{
-    EncoderTpMode, Engine, EngineOptions, ImageSource, MultiModalLimits, Request, SamplingParams,
-};
+use mmreg_engine::{EncoderTpMode, Engine, EngineOptions, MultiModalLimits};
 use mmreg_models as _;
 use support::fixture;
 
@@ -39,19 +36,7 @@ fn generate(dir: &Path, engine: &Engine) -> Vec<Vec<i64>> {
         .cases
         .iter()
         .filter(|c| c.processor_kwargs.is_empty() || !has_image_kwargs(c))
-        .map(|case| Request {
-            prompt: Prompt::Text(case.text.clone()),
-            images: case
-                .images
-                .iter()
-                .map(|p| ImageSource::Path(dir.join(p)))
-                .collect(),
-            videos: Vec::new(),
-            params: SamplingParams {
-                max_tokens: goldens.meta.greedy_tokens,
-                ..SamplingParams::default()
-            },
-        })
+        .map(|case| goldens.request(dir, case))
         .collect();
     engine
         .generate(requests)

@@ -127,6 +127,24 @@ impl Goldens {
             .ok_or_else(|| anyhow!("parity.safetensors has no `{case}.{key}`"))
     }
 
+    /// The engine request of `case` (its prompt and images, from the checkpoint `dir`), greedy for as
+    /// many tokens as HF generated.
+    pub fn request(&self, dir: &Path, case: &Case) -> Request {
+        Request {
+            prompt: Prompt::Text(case.text.clone()),
+            images: case
+                .images
+                .iter()
+                .map(|p| ImageSource::Path(dir.join(p)))
+                .collect(),
+            videos: Vec::new(),
+            params: SamplingParams {
+                max_tokens: self.meta.greedy_tokens,
+                ..SamplingParams::default()
+            },
+        }
+    }
+
     /// A golden tensor of `case` as a flat list of ids (token ids, greedy tokens).
     pub fn ids(&self, case: &str, key: &str) -> Result<Vec<i64>> {
         Ok(Vec::<i64>::try_from(
@@ -671,19 +689,7 @@ pub fn check_engine(dir: &Path, options: EngineOptions) -> Result<Report> {
         let cases: Vec<&Case> = group.iter().chain(group.iter().rev()).copied().collect();
         let requests = cases
             .iter()
-            .map(|case| Request {
-                prompt: Prompt::Text(case.text.clone()),
-                images: case
-                    .images
-                    .iter()
-                    .map(|p| ImageSource::Path(dir.join(p)))
-                    .collect(),
-                videos: Vec::new(),
-                params: SamplingParams {
-                    max_tokens: goldens.meta.greedy_tokens,
-                    ..SamplingParams::default()
-                },
-            })
+            .map(|case| goldens.request(dir, case))
             .collect();
         for (case, result) in cases.iter().zip(engine.generate(requests)) {
             let expected = goldens.ids(&case.name, "generated")?;
