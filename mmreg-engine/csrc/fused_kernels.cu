@@ -112,6 +112,71 @@ __device__ void rms_norm_row(typename D::T* out, typename D::T* sum, const typen
   }
 }
 
+// N elements of the storage type in one aligned vector: read and written by single 4-, 8- or 16-byte
+// accesses.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T e[N];
+};
+
+// rms_norm_row for rows read once into registers in 16-byte vectors, each thread holding up to
+// kNormVectors of them: one block of up to 1024 threads per row, which at a decode step's few rows keeps
+// the latency to one read, one block sum and one write. The caller checks that cols is a multiple of
+// the vector's elements, that a row fits (cols <= blockDim.x * kNormVectors * vector) and that every
+// pointer is 16-byte aligned.
+constexpr int kNormVectors = 4;
+
+template <typename D>
+__device__ void rms_norm_row_vectors(typename D::T* out, typename D::T* sum, const typename D::T* x,
+                                     const typename D::T* delta, const typename D::T* weight, int cols,
+                                     float eps) {
+  constexpr int N = 16 / sizeof(typename D::T);
+  typedef Pack<typename D::T, N> V;
+  const long long row = blockIdx.x;
+  float v[kNormVectors][N];
+  float squares = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kNormVectors; ++i) {
+    const long long c = (threadIdx.x + i * (long long)blockDim.x) * N;
+    if (c < cols) {
+      const V a = *reinterpret_cast<const V*>(x + row * cols + c);
+      if (delta != nullptr) {
+        const V b = *reinterpret_cast<const V*>(delta + row * cols + c);
+        V s;
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+          s.e[n] = D::store(D::load(a.e[n]) + D::load(b.e[n]));
+          v[i][n] = D::load(s.e[n]);
+        }
+        *reinterpret_cast<V*>(sum + row * cols + c) = s;
+      } else {
+#pragma unroll
+        for (int n = 0; n < N; ++n) {
+          v[i][n] = D::load(a.e[n]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        squares += v[i][n] * v[i][n];
+      }
+    }
+  }
+  const float inv = rsqrtf(block_sum(squares) / cols + eps);
+#pragma unroll
+  for (int i = 0; i < kNormVectors; ++i) {
+    const long long c = (threadIdx.x + i * (long long)blockDim.x) * N;
+    if (c < cols) {
+      const V w = *reinterpret_cast<const V*>(weight + c);
+      V o;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        o.e[n] = D::store(D::load(w.e[n]) * round_to<D>(v[i][n] * inv));
+      }
+      *reinterpret_cast<V*>(out + row * cols + c) = o;
+    }
+  }
+}
+
 // silu(gate) * up for a stacked [rows, 2 * cols] projection (gate first): HF's act_fn(gate) * up,
 // with silu's result rounded before the product. Grid-stride loops over rows (y) and columns (x): no
 // per-element division.
@@ -178,38 +243,69 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 }
 
 // Decode attention over the paged KV cache, reading each sequence's keys and values where they are (no
-// gathered copy): one block per (sequence, key/value head), its warps taking every kWarps-th position of
-// the sequence's `lengths[seq]` slots (`slots[seq * slot_stride + p]`), with an online softmax in f32,
-// then combined across warps. The head's `group` query heads (grouped-query attention) share each key
-// and value read. q is [sequences, heads, dim] with `q_stride` elements between sequences; caches are
-// [slots, kv_heads, dim]; out is [sequences, heads, dim]. Each lane holds E consecutive elements of a
-// head (lanes past the end hold none): E = 1, 2, 4 or 8 for heads of up to 32, 64, 128 or 256. Loops
-// run to compile-time bounds, so every per-lane array stays in registers. group at most 8 and
-// group * dim at most 1024 (the caller checks). Launched with kWarps * 32 threads.
-constexpr int kWarps = 8;
-constexpr int kMaxGroup = 8;
+// gathered copy), split across blocks as flash-decoding does so that a few sequences still fill the
+// GPU. Block (blockIdx.x, blockIdx.y) takes key/value head blockIdx.x % kv_heads of sequence blockIdx.x /
+// kv_heads, and the blockIdx.y-th of gridDim.y equal chunks of its padded slot list (`slot_stride`
+// entries, `lengths[seq]` of them real: `slots[seq * slot_stride + p]`). Its kWarps warps take kTile
+// consecutive positions at a time (their loads in flight together), a lane holding E consecutive
+// elements of a head (E = 1, 2, 4 or 8 for heads of up to 32, 64, 128 or 256; lanes past the end hold
+// none), with an online softmax in f32 for each of the head's `group` query heads (grouped-query
+// attention: they share each read; G, the most the variant holds, is 1, 4 or 8). Loops run to
+// compile-time bounds, so the per-lane arrays stay in registers.
+//
+// With one chunk (gridDim.y == 1) the block writes the output, [sequences, heads, dim]. With more, it
+// writes its unnormalised partial sums, f32 [sequences * heads, chunks, dim], their maximum and sum
+// [sequences * heads, chunks], and paged_decode_combine reduces the chunks. q is [sequences, heads, dim]
+// with `q_stride` elements between sequences; caches are [slots, kv_heads, dim]. `vectorized`: dim is a
+// multiple of E and the caches are 16-byte aligned (each lane's run one vector load). group * dim at
+// most kMaxGroupDim (the caller checks). Launched with kWarps * 32 threads.
+constexpr int kWarps = 4;
 constexpr int kMaxGroupDim = 1024;  // group * dim
 
+// E elements at p as floats: `count` of them real (0.0 past the end); one vector load when all E are
+// there and aligned.
 template <typename D, int E>
-__device__ void paged_decode_attention_block(typename D::T* out, const typename D::T* q, long long q_stride,
-                                             const typename D::T* key_cache,
+__device__ __forceinline__ void load_run(const typename D::T* p, int count, bool vectorized,
+                                         float (&out)[E]) {
+  if (vectorized && count == E) {
+    const Pack<typename D::T, E> v = *reinterpret_cast<const Pack<typename D::T, E>*>(p);
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      out[e] = D::load(v.e[e]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      out[e] = e < count ? D::load(p[e]) : 0.0f;
+    }
+  }
+}
+
+template <typename D, int E, int G>
+__device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_acc, float* partial_max,
+                                             float* partial_sum, const typename D::T* q,
+                                             long long q_stride, const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
-                                             int kv_heads, int dim, float scale) {
-  __shared__ float shared_max[kWarps][kMaxGroup];
-  __shared__ float shared_sum[kWarps][kMaxGroup];
+                                             int kv_heads, int dim, float scale, int vectorized) {
+  // Heads of up to 128 elements read 4 positions at a time, wider ones 2: the tile stays in registers.
+  constexpr int kTile = E <= 4 ? 4 : 2;
+  __shared__ float shared_max[kWarps][G];
+  __shared__ float shared_sum[kWarps][G];
   __shared__ float shared_acc[kWarps][kMaxGroupDim];
   const int seq = blockIdx.x / kv_heads, kv_head = blockIdx.x % kv_heads;
   const int group = heads / kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first = lane * E, count = first >= dim ? 0 : min(E, dim - first);
-  const long long length = lengths[seq];
+  const long long chunk = (slot_stride + gridDim.y - 1) / gridDim.y;
+  const long long begin = blockIdx.y * chunk;
+  const long long end = min(lengths[seq], begin + chunk);
 
-  float query[kMaxGroup][E];
-  float acc[kMaxGroup][E];
-  float running_max[kMaxGroup], running_sum[kMaxGroup];
+  float query[G][E];
+  float acc[G][E];
+  float running_max[G], running_sum[G];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < G; ++g) {
     const typename D::T* row = q + seq * q_stride + (long long)(kv_head * group + g) * dim + first;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
@@ -219,42 +315,70 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
     running_max[g] = -INFINITY;
     running_sum[g] = 0.0f;
   }
-  for (long long p = warp; p < length; p += kWarps) {
-    const long long slot = slots[seq * slot_stride + p];
-    const long long offset = (slot * kv_heads + kv_head) * dim + first;
-    float key[E], value[E];
+  // Positions p0 .. p0 + kTile - 1; p0 < end, so at least the first is real (the same for the whole
+  // warp, as every branch below: the shuffles see all 32 lanes).
+  for (long long p0 = begin + warp * kTile; p0 < end; p0 += kWarps * kTile) {
+    float key[kTile][E], value[kTile][E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      key[e] = e < count ? D::load(key_cache[offset + e]) : 0.0f;
-      value[e] = e < count ? D::load(value_cache[offset + e]) : 0.0f;
+    for (int u = 0; u < kTile; ++u) {
+      if (p0 + u < end) {
+        const long long slot = slots[seq * slot_stride + p0 + u];
+        const long long offset = (slot * kv_heads + kv_head) * dim + first;
+        load_run<D, E>(key_cache + offset, count, vectorized != 0, key[u]);
+        load_run<D, E>(value_cache + offset, count, vectorized != 0, value[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          key[u][e] = value[u][e] = 0.0f;
+        }
+      }
     }
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
-      // The same for every lane: the shuffles below see the whole warp.
+    for (int g = 0; g < G; ++g) {
       if (g < group) {
-        float dot = 0.0f;
+        float score[kTile];
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          dot += query[g][e] * key[e];
+        for (int u = 0; u < kTile; ++u) {
+          score[u] = 0.0f;
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            score[u] += query[g][e] * key[u][e];
+          }
         }
         for (int o = 16; o > 0; o >>= 1) {
-          dot += __shfl_xor_sync(0xffffffffu, dot, o);
+#pragma unroll
+          for (int u = 0; u < kTile; ++u) {
+            score[u] += __shfl_xor_sync(0xffffffffu, score[u], o);
+          }
         }
-        const float score = dot * scale;
-        const float new_max = fmaxf(running_max[g], score);
+        float new_max = running_max[g];
+#pragma unroll
+        for (int u = 0; u < kTile; ++u) {
+          score[u] = p0 + u < end ? score[u] * scale : -INFINITY;
+          new_max = fmaxf(new_max, score[u]);
+        }
+        // new_max is finite (the tile's first position is real); exp(-inf) = 0 on the first tile.
         const float correction = expf(running_max[g] - new_max);
-        const float weight = expf(score - new_max);
-        running_sum[g] = running_sum[g] * correction + weight;
+        running_sum[g] *= correction;
 #pragma unroll
         for (int e = 0; e < E; ++e) {
-          acc[g][e] = acc[g][e] * correction + weight * value[e];
+          acc[g][e] *= correction;
+        }
+#pragma unroll
+        for (int u = 0; u < kTile; ++u) {
+          const float weight = expf(score[u] - new_max);
+          running_sum[g] += weight;
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            acc[g][e] += weight * value[u][e];
+          }
         }
         running_max[g] = new_max;
       }
     }
   }
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < G; ++g) {
     if (g < group) {
       if (lane == 0) {
         shared_max[warp][g] = running_max[g];
@@ -269,8 +393,9 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
     }
   }
   __syncthreads();
-  // Each thread combines some (head, element) pairs over the warps; a warp that saw no position has
-  // a sum of 0 and is skipped.
+  // Each thread combines some (head, element) pairs over the warps; a warp that saw no position has a
+  // sum of 0 and is skipped, and a chunk with no position at all writes a sum of 0 (an output of 0).
+  const int splits = gridDim.y;
   for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
     const int g = i / dim;
     float total_max = -INFINITY;
@@ -287,31 +412,89 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
         total += shared_acc[w][i] * factor;
       }
     }
-    out[((long long)seq * heads + kv_head * group + g) * dim + (i % dim)] = D::store(total / total_sum);
+    const long long head_row = (long long)seq * heads + kv_head * group + g;
+    if (splits == 1) {
+      out[head_row * dim + (i % dim)] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
+    } else {
+      const long long part = head_row * splits + blockIdx.y;
+      partial_acc[part * dim + (i % dim)] = total;
+      if (i % dim == 0) {
+        partial_max[part] = total_max;
+        partial_sum[part] = total_sum;
+      }
+    }
   }
 }
 
-#define MMREG_ATTENTION(D, suffix, E)                                                              \
-  MMREG_KERNEL void paged_decode_attention_e##E##_##suffix(                                        \
-      D::T* out, const D::T* q, long long q_stride, const D::T* key_cache, const D::T* value_cache,  \
-      const long long* slots, long long slot_stride, const long long* lengths, int heads,            \
-      int kv_heads, int dim, float scale) {                                                        \
-    paged_decode_attention_block<D, E>(out, q, q_stride, key_cache, value_cache, slots,            \
-                                       slot_stride, lengths, heads, kv_heads, dim, scale);         \
+// The chunks of paged_decode_attention_chunk reduced: one block per (sequence, head) row, a thread per
+// element (grid-stride), out [rows, dim].
+template <typename D>
+__device__ void paged_decode_combine_row(typename D::T* out, const float* partial_acc,
+                                         const float* partial_max, const float* partial_sum, int splits,
+                                         int dim) {
+  const long long row = blockIdx.x;
+  partial_acc += row * splits * dim;
+  partial_max += row * splits;
+  partial_sum += row * splits;
+  float total_max = -INFINITY;
+  for (int s = 0; s < splits; ++s) {
+    if (partial_sum[s] > 0.0f) {
+      total_max = fmaxf(total_max, partial_max[s]);
+    }
+  }
+  float total_sum = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    if (partial_sum[s] > 0.0f) {
+      total_sum += partial_sum[s] * expf(partial_max[s] - total_max);
+    }
+  }
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float total = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      if (partial_sum[s] > 0.0f) {
+        total += partial_acc[s * dim + d] * expf(partial_max[s] - total_max);
+      }
+    }
+    out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
+  }
+}
+
+#define MMREG_ATTENTION(D, suffix, E, G)                                                           \
+  MMREG_KERNEL void paged_decode_attention_e##E##_g##G##_##suffix(                                  \
+      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
+      long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
+      long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
+      float scale, int vectorized) {                                                                \
+    paged_decode_attention_chunk<D, E, G>(out, partial_acc, partial_max, partial_sum, q, q_stride,  \
+                                          key_cache, value_cache, slots, slot_stride, lengths,      \
+                                          heads, kv_heads, dim, scale, vectorized);                 \
   }
 
+#define MMREG_ATTENTION_GROUPS(D, suffix, E) \
+  MMREG_ATTENTION(D, suffix, E, 1)           \
+  MMREG_ATTENTION(D, suffix, E, 4)           \
+  MMREG_ATTENTION(D, suffix, E, 8)
+
 #define MMREG_KERNELS(D, suffix)                                                                   \
-  MMREG_KERNEL void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight,      \
-                                               int cols, float eps) {                              \
+  MMREG_KERNEL void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight, int cols,       \
+                                      float eps) {                                                 \
     rms_norm_row<D>(out, nullptr, x, nullptr, weight, cols, eps);                                  \
   }                                                                                                \
-  MMREG_KERNEL void add_rms_norm_##suffix(D::T* out, D::T* sum, const D::T* x,           \
-                                                   const D::T* delta, const D::T* weight,          \
-                                                   int cols, float eps) {                          \
+  MMREG_KERNEL void add_rms_norm_##suffix(D::T* out, D::T* sum, const D::T* x, const D::T* delta,   \
+                                          const D::T* weight, int cols, float eps) {               \
     rms_norm_row<D>(out, sum, x, delta, weight, cols, eps);                                        \
   }                                                                                                \
-  MMREG_KERNEL void silu_mul_##suffix(D::T* out, const D::T* gate_up, long long rows,    \
-                                               long long cols) {                                   \
+  MMREG_KERNEL void rms_norm_vectors_##suffix(D::T* out, const D::T* x, const D::T* weight,         \
+                                              int cols, float eps) {                               \
+    rms_norm_row_vectors<D>(out, nullptr, x, nullptr, weight, cols, eps);                          \
+  }                                                                                                \
+  MMREG_KERNEL void add_rms_norm_vectors_##suffix(D::T* out, D::T* sum, const D::T* x,              \
+                                                  const D::T* delta, const D::T* weight, int cols, \
+                                                  float eps) {                                     \
+    rms_norm_row_vectors<D>(out, sum, x, delta, weight, cols, eps);                                \
+  }                                                                                                \
+  MMREG_KERNEL void silu_mul_##suffix(D::T* out, const D::T* gate_up, long long rows,               \
+                                      long long cols) {                                            \
     silu_mul_all<D>(out, gate_up, rows, cols);                                                     \
   }                                                                                                \
   MMREG_KERNEL void rope_##suffix(D::T* out, const D::T* qkv, const D::T* cos, const D::T* sin,     \
@@ -321,10 +504,15 @@ __device__ void paged_decode_attention_block(typename D::T* out, const typename 
     rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache, slots,    \
                 kv_heads);                                                                         \
   }                                                                                                \
-  MMREG_ATTENTION(D, suffix, 1)                                                                    \
-  MMREG_ATTENTION(D, suffix, 2)                                                                    \
-  MMREG_ATTENTION(D, suffix, 4)                                                                    \
-  MMREG_ATTENTION(D, suffix, 8)
+  MMREG_KERNEL void paged_decode_combine_##suffix(D::T* out, const float* partial_acc,              \
+                                                  const float* partial_max,                        \
+                                                  const float* partial_sum, int splits, int dim) { \
+    paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, splits, dim);          \
+  }                                                                                                \
+  MMREG_ATTENTION_GROUPS(D, suffix, 1)                                                             \
+  MMREG_ATTENTION_GROUPS(D, suffix, 2)                                                             \
+  MMREG_ATTENTION_GROUPS(D, suffix, 4)                                                             \
+  MMREG_ATTENTION_GROUPS(D, suffix, 8)
 
 MMREG_KERNELS(F32, f32)
 MMREG_KERNELS(BF16, bf16)

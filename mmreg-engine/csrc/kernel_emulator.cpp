@@ -106,30 +106,42 @@ T arg(void** args, int i) {
   return value;
 }
 
-#define MMREG_EMULATED_ATTENTION(suffix, T, E)                                                       \
+#define MMREG_EMULATED_ATTENTION(suffix, T, E, G)                                                   \
   [](void** a) {                                                                                      \
-    paged_decode_attention_e##E##_##suffix(                                                           \
-        arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2), arg<const T*>(a, 3),                \
-        arg<const T*>(a, 4), arg<const long long*>(a, 5), arg<long long>(a, 6),                       \
-        arg<const long long*>(a, 7), arg<int>(a, 8), arg<int>(a, 9), arg<int>(a, 10),                 \
-        arg<float>(a, 11));                                                                           \
+    paged_decode_attention_e##E##_g##G##_##suffix(                                                    \
+        arg<T*>(a, 0), arg<float*>(a, 1), arg<float*>(a, 2), arg<float*>(a, 3), arg<const T*>(a, 4),  \
+        arg<long long>(a, 5), arg<const T*>(a, 6), arg<const T*>(a, 7), arg<const long long*>(a, 8),  \
+        arg<long long>(a, 9), arg<const long long*>(a, 10), arg<int>(a, 11), arg<int>(a, 12),         \
+        arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15));                                         \
   }
 
-// The kernels in the order of `NAMES` in src/kernels.rs, for each dtype: f32, bf16, f16.
+#define MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, E)                                   \
+  MMREG_EMULATED_ATTENTION(suffix, T, E, 1), MMREG_EMULATED_ATTENTION(suffix, T, E, 4), \
+      MMREG_EMULATED_ATTENTION(suffix, T, E, 8)
+
+// The kernels in the order of `NAMES` in src/kernels/launch.rs, for each dtype: f32, bf16, f16.
 #define MMREG_EMULATED(suffix, T)                                                                      \
   [](void** a) { rms_norm_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),           \
                                    arg<int>(a, 3), arg<float>(a, 4)); },                              \
   [](void** a) { add_rms_norm_##suffix(arg<T*>(a, 0), arg<T*>(a, 1), arg<const T*>(a, 2),             \
                                        arg<const T*>(a, 3), arg<const T*>(a, 4), arg<int>(a, 5),      \
                                        arg<float>(a, 6)); },                                          \
+  [](void** a) { rms_norm_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                        \
+                                           arg<const T*>(a, 2), arg<int>(a, 3), arg<float>(a, 4)); }, \
+  [](void** a) { add_rms_norm_vectors_##suffix(arg<T*>(a, 0), arg<T*>(a, 1), arg<const T*>(a, 2),     \
+                                               arg<const T*>(a, 3), arg<const T*>(a, 4),              \
+                                               arg<int>(a, 5), arg<float>(a, 6)); },                  \
   [](void** a) { silu_mul_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2),          \
                                    arg<long long>(a, 3)); },                                          \
   [](void** a) { rope_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),              \
                                arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),             \
                                arg<int>(a, 6), arg<int>(a, 7), arg<T*>(a, 8), arg<T*>(a, 9),          \
                                arg<const long long*>(a, 10), arg<int>(a, 11)); },                     \
-  MMREG_EMULATED_ATTENTION(suffix, T, 1), MMREG_EMULATED_ATTENTION(suffix, T, 2),                   \
-  MMREG_EMULATED_ATTENTION(suffix, T, 4), MMREG_EMULATED_ATTENTION(suffix, T, 8)
+  [](void** a) { paged_decode_combine_##suffix(arg<T*>(a, 0), arg<const float*>(a, 1),                \
+                                               arg<const float*>(a, 2), arg<const float*>(a, 3),      \
+                                               arg<int>(a, 4), arg<int>(a, 5)); },                    \
+  MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 1), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 2),       \
+  MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 4), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 8)
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -171,9 +171,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 8 kernels in each of 3 dtypes.
+        // 19 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 24,
+            kernels, 57,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -363,18 +363,22 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
     for mode in modes() {
         let device = mode.device();
         for kind in KINDS {
-            // No grouping (LLaVA-1.5), 4 query heads per key/value head (Mistral); heads of every
-            // kernel variant (up to 32, 64, 128, 256 elements), narrower than a warp or not a multiple
-            // of its width.
-            for (heads, kv_heads, dim) in [
-                (4, 4, 128),
-                (8, 2, 64),
-                (2, 1, 8),
-                (3, 1, 40),
-                (2, 1, 256),
-                (4, 1, 96),
+            // No grouping (LLaVA-1.5), 4 query heads per key/value head (Mistral), 8 (the most); heads
+            // of every kernel variant (up to 32, 64, 128, 256 elements), narrower than a warp or not a
+            // multiple of its width. Four sequences: the emulator splits their contexts in chunks
+            // (reduced by the combine kernel); eight of LLaVA's shape: one chunk each.
+            for (heads, kv_heads, dim, lengths) in [
+                (4, 4, 128, &[1i64, 9, 40, 23][..]),
+                (4, 4, 128, &[1, 9, 40, 23, 48, 2, 31, 17][..]),
+                (8, 2, 64, &[1, 9, 40, 23][..]),
+                (2, 1, 8, &[1, 9, 40, 23][..]),
+                (3, 1, 40, &[1, 9, 40, 23][..]),
+                (2, 1, 256, &[1, 9, 40, 23][..]),
+                (4, 1, 96, &[1, 9, 40, 23][..]),
+                (8, 1, 32, &[1, 9, 40, 23][..]),
+                (16, 2, 128, &[1, 9, 40, 23][..]),
             ] {
-                let lengths = [1i64, 9, 40, 23];
+                let sequences = lengths.len() as i64;
                 let width = 48;
                 let pool = 200;
                 let keys = random(&[pool, kv_heads, dim], kind, device, heads);
@@ -394,7 +398,7 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                     })
                     .collect();
                 // The query as a narrow of a wider stacked projection: strided rows.
-                let stacked = random(&[4, heads + 2 * kv_heads, dim], kind, device, 5);
+                let stacked = random(&[sequences, heads + 2 * kv_heads, dim], kind, device, 5);
                 let query = stacked.narrow(1, 0, heads);
                 let scale = (dim as f64).powf(-0.5);
                 let out = kernels::paged_decode_attention(
@@ -402,7 +406,7 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                     &keys,
                     &values,
                     &Tensor::from_slice(&padded).to_device(device),
-                    &Tensor::from_slice(&lengths).to_device(device),
+                    &Tensor::from_slice(lengths).to_device(device),
                     scale,
                 );
                 let Some(out) = out else {

@@ -34,15 +34,45 @@ pub(super) enum Function {
 unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
-/// The kernels for one dtype, in the emulator's order.
-pub(super) struct ForKind {
-    pub(super) rms_norm: Function,
-    pub(super) add_rms_norm: Function,
-    pub(super) silu_mul: Function,
-    pub(super) rope: Function,
-    /// For heads of up to 32, 64, 128 and 256 elements (1, 2, 4, 8 per lane).
-    pub(super) paged_decode_attention: [Function; 4],
-}
+/// The kernels' names without their dtype suffix, in the emulator's order (`kEmulated` in
+/// `csrc/kernel_emulator.cpp`): the elementwise ones, then decode attention for heads of up to 32, 64,
+/// 128 and 256 elements (1, 2, 4, 8 per lane), each holding up to 1, 4 or 8 query heads per key/value
+/// head.
+pub(super) const NAMES: [&str; 19] = [
+    "rms_norm",
+    "add_rms_norm",
+    "rms_norm_vectors",
+    "add_rms_norm_vectors",
+    "silu_mul",
+    "rope",
+    "paged_decode_combine",
+    "paged_decode_attention_e1_g1",
+    "paged_decode_attention_e1_g4",
+    "paged_decode_attention_e1_g8",
+    "paged_decode_attention_e2_g1",
+    "paged_decode_attention_e2_g4",
+    "paged_decode_attention_e2_g8",
+    "paged_decode_attention_e4_g1",
+    "paged_decode_attention_e4_g4",
+    "paged_decode_attention_e4_g8",
+    "paged_decode_attention_e8_g1",
+    "paged_decode_attention_e8_g4",
+    "paged_decode_attention_e8_g8",
+];
+const RMS_NORM: usize = 0;
+const ADD_RMS_NORM: usize = 1;
+/// The vectorised variants follow the plain ones: `RMS_NORM + VECTORS`.
+const VECTORS: usize = 2;
+const SILU_MUL: usize = 4;
+const ROPE: usize = 5;
+const COMBINE: usize = 6;
+const ATTENTION: usize = 7;
+/// Elements per lane of each attention variant, and the query heads per key/value head it holds.
+const ELEMENTS: [i64; 4] = [1, 2, 4, 8];
+const GROUPS: [i64; 3] = [1, 4, 8];
+
+/// The kernels for one dtype, in the order of [`NAMES`].
+pub(super) struct ForKind(pub(super) [Function; NAMES.len()]);
 
 /// The kernels of one device, for each dtype.
 pub(super) struct Kernels {
@@ -52,44 +82,39 @@ pub(super) struct Kernels {
     /// limit); a few for the emulator, which runs each thread as an OS thread (and so still checks the
     /// striding).
     pub(super) max_grid: (i64, i64),
+    /// Decode attention splits each sequence's context into chunks of at least `min_chunk` positions
+    /// until there are about `target_blocks` blocks (small numbers for the emulator, so that its tests
+    /// cover both the split and the unsplit path).
+    pub(super) target_blocks: i64,
+    pub(super) min_chunk: i64,
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
 }
 
-pub(super) const NAMES: [&str; 8] = [
-    "rms_norm",
-    "add_rms_norm",
-    "silu_mul",
-    "rope",
-    "paged_decode_attention_e1",
-    "paged_decode_attention_e2",
-    "paged_decode_attention_e4",
-    "paged_decode_attention_e8",
-];
 pub(super) const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 /// Threads per block of the elementwise kernels, and at most for RMSNorm.
 const BLOCK: u32 = 256;
+/// Warps per block of decode attention (`kWarps` in the CUDA source).
+const ATTENTION_WARPS: u32 = 4;
+/// Elements of a 16-byte vector the vectorised RMSNorm holds per thread at most (`kNormVectors`).
+const NORM_VECTORS: i64 = 4;
 
 pub(super) static EMULATED: Kernels = {
     const fn for_kind(k: i32) -> ForKind {
-        let n = NAMES.len() as i32;
-        ForKind {
-            rms_norm: Function::Emulated(n * k),
-            add_rms_norm: Function::Emulated(n * k + 1),
-            silu_mul: Function::Emulated(n * k + 2),
-            rope: Function::Emulated(n * k + 3),
-            paged_decode_attention: [
-                Function::Emulated(n * k + 4),
-                Function::Emulated(n * k + 5),
-                Function::Emulated(n * k + 6),
-                Function::Emulated(n * k + 7),
-            ],
+        let mut functions = [Function::Emulated(0); NAMES.len()];
+        let mut i = 0;
+        while i < NAMES.len() {
+            functions[i] = Function::Emulated(NAMES.len() as i32 * k + i as i32);
+            i += 1;
         }
+        ForKind(functions)
     }
     Kernels {
         device: -1,
         max_grid: (3, 3),
+        target_blocks: 32,
+        min_chunk: 8,
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -163,10 +188,28 @@ impl Kernels {
             return (sum, out);
         }
         let k = self.of(x.kind());
+        // Whole rows in registers, in 16-byte vectors, where they fit: a thread per vector up to 1024,
+        // then up to NORM_VECTORS each. Else a block of up to 256 threads striding over the row.
+        let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
+        let vectors = cols / per_vector;
+        let aligned = [Some(x), delta, Some(weight), Some(&out), sum.as_ref()]
+            .into_iter()
+            .flatten()
+            .all(|t| t.data_ptr() as usize % 16 == 0);
+        let vectorized = cols % per_vector == 0 && vectors <= 1024 * NORM_VECTORS && aligned;
+        let (block, first) = if vectorized {
+            (
+                (vectors as u32).div_ceil(32).clamp(1, 32) * 32,
+                RMS_NORM + VECTORS,
+            )
+        } else {
+            (
+                (cols as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32,
+                RMS_NORM,
+            )
+        };
         let (mut out_p, mut x_p, mut w_p) = (ptr(&out), ptr(x), ptr(weight));
         let (mut cols, mut eps) = (cols as i32, eps as f32);
-        // One block per row, a multiple of 32 threads up to 256.
-        let block = (cols as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
         if let (Some(sum), Some(delta)) = (&sum, delta) {
             let (mut sum_p, mut delta_p) = (ptr(sum), ptr(delta));
             let mut args = [
@@ -178,11 +221,12 @@ impl Kernels {
                 arg!(cols),
                 arg!(eps),
             ];
-            self.launch(k.add_rms_norm, (rows, 1), block, &mut args);
+            let f = k.0[first + ADD_RMS_NORM - RMS_NORM];
+            self.launch(f, (rows, 1), block, &mut args);
             counted(1);
         } else {
             let mut args = [arg!(out_p), arg!(x_p), arg!(w_p), arg!(cols), arg!(eps)];
-            self.launch(k.rms_norm, (rows, 1), block, &mut args);
+            self.launch(k.0[first], (rows, 1), block, &mut args);
             counted(0);
         }
         (sum, out)
@@ -199,7 +243,7 @@ impl Kernels {
         let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(&out), ptr(gate_up), rows, n);
         let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
         let grid = self.grid((cols + BLOCK as i64 - 1) / BLOCK as i64, rows);
-        self.launch(k.silu_mul, grid, BLOCK, &mut args);
+        self.launch(k.0[SILU_MUL], grid, BLOCK, &mut args);
         counted(2);
         out
     }
@@ -245,13 +289,16 @@ impl Kernels {
         let half = dim / 2;
         let block = (half as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
         let grid = self.grid((half + block as i64 - 1) / block as i64, tokens * heads);
-        self.launch(k.rope, grid, block, &mut args);
+        self.launch(k.0[ROPE], grid, block, &mut args);
         counted(3);
         out
     }
 
-    /// One block per (sequence, key/value head) of `BLOCK` threads, the 8 warps (`kWarps`) that
-    /// `paged_decode_attention_block` in the CUDA source is written for.
+    /// Blocks of `ATTENTION_WARPS` warps, one per (sequence, key/value head) and chunk of its context:
+    /// the context is split (flash-decoding) until there are about `target_blocks` blocks, each chunk
+    /// at least `min_chunk` positions of the padded width, and the chunks' partial results are then
+    /// reduced by `paged_decode_combine`. The split depends only on the shapes (not on the lengths), so
+    /// a CUDA graph replays it for any lengths.
     pub(super) fn paged_decode_attention(
         &self,
         query: &Tensor,
@@ -264,17 +311,55 @@ impl Kernels {
         let [sequences, heads, dim] = query.size()[..] else {
             unreachable!("checked by kernels::paged_decode_attention")
         };
-        let out = Tensor::empty([sequences, heads, dim], (query.kind(), query.device()));
+        let device = query.device();
+        let out = Tensor::empty([sequences, heads, dim], (query.kind(), device));
         let k = self.of(query.kind());
         let kv_heads = key_cache.size()[1];
+        let width = slots.numel() as i64 / sequences;
+        let blocks = sequences * kv_heads;
+        let splits = (self.target_blocks / blocks)
+            .min((width + self.min_chunk - 1) / self.min_chunk)
+            .max(1);
+        let f32_empty = |shape: &[i64]| Tensor::empty(shape, (Kind::Float, device));
+        let partial = (splits > 1).then(|| {
+            let rows = sequences * heads;
+            (
+                f32_empty(&[rows, splits, dim]),
+                f32_empty(&[rows, splits]),
+                f32_empty(&[rows, splits]),
+            )
+        });
+        // Elements per lane: the variant for the smallest of 1, 2, 4, 8 that covers the head, and the
+        // smallest group that holds the query heads of a key/value head.
+        let e = ELEMENTS
+            .iter()
+            .position(|&e| 32 * e >= dim)
+            .unwrap_or(ELEMENTS.len() - 1);
+        let g = GROUPS
+            .iter()
+            .position(|&g| g >= heads / kv_heads)
+            .unwrap_or(GROUPS.len() - 1);
+        let run = ELEMENTS[e] * key_cache.kind().elt_size_in_bytes() as i64;
+        let vectorized = dim % ELEMENTS[e] == 0
+            && [key_cache, value_cache]
+                .iter()
+                .all(|t| t.data_ptr() as i64 % run == 0);
+        let null = std::ptr::null_mut();
+        let (mut acc_p, mut max_p, mut sum_p) = match &partial {
+            Some((acc, max, sum)) => (ptr(acc), ptr(max), ptr(sum)),
+            None => (null, null, null),
+        };
         let (mut out_p, mut q_p, mut keys_p, mut values_p) =
             (ptr(&out), ptr(query), ptr(key_cache), ptr(value_cache));
         let (mut slots_p, mut lengths_p) = (ptr(slots), ptr(lengths));
-        let (mut q_stride, mut width) = (query.stride()[0], slots.numel() as i64 / sequences);
+        let (mut q_stride, mut width) = (query.stride()[0], width);
         let (mut heads32, mut kv_heads32, mut dim32) = (heads as i32, kv_heads as i32, dim as i32);
-        let mut scale = scale as f32;
+        let (mut scale, mut vectorized) = (scale as f32, vectorized as i32);
         let mut args = [
             arg!(out_p),
+            arg!(acc_p),
+            arg!(max_p),
+            arg!(sum_p),
             arg!(q_p),
             arg!(q_stride),
             arg!(keys_p),
@@ -286,22 +371,24 @@ impl Kernels {
             arg!(kv_heads32),
             arg!(dim32),
             arg!(scale),
+            arg!(vectorized),
         ];
-        // Elements per lane: the variant for the smallest of 1, 2, 4, 8 that covers the head.
-        let variant = match (dim as u32).div_ceil(32) {
-            0 | 1 => 0,
-            2 => 1,
-            3 | 4 => 2,
-            _ => 3,
-        };
-        let blocks = sequences * kv_heads;
-        self.launch(
-            k.paged_decode_attention[variant],
-            (blocks, 1),
-            BLOCK,
-            &mut args,
-        );
+        let f = k.0[ATTENTION + e * GROUPS.len() + g];
+        self.launch(f, (blocks, splits), ATTENTION_WARPS * 32, &mut args);
         counted(4);
+        if partial.is_some() {
+            let (mut splits32, mut dim32) = (splits as i32, dim as i32);
+            let mut args = [
+                arg!(out_p),
+                arg!(acc_p),
+                arg!(max_p),
+                arg!(sum_p),
+                arg!(splits32),
+                arg!(dim32),
+            ];
+            let block = (dim as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
+            self.launch(k.0[COMBINE], (sequences * heads, 1), block, &mut args);
+        }
         out
     }
 }

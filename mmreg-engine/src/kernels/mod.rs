@@ -174,10 +174,12 @@ pub fn rope_and_store(
 /// Attention of one new token per sequence over its cached keys and values, read in place from the paged
 /// cache: `query` `[sequences, heads, dim]` (rows may be strided, as a narrow of the stacked projection),
 /// `key_cache`/`value_cache` `[slots, kv_heads, dim]`, `slots` `[sequences * width]` (each sequence's
-/// slots, padded to `width`), `lengths` `[sequences]` (how many are real). Returns `[sequences, heads,
-/// dim]`, or `None` where the kernel does not run (not on CUDA, switched off, or shapes it does not
-/// handle: `dim` up to 256, at most 8 query heads per key/value head, group × dim at most 1024): the
-/// caller then gathers the keys and values and runs libtorch's attention.
+/// slots, padded to `width`), `lengths` `[sequences]` (how many are real; a sequence of none gets
+/// zeros). Returns `[sequences, heads, dim]`, or `None` where the kernel does not run (not on CUDA,
+/// switched off, or shapes it does not handle: `dim` up to 256, at most 8 query heads per key/value
+/// head, group × dim at most 1024): the caller then gathers the keys and values and runs libtorch's
+/// attention. Where a step has few sequences, each context is split in chunks across blocks and the
+/// chunks reduced after (flash-decoding), so that the GPU is full at batch 1 too.
 pub fn paged_decode_attention(
     query: &Tensor,
     key_cache: &Tensor,

@@ -122,20 +122,22 @@ mod shim {
             }
         };
         let for_kind = |suffix: &str| -> Result<ForKind, String> {
-            let [rms_norm, add_rms_norm, silu_mul, rope, e1, e2, e4, e8] =
-                NAMES.map(|name| function(format!("{name}_{suffix}")));
-            Ok(ForKind {
-                rms_norm: rms_norm?,
-                add_rms_norm: add_rms_norm?,
-                silu_mul: silu_mul?,
-                rope: rope?,
-                paged_decode_attention: [e1?, e2?, e4?, e8?],
-            })
+            let functions = NAMES
+                .iter()
+                .map(|name| function(format!("{name}_{suffix}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let functions = functions
+                .try_into()
+                .map_err(|_| "one function per kernel name".to_string())?;
+            Ok(ForKind(functions))
         };
         let [f32, bf16, f16] = SUFFIXES.map(for_kind);
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
+            // About 8 blocks of 4 warps per SM of an H100/H200 (132 SMs), of at least 32 positions each.
+            target_blocks: 1024,
+            min_chunk: 32,
             f32: f32?,
             bf16: bf16?,
             f16: f16?,

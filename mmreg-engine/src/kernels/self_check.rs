@@ -39,14 +39,17 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             }
         };
         let w = |shape: &[i64], phase: f64| waves(shape, phase, kind, device);
-        let (x, delta, weight) = (w(&[5, 200], 0.1), w(&[5, 200], 0.2), w(&[200], 0.3));
-        let eps = 1e-5;
-        let normed = k.rms_norm(&x, None, &weight, eps).1;
-        compare("rms_norm", &normed, &unfused::rms_norm(&x, &weight, eps))?;
-        let (sum, normed) = k.rms_norm(&x, Some(&delta), &weight, eps);
-        let (expected_sum, expected) = unfused::add_rms_norm(&x, &delta, &weight, eps);
-        compare("residual add", &sum.expect("the sum"), &expected_sum)?;
-        compare("add_rms_norm", &normed, &expected)?;
+        // 200 columns take the vectorised kernels in every dtype, 202 the strided ones.
+        for cols in [200, 202] {
+            let (x, delta, weight) = (w(&[5, cols], 0.1), w(&[5, cols], 0.2), w(&[cols], 0.3));
+            let eps = 1e-5;
+            let normed = k.rms_norm(&x, None, &weight, eps).1;
+            compare("rms_norm", &normed, &unfused::rms_norm(&x, &weight, eps))?;
+            let (sum, normed) = k.rms_norm(&x, Some(&delta), &weight, eps);
+            let (expected_sum, expected) = unfused::add_rms_norm(&x, &delta, &weight, eps);
+            compare("residual add", &sum.expect("the sum"), &expected_sum)?;
+            compare("add_rms_norm", &normed, &expected)?;
+        }
         let gate_up = w(&[3, 2 * 300], 0.4);
         compare(
             "silu_mul",
@@ -76,25 +79,31 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &stored(&values),
             &roped.narrow(1, 5, 1),
         )?;
-        // Sequences of 3 and 37 slots (padded to 40) scattered over a pool of 50, 2 query heads per
+        // Sequences of 3 and 37 slots (padded to 40, which the GPU's kernels split in two chunks), then
+        // of 3 and 20 (padded to 24: one chunk), scattered over a pool of 50, 2 query heads per
         // key/value head, query rows strided.
         let (keys, values) = (w(&[50, 2, 64], 0.8), w(&[50, 2, 64], 0.9));
-        let slots = [vec![7, 3, 41], (0..37).map(|p| (p * 11 + 5) % 50).collect()];
-        let padded: Vec<i64> = slots
-            .iter()
-            .flat_map(|s| {
-                s.iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(0, 40 - s.len()))
-            })
-            .collect();
-        let on_device = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         let query = w(&[2, 8, 64], 1.0).narrow(1, 0, 4);
-        let scale = 0.125;
-        let (padded, lengths) = (on_device(&padded), on_device(&[3, 37]));
-        let out = k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale);
-        let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
-        compare("paged_decode_attention", &out, &expected)?;
+        for (long, width) in [(37, 40), (20, 24)] {
+            let slots = [
+                vec![7, 3, 41],
+                (0..long).map(|p| (p * 11 + 5) % 50).collect(),
+            ];
+            let padded: Vec<i64> = slots
+                .iter()
+                .flat_map(|s| {
+                    s.iter()
+                        .copied()
+                        .chain(std::iter::repeat_n(0, width - s.len()))
+                })
+                .collect();
+            let on_device = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+            let scale = 0.125;
+            let (padded, lengths) = (on_device(&padded), on_device(&[3, long]));
+            let out = k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale);
+            let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
+            compare("paged_decode_attention", &out, &expected)?;
+        }
     }
     Ok(())
 }
