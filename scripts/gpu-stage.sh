@@ -31,6 +31,17 @@ done
 fi
 strip "$stage/mmreg" "$stage"/tests/* 2>/dev/null || true
 cp -r scripts/gpu "$stage/scripts" 2>/dev/null || true
+# The commit staged (the GPU machine gets the work tree without .git), for the benchmarks' JSON.
+echo "$(git rev-parse HEAD)$(git diff --quiet HEAD || echo -dirty)" > "$stage/commit"
+# The compiled-PyTorch decode anchor (gpt-fast's recipe) that bench.py and quick_bench.py (ANCHOR=1) run:
+# not our code, so it stays out of the repo and is staged from shared/.
+anchor="$repo/../shared/bench/compiled_llama_anchor.py"
+if [ -f "$anchor" ]; then
+  mkdir -p "$stage/peers" && cp "$anchor" "$stage/peers/"
+  echo "staged the compiled-PyTorch anchor: $stage/peers/compiled_llama_anchor.py"
+else
+  echo "note: $anchor is absent: the benchmarks will skip the compiled-PyTorch anchor"
+fi
 
 cat > "$stage/run.sh" <<'RUN'
 #!/usr/bin/env bash
