@@ -1,57 +1,49 @@
 """A short GPU check (about 3 minutes on an H200): mmreg alone on the LLaVA-1.5-7B- and
-LLaVA-NeXT-Mistral-7B-shaped checkpoints: prefill, embeddings, TTFT and decode at batch 1 and 8. No HF
-side: compare with a full `bench.py` run on the same card type.
+LLaVA-NeXT-Mistral-7B-shaped checkpoints: prefill, embeddings, TTFT and decode at the batches of
+bench_common.SHAPES, and the batch-1 decode floor measured on the card. No HF side: compare with a full
+`bench.py` run on the same card type.
 Usage on the GPU machine: python3 scripts/gpu/quick_bench.py gpu-stage/run.sh
 With AB=1, each model also runs with the fused kernels (MMREG_FUSED_KERNELS=1), in the same call.
+With ANCHOR=1, the compiled-PyTorch anchor (gpt-fast's recipe, staged by gpu-stage.sh) runs after mmreg
+on LLaVA-1.5-7B's decoder, prompt and batches (several more minutes: it compiles once per batch size).
 With BEFORE=1, each model also runs the staged `gpu-stage/mmreg-before` (a build of an earlier commit),
 alternating before/after REPEAT times (default 2), so that a change is measured against its base on the
-same card in one call; the raw JSON of every run goes to $OUT/quick-bench.json when OUT is set.
+same card in one call.
+The raw JSON of every run, with each peer's label, goes to $OUT/quick-bench.json when OUT is set.
 """
-import json
-import os
-import sys
+import functools, os, sys
 
 import torch
 
 sys.path.insert(0, "scripts/gpu")
-import checkpoints  # noqa: E402
-from bench_common import GEN, IMAGE15, IMAGE_NEXT, LLAVA, NEXT, PROMPT15, PROMPT_NEXT, mmreg  # noqa: E402
+from bench_common import SHAPES, anchor, floor, mmreg_bench, print_table, record, write_json  # noqa: E402
 
 AB = os.environ.get("AB") == "1"
+ANCHOR = os.environ.get("ANCHOR") == "1"
 BEFORE = os.environ.get("BEFORE") == "1"
 REPEAT = int(os.environ.get("REPEAT", "2"))
-runs = []
+result = record("quick-bench")
 
-for name, make, path, image, prompt in [("LLaVA-1.5-7B", checkpoints.llava15, LLAVA, IMAGE15, PROMPT15),
-                                        ("LLaVA-NeXT-Mistral-7B", checkpoints.llava_next_mistral, NEXT,
-                                         IMAGE_NEXT, PROMPT_NEXT)]:
-    del_model = make(path)
-    del del_model
+for shape in SHAPES:
+    model = shape.make(shape.path)
+    rec = result["models"][shape.name] = {"prompt": shape.prompt, "image": shape.image, "floor": floor(model)}
+    del model
     torch.cuda.empty_cache()
-    args = ["bench", "--model", path, "--prompt", prompt, "--image", image, "--batch", "1,8",
-            "--max-tokens", str(GEN), "--device", "cuda", "--dtype", "bf16"]
+    run = functools.partial(mmreg_bench, shape.path, shape.prompt, shape.image, shape.batches)
     if BEFORE:
-        columns = {}
-        for rep in range(REPEAT):
-            for binary in ["mmreg-before", "mmreg"]:
-                result = mmreg(args, binary=binary)
-                runs.append({"model": name, "binary": binary, "rep": rep, "result": result})
-                columns[f"{binary} #{rep + 1}"] = result
-        print(f"## {torch.cuda.get_device_name(0)}: before/after, {name} shapes", flush=True)
-        print("| metric | " + " | ".join(columns) + " |", flush=True)
-        for key in sorted(columns[f"mmreg #1"]):
-            cells = " | ".join(f"{c.get(key, float('nan')):.1f}" for c in columns.values())
-            print(f"| {key} | {cells} |", flush=True)
-        continue
-    ours = mmreg(args)
-    fused = mmreg(args, fused=True) if AB else {}
-    runs.append({"model": name, "binary": "mmreg", "result": ours, "fused": fused})
-    print(f"## {torch.cuda.get_device_name(0)}: mmreg, {name} shapes, prompt {ours.get('prompt_tokens')} tokens",
-          flush=True)
-    print("| metric | mmreg |" + (" with fused kernels |" if AB else ""), flush=True)
-    for key, value in sorted(ours.items()):
-        print(f"| {key} | {value:.1f} |" + (f" {fused.get(key, float('nan')):.1f} |" if AB else ""), flush=True)
+        rec["peers"] = [dict(run(binary=binary), rep=rep) for rep in range(REPEAT)
+                        for binary in ["mmreg-before", "mmreg"]]
+        for p in rec["peers"]:
+            p["label"] += f" #{p['rep'] + 1}"
+    else:
+        rec["peers"] = [run()] + ([run(fused=True)] if AB else [])
+    print_table(f"{result['gpu']}, commit {result['commit']}: {shape.name} shapes", rec["peers"])
+    write_json("quick-bench.json", result)
 
-if os.environ.get("OUT"):
-    with open(os.path.join(os.environ["OUT"], "quick-bench.json"), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(0), "runs": runs}, f, indent=1)
+if ANCHOR:
+    rec = result["models"][SHAPES[0].name]
+    peer = anchor(rec["peers"][-1]["result"]["prompt_tokens"], SHAPES[0].batches)
+    if peer:
+        rec["peers"].append(peer)
+        print_table(f"{result['gpu']}: {SHAPES[0].name} decoder, decode", rec["peers"])
+        write_json("quick-bench.json", result)
