@@ -1,30 +1,83 @@
-"""Plots decode throughput against batch size for mmreg and HF transformers (docs/img/decode-throughput.png).
+"""Plots decode tokens/s against batch size from the GPU benchmarks' raw JSON (docs/img/decode-throughput.png).
 
-The numbers are the GPU benchmark's (scripts/gpu/bench.py); update them here after a new run.
+Usage: python3 scripts/plot_decode.py docs/bench-runs/RUN-bench.json [MORE.json ...] [--model LLaVA-1.5-7B]
+       [--out docs/img/decode-throughput.png]
+Every peer of the model in each file (bench.py's and quick_bench.py's JSON: mmreg with each set of switches,
+HF transformers, the compiled-PyTorch anchor) becomes a line labelled as the file labels it, and the
+batch-1 floor (weights read once per token at the bandwidth measured in the run) a horizontal line where the
+file has it. Older files are read too: {"hf", "mmreg"} (qwen2_vl_7b.py and the parity scripts) and
+quick_bench's {"runs"}, labelled by their keys. No figure is typed in here.
 """
+import argparse, json, os, re, textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # noqa: E402
 
-CARD = "NVIDIA H200, LLaVA-1.5-7B shapes, bf16, 604-token prompt, 128 new tokens"
-# Run 9 (8b2eb60), one H200, all three in the same run.
-MMREG = {1: 183.0, 8: 1017.3, 32: 1804.9}
-MMREG_EAGER = {1: 75.3, 8: 457.1}
-HF = {1: 15.5, 8: 124.3, 32: 443.6}
-FLOOR_BS1 = 4.24e12 / 14.1e9  # batch-1 floor: 14.1 GB of weights read once per token at the measured 4.24 TB/s (run 8)
+STYLE = {"mmreg": "o-", "hf": "s-", "anchor": "v-."}
 
-fig, ax = plt.subplots(figsize=(7, 4.5))
-ax.plot(list(MMREG), list(MMREG.values()), "o-", label="mmreg")
-ax.plot(list(MMREG_EAGER), list(MMREG_EAGER.values()), "^:", label="mmreg without CUDA graphs")
-ax.plot(list(HF), list(HF.values()), "s-", label="HF transformers 5.17 (sdpa)")
-ax.axhline(FLOOR_BS1, color="gray", ls="--", lw=1, label=f"batch-1 bandwidth floor ({FLOOR_BS1:.0f} tok/s)")
-ax.set_xscale("log", base=2)
-ax.set_yscale("log")
-ax.set_xlabel("batch size (concurrent requests)")
-ax.set_ylabel("decode tokens/s (all requests)")
-ax.set_title(CARD, fontsize=9)
-ax.grid(True, which="both", alpha=0.3)
-ax.legend()
-fig.tight_layout()
-fig.savefig("docs/img/decode-throughput.png", dpi=120)
+
+def peers(doc, model):
+    """(kind, label, result) of each peer of `model` in a run's JSON, whatever its layout."""
+    if "models" in doc:
+        return [(p["peer"], p["label"], p["result"]) for p in doc["models"].get(model, {}).get("peers", [])]
+    if "runs" in doc:  # quick_bench before #18
+        return [(kind, label, r[key]) for r in doc["runs"] if r["model"] == model
+                for kind, label, key in [("mmreg", r["binary"], "result"), ("mmreg", r["binary"] + " fused", "fused")]
+                if r.get(key)]
+    if doc.get("model", model) == model:
+        return [(k, {"hf": "HF transformers", "mmreg": "mmreg"}[k], doc[k]) for k in ("hf", "mmreg") if k in doc]
+    return []
+
+
+def floor(doc, model):
+    f = doc.get("models", {}).get(model, {}).get("floor")
+    if f and "bandwidth_bytes_per_s" in f and "decode_weight_bytes" in f:
+        return f["bandwidth_bytes_per_s"] / f["decode_weight_bytes"]
+    return None
+
+
+def decode(result):
+    points = sorted((int(m.group(1)), v) for k, v in result.items()
+                    if (m := re.fullmatch(r"decode_tok_per_s_bs(\d+)", k)))
+    return [b for b, _ in points], [v for _, v in points]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+")
+    parser.add_argument("--model", default="LLaVA-1.5-7B")
+    parser.add_argument("--out", default="docs/img/decode-throughput.png")
+    args = parser.parse_args()
+    docs = [(os.path.basename(f).removesuffix(".json"), json.load(open(f))) for f in args.files]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for name, doc in docs:
+        tag = f" [{name}]" if len(docs) > 1 else ""
+        for kind, label, result in peers(doc, args.model):
+            batches, values = decode(result)
+            if batches:
+                style = ":^" if "graphs off" in label else STYLE.get(kind, "o-")
+                ax.plot(batches, values, style, label=textwrap.fill(label + tag, 90))
+        f = floor(doc, args.model)
+        if f:
+            ax.axhline(f, color="gray", ls="--", lw=1, label=f"batch-1 bandwidth floor ({f:.0f} tok/s){tag}")
+    if not ax.lines:
+        raise SystemExit(f"no decode figures for {args.model} in {args.files}")
+    first = docs[0][1]
+    prompt = next((r.get("prompt_tokens") for _, _, r in peers(first, args.model) if r.get("prompt_tokens")), None)
+    ax.set_title(", ".join(str(x) for x in [first.get("gpu"), first.get("date"), f"{args.model} shapes, bf16",
+                                            prompt and f"{prompt:.0f}-token prompt", (first.get("commit") or "")[:10]]
+                           if x), fontsize=9)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (concurrent requests)")
+    ax.set_ylabel("decode tokens/s (all requests)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: the labels are long
+    fig.savefig(args.out, dpi=120, bbox_inches="tight")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
