@@ -459,6 +459,93 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
   }
 }
 
+// y = x · wᵀ (+ bias) for a few rows of x (a decode step's tokens): x [rows, k], w [n, k] (a linear
+// layer's weight, as stored), bias [n] or null, y [rows, n]; f32 sums rounded once, as cuBLAS's. At
+// these sizes the product only streams the weight, so each warp takes kLinearRows rows of w and reads
+// them in 16-byte vectors, several in flight (unrolled), x's rows coming from the cache; then a warp
+// sum per output. M, the rows a variant holds (1, 2, 4 or 8), bounds every loop, so the sums stay in
+// registers. The caller checks: rows <= M, k a multiple of the vector's elements, every pointer 16-byte
+// aligned. Launched with kLinearWarps * 32 threads, ceil(n / (kLinearWarps * kLinearRows)) blocks.
+constexpr int kLinearWarps = 4;
+constexpr int kLinearRows = 2;
+
+template <typename D, int M>
+__device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
+                                const typename D::T* bias, int rows, long long n, long long k) {
+  constexpr int N = 16 / sizeof(typename D::T);
+  typedef Pack<typename D::T, N> V;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows;
+  if (first >= n) {
+    return;  // the whole warp: no barrier below
+  }
+  const typename D::T* row[kLinearRows];
+#pragma unroll
+  for (int r = 0; r < kLinearRows; ++r) {
+    // A row past the end reads the last one again; its sum is not written.
+    row[r] = w + min(first + r, n - 1) * k;
+  }
+  float acc[kLinearRows][M];
+#pragma unroll
+  for (int r = 0; r < kLinearRows; ++r) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      acc[r][m] = 0.0f;
+    }
+  }
+#pragma unroll 4
+  for (long long c = lane * N; c < k; c += 32 * N) {
+    V weights[kLinearRows];
+#pragma unroll
+    for (int r = 0; r < kLinearRows; ++r) {
+      weights[r] = *reinterpret_cast<const V*>(row[r] + c);
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (m < rows) {
+        const V input = *reinterpret_cast<const V*>(x + m * k + c);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          const float v = D::load(input.e[e]);
+#pragma unroll
+          for (int r = 0; r < kLinearRows; ++r) {
+            acc[r][m] += D::load(weights[r].e[e]) * v;
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kLinearRows; ++r) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      for (int o = 16; o > 0; o >>= 1) {
+        acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
+      }
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kLinearRows; ++r) {
+      if (first + r < n) {
+        const float b = bias != nullptr ? D::load(bias[first + r]) : 0.0f;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (m < rows) {
+            y[m * n + first + r] = D::store(acc[r][m] + b);
+          }
+        }
+      }
+    }
+  }
+}
+
+#define MMREG_LINEAR(D, suffix, M)                                                                 \
+  MMREG_KERNEL void linear_m##M##_##suffix(D::T* y, const D::T* x, const D::T* w, const D::T* bias, \
+                                           int rows, long long n, long long k) {                   \
+    linear_few_rows<D, M>(y, x, w, bias, rows, n, k);                                              \
+  }
+
 #define MMREG_ATTENTION(D, suffix, E, G)                                                           \
   MMREG_KERNEL void paged_decode_attention_e##E##_g##G##_##suffix(                                  \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
@@ -512,7 +599,11 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
   MMREG_ATTENTION_GROUPS(D, suffix, 1)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 2)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 4)                                                             \
-  MMREG_ATTENTION_GROUPS(D, suffix, 8)
+  MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
+  MMREG_LINEAR(D, suffix, 1)                                                                       \
+  MMREG_LINEAR(D, suffix, 2)                                                                       \
+  MMREG_LINEAR(D, suffix, 4)                                                                       \
+  MMREG_LINEAR(D, suffix, 8)
 
 MMREG_KERNELS(F32, f32)
 MMREG_KERNELS(BF16, bf16)

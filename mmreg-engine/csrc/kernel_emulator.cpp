@@ -115,6 +115,13 @@ T arg(void** args, int i) {
         arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15));                                         \
   }
 
+#define MMREG_EMULATED_LINEAR(suffix, T, M)                                                       \
+  [](void** a) {                                                                                    \
+    linear_m##M##_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),                  \
+                           arg<const T*>(a, 3), arg<int>(a, 4), arg<long long>(a, 5),              \
+                           arg<long long>(a, 6));                                                   \
+  }
+
 #define MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, E)                                   \
   MMREG_EMULATED_ATTENTION(suffix, T, E, 1), MMREG_EMULATED_ATTENTION(suffix, T, E, 4), \
       MMREG_EMULATED_ATTENTION(suffix, T, E, 8)
@@ -141,7 +148,9 @@ T arg(void** args, int i) {
                                                arg<const float*>(a, 2), arg<const float*>(a, 3),      \
                                                arg<int>(a, 4), arg<int>(a, 5)); },                    \
   MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 1), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 2),       \
-  MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 4), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 8)
+  MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 4), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 8),      \
+  MMREG_EMULATED_LINEAR(suffix, T, 1), MMREG_EMULATED_LINEAR(suffix, T, 2),                           \
+  MMREG_EMULATED_LINEAR(suffix, T, 4), MMREG_EMULATED_LINEAR(suffix, T, 8)
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -171,9 +171,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 19 kernels in each of 3 dtypes.
+        // 23 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 57,
+            kernels, 69,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -465,4 +465,56 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
     graph.replay().expect("replay");
     assert_within_one_rounding("silu_mul in a graph", &mlp, &hf_silu_mul(&gate_up));
     assert_identical("rope in a graph", &roped, &hf_rope(&qkv, &cos, &sin, 8));
+}
+
+/// The linear kernel for a decode step's few rows against the product in f64: within a rounding of the
+/// dtype relative to the largest output (both sums are f32, in different orders), for every row count
+/// of each variant (1, 2, 3 → 4, 8 rows), with and without bias, weights whose rows do not fill the
+/// last block (37) and inputs whose rows take more than one pass of a warp (k = 520); 9 rows and a k
+/// that is not a multiple of a vector take libtorch's product.
+#[test]
+fn linear_for_few_rows_matches_the_product() {
+    for mode in modes() {
+        let device = mode.device();
+        for kind in KINDS {
+            for (rows, n, k, with_bias, kernel) in [
+                (1, 37, 520, false, true),
+                (2, 16, 64, true, true),
+                (3, 37, 200, true, true),
+                (8, 24, 520, false, true),
+                (9, 16, 64, false, false),
+                (2, 16, 66, false, false),
+            ] {
+                let before = kernels::launches("linear").expect("a family");
+                let x = random(&[rows, k], kind, device, rows);
+                let weight = random(&[n, k], kind, device, n);
+                let bias = with_bias.then(|| random(&[n], kind, device, k));
+                let out = kernels::linear(&x, &weight, bias.as_ref());
+                let wide = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+                let mut expected = wide(&x).matmul(&wide(&weight).transpose(0, 1));
+                if let Some(b) = &bias {
+                    expected += wide(b);
+                }
+                let scale = expected.abs().max().double_value(&[]);
+                let off = (wide(&out) - &expected).abs().max().double_value(&[]) / scale;
+                let tolerance = match kind {
+                    Kind::Float => 1e-6,
+                    Kind::Half => 1e-3,
+                    _ => 8e-3,
+                };
+                assert!(
+                    off <= tolerance,
+                    "linear {mode:?} {kind:?} ({rows}×{k} · {n}×{k}): off by {off} of the largest"
+                );
+                assert_eq!(out.size(), [rows, n]);
+                // No other test of this process runs the linear kernel: the count is this call's.
+                let launched = kernels::launches("linear").expect("a family") - before;
+                let expected_launches = u64::from(kernel && mode != Mode::Fallback);
+                assert_eq!(
+                    launched, expected_launches,
+                    "linear {mode:?} {kind:?} ({rows}×{k} · {n}×{k}): launches"
+                );
+            }
+        }
+    }
 }

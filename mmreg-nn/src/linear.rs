@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use mmreg_core::parallel::shard;
 use mmreg_core::{Collectives, Result};
+use mmreg_engine::kernels;
 use tch::Tensor;
 
 use crate::parallel::embed_parallel;
@@ -48,7 +49,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        kernels::linear(x, &self.weight, self.bias.as_ref())
     }
 
     /// `[out_features, in_features]`.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use mmreg_core::parallel::shard;
 use mmreg_core::{Collectives, Error, Result};
+use mmreg_engine::kernels;
 use tch::Tensor;
 
 use crate::{Embedding, Linear, Loader};
@@ -78,9 +79,9 @@ impl RowParallelLinear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let Some(group) = &self.group else {
-            return Ok(x.linear(&self.weight, self.bias.as_ref()));
+            return Ok(kernels::linear(x, &self.weight, self.bias.as_ref()));
         };
-        let mut y = x.linear::<&Tensor>(&self.weight, None);
+        let mut y = kernels::linear(x, &self.weight, None);
         group.all_reduce(&mut y)?;
         Ok(match &self.bias {
             Some(b) => y + b,
@@ -184,7 +185,7 @@ impl LmHead {
 
     /// Logits `[rows, vocab]` of hidden states `[rows, hidden]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let local = x.linear::<&Tensor>(&self.weight, None);
+        let local = kernels::linear(x, &self.weight, None);
         let Some(group) = &self.group else {
             return Ok(local);
         };

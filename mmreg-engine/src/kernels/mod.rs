@@ -220,8 +220,44 @@ pub fn paged_decode_attention(
     Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale))
 }
 
-/// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope` or
-/// `paged_decode_attention`) has been launched in this process, on any device, the emulator included:
+/// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
+/// `bias` `[n]`. A decode step's few rows (at most 8) take a kernel of our own that streams the weight
+/// in 16-byte vectors (at batch 1 a product only reads its weight: cuBLAS's kernels for it reach less
+/// of the memory bandwidth); more rows, and wherever the kernels do not run, libtorch's (cuBLAS).
+/// `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other kernels run (for
+/// comparisons).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    let fits = || {
+        let [n, cols] = weight.size()[..] else {
+            return false;
+        };
+        let rows = if cols > 0 { x.numel() as i64 / cols } else { 0 };
+        let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
+        let aligned = |t: &Tensor| t.data_ptr() as usize % 16 == 0;
+        let bias_fits = bias.is_none_or(|b| {
+            b.size() == [n] && b.kind() == x.kind() && b.device() == x.device() && b.is_contiguous()
+        });
+        x.size().last() == Some(&cols)
+            && (1..=*launch::LINEAR_ROWS.last().expect("variants")).contains(&rows)
+            && cols % per_vector == 0
+            && aligned(x)
+            && aligned(weight)
+            && bias_fits
+    };
+    match fused_for(&[x, weight]) {
+        Some(k) if linear_enabled() && fits() => k.linear(x, weight, bias),
+        _ => x.linear(weight, bias),
+    }
+}
+
+/// Whether [`linear`] may take its kernel (`MMREG_FUSED_LINEAR=0` says no), read once.
+fn linear_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "0"))
+}
+
+/// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
+/// `paged_decode_attention` or `linear`) has been launched in this process, on any device, the emulator included:
 /// for tests that must see a kernel run, not only its result. `None` for an unknown name.
 pub fn launches(family: &str) -> Option<u64> {
     let index = launch::FAMILIES.iter().position(|&f| f == family)?;
