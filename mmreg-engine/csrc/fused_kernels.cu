@@ -465,7 +465,7 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
 // them in 16-byte vectors, several in flight (unrolled), x's rows coming from the cache; then a warp
 // sum per output. M, the rows a variant holds (1, 2, 4 or 8), bounds every loop, so the sums stay in
 // registers. The caller checks: rows <= M, k a multiple of the vector's elements, every pointer 16-byte
-// aligned. Launched with kLinearWarps * 32 threads, ceil(n / (kLinearWarps * kLinearRows)) blocks.
+// aligned. Launched with kLinearWarps * 32 threads.
 constexpr int kLinearWarps = 4;
 constexpr int kLinearRows = 2;
 
@@ -475,64 +475,64 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows;
-  if (first >= n) {
-    return;  // the whole warp: no barrier below
-  }
-  const typename D::T* row[kLinearRows];
-#pragma unroll
-  for (int r = 0; r < kLinearRows; ++r) {
-    // A row past the end reads the last one again; its sum is not written.
-    row[r] = w + min(first + r, n - 1) * k;
-  }
-  float acc[kLinearRows][M];
-#pragma unroll
-  for (int r = 0; r < kLinearRows; ++r) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      acc[r][m] = 0.0f;
-    }
-  }
-#pragma unroll 4
-  for (long long c = lane * N; c < k; c += 32 * N) {
-    V weights[kLinearRows];
+  // Grid-stride over the warps' runs of kLinearRows rows of w (the same for the whole warp).
+  for (long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows; first < n;
+       first += (long long)gridDim.x * kLinearWarps * kLinearRows) {
+    const typename D::T* row[kLinearRows];
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
-      weights[r] = *reinterpret_cast<const V*>(row[r] + c);
+      // A row past the end reads the last one again; its sum is not written.
+      row[r] = w + min(first + r, n - 1) * k;
     }
+    float acc[kLinearRows][M];
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      if (m < rows) {
-        const V input = *reinterpret_cast<const V*>(x + m * k + c);
+    for (int r = 0; r < kLinearRows; ++r) {
 #pragma unroll
-        for (int e = 0; e < N; ++e) {
-          const float v = D::load(input.e[e]);
+      for (int m = 0; m < M; ++m) {
+        acc[r][m] = 0.0f;
+      }
+    }
+#pragma unroll 4
+    for (long long c = lane * N; c < k; c += 32 * N) {
+      V weights[kLinearRows];
 #pragma unroll
-          for (int r = 0; r < kLinearRows; ++r) {
-            acc[r][m] += D::load(weights[r].e[e]) * v;
+      for (int r = 0; r < kLinearRows; ++r) {
+        weights[r] = *reinterpret_cast<const V*>(row[r] + c);
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        if (m < rows) {
+          const V input = *reinterpret_cast<const V*>(x + m * k + c);
+#pragma unroll
+          for (int e = 0; e < N; ++e) {
+            const float v = D::load(input.e[e]);
+#pragma unroll
+            for (int r = 0; r < kLinearRows; ++r) {
+              acc[r][m] += D::load(weights[r].e[e]) * v;
+            }
           }
         }
       }
     }
-  }
-#pragma unroll
-  for (int r = 0; r < kLinearRows; ++r) {
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      for (int o = 16; o > 0; o >>= 1) {
-        acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
-      }
-    }
-  }
-  if (lane == 0) {
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
-      if (first + r < n) {
-        const float b = bias != nullptr ? D::load(bias[first + r]) : 0.0f;
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          if (m < rows) {
-            y[m * n + first + r] = D::store(acc[r][m] + b);
+      for (int m = 0; m < M; ++m) {
+        for (int o = 16; o > 0; o >>= 1) {
+          acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
+        }
+      }
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kLinearRows; ++r) {
+        if (first + r < n) {
+          const float b = bias != nullptr ? D::load(bias[first + r]) : 0.0f;
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            if (m < rows) {
+              y[m * n + first + r] = D::store(acc[r][m] + b);
+            }
           }
         }
       }

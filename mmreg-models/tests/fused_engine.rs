@@ -45,14 +45,15 @@ fn token_ids(options: EngineOptions, requests: &[Request]) -> Vec<Vec<u32>> {
 
 /// The launches of every kernel family the decoder uses, to check that a run really used them: the same
 /// tokens with the kernels silently off would prove nothing.
-struct KernelsRan([u64; 5]);
+struct KernelsRan([u64; 6]);
 
-const FAMILIES: [&str; 5] = [
+const FAMILIES: [&str; 6] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
     "rope",
     "paged_decode_attention",
+    "linear",
 ];
 
 impl KernelsRan {

@@ -69,8 +69,8 @@ def write_json(name, data):
     print(f"wrote $OUT/{name}", flush=True)
 
 
-def _mmreg_stdout(args, eager=False, fused=False, binary="mmreg"):
-    env = dict(os.environ)
+def _mmreg_stdout(args, eager=False, fused=False, binary="mmreg", env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
     if eager:
         env["MMREG_NO_CUDA_GRAPHS"] = "1"
     if fused:
@@ -83,20 +83,23 @@ def _mmreg_stdout(args, eager=False, fused=False, binary="mmreg"):
     return out.stdout
 
 
-def mmreg(args, eager=False, fused=False, binary="mmreg"):
+def mmreg(args, eager=False, fused=False, binary="mmreg", env_extra=None):
     """Runs the staged `mmreg` (or another staged binary, such as `mmreg-before`) and returns the JSON
-    object of its last line. eager: without CUDA graphs; fused: with the (opt-in) fused kernels."""
-    return json.loads(_mmreg_stdout(args, eager, fused, binary).strip().splitlines()[-1])
+    object of its last line. eager: without CUDA graphs; fused: with the fused kernels; env_extra: more
+    environment (such as MMREG_FUSED_LINEAR=0)."""
+    return json.loads(_mmreg_stdout(args, eager, fused, binary, env_extra).strip().splitlines()[-1])
 
 
-def mmreg_bench(model, prompt, image, batches, eager=False, fused=False, binary="mmreg", trace=None, gen=GEN):
+def mmreg_bench(model, prompt, image, batches, eager=False, fused=False, binary="mmreg", trace=None, gen=GEN,
+                env_extra=None):
     """`mmreg bench` (bf16, `gen` new tokens) as a peer of the record: label, switches and result."""
     args = ["bench", "--model", model, "--prompt", prompt, "--image", image, "--batch", batches,
             "--max-tokens", str(gen), "--device", "cuda", "--dtype", "bf16"] + (["--trace", trace] if trace else [])
-    result = mmreg(args, eager, fused, binary)
-    label = mmreg_label(eager, fused, binary)
+    result = mmreg(args, eager, fused, binary, env_extra)
+    label = mmreg_label(eager, fused, binary) + "".join(f", {k}={v}" for k, v in (env_extra or {}).items())
     print(label, result, flush=True)
-    return {"peer": "mmreg", "label": label, "switches": {"cuda_graphs": not eager, "fused_kernels": fused},
+    return {"peer": "mmreg", "label": label, "switches": {"cuda_graphs": not eager, "fused_kernels": fused,
+                                                          **(env_extra or {})},
             "binary": binary, "result": result}
 
 

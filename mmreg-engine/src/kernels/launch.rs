@@ -431,7 +431,8 @@ impl Kernels {
         ];
         let per_block = LINEAR_WARPS as i64 * LINEAR_ROWS_PER_WARP;
         let f = self.of(x.kind()).0[LINEAR + variant];
-        self.launch(f, ((n + per_block - 1) / per_block, 1), LINEAR_WARPS * 32, &mut args);
+        let grid = self.grid((n + per_block - 1) / per_block, 1);
+        self.launch(f, grid, LINEAR_WARPS * 32, &mut args);
         counted(5);
         y
     }

@@ -237,7 +237,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let bias_fits = bias.is_none_or(|b| {
             b.size() == [n] && b.kind() == x.kind() && b.device() == x.device() && b.is_contiguous()
         });
+        // The CPU emulator runs every CUDA thread as an OS thread: a tiny model's 32k-row LM head would
+        // take it minutes, so there only small weights take the kernel (the rest libtorch's product).
+        let emulated_fits = x.device().is_cuda() || n <= 4096;
         x.size().last() == Some(&cols)
+            && emulated_fits
             && (1..=*launch::LINEAR_ROWS.last().expect("variants")).contains(&rows)
             && cols % per_vector == 0
             && aligned(x)
