@@ -246,9 +246,9 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 // gathered copy), split across blocks as flash-decoding does so that a few sequences still fill the
 // GPU. Block (blockIdx.x, blockIdx.y) takes key/value head blockIdx.x % kv_heads of sequence blockIdx.x /
 // kv_heads, and the blockIdx.y-th of gridDim.y equal chunks of its padded slot list (`slot_stride`
-// entries, `lengths[seq]` of them real: `slots[seq * slot_stride + p]`). Its kWarps warps take kTile
-// consecutive positions at a time (their loads in flight together), a lane holding E consecutive
-// elements of a head (E = 1, 2, 4 or 8 for heads of up to 32, 64, 128 or 256; lanes past the end hold
+// entries, `lengths[seq]` of them real: `slots[seq * slot_stride + p]`). Each of its kWarps warps takes
+// a run of the chunk, kTile consecutive positions at a time (their loads in flight together), a lane
+// holding E consecutive elements of a head (E = 1, 2, 4 or 8 for heads of up to 32, 64, 128 or 256; lanes past the end hold
 // none), with an online softmax in f32 for each of the head's `group` query heads (grouped-query
 // attention: they share each read; G, the most the variant holds, is 1, 4 or 8). Loops run to
 // compile-time bounds, so the per-lane arrays stay in registers.
@@ -288,8 +288,9 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
                                              int kv_heads, int dim, float scale, int vectorized) {
-  // Heads of up to 128 elements read 4 positions at a time, wider ones 2: the tile stays in registers.
-  constexpr int kTile = E <= 4 ? 4 : 2;
+  // Positions whose keys and values a warp reads at once: 8 for heads of up to 128 elements, 4 for
+  // wider ones (the tile stays in registers).
+  constexpr int kTile = E <= 4 ? 8 : 4;
   __shared__ float shared_max[kWarps][G];
   __shared__ float shared_sum[kWarps][G];
   __shared__ float shared_acc[kWarps][kMaxGroupDim];
@@ -297,9 +298,12 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
   const int group = heads / kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first = lane * E, count = first >= dim ? 0 : min(E, dim - first);
+  // The block's chunk of the padded slot list, and this warp's run of it.
   const long long chunk = (slot_stride + gridDim.y - 1) / gridDim.y;
-  const long long begin = blockIdx.y * chunk;
-  const long long end = min(lengths[seq], begin + chunk);
+  const long long run = (chunk + kWarps - 1) / kWarps;
+  const long long begin = blockIdx.y * chunk + warp * run;
+  const long long end = min(lengths[seq], min((blockIdx.y + 1) * chunk, begin + run));
+  const long long* seq_slots = slots + seq * slot_stride;
 
   float query[G][E];
   float acc[G][E];
@@ -315,65 +319,69 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
     running_max[g] = -INFINITY;
     running_sum[g] = 0.0f;
   }
-  // Positions p0 .. p0 + kTile - 1; p0 < end, so at least the first is real (the same for the whole
-  // warp, as every branch below: the shuffles see all 32 lanes).
-  for (long long p0 = begin + warp * kTile; p0 < end; p0 += kWarps * kTile) {
-    float key[kTile][E], value[kTile][E];
+  // 32 positions at a time: each lane loads one slot (one coalesced read), then tiles of kTile
+  // positions take theirs from the lanes that hold them. Every branch below is the same for the whole
+  // warp, so the shuffles see all 32 lanes.
+  for (long long base = begin; base < end; base += 32) {
+    const long long own_slot = base + lane < end ? seq_slots[base + lane] : 0;
+    for (int t = 0; t < 32 && base + t < end; t += kTile) {
+      float key[kTile][E], value[kTile][E];
 #pragma unroll
-    for (int u = 0; u < kTile; ++u) {
-      if (p0 + u < end) {
-        const long long slot = slots[seq * slot_stride + p0 + u];
-        const long long offset = (slot * kv_heads + kv_head) * dim + first;
-        load_run<D, E>(key_cache + offset, count, vectorized != 0, key[u]);
-        load_run<D, E>(value_cache + offset, count, vectorized != 0, value[u]);
-      } else {
+      for (int u = 0; u < kTile; ++u) {
+        const long long slot = __shfl_sync(0xffffffffu, own_slot, t + u);
+        if (base + t + u < end) {
+          const long long offset = (slot * kv_heads + kv_head) * dim + first;
+          load_run<D, E>(key_cache + offset, count, vectorized != 0, key[u]);
+          load_run<D, E>(value_cache + offset, count, vectorized != 0, value[u]);
+        } else {
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          key[u][e] = value[u][e] = 0.0f;
+          for (int e = 0; e < E; ++e) {
+            key[u][e] = value[u][e] = 0.0f;
+          }
         }
       }
-    }
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      if (g < group) {
-        float score[kTile];
-#pragma unroll
-        for (int u = 0; u < kTile; ++u) {
-          score[u] = 0.0f;
-#pragma unroll
-          for (int e = 0; e < E; ++e) {
-            score[u] += query[g][e] * key[u][e];
-          }
-        }
-        for (int o = 16; o > 0; o >>= 1) {
+      for (int g = 0; g < G; ++g) {
+        if (g < group) {
+          float score[kTile];
 #pragma unroll
           for (int u = 0; u < kTile; ++u) {
-            score[u] += __shfl_xor_sync(0xffffffffu, score[u], o);
+            score[u] = 0.0f;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+              score[u] += query[g][e] * key[u][e];
+            }
           }
-        }
-        float new_max = running_max[g];
+          for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
-        for (int u = 0; u < kTile; ++u) {
-          score[u] = p0 + u < end ? score[u] * scale : -INFINITY;
-          new_max = fmaxf(new_max, score[u]);
-        }
-        // new_max is finite (the tile's first position is real); exp(-inf) = 0 on the first tile.
-        const float correction = expf(running_max[g] - new_max);
-        running_sum[g] *= correction;
+            for (int u = 0; u < kTile; ++u) {
+              score[u] += __shfl_xor_sync(0xffffffffu, score[u], o);
+            }
+          }
+          float new_max = running_max[g];
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
-          acc[g][e] *= correction;
-        }
-#pragma unroll
-        for (int u = 0; u < kTile; ++u) {
-          const float weight = expf(score[u] - new_max);
-          running_sum[g] += weight;
+          for (int u = 0; u < kTile; ++u) {
+            score[u] = base + t + u < end ? score[u] * scale : -INFINITY;
+            new_max = fmaxf(new_max, score[u]);
+          }
+          // new_max is finite (the tile's first position is real); exp(-inf) = 0 on the first tile.
+          const float correction = expf(running_max[g] - new_max);
+          running_sum[g] *= correction;
 #pragma unroll
           for (int e = 0; e < E; ++e) {
-            acc[g][e] += weight * value[u][e];
+            acc[g][e] *= correction;
           }
+#pragma unroll
+          for (int u = 0; u < kTile; ++u) {
+            const float weight = expf(score[u] - new_max);
+            running_sum[g] += weight;
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+              acc[g][e] += weight * value[u][e];
+            }
+          }
+          running_max[g] = new_max;
         }
-        running_max[g] = new_max;
       }
     }
   }
@@ -459,19 +467,19 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
   }
 }
 
-// y = x · wᵀ (+ bias) for a few rows of x (a decode step's tokens): x [rows, k], w [n, k] (a linear
-// layer's weight, as stored), bias [n] or null, y [rows, n]; f32 sums rounded once, as cuBLAS's. At
-// these sizes the product only streams the weight, so each warp takes kLinearRows rows of w and reads
-// them in 16-byte vectors, several in flight (unrolled), x's rows coming from the cache; then a warp
-// sum per output. M, the rows a variant holds (1, 2, 4 or 8), bounds every loop, so the sums stay in
-// registers. The caller checks: rows <= M, k a multiple of the vector's elements, every pointer 16-byte
-// aligned. Launched with kLinearWarps * 32 threads.
+// y = w · x (+ bias) for one row x (a decode step of one sequence): x [k], w [n, k] (a linear layer's
+// weight, as stored), bias [n] or null, y [n]; f32 sums rounded once, as cuBLAS's. The product only
+// streams the weight, so each warp takes kLinearRows rows of w at a time and reads them in 16-byte
+// vectors, several in flight (unrolled), x coming from the cache; then a warp sum per output. (With
+// more rows than one, cuBLAS's kernels win: measured in docs/benchmarks.md.) The caller checks: k a
+// multiple of the vector's elements, x and w 16-byte aligned. Launched with kLinearWarps * 32 threads,
+// grid-stride over the rows of w.
 constexpr int kLinearWarps = 4;
 constexpr int kLinearRows = 2;
 
-template <typename D, int M>
-__device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
-                                const typename D::T* bias, int rows, long long n, long long k) {
+template <typename D>
+__device__ void linear_one_row(typename D::T* y, const typename D::T* x, const typename D::T* w,
+                               const typename D::T* bias, long long n, long long k) {
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -479,18 +487,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   for (long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows; first < n;
        first += (long long)gridDim.x * kLinearWarps * kLinearRows) {
     const typename D::T* row[kLinearRows];
+    float acc[kLinearRows];
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
       // A row past the end reads the last one again; its sum is not written.
       row[r] = w + min(first + r, n - 1) * k;
-    }
-    float acc[kLinearRows][M];
-#pragma unroll
-    for (int r = 0; r < kLinearRows; ++r) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        acc[r][m] = 0.0f;
-      }
+      acc[r] = 0.0f;
     }
 #pragma unroll 4
     for (long long c = lane * N; c < k; c += 32 * N) {
@@ -499,52 +501,27 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       for (int r = 0; r < kLinearRows; ++r) {
         weights[r] = *reinterpret_cast<const V*>(row[r] + c);
       }
+      const V input = *reinterpret_cast<const V*>(x + c);
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        if (m < rows) {
-          const V input = *reinterpret_cast<const V*>(x + m * k + c);
+      for (int e = 0; e < N; ++e) {
+        const float v = D::load(input.e[e]);
 #pragma unroll
-          for (int e = 0; e < N; ++e) {
-            const float v = D::load(input.e[e]);
-#pragma unroll
-            for (int r = 0; r < kLinearRows; ++r) {
-              acc[r][m] += D::load(weights[r].e[e]) * v;
-            }
-          }
+        for (int r = 0; r < kLinearRows; ++r) {
+          acc[r] += D::load(weights[r].e[e]) * v;
         }
       }
     }
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        for (int o = 16; o > 0; o >>= 1) {
-          acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
-        }
+      for (int o = 16; o > 0; o >>= 1) {
+        acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
       }
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int r = 0; r < kLinearRows; ++r) {
-        if (first + r < n) {
-          const float b = bias != nullptr ? D::load(bias[first + r]) : 0.0f;
-#pragma unroll
-          for (int m = 0; m < M; ++m) {
-            if (m < rows) {
-              y[m * n + first + r] = D::store(acc[r][m] + b);
-            }
-          }
-        }
+      if (lane == 0 && first + r < n) {
+        y[first + r] = D::store(acc[r] + (bias != nullptr ? D::load(bias[first + r]) : 0.0f));
       }
     }
   }
 }
-
-#define MMREG_LINEAR(D, suffix, M)                                                                 \
-  MMREG_KERNEL void linear_m##M##_##suffix(D::T* y, const D::T* x, const D::T* w, const D::T* bias, \
-                                           int rows, long long n, long long k) {                   \
-    linear_few_rows<D, M>(y, x, w, bias, rows, n, k);                                              \
-  }
 
 #define MMREG_ATTENTION(D, suffix, E, G)                                                           \
   MMREG_KERNEL void paged_decode_attention_e##E##_g##G##_##suffix(                                  \
@@ -600,10 +577,10 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   MMREG_ATTENTION_GROUPS(D, suffix, 2)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 4)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
-  MMREG_LINEAR(D, suffix, 1)                                                                       \
-  MMREG_LINEAR(D, suffix, 2)                                                                       \
-  MMREG_LINEAR(D, suffix, 4)                                                                       \
-  MMREG_LINEAR(D, suffix, 8)
+  MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
+                                            const D::T* bias, long long n, long long k) {          \
+    linear_one_row<D>(y, x, w, bias, n, k);                                                        \
+  }
 
 MMREG_KERNELS(F32, f32)
 MMREG_KERNELS(BF16, bf16)

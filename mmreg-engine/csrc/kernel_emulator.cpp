@@ -23,7 +23,7 @@ struct Dim {
 struct Block {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<float> exchange;
+  std::vector<std::uint64_t> exchange;
   explicit Block(unsigned threads) : all(threads), exchange(threads) {
     for (unsigned w = 0; w < threads / 32; ++w) {
       warps.push_back(std::make_unique<std::barrier<>>(32));
@@ -37,13 +37,31 @@ thread_local Block* block = nullptr;
 
 inline void syncthreads() { block->all.arrive_and_wait(); }
 
-inline float shfl_xor(float v, int offset) {
+// What lane `source(lane)` of this thread's warp holds in `v`: every lane writes its value, the warp
+// waits, each reads its source's, the warp waits again.
+template <typename T, typename Source>
+T shuffle(T v, Source source) {
+  static_assert(sizeof(T) <= sizeof(std::uint64_t));
   auto& warp = *block->warps[thread_idx.x / 32];
-  block->exchange[thread_idx.x] = v;
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  block->exchange[thread_idx.x] = bits;
   warp.arrive_and_wait();
-  float other = block->exchange[thread_idx.x ^ offset];
+  const unsigned lane = thread_idx.x % 32, first = thread_idx.x - lane;
+  bits = block->exchange[first + (source(lane) & 31u)];
   warp.arrive_and_wait();
+  T other;
+  std::memcpy(&other, &bits, sizeof(T));
   return other;
+}
+
+inline float shfl_xor(float v, int offset) {
+  return shuffle(v, [offset](unsigned lane) { return lane ^ static_cast<unsigned>(offset); });
+}
+
+template <typename T>
+T shfl(T v, int source) {
+  return shuffle(v, [source](unsigned) { return static_cast<unsigned>(source); });
 }
 
 // Runs `kernel` for every thread of every block of a grid_x × grid_y grid; `threads` a multiple of 32.
@@ -90,6 +108,7 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 #define gridDim (mmreg_emulator::grid_dim)
 #define __syncthreads() mmreg_emulator::syncthreads()
 #define __shfl_xor_sync(mask, v, offset) mmreg_emulator::shfl_xor((v), (offset))
+#define __shfl_sync(mask, v, source) mmreg_emulator::shfl((v), (source))
 inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
@@ -113,13 +132,6 @@ T arg(void** args, int i) {
         arg<long long>(a, 5), arg<const T*>(a, 6), arg<const T*>(a, 7), arg<const long long*>(a, 8),  \
         arg<long long>(a, 9), arg<const long long*>(a, 10), arg<int>(a, 11), arg<int>(a, 12),         \
         arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15));                                         \
-  }
-
-#define MMREG_EMULATED_LINEAR(suffix, T, M)                                                       \
-  [](void** a) {                                                                                    \
-    linear_m##M##_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),                  \
-                           arg<const T*>(a, 3), arg<int>(a, 4), arg<long long>(a, 5),              \
-                           arg<long long>(a, 6));                                                   \
   }
 
 #define MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, E)                                   \
@@ -149,8 +161,9 @@ T arg(void** args, int i) {
                                                arg<int>(a, 4), arg<int>(a, 5)); },                    \
   MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 1), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 2),       \
   MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 4), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 8),      \
-  MMREG_EMULATED_LINEAR(suffix, T, 1), MMREG_EMULATED_LINEAR(suffix, T, 2),                           \
-  MMREG_EMULATED_LINEAR(suffix, T, 4), MMREG_EMULATED_LINEAR(suffix, T, 8)
+  [](void** a) { linear_one_row_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),     \
+                                         arg<const T*>(a, 3), arg<long long>(a, 4),                   \
+                                         arg<long long>(a, 5)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -4,7 +4,7 @@ On random checkpoints with the LLaVA-1.5-7B and LLaVA-NeXT-Mistral-7B shapes (sc
 - HF transformers (eager generate(), dynamic cache, sdpa): prefill as generate() computes it (the first
   forward, last-token logits only) and decode tokens/s over GEN tokens, at the batches of bench_common.SHAPES;
 - mmreg (`mmreg bench`) at the same batches; on LLaVA-1.5-7B also without CUDA graphs (batch 1 and 8) and
-  with the opt-in fused kernels; decode is timed once every prompt has prefilled (ttft_last_bs{b}_ms);
+  with the fused kernels switched off; decode is timed once every prompt has prefilled (ttft_last_bs{b}_ms);
 - the compiled-PyTorch anchor (gpt-fast's recipe) on LLaVA-1.5-7B's decoder, prompt and batches;
 - bf16 agreement with HF by vLLM's top-5 rule at every one of 32 steps, teacher-forced on HF's tokens, with
   and without the fused kernels;
@@ -17,27 +17,17 @@ PARTS=llava15,next,anchor (the default) picks the parts, for a run split across 
 import os, sys
 
 import torch
-from PIL import Image
-from transformers import AutoProcessor
 
 sys.path.insert(0, "scripts/gpu")
-from bench_common import (GEN, IMAGE_TOKEN, SHAPES, TRACES, agreement, anchor, floor, hf_bench, hf_greedy,  # noqa: E402
-                          mmreg_bench, print_table, record, repeat, write_json)
+from bench_common import (GEN, SHAPES, TRACES, agreement, anchor, floor, hf_bench, hf_greedy,  # noqa: E402
+                          hf_inputs, mmreg_bench, print_table, record, repeat, write_json)
 
 PARTS = os.environ.get("PARTS", "llava15,next,anchor").split(",")
 
 
 def hf_side(model, shape):
     """HF's peer, and its greedy tokens with their top 5 and the prompt's ids, for the agreement check."""
-    processor = AutoProcessor.from_pretrained(shape.path, backend="pil")
-    inputs = processor(images=Image.open(shape.image), text=shape.prompt, return_tensors="pt").to(model.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-    # mmreg's prompt_token_ids hold one <image> per image and expand it themselves, as vLLM's do.
-    prompt_ids = processor.tokenizer(shape.prompt).input_ids
-    expanded = inputs["input_ids"][0].tolist()
-    assert prompt_ids.count(IMAGE_TOKEN) == 1 and \
-        [t for t in expanded if t != IMAGE_TOKEN] == [t for t in prompt_ids if t != IMAGE_TOKEN], \
-        "the tokenizer's prompt ids are not the processor's without the expansion"
+    inputs, prompt_ids, expanded = hf_inputs(model, shape)
     tokens, top5 = hf_greedy(model, inputs)
     hf = hf_bench(model, lambda b: repeat(inputs, b), [int(b) for b in shape.batches.split(",")])
     hf["result"]["prompt_tokens"] = len(expanded)

@@ -6,6 +6,8 @@ from collections import namedtuple
 
 import torch
 import transformers
+from PIL import Image
+from transformers import AutoProcessor
 
 import checkpoints
 
@@ -73,8 +75,7 @@ def _mmreg_stdout(args, eager=False, fused=False, binary="mmreg", env_extra=None
     env = dict(os.environ, **(env_extra or {}))
     if eager:
         env["MMREG_NO_CUDA_GRAPHS"] = "1"
-    if fused:
-        env["MMREG_FUSED_KERNELS"] = "1"
+    env["MMREG_FUSED_KERNELS"] = "1" if fused else "0"  # on by default since run 26
     out = subprocess.run([RUN, binary, *args], capture_output=True, text=True, env=env)
     sys.stderr.write(out.stderr[-3000:])
     if out.returncode != 0:
@@ -128,6 +129,21 @@ def anchor(prompt_tokens, batches="1,8,32"):
     result["prompt_tokens"] = result.pop("prompt", prompt_tokens)
     result.pop("gen", None)  # GEN
     return {"peer": "anchor", "label": anchor_label(result.get("mode")), "result": result}
+
+
+def hf_inputs(model, shape):
+    """The processor's inputs for the shape's image and prompt (pixels in bf16), the prompt's ids as mmreg
+    takes them (one <image> per image: mmreg expands it itself, as vLLM's prompt_token_ids), and HF's
+    expanded ids, checked to be the same but for the expansion."""
+    processor = AutoProcessor.from_pretrained(shape.path, backend="pil")
+    inputs = processor(images=Image.open(shape.image), text=shape.prompt, return_tensors="pt").to(model.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    prompt_ids = processor.tokenizer(shape.prompt).input_ids
+    expanded = inputs["input_ids"][0].tolist()
+    assert prompt_ids.count(IMAGE_TOKEN) == 1 and \
+        [t for t in expanded if t != IMAGE_TOKEN] == [t for t in prompt_ids if t != IMAGE_TOKEN], \
+        "the tokenizer's prompt ids are not the processor's without the expansion"
+    return inputs, prompt_ids, expanded
 
 
 def repeat(inputs, b):

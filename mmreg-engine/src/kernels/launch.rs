@@ -38,8 +38,8 @@ unsafe impl Sync for Function {}
 /// The kernels' names without their dtype suffix, in the emulator's order (`kEmulated` in
 /// `csrc/kernel_emulator.cpp`): the elementwise ones, then decode attention for heads of up to 32, 64,
 /// 128 and 256 elements (1, 2, 4, 8 per lane), each holding up to 1, 4 or 8 query heads per key/value
-/// head; then the linear layer for up to 1, 2, 4 and 8 rows.
-pub(super) const NAMES: [&str; 23] = [
+/// head; then the linear layer for one row.
+pub(super) const NAMES: [&str; 20] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -59,10 +59,7 @@ pub(super) const NAMES: [&str; 23] = [
     "paged_decode_attention_e8_g1",
     "paged_decode_attention_e8_g4",
     "paged_decode_attention_e8_g8",
-    "linear_m1",
-    "linear_m2",
-    "linear_m4",
-    "linear_m8",
+    "linear_one_row",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -73,8 +70,6 @@ const ROPE: usize = 5;
 const COMBINE: usize = 6;
 const ATTENTION: usize = 7;
 const LINEAR: usize = 19;
-/// The rows each linear variant holds.
-pub(super) const LINEAR_ROWS: [i64; 4] = [1, 2, 4, 8];
 /// Warps per block of the linear kernel, and weight rows per warp (`kLinearWarps`, `kLinearRows`).
 const LINEAR_WARPS: u32 = 4;
 const LINEAR_ROWS_PER_WARP: i64 = 2;
@@ -403,36 +398,33 @@ impl Kernels {
         out
     }
 
-    /// `x · weightᵀ (+ bias)` for `x` of at most 8 rows (checked by [`super::linear`]).
+    /// `x · weightᵀ (+ bias)` for `x` of one row (checked by [`super::linear`]).
     pub(super) fn linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let [n, k] = weight.size()[..] else {
             unreachable!("checked by kernels::linear")
         };
-        let rows = x.numel() as i64 / k;
         let mut size = x.size();
         *size.last_mut().expect("checked by kernels::linear") = n;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        let variant = LINEAR_ROWS
-            .iter()
-            .position(|&m| m >= rows)
-            .expect("checked by kernels::linear");
-        let null = std::ptr::null_mut();
         let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
-        let mut bias_p = bias.map_or(null, ptr);
-        let (mut rows, mut n, mut k) = (rows as i32, n, k);
+        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
+        let (mut n, mut k) = (n, k);
         let mut args = [
             arg!(y_p),
             arg!(x_p),
             arg!(w_p),
             arg!(bias_p),
-            arg!(rows),
             arg!(n),
             arg!(k),
         ];
         let per_block = LINEAR_WARPS as i64 * LINEAR_ROWS_PER_WARP;
-        let f = self.of(x.kind()).0[LINEAR + variant];
         let grid = self.grid((n + per_block - 1) / per_block, 1);
-        self.launch(f, grid, LINEAR_WARPS * 32, &mut args);
+        self.launch(
+            self.of(x.kind()).0[LINEAR],
+            grid,
+            LINEAR_WARPS * 32,
+            &mut args,
+        );
         counted(5);
         y
     }

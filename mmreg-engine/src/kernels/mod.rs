@@ -1,15 +1,16 @@
 //! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
-//! embeddings, and decode attention that reads the paged KV cache in place. The elementwise ones replace
-//! several libtorch kernels each and compute the same values (`csrc/fused_kernels.cu` rounds every
-//! intermediate to the model dtype where HF's op-by-op code does).
+//! embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
+//! one-sequence decode step. The elementwise ones replace several libtorch kernels each and compute the
+//! same values (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op
+//! code does).
 //!
 //! On CUDA they are compiled once per device by NVRTC (which pip's torch ships), checked against
 //! libtorch's ops ([`self_check`]), and launched through the shim on libtorch's current stream, so they
-//! run inside CUDA graphs. **Opt-in for now** (`MMREG_FUSED_KERNELS=1` or [`set_enabled`]): they pass
-//! every GPU test, but on an H200 they made batch-1 decode slower (docs/benchmarks.md), so the default
-//! stays libtorch's path until they win everywhere. Everywhere else (on the CPU, in a build without the
-//! shim, when NVRTC or the self-check fails, or switched off) each function runs HF's plain libtorch ops
-//! instead, so the layers of `mmreg-nn` call these functions unconditionally.
+//! run inside CUDA graphs. **On by default** since they won every configuration measured on an H200
+//! (docs/benchmarks.md, runs 25–26); `MMREG_FUSED_KERNELS=0` or [`set_enabled`] switches them off.
+//! Everywhere else (on the CPU, in a build without the shim, when NVRTC or the self-check fails, or
+//! switched off) each function runs HF's plain libtorch ops instead, which stay the reference, so the
+//! layers of `mmreg-nn` call these functions unconditionally.
 //!
 //! The module by concern: the switches and entry points here; [`reference`] (the libtorch formulas each
 //! kernel replaces); `launch` (argument lists, grids, the launch counters); `nvrtc` (compiling and
@@ -39,11 +40,13 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
-/// Whether the fused kernels are switched on: [`set_enabled`], else `MMREG_FUSED_KERNELS=1`.
+/// Whether the fused kernels are switched on: [`set_enabled`], else unless `MMREG_FUSED_KERNELS` is
+/// `0` (or empty).
 pub fn enabled() -> bool {
     match ENABLED.load(Ordering::Relaxed) {
         0 => {
-            let on = std::env::var("MMREG_FUSED_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0");
+            let on =
+                std::env::var("MMREG_FUSED_KERNELS").map_or(true, |v| !v.is_empty() && v != "0");
             // A concurrent set_enabled wins over the environment.
             let _ = ENABLED.compare_exchange(
                 0,
@@ -221,17 +224,16 @@ pub fn paged_decode_attention(
 }
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
-/// `bias` `[n]`. A decode step's few rows (at most 8) take a kernel of our own that streams the weight
-/// in 16-byte vectors (at batch 1 a product only reads its weight: cuBLAS's kernels for it reach less
-/// of the memory bandwidth); more rows, and wherever the kernels do not run, libtorch's (cuBLAS).
-/// `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other kernels run (for
-/// comparisons).
+/// `bias` `[n]`. A decode step of one sequence (one row) takes a kernel of our own that streams the
+/// weight in 16-byte vectors: on an H200 it reads the weights at ~93% of the measured bandwidth, more
+/// than cuBLAS's kernels for one row. More rows (where cuBLAS's kernels win), and wherever the kernels
+/// do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other
+/// kernels run (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let fits = || {
         let [n, cols] = weight.size()[..] else {
             return false;
         };
-        let rows = if cols > 0 { x.numel() as i64 / cols } else { 0 };
         let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
         let aligned = |t: &Tensor| t.data_ptr() as usize % 16 == 0;
         let bias_fits = bias.is_none_or(|b| {
@@ -241,12 +243,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         // take it minutes, so there only small weights take the kernel (the rest libtorch's product).
         let emulated_fits = x.device().is_cuda() || n <= 4096;
         x.size().last() == Some(&cols)
-            && emulated_fits
-            && (1..=*launch::LINEAR_ROWS.last().expect("variants")).contains(&rows)
+            && x.numel() as i64 == cols
             && cols % per_vector == 0
             && aligned(x)
             && aligned(weight)
             && bias_fits
+            && emulated_fits
     };
     match fused_for(&[x, weight]) {
         Some(k) if linear_enabled() && fits() => k.linear(x, weight, bias),
@@ -308,7 +310,7 @@ fn fused_for(tensors: &[&Tensor]) -> Option<&'static Kernels> {
 /// allocates nothing (a failure's message is kept from when the kernels were loaded).
 fn kernels_for(device: Device) -> Result<&'static Kernels, &'static str> {
     if !enabled() {
-        return Err("switched off (MMREG_FUSED_KERNELS=1 switches them on)");
+        return Err("switched off (MMREG_FUSED_KERNELS=0 or kernels::set_enabled(false))");
     }
     match device {
         Device::Cuda(index) => nvrtc::kernels(index),

@@ -135,9 +135,10 @@ mod shim {
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
-            // About 8 blocks of 4 warps per SM of an H100/H200 (132 SMs), of at least 32 positions each.
+            // About 8 blocks of 4 warps per SM of an H100/H200 (132 SMs), each warp reading at least
+            // one run of 32 positions.
             target_blocks: 1024,
-            min_chunk: 32,
+            min_chunk: 128,
             f32: f32?,
             bf16: bf16?,
             f16: f16?,
