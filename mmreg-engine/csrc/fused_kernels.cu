@@ -246,9 +246,9 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 // gathered copy), split across blocks as flash-decoding does so that a few sequences still fill the
 // GPU. Block (blockIdx.x, blockIdx.y) takes key/value head blockIdx.x % kv_heads of sequence blockIdx.x /
 // kv_heads, and the blockIdx.y-th of gridDim.y equal chunks of its padded slot list (`slot_stride`
-// entries, `lengths[seq]` of them real: `slots[seq * slot_stride + p]`). Each of its kWarps warps takes
-// a run of the chunk, kTile consecutive positions at a time (their loads in flight together), a lane
-// holding E consecutive elements of a head (E = 1, 2, 4 or 8 for heads of up to 32, 64, 128 or 256; lanes past the end hold
+// entries, `lengths[seq]` of them real: `slots[seq * slot_stride + p]`). Its kWarps warps take kTile
+// consecutive positions at a time (their loads in flight together), a lane holding E consecutive
+// elements of a head (E = 1, 2, 4 or 8 for heads of up to 32, 64, 128 or 256; lanes past the end hold
 // none), with an online softmax in f32 for each of the head's `group` query heads (grouped-query
 // attention: they share each read; G, the most the variant holds, is 1, 4 or 8). Loops run to
 // compile-time bounds, so the per-lane arrays stay in registers.
@@ -288,9 +288,8 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
                                              int kv_heads, int dim, float scale, int vectorized) {
-  // Positions whose keys and values a warp reads at once: 8 for heads of up to 128 elements, 4 for
-  // wider ones (the tile stays in registers).
-  constexpr int kTile = E <= 4 ? 8 : 4;
+  // Heads of up to 128 elements read 4 positions at a time, wider ones 2: the tile stays in registers.
+  constexpr int kTile = E <= 4 ? 4 : 2;
   __shared__ float shared_max[kWarps][G];
   __shared__ float shared_sum[kWarps][G];
   __shared__ float shared_acc[kWarps][kMaxGroupDim];
@@ -298,12 +297,9 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
   const int group = heads / kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first = lane * E, count = first >= dim ? 0 : min(E, dim - first);
-  // The block's chunk of the padded slot list, and this warp's run of it.
   const long long chunk = (slot_stride + gridDim.y - 1) / gridDim.y;
-  const long long run = (chunk + kWarps - 1) / kWarps;
-  const long long begin = blockIdx.y * chunk + warp * run;
-  const long long end = min(lengths[seq], min((blockIdx.y + 1) * chunk, begin + run));
-  const long long* seq_slots = slots + seq * slot_stride;
+  const long long begin = blockIdx.y * chunk;
+  const long long end = min(lengths[seq], begin + chunk);
 
   float query[G][E];
   float acc[G][E];
@@ -319,69 +315,65 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
     running_max[g] = -INFINITY;
     running_sum[g] = 0.0f;
   }
-  // 32 positions at a time: each lane loads one slot (one coalesced read), then tiles of kTile
-  // positions take theirs from the lanes that hold them. Every branch below is the same for the whole
-  // warp, so the shuffles see all 32 lanes.
-  for (long long base = begin; base < end; base += 32) {
-    const long long own_slot = base + lane < end ? seq_slots[base + lane] : 0;
-    for (int t = 0; t < 32 && base + t < end; t += kTile) {
-      float key[kTile][E], value[kTile][E];
+  // Positions p0 .. p0 + kTile - 1; p0 < end, so at least the first is real (the same for the whole
+  // warp, as every branch below: the shuffles see all 32 lanes).
+  for (long long p0 = begin + warp * kTile; p0 < end; p0 += kWarps * kTile) {
+    float key[kTile][E], value[kTile][E];
 #pragma unroll
-      for (int u = 0; u < kTile; ++u) {
-        const long long slot = __shfl_sync(0xffffffffu, own_slot, t + u);
-        if (base + t + u < end) {
-          const long long offset = (slot * kv_heads + kv_head) * dim + first;
-          load_run<D, E>(key_cache + offset, count, vectorized != 0, key[u]);
-          load_run<D, E>(value_cache + offset, count, vectorized != 0, value[u]);
-        } else {
+    for (int u = 0; u < kTile; ++u) {
+      if (p0 + u < end) {
+        const long long slot = slots[seq * slot_stride + p0 + u];
+        const long long offset = (slot * kv_heads + kv_head) * dim + first;
+        load_run<D, E>(key_cache + offset, count, vectorized != 0, key[u]);
+        load_run<D, E>(value_cache + offset, count, vectorized != 0, value[u]);
+      } else {
 #pragma unroll
-          for (int e = 0; e < E; ++e) {
-            key[u][e] = value[u][e] = 0.0f;
-          }
+        for (int e = 0; e < E; ++e) {
+          key[u][e] = value[u][e] = 0.0f;
         }
       }
+    }
 #pragma unroll
-      for (int g = 0; g < G; ++g) {
-        if (g < group) {
-          float score[kTile];
+    for (int g = 0; g < G; ++g) {
+      if (g < group) {
+        float score[kTile];
 #pragma unroll
-          for (int u = 0; u < kTile; ++u) {
-            score[u] = 0.0f;
-#pragma unroll
-            for (int e = 0; e < E; ++e) {
-              score[u] += query[g][e] * key[u][e];
-            }
-          }
-          for (int o = 16; o > 0; o >>= 1) {
-#pragma unroll
-            for (int u = 0; u < kTile; ++u) {
-              score[u] += __shfl_xor_sync(0xffffffffu, score[u], o);
-            }
-          }
-          float new_max = running_max[g];
-#pragma unroll
-          for (int u = 0; u < kTile; ++u) {
-            score[u] = base + t + u < end ? score[u] * scale : -INFINITY;
-            new_max = fmaxf(new_max, score[u]);
-          }
-          // new_max is finite (the tile's first position is real); exp(-inf) = 0 on the first tile.
-          const float correction = expf(running_max[g] - new_max);
-          running_sum[g] *= correction;
+        for (int u = 0; u < kTile; ++u) {
+          score[u] = 0.0f;
 #pragma unroll
           for (int e = 0; e < E; ++e) {
-            acc[g][e] *= correction;
+            score[u] += query[g][e] * key[u][e];
           }
+        }
+        for (int o = 16; o > 0; o >>= 1) {
 #pragma unroll
           for (int u = 0; u < kTile; ++u) {
-            const float weight = expf(score[u] - new_max);
-            running_sum[g] += weight;
-#pragma unroll
-            for (int e = 0; e < E; ++e) {
-              acc[g][e] += weight * value[u][e];
-            }
+            score[u] += __shfl_xor_sync(0xffffffffu, score[u], o);
           }
-          running_max[g] = new_max;
         }
+        float new_max = running_max[g];
+#pragma unroll
+        for (int u = 0; u < kTile; ++u) {
+          score[u] = p0 + u < end ? score[u] * scale : -INFINITY;
+          new_max = fmaxf(new_max, score[u]);
+        }
+        // new_max is finite (the tile's first position is real); exp(-inf) = 0 on the first tile.
+        const float correction = expf(running_max[g] - new_max);
+        running_sum[g] *= correction;
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          acc[g][e] *= correction;
+        }
+#pragma unroll
+        for (int u = 0; u < kTile; ++u) {
+          const float weight = expf(score[u] - new_max);
+          running_sum[g] += weight;
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            acc[g][e] += weight * value[u][e];
+          }
+        }
+        running_max[g] = new_max;
       }
     }
   }

@@ -59,11 +59,6 @@ inline float shfl_xor(float v, int offset) {
   return shuffle(v, [offset](unsigned lane) { return lane ^ static_cast<unsigned>(offset); });
 }
 
-template <typename T>
-T shfl(T v, int source) {
-  return shuffle(v, [source](unsigned) { return static_cast<unsigned>(source); });
-}
-
 // Runs `kernel` for every thread of every block of a grid_x × grid_y grid; `threads` a multiple of 32.
 // One launch at a time in the process: the dimensions and `__shared__` memory are global.
 void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::function<void()>& kernel) {
@@ -108,7 +103,6 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 #define gridDim (mmreg_emulator::grid_dim)
 #define __syncthreads() mmreg_emulator::syncthreads()
 #define __shfl_xor_sync(mask, v, offset) mmreg_emulator::shfl_xor((v), (offset))
-#define __shfl_sync(mask, v, source) mmreg_emulator::shfl((v), (source))
 inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }

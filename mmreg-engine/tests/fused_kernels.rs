@@ -366,8 +366,8 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
             // No grouping (LLaVA-1.5), 4 query heads per key/value head (Mistral), 8 (the most); heads
             // of every kernel variant (up to 32, 64, 128, 256 elements), narrower than a warp or not a
             // multiple of its width. Four sequences: the emulator splits their contexts in chunks
-            // (reduced by the combine kernel); eight of LLaVA's shape: one chunk each, and with contexts
-            // of up to 200 each warp reads more than one run of 32 slots.
+            // (reduced by the combine kernel); eight of LLaVA's shape: one chunk each, also with
+            // contexts of up to 200 (many tiles per warp).
             for (heads, kv_heads, dim, lengths) in [
                 (4, 4, 128, &[1i64, 9, 40, 23][..]),
                 (4, 4, 128, &[1, 9, 40, 23, 48, 2, 31, 17][..]),

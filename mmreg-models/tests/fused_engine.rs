@@ -72,7 +72,8 @@ impl KernelsRan {
 #[test]
 fn emulated_kernels_generate_what_libtorch_does() {
     let _one_at_a_time = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
-    // Three sequences of different lengths decoding together, one finishing early. Text only, and small
+    // Three sequences of different lengths decoding together, one finishing early and the longest decoding
+    // alone at the end (the one-row linear kernel). Text only, and small
     // limits for the startup profile's dummy step: the emulator runs each CUDA thread as an OS thread,
     // too slow for 576 image tokens per prompt (the kernels' unit tests and hf_parity cover images).
     let requests = [
@@ -81,7 +82,7 @@ fn emulated_kernels_generate_what_libtorch_does() {
         request(
             "USER: Describe every detail of the picture, then say what differs. ASSISTANT:",
             &[],
-            8,
+            12,
         ),
     ];
     let options = |cuda_graphs| EngineOptions {

@@ -1,9 +1,11 @@
-"""Issue #18, the kernels of our own at decode, in one device call (after the staged GPU tests, see
-decode_kernels.sh): on the LLaVA-1.5-7B and LLaVA-NeXT-Mistral-7B shapes, mmreg with its defaults (fused
-kernels on) and with them off (MMREG_FUSED_KERNELS=0: libtorch's ops), at bench_common.SHAPES' batches;
-bf16 agreement with HF by vLLM's top-5 rule at every one of 32 teacher-forced steps for both; traces of
-LLaVA-1.5's fused run; then the compiled-PyTorch anchor on LLaVA-1.5's decoder and prompt. Raw JSON to
-$OUT/decode-kernels.json. Usage: python3 scripts/gpu/decode_kernels.py gpu-stage/run.sh
+"""Issue #18, the kernels of our own at decode, in one device call: on the LLaVA-1.5-7B and
+LLaVA-NeXT-Mistral-7B shapes, mmreg with its defaults (fused kernels on) and with them off
+(MMREG_FUSED_KERNELS=0: libtorch's ops), at bench_common.SHAPES' batches; on LLaVA-1.5 also the decode
+attention with a larger target of blocks (MMREG_DECODE_ATTENTION_BLOCKS=4096) and traces of the default
+run; bf16 agreement with HF by vLLM's top-5 rule at every one of 32 teacher-forced steps for both; the
+compiled-PyTorch anchor on LLaVA-1.5's decoder and prompt, right after LLaVA-1.5. Raw JSON to
+$OUT/decode-kernels.json, written after each measurement.
+Usage: python3 scripts/gpu/decode_kernels.py gpu-stage/run.sh   (decode_kernels.sh runs the GPU tests first)
 """
 import subprocess, sys
 
@@ -16,27 +18,30 @@ from bench_common import (SHAPES, agreement, anchor, floor, hf_greedy, hf_inputs
 TRACE = "/tmp/trace-fused"
 result = record("decode-kernels")
 for shape in SHAPES:
+    first = shape is SHAPES[0]
     model = shape.make(shape.path)
     rec = result["models"][shape.name] = {"prompt": shape.prompt, "image": shape.image, "floor": floor(model)}
     inputs, prompt_ids, _ = hf_inputs(model, shape)
     tokens, top5 = hf_greedy(model, inputs)
     del model, inputs
     torch.cuda.empty_cache()
-    first = shape is SHAPES[0]
-    rec["peers"] = [mmreg_bench(shape.path, shape.prompt, shape.image, shape.batches, fused=True,
-                                trace=TRACE if first else None),
-                    mmreg_bench(shape.path, shape.prompt, shape.image, shape.batches, fused=False)]
+    bench = lambda batches=shape.batches, **kw: mmreg_bench(shape.path, shape.prompt, shape.image, batches, **kw)
+    rec["peers"] = [bench(fused=True, trace=TRACE if first else None)]
+    write_json("decode-kernels.json", result)
+    rec["peers"].append(bench(fused=False))
     write_json("decode-kernels.json", result)
     rec["agreement"] = [agreement(shape.path, shape.image, prompt_ids, tokens, top5, fused=True)]
     write_json("decode-kernels.json", result)
+    if first:
+        rec["peers"].append(bench("8,32", fused=True, env_extra={"MMREG_DECODE_ATTENTION_BLOCKS": "4096"}))
+        write_json("decode-kernels.json", result)
+        for name in ["decode_bs1", "decode_bs8", "prefill_bs1"]:
+            subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{TRACE}/{name}.json"])
+        peer = anchor(rec["peers"][0]["result"]["prompt_tokens"], shape.batches)
+        if peer:
+            rec["peers"].append(peer)
+            write_json("decode-kernels.json", result)
     print_table(f"{result['gpu']}, commit {result['commit']}: {shape.name}", rec["peers"])
-for name in ["decode_bs1", "decode_bs8", "prefill_bs1"]:
-    subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{TRACE}/{name}.json"])
-rec = result["models"][SHAPES[0].name]
-peer = anchor(rec["peers"][0]["result"]["prompt_tokens"], SHAPES[0].batches)
-if peer:
-    rec["peers"].append(peer)
-    write_json("decode-kernels.json", result)
 for name, rec in result["models"].items():
     print_table(f"{result['gpu']}, commit {result['commit']}: {name}", rec["peers"])
     for a in rec.get("agreement", []):
