@@ -141,6 +141,11 @@ fn ptr(t: &Tensor) -> *mut c_void {
     t.data_ptr()
 }
 
+/// Whether `t`'s data starts at a multiple of `bytes` (vector loads need their size's alignment).
+pub(super) fn aligned(t: &Tensor, bytes: usize) -> bool {
+    (t.data_ptr() as usize).is_multiple_of(bytes)
+}
+
 /// A pointer to an argument's value, as a launch takes it.
 macro_rules! arg {
     ($v:expr) => {
@@ -201,7 +206,7 @@ impl Kernels {
         let aligned = [Some(x), delta, Some(weight), Some(&out), sum.as_ref()]
             .into_iter()
             .flatten()
-            .all(|t| t.data_ptr() as usize % 16 == 0);
+            .all(|t| aligned(t, 16));
         let vectorized = cols % per_vector == 0 && vectors <= 1024 * NORM_VECTORS && aligned;
         let (block, first) = if vectorized {
             (
@@ -349,7 +354,7 @@ impl Kernels {
         let vectorized = dim % ELEMENTS[e] == 0
             && [key_cache, value_cache]
                 .iter()
-                .all(|t| t.data_ptr() as i64 % run == 0);
+                .all(|t| aligned(t, run as usize));
         let null = std::ptr::null_mut();
         let (mut acc_p, mut max_p, mut sum_p) = match &partial {
             Some((acc, max, sum)) => (ptr(acc), ptr(max), ptr(sum)),

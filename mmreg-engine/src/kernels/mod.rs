@@ -235,7 +235,6 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
             return false;
         };
         let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
-        let aligned = |t: &Tensor| t.data_ptr() as usize % 16 == 0;
         let bias_fits = bias.is_none_or(|b| {
             b.size() == [n] && b.kind() == x.kind() && b.device() == x.device() && b.is_contiguous()
         });
@@ -245,8 +244,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         x.size().last() == Some(&cols)
             && x.numel() as i64 == cols
             && cols % per_vector == 0
-            && aligned(x)
-            && aligned(weight)
+            && launch::aligned(x, 16)
+            && launch::aligned(weight, 16)
             && bias_fits
             && emulated_fits
     };
