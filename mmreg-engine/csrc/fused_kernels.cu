@@ -257,7 +257,7 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 // writes its unnormalised partial sums, f32 [sequences * heads, chunks, dim], their maximum and sum
 // [sequences * heads, chunks], and paged_decode_combine reduces the chunks. q is [sequences, heads, dim]
 // with `q_stride` elements between sequences; caches are [slots, kv_heads, dim]. `vectorized`: dim is a
-// multiple of E and the caches are 16-byte aligned (each lane's run one vector load). group * dim at
+// multiple of E and the caches are aligned to E elements (each lane's run one vector load). group * dim at
 // most kMaxGroupDim (the caller checks). Launched with kWarps * 32 threads.
 constexpr int kWarps = 4;
 constexpr int kMaxGroupDim = 1024;  // group * dim
