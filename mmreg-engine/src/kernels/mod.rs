@@ -7,7 +7,7 @@
 //! On CUDA they are compiled once per device by NVRTC (which pip's torch ships), checked against
 //! libtorch's ops ([`self_check`]), and launched through the shim on libtorch's current stream, so they
 //! run inside CUDA graphs. **On by default** since they won every configuration measured on an H200
-//! (docs/benchmarks.md, runs 25–26); `MMREG_FUSED_KERNELS=0` or [`set_enabled`] switches them off.
+//! (docs/benchmarks.md, runs 25–27); `MMREG_FUSED_KERNELS=0` or [`set_enabled`] switches them off.
 //! Everywhere else (on the CPU, in a build without the shim, when NVRTC or the self-check fails, or
 //! switched off) each function runs HF's plain libtorch ops instead, which stay the reference, so the
 //! layers of `mmreg-nn` call these functions unconditionally.
@@ -225,7 +225,7 @@ pub fn paged_decode_attention(
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
 /// `bias` `[n]`. A decode step of one sequence (one row) takes a kernel of our own that streams the
-/// weight in 16-byte vectors: on an H200 it reads the weights at ~93% of the measured bandwidth, more
+/// weight in 16-byte vectors: on an H200 it reads the weights at ~89% of the measured bandwidth, more
 /// than cuBLAS's kernels for one row. More rows (where cuBLAS's kernels win), and wherever the kernels
 /// do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other
 /// kernels run (for comparisons).
@@ -262,8 +262,8 @@ fn linear_enabled() -> bool {
 }
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
-/// `paged_decode_attention` or `linear`) has been launched in this process, on any device, the emulator included:
-/// for tests that must see a kernel run, not only its result. `None` for an unknown name.
+/// `paged_decode_attention` or `linear`) has been launched in this process, on any device, the emulator
+/// included: for tests that must see a kernel run, not only its result. `None` for an unknown name.
 pub fn launches(family: &str) -> Option<u64> {
     let index = launch::FAMILIES.iter().position(|&f| f == family)?;
     Some(launch::LAUNCHES[index].load(Ordering::Relaxed))
