@@ -141,6 +141,11 @@ fn ptr(t: &Tensor) -> *mut c_void {
     t.data_ptr()
 }
 
+/// Threads for `n` items, one each: whole warps, at least one and at most `most` threads.
+fn warps_for(n: i64, most: u32) -> u32 {
+    (n.max(1) as u32).div_ceil(32).clamp(1, most / 32) * 32
+}
+
 /// Whether `t`'s data starts at a multiple of `bytes` (vector loads need their size's alignment).
 pub(super) fn aligned(t: &Tensor, bytes: usize) -> bool {
     (t.data_ptr() as usize).is_multiple_of(bytes)
@@ -209,15 +214,9 @@ impl Kernels {
             .all(|t| aligned(t, 16));
         let vectorized = cols % per_vector == 0 && vectors <= 1024 * NORM_VECTORS && aligned;
         let (block, first) = if vectorized {
-            (
-                (vectors as u32).div_ceil(32).clamp(1, 32) * 32,
-                RMS_NORM + VECTORS,
-            )
+            (warps_for(vectors, 1024), RMS_NORM + VECTORS)
         } else {
-            (
-                (cols as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32,
-                RMS_NORM,
-            )
+            (warps_for(cols, BLOCK), RMS_NORM)
         };
         let (mut out_p, mut x_p, mut w_p) = (ptr(&out), ptr(x), ptr(weight));
         let (mut cols, mut eps) = (cols as i32, eps as f32);
@@ -298,7 +297,7 @@ impl Kernels {
         ];
         // A thread per pair of elements (j, j + dim/2) of a row (token, head).
         let half = dim / 2;
-        let block = (half as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
+        let block = warps_for(half, BLOCK);
         let grid = self.grid((half + block as i64 - 1) / block as i64, tokens * heads);
         self.launch(k.0[ROPE], grid, block, &mut args);
         counted(3);
@@ -397,7 +396,7 @@ impl Kernels {
                 arg!(splits32),
                 arg!(dim32),
             ];
-            let block = (dim as u32).div_ceil(32).clamp(1, BLOCK / 32) * 32;
+            let block = warps_for(dim, BLOCK);
             self.launch(k.0[COMBINE], (sequences * heads, 1), block, &mut args);
         }
         out
