@@ -80,6 +80,25 @@ __device__ __forceinline__ float block_sum(float v) {
   return v;
 }
 
+// Maximum over the block (blockDim.x a multiple of 32, at most 1024).
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial[32];
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    partial[warp] = v;
+  }
+  __syncthreads();
+  const int warps = blockDim.x / 32;
+  v = lane < warps ? partial[lane] : -INFINITY;
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
 // One block per row. HF's LlamaRMSNorm: y = x * rsqrt(mean(x²) + eps) in f32, rounded to the model
 // dtype, then weight * y in the model dtype. With `delta`, the row is first x + delta (the residual add,
 // rounded, and written to `sum`).
@@ -246,147 +265,178 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 // gathered copy), split across blocks as flash-decoding does so that a few sequences still fill the
 // GPU. Block (blockIdx.x, blockIdx.y) takes key/value head blockIdx.x % kv_heads of sequence blockIdx.x /
 // kv_heads, and the blockIdx.y-th of gridDim.y equal chunks of its padded slot list (`slot_stride`
-// entries, `lengths[seq]` of them real: `slots[seq * slot_stride + p]`). Its kWarps warps take kTile
-// consecutive positions at a time (their loads in flight together), a lane holding E consecutive
-// elements of a head (E = 1, 2, 4 or 8 for heads of up to 32, 64, 128 or 256; lanes past the end hold
-// none), with an online softmax in f32 for each of the head's `group` query heads (grouped-query
-// attention: they share each read; G, the most the variant holds, is 1, 4 or 8). Loops run to
-// compile-time bounds, so the per-lane arrays stay in registers.
+// entries, `lengths[seq]` of them real: `slots[seq * slot_stride + p]`).
+//
+// A position's row of a head is read by R lanes (R = 8, 16 or 32 for heads of up to 64, 128 or 256
+// elements), each holding kRun = 8 consecutive elements (one 16-byte load in bf16; lanes past the end
+// hold none), so one load instruction of the warp reads 32 / R positions. Each of the block's kWarps
+// warps takes tiles of kTile consecutive positions: the warp's lanes fetch the tile's slot indices in
+// one coalesced load (the next tile's while this one is read), every key and value load of the tile is
+// issued before any is used, and an online softmax in f32 runs for each of the head's `group` query
+// heads (grouped-query attention: they share each read; G, the most the variant holds, is 1, 4 or 8).
+// Loops run to compile-time bounds, so the per-lane arrays stay in registers.
 //
 // With one chunk (gridDim.y == 1) the block writes the output, [sequences, heads, dim]. With more, it
 // writes its unnormalised partial sums, f32 [sequences * heads, chunks, dim], their maximum and sum
 // [sequences * heads, chunks], and paged_decode_combine reduces the chunks. q is [sequences, heads, dim]
 // with `q_stride` elements between sequences; caches are [slots, kv_heads, dim]. `vectorized`: dim is a
-// multiple of E and the caches are aligned to E elements (each lane's run one vector load). group * dim at
-// most kMaxGroupDim (the caller checks). Launched with kWarps * 32 threads.
+// multiple of kRun and the caches are aligned to kRun elements (each lane's run one vector load). group *
+// dim at most kMaxGroupDim (the caller checks). Launched with kWarps * 32 threads.
 constexpr int kWarps = 4;
 constexpr int kMaxGroupDim = 1024;  // group * dim
+constexpr int kRun = 8;
 
-// E elements at p as floats: `count` of them real (0.0 past the end); one vector load when all E are
-// there and aligned.
-template <typename D, int E>
-__device__ __forceinline__ void load_run(const typename D::T* p, int count, bool vectorized,
-                                         float (&out)[E]) {
-  if (vectorized && count == E) {
-    const Pack<typename D::T, E> v = *reinterpret_cast<const Pack<typename D::T, E>*>(p);
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      out[e] = D::load(v.e[e]);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      out[e] = e < count ? D::load(p[e]) : 0.0f;
-    }
+// Key (and value) loads in flight per lane in a tile: 8 vectors of 16 bytes, 4 with 8 query heads (their
+// sums take the registers) and half as many for f32. kTile = kLoads * 32 / R positions, at most 32.
+template <typename T, int G>
+struct AttentionTile {
+  static constexpr int kLoads = (G == 8 ? 4 : 8) * 2 / (int)sizeof(T);
+};
+
+// kRun elements at p: `count` of them real (0 past the end); one vector load when all are there and
+// aligned.
+template <typename D>
+__device__ __forceinline__ Pack<typename D::T, kRun> load_run(const typename D::T* p, int count,
+                                                              bool vectorized) {
+  typedef Pack<typename D::T, kRun> V;
+  if (vectorized && count == kRun) {
+    return *reinterpret_cast<const V*>(p);
   }
+  V v;
+#pragma unroll
+  for (int e = 0; e < kRun; ++e) {
+    v.e[e] = e < count ? p[e] : typename D::T(0);
+  }
+  return v;
 }
 
-template <typename D, int E, int G>
+template <typename D, int R, int G>
 __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_acc, float* partial_max,
                                              float* partial_sum, const typename D::T* q,
                                              long long q_stride, const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
                                              int kv_heads, int dim, float scale, int vectorized) {
-  // Heads of up to 128 elements read 4 positions at a time, wider ones 2: the tile stays in registers.
-  constexpr int kTile = E <= 4 ? 4 : 2;
+  typedef Pack<typename D::T, kRun> V;
+  constexpr int P = 32 / R;  // positions per load instruction
+  constexpr int kLoads = AttentionTile<typename D::T, G>::kLoads;
+  constexpr int kTile = kLoads * P;
   __shared__ float shared_max[kWarps][G];
   __shared__ float shared_sum[kWarps][G];
   __shared__ float shared_acc[kWarps][kMaxGroupDim];
   const int seq = blockIdx.x / kv_heads, kv_head = blockIdx.x % kv_heads;
   const int group = heads / kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int first = lane * E, count = first >= dim ? 0 : min(E, dim - first);
+  // The lane's elements of a row, and which of a load's P positions it reads.
+  const int first = (lane % R) * kRun, count = first >= dim ? 0 : min(kRun, dim - first);
+  const int sub = lane / R;
   const long long chunk = (slot_stride + gridDim.y - 1) / gridDim.y;
   const long long begin = blockIdx.y * chunk;
   const long long end = min(lengths[seq], begin + chunk);
+  const long long* seq_slots = slots + seq * slot_stride;
 
-  float query[G][E];
-  float acc[G][E];
+  float query[G][kRun];
+  float acc[G][kRun];
   float running_max[G], running_sum[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     const typename D::T* row = q + seq * q_stride + (long long)(kv_head * group + g) * dim + first;
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
+    for (int e = 0; e < kRun; ++e) {
       query[g][e] = g < group && e < count ? D::load(row[e]) : 0.0f;
       acc[g][e] = 0.0f;
     }
     running_max[g] = -INFINITY;
     running_sum[g] = 0.0f;
   }
-  // Positions p0 .. p0 + kTile - 1; p0 < end, so at least the first is real (the same for the whole
-  // warp, as every branch below: the shuffles see all 32 lanes).
-  for (long long p0 = begin + warp * kTile; p0 < end; p0 += kWarps * kTile) {
-    float key[kTile][E], value[kTile][E];
+  // Lane l holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
+  long long p0 = begin + warp * kTile;
+  long long slot = lane < kTile && p0 + lane < end ? seq_slots[p0 + lane] : 0;
+  // p0 < end, so the tile's first position is real (the same for the whole warp, as every branch with a
+  // shuffle below: the shuffles see all 32 lanes).
+  for (; p0 < end; p0 += kWarps * kTile) {
+    const long long next = p0 + kWarps * kTile;
+    const long long next_slot = lane < kTile && next + lane < end ? seq_slots[next + lane] : 0;
+    V key[kLoads], value[kLoads];
 #pragma unroll
-    for (int u = 0; u < kTile; ++u) {
-      if (p0 + u < end) {
-        const long long slot = slots[seq * slot_stride + p0 + u];
-        const long long offset = (slot * kv_heads + kv_head) * dim + first;
-        load_run<D, E>(key_cache + offset, count, vectorized != 0, key[u]);
-        load_run<D, E>(value_cache + offset, count, vectorized != 0, value[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e) {
-          key[u][e] = value[u][e] = 0.0f;
-        }
-      }
+    for (int i = 0; i < kLoads; ++i) {
+      const int u = i * P + sub;  // this lane's position of load i, in the tile
+      const long long s = __shfl_sync(0xffffffffu, slot, u);
+      const int real = p0 + u < end ? count : 0;
+      const long long offset = (s * kv_heads + kv_head) * dim + first;
+      key[i] = load_run<D>(key_cache + offset, real, vectorized != 0);
+      value[i] = load_run<D>(value_cache + offset, real, vectorized != 0);
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       if (g < group) {
-        float score[kTile];
+        float score[kLoads];
 #pragma unroll
-        for (int u = 0; u < kTile; ++u) {
-          score[u] = 0.0f;
+        for (int i = 0; i < kLoads; ++i) {
+          score[i] = 0.0f;
 #pragma unroll
-          for (int e = 0; e < E; ++e) {
-            score[u] += query[g][e] * key[u][e];
+          for (int e = 0; e < kRun; ++e) {
+            score[i] += query[g][e] * D::load(key[i].e[e]);
           }
         }
-        for (int o = 16; o > 0; o >>= 1) {
+        // Sums over a position's R lanes, then the tile's maximum over the warp.
 #pragma unroll
-          for (int u = 0; u < kTile; ++u) {
-            score[u] += __shfl_xor_sync(0xffffffffu, score[u], o);
+        for (int o = R / 2; o > 0; o >>= 1) {
+#pragma unroll
+          for (int i = 0; i < kLoads; ++i) {
+            score[i] += __shfl_xor_sync(0xffffffffu, score[i], o);
           }
         }
         float new_max = running_max[g];
 #pragma unroll
-        for (int u = 0; u < kTile; ++u) {
-          score[u] = p0 + u < end ? score[u] * scale : -INFINITY;
-          new_max = fmaxf(new_max, score[u]);
+        for (int i = 0; i < kLoads; ++i) {
+          score[i] = p0 + i * P + sub < end ? score[i] * scale : -INFINITY;
+          new_max = fmaxf(new_max, score[i]);
+        }
+#pragma unroll
+        for (int o = R; o < 32; o <<= 1) {
+          new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, o));
         }
         // new_max is finite (the tile's first position is real); exp(-inf) = 0 on the first tile.
         const float correction = expf(running_max[g] - new_max);
         running_sum[g] *= correction;
 #pragma unroll
-        for (int e = 0; e < E; ++e) {
+        for (int e = 0; e < kRun; ++e) {
           acc[g][e] *= correction;
         }
 #pragma unroll
-        for (int u = 0; u < kTile; ++u) {
-          const float weight = expf(score[u] - new_max);
+        for (int i = 0; i < kLoads; ++i) {
+          const float weight = expf(score[i] - new_max);
           running_sum[g] += weight;
 #pragma unroll
-          for (int e = 0; e < E; ++e) {
-            acc[g][e] += weight * value[u][e];
+          for (int e = 0; e < kRun; ++e) {
+            acc[g][e] += weight * D::load(value[i].e[e]);
           }
         }
         running_max[g] = new_max;
       }
     }
+    slot = next_slot;
   }
+  // The P lanes that held the same elements for different positions share one maximum: sum them.
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (g < group) {
+#pragma unroll
+      for (int o = R; o < 32; o <<= 1) {
+        running_sum[g] += __shfl_xor_sync(0xffffffffu, running_sum[g], o);
+#pragma unroll
+        for (int e = 0; e < kRun; ++e) {
+          acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+        }
+      }
       if (lane == 0) {
         shared_max[warp][g] = running_max[g];
         shared_sum[warp][g] = running_sum[g];
       }
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
-        if (e < count) {
+      for (int e = 0; e < kRun; ++e) {
+        if (sub == 0 && e < count) {
           shared_acc[warp][g * dim + first + e] = acc[g][e];
         }
       }
@@ -426,34 +476,42 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
   }
 }
 
-// The chunks of paged_decode_attention_chunk reduced: one block per (sequence, head) row, a thread per
-// element (grid-stride), out [rows, dim].
+// The chunks of paged_decode_attention_chunk reduced: one block per (sequence, head) row. The chunks'
+// maxima and sums are read in parallel (a thread per chunk) and turned into one factor per chunk; then a
+// thread per element (grid-stride) sums the chunks' partials, their loads unrolled so that several are
+// in flight. out [rows, dim]; splits at most kMaxSplits (the caller checks).
+constexpr int kMaxSplits = 256;
+
 template <typename D>
 __device__ void paged_decode_combine_row(typename D::T* out, const float* partial_acc,
                                          const float* partial_max, const float* partial_sum, int splits,
                                          int dim) {
+  __shared__ float factor[kMaxSplits];
   const long long row = blockIdx.x;
   partial_acc += row * splits * dim;
   partial_max += row * splits;
   partial_sum += row * splits;
-  float total_max = -INFINITY;
-  for (int s = 0; s < splits; ++s) {
+  // A chunk with no position has a sum of 0 and a factor of 0.
+  float local_max = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
     if (partial_sum[s] > 0.0f) {
-      total_max = fmaxf(total_max, partial_max[s]);
+      local_max = fmaxf(local_max, partial_max[s]);
     }
   }
-  float total_sum = 0.0f;
-  for (int s = 0; s < splits; ++s) {
-    if (partial_sum[s] > 0.0f) {
-      total_sum += partial_sum[s] * expf(partial_max[s] - total_max);
-    }
+  const float total_max = block_max(local_max);
+  float local_sum = 0.0f;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float f = partial_sum[s] > 0.0f ? expf(partial_max[s] - total_max) : 0.0f;
+    factor[s] = f;
+    local_sum += partial_sum[s] * f;
   }
+  // block_sum's barrier also makes every factor visible to the block.
+  const float total_sum = block_sum(local_sum);
   for (int d = threadIdx.x; d < dim; d += blockDim.x) {
     float total = 0.0f;
+#pragma unroll 8
     for (int s = 0; s < splits; ++s) {
-      if (partial_sum[s] > 0.0f) {
-        total += partial_acc[s * dim + d] * expf(partial_max[s] - total_max);
-      }
+      total += partial_acc[(long long)s * dim + d] * factor[s];
     }
     out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
   }
@@ -515,21 +573,21 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
   }
 }
 
-#define MMREG_ATTENTION(D, suffix, E, G)                                                           \
-  MMREG_KERNEL void paged_decode_attention_e##E##_g##G##_##suffix(                                  \
+#define MMREG_ATTENTION(D, suffix, R, G)                                                           \
+  MMREG_KERNEL void paged_decode_attention_r##R##_g##G##_##suffix(                                  \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
       float scale, int vectorized) {                                                                \
-    paged_decode_attention_chunk<D, E, G>(out, partial_acc, partial_max, partial_sum, q, q_stride,  \
+    paged_decode_attention_chunk<D, R, G>(out, partial_acc, partial_max, partial_sum, q, q_stride,  \
                                           key_cache, value_cache, slots, slot_stride, lengths,      \
                                           heads, kv_heads, dim, scale, vectorized);                 \
   }
 
-#define MMREG_ATTENTION_GROUPS(D, suffix, E) \
-  MMREG_ATTENTION(D, suffix, E, 1)           \
-  MMREG_ATTENTION(D, suffix, E, 4)           \
-  MMREG_ATTENTION(D, suffix, E, 8)
+#define MMREG_ATTENTION_GROUPS(D, suffix, R) \
+  MMREG_ATTENTION(D, suffix, R, 1)           \
+  MMREG_ATTENTION(D, suffix, R, 4)           \
+  MMREG_ATTENTION(D, suffix, R, 8)
 
 #define MMREG_KERNELS(D, suffix)                                                                   \
   MMREG_KERNEL void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight, int cols,       \
@@ -565,10 +623,9 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
                                                   const float* partial_sum, int splits, int dim) { \
     paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, splits, dim);          \
   }                                                                                                \
-  MMREG_ATTENTION_GROUPS(D, suffix, 1)                                                             \
-  MMREG_ATTENTION_GROUPS(D, suffix, 2)                                                             \
-  MMREG_ATTENTION_GROUPS(D, suffix, 4)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
+  MMREG_ATTENTION_GROUPS(D, suffix, 16)                                                            \
+  MMREG_ATTENTION_GROUPS(D, suffix, 32)                                                            \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \
     linear_one_row<D>(y, x, w, bias, n, k);                                                        \

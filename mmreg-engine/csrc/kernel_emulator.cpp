@@ -59,6 +59,11 @@ inline float shfl_xor(float v, int offset) {
   return shuffle(v, [offset](unsigned lane) { return lane ^ static_cast<unsigned>(offset); });
 }
 
+template <typename T>
+T shfl(T v, int source) {
+  return shuffle(v, [source](unsigned) { return static_cast<unsigned>(source); });
+}
+
 // Runs `kernel` for every thread of every block of a grid_x × grid_y grid; `threads` a multiple of 32.
 // One launch at a time in the process: the dimensions and `__shared__` memory are global.
 void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::function<void()>& kernel) {
@@ -103,6 +108,7 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 #define gridDim (mmreg_emulator::grid_dim)
 #define __syncthreads() mmreg_emulator::syncthreads()
 #define __shfl_xor_sync(mask, v, offset) mmreg_emulator::shfl_xor((v), (offset))
+#define __shfl_sync(mask, v, source) mmreg_emulator::shfl((v), (source))
 inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
@@ -119,18 +125,18 @@ T arg(void** args, int i) {
   return value;
 }
 
-#define MMREG_EMULATED_ATTENTION(suffix, T, E, G)                                                   \
+#define MMREG_EMULATED_ATTENTION(suffix, T, R, G)                                                   \
   [](void** a) {                                                                                      \
-    paged_decode_attention_e##E##_g##G##_##suffix(                                                    \
+    paged_decode_attention_r##R##_g##G##_##suffix(                                                    \
         arg<T*>(a, 0), arg<float*>(a, 1), arg<float*>(a, 2), arg<float*>(a, 3), arg<const T*>(a, 4),  \
         arg<long long>(a, 5), arg<const T*>(a, 6), arg<const T*>(a, 7), arg<const long long*>(a, 8),  \
         arg<long long>(a, 9), arg<const long long*>(a, 10), arg<int>(a, 11), arg<int>(a, 12),         \
         arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15));                                         \
   }
 
-#define MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, E)                                   \
-  MMREG_EMULATED_ATTENTION(suffix, T, E, 1), MMREG_EMULATED_ATTENTION(suffix, T, E, 4), \
-      MMREG_EMULATED_ATTENTION(suffix, T, E, 8)
+#define MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, R)                                   \
+  MMREG_EMULATED_ATTENTION(suffix, T, R, 1), MMREG_EMULATED_ATTENTION(suffix, T, R, 4), \
+      MMREG_EMULATED_ATTENTION(suffix, T, R, 8)
 
 // The kernels in the order of `NAMES` in src/kernels/launch.rs, for each dtype: f32, bf16, f16.
 #define MMREG_EMULATED(suffix, T)                                                                      \
@@ -153,8 +159,8 @@ T arg(void** args, int i) {
   [](void** a) { paged_decode_combine_##suffix(arg<T*>(a, 0), arg<const float*>(a, 1),                \
                                                arg<const float*>(a, 2), arg<const float*>(a, 3),      \
                                                arg<int>(a, 4), arg<int>(a, 5)); },                    \
-  MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 1), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 2),       \
-  MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 4), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 8),      \
+  MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 8), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 16),      \
+  MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 32),                                                     \
   [](void** a) { linear_one_row_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),     \
                                          arg<const T*>(a, 3), arg<long long>(a, 4),                   \
                                          arg<long long>(a, 5)); }

@@ -6,8 +6,10 @@ run; bf16 agreement with HF by vLLM's top-5 rule at every one of 32 teacher-forc
 compiled-PyTorch anchor on LLaVA-1.5's decoder and prompt, right after LLaVA-1.5. Raw JSON to
 $OUT/decode-kernels.json, written after each measurement.
 Usage: python3 scripts/gpu/decode_kernels.py gpu-stage/run.sh   (decode_kernels.sh runs the GPU tests first)
+Switches: OFF=0 skips the libtorch-ops runs; BLOCKS=512,2048 sets the other attention block targets tried
+on LLaVA-1.5 (default 4096; empty: none).
 """
-import subprocess, sys
+import os, subprocess, sys
 
 import torch
 
@@ -28,13 +30,15 @@ for shape in SHAPES:
     bench = lambda batches=shape.batches, **kw: mmreg_bench(shape.path, shape.prompt, shape.image, batches, **kw)
     rec["peers"] = [bench(fused=True, trace=TRACE if first else None)]
     write_json("decode-kernels.json", result)
-    rec["peers"].append(bench(fused=False))
-    write_json("decode-kernels.json", result)
+    if os.environ.get("OFF", "1") != "0":
+        rec["peers"].append(bench(fused=False))
+        write_json("decode-kernels.json", result)
     rec["agreement"] = [agreement(shape.path, shape.image, prompt_ids, tokens, top5, fused=True)]
     write_json("decode-kernels.json", result)
     if first:
-        rec["peers"].append(bench("8,32", fused=True, env_extra={"MMREG_DECODE_ATTENTION_BLOCKS": "4096"}))
-        write_json("decode-kernels.json", result)
+        for blocks in filter(None, os.environ.get("BLOCKS", "4096").split(",")):
+            rec["peers"].append(bench("8,32", fused=True, env_extra={"MMREG_DECODE_ATTENTION_BLOCKS": blocks}))
+            write_json("decode-kernels.json", result)
         for name in ["decode_bs1", "decode_bs8", "prefill_bs1"]:
             subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{TRACE}/{name}.json"])
         peer = anchor(rec["peers"][0]["result"]["prompt_tokens"], shape.batches)

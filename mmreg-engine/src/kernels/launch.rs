@@ -36,10 +36,10 @@ unsafe impl Send for Function {}
 unsafe impl Sync for Function {}
 
 /// The kernels' names without their dtype suffix, in the emulator's order (`kEmulated` in
-/// `csrc/kernel_emulator.cpp`): the elementwise ones, then decode attention for heads of up to 32, 64,
-/// 128 and 256 elements (1, 2, 4, 8 per lane), each holding up to 1, 4 or 8 query heads per key/value
-/// head; then the linear layer for one row.
-pub(super) const NAMES: [&str; 20] = [
+/// `csrc/kernel_emulator.cpp`): the elementwise ones, then decode attention for heads of up to 64, 128
+/// and 256 elements (a position's row read by 8, 16 or 32 lanes), each holding up to 1, 4 or 8 query
+/// heads per key/value head; then the linear layer for one row.
+pub(super) const NAMES: [&str; 17] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -47,18 +47,15 @@ pub(super) const NAMES: [&str; 20] = [
     "silu_mul",
     "rope",
     "paged_decode_combine",
-    "paged_decode_attention_e1_g1",
-    "paged_decode_attention_e1_g4",
-    "paged_decode_attention_e1_g8",
-    "paged_decode_attention_e2_g1",
-    "paged_decode_attention_e2_g4",
-    "paged_decode_attention_e2_g8",
-    "paged_decode_attention_e4_g1",
-    "paged_decode_attention_e4_g4",
-    "paged_decode_attention_e4_g8",
-    "paged_decode_attention_e8_g1",
-    "paged_decode_attention_e8_g4",
-    "paged_decode_attention_e8_g8",
+    "paged_decode_attention_r8_g1",
+    "paged_decode_attention_r8_g4",
+    "paged_decode_attention_r8_g8",
+    "paged_decode_attention_r16_g1",
+    "paged_decode_attention_r16_g4",
+    "paged_decode_attention_r16_g8",
+    "paged_decode_attention_r32_g1",
+    "paged_decode_attention_r32_g4",
+    "paged_decode_attention_r32_g8",
     "linear_one_row",
 ];
 const RMS_NORM: usize = 0;
@@ -69,13 +66,23 @@ const SILU_MUL: usize = 4;
 const ROPE: usize = 5;
 const COMBINE: usize = 6;
 const ATTENTION: usize = 7;
-const LINEAR: usize = 19;
+const LINEAR: usize = 16;
 /// Warps per block of the linear kernel, and weight rows per warp (`kLinearWarps`, `kLinearRows`).
 const LINEAR_WARPS: u32 = 4;
 const LINEAR_ROWS_PER_WARP: i64 = 2;
-/// Elements per lane of each attention variant, and the query heads per key/value head it holds.
-const ELEMENTS: [i64; 4] = [1, 2, 4, 8];
+/// Lanes reading a position's row in each attention variant (each lane a run of `RUN` elements), and
+/// the query heads per key/value head it holds.
+const LANES: [i64; 3] = [8, 16, 32];
 const GROUPS: [i64; 3] = [1, 4, 8];
+/// Elements per lane of a row (`kRun`), and the most chunks the combine reduces (`kMaxSplits`).
+const RUN: i64 = 8;
+const MAX_SPLITS: i64 = 256;
+
+/// Positions a warp of the attention variant reads at once (`kTile`: `kLoads` × 32 / lanes).
+fn attention_tile(lanes: i64, group: i64, kind: Kind) -> i64 {
+    let loads = if group == 8 { 4 } else { 8 } * 2 / kind.elt_size_in_bytes() as i64;
+    loads * 32 / lanes
+}
 
 /// The kernels for one dtype, in the order of [`NAMES`].
 pub(super) struct ForKind(pub(super) [Function; NAMES.len()]);
@@ -88,11 +95,12 @@ pub(super) struct Kernels {
     /// limit); a few for the emulator, which runs each thread as an OS thread (and so still checks the
     /// striding).
     pub(super) max_grid: (i64, i64),
-    /// Decode attention splits each sequence's context into chunks of at least `min_chunk` positions
-    /// until there are about `target_blocks` blocks (small numbers for the emulator, so that its tests
-    /// cover both the split and the unsplit path).
+    /// Decode attention splits each sequence's context into chunks until there are about
+    /// `target_blocks` blocks, each chunk at least a tile for each warp, or `min_chunk` positions where
+    /// set (small numbers for the emulator, so that its tests cover both the split and the unsplit path
+    /// and warps with nothing to read).
     pub(super) target_blocks: i64,
-    pub(super) min_chunk: i64,
+    pub(super) min_chunk: Option<i64>,
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
@@ -120,7 +128,7 @@ pub(super) static EMULATED: Kernels = {
         device: -1,
         max_grid: (3, 3),
         target_blocks: 32,
-        min_chunk: 8,
+        min_chunk: Some(8),
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -305,9 +313,9 @@ impl Kernels {
     }
 
     /// Blocks of `ATTENTION_WARPS` warps, one per (sequence, key/value head) and chunk of its context:
-    /// the context is split (flash-decoding) until there are about `target_blocks` blocks, each chunk
-    /// at least `min_chunk` positions of the padded width, and the chunks' partial results are then
-    /// reduced by `paged_decode_combine`. The split depends only on the shapes (not on the lengths), so
+    /// the context is split (flash-decoding) until there are about `target_blocks` blocks (at most
+    /// `MAX_SPLITS` chunks, each at least a tile per warp of the padded width), and the chunks' partial
+    /// results are then reduced by `paged_decode_combine`. The split depends only on the shapes (not on the lengths), so
     /// a CUDA graph replays it for any lengths.
     pub(super) fn paged_decode_attention(
         &self,
@@ -327,9 +335,22 @@ impl Kernels {
         let kv_heads = key_cache.size()[1];
         let width = slots.numel() as i64 / sequences;
         let blocks = sequences * kv_heads;
+        // The variant: the fewest lanes whose runs cover the head, and the smallest group that holds
+        // the query heads of a key/value head.
+        let r = LANES
+            .iter()
+            .position(|&lanes| lanes * RUN >= dim)
+            .unwrap_or(LANES.len() - 1);
+        let g = GROUPS
+            .iter()
+            .position(|&g| g >= heads / kv_heads)
+            .unwrap_or(GROUPS.len() - 1);
+        let min_chunk = self.min_chunk.unwrap_or_else(|| {
+            ATTENTION_WARPS as i64 * attention_tile(LANES[r], GROUPS[g], query.kind())
+        });
         let splits = (self.target_blocks / blocks)
-            .min((width + self.min_chunk - 1) / self.min_chunk)
-            .max(1);
+            .min((width + min_chunk - 1) / min_chunk)
+            .clamp(1, MAX_SPLITS);
         let f32_empty = |shape: &[i64]| Tensor::empty(shape, (Kind::Float, device));
         let partial = (splits > 1).then(|| {
             let rows = sequences * heads;
@@ -339,18 +360,8 @@ impl Kernels {
                 f32_empty(&[rows, splits]),
             )
         });
-        // Elements per lane: the variant for the smallest of 1, 2, 4, 8 that covers the head, and the
-        // smallest group that holds the query heads of a key/value head.
-        let e = ELEMENTS
-            .iter()
-            .position(|&e| 32 * e >= dim)
-            .unwrap_or(ELEMENTS.len() - 1);
-        let g = GROUPS
-            .iter()
-            .position(|&g| g >= heads / kv_heads)
-            .unwrap_or(GROUPS.len() - 1);
-        let run = ELEMENTS[e] * key_cache.kind().elt_size_in_bytes() as i64;
-        let vectorized = dim % ELEMENTS[e] == 0
+        let run = RUN * key_cache.kind().elt_size_in_bytes() as i64;
+        let vectorized = dim % RUN == 0
             && [key_cache, value_cache]
                 .iter()
                 .all(|t| aligned(t, run as usize));
@@ -383,7 +394,7 @@ impl Kernels {
             arg!(scale),
             arg!(vectorized),
         ];
-        let f = k.0[ATTENTION + e * GROUPS.len() + g];
+        let f = k.0[ATTENTION + r * GROUPS.len() + g];
         self.launch(f, (blocks, splits), ATTENTION_WARPS * 32, &mut args);
         counted(4);
         if partial.is_some() {

@@ -135,14 +135,15 @@ mod shim {
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
-            // About 8 blocks of 4 warps per SM of an H100/H200 (132 SMs), of at least 32 positions
-            // each (measured in docs/benchmarks.md); MMREG_DECODE_ATTENTION_BLOCKS sets another target.
+            // About 8 blocks of 4 warps per SM of an H100/H200 (132 SMs), each chunk a tile per warp
+            // at least (measured in docs/benchmarks.md); MMREG_DECODE_ATTENTION_BLOCKS sets another
+            // target.
             target_blocks: std::env::var("MMREG_DECODE_ATTENTION_BLOCKS")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&blocks: &i64| blocks > 0)
                 .unwrap_or(1024),
-            min_chunk: 32,
+            min_chunk: None,
             f32: f32?,
             bf16: bf16?,
             f16: f16?,
