@@ -279,9 +279,10 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 // With one chunk (gridDim.y == 1) the block writes the output, [sequences, heads, dim]. With more, it
 // writes its unnormalised partial sums, f32 [sequences * heads, chunks, dim], their maximum and sum
 // [sequences * heads, chunks], and paged_decode_combine reduces the chunks. q is [sequences, heads, dim]
-// with `q_stride` elements between sequences; caches are [slots, kv_heads, dim]. `vectorized`: dim is a
-// multiple of kRun and the caches are aligned to kRun elements (each lane's run one vector load). group *
-// dim at most kMaxGroupDim (the caller checks). Launched with kWarps * 32 threads.
+// with `q_stride` elements between sequences; caches are [slots, kv_heads, dim]. kVector (the kernels'
+// `vectorized`): dim is a multiple of kRun and the caches are aligned to kRun elements (each lane's run
+// one vector load). group * dim at most kMaxGroupDim (the caller checks). Launched with kWarps * 32
+// threads.
 constexpr int kWarps = 4;
 constexpr int kMaxGroupDim = 1024;  // group * dim
 constexpr int kRun = 8;
@@ -293,37 +294,49 @@ struct AttentionTile {
   static constexpr int kLoads = (G == 8 ? 4 : 8) * 2 / (int)sizeof(T);
 };
 
-// kRun elements at p: `count` of them real (0 past the end); one vector load when all are there and
-// aligned.
-template <typename D>
-__device__ __forceinline__ Pack<typename D::T, kRun> load_run(const typename D::T* p, int count,
-                                                              bool vectorized) {
+// kRun elements at p, `count` of them real (0 past the end). Vectorized (kVector: p aligned to a run),
+// one predicated vector load that leaves the register as it is in every case, so that the loads of a
+// tile can all be in flight before the first is used; else element by element.
+template <typename D, bool kVector>
+__device__ __forceinline__ Pack<typename D::T, kRun> load_run(const typename D::T* p, int count) {
   typedef Pack<typename D::T, kRun> V;
-  if (vectorized && count == kRun) {
-    return *reinterpret_cast<const V*>(p);
-  }
   V v;
+  if (kVector) {
 #pragma unroll
-  for (int e = 0; e < kRun; ++e) {
-    v.e[e] = e < count ? p[e] : typename D::T(0);
+    for (int e = 0; e < kRun; ++e) {
+      v.e[e] = typename D::T(0);
+    }
+    if (count == kRun) {
+      v = *reinterpret_cast<const V*>(p);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kRun; ++e) {
+      v.e[e] = e < count ? p[e] : typename D::T(0);
+    }
   }
   return v;
 }
 
-template <typename D, int R, int G>
-__device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_acc, float* partial_max,
+// The warps' partial results, combined at the end of a block (one per kernel, shared by its two paths).
+template <int G>
+struct AttentionShared {
+  float max[kWarps][G];
+  float sum[kWarps][G];
+  float acc[kWarps][kMaxGroupDim];
+};
+
+template <typename D, int R, int G, bool kVector>
+__device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typename D::T* out, float* partial_acc, float* partial_max,
                                              float* partial_sum, const typename D::T* q,
                                              long long q_stride, const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
-                                             int kv_heads, int dim, float scale, int vectorized) {
+                                             int kv_heads, int dim, float scale) {
   typedef Pack<typename D::T, kRun> V;
   constexpr int P = 32 / R;  // positions per load instruction
   constexpr int kLoads = AttentionTile<typename D::T, G>::kLoads;
   constexpr int kTile = kLoads * P;
-  __shared__ float shared_max[kWarps][G];
-  __shared__ float shared_sum[kWarps][G];
-  __shared__ float shared_acc[kWarps][kMaxGroupDim];
   const int seq = blockIdx.x / kv_heads, kv_head = blockIdx.x % kv_heads;
   const int group = heads / kv_heads;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -364,8 +377,8 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
       const long long s = __shfl_sync(0xffffffffu, slot, u);
       const int real = p0 + u < end ? count : 0;
       const long long offset = (s * kv_heads + kv_head) * dim + first;
-      key[i] = load_run<D>(key_cache + offset, real, vectorized != 0);
-      value[i] = load_run<D>(value_cache + offset, real, vectorized != 0);
+      key[i] = load_run<D, kVector>(key_cache + offset, real);
+      value[i] = load_run<D, kVector>(value_cache + offset, real);
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -431,13 +444,13 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
         }
       }
       if (lane == 0) {
-        shared_max[warp][g] = running_max[g];
-        shared_sum[warp][g] = running_sum[g];
+        shared.max[warp][g] = running_max[g];
+        shared.sum[warp][g] = running_sum[g];
       }
 #pragma unroll
       for (int e = 0; e < kRun; ++e) {
         if (sub == 0 && e < count) {
-          shared_acc[warp][g * dim + first + e] = acc[g][e];
+          shared.acc[warp][g * dim + first + e] = acc[g][e];
         }
       }
     }
@@ -450,16 +463,16 @@ __device__ void paged_decode_attention_chunk(typename D::T* out, float* partial_
     const int g = i / dim;
     float total_max = -INFINITY;
     for (int w = 0; w < kWarps; ++w) {
-      if (shared_sum[w][g] > 0.0f) {
-        total_max = fmaxf(total_max, shared_max[w][g]);
+      if (shared.sum[w][g] > 0.0f) {
+        total_max = fmaxf(total_max, shared.max[w][g]);
       }
     }
     float total_sum = 0.0f, total = 0.0f;
     for (int w = 0; w < kWarps; ++w) {
-      if (shared_sum[w][g] > 0.0f) {
-        const float factor = expf(shared_max[w][g] - total_max);
-        total_sum += shared_sum[w][g] * factor;
-        total += shared_acc[w][i] * factor;
+      if (shared.sum[w][g] > 0.0f) {
+        const float factor = expf(shared.max[w][g] - total_max);
+        total_sum += shared.sum[w][g] * factor;
+        total += shared.acc[w][i] * factor;
       }
     }
     const long long head_row = (long long)seq * heads + kv_head * group + g;
@@ -579,9 +592,18 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
       float scale, int vectorized) {                                                                \
-    paged_decode_attention_chunk<D, R, G>(out, partial_acc, partial_max, partial_sum, q, q_stride,  \
-                                          key_cache, value_cache, slots, slot_stride, lengths,      \
-                                          heads, kv_heads, dim, scale, vectorized);                 \
+    __shared__ AttentionShared<G> shared;                                                         \
+    if (vectorized) {                                                                             \
+      paged_decode_attention_chunk<D, R, G, true>(shared, out, partial_acc, partial_max,            \
+                                                  partial_sum, q, q_stride, key_cache, value_cache, \
+                                                  slots, slot_stride, lengths, heads, kv_heads,     \
+                                                  dim, scale);                                      \
+    } else {                                                                                      \
+      paged_decode_attention_chunk<D, R, G, false>(shared, out, partial_acc, partial_max,           \
+                                                   partial_sum, q, q_stride, key_cache,             \
+                                                   value_cache, slots, slot_stride, lengths, heads, \
+                                                   kv_heads, dim, scale);                           \
+    }                                                                                             \
   }
 
 #define MMREG_ATTENTION_GROUPS(D, suffix, R) \
