@@ -394,6 +394,31 @@ void* mmreg_kernels_function(void* module, const char* name) {
   }
 }
 
+// How many blocks of `block` threads of `function` are resident on the whole of `device` at once (the
+// driver's occupancy per SM, times its SMs), in *out; non-zero where the driver cannot say.
+int mmreg_kernels_resident(void* function, int device, unsigned block, long long* out) {
+  try {
+    using Occupancy = int (*)(int*, void*, int, size_t);
+    static const Occupancy occupancy = [] {
+      void* lib = open_first({"libcuda.so.1", "libcuda.so"});
+      Occupancy f = nullptr;
+      return lib != nullptr && find(lib, "cuOccupancyMaxActiveBlocksPerMultiprocessor", f) ? f : nullptr;
+    }();
+    using GetAttribute = int (*)(int*, int, int);
+    auto get_attribute = reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
+    int per_sm = 0, sms = 0;
+    if (occupancy == nullptr || get_attribute == nullptr ||
+        occupancy(&per_sm, function, static_cast<int>(block), 0) != 0 ||
+        get_attribute(&sms, cudaDevAttrMultiProcessorCount, device) != 0) {
+      return 1;
+    }
+    *out = static_cast<long long>(per_sm) * sms;
+    return 0;
+  } catch (...) {
+    return 2;
+  }
+}
+
 // Launches `function` (loaded for `device`) on that device's current stream; `args` point at the
 // arguments. The device is made current for the launch: libtorch's allocator restores the previous device
 // after allocating, so the calling thread's current device may be another.

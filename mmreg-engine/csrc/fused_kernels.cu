@@ -213,6 +213,32 @@ __device__ void silu_mul_all(typename D::T* out, const typename D::T* gate_up, l
   }
 }
 
+// silu_mul_all in 16-byte vectors: a thread per vector of gate (and the matching one of up), so that a
+// prefill's many rows take a few wide loads per thread rather than one narrow load per element. The caller
+// checks that cols is a multiple of the vector's elements and that both tensors are 16-byte aligned.
+template <typename D>
+__device__ void silu_mul_vectors(typename D::T* out, const typename D::T* gate_up, long long rows,
+                                 long long cols) {
+  constexpr int N = 16 / sizeof(typename D::T);
+  typedef Pack<typename D::T, N> V;
+  const long long vectors = cols / N;
+  for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+    const typename D::T* gate = gate_up + r * 2 * cols;
+    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < vectors;
+         v += (long long)gridDim.x * blockDim.x) {
+      const V g = *reinterpret_cast<const V*>(gate + v * N);
+      const V u = *reinterpret_cast<const V*>(gate + cols + v * N);
+      V o;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const float x = D::load(g.e[n]);
+        o.e[n] = D::store(round_to<D>(x / (1.0f + expf(-x))) * D::load(u.e[n]));
+      }
+      *reinterpret_cast<V*>(out + r * cols + v * N) = o;
+    }
+  }
+}
+
 // Rotary embedding of the stacked [tokens, heads, dim] q/k/v projection: the first `rotated` heads
 // (queries and keys) become x * cos + rotate_half(x) * sin, each product rounded as in HF; the rest
 // (values) are copied. cos and sin are [tokens, dim] in the model dtype. Each thread takes a pair of
@@ -257,6 +283,55 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
         stored[j] = low;
         stored[j + half] = high;
       }
+    }
+  }
+}
+
+// rope_all in 16-byte vectors: a thread takes a run of N elements j .. j + N - 1 of a row's first half
+// and the matching run of its second half (grid-stride over every (row, run) of the projection), with the
+// same roundings. The caller checks that dim / 2 is a multiple of N and that every tensor is 16-byte
+// aligned.
+template <typename D>
+__device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const typename D::T* cos,
+                             const typename D::T* sin, long long tokens, int heads, int rotated, int dim,
+                             typename D::T* key_cache, typename D::T* value_cache, const long long* slots,
+                             int kv_heads) {
+  constexpr int N = 16 / sizeof(typename D::T);
+  typedef Pack<typename D::T, N> V;
+  const int half = dim / 2, runs = half / N;
+  const int first_key = heads - 2 * kv_heads, first_value = heads - kv_heads;
+  const long long total = tokens * heads * runs;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long row = i / runs;
+    const int j = (int)(i % runs) * N;
+    const long long t = row / heads;
+    const int head = row % heads;
+    V low = *reinterpret_cast<const V*>(qkv + row * dim + j);
+    V high = *reinterpret_cast<const V*>(qkv + row * dim + j + half);
+    if (head < rotated) {
+      const V c_low = *reinterpret_cast<const V*>(cos + t * dim + j);
+      const V c_high = *reinterpret_cast<const V*>(cos + t * dim + j + half);
+      const V s_low = *reinterpret_cast<const V*>(sin + t * dim + j);
+      const V s_high = *reinterpret_cast<const V*>(sin + t * dim + j + half);
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const float first = D::load(low.e[n]), second = D::load(high.e[n]);
+        // rotate_half(x) = (-second, first).
+        low.e[n] = D::store(round_to<D>(first * D::load(c_low.e[n])) +
+                            round_to<D>(-second * D::load(s_low.e[n])));
+        high.e[n] = D::store(round_to<D>(second * D::load(c_high.e[n])) +
+                             round_to<D>(first * D::load(s_high.e[n])));
+      }
+    }
+    *reinterpret_cast<V*>(out + row * dim + j) = low;
+    *reinterpret_cast<V*>(out + row * dim + j + half) = high;
+    if (key_cache != nullptr && head >= first_key) {
+      typename D::T* cache = head < first_value ? key_cache : value_cache;
+      const int kv_head = head < first_value ? head - first_key : head - first_value;
+      typename D::T* stored = cache + (slots[t] * kv_heads + kv_head) * dim;
+      *reinterpret_cast<V*>(stored + j) = low;
+      *reinterpret_cast<V*>(stored + j + half) = high;
     }
   }
 }
@@ -651,6 +726,18 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \
     linear_one_row<D>(y, x, w, bias, n, k);                                                        \
+  }                                                                                                \
+  MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
+                                              long long cols) {                                    \
+    silu_mul_vectors<D>(out, gate_up, rows, cols);                                                 \
+  }                                                                                                \
+  MMREG_KERNEL void rope_vectors_##suffix(D::T* out, const D::T* qkv, const D::T* cos,              \
+                                          const D::T* sin, long long tokens, int heads,            \
+                                          int rotated, int dim, D::T* key_cache,                   \
+                                          D::T* value_cache, const long long* slots,               \
+                                          int kv_heads) {                                          \
+    rope_vectors<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache,       \
+                    slots, kv_heads);                                                              \
   }
 
 MMREG_KERNELS(F32, f32)

@@ -163,7 +163,13 @@ T arg(void** args, int i) {
   MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 32),                                                     \
   [](void** a) { linear_one_row_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),     \
                                          arg<const T*>(a, 3), arg<long long>(a, 4),                   \
-                                         arg<long long>(a, 5)); }
+                                         arg<long long>(a, 5)); },                                    \
+  [](void** a) { silu_mul_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2),  \
+                                           arg<long long>(a, 3)); },                                  \
+  [](void** a) { rope_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),      \
+                                       arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),     \
+                                       arg<int>(a, 6), arg<int>(a, 7), arg<T*>(a, 8), arg<T*>(a, 9),  \
+                                       arg<const long long*>(a, 10), arg<int>(a, 11)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

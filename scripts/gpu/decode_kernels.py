@@ -1,13 +1,13 @@
 """Issue #18, the kernels of our own at decode, in one device call: on the LLaVA-1.5-7B and
 LLaVA-NeXT-Mistral-7B shapes, mmreg with its defaults (fused kernels on) and with them off
-(MMREG_FUSED_KERNELS=0: libtorch's ops), at bench_common.SHAPES' batches; on LLaVA-1.5 also the decode
-attention with a larger target of blocks (MMREG_DECODE_ATTENTION_BLOCKS=4096) and traces of the default
-run; bf16 agreement with HF by vLLM's top-5 rule at every one of 32 teacher-forced steps for both; the
+(MMREG_FUSED_KERNELS=0: libtorch's ops), at bench_common.SHAPES' batches; also the decode attention split
+by a target of blocks (MMREG_DECODE_ATTENTION_BLOCKS, see BLOCKS below) and, on LLaVA-1.5, traces of the
+default run; bf16 agreement with HF by vLLM's top-5 rule at every one of 32 teacher-forced steps for both; the
 compiled-PyTorch anchor on LLaVA-1.5's decoder and prompt, right after LLaVA-1.5. Raw JSON to
 $OUT/decode-kernels.json, written after each measurement.
 Usage: python3 scripts/gpu/decode_kernels.py gpu-stage/run.sh   (decode_kernels.sh runs the GPU tests first)
-Switches: OFF=0 skips the libtorch-ops runs; BLOCKS=512,2048 sets the other attention block targets tried
-on LLaVA-1.5 (default 4096; empty: none).
+Switches: OFF=0 skips the libtorch-ops runs; BLOCKS=1024,2048 sets the attention block targets tried
+beside the default split (by occupancy) at batches 8 and 32 (NeXT: 8); default 4096; empty: none.
 """
 import os, subprocess, sys
 
@@ -35,10 +35,11 @@ for shape in SHAPES:
         write_json("decode-kernels.json", result)
     rec["agreement"] = [agreement(shape.path, shape.image, prompt_ids, tokens, top5, fused=True)]
     write_json("decode-kernels.json", result)
+    for blocks in filter(None, os.environ.get("BLOCKS", "4096").split(",")):
+        batches = "8,32" if first else "8"
+        rec["peers"].append(bench(batches, fused=True, env_extra={"MMREG_DECODE_ATTENTION_BLOCKS": blocks}))
+        write_json("decode-kernels.json", result)
     if first:
-        for blocks in filter(None, os.environ.get("BLOCKS", "4096").split(",")):
-            rec["peers"].append(bench("8,32", fused=True, env_extra={"MMREG_DECODE_ATTENTION_BLOCKS": blocks}))
-            write_json("decode-kernels.json", result)
         for name in ["decode_bs1", "decode_bs8", "prefill_bs1"]:
             subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{TRACE}/{name}.json"])
         peer = anchor(rec["peers"][0]["result"]["prompt_tokens"], shape.batches)

@@ -38,8 +38,8 @@ unsafe impl Sync for Function {}
 /// The kernels' names without their dtype suffix, in the emulator's order (`kEmulated` in
 /// `csrc/kernel_emulator.cpp`): the elementwise ones, then decode attention for heads of up to 64, 128
 /// and 256 elements (a position's row read by 8, 16 or 32 lanes), each holding up to 1, 4 or 8 query
-/// heads per key/value head; then the linear layer for one row.
-pub(super) const NAMES: [&str; 17] = [
+/// heads per key/value head; then the linear layer for one row, and silu_mul and rope in 16-byte vectors.
+pub(super) const NAMES: [&str; 19] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -57,6 +57,8 @@ pub(super) const NAMES: [&str; 17] = [
     "paged_decode_attention_r32_g4",
     "paged_decode_attention_r32_g8",
     "linear_one_row",
+    "silu_mul_vectors",
+    "rope_vectors",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -65,8 +67,12 @@ const VECTORS: usize = 2;
 const SILU_MUL: usize = 4;
 const ROPE: usize = 5;
 const COMBINE: usize = 6;
-const ATTENTION: usize = 7;
+pub(super) const ATTENTION: usize = 7;
+/// Decode attention's variants: `LANES` × `GROUPS`, from `ATTENTION` on.
+pub(super) const ATTENTION_VARIANTS: usize = 9;
 const LINEAR: usize = 16;
+const SILU_MUL_VECTORS: usize = 17;
+const ROPE_VECTORS: usize = 18;
 /// Warps per block of the linear kernel, and weight rows per warp (`kLinearWarps`, `kLinearRows`).
 const LINEAR_WARPS: u32 = 4;
 const LINEAR_ROWS_PER_WARP: i64 = 2;
@@ -95,12 +101,16 @@ pub(super) struct Kernels {
     /// limit); a few for the emulator, which runs each thread as an OS thread (and so still checks the
     /// striding).
     pub(super) max_grid: (i64, i64),
-    /// Decode attention splits each sequence's context into chunks until there are about
-    /// `target_blocks` blocks, each chunk at least a tile for each warp, or `min_chunk` positions where
-    /// set (small numbers for the emulator, so that its tests cover both the split and the unsplit path
-    /// and warps with nothing to read).
-    pub(super) target_blocks: i64,
+    /// Decode attention splits each sequence's context into chunks of at least a tile for each warp (or
+    /// `min_chunk` positions where set), as many as make the fewest rounds of the blocks the device
+    /// holds at once (`attention_resident`, for each dtype in `SUFFIXES`' order and variant; 0 where
+    /// the driver could not say), or, with `target_blocks` set or the occupancy unknown, until there
+    /// are about `target_blocks` blocks (`MMREG_DECODE_ATTENTION_BLOCKS`; small numbers for the
+    /// emulator, so that its tests cover both the split and the unsplit path and warps with nothing to
+    /// read).
+    pub(super) target_blocks: Option<i64>,
     pub(super) min_chunk: Option<i64>,
+    pub(super) attention_resident: [[i64; ATTENTION_VARIANTS]; 3],
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
@@ -110,7 +120,13 @@ pub(super) const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 /// Threads per block of the elementwise kernels, and at most for RMSNorm.
 const BLOCK: u32 = 256;
 /// Warps per block of decode attention (`kWarps` in the CUDA source).
-const ATTENTION_WARPS: u32 = 4;
+pub(super) const ATTENTION_WARPS: u32 = 4;
+/// Without the device's occupancy, decode attention splits contexts until there are about this many
+/// blocks (about 8 of 4 warps per SM of an H100/H200).
+const TARGET_BLOCKS: i64 = 1024;
+/// What a block costs besides its positions (its query, slots, the partial sums it writes and their
+/// share of the combine), in positions read, for choosing the split.
+const BLOCK_COST: i64 = 32;
 /// Elements of a 16-byte vector the vectorised RMSNorm holds per thread at most (`kNormVectors`).
 const NORM_VECTORS: i64 = 4;
 
@@ -127,8 +143,9 @@ pub(super) static EMULATED: Kernels = {
     Kernels {
         device: -1,
         max_grid: (3, 3),
-        target_blocks: 32,
+        target_blocks: Some(32),
         min_chunk: Some(8),
+        attention_resident: [[0; ATTENTION_VARIANTS]; 3],
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -147,6 +164,18 @@ extern "C" {
 
 fn ptr(t: &Tensor) -> *mut c_void {
     t.data_ptr()
+}
+
+/// The split (1 to `most` chunks) of `pairs` contexts of `width` positions that takes the least time
+/// when the device holds `resident` blocks at once: rounds of resident blocks × the positions of a
+/// chunk and a block's fixed cost. The fewest chunks among equals.
+fn fewest_rounds(pairs: i64, width: i64, most: i64, resident: i64) -> i64 {
+    (1..=most)
+        .min_by_key(|&s| {
+            let rounds = (pairs * s + resident - 1) / resident;
+            rounds * ((width + s - 1) / s + BLOCK_COST)
+        })
+        .unwrap_or(1)
 }
 
 /// Threads for `n` items, one each: whole warps, at least one and at most `most` threads.
@@ -258,10 +287,19 @@ impl Kernels {
         let out = Tensor::empty(size, (gate_up.kind(), gate_up.device()));
         let k = self.of(gate_up.kind());
         let rows = gate_up.numel() as i64 / (2 * n).max(1);
+        // A thread per 16-byte vector where the rows allow it, else per element.
+        let per_vector = 16 / gate_up.kind().elt_size_in_bytes() as i64;
+        let vectorized = n % per_vector == 0 && aligned(gate_up, 16) && aligned(&out, 16);
+        let (function, per_thread) = if vectorized {
+            (SILU_MUL_VECTORS, per_vector)
+        } else {
+            (SILU_MUL, 1)
+        };
         let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(&out), ptr(gate_up), rows, n);
         let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
-        let grid = self.grid((cols + BLOCK as i64 - 1) / BLOCK as i64, rows);
-        self.launch(k.0[SILU_MUL], grid, BLOCK, &mut args);
+        let threads = (cols + per_thread - 1) / per_thread;
+        let grid = self.grid((threads + BLOCK as i64 - 1) / BLOCK as i64, rows);
+        self.launch(k.0[function], grid, BLOCK, &mut args);
         counted(2);
         out
     }
@@ -303,11 +341,24 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        // A thread per pair of elements (j, j + dim/2) of a row (token, head).
         let half = dim / 2;
-        let block = warps_for(half, BLOCK);
-        let grid = self.grid((half + block as i64 - 1) / block as i64, tokens * heads);
-        self.launch(k.0[ROPE], grid, block, &mut args);
+        let per_vector = 16 / qkv.kind().elt_size_in_bytes() as i64;
+        let mut tensors = vec![qkv, cos, sin, &out];
+        if let Some((keys, values, _, _)) = store {
+            tensors.extend([keys, values]);
+        }
+        if half % per_vector == 0 && tensors.iter().all(|t| aligned(t, 16)) {
+            // A thread per run of a vector's elements of a row's first half (and the matching run of
+            // its second half), over every row at once.
+            let threads = tokens * heads * (half / per_vector);
+            let grid = self.grid((threads + BLOCK as i64 - 1) / BLOCK as i64, 1);
+            self.launch(k.0[ROPE_VECTORS], grid, BLOCK, &mut args);
+        } else {
+            // A thread per pair of elements (j, j + dim/2) of a row (token, head).
+            let block = warps_for(half, BLOCK);
+            let grid = self.grid((half + block as i64 - 1) / block as i64, tokens * heads);
+            self.launch(k.0[ROPE], grid, block, &mut args);
+        }
         counted(3);
         out
     }
@@ -348,9 +399,17 @@ impl Kernels {
         let min_chunk = self.min_chunk.unwrap_or_else(|| {
             ATTENTION_WARPS as i64 * attention_tile(LANES[r], GROUPS[g], query.kind())
         });
-        let splits = (self.target_blocks / blocks)
-            .min((width + min_chunk - 1) / min_chunk)
-            .clamp(1, MAX_SPLITS);
+        let most = ((width + min_chunk - 1) / min_chunk).clamp(1, MAX_SPLITS);
+        let kind_index = match query.kind() {
+            Kind::BFloat16 => 1,
+            Kind::Half => 2,
+            _ => 0,
+        };
+        let resident = self.attention_resident[kind_index][r * GROUPS.len() + g];
+        let splits = match self.target_blocks {
+            None if resident > 0 => fewest_rounds(blocks, width, most, resident),
+            target => (target.unwrap_or(TARGET_BLOCKS) / blocks).clamp(1, most),
+        };
         let f32_empty = |shape: &[i64]| Tensor::empty(shape, (Kind::Float, device));
         let partial = (splits > 1).then(|| {
             let rows = sequences * heads;
@@ -442,5 +501,25 @@ impl Kernels {
         );
         counted(5);
         y
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fewest_rounds;
+
+    /// The split by occupancy on an H200's numbers (132 SMs × 3 blocks of the LLaVA variant): LLaVA-1.5's
+    /// 672-position contexts at batch 8 (256 pairs) fill two rounds with 3 chunks each, where 4 would
+    /// need a third round; at batch 1 (32 pairs) every chunk allowed fits in one round; with more blocks
+    /// than the device holds even unsplit, a split that evens the rounds out wins only when it is
+    /// cheaper than its blocks' fixed cost.
+    #[test]
+    fn the_split_takes_the_fewest_rounds_of_resident_blocks() {
+        assert_eq!(fewest_rounds(256, 672, 10, 396), 3);
+        assert_eq!(fewest_rounds(32, 672, 10, 396), 10);
+        assert_eq!(fewest_rounds(1024, 672, 10, 396), 3);
+        assert_eq!(fewest_rounds(8, 16, 1, 396), 1);
+        // Mistral's grouped heads at batch 8 (64 pairs, 2 blocks per SM): one round of 4 chunks.
+        assert_eq!(fewest_rounds(64, 2432, 38, 264), 4);
     }
 }

@@ -6,7 +6,9 @@ mod shim {
     use std::ffi::{c_char, c_void, CString};
     use std::sync::Mutex;
 
-    use super::super::launch::{ForKind, Function, Kernels, NAMES, SUFFIXES};
+    use super::super::launch::{
+        ForKind, Function, Kernels, ATTENTION, ATTENTION_VARIANTS, ATTENTION_WARPS, NAMES, SUFFIXES,
+    };
     use super::super::self_check::check_kernels;
 
     const SOURCE: &str = include_str!("../../csrc/fused_kernels.cu");
@@ -30,6 +32,12 @@ mod shim {
             capacity: usize,
         ) -> i32;
         fn mmreg_kernels_function(module: *mut c_void, name: *const c_char) -> *mut c_void;
+        fn mmreg_kernels_resident(
+            function: *mut c_void,
+            device: i32,
+            block: u32,
+            out: *mut i64,
+        ) -> i32;
         fn mmreg_kernels_launch(
             function: *mut c_void,
             device: i32,
@@ -132,21 +140,41 @@ mod shim {
             Ok(ForKind(functions))
         };
         let [f32, bf16, f16] = SUFFIXES.map(for_kind);
+        let (f32, bf16, f16) = (f32?, bf16?, f16?);
+        // How many blocks of each attention variant the device holds at once (0 where the driver
+        // cannot say: the split then aims at a number of blocks).
+        let resident = |k: &ForKind| -> [i64; ATTENTION_VARIANTS] {
+            std::array::from_fn(|v| match k.0[ATTENTION + v] {
+                Function::Cuda(f) => {
+                    let mut out = 0i64;
+                    // SAFETY: `f` is a function of the module loaded above for `device`.
+                    let status = unsafe {
+                        mmreg_kernels_resident(f, device as i32, ATTENTION_WARPS * 32, &mut out)
+                    };
+                    if status == 0 {
+                        out
+                    } else {
+                        0
+                    }
+                }
+                Function::Emulated(_) => 0,
+            })
+        };
+        let attention_resident = [resident(&f32), resident(&bf16), resident(&f16)];
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
-            // About 8 blocks of 4 warps per SM of an H100/H200 (132 SMs), each chunk a tile per warp
-            // at least (measured in docs/benchmarks.md); MMREG_DECODE_ATTENTION_BLOCKS sets another
-            // target.
+            // The split by occupancy (measured in docs/benchmarks.md); MMREG_DECODE_ATTENTION_BLOCKS
+            // aims at a number of blocks instead.
             target_blocks: std::env::var("MMREG_DECODE_ATTENTION_BLOCKS")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .filter(|&blocks: &i64| blocks > 0)
-                .unwrap_or(1024),
+                .filter(|&blocks: &i64| blocks > 0),
             min_chunk: None,
-            f32: f32?,
-            bf16: bf16?,
-            f16: f16?,
+            attention_resident,
+            f32,
+            bf16,
+            f16,
         })
     }
 
