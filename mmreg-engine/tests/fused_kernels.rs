@@ -256,8 +256,7 @@ fn rope_equals_hf_rotary_embedding() {
                 (2, 48, 40, 128),
                 (19, 6, 4, 32),
                 (5, 6, 4, 12),
-            ]
-            {
+            ] {
                 let device = mode.device();
                 let qkv = random(&[tokens, heads, dim], kind, device, tokens * heads);
                 let (cos, sin) = rope_tables(tokens, dim, kind, device);
