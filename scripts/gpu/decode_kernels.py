@@ -7,7 +7,8 @@ compiled-PyTorch anchor on LLaVA-1.5's decoder and prompt, right after LLaVA-1.5
 $OUT/decode-kernels.json, written after each measurement.
 Usage: python3 scripts/gpu/decode_kernels.py gpu-stage/run.sh   (decode_kernels.sh runs the GPU tests first)
 Switches: OFF=0 skips the libtorch-ops runs; BLOCKS=1024,2048 sets the attention block targets tried
-beside the default split (by occupancy) at batches 8 and 32 (NeXT: 8); default 4096; empty: none.
+beside the default split (by occupancy) on LLaVA-1.5 at batches 8 and 32 (default 4096; empty: none), and
+BLOCKS_NEXT the same on LLaVA-NeXT at batch 8 (default: none).
 """
 import os, subprocess, sys
 
@@ -35,7 +36,7 @@ for shape in SHAPES:
         write_json("decode-kernels.json", result)
     rec["agreement"] = [agreement(shape.path, shape.image, prompt_ids, tokens, top5, fused=True)]
     write_json("decode-kernels.json", result)
-    for blocks in filter(None, os.environ.get("BLOCKS", "4096").split(",")):
+    for blocks in filter(None, os.environ.get("BLOCKS" if first else "BLOCKS_NEXT", "4096" if first else "").split(",")):
         batches = "8,32" if first else "8"
         rec["peers"].append(bench(batches, fused=True, env_extra={"MMREG_DECODE_ATTENTION_BLOCKS": blocks}))
         write_json("decode-kernels.json", result)

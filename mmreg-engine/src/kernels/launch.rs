@@ -125,8 +125,10 @@ pub(super) const ATTENTION_WARPS: u32 = 4;
 /// blocks (about 8 of 4 warps per SM of an H100/H200).
 const TARGET_BLOCKS: i64 = 1024;
 /// What a block costs besides its positions (its query, slots, the partial sums it writes and their
-/// share of the combine), in positions read, for choosing the split.
-const BLOCK_COST: i64 = 32;
+/// share of the combine), in positions read, for choosing the split. Measured (docs/benchmarks.md, run
+/// 31): at 32 the rule split LLaVA-1.5's batch 32 in 3 chunks, 5% slower than unsplit; at 96 it picks,
+/// in every configuration measured, the split that measured fastest.
+const BLOCK_COST: i64 = 96;
 /// Elements of a 16-byte vector the vectorised RMSNorm holds per thread at most (`kNormVectors`).
 const NORM_VECTORS: i64 = 4;
 
@@ -508,18 +510,20 @@ impl Kernels {
 mod tests {
     use super::fewest_rounds;
 
-    /// The split by occupancy on an H200's numbers (132 SMs × 3 blocks of the LLaVA variant): LLaVA-1.5's
-    /// 672-position contexts at batch 8 (256 pairs) fill two rounds with 3 chunks each, where 4 would
-    /// need a third round; at batch 1 (32 pairs) every chunk allowed fits in one round; with more blocks
-    /// than the device holds even unsplit, a split that evens the rounds out wins only when it is
-    /// cheaper than its blocks' fixed cost.
+    /// The split by occupancy on an H200's numbers (132 SMs × 3 blocks of the LLaVA variant, 2 of
+    /// Mistral's), over decode widths rounded to 128: LLaVA-1.5's ~700-position contexts at batch 8
+    /// (256 pairs) fill two rounds with 3 chunks each, where 4 need a third round; at batch 1 (32 pairs)
+    /// every chunk allowed fits in one round; at batch 32 (1024 pairs) the device holds fewer blocks than
+    /// there are pairs, and splitting only adds rounds. Mistral's 2.4k contexts at batch 8 (64 pairs):
+    /// one round of 4 chunks.
     #[test]
     fn the_split_takes_the_fewest_rounds_of_resident_blocks() {
-        assert_eq!(fewest_rounds(256, 672, 10, 396), 3);
-        assert_eq!(fewest_rounds(32, 672, 10, 396), 10);
-        assert_eq!(fewest_rounds(1024, 672, 10, 396), 3);
+        for width in [640, 768] {
+            assert_eq!(fewest_rounds(256, width, width / 64, 396), 3);
+            assert_eq!(fewest_rounds(32, width, width / 64, 396), width / 64);
+            assert_eq!(fewest_rounds(1024, width, width / 64, 396), 1);
+        }
         assert_eq!(fewest_rounds(8, 16, 1, 396), 1);
-        // Mistral's grouped heads at batch 8 (64 pairs, 2 blocks per SM): one round of 4 chunks.
         assert_eq!(fewest_rounds(64, 2432, 38, 264), 4);
     }
 }
