@@ -86,8 +86,18 @@ const MAX_SPLITS: i64 = 256;
 
 /// Positions a warp of the attention variant reads at once (`kTile`: `kLoads` × 32 / lanes).
 fn attention_tile(lanes: i64, group: i64, kind: Kind) -> i64 {
-    let loads = if group == 8 { 4 } else { 8 } * 2 / kind.elt_size_in_bytes() as i64;
+    let vectors = if group == 8 { 4 } else { 8 };
+    let loads = vectors * 2 / kind.elt_size_in_bytes() as i64;
     loads * 32 / lanes
+}
+
+/// The kernels' dtype for `kind`, as an index into `SUFFIXES` (f32 for any other kind).
+fn suffix_index(kind: Kind) -> usize {
+    match kind {
+        Kind::BFloat16 => 1,
+        Kind::Half => 2,
+        _ => 0,
+    }
 }
 
 /// The kernels for one dtype, in the order of [`NAMES`].
@@ -199,11 +209,7 @@ macro_rules! arg {
 
 impl Kernels {
     pub(super) fn of(&self, kind: Kind) -> &ForKind {
-        match kind {
-            Kind::BFloat16 => &self.bf16,
-            Kind::Half => &self.f16,
-            _ => &self.f32,
-        }
+        [&self.f32, &self.bf16, &self.f16][suffix_index(kind)]
     }
 
     /// A grid-stride launch's grid for `x` blocks along x and `y` along y, within `max_grid`.
@@ -402,12 +408,7 @@ impl Kernels {
             ATTENTION_WARPS as i64 * attention_tile(LANES[r], GROUPS[g], query.kind())
         });
         let most = ((width + min_chunk - 1) / min_chunk).clamp(1, MAX_SPLITS);
-        let kind_index = match query.kind() {
-            Kind::BFloat16 => 1,
-            Kind::Half => 2,
-            _ => 0,
-        };
-        let resident = self.attention_resident[kind_index][r * GROUPS.len() + g];
+        let resident = self.attention_resident[suffix_index(query.kind())][r * GROUPS.len() + g];
         let splits = match self.target_blocks {
             None if resident > 0 => fewest_rounds(blocks, width, most, resident),
             target => (target.unwrap_or(TARGET_BLOCKS) / blocks).clamp(1, most),
