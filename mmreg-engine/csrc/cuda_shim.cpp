@@ -219,6 +219,8 @@ struct Driver {
   int (*module_get_function)(void**, void*, const char*);
   int (*launch_kernel)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned,
                        void*, void**, void**);
+  // cuOccupancyMaxActiveBlocksPerMultiprocessor: optional (null where the driver lacks it).
+  int (*occupancy)(int*, void*, int, size_t);
 };
 
 // The directory of libtorch's libraries (torch/lib): pip's wheels put NVRTC in ../../nvidia/cu13/lib.
@@ -255,6 +257,9 @@ const Driver* driver() {
     bool ok = lib != nullptr && find(lib, "cuModuleLoadData", d.module_load_data) &&
               find(lib, "cuModuleGetFunction", d.module_get_function) &&
               find(lib, "cuLaunchKernel", d.launch_kernel);
+    if (ok) {
+      find(lib, "cuOccupancyMaxActiveBlocksPerMultiprocessor", d.occupancy);
+    }
     return ok ? &d : nullptr;
   }();
   return found;
@@ -398,17 +403,12 @@ void* mmreg_kernels_function(void* module, const char* name) {
 // driver's occupancy per SM, times its SMs), in *out; non-zero where the driver cannot say.
 int mmreg_kernels_resident(void* function, int device, unsigned block, long long* out) {
   try {
-    using Occupancy = int (*)(int*, void*, int, size_t);
-    static const Occupancy occupancy = [] {
-      void* lib = open_first({"libcuda.so.1", "libcuda.so"});
-      Occupancy f = nullptr;
-      return lib != nullptr && find(lib, "cuOccupancyMaxActiveBlocksPerMultiprocessor", f) ? f : nullptr;
-    }();
+    const Driver* cuda = driver();
     using GetAttribute = int (*)(int*, int, int);
     auto get_attribute = reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
     int per_sm = 0, sms = 0;
-    if (occupancy == nullptr || get_attribute == nullptr ||
-        occupancy(&per_sm, function, static_cast<int>(block), 0) != 0 ||
+    if (cuda == nullptr || cuda->occupancy == nullptr || get_attribute == nullptr ||
+        cuda->occupancy(&per_sm, function, static_cast<int>(block), 0) != 0 ||
         get_attribute(&sms, cudaDevAttrMultiProcessorCount, device) != 0) {
       return 1;
     }

@@ -61,11 +61,23 @@ __device__ __forceinline__ float round_to(float x) {
   return D::load(D::store(x));
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024).
-__device__ __forceinline__ float block_sum(float v) {
+// Sum and maximum, for block_reduce.
+struct Sum {
+  static __device__ __forceinline__ float identity() { return 0.0f; }
+  static __device__ __forceinline__ float apply(float a, float b) { return a + b; }
+};
+struct Max {
+  static __device__ __forceinline__ float identity() { return -INFINITY; }
+  static __device__ __forceinline__ float apply(float a, float b) { return fmaxf(a, b); }
+};
+
+// Op over the block (blockDim.x a multiple of 32, at most 1024). Each Op has its own partials, so a
+// block can take a maximum and then a sum without a barrier between them.
+template <typename Op>
+__device__ __forceinline__ float block_reduce(float v) {
   __shared__ float partial[32];
   for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
+    v = Op::apply(v, __shfl_xor_sync(0xffffffffu, v, offset));
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
@@ -73,31 +85,15 @@ __device__ __forceinline__ float block_sum(float v) {
   }
   __syncthreads();
   const int warps = blockDim.x / 32;
-  v = lane < warps ? partial[lane] : 0.0f;
+  v = lane < warps ? partial[lane] : Op::identity();
   for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
+    v = Op::apply(v, __shfl_xor_sync(0xffffffffu, v, offset));
   }
   return v;
 }
 
-// Maximum over the block (blockDim.x a multiple of 32, at most 1024).
-__device__ __forceinline__ float block_max(float v) {
-  __shared__ float partial[32];
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    partial[warp] = v;
-  }
-  __syncthreads();
-  const int warps = blockDim.x / 32;
-  v = lane < warps ? partial[lane] : -INFINITY;
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  return v;
-}
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<Sum>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<Max>(v); }
 
 // One block per row. HF's LlamaRMSNorm: y = x * rsqrt(mean(x²) + eps) in f32, rounded to the model
 // dtype, then weight * y in the model dtype. With `delta`, the row is first x + delta (the residual add,
@@ -196,9 +192,15 @@ __device__ void rms_norm_row_vectors(typename D::T* out, typename D::T* sum, con
   }
 }
 
-// silu(gate) * up for a stacked [rows, 2 * cols] projection (gate first): HF's act_fn(gate) * up,
-// with silu's result rounded before the product. Grid-stride loops over rows (y) and columns (x): no
-// per-element division.
+// silu(gate) * up of one element, HF's act_fn(gate) * up: silu's result rounded before the product.
+template <typename D>
+__device__ __forceinline__ typename D::T silu_times(typename D::T gate, typename D::T up) {
+  const float g = D::load(gate);
+  return D::store(round_to<D>(g / (1.0f + expf(-g))) * D::load(up));
+}
+
+// silu_times over a stacked [rows, 2 * cols] projection (gate first). Grid-stride loops over rows (y)
+// and columns (x): no per-element division.
 template <typename D>
 __device__ void silu_mul_all(typename D::T* out, const typename D::T* gate_up, long long rows,
                              long long cols) {
@@ -207,8 +209,7 @@ __device__ void silu_mul_all(typename D::T* out, const typename D::T* gate_up, l
     const typename D::T* up = gate + cols;
     for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < cols;
          c += (long long)gridDim.x * blockDim.x) {
-      const float g = D::load(gate[c]);
-      out[r * cols + c] = D::store(round_to<D>(g / (1.0f + expf(-g))) * D::load(up[c]));
+      out[r * cols + c] = silu_times<D>(gate[c], up[c]);
     }
   }
 }
@@ -231,12 +232,37 @@ __device__ void silu_mul_vectors(typename D::T* out, const typename D::T* gate_u
       V o;
 #pragma unroll
       for (int n = 0; n < N; ++n) {
-        const float x = D::load(g.e[n]);
-        o.e[n] = D::store(round_to<D>(x / (1.0f + expf(-x))) * D::load(u.e[n]));
+        o.e[n] = silu_times<D>(g.e[n], u.e[n]);
       }
       *reinterpret_cast<V*>(out + r * cols + v * N) = o;
     }
   }
+}
+
+// One rotated pair (x[j], x[j + dim/2]) with its cos and sin at j and j + dim/2, rounded as HF's
+// x * cos + rotate_half(x) * sin (rotate_half(x) = (-second, first)).
+template <typename D>
+__device__ __forceinline__ void rotate_pair(typename D::T& low, typename D::T& high, typename D::T c_low,
+                                            typename D::T c_high, typename D::T s_low,
+                                            typename D::T s_high) {
+  const float first = D::load(low), second = D::load(high);
+  low = D::store(round_to<D>(first * D::load(c_low)) + round_to<D>(-second * D::load(s_low)));
+  high = D::store(round_to<D>(second * D::load(c_high)) + round_to<D>(first * D::load(s_high)));
+}
+
+// Where head `head` of token `t`'s row goes in the KV cache, or null: for the last 2 * kv_heads heads
+// (keys, then values) when there are caches.
+template <typename D>
+__device__ __forceinline__ typename D::T* cache_row(typename D::T* key_cache, typename D::T* value_cache,
+                                                    const long long* slots, long long t, int head,
+                                                    int heads, int kv_heads, int dim) {
+  const int first_key = heads - 2 * kv_heads, first_value = heads - kv_heads;
+  if (key_cache == nullptr || head < first_key) {
+    return nullptr;
+  }
+  typename D::T* cache = head < first_value ? key_cache : value_cache;
+  const int kv_head = head < first_value ? head - first_key : head - first_value;
+  return cache + (slots[t] * kv_heads + kv_head) * dim;
 }
 
 // Rotary embedding of the stacked [tokens, heads, dim] q/k/v projection: the first `rotated` heads
@@ -254,28 +280,19 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
                          typename D::T* key_cache, typename D::T* value_cache, const long long* slots,
                          int kv_heads) {
   const int half = dim / 2;
-  const int first_key = heads - 2 * kv_heads, first_value = heads - kv_heads;
   for (long long row = blockIdx.y; row < tokens * heads; row += gridDim.y) {
     const long long t = row / heads;
     const int head = row % heads;
     const typename D::T* x = qkv + row * dim;
     typename D::T* y = out + row * dim;
-    typename D::T* stored = nullptr;
-    if (key_cache != nullptr && head >= first_key) {
-      typename D::T* cache = head < first_value ? key_cache : value_cache;
-      const int kv_head = head < first_value ? head - first_key : head - first_value;
-      stored = cache + (slots[t] * kv_heads + kv_head) * dim;
-    }
+    typename D::T* stored =
+        cache_row<D>(key_cache, value_cache, slots, t, head, heads, kv_heads, dim);
     const typename D::T* c = cos + t * dim;
     const typename D::T* s = sin + t * dim;
     for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < half; j += gridDim.x * blockDim.x) {
       typename D::T low = x[j], high = x[j + half];
       if (head < rotated) {
-        const float first = D::load(low), second = D::load(high);
-        // rotate_half(x) = (-second, first).
-        low = D::store(round_to<D>(first * D::load(c[j])) + round_to<D>(-second * D::load(s[j])));
-        high = D::store(round_to<D>(second * D::load(c[j + half])) +
-                        round_to<D>(first * D::load(s[j + half])));
+        rotate_pair<D>(low, high, c[j], c[j + half], s[j], s[j + half]);
       }
       y[j] = low;
       y[j + half] = high;
@@ -299,7 +316,6 @@ __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
   const int half = dim / 2, runs = half / N;
-  const int first_key = heads - 2 * kv_heads, first_value = heads - kv_heads;
   const long long total = tokens * heads * runs;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
        i += (long long)gridDim.x * blockDim.x) {
@@ -316,20 +332,14 @@ __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const
       const V s_high = *reinterpret_cast<const V*>(sin + t * dim + j + half);
 #pragma unroll
       for (int n = 0; n < N; ++n) {
-        const float first = D::load(low.e[n]), second = D::load(high.e[n]);
-        // rotate_half(x) = (-second, first).
-        low.e[n] = D::store(round_to<D>(first * D::load(c_low.e[n])) +
-                            round_to<D>(-second * D::load(s_low.e[n])));
-        high.e[n] = D::store(round_to<D>(second * D::load(c_high.e[n])) +
-                             round_to<D>(first * D::load(s_high.e[n])));
+        rotate_pair<D>(low.e[n], high.e[n], c_low.e[n], c_high.e[n], s_low.e[n], s_high.e[n]);
       }
     }
     *reinterpret_cast<V*>(out + row * dim + j) = low;
     *reinterpret_cast<V*>(out + row * dim + j + half) = high;
-    if (key_cache != nullptr && head >= first_key) {
-      typename D::T* cache = head < first_value ? key_cache : value_cache;
-      const int kv_head = head < first_value ? head - first_key : head - first_value;
-      typename D::T* stored = cache + (slots[t] * kv_heads + kv_head) * dim;
+    typename D::T* stored =
+        cache_row<D>(key_cache, value_cache, slots, t, head, heads, kv_heads, dim);
+    if (stored != nullptr) {
       *reinterpret_cast<V*>(stored + j) = low;
       *reinterpret_cast<V*>(stored + j + half) = high;
     }
@@ -402,9 +412,9 @@ struct AttentionShared {
 };
 
 template <typename D, int R, int G, bool kVector>
-__device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typename D::T* out, float* partial_acc, float* partial_max,
-                                             float* partial_sum, const typename D::T* q,
-                                             long long q_stride, const typename D::T* key_cache,
+__device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typename D::T* out,
+                                             float* partial_acc, float* partial_max, float* partial_sum,
+                                             const typename D::T* q, long long q_stride, const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
                                              int kv_heads, int dim, float scale) {

@@ -69,7 +69,7 @@ const ROPE: usize = 5;
 const COMBINE: usize = 6;
 pub(super) const ATTENTION: usize = 7;
 /// Decode attention's variants: `LANES` × `GROUPS`, from `ATTENTION` on.
-pub(super) const ATTENTION_VARIANTS: usize = 9;
+pub(super) const ATTENTION_VARIANTS: usize = LANES.len() * GROUPS.len();
 const LINEAR: usize = 16;
 const SILU_MUL_VECTORS: usize = 17;
 const ROPE_VECTORS: usize = 18;
