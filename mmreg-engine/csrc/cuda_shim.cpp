@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda.h>
 #include <dlfcn.h>
 #include <algorithm>
 #include <cstdint>
@@ -221,6 +222,8 @@ struct Driver {
                        void*, void**, void**);
   // cuOccupancyMaxActiveBlocksPerMultiprocessor: optional (null where the driver lacks it).
   int (*occupancy)(int*, void*, int, size_t);
+  // cuLaunchKernelEx, for programmatic dependent launches: optional too.
+  int (*launch_kernel_ex)(const CUlaunchConfig*, void*, void**, void**);
 };
 
 // The directory of libtorch's libraries (torch/lib): pip's wheels put NVRTC in ../../nvidia/cu13/lib.
@@ -259,6 +262,7 @@ const Driver* driver() {
               find(lib, "cuLaunchKernel", d.launch_kernel);
     if (ok) {
       find(lib, "cuOccupancyMaxActiveBlocksPerMultiprocessor", d.occupancy);
+      find(lib, "cuLaunchKernelEx", d.launch_kernel_ex);
     }
     return ok ? &d : nullptr;
   }();
@@ -419,11 +423,31 @@ int mmreg_kernels_resident(void* function, int device, unsigned block, long long
   }
 }
 
+// Whether `device` takes programmatic dependent launches (compute capability 9.0 or later, and a driver
+// with cuLaunchKernelEx): 1 or 0.
+int mmreg_kernels_programmatic(int device) {
+  try {
+    const Driver* cuda = driver();
+    using GetAttribute = int (*)(int*, int, int);
+    auto get_attribute = reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
+    int major = 0;
+    return cuda != nullptr && cuda->launch_kernel_ex != nullptr && get_attribute != nullptr &&
+                   get_attribute(&major, cudaDevAttrComputeCapabilityMajor, device) == 0 && major >= 9
+               ? 1
+               : 0;
+  } catch (...) {
+    return 0;
+  }
+}
+
 // Launches `function` (loaded for `device`) on that device's current stream; `args` point at the
 // arguments. The device is made current for the launch: libtorch's allocator restores the previous device
-// after allocating, so the calling thread's current device may be another.
+// after allocating, so the calling thread's current device may be another. With `programmatic` (where
+// mmreg_kernels_programmatic says yes), the launch lets the kernel start before the one before it in the
+// stream has finished (the kernel waits for it itself: begin_kernel in csrc/fused_kernels.cu); a stream
+// capture records that as a programmatic edge of the graph.
 int mmreg_kernels_launch(void* function, int device, unsigned grid_x, unsigned grid_y, unsigned block,
-                         void** args) {
+                         void** args, int programmatic) {
   try {
     const Driver* cuda = driver();
     if (cuda == nullptr) {
@@ -435,7 +459,27 @@ int mmreg_kernels_launch(void* function, int device, unsigned grid_x, unsigned g
       c10::cuda::set_device(index);
     }
     void* stream = c10::cuda::getCurrentCUDAStream(index).stream();
-    int status = cuda->launch_kernel(function, grid_x, grid_y, 1, block, 1, 1, 0, stream, args, nullptr);
+    int status;
+    if (programmatic != 0 && cuda->launch_kernel_ex != nullptr) {
+      CUlaunchAttribute attribute;
+      memset(&attribute, 0, sizeof(attribute));
+      attribute.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+      attribute.value.programmaticStreamSerializationAllowed = 1;
+      CUlaunchConfig config;
+      memset(&config, 0, sizeof(config));
+      config.gridDimX = grid_x;
+      config.gridDimY = grid_y;
+      config.gridDimZ = 1;
+      config.blockDimX = block;
+      config.blockDimY = 1;
+      config.blockDimZ = 1;
+      config.hStream = static_cast<CUstream>(stream);
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      status = cuda->launch_kernel_ex(&config, function, args, nullptr);
+    } else {
+      status = cuda->launch_kernel(function, grid_x, grid_y, 1, block, 1, 1, 0, stream, args, nullptr);
+    }
     if (previous != index) {
       c10::cuda::set_device(previous);
     }

@@ -16,14 +16,17 @@ typedef unsigned short u16;
 #define INFINITY __int_as_float(0x7f800000)
 #endif
 
+// kMma: the tensor cores' mma for the type (0: none, 1: bf16, 2: f16).
 struct F32 {
   typedef float T;
+  static constexpr int kMma = 0;
   static __device__ __forceinline__ float load(float x) { return x; }
   static __device__ __forceinline__ float store(float x) { return x; }
 };
 
 struct BF16 {
   typedef u16 T;
+  static constexpr int kMma = 1;
   static __device__ __forceinline__ float load(u16 x) { return __uint_as_float(((unsigned)x) << 16); }
   // Round to nearest even, as torch's float -> bfloat16 conversion; NaN stays NaN.
   static __device__ __forceinline__ u16 store(float x) {
@@ -38,6 +41,7 @@ struct BF16 {
 
 struct F16 {
   typedef u16 T;
+  static constexpr int kMma = 2;
 #ifdef MMREG_EMULATE
   static float load(u16 x) { return (float)__builtin_bit_cast(_Float16, x); }
   static u16 store(float x) { return __builtin_bit_cast(u16, (_Float16)x); }
@@ -54,6 +58,27 @@ struct F16 {
   }
 #endif
 };
+
+// Programmatic dependent launch (sm_90 and later; nothing on older GPUs and in the emulator): the engine
+// launches these kernels so that one may start while the kernel before it in the stream is finishing.
+// begin_kernel() waits until the kernels before have finished and their writes are visible, then lets
+// the next kernel's blocks be scheduled (so at most one kernel waits ahead). Every kernel calls it before
+// it reads or writes memory that another kernel touches; the linear kernels first prefetch into L2 the
+// first weights they will read (weights no kernel writes), which is the overlap this buys.
+__device__ __forceinline__ void begin_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#ifdef MMREG_EMULATE
+  (void)p;
+#else
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}
 
 // x rounded to the storage type and back: what HF gets when an op writes a tensor of the model dtype.
 template <typename D>
@@ -631,6 +656,20 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  {
+    const long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows;
+#pragma unroll
+    for (int r = 0; r < kLinearRows; ++r) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const long long c = (lane + 32LL * i) * N;
+        if (first + r < n && c < k) {
+          prefetch_l2(w + (first + r) * k + c);
+        }
+      }
+    }
+  }
+  begin_kernel();
   // Grid-stride over the warps' runs of kLinearRows rows of w (the same for the whole warp).
   for (long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows; first < n;
        first += (long long)gridDim.x * kLinearWarps * kLinearRows) {
@@ -671,6 +710,173 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
   }
 }
 
+// A linear layer for a few rows (2 to kFewMaxRows) on the tensor cores: y = x · wᵀ (+ bias) with f32
+// sums and one rounding to the dtype at the end, as cuBLAS. A decode step of a few sequences reads
+// every weight once for all its rows, so the kernel streams w at the bandwidth's pace and does each
+// product as an mma m16n8k16: a 16 × 16 tile of w (16 outputs × 16 of k) as A, and 16 of k of up to 8
+// rows of x as the 8 columns of B (a second mma for rows 8 to 15).
+//
+// Each block takes kFewTile = 16 rows of w at a time (grid-stride); its kFewWarps warps split k into
+// chunks of 32, each warp kFewUnroll consecutive chunks at once with every load issued before the first
+// mma. In a chunk, lane l (g = l / 4, t = l % 4) reads one 16-byte run of 8 elements at k = 32·chunk +
+// 8·t from rows g and g + 8 of the tile, and from rows g (and g + 8) of x. A sum does not care about the
+// order of k, so the lane hands the mma its run's elements 0-3, then 4-7, in the places where the
+// fragment layout puts its lane's four of k: the same permutation for w and x, so each product pairs the
+// right elements. The warps' sums meet in shared memory. Rows past n or m read a valid row and are not
+// written; runs past k read zeros (k a multiple of 8, checked by the caller with the 16-byte alignment of
+// x and w). f32 has no such mma: its kernel (and the emulator's for every dtype) does the same
+// products with shuffles (few_rows_products), which is slow and serves to check the indexing.
+constexpr int kFewWarps = 8;
+constexpr int kFewTile = 16;
+constexpr int kFewMaxRows = 16;
+constexpr int kFewUnroll = 4;
+
+// A lane's run of 8 elements as 32-bit words (two elements a word in bf16 and f16, the first in the low
+// half: the mma's order), so that a load fills registers the mma takes as they are.
+template <typename D>
+struct FewRun {
+  typedef Pack<unsigned, 4 * (int)sizeof(typename D::T) / 2> T;
+};
+
+template <typename D>
+__device__ __forceinline__ float run_element(const typename FewRun<D>::T& run, int e) {
+  if constexpr (sizeof(typename D::T) == 2) {
+    return D::load((u16)(run.e[e / 2] >> (16 * (e % 2))));
+  } else {
+    return D::load(__uint_as_float(run.e[e]));
+  }
+}
+
+// c[tile] += the products of one chunk: w's rows g and g + 8 (runs wa, wb) by x's rows 8·tile + 2t and
+// 8·tile + 2t + 1 (x[tile]: the lane's run of row 8·tile + g), for `tiles` (1 or 2) tiles of x's rows.
+// c[tile] holds (w row g, x row 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1): the mma's accumulators.
+template <typename D>
+__device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typename FewRun<D>::T& wa,
+                                                  const typename FewRun<D>::T& wb,
+                                                  const typename FewRun<D>::T (&x)[2], int tiles) {
+#ifndef MMREG_EMULATE
+  if constexpr (D::kMma != 0) {
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      if (tile < tiles) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // Elements 4h, 4h + 1 of a run are word 2h; 4h + 2, 4h + 3 word 2h + 1.
+          const unsigned a0 = wa.e[2 * h], a1 = wb.e[2 * h], a2 = wa.e[2 * h + 1], a3 = wb.e[2 * h + 1];
+          const unsigned b0 = x[tile].e[2 * h], b1 = x[tile].e[2 * h + 1];
+          if constexpr (D::kMma == 1) {
+            asm volatile(
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                "{%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(c[tile][0]), "+f"(c[tile][1]), "+f"(c[tile][2]), "+f"(c[tile][3])
+                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+          } else {
+            asm volatile(
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                "{%8,%9}, {%0,%1,%2,%3};"
+                : "+f"(c[tile][0]), "+f"(c[tile][1]), "+f"(c[tile][2]), "+f"(c[tile][3])
+                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+          }
+        }
+      }
+    }
+    return;
+  }
+#endif
+  // Without the mma: lane (g, t) gathers the runs of w's rows g and g + 8 (lanes 4g + s) and of x's rows
+  // 2t and 2t + 1 (lanes 8t + s and 8t + 4 + s) of each s, and sums their products itself.
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int s = 0; s < 4; ++s) {
+    for (int e = 0; e < 8; ++e) {
+      const float w0 = __shfl_sync(0xffffffffu, run_element<D>(wa, e), 4 * g + s);
+      const float w8 = __shfl_sync(0xffffffffu, run_element<D>(wb, e), 4 * g + s);
+      for (int tile = 0; tile < tiles; ++tile) {
+        const float x0 = __shfl_sync(0xffffffffu, run_element<D>(x[tile], e), 8 * t + s);
+        const float x1 = __shfl_sync(0xffffffffu, run_element<D>(x[tile], e), 8 * t + 4 + s);
+        c[tile][0] += w0 * x0;
+        c[tile][1] += w0 * x1;
+        c[tile][2] += w8 * x0;
+        c[tile][3] += w8 * x1;
+      }
+    }
+  }
+}
+
+template <typename D>
+__device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
+                                const typename D::T* bias, int m, long long n, long long k) {
+  typedef typename FewRun<D>::T V;
+  // The warps' sums, [warp][tile of x's rows][accumulator][lane]: lanes side by side (no bank conflicts).
+  __shared__ float sums[kFewWarps][2][4][32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int tiles = m > 8 ? 2 : 1;
+  const long long chunks = (k + 31) / 32;
+  const typename D::T* xs[2] = {x + min(g, m - 1) * k, x + min(g + 8, m - 1) * k};
+#pragma unroll
+  for (int u = 0; u < kFewUnroll; ++u) {
+    const long long first = blockIdx.x * (long long)kFewTile, at = (warp * kFewUnroll + u) * 32LL + t * 8;
+    if (first < n && at < k) {
+      prefetch_l2(w + min(first + g, n - 1) * k + at);
+      prefetch_l2(w + min(first + g + 8, n - 1) * k + at);
+    }
+  }
+  begin_kernel();
+  for (long long first = blockIdx.x * (long long)kFewTile; first < n;
+       first += (long long)gridDim.x * kFewTile) {
+    const typename D::T* wa_row = w + min(first + g, n - 1) * k;
+    const typename D::T* wb_row = w + min(first + g + 8, n - 1) * k;
+    float c[2][4] = {};
+    for (long long group = warp * (long long)kFewUnroll; group < chunks;
+         group += (long long)kFewWarps * kFewUnroll) {
+      // Every load of the group before the first product: predicated loads into zeroed registers.
+      V wa[kFewUnroll], wb[kFewUnroll], xv[kFewUnroll][2];
+#pragma unroll
+      for (int u = 0; u < kFewUnroll; ++u) {
+        const long long at = (group + u) * 32 + t * 8;
+#pragma unroll
+        for (int i = 0; i < (int)(sizeof(V) / 4); ++i) {
+          wa[u].e[i] = wb[u].e[i] = xv[u][0].e[i] = xv[u][1].e[i] = 0u;
+        }
+        if (at < k) {
+          wa[u] = *reinterpret_cast<const V*>(wa_row + at);
+          wb[u] = *reinterpret_cast<const V*>(wb_row + at);
+          xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
+        }
+        if (at < k && tiles == 2) {
+          xv[u][1] = *reinterpret_cast<const V*>(xs[1] + at);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kFewUnroll; ++u) {
+        few_rows_products<D>(c, wa[u], wb[u], xv[u], tiles);
+      }
+    }
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        sums[warp][tile][q][lane] = c[tile][q];
+      }
+    }
+    __syncthreads();
+    // Thread i sums accumulator (tile, q) of lane i % 32 over the warps: 2 × 4 × 32 = the block.
+    {
+      const int i = threadIdx.x, l = i % 32, q = (i / 32) % 4, tile = i / 128;
+      float total = 0.0f;
+#pragma unroll
+      for (int v = 0; v < kFewWarps; ++v) {
+        total += sums[v][tile][q][l];
+      }
+      const long long out = first + l / 4 + (q >= 2 ? 8 : 0);
+      const int row = tile * 8 + 2 * (l % 4) + (q & 1);
+      if (row < m && out < n) {
+        y[row * n + out] = D::store(total + (bias != nullptr ? D::load(bias[out]) : 0.0f));
+      }
+    }
+    __syncthreads();
+  }
+}
+
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
   MMREG_KERNEL void paged_decode_attention_r##R##_g##G##_##suffix(                                  \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
@@ -678,6 +884,7 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
       float scale, int vectorized) {                                                                \
     __shared__ AttentionShared<G> shared;                                                         \
+    begin_kernel();                                                                               \
     if (vectorized) {                                                                             \
       paged_decode_attention_chunk<D, R, G, true>(shared, out, partial_acc, partial_max,            \
                                                   partial_sum, q, q_stride, key_cache, value_cache, \
@@ -699,35 +906,42 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
 #define MMREG_KERNELS(D, suffix)                                                                   \
   MMREG_KERNEL void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight, int cols,       \
                                       float eps) {                                                 \
+    begin_kernel();                                                                            \
     rms_norm_row<D>(out, nullptr, x, nullptr, weight, cols, eps);                                  \
   }                                                                                                \
   MMREG_KERNEL void add_rms_norm_##suffix(D::T* out, D::T* sum, const D::T* x, const D::T* delta,   \
                                           const D::T* weight, int cols, float eps) {               \
+    begin_kernel();                                                                            \
     rms_norm_row<D>(out, sum, x, delta, weight, cols, eps);                                        \
   }                                                                                                \
   MMREG_KERNEL void rms_norm_vectors_##suffix(D::T* out, const D::T* x, const D::T* weight,         \
                                               int cols, float eps) {                               \
+    begin_kernel();                                                                            \
     rms_norm_row_vectors<D>(out, nullptr, x, nullptr, weight, cols, eps);                          \
   }                                                                                                \
   MMREG_KERNEL void add_rms_norm_vectors_##suffix(D::T* out, D::T* sum, const D::T* x,              \
                                                   const D::T* delta, const D::T* weight, int cols, \
                                                   float eps) {                                     \
+    begin_kernel();                                                                            \
     rms_norm_row_vectors<D>(out, sum, x, delta, weight, cols, eps);                                \
   }                                                                                                \
   MMREG_KERNEL void silu_mul_##suffix(D::T* out, const D::T* gate_up, long long rows,               \
                                       long long cols) {                                            \
+    begin_kernel();                                                                            \
     silu_mul_all<D>(out, gate_up, rows, cols);                                                     \
   }                                                                                                \
   MMREG_KERNEL void rope_##suffix(D::T* out, const D::T* qkv, const D::T* cos, const D::T* sin,     \
                                   long long tokens, int heads, int rotated, int dim,               \
                                   D::T* key_cache, D::T* value_cache, const long long* slots,      \
                                   int kv_heads) {                                                  \
+    begin_kernel();                                                                            \
     rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache, slots,    \
                 kv_heads);                                                                         \
   }                                                                                                \
   MMREG_KERNEL void paged_decode_combine_##suffix(D::T* out, const float* partial_acc,              \
                                                   const float* partial_max,                        \
                                                   const float* partial_sum, int splits, int dim) { \
+    begin_kernel();                                                                            \
     paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, splits, dim);          \
   }                                                                                                \
   MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
@@ -737,8 +951,13 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
                                             const D::T* bias, long long n, long long k) {          \
     linear_one_row<D>(y, x, w, bias, n, k);                                                        \
   }                                                                                                \
+  MMREG_KERNEL void linear_few_rows_##suffix(D::T* y, const D::T* x, const D::T* w,                 \
+                                             const D::T* bias, int m, long long n, long long k) {  \
+    linear_few_rows<D>(y, x, w, bias, m, n, k);                                                    \
+  }                                                                                                \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
+    begin_kernel();                                                                            \
     silu_mul_vectors<D>(out, gate_up, rows, cols);                                                 \
   }                                                                                                \
   MMREG_KERNEL void rope_vectors_##suffix(D::T* out, const D::T* qkv, const D::T* cos,              \
@@ -746,6 +965,7 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
                                           int rotated, int dim, D::T* key_cache,                   \
                                           D::T* value_cache, const long long* slots,               \
                                           int kv_heads) {                                          \
+    begin_kernel();                                                                            \
     rope_vectors<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache,       \
                     slots, kv_heads);                                                              \
   }

@@ -171,9 +171,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 19 kernels in each of 3 dtypes.
+        // 20 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 57,
+            kernels, 60,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -476,21 +476,29 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
     assert_identical("rope in a graph", &roped, &hf_rope(&qkv, &cos, &sin, 8));
 }
 
-/// The linear kernel for a decode step of one sequence against the product in f64: within a rounding of
-/// the dtype relative to the largest output (both sums are f32, in different orders), with and without
-/// bias, weights whose rows do not fill the last block (37) and inputs that take a warp more than one
-/// pass (k = 520); two rows, eight, and a k that is not a multiple of a vector take libtorch's product.
+/// The linear kernels for a decode step of one sequence, and of 2 to 16 (bf16 and f16: the tensor
+/// cores' mma on a GPU, the same products by shuffles in the emulator), against the product in f64:
+/// within a rounding of the dtype relative to the largest output (the sums are f32, in different
+/// orders), with and without bias, weights whose rows do not fill the last block (37) or tile of 16,
+/// inputs that take a warp more than one pass (k = 520) and a k that ends inside a chunk of 32 (200,
+/// 520); rows that fill one tile of 8 of x's rows (5, 8) or two (9, 16). 17 rows, f32 with more than
+/// one row, and a k that is not a multiple of a vector take libtorch's product.
 #[test]
-fn linear_for_one_row_matches_the_product() {
+fn linear_for_few_rows_matches_the_product() {
     for mode in modes() {
         let device = mode.device();
         for kind in KINDS {
+            let few = kind != Kind::Float;
             for (rows, n, k, with_bias, kernel) in [
                 (1, 37, 520, false, true),
                 (1, 16, 64, true, true),
                 (1, 37, 200, true, true),
-                (2, 37, 200, true, false),
-                (8, 24, 520, false, false),
+                (2, 37, 200, true, few),
+                (5, 16, 64, false, few),
+                (8, 24, 520, false, few),
+                (9, 37, 200, true, few),
+                (16, 40, 136, false, few),
+                (17, 16, 64, false, false),
                 (1, 16, 66, false, false),
             ] {
                 let before = kernels::launches("linear").expect("a family");

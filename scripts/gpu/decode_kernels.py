@@ -8,7 +8,9 @@ $OUT/decode-kernels.json, written after each measurement.
 Usage: python3 scripts/gpu/decode_kernels.py gpu-stage/run.sh   (decode_kernels.sh runs the GPU tests first)
 Switches: OFF=0 skips the libtorch-ops runs; BLOCKS=1024,2048 sets the attention block targets tried
 beside the default split (by occupancy) on LLaVA-1.5 at batches 8 and 32 (default 4096; empty: none), and
-BLOCKS_NEXT the same on LLaVA-NeXT at batch 8 (default: none).
+BLOCKS_NEXT the same on LLaVA-NeXT at batch 8 (default: none). VARIANTS="A=1,B=2;C=0" runs mmreg once more
+for each ;-separated set of environment variables, on LLaVA-1.5 at VARIANT_BATCHES (default 1,8,32), and
+VARIANTS_NEXT on LLaVA-NeXT at batches 1 and 8 (default: none).
 """
 import os, subprocess, sys
 
@@ -39,6 +41,11 @@ for shape in SHAPES:
     for blocks in filter(None, os.environ.get("BLOCKS" if first else "BLOCKS_NEXT", "4096" if first else "").split(",")):
         batches = "8,32" if first else "8"
         rec["peers"].append(bench(batches, fused=True, env_extra={"MMREG_DECODE_ATTENTION_BLOCKS": blocks}))
+        write_json("decode-kernels.json", result)
+    for variant in filter(None, os.environ.get("VARIANTS" if first else "VARIANTS_NEXT", "").split(";")):
+        env = dict(pair.split("=", 1) for pair in variant.split(","))
+        batches = os.environ.get("VARIANT_BATCHES", "1,8,32") if first else "1,8"
+        rec["peers"].append(bench(batches, fused=True, env_extra=env))
         write_json("decode-kernels.json", result)
     if first:
         for name in ["decode_bs1", "decode_bs8", "prefill_bs1"]:

@@ -38,8 +38,9 @@ unsafe impl Sync for Function {}
 /// The kernels' names without their dtype suffix, in the emulator's order (`kEmulated` in
 /// `csrc/kernel_emulator.cpp`): the elementwise ones, then decode attention for heads of up to 64, 128
 /// and 256 elements (a position's row read by 8, 16 or 32 lanes), each holding up to 1, 4 or 8 query
-/// heads per key/value head; then the linear layer for one row, and silu_mul and rope in 16-byte vectors.
-pub(super) const NAMES: [&str; 19] = [
+/// heads per key/value head; then the linear layer for one row, silu_mul and rope in 16-byte vectors, and
+/// the linear layer for a few rows.
+pub(super) const NAMES: [&str; 20] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -59,6 +60,7 @@ pub(super) const NAMES: [&str; 19] = [
     "linear_one_row",
     "silu_mul_vectors",
     "rope_vectors",
+    "linear_few_rows",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -73,6 +75,12 @@ pub(super) const ATTENTION_VARIANTS: usize = LANES.len() * GROUPS.len();
 const LINEAR: usize = 16;
 const SILU_MUL_VECTORS: usize = 17;
 const ROPE_VECTORS: usize = 18;
+const LINEAR_FEW_ROWS: usize = 19;
+/// The most rows of x the few-rows linear kernel takes (`kFewMaxRows`), its warps per block
+/// (`kFewWarps`) and weight rows per block (`kFewTile`).
+pub(super) const FEW_ROWS: i64 = 16;
+const FEW_ROWS_WARPS: u32 = 8;
+const FEW_ROWS_TILE: i64 = 16;
 /// Warps per block of the linear kernel, and weight rows per warp (`kLinearWarps`, `kLinearRows`).
 const LINEAR_WARPS: u32 = 4;
 const LINEAR_ROWS_PER_WARP: i64 = 2;
@@ -120,6 +128,8 @@ pub(super) struct Kernels {
     /// read).
     pub(super) target_blocks: Option<i64>,
     pub(super) min_chunk: Option<i64>,
+    /// Launch with programmatic dependent launches (an sm_90+ device, `MMREG_PDL` not `0`).
+    pub(super) programmatic: bool,
     pub(super) attention_resident: [[i64; ATTENTION_VARIANTS]; 3],
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
@@ -157,6 +167,7 @@ pub(super) static EMULATED: Kernels = {
         max_grid: (3, 3),
         target_blocks: Some(32),
         min_chunk: Some(8),
+        programmatic: false,
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
         f32: for_kind(0),
         bf16: for_kind(1),
@@ -221,7 +232,14 @@ impl Kernels {
     fn launch(&self, f: Function, grid: (i64, i64), block: u32, args: &mut [*mut c_void]) {
         let (x, y) = (grid.0.max(1) as u32, grid.1.max(1) as u32);
         let status = match f {
-            Function::Cuda(function) => nvrtc::launch(function, self.device, (x, y), block, args),
+            Function::Cuda(function) => nvrtc::launch(
+                function,
+                self.device,
+                (x, y),
+                block,
+                args,
+                self.programmatic,
+            ),
             // SAFETY: as for the CUDA launch: the arguments match the kernel's parameters and point at
             // live buffers (here in host memory) of its dtype and size.
             Function::Emulated(id) => unsafe {
@@ -475,33 +493,50 @@ impl Kernels {
         out
     }
 
-    /// `x · weightᵀ (+ bias)` for `x` of one row (checked by [`super::linear`]).
+    /// `x · weightᵀ (+ bias)` for `x` of one row, or of up to [`FEW_ROWS`] rows on the tensor cores
+    /// (checked by [`super::linear`]).
     pub(super) fn linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let [n, k] = weight.size()[..] else {
             unreachable!("checked by kernels::linear")
         };
+        let rows = x.numel() as i64 / k.max(1);
         let mut size = x.size();
         *size.last_mut().expect("checked by kernels::linear") = n;
         let y = Tensor::empty(size, (x.kind(), x.device()));
         let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
         let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
-        let (mut n, mut k) = (n, k);
-        let mut args = [
-            arg!(y_p),
-            arg!(x_p),
-            arg!(w_p),
-            arg!(bias_p),
-            arg!(n),
-            arg!(k),
-        ];
-        let per_block = LINEAR_WARPS as i64 * LINEAR_ROWS_PER_WARP;
-        let grid = self.grid((n + per_block - 1) / per_block, 1);
-        self.launch(
-            self.of(x.kind()).0[LINEAR],
-            grid,
-            LINEAR_WARPS * 32,
-            &mut args,
-        );
+        let (mut n, mut k, mut m) = (n, k, rows as i32);
+        let kernels = self.of(x.kind());
+        if rows == 1 {
+            let mut args = [
+                arg!(y_p),
+                arg!(x_p),
+                arg!(w_p),
+                arg!(bias_p),
+                arg!(n),
+                arg!(k),
+            ];
+            let per_block = LINEAR_WARPS as i64 * LINEAR_ROWS_PER_WARP;
+            let grid = self.grid((n + per_block - 1) / per_block, 1);
+            self.launch(kernels.0[LINEAR], grid, LINEAR_WARPS * 32, &mut args);
+        } else {
+            let mut args = [
+                arg!(y_p),
+                arg!(x_p),
+                arg!(w_p),
+                arg!(bias_p),
+                arg!(m),
+                arg!(n),
+                arg!(k),
+            ];
+            let grid = self.grid((n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE, 1);
+            self.launch(
+                kernels.0[LINEAR_FEW_ROWS],
+                grid,
+                FEW_ROWS_WARPS * 32,
+                &mut args,
+            );
+        }
         counted(5);
         y
     }

@@ -226,9 +226,10 @@ pub fn paged_decode_attention(
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
 /// `bias` `[n]`. A decode step of one sequence (one row) takes a kernel of our own that streams the
 /// weight in 16-byte vectors: on an H200 it reads the weights at ~89% of the measured bandwidth, more
-/// than cuBLAS's kernels for one row. More rows (where cuBLAS's kernels win), and wherever the kernels
+/// than cuBLAS's kernels for one row. A step of 2 to 16 sequences in bf16 or f16 takes one that streams
+/// the weight once for all rows and multiplies on the tensor cores. More rows, and wherever the kernels
 /// do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other
-/// kernels run (for comparisons).
+/// kernels run, `MMREG_FUSED_LINEAR=one` for all but one row (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let fits = || {
         let [n, cols] = weight.size()[..] else {
@@ -241,8 +242,14 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         // The CPU emulator runs every CUDA thread as an OS thread: a tiny model's 32k-row LM head would
         // take it minutes, so there only small weights take the kernel (the rest libtorch's product).
         let emulated_fits = x.device().is_cuda() || n <= 4096;
+        // One row in every dtype; a few on the tensor cores, in bf16 and f16.
+        let rows = x.numel() as i64 / cols.max(1);
+        let rows_fit = rows == 1
+            || (few_rows_enabled()
+                && (2..=launch::FEW_ROWS).contains(&rows)
+                && matches!(x.kind(), Kind::BFloat16 | Kind::Half));
         x.size().last() == Some(&cols)
-            && x.numel() as i64 == cols
+            && rows_fit
             && cols % per_vector == 0
             && launch::aligned(x, 16)
             && launch::aligned(weight, 16)
@@ -255,10 +262,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     }
 }
 
-/// Whether [`linear`] may take its kernel (`MMREG_FUSED_LINEAR=0` says no), read once.
+/// Whether [`linear`] may take its kernels (`MMREG_FUSED_LINEAR=0` says no), read once.
 fn linear_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "0"))
+}
+
+/// Whether [`linear`] takes the few-rows kernel for 2 to 16 rows (`MMREG_FUSED_LINEAR=one` keeps
+/// them on cuBLAS, as before it), read once.
+fn few_rows_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "one"))
 }
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,

@@ -45,7 +45,9 @@ mod shim {
             grid_y: u32,
             block: u32,
             args: *mut *mut c_void,
+            programmatic: i32,
         ) -> i32;
+        fn mmreg_kernels_programmatic(device: i32) -> i32;
     }
 
     /// Compiled and checked once per device, or why not (logged once, the message kept for good).
@@ -171,11 +173,19 @@ mod shim {
                 .and_then(|v| v.parse().ok())
                 .filter(|&blocks: &i64| blocks > 0),
             min_chunk: None,
+            // SAFETY: a query of the device's attributes; the shim catches every C++ exception.
+            programmatic: programmatic_enabled()
+                && unsafe { mmreg_kernels_programmatic(device as i32) } == 1,
             attention_resident,
             f32,
             bf16,
             f16,
         })
+    }
+
+    /// Programmatic dependent launches unless `MMREG_PDL=0` (read once per device load).
+    fn programmatic_enabled() -> bool {
+        std::env::var("MMREG_PDL").map_or(true, |v| v != "0")
     }
 
     pub(in crate::kernels) fn launch(
@@ -184,11 +194,22 @@ mod shim {
         (grid_x, grid_y): (u32, u32),
         block: u32,
         args: &mut [*mut c_void],
+        programmatic: bool,
     ) -> i32 {
         // SAFETY: the caller passes arguments matching the kernel's parameters, every tensor pointer a
         // live contiguous CUDA buffer of the kernel's dtype and size; the shim catches every C++
         // exception.
-        unsafe { mmreg_kernels_launch(function, device, grid_x, grid_y, block, args.as_mut_ptr()) }
+        unsafe {
+            mmreg_kernels_launch(
+                function,
+                device,
+                grid_x,
+                grid_y,
+                block,
+                args.as_mut_ptr(),
+                programmatic as i32,
+            )
+        }
     }
 }
 
@@ -217,6 +238,7 @@ mod shim {
         _: (u32, u32),
         _: u32,
         _: &mut [*mut c_void],
+        _: bool,
     ) -> i32 {
         unreachable!("no CUDA kernels are loaded without the shim")
     }

@@ -57,6 +57,15 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &k.linear(&x, &weight, Some(&bias)),
             &x.linear(&weight, Some(&bias)),
         )?;
+        // 12 rows (two tiles of x's rows) on the tensor cores, in their dtypes.
+        if kind != Kind::Float {
+            let x = w(&[12, 200], 1.6);
+            compare(
+                "linear_few_rows",
+                &k.linear(&x, &weight, Some(&bias)),
+                &x.linear(&weight, Some(&bias)),
+            )?;
+        }
         let gate_up = w(&[3, 2 * 300], 0.4);
         compare(
             "silu_mul",
