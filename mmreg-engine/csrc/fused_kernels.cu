@@ -650,6 +650,35 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
 constexpr int kLinearWarps = 4;
 constexpr int kLinearRows = 2;
 
+// W 32-bit words of weights at p (16-byte aligned), loaded past L1 (ld.global.nc.L1::no_allocate): a
+// weight is read once per step, so it should not evict the activations that every warp reads again.
+template <int W>
+__device__ __forceinline__ Pack<unsigned, W> load_streamed(const void* p) {
+  Pack<unsigned, W> v;
+#ifdef MMREG_EMULATE
+  v = *reinterpret_cast<const Pack<unsigned, W>*>(p);
+#else
+#pragma unroll
+  for (int i = 0; i < W; i += 4) {
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.e[i]), "=r"(v.e[i + 1]), "=r"(v.e[i + 2]), "=r"(v.e[i + 3])
+        : "l"(reinterpret_cast<const unsigned*>(p) + i));
+  }
+#endif
+  return v;
+}
+
+// Element e of a run of the dtype held as 32-bit words (two a word in bf16 and f16, the first in the
+// low half).
+template <typename D, int W>
+__device__ __forceinline__ float run_element(const Pack<unsigned, W>& run, int e) {
+  if constexpr (sizeof(typename D::T) == 2) {
+    return D::load((u16)(run.e[e / 2] >> (16 * (e % 2))));
+  } else {
+    return D::load(__uint_as_float(run.e[e]));
+  }
+}
+
 template <typename D>
 __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                const typename D::T* bias, long long n, long long k) {
@@ -683,10 +712,10 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
     }
 #pragma unroll 4
     for (long long c = lane * N; c < k; c += 32 * N) {
-      V weights[kLinearRows];
+      Pack<unsigned, 4> weights[kLinearRows];
 #pragma unroll
       for (int r = 0; r < kLinearRows; ++r) {
-        weights[r] = *reinterpret_cast<const V*>(row[r] + c);
+        weights[r] = load_streamed<4>(row[r] + c);
       }
       const V input = *reinterpret_cast<const V*>(x + c);
 #pragma unroll
@@ -694,7 +723,7 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
         const float v = D::load(input.e[e]);
 #pragma unroll
         for (int r = 0; r < kLinearRows; ++r) {
-          acc[r] += D::load(weights[r].e[e]) * v;
+          acc[r] += run_element<D>(weights[r], e) * v;
         }
       }
     }
@@ -737,15 +766,6 @@ template <typename D>
 struct FewRun {
   typedef Pack<unsigned, 4 * (int)sizeof(typename D::T) / 2> T;
 };
-
-template <typename D>
-__device__ __forceinline__ float run_element(const typename FewRun<D>::T& run, int e) {
-  if constexpr (sizeof(typename D::T) == 2) {
-    return D::load((u16)(run.e[e / 2] >> (16 * (e % 2))));
-  } else {
-    return D::load(__uint_as_float(run.e[e]));
-  }
-}
 
 // c[tile] += the products of one chunk: w's rows g and g + 8 (runs wa, wb) by x's rows 8·tile + 2t and
 // 8·tile + 2t + 1 (x[tile]: the lane's run of row 8·tile + g), for `tiles` (1 or 2) tiles of x's rows.
@@ -838,8 +858,8 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
           wa[u].e[i] = wb[u].e[i] = xv[u][0].e[i] = xv[u][1].e[i] = 0u;
         }
         if (at < k) {
-          wa[u] = *reinterpret_cast<const V*>(wa_row + at);
-          wb[u] = *reinterpret_cast<const V*>(wb_row + at);
+          wa[u] = load_streamed<(int)(sizeof(V) / 4)>(wa_row + at);
+          wb[u] = load_streamed<(int)(sizeof(V) / 4)>(wb_row + at);
           xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
         }
         if (at < k && tiles == 2) {

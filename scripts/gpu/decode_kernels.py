@@ -10,7 +10,8 @@ Switches: OFF=0 skips the libtorch-ops runs; BLOCKS=1024,2048 sets the attention
 beside the default split (by occupancy) on LLaVA-1.5 at batches 8 and 32 (default 4096; empty: none), and
 BLOCKS_NEXT the same on LLaVA-NeXT at batch 8 (default: none). VARIANTS="A=1,B=2;C=0" runs mmreg once more
 for each ;-separated set of environment variables, on LLaVA-1.5 at VARIANT_BATCHES (default 1,8,32), and
-VARIANTS_NEXT on LLaVA-NeXT at batches 1 and 8 (default: none).
+VARIANTS_NEXT on LLaVA-NeXT at batches 1 and 8 (default: none); a variant also named in TRACED is traced
+(decode at batches 1 and 8 summarised).
 """
 import os, subprocess, sys
 
@@ -42,11 +43,17 @@ for shape in SHAPES:
         batches = "8,32" if first else "8"
         rec["peers"].append(bench(batches, fused=True, env_extra={"MMREG_DECODE_ATTENTION_BLOCKS": blocks}))
         write_json("decode-kernels.json", result)
-    for variant in filter(None, os.environ.get("VARIANTS" if first else "VARIANTS_NEXT", "").split(";")):
+    variants = filter(None, os.environ.get("VARIANTS" if first else "VARIANTS_NEXT", "").split(";"))
+    for i, variant in enumerate(variants):
         env = dict(pair.split("=", 1) for pair in variant.split(","))
         batches = os.environ.get("VARIANT_BATCHES", "1,8,32") if first else "1,8"
-        rec["peers"].append(bench(batches, fused=True, env_extra=env))
+        traced = f"/tmp/trace-{'llava' if first else 'next'}-{i}" if variant in os.environ.get("TRACED", "") else None
+        rec["peers"].append(bench(batches, fused=True, env_extra=env, trace=traced))
         write_json("decode-kernels.json", result)
+        if traced:
+            print(f"traces of {variant}:", flush=True)
+            for name in ["decode_bs1", "decode_bs8"]:
+                subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{traced}/{name}.json"])
     if first:
         for name in ["decode_bs1", "decode_bs8", "prefill_bs1"]:
             subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{TRACE}/{name}.json"])
