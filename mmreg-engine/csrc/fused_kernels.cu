@@ -12,6 +12,10 @@ typedef unsigned short u16;
 #ifndef MMREG_KERNEL
 #define MMREG_KERNEL extern "C" __global__
 #endif
+// At most the registers that let `blocks` blocks of `threads` share an SM (the emulator ignores it).
+#ifndef MMREG_BOUNDS
+#define MMREG_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
+#endif
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
@@ -395,6 +399,19 @@ __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const
 // threads.
 constexpr int kWarps = 4;
 constexpr int kMaxGroupDim = 1024;  // group * dim
+// Blocks per SM the registers of a variant for one query head of heads up to 128 must allow: 3 on
+// Hopper (168 registers: what the LLaVA-1.5 decode measurements ran with), no bound on older GPUs (where
+// that bound would spill).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define MMREG_ATTENTION_G1_BLOCKS 2
+#else
+#define MMREG_ATTENTION_G1_BLOCKS 3
+#endif
+// Whether a warp prefetches its next tile into L2 (on unless the loader defines it 0:
+// MMREG_ATTENTION_PREFETCH=0 in the environment, for comparisons).
+#ifndef MMREG_ATTENTION_PREFETCH
+#define MMREG_ATTENTION_PREFETCH 1
+#endif
 constexpr int kRun = 8;
 
 // Key (and value) loads in flight per lane in a tile: 8 vectors of 16 bytes, 4 with 8 query heads (their
@@ -472,14 +489,30 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
     running_max[g] = -INFINITY;
     running_sum[g] = 0.0f;
   }
-  // Lane l holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
+  // Lane l holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread), and
+  // of the warp's next tile: fetched two tiles ahead, so that the next tile's keys and values can be
+  // prefetched into L2 while this one is read and summed (its loads then wait for L2, not for memory).
+  constexpr long long kStep = (long long)kWarps * kTile;
   long long p0 = begin + warp * kTile;
   long long slot = lane < kTile && p0 + lane < end ? seq_slots[p0 + lane] : 0;
+  long long next_slot = lane < kTile && p0 + kStep + lane < end ? seq_slots[p0 + kStep + lane] : 0;
   // p0 < end, so the tile's first position is real (the same for the whole warp, as every branch with a
   // shuffle below: the shuffles see all 32 lanes).
-  for (; p0 < end; p0 += kWarps * kTile) {
-    const long long next = p0 + kWarps * kTile;
-    const long long next_slot = lane < kTile && next + lane < end ? seq_slots[next + lane] : 0;
+  for (; p0 < end; p0 += kStep) {
+    const long long after = p0 + 2 * kStep;
+    const long long after_slot = lane < kTile && after + lane < end ? seq_slots[after + lane] : 0;
+    if (MMREG_ATTENTION_PREFETCH && p0 + kStep < end) {
+#pragma unroll
+      for (int i = 0; i < kLoads; ++i) {
+        const int u = i * P + sub;
+        const long long s = __shfl_sync(0xffffffffu, next_slot, u);
+        if (p0 + kStep + u < end && count > 0) {
+          const long long offset = (s * kv_heads + kv_head) * dim + first;
+          prefetch_l2(key_cache + offset);
+          prefetch_l2(value_cache + offset);
+        }
+      }
+    }
     V key[kLoads], value[kLoads];
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
@@ -540,6 +573,7 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
       }
     }
     slot = next_slot;
+    next_slot = after_slot;
   }
   // The P lanes that held the same elements for different positions share one maximum: sum them.
 #pragma unroll
@@ -650,35 +684,6 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
 constexpr int kLinearWarps = 4;
 constexpr int kLinearRows = 2;
 
-// W 32-bit words of weights at p (16-byte aligned), loaded past L1 (ld.global.nc.L1::no_allocate): a
-// weight is read once per step, so it should not evict the activations that every warp reads again.
-template <int W>
-__device__ __forceinline__ Pack<unsigned, W> load_streamed(const void* p) {
-  Pack<unsigned, W> v;
-#ifdef MMREG_EMULATE
-  v = *reinterpret_cast<const Pack<unsigned, W>*>(p);
-#else
-#pragma unroll
-  for (int i = 0; i < W; i += 4) {
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-        : "=r"(v.e[i]), "=r"(v.e[i + 1]), "=r"(v.e[i + 2]), "=r"(v.e[i + 3])
-        : "l"(reinterpret_cast<const unsigned*>(p) + i));
-  }
-#endif
-  return v;
-}
-
-// Element e of a run of the dtype held as 32-bit words (two a word in bf16 and f16, the first in the
-// low half).
-template <typename D, int W>
-__device__ __forceinline__ float run_element(const Pack<unsigned, W>& run, int e) {
-  if constexpr (sizeof(typename D::T) == 2) {
-    return D::load((u16)(run.e[e / 2] >> (16 * (e % 2))));
-  } else {
-    return D::load(__uint_as_float(run.e[e]));
-  }
-}
-
 template <typename D>
 __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                const typename D::T* bias, long long n, long long k) {
@@ -712,10 +717,10 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
     }
 #pragma unroll 4
     for (long long c = lane * N; c < k; c += 32 * N) {
-      Pack<unsigned, 4> weights[kLinearRows];
+      V weights[kLinearRows];
 #pragma unroll
       for (int r = 0; r < kLinearRows; ++r) {
-        weights[r] = load_streamed<4>(row[r] + c);
+        weights[r] = *reinterpret_cast<const V*>(row[r] + c);
       }
       const V input = *reinterpret_cast<const V*>(x + c);
 #pragma unroll
@@ -723,7 +728,7 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
         const float v = D::load(input.e[e]);
 #pragma unroll
         for (int r = 0; r < kLinearRows; ++r) {
-          acc[r] += run_element<D>(weights[r], e) * v;
+          acc[r] += D::load(weights[r].e[e]) * v;
         }
       }
     }
@@ -766,6 +771,15 @@ template <typename D>
 struct FewRun {
   typedef Pack<unsigned, 4 * (int)sizeof(typename D::T) / 2> T;
 };
+
+template <typename D>
+__device__ __forceinline__ float run_element(const typename FewRun<D>::T& run, int e) {
+  if constexpr (sizeof(typename D::T) == 2) {
+    return D::load((u16)(run.e[e / 2] >> (16 * (e % 2))));
+  } else {
+    return D::load(__uint_as_float(run.e[e]));
+  }
+}
 
 // c[tile] += the products of one chunk: w's rows g and g + 8 (runs wa, wb) by x's rows 8·tile + 2t and
 // 8·tile + 2t + 1 (x[tile]: the lane's run of row 8·tile + g), for `tiles` (1 or 2) tiles of x's rows.
@@ -858,8 +872,8 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
           wa[u].e[i] = wb[u].e[i] = xv[u][0].e[i] = xv[u][1].e[i] = 0u;
         }
         if (at < k) {
-          wa[u] = load_streamed<(int)(sizeof(V) / 4)>(wa_row + at);
-          wb[u] = load_streamed<(int)(sizeof(V) / 4)>(wb_row + at);
+          wa[u] = *reinterpret_cast<const V*>(wa_row + at);
+          wb[u] = *reinterpret_cast<const V*>(wb_row + at);
           xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
         }
         if (at < k && tiles == 2) {
@@ -898,7 +912,9 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 }
 
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
-  MMREG_KERNEL void paged_decode_attention_r##R##_g##G##_##suffix(                                  \
+  MMREG_KERNEL void MMREG_BOUNDS(kWarps * 32,                                                     \
+                                G == 1 && R < 32 ? MMREG_ATTENTION_G1_BLOCKS : 2)                 \
+      paged_decode_attention_r##R##_g##G##_##suffix(                                              \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \

@@ -226,10 +226,11 @@ pub fn paged_decode_attention(
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
 /// `bias` `[n]`. A decode step of one sequence (one row) takes a kernel of our own that streams the
 /// weight in 16-byte vectors: on an H200 it reads the weights at ~89% of the measured bandwidth, more
-/// than cuBLAS's kernels for one row. A step of 2 to 16 sequences in bf16 or f16 takes one that streams
-/// the weight once for all rows and multiplies on the tensor cores. More rows, and wherever the kernels
-/// do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other
-/// kernels run, `MMREG_FUSED_LINEAR=one` for all but one row (for comparisons).
+/// than cuBLAS's kernels for one row. With `MMREG_FUSED_LINEAR=few` (or [`set_few_rows_linear`]), a
+/// step of 2 to 16 sequences in bf16 or f16 takes one that streams the weight once for all rows and
+/// multiplies on the tensor cores (level with cuBLAS at 8 rows on an H200, so off by default). More
+/// rows, and wherever the kernels do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's
+/// for every size while the other kernels run (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let fits = || {
         let [n, cols] = weight.size()[..] else {
@@ -268,11 +269,32 @@ fn linear_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "0"))
 }
 
-/// Whether [`linear`] takes the few-rows kernel for 2 to 16 rows (`MMREG_FUSED_LINEAR=one` keeps
-/// them on cuBLAS, as before it), read once.
+/// 0: not decided yet (read `MMREG_FUSED_LINEAR` on first use), 1: off, 2: on.
+static FEW_ROWS: AtomicU8 = AtomicU8::new(0);
+
+/// Switches the few-rows linear kernel on or off for the whole process (overrides
+/// `MMREG_FUSED_LINEAR`). Off by default: on an H200 it measured level with cuBLAS's kernels at 8 rows,
+/// slightly behind (docs/benchmarks.md, runs 32–33).
+pub fn set_few_rows_linear(on: bool) {
+    FEW_ROWS.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// Whether [`linear`] takes the few-rows kernel for 2 to 16 rows: [`set_few_rows_linear`], else
+/// `MMREG_FUSED_LINEAR=few`.
 fn few_rows_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "one"))
+    match FEW_ROWS.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("MMREG_FUSED_LINEAR").is_ok_and(|v| v == "few");
+            let _ = FEW_ROWS.compare_exchange(
+                0,
+                if on { 2 } else { 1 },
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            FEW_ROWS.load(Ordering::Relaxed) == 2
+        }
+        state => state == 2,
+    }
 }
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
