@@ -12,10 +12,6 @@ typedef unsigned short u16;
 #ifndef MMREG_KERNEL
 #define MMREG_KERNEL extern "C" __global__
 #endif
-// At most the registers that let `blocks` blocks of `threads` share an SM (the emulator ignores it).
-#ifndef MMREG_BOUNDS
-#define MMREG_BOUNDS(threads, blocks) __launch_bounds__(threads, blocks)
-#endif
 #ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
 #endif
@@ -399,19 +395,6 @@ __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const
 // threads.
 constexpr int kWarps = 4;
 constexpr int kMaxGroupDim = 1024;  // group * dim
-// Blocks per SM the registers of a variant for one query head of heads up to 128 must allow: 3 on
-// Hopper (168 registers: what the LLaVA-1.5 decode measurements ran with), no bound on older GPUs (where
-// that bound would spill).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define MMREG_ATTENTION_G1_BLOCKS 2
-#else
-#define MMREG_ATTENTION_G1_BLOCKS 3
-#endif
-// Whether a warp prefetches its next tile into L2 (on unless the loader defines it 0:
-// MMREG_ATTENTION_PREFETCH=0 in the environment, for comparisons).
-#ifndef MMREG_ATTENTION_PREFETCH
-#define MMREG_ATTENTION_PREFETCH 1
-#endif
 constexpr int kRun = 8;
 
 // Key (and value) loads in flight per lane in a tile: 8 vectors of 16 bytes, 4 with 8 query heads (their
@@ -489,30 +472,14 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
     running_max[g] = -INFINITY;
     running_sum[g] = 0.0f;
   }
-  // Lane l holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread), and
-  // of the warp's next tile: fetched two tiles ahead, so that the next tile's keys and values can be
-  // prefetched into L2 while this one is read and summed (its loads then wait for L2, not for memory).
-  constexpr long long kStep = (long long)kWarps * kTile;
+  // Lane l holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
   long long p0 = begin + warp * kTile;
   long long slot = lane < kTile && p0 + lane < end ? seq_slots[p0 + lane] : 0;
-  long long next_slot = lane < kTile && p0 + kStep + lane < end ? seq_slots[p0 + kStep + lane] : 0;
   // p0 < end, so the tile's first position is real (the same for the whole warp, as every branch with a
   // shuffle below: the shuffles see all 32 lanes).
-  for (; p0 < end; p0 += kStep) {
-    const long long after = p0 + 2 * kStep;
-    const long long after_slot = lane < kTile && after + lane < end ? seq_slots[after + lane] : 0;
-    if (MMREG_ATTENTION_PREFETCH && p0 + kStep < end) {
-#pragma unroll
-      for (int i = 0; i < kLoads; ++i) {
-        const int u = i * P + sub;
-        const long long s = __shfl_sync(0xffffffffu, next_slot, u);
-        if (p0 + kStep + u < end && count > 0) {
-          const long long offset = (s * kv_heads + kv_head) * dim + first;
-          prefetch_l2(key_cache + offset);
-          prefetch_l2(value_cache + offset);
-        }
-      }
-    }
+  for (; p0 < end; p0 += kWarps * kTile) {
+    const long long next = p0 + kWarps * kTile;
+    const long long next_slot = lane < kTile && next + lane < end ? seq_slots[next + lane] : 0;
     V key[kLoads], value[kLoads];
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
@@ -573,7 +540,6 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
       }
     }
     slot = next_slot;
-    next_slot = after_slot;
   }
   // The P lanes that held the same elements for different positions share one maximum: sum them.
 #pragma unroll
@@ -912,9 +878,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 }
 
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
-  MMREG_KERNEL void MMREG_BOUNDS(kWarps * 32,                                                     \
-                                G == 1 && R < 32 ? MMREG_ATTENTION_G1_BLOCKS : 2)                 \
-      paged_decode_attention_r##R##_g##G##_##suffix(                                              \
+  MMREG_KERNEL void paged_decode_attention_r##R##_g##G##_##suffix(                                  \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \

@@ -98,7 +98,6 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 
 #define MMREG_EMULATE
 #define MMREG_KERNEL static
-#define MMREG_BOUNDS(threads, blocks)
 #define __global__
 #define __device__
 #define __forceinline__ inline

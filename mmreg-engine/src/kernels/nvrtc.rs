@@ -115,14 +115,7 @@ mod shim {
     }
 
     fn load(device: usize) -> Result<Kernels, String> {
-        // MMREG_ATTENTION_PREFETCH=0 compiles decode attention without its L2 prefetch (comparisons).
-        let prefetch = std::env::var("MMREG_ATTENTION_PREFETCH").map_or(true, |v| v != "0");
-        let defines = if prefetch {
-            ""
-        } else {
-            "#define MMREG_ATTENTION_PREFETCH 0\n"
-        };
-        let source = CString::new(format!("{defines}{SOURCE}")).map_err(|e| e.to_string())?;
+        let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
         let mut module = std::ptr::null_mut();
         // SAFETY: as in `compile_for`; the shim sets `module` on success.
         with_error(|error, capacity| unsafe {
