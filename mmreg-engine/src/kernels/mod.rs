@@ -1,6 +1,6 @@
 //! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
 //! embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
-//! one-sequence decode step. The elementwise ones replace several libtorch kernels each and compute the
+//! one-sequence decode step (and, switched on, of 2 to 16 sequences on the tensor cores). The elementwise ones replace several libtorch kernels each and compute the
 //! same values (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op
 //! code does).
 //!
@@ -32,32 +32,48 @@ mod self_check;
 use launch::{Kernels, EMULATED};
 use reference as unfused;
 
-/// 0: not decided yet (read `MMREG_FUSED_KERNELS` on first use), 1: off, 2: on.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
+/// A process-wide on/off switch: set by a function, else decided on first use (from the environment).
+struct Switch(AtomicU8);
+
+impl Switch {
+    /// Not decided yet.
+    const fn new() -> Self {
+        Switch(AtomicU8::new(0))
+    }
+
+    fn set(&self, on: bool) {
+        self.0.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    }
+
+    /// The switch as set, else `decide()`'s answer, kept (a concurrent `set` wins over it).
+    fn get(&self, decide: impl FnOnce() -> bool) -> bool {
+        match self.0.load(Ordering::Relaxed) {
+            0 => {
+                let on = decide();
+                let _ = self.0.compare_exchange(
+                    0,
+                    if on { 2 } else { 1 },
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                self.0.load(Ordering::Relaxed) == 2
+            }
+            state => state == 2,
+        }
+    }
+}
+
+static ENABLED: Switch = Switch::new();
 
 /// Switches the fused kernels on or off for the whole process (overrides `MMREG_FUSED_KERNELS`).
 pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// Whether the fused kernels are switched on: [`set_enabled`], else unless `MMREG_FUSED_KERNELS` is
 /// `0` (or empty).
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        0 => {
-            let on =
-                std::env::var("MMREG_FUSED_KERNELS").map_or(true, |v| !v.is_empty() && v != "0");
-            // A concurrent set_enabled wins over the environment.
-            let _ = ENABLED.compare_exchange(
-                0,
-                if on { 2 } else { 1 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            ENABLED.load(Ordering::Relaxed) == 2
-        }
-        state => state == 2,
-    }
+    ENABLED.get(|| std::env::var("MMREG_FUSED_KERNELS").map_or(true, |v| !v.is_empty() && v != "0"))
 }
 
 /// Whether the fused kernels run for tensors on `device`: switched on ([`enabled`]), a CUDA device, the
@@ -269,32 +285,19 @@ fn linear_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "0"))
 }
 
-/// 0: not decided yet (read `MMREG_FUSED_LINEAR` on first use), 1: off, 2: on.
-static FEW_ROWS: AtomicU8 = AtomicU8::new(0);
+static FEW_ROWS: Switch = Switch::new();
 
 /// Switches the few-rows linear kernel on or off for the whole process (overrides
 /// `MMREG_FUSED_LINEAR`). Off by default: on an H200 it measured level with cuBLAS's kernels at 8 rows,
 /// slightly behind (docs/benchmarks.md, runs 32–33).
 pub fn set_few_rows_linear(on: bool) {
-    FEW_ROWS.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    FEW_ROWS.set(on);
 }
 
 /// Whether [`linear`] takes the few-rows kernel for 2 to 16 rows: [`set_few_rows_linear`], else
 /// `MMREG_FUSED_LINEAR=few`.
 fn few_rows_enabled() -> bool {
-    match FEW_ROWS.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("MMREG_FUSED_LINEAR").is_ok_and(|v| v == "few");
-            let _ = FEW_ROWS.compare_exchange(
-                0,
-                if on { 2 } else { 1 },
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            FEW_ROWS.load(Ordering::Relaxed) == 2
-        }
-        state => state == 2,
-    }
+    FEW_ROWS.get(|| std::env::var("MMREG_FUSED_LINEAR").is_ok_and(|v| v == "few"))
 }
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
