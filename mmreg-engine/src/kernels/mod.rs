@@ -1,8 +1,8 @@
 //! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
 //! embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
-//! one-sequence decode step (and, switched on, of 2 to 16 sequences on the tensor cores). The elementwise ones replace several libtorch kernels each and compute the
-//! same values (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op
-//! code does).
+//! one-sequence decode step (and, switched on, of 2 to 16 sequences on the tensor cores). The
+//! elementwise ones replace several libtorch kernels each and compute the same values
+//! (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op code does).
 //!
 //! On CUDA they are compiled once per device by NVRTC (which pip's torch ships), checked against
 //! libtorch's ops ([`self_check`]), and launched through the shim on libtorch's current stream, so they
