@@ -269,6 +269,15 @@ const Driver* driver() {
   return found;
 }
 
+// cudaDeviceGetAttribute from the runtime libtorch_cuda loaded (as for cudaMemGetInfo above): `attribute`
+// of `device` into `out`; false where it cannot say.
+bool device_attribute(cudaDeviceAttr attribute, int device, int& out) {
+  using GetAttribute = int (*)(int*, int, int);
+  static auto get_attribute =
+      reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
+  return get_attribute != nullptr && get_attribute(&out, attribute, device) == 0;
+}
+
 void set_error(char* error, size_t capacity, const std::string& message) {
   if (capacity == 0) {
     return;
@@ -369,12 +378,9 @@ int mmreg_kernels_load(int device, const char* source, void** module, char* erro
       return 4;
     }
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
-    // cudaDeviceGetAttribute from the runtime libtorch_cuda loaded (as for cudaMemGetInfo above).
-    using GetAttribute = int (*)(int*, int, int);
-    auto get_attribute = reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
     int major = 0, minor = 0;
-    if (get_attribute == nullptr || get_attribute(&major, cudaDevAttrComputeCapabilityMajor, device) != 0 ||
-        get_attribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != 0) {
+    if (!device_attribute(cudaDevAttrComputeCapabilityMajor, device, major) ||
+        !device_attribute(cudaDevAttrComputeCapabilityMinor, device, minor)) {
       set_error(error, capacity, "cannot read the device's compute capability");
       return 9;
     }
@@ -408,12 +414,10 @@ void* mmreg_kernels_function(void* module, const char* name) {
 int mmreg_kernels_resident(void* function, int device, unsigned block, long long* out) {
   try {
     const Driver* cuda = driver();
-    using GetAttribute = int (*)(int*, int, int);
-    auto get_attribute = reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
     int per_sm = 0, sms = 0;
-    if (cuda == nullptr || cuda->occupancy == nullptr || get_attribute == nullptr ||
+    if (cuda == nullptr || cuda->occupancy == nullptr ||
         cuda->occupancy(&per_sm, function, static_cast<int>(block), 0) != 0 ||
-        get_attribute(&sms, cudaDevAttrMultiProcessorCount, device) != 0) {
+        !device_attribute(cudaDevAttrMultiProcessorCount, device, sms)) {
       return 1;
     }
     *out = static_cast<long long>(per_sm) * sms;
@@ -428,11 +432,9 @@ int mmreg_kernels_resident(void* function, int device, unsigned block, long long
 int mmreg_kernels_programmatic(int device) {
   try {
     const Driver* cuda = driver();
-    using GetAttribute = int (*)(int*, int, int);
-    auto get_attribute = reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
     int major = 0;
-    return cuda != nullptr && cuda->launch_kernel_ex != nullptr && get_attribute != nullptr &&
-                   get_attribute(&major, cudaDevAttrComputeCapabilityMajor, device) == 0 && major >= 9
+    return cuda != nullptr && cuda->launch_kernel_ex != nullptr &&
+                   device_attribute(cudaDevAttrComputeCapabilityMajor, device, major) && major >= 9
                ? 1
                : 0;
   } catch (...) {

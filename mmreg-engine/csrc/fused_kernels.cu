@@ -710,8 +710,8 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
   }
 }
 
-// A linear layer for a few rows (2 to kFewMaxRows) on the tensor cores: y = x · wᵀ (+ bias) with f32
-// sums and one rounding to the dtype at the end, as cuBLAS. A decode step of a few sequences reads
+// A linear layer for a few rows (2 to 16: two tiles of 8 of x's rows) on the tensor cores:
+// y = x · wᵀ (+ bias) with f32 sums and one rounding to the dtype at the end, as cuBLAS. A decode step of a few sequences reads
 // every weight once for all its rows, so the kernel streams w at the bandwidth's pace and does each
 // product as an mma m16n8k16: a 16 × 16 tile of w (16 outputs × 16 of k) as A, and 16 of k of up to 8
 // rows of x as the 8 columns of B (a second mma for rows 8 to 15).
@@ -728,7 +728,6 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
 // products with shuffles (few_rows_products), which is slow and serves to check the indexing.
 constexpr int kFewWarps = 8;
 constexpr int kFewTile = 16;
-constexpr int kFewMaxRows = 16;
 constexpr int kFewUnroll = 4;
 
 // A lane's run of 8 elements as 32-bit words (two elements a word in bf16 and f16, the first in the low

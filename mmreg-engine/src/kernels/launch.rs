@@ -76,7 +76,7 @@ const LINEAR: usize = 16;
 const SILU_MUL_VECTORS: usize = 17;
 const ROPE_VECTORS: usize = 18;
 const LINEAR_FEW_ROWS: usize = 19;
-/// The most rows of x the few-rows linear kernel takes (`kFewMaxRows`), its warps per block
+/// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
 const FEW_ROWS_WARPS: u32 = 8;
