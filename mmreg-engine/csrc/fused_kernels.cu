@@ -80,6 +80,68 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
+// Two 16-bit elements of a 32-bit word (bf16 or f16; the first in the low half, as the tensor cores
+// read them), and the words made of the low or the high halves of two words.
+template <typename D>
+__device__ __forceinline__ float half_of(unsigned word, int e) {
+  return D::load((u16)(word >> (16 * e)));
+}
+
+__device__ __forceinline__ unsigned low_halves(unsigned first, unsigned second) {
+  return (first & 0xffffu) | (second << 16);
+}
+
+__device__ __forceinline__ unsigned high_halves(unsigned first, unsigned second) {
+  return (first >> 16) | (second & 0xffff0000u);
+}
+
+// c += a · b on the tensor cores (mma.m16n8k16, bf16 or f16 with f32 sums) for the warp: A 16 × 16 and
+// B 16 × 8 in PTX's fragment layout, with lane l = 4g + t holding a = (A[g][2t..2t+1], A[g+8][2t..2t+1],
+// A[g][2t+8..2t+9], A[g+8][2t+8..2t+9]), b = (B[2t..2t+1][g], B[2t+8..2t+9][g]) and c = (C[g][2t],
+// C[g][2t+1], C[g+8][2t], C[g+8][2t+1]). The emulator gathers every lane's fragments and sums the lane's
+// products itself.
+template <typename D>
+__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#ifndef MMREG_EMULATE
+  static_assert(D::kMma != 0, "no mma for f32");
+  if constexpr (D::kMma == 1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#else
+  const unsigned mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  unsigned lanes[32][6];
+  mmreg_emulator::warp_gather(mine, lanes);
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  // Lane 4g + s holds rows g and g + 8 of A at k = 2s, 2s + 1 (words 0, 1) and 2s + 8, 2s + 9 (words
+  // 2, 3); lane 4n + s column n of B at the same k (words 4 and 5).
+  for (int s = 0; s < 4; ++s) {
+    const unsigned* row = lanes[4 * g + s];
+    const unsigned* column0 = lanes[8 * t + s];
+    const unsigned* column1 = lanes[8 * t + 4 + s];
+    for (int h = 0; h < 2; ++h) {
+      for (int e = 0; e < 2; ++e) {
+        const float x0 = half_of<D>(row[2 * h], e), x8 = half_of<D>(row[2 * h + 1], e);
+        const float y0 = half_of<D>(column0[4 + h], e), y1 = half_of<D>(column1[4 + h], e);
+        c[0] += x0 * y0;
+        c[1] += x0 * y1;
+        c[2] += x8 * y0;
+        c[3] += x8 * y1;
+      }
+    }
+  }
+#endif
+}
+
 // x rounded to the storage type and back: what HF gets when an op writes a tensor of the model dtype.
 template <typename D>
 __device__ __forceinline__ float round_to(float x) {
@@ -436,6 +498,46 @@ struct AttentionShared {
   float acc[kWarps][kMaxGroupDim];
 };
 
+// The block's warps' partial results (in `shared`, after a barrier) combined into the block's output:
+// with one chunk (gridDim.y == 1) the attention of the group's heads, else the chunk's unnormalised sums
+// with their maximum and sum for paged_decode_combine. Each thread takes some (head, element) pairs; a
+// warp that saw no position has a sum of 0 and is skipped, and a chunk with no position at all writes a
+// sum of 0 (an output of 0).
+template <typename D, int G>
+__device__ void combine_warps(const AttentionShared<G>& shared, typename D::T* out, float* partial_acc,
+                              float* partial_max, float* partial_sum, int seq, int kv_head, int group,
+                              int heads, int dim) {
+  const int splits = gridDim.y;
+  for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
+    const int g = i / dim;
+    float total_max = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) {
+      if (shared.sum[w][g] > 0.0f) {
+        total_max = fmaxf(total_max, shared.max[w][g]);
+      }
+    }
+    float total_sum = 0.0f, total = 0.0f;
+    for (int w = 0; w < kWarps; ++w) {
+      if (shared.sum[w][g] > 0.0f) {
+        const float factor = expf(shared.max[w][g] - total_max);
+        total_sum += shared.sum[w][g] * factor;
+        total += shared.acc[w][i] * factor;
+      }
+    }
+    const long long head_row = (long long)seq * heads + kv_head * group + g;
+    if (splits == 1) {
+      out[head_row * dim + (i % dim)] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
+    } else {
+      const long long part = head_row * splits + blockIdx.y;
+      partial_acc[part * dim + (i % dim)] = total;
+      if (i % dim == 0) {
+        partial_max[part] = total_max;
+        partial_sum[part] = total_sum;
+      }
+    }
+  }
+}
+
 template <typename D, int R, int G, bool kVector>
 __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typename D::T* out,
                                              float* partial_acc, float* partial_max, float* partial_sum,
@@ -566,35 +668,189 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
     }
   }
   __syncthreads();
-  // Each thread combines some (head, element) pairs over the warps; a warp that saw no position has a
-  // sum of 0 and is skipped, and a chunk with no position at all writes a sum of 0 (an output of 0).
-  const int splits = gridDim.y;
-  for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
-    const int g = i / dim;
-    float total_max = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) {
-      if (shared.sum[w][g] > 0.0f) {
-        total_max = fmaxf(total_max, shared.max[w][g]);
+  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, dim);
+}
+
+// paged_decode_attention_chunk on the tensor cores, for heads of kDim = 64 or 128 elements in bf16 or
+// f16 (vectorized caches) and up to 8 query heads per key/value head. The same blocks, chunks, warps and
+// outputs; each warp takes tiles of 16 positions and does the products of a tile as mma m16n8k16s:
+// - scores: Sᵀ = Q · Kᵀ, 16 query heads (the group's, then zeros) × 8 positions, twice (positions 0-7
+//   and 8-15 of the tile), kDim / 16 steps of k. Lane (g, t) holds query head g's and key rows g and
+//   g + 8's elements t·kDim/4 .. (t+1)·kDim/4 - 1 (one 16-byte run per 8): a sum does not care about the
+//   order of k, so each run's words go where the fragments put the lane's k, the same for Q and K.
+// - the online softmax of head g over the tile runs in the 4 lanes of g (their scores are the mma's
+//   accumulators for positions 2t, 2t + 1, 8 + 2t, 9 + 2t), and its weights, in the model dtype, are
+//   already the B fragment of the next product. A weight is split in two (its rounding and what the
+//   rounding left), each a product, so that the sums keep the f32 weights' precision.
+// - Oᵀ += Vᵀ · P: kDim / 16 tiles of 16 elements of the head × 8 query heads, k = the 16 positions.
+//   Lane (g, t) reads value rows 2t, 2t + 1, 8 + 2t, 9 + 2t, elements g·kDim/8 .. (g+1)·kDim/8 - 1; a
+//   word of them (elements 2i, 2i + 1) makes rows g and g + 8 of tile i, so A's pairs of positions are a
+//   word's low (or high) halves of two rows.
+// So lane (g, t) ends with query heads 2t, 2t + 1 of elements g·kDim/8 + 2i, + 1 (tile i).
+constexpr int kMmaTile = 16;
+
+template <typename D, int kDim>
+__device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typename D::T* out,
+                                                 float* partial_acc, float* partial_max, float* partial_sum,
+                                                 const typename D::T* q, long long q_stride,
+                                                 const typename D::T* key_cache, const typename D::T* value_cache,
+                                                 const long long* slots, long long slot_stride,
+                                                 const long long* lengths, int heads, int kv_heads, float scale) {
+  typedef Pack<unsigned, 4> Run;          // 8 elements as 4 words
+  constexpr int kKeyRuns = kDim / 32;     // a lane's runs of a key row (its quarter)
+  constexpr int kValueRuns = kDim / 64;   // a lane's runs of a value row (its eighth)
+  constexpr int kTiles = kDim / 16;       // tiles of the head's elements in Vᵀ · P
+  const int seq = blockIdx.x / kv_heads, kv_head = blockIdx.x % kv_heads;
+  const int group = heads / kv_heads;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const long long chunk = (slot_stride + gridDim.y - 1) / gridDim.y;
+  const long long begin = blockIdx.y * chunk;
+  const long long end = min(lengths[seq], begin + chunk);
+  const long long* seq_slots = slots + seq * slot_stride;
+  const long long head_offset = (long long)kv_head * kDim;
+
+  Run query[kKeyRuns];
+#pragma unroll
+  for (int j = 0; j < kKeyRuns; ++j) {
+    query[j] = Run{};
+    if (g < group) {
+      const typename D::T* row = q + seq * q_stride + (long long)(kv_head * group + g) * kDim + t * (kDim / 4);
+      query[j] = *reinterpret_cast<const Run*>(row + 8 * j);
+    }
+  }
+  float acc[kTiles][4] = {};
+  float running_max = -INFINITY, running_sum = 0.0f;  // head g's; the sum of this lane's positions
+
+  // Lane l holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
+  long long p0 = begin + warp * kMmaTile;
+  long long slot = lane < kMmaTile && p0 + lane < end ? seq_slots[p0 + lane] : 0;
+  for (; p0 < end; p0 += kWarps * kMmaTile) {
+    const long long next = p0 + kWarps * kMmaTile;
+    const long long next_slot = lane < kMmaTile && next + lane < end ? seq_slots[next + lane] : 0;
+    // Every load of the tile before the first product; positions past the end read zeros.
+    Run key[2][kKeyRuns], value[4][kValueRuns];
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const int u = g + 8 * n;
+      const long long s = __shfl_sync(0xffffffffu, slot, u);
+      const typename D::T* row = key_cache + s * kv_heads * kDim + head_offset + t * (kDim / 4);
+#pragma unroll
+      for (int j = 0; j < kKeyRuns; ++j) {
+        key[n][j] = Run{};
+        if (p0 + u < end) {
+          key[n][j] = *reinterpret_cast<const Run*>(row + 8 * j);
+        }
       }
     }
-    float total_sum = 0.0f, total = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      if (shared.sum[w][g] > 0.0f) {
-        const float factor = expf(shared.max[w][g] - total_max);
-        total_sum += shared.sum[w][g] * factor;
-        total += shared.acc[w][i] * factor;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int u = 2 * t + (v & 1) + 8 * (v >> 1);
+      const long long s = __shfl_sync(0xffffffffu, slot, u);
+      const typename D::T* row = value_cache + s * kv_heads * kDim + head_offset + g * (kDim / 8);
+#pragma unroll
+      for (int j = 0; j < kValueRuns; ++j) {
+        value[v][j] = Run{};
+        if (p0 + u < end) {
+          value[v][j] = *reinterpret_cast<const Run*>(row + 8 * j);
+        }
       }
     }
-    const long long head_row = (long long)seq * heads + kv_head * group + g;
-    if (splits == 1) {
-      out[head_row * dim + (i % dim)] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
+    // Sᵀ: score[n] = (head g: positions 8n + 2t, 8n + 2t + 1; rows g + 8, all zero queries).
+    float score[2][4] = {};
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+#pragma unroll
+      for (int j = 0; j < kKeyRuns; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const unsigned a[4] = {query[j].e[2 * h], 0u, query[j].e[2 * h + 1], 0u};
+          const unsigned b[2] = {key[n][j].e[2 * h], key[n][j].e[2 * h + 1]};
+          mma_m16n8k16<D>(score[n], a, b);
+        }
+      }
+    }
+    // The online softmax of head g: positions 2t, 2t + 1, 8 + 2t, 9 + 2t, the maximum over g's lanes.
+    float weight[4];
+    float new_max = running_max;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int u = 2 * t + (i & 1) + 8 * (i >> 1);
+      weight[i] = p0 + u < end ? score[i >> 1][i & 1] * scale : -INFINITY;
+      new_max = fmaxf(new_max, weight[i]);
+    }
+    new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 1));
+    new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 2));
+    // new_max is finite (the tile's first position is real); exp(-inf) = 0 on the first tile.
+    const float correction = expf(running_max - new_max);
+    running_sum *= correction;
+    running_max = new_max;
+    unsigned high[2], low[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      weight[i] = expf(weight[i] - new_max);
+      running_sum += weight[i];
+    }
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const u16 h0 = D::store(weight[2 * k]), h1 = D::store(weight[2 * k + 1]);
+      high[k] = h0 | ((unsigned)h1 << 16);
+      low[k] = D::store(weight[2 * k] - D::load(h0)) | ((unsigned)D::store(weight[2 * k + 1] - D::load(h1)) << 16);
+    }
+    // The accumulators' columns are query heads 2t and 2t + 1: their corrections come from lanes 8t, 8t + 4.
+    const float correction0 = __shfl_sync(0xffffffffu, correction, 8 * t);
+    const float correction1 = __shfl_sync(0xffffffffu, correction, 8 * t + 4);
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i) {
+      acc[i][0] *= correction0;
+      acc[i][1] *= correction1;
+      acc[i][2] *= correction0;
+      acc[i][3] *= correction1;
+      const unsigned x0 = value[0][i / 4].e[i % 4], x1 = value[1][i / 4].e[i % 4];
+      const unsigned x8 = value[2][i / 4].e[i % 4], x9 = value[3][i / 4].e[i % 4];
+      const unsigned a[4] = {low_halves(x0, x1), high_halves(x0, x1), low_halves(x8, x9), high_halves(x8, x9)};
+      mma_m16n8k16<D>(acc[i], a, high);
+      mma_m16n8k16<D>(acc[i], a, low);
+    }
+    slot = next_slot;
+  }
+  // The sums of head g's four lanes; then the warp's results to shared memory.
+  running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 1);
+  running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 2);
+  if (t == 0 && g < group) {
+    shared.max[warp][g] = running_max;
+    shared.sum[warp][g] = running_sum;
+  }
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int head = 2 * t + (c & 1), element = g * (kDim / 8) + 2 * i + (c >> 1);
+      if (head < group) {
+        shared.acc[warp][head * kDim + element] = acc[i][c];
+      }
+    }
+  }
+  __syncthreads();
+  combine_warps<D, 8>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, kDim);
+}
+
+// The kernel's body: f32 has no such mma (the caller never launches it for f32).
+template <typename D>
+__device__ void paged_decode_attention_mma(AttentionShared<8>& shared, typename D::T* out, float* partial_acc,
+                                           float* partial_max, float* partial_sum, const typename D::T* q,
+                                           long long q_stride, const typename D::T* key_cache,
+                                           const typename D::T* value_cache, const long long* slots,
+                                           long long slot_stride, const long long* lengths, int heads,
+                                           int kv_heads, int dim, float scale) {
+  if constexpr (D::kMma != 0) {
+    if (dim == 64) {
+      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,
+                                              key_cache, value_cache, slots, slot_stride, lengths, heads,
+                                              kv_heads, scale);
     } else {
-      const long long part = head_row * splits + blockIdx.y;
-      partial_acc[part * dim + (i % dim)] = total;
-      if (i % dim == 0) {
-        partial_max[part] = total_max;
-        partial_sum[part] = total_sum;
-      }
+      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,
+                                               key_cache, value_cache, slots, slot_stride, lengths, heads,
+                                               kv_heads, scale);
     }
   }
 }
@@ -724,8 +980,8 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
 // fragment layout puts its lane's four of k: the same permutation for w and x, so each product pairs the
 // right elements. The warps' sums meet in shared memory. Rows past n or m read a valid row and are not
 // written; runs past k read zeros (k a multiple of 8, checked by the caller with the 16-byte alignment of
-// x and w). f32 has no such mma: its kernel (and the emulator's for every dtype) does the same
-// products with shuffles (few_rows_products), which is slow and serves to check the indexing.
+// x and w). f32 has no such mma: its kernel does the same products with shuffles (few_rows_products),
+// which is slow and serves to check the indexing (the emulator's bf16 and f16 run mma_m16n8k16's).
 constexpr int kFewWarps = 8;
 constexpr int kFewTile = 16;
 constexpr int kFewUnroll = 4;
@@ -753,7 +1009,6 @@ template <typename D>
 __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typename FewRun<D>::T& wa,
                                                   const typename FewRun<D>::T& wb,
                                                   const typename FewRun<D>::T (&x)[2], int tiles) {
-#ifndef MMREG_EMULATE
   if constexpr (D::kMma != 0) {
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
@@ -761,28 +1016,15 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           // Elements 4h, 4h + 1 of a run are word 2h; 4h + 2, 4h + 3 word 2h + 1.
-          const unsigned a0 = wa.e[2 * h], a1 = wb.e[2 * h], a2 = wa.e[2 * h + 1], a3 = wb.e[2 * h + 1];
-          const unsigned b0 = x[tile].e[2 * h], b1 = x[tile].e[2 * h + 1];
-          if constexpr (D::kMma == 1) {
-            asm volatile(
-                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                "{%8,%9}, {%0,%1,%2,%3};"
-                : "+f"(c[tile][0]), "+f"(c[tile][1]), "+f"(c[tile][2]), "+f"(c[tile][3])
-                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-          } else {
-            asm volatile(
-                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                "{%8,%9}, {%0,%1,%2,%3};"
-                : "+f"(c[tile][0]), "+f"(c[tile][1]), "+f"(c[tile][2]), "+f"(c[tile][3])
-                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-          }
+          const unsigned a[4] = {wa.e[2 * h], wb.e[2 * h], wa.e[2 * h + 1], wb.e[2 * h + 1]};
+          const unsigned b[2] = {x[tile].e[2 * h], x[tile].e[2 * h + 1]};
+          mma_m16n8k16<D>(c[tile], a, b);
         }
       }
     }
     return;
   }
-#endif
-  // Without the mma: lane (g, t) gathers the runs of w's rows g and g + 8 (lanes 4g + s) and of x's rows
+  // f32 (no mma): lane (g, t) gathers the runs of w's rows g and g + 8 (lanes 4g + s) and of x's rows
   // 2t and 2t + 1 (lanes 8t + s and 8t + 4 + s) of each s, and sums their products itself.
   const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   for (int s = 0; s < 4; ++s) {
@@ -946,6 +1188,17 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 16)                                                            \
   MMREG_ATTENTION_GROUPS(D, suffix, 32)                                                            \
+  MMREG_KERNEL void __launch_bounds__(kWarps * 32, 3) paged_decode_attention_mma_##suffix(        \
+      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
+      long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
+      long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
+      float scale, int /* vectorized: the caller checks */) {                                   \
+    __shared__ AttentionShared<8> shared;                                                         \
+    begin_kernel();                                                                               \
+    paged_decode_attention_mma<D>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,  \
+                                  key_cache, value_cache, slots, slot_stride, lengths, heads,       \
+                                  kv_heads, dim, scale);                                            \
+  }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \
     linear_one_row<D>(y, x, w, bias, n, k);                                                        \

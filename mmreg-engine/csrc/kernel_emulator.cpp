@@ -20,11 +20,14 @@ struct Dim {
   unsigned x = 0, y = 0, z = 0;
 };
 
+constexpr int kWarpWords = 8;
+
 struct Block {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<std::uint64_t> exchange;
-  explicit Block(unsigned threads) : all(threads), exchange(threads) {
+  std::vector<unsigned> words;  // kWarpWords a thread, for warp_gather
+  explicit Block(unsigned threads) : all(threads), exchange(threads), words(threads * kWarpWords) {
     for (unsigned w = 0; w < threads / 32; ++w) {
       warps.push_back(std::make_unique<std::barrier<>>(32));
     }
@@ -64,6 +67,21 @@ T shfl(T v, int source) {
   return shuffle(v, [source](unsigned) { return static_cast<unsigned>(source); });
 }
 
+// Every lane's N words, for each lane of this thread's warp, in one exchange (the emulated mma's
+// fragments: as many shuffles would take a barrier each).
+template <int N>
+void warp_gather(const unsigned (&mine)[N], unsigned (&all)[32][N]) {
+  static_assert(N <= kWarpWords);
+  auto& warp = *block->warps[thread_idx.x / 32];
+  std::memcpy(&block->words[thread_idx.x * kWarpWords], mine, sizeof(mine));
+  warp.arrive_and_wait();
+  const unsigned first = thread_idx.x - thread_idx.x % 32;
+  for (unsigned lane = 0; lane < 32; ++lane) {
+    std::memcpy(all[lane], &block->words[(first + lane) * kWarpWords], sizeof(mine));
+  }
+  warp.arrive_and_wait();
+}
+
 // Runs `kernel` for every thread of every block of a grid_x × grid_y grid; `threads` a multiple of 32.
 // One launch at a time in the process: the dimensions and `__shared__` memory are global.
 void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::function<void()>& kernel) {
@@ -101,6 +119,7 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __shared__ static
 #define threadIdx (mmreg_emulator::thread_idx)
 #define blockIdx (mmreg_emulator::block_idx)
@@ -125,9 +144,11 @@ T arg(void** args, int i) {
   return value;
 }
 
-#define MMREG_EMULATED_ATTENTION(suffix, T, R, G)                                                   \
+#define MMREG_EMULATED_ATTENTION(suffix, T, R, G) MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_r##R##_g##G##_##suffix, T)
+
+#define MMREG_EMULATED_ATTENTION_KERNEL(kernel, T)                                                  \
   [](void** a) {                                                                                      \
-    paged_decode_attention_r##R##_g##G##_##suffix(                                                    \
+    kernel(                                                                                           \
         arg<T*>(a, 0), arg<float*>(a, 1), arg<float*>(a, 2), arg<float*>(a, 3), arg<const T*>(a, 4),  \
         arg<long long>(a, 5), arg<const T*>(a, 6), arg<const T*>(a, 7), arg<const long long*>(a, 8),  \
         arg<long long>(a, 9), arg<const long long*>(a, 10), arg<int>(a, 11), arg<int>(a, 12),         \
@@ -161,6 +182,7 @@ T arg(void** args, int i) {
                                                arg<int>(a, 4), arg<int>(a, 5)); },                    \
   MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 8), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 16),      \
   MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 32),                                                     \
+  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_##suffix, T),                            \
   [](void** a) { linear_one_row_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),     \
                                          arg<const T*>(a, 3), arg<long long>(a, 4),                   \
                                          arg<long long>(a, 5)); },                                    \

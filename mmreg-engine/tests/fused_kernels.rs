@@ -171,9 +171,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 20 kernels in each of 3 dtypes.
+        // 21 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 60,
+            kernels, 63,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -372,12 +372,15 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
             // of every kernel variant (up to 64, 128, 256 elements: 8, 16, 32 lanes a row), narrower
             // than its lanes' runs or not a multiple of a run (20: scalar loads). Four sequences: the
             // emulator splits their contexts in chunks (reduced by the combine kernel); eight of
-            // LLaVA's shape: one chunk each, also with contexts of up to 200 (many tiles per warp).
+            // LLaVA's shape: one chunk each, also with contexts of up to 200 (many tiles per warp);
+            // eight of Mistral's grouping with contexts of up to 200 (two chunks, several tiles of
+            // the tensor-core kernel per warp).
             for (heads, kv_heads, dim, lengths) in [
                 (4, 4, 128, &[1i64, 9, 40, 23][..]),
                 (4, 4, 128, &[1, 9, 40, 23, 48, 2, 31, 17][..]),
                 (4, 4, 128, &[1, 9, 200, 123, 48, 2, 131, 17][..]),
                 (8, 2, 64, &[1, 9, 40, 23][..]),
+                (8, 2, 128, &[1, 9, 200, 123, 48, 2, 131, 17][..]),
                 (2, 1, 8, &[1, 9, 40, 23][..]),
                 (3, 1, 40, &[1, 9, 40, 23][..]),
                 (2, 1, 20, &[1, 9, 40, 23][..]),
@@ -410,36 +413,51 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                 let stacked = random(&[sequences, heads + 2 * kv_heads, dim], kind, device, 5);
                 let query = stacked.narrow(1, 0, heads);
                 let scale = (dim as f64).powf(-0.5);
-                let out = kernels::paged_decode_attention(
-                    &query,
-                    &keys,
-                    &values,
-                    &Tensor::from_slice(&padded).to_device(device),
-                    &Tensor::from_slice(lengths).to_device(device),
-                    scale,
-                );
-                let Some(out) = out else {
-                    assert_eq!(mode, Mode::Fallback, "the kernel did not run");
-                    continue;
-                };
-                assert_ne!(mode, Mode::Fallback);
                 let expected = reference_decode_attention(&query, &keys, &values, &slots, scale);
-                // A different summation order than one softmax: within a rounding step of the
-                // outputs' scale (they are averages of values of about unit size).
-                let diff = (out.to_kind(Kind::Float) - expected.to_kind(Kind::Float))
-                    .abs()
-                    .max()
-                    .double_value(&[]);
-                let tolerance = match kind {
-                    Kind::Float => 1e-5,
-                    Kind::Half => 2e-3,
-                    _ => 1.6e-2,
-                };
-                assert!(
-                    diff <= tolerance,
-                    "paged decode attention {mode:?} {kind:?} ({heads}/{kv_heads} heads, dim {dim}): \
-                     off by {diff}"
-                );
+                // On the CUDA cores, then on the tensor cores where they apply (bf16 and f16, heads
+                // of 64 or 128 elements): the tensor-core kernel must then have run.
+                for tensor_cores in [false, true] {
+                    kernels::tensor_core_attention_on_this_thread(Some(tensor_cores));
+                    let before = kernels::launches("paged_decode_attention_mma").expect("a family");
+                    let out = kernels::paged_decode_attention(
+                        &query,
+                        &keys,
+                        &values,
+                        &Tensor::from_slice(&padded).to_device(device),
+                        &Tensor::from_slice(lengths).to_device(device),
+                        scale,
+                    );
+                    let on_tensor_cores =
+                        kernels::launches("paged_decode_attention_mma").expect("a family") > before;
+                    kernels::tensor_core_attention_on_this_thread(None);
+                    let Some(out) = out else {
+                        assert_eq!(mode, Mode::Fallback, "the kernel did not run");
+                        continue;
+                    };
+                    assert_ne!(mode, Mode::Fallback);
+                    let applies = tensor_cores
+                        && kind != Kind::Float
+                        && [64, 128].contains(&dim);
+                    if applies {
+                        assert!(on_tensor_cores, "{mode:?} {kind:?} dim {dim}: not on the tensor cores");
+                    }
+                    // A different summation order than one softmax: within a rounding step of the
+                    // outputs' scale (they are averages of values of about unit size).
+                    let diff = (out.to_kind(Kind::Float) - expected.to_kind(Kind::Float))
+                        .abs()
+                        .max()
+                        .double_value(&[]);
+                    let tolerance = match kind {
+                        Kind::Float => 1e-5,
+                        Kind::Half => 2e-3,
+                        _ => 1.6e-2,
+                    };
+                    assert!(
+                        diff <= tolerance,
+                        "paged decode attention {mode:?} {kind:?} tensor cores {tensor_cores} \
+                         ({heads}/{kv_heads} heads, dim {dim}): off by {diff}"
+                    );
+                }
             }
         }
     }
@@ -477,7 +495,7 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
 }
 
 /// The linear kernels for a decode step of one sequence, and of 2 to 16 (bf16 and f16: the tensor
-/// cores' mma on a GPU, the same products by shuffles in the emulator), against the product in f64:
+/// cores' mma on a GPU, the same products summed lane by lane in the emulator), against the product in f64:
 /// within a rounding of the dtype relative to the largest output (the sums are f32, in different
 /// orders), with and without bias, weights whose rows do not fill the last block (37) or tile of 16,
 /// inputs that take a warp more than one pass (k = 520) and a k that ends inside a chunk of 32 (200,

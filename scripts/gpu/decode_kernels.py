@@ -12,7 +12,8 @@ BLOCKS_NEXT the same on LLaVA-NeXT at batch 8 (default: none). VARIANTS="A=1,B=2
 for each ;-separated set of environment variables, on LLaVA-1.5 at VARIANT_BATCHES (default 1,8,32), and
 VARIANTS_NEXT on LLaVA-NeXT at VARIANT_BATCHES_NEXT (default 1,8); AGREEMENT=0 and ANCHOR=0 skip the
 agreement checks and the anchor (a short comparison of variants); a variant also named in TRACED is traced
-(decode at batches 1 and 8 summarised).
+(decode at batches 1 and 8 summarised). MODELS=next,llava15 picks the models and their order (default
+llava15,next).
 """
 import os, subprocess, sys
 
@@ -24,7 +25,8 @@ from bench_common import (SHAPES, agreement, anchor, floor, hf_greedy, hf_inputs
 
 TRACE = "/tmp/trace-fused"
 result = record("decode-kernels")
-for shape in SHAPES:
+NAMES = {"llava15": SHAPES[0], "next": SHAPES[1]}
+for shape in [NAMES[m] for m in os.environ.get("MODELS", "llava15,next").split(",")]:
     first = shape is SHAPES[0]
     model = shape.make(shape.path)
     rec = result["models"][shape.name] = {"prompt": shape.prompt, "image": shape.image, "floor": floor(model)}

@@ -9,15 +9,17 @@ use tch::{Kind, Tensor};
 use super::nvrtc;
 
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
-/// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention`, `linear`.
-pub(super) static LAUNCHES: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
-pub(super) const FAMILIES: [&str; 6] = [
+/// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
+/// `linear`, and `paged_decode_attention_mma` (the tensor-core variant alone).
+pub(super) static LAUNCHES: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
+pub(super) const FAMILIES: [&str; 7] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
     "rope",
     "paged_decode_attention",
     "linear",
+    "paged_decode_attention_mma",
 ];
 
 fn counted(family: usize) {
@@ -38,9 +40,10 @@ unsafe impl Sync for Function {}
 /// The kernels' names without their dtype suffix, in the emulator's order (`kEmulated` in
 /// `csrc/kernel_emulator.cpp`): the elementwise ones, then decode attention for heads of up to 64, 128
 /// and 256 elements (a position's row read by 8, 16 or 32 lanes), each holding up to 1, 4 or 8 query
-/// heads per key/value head; then the linear layer for one row, silu_mul and rope in 16-byte vectors, and
-/// the linear layer for a few rows.
-pub(super) const NAMES: [&str; 20] = [
+/// heads per key/value head, and on the tensor cores (heads of 64 or 128 elements, up to 8 query heads
+/// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
+/// vectors, and the linear layer for a few rows.
+pub(super) const NAMES: [&str; 21] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -57,6 +60,7 @@ pub(super) const NAMES: [&str; 20] = [
     "paged_decode_attention_r32_g1",
     "paged_decode_attention_r32_g4",
     "paged_decode_attention_r32_g8",
+    "paged_decode_attention_mma",
     "linear_one_row",
     "silu_mul_vectors",
     "rope_vectors",
@@ -70,12 +74,12 @@ const SILU_MUL: usize = 4;
 const ROPE: usize = 5;
 const COMBINE: usize = 6;
 pub(super) const ATTENTION: usize = 7;
-/// Decode attention's variants: `LANES` × `GROUPS`, from `ATTENTION` on.
-pub(super) const ATTENTION_VARIANTS: usize = LANES.len() * GROUPS.len();
-const LINEAR: usize = 16;
-const SILU_MUL_VECTORS: usize = 17;
-const ROPE_VECTORS: usize = 18;
-const LINEAR_FEW_ROWS: usize = 19;
+/// Decode attention's variants from `ATTENTION` on: `LANES` × `GROUPS`, then the tensor cores'.
+pub(super) const ATTENTION_VARIANTS: usize = LANES.len() * GROUPS.len() + 1;
+const LINEAR: usize = 17;
+const SILU_MUL_VECTORS: usize = 18;
+const ROPE_VECTORS: usize = 19;
+const LINEAR_FEW_ROWS: usize = 20;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -90,6 +94,9 @@ const LANES: [i64; 3] = [8, 16, 32];
 const GROUPS: [i64; 3] = [1, 4, 8];
 /// Elements per lane of a row (`kRun`), and the most chunks the combine reduces (`kMaxSplits`).
 const RUN: i64 = 8;
+/// Positions a warp of the tensor-core variant reads at once (`kMmaTile`), and its head sizes.
+const MMA_TILE: i64 = 16;
+const MMA_DIMS: [i64; 2] = [64, 128];
 const MAX_SPLITS: i64 = 256;
 
 /// Positions a warp of the attention variant reads at once (`kTile`: `kLoads` × 32 / lanes).
@@ -402,6 +409,7 @@ impl Kernels {
         slots: &Tensor,
         lengths: &Tensor,
         scale: f64,
+        tensor_cores: bool,
     ) -> Tensor {
         let [sequences, heads, dim] = query.size()[..] else {
             unreachable!("checked by kernels::paged_decode_attention")
@@ -422,11 +430,30 @@ impl Kernels {
             .iter()
             .position(|&g| g >= heads / kv_heads)
             .unwrap_or(GROUPS.len() - 1);
-        let min_chunk = self.min_chunk.unwrap_or_else(|| {
-            ATTENTION_WARPS as i64 * attention_tile(LANES[r], GROUPS[g], query.kind())
-        });
+        let run = RUN * key_cache.kind().elt_size_in_bytes() as i64;
+        let vectorized = dim % RUN == 0
+            && [key_cache, value_cache]
+                .iter()
+                .all(|t| aligned(t, run as usize));
+        // The tensor cores' variant where it applies and is switched on.
+        let mma = tensor_cores
+            && heads / kv_heads <= 8
+            && vectorized
+            && MMA_DIMS.contains(&dim)
+            && aligned(query, 16)
+            && query.stride()[0] % RUN == 0
+            && matches!(query.kind(), Kind::BFloat16 | Kind::Half);
+        let (variant, tile) = if mma {
+            (ATTENTION_VARIANTS - 1, MMA_TILE)
+        } else {
+            let tile = attention_tile(LANES[r], GROUPS[g], query.kind());
+            (r * GROUPS.len() + g, tile)
+        };
+        let min_chunk = self
+            .min_chunk
+            .unwrap_or(ATTENTION_WARPS as i64 * tile);
         let most = ((width + min_chunk - 1) / min_chunk).clamp(1, MAX_SPLITS);
-        let resident = self.attention_resident[suffix_index(query.kind())][r * GROUPS.len() + g];
+        let resident = self.attention_resident[suffix_index(query.kind())][variant];
         let splits = match self.target_blocks {
             None if resident > 0 => fewest_rounds(blocks, width, most, resident),
             target => (target.unwrap_or(TARGET_BLOCKS) / blocks).clamp(1, most),
@@ -440,11 +467,6 @@ impl Kernels {
                 f32_empty(&[rows, splits]),
             )
         });
-        let run = RUN * key_cache.kind().elt_size_in_bytes() as i64;
-        let vectorized = dim % RUN == 0
-            && [key_cache, value_cache]
-                .iter()
-                .all(|t| aligned(t, run as usize));
         let null = std::ptr::null_mut();
         let (mut acc_p, mut max_p, mut sum_p) = match &partial {
             Some((acc, max, sum)) => (ptr(acc), ptr(max), ptr(sum)),
@@ -474,9 +496,12 @@ impl Kernels {
             arg!(scale),
             arg!(vectorized),
         ];
-        let f = k.0[ATTENTION + r * GROUPS.len() + g];
+        let f = k.0[ATTENTION + variant];
         self.launch(f, (blocks, splits), ATTENTION_WARPS * 32, &mut args);
         counted(4);
+        if mma {
+            counted(6);
+        }
         if partial.is_some() {
             let (mut splits32, mut dim32) = (splits as i32, dim as i32);
             let mut args = [

@@ -198,7 +198,9 @@ pub fn rope_and_store(
 /// switched off, or shapes it does not handle: `dim` up to 256, at most 8 query heads per key/value
 /// head, group × dim at most 1024): the caller then gathers the keys and values and runs libtorch's
 /// attention. Where a step has few sequences, each context is split in chunks across blocks and the
-/// chunks reduced after (flash-decoding), so that the GPU is full at batch 1 too.
+/// chunks reduced after (flash-decoding), so that the GPU is full at batch 1 too. In bf16 and f16 with
+/// heads of 64 or 128 elements the products run on the tensor cores (`MMREG_DECODE_ATTENTION_MMA=0`
+/// keeps the kernels that multiply in f32 on the CUDA cores).
 pub fn paged_decode_attention(
     query: &Tensor,
     key_cache: &Tensor,
@@ -236,7 +238,29 @@ pub fn paged_decode_attention(
     if !(shapes_fit && row_contiguous && same && indices_fit) {
         return None;
     }
-    Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale))
+    let tensor_cores = tensor_core_attention();
+    Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale, tensor_cores))
+}
+
+thread_local! {
+    static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Overrides `MMREG_DECODE_ATTENTION_MMA` on this thread (`None`: back to it), for tests of both paths.
+#[doc(hidden)]
+pub fn tensor_core_attention_on_this_thread(on: Option<bool>) {
+    TENSOR_CORE_ATTENTION.with(|c| c.set(on));
+}
+
+/// Whether [`paged_decode_attention`] takes its tensor-core kernel where it applies (bf16 and f16,
+/// heads of 64 or 128 elements): this thread's override, else unless `MMREG_DECODE_ATTENTION_MMA` is
+/// `0` (read once). On by default: on an H200 it measured faster at every batch of both 7B shapes
+/// (docs/benchmarks.md, run 35).
+fn tensor_core_attention() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    TENSOR_CORE_ATTENTION.with(Cell::get).unwrap_or_else(|| {
+        *FROM_ENV.get_or_init(|| std::env::var("MMREG_DECODE_ATTENTION_MMA").map_or(true, |v| v != "0"))
+    })
 }
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,

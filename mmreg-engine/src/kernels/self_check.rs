@@ -116,9 +116,21 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             let on_device = |v: &[i64]| Tensor::from_slice(v).to_device(device);
             let scale = 0.125;
             let (padded, lengths) = (on_device(&padded), on_device(&[3, long]));
-            let out = k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale);
             let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
-            compare("paged_decode_attention", &out, &expected)?;
+            // On the CUDA cores, and on the tensor cores (bf16 and f16; f32 stays on the CUDA cores).
+            for tensor_cores in [false, true] {
+                let out = k.paged_decode_attention(
+                    &query,
+                    &keys,
+                    &values,
+                    &padded,
+                    &lengths,
+                    scale,
+                    tensor_cores,
+                );
+                let what = format!("paged_decode_attention (tensor cores: {tensor_cores})");
+                compare(&what, &out, &expected)?;
+            }
         }
     }
     Ok(())
