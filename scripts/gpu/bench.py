@@ -3,8 +3,10 @@
 On random checkpoints with the LLaVA-1.5-7B and LLaVA-NeXT-Mistral-7B shapes (scripts/gpu/checkpoints.py):
 - HF transformers (eager generate(), dynamic cache, sdpa): prefill as generate() computes it (the first
   forward, last-token logits only) and decode tokens/s over GEN tokens, at the batches of bench_common.SHAPES;
-- mmreg (`mmreg bench`) at the same batches; on LLaVA-1.5-7B also without CUDA graphs (batch 1 and 8) and
-  with the fused kernels switched off; decode is timed once every prompt has prefilled (ttft_last_bs{b}_ms);
+- mmreg (`mmreg bench`) at the same batches: as it runs by default (fused kernels on, decode attention on the
+  tensor cores), with the fused kernels switched off (libtorch's ops), and on LLaVA-1.5-7B also with decode
+  attention on the CUDA cores (MMREG_DECODE_ATTENTION_MMA=0); decode is timed once every prompt has prefilled
+  (ttft_last_bs{b}_ms);
 - the compiled-PyTorch anchor (gpt-fast's recipe) on LLaVA-1.5-7B's decoder, prompt and batches;
 - bf16 agreement with HF by vLLM's top-5 rule at every one of 32 steps, teacher-forced on HF's tokens, with
   and without the fused kernels;
@@ -42,7 +44,7 @@ def run(shape, variants):
     del model
     torch.cuda.empty_cache()
     rec["peers"] = [hf] + [mmreg_bench(shape.path, shape.prompt, shape.image, **v) for v in variants]
-    rec["agreement"] = [agreement(shape.path, shape.image, prompt_ids, tokens, top5, fused=f) for f in (False, True)]
+    rec["agreement"] = [agreement(shape.path, shape.image, prompt_ids, tokens, top5, fused=f) for f in (True, False)]
     return rec
 
 
@@ -50,10 +52,10 @@ result = record("bench")
 llava15, nxt = SHAPES
 if "llava15" in PARTS:
     result["models"][llava15.name] = run(llava15, [
-        dict(batches=llava15.batches, trace=TRACES), dict(batches="1,8", eager=True),
-        dict(batches=llava15.batches, fused=True, trace=TRACES + "-fused")])
+        dict(batches=llava15.batches, fused=True, trace=TRACES), dict(batches=llava15.batches),
+        dict(batches=llava15.batches, fused=True, env_extra={"MMREG_DECODE_ATTENTION_MMA": "0"})])
 if "next" in PARTS:
-    result["models"][nxt.name] = run(nxt, [dict(batches=nxt.batches)])
+    result["models"][nxt.name] = run(nxt, [dict(batches=nxt.batches, fused=True), dict(batches=nxt.batches)])
 write_json("bench.json", result)  # before the anchor, which may run out of time
 if "anchor" in PARTS:
     rec = result["models"].setdefault(llava15.name, {"prompt": llava15.prompt, "image": llava15.image, "peers": []})
