@@ -435,11 +435,12 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                         continue;
                     };
                     assert_ne!(mode, Mode::Fallback);
-                    let applies = tensor_cores
-                        && kind != Kind::Float
-                        && [64, 128].contains(&dim);
+                    let applies = tensor_cores && kind != Kind::Float && [64, 128].contains(&dim);
                     if applies {
-                        assert!(on_tensor_cores, "{mode:?} {kind:?} dim {dim}: not on the tensor cores");
+                        assert!(
+                            on_tensor_cores,
+                            "{mode:?} {kind:?} dim {dim}: not on the tensor cores"
+                        );
                     }
                     // A different summation order than one softmax: within a rounding step of the
                     // outputs' scale (they are averages of values of about unit size).

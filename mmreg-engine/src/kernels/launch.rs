@@ -449,9 +449,7 @@ impl Kernels {
             let tile = attention_tile(LANES[r], GROUPS[g], query.kind());
             (r * GROUPS.len() + g, tile)
         };
-        let min_chunk = self
-            .min_chunk
-            .unwrap_or(ATTENTION_WARPS as i64 * tile);
+        let min_chunk = self.min_chunk.unwrap_or(ATTENTION_WARPS as i64 * tile);
         let most = ((width + min_chunk - 1) / min_chunk).clamp(1, MAX_SPLITS);
         let resident = self.attention_resident[suffix_index(query.kind())][variant];
         let splits = match self.target_blocks {

@@ -239,7 +239,15 @@ pub fn paged_decode_attention(
         return None;
     }
     let tensor_cores = tensor_core_attention();
-    Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale, tensor_cores))
+    Some(k.paged_decode_attention(
+        query,
+        key_cache,
+        value_cache,
+        slots,
+        lengths,
+        scale,
+        tensor_cores,
+    ))
 }
 
 thread_local! {
@@ -259,7 +267,8 @@ pub fn tensor_core_attention_on_this_thread(on: Option<bool>) {
 fn tensor_core_attention() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     TENSOR_CORE_ATTENTION.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| std::env::var("MMREG_DECODE_ATTENTION_MMA").map_or(true, |v| v != "0"))
+        *FROM_ENV
+            .get_or_init(|| std::env::var("MMREG_DECODE_ATTENTION_MMA").map_or(true, |v| v != "0"))
     })
 }
 
