@@ -12,7 +12,8 @@ BLOCKS_NEXT the same on LLaVA-NeXT at batch 8 (default: none). VARIANTS="A=1,B=2
 for each ;-separated set of environment variables, on LLaVA-1.5 at VARIANT_BATCHES (default 1,8,32), and
 VARIANTS_NEXT on LLaVA-NeXT at VARIANT_BATCHES_NEXT (default 1,8); AGREEMENT=0 and ANCHOR=0 skip the
 agreement checks and the anchor (a short comparison of variants); a variant also named in TRACED is traced
-(decode at batches 1 and 8 summarised). MODELS=next,llava15 picks the models and their order (default
+(decode at batches 1 and 8 summarised), and TRACE_NEXT=1 traces LLaVA-NeXT's default run as LLaVA-1.5's is.
+MODELS=next,llava15 picks the models and their order (default
 llava15,next).
 """
 import os, subprocess, sys
@@ -38,7 +39,10 @@ for shape in [NAMES[m] for m in os.environ.get("MODELS", "llava15,next").split("
     del model
     torch.cuda.empty_cache()
     bench = lambda batches=shape.batches, **kw: mmreg_bench(shape.path, shape.prompt, shape.image, batches, **kw)
-    rec["peers"] = [bench(fused=True, trace=TRACE if first else None)]
+    # The default run is traced (TRACE_NEXT=1: LLaVA-NeXT's too); its decode steps and LLaVA-1.5's
+    # batch-1 prefill summarised below.
+    traced_default = TRACE if first else (TRACE + "-next" if os.environ.get("TRACE_NEXT") == "1" else None)
+    rec["peers"] = [bench(fused=True, trace=traced_default)]
     write_json("decode-kernels.json", result)
     if os.environ.get("OFF", "1") != "0":
         rec["peers"].append(bench(fused=False))
@@ -62,9 +66,11 @@ for shape in [NAMES[m] for m in os.environ.get("MODELS", "llava15,next").split("
             print(f"traces of {variant}:", flush=True)
             for name in ["decode_bs1", "decode_bs8"]:
                 subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{traced}/{name}.json"])
+    if traced_default:
+        for name in ["decode_bs1", "decode_bs8", "decode_bs32"] + (["prefill_bs1"] if first else []):
+            if os.path.exists(f"{traced_default}/{name}.json"):
+                subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{traced_default}/{name}.json"])
     if first:
-        for name in ["decode_bs1", "decode_bs8", "prefill_bs1"]:
-            subprocess.run([sys.executable, "scripts/gpu/trace_summary.py", f"{TRACE}/{name}.json"])
         peer = anchor(rec["peers"][0]["result"]["prompt_tokens"], shape.batches) \
             if os.environ.get("ANCHOR", "1") != "0" else None
         if peer:
