@@ -689,6 +689,19 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
 // So lane (g, t) ends with query heads 2t, 2t + 1 of elements g·kDim/8 + 2i, + 1 (tile i).
 constexpr int kMmaTile = 16;
 
+// N runs of 8 elements from `row` on as 32-bit words (zeros where `real` is false: a position past the
+// end, a query head past the group).
+template <typename T, int N>
+__device__ __forceinline__ void load_runs(Pack<unsigned, 4> (&runs)[N], const T* row, bool real) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    runs[j] = Pack<unsigned, 4>{};
+    if (real) {
+      runs[j] = *reinterpret_cast<const Pack<unsigned, 4>*>(row + 8 * j);
+    }
+  }
+}
+
 template <typename D, int kDim>
 __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typename D::T* out,
                                                  float* partial_acc, float* partial_max, float* partial_sum,
@@ -710,14 +723,7 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
   const long long head_offset = (long long)kv_head * kDim;
 
   Run query[kKeyRuns];
-#pragma unroll
-  for (int j = 0; j < kKeyRuns; ++j) {
-    query[j] = Run{};
-    if (g < group) {
-      const typename D::T* row = q + seq * q_stride + (long long)(kv_head * group + g) * kDim + t * (kDim / 4);
-      query[j] = *reinterpret_cast<const Run*>(row + 8 * j);
-    }
-  }
+  load_runs(query, q + seq * q_stride + (long long)(kv_head * group + g) * kDim + t * (kDim / 4), g < group);
   float acc[kTiles][4] = {};
   float running_max = -INFINITY, running_sum = 0.0f;  // head g's; the sum of this lane's positions
 
@@ -731,29 +737,15 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
     Run key[2][kKeyRuns], value[4][kValueRuns];
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
-      const int u = g + 8 * n;
+      const int u = g + 8 * n;  // key rows g and g + 8 of the tile
       const long long s = __shfl_sync(0xffffffffu, slot, u);
-      const typename D::T* row = key_cache + s * kv_heads * kDim + head_offset + t * (kDim / 4);
-#pragma unroll
-      for (int j = 0; j < kKeyRuns; ++j) {
-        key[n][j] = Run{};
-        if (p0 + u < end) {
-          key[n][j] = *reinterpret_cast<const Run*>(row + 8 * j);
-        }
-      }
+      load_runs(key[n], key_cache + s * kv_heads * kDim + head_offset + t * (kDim / 4), p0 + u < end);
     }
 #pragma unroll
     for (int v = 0; v < 4; ++v) {
-      const int u = 2 * t + (v & 1) + 8 * (v >> 1);
+      const int u = 2 * t + (v & 1) + 8 * (v >> 1);  // value rows 2t, 2t + 1, 8 + 2t, 9 + 2t
       const long long s = __shfl_sync(0xffffffffu, slot, u);
-      const typename D::T* row = value_cache + s * kv_heads * kDim + head_offset + g * (kDim / 8);
-#pragma unroll
-      for (int j = 0; j < kValueRuns; ++j) {
-        value[v][j] = Run{};
-        if (p0 + u < end) {
-          value[v][j] = *reinterpret_cast<const Run*>(row + 8 * j);
-        }
-      }
+      load_runs(value[v], value_cache + s * kv_heads * kDim + head_offset + g * (kDim / 8), p0 + u < end);
     }
     // Sᵀ: score[n] = (head g: positions 8n + 2t, 8n + 2t + 1; rows g + 8, all zero queries).
     float score[2][4] = {};
