@@ -574,7 +574,8 @@ mod tests {
     /// (256 pairs) fill two rounds with 3 chunks each, where 4 need a third round; at batch 1 (32 pairs)
     /// every chunk allowed fits in one round; at batch 32 (1024 pairs) the device holds fewer blocks than
     /// there are pairs, and splitting only adds rounds. Mistral's 2.4k contexts at batch 8 (64 pairs):
-    /// one round of 4 chunks.
+    /// one round of 4 chunks with the CUDA cores' kernel (2 blocks per SM), of 6 with the tensor cores'
+    /// (3 per SM).
     #[test]
     fn the_split_takes_the_fewest_rounds_of_resident_blocks() {
         for width in [640, 768] {
@@ -584,5 +585,6 @@ mod tests {
         }
         assert_eq!(fewest_rounds(8, 16, 1, 396), 1);
         assert_eq!(fewest_rounds(64, 2432, 38, 264), 4);
+        assert_eq!(fewest_rounds(64, 2432, 38, 396), 6);
     }
 }
