@@ -704,11 +704,12 @@ __device__ __forceinline__ void load_runs(Pack<unsigned, 4> (&runs)[N], const T*
 
 template <typename D, int kDim>
 __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typename D::T* out,
-                                                 float* partial_acc, float* partial_max, float* partial_sum,
-                                                 const typename D::T* q, long long q_stride,
-                                                 const typename D::T* key_cache, const typename D::T* value_cache,
-                                                 const long long* slots, long long slot_stride,
-                                                 const long long* lengths, int heads, int kv_heads, float scale) {
+                                                 float* partial_acc, float* partial_max,
+                                                 float* partial_sum, const typename D::T* q,
+                                                 long long q_stride, const typename D::T* key_cache,
+                                                 const typename D::T* value_cache, const long long* slots,
+                                                 long long slot_stride, const long long* lengths,
+                                                 int heads, int kv_heads, float scale) {
   typedef Pack<unsigned, 4> Run;          // 8 elements as 4 words
   constexpr int kKeyRuns = kDim / 32;     // a lane's runs of a key row (its quarter)
   constexpr int kValueRuns = kDim / 64;   // a lane's runs of a value row (its eighth)
@@ -786,7 +787,8 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
     for (int k = 0; k < 2; ++k) {
       const u16 h0 = D::store(weight[2 * k]), h1 = D::store(weight[2 * k + 1]);
       high[k] = h0 | ((unsigned)h1 << 16);
-      low[k] = D::store(weight[2 * k] - D::load(h0)) | ((unsigned)D::store(weight[2 * k + 1] - D::load(h1)) << 16);
+      const u16 l0 = D::store(weight[2 * k] - D::load(h0)), l1 = D::store(weight[2 * k + 1] - D::load(h1));
+      low[k] = l0 | ((unsigned)l1 << 16);
     }
     // The accumulators' columns are query heads 2t and 2t + 1: their corrections come from lanes 8t, 8t + 4.
     const float correction0 = __shfl_sync(0xffffffffu, correction, 8 * t);
@@ -799,7 +801,8 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
       acc[i][3] *= correction1;
       const unsigned x0 = value[0][i / 4].e[i % 4], x1 = value[1][i / 4].e[i % 4];
       const unsigned x8 = value[2][i / 4].e[i % 4], x9 = value[3][i / 4].e[i % 4];
-      const unsigned a[4] = {low_halves(x0, x1), high_halves(x0, x1), low_halves(x8, x9), high_halves(x8, x9)};
+      const unsigned a[4] = {low_halves(x0, x1), high_halves(x0, x1), low_halves(x8, x9),
+                             high_halves(x8, x9)};
       mma_m16n8k16<D>(acc[i], a, high);
       mma_m16n8k16<D>(acc[i], a, low);
     }
@@ -836,13 +839,13 @@ __device__ void paged_decode_attention_mma(AttentionShared<8>& shared, typename 
                                            int kv_heads, int dim, float scale) {
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
-      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,
-                                              key_cache, value_cache, slots, slot_stride, lengths, heads,
-                                              kv_heads, scale);
+      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, q,
+                                              q_stride, key_cache, value_cache, slots, slot_stride,
+                                              lengths, heads, kv_heads, scale);
     } else {
-      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,
-                                               key_cache, value_cache, slots, slot_stride, lengths, heads,
-                                               kv_heads, scale);
+      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, q,
+                                               q_stride, key_cache, value_cache, slots, slot_stride,
+                                               lengths, heads, kv_heads, scale);
     }
   }
 }

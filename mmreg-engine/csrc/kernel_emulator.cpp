@@ -144,7 +144,8 @@ T arg(void** args, int i) {
   return value;
 }
 
-#define MMREG_EMULATED_ATTENTION(suffix, T, R, G) MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_r##R##_g##G##_##suffix, T)
+#define MMREG_EMULATED_ATTENTION(suffix, T, R, G) \
+  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_r##R##_g##G##_##suffix, T)
 
 #define MMREG_EMULATED_ATTENTION_KERNEL(kernel, T)                                                  \
   [](void** a) {                                                                                      \
