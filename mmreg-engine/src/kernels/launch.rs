@@ -409,7 +409,6 @@ impl Kernels {
         slots: &Tensor,
         lengths: &Tensor,
         scale: f64,
-        tensor_cores: bool,
     ) -> Tensor {
         let [sequences, heads, dim] = query.size()[..] else {
             unreachable!("checked by kernels::paged_decode_attention")
@@ -436,7 +435,7 @@ impl Kernels {
                 .iter()
                 .all(|t| aligned(t, run as usize));
         // The tensor cores' variant where it applies and is switched on.
-        let mma = tensor_cores
+        let mma = super::tensor_core_attention()
             && heads / kv_heads <= 8
             && vectorized
             && MMA_DIMS.contains(&dim)

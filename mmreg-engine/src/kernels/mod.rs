@@ -238,16 +238,7 @@ pub fn paged_decode_attention(
     if !(shapes_fit && row_contiguous && same && indices_fit) {
         return None;
     }
-    let tensor_cores = tensor_core_attention();
-    Some(k.paged_decode_attention(
-        query,
-        key_cache,
-        value_cache,
-        slots,
-        lengths,
-        scale,
-        tensor_cores,
-    ))
+    Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale))
 }
 
 thread_local! {
@@ -258,6 +249,15 @@ thread_local! {
 #[doc(hidden)]
 pub fn tensor_core_attention_on_this_thread(on: Option<bool>) {
     TENSOR_CORE_ATTENTION.with(|c| c.set(on));
+}
+
+/// Runs `f` with decode attention's tensor cores switched `on` on this thread, then restores the
+/// thread's setting (the self-check runs both paths).
+fn with_tensor_core_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = TENSOR_CORE_ATTENTION.with(|c| c.replace(Some(on)));
+    let result = f();
+    TENSOR_CORE_ATTENTION.with(|c| c.set(before));
+    result
 }
 
 /// Whether [`paged_decode_attention`] takes its tensor-core kernel where it applies (bf16 and f16,

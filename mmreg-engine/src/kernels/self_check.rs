@@ -4,6 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::launch::Kernels;
 use super::reference as unfused;
+use super::with_tensor_core_attention;
 
 /// Deterministic inputs of about unit size (no random generator: the caller's seeds stay untouched).
 fn waves(shape: &[i64], phase: f64, kind: Kind, device: Device) -> Tensor {
@@ -119,15 +120,9 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
             // On the CUDA cores, and on the tensor cores (bf16 and f16; f32 stays on the CUDA cores).
             for tensor_cores in [false, true] {
-                let out = k.paged_decode_attention(
-                    &query,
-                    &keys,
-                    &values,
-                    &padded,
-                    &lengths,
-                    scale,
-                    tensor_cores,
-                );
+                let out = with_tensor_core_attention(tensor_cores, || {
+                    k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale)
+                });
                 let what = format!("paged_decode_attention (tensor cores: {tensor_cores})");
                 compare(&what, &out, &expected)?;
             }
