@@ -417,19 +417,21 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                 // On the CUDA cores, then on the tensor cores where they apply (bf16 and f16, heads
                 // of 64 or 128 elements): the tensor-core kernel must then have run.
                 for tensor_cores in [false, true] {
-                    kernels::tensor_core_attention_on_this_thread(Some(tensor_cores));
-                    let before = kernels::launches("paged_decode_attention_mma").expect("a family");
-                    let out = kernels::paged_decode_attention(
-                        &query,
-                        &keys,
-                        &values,
-                        &Tensor::from_slice(&padded).to_device(device),
-                        &Tensor::from_slice(lengths).to_device(device),
-                        scale,
-                    );
-                    let on_tensor_cores =
-                        kernels::launches("paged_decode_attention_mma").expect("a family") > before;
-                    kernels::tensor_core_attention_on_this_thread(None);
+                    let mma_launches =
+                        || kernels::launches("paged_decode_attention_mma").expect("a family");
+                    let (out, on_tensor_cores) =
+                        kernels::with_tensor_core_attention(tensor_cores, || {
+                            let before = mma_launches();
+                            let out = kernels::paged_decode_attention(
+                                &query,
+                                &keys,
+                                &values,
+                                &Tensor::from_slice(&padded).to_device(device),
+                                &Tensor::from_slice(lengths).to_device(device),
+                                scale,
+                            );
+                            (out, mma_launches() > before)
+                        });
                     let Some(out) = out else {
                         assert_eq!(mode, Mode::Fallback, "the kernel did not run");
                         continue;

@@ -13,8 +13,7 @@ for each ;-separated set of environment variables, on LLaVA-1.5 at VARIANT_BATCH
 VARIANTS_NEXT on LLaVA-NeXT at VARIANT_BATCHES_NEXT (default 1,8); AGREEMENT=0 and ANCHOR=0 skip the
 agreement checks and the anchor (a short comparison of variants); a variant also named in TRACED is traced
 (decode at batches 1 and 8 summarised), and TRACE_NEXT=1 traces LLaVA-NeXT's default run as LLaVA-1.5's is.
-MODELS=next,llava15 picks the models and their order (default
-llava15,next).
+MODELS=next,llava15 picks the models and their order (default llava15,next).
 """
 import os, subprocess, sys
 

@@ -434,9 +434,9 @@ impl Kernels {
             && [key_cache, value_cache]
                 .iter()
                 .all(|t| aligned(t, run as usize));
-        // The tensor cores' variant where it applies and is switched on.
+        // The tensor cores' variant where it applies (groups of up to 8, as every variant) and is
+        // switched on.
         let mma = super::tensor_core_attention()
-            && heads / kv_heads <= 8
             && vectorized
             && MMA_DIMS.contains(&dim)
             && aligned(query, 16)

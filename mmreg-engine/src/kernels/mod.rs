@@ -245,15 +245,11 @@ thread_local! {
     static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
-/// Overrides `MMREG_DECODE_ATTENTION_MMA` on this thread (`None`: back to it), for tests of both paths.
+/// Runs `f` with decode attention's tensor cores switched `on` on this thread (over
+/// `MMREG_DECODE_ATTENTION_MMA`), then restores the thread's setting: the self-check and the tests run
+/// both paths.
 #[doc(hidden)]
-pub fn tensor_core_attention_on_this_thread(on: Option<bool>) {
-    TENSOR_CORE_ATTENTION.with(|c| c.set(on));
-}
-
-/// Runs `f` with decode attention's tensor cores switched `on` on this thread, then restores the
-/// thread's setting (the self-check runs both paths).
-fn with_tensor_core_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
+pub fn with_tensor_core_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
     let before = TENSOR_CORE_ATTENTION.with(|c| c.replace(Some(on)));
     let result = f();
     TENSOR_CORE_ATTENTION.with(|c| c.set(before));
