@@ -897,39 +897,50 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
 // vectors, several in flight (unrolled), x coming from the cache; then a warp sum per output. (With
 // more rows than one, cuBLAS's kernels win: measured in docs/benchmarks.md.) The caller checks: k a
 // multiple of the vector's elements, x and w 16-byte aligned. Launched with kLinearWarps * 32 threads,
-// grid-stride over the rows of w.
+// grid-stride over the warps' runs of rows.
+//
+// kGated: w stacks a gate projection over an up projection ([2 * n/2, k], no gap), and y [n/2] is
+// silu(gate · x) * (up · x), each product rounded to the dtype first, as silu_mul after the product: a
+// warp's two rows are row i of the gate and row i of the up projection, and the MLP's activation costs
+// no kernel of its own.
 constexpr int kLinearWarps = 4;
 constexpr int kLinearRows = 2;
 
-template <typename D>
+template <typename D, bool kGated>
 __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                const typename D::T* bias, long long n, long long k) {
+  static_assert(!kGated || kLinearRows == 2, "a gated run is one gate row and one up row");
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // A warp's run `task` of rows: from row task * kLinearRows on, or rows task and task + n/2 (gated).
+  const long long tasks = kGated ? n / 2 : (n + kLinearRows - 1) / kLinearRows;
+  const long long per_task = kGated ? 1 : kLinearRows, stride = kGated ? n / 2 : 1;
   {
-    const long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows;
+    const long long task = (long long)blockIdx.x * kLinearWarps + warp;
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
+      const long long row = task * per_task + r * stride;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const long long c = (lane + 32LL * i) * N;
-        if (first + r < n && c < k) {
-          prefetch_l2(w + (first + r) * k + c);
+        if (task < tasks && row < n && c < k) {
+          prefetch_l2(w + row * k + c);
         }
       }
     }
   }
   begin_kernel();
   // Grid-stride over the warps' runs of kLinearRows rows of w (the same for the whole warp).
-  for (long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows; first < n;
-       first += (long long)gridDim.x * kLinearWarps * kLinearRows) {
+  for (long long task = (long long)blockIdx.x * kLinearWarps + warp; task < tasks;
+       task += (long long)gridDim.x * kLinearWarps) {
+    const long long first = task * per_task;
     const typename D::T* row[kLinearRows];
     float acc[kLinearRows];
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
       // A row past the end reads the last one again; its sum is not written.
-      row[r] = w + min(first + r, n - 1) * k;
+      row[r] = w + min(first + r * stride, n - 1) * k;
       acc[r] = 0.0f;
     }
 #pragma unroll 4
@@ -954,8 +965,21 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
       for (int o = 16; o > 0; o >>= 1) {
         acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
       }
-      if (lane == 0 && first + r < n) {
-        y[first + r] = D::store(acc[r] + (bias != nullptr ? D::load(bias[first + r]) : 0.0f));
+      const long long out = first + r * stride;
+      if (bias != nullptr && out < n) {
+        acc[r] += D::load(bias[out]);
+      }
+    }
+    if (lane == 0) {
+      if (kGated) {
+        y[first] = silu_times<D>(D::store(acc[0]), D::store(acc[1]));
+      } else {
+#pragma unroll
+        for (int r = 0; r < kLinearRows; ++r) {
+          if (first + r < n) {
+            y[first + r] = D::store(acc[r]);
+          }
+        }
       }
     }
   }
@@ -1196,7 +1220,11 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \
-    linear_one_row<D>(y, x, w, bias, n, k);                                                        \
+    linear_one_row<D, false>(y, x, w, bias, n, k);                                                 \
+  }                                                                                                \
+  MMREG_KERNEL void linear_one_row_silu_##suffix(D::T* y, const D::T* x, const D::T* w,             \
+                                                 const D::T* bias, long long n, long long k) {     \
+    linear_one_row<D, true>(y, x, w, bias, n, k);                                                  \
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_##suffix(D::T* y, const D::T* x, const D::T* w,                 \
                                              const D::T* bias, int m, long long n, long long k) {  \

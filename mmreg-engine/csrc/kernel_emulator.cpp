@@ -195,7 +195,10 @@ T arg(void** args, int i) {
                                        arg<const long long*>(a, 10), arg<int>(a, 11)); },     \
   [](void** a) { linear_few_rows_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),    \
                                           arg<const T*>(a, 3), arg<int>(a, 4), arg<long long>(a, 5),  \
-                                          arg<long long>(a, 6)); }
+                                          arg<long long>(a, 6)); },                                   \
+  [](void** a) { linear_one_row_silu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
+                                              arg<const T*>(a, 2), arg<const T*>(a, 3),               \
+                                              arg<long long>(a, 4), arg<long long>(a, 5)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

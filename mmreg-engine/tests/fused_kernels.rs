@@ -171,9 +171,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 21 kernels in each of 3 dtypes.
+        // 22 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 63,
+            kernels, 66,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -553,6 +553,56 @@ fn linear_for_few_rows_matches_the_product() {
                     launched, expected_launches,
                     "linear {mode:?} {kind:?} ({rows}×{k} · {n}×{k}): launches"
                 );
+            }
+        }
+    }
+}
+
+/// The MLP's stacked gate/up product with SiLU × up in the same kernel (a decode step of one sequence):
+/// the same values as the linear kernel followed by silu_mul (each row's sum in the same order, the
+/// same rounding, the same activation: identical), and within a rounding of silu(gate) * up in f64.
+/// Several rows take the product and then silu_mul (no gated launch).
+#[test]
+fn linear_silu_mul_equals_the_product_then_silu_mul() {
+    for mode in modes() {
+        let device = mode.device();
+        for kind in KINDS {
+            for (rows, n, k, with_bias) in [
+                (1, 37, 520, false),
+                (1, 16, 64, true),
+                (1, 5, 200, true),
+                (3, 16, 64, false),
+            ] {
+                let what = format!("linear_silu_mul {mode:?} {kind:?} ({rows}×{k} · 2×{n}×{k})");
+                let x = random(&[rows, k], kind, device, rows + k);
+                let weight = random(&[2 * n, k], kind, device, n);
+                let bias = with_bias.then(|| random(&[2 * n], kind, device, k));
+                let before = kernels::launches("linear_silu_mul").expect("a family");
+                let fused = kernels::linear_silu_mul(&x, &weight, bias.as_ref());
+                let launched = kernels::launches("linear_silu_mul").expect("a family") - before;
+                assert_eq!(
+                    launched,
+                    u64::from(rows == 1 && mode != Mode::Fallback),
+                    "{what}: gated launches"
+                );
+                let separate = kernels::silu_mul(&kernels::linear(&x, &weight, bias.as_ref()));
+                assert_identical(&what, &fused, &separate);
+
+                let wide = |t: &Tensor| t.to_device(Device::Cpu).to_kind(Kind::Double);
+                let mut product = wide(&x).matmul(&wide(&weight).transpose(0, 1));
+                if let Some(b) = &bias {
+                    product += wide(b);
+                }
+                let expected = product.narrow(1, 0, n).silu() * product.narrow(1, n, n);
+                let scale = expected.abs().max().double_value(&[]);
+                let off = (wide(&fused) - &expected).abs().max().double_value(&[]) / scale;
+                let tolerance = match kind {
+                    Kind::Float => 1e-5,
+                    Kind::Half => 4e-3,
+                    _ => 3e-2,
+                };
+                assert!(off <= tolerance, "{what}: off by {off} of the largest");
+                assert_eq!(fused.size(), [rows, n], "{what}");
             }
         }
     }

@@ -206,8 +206,8 @@ impl VisionBlock {
         let x = x + self.attn.forward(&self.norm1.forward(x), rotary, segments);
         let mlp = self.down_proj.forward(
             &self
-                .act
-                .gated(&self.gate_up_proj.forward(&self.norm2.forward(&x))),
+                .gate_up_proj
+                .forward_gated(&self.norm2.forward(&x), self.act),
         );
         x + mlp
     }

@@ -8,7 +8,7 @@ use mmreg_engine::kernels;
 use tch::Tensor;
 
 use crate::parallel::embed_parallel;
-use crate::Loader;
+use crate::{Activation, Loader};
 
 /// `x · weightᵀ + bias`, HF's `nn.Linear`.
 pub struct Linear {
@@ -50,6 +50,15 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         kernels::linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// `act(gate) * up` for this stacked `[gate; up]` projection of `x`: [`Activation::gated`] after
+    /// [`Self::forward`]. With SiLU, a decode step of one sequence takes one kernel for both.
+    pub fn forward_gated(&self, x: &Tensor, act: Activation) -> Tensor {
+        match act {
+            Activation::Silu => kernels::linear_silu_mul(x, &self.weight, self.bias.as_ref()),
+            _ => act.gated(&self.forward(x)),
+        }
     }
 
     /// `[out_features, in_features]`.

@@ -269,7 +269,7 @@ impl Mlp {
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.down_proj
-            .forward(&self.act.gated(&self.gate_up_proj.forward(x)))
+            .forward(&self.gate_up_proj.forward_gated(x, self.act))
     }
 }
 

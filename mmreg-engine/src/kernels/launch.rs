@@ -10,9 +10,9 @@ use super::nvrtc;
 
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
-/// `linear`, and `paged_decode_attention_mma` (the tensor-core variant alone).
-pub(super) static LAUNCHES: [AtomicU64; 7] = [const { AtomicU64::new(0) }; 7];
-pub(super) const FAMILIES: [&str; 7] = [
+/// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone) and `linear_silu_mul`.
+pub(super) static LAUNCHES: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+pub(super) const FAMILIES: [&str; 8] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -20,6 +20,7 @@ pub(super) const FAMILIES: [&str; 7] = [
     "paged_decode_attention",
     "linear",
     "paged_decode_attention_mma",
+    "linear_silu_mul",
 ];
 
 fn counted(family: usize) {
@@ -42,8 +43,9 @@ unsafe impl Sync for Function {}
 /// and 256 elements (a position's row read by 8, 16 or 32 lanes), each holding up to 1, 4 or 8 query
 /// heads per key/value head, and on the tensor cores (heads of 64 or 128 elements, up to 8 query heads
 /// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
-/// vectors, and the linear layer for a few rows.
-pub(super) const NAMES: [&str; 21] = [
+/// vectors, the linear layer for a few rows, and the one-row linear layer of a stacked gate and up
+/// projection with SiLU × up after it.
+pub(super) const NAMES: [&str; 22] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -65,6 +67,7 @@ pub(super) const NAMES: [&str; 21] = [
     "silu_mul_vectors",
     "rope_vectors",
     "linear_few_rows",
+    "linear_one_row_silu",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -80,6 +83,7 @@ const LINEAR: usize = 17;
 const SILU_MUL_VECTORS: usize = 18;
 const ROPE_VECTORS: usize = 19;
 const LINEAR_FEW_ROWS: usize = 20;
+const LINEAR_SILU: usize = 21;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -560,6 +564,40 @@ impl Kernels {
             );
         }
         counted(5);
+        y
+    }
+
+    /// `silu(x · gateᵀ) * (x · upᵀ)` for `x` of one row and `weight` = `[gate; up]` (`[2 * n, k]`, with
+    /// `bias` `[2 * n]`): `[.., n]` (checked by [`super::linear_silu_mul`]).
+    pub(super) fn linear_silu_mul(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Tensor {
+        let [n, k] = weight.size()[..] else {
+            unreachable!("checked by kernels::linear_silu_mul")
+        };
+        let mut size = x.size();
+        *size.last_mut().expect("checked by kernels::linear_silu_mul") = n / 2;
+        let y = Tensor::empty(size, (x.kind(), x.device()));
+        let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
+        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
+        let (mut n, mut k) = (n, k);
+        let mut args = [
+            arg!(y_p),
+            arg!(x_p),
+            arg!(w_p),
+            arg!(bias_p),
+            arg!(n),
+            arg!(k),
+        ];
+        // A warp per output: one row of the gate and one of the up projection.
+        let per_block = LINEAR_WARPS as i64;
+        let grid = self.grid((n / 2 + per_block - 1) / per_block, 1);
+        let f = self.of(x.kind()).0[LINEAR_SILU];
+        self.launch(f, grid, LINEAR_WARPS * 32, &mut args);
+        counted(7);
         y
     }
 }

@@ -1,6 +1,7 @@
 //! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
 //! embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
-//! one-sequence decode step (and, switched on, of 2 to 16 sequences on the tensor cores). The
+//! one-sequence decode step (alone, or with SiLU × up after the MLP's stacked gate and up projection;
+//! switched on, of 2 to 16 sequences on the tensor cores). The
 //! elementwise ones replace several libtorch kernels each and compute the same values
 //! (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op code does).
 //!
@@ -277,35 +278,54 @@ fn tensor_core_attention() -> bool {
 /// rows, and wherever the kernels do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's
 /// for every size while the other kernels run (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    let fits = || {
-        let [n, cols] = weight.size()[..] else {
-            return false;
-        };
-        let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
-        let bias_fits = bias.is_none_or(|b| {
-            b.size() == [n] && b.kind() == x.kind() && b.device() == x.device() && b.is_contiguous()
-        });
-        // The CPU emulator runs every CUDA thread as an OS thread: a tiny model's 32k-row LM head would
-        // take it minutes, so there only small weights take the kernel (the rest libtorch's product).
-        let emulated_fits = x.device().is_cuda() || n <= 4096;
+    let rows_fit = |rows| {
         // One row in every dtype; a few on the tensor cores, in bf16 and f16.
-        let rows = x.numel() as i64 / cols.max(1);
-        let rows_fit = rows == 1
+        rows == 1
             || (few_rows_enabled()
                 && (2..=launch::FEW_ROWS).contains(&rows)
-                && matches!(x.kind(), Kind::BFloat16 | Kind::Half));
-        x.size().last() == Some(&cols)
-            && rows_fit
-            && cols % per_vector == 0
-            && launch::aligned(x, 16)
-            && launch::aligned(weight, 16)
-            && bias_fits
-            && emulated_fits
+                && matches!(x.kind(), Kind::BFloat16 | Kind::Half))
     };
     match fused_for(&[x, weight]) {
-        Some(k) if linear_enabled() && fits() => k.linear(x, weight, bias),
+        Some(k) if linear_rows(x, weight, bias).is_some_and(rows_fit) => k.linear(x, weight, bias),
         _ => x.linear(weight, bias),
     }
+}
+
+/// The MLP's gated activation after its stacked `[gate; up]` projection (`weight` `[2 * n, k]`, `bias`
+/// `[2 * n]`): `silu(x · gateᵀ) * (x · upᵀ)`, `[.., n]`, each product rounded to the dtype first, as
+/// [`silu_mul`] after [`linear`]. A decode step of one sequence takes one kernel for both (the
+/// product's last step applies the activation); other sizes take [`linear`], then [`silu_mul`].
+pub fn linear_silu_mul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    let stacked = weight.size().first().is_some_and(|n| n % 2 == 0);
+    match fused_for(&[x, weight]) {
+        Some(k) if stacked && linear_rows(x, weight, bias) == Some(1) => {
+            k.linear_silu_mul(x, weight, bias)
+        }
+        _ => silu_mul(&linear(x, weight, bias)),
+    }
+}
+
+/// The rows of `x` where the linear kernels can take `x`, `weight` and `bias` (switched on, shapes,
+/// alignment, dtype of the bias), whatever their number; `None` where they cannot.
+fn linear_rows(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<i64> {
+    let [n, cols] = weight.size()[..] else {
+        return None;
+    };
+    let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
+    let bias_fits = bias.is_none_or(|b| {
+        b.size() == [n] && b.kind() == x.kind() && b.device() == x.device() && b.is_contiguous()
+    });
+    // The CPU emulator runs every CUDA thread as an OS thread: a tiny model's 32k-row LM head would
+    // take it minutes, so there only small weights take the kernel (the rest libtorch's product).
+    let emulated_fits = x.device().is_cuda() || n <= 4096;
+    let fits = linear_enabled()
+        && x.size().last() == Some(&cols)
+        && cols % per_vector == 0
+        && launch::aligned(x, 16)
+        && launch::aligned(weight, 16)
+        && bias_fits
+        && emulated_fits;
+    fits.then(|| x.numel() as i64 / cols.max(1))
 }
 
 /// Whether [`linear`] may take its kernels (`MMREG_FUSED_LINEAR=0` says no), read once.
@@ -330,8 +350,9 @@ fn few_rows_enabled() -> bool {
 }
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
-/// `paged_decode_attention` or `linear`) has been launched in this process, on any device, the emulator
-/// included: for tests that must see a kernel run, not only its result. `None` for an unknown name.
+/// `paged_decode_attention`, `paged_decode_attention_mma`, `linear` or `linear_silu_mul`) has been
+/// launched in this process, on any device, the emulator included: for tests that must see a kernel
+/// run, not only its result. `None` for an unknown name.
 pub fn launches(family: &str) -> Option<u64> {
     let index = launch::FAMILIES.iter().position(|&f| f == family)?;
     Some(launch::LAUNCHES[index].load(Ordering::Relaxed))
