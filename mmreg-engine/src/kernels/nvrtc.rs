@@ -7,7 +7,8 @@ mod shim {
     use std::sync::Mutex;
 
     use super::super::launch::{
-        ForKind, Function, Kernels, ATTENTION, ATTENTION_VARIANTS, ATTENTION_WARPS, NAMES, SUFFIXES,
+        Counters, ForKind, Function, Kernels, ATTENTION, ATTENTION_VARIANTS, ATTENTION_WARPS,
+        DEVICE_COUNTERS, NAMES, SUFFIXES,
     };
     use super::super::self_check::check_kernels;
 
@@ -163,6 +164,14 @@ mod shim {
             })
         };
         let attention_resident = [resident(&f32), resident(&bf16), resident(&f16)];
+        // Decode attention's chunk counters, zeroed, kept as long as the kernels (the process).
+        let counters = tch::Tensor::f_zeros(
+            [DEVICE_COUNTERS],
+            (tch::Kind::Int, tch::Device::Cuda(device)),
+        )
+        .map_err(|e| format!("allocating decode attention's counters: {e}"))?;
+        let address = counters.data_ptr() as usize;
+        std::mem::forget(counters);
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
@@ -177,6 +186,10 @@ mod shim {
             programmatic: programmatic_enabled()
                 && unsafe { mmreg_kernels_programmatic(device as i32) } == 1,
             attention_resident,
+            counters: Counters::Device {
+                address,
+                len: DEVICE_COUNTERS,
+            },
             f32,
             bf16,
             f16,
