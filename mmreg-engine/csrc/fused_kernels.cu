@@ -179,15 +179,6 @@ __device__ __forceinline__ float block_reduce(float v) {
   return v;
 }
 
-// Op over the warp: every lane gets the result.
-template <typename Op>
-__device__ __forceinline__ float warp_reduce(float v) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v = Op::apply(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  return v;
-}
-
 __device__ __forceinline__ float block_sum(float v) { return block_reduce<Sum>(v); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<Max>(v); }
 
@@ -459,8 +450,7 @@ __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const
 //
 // With one chunk (gridDim.y == 1) the block writes the output, [sequences, heads, dim]. With more, it
 // writes its unnormalised partial sums, f32 [sequences * heads, chunks, dim], their maximum and sum
-// [sequences * heads, chunks], and the block that finishes a pair's last chunk reduces them
-// (combine_chunks_if_last). q is [sequences, heads, dim]
+// [sequences * heads, chunks], and paged_decode_combine reduces the chunks. q is [sequences, heads, dim]
 // with `q_stride` elements between sequences; caches are [slots, kv_heads, dim]. kVector (the kernels'
 // `vectorized`): dim is a multiple of kRun and the caches are aligned to kRun elements (each lane's run
 // one vector load). group * dim at most kMaxGroupDim (the caller checks). Launched with kWarps * 32
@@ -510,18 +500,13 @@ struct AttentionShared {
 
 // The block's warps' partial results (in `shared`, after a barrier) combined into the block's output:
 // with one chunk (gridDim.y == 1) the attention of the group's heads, else the chunk's unnormalised sums
-// with their maximum and sum, reduced by the pair's last block. Each thread takes some (head, element) pairs; a
+// with their maximum and sum for paged_decode_combine. Each thread takes some (head, element) pairs; a
 // warp that saw no position has a sum of 0 and is skipped, and a chunk with no position at all writes a
 // sum of 0 (an output of 0).
-template <typename D>
-__device__ void combine_chunks_if_last(unsigned* counters, typename D::T* out, const float* partial_acc,
-                                       const float* partial_max, const float* partial_sum, int seq,
-                                       int kv_head, int group, int heads, int dim);
-
 template <typename D, int G>
 __device__ void combine_warps(const AttentionShared<G>& shared, typename D::T* out, float* partial_acc,
-                              float* partial_max, float* partial_sum, unsigned* counters, int seq,
-                              int kv_head, int group, int heads, int dim) {
+                              float* partial_max, float* partial_sum, int seq, int kv_head, int group,
+                              int heads, int dim) {
   const int splits = gridDim.y;
   for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
     const int g = i / dim;
@@ -551,16 +536,11 @@ __device__ void combine_warps(const AttentionShared<G>& shared, typename D::T* o
       }
     }
   }
-  if (splits > 1) {
-    combine_chunks_if_last<D>(counters, out, partial_acc, partial_max, partial_sum, seq, kv_head, group,
-                              heads, dim);
-  }
 }
 
 template <typename D, int R, int G, bool kVector>
 __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typename D::T* out,
                                              float* partial_acc, float* partial_max, float* partial_sum,
-                                             unsigned* counters,
                                              const typename D::T* q, long long q_stride, const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
@@ -688,7 +668,7 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
     }
   }
   __syncthreads();
-  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, counters, seq, kv_head, group, heads, dim);
+  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, dim);
 }
 
 // paged_decode_attention_chunk on the tensor cores, for heads of kDim = 64 or 128 elements in bf16 or
@@ -725,7 +705,7 @@ __device__ __forceinline__ void load_runs(Pack<unsigned, 4> (&runs)[N], const T*
 template <typename D, int kDim>
 __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typename D::T* out,
                                                  float* partial_acc, float* partial_max,
-                                                 float* partial_sum, unsigned* counters, const typename D::T* q,
+                                                 float* partial_sum, const typename D::T* q,
                                                  long long q_stride, const typename D::T* key_cache,
                                                  const typename D::T* value_cache, const long long* slots,
                                                  long long slot_stride, const long long* lengths,
@@ -846,90 +826,68 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
     }
   }
   __syncthreads();
-  combine_warps<D, 8>(shared, out, partial_acc, partial_max, partial_sum, counters, seq, kv_head, group, heads, kDim);
+  combine_warps<D, 8>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, kDim);
 }
 
 // The kernel's body: f32 has no such mma (the caller never launches it for f32).
 template <typename D>
 __device__ void paged_decode_attention_mma(AttentionShared<8>& shared, typename D::T* out, float* partial_acc,
-                                           float* partial_max, float* partial_sum, unsigned* counters,
-                                           const typename D::T* q,
+                                           float* partial_max, float* partial_sum, const typename D::T* q,
                                            long long q_stride, const typename D::T* key_cache,
                                            const typename D::T* value_cache, const long long* slots,
                                            long long slot_stride, const long long* lengths, int heads,
                                            int kv_heads, int dim, float scale) {
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
-      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, counters, q,
+      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, q,
                                               q_stride, key_cache, value_cache, slots, slot_stride,
                                               lengths, heads, kv_heads, scale);
     } else {
-      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, counters, q,
+      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                q_stride, key_cache, value_cache, slots, slot_stride,
                                                lengths, heads, kv_heads, scale);
     }
   }
 }
 
-// The chunks of a (sequence, key/value head) pair reduced, by the block that finishes the pair's last
-// chunk (flash-decoding's reduction without a kernel of its own). Every block, once its partials are
-// written, fences them and counts itself in the pair's counter; the block that counts last (the
-// others' partials then visible to it) sets the counter back to 0 for the next launch, and its warp w
-// reduces rows g = w, w + kWarps, ... of the group: the chunks' largest maximum, the sum of their sums
-// rescaled to it (warp reductions over the chunks), then each element's chunk partials, rescaled. A
-// chunk with no position has a sum of 0 and a factor of 0. Partials are read past L1 (written by other
-// blocks); counters start at 0 (the caller's buffer, which every launch leaves at 0).
+// The chunks of paged_decode_attention_chunk reduced: one block per (sequence, head) row. The chunks'
+// maxima and sums are read in parallel (a thread per chunk) and turned into one factor per chunk; then a
+// thread per element (grid-stride) sums the chunks' partials, their loads unrolled so that several are
+// in flight. out [rows, dim]; splits at most kMaxSplits (the caller checks).
+constexpr int kMaxSplits = 256;
+
 template <typename D>
-__device__ void combine_chunks_if_last(unsigned* counters, typename D::T* out, const float* partial_acc,
-                                       const float* partial_max, const float* partial_sum, int seq,
-                                       int kv_head, int group, int heads, int dim) {
-  __shared__ int last;
-  const int splits = gridDim.y;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned* counter = counters + (long long)seq * (heads / group) + kv_head;
-    last = atomicAdd(counter, 1u) + 1 == (unsigned)splits;
-    if (last) {
-      *counter = 0;
+__device__ void paged_decode_combine_row(typename D::T* out, const float* partial_acc,
+                                         const float* partial_max, const float* partial_sum, int splits,
+                                         int dim) {
+  __shared__ float factor[kMaxSplits];
+  const long long row = blockIdx.x;
+  partial_acc += row * splits * dim;
+  partial_max += row * splits;
+  partial_sum += row * splits;
+  // A chunk with no position has a sum of 0 and a factor of 0.
+  float local_max = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    if (partial_sum[s] > 0.0f) {
+      local_max = fmaxf(local_max, partial_max[s]);
     }
   }
-  __syncthreads();
-  if (!last) {
-    return;
+  const float total_max = block_max(local_max);
+  float local_sum = 0.0f;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float f = partial_sum[s] > 0.0f ? expf(partial_max[s] - total_max) : 0.0f;
+    factor[s] = f;
+    local_sum += partial_sum[s] * f;
   }
-  __threadfence();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int g = warp; g < group; g += blockDim.x / 32) {
-    const long long row = (long long)seq * heads + kv_head * group + g;
-    const float* acc = partial_acc + row * splits * dim;
-    const float* max = partial_max + row * splits;
-    const float* sum = partial_sum + row * splits;
-    float local_max = -INFINITY;
-    for (int s = lane; s < splits; s += 32) {
-      if (__ldcg(sum + s) > 0.0f) {
-        local_max = fmaxf(local_max, __ldcg(max + s));
-      }
+  // block_sum's barrier also makes every factor visible to the block.
+  const float total_sum = block_sum(local_sum);
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float total = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      total += partial_acc[(long long)s * dim + d] * factor[s];
     }
-    const float total_max = warp_reduce<Max>(local_max);
-    float local_sum = 0.0f;
-    for (int s = lane; s < splits; s += 32) {
-      const float chunk_sum = __ldcg(sum + s);
-      if (chunk_sum > 0.0f) {
-        local_sum += chunk_sum * expf(__ldcg(max + s) - total_max);
-      }
-    }
-    const float total_sum = warp_reduce<Sum>(local_sum);
-    for (int d = lane; d < dim; d += 32) {
-      float total = 0.0f;
-      for (int s = 0; s < splits; ++s) {
-        const float chunk_sum = __ldcg(sum + s);
-        if (chunk_sum > 0.0f) {
-          total += __ldcg(acc + (long long)s * dim + d) * expf(__ldcg(max + s) - total_max);
-        }
-      }
-      out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
-    }
+    out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
   }
 }
 
@@ -1181,8 +1139,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
   MMREG_KERNEL void paged_decode_attention_r##R##_g##G##_##suffix(                                  \
-      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, unsigned* counters,   \
-      const D::T* q,                                                                               \
+      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
       float scale, int vectorized) {                                                                \
@@ -1190,13 +1147,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     begin_kernel();                                                                               \
     if (vectorized) {                                                                             \
       paged_decode_attention_chunk<D, R, G, true>(shared, out, partial_acc, partial_max,            \
-                                                  partial_sum, counters, q, q_stride, key_cache,   \
-                                                  value_cache,                                     \
+                                                  partial_sum, q, q_stride, key_cache, value_cache, \
                                                   slots, slot_stride, lengths, heads, kv_heads,     \
                                                   dim, scale);                                      \
     } else {                                                                                      \
       paged_decode_attention_chunk<D, R, G, false>(shared, out, partial_acc, partial_max,           \
-                                                   partial_sum, counters, q, q_stride, key_cache,  \
+                                                   partial_sum, q, q_stride, key_cache,             \
                                                    value_cache, slots, slot_stride, lengths, heads, \
                                                    kv_heads, dim, scale);                           \
     }                                                                                             \
@@ -1242,19 +1198,23 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache, slots,    \
                 kv_heads);                                                                         \
   }                                                                                                \
+  MMREG_KERNEL void paged_decode_combine_##suffix(D::T* out, const float* partial_acc,              \
+                                                  const float* partial_max,                        \
+                                                  const float* partial_sum, int splits, int dim) { \
+    begin_kernel();                                                                            \
+    paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, splits, dim);          \
+  }                                                                                                \
   MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 16)                                                            \
   MMREG_ATTENTION_GROUPS(D, suffix, 32)                                                            \
   MMREG_KERNEL void __launch_bounds__(kWarps * 32, 3) paged_decode_attention_mma_##suffix(        \
-      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, unsigned* counters,   \
-      const D::T* q,                                                                               \
+      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
       float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8> shared;                                                         \
     begin_kernel();                                                                               \
-    paged_decode_attention_mma<D>(shared, out, partial_acc, partial_max, partial_sum, counters, q, \
-                                  q_stride,                                                        \
+    paged_decode_attention_mma<D>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,  \
                                   key_cache, value_cache, slots, slot_stride, lengths, heads,       \
                                   kv_heads, dim, scale);                                            \
   }                                                                                                \

@@ -2,7 +2,7 @@
 //! kernel's parameter order, grids and blocks.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tch::{Kind, Tensor};
 
@@ -45,13 +45,14 @@ unsafe impl Sync for Function {}
 /// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
 /// vectors, the linear layer for a few rows, and the one-row linear layer of a stacked gate and up
 /// projection with SiLU × up after it.
-pub(super) const NAMES: [&str; 21] = [
+pub(super) const NAMES: [&str; 22] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
     "add_rms_norm_vectors",
     "silu_mul",
     "rope",
+    "paged_decode_combine",
     "paged_decode_attention_r8_g1",
     "paged_decode_attention_r8_g4",
     "paged_decode_attention_r8_g8",
@@ -74,14 +75,15 @@ const ADD_RMS_NORM: usize = 1;
 const VECTORS: usize = 2;
 const SILU_MUL: usize = 4;
 const ROPE: usize = 5;
-pub(super) const ATTENTION: usize = 6;
+const COMBINE: usize = 6;
+pub(super) const ATTENTION: usize = 7;
 /// Decode attention's variants from `ATTENTION` on: `LANES` × `GROUPS`, then the tensor cores'.
 pub(super) const ATTENTION_VARIANTS: usize = LANES.len() * GROUPS.len() + 1;
-const LINEAR: usize = 16;
-const SILU_MUL_VECTORS: usize = 17;
-const ROPE_VECTORS: usize = 18;
-const LINEAR_FEW_ROWS: usize = 19;
-const LINEAR_SILU: usize = 20;
+const LINEAR: usize = 17;
+const SILU_MUL_VECTORS: usize = 18;
+const ROPE_VECTORS: usize = 19;
+const LINEAR_FEW_ROWS: usize = 20;
+const LINEAR_SILU: usize = 21;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -94,7 +96,7 @@ const LINEAR_ROWS_PER_WARP: i64 = 2;
 /// the query heads per key/value head it holds.
 const LANES: [i64; 3] = [8, 16, 32];
 const GROUPS: [i64; 3] = [1, 4, 8];
-/// Elements per lane of a row (`kRun`), and the most chunks a context is split into.
+/// Elements per lane of a row (`kRun`), and the most chunks the combine reduces (`kMaxSplits`).
 const RUN: i64 = 8;
 /// Positions a warp of the tensor-core variant reads at once (`kMmaTile`), and its head sizes.
 const MMA_TILE: i64 = 16;
@@ -140,39 +142,9 @@ pub(super) struct Kernels {
     /// Launch with programmatic dependent launches (an sm_90+ device, `MMREG_PDL` not `0`).
     pub(super) programmatic: bool,
     pub(super) attention_resident: [[i64; ATTENTION_VARIANTS]; 3],
-    pub(super) counters: Counters,
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
-}
-
-/// Decode attention's chunk counters, one per (sequence, key/value head) pair (`unsigned` in the
-/// kernels): zeroed once and left at zero by every launch (the block that counts a pair's last chunk
-/// combines the chunks and resets the pair's counter). A launch with more pairs than there are counters
-/// does not split. Launches on a device are ordered (one stream: the engine's), so none share them.
-pub(super) enum Counters {
-    /// A buffer of `len` counters on the device, kept for the process's lifetime.
-    Device { address: usize, len: i64 },
-    /// The emulator's, in host memory (it runs one launch at a time).
-    Emulated,
-}
-
-/// Counters on a device: pairs up to batch 2048 of 32 key/value heads (256 KiB).
-pub(super) const DEVICE_COUNTERS: i64 = 1 << 16;
-const EMULATED_COUNTERS: usize = 4096;
-static EMULATED_COUNTER_BUFFER: [AtomicU32; EMULATED_COUNTERS] =
-    [const { AtomicU32::new(0) }; EMULATED_COUNTERS];
-
-impl Counters {
-    fn pointer_and_len(&self) -> (*mut c_void, i64) {
-        match *self {
-            Counters::Device { address, len } => (address as *mut c_void, len),
-            Counters::Emulated => (
-                EMULATED_COUNTER_BUFFER.as_ptr() as *mut c_void,
-                EMULATED_COUNTERS as i64,
-            ),
-        }
-    }
 }
 
 pub(super) const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
@@ -208,7 +180,6 @@ pub(super) static EMULATED: Kernels = {
         min_chunk: Some(8),
         programmatic: false,
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
-        counters: Counters::Emulated,
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -432,9 +403,8 @@ impl Kernels {
     /// Blocks of `ATTENTION_WARPS` warps, one per (sequence, key/value head) and chunk of its context:
     /// the context is split (flash-decoding) until there are about `target_blocks` blocks (at most
     /// `MAX_SPLITS` chunks, each at least a tile per warp of the padded width), and the chunks' partial
-    /// results are then reduced by the block that finishes a pair's last chunk ([`Counters`]). The
-    /// split depends only on the shapes (not on the lengths), so a CUDA graph replays it for any
-    /// lengths.
+    /// results are then reduced by `paged_decode_combine`. The split depends only on the shapes (not on the lengths), so
+    /// a CUDA graph replays it for any lengths.
     pub(super) fn paged_decode_attention(
         &self,
         query: &Tensor,
@@ -485,9 +455,7 @@ impl Kernels {
         let min_chunk = self.min_chunk.unwrap_or(ATTENTION_WARPS as i64 * tile);
         let most = ((width + min_chunk - 1) / min_chunk).clamp(1, MAX_SPLITS);
         let resident = self.attention_resident[suffix_index(query.kind())][variant];
-        let (mut counters_p, counters) = self.counters.pointer_and_len();
         let splits = match self.target_blocks {
-            _ if blocks > counters => 1,
             None if resident > 0 => fewest_rounds(blocks, width, most, resident),
             target => (target.unwrap_or(TARGET_BLOCKS) / blocks).clamp(1, most),
         };
@@ -516,7 +484,6 @@ impl Kernels {
             arg!(acc_p),
             arg!(max_p),
             arg!(sum_p),
-            arg!(counters_p),
             arg!(q_p),
             arg!(q_stride),
             arg!(keys_p),
@@ -535,6 +502,19 @@ impl Kernels {
         counted(4);
         if mma {
             counted(6);
+        }
+        if partial.is_some() {
+            let (mut splits32, mut dim32) = (splits as i32, dim as i32);
+            let mut args = [
+                arg!(out_p),
+                arg!(acc_p),
+                arg!(max_p),
+                arg!(sum_p),
+                arg!(splits32),
+                arg!(dim32),
+            ];
+            let block = warps_for(dim, BLOCK);
+            self.launch(k.0[COMBINE], (sequences * heads, 1), block, &mut args);
         }
         out
     }

@@ -7,8 +7,7 @@ mod shim {
     use std::sync::Mutex;
 
     use super::super::launch::{
-        Counters, ForKind, Function, Kernels, ATTENTION, ATTENTION_VARIANTS, ATTENTION_WARPS,
-        DEVICE_COUNTERS, NAMES, SUFFIXES,
+        ForKind, Function, Kernels, ATTENTION, ATTENTION_VARIANTS, ATTENTION_WARPS, NAMES, SUFFIXES,
     };
     use super::super::self_check::check_kernels;
 
@@ -164,14 +163,6 @@ mod shim {
             })
         };
         let attention_resident = [resident(&f32), resident(&bf16), resident(&f16)];
-        // Decode attention's chunk counters, zeroed, kept as long as the kernels (the process).
-        let counters = tch::Tensor::f_zeros(
-            [DEVICE_COUNTERS],
-            (tch::Kind::Int, tch::Device::Cuda(device)),
-        )
-        .map_err(|e| format!("allocating decode attention's counters: {e}"))?;
-        let address = counters.data_ptr() as usize;
-        std::mem::forget(counters);
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
@@ -186,10 +177,6 @@ mod shim {
             programmatic: programmatic_enabled()
                 && unsafe { mmreg_kernels_programmatic(device as i32) } == 1,
             attention_resident,
-            counters: Counters::Device {
-                address,
-                len: DEVICE_COUNTERS,
-            },
             f32,
             bf16,
             f16,
