@@ -899,33 +899,62 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
 // multiple of the vector's elements, x and w 16-byte aligned. Launched with kLinearWarps * 32 threads,
 // grid-stride over the warps' runs of rows.
 //
-// kGated: w stacks a gate projection over an up projection ([2 * n/2, k], no gap), and y [n/2] is
-// silu(gate · x) * (up · x), each product rounded to the dtype first, as silu_mul after the product: a
-// warp's two rows are row i of the gate and row i of the up projection, and the MLP's activation costs
-// no kernel of its own.
+// Two epilogues pair a warp's two rows so that the product's last step is the layer's next op:
+// - kSiluMul: w stacks a gate projection over an up projection ([2 * n/2, k], no gap), and y [n/2] is
+//   silu(gate · x) * (up · x), each product rounded to the dtype first, as silu_mul after the product:
+//   the warp's rows are row i of the gate and row i of the up projection.
+// - kRope: w is a decoder layer's stacked q/k/v projection ([heads * dim, k]; the last 2 * kv_heads
+//   heads keys and values) and y its rows after rope_and_store for the one token: the warp's rows are
+//   elements j and j + dim/2 of a head, rotated (the first `rotated` heads) with the token's cos and
+//   sin as rotate_pair does, and the keys' and values' rows also written to the caches at the token's
+//   slot.
 constexpr int kLinearWarps = 4;
 constexpr int kLinearRows = 2;
+constexpr int kPlain = 0, kSiluMul = 1, kRope = 2;
 
-template <typename D, bool kGated>
+// kRope's arguments (see rope_vectors): the token's cos and sin [dim], the caches, its slot [1].
+template <typename D>
+struct RopeStore {
+  const typename D::T* cos;
+  const typename D::T* sin;
+  int rotated, dim, kv_heads;
+  typename D::T* key_cache;
+  typename D::T* value_cache;
+  const long long* slots;
+};
+
+template <typename D, int kEpilogue>
 __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const typename D::T* w,
-                               const typename D::T* bias, long long n, long long k) {
-  static_assert(!kGated || kLinearRows == 2, "a gated run is one gate row and one up row");
+                               const typename D::T* bias, long long n, long long k,
+                               const RopeStore<D>& rope) {
+  static_assert(kEpilogue == kPlain || kLinearRows == 2, "a paired epilogue takes two rows a warp");
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // A warp's run `task` of rows: from row task * kLinearRows on, or rows task and task + n/2 (gated).
-  const long long tasks = kGated ? n / 2 : (n + kLinearRows - 1) / kLinearRows;
-  const long long per_task = kGated ? 1 : kLinearRows, stride = kGated ? n / 2 : 1;
+  // A warp's run `task` of rows: kLinearRows rows from task * kLinearRows on (kPlain), or a pair
+  // `stride` apart: task and task + n/2 (kSiluMul), element j of a head and j + dim/2 (kRope).
+  const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
+  const long long tasks = kEpilogue == kPlain ? (n + kLinearRows - 1) / kLinearRows : n / 2;
+  const long long stride = kEpilogue == kPlain ? 1 : half;
+  auto first_row = [&](long long task) -> long long {
+    if (kEpilogue == kPlain) {
+      return task * kLinearRows;
+    }
+    if (kEpilogue == kSiluMul) {
+      return task;
+    }
+    return task / half * rope.dim + task % half;
+  };
   {
     const long long task = (long long)blockIdx.x * kLinearWarps + warp;
+    const long long first = first_row(task);
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
-      const long long row = task * per_task + r * stride;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const long long c = (lane + 32LL * i) * N;
-        if (task < tasks && row < n && c < k) {
-          prefetch_l2(w + row * k + c);
+        if (task < tasks && first + r * stride < n && c < k) {
+          prefetch_l2(w + (first + r * stride) * k + c);
         }
       }
     }
@@ -934,7 +963,7 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
   // Grid-stride over the warps' runs of kLinearRows rows of w (the same for the whole warp).
   for (long long task = (long long)blockIdx.x * kLinearWarps + warp; task < tasks;
        task += (long long)gridDim.x * kLinearWarps) {
-    const long long first = task * per_task;
+    const long long first = first_row(task);
     const typename D::T* row[kLinearRows];
     float acc[kLinearRows];
 #pragma unroll
@@ -970,16 +999,31 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
         acc[r] += D::load(bias[out]);
       }
     }
-    if (lane == 0) {
-      if (kGated) {
-        y[first] = silu_times<D>(D::store(acc[0]), D::store(acc[1]));
-      } else {
+    if (lane != 0) {
+      continue;
+    }
+    if (kEpilogue == kPlain) {
 #pragma unroll
-        for (int r = 0; r < kLinearRows; ++r) {
-          if (first + r < n) {
-            y[first + r] = D::store(acc[r]);
-          }
+      for (int r = 0; r < kLinearRows; ++r) {
+        if (first + r < n) {
+          y[first + r] = D::store(acc[r]);
         }
+      }
+    } else if (kEpilogue == kSiluMul) {
+      y[first] = silu_times<D>(D::store(acc[0]), D::store(acc[1]));
+    } else {
+      const int head = (int)(first / rope.dim), j = (int)(first % rope.dim), h = (int)half;
+      typename D::T low = D::store(acc[0]), high = D::store(acc[1]);
+      if (head < rope.rotated) {
+        rotate_pair<D>(low, high, rope.cos[j], rope.cos[j + h], rope.sin[j], rope.sin[j + h]);
+      }
+      y[first] = low;
+      y[first + half] = high;
+      typename D::T* stored = cache_row<D>(rope.key_cache, rope.value_cache, rope.slots, 0, head,
+                                           (int)(n / rope.dim), rope.kv_heads, rope.dim);
+      if (stored != nullptr) {
+        stored[j] = low;
+        stored[j + h] = high;
       }
     }
   }
@@ -1220,11 +1264,18 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \
-    linear_one_row<D, false>(y, x, w, bias, n, k);                                                 \
+    linear_one_row<D, kPlain>(y, x, w, bias, n, k, RopeStore<D>{});                                \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_silu_##suffix(D::T* y, const D::T* x, const D::T* w,             \
                                                  const D::T* bias, long long n, long long k) {     \
-    linear_one_row<D, true>(y, x, w, bias, n, k);                                                  \
+    linear_one_row<D, kSiluMul>(y, x, w, bias, n, k, RopeStore<D>{});                              \
+  }                                                                                                \
+  MMREG_KERNEL void linear_one_row_rope_##suffix(                                                  \
+      D::T* y, const D::T* x, const D::T* w, const D::T* bias, long long n, long long k,             \
+      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
+      const long long* slots, int kv_heads) {                                                      \
+    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
+    linear_one_row<D, kRope>(y, x, w, bias, n, k, rope);                                           \
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_##suffix(D::T* y, const D::T* x, const D::T* w,                 \
                                              const D::T* bias, int m, long long n, long long k) {  \

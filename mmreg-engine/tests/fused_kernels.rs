@@ -171,9 +171,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 22 kernels in each of 3 dtypes.
+        // 23 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 66,
+            kernels, 69,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -283,8 +283,15 @@ fn rope_and_store_also_writes_the_keys_and_values_at_their_slots() {
             let mut keys = Tensor::zeros([16, kv_heads, dim], (kind, device));
             let mut values = Tensor::zeros([16, kv_heads, dim], (kind, device));
             let slots = Tensor::from_slice(&[3i64, 15, 0, 8, 9]).to_device(device);
-            let out =
-                kernels::rope_and_store(&qkv, &cos, &sin, kv_heads, &mut keys, &mut values, &slots);
+            let store = kernels::RopeStore {
+                cos: &cos,
+                sin: &sin,
+                kv_heads,
+                key_cache: &mut keys,
+                value_cache: &mut values,
+                slots: &slots,
+            };
+            let out = kernels::rope_and_store(&qkv, store);
             let Some(out) = out else {
                 assert_eq!(mode, Mode::Fallback, "the kernel did not run");
                 continue;
@@ -603,6 +610,97 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
                 };
                 assert!(off <= tolerance, "{what}: off by {off} of the largest");
                 assert_eq!(fused.size(), [rows, n], "{what}");
+            }
+        }
+    }
+}
+
+/// A decoder layer's stacked q/k/v product for one token with rope and the KV-cache write in its last
+/// step: identical to the linear kernel followed by rope_and_store (the same sums, the same rotation),
+/// caches included, with and without biases (Qwen2's), for Llama's grouping (no groups) and Mistral's;
+/// two tokens take no fused kernel (`None`: the caller projects first).
+#[test]
+fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
+    for mode in modes() {
+        let device = mode.device();
+        for kind in KINDS {
+            for (heads, kv_heads, dim, k, with_bias) in [
+                (4, 4, 64, 200, false),
+                (8, 2, 64, 64, true),
+                (2, 1, 128, 136, true),
+            ] {
+                let what = format!("linear_rope_and_store {mode:?} {kind:?} ({heads}+2×{kv_heads} heads of {dim}, k {k})");
+                let n = (heads + 2 * kv_heads) * dim;
+                let x = random(&[1, k], kind, device, k);
+                let weight = random(&[n, k], kind, device, n) * 0.1;
+                let bias = with_bias.then(|| random(&[n], kind, device, heads));
+                let (cos, sin) = rope_tables(1, dim, kind, device);
+                let slots = Tensor::from_slice(&[5i64]).to_device(device);
+                let caches = || {
+                    let zeros = || Tensor::zeros([8, kv_heads, dim], (kind, device));
+                    (zeros(), zeros())
+                };
+                let ((mut keys, mut values), (mut keys2, mut values2)) = (caches(), caches());
+                let before = kernels::launches("linear_rope_and_store").expect("a family");
+                let store = kernels::RopeStore {
+                    cos: &cos,
+                    sin: &sin,
+                    kv_heads,
+                    key_cache: &mut keys,
+                    value_cache: &mut values,
+                    slots: &slots,
+                };
+                let fused = kernels::linear_rope_and_store(&x, &weight, bias.as_ref(), store);
+                let launched =
+                    kernels::launches("linear_rope_and_store").expect("a family") - before;
+                let Some(fused) = fused else {
+                    assert_eq!(mode, Mode::Fallback, "{what}: the kernel did not run");
+                    assert_eq!(launched, 0, "{what}");
+                    continue;
+                };
+                assert_eq!(launched, 1, "{what}: launches");
+                let projected = kernels::linear(&x, &weight, bias.as_ref()).view([
+                    1,
+                    heads + 2 * kv_heads,
+                    dim,
+                ]);
+                let store = kernels::RopeStore {
+                    cos: &cos,
+                    sin: &sin,
+                    kv_heads,
+                    key_cache: &mut keys2,
+                    value_cache: &mut values2,
+                    slots: &slots,
+                };
+                let separate = kernels::rope_and_store(&projected, store)
+                    .expect("rope_and_store runs where the fused kernel does");
+                assert_identical(&what, &fused, &separate);
+                assert_identical(&format!("{what}: keys"), &keys, &keys2);
+                assert_identical(&format!("{what}: values"), &values, &values2);
+                assert!(
+                    keys.abs().sum(Kind::Float).double_value(&[]) > 0.0,
+                    "{what}: no key stored"
+                );
+                // Two tokens: no fused kernel.
+                let (two_cos, two_sin) = rope_tables(2, dim, kind, device);
+                let two_slots = Tensor::from_slice(&[1i64, 2]).to_device(device);
+                let two = kernels::linear_rope_and_store(
+                    &random(&[2, k], kind, device, 2),
+                    &weight,
+                    bias.as_ref(),
+                    kernels::RopeStore {
+                        cos: &two_cos,
+                        sin: &two_sin,
+                        kv_heads,
+                        key_cache: &mut keys,
+                        value_cache: &mut values,
+                        slots: &two_slots,
+                    },
+                );
+                assert!(
+                    two.is_none(),
+                    "{what}: two tokens took the one-token kernel"
+                );
             }
         }
     }

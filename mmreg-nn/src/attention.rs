@@ -1,8 +1,8 @@
 //! Attention over the paged KV cache, the one layer that knows how a step's keys and values are stored
 //! and read: it writes them to the cache (fused with rotary embeddings where the kernel runs), reads each
 //! sequence's context through its slots, and picks between the paged decode kernel and libtorch's
-//! attention. Model files call [`Attention::forward`] or [`Attention::forward_rotary`] with the step
-//! they were given and nothing else.
+//! attention. Model files call [`Attention::forward`], [`Attention::forward_rotary`] or
+//! [`Attention::forward_rotary_of`] with the step they were given and nothing else.
 
 use mmreg_core::step::{AttentionBatch, DecodeGather, LayerSlots, SequenceSlice};
 use mmreg_core::{PagedKvCache, Result, Step};
@@ -10,6 +10,7 @@ use mmreg_engine::kernels;
 use tch::{Kind, Tensor};
 
 use crate::rotary::RotaryAt;
+use crate::Linear;
 
 /// Causal self-attention of one decoder layer over the paged KV cache, with grouped-query heads when
 /// `kv_heads < heads`.
@@ -84,27 +85,70 @@ impl Attention {
         rotary: &RotaryAt,
         step: &mut Step,
     ) -> Result<Tensor> {
-        let (h, kv) = (self.heads, self.kv_heads);
         let batch = step.batch();
         let cache = step.cache();
         let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
         let (keys, values) = cache.layer_mut(self.layer);
-        let stored = kernels::rope_and_store(
-            qkv,
-            &rotary.cos,
-            &rotary.sin,
-            kv,
-            keys,
-            values,
-            slots.new_slots(),
-        );
-        let in_cache = stored.is_some();
-        let qkv = stored.unwrap_or_else(|| kernels::rope(qkv, &rotary.cos, &rotary.sin, h + kv));
+        let store = kernels::RopeStore {
+            cos: &rotary.cos,
+            sin: &rotary.sin,
+            kv_heads: self.kv_heads,
+            key_cache: keys,
+            value_cache: values,
+            slots: slots.new_slots(),
+        };
+        match kernels::rope_and_store(qkv, store) {
+            Some(roped) => self.attend_roped(&roped, true, step),
+            None => {
+                let roped =
+                    kernels::rope(qkv, &rotary.cos, &rotary.sin, self.heads + self.kv_heads);
+                self.attend_roped(&roped, false, step)
+            }
+        }
+    }
+
+    /// [`Self::forward_rotary`] of `qkv_proj` (the stacked q/k/v projection) of `x` `[tokens, hidden]`.
+    /// Where the fused kernels run, a step of one token projects, rotates and stores in one kernel.
+    pub fn forward_rotary_of(
+        &self,
+        qkv_proj: &Linear,
+        x: &Tensor,
+        rotary: &RotaryAt,
+        step: &mut Step,
+    ) -> Result<Tensor> {
+        let batch = step.batch();
+        let cache = step.cache();
+        let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
+        let (keys, values) = cache.layer_mut(self.layer);
+        let store = kernels::RopeStore {
+            cos: &rotary.cos,
+            sin: &rotary.sin,
+            kv_heads: self.kv_heads,
+            key_cache: keys,
+            value_cache: values,
+            slots: slots.new_slots(),
+        };
+        match kernels::linear_rope_and_store(x, qkv_proj.weight(), qkv_proj.bias(), store) {
+            Some(roped) => self.attend_roped(&roped, true, step),
+            None => {
+                let shape = [x.size()[0], self.heads + 2 * self.kv_heads, self.head_dim];
+                self.forward_rotary(&qkv_proj.forward(x).view(shape), rotary, step)
+            }
+        }
+    }
+
+    /// Attention over the rotated projection `[tokens, heads + 2 kv_heads, head_dim]`, after storing its
+    /// keys and values (unless `in_cache`: already stored).
+    fn attend_roped(&self, qkv: &Tensor, in_cache: bool, step: &mut Step) -> Result<Tensor> {
+        let (h, kv) = (self.heads, self.kv_heads);
         let (q, k, v) = (
             qkv.narrow(1, 0, h),
             qkv.narrow(1, h, kv),
             qkv.narrow(1, h + kv, kv),
         );
+        let batch = step.batch();
+        let cache = step.cache();
+        let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
         if !in_cache {
             cache.write(self.layer, &k, &v, slots.new_slots())?;
         }

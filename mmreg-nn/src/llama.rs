@@ -192,7 +192,6 @@ struct LlamaAttention {
     o_proj: RowParallelLinear,
     attn: Attention,
     heads: i64,
-    kv_heads: i64,
     head_dim: i64,
 }
 
@@ -217,18 +216,15 @@ impl LlamaAttention {
             o_proj: RowParallelLinear::load(&loader.pp("o_proj"), q, h, false)?,
             attn: Attention::new(layer, heads, kv_heads, d),
             heads,
-            kv_heads,
             head_dim: d,
         })
     }
 
     fn forward(&self, x: &Tensor, rotary: &RotaryAt, step: &mut Step) -> Result<Tensor> {
         let t = x.size()[0];
-        let qkv = self
-            .qkv_proj
-            .forward(x)
-            .view([t, self.heads + 2 * self.kv_heads, self.head_dim]);
-        let out = self.attn.forward_rotary(&qkv, rotary, step)?;
+        let out = self
+            .attn
+            .forward_rotary_of(&self.qkv_proj, x, rotary, step)?;
         self.o_proj
             .forward(&out.reshape([t, self.heads * self.head_dim]))
     }

@@ -10,9 +10,10 @@ use super::nvrtc;
 
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
-/// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone) and `linear_silu_mul`.
-pub(super) static LAUNCHES: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
-pub(super) const FAMILIES: [&str; 8] = [
+/// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
+/// `linear_rope_and_store`.
+pub(super) static LAUNCHES: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+pub(super) const FAMILIES: [&str; 9] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -21,6 +22,7 @@ pub(super) const FAMILIES: [&str; 8] = [
     "linear",
     "paged_decode_attention_mma",
     "linear_silu_mul",
+    "linear_rope_and_store",
 ];
 
 fn counted(family: usize) {
@@ -43,9 +45,9 @@ unsafe impl Sync for Function {}
 /// and 256 elements (a position's row read by 8, 16 or 32 lanes), each holding up to 1, 4 or 8 query
 /// heads per key/value head, and on the tensor cores (heads of 64 or 128 elements, up to 8 query heads
 /// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
-/// vectors, the linear layer for a few rows, and the one-row linear layer of a stacked gate and up
-/// projection with SiLU × up after it.
-pub(super) const NAMES: [&str; 22] = [
+/// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
+/// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one.
+pub(super) const NAMES: [&str; 23] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -68,6 +70,7 @@ pub(super) const NAMES: [&str; 22] = [
     "rope_vectors",
     "linear_few_rows",
     "linear_one_row_silu",
+    "linear_one_row_rope",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -84,6 +87,7 @@ const SILU_MUL_VECTORS: usize = 18;
 const ROPE_VECTORS: usize = 19;
 const LINEAR_FEW_ROWS: usize = 20;
 const LINEAR_SILU: usize = 21;
+const LINEAR_ROPE: usize = 22;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -579,7 +583,9 @@ impl Kernels {
             unreachable!("checked by kernels::linear_silu_mul")
         };
         let mut size = x.size();
-        *size.last_mut().expect("checked by kernels::linear_silu_mul") = n / 2;
+        *size
+            .last_mut()
+            .expect("checked by kernels::linear_silu_mul") = n / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
         let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
         let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
@@ -598,6 +604,57 @@ impl Kernels {
         let f = self.of(x.kind()).0[LINEAR_SILU];
         self.launch(f, grid, LINEAR_WARPS * 32, &mut args);
         counted(7);
+        y
+    }
+
+    /// [`rope`](Self::rope) with the cache write of a stacked q/k/v projection of `x`, one row, in
+    /// the product's last step: `[1, heads, dim]` (checked by [`super::linear_rope_and_store`]).
+    pub(super) fn linear_rope_and_store(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        dim: i64,
+        store: &super::RopeStore,
+    ) -> Tensor {
+        let [n, k] = weight.size()[..] else {
+            unreachable!("checked by kernels::linear_rope_and_store")
+        };
+        let y = Tensor::empty([1, n / dim, dim], (x.kind(), x.device()));
+        let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
+        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
+        let (mut cos_p, mut sin_p) = (ptr(store.cos), ptr(store.sin));
+        let (mut keys_p, mut values_p) = (ptr(store.key_cache), ptr(store.value_cache));
+        let mut slots_p = ptr(store.slots);
+        let (mut n, mut k) = (n, k);
+        let heads = n / dim;
+        let (mut rotated, mut dim32, mut kv_heads) = (
+            (heads - store.kv_heads) as i32,
+            dim as i32,
+            store.kv_heads as i32,
+        );
+        let mut args = [
+            arg!(y_p),
+            arg!(x_p),
+            arg!(w_p),
+            arg!(bias_p),
+            arg!(n),
+            arg!(k),
+            arg!(cos_p),
+            arg!(sin_p),
+            arg!(rotated),
+            arg!(dim32),
+            arg!(keys_p),
+            arg!(values_p),
+            arg!(slots_p),
+            arg!(kv_heads),
+        ];
+        // A warp per pair of outputs: elements j and j + dim/2 of a head.
+        let per_block = LINEAR_WARPS as i64;
+        let grid = self.grid((n / 2 + per_block - 1) / per_block, 1);
+        let f = self.of(x.kind()).0[LINEAR_ROPE];
+        self.launch(f, grid, LINEAR_WARPS * 32, &mut args);
+        counted(8);
         y
     }
 }

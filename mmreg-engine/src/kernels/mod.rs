@@ -157,38 +157,97 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
     }
 }
 
+/// Where [`rope_and_store`] and [`linear_rope_and_store`] put a decoder layer's new keys and values, and
+/// the rotation they take: the tokens' `cos` and `sin` (`[tokens, dim]`, the projection's dtype), the
+/// layer's caches (`[slots, kv_heads, dim]`) and the tokens' `slots` (`[tokens]`, int64).
+pub struct RopeStore<'a> {
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub kv_heads: i64,
+    pub key_cache: &'a mut Tensor,
+    pub value_cache: &'a mut Tensor,
+    pub slots: &'a Tensor,
+}
+
+impl RopeStore<'_> {
+    /// Whether the kernels can take these for a projection of `tokens` rows of `heads` heads.
+    fn fits(&self, tokens: i64, heads: i64, device: Device) -> bool {
+        let dim = self.cos.size().get(1).copied().unwrap_or(0);
+        self.cos.size() == [tokens, dim]
+            && self.sin.size() == [tokens, dim]
+            && dim > 0
+            && dim % 2 == 0
+            && self.kv_heads > 0
+            && 2 * self.kv_heads <= heads
+            && self.key_cache.size().get(1..) == Some(&[self.kv_heads, dim][..])
+            && self.value_cache.size() == self.key_cache.size()
+            && self.slots.size() == [tokens]
+            && readable_indices(self.slots, device)
+    }
+}
+
 /// [`rope`] of a decoder layer's stacked `[tokens, heads, dim]` projection whose last `2 * kv_heads`
 /// heads are the keys and the values (queries and keys rotate), which also stores the keys (rotated)
-/// and values in `key_cache`/`value_cache` (`[slots, kv_heads, dim]`) at `slots` (`[tokens]`, int64):
-/// the step's KV-cache write in the same pass. `None` where the kernel does not run: the caller then
-/// applies [`rope`] and writes the cache itself.
-pub fn rope_and_store(
-    qkv: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    kv_heads: i64,
-    key_cache: &mut Tensor,
-    value_cache: &mut Tensor,
-    slots: &Tensor,
-) -> Option<Tensor> {
-    let k = fused_for(&[qkv, cos, sin, &*key_cache, &*value_cache])?;
+/// and values in the caches at their slots: the step's KV-cache write in the same pass. `None` where
+/// the kernel does not run: the caller then applies [`rope`] and writes the cache itself.
+pub fn rope_and_store(qkv: &Tensor, store: RopeStore) -> Option<Tensor> {
+    let k = fused_for(&[
+        qkv,
+        store.cos,
+        store.sin,
+        &*store.key_cache,
+        &*store.value_cache,
+    ])?;
     let [tokens, heads, dim] = qkv.size()[..] else {
         return None;
     };
-    let fits = cos.size() == [tokens, dim]
-        && sin.size() == [tokens, dim]
-        && dim % 2 == 0
-        && kv_heads > 0
-        && 2 * kv_heads <= heads
-        && key_cache.size().get(1..) == Some(&[kv_heads, dim][..])
-        && value_cache.size() == key_cache.size()
-        && slots.size() == [tokens]
-        && readable_indices(slots, qkv.device());
-    if !fits {
+    if !(store.fits(tokens, heads, qkv.device()) && store.cos.size()[1] == dim) {
         return None;
     }
-    let store = (&*key_cache, &*value_cache, slots, kv_heads);
-    Some(k.rope(qkv, cos, sin, heads - kv_heads, Some(store)))
+    let caches = (
+        &*store.key_cache,
+        &*store.value_cache,
+        store.slots,
+        store.kv_heads,
+    );
+    Some(k.rope(
+        qkv,
+        store.cos,
+        store.sin,
+        heads - store.kv_heads,
+        Some(caches),
+    ))
+}
+
+/// [`linear`] of `x` by a decoder layer's stacked q/k/v projection (`weight` `[heads * dim, k]`, `bias`
+/// `[heads * dim]`, `dim` from `store.cos`), then [`rope_and_store`]: the projection
+/// `[tokens, heads, dim]`, queries and keys rotated, keys and values also in the caches. A decode step
+/// of one sequence takes one kernel for all of it (the product's last step rotates and stores); `None`
+/// elsewhere: the caller then projects and calls [`rope_and_store`].
+pub fn linear_rope_and_store(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    store: RopeStore,
+) -> Option<Tensor> {
+    let tensors = [
+        x,
+        weight,
+        store.cos,
+        store.sin,
+        &*store.key_cache,
+        &*store.value_cache,
+    ];
+    let k = fused_for(&tensors)?;
+    let (n, dim) = (
+        weight.size()[0],
+        store.cos.size().get(1).copied().unwrap_or(0),
+    );
+    let fits = linear_rows(x, weight, bias) == Some(1)
+        && dim > 0
+        && n % dim == 0
+        && store.fits(1, n / dim, x.device());
+    fits.then(|| k.linear_rope_and_store(x, weight, bias, dim, &store))
 }
 
 /// Attention of one new token per sequence over its cached keys and values, read in place from the paged

@@ -75,6 +75,39 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias)),
             &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
         )?;
+        // One token's stacked q/k/v product (2 query heads, a key and a value head of 64) rotated
+        // and stored at slot 3 of a pool of 5.
+        let (qkv_weight, qkv_bias) = (w(&[256, 200], 1.9) * 0.1, w(&[256], 2.0));
+        let (cos, sin) = (w(&[1, 64], 2.1), w(&[1, 64], 2.2));
+        let (mut keys, mut values) = (w(&[5, 1, 64], 2.3), w(&[5, 1, 64], 2.4));
+        let slot = Tensor::from_slice(&[3i64]).to_device(device);
+        let store = super::RopeStore {
+            cos: &cos,
+            sin: &sin,
+            kv_heads: 1,
+            key_cache: &mut keys,
+            value_cache: &mut values,
+            slots: &slot,
+        };
+        let dim = 64;
+        let roped = k.linear_rope_and_store(&x, &qkv_weight, Some(&qkv_bias), dim, &store);
+        let expected = unfused::rope(
+            &x.linear(&qkv_weight, Some(&qkv_bias)).view([1, 4, 64]),
+            &cos,
+            &sin,
+            3,
+        );
+        compare("linear_rope_and_store", &roped, &expected)?;
+        compare(
+            "linear_rope_and_store keys",
+            &keys.get(3),
+            &expected.narrow(1, 2, 1).squeeze_dim(0),
+        )?;
+        compare(
+            "linear_rope_and_store values",
+            &values.get(3),
+            &expected.narrow(1, 3, 1).squeeze_dim(0),
+        )?;
         let gate_up = w(&[3, 2 * 300], 0.4);
         compare(
             "silu_mul",
