@@ -910,7 +910,7 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
 //   slot.
 constexpr int kLinearWarps = 4;
 constexpr int kLinearRows = 2;
-constexpr int kPlain = 0, kSiluMul = 1, kRope = 2;
+constexpr int kSiluMul = 1, kRope = 2;
 
 // kRope's arguments (see rope_vectors): the token's cos and sin [dim], the caches, its slot [1].
 template <typename D>
@@ -923,93 +923,133 @@ struct RopeStore {
   const long long* slots;
 };
 
-template <typename D, int kEpilogue>
-__device__ void linear_one_row(typename D::T* y, const typename D::T* x, const typename D::T* w,
-                               const typename D::T* bias, long long n, long long k,
-                               const RopeStore<D>& rope) {
-  static_assert(kEpilogue == kPlain || kLinearRows == 2, "a paired epilogue takes two rows a warp");
+// The warp's sums of rows `row` of w with x (k elements): each lane its share, in 16-byte vectors
+// with several in flight, then summed over the warp (every lane gets the sums).
+template <typename D>
+__device__ __forceinline__ void warp_row_products(float (&acc)[kLinearRows],
+                                                  const typename D::T* (&row)[kLinearRows],
+                                                  const typename D::T* x, long long k, int lane) {
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  // A warp's run `task` of rows: kLinearRows rows from task * kLinearRows on (kPlain), or a pair
-  // `stride` apart: task and task + n/2 (kSiluMul), element j of a head and j + dim/2 (kRope).
-  const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
-  const long long tasks = kEpilogue == kPlain ? (n + kLinearRows - 1) / kLinearRows : n / 2;
-  const long long stride = kEpilogue == kPlain ? 1 : half;
-  auto first_row = [&](long long task) -> long long {
-    if (kEpilogue == kPlain) {
-      return task * kLinearRows;
-    }
-    if (kEpilogue == kSiluMul) {
-      return task;
-    }
-    return task / half * rope.dim + task % half;
-  };
-  {
-    const long long task = (long long)blockIdx.x * kLinearWarps + warp;
-    const long long first = first_row(task);
+#pragma unroll
+  for (int r = 0; r < kLinearRows; ++r) {
+    acc[r] = 0.0f;
+  }
+#pragma unroll 4
+  for (long long c = lane * N; c < k; c += 32 * N) {
+    V weights[kLinearRows];
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
+      weights[r] = *reinterpret_cast<const V*>(row[r] + c);
+    }
+    const V input = *reinterpret_cast<const V*>(x + c);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const long long c = (lane + 32LL * i) * N;
-        if (task < tasks && first + r * stride < n && c < k) {
-          prefetch_l2(w + (first + r * stride) * k + c);
-        }
+    for (int e = 0; e < N; ++e) {
+      const float v = D::load(input.e[e]);
+#pragma unroll
+      for (int r = 0; r < kLinearRows; ++r) {
+        acc[r] += D::load(weights[r].e[e]) * v;
       }
     }
   }
+#pragma unroll
+  for (int r = 0; r < kLinearRows; ++r) {
+    for (int o = 16; o > 0; o >>= 1) {
+      acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+    }
+  }
+}
+
+// Prefetches into L2 the first runs of the rows the warp reads first (weights no kernel writes), before
+// the kernel waits for the one before it.
+template <typename D>
+__device__ __forceinline__ void prefetch_rows(const typename D::T* (&row)[kLinearRows], long long k,
+                                              int lane) {
+  constexpr int N = 16 / sizeof(typename D::T);
+#pragma unroll
+  for (int r = 0; r < kLinearRows; ++r) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const long long c = (lane + 32LL * i) * N;
+      if (row[r] != nullptr && c < k) {
+        prefetch_l2(row[r] + c);
+      }
+    }
+  }
+}
+
+template <typename D>
+__device__ void linear_one_row(typename D::T* y, const typename D::T* x, const typename D::T* w,
+                               const typename D::T* bias, long long n, long long k) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  {
+    const long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows;
+    const typename D::T* row[kLinearRows];
+#pragma unroll
+    for (int r = 0; r < kLinearRows; ++r) {
+      row[r] = first + r < n ? w + (first + r) * k : nullptr;
+    }
+    prefetch_rows<D>(row, k, lane);
+  }
   begin_kernel();
   // Grid-stride over the warps' runs of kLinearRows rows of w (the same for the whole warp).
-  for (long long task = (long long)blockIdx.x * kLinearWarps + warp; task < tasks;
-       task += (long long)gridDim.x * kLinearWarps) {
-    const long long first = first_row(task);
+  for (long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows; first < n;
+       first += (long long)gridDim.x * kLinearWarps * kLinearRows) {
     const typename D::T* row[kLinearRows];
     float acc[kLinearRows];
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
       // A row past the end reads the last one again; its sum is not written.
-      row[r] = w + min(first + r * stride, n - 1) * k;
-      acc[r] = 0.0f;
+      row[r] = w + min(first + r, n - 1) * k;
     }
-#pragma unroll 4
-    for (long long c = lane * N; c < k; c += 32 * N) {
-      V weights[kLinearRows];
-#pragma unroll
-      for (int r = 0; r < kLinearRows; ++r) {
-        weights[r] = *reinterpret_cast<const V*>(row[r] + c);
-      }
-      const V input = *reinterpret_cast<const V*>(x + c);
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        const float v = D::load(input.e[e]);
-#pragma unroll
-        for (int r = 0; r < kLinearRows; ++r) {
-          acc[r] += D::load(weights[r].e[e]) * v;
-        }
-      }
-    }
+    warp_row_products<D>(acc, row, x, k, lane);
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
-      for (int o = 16; o > 0; o >>= 1) {
-        acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
-      }
-      const long long out = first + r * stride;
-      if (bias != nullptr && out < n) {
-        acc[r] += D::load(bias[out]);
+      if (lane == 0 && first + r < n) {
+        y[first + r] = D::store(acc[r] + (bias != nullptr ? D::load(bias[first + r]) : 0.0f));
       }
     }
+  }
+}
+
+// The paired epilogues (kSiluMul, kRope): a warp's run `task` is two rows `half` apart, task and
+// task + n/2 (kSiluMul), or element j of a head and j + dim/2 (kRope); n/2 runs.
+template <typename D, int kEpilogue>
+__device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, const typename D::T* w,
+                                      const typename D::T* bias, long long n, long long k,
+                                      const RopeStore<D>& rope) {
+  static_assert(kLinearRows == 2, "a paired epilogue takes two rows a warp");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
+  // (A head's index and element fit an int: n < 2^31.)
+  auto first_row = [&](long long task) -> long long {
+    const int h = (int)half;
+    return kEpilogue == kSiluMul ? task : (long long)((int)task / h * 2 * h + (int)task % h);
+  };
+  {
+    const long long task = (long long)blockIdx.x * kLinearWarps + warp;
+    const typename D::T* row[kLinearRows] = {nullptr, nullptr};
+    if (task < n / 2) {
+      row[0] = w + first_row(task) * k;
+      row[1] = row[0] + half * k;
+    }
+    prefetch_rows<D>(row, k, lane);
+  }
+  begin_kernel();
+  for (long long task = (long long)blockIdx.x * kLinearWarps + warp; task < n / 2;
+       task += (long long)gridDim.x * kLinearWarps) {
+    const long long first = first_row(task);
+    const typename D::T* row[kLinearRows] = {w + first * k, w + (first + half) * k};
+    float acc[kLinearRows];
+    warp_row_products<D>(acc, row, x, k, lane);
     if (lane != 0) {
       continue;
     }
-    if (kEpilogue == kPlain) {
-#pragma unroll
-      for (int r = 0; r < kLinearRows; ++r) {
-        if (first + r < n) {
-          y[first + r] = D::store(acc[r]);
-        }
-      }
-    } else if (kEpilogue == kSiluMul) {
+    if (bias != nullptr) {
+      acc[0] += D::load(bias[first]);
+      acc[1] += D::load(bias[first + half]);
+    }
+    if (kEpilogue == kSiluMul) {
       y[first] = silu_times<D>(D::store(acc[0]), D::store(acc[1]));
     } else {
       const int head = (int)(first / rope.dim), j = (int)(first % rope.dim), h = (int)half;
@@ -1018,7 +1058,7 @@ __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const t
         rotate_pair<D>(low, high, rope.cos[j], rope.cos[j + h], rope.sin[j], rope.sin[j + h]);
       }
       y[first] = low;
-      y[first + half] = high;
+      y[first + h] = high;
       typename D::T* stored = cache_row<D>(rope.key_cache, rope.value_cache, rope.slots, 0, head,
                                            (int)(n / rope.dim), rope.kv_heads, rope.dim);
       if (stored != nullptr) {
@@ -1264,18 +1304,18 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \
-    linear_one_row<D, kPlain>(y, x, w, bias, n, k, RopeStore<D>{});                                \
+    linear_one_row<D>(y, x, w, bias, n, k);                                                        \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_silu_##suffix(D::T* y, const D::T* x, const D::T* w,             \
                                                  const D::T* bias, long long n, long long k) {     \
-    linear_one_row<D, kSiluMul>(y, x, w, bias, n, k, RopeStore<D>{});                              \
+    linear_one_row_paired<D, kSiluMul>(y, x, w, bias, n, k, RopeStore<D>{});                       \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_rope_##suffix(                                                  \
       D::T* y, const D::T* x, const D::T* w, const D::T* bias, long long n, long long k,             \
       const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_one_row<D, kRope>(y, x, w, bias, n, k, rope);                                           \
+    linear_one_row_paired<D, kRope>(y, x, w, bias, n, k, rope);                                    \
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_##suffix(D::T* y, const D::T* x, const D::T* w,                 \
                                              const D::T* bias, int m, long long n, long long k) {  \
