@@ -12,6 +12,14 @@ use tch::{Device, Kind, Tensor};
 
 const KINDS: [Kind; 3] = [Kind::Float, Kind::BFloat16, Kind::Half];
 
+/// Tests that count a kernel family's launches, and those that launch the families counted (the
+/// self-check launches every kernel), run one at a time: the counters are the process's.
+static COUNTED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn counting() -> std::sync::MutexGuard<'static, ()> {
+    COUNTED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Mode {
     Fallback,
@@ -212,6 +220,7 @@ fn fused_kernels_run_only_where_they_can() {
 /// kernels, and for the real ones where there is a GPU.
 #[test]
 fn the_self_check_passes() {
+    let _one_at_a_time = counting();
     kernels::set_enabled(true);
     kernels::emulate_on_this_thread(true);
     assert_eq!(kernels::self_check(Device::Cpu), Ok(()));
@@ -372,6 +381,7 @@ fn reference_decode_attention(
 
 #[test]
 fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
+    let _one_at_a_time = counting();
     for mode in modes() {
         let device = mode.device();
         for kind in KINDS {
@@ -475,6 +485,7 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
 
 #[test]
 fn fused_kernels_replay_inside_a_cuda_graph() {
+    let _one_at_a_time = counting();
     if !mmreg_engine::cuda::graphs_available() {
         // Written past the test harness's output capture, so the skip shows in CI's log.
         let _ = writeln!(
@@ -513,6 +524,7 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
 /// one row, and a k that is not a multiple of a vector take libtorch's product.
 #[test]
 fn linear_for_few_rows_matches_the_product() {
+    let _one_at_a_time = counting();
     // Off by default (level with cuBLAS on an H200): switched on for this process.
     kernels::set_few_rows_linear(true);
     for mode in modes() {
@@ -553,7 +565,7 @@ fn linear_for_few_rows_matches_the_product() {
                     "linear {mode:?} {kind:?} ({rows}×{k} · {n}×{k}): off by {off} of the largest"
                 );
                 assert_eq!(out.size(), [rows, n]);
-                // No other test of this process runs the linear kernel: the count is this call's.
+                // The tests that launch linear kernels take turns (`counting`): the count is this call's.
                 let launched = kernels::launches("linear").expect("a family") - before;
                 let expected_launches = u64::from(kernel && mode != Mode::Fallback);
                 assert_eq!(
@@ -571,6 +583,7 @@ fn linear_for_few_rows_matches_the_product() {
 /// Several rows take the product and then silu_mul (no gated launch).
 #[test]
 fn linear_silu_mul_equals_the_product_then_silu_mul() {
+    let _one_at_a_time = counting();
     for mode in modes() {
         let device = mode.device();
         for kind in KINDS {
@@ -621,6 +634,7 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
 /// two tokens take no fused kernel (`None`: the caller projects first).
 #[test]
 fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
+    let _one_at_a_time = counting();
     for mode in modes() {
         let device = mode.device();
         for kind in KINDS {
