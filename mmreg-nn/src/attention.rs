@@ -85,19 +85,7 @@ impl Attention {
         rotary: &RotaryAt,
         step: &mut Step,
     ) -> Result<Tensor> {
-        let batch = step.batch();
-        let cache = step.cache();
-        let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
-        let (keys, values) = cache.layer_mut(self.layer);
-        let store = kernels::RopeStore {
-            cos: &rotary.cos,
-            sin: &rotary.sin,
-            kv_heads: self.kv_heads,
-            key_cache: keys,
-            value_cache: values,
-            slots: slots.new_slots(),
-        };
-        match kernels::rope_and_store(qkv, store) {
+        match self.rope_store(rotary, step, |store| kernels::rope_and_store(qkv, store))? {
             Some(roped) => self.attend_roped(&roped, true, step),
             None => {
                 let roped =
@@ -116,25 +104,37 @@ impl Attention {
         rotary: &RotaryAt,
         step: &mut Step,
     ) -> Result<Tensor> {
-        let batch = step.batch();
-        let cache = step.cache();
-        let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
-        let (keys, values) = cache.layer_mut(self.layer);
-        let store = kernels::RopeStore {
-            cos: &rotary.cos,
-            sin: &rotary.sin,
-            kv_heads: self.kv_heads,
-            key_cache: keys,
-            value_cache: values,
-            slots: slots.new_slots(),
-        };
-        match kernels::linear_rope_and_store(x, qkv_proj.weight(), qkv_proj.bias(), store) {
+        let (weight, bias) = (qkv_proj.weight(), qkv_proj.bias());
+        match self.rope_store(rotary, step, |store| {
+            kernels::linear_rope_and_store(x, weight, bias, store)
+        })? {
             Some(roped) => self.attend_roped(&roped, true, step),
             None => {
                 let shape = [x.size()[0], self.heads + 2 * self.kv_heads, self.head_dim];
                 self.forward_rotary(&qkv_proj.forward(x).view(shape), rotary, step)
             }
         }
+    }
+
+    /// `f` of where this layer's new keys and values go in the step's cache, and their rotation.
+    fn rope_store<R>(
+        &self,
+        rotary: &RotaryAt,
+        step: &mut Step,
+        f: impl FnOnce(kernels::RopeStore) -> R,
+    ) -> Result<R> {
+        let batch = step.batch();
+        let cache = step.cache();
+        let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
+        let (keys, values) = cache.layer_mut(self.layer);
+        Ok(f(kernels::RopeStore {
+            cos: &rotary.cos,
+            sin: &rotary.sin,
+            kv_heads: self.kv_heads,
+            key_cache: keys,
+            value_cache: values,
+            slots: slots.new_slots(),
+        }))
     }
 
     /// Attention over the rotated projection `[tokens, heads + 2 kv_heads, head_dim]`, after storing its

@@ -579,30 +579,12 @@ impl Kernels {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Tensor {
-        let [n, k] = weight.size()[..] else {
-            unreachable!("checked by kernels::linear_silu_mul")
-        };
         let mut size = x.size();
         *size
             .last_mut()
-            .expect("checked by kernels::linear_silu_mul") = n / 2;
+            .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
-        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
-        let (mut n, mut k) = (n, k);
-        let mut args = [
-            arg!(y_p),
-            arg!(x_p),
-            arg!(w_p),
-            arg!(bias_p),
-            arg!(n),
-            arg!(k),
-        ];
-        // A warp per output: one row of the gate and one of the up projection.
-        let per_block = LINEAR_WARPS as i64;
-        let grid = self.grid((n / 2 + per_block - 1) / per_block, 1);
-        let f = self.of(x.kind()).0[LINEAR_SILU];
-        self.launch(f, grid, LINEAR_WARPS * 32, &mut args);
+        self.linear_paired(LINEAR_SILU, &y, x, weight, bias, &mut []);
         counted(7);
         y
     }
@@ -617,29 +599,17 @@ impl Kernels {
         dim: i64,
         store: &super::RopeStore,
     ) -> Tensor {
-        let [n, k] = weight.size()[..] else {
-            unreachable!("checked by kernels::linear_rope_and_store")
-        };
-        let y = Tensor::empty([1, n / dim, dim], (x.kind(), x.device()));
-        let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
-        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
+        let heads = weight.size()[0] / dim;
+        let y = Tensor::empty([1, heads, dim], (x.kind(), x.device()));
         let (mut cos_p, mut sin_p) = (ptr(store.cos), ptr(store.sin));
         let (mut keys_p, mut values_p) = (ptr(store.key_cache), ptr(store.value_cache));
         let mut slots_p = ptr(store.slots);
-        let (mut n, mut k) = (n, k);
-        let heads = n / dim;
         let (mut rotated, mut dim32, mut kv_heads) = (
             (heads - store.kv_heads) as i32,
             dim as i32,
             store.kv_heads as i32,
         );
-        let mut args = [
-            arg!(y_p),
-            arg!(x_p),
-            arg!(w_p),
-            arg!(bias_p),
-            arg!(n),
-            arg!(k),
+        let mut rope_args = [
             arg!(cos_p),
             arg!(sin_p),
             arg!(rotated),
@@ -649,13 +619,44 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        // A warp per pair of outputs: elements j and j + dim/2 of a head.
-        let per_block = LINEAR_WARPS as i64;
-        let grid = self.grid((n / 2 + per_block - 1) / per_block, 1);
-        let f = self.of(x.kind()).0[LINEAR_ROPE];
-        self.launch(f, grid, LINEAR_WARPS * 32, &mut args);
+        self.linear_paired(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
         counted(8);
         y
+    }
+
+    /// Launches the one-row linear kernel `function` whose warps each take a pair of `weight`'s rows
+    /// (`[n, k]`: n/2 pairs), with arguments y, x, w, bias, n, k, then `more`.
+    fn linear_paired(
+        &self,
+        function: usize,
+        y: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        more: &mut [*mut c_void],
+    ) {
+        let [mut n, mut k] = weight.size()[..] else {
+            unreachable!("checked by kernels::linear_silu_mul and linear_rope_and_store")
+        };
+        let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
+        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
+        let mut args = vec![
+            arg!(y_p),
+            arg!(x_p),
+            arg!(w_p),
+            arg!(bias_p),
+            arg!(n),
+            arg!(k),
+        ];
+        args.extend_from_slice(more);
+        let per_block = LINEAR_WARPS as i64;
+        let grid = self.grid((n / 2 + per_block - 1) / per_block, 1);
+        self.launch(
+            self.of(x.kind()).0[function],
+            grid,
+            LINEAR_WARPS * 32,
+            &mut args,
+        );
     }
 }
 
