@@ -961,15 +961,21 @@ __device__ __forceinline__ void warp_row_products(float (&acc)[kLinearRows],
 }
 
 // Prefetches into L2 the first runs of the rows the warp reads first (weights no kernel writes), before
-// the kernel waits for the one before it.
+// the kernel waits for the one before it: kPrefetchRuns runs of 16 bytes a lane from each row (the
+// engine sets MMREG_LINEAR_PREFETCH_RUNS from the environment variable of that name, for measurements).
+#ifndef MMREG_LINEAR_PREFETCH_RUNS
+#define MMREG_LINEAR_PREFETCH_RUNS 4
+#endif
+constexpr int kPrefetchRuns = MMREG_LINEAR_PREFETCH_RUNS;
+
 template <typename D>
 __device__ __forceinline__ void prefetch_rows(const typename D::T* (&row)[kLinearRows], long long k,
                                               int lane) {
   constexpr int N = 16 / sizeof(typename D::T);
 #pragma unroll
   for (int r = 0; r < kLinearRows; ++r) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
+#pragma unroll 4
+    for (int i = 0; i < kPrefetchRuns; ++i) {
       const long long c = (lane + 32LL * i) * N;
       if (row[r] != nullptr && c < k) {
         prefetch_l2(row[r] + c);

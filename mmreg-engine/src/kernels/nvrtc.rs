@@ -115,7 +115,17 @@ mod shim {
     }
 
     fn load(device: usize) -> Result<Kernels, String> {
-        let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
+        // MMREG_LINEAR_PREFETCH_RUNS (1 to 256): how much of its first rows the one-row linear kernel
+        // prefetches before it waits for the kernel before it (4 runs of 16 bytes a lane by default).
+        let prefetch = std::env::var("MMREG_LINEAR_PREFETCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|runs| (1..=256).contains(runs));
+        let source = match prefetch {
+            Some(runs) => format!("#define MMREG_LINEAR_PREFETCH_RUNS {runs}\n{SOURCE}"),
+            None => SOURCE.to_owned(),
+        };
+        let source = CString::new(source).map_err(|e| e.to_string())?;
         let mut module = std::ptr::null_mut();
         // SAFETY: as in `compile_for`; the shim sets `module` on success.
         with_error(|error, capacity| unsafe {
