@@ -1,7 +1,8 @@
 //! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
 //! embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
-//! one-sequence decode step (alone, or with SiLU × up after the MLP's stacked gate and up projection;
-//! switched on, of 2 to 16 sequences on the tensor cores). The
+//! one-sequence decode step (alone, with SiLU × up after the MLP's stacked gate and up projection, or
+//! with rope and the KV-cache write after the stacked q/k/v one; switched on, of 2 to 16 sequences on
+//! the tensor cores). The
 //! elementwise ones replace several libtorch kernels each and compute the same values
 //! (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op code does).
 //!
@@ -409,8 +410,8 @@ fn few_rows_enabled() -> bool {
 }
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
-/// `paged_decode_attention`, `paged_decode_attention_mma`, `linear` or `linear_silu_mul`) has been
-/// launched in this process, on any device, the emulator included: for tests that must see a kernel
+/// `paged_decode_attention`, `paged_decode_attention_mma`, `linear`, `linear_silu_mul` or
+/// `linear_rope_and_store`) has been launched in this process, on any device, the emulator included: for tests that must see a kernel
 /// run, not only its result. `None` for an unknown name.
 pub fn launches(family: &str) -> Option<u64> {
     let index = launch::FAMILIES.iter().position(|&f| f == family)?;
