@@ -520,7 +520,9 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
 /// within a rounding of the dtype relative to the largest output (the sums are f32, in different
 /// orders), with and without bias, weights whose rows do not fill the last block (37) or tile of 16,
 /// inputs that take a warp more than one pass (k = 520) and a k that ends inside a chunk of 32 (200,
-/// 520); rows that fill one tile of 8 of x's rows (5, 8) or two (9, 16). 17 rows, f32 with more than
+/// 520); one row with k split between 2 warps (37 rows: 19 runs; the emulator holds 12 blocks of 4
+/// warps), 4 (16 rows) and none (200 rows); rows that fill one tile of 8 of x's rows (5, 8) or two (9,
+/// 16). 17 rows, f32 with more than
 /// one row, and a k that is not a multiple of a vector take libtorch's product.
 #[test]
 fn linear_for_few_rows_matches_the_product() {
@@ -535,6 +537,7 @@ fn linear_for_few_rows_matches_the_product() {
                 (1, 37, 520, false, true),
                 (1, 16, 64, true, true),
                 (1, 37, 200, true, true),
+                (1, 200, 64, false, true),
                 (2, 37, 200, true, few),
                 (5, 16, 64, false, few),
                 (8, 24, 520, false, few),

@@ -1,10 +1,11 @@
 """Summarises a Kineto Chrome trace written by `mmreg bench --trace DIR` (see docs/benchmarks.md).
 
 Groups the GPU's kernels by the launch that issued them (one cudaGraphLaunch replays a whole graph), and
-prints per launch kind: how many, kernels each, GPU span and busy time; then the kernels that took the
-most time in all. Usage: python3 scripts/gpu/trace_summary.py TRACE.json [...]
+prints per launch kind: how many, kernels each, GPU span and busy time; then, for the graph with the
+most replays, each position's mean duration over its replays (the first FIRST=20 and last LAST=6); then
+the kernels that took the most time in all. Usage: python3 scripts/gpu/trace_summary.py TRACE.json [...]
 """
-import collections, json, sys
+import collections, json, os, sys
 
 GPU = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -39,6 +40,20 @@ def summarise(path):
         else:
             print(f"| graph | {n} | {count} | {sum(s for s, _ in spans) / n / 1000:.2f} | "
                   f"{sum(b for _, b in spans) / n / 1000:.2f} |")
+    # The graph replayed most often (a decode step's): each position's mean duration,
+    # for the first FIRST positions (the embedding and the first layers) and the last LAST (the head).
+    graphs = [sorted(ks, key=lambda k: k["ts"]) for corr, ks in by_launch.items()
+              if launches.get(corr) == "cudaGraphLaunch"]
+    if graphs:
+        counts = collections.Counter(len(ks) for ks in graphs)
+        most = max(counts, key=lambda n: (counts[n], n))
+        replays = [ks for ks in graphs if len(ks) == most]
+        first, last = int(os.environ.get("FIRST", "20")), int(os.environ.get("LAST", "6"))
+        print(f"\n{len(replays)} replays of {most} kernels; mean duration by position (us):\n"
+              "| position | kernel | mean (us) |\n|---|---|---|")
+        for i in list(range(min(first, most))) + list(range(max(first, most - last), most)):
+            mean = sum(ks[i]["dur"] for ks in replays) / len(replays)
+            print(f"| {i} | `{replays[0][i]['name'][:60]}` | {mean:.1f} |")
     totals = collections.defaultdict(lambda: [0, 0.0])
     for e in gpu:
         t = totals[e["name"][:90]]

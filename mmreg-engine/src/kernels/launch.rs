@@ -82,7 +82,7 @@ const COMBINE: usize = 6;
 pub(super) const ATTENTION: usize = 7;
 /// Decode attention's variants from `ATTENTION` on: `LANES` × `GROUPS`, then the tensor cores'.
 pub(super) const ATTENTION_VARIANTS: usize = LANES.len() * GROUPS.len() + 1;
-const LINEAR: usize = 17;
+pub(super) const LINEAR: usize = 17;
 const SILU_MUL_VECTORS: usize = 18;
 const ROPE_VECTORS: usize = 19;
 const LINEAR_FEW_ROWS: usize = 20;
@@ -94,7 +94,7 @@ pub(super) const FEW_ROWS: i64 = 16;
 const FEW_ROWS_WARPS: u32 = 8;
 const FEW_ROWS_TILE: i64 = 16;
 /// Warps per block of the linear kernel, and weight rows per warp (`kLinearWarps`, `kLinearRows`).
-const LINEAR_WARPS: u32 = 4;
+pub(super) const LINEAR_WARPS: u32 = 4;
 const LINEAR_ROWS_PER_WARP: i64 = 2;
 /// Lanes reading a position's row in each attention variant (each lane a run of `RUN` elements), and
 /// the query heads per key/value head it holds.
@@ -146,6 +146,10 @@ pub(super) struct Kernels {
     /// Launch with programmatic dependent launches (an sm_90+ device, `MMREG_PDL` not `0`).
     pub(super) programmatic: bool,
     pub(super) attention_resident: [[i64; ATTENTION_VARIANTS]; 3],
+    /// How many blocks of the one-row linear kernel the device holds at once, for each dtype (0 where
+    /// the driver could not say: no split of k; a dozen for the emulator, so that its tests cover each
+    /// split).
+    pub(super) linear_resident: [i64; 3],
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
@@ -184,6 +188,7 @@ pub(super) static EMULATED: Kernels = {
         min_chunk: Some(8),
         programmatic: false,
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
+        linear_resident: [12; 3],
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -214,6 +219,17 @@ fn fewest_rounds(pairs: i64, width: i64, most: i64, resident: i64) -> i64 {
             rounds * ((width + s - 1) / s + BLOCK_COST)
         })
         .unwrap_or(1)
+}
+
+/// Warps of the one-row linear kernel that share a run of rows, splitting k (1, 2 or 4): more while
+/// the runs' warps would still fit the `resident` blocks the device holds at once (2 for a 7B decoder's
+/// o_proj and down_proj on an H200: 2048 runs, 5280 warps; 1 for the other products).
+fn linear_split(runs: i64, resident: i64) -> i32 {
+    let mut split = 1;
+    while split < LINEAR_WARPS as i64 && runs * split * 2 <= resident * LINEAR_WARPS as i64 {
+        split *= 2;
+    }
+    split as i32
 }
 
 /// Threads for `n` items, one each: whole warps, at least one and at most `most` threads.
@@ -538,6 +554,8 @@ impl Kernels {
         let (mut n, mut k, mut m) = (n, k, rows as i32);
         let kernels = self.of(x.kind());
         if rows == 1 {
+            let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
+            let (grid, mut split) = self.linear_grid(runs, x.kind());
             let mut args = [
                 arg!(y_p),
                 arg!(x_p),
@@ -545,9 +563,8 @@ impl Kernels {
                 arg!(bias_p),
                 arg!(n),
                 arg!(k),
+                arg!(split),
             ];
-            let per_block = LINEAR_WARPS as i64 * LINEAR_ROWS_PER_WARP;
-            let grid = self.grid((n + per_block - 1) / per_block, 1);
             self.launch(kernels.0[LINEAR], grid, LINEAR_WARPS * 32, &mut args);
         } else {
             let mut args = [
@@ -624,7 +641,14 @@ impl Kernels {
         y
     }
 
-    /// Launches the one-row linear kernel `function` whose warps each take a pair of `weight`'s rows
+    /// The grid of a one-row linear kernel for `runs` runs of rows, and its split of k.
+    fn linear_grid(&self, runs: i64, kind: Kind) -> ((i64, i64), i32) {
+        let split = linear_split(runs, self.linear_resident[suffix_index(kind)]);
+        let per_block = LINEAR_WARPS as i64 / split as i64;
+        (self.grid((runs + per_block - 1) / per_block, 1), split)
+    }
+
+    /// Launches the one-row linear kernel `function` whose runs each take a pair of `weight`'s rows
     /// (`[n, k]`: n/2 pairs), with arguments y, x, w, bias, n, k, then `more`.
     fn linear_paired(
         &self,
@@ -640,6 +664,7 @@ impl Kernels {
         };
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
         let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
+        let (grid, mut split) = self.linear_grid(n / 2, x.kind());
         let mut args = vec![
             arg!(y_p),
             arg!(x_p),
@@ -647,10 +672,9 @@ impl Kernels {
             arg!(bias_p),
             arg!(n),
             arg!(k),
+            arg!(split),
         ];
         args.extend_from_slice(more);
-        let per_block = LINEAR_WARPS as i64;
-        let grid = self.grid((n / 2 + per_block - 1) / per_block, 1);
         self.launch(
             self.of(x.kind()).0[function],
             grid,
@@ -662,7 +686,20 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
-    use super::fewest_rounds;
+    use super::{fewest_rounds, linear_split};
+
+    /// On an H200 (132 SMs × 10 blocks of the one-row kernel): a 7B decoder's o_proj and down_proj
+    /// (4096 rows, 2048 runs) split k in two, its q/k/v (6144 runs with rope), gate/up (11008) and LM
+    /// head (16000) do not; few runs split in four; an unknown occupancy never splits.
+    #[test]
+    fn the_one_row_linear_splits_k_only_where_runs_leave_warps_idle() {
+        assert_eq!(linear_split(2048, 1320), 2);
+        for runs in [6144, 11008, 16000] {
+            assert_eq!(linear_split(runs, 1320), 1);
+        }
+        assert_eq!(linear_split(8, 1320), 4);
+        assert_eq!(linear_split(2048, 0), 1);
+    }
 
     /// The split by occupancy on an H200's numbers (132 SMs × 3 blocks of the LLaVA variant, 2 of
     /// Mistral's), over decode widths rounded to 128: LLaVA-1.5's ~700-position contexts at batch 8

@@ -7,7 +7,8 @@ mod shim {
     use std::sync::Mutex;
 
     use super::super::launch::{
-        ForKind, Function, Kernels, ATTENTION, ATTENTION_VARIANTS, ATTENTION_WARPS, NAMES, SUFFIXES,
+        ForKind, Function, Kernels, ATTENTION, ATTENTION_WARPS, LINEAR, LINEAR_WARPS, NAMES,
+        SUFFIXES,
     };
     use super::super::self_check::check_kernels;
 
@@ -114,18 +115,25 @@ mod shim {
         Ok((size, String::from_utf8_lossy(&report[..end]).into_owned()))
     }
 
+    /// The source's tuning constants set from the environment, for measurements: `#define` lines for
+    /// the variables set to a number in range (the source's defaults otherwise).
+    /// - `MMREG_LINEAR_PREFETCH_RUNS` (1 to 256): how much of its first rows the one-row linear kernel
+    ///   prefetches before it waits for the kernel before it (4 runs of 16 bytes a lane by default).
+    fn tuning_defines() -> String {
+        [("MMREG_LINEAR_PREFETCH_RUNS", 1..=256)]
+            .into_iter()
+            .filter_map(|(name, range)| {
+                let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
+                range
+                    .contains(&value)
+                    .then(|| format!("#define {name} {value}\n"))
+            })
+            .collect()
+    }
+
     fn load(device: usize) -> Result<Kernels, String> {
-        // MMREG_LINEAR_PREFETCH_RUNS (1 to 256): how much of its first rows the one-row linear kernel
-        // prefetches before it waits for the kernel before it (4 runs of 16 bytes a lane by default).
-        let prefetch = std::env::var("MMREG_LINEAR_PREFETCH_RUNS")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .filter(|runs| (1..=256).contains(runs));
-        let source = match prefetch {
-            Some(runs) => format!("#define MMREG_LINEAR_PREFETCH_RUNS {runs}\n{SOURCE}"),
-            None => SOURCE.to_owned(),
-        };
-        let source = CString::new(source).map_err(|e| e.to_string())?;
+        let source =
+            CString::new(format!("{}{SOURCE}", tuning_defines())).map_err(|e| e.to_string())?;
         let mut module = std::ptr::null_mut();
         // SAFETY: as in `compile_for`; the shim sets `module` on success.
         with_error(|error, capacity| unsafe {
@@ -153,26 +161,23 @@ mod shim {
         };
         let [f32, bf16, f16] = SUFFIXES.map(for_kind);
         let (f32, bf16, f16) = (f32?, bf16?, f16?);
-        // How many blocks of each attention variant the device holds at once (0 where the driver
-        // cannot say: the split then aims at a number of blocks).
-        let resident = |k: &ForKind| -> [i64; ATTENTION_VARIANTS] {
-            std::array::from_fn(|v| match k.0[ATTENTION + v] {
-                Function::Cuda(f) => {
-                    let mut out = 0i64;
-                    // SAFETY: `f` is a function of the module loaded above for `device`.
-                    let status = unsafe {
-                        mmreg_kernels_resident(f, device as i32, ATTENTION_WARPS * 32, &mut out)
-                    };
-                    if status == 0 {
-                        out
-                    } else {
-                        0
-                    }
-                }
-                Function::Emulated(_) => 0,
-            })
+        // How many blocks of each attention variant, and of the one-row linear kernel, the device
+        // holds at once (0 where the driver cannot say: the split then aims at a number of blocks, and
+        // the linear kernel does not split k).
+        let resident = |f: Function, threads: u32| -> i64 {
+            let Function::Cuda(f) = f else { return 0 };
+            let mut out = 0i64;
+            // SAFETY: `f` is a function of the module loaded above for `device`.
+            let status = unsafe { mmreg_kernels_resident(f, device as i32, threads, &mut out) };
+            if status == 0 {
+                out
+            } else {
+                0
+            }
         };
-        let attention_resident = [resident(&f32), resident(&bf16), resident(&f16)];
+        let attention_resident = [&f32, &bf16, &f16]
+            .map(|k| std::array::from_fn(|v| resident(k.0[ATTENTION + v], ATTENTION_WARPS * 32)));
+        let linear_resident = [&f32, &bf16, &f16].map(|k| resident(k.0[LINEAR], LINEAR_WARPS * 32));
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
@@ -187,6 +192,7 @@ mod shim {
             programmatic: programmatic_enabled()
                 && unsafe { mmreg_kernels_programmatic(device as i32) } == 1,
             attention_resident,
+            linear_resident,
             f32,
             bf16,
             f16,
