@@ -150,6 +150,8 @@ pub(super) struct Kernels {
     /// the driver could not say: no split of k; a dozen for the emulator, so that its tests cover each
     /// split).
     pub(super) linear_resident: [i64; 3],
+    /// Split k by [`linear_split_by_waves`] instead (`MMREG_LINEAR_SPLIT=waves`, for measurements).
+    pub(super) linear_split_by_waves: bool,
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
@@ -189,6 +191,7 @@ pub(super) static EMULATED: Kernels = {
         programmatic: false,
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
         linear_resident: [12; 3],
+        linear_split_by_waves: false,
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -230,6 +233,19 @@ fn linear_split(runs: i64, resident: i64) -> i32 {
         split *= 2;
     }
     split as i32
+}
+
+/// The split (1, 2 or 4) that takes the fewest waves of the `resident` blocks' warps, a wave of split
+/// s taking 1/s of an unsplit run's time; the smallest among equals (none where `resident` is unknown).
+fn linear_split_by_waves(runs: i64, resident: i64) -> i32 {
+    let warps = resident * LINEAR_WARPS as i64;
+    if warps == 0 {
+        return 1;
+    }
+    [1, 2, 4]
+        .into_iter()
+        .min_by_key(|&s| (runs * s + warps - 1) / warps * (4 / s))
+        .unwrap_or(1) as i32
 }
 
 /// Threads for `n` items, one each: whole warps, at least one and at most `most` threads.
@@ -643,7 +659,12 @@ impl Kernels {
 
     /// The grid of a one-row linear kernel for `runs` runs of rows, and its split of k.
     fn linear_grid(&self, runs: i64, kind: Kind) -> ((i64, i64), i32) {
-        let split = linear_split(runs, self.linear_resident[suffix_index(kind)]);
+        let resident = self.linear_resident[suffix_index(kind)];
+        let split = if self.linear_split_by_waves {
+            linear_split_by_waves(runs, resident)
+        } else {
+            linear_split(runs, resident)
+        };
         let per_block = LINEAR_WARPS as i64 / split as i64;
         (self.grid((runs + per_block - 1) / per_block, 1), split)
     }
@@ -686,7 +707,20 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
-    use super::{fewest_rounds, linear_split};
+    use super::{fewest_rounds, linear_split, linear_split_by_waves};
+
+    /// The measurement rule on the same numbers: 2048 runs take half a wave split in two (as in four);
+    /// 6144, 11008 and 16000 runs (1.16, 2.08 and 3.03 waves unsplit) take 1.25, 2.25 and 3.25 waves of
+    /// an unsplit run's time split in four.
+    #[test]
+    fn the_wave_rule_takes_the_fewest_waves() {
+        assert_eq!(linear_split_by_waves(2048, 1320), 2);
+        for runs in [6144, 11008, 16000] {
+            assert_eq!(linear_split_by_waves(runs, 1320), 4);
+        }
+        assert_eq!(linear_split_by_waves(5280, 1320), 1);
+        assert_eq!(linear_split_by_waves(2048, 0), 1);
+    }
 
     /// On an H200 (132 SMs × 10 blocks of the one-row kernel): a 7B decoder's o_proj and down_proj
     /// (4096 rows, 2048 runs) split k in two, its q/k/v (6144 runs with rope), gate/up (11008) and LM
