@@ -893,36 +893,29 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
 
 // y = w · x (+ bias) for one row x (a decode step of one sequence): x [k], w [n, k] (a linear layer's
 // weight, as stored), bias [n] or null, y [n]; f32 sums rounded once, as cuBLAS's. The product only
-// streams the weight, so each warp takes a run of kLinearRows rows of w at a time and reads them in
-// 16-byte vectors, several in flight (unrolled), x coming from the cache; then a warp sum per output.
-// (With more rows than one, cuBLAS's kernels win: measured in docs/benchmarks.md.) The caller checks: k
-// a multiple of the vector's elements, x and w 16-byte aligned. Launched with kLinearWarps * 32
-// threads, grid-stride over the blocks' runs of rows.
+// streams the weight, so each warp takes kLinearRows rows of w at a time and reads them in 16-byte
+// vectors, several in flight (unrolled), x coming from the cache; then a warp sum per output. (With
+// more rows than one, cuBLAS's kernels win: measured in docs/benchmarks.md.) The caller checks: k a
+// multiple of the vector's elements, x and w 16-byte aligned. Launched with kLinearWarps * 32 threads,
+// grid-stride over the warps' runs of rows.
 //
-// `split` (1, 2 or 4 warps a run) is for weights with too few rows to keep the device's warps busy
-// (a 7B decoder's o_proj and down_proj: 4096 rows, 2048 runs, under half the warps an H200 holds): the
-// `split` warps of a run each take every split-th vector of k, and the block adds their sums in order
-// (part 0 first). The caller picks it from the number of runs and the device's occupancy.
+// A weight with too few rows to keep the device's warps busy (a 7B decoder's o_proj and down_proj:
+// 4096 rows, 2048 runs of two, under half the warps an H200 holds) takes linear_one_row_split: kSplit
+// warps (2 or 4) share each run, each taking every kSplit-th vector of k, and the block adds their sums
+// in order (part 0 first). The caller picks the split from the runs and the device's occupancy.
 //
 // Two epilogues pair a warp's two rows so that the product's last step is the layer's next op:
 // - kSiluMul: w stacks a gate projection over an up projection ([2 * n/2, k], no gap), and y [n/2] is
 //   silu(gate · x) * (up · x), each product rounded to the dtype first, as silu_mul after the product:
-//   the run's rows are row i of the gate and row i of the up projection.
+//   the warp's rows are row i of the gate and row i of the up projection.
 // - kRope: w is a decoder layer's stacked q/k/v projection ([heads * dim, k]; the last 2 * kv_heads
-//   heads keys and values) and y its rows after rope_and_store for the one token: the run's rows are
+//   heads keys and values) and y its rows after rope_and_store for the one token: the warp's rows are
 //   elements j and j + dim/2 of a head, rotated (the first `rotated` heads) with the token's cos and
 //   sin as rotate_pair does, and the keys' and values' rows also written to the caches at the token's
 //   slot.
 constexpr int kLinearWarps = 4;
 constexpr int kLinearRows = 2;
-// Blocks an SM holds at once (registers for it: at most 48 a thread on sm_90, where ptxas fits the
-// kernels in them; 64 elsewhere); more wait for the ones before.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr int kLinearBlocks = 10;
-#else
-constexpr int kLinearBlocks = 8;
-#endif
-constexpr int kPlain = 0, kSiluMul = 1, kRope = 2;
+constexpr int kSiluMul = 1, kRope = 2;
 
 // kRope's arguments (see rope_vectors): the token's cos and sin [dim], the caches, its slot [1].
 template <typename D>
@@ -935,23 +928,22 @@ struct RopeStore {
   const long long* slots;
 };
 
-// The warp's sums of rows `row` of w with x over its part of k (the vectors part, part + split, …):
-// each lane its share, in 16-byte vectors with several in flight, then summed over the warp (every
-// lane gets the sums).
-template <typename D>
+// The warp's sums of rows `row` of w with x over its part of k (vectors part, part + kSplit, …; all of
+// k unsplit): each lane its share, in 16-byte vectors with several in flight, then summed over the warp
+// (every lane gets the sums).
+template <typename D, int kSplit = 1>
 __device__ __forceinline__ void warp_row_products(float (&acc)[kLinearRows],
                                                   const typename D::T* (&row)[kLinearRows],
                                                   const typename D::T* x, long long k, int lane,
-                                                  int part, int split) {
+                                                  int part = 0) {
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
 #pragma unroll
   for (int r = 0; r < kLinearRows; ++r) {
     acc[r] = 0.0f;
   }
-  const long long step = 32LL * N * split;
 #pragma unroll 4
-  for (long long c = (32LL * part + lane) * N; c < k; c += step) {
+  for (long long c = (32LL * part + lane) * N; c < k; c += 32LL * N * kSplit) {
     V weights[kLinearRows];
 #pragma unroll
     for (int r = 0; r < kLinearRows; ++r) {
@@ -976,23 +968,23 @@ __device__ __forceinline__ void warp_row_products(float (&acc)[kLinearRows],
 }
 
 // Prefetches into L2 the first vectors of the rows the warp reads first (weights no kernel writes),
-// before the kernel waits for the one before it: kPrefetchRuns vectors a lane from each row, the part's
-// (the engine sets MMREG_LINEAR_PREFETCH_RUNS from the environment variable of that name, for
-// measurements).
+// before the kernel waits for the one before it: kPrefetchRuns vectors of 16 bytes a lane from each row,
+// of its part of k (the engine sets MMREG_LINEAR_PREFETCH_RUNS from the environment variable of that
+// name, for measurements).
 #ifndef MMREG_LINEAR_PREFETCH_RUNS
 #define MMREG_LINEAR_PREFETCH_RUNS 4
 #endif
 constexpr int kPrefetchRuns = MMREG_LINEAR_PREFETCH_RUNS;
 
-template <typename D>
+template <typename D, int kSplit = 1>
 __device__ __forceinline__ void prefetch_rows(const typename D::T* (&row)[kLinearRows], long long k,
-                                              int lane, int part, int split) {
+                                              int lane, int part = 0) {
   constexpr int N = 16 / sizeof(typename D::T);
 #pragma unroll
   for (int r = 0; r < kLinearRows; ++r) {
 #pragma unroll 4
     for (int i = 0; i < kPrefetchRuns; ++i) {
-      const long long c = (32LL * (part + (long long)split * i) + lane) * N;
+      const long long c = (32LL * (part + kSplit * i) + lane) * N;
       if (row[r] != nullptr && c < k) {
         prefetch_l2(row[r] + c);
       }
@@ -1000,91 +992,125 @@ __device__ __forceinline__ void prefetch_rows(const typename D::T* (&row)[kLinea
   }
 }
 
-// One run's sums, whole: with split warps a run, lane 0 of each part leaves its sums in shared memory
-// and lane 0 of part 0 adds them in order. True in the lane that writes the run's outputs (lane 0 of
-// part 0); every warp of the block calls it the same number of times.
-__device__ __forceinline__ bool whole_sums(float (&acc)[kLinearRows], int warp, int lane, int part,
-                                           int split) {
-  if (split == 1) {
-    return lane == 0;
-  }
-  __shared__ float parts[kLinearWarps][kLinearRows];
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < kLinearRows; ++r) {
-      parts[warp][r] = acc[r];
-    }
-  }
-  __syncthreads();
-  const bool writes = lane == 0 && part == 0;
-  if (writes) {
-#pragma unroll
-    for (int r = 0; r < kLinearRows; ++r) {
-      float total = parts[warp][r];
-      for (int p = 1; p < split; ++p) {
-        total += parts[warp + p][r];
-      }
-      acc[r] = total;
-    }
-  }
-  // (Before the next run's sums take the places.)
-  __syncthreads();
-  return writes;
-}
-
-// The one-row kernels: `runs` runs of kLinearRows rows, run t's rows first(t) and first(t) + gap(t)
-// (kPlain: rows 2t and 2t + 1; the epilogues: see above), then each run's outputs written by kEpilogue.
-template <typename D, int kEpilogue>
+template <typename D>
 __device__ void linear_one_row(typename D::T* y, const typename D::T* x, const typename D::T* w,
-                               const typename D::T* bias, long long n, long long k, int split,
-                               const RopeStore<D>& rope) {
-  static_assert(kLinearRows == 2, "a run is two rows");
+                               const typename D::T* bias, long long n, long long k) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int per_block = kLinearWarps / split, part = warp % split;
-  const long long runs = kEpilogue == kPlain ? (n + 1) / 2 : n / 2;
-  const long long half = kEpilogue == kRope ? rope.dim / 2 : kEpilogue == kSiluMul ? n / 2 : 1;
-  // Run t's first row (a head's index and element fit an int: n < 2^31); its second is `half` after.
-  auto first_row = [&](long long t) -> long long {
-    if (kEpilogue == kRope) {
-      const int h = (int)half;
-      return (long long)((int)t / h * 2 * h + (int)t % h);
-    }
-    return kEpilogue == kPlain ? 2 * t : t;
-  };
-  // The rows of run t, a row past the end reading the last one again (its sum is not written).
-  auto rows_of = [&](long long t, const typename D::T* (&row)[kLinearRows]) {
-    const long long first = first_row(min(t, runs - 1));
-    row[0] = w + first * k;
-    row[1] = w + min(first + half, n - 1) * k;
-  };
   {
-    const long long t = (long long)blockIdx.x * per_block + warp / split;
-    const typename D::T* row[kLinearRows] = {nullptr, nullptr};
-    if (t < runs) {
-      rows_of(t, row);
+    const long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows;
+    const typename D::T* row[kLinearRows];
+#pragma unroll
+    for (int r = 0; r < kLinearRows; ++r) {
+      row[r] = first + r < n ? w + (first + r) * k : nullptr;
     }
-    prefetch_rows<D>(row, k, lane, part, split);
+    prefetch_rows<D>(row, k, lane);
   }
   begin_kernel();
-  // Grid-stride over the blocks' runs (the same trip count for every warp of a block).
-  for (long long at = (long long)blockIdx.x * per_block; at < runs;
-       at += (long long)gridDim.x * per_block) {
-    const long long t = at + warp / split;
+  // Grid-stride over the warps' runs of kLinearRows rows of w (the same for the whole warp).
+  for (long long first = ((long long)blockIdx.x * kLinearWarps + warp) * kLinearRows; first < n;
+       first += (long long)gridDim.x * kLinearWarps * kLinearRows) {
     const typename D::T* row[kLinearRows];
-    rows_of(t, row);
     float acc[kLinearRows];
-    warp_row_products<D>(acc, row, x, k, lane, part, split);
-    if (!whole_sums(acc, warp, lane, part, split) || t >= runs) {
-      continue;
+#pragma unroll
+    for (int r = 0; r < kLinearRows; ++r) {
+      // A row past the end reads the last one again; its sum is not written.
+      row[r] = w + min(first + r, n - 1) * k;
     }
-    const long long first = first_row(t);
-    if (kEpilogue == kPlain) {
+    warp_row_products<D>(acc, row, x, k, lane);
+#pragma unroll
+    for (int r = 0; r < kLinearRows; ++r) {
+      if (lane == 0 && first + r < n) {
+        y[first + r] = D::store(acc[r] + (bias != nullptr ? D::load(bias[first + r]) : 0.0f));
+      }
+    }
+  }
+}
+
+// linear_one_row with each run of rows shared by kSplit warps of the block (see above). Every warp of
+// a block strides over the same runs (a barrier per run).
+template <typename D, int kSplit>
+__device__ void linear_one_row_split(typename D::T* y, const typename D::T* x, const typename D::T* w,
+                                     const typename D::T* bias, long long n, long long k) {
+  __shared__ float parts[kLinearWarps][kLinearRows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % kSplit;
+  constexpr int kRuns = kLinearWarps / kSplit;  // a block's
+  // The warp's run `at + warp / kSplit` (runs past the end read the last rows again, unwritten).
+  auto rows_of = [&](long long at, const typename D::T* (&row)[kLinearRows]) {
+    const long long first = (at + warp / kSplit) * kLinearRows;
+#pragma unroll
+    for (int r = 0; r < kLinearRows; ++r) {
+      row[r] = w + min(first + r, n - 1) * k;
+    }
+    return first;
+  };
+  {
+    const typename D::T* row[kLinearRows];
+    rows_of((long long)blockIdx.x * kRuns, row);
+    prefetch_rows<D, kSplit>(row, k, lane, part);
+  }
+  begin_kernel();
+  for (long long at = (long long)blockIdx.x * kRuns; at * kLinearRows < n;
+       at += (long long)gridDim.x * kRuns) {
+    const typename D::T* row[kLinearRows];
+    const long long first = rows_of(at, row);
+    float acc[kLinearRows];
+    warp_row_products<D, kSplit>(acc, row, x, k, lane, part);
+    if (lane == 0) {
 #pragma unroll
       for (int r = 0; r < kLinearRows; ++r) {
+        parts[warp][r] = acc[r];
+      }
+    }
+    __syncthreads();
+    if (lane == 0 && part == 0) {
+#pragma unroll
+      for (int r = 0; r < kLinearRows; ++r) {
+        float total = parts[warp][r];
+#pragma unroll
+        for (int p = 1; p < kSplit; ++p) {
+          total += parts[warp + p][r];
+        }
         if (first + r < n) {
-          y[first + r] = D::store(acc[r] + (bias != nullptr ? D::load(bias[first + r]) : 0.0f));
+          y[first + r] = D::store(total + (bias != nullptr ? D::load(bias[first + r]) : 0.0f));
         }
       }
+    }
+    // (Before the next run's sums take the places.)
+    __syncthreads();
+  }
+}
+
+// The paired epilogues (kSiluMul, kRope): a warp's run `task` is two rows `half` apart, task and
+// task + n/2 (kSiluMul), or element j of a head and j + dim/2 (kRope); n/2 runs.
+template <typename D, int kEpilogue>
+__device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, const typename D::T* w,
+                                      const typename D::T* bias, long long n, long long k,
+                                      const RopeStore<D>& rope) {
+  static_assert(kLinearRows == 2, "a paired epilogue takes two rows a warp");
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
+  // (A head's index and element fit an int: n < 2^31.)
+  auto first_row = [&](long long task) -> long long {
+    const int h = (int)half;
+    return kEpilogue == kSiluMul ? task : (long long)((int)task / h * 2 * h + (int)task % h);
+  };
+  {
+    const long long task = (long long)blockIdx.x * kLinearWarps + warp;
+    const typename D::T* row[kLinearRows] = {nullptr, nullptr};
+    if (task < n / 2) {
+      row[0] = w + first_row(task) * k;
+      row[1] = row[0] + half * k;
+    }
+    prefetch_rows<D>(row, k, lane);
+  }
+  begin_kernel();
+  for (long long task = (long long)blockIdx.x * kLinearWarps + warp; task < n / 2;
+       task += (long long)gridDim.x * kLinearWarps) {
+    const long long first = first_row(task);
+    const typename D::T* row[kLinearRows] = {w + first * k, w + (first + half) * k};
+    float acc[kLinearRows];
+    warp_row_products<D>(acc, row, x, k, lane);
+    if (lane != 0) {
       continue;
     }
     if (bias != nullptr) {
@@ -1344,22 +1370,28 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
                                   key_cache, value_cache, slots, slot_stride, lengths, heads,       \
                                   kv_heads, dim, scale);                                            \
   }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kLinearWarps * 32, kLinearBlocks) linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
-                                            const D::T* bias, long long n, long long k,            \
-                                            int split) {                                           \
-    linear_one_row<D, kPlain>(y, x, w, bias, n, k, split, RopeStore<D>{});                         \
+  MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
+                                            const D::T* bias, long long n, long long k) {          \
+    linear_one_row<D>(y, x, w, bias, n, k);                                                        \
   }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kLinearWarps * 32, kLinearBlocks) linear_one_row_silu_##suffix(D::T* y, const D::T* x, const D::T* w,             \
-                                                 const D::T* bias, long long n, long long k,       \
-                                                 int split) {                                      \
-    linear_one_row<D, kSiluMul>(y, x, w, bias, n, k, split, RopeStore<D>{});                       \
+  MMREG_KERNEL void linear_one_row_split2_##suffix(D::T* y, const D::T* x, const D::T* w,           \
+                                                   const D::T* bias, long long n, long long k) {   \
+    linear_one_row_split<D, 2>(y, x, w, bias, n, k);                                               \
   }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kLinearWarps * 32, kLinearBlocks) linear_one_row_rope_##suffix(                                                  \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, long long n, long long k, int split,  \
+  MMREG_KERNEL void linear_one_row_split4_##suffix(D::T* y, const D::T* x, const D::T* w,           \
+                                                   const D::T* bias, long long n, long long k) {   \
+    linear_one_row_split<D, 4>(y, x, w, bias, n, k);                                               \
+  }                                                                                                \
+  MMREG_KERNEL void linear_one_row_silu_##suffix(D::T* y, const D::T* x, const D::T* w,             \
+                                                 const D::T* bias, long long n, long long k) {     \
+    linear_one_row_paired<D, kSiluMul>(y, x, w, bias, n, k, RopeStore<D>{});                       \
+  }                                                                                                \
+  MMREG_KERNEL void linear_one_row_rope_##suffix(                                                  \
+      D::T* y, const D::T* x, const D::T* w, const D::T* bias, long long n, long long k,             \
       const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_one_row<D, kRope>(y, x, w, bias, n, k, split, rope);                                    \
+    linear_one_row_paired<D, kRope>(y, x, w, bias, n, k, rope);                                    \
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_##suffix(D::T* y, const D::T* x, const D::T* w,                 \
                                              const D::T* bias, int m, long long n, long long k) {  \

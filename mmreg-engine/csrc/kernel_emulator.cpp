@@ -186,7 +186,7 @@ T arg(void** args, int i) {
   MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_##suffix, T),                            \
   [](void** a) { linear_one_row_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),     \
                                          arg<const T*>(a, 3), arg<long long>(a, 4),                   \
-                                         arg<long long>(a, 5), arg<int>(a, 6)); },                    \
+                                         arg<long long>(a, 5)); },                                    \
   [](void** a) { silu_mul_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2),  \
                                            arg<long long>(a, 3)); },                                  \
   [](void** a) { rope_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),      \
@@ -198,15 +198,19 @@ T arg(void** args, int i) {
                                           arg<long long>(a, 6)); },                                   \
   [](void** a) { linear_one_row_silu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                               arg<const T*>(a, 2), arg<const T*>(a, 3),               \
-                                              arg<long long>(a, 4), arg<long long>(a, 5),             \
-                                              arg<int>(a, 6)); },                                     \
+                                              arg<long long>(a, 4), arg<long long>(a, 5)); },         \
   [](void** a) { linear_one_row_rope_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                               arg<const T*>(a, 2), arg<const T*>(a, 3),               \
                                               arg<long long>(a, 4), arg<long long>(a, 5),             \
-                                              arg<int>(a, 6), arg<const T*>(a, 7), arg<const T*>(a, 8), \
-                                              arg<int>(a, 9), arg<int>(a, 10), arg<T*>(a, 11),        \
-                                              arg<T*>(a, 12), arg<const long long*>(a, 13),           \
-                                              arg<int>(a, 14)); }
+                                              arg<const T*>(a, 6), arg<const T*>(a, 7), arg<int>(a, 8), \
+                                              arg<int>(a, 9), arg<T*>(a, 10), arg<T*>(a, 11),         \
+                                              arg<const long long*>(a, 12), arg<int>(a, 13)); }, \
+  [](void** a) { linear_one_row_split2_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                  \
+                                                arg<const T*>(a, 2), arg<const T*>(a, 3),             \
+                                                arg<long long>(a, 4), arg<long long>(a, 5)); },       \
+  [](void** a) { linear_one_row_split4_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                  \
+                                                arg<const T*>(a, 2), arg<const T*>(a, 3),             \
+                                                arg<long long>(a, 4), arg<long long>(a, 5)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

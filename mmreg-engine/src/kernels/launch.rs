@@ -47,7 +47,7 @@ unsafe impl Sync for Function {}
 /// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
 /// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one.
-pub(super) const NAMES: [&str; 23] = [
+pub(super) const NAMES: [&str; 25] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -71,6 +71,8 @@ pub(super) const NAMES: [&str; 23] = [
     "linear_few_rows",
     "linear_one_row_silu",
     "linear_one_row_rope",
+    "linear_one_row_split2",
+    "linear_one_row_split4",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -88,6 +90,9 @@ const ROPE_VECTORS: usize = 19;
 const LINEAR_FEW_ROWS: usize = 20;
 const LINEAR_SILU: usize = 21;
 const LINEAR_ROPE: usize = 22;
+/// `linear_one_row` with k split between 2 and 4 warps.
+const LINEAR_SPLIT_2: usize = 23;
+const LINEAR_SPLIT_4: usize = 24;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -150,8 +155,6 @@ pub(super) struct Kernels {
     /// the driver could not say: no split of k; a dozen for the emulator, so that its tests cover each
     /// split).
     pub(super) linear_resident: [i64; 3],
-    /// Split k by [`linear_split_by_waves`] instead (`MMREG_LINEAR_SPLIT=waves`, for measurements).
-    pub(super) linear_split_by_waves: bool,
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
@@ -191,7 +194,6 @@ pub(super) static EMULATED: Kernels = {
         programmatic: false,
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
         linear_resident: [12; 3],
-        linear_split_by_waves: false,
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -227,25 +229,12 @@ fn fewest_rounds(pairs: i64, width: i64, most: i64, resident: i64) -> i64 {
 /// Warps of the one-row linear kernel that share a run of rows, splitting k (1, 2 or 4): more while
 /// the runs' warps would still fit the `resident` blocks the device holds at once (2 for a 7B decoder's
 /// o_proj and down_proj on an H200: 2048 runs, 5280 warps; 1 for the other products).
-fn linear_split(runs: i64, resident: i64) -> i32 {
+fn linear_split(runs: i64, resident: i64) -> i64 {
     let mut split = 1;
     while split < LINEAR_WARPS as i64 && runs * split * 2 <= resident * LINEAR_WARPS as i64 {
         split *= 2;
     }
-    split as i32
-}
-
-/// The split (1, 2 or 4) that takes the fewest waves of the `resident` blocks' warps, a wave of split
-/// s taking 1/s of an unsplit run's time; the smallest among equals (none where `resident` is unknown).
-fn linear_split_by_waves(runs: i64, resident: i64) -> i32 {
-    let warps = resident * LINEAR_WARPS as i64;
-    if warps == 0 {
-        return 1;
-    }
-    [1, 2, 4]
-        .into_iter()
-        .min_by_key(|&s| (runs * s + warps - 1) / warps * (4 / s))
-        .unwrap_or(1) as i32
+    split
 }
 
 /// Threads for `n` items, one each: whole warps, at least one and at most `most` threads.
@@ -570,8 +559,6 @@ impl Kernels {
         let (mut n, mut k, mut m) = (n, k, rows as i32);
         let kernels = self.of(x.kind());
         if rows == 1 {
-            let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
-            let (grid, mut split) = self.linear_grid(runs, x.kind());
             let mut args = [
                 arg!(y_p),
                 arg!(x_p),
@@ -579,9 +566,21 @@ impl Kernels {
                 arg!(bias_p),
                 arg!(n),
                 arg!(k),
-                arg!(split),
             ];
-            self.launch(kernels.0[LINEAR], grid, LINEAR_WARPS * 32, &mut args);
+            let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
+            let split = if super::linear_split_enabled() {
+                linear_split(runs, self.linear_resident[suffix_index(x.kind())])
+            } else {
+                1
+            };
+            let function = match split {
+                4 => LINEAR_SPLIT_4,
+                2 => LINEAR_SPLIT_2,
+                _ => LINEAR,
+            };
+            let per_block = LINEAR_WARPS as i64 / split;
+            let grid = self.grid((runs + per_block - 1) / per_block, 1);
+            self.launch(kernels.0[function], grid, LINEAR_WARPS * 32, &mut args);
         } else {
             let mut args = [
                 arg!(y_p),
@@ -657,19 +656,7 @@ impl Kernels {
         y
     }
 
-    /// The grid of a one-row linear kernel for `runs` runs of rows, and its split of k.
-    fn linear_grid(&self, runs: i64, kind: Kind) -> ((i64, i64), i32) {
-        let resident = self.linear_resident[suffix_index(kind)];
-        let split = if self.linear_split_by_waves {
-            linear_split_by_waves(runs, resident)
-        } else {
-            linear_split(runs, resident)
-        };
-        let per_block = LINEAR_WARPS as i64 / split as i64;
-        (self.grid((runs + per_block - 1) / per_block, 1), split)
-    }
-
-    /// Launches the one-row linear kernel `function` whose runs each take a pair of `weight`'s rows
+    /// Launches the one-row linear kernel `function` whose warps each take a pair of `weight`'s rows
     /// (`[n, k]`: n/2 pairs), with arguments y, x, w, bias, n, k, then `more`.
     fn linear_paired(
         &self,
@@ -685,7 +672,6 @@ impl Kernels {
         };
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
         let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
-        let (grid, mut split) = self.linear_grid(n / 2, x.kind());
         let mut args = vec![
             arg!(y_p),
             arg!(x_p),
@@ -693,9 +679,10 @@ impl Kernels {
             arg!(bias_p),
             arg!(n),
             arg!(k),
-            arg!(split),
         ];
         args.extend_from_slice(more);
+        let per_block = LINEAR_WARPS as i64;
+        let grid = self.grid((n / 2 + per_block - 1) / per_block, 1);
         self.launch(
             self.of(x.kind()).0[function],
             grid,
@@ -707,20 +694,7 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
-    use super::{fewest_rounds, linear_split, linear_split_by_waves};
-
-    /// The measurement rule on the same numbers: 2048 runs take half a wave split in two (as in four);
-    /// 6144, 11008 and 16000 runs (1.16, 2.08 and 3.03 waves unsplit) take 1.25, 2.25 and 3.25 waves of
-    /// an unsplit run's time split in four.
-    #[test]
-    fn the_wave_rule_takes_the_fewest_waves() {
-        assert_eq!(linear_split_by_waves(2048, 1320), 2);
-        for runs in [6144, 11008, 16000] {
-            assert_eq!(linear_split_by_waves(runs, 1320), 4);
-        }
-        assert_eq!(linear_split_by_waves(5280, 1320), 1);
-        assert_eq!(linear_split_by_waves(2048, 0), 1);
-    }
+    use super::{fewest_rounds, linear_split};
 
     /// On an H200 (132 SMs × 10 blocks of the one-row kernel): a 7B decoder's o_proj and down_proj
     /// (4096 rows, 2048 runs) split k in two, its q/k/v (6144 runs with rope), gate/up (11008) and LM

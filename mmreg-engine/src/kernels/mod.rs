@@ -409,6 +409,22 @@ fn few_rows_enabled() -> bool {
     FEW_ROWS.get(|| std::env::var("MMREG_FUSED_LINEAR").is_ok_and(|v| v == "few"))
 }
 
+static LINEAR_SPLIT: Switch = Switch::new();
+
+/// Lets the one-row linear kernel split k between warps where a weight has too few rows to keep the
+/// device's warps busy, or not (for the whole process; overrides `MMREG_LINEAR_SPLIT`). On by default:
+/// a 7B decoder's o_proj and down_proj split in two on an H200. Off, every product of one row sums each
+/// output in the order of the fused gate/up and q/k/v products (`linear_silu_mul`,
+/// `linear_rope_and_store`), which never split.
+pub fn set_linear_split(on: bool) {
+    LINEAR_SPLIT.set(on);
+}
+
+/// Whether the one-row linear kernel may split k: [`set_linear_split`], else not `MMREG_LINEAR_SPLIT=0`.
+fn linear_split_enabled() -> bool {
+    LINEAR_SPLIT.get(|| std::env::var("MMREG_LINEAR_SPLIT").map_or(true, |v| v != "0"))
+}
+
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
 /// `paged_decode_attention`, `paged_decode_attention_mma`, `linear`, `linear_silu_mul` or
 /// `linear_rope_and_store`) has been launched in this process, on any device, the emulator included: for tests that must see a kernel

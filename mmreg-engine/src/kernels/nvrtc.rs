@@ -193,7 +193,6 @@ mod shim {
                 && unsafe { mmreg_kernels_programmatic(device as i32) } == 1,
             attention_resident,
             linear_resident,
-            linear_split_by_waves: std::env::var("MMREG_LINEAR_SPLIT").is_ok_and(|v| v == "waves"),
             f32,
             bf16,
             f16,
