@@ -331,8 +331,9 @@ fn tensor_core_attention() -> bool {
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
 /// `bias` `[n]`. A decode step of one sequence (one row) takes a kernel of our own that streams the
-/// weight in 16-byte vectors: on an H200 it reads the weights at ~89% of the measured bandwidth, more
-/// than cuBLAS's kernels for one row. With `MMREG_FUSED_LINEAR=few` (or [`set_few_rows_linear`]), a
+/// weight in 16-byte vectors: on an H200 it reads the weights at 85–97% of the measured bandwidth, more
+/// than cuBLAS's kernels for one row; a weight with too few rows to keep the device's warps busy has k
+/// split between 2 or 4 warps of a block (`MMREG_LINEAR_SPLIT=0`, [`set_linear_split`]: never). With `MMREG_FUSED_LINEAR=few` (or [`set_few_rows_linear`]), a
 /// step of 2 to 16 sequences in bf16 or f16 takes one that streams the weight once for all rows and
 /// multiplies on the tensor cores (level with cuBLAS at 8 rows on an H200, so off by default). More
 /// rows, and wherever the kernels do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's
