@@ -554,19 +554,7 @@ impl Kernels {
         let mut size = x.size();
         *size.last_mut().expect("checked by kernels::linear") = n;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
-        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
-        let (mut n, mut k, mut m) = (n, k, rows as i32);
-        let kernels = self.of(x.kind());
         if rows == 1 {
-            let mut args = [
-                arg!(y_p),
-                arg!(x_p),
-                arg!(w_p),
-                arg!(bias_p),
-                arg!(n),
-                arg!(k),
-            ];
             let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
             let split = if super::linear_split_enabled() {
                 linear_split(runs, self.linear_resident[suffix_index(x.kind())])
@@ -578,10 +566,11 @@ impl Kernels {
                 2 => LINEAR_SPLIT_2,
                 _ => LINEAR,
             };
-            let per_block = LINEAR_WARPS as i64 / split;
-            let grid = self.grid((runs + per_block - 1) / per_block, 1);
-            self.launch(kernels.0[function], grid, LINEAR_WARPS * 32, &mut args);
+            self.linear_runs(function, &y, x, weight, bias, &mut []);
         } else {
+            let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
+            let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
+            let (mut n, mut k, mut m) = (n, k, rows as i32);
             let mut args = [
                 arg!(y_p),
                 arg!(x_p),
@@ -593,7 +582,7 @@ impl Kernels {
             ];
             let grid = self.grid((n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE, 1);
             self.launch(
-                kernels.0[LINEAR_FEW_ROWS],
+                self.of(x.kind()).0[LINEAR_FEW_ROWS],
                 grid,
                 FEW_ROWS_WARPS * 32,
                 &mut args,
@@ -616,7 +605,7 @@ impl Kernels {
             .last_mut()
             .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        self.linear_paired(LINEAR_SILU, &y, x, weight, bias, &mut []);
+        self.linear_runs(LINEAR_SILU, &y, x, weight, bias, &mut []);
         counted(7);
         y
     }
@@ -651,14 +640,15 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        self.linear_paired(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
+        self.linear_runs(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
         counted(8);
         y
     }
 
-    /// Launches the one-row linear kernel `function` whose warps each take a pair of `weight`'s rows
-    /// (`[n, k]`: n/2 pairs), with arguments y, x, w, bias, n, k, then `more`.
-    fn linear_paired(
+    /// Launches the one-row linear kernel `function` over the runs of two of `weight`'s rows (`[n, k]`;
+    /// a warp's run, or with k split 2 or 4 warps' of a block), with arguments y, x, w, bias, n, k, then
+    /// `more`.
+    fn linear_runs(
         &self,
         function: usize,
         y: &Tensor,
@@ -668,7 +658,7 @@ impl Kernels {
         more: &mut [*mut c_void],
     ) {
         let [mut n, mut k] = weight.size()[..] else {
-            unreachable!("checked by kernels::linear_silu_mul and linear_rope_and_store")
+            unreachable!("checked by kernels::linear, linear_silu_mul and linear_rope_and_store")
         };
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
         let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
@@ -681,8 +671,14 @@ impl Kernels {
             arg!(k),
         ];
         args.extend_from_slice(more);
-        let per_block = LINEAR_WARPS as i64;
-        let grid = self.grid((n / 2 + per_block - 1) / per_block, 1);
+        let split = match function {
+            LINEAR_SPLIT_4 => 4,
+            LINEAR_SPLIT_2 => 2,
+            _ => 1,
+        };
+        let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
+        let per_block = LINEAR_WARPS as i64 / split;
+        let grid = self.grid((runs + per_block - 1) / per_block, 1);
         self.launch(
             self.of(x.kind()).0[function],
             grid,

@@ -333,11 +333,12 @@ fn tensor_core_attention() -> bool {
 /// `bias` `[n]`. A decode step of one sequence (one row) takes a kernel of our own that streams the
 /// weight in 16-byte vectors: on an H200 it reads the weights at 85–97% of the measured bandwidth, more
 /// than cuBLAS's kernels for one row; a weight with too few rows to keep the device's warps busy has k
-/// split between 2 or 4 warps of a block (`MMREG_LINEAR_SPLIT=0`, [`set_linear_split`]: never). With `MMREG_FUSED_LINEAR=few` (or [`set_few_rows_linear`]), a
-/// step of 2 to 16 sequences in bf16 or f16 takes one that streams the weight once for all rows and
-/// multiplies on the tensor cores (level with cuBLAS at 8 rows on an H200, so off by default). More
-/// rows, and wherever the kernels do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's
-/// for every size while the other kernels run (for comparisons).
+/// split between 2 or 4 warps of a block (`MMREG_LINEAR_SPLIT=0`, [`set_linear_split`]: never). With
+/// `MMREG_FUSED_LINEAR=few` (or [`set_few_rows_linear`]), a step of 2 to 16 sequences in bf16 or f16
+/// takes one that streams the weight once for all rows and multiplies on the tensor cores (level with
+/// cuBLAS at 8 rows on an H200, so off by default). More rows, and wherever the kernels do not run, take
+/// libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other kernels run (for
+/// comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let rows_fit = |rows| {
         // One row in every dtype; a few on the tensor cores, in bf16 and f16.
@@ -428,8 +429,8 @@ fn linear_split_enabled() -> bool {
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
 /// `paged_decode_attention`, `paged_decode_attention_mma`, `linear`, `linear_silu_mul` or
-/// `linear_rope_and_store`) has been launched in this process, on any device, the emulator included: for tests that must see a kernel
-/// run, not only its result. `None` for an unknown name.
+/// `linear_rope_and_store`) has been launched in this process, on any device, the emulator included:
+/// for tests that must see a kernel run, not only its result. `None` for an unknown name.
 pub fn launches(family: &str) -> Option<u64> {
     let index = launch::FAMILIES.iter().position(|&f| f == family)?;
     Some(launch::LAUNCHES[index].load(Ordering::Relaxed))
