@@ -508,94 +508,6 @@ struct AttentionShared {
   float acc[kWarps][kMaxGroupDim];
 };
 
-// The chunks of paged_decode_attention_chunk reduced for one (sequence, head) row of the output. The
-// chunks' maxima and sums are read in parallel (a thread per chunk) and turned into one factor per
-// chunk; then a thread per element (stride blockDim.x) sums the chunks' partials, their loads unrolled
-// so that several are in flight. out [rows, dim]; splits at most kMaxSplits (the caller checks). Run by
-// paged_decode_combine (a block per row), or by the attention's last block of a key/value head
-// (kCoherent: the partials were written by other blocks of the same kernel, so they are read from L2,
-// past this SM's L1, which is not coherent with the others').
-constexpr int kMaxSplits = 256;
-
-template <bool kCoherent>
-__device__ __forceinline__ float load_partial(const float* p) {
-#ifndef MMREG_EMULATE
-  if (kCoherent) {
-    float v;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-    return v;
-  }
-#endif
-  return *p;
-}
-
-template <typename D, bool kCoherent>
-__device__ void paged_decode_combine_row(typename D::T* out, const float* partial_acc,
-                                         const float* partial_max, const float* partial_sum, int splits,
-                                         int dim, long long row) {
-  __shared__ float factor[kMaxSplits];
-  partial_acc += row * splits * dim;
-  partial_max += row * splits;
-  partial_sum += row * splits;
-  // A chunk with no position has a sum of 0 and a factor of 0.
-  float local_max = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    if (load_partial<kCoherent>(partial_sum + s) > 0.0f) {
-      local_max = fmaxf(local_max, load_partial<kCoherent>(partial_max + s));
-    }
-  }
-  const float total_max = block_max(local_max);
-  float local_sum = 0.0f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    const float sum = load_partial<kCoherent>(partial_sum + s);
-    const float f = sum > 0.0f ? expf(load_partial<kCoherent>(partial_max + s) - total_max) : 0.0f;
-    factor[s] = f;
-    local_sum += sum * f;
-  }
-  // block_sum's barrier also makes every factor visible to the block.
-  const float total_sum = block_sum(local_sum);
-  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
-    float total = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      total += load_partial<kCoherent>(partial_acc + (long long)s * dim + d) * factor[s];
-    }
-    out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
-  }
-}
-
-// With `counters` (one per block along x, zero before the launch), the attention's chunks of a
-// (sequence, key/value head) count themselves as they finish, and the last one does the combine of
-// the group's rows, so that no combine kernel runs after the attention; it then sets the counter back
-// to 0 for the next launch. The order of the sums is the combine kernel's, whichever block is last.
-// Not inlined: the tensor cores' attention holds the most registers its three blocks an SM leave it, and
-// this tail inlined made it spill.
-template <typename D>
-__device__ __noinline__ void combine_if_last(typename D::T* out, const float* partial_acc, const float* partial_max,
-                                const float* partial_sum, int* counters, long long first_row, int group,
-                                int dim) {
-  __shared__ int ticket;
-  // Each thread's partials visible to the whole device before the block counts itself.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    ticket = atomicAdd(counters + blockIdx.x, 1);
-  }
-  __syncthreads();
-  if (ticket != (int)gridDim.y - 1) {
-    return;
-  }
-  for (int g = 0; g < group; ++g) {
-    paged_decode_combine_row<D, true>(out, partial_acc, partial_max, partial_sum, gridDim.y, dim,
-                                      first_row + g);
-    // (Before the next row's factors and block sums take the places.)
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) {
-    counters[blockIdx.x] = 0;
-  }
-}
-
 // The block's warps' partial results (in `shared`, after a barrier) combined into the block's output:
 // with one chunk (gridDim.y == 1) the attention of the group's heads, else the chunk's unnormalised sums
 // with their maximum and sum for paged_decode_combine. Each thread takes some (head, element) pairs; a
@@ -603,8 +515,8 @@ __device__ __noinline__ void combine_if_last(typename D::T* out, const float* pa
 // sum of 0 (an output of 0).
 template <typename D, int G>
 __device__ void combine_warps(const AttentionShared<G>& shared, typename D::T* out, float* partial_acc,
-                              float* partial_max, float* partial_sum, int* counters, int seq,
-                              int kv_head, int group, int heads, int dim) {
+                              float* partial_max, float* partial_sum, int seq, int kv_head, int group,
+                              int heads, int dim) {
   const int splits = gridDim.y;
   for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
     const int g = i / dim;
@@ -634,16 +546,12 @@ __device__ void combine_warps(const AttentionShared<G>& shared, typename D::T* o
       }
     }
   }
-  if (splits > 1 && counters != nullptr) {
-    combine_if_last<D>(out, partial_acc, partial_max, partial_sum, counters,
-                       (long long)seq * heads + kv_head * group, group, dim);
-  }
 }
 
 template <typename D, int R, int G, bool kVector>
 __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typename D::T* out,
                                              float* partial_acc, float* partial_max, float* partial_sum,
-                                             int* counters, const typename D::T* q, long long q_stride, const typename D::T* key_cache,
+                                             const typename D::T* q, long long q_stride, const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
                                              int kv_heads, int dim, float scale) {
@@ -770,8 +678,7 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
     }
   }
   __syncthreads();
-  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, counters, seq, kv_head, group,
-                      heads, dim);
+  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, dim);
 }
 
 // paged_decode_attention_chunk on the tensor cores, for heads of kDim = 64 or 128 elements in bf16 or
@@ -791,12 +698,6 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
 //   word's low (or high) halves of two rows.
 // So lane (g, t) ends with query heads 2t, 2t + 1 of elements g·kDim/8 + 2i, + 1 (tile i).
 constexpr int kMmaTile = 16;
-// Tiles of 16 positions a warp prefetches before it waits for the kernel before (the engine sets
-// MMREG_ATTENTION_PREFETCH_TILES from the environment variable of that name, for measurements).
-#ifndef MMREG_ATTENTION_PREFETCH_TILES
-#define MMREG_ATTENTION_PREFETCH_TILES 1
-#endif
-constexpr int kAttentionPrefetchTiles = MMREG_ATTENTION_PREFETCH_TILES;
 
 // N runs of 8 elements from `row` on as 32-bit words (zeros where `real` is false: a position past the
 // end, a query head past the group).
@@ -814,7 +715,7 @@ __device__ __forceinline__ void load_runs(Pack<unsigned, 4> (&runs)[N], const T*
 template <typename D, int kDim>
 __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typename D::T* out,
                                                  float* partial_acc, float* partial_max,
-                                                 float* partial_sum, int* counters, const typename D::T* q,
+                                                 float* partial_sum, const typename D::T* q,
                                                  long long q_stride, const typename D::T* key_cache,
                                                  const typename D::T* value_cache, const long long* slots,
                                                  long long slot_stride, const long long* lengths,
@@ -831,22 +732,6 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
   const long long end = min(lengths[seq], begin + chunk);
   const long long* seq_slots = slots + seq * slot_stride;
   const long long head_offset = (long long)kv_head * kDim;
-  // Before waiting for the kernel before (the q/k/v projection, which writes the query and this
-  // step's key and value), the keys and values of the warp's first tiles are fetched into L2: the
-  // cache's older rows, the slots and the lengths are written by no kernel of the step.
-#pragma unroll
-  for (int i = 0; i < kAttentionPrefetchTiles; ++i) {
-    const long long p = begin + (warp + (long long)i * kWarps) * kMmaTile + lane;
-    if (lane < kMmaTile && p < end) {
-      const long long row = seq_slots[p] * kv_heads * kDim + head_offset;
-#pragma unroll
-      for (int b = 0; b < kDim * (int)sizeof(typename D::T); b += 128) {
-        prefetch_l2(reinterpret_cast<const char*>(key_cache + row) + b);
-        prefetch_l2(reinterpret_cast<const char*>(value_cache + row) + b);
-      }
-    }
-  }
-  begin_kernel();
 
   Run query[kKeyRuns];
   load_runs(query, q + seq * q_stride + (long long)(kv_head * group + g) * kDim + t * (kDim / 4), g < group);
@@ -951,30 +836,68 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
     }
   }
   __syncthreads();
-  combine_warps<D, 8>(shared, out, partial_acc, partial_max, partial_sum, counters, seq, kv_head, group,
-                      heads, kDim);
+  combine_warps<D, 8>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, kDim);
 }
 
-// The kernel's body (it calls begin_kernel): f32 has no such mma (the caller never launches it for
-// f32).
+// The kernel's body: f32 has no such mma (the caller never launches it for f32).
 template <typename D>
 __device__ void paged_decode_attention_mma(AttentionShared<8>& shared, typename D::T* out, float* partial_acc,
-                                           float* partial_max, float* partial_sum, int* counters,
-                                           const typename D::T* q,
+                                           float* partial_max, float* partial_sum, const typename D::T* q,
                                            long long q_stride, const typename D::T* key_cache,
                                            const typename D::T* value_cache, const long long* slots,
                                            long long slot_stride, const long long* lengths, int heads,
                                            int kv_heads, int dim, float scale) {
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
-      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, counters, q,
+      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, q,
                                               q_stride, key_cache, value_cache, slots, slot_stride,
                                               lengths, heads, kv_heads, scale);
     } else {
-      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, counters, q,
+      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                q_stride, key_cache, value_cache, slots, slot_stride,
                                                lengths, heads, kv_heads, scale);
     }
+  }
+}
+
+// The chunks of paged_decode_attention_chunk reduced: one block per (sequence, head) row. The chunks'
+// maxima and sums are read in parallel (a thread per chunk) and turned into one factor per chunk; then a
+// thread per element (grid-stride) sums the chunks' partials, their loads unrolled so that several are
+// in flight. out [rows, dim]; splits at most kMaxSplits (the caller checks).
+constexpr int kMaxSplits = 256;
+
+template <typename D>
+__device__ void paged_decode_combine_row(typename D::T* out, const float* partial_acc,
+                                         const float* partial_max, const float* partial_sum, int splits,
+                                         int dim) {
+  __shared__ float factor[kMaxSplits];
+  const long long row = blockIdx.x;
+  partial_acc += row * splits * dim;
+  partial_max += row * splits;
+  partial_sum += row * splits;
+  // A chunk with no position has a sum of 0 and a factor of 0.
+  float local_max = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    if (partial_sum[s] > 0.0f) {
+      local_max = fmaxf(local_max, partial_max[s]);
+    }
+  }
+  const float total_max = block_max(local_max);
+  float local_sum = 0.0f;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float f = partial_sum[s] > 0.0f ? expf(partial_max[s] - total_max) : 0.0f;
+    factor[s] = f;
+    local_sum += partial_sum[s] * f;
+  }
+  // block_sum's barrier also makes every factor visible to the block.
+  const float total_sum = block_sum(local_sum);
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float total = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      total += partial_acc[(long long)s * dim + d] * factor[s];
+    }
+    out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
   }
 }
 
@@ -1378,20 +1301,20 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
   MMREG_KERNEL void paged_decode_attention_r##R##_g##G##_##suffix(                                  \
-      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, int* counters,          \
-      const D::T* q, long long q_stride, const D::T* key_cache, const D::T* value_cache,             \
-      const long long* slots, long long slot_stride, const long long* lengths, int heads,            \
-      int kv_heads, int dim, float scale, int vectorized) {                                         \
+      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
+      long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
+      long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
+      float scale, int vectorized) {                                                                \
     __shared__ AttentionShared<G> shared;                                                         \
     begin_kernel();                                                                               \
     if (vectorized) {                                                                             \
       paged_decode_attention_chunk<D, R, G, true>(shared, out, partial_acc, partial_max,            \
-                                                  partial_sum, counters, q, q_stride, key_cache,    \
-                                                  value_cache, slots, slot_stride, lengths, heads,  \
-                                                  kv_heads, dim, scale);                            \
+                                                  partial_sum, q, q_stride, key_cache, value_cache, \
+                                                  slots, slot_stride, lengths, heads, kv_heads,     \
+                                                  dim, scale);                                      \
     } else {                                                                                      \
       paged_decode_attention_chunk<D, R, G, false>(shared, out, partial_acc, partial_max,           \
-                                                   partial_sum, counters, q, q_stride, key_cache,   \
+                                                   partial_sum, q, q_stride, key_cache,             \
                                                    value_cache, slots, slot_stride, lengths, heads, \
                                                    kv_heads, dim, scale);                           \
     }                                                                                             \
@@ -1439,21 +1362,21 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
                                                   const float* partial_max,                        \
                                                   const float* partial_sum, int splits, int dim) { \
     begin_kernel();                                                                            \
-    paged_decode_combine_row<D, false>(out, partial_acc, partial_max, partial_sum, splits, dim,    \
-                                       blockIdx.x);                                                \
+    paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, splits, dim);          \
   }                                                                                                \
   MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 16)                                                            \
   MMREG_ATTENTION_GROUPS(D, suffix, 32)                                                            \
   MMREG_KERNEL void __launch_bounds__(kWarps * 32, 3) paged_decode_attention_mma_##suffix(        \
-      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, int* counters,          \
-      const D::T* q, long long q_stride, const D::T* key_cache, const D::T* value_cache,             \
-      const long long* slots, long long slot_stride, const long long* lengths, int heads,            \
-      int kv_heads, int dim, float scale, int /* vectorized: the caller checks */) {                \
+      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
+      long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
+      long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
+      float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8> shared;                                                         \
-    paged_decode_attention_mma<D>(shared, out, partial_acc, partial_max, partial_sum, counters, q,  \
-                                  q_stride, key_cache, value_cache, slots, slot_stride, lengths,    \
-                                  heads, kv_heads, dim, scale);                                     \
+    begin_kernel();                                                                               \
+    paged_decode_attention_mma<D>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,  \
+                                  key_cache, value_cache, slots, slot_stride, lengths, heads,       \
+                                  kv_heads, dim, scale);                                            \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \

@@ -4,7 +4,6 @@
 // is the running block's. Slow, and only as exact as the host's expf and rsqrt: it checks the kernels'
 // indexing, roundings and reductions, not their speed.
 #include <algorithm>
-#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -120,7 +119,6 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __noinline__
 #define __launch_bounds__(...)
 #define __shared__ static
 #define threadIdx (mmreg_emulator::thread_idx)
@@ -133,10 +131,6 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-// Blocks run one after another, so a block sees every write of the blocks before it; only one thread
-// of a block counts (std::atomic_ref, all the same).
-inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 using std::min;
 
 #include "fused_kernels.cu"
@@ -156,10 +150,10 @@ T arg(void** args, int i) {
 #define MMREG_EMULATED_ATTENTION_KERNEL(kernel, T)                                                  \
   [](void** a) {                                                                                      \
     kernel(                                                                                           \
-        arg<T*>(a, 0), arg<float*>(a, 1), arg<float*>(a, 2), arg<float*>(a, 3), arg<int*>(a, 4),       \
-        arg<const T*>(a, 5), arg<long long>(a, 6), arg<const T*>(a, 7), arg<const T*>(a, 8),          \
-        arg<const long long*>(a, 9), arg<long long>(a, 10), arg<const long long*>(a, 11),            \
-        arg<int>(a, 12), arg<int>(a, 13), arg<int>(a, 14), arg<float>(a, 15), arg<int>(a, 16));       \
+        arg<T*>(a, 0), arg<float*>(a, 1), arg<float*>(a, 2), arg<float*>(a, 3), arg<const T*>(a, 4),  \
+        arg<long long>(a, 5), arg<const T*>(a, 6), arg<const T*>(a, 7), arg<const long long*>(a, 8),  \
+        arg<long long>(a, 9), arg<const long long*>(a, 10), arg<int>(a, 11), arg<int>(a, 12),         \
+        arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15));                                         \
   }
 
 #define MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, R)                                   \

@@ -2,7 +2,7 @@
 //! kernel's parameter order, grids and blocks.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tch::{Kind, Tensor};
 
@@ -10,10 +10,10 @@ use super::nvrtc;
 
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
-/// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul`,
-/// `linear_rope_and_store` and `paged_decode_combine` (the kernel, not the attention's own combine).
-pub(super) static LAUNCHES: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
-pub(super) const FAMILIES: [&str; 10] = [
+/// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
+/// `linear_rope_and_store`.
+pub(super) static LAUNCHES: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+pub(super) const FAMILIES: [&str; 9] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -23,7 +23,6 @@ pub(super) const FAMILIES: [&str; 10] = [
     "paged_decode_attention_mma",
     "linear_silu_mul",
     "linear_rope_and_store",
-    "paged_decode_combine",
 ];
 
 fn counted(family: usize) {
@@ -129,38 +128,6 @@ fn suffix_index(kind: Kind) -> usize {
     }
 }
 
-/// Zeroed 32-bit counters, one for each block along x of a decode attention launch (a sequence's
-/// key/value head), that its chunks count themselves with as they finish; the last to finish combines
-/// them and sets the counter back to zero (`combine_if_last` in the CUDA source). A device's are
-/// allocated once when its kernels load and shared by its launches, which the stream orders: a launch
-/// counts only after the one before it has finished.
-#[derive(Clone, Copy)]
-pub(super) enum Counters {
-    /// None: the combine kernel reduces the chunks.
-    None,
-    /// The emulator's, [`EMULATED_COUNTERS`].
-    Emulated,
-    /// `len` on the device at `address`.
-    Device { address: usize, len: i64 },
-}
-
-/// How many counters a device's kernels allocate (256 KiB), and the emulator's.
-pub(super) const DEVICE_COUNTERS: i64 = 1 << 16;
-static EMULATED_COUNTERS: [AtomicI32; 256] = [const { AtomicI32::new(0) }; 256];
-
-impl Counters {
-    /// The counters for a launch of `blocks` blocks along x, if there are as many.
-    fn for_blocks(self, blocks: i64) -> Option<*mut c_void> {
-        match self {
-            Counters::Emulated if blocks <= EMULATED_COUNTERS.len() as i64 => {
-                Some(EMULATED_COUNTERS.as_ptr() as *mut c_void)
-            }
-            Counters::Device { address, len } if blocks <= len => Some(address as *mut c_void),
-            _ => None,
-        }
-    }
-}
-
 /// The kernels for one dtype, in the order of [`NAMES`].
 pub(super) struct ForKind(pub(super) [Function; NAMES.len()]);
 
@@ -188,8 +155,6 @@ pub(super) struct Kernels {
     /// the driver could not say: no split of k; a dozen for the emulator, so that its tests cover each
     /// split).
     pub(super) linear_resident: [i64; 3],
-    /// Where a split decode attention's blocks count their finished chunks.
-    pub(super) counters: Counters,
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
@@ -229,7 +194,6 @@ pub(super) static EMULATED: Kernels = {
         programmatic: false,
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
         linear_resident: [12; 3],
-        counters: Counters::Emulated,
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -530,12 +494,6 @@ impl Kernels {
             )
         });
         let null = std::ptr::null_mut();
-        // The chunks combined by the attention's last block of each pair, where it can count them.
-        let mut counters_p = match partial {
-            Some(_) if super::combine_in_attention() => self.counters.for_blocks(blocks),
-            _ => None,
-        }
-        .unwrap_or(null);
         let (mut acc_p, mut max_p, mut sum_p) = match &partial {
             Some((acc, max, sum)) => (ptr(acc), ptr(max), ptr(sum)),
             None => (null, null, null),
@@ -551,7 +509,6 @@ impl Kernels {
             arg!(acc_p),
             arg!(max_p),
             arg!(sum_p),
-            arg!(counters_p),
             arg!(q_p),
             arg!(q_stride),
             arg!(keys_p),
@@ -571,7 +528,7 @@ impl Kernels {
         if mma {
             counted(6);
         }
-        if partial.is_some() && counters_p.is_null() {
+        if partial.is_some() {
             let (mut splits32, mut dim32) = (splits as i32, dim as i32);
             let mut args = [
                 arg!(out_p),
@@ -581,10 +538,8 @@ impl Kernels {
                 arg!(splits32),
                 arg!(dim32),
             ];
-            // The attention's block size, so that the sums' order is the same as when the attention
-            // combines its chunks itself.
-            self.launch(k.0[COMBINE], (sequences * heads, 1), ATTENTION_WARPS * 32, &mut args);
-            counted(9);
+            let block = warps_for(dim, BLOCK);
+            self.launch(k.0[COMBINE], (sequences * heads, 1), block, &mut args);
         }
         out
     }

@@ -304,29 +304,6 @@ pub fn paged_decode_attention(
 
 thread_local! {
     static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
-    static COMBINE_IN_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
-}
-
-/// Runs `f` with the chunks of a split decode attention combined by the attention kernel's last block of
-/// each key/value head (`on`) or by the combine kernel after it, on this thread (over
-/// `MMREG_COMBINE_IN_ATTENTION`), then restores the thread's setting: the tests run both paths.
-#[doc(hidden)]
-pub fn with_combine_in_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = COMBINE_IN_ATTENTION.with(|c| c.replace(Some(on)));
-    let result = f();
-    COMBINE_IN_ATTENTION.with(|c| c.set(before));
-    result
-}
-
-/// Whether a split decode attention combines its chunks in its last block of each key/value head: this
-/// thread's override, else unless `MMREG_COMBINE_IN_ATTENTION` is `0` (read once). Either way the
-/// combine sums in the same order.
-fn combine_in_attention() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    COMBINE_IN_ATTENTION.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV
-            .get_or_init(|| std::env::var("MMREG_COMBINE_IN_ATTENTION").map_or(true, |v| v != "0"))
-    })
 }
 
 /// Runs `f` with decode attention's tensor cores switched `on` on this thread (over

@@ -7,8 +7,8 @@ mod shim {
     use std::sync::Mutex;
 
     use super::super::launch::{
-        Counters, ForKind, Function, Kernels, ATTENTION, ATTENTION_WARPS, DEVICE_COUNTERS, LINEAR,
-        LINEAR_WARPS, NAMES, SUFFIXES,
+        ForKind, Function, Kernels, ATTENTION, ATTENTION_WARPS, LINEAR, LINEAR_WARPS, NAMES,
+        SUFFIXES,
     };
     use super::super::self_check::check_kernels;
 
@@ -119,13 +119,8 @@ mod shim {
     /// the variables set to a number in range (the source's defaults otherwise).
     /// - `MMREG_LINEAR_PREFETCH_RUNS` (1 to 256): how much of its first rows the one-row linear kernel
     ///   prefetches before it waits for the kernel before it (4 runs of 16 bytes a lane by default).
-    /// - `MMREG_ATTENTION_PREFETCH_TILES` (0 to 16): how many of its tiles of 16 positions each warp of
-    ///   the tensor cores' decode attention prefetches before it waits (1 by default).
     fn tuning_defines() -> String {
-        [
-            ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
-            ("MMREG_ATTENTION_PREFETCH_TILES", 0..=16),
-        ]
+        [("MMREG_LINEAR_PREFETCH_RUNS", 1..=256)]
             .into_iter()
             .filter_map(|(name, range)| {
                 let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
@@ -184,7 +179,6 @@ mod shim {
             .map(|k| std::array::from_fn(|v| resident(k.0[ATTENTION + v], ATTENTION_WARPS * 32)));
         let linear_resident = [&f32, &bf16, &f16].map(|k| resident(k.0[LINEAR], LINEAR_WARPS * 32));
         Ok(Kernels {
-            counters: counters(device),
             device: device as i32,
             max_grid: (8192, 65535),
             // The split by occupancy (measured in docs/benchmarks.md); MMREG_DECODE_ATTENTION_BLOCKS
@@ -203,25 +197,6 @@ mod shim {
             bf16,
             f16,
         })
-    }
-
-    /// The decode attention's counters on `device`, zeroed and kept for the process as the loaded module
-    /// is (without them, should the allocation fail, the combine kernel reduces the chunks).
-    fn counters(device: usize) -> Counters {
-        let on = tch::Device::Cuda(device);
-        match tch::Tensor::f_zeros([DEVICE_COUNTERS], (tch::Kind::Int, on)) {
-            Ok(zeros) => {
-                // Zero before any launch, whichever stream it is on.
-                tch::Cuda::synchronize(device as i64);
-                let address = zeros.data_ptr() as usize;
-                std::mem::forget(zeros);
-                Counters::Device {
-                    address,
-                    len: DEVICE_COUNTERS,
-                }
-            }
-            Err(_) => Counters::None,
-        }
     }
 
     /// Programmatic dependent launches unless `MMREG_PDL=0` (read once per device load).

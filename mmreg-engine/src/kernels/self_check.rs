@@ -4,7 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::launch::Kernels;
 use super::reference as unfused;
-use super::{with_combine_in_attention, with_tensor_core_attention};
+use super::with_tensor_core_attention;
 
 /// Deterministic inputs of about unit size (no random generator: the caller's seeds stay untouched).
 fn waves(shape: &[i64], phase: f64, kind: Kind, device: Device) -> Tensor {
@@ -159,21 +159,13 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             let scale = 0.125;
             let (padded, lengths) = (on_device(&padded), on_device(&[3, long]));
             let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
-            // On the CUDA cores, and on the tensor cores (bf16 and f16; f32 stays on the CUDA cores);
-            // split chunks combined by the combine kernel, and by the attention's last block.
+            // On the CUDA cores, and on the tensor cores (bf16 and f16; f32 stays on the CUDA cores).
             for tensor_cores in [false, true] {
-                for in_attention in [false, true] {
-                    let out = with_tensor_core_attention(tensor_cores, || {
-                        with_combine_in_attention(in_attention, || {
-                            k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale)
-                        })
-                    });
-                    let what = format!(
-                        "paged_decode_attention (tensor cores: {tensor_cores}, combined in the \
-                         attention: {in_attention})"
-                    );
-                    compare(&what, &out, &expected)?;
-                }
+                let out = with_tensor_core_attention(tensor_cores, || {
+                    k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale)
+                });
+                let what = format!("paged_decode_attention (tensor cores: {tensor_cores})");
+                compare(&what, &out, &expected)?;
             }
         }
     }
