@@ -941,21 +941,22 @@ struct RopeStore {
 // The warp's sums of rows `row` of w with x over its part of k (vectors part, part + kSplit, …; all of
 // k unsplit): each lane its share, in 16-byte vectors with several in flight, then summed over the warp
 // (every lane gets the sums).
-template <typename D, int kSplit = 1, int R = kLinearRows>
-__device__ __forceinline__ void warp_row_products(float (&acc)[R], const typename D::T* (&row)[R],
+template <typename D, int kSplit = 1>
+__device__ __forceinline__ void warp_row_products(float (&acc)[kLinearRows],
+                                                  const typename D::T* (&row)[kLinearRows],
                                                   const typename D::T* x, long long k, int lane,
                                                   int part = 0) {
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < kLinearRows; ++r) {
     acc[r] = 0.0f;
   }
 #pragma unroll 4
   for (long long c = (32LL * part + lane) * N; c < k; c += 32LL * N * kSplit) {
-    V weights[R];
+    V weights[kLinearRows];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
+    for (int r = 0; r < kLinearRows; ++r) {
       weights[r] = *reinterpret_cast<const V*>(row[r] + c);
     }
     const V input = *reinterpret_cast<const V*>(x + c);
@@ -963,13 +964,13 @@ __device__ __forceinline__ void warp_row_products(float (&acc)[R], const typenam
     for (int e = 0; e < N; ++e) {
       const float v = D::load(input.e[e]);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
+      for (int r = 0; r < kLinearRows; ++r) {
         acc[r] += D::load(weights[r].e[e]) * v;
       }
     }
   }
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < kLinearRows; ++r) {
     for (int o = 16; o > 0; o >>= 1) {
       acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
     }
@@ -985,12 +986,12 @@ __device__ __forceinline__ void warp_row_products(float (&acc)[R], const typenam
 #endif
 constexpr int kPrefetchRuns = MMREG_LINEAR_PREFETCH_RUNS;
 
-template <typename D, int kSplit = 1, int R = kLinearRows>
-__device__ __forceinline__ void prefetch_rows(const typename D::T* (&row)[R], long long k, int lane,
-                                              int part = 0) {
+template <typename D, int kSplit = 1>
+__device__ __forceinline__ void prefetch_rows(const typename D::T* (&row)[kLinearRows], long long k,
+                                              int lane, int part = 0) {
   constexpr int N = 16 / sizeof(typename D::T);
 #pragma unroll
-  for (int r = 0; r < R; ++r) {
+  for (int r = 0; r < kLinearRows; ++r) {
 #pragma unroll 4
     for (int i = 0; i < kPrefetchRuns; ++i) {
       const long long c = (32LL * (part + kSplit * i) + lane) * N;
@@ -1089,76 +1090,58 @@ __device__ void linear_one_row_split(typename D::T* y, const typename D::T* x, c
   }
 }
 
-// The paired epilogues (kSiluMul, kRope): a warp's run `task` is kPairs pairs of rows `half` apart:
-// rows i and i + n/2 (kSiluMul), or elements j and j + dim/2 of a head (kRope), for kPairs consecutive
-// i or j from the task's first (n/2 / kPairs runs; the caller checks that kPairs divides n/2, or dim/2).
-// Two pairs a warp put twice the loads of one in flight, and half as many runs: a 7B decoder's q/k/v
-// product (6144 runs of one pair) fills 1.16 times the warps an H200 holds, its 3072 runs of two pairs
-// fit at once.
-template <typename D, int kEpilogue, int kPairs>
+// The paired epilogues (kSiluMul, kRope): a warp's run `task` is two rows `half` apart, task and
+// task + n/2 (kSiluMul), or element j of a head and j + dim/2 (kRope); n/2 runs.
+template <typename D, int kEpilogue>
 __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                       const typename D::T* bias, long long n, long long k,
                                       const RopeStore<D>& rope) {
-  constexpr int R = 2 * kPairs;
+  static_assert(kLinearRows == 2, "a paired epilogue takes two rows a warp");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
-  const long long tasks = n / R;
   // (A head's index and element fit an int: n < 2^31.)
   auto first_row = [&](long long task) -> long long {
-    const int h = (int)half / kPairs;  // a head's tasks (kRope)
-    return kEpilogue == kSiluMul ? task * kPairs
-                                 : (long long)((int)task / h * 2 * (int)half + (int)task % h * kPairs);
-  };
-  // Row 2p of a run is pair p's first, row 2p + 1 its second.
-  auto rows_of = [&](long long first, const typename D::T* (&row)[R]) {
-#pragma unroll
-    for (int p = 0; p < kPairs; ++p) {
-      row[2 * p] = w + (first + p) * k;
-      row[2 * p + 1] = w + (first + p + half) * k;
-    }
+    const int h = (int)half;
+    return kEpilogue == kSiluMul ? task : (long long)((int)task / h * 2 * h + (int)task % h);
   };
   {
     const long long task = (long long)blockIdx.x * kLinearWarps + warp;
-    const typename D::T* row[R] = {};
-    if (task < tasks) {
-      rows_of(first_row(task), row);
+    const typename D::T* row[kLinearRows] = {nullptr, nullptr};
+    if (task < n / 2) {
+      row[0] = w + first_row(task) * k;
+      row[1] = row[0] + half * k;
     }
-    prefetch_rows<D, 1, R>(row, k, lane);
+    prefetch_rows<D>(row, k, lane);
   }
   begin_kernel();
-  for (long long task = (long long)blockIdx.x * kLinearWarps + warp; task < tasks;
+  for (long long task = (long long)blockIdx.x * kLinearWarps + warp; task < n / 2;
        task += (long long)gridDim.x * kLinearWarps) {
     const long long first = first_row(task);
-    const typename D::T* row[R];
-    rows_of(first, row);
-    float acc[R];
-    warp_row_products<D, 1, R>(acc, row, x, k, lane);
+    const typename D::T* row[kLinearRows] = {w + first * k, w + (first + half) * k};
+    float acc[kLinearRows];
+    warp_row_products<D>(acc, row, x, k, lane);
     if (lane != 0) {
       continue;
     }
-#pragma unroll
-    for (int p = 0; p < kPairs; ++p) {
-      const long long at = first + p;
-      if (bias != nullptr) {
-        acc[2 * p] += D::load(bias[at]);
-        acc[2 * p + 1] += D::load(bias[at + half]);
+    if (bias != nullptr) {
+      acc[0] += D::load(bias[first]);
+      acc[1] += D::load(bias[first + half]);
+    }
+    if (kEpilogue == kSiluMul) {
+      y[first] = silu_times<D>(D::store(acc[0]), D::store(acc[1]));
+    } else {
+      const int head = (int)(first / rope.dim), j = (int)(first % rope.dim), h = (int)half;
+      typename D::T low = D::store(acc[0]), high = D::store(acc[1]);
+      if (head < rope.rotated) {
+        rotate_pair<D>(low, high, rope.cos[j], rope.cos[j + h], rope.sin[j], rope.sin[j + h]);
       }
-      if (kEpilogue == kSiluMul) {
-        y[at] = silu_times<D>(D::store(acc[2 * p]), D::store(acc[2 * p + 1]));
-      } else {
-        const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = (int)half;
-        typename D::T low = D::store(acc[2 * p]), high = D::store(acc[2 * p + 1]);
-        if (head < rope.rotated) {
-          rotate_pair<D>(low, high, rope.cos[j], rope.cos[j + h], rope.sin[j], rope.sin[j + h]);
-        }
-        y[at] = low;
-        y[at + h] = high;
-        typename D::T* stored = cache_row<D>(rope.key_cache, rope.value_cache, rope.slots, 0, head,
-                                             (int)(n / rope.dim), rope.kv_heads, rope.dim);
-        if (stored != nullptr) {
-          stored[j] = low;
-          stored[j + h] = high;
-        }
+      y[first] = low;
+      y[first + h] = high;
+      typename D::T* stored = cache_row<D>(rope.key_cache, rope.value_cache, rope.slots, 0, head,
+                                           (int)(n / rope.dim), rope.kv_heads, rope.dim);
+      if (stored != nullptr) {
+        stored[j] = low;
+        stored[j + h] = high;
       }
     }
   }
@@ -1342,20 +1325,6 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   MMREG_ATTENTION(D, suffix, R, 4)           \
   MMREG_ATTENTION(D, suffix, R, 8)
 
-// The one-row linear kernels with a paired epilogue, kPairs pairs of rows a warp.
-#define MMREG_PAIRED(D, suffix, silu, rope, kPairs)                                                \
-  MMREG_KERNEL void linear_one_row_##silu##_##suffix(D::T* y, const D::T* x, const D::T* w,         \
-                                                     const D::T* bias, long long n, long long k) { \
-    linear_one_row_paired<D, kSiluMul, kPairs>(y, x, w, bias, n, k, RopeStore<D>{});               \
-  }                                                                                                \
-  MMREG_KERNEL void linear_one_row_##rope##_##suffix(                                              \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, long long n, long long k,             \
-      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
-      const long long* slots, int kv_heads) {                                                      \
-    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_one_row_paired<D, kRope, kPairs>(y, x, w, bias, n, k, rope);                            \
-  }
-
 #define MMREG_KERNELS(D, suffix)                                                                   \
   MMREG_KERNEL void rms_norm_##suffix(D::T* out, const D::T* x, const D::T* weight, int cols,       \
                                       float eps) {                                                 \
@@ -1421,8 +1390,17 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
                                                    const D::T* bias, long long n, long long k) {   \
     linear_one_row_split<D, 4>(y, x, w, bias, n, k);                                               \
   }                                                                                                \
-  MMREG_PAIRED(D, suffix, silu, rope, 1)                                                           \
-  MMREG_PAIRED(D, suffix, silu_pairs2, rope_pairs2, 2)                                             \
+  MMREG_KERNEL void linear_one_row_silu_##suffix(D::T* y, const D::T* x, const D::T* w,             \
+                                                 const D::T* bias, long long n, long long k) {     \
+    linear_one_row_paired<D, kSiluMul>(y, x, w, bias, n, k, RopeStore<D>{});                       \
+  }                                                                                                \
+  MMREG_KERNEL void linear_one_row_rope_##suffix(                                                  \
+      D::T* y, const D::T* x, const D::T* w, const D::T* bias, long long n, long long k,             \
+      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
+      const long long* slots, int kv_heads) {                                                      \
+    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
+    linear_one_row_paired<D, kRope>(y, x, w, bias, n, k, rope);                                    \
+  }                                                                                                \
   MMREG_KERNEL void linear_few_rows_##suffix(D::T* y, const D::T* x, const D::T* w,                 \
                                              const D::T* bias, int m, long long n, long long k) {  \
     linear_few_rows<D>(y, x, w, bias, m, n, k);                                                    \

@@ -210,17 +210,7 @@ T arg(void** args, int i) {
                                                 arg<long long>(a, 4), arg<long long>(a, 5)); },       \
   [](void** a) { linear_one_row_split4_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                  \
                                                 arg<const T*>(a, 2), arg<const T*>(a, 3),             \
-                                                arg<long long>(a, 4), arg<long long>(a, 5)); },      \
-  [](void** a) { linear_one_row_silu_pairs2_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),             \
-                                                     arg<const T*>(a, 2), arg<const T*>(a, 3),        \
-                                                     arg<long long>(a, 4), arg<long long>(a, 5)); },  \
-  [](void** a) { linear_one_row_rope_pairs2_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),             \
-                                                     arg<const T*>(a, 2), arg<const T*>(a, 3),        \
-                                                     arg<long long>(a, 4), arg<long long>(a, 5),      \
-                                                     arg<const T*>(a, 6), arg<const T*>(a, 7),        \
-                                                     arg<int>(a, 8), arg<int>(a, 9), arg<T*>(a, 10),  \
-                                                     arg<T*>(a, 11), arg<const long long*>(a, 12),    \
-                                                     arg<int>(a, 13)); }
+                                                arg<long long>(a, 4), arg<long long>(a, 5)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

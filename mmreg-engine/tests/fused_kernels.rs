@@ -179,9 +179,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 27 kernels in each of 3 dtypes.
+        // 25 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 81,
+            kernels, 75,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -590,37 +590,26 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
     let _one_at_a_time = counting();
     // The product unsplit, as the gated kernel sums (a split product sums in another order).
     kernels::set_linear_split(false);
-    for (mode, two_pairs) in modes().flat_map(|mode| [(mode, false), (mode, true)]) {
-        kernels::set_two_pair_runs(two_pairs);
+    for mode in modes() {
         let device = mode.device();
         for kind in KINDS {
             for (rows, n, k, with_bias) in [
                 (1, 37, 520, false),
                 (1, 16, 64, true),
                 (1, 5, 200, true),
-                (1, 38, 136, false),
                 (3, 16, 64, false),
             ] {
-                let what = format!(
-                    "linear_silu_mul {mode:?} {kind:?} ({rows}×{k} · 2×{n}×{k}, two pairs a warp: \
-                     {two_pairs})"
-                );
+                let what = format!("linear_silu_mul {mode:?} {kind:?} ({rows}×{k} · 2×{n}×{k})");
                 let x = random(&[rows, k], kind, device, rows + k);
                 let weight = random(&[2 * n, k], kind, device, n);
                 let bias = with_bias.then(|| random(&[2 * n], kind, device, k));
-                let launches = || {
-                    let count = |family| kernels::launches(family).expect("a family");
-                    [count("linear_silu_mul"), count("linear_two_pairs")]
-                };
-                let before = launches();
+                let before = kernels::launches("linear_silu_mul").expect("a family");
                 let fused = kernels::linear_silu_mul(&x, &weight, bias.as_ref());
-                let [gated, paired] = launches();
-                let runs = rows == 1 && mode != Mode::Fallback;
-                assert_eq!(gated - before[0], u64::from(runs), "{what}: gated launches");
+                let launched = kernels::launches("linear_silu_mul").expect("a family") - before;
                 assert_eq!(
-                    paired - before[1],
-                    u64::from(runs && two_pairs && n % 2 == 0),
-                    "{what}: launches with two pairs a warp"
+                    launched,
+                    u64::from(rows == 1 && mode != Mode::Fallback),
+                    "{what}: gated launches"
                 );
                 let separate = kernels::silu_mul(&kernels::linear(&x, &weight, bias.as_ref()));
                 assert_identical(&what, &fused, &separate);
@@ -654,21 +643,15 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
     let _one_at_a_time = counting();
     // As in the gated test.
     kernels::set_linear_split(false);
-    for (mode, two_pairs) in modes().flat_map(|mode| [(mode, false), (mode, true)]) {
-        kernels::set_two_pair_runs(two_pairs);
+    for mode in modes() {
         let device = mode.device();
         for kind in KINDS {
-            // Heads of 18 elements: 9 pairs, one a warp.
             for (heads, kv_heads, dim, k, with_bias) in [
                 (4, 4, 64, 200, false),
                 (8, 2, 64, 64, true),
                 (2, 1, 128, 136, true),
-                (2, 1, 18, 64, false),
             ] {
-                let what = format!(
-                    "linear_rope_and_store {mode:?} {kind:?} ({heads}+2×{kv_heads} heads of {dim}, \
-                     k {k}, two pairs a warp: {two_pairs})"
-                );
+                let what = format!("linear_rope_and_store {mode:?} {kind:?} ({heads}+2×{kv_heads} heads of {dim}, k {k})");
                 let n = (heads + 2 * kv_heads) * dim;
                 let x = random(&[1, k], kind, device, k);
                 let weight = random(&[n, k], kind, device, n) * 0.1;
@@ -680,11 +663,7 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                     (zeros(), zeros())
                 };
                 let ((mut keys, mut values), (mut keys2, mut values2)) = (caches(), caches());
-                let paired = || kernels::launches("linear_two_pairs").expect("a family");
-                let (before, paired_before) = (
-                    kernels::launches("linear_rope_and_store").expect("a family"),
-                    paired(),
-                );
+                let before = kernels::launches("linear_rope_and_store").expect("a family");
                 let store = kernels::RopeStore {
                     cos: &cos,
                     sin: &sin,
@@ -702,11 +681,6 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                     continue;
                 };
                 assert_eq!(launched, 1, "{what}: launches");
-                assert_eq!(
-                    paired() - paired_before,
-                    u64::from(two_pairs && dim % 4 == 0),
-                    "{what}: launches with two pairs a warp"
-                );
                 let projected = kernels::linear(&x, &weight, bias.as_ref()).view([
                     1,
                     heads + 2 * kv_heads,

@@ -10,10 +10,10 @@ use super::nvrtc;
 
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
-/// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul`,
-/// `linear_rope_and_store`, and `linear_two_pairs` (those two with two pairs of rows a warp).
-pub(super) static LAUNCHES: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
-pub(super) const FAMILIES: [&str; 10] = [
+/// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
+/// `linear_rope_and_store`.
+pub(super) static LAUNCHES: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+pub(super) const FAMILIES: [&str; 9] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -23,7 +23,6 @@ pub(super) const FAMILIES: [&str; 10] = [
     "paged_decode_attention_mma",
     "linear_silu_mul",
     "linear_rope_and_store",
-    "linear_two_pairs",
 ];
 
 fn counted(family: usize) {
@@ -47,9 +46,8 @@ unsafe impl Sync for Function {}
 /// heads per key/value head, and on the tensor cores (heads of 64 or 128 elements, up to 8 query heads
 /// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
 /// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
-/// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
-/// one-row linear layer with k split; those with SiLU × up or rope with two pairs of rows a warp.
-pub(super) const NAMES: [&str; 27] = [
+/// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one.
+pub(super) const NAMES: [&str; 25] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -75,8 +73,6 @@ pub(super) const NAMES: [&str; 27] = [
     "linear_one_row_rope",
     "linear_one_row_split2",
     "linear_one_row_split4",
-    "linear_one_row_silu_pairs2",
-    "linear_one_row_rope_pairs2",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -97,9 +93,6 @@ const LINEAR_ROPE: usize = 22;
 /// `linear_one_row` with k split between 2 and 4 warps.
 const LINEAR_SPLIT_2: usize = 23;
 const LINEAR_SPLIT_4: usize = 24;
-/// `linear_one_row_silu` and `linear_one_row_rope` with two pairs of rows a warp (`kPairs` = 2).
-const LINEAR_SILU_PAIRS2: usize = 25;
-const LINEAR_ROPE_PAIRS2: usize = 26;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -612,13 +605,8 @@ impl Kernels {
             .last_mut()
             .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        let two_pairs = super::two_pair_runs() && (weight.size()[0] / 2) % 2 == 0;
-        let function = if two_pairs { LINEAR_SILU_PAIRS2 } else { LINEAR_SILU };
-        self.linear_runs(function, &y, x, weight, bias, &mut []);
+        self.linear_runs(LINEAR_SILU, &y, x, weight, bias, &mut []);
         counted(7);
-        if two_pairs {
-            counted(9);
-        }
         y
     }
 
@@ -652,19 +640,14 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        let two_pairs = super::two_pair_runs() && (dim / 2) % 2 == 0;
-        let function = if two_pairs { LINEAR_ROPE_PAIRS2 } else { LINEAR_ROPE };
-        self.linear_runs(function, &y, x, weight, bias, &mut rope_args);
+        self.linear_runs(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
         counted(8);
-        if two_pairs {
-            counted(9);
-        }
         y
     }
 
     /// Launches the one-row linear kernel `function` over the runs of two of `weight`'s rows (`[n, k]`;
-    /// a warp's run, or with k split 2 or 4 warps' of a block), or of four (two pairs), with arguments
-    /// y, x, w, bias, n, k, then `more`.
+    /// a warp's run, or with k split 2 or 4 warps' of a block), with arguments y, x, w, bias, n, k, then
+    /// `more`.
     fn linear_runs(
         &self,
         function: usize,
@@ -693,11 +676,7 @@ impl Kernels {
             LINEAR_SPLIT_2 => 2,
             _ => 1,
         };
-        let rows = match function {
-            LINEAR_SILU_PAIRS2 | LINEAR_ROPE_PAIRS2 => 2 * LINEAR_ROWS_PER_WARP,
-            _ => LINEAR_ROWS_PER_WARP,
-        };
-        let runs = (n + rows - 1) / rows;
+        let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
         let per_block = LINEAR_WARPS as i64 / split;
         let grid = self.grid((runs + per_block - 1) / per_block, 1);
         self.launch(

@@ -427,24 +427,9 @@ fn linear_split_enabled() -> bool {
     LINEAR_SPLIT.get(|| std::env::var("MMREG_LINEAR_SPLIT").map_or(true, |v| v != "0"))
 }
 
-static TWO_PAIR_RUNS: Switch = Switch::new();
-
-/// Lets the one-row products with SiLU × up or rope after them (`linear_silu_mul`,
-/// `linear_rope_and_store`) give each warp two pairs of rows, where the pairs divide evenly, or one
-/// (for the whole process; overrides `MMREG_LINEAR_PAIRS`). Each output's sum is the same either way.
-pub fn set_two_pair_runs(on: bool) {
-    TWO_PAIR_RUNS.set(on);
-}
-
-/// Whether the fused one-row products take two pairs of rows a warp: [`set_two_pair_runs`], else not
-/// `MMREG_LINEAR_PAIRS=1`.
-fn two_pair_runs() -> bool {
-    TWO_PAIR_RUNS.get(|| std::env::var("MMREG_LINEAR_PAIRS").map_or(true, |v| v != "1"))
-}
-
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
-/// `paged_decode_attention`, `paged_decode_attention_mma`, `linear`, `linear_silu_mul`,
-/// `linear_rope_and_store` or `linear_two_pairs`) has been launched in this process, on any device, the emulator included:
+/// `paged_decode_attention`, `paged_decode_attention_mma`, `linear`, `linear_silu_mul` or
+/// `linear_rope_and_store`) has been launched in this process, on any device, the emulator included:
 /// for tests that must see a kernel run, not only its result. `None` for an unknown name.
 pub fn launches(family: &str) -> Option<u64> {
     let index = launch::FAMILIES.iter().position(|&f| f == family)?;
