@@ -378,6 +378,15 @@ int mmreg_kernels_load(int device, const char* source, void** module, char* erro
       return 4;
     }
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
+    // cuModuleLoadData needs the device's primary context current on this thread. set_device does
+    // not make it so where the device is already the current one and nothing on this thread has used
+    // CUDA yet (the first call of a process, or of a new thread); cudaFree(nullptr), from the runtime
+    // libtorch_cuda loaded, does.
+    using Free = int (*)(void*);
+    static auto cuda_free = reinterpret_cast<Free>(dlsym(RTLD_DEFAULT, "cudaFree"));
+    if (cuda_free != nullptr) {
+      cuda_free(nullptr);
+    }
     int major = 0, minor = 0;
     if (!device_attribute(cudaDevAttrComputeCapabilityMajor, device, major) ||
         !device_attribute(cudaDevAttrComputeCapabilityMinor, device, minor)) {
