@@ -64,7 +64,8 @@ struct F16 {
 // begin_kernel() waits until the kernels before have finished and their writes are visible, then lets
 // the next kernel's blocks be scheduled (so at most one kernel waits ahead). Every kernel calls it before
 // it reads or writes memory that another kernel touches; the linear kernels first prefetch into L2 the
-// first weights they will read (weights no kernel writes), which is the overlap this buys.
+// first weights they will read, and the vectorised RMSNorm reads its weight (weights no kernel writes),
+// which is the overlap this buys.
 __device__ __forceinline__ void begin_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
