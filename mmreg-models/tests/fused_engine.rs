@@ -75,6 +75,16 @@ impl KernelsRan {
 #[test]
 fn emulated_kernels_generate_what_libtorch_does() {
     let _one_at_a_time = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+    // As in the kernels' tests: MMREG_TEST_MODES without `emulated` (the GPU machine's quick runs).
+    if std::env::var("MMREG_TEST_MODES")
+        .is_ok_and(|only| !only.split(',').any(|m| m.trim() == "emulated"))
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED the emulated engine: MMREG_TEST_MODES leaves out `emulated`"
+        );
+        return;
+    }
     // Three sequences of different lengths decoding together, one finishing early and the longest decoding
     // alone at the end (the one-row linear kernel). Text only, and small
     // limits for the startup profile's dummy step: the emulator runs each CUDA thread as an OS thread,
