@@ -1225,9 +1225,17 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
   }
 }
 
-template <typename D>
+//
+// The paired epilogues of the one-row kernels (kSiluMul, kRope; see linear_one_row_paired) for each of
+// x's rows: a block's tile is then 8 rows of w and their 8 partners `half` on (the first half of a
+// gated projection and the second, or elements j..j+7 of a head and j+dim/2..), rows g and g + 8 of
+// the mma, so that the thread that sums a row's output also sums its partner's (the caller checks that
+// 8 divides n/2, or dim/2). kRope rotates row r of x's output with row r of cos and sin and stores its
+// keys and values at slot r.
+template <typename D, int kEpilogue>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
-                                const typename D::T* bias, int m, long long n, long long k) {
+                                const typename D::T* bias, int m, long long n, long long k,
+                                const RopeStore<D>& rope) {
   typedef typename FewRun<D>::T V;
   // The warps' sums, [warp][tile of x's rows][accumulator][lane]: lanes side by side (no bank conflicts).
   __shared__ float sums[kFewWarps][2][4][32];
@@ -1235,19 +1243,30 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   const int tiles = m > 8 ? 2 : 1;
   const long long chunks = (k + 31) / 32;
   const typename D::T* xs[2] = {x + min(g, m - 1) * k, x + min(g + 8, m - 1) * k};
+  // Tiles of w, the first row of each and the distance to rows g + 8 of the mma.
+  const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
+  const long long w_tiles = (n + kFewTile - 1) / kFewTile;
+  const long long partner = kEpilogue == 0 ? 8 : half;
+  auto first_of = [&](long long tile) -> long long {
+    if (kEpilogue == 0) {
+      return tile * kFewTile;
+    }
+    const long long per_head = kEpilogue == kRope ? half / 8 : w_tiles;
+    return tile / per_head * 2 * half + tile % per_head * 8;
+  };
 #pragma unroll
   for (int u = 0; u < kFewUnroll; ++u) {
-    const long long first = blockIdx.x * (long long)kFewTile, at = (warp * kFewUnroll + u) * 32LL + t * 8;
-    if (first < n && at < k) {
+    const long long first = first_of(blockIdx.x), at = (warp * kFewUnroll + u) * 32LL + t * 8;
+    if (blockIdx.x < w_tiles && at < k) {
       prefetch_l2(w + min(first + g, n - 1) * k + at);
-      prefetch_l2(w + min(first + g + 8, n - 1) * k + at);
+      prefetch_l2(w + min(first + g + partner, n - 1) * k + at);
     }
   }
   begin_kernel();
-  for (long long first = blockIdx.x * (long long)kFewTile; first < n;
-       first += (long long)gridDim.x * kFewTile) {
+  for (long long w_tile = blockIdx.x; w_tile < w_tiles; w_tile += gridDim.x) {
+    const long long first = first_of(w_tile);
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
-    const typename D::T* wb_row = w + min(first + g + 8, n - 1) * k;
+    const typename D::T* wb_row = w + min(first + g + partner, n - 1) * k;
     float c[2][4] = {};
     for (long long group = warp * (long long)kFewUnroll; group < chunks;
          group += (long long)kFewWarps * kFewUnroll) {
@@ -1282,8 +1301,45 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       }
     }
     __syncthreads();
-    // Thread i sums accumulator (tile, q) of lane i % 32 over the warps: 2 × 4 × 32 = the block.
-    {
+    if (kEpilogue != 0) {
+      // Thread i < 128 sums accumulators (tile, q) and (tile, q + 2) of lane i % 32 over the warps:
+      // output `at` of x's row `row` and its partner.
+      const int i = threadIdx.x, l = i % 32, q = (i / 32) % 2, tile = i / 64;
+      const long long at = first + l / 4;
+      const int row = tile * 8 + 2 * (l % 4) + q;
+      if (i < 128 && row < m) {
+        float a = 0.0f, b = 0.0f;
+#pragma unroll
+        for (int v = 0; v < kFewWarps; ++v) {
+          a += sums[v][tile][q][l];
+          b += sums[v][tile][q + 2][l];
+        }
+        if (bias != nullptr) {
+          a += D::load(bias[at]);
+          b += D::load(bias[at + half]);
+        }
+        if (kEpilogue == kSiluMul) {
+          y[row * half + at] = silu_times<D>(D::store(a), D::store(b));
+        } else {
+          const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = (int)half;
+          const typename D::T* cos = rope.cos + (long long)row * rope.dim;
+          const typename D::T* sin = rope.sin + (long long)row * rope.dim;
+          typename D::T low = D::store(a), high = D::store(b);
+          if (head < rope.rotated) {
+            rotate_pair<D>(low, high, cos[j], cos[j + h], sin[j], sin[j + h]);
+          }
+          y[row * n + at] = low;
+          y[row * n + at + h] = high;
+          typename D::T* stored = cache_row<D>(rope.key_cache, rope.value_cache, rope.slots, row, head,
+                                               (int)(n / rope.dim), rope.kv_heads, rope.dim);
+          if (stored != nullptr) {
+            stored[j] = low;
+            stored[j + h] = high;
+          }
+        }
+      }
+    } else {
+      // Thread i sums accumulator (tile, q) of lane i % 32 over the warps: 2 × 4 × 32 = the block.
       const int i = threadIdx.x, l = i % 32, q = (i / 32) % 4, tile = i / 128;
       float total = 0.0f;
 #pragma unroll
@@ -1404,7 +1460,19 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_##suffix(D::T* y, const D::T* x, const D::T* w,                 \
                                              const D::T* bias, int m, long long n, long long k) {  \
-    linear_few_rows<D>(y, x, w, bias, m, n, k);                                                    \
+    linear_few_rows<D, 0>(y, x, w, bias, m, n, k, RopeStore<D>{});                                 \
+  }                                                                                                \
+  MMREG_KERNEL void linear_few_rows_silu_##suffix(D::T* y, const D::T* x, const D::T* w,            \
+                                                  const D::T* bias, int m, long long n,            \
+                                                  long long k) {                                   \
+    linear_few_rows<D, kSiluMul>(y, x, w, bias, m, n, k, RopeStore<D>{});                          \
+  }                                                                                                \
+  MMREG_KERNEL void linear_few_rows_rope_##suffix(                                                 \
+      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
+      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
+      const long long* slots, int kv_heads) {                                                      \
+    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
+    linear_few_rows<D, kRope>(y, x, w, bias, m, n, k, rope);                                       \
   }                                                                                                \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \

@@ -199,9 +199,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 25 kernels in each of 3 dtypes.
+        // 27 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 75,
+            kernels, 81,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -606,13 +606,18 @@ fn linear_for_few_rows_matches_the_product() {
 /// The MLP's stacked gate/up product with SiLU × up in the same kernel (a decode step of one sequence):
 /// the same values as the linear kernel (unsplit) followed by silu_mul (each row's sum in the same order, the
 /// same rounding, the same activation: identical), and within a rounding of silu(gate) * up in f64.
-/// Several rows take the product and then silu_mul (no gated launch).
+/// Several rows take the few-rows kernel with the same epilogue where it is switched on (bf16 and f16,
+/// 8 dividing n), the same sums as its plain product; else the product and then silu_mul (no gated
+/// launch).
 #[test]
 fn linear_silu_mul_equals_the_product_then_silu_mul() {
     let _one_at_a_time = counting();
     // The product unsplit, as the gated kernel sums (a split product sums in another order).
     kernels::set_linear_split(false);
-    for mode in modes() {
+    // Several rows with the few-rows kernel off (the product, then silu_mul), and on (bf16 and f16: the
+    // gated kernel where 8 divides n, two tiles of x's rows for 9 to 16).
+    for (mode, few) in modes().flat_map(|mode| [(mode, false), (mode, true)]) {
+        kernels::set_few_rows_linear(few);
         let device = mode.device();
         for kind in KINDS {
             for (rows, n, k, with_bias) in [
@@ -620,17 +625,23 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
                 (1, 16, 64, true),
                 (1, 5, 200, true),
                 (3, 16, 64, false),
+                (8, 24, 200, true),
+                (12, 16, 136, false),
+                (4, 12, 64, false),
             ] {
-                let what = format!("linear_silu_mul {mode:?} {kind:?} ({rows}×{k} · 2×{n}×{k})");
+                let what = format!(
+                    "linear_silu_mul {mode:?} {kind:?} ({rows}×{k} · 2×{n}×{k}, few rows: {few})"
+                );
                 let x = random(&[rows, k], kind, device, rows + k);
                 let weight = random(&[2 * n, k], kind, device, n);
                 let bias = with_bias.then(|| random(&[2 * n], kind, device, k));
                 let before = kernels::launches("linear_silu_mul").expect("a family");
                 let fused = kernels::linear_silu_mul(&x, &weight, bias.as_ref());
                 let launched = kernels::launches("linear_silu_mul").expect("a family") - before;
+                let on_tensor_cores = few && kind != Kind::Float && n % 8 == 0;
                 assert_eq!(
                     launched,
-                    u64::from(rows == 1 && mode != Mode::Fallback),
+                    u64::from((rows == 1 || on_tensor_cores) && mode != Mode::Fallback),
                     "{what}: gated launches"
                 );
                 let separate = kernels::silu_mul(&kernels::linear(&x, &weight, bias.as_ref()));
@@ -659,29 +670,42 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
 /// A decoder layer's stacked q/k/v product for one token with rope and the KV-cache write in its last
 /// step: identical to the linear kernel (unsplit) followed by rope_and_store (the same sums, the same rotation),
 /// caches included, with and without biases (Qwen2's), for Llama's grouping (no groups) and Mistral's;
-/// two tokens take no fused kernel (`None`: the caller projects first).
+/// a few tokens take the few-rows kernel with the same epilogue where it is switched on (bf16 and f16,
+/// heads a multiple of 16), the same sums as its plain product; else no fused kernel (`None`: the
+/// caller projects first).
 #[test]
 fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
     let _one_at_a_time = counting();
     // As in the gated test.
     kernels::set_linear_split(false);
-    for mode in modes() {
+    // One token, and several with the few-rows kernel off (None) and on (bf16 and f16: the kernel where
+    // 16 divides dim; heads of 40 do not).
+    for (mode, few) in modes().flat_map(|mode| [(mode, false), (mode, true)]) {
+        kernels::set_few_rows_linear(few);
         let device = mode.device();
         for kind in KINDS {
-            for (heads, kv_heads, dim, k, with_bias) in [
-                (4, 4, 64, 200, false),
-                (8, 2, 64, 64, true),
-                (2, 1, 128, 136, true),
+            for (tokens, heads, kv_heads, dim, k, with_bias) in [
+                (1, 4, 4, 64, 200, false),
+                (1, 8, 2, 64, 64, true),
+                (1, 2, 1, 128, 136, true),
+                (5, 4, 4, 64, 200, false),
+                (12, 8, 2, 32, 64, true),
+                (3, 2, 1, 40, 64, false),
             ] {
-                let what = format!("linear_rope_and_store {mode:?} {kind:?} ({heads}+2×{kv_heads} heads of {dim}, k {k})");
+                let what = format!(
+                    "linear_rope_and_store {mode:?} {kind:?} ({tokens} tokens, {heads}+2×{kv_heads} \
+                     heads of {dim}, k {k}, few rows: {few})"
+                );
                 let n = (heads + 2 * kv_heads) * dim;
-                let x = random(&[1, k], kind, device, k);
+                let x = random(&[tokens, k], kind, device, k);
                 let weight = random(&[n, k], kind, device, n) * 0.1;
                 let bias = with_bias.then(|| random(&[n], kind, device, heads));
-                let (cos, sin) = rope_tables(1, dim, kind, device);
-                let slots = Tensor::from_slice(&[5i64]).to_device(device);
+                let (cos, sin) = rope_tables(tokens, dim, kind, device);
+                // Token t at slot 5 + 2t of a pool of 40.
+                let slots: Vec<i64> = (0..tokens).map(|t| 5 + 2 * t).collect();
+                let slots = Tensor::from_slice(&slots).to_device(device);
                 let caches = || {
-                    let zeros = || Tensor::zeros([8, kv_heads, dim], (kind, device));
+                    let zeros = || Tensor::zeros([40, kv_heads, dim], (kind, device));
                     (zeros(), zeros())
                 };
                 let ((mut keys, mut values), (mut keys2, mut values2)) = (caches(), caches());
@@ -697,14 +721,19 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                 let fused = kernels::linear_rope_and_store(&x, &weight, bias.as_ref(), store);
                 let launched =
                     kernels::launches("linear_rope_and_store").expect("a family") - before;
+                let runs = tokens == 1 || (few && kind != Kind::Float && dim % 16 == 0);
                 let Some(fused) = fused else {
-                    assert_eq!(mode, Mode::Fallback, "{what}: the kernel did not run");
+                    assert!(
+                        mode == Mode::Fallback || !runs,
+                        "{what}: the kernel did not run"
+                    );
                     assert_eq!(launched, 0, "{what}");
                     continue;
                 };
+                assert!(runs, "{what}: a fused kernel where none applies");
                 assert_eq!(launched, 1, "{what}: launches");
                 let projected = kernels::linear(&x, &weight, bias.as_ref()).view([
-                    1,
+                    tokens,
                     heads + 2 * kv_heads,
                     dim,
                 ]);
@@ -725,7 +754,7 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                     keys.abs().sum(Kind::Float).double_value(&[]) > 0.0,
                     "{what}: no key stored"
                 );
-                // Two tokens: no fused kernel.
+                // Two tokens: the few-rows kernel where it applies, else none (the caller projects).
                 let (two_cos, two_sin) = rope_tables(2, dim, kind, device);
                 let two_slots = Tensor::from_slice(&[1i64, 2]).to_device(device);
                 let two = kernels::linear_rope_and_store(
@@ -741,10 +770,8 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                         slots: &two_slots,
                     },
                 );
-                assert!(
-                    two.is_none(),
-                    "{what}: two tokens took the one-token kernel"
-                );
+                let two_runs = few && kind != Kind::Float && dim % 16 == 0;
+                assert_eq!(two.is_some(), two_runs, "{what}: two tokens");
             }
         }
     }

@@ -96,7 +96,8 @@ impl Attention {
     }
 
     /// [`Self::forward_rotary`] of `qkv_proj` (the stacked q/k/v projection) of `x` `[tokens, hidden]`.
-    /// Where the fused kernels run, a step of one token projects, rotates and stores in one kernel.
+    /// Where the fused kernels run, a step of one token projects, rotates and stores in one kernel (and
+    /// one of a few tokens, where the few-rows product is switched on: `MMREG_FUSED_LINEAR=few`).
     pub fn forward_rotary_of(
         &self,
         qkv_proj: &Linear,

@@ -46,8 +46,9 @@ unsafe impl Sync for Function {}
 /// heads per key/value head, and on the tensor cores (heads of 64 or 128 elements, up to 8 query heads
 /// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
 /// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
-/// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one.
-pub(super) const NAMES: [&str; 25] = [
+/// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
+/// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it.
+pub(super) const NAMES: [&str; 27] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -73,6 +74,8 @@ pub(super) const NAMES: [&str; 25] = [
     "linear_one_row_rope",
     "linear_one_row_split2",
     "linear_one_row_split4",
+    "linear_few_rows_silu",
+    "linear_few_rows_rope",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -93,6 +96,9 @@ const LINEAR_ROPE: usize = 22;
 /// `linear_one_row` with k split between 2 and 4 warps.
 const LINEAR_SPLIT_2: usize = 23;
 const LINEAR_SPLIT_4: usize = 24;
+/// `linear_few_rows` with the epilogues of `linear_one_row_silu` and `linear_one_row_rope`.
+const LINEAR_FEW_ROWS_SILU: usize = 25;
+const LINEAR_FEW_ROWS_ROPE: usize = 26;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -568,32 +574,15 @@ impl Kernels {
             };
             self.linear_runs(function, &y, x, weight, bias, &mut []);
         } else {
-            let (mut y_p, mut x_p, mut w_p) = (ptr(&y), ptr(x), ptr(weight));
-            let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
-            let (mut n, mut k, mut m) = (n, k, rows as i32);
-            let mut args = [
-                arg!(y_p),
-                arg!(x_p),
-                arg!(w_p),
-                arg!(bias_p),
-                arg!(m),
-                arg!(n),
-                arg!(k),
-            ];
-            let grid = self.grid((n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE, 1);
-            self.launch(
-                self.of(x.kind()).0[LINEAR_FEW_ROWS],
-                grid,
-                FEW_ROWS_WARPS * 32,
-                &mut args,
-            );
+            self.linear_few_rows(LINEAR_FEW_ROWS, &y, x, weight, bias, &mut []);
         }
         counted(5);
         y
     }
 
-    /// `silu(x · gateᵀ) * (x · upᵀ)` for `x` of one row and `weight` = `[gate; up]` (`[2 * n, k]`, with
-    /// `bias` `[2 * n]`): `[.., n]` (checked by [`super::linear_silu_mul`]).
+    /// `silu(x · gateᵀ) * (x · upᵀ)` for `x` of one row, or of a few on the tensor cores, and `weight` =
+    /// `[gate; up]` (`[2 * n, k]`, with `bias` `[2 * n]`): `[.., n]` (checked by
+    /// [`super::linear_silu_mul`]).
     pub(super) fn linear_silu_mul(
         &self,
         x: &Tensor,
@@ -605,13 +594,18 @@ impl Kernels {
             .last_mut()
             .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        self.linear_runs(LINEAR_SILU, &y, x, weight, bias, &mut []);
+        if x.numel() as i64 == weight.size()[1] {
+            self.linear_runs(LINEAR_SILU, &y, x, weight, bias, &mut []);
+        } else {
+            self.linear_few_rows(LINEAR_FEW_ROWS_SILU, &y, x, weight, bias, &mut []);
+        }
         counted(7);
         y
     }
 
-    /// [`rope`](Self::rope) with the cache write of a stacked q/k/v projection of `x`, one row, in
-    /// the product's last step: `[1, heads, dim]` (checked by [`super::linear_rope_and_store`]).
+    /// [`rope`](Self::rope) with the cache write of a stacked q/k/v projection of `x`, one row or a few
+    /// on the tensor cores, in the product's last step: `[tokens, heads, dim]` (checked by
+    /// [`super::linear_rope_and_store`]).
     pub(super) fn linear_rope_and_store(
         &self,
         x: &Tensor,
@@ -621,7 +615,8 @@ impl Kernels {
         store: &super::RopeStore,
     ) -> Tensor {
         let heads = weight.size()[0] / dim;
-        let y = Tensor::empty([1, heads, dim], (x.kind(), x.device()));
+        let tokens = x.numel() as i64 / weight.size()[1];
+        let y = Tensor::empty([tokens, heads, dim], (x.kind(), x.device()));
         let (mut cos_p, mut sin_p) = (ptr(store.cos), ptr(store.sin));
         let (mut keys_p, mut values_p) = (ptr(store.key_cache), ptr(store.value_cache));
         let mut slots_p = ptr(store.slots);
@@ -640,9 +635,50 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        self.linear_runs(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
+        if tokens == 1 {
+            self.linear_runs(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
+        } else {
+            self.linear_few_rows(LINEAR_FEW_ROWS_ROPE, &y, x, weight, bias, &mut rope_args);
+        }
         counted(8);
         y
+    }
+
+    /// Launches the few-rows linear kernel `function` (plain, or with an epilogue: its tiles of 16 rows
+    /// of `weight`, `[n, k]`, are then 8 rows and their partners, as many), with arguments y, x, w,
+    /// bias, m (x's rows), n, k, then `more`.
+    fn linear_few_rows(
+        &self,
+        function: usize,
+        y: &Tensor,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        more: &mut [*mut c_void],
+    ) {
+        let [mut n, mut k] = weight.size()[..] else {
+            unreachable!("checked by kernels::linear, linear_silu_mul and linear_rope_and_store")
+        };
+        let mut m = (x.numel() as i64 / k) as i32;
+        let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
+        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
+        let mut args = vec![
+            arg!(y_p),
+            arg!(x_p),
+            arg!(w_p),
+            arg!(bias_p),
+            arg!(m),
+            arg!(n),
+            arg!(k),
+        ];
+        args.extend_from_slice(more);
+        let grid = self.grid((n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE, 1);
+        self.launch(
+            self.of(x.kind()).0[function],
+            grid,
+            FEW_ROWS_WARPS * 32,
+            &mut args,
+        );
     }
 
     /// Launches the one-row linear kernel `function` over the runs of two of `weight`'s rows (`[n, k]`;

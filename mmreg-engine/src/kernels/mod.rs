@@ -223,7 +223,8 @@ pub fn rope_and_store(qkv: &Tensor, store: RopeStore) -> Option<Tensor> {
 /// [`linear`] of `x` by a decoder layer's stacked q/k/v projection (`weight` `[heads * dim, k]`, `bias`
 /// `[heads * dim]`, `dim` from `store.cos`), then [`rope_and_store`]: the projection
 /// `[tokens, heads, dim]`, queries and keys rotated, keys and values also in the caches. A decode step
-/// of one sequence takes one kernel for all of it (the product's last step rotates and stores); `None`
+/// of one sequence takes one kernel for all of it (the product's last step rotates and stores), and so
+/// does one of a few where [`linear`] takes them on the tensor cores and 16 divides `dim`; `None`
 /// elsewhere: the caller then projects and calls [`rope_and_store`].
 pub fn linear_rope_and_store(
     x: &Tensor,
@@ -244,10 +245,11 @@ pub fn linear_rope_and_store(
         weight.size()[0],
         store.cos.size().get(1).copied().unwrap_or(0),
     );
-    let fits = linear_rows(x, weight, bias) == Some(1)
+    let rows = linear_rows(x, weight, bias).unwrap_or(0);
+    let fits = (rows == 1 || (rows_fit(x, rows) && dim % 16 == 0))
         && dim > 0
         && n % dim == 0
-        && store.fits(1, n / dim, x.device());
+        && store.fits(rows, n / dim, x.device());
     fits.then(|| k.linear_rope_and_store(x, weight, bias, dim, &store))
 }
 
@@ -340,27 +342,33 @@ fn tensor_core_attention() -> bool {
 /// libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other kernels run (for
 /// comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    let rows_fit = |rows| {
-        // One row in every dtype; a few on the tensor cores, in bf16 and f16.
-        rows == 1
-            || (few_rows_enabled()
-                && (2..=launch::FEW_ROWS).contains(&rows)
-                && matches!(x.kind(), Kind::BFloat16 | Kind::Half))
-    };
     match fused_for(&[x, weight]) {
-        Some(k) if linear_rows(x, weight, bias).is_some_and(rows_fit) => k.linear(x, weight, bias),
+        Some(k) if linear_rows(x, weight, bias).is_some_and(|rows| rows_fit(x, rows)) => {
+            k.linear(x, weight, bias)
+        }
         _ => x.linear(weight, bias),
     }
+}
+
+/// Whether the linear kernels take `rows` of `x`: one in every dtype; a few on the tensor cores, in
+/// bf16 and f16, where switched on.
+fn rows_fit(x: &Tensor, rows: i64) -> bool {
+    rows == 1
+        || (few_rows_enabled()
+            && (2..=launch::FEW_ROWS).contains(&rows)
+            && matches!(x.kind(), Kind::BFloat16 | Kind::Half))
 }
 
 /// The MLP's gated activation after its stacked `[gate; up]` projection (`weight` `[2 * n, k]`, `bias`
 /// `[2 * n]`): `silu(x · gateᵀ) * (x · upᵀ)`, `[.., n]`, each product rounded to the dtype first, as
 /// [`silu_mul`] after [`linear`]. A decode step of one sequence takes one kernel for both (the
-/// product's last step applies the activation); other sizes take [`linear`], then [`silu_mul`].
+/// product's last step applies the activation), and so does one of a few where [`linear`] takes them
+/// on the tensor cores and 8 divides `n`; other sizes take [`linear`], then [`silu_mul`].
 pub fn linear_silu_mul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
-    let stacked = weight.size().first().is_some_and(|n| n % 2 == 0);
+    let n = weight.size().first().copied().unwrap_or(0);
+    let fits = |rows| n % 2 == 0 && (rows == 1 || (rows_fit(x, rows) && (n / 2) % 8 == 0));
     match fused_for(&[x, weight]) {
-        Some(k) if stacked && linear_rows(x, weight, bias) == Some(1) => {
+        Some(k) if linear_rows(x, weight, bias).is_some_and(fits) => {
             k.linear_silu_mul(x, weight, bias)
         }
         _ => silu_mul(&linear(x, weight, bias)),
