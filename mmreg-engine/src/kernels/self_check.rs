@@ -108,6 +108,48 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &values.get(3),
             &expected.narrow(1, 3, 1).squeeze_dim(0),
         )?;
+        // The same two epilogues for 12 rows on the tensor cores (bf16 and f16): 2 × 16 rows of gate
+        // and up, then three tokens' q/k/v product (as above) rotated with their own cos and sin and
+        // stored at slots 0, 2 and 4.
+        if kind != Kind::Float {
+            let rows = w(&[12, 200], 2.5) * 0.05;
+            let (stacked, stacked_bias) = (w(&[32, 200], 2.6), w(&[32], 2.7));
+            compare(
+                "linear_few_rows_silu",
+                &k.linear_silu_mul(&rows, &stacked, Some(&stacked_bias)),
+                &unfused::silu_mul(&rows.linear(&stacked, Some(&stacked_bias))),
+            )?;
+            let tokens = rows.narrow(0, 0, 3) * 20.0;
+            let (cos, sin) = (w(&[3, 64], 2.8), w(&[3, 64], 2.9));
+            let (mut keys, mut values) = (w(&[5, 1, 64], 3.0), w(&[5, 1, 64], 3.1));
+            let slots = Tensor::from_slice(&[0i64, 2, 4]).to_device(device);
+            let store = super::RopeStore {
+                cos: &cos,
+                sin: &sin,
+                kv_heads: 1,
+                key_cache: &mut keys,
+                value_cache: &mut values,
+                slots: &slots,
+            };
+            let roped = k.linear_rope_and_store(&tokens, &qkv_weight, Some(&qkv_bias), dim, &store);
+            let expected = unfused::rope(
+                &tokens.linear(&qkv_weight, Some(&qkv_bias)).view([3, 4, 64]),
+                &cos,
+                &sin,
+                3,
+            );
+            compare("linear_few_rows_rope", &roped, &expected)?;
+            compare(
+                "linear_few_rows_rope keys",
+                &keys.index_select(0, &slots),
+                &expected.narrow(1, 2, 1),
+            )?;
+            compare(
+                "linear_few_rows_rope values",
+                &values.index_select(0, &slots),
+                &expected.narrow(1, 3, 1),
+            )?;
+        }
         let gate_up = w(&[3, 2 * 300], 0.4);
         compare(
             "silu_mul",
