@@ -572,9 +572,9 @@ impl Kernels {
                 2 => LINEAR_SPLIT_2,
                 _ => LINEAR,
             };
-            self.linear_runs(function, &y, x, weight, bias, &mut []);
+            self.launch_linear(function, &y, x, weight, bias, &mut []);
         } else {
-            self.linear_few_rows(LINEAR_FEW_ROWS, &y, x, weight, bias, &mut []);
+            self.launch_linear(LINEAR_FEW_ROWS, &y, x, weight, bias, &mut []);
         }
         counted(5);
         y
@@ -595,9 +595,9 @@ impl Kernels {
             .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
         if x.numel() as i64 == weight.size()[1] {
-            self.linear_runs(LINEAR_SILU, &y, x, weight, bias, &mut []);
+            self.launch_linear(LINEAR_SILU, &y, x, weight, bias, &mut []);
         } else {
-            self.linear_few_rows(LINEAR_FEW_ROWS_SILU, &y, x, weight, bias, &mut []);
+            self.launch_linear(LINEAR_FEW_ROWS_SILU, &y, x, weight, bias, &mut []);
         }
         counted(7);
         y
@@ -636,18 +636,19 @@ impl Kernels {
             arg!(kv_heads),
         ];
         if tokens == 1 {
-            self.linear_runs(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
+            self.launch_linear(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
         } else {
-            self.linear_few_rows(LINEAR_FEW_ROWS_ROPE, &y, x, weight, bias, &mut rope_args);
+            self.launch_linear(LINEAR_FEW_ROWS_ROPE, &y, x, weight, bias, &mut rope_args);
         }
         counted(8);
         y
     }
 
-    /// Launches the few-rows linear kernel `function` (plain, or with an epilogue: its tiles of 16 rows
-    /// of `weight`, `[n, k]`, are then 8 rows and their partners, as many), with arguments y, x, w,
-    /// bias, m (x's rows), n, k, then `more`.
-    fn linear_few_rows(
+    /// Launches the linear kernel `function` with arguments y, x, w, bias, then m (x's rows: the
+    /// few-rows kernels alone), n, k, then `more`. The one-row kernels take `weight`'s rows (`[n, k]`)
+    /// in runs of two (a warp's run, or with k split 2 or 4 warps' of a block); the few-rows kernels in
+    /// tiles of 16 (with an epilogue, 8 rows and their partners).
+    fn launch_linear(
         &self,
         function: usize,
         y: &Tensor,
@@ -659,68 +660,33 @@ impl Kernels {
         let [mut n, mut k] = weight.size()[..] else {
             unreachable!("checked by kernels::linear, linear_silu_mul and linear_rope_and_store")
         };
-        let mut m = (x.numel() as i64 / k) as i32;
+        let few = matches!(
+            function,
+            LINEAR_FEW_ROWS | LINEAR_FEW_ROWS_SILU | LINEAR_FEW_ROWS_ROPE
+        );
+        let mut m = (x.numel() as i64 / k.max(1)) as i32;
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
         let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
-        let mut args = vec![
-            arg!(y_p),
-            arg!(x_p),
-            arg!(w_p),
-            arg!(bias_p),
-            arg!(m),
-            arg!(n),
-            arg!(k),
-        ];
+        let mut args = vec![arg!(y_p), arg!(x_p), arg!(w_p), arg!(bias_p)];
+        if few {
+            args.push(arg!(m));
+        }
+        args.extend_from_slice(&[arg!(n), arg!(k)]);
         args.extend_from_slice(more);
-        let grid = self.grid((n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE, 1);
-        self.launch(
-            self.of(x.kind()).0[function],
-            grid,
-            FEW_ROWS_WARPS * 32,
-            &mut args,
-        );
-    }
-
-    /// Launches the one-row linear kernel `function` over the runs of two of `weight`'s rows (`[n, k]`;
-    /// a warp's run, or with k split 2 or 4 warps' of a block), with arguments y, x, w, bias, n, k, then
-    /// `more`.
-    fn linear_runs(
-        &self,
-        function: usize,
-        y: &Tensor,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        more: &mut [*mut c_void],
-    ) {
-        let [mut n, mut k] = weight.size()[..] else {
-            unreachable!("checked by kernels::linear, linear_silu_mul and linear_rope_and_store")
+        let (blocks, threads) = if few {
+            ((n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE, FEW_ROWS_WARPS * 32)
+        } else {
+            let split = match function {
+                LINEAR_SPLIT_4 => 4,
+                LINEAR_SPLIT_2 => 2,
+                _ => 1,
+            };
+            let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
+            let per_block = LINEAR_WARPS as i64 / split;
+            ((runs + per_block - 1) / per_block, LINEAR_WARPS * 32)
         };
-        let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
-        let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
-        let mut args = vec![
-            arg!(y_p),
-            arg!(x_p),
-            arg!(w_p),
-            arg!(bias_p),
-            arg!(n),
-            arg!(k),
-        ];
-        args.extend_from_slice(more);
-        let split = match function {
-            LINEAR_SPLIT_4 => 4,
-            LINEAR_SPLIT_2 => 2,
-            _ => 1,
-        };
-        let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
-        let per_block = LINEAR_WARPS as i64 / split;
-        let grid = self.grid((runs + per_block - 1) / per_block, 1);
-        self.launch(
-            self.of(x.kind()).0[function],
-            grid,
-            LINEAR_WARPS * 32,
-            &mut args,
-        );
+        let grid = self.grid(blocks, 1);
+        self.launch(self.of(x.kind()).0[function], grid, threads, &mut args);
     }
 }
 

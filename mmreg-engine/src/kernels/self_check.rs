@@ -75,42 +75,7 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias)),
             &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
         )?;
-        // One token's stacked q/k/v product (2 query heads, a key and a value head of 64) rotated
-        // and stored at slot 3 of a pool of 5.
-        let (qkv_weight, qkv_bias) = (w(&[256, 200], 1.9) * 0.1, w(&[256], 2.0));
-        let (cos, sin) = (w(&[1, 64], 2.1), w(&[1, 64], 2.2));
-        let (mut keys, mut values) = (w(&[5, 1, 64], 2.3), w(&[5, 1, 64], 2.4));
-        let slot = Tensor::from_slice(&[3i64]).to_device(device);
-        let store = super::RopeStore {
-            cos: &cos,
-            sin: &sin,
-            kv_heads: 1,
-            key_cache: &mut keys,
-            value_cache: &mut values,
-            slots: &slot,
-        };
-        let dim = 64;
-        let roped = k.linear_rope_and_store(&x, &qkv_weight, Some(&qkv_bias), dim, &store);
-        let expected = unfused::rope(
-            &x.linear(&qkv_weight, Some(&qkv_bias)).view([1, 4, 64]),
-            &cos,
-            &sin,
-            3,
-        );
-        compare("linear_rope_and_store", &roped, &expected)?;
-        compare(
-            "linear_rope_and_store keys",
-            &keys.get(3),
-            &expected.narrow(1, 2, 1).squeeze_dim(0),
-        )?;
-        compare(
-            "linear_rope_and_store values",
-            &values.get(3),
-            &expected.narrow(1, 3, 1).squeeze_dim(0),
-        )?;
-        // The same two epilogues for 12 rows on the tensor cores (bf16 and f16): 2 × 16 rows of gate
-        // and up, then three tokens' q/k/v product (as above) rotated with their own cos and sin and
-        // stored at slots 0, 2 and 4.
+        // The gated product for 12 rows on the tensor cores (bf16 and f16): 2 × 16 rows of gate and up.
         if kind != Kind::Float {
             let rows = w(&[12, 200], 2.5) * 0.05;
             let (stacked, stacked_bias) = (w(&[32, 200], 2.6), w(&[32], 2.7));
@@ -119,10 +84,27 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
                 &k.linear_silu_mul(&rows, &stacked, Some(&stacked_bias)),
                 &unfused::silu_mul(&rows.linear(&stacked, Some(&stacked_bias))),
             )?;
-            let tokens = rows.narrow(0, 0, 3) * 20.0;
-            let (cos, sin) = (w(&[3, 64], 2.8), w(&[3, 64], 2.9));
-            let (mut keys, mut values) = (w(&[5, 1, 64], 3.0), w(&[5, 1, 64], 3.1));
-            let slots = Tensor::from_slice(&[0i64, 2, 4]).to_device(device);
+        }
+        // One token's stacked q/k/v product (2 query heads, a key and a value head of 64) rotated and
+        // stored at slot 3 of a pool of 5; then (bf16 and f16) three tokens' on the tensor cores, each
+        // with its own cos and sin, at slots 0, 2 and 4.
+        let (qkv_weight, qkv_bias) = (w(&[256, 200], 1.9) * 0.1, w(&[256], 2.0));
+        let dim = 64;
+        let mut cases = vec![("linear_rope_and_store", x.shallow_clone(), vec![3i64], 2.1)];
+        if kind != Kind::Float {
+            cases.push((
+                "linear_few_rows_rope",
+                w(&[3, 200], 2.5),
+                vec![0, 2, 4],
+                2.8,
+            ));
+        }
+        for (what, tokens, slots, phase) in cases {
+            let rows = slots.len() as i64;
+            let (cos, sin) = (w(&[rows, dim], phase), w(&[rows, dim], phase + 0.1));
+            let (mut keys, mut values) =
+                (w(&[5, 1, dim], phase + 0.2), w(&[5, 1, dim], phase + 0.3));
+            let slots = Tensor::from_slice(&slots).to_device(device);
             let store = super::RopeStore {
                 cos: &cos,
                 sin: &sin,
@@ -132,21 +114,18 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
                 slots: &slots,
             };
             let roped = k.linear_rope_and_store(&tokens, &qkv_weight, Some(&qkv_bias), dim, &store);
-            let expected = unfused::rope(
-                &tokens.linear(&qkv_weight, Some(&qkv_bias)).view([3, 4, 64]),
-                &cos,
-                &sin,
-                3,
-            );
-            compare("linear_few_rows_rope", &roped, &expected)?;
+            let projected = tokens.linear(&qkv_weight, Some(&qkv_bias));
+            let expected = unfused::rope(&projected.view([rows, 4, dim]), &cos, &sin, 3);
+            compare(what, &roped, &expected)?;
+            let stored = |cache: &Tensor| cache.index_select(0, &slots);
             compare(
-                "linear_few_rows_rope keys",
-                &keys.index_select(0, &slots),
+                &format!("{what} keys"),
+                &stored(&keys),
                 &expected.narrow(1, 2, 1),
             )?;
             compare(
-                "linear_few_rows_rope values",
-                &values.index_select(0, &slots),
+                &format!("{what} values"),
+                &stored(&values),
                 &expected.narrow(1, 3, 1),
             )?;
         }
