@@ -1251,7 +1251,10 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     if (kEpilogue == 0) {
       return tile * kFewTile;
     }
-    const long long per_head = kEpilogue == kRope ? half / 8 : w_tiles;
+    if (kEpilogue == kSiluMul) {
+      return tile * 8;
+    }
+    const long long per_head = half / 8;  // a head's tiles (kRope)
     return tile / per_head * 2 * half + tile % per_head * 8;
   };
 #pragma unroll

@@ -560,22 +560,19 @@ impl Kernels {
         let mut size = x.size();
         *size.last_mut().expect("checked by kernels::linear") = n;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        if rows == 1 {
-            let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
-            let split = if super::linear_split_enabled() {
-                linear_split(runs, self.linear_resident[suffix_index(x.kind())])
-            } else {
-                1
-            };
-            let function = match split {
-                4 => LINEAR_SPLIT_4,
-                2 => LINEAR_SPLIT_2,
-                _ => LINEAR,
-            };
-            self.launch_linear(function, &y, x, weight, bias, &mut []);
+        let runs = (n + LINEAR_ROWS_PER_WARP - 1) / LINEAR_ROWS_PER_WARP;
+        let split = if rows == 1 && super::linear_split_enabled() {
+            linear_split(runs, self.linear_resident[suffix_index(x.kind())])
         } else {
-            self.launch_linear(LINEAR_FEW_ROWS, &y, x, weight, bias, &mut []);
-        }
+            1
+        };
+        let function = match (rows, split) {
+            (1, 4) => LINEAR_SPLIT_4,
+            (1, 2) => LINEAR_SPLIT_2,
+            (1, _) => LINEAR,
+            _ => LINEAR_FEW_ROWS,
+        };
+        self.launch_linear(function, &y, x, weight, bias, &mut []);
         counted(5);
         y
     }
@@ -594,11 +591,13 @@ impl Kernels {
             .last_mut()
             .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        if x.numel() as i64 == weight.size()[1] {
-            self.launch_linear(LINEAR_SILU, &y, x, weight, bias, &mut []);
+        let rows = x.numel() as i64 / weight.size()[1];
+        let function = if rows == 1 {
+            LINEAR_SILU
         } else {
-            self.launch_linear(LINEAR_FEW_ROWS_SILU, &y, x, weight, bias, &mut []);
-        }
+            LINEAR_FEW_ROWS_SILU
+        };
+        self.launch_linear(function, &y, x, weight, bias, &mut []);
         counted(7);
         y
     }
@@ -635,11 +634,12 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        if tokens == 1 {
-            self.launch_linear(LINEAR_ROPE, &y, x, weight, bias, &mut rope_args);
+        let function = if tokens == 1 {
+            LINEAR_ROPE
         } else {
-            self.launch_linear(LINEAR_FEW_ROWS_ROPE, &y, x, weight, bias, &mut rope_args);
-        }
+            LINEAR_FEW_ROWS_ROPE
+        };
+        self.launch_linear(function, &y, x, weight, bias, &mut rope_args);
         counted(8);
         y
     }

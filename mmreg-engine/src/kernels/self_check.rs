@@ -58,13 +58,20 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &k.linear(&x, &weight, Some(&bias)),
             &x.linear(&weight, Some(&bias)),
         )?;
-        // 12 rows (two tiles of x's rows) on the tensor cores, in their dtypes.
+        // 12 rows (two tiles of x's rows) on the tensor cores, in their dtypes: the product, and the
+        // gated one over 2 × 16 rows of gate and up.
         if kind != Kind::Float {
             let x = w(&[12, 200], 1.6);
             compare(
                 "linear_few_rows",
                 &k.linear(&x, &weight, Some(&bias)),
                 &x.linear(&weight, Some(&bias)),
+            )?;
+            let (small, stacked, stacked_bias) = (&x * 0.05, w(&[32, 200], 2.6), w(&[32], 2.7));
+            compare(
+                "linear_few_rows_silu",
+                &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias)),
+                &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
             )?;
         }
         // The gated product: 2 × 37 rows of gate and up, with their biases (x scaled so that
@@ -75,16 +82,6 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias)),
             &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
         )?;
-        // The gated product for 12 rows on the tensor cores (bf16 and f16): 2 × 16 rows of gate and up.
-        if kind != Kind::Float {
-            let rows = w(&[12, 200], 2.5) * 0.05;
-            let (stacked, stacked_bias) = (w(&[32, 200], 2.6), w(&[32], 2.7));
-            compare(
-                "linear_few_rows_silu",
-                &k.linear_silu_mul(&rows, &stacked, Some(&stacked_bias)),
-                &unfused::silu_mul(&rows.linear(&stacked, Some(&stacked_bias))),
-            )?;
-        }
         // One token's stacked q/k/v product (2 query heads, a key and a value head of 64) rotated and
         // stored at slot 3 of a pool of 5; then (bf16 and f16) three tokens' on the tensor cores, each
         // with its own cos and sin, at slots 0, 2 and 4.
