@@ -97,7 +97,7 @@ impl Attention {
 
     /// [`Self::forward_rotary`] of `qkv_proj` (the stacked q/k/v projection) of `x` `[tokens, hidden]`.
     /// Where the fused kernels run, a step of one token projects, rotates and stores in one kernel (and
-    /// one of a few tokens, where the few-rows product is switched on: `MMREG_FUSED_LINEAR=few`).
+    /// one of a few tokens, where the few-rows product is on: not `MMREG_FUSED_LINEAR=one`).
     pub fn forward_rotary_of(
         &self,
         qkv_proj: &Linear,

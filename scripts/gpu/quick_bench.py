@@ -3,7 +3,8 @@ the LLaVA-1.5-7B- and LLaVA-NeXT-Mistral-7B-shaped checkpoints: prefill, embeddi
 batches of bench_common.SHAPES, and the batch-1 decode floor measured on the card. No HF side: compare with
 a full `bench.py` run on the same card type.
 Usage on the GPU machine: python3 scripts/gpu/quick_bench.py gpu-stage/run.sh
-MODELS=LLaVA-1.5-7B (names of bench_common.SHAPES, comma-separated) picks the models.
+MODELS=LLaVA-1.5-7B (names of bench_common.SHAPES, comma-separated) picks the models; BATCHES=4,8,16 the
+batch sizes (default: each model's in SHAPES).
 With AB=1, each model also runs with the fused kernels off (libtorch's ops), in the same call.
 With VARIANTS="ENV=VALUE[,ENV=VALUE]|..." each model also runs with each variant's environment (say
 VARIANTS="MMREG_LINEAR_PREFETCH_RUNS=16|MMREG_LINEAR_PREFETCH_RUNS=64"), the default and the variants
@@ -37,7 +38,8 @@ for shape in SHAPES:
     rec = result["models"][shape.name] = {"prompt": shape.prompt, "image": shape.image, "floor": floor(model)}
     del model
     torch.cuda.empty_cache()
-    run = functools.partial(mmreg_bench, shape.path, shape.prompt, shape.image, shape.batches)
+    batches = os.environ.get("BATCHES", shape.batches)
+    run = functools.partial(mmreg_bench, shape.path, shape.prompt, shape.image, batches)
     if BEFORE:
         # Each binary as it runs by default (the fused kernels on).
         rec["peers"] = [dict(run(binary=binary, fused=True), rep=rep) for rep in range(REPEAT)

@@ -1,7 +1,7 @@
 //! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
 //! embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
 //! one-sequence decode step (alone, with SiLU × up after the MLP's stacked gate and up projection, or
-//! with rope and the KV-cache write after the stacked q/k/v one; switched on, of 2 to 16 sequences on
+//! with rope and the KV-cache write after the stacked q/k/v one; and of 2 to 16 sequences on
 //! the tensor cores). The
 //! elementwise ones replace several libtorch kernels each and compute the same values
 //! (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op code does).
@@ -335,12 +335,13 @@ fn tensor_core_attention() -> bool {
 /// `bias` `[n]`. A decode step of one sequence (one row) takes a kernel of our own that streams the
 /// weight in 16-byte vectors: on an H200 it reads the weights at 85–97% of the measured bandwidth, more
 /// than cuBLAS's kernels for one row; a weight with too few rows to keep the device's warps busy has k
-/// split between 2 or 4 warps of a block (`MMREG_LINEAR_SPLIT=0`, [`set_linear_split`]: never). With
-/// `MMREG_FUSED_LINEAR=few` (or [`set_few_rows_linear`]), a step of 2 to 16 sequences in bf16 or f16
-/// takes one that streams the weight once for all rows and multiplies on the tensor cores (level with
-/// cuBLAS at 8 rows on an H200, so off by default). More rows, and wherever the kernels do not run, take
-/// libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size while the other kernels run (for
-/// comparisons).
+/// split between 2 or 4 warps of a block (`MMREG_LINEAR_SPLIT=0`, [`set_linear_split`]: never). A step
+/// of 2 to 16 sequences in bf16 or f16 takes one that streams the weight once for all rows and
+/// multiplies on the tensor cores, with the SiLU and rope epilogues (on an H200, 2–7% more decode
+/// tokens/s than cuBLAS and separate kernels at 2 to 16 sequences: docs/benchmarks.md, run 49);
+/// `MMREG_FUSED_LINEAR=one` (or [`set_few_rows_linear`]) keeps cuBLAS there. More rows, and wherever
+/// the kernels do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size
+/// while the other kernels run (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match fused_for(&[x, weight]) {
         Some(k) if linear_rows(x, weight, bias).is_some_and(|rows| rows_fit(x, rows)) => {
@@ -407,16 +408,16 @@ fn linear_enabled() -> bool {
 static FEW_ROWS: Switch = Switch::new();
 
 /// Switches the few-rows linear kernel on or off for the whole process (overrides
-/// `MMREG_FUSED_LINEAR`). Off by default: on an H200 it measured level with cuBLAS's kernels at 8 rows,
-/// slightly behind (docs/benchmarks.md, runs 32–33).
+/// `MMREG_FUSED_LINEAR`). On by default: with its SiLU and rope epilogues it measured ahead of cuBLAS
+/// and the separate kernels at 2 to 16 rows on an H200 (docs/benchmarks.md, runs 48–49).
 pub fn set_few_rows_linear(on: bool) {
     FEW_ROWS.set(on);
 }
 
 /// Whether [`linear`] takes the few-rows kernel for 2 to 16 rows: [`set_few_rows_linear`], else
-/// `MMREG_FUSED_LINEAR=few`.
+/// not `MMREG_FUSED_LINEAR=one`.
 fn few_rows_enabled() -> bool {
-    FEW_ROWS.get(|| std::env::var("MMREG_FUSED_LINEAR").is_ok_and(|v| v == "few"))
+    FEW_ROWS.get(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "one"))
 }
 
 static LINEAR_SPLIT: Switch = Switch::new();
