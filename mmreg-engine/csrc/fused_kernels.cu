@@ -699,6 +699,11 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
 //   word's low (or high) halves of two rows.
 // So lane (g, t) ends with query heads 2t, 2t + 1 of elements g·kDim/8 + 2i, + 1 (tile i).
 constexpr int kMmaTile = 16;
+// The tensor-core attention issues a tile's loads while the tile before it is multiplied (1), or all of a
+// tile's loads and then its products (0): MMREG_ATTENTION_PIPELINE=0 in the environment, for measuring.
+#ifndef MMREG_ATTENTION_PIPELINE
+#define MMREG_ATTENTION_PIPELINE 1
+#endif
 
 // N runs of 8 elements from `row` on as 32-bit words (zeros where `real` is false: a position past the
 // end, a query head past the group).
@@ -736,43 +741,83 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
 
   Run query[kKeyRuns];
   load_runs(query, q + seq * q_stride + (long long)(kv_head * group + g) * kDim + t * (kDim / 4), g < group);
+#if MMREG_ATTENTION_PIPELINE
+  // The loads in flight during a tile's products take the registers the query held: each lane keeps
+  // its query runs in shared memory (its own slots: no barrier) and reads them back for each tile.
+  __shared__ Run query_runs[kWarps][kKeyRuns][32];
+#pragma unroll
+  for (int j = 0; j < kKeyRuns; ++j) {
+    query_runs[warp][j][lane] = query[j];
+  }
+#endif
   float acc[kTiles][4] = {};
   float running_max = -INFINITY, running_sum = 0.0f;  // head g's; the sum of this lane's positions
 
-  // Lane l holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
-  long long p0 = begin + warp * kMmaTile;
-  long long slot = lane < kMmaTile && p0 + lane < end ? seq_slots[p0 + lane] : 0;
-  for (; p0 < end; p0 += kWarps * kMmaTile) {
-    const long long next = p0 + kWarps * kMmaTile;
-    const long long next_slot = lane < kMmaTile && next + lane < end ? seq_slots[next + lane] : 0;
-    // Every load of the tile before the first product; positions past the end read zeros.
-    Run key[2][kKeyRuns], value[4][kValueRuns];
+  // Lane l < 16 holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
+  const long long step = kWarps * kMmaTile;
+  auto slot_of = [&](long long tile) -> long long {
+    return lane < kMmaTile && tile + lane < end ? seq_slots[tile + lane] : 0;
+  };
+  // A tile's key rows g and g + 8 (the lane's quarter of each), and value rows 2t, 2t + 1, 8 + 2t,
+  // 9 + 2t (the lane's eighth); positions past the end read zeros (no load).
+  Run key[2][kKeyRuns], value[4][kValueRuns];
+  auto load_keys = [&](long long tile, long long tile_slot) {
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
-      const int u = g + 8 * n;  // key rows g and g + 8 of the tile
-      const long long s = __shfl_sync(0xffffffffu, slot, u);
-      load_runs(key[n], key_cache + s * kv_heads * kDim + head_offset + t * (kDim / 4), p0 + u < end);
+      const int u = g + 8 * n;
+      const long long s = __shfl_sync(0xffffffffu, tile_slot, u);
+      load_runs(key[n], key_cache + s * kv_heads * kDim + head_offset + t * (kDim / 4), tile + u < end);
     }
+  };
+  auto load_values = [&](long long tile, long long tile_slot) {
 #pragma unroll
     for (int v = 0; v < 4; ++v) {
-      const int u = 2 * t + (v & 1) + 8 * (v >> 1);  // value rows 2t, 2t + 1, 8 + 2t, 9 + 2t
-      const long long s = __shfl_sync(0xffffffffu, slot, u);
-      load_runs(value[v], value_cache + s * kv_heads * kDim + head_offset + g * (kDim / 8), p0 + u < end);
+      const int u = 2 * t + (v & 1) + 8 * (v >> 1);
+      const long long s = __shfl_sync(0xffffffffu, tile_slot, u);
+      load_runs(value[v], value_cache + s * kv_heads * kDim + head_offset + g * (kDim / 8), tile + u < end);
     }
+  };
+  long long p0 = begin + warp * kMmaTile;
+  long long slot = slot_of(p0);
+#if MMREG_ATTENTION_PIPELINE
+  // The loads of tile i + 1 go out while tile i is multiplied: its keys once tile i's scores are taken,
+  // its values once tile i's values are summed, into the same registers (so in flight without more of
+  // them); each lane holds the slots of the tile after the next.
+  load_keys(p0, slot);
+  load_values(p0, slot);
+  slot = slot_of(p0 + step);
+#endif
+  for (; p0 < end; p0 += step) {
+#if MMREG_ATTENTION_PIPELINE
+    const long long next_slot = slot_of(p0 + 2 * step);
+#else
+    const long long next_slot = slot_of(p0 + step);
+    // Every load of the tile before the first product.
+    load_keys(p0, slot);
+    load_values(p0, slot);
+#endif
     // Sᵀ: score[n] = (head g: positions 8n + 2t, 8n + 2t + 1; rows g + 8, all zero queries).
     float score[2][4] = {};
 #pragma unroll
     for (int n = 0; n < 2; ++n) {
 #pragma unroll
       for (int j = 0; j < kKeyRuns; ++j) {
+#if MMREG_ATTENTION_PIPELINE
+        const Run query_run = query_runs[warp][j][lane];
+#else
+        const Run query_run = query[j];
+#endif
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const unsigned a[4] = {query[j].e[2 * h], 0u, query[j].e[2 * h + 1], 0u};
+          const unsigned a[4] = {query_run.e[2 * h], 0u, query_run.e[2 * h + 1], 0u};
           const unsigned b[2] = {key[n][j].e[2 * h], key[n][j].e[2 * h + 1]};
           mma_m16n8k16<D>(score[n], a, b);
         }
       }
     }
+#if MMREG_ATTENTION_PIPELINE
+    load_keys(p0 + step, slot);
+#endif
     // The online softmax of head g: positions 2t, 2t + 1, 8 + 2t, 9 + 2t, the maximum over g's lanes.
     float weight[4];
     float new_max = running_max;
@@ -817,6 +862,9 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
       mma_m16n8k16<D>(acc[i], a, high);
       mma_m16n8k16<D>(acc[i], a, low);
     }
+#if MMREG_ATTENTION_PIPELINE
+    load_values(p0 + step, slot);
+#endif
     slot = next_slot;
   }
   // The sums of head g's four lanes; then the warp's results to shared memory.

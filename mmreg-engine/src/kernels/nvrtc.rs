@@ -119,8 +119,13 @@ mod shim {
     /// the variables set to a number in range (the source's defaults otherwise).
     /// - `MMREG_LINEAR_PREFETCH_RUNS` (1 to 256): how much of its first rows the one-row linear kernel
     ///   prefetches before it waits for the kernel before it (4 runs of 16 bytes a lane by default).
+    /// - `MMREG_ATTENTION_PIPELINE` (0 or 1): whether the tensor-core decode attention loads a tile
+    ///   while it multiplies the one before (1, the default) or loads each tile and then multiplies it.
     fn tuning_defines() -> String {
-        [("MMREG_LINEAR_PREFETCH_RUNS", 1..=256)]
+        [
+            ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
+            ("MMREG_ATTENTION_PIPELINE", 0..=1),
+        ]
             .into_iter()
             .filter_map(|(name, range)| {
                 let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
