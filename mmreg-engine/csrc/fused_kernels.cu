@@ -1215,22 +1215,6 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 constexpr int kFewWarps = 8;
 constexpr int kFewTile = 16;
 constexpr int kFewUnroll = 4;
-// Blocks of the 8-row variants an SM holds (which caps their registers: 3 leaves ptxas 85, and it
-// spills at 4; f32, which the engine never sends them, is left uncapped); MMREG_EIGHT_ROWS_BLOCKS in
-// the environment sets it, for measuring.
-#ifndef MMREG_EIGHT_ROWS_BLOCKS
-#define MMREG_EIGHT_ROWS_BLOCKS 2
-#endif
-constexpr int kEightRowsBlocks = MMREG_EIGHT_ROWS_BLOCKS;
-// The 8-row variants' tiles of x: one, but for f32 (no mma) the code of the kernel for 16.
-template <typename D>
-constexpr int kEightRowsTiles = D::kMma != 0 ? 1 : 2;
-// Chunks of 32 a warp of the 8-row variants loads at once (MMREG_EIGHT_ROWS_UNROLL).
-#ifndef MMREG_EIGHT_ROWS_UNROLL
-#define MMREG_EIGHT_ROWS_UNROLL 8
-#endif
-template <typename D>
-constexpr int kEightRowsUnroll = D::kMma != 0 ? MMREG_EIGHT_ROWS_UNROLL : kFewUnroll;
 
 // A lane's run of 8 elements as 32-bit words (two elements a word in bf16 and f16, the first in the low
 // half: the mma's order), so that a load fills registers the mma takes as they are.
@@ -1296,11 +1280,7 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 // the mma, so that the thread that sums a row's output also sums its partner's (the caller checks that
 // 8 divides n/2, or dim/2). kRope rotates row r of x's output with row r of cos and sin and stores its
 // keys and values at slot r.
-//
-// kTiles = 1: x has at most 8 rows (one tile; a 7B decoder at batch 8 and below), known when ptxas
-// allocates registers, so that the kernel holds fewer of them and the SMs more of its blocks
-// (linear_eight_rows*).
-template <typename D, int kEpilogue, int kTiles = 2, int kUnroll = kFewUnroll>
+template <typename D, int kEpilogue>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                 const typename D::T* bias, int m, long long n, long long k,
                                 const RopeStore<D>& rope) {
@@ -1308,7 +1288,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   // The warps' sums, [warp][tile of x's rows][accumulator][lane]: lanes side by side (no bank conflicts).
   __shared__ float sums[kFewWarps][2][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int tiles = kTiles == 1 || m <= 8 ? 1 : 2;
+  const int tiles = m > 8 ? 2 : 1;
   const long long chunks = (k + 31) / 32;
   const typename D::T* xs[2] = {x + min(g, m - 1) * k, x + min(g + 8, m - 1) * k};
   // Tiles of w, the first row of each and the distance to rows g + 8 of the mma.
@@ -1326,8 +1306,8 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     return tile / per_head * 2 * half + tile % per_head * 8;
   };
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const long long first = first_of(blockIdx.x), at = (warp * kUnroll + u) * 32LL + t * 8;
+  for (int u = 0; u < kFewUnroll; ++u) {
+    const long long first = first_of(blockIdx.x), at = (warp * kFewUnroll + u) * 32LL + t * 8;
     if (blockIdx.x < w_tiles && at < k) {
       prefetch_l2(w + min(first + g, n - 1) * k + at);
       prefetch_l2(w + min(first + g + partner, n - 1) * k + at);
@@ -1339,12 +1319,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
     const typename D::T* wb_row = w + min(first + g + partner, n - 1) * k;
     float c[2][4] = {};
-    for (long long group = warp * (long long)kUnroll; group < chunks;
-         group += (long long)kFewWarps * kUnroll) {
+    for (long long group = warp * (long long)kFewUnroll; group < chunks;
+         group += (long long)kFewWarps * kFewUnroll) {
       // Every load of the group before the first product: predicated loads into zeroed registers.
-      V wa[kUnroll], wb[kUnroll], xv[kUnroll][2];
+      V wa[kFewUnroll], wb[kFewUnroll], xv[kFewUnroll][2];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kFewUnroll; ++u) {
         const long long at = (group + u) * 32 + t * 8;
 #pragma unroll
         for (int i = 0; i < (int)(sizeof(V) / 4); ++i) {
@@ -1360,7 +1340,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kFewUnroll; ++u) {
         few_rows_products<D>(c, wa[u], wb[u], xv[u], tiles);
       }
     }
@@ -1544,23 +1524,6 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_few_rows<D, kRope>(y, x, w, bias, m, n, k, rope);                                       \
-  }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kFewWarps * 32, D::kMma != 0 ? kEightRowsBlocks : 1)                          \
-      linear_eight_rows_##suffix(D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m,     \
-                                 long long n, long long k) {                                        \
-    linear_few_rows<D, 0, kEightRowsTiles<D>, kEightRowsUnroll<D>>(y, x, w, bias, m, n, k, RopeStore<D>{});                              \
-  }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kFewWarps * 32, D::kMma != 0 ? kEightRowsBlocks : 1)                          \
-      linear_eight_rows_silu_##suffix(D::T* y, const D::T* x, const D::T* w, const D::T* bias,       \
-                                      int m, long long n, long long k) {                            \
-    linear_few_rows<D, kSiluMul, kEightRowsTiles<D>, kEightRowsUnroll<D>>(y, x, w, bias, m, n, k, RopeStore<D>{});                       \
-  }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kFewWarps * 32, D::kMma != 0 ? kEightRowsBlocks : 1) linear_eight_rows_rope_##suffix( \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
-      const long long* slots, int kv_heads) {                                                      \
-    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_few_rows<D, kRope, kEightRowsTiles<D>, kEightRowsUnroll<D>>(y, x, w, bias, m, n, k, rope);                                    \
   }                                                                                                \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \

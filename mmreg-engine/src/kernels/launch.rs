@@ -47,9 +47,8 @@ unsafe impl Sync for Function {}
 /// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
 /// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
-/// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; the
-/// few-rows kernels for at most 8 rows (one tile of x: fewer registers, more blocks an SM).
-pub(super) const NAMES: [&str; 30] = [
+/// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it.
+pub(super) const NAMES: [&str; 27] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -77,9 +76,6 @@ pub(super) const NAMES: [&str; 30] = [
     "linear_one_row_split4",
     "linear_few_rows_silu",
     "linear_few_rows_rope",
-    "linear_eight_rows",
-    "linear_eight_rows_silu",
-    "linear_eight_rows_rope",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -103,12 +99,6 @@ const LINEAR_SPLIT_4: usize = 24;
 /// `linear_few_rows` with the epilogues of `linear_one_row_silu` and `linear_one_row_rope`.
 const LINEAR_FEW_ROWS_SILU: usize = 25;
 const LINEAR_FEW_ROWS_ROPE: usize = 26;
-/// The few-rows kernels (plain, with SiLU × up, with rope) for at most `EIGHT_ROWS` rows of x.
-const LINEAR_EIGHT_ROWS: usize = 27;
-const LINEAR_EIGHT_ROWS_SILU: usize = 28;
-const LINEAR_EIGHT_ROWS_ROPE: usize = 29;
-/// The most rows the 8-row variants take.
-const EIGHT_ROWS: i64 = 8;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -251,19 +241,6 @@ fn linear_split(runs: i64, resident: i64) -> i64 {
         split *= 2;
     }
     split
-}
-
-/// The few-rows kernel `function` (`LINEAR_FEW_ROWS` or its SiLU or rope epilogue) for x of `rows`
-/// rows: its variant for at most 8 rows where they fit and it is switched on.
-fn few_rows_kernel(function: usize, rows: i64) -> usize {
-    if rows > EIGHT_ROWS || !super::eight_rows_enabled() {
-        return function;
-    }
-    match function {
-        LINEAR_FEW_ROWS_SILU => LINEAR_EIGHT_ROWS_SILU,
-        LINEAR_FEW_ROWS_ROPE => LINEAR_EIGHT_ROWS_ROPE,
-        _ => LINEAR_EIGHT_ROWS,
-    }
 }
 
 /// Threads for `n` items, one each: whole warps, at least one and at most `most` threads.
@@ -593,7 +570,7 @@ impl Kernels {
             (1, 4) => LINEAR_SPLIT_4,
             (1, 2) => LINEAR_SPLIT_2,
             (1, _) => LINEAR,
-            _ => few_rows_kernel(LINEAR_FEW_ROWS, rows),
+            _ => LINEAR_FEW_ROWS,
         };
         self.launch_linear(function, &y, x, weight, bias, &mut []);
         counted(5);
@@ -618,7 +595,7 @@ impl Kernels {
         let function = if rows == 1 {
             LINEAR_SILU
         } else {
-            few_rows_kernel(LINEAR_FEW_ROWS_SILU, rows)
+            LINEAR_FEW_ROWS_SILU
         };
         self.launch_linear(function, &y, x, weight, bias, &mut []);
         counted(7);
@@ -660,7 +637,7 @@ impl Kernels {
         let function = if tokens == 1 {
             LINEAR_ROPE
         } else {
-            few_rows_kernel(LINEAR_FEW_ROWS_ROPE, tokens)
+            LINEAR_FEW_ROWS_ROPE
         };
         self.launch_linear(function, &y, x, weight, bias, &mut rope_args);
         counted(8);
@@ -685,12 +662,7 @@ impl Kernels {
         };
         let few = matches!(
             function,
-            LINEAR_FEW_ROWS
-                | LINEAR_FEW_ROWS_SILU
-                | LINEAR_FEW_ROWS_ROPE
-                | LINEAR_EIGHT_ROWS
-                | LINEAR_EIGHT_ROWS_SILU
-                | LINEAR_EIGHT_ROWS_ROPE
+            LINEAR_FEW_ROWS | LINEAR_FEW_ROWS_SILU | LINEAR_FEW_ROWS_ROPE
         );
         let mut m = (x.numel() as i64 / k.max(1)) as i32;
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));

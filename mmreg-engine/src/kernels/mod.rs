@@ -420,21 +420,6 @@ fn few_rows_enabled() -> bool {
     FEW_ROWS.get(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "one"))
 }
 
-static EIGHT_ROWS: Switch = Switch::new();
-
-/// Lets the few-rows linear kernels take their variants for at most 8 rows (one tile of x, fewer
-/// registers, more blocks an SM), or not (for the whole process; overrides `MMREG_EIGHT_ROWS`).
-#[doc(hidden)]
-pub fn set_eight_rows_linear(on: bool) {
-    EIGHT_ROWS.set(on);
-}
-
-/// Whether 2 to 8 rows take the 8-row variants: [`set_eight_rows_linear`], else not
-/// `MMREG_EIGHT_ROWS=0`.
-fn eight_rows_enabled() -> bool {
-    EIGHT_ROWS.get(|| std::env::var("MMREG_EIGHT_ROWS").map_or(true, |v| v != "0"))
-}
-
 static LINEAR_SPLIT: Switch = Switch::new();
 
 /// Lets the one-row linear kernel split k between warps where a weight has too few rows to keep the

@@ -121,25 +121,19 @@ mod shim {
     ///   prefetches before it waits for the kernel before it (4 runs of 16 bytes a lane by default).
     /// - `MMREG_ATTENTION_PIPELINE` (0 or 1): whether the tensor-core decode attention loads a tile
     ///   while it multiplies the one before (1, the default) or loads each tile and then multiplies it.
-    /// - `MMREG_EIGHT_ROWS_BLOCKS` (1 to 8): the blocks an SM holds of the few-rows kernels' 8-row
-    ///   variants, which caps their registers (3 by default).
-    /// - `MMREG_EIGHT_ROWS_UNROLL` (1 to 16): the chunks of 32 elements a warp of the 8-row variants
-    ///   loads before it multiplies (4 by default).
     fn tuning_defines() -> String {
         [
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
             ("MMREG_ATTENTION_PIPELINE", 0..=1),
-            ("MMREG_EIGHT_ROWS_BLOCKS", 1..=8),
-            ("MMREG_EIGHT_ROWS_UNROLL", 1..=16),
         ]
-        .into_iter()
-        .filter_map(|(name, range)| {
-            let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
-            range
-                .contains(&value)
-                .then(|| format!("#define {name} {value}\n"))
-        })
-        .collect()
+            .into_iter()
+            .filter_map(|(name, range)| {
+                let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
+                range
+                    .contains(&value)
+                    .then(|| format!("#define {name} {value}\n"))
+            })
+            .collect()
     }
 
     fn load(device: usize) -> Result<Kernels, String> {
