@@ -126,14 +126,14 @@ mod shim {
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
             ("MMREG_ATTENTION_PIPELINE", 0..=1),
         ]
-            .into_iter()
-            .filter_map(|(name, range)| {
-                let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
-                range
-                    .contains(&value)
-                    .then(|| format!("#define {name} {value}\n"))
-            })
-            .collect()
+        .into_iter()
+        .filter_map(|(name, range)| {
+            let value = std::env::var(name).ok()?.parse::<u32>().ok()?;
+            range
+                .contains(&value)
+                .then(|| format!("#define {name} {value}\n"))
+        })
+        .collect()
     }
 
     fn load(device: usize) -> Result<Kernels, String> {
