@@ -116,6 +116,11 @@ fn assert_identical(what: &str, actual: &Tensor, expected: &Tensor) {
 /// Off by at most one rounding step of the dtype (relative), on at most 1% of the elements in 16-bit
 /// types (in f32 a different last bit of the scale or of expf moves many).
 fn assert_within_one_rounding(what: &str, actual: &Tensor, expected: &Tensor) {
+    assert_within_roundings(what, actual, expected, 1.0);
+}
+
+/// As [`assert_within_one_rounding`], off by at most `steps` rounding steps.
+fn assert_within_roundings(what: &str, actual: &Tensor, expected: &Tensor, steps: f64) {
     let (count, max) = differences(actual, expected);
     let numel = expected.numel() as i64;
     let (step, allowed) = match expected.kind() {
@@ -124,7 +129,7 @@ fn assert_within_one_rounding(what: &str, actual: &Tensor, expected: &Tensor) {
         _ => (2f64.powi(-7), numel / 100),
     };
     assert!(
-        max <= step && count <= allowed,
+        max <= steps * step && count <= allowed,
         "{what} ({:?} on {:?}): {count} of {numel} differ, by up to {max} (relative)",
         actual.kind(),
         actual.device()
@@ -348,23 +353,37 @@ fn rope_and_store_also_writes_the_keys_and_values_at_their_slots() {
 
 #[test]
 fn rms_norm_and_residual_add_match_hf() {
+    // 64 rows (a prefill's many) with each thread holding 1, 2 or 4 vectors. A block's sum of squares
+    // is in another order than HF's; where that moves the normalised value by a rounding step, the
+    // product with the weight (rounded again) can land two steps away: 2 allowed for these rows.
+    let cases = [
+        (9, 4096, 1),
+        (4, 100, 1),
+        (1, 32, 1),
+        (64, 2048, 4),
+        (64, 2048, 2),
+        (64, 520, 1),
+    ];
     for mode in modes() {
         for kind in KINDS {
-            for (rows, cols) in [(9, 4096), (4, 100), (1, 32)] {
+            for (rows, cols, per_thread) in cases {
+                kernels::set_norm_vectors_per_thread(per_thread);
                 let device = mode.device();
                 let x = random(&[rows, cols], kind, device, rows);
                 let delta = random(&[rows, cols], kind, device, rows + 1);
                 let weight = (random(&[cols], kind, device, 7) * 0.1 + 1.0).to_kind(kind);
                 let eps = 1e-5;
-                let what = format!("rms_norm {mode:?}");
+                let what =
+                    format!("rms_norm {mode:?} ({rows}×{cols}, {per_thread} vectors a thread)");
+                let steps = if rows >= 64 { 2.0 } else { 1.0 };
                 let normed = kernels::rms_norm(&x, &weight, eps);
-                assert_within_one_rounding(&what, &normed, &hf_rms_norm(&x, &weight, eps));
+                assert_within_roundings(&what, &normed, &hf_rms_norm(&x, &weight, eps), steps);
 
                 let (sum, normed) = kernels::add_rms_norm(&x, &delta, &weight, eps);
                 let expected_sum = &x + &delta;
                 assert_identical(&format!("residual add {mode:?}"), &sum, &expected_sum);
                 let expected = hf_rms_norm(&expected_sum, &weight, eps);
-                assert_within_one_rounding(&format!("add_rms_norm {mode:?}"), &normed, &expected);
+                assert_within_roundings(&format!("add_{what}"), &normed, &expected, steps);
             }
         }
     }

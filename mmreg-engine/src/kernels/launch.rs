@@ -181,6 +181,8 @@ const TARGET_BLOCKS: i64 = 1024;
 const BLOCK_COST: i64 = 96;
 /// Elements of a 16-byte vector the vectorised RMSNorm holds per thread at most (`kNormVectors`).
 const NORM_VECTORS: i64 = 4;
+/// From this many rows on, the vectorised RMSNorm's threads hold `norm_vectors_per_thread` vectors.
+pub(super) const NORM_MANY_ROWS: i64 = 64;
 
 pub(super) static EMULATED: Kernels = {
     const fn for_kind(k: i32) -> ForKind {
@@ -310,7 +312,9 @@ impl Kernels {
         }
         let k = self.of(x.kind());
         // Whole rows in registers, in 16-byte vectors, where they fit: a thread per vector up to 1024,
-        // then up to NORM_VECTORS each. Else a block of up to 256 threads striding over the row.
+        // then up to NORM_VECTORS each; from NORM_MANY_ROWS rows on, `norm_vectors_per_thread` each
+        // (blocks of fewer threads, so that more rows' blocks are resident at once). Else a block of up
+        // to 256 threads striding over the row.
         let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
         let vectors = cols / per_vector;
         let aligned = [Some(x), delta, Some(weight), Some(&out), sum.as_ref()]
@@ -318,8 +322,16 @@ impl Kernels {
             .flatten()
             .all(|t| aligned(t, 16));
         let vectorized = cols % per_vector == 0 && vectors <= 1024 * NORM_VECTORS && aligned;
+        let per_thread = if rows >= NORM_MANY_ROWS {
+            super::norm_vectors_per_thread()
+        } else {
+            1
+        };
         let (block, first) = if vectorized {
-            (warps_for(vectors, 1024), RMS_NORM + VECTORS)
+            (
+                warps_for((vectors + per_thread - 1) / per_thread, 1024),
+                RMS_NORM + VECTORS,
+            )
         } else {
             (warps_for(cols, BLOCK), RMS_NORM)
         };

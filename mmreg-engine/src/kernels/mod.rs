@@ -420,6 +420,39 @@ fn few_rows_enabled() -> bool {
     FEW_ROWS.get(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "one"))
 }
 
+/// 16-byte vectors a thread of the vectorised RMSNorm holds where a call has many rows (a prefill's):
+/// 0 until decided.
+static NORM_VECTORS_PER_THREAD: AtomicU8 = AtomicU8::new(0);
+
+/// Sets how many 16-byte vectors each thread of the vectorised RMSNorm holds where a call has
+/// `launch::NORM_MANY_ROWS` rows or more (1 to 4: fewer threads a row, more rows' blocks resident at once),
+/// for the whole process; overrides `MMREG_NORM_VECTORS`. Fewer rows always take one vector a thread.
+#[doc(hidden)]
+pub fn set_norm_vectors_per_thread(vectors: u8) {
+    NORM_VECTORS_PER_THREAD.store(vectors.clamp(1, 4), Ordering::Relaxed);
+}
+
+/// [`set_norm_vectors_per_thread`]'s value, else `MMREG_NORM_VECTORS` (1 to 4), else 1: a thread per
+/// vector, as at a decode step. At 1 an H200 holds 528 of a 604-token prefill's blocks of 4096 columns
+/// (two rounds), at 2 all of them (docs/benchmarks.md, run 51's prefill trace; not yet measured).
+fn norm_vectors_per_thread() -> i64 {
+    let mut vectors = NORM_VECTORS_PER_THREAD.load(Ordering::Relaxed);
+    if vectors == 0 {
+        vectors = std::env::var("MMREG_NORM_VECTORS")
+            .ok()
+            .and_then(|v| v.parse::<u8>().ok())
+            .filter(|v| (1..=4).contains(v))
+            .unwrap_or(1);
+        let _ = NORM_VECTORS_PER_THREAD.compare_exchange(
+            0,
+            vectors,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    i64::from(NORM_VECTORS_PER_THREAD.load(Ordering::Relaxed))
+}
+
 static LINEAR_SPLIT: Switch = Switch::new();
 
 /// Lets the one-row linear kernel split k between warps where a weight has too few rows to keep the
