@@ -45,7 +45,8 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "256,2048")]
     pub chunk: Vec<usize>,
     /// Also profile (CUDA): write Chrome traces of one lone prefill (`prefill_bs1.json`), of one request
-    /// of 16 tokens (`decode_bs1.json`) and of 8 (`decode_bs8.json`) into this folder.
+    /// of 16 tokens (`decode_bs1.json`), of 8 (`decode_bs8.json`) and of 32 (`decode_bs32.json`, whose
+    /// first steps also prefill) into this folder.
     #[arg(long)]
     pub trace: Option<PathBuf>,
 }
@@ -225,6 +226,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             ("prefill_bs1.json", vec![with_tokens(1)]),
             ("decode_bs1.json", vec![with_tokens(16)]),
             ("decode_bs8.json", vec![with_tokens(16); 8]),
+            ("decode_bs32.json", vec![with_tokens(16); 32]),
         ] {
             // Warm (graphs captured), then traced.
             engine.generate(requests.clone());

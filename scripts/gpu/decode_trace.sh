@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where a decode step's time goes, kernel by kernel, for mmreg as it runs by default and for environment
-# variants of it: LLaVA-1.5-7B shapes, `mmreg bench --trace` (a lone prefill, 16 decode steps at batch 1
-# and at batch 8), with MMREG_PDL=0 so that each kernel's time in the trace is its own (with programmatic
+# variants of it: LLaVA-1.5-7B shapes, `mmreg bench --trace` (a lone prefill, 16 decode steps at batch 1,
+# 8 and 32), with MMREG_PDL=0 so that each kernel's time in the trace is its own (with programmatic
 # dependent launch a kernel's time includes its wait for the one before). For each variant, the decode
 # graph's kernels by position (trace_summary.py).
 # Usage on the GPU machine, from the repo root, with the staged binary (carry: ["gpu-stage"]):
@@ -32,7 +32,7 @@ for i in "${!variants[@]}"; do
   rm -rf "$dir"
   env "${env_args[@]}" gpu-stage/run.sh mmreg "${args[@]}" --trace "$dir" > "$out/trace-$i.json" 2> "$out/trace-$i.err"
   echo "== $variant (MMREG_PDL=0): $(tail -n1 "$out/trace-$i.json")"
-  for t in "$dir"/decode_bs1.json "$dir"/decode_bs8.json; do
+  for t in "$dir"/decode_bs1.json "$dir"/decode_bs8.json "$dir"/decode_bs32.json; do
     [ -f "$t" ] && python3 scripts/gpu/trace_summary.py "$t" 2>&1 | head -60
   done
 done
