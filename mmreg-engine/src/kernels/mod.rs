@@ -436,16 +436,16 @@ pub fn set_norm_vectors_per_thread(vectors: u8) {
 /// vector, as at a decode step. At 1 an H200 holds 528 of a 604-token prefill's blocks of 4096 columns
 /// (two rounds), at 2 all of them (docs/benchmarks.md, run 51's prefill trace; not yet measured).
 fn norm_vectors_per_thread() -> i64 {
-    let mut vectors = NORM_VECTORS_PER_THREAD.load(Ordering::Relaxed);
-    if vectors == 0 {
-        vectors = std::env::var("MMREG_NORM_VECTORS")
+    if NORM_VECTORS_PER_THREAD.load(Ordering::Relaxed) == 0 {
+        let from_env = std::env::var("MMREG_NORM_VECTORS")
             .ok()
             .and_then(|v| v.parse::<u8>().ok())
             .filter(|v| (1..=4).contains(v))
             .unwrap_or(1);
+        // A concurrent `set_norm_vectors_per_thread` wins over the environment.
         let _ = NORM_VECTORS_PER_THREAD.compare_exchange(
             0,
-            vectors,
+            from_env,
             Ordering::Relaxed,
             Ordering::Relaxed,
         );
