@@ -34,34 +34,47 @@ mod self_check;
 use launch::{Kernels, EMULATED};
 use reference as unfused;
 
-/// A process-wide on/off switch: set by a function, else decided on first use (from the environment).
-struct Switch(AtomicU8);
+/// A process-wide setting, a small number: set by a function, else decided on first use (from the
+/// environment). Held as the value + 1, 0 while undecided.
+struct Setting(AtomicU8);
 
-impl Switch {
+impl Setting {
     /// Not decided yet.
     const fn new() -> Self {
-        Switch(AtomicU8::new(0))
+        Setting(AtomicU8::new(0))
+    }
+
+    fn set(&self, value: u8) {
+        self.0.store(value.min(u8::MAX - 1) + 1, Ordering::Relaxed);
+    }
+
+    /// The setting as set, else `decide()`'s answer, kept (a concurrent `set` wins over it).
+    fn get(&self, decide: impl FnOnce() -> u8) -> u8 {
+        if self.0.load(Ordering::Relaxed) == 0 {
+            let decided = decide().min(u8::MAX - 1) + 1;
+            let _ = self
+                .0
+                .compare_exchange(0, decided, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        self.0.load(Ordering::Relaxed) - 1
+    }
+}
+
+/// A process-wide on/off [`Setting`].
+struct Switch(Setting);
+
+impl Switch {
+    const fn new() -> Self {
+        Switch(Setting::new())
     }
 
     fn set(&self, on: bool) {
-        self.0.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+        self.0.set(u8::from(on));
     }
 
-    /// The switch as set, else `decide()`'s answer, kept (a concurrent `set` wins over it).
+    /// The switch as set, else `decide()`'s answer, kept.
     fn get(&self, decide: impl FnOnce() -> bool) -> bool {
-        match self.0.load(Ordering::Relaxed) {
-            0 => {
-                let on = decide();
-                let _ = self.0.compare_exchange(
-                    0,
-                    if on { 2 } else { 1 },
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                );
-                self.0.load(Ordering::Relaxed) == 2
-            }
-            state => state == 2,
-        }
+        self.0.get(|| u8::from(decide())) == 1
     }
 }
 
@@ -420,37 +433,28 @@ fn few_rows_enabled() -> bool {
     FEW_ROWS.get(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "one"))
 }
 
-/// 16-byte vectors a thread of the vectorised RMSNorm holds where a call has many rows (a prefill's):
-/// 0 until decided.
-static NORM_VECTORS_PER_THREAD: AtomicU8 = AtomicU8::new(0);
+/// 16-byte vectors a thread of the vectorised RMSNorm holds where a call has many rows (a prefill's).
+static NORM_VECTORS: Setting = Setting::new();
 
 /// Sets how many 16-byte vectors each thread of the vectorised RMSNorm holds where a call has
 /// `launch::NORM_MANY_ROWS` rows or more (1 to 4: fewer threads a row, more rows' blocks resident at once),
 /// for the whole process; overrides `MMREG_NORM_VECTORS`. Fewer rows always take one vector a thread.
 #[doc(hidden)]
 pub fn set_norm_vectors_per_thread(vectors: u8) {
-    NORM_VECTORS_PER_THREAD.store(vectors.clamp(1, 4), Ordering::Relaxed);
+    NORM_VECTORS.set(vectors.clamp(1, 4));
 }
 
 /// [`set_norm_vectors_per_thread`]'s value, else `MMREG_NORM_VECTORS` (1 to 4), else 1: a thread per
 /// vector, as at a decode step. At 1 an H200 holds 528 of a 604-token prefill's blocks of 4096 columns
 /// (two rounds), at 2 all of them (docs/benchmarks.md, run 51's prefill trace; not yet measured).
 fn norm_vectors_per_thread() -> i64 {
-    if NORM_VECTORS_PER_THREAD.load(Ordering::Relaxed) == 0 {
-        let from_env = std::env::var("MMREG_NORM_VECTORS")
+    i64::from(NORM_VECTORS.get(|| {
+        std::env::var("MMREG_NORM_VECTORS")
             .ok()
             .and_then(|v| v.parse::<u8>().ok())
             .filter(|v| (1..=4).contains(v))
-            .unwrap_or(1);
-        // A concurrent `set_norm_vectors_per_thread` wins over the environment.
-        let _ = NORM_VECTORS_PER_THREAD.compare_exchange(
-            0,
-            from_env,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-    i64::from(NORM_VECTORS_PER_THREAD.load(Ordering::Relaxed))
+            .unwrap_or(1)
+    }))
 }
 
 static LINEAR_SPLIT: Switch = Switch::new();
