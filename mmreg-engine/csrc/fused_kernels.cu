@@ -1212,9 +1212,15 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 // written; runs past k read zeros (k a multiple of 8, checked by the caller with the 16-byte alignment of
 // x and w). f32 has no such mma: its kernel does the same products with shuffles (few_rows_products),
 // which is slow and serves to check the indexing (the emulator's bf16 and f16 run mma_m16n8k16's).
-constexpr int kFewWarps = 8;
+#ifndef MMREG_FEW_WARPS
+#define MMREG_FEW_WARPS 8
+#endif
+#ifndef MMREG_FEW_UNROLL
+#define MMREG_FEW_UNROLL 4
+#endif
+constexpr int kFewWarps = MMREG_FEW_WARPS;
 constexpr int kFewTile = 16;
-constexpr int kFewUnroll = 4;
+constexpr int kFewUnroll = MMREG_FEW_UNROLL;
 
 // A lane's run of 8 elements as 32-bit words (two elements a word in bf16 and f16, the first in the low
 // half: the mma's order), so that a load fills registers the mma takes as they are.
@@ -1280,7 +1286,9 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 // the mma, so that the thread that sums a row's output also sums its partner's (the caller checks that
 // 8 divides n/2, or dim/2). kRope rotates row r of x's output with row r of cos and sin and stores its
 // keys and values at slot r.
-template <typename D, int kEpilogue>
+//
+// kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers (3 blocks an SM).
+template <typename D, int kEpilogue, int kMaxTiles = 2>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                 const typename D::T* bias, int m, long long n, long long k,
                                 const RopeStore<D>& rope) {
@@ -1288,7 +1296,10 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   // The warps' sums, [warp][tile of x's rows][accumulator][lane]: lanes side by side (no bank conflicts).
   __shared__ float sums[kFewWarps][2][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int tiles = m > 8 ? 2 : 1;
+  // (With one tile, `tiles` stays a value of m and tile 0's loads apart from the weights': the forms in
+  // which ptxas issues a group's loads all together, checked in the SASS; with tiles = 1 known, it
+  // moves each load next to its product, a few in flight.)
+  const int tiles = kMaxTiles > 1 ? (m > 8 ? 2 : 1) : min(m, 1);
   const long long chunks = (k + 31) / 32;
   const typename D::T* xs[2] = {x + min(g, m - 1) * k, x + min(g + 8, m - 1) * k};
   // Tiles of w, the first row of each and the distance to rows g + 8 of the mma.
@@ -1333,6 +1344,11 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         if (at < k) {
           wa[u] = *reinterpret_cast<const V*>(wa_row + at);
           wb[u] = *reinterpret_cast<const V*>(wb_row + at);
+          if (kMaxTiles > 1) {
+            xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
+          }
+        }
+        if (kMaxTiles == 1 && at < k && tiles > 0) {
           xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
         }
         if (at < k && tiles == 2) {
@@ -1524,6 +1540,22 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_few_rows<D, kRope>(y, x, w, bias, m, n, k, rope);                                       \
+  }                                                                                                \
+  MMREG_KERNEL void linear_few_rows_8_##suffix(D::T* y, const D::T* x, const D::T* w,               \
+                                               const D::T* bias, int m, long long n, long long k) {\
+    linear_few_rows<D, 0, 1>(y, x, w, bias, m, n, k, RopeStore<D>{});                              \
+  }                                                                                                \
+  MMREG_KERNEL void linear_few_rows_silu_8_##suffix(D::T* y, const D::T* x, const D::T* w,          \
+                                                    const D::T* bias, int m, long long n,          \
+                                                    long long k) {                                 \
+    linear_few_rows<D, kSiluMul, 1>(y, x, w, bias, m, n, k, RopeStore<D>{});                       \
+  }                                                                                                \
+  MMREG_KERNEL void linear_few_rows_rope_8_##suffix(                                               \
+      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
+      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
+      const long long* slots, int kv_heads) {                                                      \
+    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
+    linear_few_rows<D, kRope, 1>(y, x, w, bias, m, n, k, rope);                                    \
   }                                                                                                \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \

@@ -221,7 +221,21 @@ T arg(void** args, int i) {
                                                arg<long long>(a, 6), arg<const T*>(a, 7),             \
                                                arg<const T*>(a, 8), arg<int>(a, 9), arg<int>(a, 10),  \
                                                arg<T*>(a, 11), arg<T*>(a, 12),                        \
-                                               arg<const long long*>(a, 13), arg<int>(a, 14)); }
+                                               arg<const long long*>(a, 13), arg<int>(a, 14)); }, \
+  [](void** a) { linear_few_rows_8_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),  \
+                                            arg<const T*>(a, 3), arg<int>(a, 4), arg<long long>(a, 5), \
+                                            arg<long long>(a, 6)); },                                 \
+  [](void** a) { linear_few_rows_silu_8_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                 \
+                                                 arg<const T*>(a, 2), arg<const T*>(a, 3),            \
+                                                 arg<int>(a, 4), arg<long long>(a, 5),                \
+                                                 arg<long long>(a, 6)); },                            \
+  [](void** a) { linear_few_rows_rope_8_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                 \
+                                                 arg<const T*>(a, 2), arg<const T*>(a, 3),            \
+                                                 arg<int>(a, 4), arg<long long>(a, 5),                \
+                                                 arg<long long>(a, 6), arg<const T*>(a, 7),           \
+                                                 arg<const T*>(a, 8), arg<int>(a, 9), arg<int>(a, 10), \
+                                                 arg<T*>(a, 11), arg<T*>(a, 12),                      \
+                                                 arg<const long long*>(a, 13), arg<int>(a, 14)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

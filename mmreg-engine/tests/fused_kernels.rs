@@ -204,9 +204,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 27 kernels in each of 3 dtypes.
+        // 30 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 81,
+            kernels, 90,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -564,15 +564,15 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
 /// inputs that take a warp more than one pass (k = 520) and a k that ends inside a chunk of 32 (200,
 /// 520); one row with k split between 2 warps (37 rows: 19 runs; the emulator holds 12 blocks of 4
 /// warps), 4 (16 rows) and none (200 rows); rows that fill one tile of 8 of x's rows (5, 8) or two (9,
-/// 16). 17 rows, f32 with more than
+/// 16), up to 8 rows with the 8-row kernels and with the 16-row ones. 17 rows, f32 with more than
 /// one row, and a k that is not a multiple of a vector take libtorch's product.
 #[test]
 fn linear_for_few_rows_matches_the_product() {
     let _one_at_a_time = counting();
-    // Off by default (level with cuBLAS on an H200): switched on for this process.
     kernels::set_few_rows_linear(true);
     kernels::set_linear_split(true);
-    for mode in modes() {
+    for (mode, eight) in modes().flat_map(|mode| [(mode, true), (mode, false)]) {
+        kernels::set_eight_rows(eight);
         let device = mode.device();
         for kind in KINDS {
             let few = kind != Kind::Float;
@@ -608,7 +608,8 @@ fn linear_for_few_rows_matches_the_product() {
                 };
                 assert!(
                     off <= tolerance,
-                    "linear {mode:?} {kind:?} ({rows}×{k} · {n}×{k}): off by {off} of the largest"
+                    "linear {mode:?} {kind:?} ({rows}×{k} · {n}×{k}, 8-row kernels: {eight}): off \
+                     by {off} of the largest"
                 );
                 assert_eq!(out.size(), [rows, n]);
                 // The tests that launch linear kernels take turns (`counting`): the count is this call's.

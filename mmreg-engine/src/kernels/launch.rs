@@ -48,7 +48,7 @@ unsafe impl Sync for Function {}
 /// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it.
-pub(super) const NAMES: [&str; 27] = [
+pub(super) const NAMES: [&str; 30] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -76,6 +76,9 @@ pub(super) const NAMES: [&str; 27] = [
     "linear_one_row_split4",
     "linear_few_rows_silu",
     "linear_few_rows_rope",
+    "linear_few_rows_8",
+    "linear_few_rows_silu_8",
+    "linear_few_rows_rope_8",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -99,6 +102,11 @@ const LINEAR_SPLIT_4: usize = 24;
 /// `linear_few_rows` with the epilogues of `linear_one_row_silu` and `linear_one_row_rope`.
 const LINEAR_FEW_ROWS_SILU: usize = 25;
 const LINEAR_FEW_ROWS_ROPE: usize = 26;
+/// The three few-rows kernels for at most 8 rows (one tile of x's rows: fewer registers, 3 blocks an
+/// SM on an H200 where the 16-row kernels fit 2).
+const LINEAR_FEW_ROWS_8: usize = 27;
+const LINEAR_FEW_ROWS_SILU_8: usize = 28;
+const LINEAR_FEW_ROWS_ROPE_8: usize = 29;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -562,6 +570,18 @@ impl Kernels {
         out
     }
 
+    /// The few-rows kernel `function` (`LINEAR_FEW_ROWS` or its SiLU or rope epilogue's) for `rows` of
+    /// x: its 8-row variant for at most 8 (unless switched off).
+    fn few_rows(function: usize, rows: i64) -> usize {
+        match function {
+            _ if rows > 8 || !super::eight_rows_enabled() => function,
+            LINEAR_FEW_ROWS => LINEAR_FEW_ROWS_8,
+            LINEAR_FEW_ROWS_SILU => LINEAR_FEW_ROWS_SILU_8,
+            LINEAR_FEW_ROWS_ROPE => LINEAR_FEW_ROWS_ROPE_8,
+            _ => function,
+        }
+    }
+
     /// `x · weightᵀ (+ bias)` for `x` of one row, or of up to [`FEW_ROWS`] rows on the tensor cores
     /// (checked by [`super::linear`]).
     pub(super) fn linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
@@ -582,7 +602,7 @@ impl Kernels {
             (1, 4) => LINEAR_SPLIT_4,
             (1, 2) => LINEAR_SPLIT_2,
             (1, _) => LINEAR,
-            _ => LINEAR_FEW_ROWS,
+            _ => Self::few_rows(LINEAR_FEW_ROWS, rows),
         };
         self.launch_linear(function, &y, x, weight, bias, &mut []);
         counted(5);
@@ -607,7 +627,7 @@ impl Kernels {
         let function = if rows == 1 {
             LINEAR_SILU
         } else {
-            LINEAR_FEW_ROWS_SILU
+            Self::few_rows(LINEAR_FEW_ROWS_SILU, rows)
         };
         self.launch_linear(function, &y, x, weight, bias, &mut []);
         counted(7);
@@ -649,7 +669,7 @@ impl Kernels {
         let function = if tokens == 1 {
             LINEAR_ROPE
         } else {
-            LINEAR_FEW_ROWS_ROPE
+            Self::few_rows(LINEAR_FEW_ROWS_ROPE, tokens)
         };
         self.launch_linear(function, &y, x, weight, bias, &mut rope_args);
         counted(8);
@@ -674,7 +694,12 @@ impl Kernels {
         };
         let few = matches!(
             function,
-            LINEAR_FEW_ROWS | LINEAR_FEW_ROWS_SILU | LINEAR_FEW_ROWS_ROPE
+            LINEAR_FEW_ROWS
+                | LINEAR_FEW_ROWS_SILU
+                | LINEAR_FEW_ROWS_ROPE
+                | LINEAR_FEW_ROWS_8
+                | LINEAR_FEW_ROWS_SILU_8
+                | LINEAR_FEW_ROWS_ROPE_8
         );
         let mut m = (x.numel() as i64 / k.max(1)) as i32;
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));

@@ -433,6 +433,22 @@ fn few_rows_enabled() -> bool {
     FEW_ROWS.get(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "one"))
 }
 
+static EIGHT_ROWS: Switch = Switch::new();
+
+/// Lets the few-rows linear kernels take their 8-row variants for 2 to 8 rows, or not (the 16-row
+/// kernels for every few rows; for the whole process, overrides `MMREG_FEW_ROWS_8`). On by default:
+/// one tile of x's rows needs fewer registers, so more of the weight is in flight (docs/benchmarks.md,
+/// run 58).
+pub fn set_eight_rows(on: bool) {
+    EIGHT_ROWS.set(on);
+}
+
+/// Whether the few-rows kernels take their 8-row variants for at most 8 rows: [`set_eight_rows`],
+/// else not `MMREG_FEW_ROWS_8=0`.
+fn eight_rows_enabled() -> bool {
+    EIGHT_ROWS.get(|| std::env::var("MMREG_FEW_ROWS_8").map_or(true, |v| v != "0"))
+}
+
 /// 16-byte vectors a thread of the vectorised RMSNorm holds where a call has many rows (a prefill's).
 static NORM_VECTORS: Setting = Setting::new();
 
