@@ -1218,6 +1218,10 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 #ifndef MMREG_FEW_UNROLL
 #define MMREG_FEW_UNROLL 4
 #endif
+// The 8-row kernels' chunks a warp loads at once (fewer registers: 4 blocks an SM on an H200).
+#ifndef MMREG_FEW_UNROLL_8
+#define MMREG_FEW_UNROLL_8 2
+#endif
 constexpr int kFewWarps = MMREG_FEW_WARPS;
 constexpr int kFewTile = 16;
 constexpr int kFewUnroll = MMREG_FEW_UNROLL;
@@ -1287,8 +1291,9 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 // 8 divides n/2, or dim/2). kRope rotates row r of x's output with row r of cos and sin and stores its
 // keys and values at slot r.
 //
-// kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers (3 blocks an SM).
-template <typename D, int kEpilogue, int kMaxTiles = 2>
+// kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers; it loads kUnroll chunks
+// at once where the 16-row kernel loads kFewUnroll.
+template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                 const typename D::T* bias, int m, long long n, long long k,
                                 const RopeStore<D>& rope) {
@@ -1317,8 +1322,8 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     return tile / per_head * 2 * half + tile % per_head * 8;
   };
 #pragma unroll
-  for (int u = 0; u < kFewUnroll; ++u) {
-    const long long first = first_of(blockIdx.x), at = (warp * kFewUnroll + u) * 32LL + t * 8;
+  for (int u = 0; u < kUnroll; ++u) {
+    const long long first = first_of(blockIdx.x), at = (warp * kUnroll + u) * 32LL + t * 8;
     if (blockIdx.x < w_tiles && at < k) {
       prefetch_l2(w + min(first + g, n - 1) * k + at);
       prefetch_l2(w + min(first + g + partner, n - 1) * k + at);
@@ -1330,12 +1335,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
     const typename D::T* wb_row = w + min(first + g + partner, n - 1) * k;
     float c[2][4] = {};
-    for (long long group = warp * (long long)kFewUnroll; group < chunks;
-         group += (long long)kFewWarps * kFewUnroll) {
+    for (long long group = warp * (long long)kUnroll; group < chunks;
+         group += (long long)kFewWarps * kUnroll) {
       // Every load of the group before the first product: predicated loads into zeroed registers.
-      V wa[kFewUnroll], wb[kFewUnroll], xv[kFewUnroll][2];
+      V wa[kUnroll], wb[kUnroll], xv[kUnroll][2];
 #pragma unroll
-      for (int u = 0; u < kFewUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
         const long long at = (group + u) * 32 + t * 8;
 #pragma unroll
         for (int i = 0; i < (int)(sizeof(V) / 4); ++i) {
@@ -1356,7 +1361,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         }
       }
 #pragma unroll
-      for (int u = 0; u < kFewUnroll; ++u) {
+      for (int u = 0; u < kUnroll; ++u) {
         few_rows_products<D>(c, wa[u], wb[u], xv[u], tiles);
       }
     }
@@ -1543,19 +1548,19 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_8_##suffix(D::T* y, const D::T* x, const D::T* w,               \
                                                const D::T* bias, int m, long long n, long long k) {\
-    linear_few_rows<D, 0, 1>(y, x, w, bias, m, n, k, RopeStore<D>{});                              \
+    linear_few_rows<D, 0, 1, MMREG_FEW_UNROLL_8>(y, x, w, bias, m, n, k, RopeStore<D>{});                              \
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_silu_8_##suffix(D::T* y, const D::T* x, const D::T* w,          \
                                                     const D::T* bias, int m, long long n,          \
                                                     long long k) {                                 \
-    linear_few_rows<D, kSiluMul, 1>(y, x, w, bias, m, n, k, RopeStore<D>{});                       \
+    linear_few_rows<D, kSiluMul, 1, MMREG_FEW_UNROLL_8>(y, x, w, bias, m, n, k, RopeStore<D>{});                       \
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_rope_8_##suffix(                                               \
       D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
       const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_few_rows<D, kRope, 1>(y, x, w, bias, m, n, k, rope);                                    \
+    linear_few_rows<D, kRope, 1, MMREG_FEW_UNROLL_8>(y, x, w, bias, m, n, k, rope);                                    \
   }                                                                                                \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \

@@ -570,6 +570,13 @@ impl Kernels {
         out
     }
 
+    /// Whether one row of `x` takes the 8-row few-rows kernels (bf16 and f16 on the tensor cores, unless
+    /// switched off) rather than the one-row kernels: they read a 7B decoder's weights faster at one row
+    /// too (docs/benchmarks.md, runs 58–59).
+    fn one_row_on_tensor_cores(x: &Tensor) -> bool {
+        matches!(x.kind(), Kind::BFloat16 | Kind::Half) && super::few_rows_for_one_enabled()
+    }
+
     /// The few-rows kernel `function` (`LINEAR_FEW_ROWS` or its SiLU or rope epilogue's) for `rows` of
     /// x: its 8-row variant for at most 8 (unless switched off).
     fn few_rows(function: usize, rows: i64) -> usize {
@@ -599,6 +606,7 @@ impl Kernels {
             1
         };
         let function = match (rows, split) {
+            (1, _) if Self::one_row_on_tensor_cores(x) => LINEAR_FEW_ROWS_8,
             (1, 4) => LINEAR_SPLIT_4,
             (1, 2) => LINEAR_SPLIT_2,
             (1, _) => LINEAR,
@@ -623,8 +631,8 @@ impl Kernels {
             .last_mut()
             .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
-        let rows = x.numel() as i64 / weight.size()[1];
-        let function = if rows == 1 {
+        let (rows, half) = (x.numel() as i64 / weight.size()[1], weight.size()[0] / 2);
+        let function = if rows == 1 && (half % 8 != 0 || !Self::one_row_on_tensor_cores(x)) {
             LINEAR_SILU
         } else {
             Self::few_rows(LINEAR_FEW_ROWS_SILU, rows)
@@ -666,7 +674,7 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        let function = if tokens == 1 {
+        let function = if tokens == 1 && (dim % 16 != 0 || !Self::one_row_on_tensor_cores(x)) {
             LINEAR_ROPE
         } else {
             Self::few_rows(LINEAR_FEW_ROWS_ROPE, tokens)

@@ -449,6 +449,21 @@ fn eight_rows_enabled() -> bool {
     EIGHT_ROWS.get(|| std::env::var("MMREG_FEW_ROWS_8").map_or(true, |v| v != "0"))
 }
 
+static FEW_ROWS_FOR_ONE: Switch = Switch::new();
+
+/// Lets one row (a decode step of one sequence) take the 8-row few-rows kernels in bf16 and f16, or
+/// keeps the one-row kernels there (for the whole process, overrides `MMREG_FEW_ROWS_1`). On by
+/// default: on an H200 they read every weight of a 7B decoder faster (docs/benchmarks.md, runs 58–59).
+pub fn set_few_rows_for_one(on: bool) {
+    FEW_ROWS_FOR_ONE.set(on);
+}
+
+/// Whether one row takes the 8-row few-rows kernels: [`set_few_rows_for_one`], else not
+/// `MMREG_FEW_ROWS_1=0`.
+fn few_rows_for_one_enabled() -> bool {
+    FEW_ROWS_FOR_ONE.get(|| std::env::var("MMREG_FEW_ROWS_1").map_or(true, |v| v != "0"))
+}
+
 /// 16-byte vectors a thread of the vectorised RMSNorm holds where a call has many rows (a prefill's).
 static NORM_VECTORS: Setting = Setting::new();
 
@@ -460,16 +475,17 @@ pub fn set_norm_vectors_per_thread(vectors: u8) {
     NORM_VECTORS.set(vectors.clamp(1, 4));
 }
 
-/// [`set_norm_vectors_per_thread`]'s value, else `MMREG_NORM_VECTORS` (1 to 4), else 1: a thread per
-/// vector, as at a decode step. At 1 an H200 holds 528 of a 604-token prefill's blocks of 4096 columns
-/// (two rounds), at 2 all of them (docs/benchmarks.md, run 51's prefill trace; not yet measured).
+/// [`set_norm_vectors_per_thread`]'s value, else `MMREG_NORM_VECTORS` (1 to 4), else 4. With a thread
+/// per vector (as at a decode step) an H200 holds 528 of a 604-token prefill's blocks of 4096 columns
+/// (two rounds), with 2 or 4 all of them; 4 took LLaVA-1.5's prefill from 15.7 to 15.4 ms at batch 1 and
+/// from 105.4 to 103.9 at batch 8 (docs/benchmarks.md, runs 56 and 58).
 fn norm_vectors_per_thread() -> i64 {
     i64::from(NORM_VECTORS.get(|| {
         std::env::var("MMREG_NORM_VECTORS")
             .ok()
             .and_then(|v| v.parse::<u8>().ok())
             .filter(|v| (1..=4).contains(v))
-            .unwrap_or(1)
+            .unwrap_or(4)
     }))
 }
 
