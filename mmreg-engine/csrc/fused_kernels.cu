@@ -1218,9 +1218,10 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 #ifndef MMREG_FEW_UNROLL
 #define MMREG_FEW_UNROLL 4
 #endif
-// The 8-row kernels' chunks a warp loads at once (fewer registers: 4 blocks an SM on an H200).
+// The 8-row kernels' chunks a warp loads at once: 4 (70 registers, 3 blocks an SM) measured 1.5% more
+// batch-1 decode than 2 (50 registers, 4 blocks) and the same at batch 8 (docs/benchmarks.md, run 60).
 #ifndef MMREG_FEW_UNROLL_8
-#define MMREG_FEW_UNROLL_8 2
+#define MMREG_FEW_UNROLL_8 4
 #endif
 constexpr int kFewWarps = MMREG_FEW_WARPS;
 constexpr int kFewTile = 16;

@@ -564,15 +564,18 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
 /// inputs that take a warp more than one pass (k = 520) and a k that ends inside a chunk of 32 (200,
 /// 520); one row with k split between 2 warps (37 rows: 19 runs; the emulator holds 12 blocks of 4
 /// warps), 4 (16 rows) and none (200 rows); rows that fill one tile of 8 of x's rows (5, 8) or two (9,
-/// 16), up to 8 rows with the 8-row kernels and with the 16-row ones. 17 rows, f32 with more than
+/// 16), one row and up to 8 with the 8-row kernels (bf16 and f16) and with the one-row and 16-row
+/// ones. 17 rows, f32 with more than
 /// one row, and a k that is not a multiple of a vector take libtorch's product.
 #[test]
 fn linear_for_few_rows_matches_the_product() {
     let _one_at_a_time = counting();
     kernels::set_few_rows_linear(true);
     kernels::set_linear_split(true);
+    // The 8-row kernels for one row and up to 8 (as by default), and the one-row and 16-row kernels.
     for (mode, eight) in modes().flat_map(|mode| [(mode, true), (mode, false)]) {
         kernels::set_eight_rows(eight);
+        kernels::set_few_rows_for_one(eight);
         let device = mode.device();
         for kind in KINDS {
             let few = kind != Kind::Float;
@@ -622,6 +625,9 @@ fn linear_for_few_rows_matches_the_product() {
             }
         }
     }
+    // (Back to the defaults for the tests after this one.)
+    kernels::set_eight_rows(true);
+    kernels::set_few_rows_for_one(true);
 }
 
 /// The MLP's stacked gate/up product with SiLU × up in the same kernel (a decode step of one sequence):

@@ -571,10 +571,12 @@ impl Kernels {
     }
 
     /// Whether one row of `x` takes the 8-row few-rows kernels (bf16 and f16 on the tensor cores, unless
-    /// switched off) rather than the one-row kernels: they read a 7B decoder's weights faster at one row
-    /// too (docs/benchmarks.md, runs 58–59).
+    /// these or the few-rows kernels are switched off) rather than the one-row kernels: they read a 7B
+    /// decoder's weights faster at one row too (docs/benchmarks.md, runs 58–60).
     fn one_row_on_tensor_cores(x: &Tensor) -> bool {
-        matches!(x.kind(), Kind::BFloat16 | Kind::Half) && super::few_rows_for_one_enabled()
+        matches!(x.kind(), Kind::BFloat16 | Kind::Half)
+            && super::few_rows_for_one_enabled()
+            && super::few_rows_enabled()
     }
 
     /// The few-rows kernel `function` (`LINEAR_FEW_ROWS` or its SiLU or rope epilogue's) for `rows` of

@@ -345,16 +345,18 @@ fn tensor_core_attention() -> bool {
 }
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
-/// `bias` `[n]`. A decode step of one sequence (one row) takes a kernel of our own that streams the
-/// weight in 16-byte vectors: on an H200 it reads the weights at 85–97% of the measured bandwidth, more
-/// than cuBLAS's kernels for one row; a weight with too few rows to keep the device's warps busy has k
-/// split between 2 or 4 warps of a block (`MMREG_LINEAR_SPLIT=0`, [`set_linear_split`]: never). A step
-/// of 2 to 16 sequences in bf16 or f16 takes one that streams the weight once for all rows and
-/// multiplies on the tensor cores, with the SiLU and rope epilogues (on an H200, 2–7% more decode
-/// tokens/s than cuBLAS and separate kernels at 2 to 16 sequences: docs/benchmarks.md, run 49);
-/// `MMREG_FUSED_LINEAR=one` (or [`set_few_rows_linear`]) keeps cuBLAS there. More rows, and wherever
-/// the kernels do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for every size
-/// while the other kernels run (for comparisons).
+/// `bias` `[n]`. A step of 1 to 16 sequences in bf16 or f16 takes a kernel of our own that streams the
+/// weight once for all rows and multiplies on the tensor cores, with the SiLU and rope epilogues (on an
+/// H200, 2–7% more decode tokens/s than cuBLAS and separate kernels at 2 to 16 sequences:
+/// docs/benchmarks.md, run 49); up to 8 rows take its variant for one tile of x's rows, which holds
+/// fewer registers and more blocks (+4% at batch 8 in run 58; `MMREG_FEW_ROWS_8=0`,
+/// [`set_eight_rows`]: never), and so does one row (`MMREG_FEW_ROWS_1=0`, [`set_few_rows_for_one`]:
+/// never). `MMREG_FUSED_LINEAR=one` (or [`set_few_rows_linear`]) keeps cuBLAS for 2 to 16 rows and the
+/// one-row kernel for one. That kernel (f32, or switched on) streams the weight in 16-byte vectors
+/// through the CUDA cores; a weight with too few rows to keep the device's warps busy has k split
+/// between 2 or 4 warps of a block (`MMREG_LINEAR_SPLIT=0`, [`set_linear_split`]: never). More rows,
+/// and wherever the kernels do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for
+/// every size while the other kernels run (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match fused_for(&[x, weight]) {
         Some(k) if linear_rows(x, weight, bias).is_some_and(|rows| rows_fit(x, rows)) => {

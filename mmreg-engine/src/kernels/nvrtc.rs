@@ -122,7 +122,7 @@ mod shim {
     /// - `MMREG_ATTENTION_PIPELINE` (0 or 1): whether the tensor-core decode attention loads a tile
     ///   while it multiplies the one before (1, the default) or loads each tile and then multiplies it.
     /// - `MMREG_FEW_UNROLL_8` (1 to 8): the chunks of 32 a warp of the 8-row few-rows kernels loads at
-    ///   once (2 by default).
+    ///   once (4 by default).
     fn tuning_defines() -> String {
         [
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
