@@ -151,6 +151,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         // Time to first token and decode throughput of `b` concurrent requests. Each request's events
         // are read as they come (a thread each), so that decode is timed from the moment the last
         // request had its first token: before it, steps still prefill other prompts.
+        engine.counters().record_steps();
         let t = Instant::now();
         let handles: Vec<_> = (0..b).map(|_| engine.submit(request.clone())).collect();
         let streams: Vec<Result<(Vec<f64>, usize)>> = std::thread::scope(|scope| {
@@ -211,6 +212,31 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             format!("decode_tok_per_s_bs{b}"),
             (decoded as f64 / (last - all_prefilled)).into(),
         );
+        // Where a decode step's time goes on the host: the steps in which all `b` requests decoded,
+        // from the step's start until its forward was issued, and from then until its tokens were
+        // on the host (the GPU's work, if the host waited for it); against the interval between
+        // steps, the rest is host time in which the GPU has nothing queued.
+        let steps: Vec<_> = engine
+            .counters()
+            .take_steps()
+            .into_iter()
+            .filter(|s| s.prefill_tokens == 0 && s.decodes == b)
+            .collect();
+        if !steps.is_empty() && decoded > 0 {
+            let mean = |f: &dyn Fn(&mmreg_engine::StepTiming) -> f64| {
+                1000.0 * steps.iter().map(f).sum::<f64>() / steps.len() as f64
+            };
+            let interval = 1000.0 * (last - all_prefilled) / (decoded as f64 / b as f64);
+            results.insert(format!("decode_step_ms_bs{b}"), interval.into());
+            results.insert(
+                format!("decode_issue_ms_bs{b}"),
+                mean(&|s| s.issued_seconds).into(),
+            );
+            results.insert(
+                format!("decode_wait_ms_bs{b}"),
+                mean(&|s| s.seconds - s.issued_seconds).into(),
+            );
+        }
     }
     if let Some(dir) = &args.trace {
         std::fs::create_dir_all(dir)?;

@@ -298,7 +298,7 @@ fn requests_report_the_prompt_tokens_served_from_the_prefix_cache() {
 
 /// `bench` prints one JSON object: the KV cache's blocks, prefill and first-token times, and decode
 /// throughput timed from the moment the last request had its first token (so that steps still
-/// prefilling other prompts are not counted as decode).
+/// prefilling other prompts are not counted as decode), and its steps split into issuing and waiting.
 #[test]
 fn bench_times_decode_after_every_prompt_is_prefilled() {
     let output = mmreg(&[
@@ -331,6 +331,10 @@ fn bench_times_decode_after_every_prompt_is_prefilled() {
     for b in [1, 3] {
         assert!(number(&format!("decode_tok_per_s_bs{b}")) > 0.0);
         assert!(number(&format!("ttft_last_bs{b}_ms")) >= number(&format!("ttft_bs{b}_ms")));
+        // The decode steps split into the host's issuing and the wait for the tokens.
+        assert!(number(&format!("decode_step_ms_bs{b}")) > 0.0, "{json}");
+        assert!(number(&format!("decode_issue_ms_bs{b}")) > 0.0, "{json}");
+        assert!(number(&format!("decode_wait_ms_bs{b}")) >= 0.0, "{json}");
     }
     // Three 595-token prompts in steps of at most 600 tokens: the last one starts later.
     assert!(number("prefill_steps_bs3") >= 3.0, "{json}");

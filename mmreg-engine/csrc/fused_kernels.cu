@@ -1429,6 +1429,27 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   }
 }
 
+// The few-rows kernels (plain, SiLU and rope epilogues) for at most `tiles` tiles of 8 of x's rows,
+// loading `unroll` chunks a warp at once: linear_few_rows{,_silu,_rope}{eight}_{suffix}.
+#define MMREG_FEW_ROWS_KERNELS(D, suffix, eight, tiles, unroll)                                     \
+  MMREG_KERNEL void linear_few_rows##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,         \
+                                                      const D::T* bias, int m, long long n,        \
+                                                      long long k) {                               \
+    linear_few_rows<D, 0, tiles, unroll>(y, x, w, bias, m, n, k, RopeStore<D>{});                  \
+  }                                                                                                \
+  MMREG_KERNEL void linear_few_rows_silu##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,    \
+                                                           const D::T* bias, int m, long long n,   \
+                                                           long long k) {                          \
+    linear_few_rows<D, kSiluMul, tiles, unroll>(y, x, w, bias, m, n, k, RopeStore<D>{});           \
+  }                                                                                                \
+  MMREG_KERNEL void linear_few_rows_rope##eight##_##suffix(                                        \
+      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
+      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
+      const long long* slots, int kv_heads) {                                                      \
+    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
+    linear_few_rows<D, kRope, tiles, unroll>(y, x, w, bias, m, n, k, rope);                        \
+  }
+
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
   MMREG_KERNEL void paged_decode_attention_r##R##_g##G##_##suffix(                                  \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
@@ -1531,38 +1552,8 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_one_row_paired<D, kRope>(y, x, w, bias, n, k, rope);                                    \
   }                                                                                                \
-  MMREG_KERNEL void linear_few_rows_##suffix(D::T* y, const D::T* x, const D::T* w,                 \
-                                             const D::T* bias, int m, long long n, long long k) {  \
-    linear_few_rows<D, 0>(y, x, w, bias, m, n, k, RopeStore<D>{});                                 \
-  }                                                                                                \
-  MMREG_KERNEL void linear_few_rows_silu_##suffix(D::T* y, const D::T* x, const D::T* w,            \
-                                                  const D::T* bias, int m, long long n,            \
-                                                  long long k) {                                   \
-    linear_few_rows<D, kSiluMul>(y, x, w, bias, m, n, k, RopeStore<D>{});                          \
-  }                                                                                                \
-  MMREG_KERNEL void linear_few_rows_rope_##suffix(                                                 \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
-      const long long* slots, int kv_heads) {                                                      \
-    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_few_rows<D, kRope>(y, x, w, bias, m, n, k, rope);                                       \
-  }                                                                                                \
-  MMREG_KERNEL void linear_few_rows_8_##suffix(D::T* y, const D::T* x, const D::T* w,               \
-                                               const D::T* bias, int m, long long n, long long k) {\
-    linear_few_rows<D, 0, 1, MMREG_FEW_UNROLL_8>(y, x, w, bias, m, n, k, RopeStore<D>{});                              \
-  }                                                                                                \
-  MMREG_KERNEL void linear_few_rows_silu_8_##suffix(D::T* y, const D::T* x, const D::T* w,          \
-                                                    const D::T* bias, int m, long long n,          \
-                                                    long long k) {                                 \
-    linear_few_rows<D, kSiluMul, 1, MMREG_FEW_UNROLL_8>(y, x, w, bias, m, n, k, RopeStore<D>{});                       \
-  }                                                                                                \
-  MMREG_KERNEL void linear_few_rows_rope_8_##suffix(                                               \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
-      const long long* slots, int kv_heads) {                                                      \
-    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_few_rows<D, kRope, 1, MMREG_FEW_UNROLL_8>(y, x, w, bias, m, n, k, rope);                                    \
-  }                                                                                                \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \

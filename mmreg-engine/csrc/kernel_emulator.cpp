@@ -160,6 +160,17 @@ T arg(void** args, int i) {
   MMREG_EMULATED_ATTENTION(suffix, T, R, 1), MMREG_EMULATED_ATTENTION(suffix, T, R, 4), \
       MMREG_EMULATED_ATTENTION(suffix, T, R, 8)
 
+// A few-rows linear kernel's entry (y, x, w, bias, m, n, k), and one with the rope epilogue's arguments.
+#define MMREG_EMULATED_FEW_ROWS(kernel, T)                                                          \
+  [](void** a) { kernel(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2), arg<const T*>(a, 3),  \
+                        arg<int>(a, 4), arg<long long>(a, 5), arg<long long>(a, 6)); }
+#define MMREG_EMULATED_FEW_ROWS_ROPE(kernel, T)                                                     \
+  [](void** a) { kernel(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2), arg<const T*>(a, 3),  \
+                        arg<int>(a, 4), arg<long long>(a, 5), arg<long long>(a, 6),                  \
+                        arg<const T*>(a, 7), arg<const T*>(a, 8), arg<int>(a, 9), arg<int>(a, 10),    \
+                        arg<T*>(a, 11), arg<T*>(a, 12), arg<const long long*>(a, 13),                 \
+                        arg<int>(a, 14)); }
+
 // The kernels in the order of `NAMES` in src/kernels/launch.rs, for each dtype: f32, bf16, f16.
 #define MMREG_EMULATED(suffix, T)                                                                      \
   [](void** a) { rms_norm_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),           \
@@ -193,9 +204,7 @@ T arg(void** args, int i) {
                                        arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),     \
                                        arg<int>(a, 6), arg<int>(a, 7), arg<T*>(a, 8), arg<T*>(a, 9),  \
                                        arg<const long long*>(a, 10), arg<int>(a, 11)); },     \
-  [](void** a) { linear_few_rows_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),    \
-                                          arg<const T*>(a, 3), arg<int>(a, 4), arg<long long>(a, 5),  \
-                                          arg<long long>(a, 6)); },                                   \
+  MMREG_EMULATED_FEW_ROWS(linear_few_rows_##suffix, T),                                              \
   [](void** a) { linear_one_row_silu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                               arg<const T*>(a, 2), arg<const T*>(a, 3),               \
                                               arg<long long>(a, 4), arg<long long>(a, 5)); },         \
@@ -211,31 +220,11 @@ T arg(void** args, int i) {
   [](void** a) { linear_one_row_split4_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                  \
                                                 arg<const T*>(a, 2), arg<const T*>(a, 3),             \
                                                 arg<long long>(a, 4), arg<long long>(a, 5)); },      \
-  [](void** a) { linear_few_rows_silu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                   \
-                                               arg<const T*>(a, 2), arg<const T*>(a, 3),              \
-                                               arg<int>(a, 4), arg<long long>(a, 5),                  \
-                                               arg<long long>(a, 6)); },                              \
-  [](void** a) { linear_few_rows_rope_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                   \
-                                               arg<const T*>(a, 2), arg<const T*>(a, 3),              \
-                                               arg<int>(a, 4), arg<long long>(a, 5),                  \
-                                               arg<long long>(a, 6), arg<const T*>(a, 7),             \
-                                               arg<const T*>(a, 8), arg<int>(a, 9), arg<int>(a, 10),  \
-                                               arg<T*>(a, 11), arg<T*>(a, 12),                        \
-                                               arg<const long long*>(a, 13), arg<int>(a, 14)); }, \
-  [](void** a) { linear_few_rows_8_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),  \
-                                            arg<const T*>(a, 3), arg<int>(a, 4), arg<long long>(a, 5), \
-                                            arg<long long>(a, 6)); },                                 \
-  [](void** a) { linear_few_rows_silu_8_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                 \
-                                                 arg<const T*>(a, 2), arg<const T*>(a, 3),            \
-                                                 arg<int>(a, 4), arg<long long>(a, 5),                \
-                                                 arg<long long>(a, 6)); },                            \
-  [](void** a) { linear_few_rows_rope_8_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                 \
-                                                 arg<const T*>(a, 2), arg<const T*>(a, 3),            \
-                                                 arg<int>(a, 4), arg<long long>(a, 5),                \
-                                                 arg<long long>(a, 6), arg<const T*>(a, 7),           \
-                                                 arg<const T*>(a, 8), arg<int>(a, 9), arg<int>(a, 10), \
-                                                 arg<T*>(a, 11), arg<T*>(a, 12),                      \
-                                                 arg<const long long*>(a, 13), arg<int>(a, 14)); }
+  MMREG_EMULATED_FEW_ROWS(linear_few_rows_silu_##suffix, T),                                         \
+  MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_##suffix, T),                                    \
+  MMREG_EMULATED_FEW_ROWS(linear_few_rows_8_##suffix, T),                                            \
+  MMREG_EMULATED_FEW_ROWS(linear_few_rows_silu_8_##suffix, T),                                       \
+  MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_8_##suffix, T)
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

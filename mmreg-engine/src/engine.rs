@@ -347,6 +347,9 @@ pub struct StepTiming {
     /// Until the step's embeddings (the vision path included) were ready, with
     /// [`EngineCounters::time_embeddings`] on; 0 otherwise.
     pub embed_seconds: f64,
+    /// Until the host had issued the step's forward (on a GPU the kernels, or the graph's replay, are
+    /// then queued; what follows in `seconds` is mostly waiting for them and the sampled tokens).
+    pub issued_seconds: f64,
     pub seconds: f64,
 }
 

@@ -460,6 +460,7 @@ impl Scheduler {
             Some(logits) => (logits, 0, 0.0),
             None => self.packed_step(plan, started)?,
         };
+        let issued_seconds = started.elapsed().as_secs_f64();
         // One host transfer for every greedy row (which also waits for the step to finish).
         let greedy = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.to_device(Device::Cpu))?;
         if let Some(log) = self
@@ -477,6 +478,7 @@ impl Scheduler {
                 prefill_tokens,
                 decodes,
                 embed_seconds,
+                issued_seconds,
                 seconds: started.elapsed().as_secs_f64(),
             });
         }
