@@ -1196,7 +1196,8 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
   }
 }
 
-// A linear layer for a few rows (2 to 16: two tiles of 8 of x's rows) on the tensor cores:
+// A linear layer for a few rows (up to 16: two tiles of 8 of x's rows; an instance for one tile takes
+// 1 to 8) on the tensor cores:
 // y = x · wᵀ (+ bias) with f32 sums and one rounding to the dtype at the end, as cuBLAS. A decode step of a few sequences reads
 // every weight once for all its rows, so the kernel streams w at the bandwidth's pace and does each
 // product as an mma m16n8k16: a 16 × 16 tile of w (16 outputs × 16 of k) as A, and 16 of k of up to 8
