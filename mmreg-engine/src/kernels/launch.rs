@@ -571,8 +571,8 @@ impl Kernels {
     }
 
     /// Whether one row of `x` takes the 8-row few-rows kernels (bf16 and f16 on the tensor cores, unless
-    /// these or the few-rows kernels are switched off) rather than the one-row kernels: they read a 7B
-    /// decoder's weights faster at one row too (docs/benchmarks.md, runs 58–60).
+    /// these or the few-rows kernels are switched off) rather than the one-row kernels (see
+    /// [`super::set_few_rows_for_one`]).
     fn one_row_on_tensor_cores(x: &Tensor) -> bool {
         matches!(x.kind(), Kind::BFloat16 | Kind::Half)
             && super::few_rows_for_one_enabled()

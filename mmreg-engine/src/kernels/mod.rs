@@ -34,6 +34,11 @@ mod self_check;
 use launch::{Kernels, EMULATED};
 use reference as unfused;
 
+/// Whether the environment variable `name` is anything but `0` (unset counts as on).
+fn not_zero(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
+}
+
 /// A process-wide setting, a small number: set by a function, else decided on first use (from the
 /// environment). Held as the value + 1, 0 while undecided.
 struct Setting(AtomicU8);
@@ -338,10 +343,9 @@ pub fn with_tensor_core_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// (docs/benchmarks.md, run 35).
 fn tensor_core_attention() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    TENSOR_CORE_ATTENTION.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV
-            .get_or_init(|| std::env::var("MMREG_DECODE_ATTENTION_MMA").map_or(true, |v| v != "0"))
-    })
+    TENSOR_CORE_ATTENTION
+        .with(Cell::get)
+        .unwrap_or_else(|| *FROM_ENV.get_or_init(|| not_zero("MMREG_DECODE_ATTENTION_MMA")))
 }
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
@@ -417,7 +421,7 @@ fn linear_rows(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<i64
 /// Whether [`linear`] may take its kernels (`MMREG_FUSED_LINEAR=0` says no), read once.
 fn linear_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MMREG_FUSED_LINEAR").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| not_zero("MMREG_FUSED_LINEAR"))
 }
 
 static FEW_ROWS: Switch = Switch::new();
@@ -448,14 +452,15 @@ pub fn set_eight_rows(on: bool) {
 /// Whether the few-rows kernels take their 8-row variants for at most 8 rows: [`set_eight_rows`],
 /// else not `MMREG_FEW_ROWS_8=0`.
 fn eight_rows_enabled() -> bool {
-    EIGHT_ROWS.get(|| std::env::var("MMREG_FEW_ROWS_8").map_or(true, |v| v != "0"))
+    EIGHT_ROWS.get(|| not_zero("MMREG_FEW_ROWS_8"))
 }
 
 static FEW_ROWS_FOR_ONE: Switch = Switch::new();
 
 /// Lets one row (a decode step of one sequence) take the 8-row few-rows kernels in bf16 and f16, or
 /// keeps the one-row kernels there (for the whole process, overrides `MMREG_FEW_ROWS_1`). On by
-/// default: on an H200 they read every weight of a 7B decoder faster (docs/benchmarks.md, runs 58–59).
+/// default: on an H200 a batch-1 step measured level with the one-row kernels or ahead, within the
+/// runs' spread (docs/benchmarks.md, runs 58–60).
 pub fn set_few_rows_for_one(on: bool) {
     FEW_ROWS_FOR_ONE.set(on);
 }
@@ -463,7 +468,7 @@ pub fn set_few_rows_for_one(on: bool) {
 /// Whether one row takes the 8-row few-rows kernels: [`set_few_rows_for_one`], else not
 /// `MMREG_FEW_ROWS_1=0`.
 fn few_rows_for_one_enabled() -> bool {
-    FEW_ROWS_FOR_ONE.get(|| std::env::var("MMREG_FEW_ROWS_1").map_or(true, |v| v != "0"))
+    FEW_ROWS_FOR_ONE.get(|| not_zero("MMREG_FEW_ROWS_1"))
 }
 
 /// 16-byte vectors a thread of the vectorised RMSNorm holds where a call has many rows (a prefill's).
@@ -504,7 +509,7 @@ pub fn set_linear_split(on: bool) {
 
 /// Whether the one-row linear kernel may split k: [`set_linear_split`], else not `MMREG_LINEAR_SPLIT=0`.
 fn linear_split_enabled() -> bool {
-    LINEAR_SPLIT.get(|| std::env::var("MMREG_LINEAR_SPLIT").map_or(true, |v| v != "0"))
+    LINEAR_SPLIT.get(|| not_zero("MMREG_LINEAR_SPLIT"))
 }
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,

@@ -209,7 +209,7 @@ mod shim {
 
     /// Programmatic dependent launches unless `MMREG_PDL=0` (read once per device load).
     fn programmatic_enabled() -> bool {
-        std::env::var("MMREG_PDL").map_or(true, |v| v != "0")
+        crate::kernels::not_zero("MMREG_PDL")
     }
 
     pub(in crate::kernels) fn launch(

@@ -58,18 +58,18 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &k.linear(&x, &weight, Some(&bias)),
             &x.linear(&weight, Some(&bias)),
         )?;
-        // 12 rows (two tiles of x's rows) on the tensor cores, in their dtypes: the product, and the
-        // gated one over 2 × 16 rows of gate and up.
-        if kind != Kind::Float {
-            let x = w(&[12, 200], 1.6);
+        // 12 rows (two tiles of x's rows) and 6 (the 8-row kernels) on the tensor cores, in their
+        // dtypes: the product, and the gated one over 2 × 16 rows of gate and up.
+        for rows in [12, 6].into_iter().filter(|_| kind != Kind::Float) {
+            let x = w(&[rows, 200], 1.6);
             compare(
-                "linear_few_rows",
+                &format!("linear_few_rows ({rows} rows)"),
                 &k.linear(&x, &weight, Some(&bias)),
                 &x.linear(&weight, Some(&bias)),
             )?;
             let (small, stacked, stacked_bias) = (&x * 0.05, w(&[32, 200], 2.6), w(&[32], 2.7));
             compare(
-                "linear_few_rows_silu",
+                &format!("linear_few_rows_silu ({rows} rows)"),
                 &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias)),
                 &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
             )?;
@@ -83,24 +83,31 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
         )?;
         // One token's stacked q/k/v product (2 query heads, a key and a value head of 64) rotated and
-        // stored at slot 3 of a pool of 5; then (bf16 and f16) three tokens' on the tensor cores, each
-        // with its own cos and sin, at slots 0, 2 and 4.
+        // stored at slot 3 of a pool of 12; then (bf16 and f16) three tokens' on the tensor cores (the
+        // 8-row kernel), each with its own cos and sin, at slots 0, 2 and 4, and ten tokens' (two
+        // tiles of x's rows) at slots 11 down to 2.
         let (qkv_weight, qkv_bias) = (w(&[256, 200], 1.9) * 0.1, w(&[256], 2.0));
         let dim = 64;
         let mut cases = vec![("linear_rope_and_store", x.shallow_clone(), vec![3i64], 2.1)];
         if kind != Kind::Float {
             cases.push((
-                "linear_few_rows_rope",
+                "linear_few_rows_rope (3 rows)",
                 w(&[3, 200], 2.5),
                 vec![0, 2, 4],
                 2.8,
+            ));
+            cases.push((
+                "linear_few_rows_rope (10 rows)",
+                w(&[10, 200], 2.9),
+                (2..12).rev().collect(),
+                3.1,
             ));
         }
         for (what, tokens, slots, phase) in cases {
             let rows = slots.len() as i64;
             let (cos, sin) = (w(&[rows, dim], phase), w(&[rows, dim], phase + 0.1));
             let (mut keys, mut values) =
-                (w(&[5, 1, dim], phase + 0.2), w(&[5, 1, dim], phase + 0.3));
+                (w(&[12, 1, dim], phase + 0.2), w(&[12, 1, dim], phase + 0.3));
             let slots = Tensor::from_slice(&slots).to_device(device);
             let store = super::RopeStore {
                 cos: &cos,
