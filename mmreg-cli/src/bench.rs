@@ -75,6 +75,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
+    let options_async = options.async_scheduling;
     let engine = Engine::new(&args.prompt.model, options)?;
     let load_s = started.elapsed().as_secs_f64();
     let profile = engine.profile().clone();
@@ -102,6 +103,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     results.insert("kv_blocks".into(), profile.kv_blocks.into());
     results.insert("sliding_blocks".into(), profile.sliding_blocks.into());
     results.insert("block_size".into(), profile.block_size.into());
+    results.insert("async_scheduling".into(), options_async.into());
     for &b in &args.batch {
         // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
         // (vision tower, projector, decoder; preprocessing happens before, on the workers).
@@ -223,19 +225,29 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .filter(|s| s.prefill_tokens == 0 && s.decodes == b)
             .collect();
         if !steps.is_empty() && decoded > 0 {
-            let mean = |f: &dyn Fn(&mmreg_engine::StepTiming) -> f64| {
-                1000.0 * steps.iter().map(f).sum::<f64>() / steps.len() as f64
+            let mean = |steps: &[&mmreg_engine::StepTiming],
+                        f: &dyn Fn(&mmreg_engine::StepTiming) -> f64| {
+                1000.0 * steps.iter().map(|&s| f(s)).sum::<f64>() / steps.len() as f64
             };
+            let all: Vec<_> = steps.iter().collect();
             let interval = 1000.0 * (last - all_prefilled) / (decoded as f64 / b as f64);
             results.insert(format!("decode_step_ms_bs{b}"), interval.into());
             results.insert(
                 format!("decode_issue_ms_bs{b}"),
-                mean(&|s| s.issued_seconds).into(),
+                mean(&all, &|s| s.issued_seconds).into(),
             );
+            // Steps issued behind the one before (async scheduling): the host waited for nothing.
+            let waited: Vec<_> = steps.iter().filter(|s| !s.overlapped).collect();
             results.insert(
-                format!("decode_wait_ms_bs{b}"),
-                mean(&|s| s.seconds - s.issued_seconds).into(),
+                format!("decode_overlapped_bs{b}"),
+                (1.0 - waited.len() as f64 / steps.len() as f64).into(),
             );
+            if !waited.is_empty() {
+                results.insert(
+                    format!("decode_wait_ms_bs{b}"),
+                    mean(&waited, &|s| s.seconds - s.issued_seconds).into(),
+                );
+            }
         }
     }
     if let Some(dir) = &args.trace {

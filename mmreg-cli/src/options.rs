@@ -45,6 +45,10 @@ pub struct SchedulerArgs {
     /// that many of the largest; a request over the limits is refused.
     #[arg(long, value_parser = MultiModalLimits::parse, default_value = "image=4,video=4")]
     pub limit_mm_per_prompt: MultiModalLimits,
+    /// Issue each greedy decode step (CUDA graphs) before the host has read the previous step's tokens,
+    /// so the GPU does not wait while the host streams them; also `MMREG_ASYNC_SCHEDULING=1`.
+    #[arg(long)]
+    pub async_scheduling: bool,
     #[command(flatten)]
     pub parallel: ParallelArgs,
 }
@@ -100,6 +104,7 @@ impl SchedulerArgs {
         options.prefix_caching = !self.no_prefix_caching;
         options.encoder_cache_bytes = (self.encoder_cache_mib * (1u64 << 20) as f64) as usize;
         options.limit_mm_per_prompt = self.limit_mm_per_prompt.clone();
+        options.async_scheduling |= self.async_scheduling;
         self.parallel.apply(options)
     }
 }

@@ -78,6 +78,88 @@ int mmreg_cuda_mem_get_info(int device, int64_t* out) {
 }
 }
 
+// Events: the host waits for what was queued on the device's current stream up to the record, not for
+// what was queued after it (a step's sampled tokens while the next step runs). The runtime's functions
+// are looked up in the CUDA runtime libtorch_cuda loaded, as cudaMemGetInfo above.
+namespace {
+struct EventApi {
+  int (*create)(void**, unsigned);
+  int (*record)(void*, void*);
+  int (*synchronize)(void*);
+  int (*destroy)(void*);
+};
+
+const EventApi* event_api() {
+  static const EventApi api = {
+      reinterpret_cast<int (*)(void**, unsigned)>(dlsym(RTLD_DEFAULT, "cudaEventCreateWithFlags")),
+      reinterpret_cast<int (*)(void*, void*)>(dlsym(RTLD_DEFAULT, "cudaEventRecord")),
+      reinterpret_cast<int (*)(void*)>(dlsym(RTLD_DEFAULT, "cudaEventSynchronize")),
+      reinterpret_cast<int (*)(void*)>(dlsym(RTLD_DEFAULT, "cudaEventDestroy")),
+  };
+  bool found = api.create && api.record && api.synchronize && api.destroy;
+  return found ? &api : nullptr;
+}
+
+constexpr unsigned kEventDisableTiming = 0x02;
+}  // namespace
+
+extern "C" {
+
+// A new event recorded on the current stream of `device`, or null.
+void* mmreg_event_record(int device) {
+  try {
+    const EventApi* api = event_api();
+    if (api == nullptr) {
+      return nullptr;
+    }
+    auto index = static_cast<c10::DeviceIndex>(device);
+    auto previous = c10::cuda::current_device();
+    c10::cuda::set_device(index);
+    void* event = nullptr;
+    int status = api->create(&event, kEventDisableTiming);
+    if (status == 0) {
+      status = api->record(event, c10::cuda::getCurrentCUDAStream(index).stream());
+    }
+    c10::cuda::set_device(previous);
+    if (status != 0) {
+      if (event != nullptr) {
+        api->destroy(event);
+      }
+      return nullptr;
+    }
+    return event;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+int mmreg_event_synchronize(void* event) {
+  const EventApi* api = event_api();
+  return api == nullptr ? 1 : api->synchronize(event);
+}
+
+void mmreg_event_free(void* event) {
+  const EventApi* api = event_api();
+  if (api != nullptr) {
+    api->destroy(event);
+  }
+}
+
+// A host tensor (tch's `C_tensor*`, a `torch::Tensor*`) copied to `device` without the host waiting for
+// the stream: through pinned memory, which the caching host allocator keeps until the copy has run. A new
+// `torch::Tensor*` (owned by the caller), or null.
+void* mmreg_to_device_async(void* host, int device) {
+  try {
+    const auto& source = *static_cast<at::Tensor*>(host);
+    auto on_device = at::TensorOptions().device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
+    auto target = source.pin_memory().to(on_device, /*non_blocking=*/true);
+    return new at::Tensor(std::move(target));
+  } catch (...) {
+    return nullptr;
+  }
+}
+}
+
 // CUDA graphs (tch has none): capture the kernels a closure launches on a side stream, replay them later
 // with one launch. All graphs share one memory pool, so their intermediates reuse the same memory; they
 // must then be replayed one at a time, which the engine's single scheduler thread guarantees.

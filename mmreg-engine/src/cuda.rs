@@ -83,6 +83,43 @@ impl Graph {
     }
 }
 
+/// A point in the current CUDA stream's queue that the host can wait for: what was queued before the
+/// record, not what was queued after it. Off CUDA (everything there is synchronous) it is a no-op.
+pub struct Event {
+    raw: Option<shim::RawEvent>,
+}
+
+impl Event {
+    /// Records the point on the current stream of `device`; a no-op off CUDA.
+    pub fn record(device: tch::Device) -> Result<Self> {
+        let raw = match device {
+            tch::Device::Cuda(i) => Some(shim::RawEvent::record(i)?),
+            _ => None,
+        };
+        Ok(Self { raw })
+    }
+
+    /// Blocks until everything queued before the record has run.
+    pub fn wait(&self) -> Result<()> {
+        self.raw.as_ref().map_or(Ok(()), shim::RawEvent::wait)
+    }
+}
+
+/// Whether [`Event`] and [`to_device_async`] work on this build's CUDA devices (they need the CUDA shim).
+pub fn events_available() -> bool {
+    cfg!(mmreg_cuda_shim)
+}
+
+/// A copy of `tensor` (on the host) on `device`, made without the host waiting for the stream: through
+/// pinned memory on CUDA (the copy is queued behind what the stream already holds); a plain copy
+/// elsewhere.
+pub fn to_device_async(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> {
+    match device {
+        tch::Device::Cuda(i) if events_available() => shim::to_device_async(tensor, i),
+        _ => Ok(tensor.f_to_device_(device, tensor.kind(), false, true)?),
+    }
+}
+
 #[cfg(mmreg_cuda_shim)]
 mod shim {
     use super::{GraphPool, MemoryStats};
@@ -96,6 +133,11 @@ mod shim {
         fn mmreg_graph_capture_begin(graph: *mut std::ffi::c_void, pool0: u64, pool1: u64) -> i32;
         fn mmreg_graph_capture_end(graph: *mut std::ffi::c_void, out: *mut u64) -> i32;
         fn mmreg_graph_replay(graph: *mut std::ffi::c_void) -> i32;
+        fn mmreg_event_record(device: i32) -> *mut std::ffi::c_void;
+        fn mmreg_event_synchronize(event: *mut std::ffi::c_void) -> i32;
+        fn mmreg_event_free(event: *mut std::ffi::c_void);
+        fn mmreg_to_device_async(host: *mut std::ffi::c_void, device: i32)
+            -> *mut std::ffi::c_void;
         fn mmreg_profiler_start() -> i32;
         fn mmreg_profiler_stop(path: *const std::ffi::c_char) -> i32;
         fn mmreg_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
@@ -163,6 +205,52 @@ mod shim {
         (status == 0)
             .then_some(())
             .ok_or_else(|| Error::Engine("stopping the profiler or saving its trace failed".into()))
+    }
+
+    pub fn to_device_async(tensor: &tch::Tensor, device: usize) -> Result<tch::Tensor> {
+        let mut host = tensor.shallow_clone();
+        // SAFETY: `host` is a live tensor for the call; the shim returns a new owned tensor or null and
+        // catches every C++ exception.
+        let raw = unsafe { mmreg_to_device_async(host.as_mut_ptr().cast(), device as i32) };
+        if raw.is_null() {
+            return Err(Error::Engine(
+                "copying a tensor to the GPU through pinned memory failed".into(),
+            ));
+        }
+        // SAFETY: `raw` is a `torch::Tensor*` the caller owns, as tch's tensors are.
+        Ok(unsafe { tch::Tensor::from_ptr(raw.cast()) })
+    }
+
+    /// An owned `at::cuda::CUDAEvent`, recorded.
+    pub struct RawEvent(*mut std::ffi::c_void);
+
+    // SAFETY: an event may be waited for and freed from any thread; it is used by one at a time.
+    unsafe impl Send for RawEvent {}
+
+    impl RawEvent {
+        pub fn record(device: usize) -> Result<Self> {
+            // SAFETY: returns an owned pointer or null; catches every C++ exception.
+            let raw = unsafe { mmreg_event_record(device as i32) };
+            if raw.is_null() {
+                return Err(Error::Engine("CUDA event: recording failed".into()));
+            }
+            Ok(Self(raw))
+        }
+
+        pub fn wait(&self) -> Result<()> {
+            // SAFETY: `self.0` is a live event; the shim catches every C++ exception.
+            match unsafe { mmreg_event_synchronize(self.0) } {
+                0 => Ok(()),
+                _ => Err(Error::Engine("CUDA event: waiting failed".into())),
+            }
+        }
+    }
+
+    impl Drop for RawEvent {
+        fn drop(&mut self) {
+            // SAFETY: `self.0` came from `mmreg_event_record` and is freed once.
+            unsafe { mmreg_event_free(self.0) }
+        }
     }
 
     /// An owned `at::cuda::CUDAGraph` with its side stream.
@@ -248,6 +336,24 @@ mod shim {
 
     pub fn profiler_stop(_path: &std::path::Path) -> Result<()> {
         Err(Error::Engine("the profiler needs the CUDA shim".into()))
+    }
+
+    pub fn to_device_async(_tensor: &tch::Tensor, _device: usize) -> Result<tch::Tensor> {
+        Err(Error::Engine(
+            "asynchronous copies need the CUDA shim".into(),
+        ))
+    }
+
+    /// Never made: a CUDA device without the shim has no events ([`super::events_available`]).
+    pub struct RawEvent;
+
+    impl RawEvent {
+        pub fn record(_device: usize) -> Result<Self> {
+            Err(Error::Engine("CUDA events need the CUDA shim".into()))
+        }
+        pub fn wait(&self) -> Result<()> {
+            Ok(())
+        }
     }
 
     /// Never made: [`super::Graph::capture`] fails first without the shim.

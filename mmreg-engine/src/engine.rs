@@ -80,6 +80,12 @@ pub struct EngineOptions {
     /// How long an idle engine, woken by a request, waits for the rest of a burst of submissions to be
     /// preprocessed so that their prefills share the first step (it stops waiting as soon as none is left).
     pub burst_wait: std::time::Duration,
+    /// Async scheduling (vLLM's `--async-scheduling`): a decode step in fixed shapes whose sequences are
+    /// all greedy without log-probabilities is issued before the host has read the previous step's
+    /// tokens, which it takes from the device, so the GPU does not sit idle while the host streams
+    /// tokens and prepares the step. A sequence that stops costs one wasted row of one step. Off by
+    /// default until measured on a GPU; `MMREG_ASYNC_SCHEDULING=1` turns it on.
+    pub async_scheduling: bool,
 }
 
 impl Default for EngineOptions {
@@ -102,6 +108,8 @@ impl Default for EngineOptions {
             tensor_parallel_timeout: std::time::Duration::from_secs(300),
             mm_encoder_tp_mode: EncoderTpMode::Rank0,
             burst_wait: std::time::Duration::from_millis(20),
+            async_scheduling: std::env::var("MMREG_ASYNC_SCHEDULING")
+                .is_ok_and(|v| !v.is_empty() && v != "0"),
         }
     }
 }
@@ -350,7 +358,11 @@ pub struct StepTiming {
     /// Until the host had issued the step's forward (on a GPU the kernels, or the graph's replay, are
     /// then queued; what follows in `seconds` is mostly waiting for them and the sampled tokens).
     pub issued_seconds: f64,
+    /// From its start, or from when the step before was landed if that was later (an overlapped step),
+    /// until its tokens were handed out.
     pub seconds: f64,
+    /// Issued before the step before it had been landed (async scheduling).
+    pub overlapped: bool,
 }
 
 impl EngineCounters {

@@ -6,7 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 
-use tch::{Device, Tensor};
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
 
 use mmreg_core::registry::ModelEntry;
 use mmreg_core::step::AttentionBatch;
@@ -19,6 +21,7 @@ use crate::block_pool::{block_hash, BlockPool, Hash};
 use crate::blocks::{
     attention_batch, set_bidirectional, set_positions, set_sliding_slots, SeqPositions,
 };
+use crate::cuda;
 use crate::encoder_cache::EncoderCache;
 use crate::engine::{
     Completion, EncoderTpMode, EngineCounters, EngineOptions, Event, EventSink, FinishReason,
@@ -33,6 +36,8 @@ use crate::step_graphs::{DecodeRow, FixedShapeSteps};
 
 /// A request inside the scheduler.
 struct Sequence {
+    /// Unique in this scheduler: how a step in flight finds its rows' sequences.
+    id: u64,
     request: PreparedRequest,
     params: SamplingParams,
     sampler: Sampler,
@@ -74,6 +79,11 @@ impl Sequence {
             .get(i)
             .copied()
             .unwrap_or_else(|| self.generated[i - prompt.len()])
+    }
+
+    /// Its next token is the argmax of its logits, and nothing else of them is wanted.
+    fn argmax_only(&self) -> bool {
+        self.params.is_greedy() && !self.params.wants_logprobs()
     }
 
     /// A step of this sequence would be one decode: its last generated token is all that is new.
@@ -162,6 +172,14 @@ pub(crate) struct Scheduler {
     /// (the most items `--limit-mm-per-prompt` allows).
     max_items_per_embed: usize,
     burst_wait: std::time::Duration,
+    /// Issue a decode step before the previous one's tokens are read ([`EngineOptions::async_scheduling`]).
+    async_scheduling: bool,
+    /// The step issued and not yet landed, with async scheduling.
+    in_flight: Option<Flight>,
+    /// The id of the newest sequence.
+    next_id: u64,
+    /// When the last step's tokens were handed out.
+    last_landed: Instant,
 }
 
 /// One sequence's part of a step: its index in `running` and how many of its tokens the step computes.
@@ -169,6 +187,26 @@ pub(crate) struct Scheduler {
 struct Scheduled {
     seq: usize,
     new: usize,
+}
+
+/// A step whose forward is queued and whose tokens the host has not read yet.
+struct Flight {
+    /// Each row's sequence (by id) and how many of its tokens the step computes.
+    rows: Vec<(u64, usize)>,
+    /// `[rows, vocab]`, valid until the next step is issued: a flight that the next step follows
+    /// (`followable`) is landed with its argmax alone.
+    logits: Tensor,
+    /// Each row's argmax on the device, and its copy on the way to the host (there once `copied` is
+    /// reached; `None`: the copy was synchronous).
+    greedy: Tensor,
+    greedy_host: Tensor,
+    copied: Option<cuda::Event>,
+    /// Every row decodes one token of a fixed-shape step and needs only its argmax (greedy, no
+    /// log-probabilities): the next step may be issued before this one's tokens are read.
+    followable: bool,
+    started: Instant,
+    /// Filled in but for `seconds`, which landing measures.
+    timing: StepTiming,
 }
 
 impl Scheduler {
@@ -204,6 +242,12 @@ impl Scheduler {
             max_model_len,
             max_items_per_embed: options.limit_mm_per_prompt.max_count().max(1),
             burst_wait: options.burst_wait,
+            // A step in flight needs its tokens copied without waiting: CUDA events (the shim).
+            async_scheduling: options.async_scheduling
+                && (options.device == Device::Cpu || cuda::events_available()),
+            in_flight: None,
+            next_id: 0,
+            last_landed: Instant::now(),
         }
     }
 
@@ -235,6 +279,7 @@ impl Scheduler {
                 .unwrap_or_else(|panic| Err(Error::Engine(panic_message("the step", panic))));
             if let Err(error) = stepped {
                 // A failed step fails the sequences in it; the engine carries on.
+                self.in_flight = None;
                 let message = error.to_string();
                 for mut seq in std::mem::take(&mut self.running) {
                     seq.events.send(Event::Failed(Error::Engine(format!(
@@ -295,7 +340,9 @@ impl Scheduler {
             .iter()
             .map(|run| span_hash(&ready.prepared, run))
             .collect();
+        self.next_id += 1;
         self.waiting.push_back(Sequence {
+            id: self.next_id,
             sampler: Sampler::new(&ready.params),
             request: ready.prepared,
             params: ready.params,
@@ -428,19 +475,36 @@ impl Scheduler {
         plan
     }
 
-    /// Schedules and runs one step.
+    /// Schedules and runs one step. With async scheduling, a decode step whose rows need nothing but
+    /// their argmax stays in flight: when the next step decodes the same sequences it is issued behind
+    /// it, fed that argmax on the device, and the host reads the tokens while it runs ([`Self::follow`]).
     fn step(&mut self) -> Result<()> {
+        if let Some(flight) = self.in_flight.take() {
+            let next = self.follow(&flight)?;
+            self.land(flight)?;
+            if next.is_some() {
+                self.in_flight = next;
+                return Ok(());
+            }
+        }
         self.drop_cancelled();
         let plan = self.schedule();
         if plan.is_empty() {
             return Ok(());
         }
-        self.forward_and_sample(&plan)
+        let flight = self.issue(&plan)?;
+        if self.async_scheduling && flight.followable {
+            self.in_flight = Some(flight);
+            Ok(())
+        } else {
+            self.land(flight)
+        }
     }
 
-    fn forward_and_sample(&mut self, plan: &[Scheduled]) -> Result<()> {
+    /// Issues a planned step: its forward, and each row's argmax on its way to the host.
+    fn issue(&mut self, plan: &[Scheduled]) -> Result<Flight> {
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let decodes_only = plan.iter().all(|s| self.running[s.seq].decoding());
         let fixed = match &mut self.fixed_steps {
             Some(_) if decodes_only && self.ranks.is_some() => {
@@ -456,37 +520,152 @@ impl Scheduler {
             }
             _ => None,
         };
+        let fixed_shape = fixed.is_some() && self.ranks.is_none();
         let (logits, prefill_tokens, embed_seconds) = match fixed {
             Some(logits) => (logits, 0, 0.0),
             None => self.packed_step(plan, started)?,
         };
-        let issued_seconds = started.elapsed().as_secs_f64();
-        // One host transfer for every greedy row (which also waits for the step to finish).
-        let greedy = Vec::<i64>::try_from(logits.f_argmax(-1, false)?.to_device(Device::Cpu))?;
-        if let Some(log) = self
-            .counters
-            .step_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
+        let seqs = plan.iter().map(|s| &self.running[s.seq]);
+        let timing = StepTiming {
+            prefill_tokens,
+            decodes: seqs.clone().filter(|seq| seq.decoding()).count(),
+            embed_seconds,
+            issued_seconds: started.elapsed().as_secs_f64(),
+            seconds: 0.0,
+            overlapped: false,
+        };
+        let followable = fixed_shape && seqs.clone().all(Sequence::argmax_only);
+        let rows = seqs.zip(plan).map(|(seq, s)| (seq.id, s.new)).collect();
+        self.flight(rows, logits, started, timing, followable)
+    }
+
+    /// Issues the next step behind `flight` before the host has read its tokens, where that step would
+    /// decode exactly the sequences `flight` decodes (each its next token, in fixed shapes), none of them
+    /// cancelled or at its length limit, with nobody waiting who could be admitted. Its input tokens are
+    /// `flight`'s argmax, on the device. A sequence that `flight`'s token stops costs one wasted row.
+    fn follow(&mut self, flight: &Flight) -> Result<Option<Flight>> {
+        if !flight.followable
+            || self.running.is_empty()
+            || (!self.waiting.is_empty() && self.running.len() < self.max_num_seqs)
         {
-            let decodes = plan
-                .iter()
-                .filter(|s| self.running[s.seq].decoding())
-                .count();
-            log.push(StepTiming {
-                prefill_tokens,
-                decodes,
-                embed_seconds,
-                issued_seconds,
-                seconds: started.elapsed().as_secs_f64(),
-            });
+            return Ok(None);
         }
+        // Each running sequence's row in `flight`.
+        let mut from = Vec::with_capacity(self.running.len());
+        for seq in &self.running {
+            let Some(row) = flight.rows.iter().position(|&(id, _)| id == seq.id) else {
+                return Ok(None);
+            };
+            // `flight`'s token is its last one.
+            let last = seq.generated.len() + 1 >= seq.params.max_tokens
+                || seq.len() + 1 >= self.max_model_len;
+            if !seq.decoding() || last || seq.events.is_cancelled() {
+                return Ok(None);
+            }
+            from.push(row as i64);
+        }
+        // Room for `flight`'s token and the one this step computes.
+        for seq in &mut self.running {
+            if !grow(&mut self.pool, &mut self.sliding, seq, 2) {
+                return Ok(None);
+            }
+        }
+        let started = Instant::now();
+        let Some(fixed) = &mut self.fixed_steps else {
+            return Ok(None);
+        };
+        let rows: Vec<DecodeRow> = self
+            .running
+            .iter()
+            .map(|seq| DecodeRow {
+                token: 0,
+                blocks: &seq.blocks,
+                sliding_blocks: &seq.sliding_blocks,
+                len: seq.len() + 1,
+                position_delta: seq.positions().map_or(0, |p| p.delta),
+            })
+            .collect();
+        let Some(planned) = fixed.plan_decode(&rows) else {
+            return Ok(None);
+        };
+        let in_order = from.len() == flight.rows.len() && (0..).zip(&from).all(|(i, &r)| i == r);
+        let tokens = match in_order {
+            true => flight.greedy.shallow_clone(),
+            false => {
+                let from = cuda::to_device_async(&Tensor::from_slice(&from), self.model.device())?;
+                flight.greedy.f_index_select(0, &from)?
+            }
+        };
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = fixed.replay_decode(
+            self.model.as_ref(),
+            &mut self.cache,
+            &planned,
+            Some(&tokens),
+        )?;
+        let timing = StepTiming {
+            prefill_tokens: 0,
+            decodes: rows.len(),
+            embed_seconds: 0.0,
+            issued_seconds: started.elapsed().as_secs_f64(),
+            seconds: 0.0,
+            overlapped: true,
+        };
+        let rows = self.running.iter().map(|seq| (seq.id, 1)).collect();
+        self.flight(rows, logits, started, timing, true).map(Some)
+    }
+
+    /// A step in flight: its rows' argmax, copied to the host without waiting.
+    fn flight(
+        &self,
+        rows: Vec<(u64, usize)>,
+        logits: Tensor,
+        started: Instant,
+        timing: StepTiming,
+        followable: bool,
+    ) -> Result<Flight> {
+        let device = self.model.device();
+        let greedy = logits.f_argmax(-1, false)?;
+        let asynchronous = device == Device::Cpu || cuda::events_available();
+        let greedy_host = greedy.f_to_device_(Device::Cpu, Kind::Int64, asynchronous, false)?;
+        let copied = match asynchronous {
+            true => Some(cuda::Event::record(device)?),
+            false => None,
+        };
+        Ok(Flight {
+            rows,
+            logits,
+            greedy,
+            greedy_host,
+            copied,
+            followable,
+            started,
+            timing,
+        })
+    }
+
+    /// Reads a step's tokens (waiting for it) and hands them to their sequences: streams them, offers
+    /// full blocks to the prefix cache, and finishes the sequences that stop. Rows whose sequence has
+    /// left since the step was issued are dropped.
+    fn land(&mut self, flight: Flight) -> Result<()> {
+        if let Some(copied) = &flight.copied {
+            copied.wait()?;
+        }
+        let greedy = Vec::<i64>::try_from(&flight.greedy_host)?;
+        // A flight that waited behind the next step needs no logits: they are the next step's now.
+        let logits = &flight.logits;
         let block_size = self.pool.block_size();
         let mut finished = Vec::new();
-        for (row, s) in plan.iter().enumerate() {
-            let seq = &mut self.running[s.seq];
-            seq.computed += s.new;
+        for (row, &(id, new)) in flight.rows.iter().enumerate() {
+            let at = match self.running.get(row) {
+                Some(seq) if seq.id == id => Some(row),
+                _ => self.running.iter().position(|seq| seq.id == id),
+            };
+            let Some(i) = at else {
+                continue;
+            };
+            let seq = &mut self.running[i];
+            seq.computed += new;
             if self.pool.caching() {
                 let full = seq.computed / block_size;
                 seq.hash_blocks(full, block_size);
@@ -530,7 +709,7 @@ impl Scheduler {
             seq.generated.push(token);
             seq.events.send(Event::Token(token));
             if let Some(reason) = finish_reason(&self.ctx, self.max_model_len, seq) {
-                finished.push((s.seq, reason));
+                finished.push((i, reason));
             }
         }
         finished.sort_by_key(|&(i, _)| i);
@@ -553,9 +732,27 @@ impl Scheduler {
             };
             seq.events.send(Event::Finished(completion));
         }
+        // The step's time: since it was issued, or since the step before landed if it waited behind it.
+        let landed = Instant::now();
+        let seconds = landed
+            .duration_since(flight.started.max(self.last_landed))
+            .as_secs_f64();
+        self.last_landed = landed;
+        if let Some(log) = self
+            .counters
+            .step_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            log.push(StepTiming {
+                seconds,
+                ..flight.timing
+            });
+        }
         self.counters
             .step_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -933,11 +1130,11 @@ impl Scheduler {
                             ));
                         };
                         fixed
-                            .replay_decode(state.model.as_ref(), cache, &planned)
+                            .replay_decode(state.model.as_ref(), cache, &planned, None)
                             .map(|_| ())
                     })
                 },
-                || fixed.replay_decode(model, cache, &planned),
+                || fixed.replay_decode(model, cache, &planned, None),
             )
             .map(Some)
     }

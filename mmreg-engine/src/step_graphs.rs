@@ -22,6 +22,7 @@ use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, 
 use mmreg_core::{MultiModalModel, PagedKvCache, PromptPositions, Result, Step};
 
 use crate::blocks::slots;
+use crate::cuda;
 use crate::graphs::GraphCache;
 
 /// Context lengths of decode steps are rounded up to a multiple of this.
@@ -112,7 +113,7 @@ impl FixedShapeSteps {
         let Some(planned) = self.plan_decode(rows) else {
             return Ok(None);
         };
-        self.replay_decode(model, cache, &planned).map(Some)
+        self.replay_decode(model, cache, &planned, None).map(Some)
     }
 
     /// The bucket and packed inputs of a step of single-token decodes, or `None` if it fits no bucket:
@@ -139,12 +140,20 @@ impl FixedShapeSteps {
     }
 
     /// Runs (or replays) a planned decode step: `[rows, vocab]` logits, valid until the next step.
+    /// `tokens` (`[rows]` on the model's device), where given, are the rows' input tokens in place of the
+    /// planned ones: the argmax of the step before, which the host has not read yet. Nothing here makes
+    /// the host wait for the device.
     pub(crate) fn replay_decode(
         &mut self,
         model: &dyn MultiModalModel,
         cache: &mut PagedKvCache,
         planned: &PlannedDecode,
+        tokens: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let packed = cuda::to_device_async(&planned.packed, model.device())?;
+        if let Some(tokens) = tokens {
+            packed.narrow(0, 0, planned.rows as i64).f_copy_(tokens)?;
+        }
         let (batch, context) = (planned.batch, planned.context);
         let shape = DecodeShape {
             batch,
@@ -152,11 +161,11 @@ impl FixedShapeSteps {
             sections: self.sections,
             sliding: self.sliding_width(context),
         };
-        let logits = self.graphs.run(
-            Bucket::Decode { batch, context },
-            &[&planned.packed],
-            |inputs| decode_step(model, &mut *cache, &inputs[0], shape),
-        )?;
+        let logits = self
+            .graphs
+            .run(Bucket::Decode { batch, context }, &[&packed], |inputs| {
+                decode_step(model, &mut *cache, &inputs[0], shape)
+            })?;
         Ok(logits.narrow(0, 0, planned.rows as i64))
     }
 

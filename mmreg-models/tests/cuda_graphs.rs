@@ -1,5 +1,6 @@
 //! On a GPU: the engine with CUDA graphs (vision path, lone prefills, decode steps) generates what it
-//! generates without any, at several batch sizes (so several graph buckets, padding rows included).
+//! generates without any, at several batch sizes (so several graph buckets, padding rows included), and
+//! so does it with async scheduling.
 //! Skipped, with a message, on a machine without CUDA.
 
 use mmreg_core::Prompt;
@@ -36,7 +37,7 @@ fn cuda_graphs_generate_what_plain_steps_generate() {
             },
         })
         .collect();
-    let run = |graphs: bool| {
+    let run = |graphs: bool, async_scheduling: bool| {
         // Read when the model loads (vision path) and the engine starts (steps).
         if graphs {
             std::env::remove_var("MMREG_NO_CUDA_GRAPHS");
@@ -47,9 +48,11 @@ fn cuda_graphs_generate_what_plain_steps_generate() {
             device: Device::Cuda(0),
             dtype: Kind::Float,
             cuda_graphs: None,
+            async_scheduling,
             ..EngineOptions::default()
         };
         let engine = Engine::new(&dir, options).expect("engine");
+        engine.counters().record_steps();
         // A lone request (its prefill alone in a step), then 11 finishing at different steps: batches 11
         // down to 1 run through decode buckets 16, 8, 4, 2 and 1.
         let mut outputs = vec![
@@ -65,13 +68,19 @@ fn cuda_graphs_generate_what_plain_steps_generate() {
                 .into_iter()
                 .map(|r| r.expect("completes").token_ids),
         );
-        outputs
+        let steps = engine.counters().take_steps();
+        (outputs, steps.iter().filter(|s| s.overlapped).count())
     };
-    let plain = run(false);
-    let graphs = run(true);
+    let (plain, _) = run(false, false);
+    let (graphs, _) = run(true, false);
     assert_eq!(graphs, plain);
+    // Async scheduling: the greedy decode steps (once the sampled requests are done) are replayed
+    // before the host has read the step before's tokens, fed them on the device.
+    let (overlapped, count) = run(true, true);
+    assert_eq!(overlapped, plain);
+    assert!(count > 0, "no step was issued behind the one before");
     println!(
-        "CUDA graphs: {} requests, {} tokens, identical to plain steps",
+        "CUDA graphs: {} requests, {} tokens, identical to plain steps; with async scheduling too ({count} steps overlapped)",
         plain.len(),
         plain.iter().map(Vec::len).sum::<usize>()
     );

@@ -2,6 +2,7 @@
 //! sampling, bad requests and a too-small KV cache.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use mmreg_core::{
     ImageInput, LoadOptions, ModelContext, MultiModalData, ProcessorInputs, Prompt, Registry,
@@ -30,13 +31,33 @@ fn greedy(max_tokens: usize) -> SamplingParams {
     }
 }
 
-/// Both ways of running decode steps: packed like any step, and in fixed shapes (what CUDA graphs
-/// replay on a GPU; run without capture here).
-const DECODE_MODES: [Option<bool>; 2] = [Some(false), Some(true)];
+/// How decode steps run: packed like any step, or in fixed shapes (what CUDA graphs replay on a GPU;
+/// run without capture here), with or without async scheduling.
+#[derive(Debug, Clone, Copy)]
+struct DecodeMode {
+    cuda_graphs: Option<bool>,
+    async_scheduling: bool,
+}
 
-fn with_cuda_graphs(cuda_graphs: Option<bool>) -> EngineOptions {
+const PACKED: DecodeMode = DecodeMode {
+    cuda_graphs: Some(false),
+    async_scheduling: false,
+};
+const FIXED: DecodeMode = DecodeMode {
+    cuda_graphs: Some(true),
+    async_scheduling: false,
+};
+/// Each greedy decode step issued before the host has read the previous step's tokens.
+const ASYNC: DecodeMode = DecodeMode {
+    cuda_graphs: Some(true),
+    async_scheduling: true,
+};
+const DECODE_MODES: [DecodeMode; 3] = [PACKED, FIXED, ASYNC];
+
+fn with_mode(mode: DecodeMode) -> EngineOptions {
     EngineOptions {
-        cuda_graphs,
+        cuda_graphs: mode.cuda_graphs,
+        async_scheduling: mode.async_scheduling,
         ..EngineOptions::default()
     }
 }
@@ -54,12 +75,8 @@ fn token_ids(engine: &Engine, requests: &[Request]) -> Vec<Vec<u32>> {
 fn assert_engine_matches_sequential(dir: &Path, requests: &[Request]) {
     let expected = sequential(dir, requests);
     for mode in DECODE_MODES {
-        let engine = Engine::new(dir, with_cuda_graphs(mode)).expect("engine");
-        assert_eq!(
-            token_ids(&engine, requests),
-            expected,
-            "cuda_graphs {mode:?}"
-        );
+        let engine = Engine::new(dir, with_mode(mode)).expect("engine");
+        assert_eq!(token_ids(&engine, requests), expected, "{mode:?}");
     }
 }
 
@@ -140,7 +157,7 @@ fn requests_arriving_while_others_decode_get_the_same_outputs() {
     let requests = llava_requests();
     let expected = sequential(&dir, &requests);
     for mode in DECODE_MODES {
-        let engine = Engine::new(&dir, with_cuda_graphs(mode)).expect("engine");
+        let engine = Engine::new(&dir, with_mode(mode)).expect("engine");
         let first = engine.submit(requests[0].clone());
         // Wait until the first request is decoding, then send the rest.
         assert!(matches!(first.next_event(), Some(Event::Token(_))));
@@ -154,7 +171,7 @@ fn requests_arriving_while_others_decode_get_the_same_outputs() {
             rest.into_iter()
                 .map(|h| h.wait().expect("completes").token_ids),
         );
-        assert_eq!(outputs, expected, "cuda_graphs {mode:?}");
+        assert_eq!(outputs, expected, "{mode:?}");
     }
 }
 
@@ -181,22 +198,18 @@ fn a_small_cache_queues_and_preempts_without_changing_outputs() {
             max_model_len: Some(1216),
             cpu_kv_cache_bytes: 1216 * 256,
             burst_wait: std::time::Duration::from_secs(30),
-            ..with_cuda_graphs(mode)
+            ..with_mode(mode)
         };
         let engine = Engine::new(&dir, options).expect("engine");
         assert_eq!(engine.profile().kv_blocks, 76);
-        assert_eq!(
-            token_ids(&engine, &requests),
-            expected,
-            "cuda_graphs {mode:?}"
-        );
+        assert_eq!(token_ids(&engine, &requests), expected, "{mode:?}");
         assert!(
             engine
                 .counters()
                 .preemptions
                 .load(std::sync::atomic::Ordering::Relaxed)
                 > 0,
-            "no sequence was preempted (cuda_graphs {mode:?})"
+            "no sequence was preempted ({mode:?})"
         );
     }
 }
@@ -303,6 +316,43 @@ fn stop_strings_and_eos_end_generation() {
         stopped.token_ids.len() <= 3 && !stopped.text.contains(second.trim()),
         "{stopped:?}"
     );
+}
+
+#[test]
+fn async_scheduling_overlaps_greedy_decodes_and_drops_the_rows_of_stopped_sequences() {
+    let dir = fixture("llava-tiny-real");
+    let mut requests: Vec<Request> = llava_requests()
+        .into_iter()
+        .filter(|r| r.params.is_greedy())
+        .collect();
+    // The first request stops on its fifth token (found by a plain run): the step issued behind the one
+    // that sampled it has a row for it, which must come to nothing.
+    let plain = token_ids(
+        &Engine::new(&dir, with_mode(FIXED)).expect("engine"),
+        &requests,
+    );
+    requests[0].params.stop_token_ids = vec![plain[0][4]];
+    let expected = sequential(&dir, &requests);
+    assert!(expected[0].len() <= 5 && expected[0].len() < plain[0].len());
+    for mode in [FIXED, ASYNC] {
+        let engine = Engine::new(&dir, with_mode(mode)).expect("engine");
+        engine.counters().record_steps();
+        assert_eq!(token_ids(&engine, &requests), expected, "{mode:?}");
+        let steps = engine.counters().take_steps();
+        let overlapped = steps.iter().filter(|s| s.overlapped).count();
+        if mode.async_scheduling {
+            // The batch changes at 5 of its 15 decode steps; the rest follow the step before.
+            assert!(overlapped >= 3, "{overlapped} of {} steps", steps.len());
+        } else {
+            assert_eq!(overlapped, 0);
+        }
+        // The last step's sequences all stopped: nothing stays held.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while engine.counters().kv_blocks_used.load(Ordering::Relaxed) > 0 {
+            assert!(std::time::Instant::now() < deadline, "blocks still held");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
 }
 
 #[test]

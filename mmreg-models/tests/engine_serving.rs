@@ -49,9 +49,28 @@ fn wait_for(engine: &Engine, what: &str, done: impl Fn(&Engine) -> bool) {
     }
 }
 
+/// The default engine, and one whose greedy decode steps are issued before the previous step's tokens
+/// are read (async scheduling, over fixed-shape steps).
+fn engines() -> [EngineOptions; 2] {
+    [
+        EngineOptions::default(),
+        EngineOptions {
+            cuda_graphs: Some(true),
+            async_scheduling: true,
+            ..EngineOptions::default()
+        },
+    ]
+}
+
 #[test]
 fn cancelling_a_request_frees_its_blocks_and_leaves_the_others_alone() {
-    let engine = Engine::new(fixture("llava-tiny-real"), EngineOptions::default()).expect("engine");
+    for options in engines() {
+        cancel_one_of_two(options);
+    }
+}
+
+fn cancel_one_of_two(options: EngineOptions) {
+    let engine = Engine::new(fixture("llava-tiny-real"), options).expect("engine");
     let counters = engine.counters();
     let long = SamplingParams {
         max_tokens: 3000,
@@ -81,7 +100,13 @@ fn cancelling_a_request_frees_its_blocks_and_leaves_the_others_alone() {
 
 #[test]
 fn dropping_a_handle_cancels_its_request() {
-    let engine = Engine::new(fixture("llava-tiny-real"), EngineOptions::default()).expect("engine");
+    for options in engines() {
+        drop_a_handle(options);
+    }
+}
+
+fn drop_a_handle(options: EngineOptions) {
+    let engine = Engine::new(fixture("llava-tiny-real"), options).expect("engine");
     let handle = engine.submit(request(SamplingParams {
         max_tokens: 3000,
         ..SamplingParams::default()

@@ -58,7 +58,8 @@ fn gemma3_in_chunks_with_fixed_shapes_and_preemption() {
 /// step's chunk), about 23 blocks of 16 tokens where the prompts take up to 68; the memory this frees
 /// goes to the global layer's blocks. Every case must still give HF's greedy tokens, which it can only
 /// if the blocks a window no longer sees go back to the pool; a long prompt run twice reuses its
-/// cached prefix in both pools and gives the same tokens.
+/// cached prefix in both pools and gives the same tokens. Decode steps run with async scheduling (each
+/// issued before the previous one's tokens are read), which frees a window's blocks a step later.
 #[test]
 fn gemma3_sliding_layers_hold_only_their_window() {
     let dir = fixture("gemma3-tiny");
@@ -67,6 +68,7 @@ fn gemma3_sliding_layers_hold_only_their_window() {
         max_num_seqs: 2,
         max_num_batched_tokens: 128,
         cuda_graphs: Some(true),
+        async_scheduling: true,
         cpu_kv_cache_bytes: 100 * 16 * kv_bytes_per_token(),
         ..EngineOptions::default()
     };

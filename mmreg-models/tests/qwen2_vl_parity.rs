@@ -347,6 +347,17 @@ fn qwen2_vl_through_fixed_shape_steps_and_preemption() {
     assert!(preempted > 0, "the small cache preempted no sequence");
 }
 
+/// The same with async scheduling: each greedy decode step is issued before the previous one's tokens
+/// are read, its M-RoPE positions planned from lengths alone.
+#[test]
+fn qwen2_vl_through_fixed_shape_steps_with_async_scheduling() {
+    let options = EngineOptions {
+        async_scheduling: true,
+        ..fixed_shapes_and_preemption()
+    };
+    engine_batch("qwen2-vl-tiny", options);
+}
+
 /// The placeholder count of every size in HF's sweep (8637 sizes, each side 1..2000, aspect ratios up to
 /// and past 200) under the default and a non-default `min_pixels`/`max_pixels` from
 /// preprocessor_config.json equals HF's, and the sizes HF refuses are refused, naming the limit.
