@@ -359,7 +359,7 @@ pub struct StepTiming {
     /// then queued; what follows in `seconds` is mostly waiting for them and the sampled tokens).
     pub issued_seconds: f64,
     /// From its start, or from when the step before was landed if that was later (an overlapped step),
-    /// until its tokens were handed out.
+    /// until its tokens were on the host.
     pub seconds: f64,
     /// Issued before the step before it had been landed (async scheduling).
     pub overlapped: bool,

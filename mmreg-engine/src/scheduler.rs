@@ -652,6 +652,28 @@ impl Scheduler {
             copied.wait()?;
         }
         let greedy = Vec::<i64>::try_from(&flight.greedy_host)?;
+        // The step's time (logged before any request hears of its end): since it was issued, or since
+        // the step before landed if it waited behind it.
+        let landed = Instant::now();
+        let seconds = landed
+            .duration_since(flight.started.max(self.last_landed))
+            .as_secs_f64();
+        self.last_landed = landed;
+        if let Some(log) = self
+            .counters
+            .step_log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            log.push(StepTiming {
+                seconds,
+                ..flight.timing
+            });
+        }
+        self.counters
+            .step_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
         // A flight that waited behind the next step needs no logits: they are the next step's now.
         let logits = &flight.logits;
         let block_size = self.pool.block_size();
@@ -732,27 +754,6 @@ impl Scheduler {
             };
             seq.events.send(Event::Finished(completion));
         }
-        // The step's time: since it was issued, or since the step before landed if it waited behind it.
-        let landed = Instant::now();
-        let seconds = landed
-            .duration_since(flight.started.max(self.last_landed))
-            .as_secs_f64();
-        self.last_landed = landed;
-        if let Some(log) = self
-            .counters
-            .step_log
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            log.push(StepTiming {
-                seconds,
-                ..flight.timing
-            });
-        }
-        self.counters
-            .step_micros
-            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
         Ok(())
     }
 }
