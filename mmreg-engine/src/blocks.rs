@@ -4,6 +4,13 @@ use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, 
 use mmreg_core::{Error, PromptPositions, Result};
 use tch::{Device, Tensor};
 
+use crate::cuda;
+
+/// `values` on `device`, queued without the host waiting for the stream ([`cuda::upload`]).
+fn upload<T: tch::kind::Element>(values: &[T], device: Device) -> Result<Tensor> {
+    cuda::upload(&Tensor::from_slice(values), device)
+}
+
 /// Free blocks of the pool.
 #[derive(Debug)]
 pub struct BlockAllocator {
@@ -109,7 +116,7 @@ pub fn attention_batch(
         let slots = if gathered {
             Tensor::new()
         } else {
-            Tensor::from_slice(&all).to_device(device)
+            upload(&all, device)?
         };
         slices.push(SequenceSlice {
             start,
@@ -122,16 +129,17 @@ pub fn attention_batch(
         logits_rows.push(start - 1);
     }
     Ok(AttentionBatch {
-        positions: Tensor::from_slice(&positions).to_device(device),
-        new_slots: Tensor::from_slice(&new_slots).to_device(device),
+        positions: upload(&positions, device)?,
+        new_slots: upload(&new_slots, device)?,
         sequences: slices,
         logits_indices: last_token_logits
-            .then(|| Tensor::from_slice(&logits_rows).to_device(device)),
+            .then(|| upload(&logits_rows, device))
+            .transpose()?,
         decode_gather: (decodes > 0)
             .then(|| -> Result<DecodeGather> {
-                let lengths = Tensor::from_slice(&lengths).to_device(device);
+                let lengths = upload(&lengths, device)?;
                 Ok(DecodeGather {
-                    slots: Tensor::from_slice(&padded).to_device(device),
+                    slots: upload(&padded, device)?,
                     mask: real_slots(&lengths, longest as i64)?,
                     lengths,
                 })
@@ -181,21 +189,21 @@ pub fn set_sliding_slots(
             padded.extend(seen.into_iter().chain(pad));
             Tensor::new()
         } else {
-            Tensor::from_slice(&slots(table, block_size, 0..len)).to_device(device)
+            upload(&slots(table, block_size, 0..len), device)?
         });
     }
     let gather = (gathered > 0)
         .then(|| -> Result<DecodeGather> {
-            let lengths = Tensor::from_slice(&lengths).to_device(device);
+            let lengths = upload(&lengths, device)?;
             Ok(DecodeGather {
-                slots: Tensor::from_slice(&padded).to_device(device),
+                slots: upload(&padded, device)?,
                 mask: real_slots(&lengths, width as i64)?,
                 lengths,
             })
         })
         .transpose()?;
     batch.sliding = Some(SlidingSlots {
-        new_slots: Tensor::from_slice(&new_slots).to_device(device),
+        new_slots: upload(&new_slots, device)?,
         slots: per_sequence,
         gather,
     });
@@ -208,7 +216,7 @@ pub fn set_bidirectional(
     batch: &mut AttentionBatch,
     spans: &[&[std::ops::Range<usize>]],
     device: Device,
-) {
+) -> Result<()> {
     for (seq, spans) in batch.sequences.iter_mut().zip(spans) {
         let (from, to) = (seq.context as usize, (seq.context + seq.len) as usize);
         let runs: Vec<_> = spans
@@ -225,12 +233,10 @@ pub fn set_bidirectional(
                 open[row + run.start..row + run.end.min(to)].fill(true);
             }
         }
-        seq.bidirectional = Some(
-            Tensor::from_slice(&open)
-                .view([seq.len, to as i64])
-                .to_device(device),
-        );
+        let open = Tensor::from_slice(&open).view([seq.len, to as i64]);
+        seq.bidirectional = Some(cuda::upload(&open, device)?);
     }
+    Ok(())
 }
 
 /// One sequence's part of a step, for its positions: tokens `context..context + new` of a sequence whose
@@ -272,7 +278,7 @@ pub fn step_positions(sections: usize, seqs: &[SeqPositions], device: Device) ->
     } else {
         positions
     };
-    Ok(positions.to_device(device))
+    cuda::upload(&positions, device)
 }
 
 /// Replaces a step's default positions (`context..` per sequence) where the model reads several rows

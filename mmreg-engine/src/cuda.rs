@@ -105,18 +105,33 @@ impl Event {
     }
 }
 
-/// Whether [`Event`] and [`to_device_async`] work on this build's CUDA devices (they need the CUDA shim).
+/// Whether [`Event`] and [`upload`]'s pinned copies work on this build's CUDA devices (they need the CUDA
+/// shim).
 pub fn events_available() -> bool {
     cfg!(mmreg_cuda_shim)
 }
 
-/// A copy of `tensor` (on the host) on `device`, made without the host waiting for the stream: through
-/// pinned memory on CUDA (the copy is queued behind what the stream already holds); a plain copy
-/// elsewhere.
-pub fn to_device_async(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> {
+/// `tensor` on `device`. A host tensor bound for a CUDA device goes through pinned memory, its copy
+/// queued behind the work the stream already holds without the host waiting for it (plain copies from
+/// pageable memory wait for the whole stream): a step's small inputs (token ids, slots, positions) are
+/// then issued while the GPU still runs what came before. `MMREG_ASYNC_UPLOADS=0` makes plain copies, as
+/// does a failure to pin (logged once). Anything else: `to_device`.
+pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> {
+    static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static FAILED: std::sync::Once = std::sync::Once::new();
+    let plain = *PLAIN.get_or_init(|| {
+        std::env::var("MMREG_ASYNC_UPLOADS").is_ok_and(|v| v == "0") || !events_available()
+    });
     match device {
-        tch::Device::Cuda(i) if events_available() => shim::to_device_async(tensor, i),
-        _ => Ok(tensor.f_to_device_(device, tensor.kind(), false, true)?),
+        tch::Device::Cuda(i) if !plain && tensor.device() == tch::Device::Cpu => {
+            shim::to_device_async(tensor, i).or_else(|error| {
+                FAILED.call_once(
+                    || tracing::warn!(%error, "pinned copies failed; copying from pageable memory"),
+                );
+                Ok(tensor.f_to_device(device)?)
+            })
+        }
+        _ => Ok(tensor.f_to_device(device)?),
     }
 }
 

@@ -253,7 +253,7 @@ fn prefill_logits_with(
     let len = embeds.size()[0] as usize;
     let (mut cache, blocks) = private_cache(model, len)?;
     let mut batch = attention_batch(&[(&blocks, 0, len)], BLOCK_SIZE, false, model.device())?;
-    set_bidirectional(&mut batch, &[spans], model.device());
+    set_bidirectional(&mut batch, &[spans], model.device())?;
     let seq = SeqPositions {
         context: 0,
         new: len,
@@ -291,7 +291,7 @@ pub fn generate(
     let embeds = embed_prompt(entry, model, prepared)?;
     let (mut cache, blocks) = private_cache(model, capacity)?;
     let mut batch = attention_batch(&[(&blocks, 0, prompt_len)], BLOCK_SIZE, true, device)?;
-    set_bidirectional(&mut batch, &[&spans], device);
+    set_bidirectional(&mut batch, &[&spans], device)?;
     set_positions(&mut batch, sections, &[at(0, prompt_len)], device)?;
     let mut logits = model.forward(&embeds, &mut Step::new(&batch, &mut cache))?;
     let mut sampler = Sampler::new(params);

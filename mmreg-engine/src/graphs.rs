@@ -65,8 +65,8 @@ impl<K: Hash + Eq + Clone + Debug> GraphCache<K> {
         let on_device = |inputs: &[&Tensor]| {
             inputs
                 .iter()
-                .map(|t| t.f_to_device(self.device)?.f_contiguous())
-                .collect::<std::result::Result<Vec<_>, _>>()
+                .map(|t| Ok(cuda::upload(t, self.device)?.f_contiguous()?))
+                .collect::<Result<Vec<_>>>()
         };
         let Some(device) = self.capture_on.filter(|_| !self.failed.contains(&key)) else {
             return f(&on_device(inputs)?);
@@ -96,7 +96,7 @@ impl<K: Hash + Eq + Clone + Debug> GraphCache<K> {
             unreachable!("captured above")
         };
         for (target, source) in captured.inputs.iter_mut().zip(inputs) {
-            target.f_copy_(source)?;
+            target.f_copy_(&cuda::upload(source, self.device)?)?;
         }
         captured.graph.replay()?;
         Ok(captured.output.shallow_clone())

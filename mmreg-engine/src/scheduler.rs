@@ -592,7 +592,7 @@ impl Scheduler {
         let tokens = match in_order {
             true => flight.greedy.shallow_clone(),
             false => {
-                let from = cuda::to_device_async(&Tensor::from_slice(&from), self.model.device())?;
+                let from = cuda::upload(&Tensor::from_slice(&from), self.model.device())?;
                 flight.greedy.f_index_select(0, &from)?
             }
         };
@@ -954,8 +954,8 @@ impl Scheduler {
                 if taken.is_empty() {
                     continue;
                 }
-                features
-                    .push(held.f_index_select(0, &Tensor::from_slice(&taken).to_device(device))?);
+                let taken = cuda::upload(&Tensor::from_slice(&taken), device)?;
+                features.push(held.f_index_select(0, &taken)?);
                 rows.extend(at);
             }
         }
@@ -1040,7 +1040,7 @@ impl Scheduler {
                     .as_slice()
             })
             .collect();
-        set_bidirectional(&mut batch, &spans, device);
+        set_bidirectional(&mut batch, &spans, device)?;
         if let Some(sliding) = &self.sliding {
             let tables: Vec<&[u32]> = plan
                 .iter()
@@ -1086,7 +1086,9 @@ impl Scheduler {
             |_, device| {
                 let (ids, batch) = (ids.shallow_clone(), batch.to_device(device));
                 Box::new(move |state: &mut RankState| {
-                    let mut embeds = state.model.embed_tokens(&ids.to_device(state.device))?;
+                    let mut embeds = state
+                        .model
+                        .embed_tokens(&cuda::upload(&ids, state.device)?)?;
                     if merge {
                         state.group.broadcast(&mut embeds, 0)?;
                     }
@@ -1287,10 +1289,10 @@ impl StepInputs {
     /// The token embeddings with the features written over their rows.
     fn embed(&self, model: &dyn MultiModalModel) -> Result<Tensor> {
         let device = model.device();
-        let mut embeds = model.embed_tokens(&self.ids.to_device(device))?;
+        let mut embeds = model.embed_tokens(&cuda::upload(&self.ids, device)?)?;
         if !self.rows.is_empty() {
             let features = Tensor::f_cat(&self.features, 0)?.to_kind(embeds.kind());
-            let rows = Tensor::from_slice(&self.rows).to_device(device);
+            let rows = cuda::upload(&Tensor::from_slice(&self.rows), device)?;
             let _ = embeds.f_index_copy_(0, &rows, &features)?;
         }
         Ok(embeds)

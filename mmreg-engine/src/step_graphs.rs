@@ -150,10 +150,15 @@ impl FixedShapeSteps {
         planned: &PlannedDecode,
         tokens: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let packed = cuda::to_device_async(&planned.packed, model.device())?;
-        if let Some(tokens) = tokens {
-            packed.narrow(0, 0, planned.rows as i64).f_copy_(tokens)?;
-        }
+        let packed = match tokens {
+            None => cuda::upload(&planned.packed, model.device())?,
+            Some(tokens) => {
+                // A copy of its own (on the CPU `upload` keeps the planned tensor).
+                let packed = cuda::upload(&planned.packed.copy(), model.device())?;
+                packed.narrow(0, 0, planned.rows as i64).f_copy_(tokens)?;
+                packed
+            }
+        };
         let (batch, context) = (planned.batch, planned.context);
         let shape = DecodeShape {
             batch,
