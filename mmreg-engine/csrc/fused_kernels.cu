@@ -403,9 +403,10 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 }
 
 // rope_all in 16-byte vectors: a thread takes a run of N elements j .. j + N - 1 of a row's first half
-// and the matching run of its second half (grid-stride over every (row, run) of the projection), with the
-// same roundings. The caller checks that dim / 2 is a multiple of N and that every tensor is 16-byte
-// aligned.
+// and the matching run of its second half, with the same roundings: grid-stride loops over tokens (y)
+// and over the (head, run) pairs of a token (x), so that a thread finds its head with one 32-bit division
+// (64-bit divisions per element had cost more than the rotation). The caller checks that dim / 2 is a
+// multiple of N and that every tensor is 16-byte aligned.
 template <typename D>
 __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const typename D::T* cos,
                              const typename D::T* sin, long long tokens, int heads, int rotated, int dim,
@@ -413,33 +414,32 @@ __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const
                              int kv_heads) {
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
-  const int half = dim / 2, runs = half / N;
-  const long long total = tokens * heads * runs;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long row = i / runs;
-    const int j = (int)(i % runs) * N;
-    const long long t = row / heads;
-    const int head = row % heads;
-    V low = *reinterpret_cast<const V*>(qkv + row * dim + j);
-    V high = *reinterpret_cast<const V*>(qkv + row * dim + j + half);
-    if (head < rotated) {
-      const V c_low = *reinterpret_cast<const V*>(cos + t * dim + j);
-      const V c_high = *reinterpret_cast<const V*>(cos + t * dim + j + half);
-      const V s_low = *reinterpret_cast<const V*>(sin + t * dim + j);
-      const V s_high = *reinterpret_cast<const V*>(sin + t * dim + j + half);
+  const int half = dim / 2, runs = half / N, per_token = heads * runs;
+  for (long long t = blockIdx.y; t < tokens; t += gridDim.y) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < per_token; i += gridDim.x * blockDim.x) {
+      const int head = i / runs;
+      const int j = (i - head * runs) * N;
+      const long long row = t * heads + head;
+      V low = *reinterpret_cast<const V*>(qkv + row * dim + j);
+      V high = *reinterpret_cast<const V*>(qkv + row * dim + j + half);
+      if (head < rotated) {
+        const V c_low = *reinterpret_cast<const V*>(cos + t * dim + j);
+        const V c_high = *reinterpret_cast<const V*>(cos + t * dim + j + half);
+        const V s_low = *reinterpret_cast<const V*>(sin + t * dim + j);
+        const V s_high = *reinterpret_cast<const V*>(sin + t * dim + j + half);
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
-        rotate_pair<D>(low.e[n], high.e[n], c_low.e[n], c_high.e[n], s_low.e[n], s_high.e[n]);
+        for (int n = 0; n < N; ++n) {
+          rotate_pair<D>(low.e[n], high.e[n], c_low.e[n], c_high.e[n], s_low.e[n], s_high.e[n]);
+        }
       }
-    }
-    *reinterpret_cast<V*>(out + row * dim + j) = low;
-    *reinterpret_cast<V*>(out + row * dim + j + half) = high;
-    typename D::T* stored =
-        cache_row<D>(key_cache, value_cache, slots, t, head, heads, kv_heads, dim);
-    if (stored != nullptr) {
-      *reinterpret_cast<V*>(stored + j) = low;
-      *reinterpret_cast<V*>(stored + j + half) = high;
+      *reinterpret_cast<V*>(out + row * dim + j) = low;
+      *reinterpret_cast<V*>(out + row * dim + j + half) = high;
+      typename D::T* stored =
+          cache_row<D>(key_cache, value_cache, slots, t, head, heads, kv_heads, dim);
+      if (stored != nullptr) {
+        *reinterpret_cast<V*>(stored + j) = low;
+        *reinterpret_cast<V*>(stored + j + half) = high;
+      }
     }
   }
 }

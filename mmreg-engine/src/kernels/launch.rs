@@ -437,9 +437,9 @@ impl Kernels {
         }
         if half % per_vector == 0 && tensors.iter().all(|t| aligned(t, 16)) {
             // A thread per run of a vector's elements of a row's first half (and the matching run of
-            // its second half), over every row at once.
-            let threads = tokens * heads * (half / per_vector);
-            let grid = self.grid((threads + BLOCK as i64 - 1) / BLOCK as i64, 1);
+            // its second half): the runs of a token's heads along x, tokens along y.
+            let per_token = heads * (half / per_vector);
+            let grid = self.grid((per_token + BLOCK as i64 - 1) / BLOCK as i64, tokens);
             self.launch(k.0[ROPE_VECTORS], grid, BLOCK, &mut args);
         } else {
             // A thread per pair of elements (j, j + dim/2) of a row (token, head).
