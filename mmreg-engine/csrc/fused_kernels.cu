@@ -337,6 +337,42 @@ __device__ void silu_mul_vectors(typename D::T* out, const typename D::T* gate_u
   }
 }
 
+// HF's quick_gelu (CLIP's activation), x * sigmoid(1.702 * x), rounded to the dtype after each of its
+// three libtorch ops; sigmoid as libtorch computes it, 1 / (1 + exp(-x)) in f32.
+template <typename D>
+__device__ __forceinline__ typename D::T quick_gelu_of(typename D::T x) {
+  const float v = D::load(x);
+  const float scaled = round_to<D>(v * 1.702f);
+  return D::store(v * round_to<D>(1.0f / (1.0f + expf(-scaled))));
+}
+
+// quick_gelu_of over n elements: a grid-stride loop, a thread per element.
+template <typename D>
+__device__ void quick_gelu_all(typename D::T* out, const typename D::T* x, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+       i += (long long)gridDim.x * blockDim.x) {
+    out[i] = quick_gelu_of<D>(x[i]);
+  }
+}
+
+// quick_gelu_all in 16-byte vectors, a thread per vector (`vectors` of them). The caller checks that
+// both tensors are 16-byte aligned and their size a multiple of the vector's elements.
+template <typename D>
+__device__ void quick_gelu_vectors(typename D::T* out, const typename D::T* x, long long vectors) {
+  constexpr int N = 16 / sizeof(typename D::T);
+  typedef Pack<typename D::T, N> V;
+  for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < vectors;
+       v += (long long)gridDim.x * blockDim.x) {
+    const V in = *reinterpret_cast<const V*>(x + v * N);
+    V o;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      o.e[n] = quick_gelu_of<D>(in.e[n]);
+    }
+    *reinterpret_cast<V*>(out + v * N) = o;
+  }
+}
+
 // One rotated pair (x[j], x[j + dim/2]) with its cos and sin at j and j + dim/2, rounded as HF's
 // x * cos + rotate_half(x) * sin (rotate_half(x) = (-second, first)).
 template <typename D>
@@ -1568,6 +1604,14 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     begin_kernel();                                                                            \
     rope_vectors<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache,       \
                     slots, kv_heads);                                                              \
+  }                                                                                                \
+  MMREG_KERNEL void quick_gelu_##suffix(D::T* out, const D::T* x, long long n) {                   \
+    begin_kernel();                                                                            \
+    quick_gelu_all<D>(out, x, n);                                                                  \
+  }                                                                                                \
+  MMREG_KERNEL void quick_gelu_vectors_##suffix(D::T* out, const D::T* x, long long vectors) {     \
+    begin_kernel();                                                                            \
+    quick_gelu_vectors<D>(out, x, vectors);                                                        \
   }
 
 MMREG_KERNELS(F32, f32)

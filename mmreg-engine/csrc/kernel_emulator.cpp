@@ -224,7 +224,10 @@ T arg(void** args, int i) {
   MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_##suffix, T),                                    \
   MMREG_EMULATED_FEW_ROWS(linear_few_rows_8_##suffix, T),                                            \
   MMREG_EMULATED_FEW_ROWS(linear_few_rows_silu_8_##suffix, T),                                       \
-  MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_8_##suffix, T)
+  MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_8_##suffix, T),                                  \
+  [](void** a) { quick_gelu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2)); },   \
+  [](void** a) { quick_gelu_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
+                                             arg<long long>(a, 2)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -39,7 +39,7 @@ impl Activation {
             Activation::Silu => x.silu(),
             Activation::Gelu => x.gelu("none"),
             Activation::GeluTanh => x.gelu("tanh"),
-            Activation::QuickGelu => x * (x * 1.702).sigmoid(),
+            Activation::QuickGelu => kernels::quick_gelu(x),
             Activation::Relu => x.relu(),
         }
     }

@@ -11,9 +11,9 @@ use super::nvrtc;
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
-/// `linear_rope_and_store`.
-pub(super) static LAUNCHES: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
-pub(super) const FAMILIES: [&str; 9] = [
+/// `linear_rope_and_store`, and `quick_gelu`.
+pub(super) static LAUNCHES: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
+pub(super) const FAMILIES: [&str; 10] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -23,6 +23,7 @@ pub(super) const FAMILIES: [&str; 9] = [
     "paged_decode_attention_mma",
     "linear_silu_mul",
     "linear_rope_and_store",
+    "quick_gelu",
 ];
 
 fn counted(family: usize) {
@@ -47,8 +48,9 @@ unsafe impl Sync for Function {}
 /// per key/value head, bf16 and f16); then the linear layer for one row, silu_mul and rope in 16-byte
 /// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
-/// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it.
-pub(super) const NAMES: [&str; 30] = [
+/// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
+/// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors.
+pub(super) const NAMES: [&str; 32] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -79,6 +81,8 @@ pub(super) const NAMES: [&str; 30] = [
     "linear_few_rows_8",
     "linear_few_rows_silu_8",
     "linear_few_rows_rope_8",
+    "quick_gelu",
+    "quick_gelu_vectors",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -107,6 +111,8 @@ const LINEAR_FEW_ROWS_ROPE: usize = 26;
 const LINEAR_FEW_ROWS_8: usize = 27;
 const LINEAR_FEW_ROWS_SILU_8: usize = 28;
 const LINEAR_FEW_ROWS_ROPE_8: usize = 29;
+const QUICK_GELU: usize = 30;
+const QUICK_GELU_VECTORS: usize = 31;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -389,6 +395,26 @@ impl Kernels {
         let grid = self.grid((threads + BLOCK as i64 - 1) / BLOCK as i64, rows);
         self.launch(k.0[function], grid, BLOCK, &mut args);
         counted(2);
+        out
+    }
+
+    pub(super) fn quick_gelu(&self, x: &Tensor) -> Tensor {
+        let out = x.empty_like();
+        let k = self.of(x.kind());
+        let n = x.numel() as i64;
+        // A thread per 16-byte vector where the size allows it, else per element.
+        let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
+        let vectorized = n % per_vector == 0 && aligned(x, 16) && aligned(&out, 16);
+        let (function, mut count) = if vectorized {
+            (QUICK_GELU_VECTORS, n / per_vector)
+        } else {
+            (QUICK_GELU, n)
+        };
+        let (mut out_p, mut x_p) = (ptr(&out), ptr(x));
+        let mut args = [arg!(out_p), arg!(x_p), arg!(count)];
+        let grid = self.grid((count + BLOCK as i64 - 1) / BLOCK as i64, 1);
+        self.launch(k.0[function], grid, BLOCK, &mut args);
+        counted(9);
         out
     }
 

@@ -1,5 +1,5 @@
-//! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up, rotary
-//! embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
+//! Kernels of our own for decoder layers: RMSNorm (with the residual add before it), SiLU × up (and
+//! the vision towers' quick_gelu), rotary embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
 //! one-sequence decode step (alone, with SiLU × up after the MLP's stacked gate and up projection, or
 //! with rope and the KV-cache write after the stacked q/k/v one; and of 2 to 16 sequences on
 //! the tensor cores). The
@@ -154,6 +154,16 @@ pub fn silu_mul(gate_up: &Tensor) -> Tensor {
     match fused_for(&[gate_up]) {
         Some(k) if gate_up.dim() > 0 => k.silu_mul(gate_up),
         _ => unfused::silu_mul(gate_up),
+    }
+}
+
+/// CLIP's `quick_gelu`, `x * sigmoid(1.702 * x)`, as one kernel where HF runs three
+/// (`MMREG_FUSED_QUICK_GELU=0`: libtorch's three, for comparisons).
+pub fn quick_gelu(x: &Tensor) -> Tensor {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    match fused_for(&[x]) {
+        Some(k) if *FUSED.get_or_init(|| not_zero("MMREG_FUSED_QUICK_GELU")) => k.quick_gelu(x),
+        _ => unfused::quick_gelu(x),
     }
 }
 

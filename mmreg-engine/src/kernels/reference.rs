@@ -18,6 +18,11 @@ pub fn silu_mul(gate_up: &Tensor) -> Tensor {
     gate_up.narrow(-1, 0, n).silu() * gate_up.narrow(-1, n, n)
 }
 
+/// CLIP's `quick_gelu`, HF's `x * torch.sigmoid(1.702 * x)`.
+pub fn quick_gelu(x: &Tensor) -> Tensor {
+    x * (x * 1.702).sigmoid()
+}
+
 pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
     let [_, heads, dim] = qkv.size()[..] else {
         unreachable!("checked by kernels::rope")

@@ -139,6 +139,11 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &k.silu_mul(&gate_up),
             &unfused::silu_mul(&gate_up),
         )?;
+        // 5 × 48 elements in 16-byte vectors in every dtype, 5 × 47 one by one.
+        for cols in [48, 47] {
+            let x = w(&[5, cols], 0.45) * 2.0;
+            compare("quick_gelu", &k.quick_gelu(&x), &unfused::quick_gelu(&x))?;
+        }
         let (qkv, cos, sin) = (w(&[4, 6, 64], 0.5), w(&[4, 64], 0.6), w(&[4, 64], 0.7));
         let roped = k.rope(&qkv, &cos, &sin, 4, None);
         compare("rope", &roped, &unfused::rope(&qkv, &cos, &sin, 4))?;
