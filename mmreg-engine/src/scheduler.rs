@@ -1265,12 +1265,22 @@ fn embed_call(
     } else {
         None
     };
+    // On the device before the path runs, copied without waiting for the stream: a step's second call
+    // of a modality's path then uploads its pixels while the first call's tower still runs.
+    let upload = |inputs: TensorMap| -> Result<TensorMap> {
+        let device = model.device();
+        let tensors = inputs
+            .0
+            .into_iter()
+            .map(|(name, t)| Ok((name, cuda::upload(&t, device)?)));
+        Ok(TensorMap(tensors.collect::<Result<_>>()?))
+    };
     match joined {
-        Some(all) => entry.embed(model, modality, all),
+        Some(all) => entry.embed(model, modality, upload(all)?),
         None => {
             let mut features = Vec::with_capacity(inputs.len());
             for one in inputs {
-                features.extend(entry.embed(model, modality, one)?);
+                features.extend(entry.embed(model, modality, upload(one)?)?);
             }
             Ok(features)
         }
