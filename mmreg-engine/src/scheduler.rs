@@ -628,9 +628,21 @@ impl Scheduler {
         let greedy = logits.f_argmax(-1, false)?;
         let asynchronous = device == Device::Cpu || cuda::events_available();
         let greedy_host = greedy.f_to_device_(Device::Cpu, Kind::Int64, asynchronous, false)?;
-        let copied = match asynchronous {
-            true => Some(cuda::Event::record(device)?),
-            false => None,
+        let copied = if asynchronous {
+            match cuda::Event::record(device) {
+                Ok(event) => Some(event),
+                Err(error) => {
+                    // Nothing to wait on but the whole device: correct, only slower.
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| tracing::warn!(%error, "waiting for the device instead"));
+                    if let Device::Cuda(i) = device {
+                        tch::Cuda::synchronize(i as i64);
+                    }
+                    None
+                }
+            }
+        } else {
+            None
         };
         Ok(Flight {
             rows,
