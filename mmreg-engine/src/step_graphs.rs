@@ -150,11 +150,15 @@ impl FixedShapeSteps {
         planned: &PlannedDecode,
         tokens: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let packed = match tokens {
-            None => cuda::upload(&planned.packed, model.device())?,
-            Some(tokens) => {
-                // A copy of its own (on the CPU `upload` keeps the planned tensor).
-                let packed = cuda::upload(&planned.packed.copy(), model.device())?;
+        // The graph cache uploads host inputs itself; tokens on the device are written into a device
+        // copy of the inputs (off CUDA, into a copy of the planned tensor, which other ranks share).
+        let packed = match (tokens, model.device()) {
+            (None, _) => planned.packed.shallow_clone(),
+            (Some(tokens), device) => {
+                let packed = match device {
+                    Device::Cpu => planned.packed.copy(),
+                    _ => cuda::upload(&planned.packed, device)?,
+                };
                 packed.narrow(0, 0, planned.rows as i64).f_copy_(tokens)?;
                 packed
             }
