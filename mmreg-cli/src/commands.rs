@@ -67,10 +67,20 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     }
     for registration in entry.registrations() {
         if let mmreg_core::registry::Hook::InputMapper {
-            params, modality, ..
+            params,
+            host,
+            modality,
+            ..
         } = &registration.hook
         {
-            println!("forward parameters ({modality}): {}", params.join(", "));
+            let listed: Vec<String> = params
+                .iter()
+                .map(|p| match host.contains(p) {
+                    true => format!("{p} (host)"),
+                    false => p.to_string(),
+                })
+                .collect();
+            println!("forward parameters ({modality}): {}", listed.join(", "));
         }
     }
     for modality in entry.modalities() {

@@ -81,6 +81,16 @@ fn models_lists_llava_with_source_locations() {
 }
 
 #[test]
+fn inspect_marks_the_parameters_that_stay_on_the_host() {
+    let output = mmreg(&["inspect", "LlavaNextForConditionalGeneration"]);
+    let stdout = String::from_utf8(output.stdout).expect("utf-8");
+    assert!(
+        stdout.contains("forward parameters (image): image_sizes (host), pixel_values\n"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_passes_on_the_tiny_checkpoint() {
     let stdout = String::from_utf8(
         mmreg(&[

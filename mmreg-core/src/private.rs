@@ -82,6 +82,10 @@ pub const fn params<M: SupportsModality<K>, K: ModalityKind>() -> &'static [&'st
     <M::Inputs as ModalityInputs>::PARAMS
 }
 
+pub const fn host_params<M: SupportsModality<K>, K: ModalityKind>() -> &'static [&'static str] {
+    <M::Inputs as ModalityInputs>::HOST
+}
+
 /// The defaults of modality `K` for model `M` (see [`ModalityDefaults`]).
 pub const fn modality_defaults<M: SupportsModality<K>, K: ModalityKind>() -> ModalityDefaults {
     ModalityDefaults::of::<M, K>()

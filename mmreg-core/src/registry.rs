@@ -68,6 +68,8 @@ pub enum Hook {
         function: Option<&'static str>,
         /// The forward parameters the mapper produces and the model takes.
         params: &'static [&'static str],
+        /// Those of `params` that stay on the host (`ModalityInputs::HOST`).
+        host: &'static [&'static str],
         map: MapFn,
         embed: EmbedFn,
         /// Joins several prompts' mapped inputs (`ModalityInputs::concat`).
@@ -517,8 +519,9 @@ impl ModelEntry {
         }
     }
 
-    /// Runs the model's vision (or other modality) path on the mapper's tensors (moved to the model's
-    /// device here): one `[tokens, hidden]` tensor per item.
+    /// Runs the model's vision (or other modality) path on the mapper's tensors: one `[tokens, hidden]`
+    /// tensor per item. Tensors not yet on the model's device are moved there, except the modality's
+    /// [`host_params`](Self::host_params).
     pub fn embed(
         &self,
         model: &dyn MultiModalModel,
@@ -526,17 +529,22 @@ impl ModelEntry {
         inputs: TensorMap,
     ) -> Result<Vec<Tensor>> {
         match self.mapper(modality)? {
-            Hook::InputMapper { embed, .. } => {
+            Hook::InputMapper { embed, host, .. } => {
                 let device = model.device();
-                let inputs = TensorMap(
-                    inputs
-                        .0
-                        .into_iter()
-                        .map(|(k, t)| (k, t.to_device(device)))
-                        .collect(),
-                );
-                embed(model, inputs)
+                embed(
+                    model,
+                    inputs.to_device_except(host, |t| Ok(t.f_to_device(device)?))?,
+                )
             }
+            _ => unreachable!("mapper slots hold input mappers"),
+        }
+    }
+
+    /// The forward parameters of `modality` that stay on the host (`ModalityInputs::HOST`): metadata the
+    /// model reads as numbers.
+    pub fn host_params(&self, modality: Modality) -> Result<&'static [&'static str]> {
+        match self.mapper(modality)? {
+            Hook::InputMapper { host, .. } => Ok(host),
             _ => unreachable!("mapper slots hold input mappers"),
         }
     }

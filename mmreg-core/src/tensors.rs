@@ -33,6 +33,22 @@ impl TensorMap {
         self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
 
+    /// The tensors moved by `to_device`, except those named in `host`, which stay as they are.
+    pub fn to_device_except(
+        self,
+        host: &[&str],
+        mut to_device: impl FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Self> {
+        let moved = self.0.into_iter().map(|(name, t)| {
+            let t = match host.contains(&name.as_str()) {
+                true => t,
+                false => to_device(&t)?,
+            };
+            Ok((name, t))
+        });
+        Ok(Self(moved.collect::<Result<_>>()?))
+    }
+
     /// A copy sharing the tensors' storage.
     pub fn shallow_clone(&self) -> Self {
         Self(
@@ -49,6 +65,12 @@ impl TensorMap {
 pub trait ModalityInputs: Sized + 'static {
     /// Forward parameter names, as they appear in the `TensorMap`.
     const PARAMS: &'static [&'static str];
+
+    /// The parameters that stay on the host: metadata the model reads as numbers (image sizes, grids,
+    /// crop counts) rather than computes with. The engine moves every other tensor to the model's
+    /// device, without waiting for the device; reading a device tensor back would make the host wait
+    /// for everything queued before it. `#[inputs(host)]` on a field puts it here.
+    const HOST: &'static [&'static str] = &[];
 
     fn into_tensors(self) -> TensorMap;
 
@@ -96,4 +118,42 @@ pub fn concat_tensors(tensors: &[Tensor], pad_axis: Option<usize>) -> Result<Opt
         });
     }
     Ok(Some(Tensor::f_cat(&padded, 0)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn to_device_except_moves_all_but_the_host_tensors() {
+        let mut inputs = TensorMap::default();
+        for name in ["image_sizes", "pixel_values", "grid"] {
+            inputs.insert(name, Tensor::from_slice(&[1i64, 2]));
+        }
+        let mut moved = Vec::new();
+        let out = inputs
+            .to_device_except(&["image_sizes", "grid"], |t| {
+                moved.push(t.shallow_clone());
+                Ok(t * 10)
+            })
+            .expect("moves");
+        assert_eq!(moved.len(), 1);
+        let values = |name: &str| Vec::<i64>::try_from(&out.0[name]).expect("i64");
+        assert_eq!(values("pixel_values"), [10, 20]);
+        assert_eq!(values("image_sizes"), [1, 2]);
+        assert_eq!(values("grid"), [1, 2]);
+    }
+
+    #[test]
+    fn to_device_except_passes_on_the_first_error() {
+        let mut inputs = TensorMap::default();
+        inputs.insert("pixel_values", Tensor::from_slice(&[1.0f32]));
+        let error = inputs
+            .to_device_except(&[], |_| Err(Error::Engine("no room on the device".into())))
+            .expect_err("fails");
+        assert!(
+            error.to_string().contains("no room on the device"),
+            "{error}"
+        );
+    }
 }

@@ -1278,15 +1278,10 @@ fn embed_call(
         None
     };
     // On the device before the path runs, copied without waiting for the stream: a step's second call
-    // of a modality's path then uploads its pixels while the first call's tower still runs.
-    let upload = |inputs: TensorMap| -> Result<TensorMap> {
-        let device = model.device();
-        let tensors = inputs
-            .0
-            .into_iter()
-            .map(|(name, t)| Ok((name, cuda::upload(&t, device)?)));
-        Ok(TensorMap(tensors.collect::<Result<_>>()?))
-    };
+    // of a modality's path then uploads its pixels while the first call's tower still runs. The
+    // metadata the model reads as numbers stays on the host, where reading it makes nobody wait.
+    let (host, device) = (entry.host_params(modality)?, model.device());
+    let upload = |inputs: TensorMap| inputs.to_device_except(host, |t| cuda::upload(t, device));
     match joined {
         Some(all) => entry.embed(model, modality, upload(all)?),
         None => {

@@ -130,6 +130,7 @@ impl Registration {
                             modality: #krate::Modality::#variant,
                             function: #function,
                             params: #private::params::<#types>(),
+                            host: #private::host_params::<#types>(),
                             map: #map,
                             embed: #private::embed::<#types>,
                             concat: #private::concat::<#types>,

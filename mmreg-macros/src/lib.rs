@@ -49,7 +49,8 @@ pub fn register_input_processor(attr: TokenStream, item: TokenStream) -> TokenSt
 /// Implements `ModalityInputs` for a struct whose named fields are the forward parameters' tensors:
 /// `PARAMS` (the names, sorted), `into_tensors`, `from_tensors`, and `concat`, which joins each field
 /// along axis 0. `#[inputs(pad = 1)]` on a field pads that axis with zeros to the largest part;
-/// `#[inputs(no_concat)]` on the struct keeps the trait's `concat` (each prompt runs alone);
+/// `#[inputs(host)]` on a field keeps it on the host (`HOST`: metadata such as image sizes, which the
+/// model reads as numbers); `#[inputs(no_concat)]` on the struct keeps the trait's `concat` (each prompt runs alone);
 /// `#[inputs(crate = path)]` names mmreg-core.
 #[proc_macro_derive(ModalityInputs, attributes(inputs))]
 pub fn derive_modality_inputs(input: TokenStream) -> TokenStream {

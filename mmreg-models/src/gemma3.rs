@@ -82,6 +82,7 @@ fn image_processor(ctx: &ModelContext) -> Result<Gemma3ImageProcessor> {
 #[derive(Debug, ModalityInputs)]
 pub struct Gemma3ImageInputs {
     pub pixel_values: Tensor,
+    #[inputs(host)]
     pub num_crops: Tensor,
 }
 

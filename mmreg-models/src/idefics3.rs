@@ -129,6 +129,7 @@ fn grid(ctx: &ModelContext, size: ImageSize) -> Result<Idefics3Grid> {
 #[derive(Debug, ModalityInputs)]
 pub struct Idefics3ImageInputs {
     pub pixel_values: Tensor,
+    #[inputs(host)]
     pub image_grid: Tensor,
 }
 

@@ -248,7 +248,8 @@ impl MultiModalModel for LlavaNext {
 }
 
 /// LLaVA-NeXT's image inputs, as HF's processor returns them: `pixel_values` `[n, max_patches, 3, H, W]`
-/// (images with fewer patches padded with 0.0) and `image_sizes` `[n, 2]` i64, the original (height, width).
+/// (images with fewer patches padded with 0.0) and `image_sizes` `[n, 2]` i64, the original (height, width),
+/// which stays on the host (`HOST`): the model reads it as numbers.
 #[derive(Debug)]
 pub struct AnyresPixelValues {
     pub pixel_values: Tensor,
@@ -257,6 +258,7 @@ pub struct AnyresPixelValues {
 
 impl ModalityInputs for AnyresPixelValues {
     const PARAMS: &'static [&'static str] = &["image_sizes", "pixel_values"];
+    const HOST: &'static [&'static str] = &["image_sizes"];
 
     fn into_tensors(self) -> TensorMap {
         let mut map = TensorMap::default();

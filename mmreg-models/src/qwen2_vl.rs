@@ -272,6 +272,7 @@ pub fn rope_index(
 #[derive(Debug, ModalityInputs)]
 pub struct QwenImageInputs {
     pub pixel_values: Tensor,
+    #[inputs(host)]
     pub image_grid_thw: Tensor,
 }
 
@@ -279,6 +280,7 @@ pub struct QwenImageInputs {
 #[derive(Debug, ModalityInputs)]
 pub struct QwenVideoInputs {
     pub pixel_values_videos: Tensor,
+    #[inputs(host)]
     pub video_grid_thw: Tensor,
 }
 

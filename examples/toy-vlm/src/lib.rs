@@ -61,10 +61,11 @@ pub fn cell_layout(config: &ToyConfig, size: ImageSize) -> (u32, u32) {
 }
 
 /// Every image's cells in one `[cells, 3]` tensor, and the number of cells of each image (they differ,
-/// so they cannot be stacked). Several prompts' inputs join end to end.
+/// so they cannot be stacked). Several prompts' inputs join end to end; the counts stay on the host.
 #[derive(ModalityInputs)]
 pub struct ToyImageInputs {
     pub cells: Tensor,
+    #[inputs(host)]
     pub cells_per_image: Tensor,
 }
 

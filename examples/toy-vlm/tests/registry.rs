@@ -40,6 +40,8 @@ fn registry_is_valid_and_finds_the_toy_by_architecture() {
     assert_eq!(entry.id.name, "ToyVlm");
     assert_eq!(entry.modalities(), vec![Modality::Image]);
     assert_eq!(entry.max_tokens(&ctx, Modality::Image).expect("max tokens"), 8);
+    // The cell counts are read as numbers: they stay on the host.
+    assert_eq!(entry.host_params(Modality::Image).expect("mapper"), ["cells_per_image"]);
     // Two registrations, and the defaults of the three optional ones, all located in the toy's file.
     let lines: Vec<u32> = entry.listing().iter().map(|l| l.location.line).collect();
     assert_eq!(lines.len(), 5);

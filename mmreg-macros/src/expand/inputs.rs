@@ -14,7 +14,7 @@ use crate::args::{self, Errors};
 
 /// The keys `#[inputs(...)]` takes on the struct and on a field.
 const STRUCT_KEYS: &[&str] = &["crate", "no_concat"];
-const FIELD_KEYS: &[&str] = &["pad"];
+const FIELD_KEYS: &[&str] = &["pad", "host"];
 const PAD_EXAMPLE: &str = "#[inputs(pad = 1)]";
 
 pub fn run(input: TokenStream) -> TokenStream {
@@ -42,6 +42,8 @@ struct Field {
     name: LitStr,
     /// `#[inputs(pad = axis)]`: the axis `concat` pads with zeros to the largest.
     pad: Option<usize>,
+    /// `#[inputs(host)]`: metadata that stays on the host (`ModalityInputs::HOST`).
+    host: bool,
 }
 
 fn parse_options(attrs: &[Attribute]) -> syn::Result<Options> {
@@ -118,7 +120,16 @@ fn parse_field(field: &syn::Field) -> syn::Result<Field> {
     let member = field.ident.clone().expect("named fields have names");
     let mut errors = Errors::default();
     let mut pad: Option<usize> = None;
+    let mut host = false;
     for meta in inputs_metas(&field.attrs, &mut errors) {
+        if meta.path().is_ident("host") {
+            if !matches!(meta, Meta::Path(_)) {
+                errors.push(syn::Error::new_spanned(&meta, "`host` takes no value"));
+            } else if std::mem::replace(&mut host, true) {
+                errors.push(syn::Error::new_spanned(&meta, "duplicate `host`"));
+            }
+            continue;
+        }
         if !meta.path().is_ident("pad") {
             errors.push(unknown_key(
                 meta.path(),
@@ -136,7 +147,12 @@ fn parse_field(field: &syn::Field) -> syn::Result<Field> {
         }
     }
     let name = LitStr::new(&member.unraw().to_string(), member.span());
-    errors.finish(Field { member, name, pad })
+    errors.finish(Field {
+        member,
+        name,
+        pad,
+        host,
+    })
 }
 
 /// `pad = axis`, an integer literal so the axis is known when the macro runs. Axis 0 is refused:
@@ -203,6 +219,8 @@ fn emit(input: &DeriveInput, options: &Options, fields: &[Field]) -> TokenStream
     // The `TensorMap` is a `BTreeMap`: its keys come out sorted, and so must `PARAMS`.
     let mut params: Vec<&LitStr> = fields.iter().map(|f| &f.name).collect();
     params.sort_by_key(|name| name.value());
+    let mut host: Vec<&LitStr> = fields.iter().filter(|f| f.host).map(|f| &f.name).collect();
+    host.sort_by_key(|name| name.value());
     let members: Vec<&Ident> = fields.iter().map(|f| &f.member).collect();
     let names: Vec<&LitStr> = fields.iter().map(|f| &f.name).collect();
     let concat = options.concat.then(|| emit_concat(krate, fields));
@@ -210,6 +228,7 @@ fn emit(input: &DeriveInput, options: &Options, fields: &[Field]) -> TokenStream
         #[automatically_derived]
         impl #impl_generics #krate::ModalityInputs for #ident #type_generics #where_clause {
             const PARAMS: &'static [&'static str] = &[#(#params),*];
+            const HOST: &'static [&'static str] = &[#(#host),*];
 
             fn into_tensors(self) -> #krate::TensorMap {
                 let mut tensors = <#krate::TensorMap as ::core::default::Default>::default();

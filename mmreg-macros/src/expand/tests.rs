@@ -325,6 +325,7 @@ fn derive_modality_inputs() {
         pub struct AnyresPixelValues {
             #[inputs(pad = 1)]
             pub pixel_values: Tensor,
+            #[inputs(host)]
             pub image_sizes: Tensor,
         }
     }));
@@ -350,6 +351,47 @@ fn derive_params_are_sorted_and_unraw() {
     assert!(
         out.contains(r#"const PARAMS: &'static [&'static str] = &["alpha", "type", "zeta"];"#),
         "{out}"
+    );
+}
+
+#[test]
+fn derive_host_params_are_the_marked_fields_sorted() {
+    let out = derived(quote! {
+        struct Inputs {
+            #[inputs(host)]
+            zeta: Tensor,
+            pixels: Tensor,
+            #[inputs(host, pad = 1)]
+            alpha: Tensor,
+        }
+    });
+    assert!(
+        out.contains(r#"const HOST: &'static [&'static str] = &["alpha", "zeta"];"#),
+        "{out}"
+    );
+    let none = derived(quote! { struct Inputs { pixels: Tensor } });
+    assert!(
+        none.contains("const HOST: &'static [&'static str] = &[];"),
+        "{none}"
+    );
+}
+
+#[test]
+fn derive_host_takes_no_value_and_comes_once() {
+    let errors = derive_errors(
+        "struct Inputs {
+            #[inputs(host = true)]
+            a: Tensor,
+            #[inputs(host, host)]
+            b: Tensor,
+        }",
+    );
+    assert_eq!(
+        errors,
+        pairs(&[
+            ("host = true", "`host` takes no value"),
+            ("host", "duplicate `host`"),
+        ])
     );
 }
 
@@ -405,8 +447,8 @@ fn derive_unknown_keys_list_the_valid_ones() {
         pairs(&[
             ("pad", "unknown `inputs` key `pad` on the struct; expected one of: `crate`, `no_concat` (`pad` goes on a field)"),
             ("concat", "unknown `inputs` key `concat` on the struct; expected one of: `crate`, `no_concat`"),
-            ("no_concat", "unknown `inputs` key `no_concat` on a field; expected one of: `pad` (`no_concat` goes on the struct)"),
-            ("axis", "unknown `inputs` key `axis` on a field; expected one of: `pad`"),
+            ("no_concat", "unknown `inputs` key `no_concat` on a field; expected one of: `pad`, `host` (`no_concat` goes on the struct)"),
+            ("axis", "unknown `inputs` key `axis` on a field; expected one of: `pad`, `host`"),
         ])
     );
 }
