@@ -44,9 +44,10 @@ pub struct BenchArgs {
     /// takes the whole prompt in one step.
     #[arg(long, value_delimiter = ',', default_value = "256,2048")]
     pub chunk: Vec<usize>,
-    /// Also profile (CUDA): write Chrome traces of one lone prefill (`prefill_bs1.json`), of one request
-    /// of 16 tokens (`decode_bs1.json`), of 8 (`decode_bs8.json`) and of 32 (`decode_bs32.json`, whose
-    /// first steps also prefill) into this folder.
+    /// Also profile (CUDA): write Chrome traces of one lone prefill (`prefill_bs1.json`), of 8 prefills
+    /// together (`prefill_bs8.json`), of one request of 16 tokens (`decode_bs1.json`), of 8
+    /// (`decode_bs8.json`) and of 32 (`decode_bs32.json`, whose first steps also prefill) into this
+    /// folder.
     #[arg(long)]
     pub trace: Option<PathBuf>,
 }
@@ -262,6 +263,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         };
         for (name, requests) in [
             ("prefill_bs1.json", vec![with_tokens(1)]),
+            ("prefill_bs8.json", vec![with_tokens(1); 8]),
             ("decode_bs1.json", vec![with_tokens(16)]),
             ("decode_bs8.json", vec![with_tokens(16); 8]),
             ("decode_bs32.json", vec![with_tokens(16); 32]),

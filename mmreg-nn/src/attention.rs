@@ -171,6 +171,73 @@ impl Attention {
     }
 }
 
+/// Causal attention of a chunk's `len` queries (`[1, heads, len, d]`) that follow `context` cached
+/// positions, over all `context + len` keys and values (`[1, kv_heads, context + len, d]`): the
+/// attention of the whole sequence with the cached positions' queries left zero, whose rows for the
+/// chunk are the chunk's. It is square, so libtorch's causal kernels take it without a mask (their
+/// causal mask is aligned to the top left, the chunk's to the bottom right); with `context <= len` it
+/// costs no more than the chunk's rows under a mask, which those kernels would not skip.
+fn chunk_after_context(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    context: i64,
+    scale: f64,
+    gqa: bool,
+) -> Result<Tensor> {
+    let [one, heads, len, d] = q.size()[..] else {
+        unreachable!("queries are [1, heads, len, d]")
+    };
+    let before = Tensor::f_zeros([one, heads, context, d], (q.kind(), q.device()))?;
+    let whole = Tensor::f_cat(&[&before, q], 2)?;
+    let out = Tensor::f_scaled_dot_product_attention(
+        &whole,
+        k,
+        v,
+        None::<Tensor>,
+        0.0,
+        true,
+        scale,
+        gqa,
+    )?;
+    Ok(out.narrow(2, context, len))
+}
+
+/// Attention of a sequence's `len` new tokens (`query`: `[len, heads, d]`) over its keys and values
+/// (`[1, kv_heads, keys, d]`) under `mask` (`[len, keys]`, true where a token sees a key): `[1, heads,
+/// len, d]`. Grouped-query heads go in as their key head's queries (`[1, kv_heads, group × len, d]`, the
+/// mask repeated per group): libtorch's kernels that take a mask do not take groups, and would otherwise
+/// fall back to the unfused path.
+fn masked_attention(
+    query: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let [len, heads, d] = query.size()[..] else {
+        unreachable!("queries are [len, heads, d]")
+    };
+    let kv_heads = k.size()[1];
+    let group = heads / kv_heads;
+    let q = query
+        .view([len, kv_heads, group, d])
+        .permute([1, 2, 0, 3])
+        .reshape([1, kv_heads, group * len, d]);
+    let out = Tensor::f_scaled_dot_product_attention(
+        &q,
+        k,
+        v,
+        Some(mask.repeat([group, 1])),
+        0.0,
+        false,
+        scale,
+        false,
+    )?;
+    // [1, kv_heads, group × len, d] is [1, heads, len, d] in memory (heads are kv-major).
+    Ok(out.reshape([1, heads, len, d]))
+}
+
 /// Which of a sequence's `context + len` keys each of its `len` new tokens sees, `[len, context + len]`:
 /// the keys up to its own position and every key of a bidirectional run it belongs to, less, in a
 /// sliding-window layer, the keys `window` or more positions before it.
@@ -303,8 +370,8 @@ fn attend_stored(
         };
         let (k, v) = (heads_first(k), heads_first(v));
         let windowed = window.is_some_and(|w| seq.context + seq.len > w);
-        let out = if seq.bidirectional.is_none() && !windowed && (seq.context == 0 || seq.len == 1)
-        {
+        let causal = seq.bidirectional.is_none() && !windowed;
+        let out = if causal && (seq.context == 0 || seq.len == 1) {
             // A fresh prompt is plainly causal; one new token sees everything cached.
             Tensor::f_scaled_dot_product_attention(
                 &q,
@@ -316,35 +383,55 @@ fn attend_stored(
                 scale,
                 gqa,
             )?
+        } else if causal && seq.context <= seq.len {
+            chunk_after_context(&q, &k, &v, seq.context, scale, gqa)?
         } else {
-            // Several new tokens after cached ones (a chunk of a prompt, or a prompt after a cached
-            // prefix), or a prompt with bidirectional runs: causal mask aligned to the bottom right, with
-            // the runs opened both ways. Grouped-query heads go in as their key
-            // head's queries (`[1, kv_heads, group × len, d]`, the mask repeated per group): libtorch's
-            // kernels that take a mask do not take groups, and would otherwise fall back to the
-            // unfused path.
+            // Several new tokens after more cached ones (a short chunk of a long prompt, or a prompt
+            // after a long cached prefix), or a prompt with bidirectional runs or a sliding window.
             let mask = prompt_mask(seq, window, query.device())?;
-            let (heads, kv_heads, d) = (query.size()[1], k.size()[1], query.size()[2]);
-            let group = heads / kv_heads;
-            let q = query
-                .narrow(0, seq.start, seq.len)
-                .view([seq.len, kv_heads, group, d])
-                .permute([1, 2, 0, 3])
-                .reshape([1, kv_heads, group * seq.len, d]);
-            let out = Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(mask.repeat([group, 1])),
-                0.0,
-                false,
-                scale,
-                false,
-            )?;
-            // [1, kv_heads, group × len, d] is [1, heads, len, d] in memory (heads are kv-major).
-            out.reshape([1, heads, seq.len, d])
+            masked_attention(&query.narrow(0, seq.start, seq.len), &k, &v, &mask, scale)?
         };
         outputs.push(out.squeeze_dim(0).transpose(0, 1));
     }
     Ok(Tensor::cat(&outputs, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// A chunk after cached positions: causal attention over the zero-padded whole sequence equals
+    /// attention under the chunk's bottom-right-aligned causal mask, for plain and grouped heads, with
+    /// fewer, as many and more cached positions than the chunk's.
+    #[test]
+    fn a_chunk_after_its_context_attends_as_under_the_causal_mask() {
+        tch::manual_seed(3);
+        let d = 16;
+        for (heads, kv_heads) in [(4, 4), (8, 2)] {
+            for (context, len) in [(1, 7), (5, 5), (9, 4)] {
+                let opts = (Kind::Float, Device::Cpu);
+                let query = Tensor::randn([len, heads, d], opts);
+                let k = Tensor::randn([1, kv_heads, context + len, d], opts);
+                let v = Tensor::randn([1, kv_heads, context + len, d], opts);
+                let scale = 0.25;
+                let mask =
+                    Tensor::ones([len, context + len], (Kind::Bool, Device::Cpu)).tril(context);
+                let expected = masked_attention(&query, &k, &v, &mask, scale).expect("masked");
+                let q = query.transpose(0, 1).unsqueeze(0);
+                let gqa = heads != kv_heads;
+                let out = chunk_after_context(&q, &k, &v, context, scale, gqa).expect("causal");
+                assert_eq!(out.size(), [1, heads, len, d]);
+                let error = (out - &expected).abs().max().double_value(&[]);
+                assert!(
+                    error < 1e-5,
+                    "heads {heads}/{kv_heads}, {context} + {len}: {error}"
+                );
+                // The mask matters: the chunk's first token must not see the chunk's last key.
+                let unmasked = Tensor::ones_like(&mask);
+                let open = masked_attention(&query, &k, &v, &unmasked, scale).expect("open");
+                assert!((open - expected).abs().max().double_value(&[]) > 1e-3);
+            }
+        }
+    }
 }

@@ -62,6 +62,19 @@ def summarise(path):
     print("\n| kernel | count | total (ms) | share |\n|---|---|---|---|")
     for name, (count, dur) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:15]:
         print(f"| `{name}` | {count} | {dur / 1000:.2f} | {dur / busy:.0%} |")
+    # Where the GPU sat idle: the longest gaps between one kernel's end and the next one's start (the
+    # host was late: a wait for the device, a pageable copy, or host work between launches).
+    ordered = sorted(gpu, key=lambda e: e["ts"])
+    gaps, reach = [], ordered[0]["ts"] + ordered[0]["dur"]
+    for before, after in zip(ordered, ordered[1:]):
+        if after["ts"] > reach:
+            gaps.append((after["ts"] - reach, before["name"], after["name"], after["ts"] - start))
+        reach = max(reach, after["ts"] + after["dur"])
+    idle = sum(g for g, *_ in gaps)
+    print(f"\nidle {idle / 1000:.2f} ms in {len(gaps)} gaps; the longest "
+          f"(GAPS={os.environ.get('GAPS', '8')}):\n| idle (us) | at (ms) | after | before |\n|---|---|---|---|")
+    for gap, before, after, at in sorted(gaps, reverse=True)[:int(os.environ.get("GAPS", "8"))]:
+        print(f"| {gap:.1f} | {at / 1000:.2f} | `{before[:50]}` | `{after[:50]}` |")
     print()
 
 
