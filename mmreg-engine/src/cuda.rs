@@ -111,19 +111,32 @@ pub fn events_available() -> bool {
     cfg!(mmreg_cuda_shim)
 }
 
+/// Whether [`upload`] copies through pinned memory: unless `MMREG_ASYNC_UPLOADS=0` or without the shim.
+fn pinned_uploads() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        events_available() && !std::env::var("MMREG_ASYNC_UPLOADS").is_ok_and(|v| v == "0")
+    })
+}
+
+/// A host tensor bound for CUDA `device`, in pinned memory, so that its [`upload`] is one asynchronous
+/// copy with no memcpy into a pinned buffer first (the preprocessing workers pin an item's pixels, off
+/// the scheduler's path). `None` where uploads do not go through pinned memory (another device,
+/// `MMREG_ASYNC_UPLOADS=0`, no shim), for a tensor that is not on the host, or where pinning fails.
+pub fn pinned(tensor: &tch::Tensor, device: tch::Device) -> Option<tch::Tensor> {
+    let wanted = device.is_cuda() && pinned_uploads() && tensor.device() == tch::Device::Cpu;
+    wanted.then(|| shim::pin_memory(tensor).ok()).flatten()
+}
+
 /// `tensor` on `device`. A host tensor bound for a CUDA device goes through pinned memory, its copy
 /// queued behind the work the stream already holds without the host waiting for it (plain copies from
 /// pageable memory wait for the whole stream): a step's small inputs (token ids, slots, positions) are
 /// then issued while the GPU still runs what came before. `MMREG_ASYNC_UPLOADS=0` makes plain copies, as
 /// does a failure to pin (logged once). Anything else: `to_device`.
 pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> {
-    static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static FAILED: std::sync::Once = std::sync::Once::new();
-    let plain = *PLAIN.get_or_init(|| {
-        std::env::var("MMREG_ASYNC_UPLOADS").is_ok_and(|v| v == "0") || !events_available()
-    });
     match device {
-        tch::Device::Cuda(i) if !plain && tensor.device() == tch::Device::Cpu => {
+        tch::Device::Cuda(i) if pinned_uploads() && tensor.device() == tch::Device::Cpu => {
             shim::to_device_async(tensor, i).or_else(|error| {
                 FAILED.call_once(
                     || tracing::warn!(%error, "pinned copies failed; copying from pageable memory"),
@@ -153,6 +166,7 @@ mod shim {
         fn mmreg_event_free(event: *mut std::ffi::c_void);
         fn mmreg_to_device_async(host: *mut std::ffi::c_void, device: i32)
             -> *mut std::ffi::c_void;
+        fn mmreg_pin_memory(host: *mut std::ffi::c_void) -> *mut std::ffi::c_void;
         fn mmreg_profiler_start() -> i32;
         fn mmreg_profiler_stop(path: *const std::ffi::c_char) -> i32;
         fn mmreg_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
@@ -220,6 +234,18 @@ mod shim {
         (status == 0)
             .then_some(())
             .ok_or_else(|| Error::Engine("stopping the profiler or saving its trace failed".into()))
+    }
+
+    pub fn pin_memory(tensor: &tch::Tensor) -> Result<tch::Tensor> {
+        let mut host = tensor.shallow_clone();
+        // SAFETY: `host` is a live tensor for the call; the shim returns a new owned tensor or null and
+        // catches every C++ exception.
+        let raw = unsafe { mmreg_pin_memory(host.as_mut_ptr().cast()) };
+        if raw.is_null() {
+            return Err(Error::Engine("pinning a host tensor failed".into()));
+        }
+        // SAFETY: `raw` is a `torch::Tensor*` the caller owns, as tch's tensors are.
+        Ok(unsafe { tch::Tensor::from_ptr(raw.cast()) })
     }
 
     pub fn to_device_async(tensor: &tch::Tensor, device: usize) -> Result<tch::Tensor> {
@@ -357,6 +383,10 @@ mod shim {
         Err(Error::Engine(
             "asynchronous copies need the CUDA shim".into(),
         ))
+    }
+
+    pub fn pin_memory(_tensor: &tch::Tensor) -> Result<tch::Tensor> {
+        Err(Error::Engine("pinned memory needs the CUDA shim".into()))
     }
 
     /// Never made: a CUDA device without the shim has no events ([`super::events_available`]).

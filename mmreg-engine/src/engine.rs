@@ -21,7 +21,7 @@ use crate::block_pool::{BlockPool, Hash};
 use crate::cuda;
 use crate::dist::{new_group, Backend};
 use crate::encoder_cache::processor_settings;
-use crate::items::{prepare_request, PreparedRequest};
+use crate::items::{pin_items, prepare_request, PinnedBudget, PreparedRequest};
 use crate::limits::MultiModalLimits;
 use crate::profile::{allocate, dummy_forward, profile_and_allocate};
 use crate::ranks::{RankState, Ranks};
@@ -504,6 +504,7 @@ impl Engine {
         let (ready_tx, ready_rx) = mpsc::channel::<Ready>();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let counters = Arc::new(EngineCounters::default());
+        let pinned = PinnedBudget::new(PINNED_ITEM_BYTES);
         let workers = (0..options.preprocess_threads.max(1))
             .map(|_| {
                 let (jobs, ready, ctx) = (job_rx.clone(), ready_tx.clone(), ctx.clone());
@@ -515,6 +516,8 @@ impl Engine {
                         .max_num_batched_tokens
                         .max(profile.largest_item_tokens),
                     settings,
+                    device: options.device,
+                    pinned: pinned.clone(),
                 };
                 std::thread::spawn(move || {
                     preprocess_loop(entry, &ctx, &jobs, &ready, &counters, limits)
@@ -691,6 +694,10 @@ impl Drop for Engine {
     }
 }
 
+/// Host memory that the items of the requests in the engine may hold pinned at once (1 GiB: about 150
+/// LLaVA-NeXT images); items past it are copied into pinned memory when their step uploads them.
+const PINNED_ITEM_BYTES: usize = 1 << 30;
+
 /// What a worker checks a request against.
 struct Limits {
     /// Longest prompt after expansion (room for one generated token).
@@ -698,6 +705,9 @@ struct Limits {
     mm: MultiModalLimits,
     /// Most feature rows of one item.
     encoder_budget: usize,
+    /// The model's device, and the pinned host memory its items may hold (see [`pin_items`]).
+    device: Device,
+    pinned: Arc<PinnedBudget>,
     /// [`processor_settings`] of the checkpoint, for item hashes.
     settings: Hash,
 }
@@ -754,7 +764,8 @@ fn preprocess_loop(
                 prompt: request.prompt,
                 multimodal,
             };
-            let prepared = prepare_request(entry, ctx, &limits.settings, inputs, limits.max_len)?;
+            let mut prepared =
+                prepare_request(entry, ctx, &limits.settings, inputs, limits.max_len)?;
             if let Some(item) = prepared
                 .items
                 .iter()
@@ -771,6 +782,7 @@ fn preprocess_loop(
                     ),
                 ));
             }
+            pin_items(&mut prepared.items, entry, limits.device, &limits.pinned)?;
             Ok(prepared)
         }))
         .unwrap_or_else(|panic| {

@@ -1269,29 +1269,29 @@ fn embed_call(
     modality: Modality,
     inputs: Vec<TensorMap>,
 ) -> Result<Vec<Tensor>> {
-    let joined = if inputs.len() > 1 {
-        entry.concat(
-            modality,
-            inputs.iter().map(TensorMap::shallow_clone).collect(),
-        )?
-    } else {
-        None
-    };
-    // On the device before the path runs, copied without waiting for the stream: a step's second call
-    // of a modality's path then uploads its pixels while the first call's tower still runs. The
-    // metadata the model reads as numbers stays on the host, where reading it makes nobody wait.
+    // Each item's tensors on the device before the path runs, copied without waiting for the stream
+    // (from the pinned memory the workers put them in, where there was room), then joined there: a
+    // step's second call of a modality's path uploads its pixels while the first call's tower still
+    // runs, and joining on the host would first copy them into pageable memory. The metadata the model
+    // reads as numbers stays on the host, where reading it makes nobody wait.
     let (host, device) = (entry.host_params(modality)?, model.device());
-    let upload = |inputs: TensorMap| inputs.to_device_except(host, |t| cuda::upload(t, device));
-    match joined {
-        Some(all) => entry.embed(model, modality, upload(all)?),
-        None => {
-            let mut features = Vec::with_capacity(inputs.len());
-            for one in inputs {
-                features.extend(entry.embed(model, modality, upload(one)?)?);
-            }
-            Ok(features)
+    let inputs = inputs
+        .into_iter()
+        .map(|one| one.to_device_except(host, |t| cuda::upload(t, device)))
+        .collect::<Result<Vec<_>>>()?;
+    if inputs.len() > 1 {
+        let parts = inputs.iter().map(TensorMap::shallow_clone).collect();
+        if let Some(all) = entry.concat(modality, parts)? {
+            // The parts' memory goes back to the allocator before the path runs.
+            drop(inputs);
+            return entry.embed(model, modality, all);
         }
     }
+    let mut features = Vec::with_capacity(inputs.len());
+    for one in inputs {
+        features.extend(entry.embed(model, modality, one)?);
+    }
+    Ok(features)
 }
 
 /// A step's token ids and the item features written over some of their rows.
