@@ -46,9 +46,12 @@ pub struct SchedulerArgs {
     #[arg(long, value_parser = MultiModalLimits::parse, default_value = "image=4,video=4")]
     pub limit_mm_per_prompt: MultiModalLimits,
     /// Issue each greedy decode step (CUDA graphs) before the host has read the previous step's tokens,
-    /// so the GPU does not wait while the host streams them; also `MMREG_ASYNC_SCHEDULING=1`.
-    #[arg(long)]
+    /// so the GPU does not wait while the host streams them: the default, kept as vLLM's flag.
+    #[arg(long, conflicts_with = "no_async_scheduling")]
     pub async_scheduling: bool,
+    /// Read each step's tokens before issuing the next (also `MMREG_ASYNC_SCHEDULING=0`).
+    #[arg(long)]
+    pub no_async_scheduling: bool,
     #[command(flatten)]
     pub parallel: ParallelArgs,
 }
@@ -104,7 +107,44 @@ impl SchedulerArgs {
         options.prefix_caching = !self.no_prefix_caching;
         options.encoder_cache_bytes = (self.encoder_cache_mib * (1u64 << 20) as f64) as usize;
         options.limit_mm_per_prompt = self.limit_mm_per_prompt.clone();
-        options.async_scheduling |= self.async_scheduling;
+        options.async_scheduling = match (self.async_scheduling, self.no_async_scheduling) {
+            (true, _) => true,
+            (_, true) => false,
+            _ => options.async_scheduling,
+        };
         self.parallel.apply(options)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        scheduler: SchedulerArgs,
+    }
+
+    fn async_scheduling(args: &[&str], default: bool) -> Result<bool> {
+        let cli = Cli::try_parse_from(std::iter::once("mmreg").chain(args.iter().copied()))?;
+        let mut options = EngineOptions {
+            async_scheduling: default,
+            ..EngineOptions::default()
+        };
+        cli.scheduler.apply(&mut options)?;
+        Ok(options.async_scheduling)
+    }
+
+    #[test]
+    fn async_scheduling_follows_the_flags_over_the_default() {
+        for default in [true, false] {
+            assert_eq!(async_scheduling(&[], default).unwrap(), default);
+            assert!(async_scheduling(&["--async-scheduling"], default).unwrap());
+            assert!(!async_scheduling(&["--no-async-scheduling"], default).unwrap());
+        }
+        let both = ["--async-scheduling", "--no-async-scheduling"];
+        assert!(async_scheduling(&both, true).is_err(), "conflicting flags");
     }
 }

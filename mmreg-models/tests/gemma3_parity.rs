@@ -47,6 +47,8 @@ fn gemma3_in_chunks_with_fixed_shapes_and_preemption() {
         cuda_graphs: Some(true),
         // 100 blocks of 16 tokens: the 1073-token pan-and-scan prompt and little else.
         cpu_kv_cache_bytes: 100 * 16 * kv_bytes_per_token(),
+        // Each step's tokens read before the next is issued (the sliding-window test issues it first).
+        async_scheduling: false,
         ..EngineOptions::default()
     };
     let report = mmreg_parity::check_engine(&fixture("gemma3-tiny"), options).expect("runs");

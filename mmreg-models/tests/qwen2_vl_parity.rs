@@ -327,6 +327,8 @@ fn fixed_shapes_and_preemption() -> EngineOptions {
         cuda_graphs: Some(true),
         // 10 blocks of 16 tokens at 192 bytes a token (3 layers × keys and values × 1 head × 8 × f32).
         cpu_kv_cache_bytes: 10 * 16 * 192,
+        // Each step's tokens read before the next is issued (the async test below issues it first).
+        async_scheduling: false,
         ..EngineOptions::default()
     }
 }
