@@ -545,64 +545,15 @@ struct AttentionShared {
   float acc[kWarps][kMaxGroupDim];
 };
 
-// The chunks of one (sequence, head) row of paged decode attention reduced into its output, `out` [rows,
-// dim]: the chunks' maxima and sums are read in parallel (a thread per chunk) and turned into one factor
-// per chunk; then a thread per element sums the chunks' partials, their loads unrolled so that several
-// are in flight. A chunk with no position has a sum of 0 and a factor of 0. The partials may come from
-// other blocks of the kernel that runs it (combine_warps' last block), so they are read past L1
-// (__ldcg). splits at most kMaxSplits (the caller checks). Every thread of the block calls it (it holds
-// barriers); calls one after another may share the block's shared memory (each call's reductions end
-// with every thread past the last barrier of the call before).
-constexpr int kMaxSplits = 256;
-
-template <typename D>
-__device__ void combine_chunks(typename D::T* out, const float* partial_acc, const float* partial_max,
-                               const float* partial_sum, long long row, int splits, int dim) {
-  __shared__ float factor[kMaxSplits];
-  partial_acc += row * splits * dim;
-  partial_max += row * splits;
-  partial_sum += row * splits;
-  float local_max = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    if (__ldcg(partial_sum + s) > 0.0f) {
-      local_max = fmaxf(local_max, __ldcg(partial_max + s));
-    }
-  }
-  const float total_max = block_max(local_max);
-  float local_sum = 0.0f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    const float sum = __ldcg(partial_sum + s);
-    const float f = sum > 0.0f ? expf(__ldcg(partial_max + s) - total_max) : 0.0f;
-    factor[s] = f;
-    local_sum += sum * f;
-  }
-  // block_sum's barrier also makes every factor visible to the block.
-  const float total_sum = block_sum(local_sum);
-  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
-    float total = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      total += __ldcg(partial_acc + (long long)s * dim + d) * factor[s];
-    }
-    out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
-  }
-}
-
 // The block's warps' partial results (in `shared`, after a barrier) combined into the block's output:
 // with one chunk (gridDim.y == 1) the attention of the group's heads, else the chunk's unnormalised sums
 // with their maximum and sum for paged_decode_combine. Each thread takes some (head, element) pairs; a
 // warp that saw no position has a sum of 0 and is skipped, and a chunk with no position at all writes a
 // sum of 0 (an output of 0).
-//
-// With `counters` (one int per block along x, zero before the kernel, `MMREG_FUSED_COMBINE=1`), the last
-// of a (sequence, key/value head)'s chunks to finish reduces them all itself, in place of
-// paged_decode_combine's launch: every block makes its partials visible to the device, then counts
-// itself in; the block that counts last reads them all and sets the counter back to zero for the next
-// launch.
 template <typename D, int G>
 __device__ void combine_warps(const AttentionShared<G>& shared, typename D::T* out, float* partial_acc,
-                              float* partial_max, float* partial_sum, int* counters, int seq, int kv_head,
-                              int group, int heads, int dim) {
+                              float* partial_max, float* partial_sum, int seq, int kv_head, int group,
+                              int heads, int dim) {
   const int splits = gridDim.y;
   for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
     const int g = i / dim;
@@ -632,33 +583,12 @@ __device__ void combine_warps(const AttentionShared<G>& shared, typename D::T* o
       }
     }
   }
-  if (splits == 1 || counters == nullptr) {
-    return;
-  }
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
-  }
-  __syncthreads();
-  if (last) {
-    __threadfence();
-    for (int g = 0; g < group; ++g) {
-      const long long row = (long long)seq * heads + kv_head * group + g;
-      combine_chunks<D>(out, partial_acc, partial_max, partial_sum, row, splits, dim);
-    }
-    if (threadIdx.x == 0) {
-      counters[blockIdx.x] = 0;
-    }
-  }
 }
 
 template <typename D, int R, int G, bool kVector>
 __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typename D::T* out,
                                              float* partial_acc, float* partial_max, float* partial_sum,
-                                             int* counters, const typename D::T* q, long long q_stride,
-                                             const typename D::T* key_cache,
+                                             const typename D::T* q, long long q_stride, const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
                                              int kv_heads, int dim, float scale) {
@@ -785,8 +715,7 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
     }
   }
   __syncthreads();
-  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, counters, seq, kv_head, group, heads,
-                      dim);
+  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, dim);
 }
 
 // paged_decode_attention_chunk on the tensor cores, for heads of kDim = 64 or 128 elements in bf16 or
@@ -828,7 +757,7 @@ __device__ __forceinline__ void load_runs(Pack<unsigned, 4> (&runs)[N], const T*
 template <typename D, int kDim>
 __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typename D::T* out,
                                                  float* partial_acc, float* partial_max,
-                                                 float* partial_sum, int* counters, const typename D::T* q,
+                                                 float* partial_sum, const typename D::T* q,
                                                  long long q_stride, const typename D::T* key_cache,
                                                  const typename D::T* value_cache, const long long* slots,
                                                  long long slot_stride, const long long* lengths,
@@ -992,31 +921,68 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
     }
   }
   __syncthreads();
-  combine_warps<D, 8>(shared, out, partial_acc, partial_max, partial_sum, counters, seq, kv_head, group, heads,
-                      kDim);
+  combine_warps<D, 8>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, kDim);
 }
 
 // The kernel's body: f32 has no such mma (the caller never launches it for f32).
 template <typename D>
 __device__ void paged_decode_attention_mma(AttentionShared<8>& shared, typename D::T* out, float* partial_acc,
-                                           float* partial_max, float* partial_sum, int* counters,
-                                           const typename D::T* q,
+                                           float* partial_max, float* partial_sum, const typename D::T* q,
                                            long long q_stride, const typename D::T* key_cache,
                                            const typename D::T* value_cache, const long long* slots,
                                            long long slot_stride, const long long* lengths, int heads,
                                            int kv_heads, int dim, float scale) {
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
-      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, counters,
-                                              q,
+      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, q,
                                               q_stride, key_cache, value_cache, slots, slot_stride,
                                               lengths, heads, kv_heads, scale);
     } else {
-      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, counters,
-                                               q,
+      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                q_stride, key_cache, value_cache, slots, slot_stride,
                                                lengths, heads, kv_heads, scale);
     }
+  }
+}
+
+// The chunks of paged_decode_attention_chunk reduced: one block per (sequence, head) row. The chunks'
+// maxima and sums are read in parallel (a thread per chunk) and turned into one factor per chunk; then a
+// thread per element (grid-stride) sums the chunks' partials, their loads unrolled so that several are
+// in flight. out [rows, dim]; splits at most kMaxSplits (the caller checks).
+constexpr int kMaxSplits = 256;
+
+template <typename D>
+__device__ void paged_decode_combine_row(typename D::T* out, const float* partial_acc,
+                                         const float* partial_max, const float* partial_sum, int splits,
+                                         int dim) {
+  __shared__ float factor[kMaxSplits];
+  const long long row = blockIdx.x;
+  partial_acc += row * splits * dim;
+  partial_max += row * splits;
+  partial_sum += row * splits;
+  // A chunk with no position has a sum of 0 and a factor of 0.
+  float local_max = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    if (partial_sum[s] > 0.0f) {
+      local_max = fmaxf(local_max, partial_max[s]);
+    }
+  }
+  const float total_max = block_max(local_max);
+  float local_sum = 0.0f;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float f = partial_sum[s] > 0.0f ? expf(partial_max[s] - total_max) : 0.0f;
+    factor[s] = f;
+    local_sum += partial_sum[s] * f;
+  }
+  // block_sum's barrier also makes every factor visible to the block.
+  const float total_sum = block_sum(local_sum);
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float total = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      total += partial_acc[(long long)s * dim + d] * factor[s];
+    }
+    out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
   }
 }
 
@@ -1526,17 +1492,17 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
-      float scale, int vectorized, int* counters) {                                                 \
+      float scale, int vectorized) {                                                                \
     __shared__ AttentionShared<G> shared;                                                         \
     begin_kernel();                                                                               \
     if (vectorized) {                                                                             \
       paged_decode_attention_chunk<D, R, G, true>(shared, out, partial_acc, partial_max,            \
-                                                  partial_sum, counters, q, q_stride, key_cache,    \
-                                                  value_cache, slots, slot_stride, lengths, heads,  \
-                                                  kv_heads, dim, scale);                            \
+                                                  partial_sum, q, q_stride, key_cache, value_cache, \
+                                                  slots, slot_stride, lengths, heads, kv_heads,     \
+                                                  dim, scale);                                      \
     } else {                                                                                      \
       paged_decode_attention_chunk<D, R, G, false>(shared, out, partial_acc, partial_max,           \
-                                                   partial_sum, counters, q, q_stride, key_cache,   \
+                                                   partial_sum, q, q_stride, key_cache,             \
                                                    value_cache, slots, slot_stride, lengths, heads, \
                                                    kv_heads, dim, scale);                           \
     }                                                                                             \
@@ -1584,7 +1550,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
                                                   const float* partial_max,                        \
                                                   const float* partial_sum, int splits, int dim) { \
     begin_kernel();                                                                            \
-    combine_chunks<D>(out, partial_acc, partial_max, partial_sum, blockIdx.x, splits, dim);         \
+    paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, splits, dim);          \
   }                                                                                                \
   MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 16)                                                            \
@@ -1593,12 +1559,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
-      float scale, int /* vectorized: the caller checks */, int* counters) {                    \
+      float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8> shared;                                                         \
     begin_kernel();                                                                               \
-    paged_decode_attention_mma<D>(shared, out, partial_acc, partial_max, partial_sum, counters, q,  \
-                                  q_stride, key_cache, value_cache, slots, slot_stride, lengths,    \
-                                  heads, kv_heads, dim, scale);                                     \
+    paged_decode_attention_mma<D>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,  \
+                                  key_cache, value_cache, slots, slot_stride, lengths, heads,       \
+                                  kv_heads, dim, scale);                                            \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \

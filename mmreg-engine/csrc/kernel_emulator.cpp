@@ -4,7 +4,6 @@
 // is the running block's. Slow, and only as exact as the host's expf and rsqrt: it checks the kernels'
 // indexing, roundings and reductions, not their speed.
 #include <algorithm>
-#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -132,13 +131,6 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-// Blocks run one after another, so a block's atomics and fences need only order its own threads.
-inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
-inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
-template <typename T>
-T __ldcg(const T* p) {
-  return *p;
-}
 using std::min;
 
 #include "fused_kernels.cu"
@@ -161,7 +153,7 @@ T arg(void** args, int i) {
         arg<T*>(a, 0), arg<float*>(a, 1), arg<float*>(a, 2), arg<float*>(a, 3), arg<const T*>(a, 4),  \
         arg<long long>(a, 5), arg<const T*>(a, 6), arg<const T*>(a, 7), arg<const long long*>(a, 8),  \
         arg<long long>(a, 9), arg<const long long*>(a, 10), arg<int>(a, 11), arg<int>(a, 12),         \
-        arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15), arg<int*>(a, 16));                       \
+        arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15));                                         \
   }
 
 #define MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, R)                                   \

@@ -11,10 +11,9 @@ use super::nvrtc;
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
-/// `linear_rope_and_store`, `quick_gelu`, and `paged_decode_combine` (the launches of the kernel that
-/// reduces decode attention's chunks, which a fused combine does without).
-pub(super) static LAUNCHES: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
-pub(super) const FAMILIES: [&str; 11] = [
+/// `linear_rope_and_store`, and `quick_gelu`.
+pub(super) static LAUNCHES: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
+pub(super) const FAMILIES: [&str; 10] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -25,7 +24,6 @@ pub(super) const FAMILIES: [&str; 11] = [
     "linear_silu_mul",
     "linear_rope_and_store",
     "quick_gelu",
-    "paged_decode_combine",
 ];
 
 fn counted(family: usize) {
@@ -133,26 +131,6 @@ const RUN: i64 = 8;
 const MMA_TILE: i64 = 16;
 const MMA_DIMS: [i64; 2] = [64, 128];
 const MAX_SPLITS: i64 = 256;
-/// Blocks along x (sequences × key/value heads) that decode attention's fused combine counts chunks for:
-/// one int each in a buffer of the device's, made once and never freed (CUDA graphs keep its address).
-const COMBINE_COUNTERS: i64 = 1 << 16;
-
-/// The fused combine's counters on `device` (zero between launches: the last block of each pair sets
-/// its counter back), made on first use; `None` where `blocks` needs more than there are.
-fn combine_counters(device: tch::Device, blocks: i64) -> Option<Tensor> {
-    static COUNTERS: std::sync::Mutex<Vec<(tch::Device, Tensor)>> =
-        std::sync::Mutex::new(Vec::new());
-    if blocks > COMBINE_COUNTERS {
-        return None;
-    }
-    let mut all = COUNTERS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, counters)) = all.iter().find(|(d, _)| *d == device) {
-        return Some(counters.shallow_clone());
-    }
-    let counters = Tensor::zeros([COMBINE_COUNTERS], (Kind::Int, device));
-    all.push((device, counters.shallow_clone()));
-    Some(counters)
-}
 
 /// Positions a warp of the attention variant reads at once (`kTile`: `kLoads` × 32 / lanes).
 fn attention_tile(lanes: i64, group: i64, kind: Kind) -> i64 {
@@ -502,9 +480,8 @@ impl Kernels {
     /// Blocks of `ATTENTION_WARPS` warps, one per (sequence, key/value head) and chunk of its context:
     /// the context is split (flash-decoding) until there are about `target_blocks` blocks (at most
     /// `MAX_SPLITS` chunks, each at least a tile per warp of the padded width), and the chunks' partial
-    /// results are then reduced by `paged_decode_combine`, or with the fused combine by the last block
-    /// of each (sequence, key/value head) to finish. The split depends only on the shapes (not on the
-    /// lengths), so a CUDA graph replays it for any lengths.
+    /// results are then reduced by `paged_decode_combine`. The split depends only on the shapes (not on the lengths), so
+    /// a CUDA graph replays it for any lengths.
     pub(super) fn paged_decode_attention(
         &self,
         query: &Tensor,
@@ -573,12 +550,6 @@ impl Kernels {
             Some((acc, max, sum)) => (ptr(acc), ptr(max), ptr(sum)),
             None => (null, null, null),
         };
-        // The chunks reduced by the last block of each pair, or by the combine kernel after.
-        let counters = partial
-            .as_ref()
-            .filter(|_| super::fused_combine())
-            .and_then(|_| combine_counters(device, blocks));
-        let mut counters_p = counters.as_ref().map_or(null, ptr);
         let (mut out_p, mut q_p, mut keys_p, mut values_p) =
             (ptr(&out), ptr(query), ptr(key_cache), ptr(value_cache));
         let (mut slots_p, mut lengths_p) = (ptr(slots), ptr(lengths));
@@ -602,7 +573,6 @@ impl Kernels {
             arg!(dim32),
             arg!(scale),
             arg!(vectorized),
-            arg!(counters_p),
         ];
         let f = k.0[ATTENTION + variant];
         self.launch(f, (blocks, splits), ATTENTION_WARPS * 32, &mut args);
@@ -610,8 +580,7 @@ impl Kernels {
         if mma {
             counted(6);
         }
-        if partial.is_some() && counters.is_none() {
-            counted(10);
+        if partial.is_some() {
             let (mut splits32, mut dim32) = (splits as i32, dim as i32);
             let mut args = [
                 arg!(out_p),

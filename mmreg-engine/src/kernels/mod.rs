@@ -334,28 +334,6 @@ pub fn paged_decode_attention(
 
 thread_local! {
     static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
-    static FUSED_COMBINE: Cell<Option<bool>> = const { Cell::new(None) };
-}
-
-/// Runs `f` with decode attention's fused combine switched `on` on this thread (over
-/// `MMREG_FUSED_COMBINE`), then restores the thread's setting: the tests run both paths.
-#[doc(hidden)]
-pub fn with_fused_combine<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = FUSED_COMBINE.with(|c| c.replace(Some(on)));
-    let result = f();
-    FUSED_COMBINE.with(|c| c.set(before));
-    result
-}
-
-/// Whether [`paged_decode_attention`], where it splits a context in chunks, has the last block of
-/// each (sequence, key/value head) to finish reduce the chunks, in place of a kernel launched after
-/// (one launch and its start fewer a layer): this thread's override, else `MMREG_FUSED_COMBINE=1`
-/// (read once). Off by default until a GPU run measures it.
-pub(crate) fn fused_combine() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    FUSED_COMBINE.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| std::env::var("MMREG_FUSED_COMBINE").is_ok_and(|v| v == "1"))
-    })
 }
 
 /// Runs `f` with decode attention's tensor cores switched `on` on this thread (over

@@ -4,7 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::launch::Kernels;
 use super::reference as unfused;
-use super::{with_fused_combine, with_tensor_core_attention};
+use super::with_tensor_core_attention;
 
 /// Deterministic inputs of about unit size (no random generator: the caller's seeds stay untouched).
 fn waves(shape: &[i64], phase: f64, kind: Kind, device: Device) -> Tensor {
@@ -189,20 +189,12 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             let scale = 0.125;
             let (padded, lengths) = (on_device(&padded), on_device(&[3, long]));
             let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
-            // On the CUDA cores, and on the tensor cores (bf16 and f16; f32 stays on the CUDA cores);
-            // with the fused combine too where it is switched on.
-            let combines = [false]
-                .into_iter()
-                .chain(super::fused_combine().then_some(true));
-            for (tensor_cores, fused) in combines.flat_map(|f| [(false, f), (true, f)]) {
+            // On the CUDA cores, and on the tensor cores (bf16 and f16; f32 stays on the CUDA cores).
+            for tensor_cores in [false, true] {
                 let out = with_tensor_core_attention(tensor_cores, || {
-                    with_fused_combine(fused, || {
-                        k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale)
-                    })
+                    k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale)
                 });
-                let what = format!(
-                    "paged_decode_attention (tensor cores: {tensor_cores}, fused combine: {fused})"
-                );
+                let what = format!("paged_decode_attention (tensor cores: {tensor_cores})");
                 compare(&what, &out, &expected)?;
             }
         }
