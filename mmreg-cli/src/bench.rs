@@ -7,7 +7,9 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use mmreg_core::Prompt;
-use mmreg_engine::{cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams};
+use mmreg_engine::{
+    cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams, Usage,
+};
 
 use crate::bench_cache::Scenario;
 use crate::options::{parse_device, parse_dtype};
@@ -31,8 +33,10 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub parallel: crate::options::ParallelArgs,
     /// Tokens one step computes at most (longer prompts, or more of them, prefill over several steps).
-    #[arg(long, default_value_t = 8192)]
-    pub max_num_batched_tokens: usize,
+    /// Default as `generate`'s: 16384 on a GPU of 70 GiB or more of compute capability 9.0 or later,
+    /// else 8192.
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
     /// Timed repetitions of the prefill.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
@@ -56,15 +60,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let device = parse_device(&args.device)?;
     // Every measurement repeats one request: caching would serve the repeats from the first, so the
     // prefill and decode figures are measured without it.
-    let options = EngineOptions {
+    let mut options = EngineOptions {
         device,
         dtype: parse_dtype(&args.dtype)?,
         prefix_caching: false,
         encoder_cache_bytes: 0,
-        max_num_batched_tokens: args.max_num_batched_tokens.max(1),
         ..EngineOptions::default()
     };
-    let mut options = options;
+    options.max_num_batched_tokens =
+        crate::options::step_budget(args.max_num_batched_tokens, &options, Usage::Offline)?;
     args.parallel.apply(&mut options)?;
     if args.scenario != Scenario::Decode {
         let options = EngineOptions {
@@ -76,7 +80,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let options_async = options.async_scheduling;
+    let (options_async, step_budget) = (options.async_scheduling, options.max_num_batched_tokens);
     let engine = Engine::new(&args.prompt.model, options)?;
     let load_s = started.elapsed().as_secs_f64();
     let profile = engine.profile().clone();
@@ -105,6 +109,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     results.insert("sliding_blocks".into(), profile.sliding_blocks.into());
     results.insert("block_size".into(), profile.block_size.into());
     results.insert("async_scheduling".into(), options_async.into());
+    results.insert("max_num_batched_tokens".into(), step_budget.into());
     for &b in &args.batch {
         // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
         // (vision tower, projector, decoder; preprocessing happens before, on the workers).

@@ -393,6 +393,11 @@ fn attend_stored(
         };
         outputs.push(out.squeeze_dim(0).transpose(0, 1));
     }
+    // A lone sequence's output goes as it is: a cat would copy it once more, and where the kernel lays
+    // it out as [len, heads, d] (cuDNN's attention on CUDA does) the caller's reshape copies nothing.
+    if outputs.len() == 1 {
+        return Ok(outputs.remove(0));
+    }
     Ok(Tensor::cat(&outputs, 0))
 }
 
