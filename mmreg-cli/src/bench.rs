@@ -7,9 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use mmreg_core::Prompt;
-use mmreg_engine::{
-    cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams, Usage,
-};
+use mmreg_engine::{cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams};
 
 use crate::bench_cache::Scenario;
 use crate::options::{parse_device, parse_dtype};
@@ -33,10 +31,8 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub parallel: crate::options::ParallelArgs,
     /// Tokens one step computes at most (longer prompts, or more of them, prefill over several steps).
-    /// Default as `generate`'s: 16384 on a GPU of 70 GiB or more of compute capability 9.0 or later,
-    /// else 8192.
-    #[arg(long)]
-    pub max_num_batched_tokens: Option<usize>,
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
     /// Timed repetitions of the prefill.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
@@ -65,10 +61,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         dtype: parse_dtype(&args.dtype)?,
         prefix_caching: false,
         encoder_cache_bytes: 0,
+        max_num_batched_tokens: args.max_num_batched_tokens.max(1),
         ..EngineOptions::default()
     };
-    options.max_num_batched_tokens =
-        crate::options::step_budget(args.max_num_batched_tokens, &options, Usage::Offline)?;
     args.parallel.apply(&mut options)?;
     if args.scenario != Scenario::Decode {
         let options = EngineOptions {

@@ -408,8 +408,7 @@ pub fn generate(args: &GenerateArgs) -> Result<()> {
             .map_or(0, |gib| (gib * (1u64 << 30) as f64) as usize),
         ..EngineOptions::default()
     };
-    args.scheduler
-        .apply(&mut options, mmreg_engine::Usage::Offline)?;
+    args.scheduler.apply(&mut options)?;
     let model = match &args.model {
         Some(model) => model.clone(),
         None => crate::demo::demo_model()?,

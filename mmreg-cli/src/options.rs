@@ -1,7 +1,7 @@
 //! Command-line values shared by the subcommands.
 
 use anyhow::{anyhow, bail, Result};
-use mmreg_engine::{EngineOptions, MultiModalLimits, Usage};
+use mmreg_engine::{EngineOptions, MultiModalLimits};
 use tch::{Device, Kind};
 
 /// Parses `cpu`, `cuda` or `cuda:N`.
@@ -31,10 +31,9 @@ pub fn parse_dtype(text: &str) -> Result<Kind> {
 #[derive(Debug, clap::Args)]
 pub struct SchedulerArgs {
     /// Tokens one step computes at most; a longer prompt is prefilled in chunks over several steps,
-    /// beside the running decodes. Default as vLLM's: 16384 for `generate` on a GPU of 70 GiB or more
-    /// of compute capability 9.0 or later (H100, H200), else 8192.
-    #[arg(long)]
-    pub max_num_batched_tokens: Option<usize>,
+    /// beside the running decodes.
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
     /// Compute every prompt from scratch: no reuse of the KV-cache blocks of a prefix seen before.
     #[arg(long)]
     pub no_prefix_caching: bool,
@@ -96,13 +95,15 @@ impl ParallelArgs {
 }
 
 impl SchedulerArgs {
-    /// Sets these flags' fields of the engine's options (its device already set: the default step
-    /// budget depends on it and on `usage`).
-    pub fn apply(&self, options: &mut EngineOptions, usage: Usage) -> Result<()> {
-        options.max_num_batched_tokens = step_budget(self.max_num_batched_tokens, options, usage)?;
+    /// Sets these flags' fields of the engine's options.
+    pub fn apply(&self, options: &mut EngineOptions) -> Result<()> {
+        if self.max_num_batched_tokens == 0 {
+            bail!("--max-num-batched-tokens must be at least 1");
+        }
         if self.encoder_cache_mib.is_nan() || self.encoder_cache_mib < 0.0 {
             bail!("--encoder-cache-mib must be 0 or more");
         }
+        options.max_num_batched_tokens = self.max_num_batched_tokens;
         options.prefix_caching = !self.no_prefix_caching;
         options.encoder_cache_bytes = (self.encoder_cache_mib * (1u64 << 20) as f64) as usize;
         options.limit_mm_per_prompt = self.limit_mm_per_prompt.clone();
@@ -112,18 +113,6 @@ impl SchedulerArgs {
             _ => options.async_scheduling,
         };
         self.parallel.apply(options)
-    }
-}
-
-/// `--max-num-batched-tokens`, checked, or vLLM's default for the options' device and `usage`.
-pub fn step_budget(flag: Option<usize>, options: &EngineOptions, usage: Usage) -> Result<usize> {
-    match flag {
-        Some(0) => bail!("--max-num-batched-tokens must be at least 1"),
-        Some(tokens) => Ok(tokens),
-        None => Ok(EngineOptions::default_max_num_batched_tokens(
-            options.device,
-            usage,
-        )),
     }
 }
 
@@ -144,23 +133,8 @@ mod tests {
             async_scheduling: default,
             ..EngineOptions::default()
         };
-        cli.scheduler.apply(&mut options, Usage::Offline)?;
+        cli.scheduler.apply(&mut options)?;
         Ok(options.async_scheduling)
-    }
-
-    /// The flag wins; without it the CPU gets 8192 (the larger default is for big GPUs); 0 is refused.
-    #[test]
-    fn the_step_budget_is_the_flag_or_the_devices_default() {
-        let budget = |args: &[&str]| -> Result<usize> {
-            let cli = Cli::try_parse_from(std::iter::once("mmreg").chain(args.iter().copied()))?;
-            let mut options = EngineOptions::default();
-            cli.scheduler.apply(&mut options, Usage::Offline)?;
-            Ok(options.max_num_batched_tokens)
-        };
-        assert_eq!(budget(&[]).unwrap(), 8192);
-        assert_eq!(budget(&["--max-num-batched-tokens", "300"]).unwrap(), 300);
-        let zero = budget(&["--max-num-batched-tokens", "0"]).unwrap_err();
-        assert!(zero.to_string().contains("at least 1"), "{zero}");
     }
 
     #[test]

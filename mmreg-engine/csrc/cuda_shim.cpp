@@ -529,16 +529,6 @@ int mmreg_kernels_resident(void* function, int device, unsigned block, long long
   }
 }
 
-// The major compute capability of `device` (9 for an H100 or H200), or -1 where the runtime cannot say.
-int mmreg_cuda_compute_major(int device) {
-  try {
-    int major = 0;
-    return device_attribute(cudaDevAttrComputeCapabilityMajor, device, major) ? major : -1;
-  } catch (...) {
-    return -1;
-  }
-}
-
 // Whether `device` takes programmatic dependent launches (compute capability 9.0 or later, and a driver
 // with cuLaunchKernelEx): 1 or 0.
 int mmreg_kernels_programmatic(int device) {

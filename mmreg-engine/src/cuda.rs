@@ -14,7 +14,7 @@ pub struct MemoryStats {
     pub peak_reserved: u64,
 }
 
-pub use shim::{compute_major, empty_cache, mem_get_info, memory_stats, reset_peak_stats};
+pub use shim::{empty_cache, mem_get_info, memory_stats, reset_peak_stats};
 
 /// Records every CUDA kernel, copy and graph launch on the device (and this thread's CPU ops) with
 /// libtorch's Kineto profiler until [`stop_profiler`] saves them as a Chrome trace (chrome://tracing,
@@ -173,7 +173,6 @@ mod shim {
         fn mmreg_cuda_reset_peak_stats(device: i32) -> i32;
         fn mmreg_cuda_empty_cache() -> i32;
         fn mmreg_cuda_mem_get_info(device: i32, out: *mut i64) -> i32;
-        fn mmreg_cuda_compute_major(device: i32) -> i32;
     }
 
     pub fn memory_stats(device: usize) -> Option<MemoryStats> {
@@ -201,16 +200,6 @@ mod shim {
         // SAFETY: the shim writes two values and catches every C++ exception.
         let status = unsafe { mmreg_cuda_mem_get_info(device as i32, out.as_mut_ptr()) };
         (status == 0).then_some((out[0] as u64, out[1] as u64))
-    }
-
-    /// The device's major compute capability (9 for an H100 or H200).
-    pub fn compute_major(device: usize) -> Option<i32> {
-        if !tch::Cuda::is_available() {
-            return None;
-        }
-        // SAFETY: a query of one attribute; the shim catches every C++ exception.
-        let major = unsafe { mmreg_cuda_compute_major(device as i32) };
-        (major >= 0).then_some(major)
     }
 
     /// Starts a new peak measurement.
@@ -441,10 +430,6 @@ mod shim {
     }
 
     pub fn mem_get_info(_device: usize) -> Option<(u64, u64)> {
-        None
-    }
-
-    pub fn compute_major(_device: usize) -> Option<i32> {
         None
     }
 

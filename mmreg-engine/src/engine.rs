@@ -114,43 +114,6 @@ impl Default for EngineOptions {
     }
 }
 
-/// Who drives the engine, where a default depends on it as vLLM's usage context does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Usage {
-    /// Requests known up front, throughput first (`mmreg generate`, `mmreg bench`; vLLM's `LLM` class).
-    Offline,
-    /// Requests arriving over time, latency first (`mmreg serve`; vLLM's OpenAI-compatible server).
-    Server,
-}
-
-impl EngineOptions {
-    /// [`EngineOptions::max_num_batched_tokens`] where the user gives none: vLLM's defaults. 16384 for
-    /// offline use on a CUDA device of 70 GiB or more and compute capability 9.0 or later (H100, H200:
-    /// vLLM's rule leaves out the A100, where the larger budget lowered throughput), else 8192. On an H200
-    /// it prefilled 8 LLaVA-NeXT prompts of 2358 tokens in 453 ms where 3 steps of 8192 took 498–519
-    /// (docs/benchmarks.md, run 66).
-    pub fn default_max_num_batched_tokens(device: Device, usage: Usage) -> usize {
-        let (total, major) = match device {
-            Device::Cuda(i) => (
-                crate::cuda::mem_get_info(i).map(|(_, total)| total),
-                crate::cuda::compute_major(i),
-            ),
-            _ => (None, None),
-        };
-        default_budget(total, major, usage)
-    }
-}
-
-/// vLLM's default step budget for a device of `total` bytes and major compute capability `major`.
-fn default_budget(total: Option<u64>, major: Option<i32>, usage: Usage) -> usize {
-    let large = total.is_some_and(|t| t >= 70 << 30) && major.is_some_and(|m| m >= 9);
-    if large && usage == Usage::Offline {
-        16384
-    } else {
-        8192
-    }
-}
-
 /// Where a tensor-parallel engine encodes a step's images and videos (see
 /// [`EngineOptions::mm_encoder_tp_mode`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -845,32 +808,5 @@ fn preprocess_loop(
             }
         }
         counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// vLLM's rule: the larger budget only offline, on 70 GiB or more of a Hopper or later device.
-    #[test]
-    fn the_default_step_budget_follows_vllms_rule() {
-        let h200 = (Some(141u64 << 30), Some(9));
-        assert_eq!(default_budget(h200.0, h200.1, Usage::Offline), 16384);
-        assert_eq!(default_budget(h200.0, h200.1, Usage::Server), 8192);
-        // An A100 of 80 GB (compute capability 8.0), a 24 GiB Hopper-class card, the CPU.
-        assert_eq!(
-            default_budget(Some(80 << 30), Some(8), Usage::Offline),
-            8192
-        );
-        assert_eq!(
-            default_budget(Some(24 << 30), Some(9), Usage::Offline),
-            8192
-        );
-        assert_eq!(default_budget(None, None, Usage::Offline), 8192);
-        assert_eq!(
-            EngineOptions::default_max_num_batched_tokens(Device::Cpu, Usage::Offline),
-            8192
-        );
     }
 }

@@ -32,7 +32,7 @@ pub use blocks::{
 pub use encoder_cache::{item_hash, processor_settings, EncoderCache};
 pub use engine::{
     Canceller, Completion, EncoderTpMode, Engine, EngineCounters, EngineOptions, EngineProfile,
-    Event, FinishReason, ImageSource, Request, RequestHandle, StepTiming, TokenLogprobs, Usage,
+    Event, FinishReason, ImageSource, Request, RequestHandle, StepTiming, TokenLogprobs,
 };
 pub use generation_config::GenerationConfig;
 pub use limits::{ModalityLimit, MultiModalLimits, DEFAULT_ITEMS_PER_PROMPT};

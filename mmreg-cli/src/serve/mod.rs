@@ -86,8 +86,7 @@ fn app_state(args: &ServeArgs, model: &Path) -> Result<AppState> {
             .map_or(0, |gib| (gib * (1u64 << 30) as f64) as usize),
         ..EngineOptions::default()
     };
-    args.scheduler
-        .apply(&mut options, mmreg_engine::Usage::Server)?;
+    args.scheduler.apply(&mut options)?;
     let template = ChatTemplate::load(model, args.chat_template.as_deref())?;
     let engine = Engine::new(model, options)
         .with_context(|| format!("starting the engine on {}", model.display()))?;

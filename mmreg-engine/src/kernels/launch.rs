@@ -238,8 +238,15 @@ fn ptr(t: &Tensor) -> *mut c_void {
 
 /// The split (1 to `most` chunks) of `pairs` contexts of `width` positions that takes the least time
 /// when the device holds `resident` blocks at once: rounds of resident blocks × the positions of a
-/// chunk and a block's fixed cost. The fewest chunks among equals.
+/// chunk and a block's fixed cost. The fewest chunks among equals. None where the pairs alone fill half
+/// the resident blocks: their warps then keep enough loads in flight for the card's read rate, and
+/// chunks only add a round's tail and the combine (LLaVA-1.5's batch 8 on an H200, 256 pairs of 396:
+/// +2.2% decode tokens/s unsplit against the 3 chunks the rounds pick, and 2 chunks −1.6%;
+/// docs/benchmarks.md, run 67).
 fn fewest_rounds(pairs: i64, width: i64, most: i64, resident: i64) -> i64 {
+    if 2 * pairs >= resident {
+        return 1;
+    }
     (1..=most)
         .min_by_key(|&s| {
             let rounds = (pairs * s + resident - 1) / resident;
@@ -782,15 +789,18 @@ mod tests {
 
     /// The split by occupancy on an H200's numbers (132 SMs × 3 blocks of the LLaVA variant, 2 of
     /// Mistral's), over decode widths rounded to 128: LLaVA-1.5's ~700-position contexts at batch 8
-    /// (256 pairs) fill two rounds with 3 chunks each, where 4 need a third round; at batch 1 (32 pairs)
-    /// every chunk allowed fits in one round; at batch 32 (1024 pairs) the device holds fewer blocks than
-    /// there are pairs, and splitting only adds rounds. Mistral's 2.4k contexts at batch 8 (64 pairs):
-    /// one round of 4 chunks with the CUDA cores' kernel (2 blocks per SM), of 6 with the tensor cores'
-    /// (3 per SM).
+    /// (256 pairs) fill more than half the device unsplit, and stay so (the rounds alone would take 3
+    /// chunks); at batch 4 (128 pairs) two rounds of 3 chunks beat 4, which need a third; at batch 1
+    /// (32 pairs) every chunk allowed fits in one round; at batch 32 (1024 pairs) the device holds
+    /// fewer blocks than there are pairs. Mistral's 2.4k contexts at batch 8 (64 pairs): one round of
+    /// 4 chunks with the CUDA cores' kernel (2 blocks per SM), of 6 with the tensor cores' (3 per SM).
     #[test]
     fn the_split_takes_the_fewest_rounds_of_resident_blocks() {
         for width in [640, 768] {
-            assert_eq!(fewest_rounds(256, width, width / 64, 396), 3);
+            assert_eq!(fewest_rounds(256, width, width / 64, 396), 1);
+            assert_eq!(fewest_rounds(198, width, width / 64, 396), 1);
+            assert_eq!(fewest_rounds(197, width, width / 64, 396), 2);
+            assert_eq!(fewest_rounds(128, width, width / 64, 396), 3);
             assert_eq!(fewest_rounds(32, width, width / 64, 396), width / 64);
             assert_eq!(fewest_rounds(1024, width, width / 64, 396), 1);
         }
