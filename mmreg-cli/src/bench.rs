@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use mmreg_core::Prompt;
 use mmreg_engine::{cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams};
@@ -95,6 +95,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             ..SamplingParams::default()
         },
     };
+    // The traces take up to 32 requests.
+    let most = args.batch.iter().copied().max().unwrap_or(1);
+    let most = most.max(if args.trace.is_some() { 32 } else { 1 });
+    let batch = Batches::new(&request, &args.prompt.images, most)?;
     let mut results = serde_json::Map::new();
     results.insert("load_s".into(), load_s.into());
     // What the KV cache holds: blocks of the global layers, and of the sliding-window layers' own
@@ -105,18 +109,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     results.insert("block_size".into(), profile.block_size.into());
     results.insert("async_scheduling".into(), options_async.into());
     results.insert("max_num_batched_tokens".into(), step_budget.into());
+    // Each request of a batch has images of its own (see `Batches`).
+    results.insert("distinct_images".into(), true.into());
     for &b in &args.batch {
         // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
         // (vision tower, projector, decoder; preprocessing happens before, on the workers).
-        engine.generate(vec![request.clone(); b]);
-        let one_token = Request {
-            videos: Vec::new(),
-            params: SamplingParams {
-                max_tokens: 1,
-                ..request.params.clone()
-            },
-            ..request.clone()
-        };
+        engine.generate(batch.of(b, args.max_tokens));
         let prefill_seconds = |time_embeddings: bool| {
             let counters = engine.counters();
             counters
@@ -124,7 +122,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
                 .store(time_embeddings, std::sync::atomic::Ordering::Relaxed);
             counters.record_steps();
             for _ in 0..args.repeat {
-                engine.generate(vec![one_token.clone(); b]);
+                engine.generate(batch.of(b, 1));
             }
             counters
                 .time_embeddings
@@ -156,7 +154,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         // request had its first token: before it, steps still prefill other prompts.
         engine.counters().record_steps();
         let t = Instant::now();
-        let handles: Vec<_> = (0..b).map(|_| engine.submit(request.clone())).collect();
+        let handles: Vec<_> = batch
+            .of(b, args.max_tokens)
+            .into_iter()
+            .map(|request| engine.submit(request))
+            .collect();
         let streams: Vec<Result<(Vec<f64>, usize)>> = std::thread::scope(|scope| {
             let readers: Vec<_> = handles
                 .into_iter()
@@ -253,20 +255,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     if let Some(dir) = &args.trace {
         std::fs::create_dir_all(dir)?;
-        let with_tokens = |max_tokens| Request {
-            videos: Vec::new(),
-            params: SamplingParams {
-                max_tokens,
-                ..request.params.clone()
-            },
-            ..request.clone()
-        };
         for (name, requests) in [
-            ("prefill_bs1.json", vec![with_tokens(1)]),
-            ("prefill_bs8.json", vec![with_tokens(1); 8]),
-            ("decode_bs1.json", vec![with_tokens(16)]),
-            ("decode_bs8.json", vec![with_tokens(16); 8]),
-            ("decode_bs32.json", vec![with_tokens(16); 32]),
+            ("prefill_bs1.json", batch.of(1, 1)),
+            ("prefill_bs8.json", batch.of(8, 1)),
+            ("decode_bs1.json", batch.of(1, 16)),
+            ("decode_bs8.json", batch.of(8, 16)),
+            ("decode_bs32.json", batch.of(32, 16)),
         ] {
             // Warm (graphs captured), then traced.
             engine.generate(requests.clone());
@@ -288,4 +282,112 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     }
     println!("{}", serde_json::Value::Object(results));
     Ok(())
+}
+
+/// The requests of a measured batch: the prompt of `--prompt`, each request with images of its own. The
+/// engine encodes an item that several sequences of a step share once (as vLLM's encoder cache does), so
+/// a batch repeating one image would leave most of the vision tower's work out of its prefill, work that
+/// a batch of users' different images does. Request `i` takes each image with its first pixel's red and
+/// green values moved by `i` (mod 256): the same shapes and the same work, different items.
+struct Batches {
+    request: Request,
+    /// The images of request `i`, for `i` below the largest batch.
+    images: Vec<Vec<ImageSource>>,
+}
+
+impl Batches {
+    fn new(request: &Request, paths: &[PathBuf], most: usize) -> Result<Self> {
+        let decoded = paths
+            .iter()
+            .map(|path| {
+                image::open(path)
+                    .map(|image| image.to_rgb8())
+                    .with_context(|| format!("reading {}", path.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let images = (0..most)
+            .map(|i| {
+                decoded
+                    .iter()
+                    .zip(paths)
+                    .map(|(image, path)| -> Result<ImageSource> {
+                        let mut image = image.clone();
+                        if let Some(pixel) = image.pixels_mut().next() {
+                            pixel.0[0] = pixel.0[0].wrapping_add(i as u8);
+                            pixel.0[1] = pixel.0[1].wrapping_add((i >> 8) as u8);
+                        }
+                        let mut bytes = Vec::new();
+                        image.write_to(
+                            &mut std::io::Cursor::new(&mut bytes),
+                            image::ImageFormat::Png,
+                        )?;
+                        let name = format!("{} (request {i})", path.display());
+                        Ok(ImageSource::Bytes { name, bytes })
+                    })
+                    .collect()
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            request: request.clone(),
+            images,
+        })
+    }
+
+    /// `b` requests of `max_tokens` new tokens each.
+    fn of(&self, b: usize, max_tokens: usize) -> Vec<Request> {
+        (0..b)
+            .map(|i| Request {
+                images: self.images[i % self.images.len()].clone(),
+                params: SamplingParams {
+                    max_tokens,
+                    ..self.request.params.clone()
+                },
+                ..self.request.clone()
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every request of a batch gets its own images (different bytes, same size), and only the first
+    /// pixel differs from the file's.
+    #[test]
+    fn each_request_of_a_batch_has_images_of_its_own() {
+        let path = PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fixtures/llava-tiny-real/images/b_480x640.png"
+        ));
+        let request = Request {
+            videos: Vec::new(),
+            prompt: Prompt::Text("<image>".into()),
+            images: vec![ImageSource::Path(path.clone())],
+            params: SamplingParams::default(),
+        };
+        let batch = Batches::new(&request, std::slice::from_ref(&path), 8).unwrap();
+        let requests = batch.of(8, 3);
+        assert_eq!(requests.len(), 8);
+        let original = image::open(&path).unwrap().to_rgb8();
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in requests.iter().enumerate() {
+            assert_eq!(r.params.max_tokens, 3);
+            let [ImageSource::Bytes { bytes, .. }] = &r.images[..] else {
+                panic!("request {i}: expected one image from bytes")
+            };
+            let image = image::load_from_memory(bytes).unwrap().to_rgb8();
+            assert_eq!(image.dimensions(), original.dimensions());
+            let changed = image
+                .pixels()
+                .zip(original.pixels())
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(changed, usize::from(i % 256 != 0), "request {i}");
+            assert!(
+                seen.insert(image.into_raw()),
+                "request {i} repeats an image"
+            );
+        }
+    }
 }

@@ -338,6 +338,9 @@ fn bench_times_decode_after_every_prompt_is_prefilled() {
     let number = |k: &str| json[k].as_f64().unwrap_or_else(|| panic!("no {k}: {json}"));
     assert!(number("kv_blocks") > 0.0);
     assert_eq!(number("sliding_blocks"), 0.0);
+    // What was measured: the step budget given, and a batch's requests each with its own image.
+    assert_eq!(number("max_num_batched_tokens"), 600.0);
+    assert_eq!(json["distinct_images"], true, "{json}");
     for b in [1, 3] {
         assert!(number(&format!("decode_tok_per_s_bs{b}")) > 0.0);
         assert!(number(&format!("ttft_last_bs{b}_ms")) >= number(&format!("ttft_bs{b}_ms")));
