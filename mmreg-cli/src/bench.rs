@@ -80,16 +80,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let load_s = started.elapsed().as_secs_f64();
     let profile = engine.profile().clone();
     eprintln!("engine ready in {load_s:.1}s: {profile:?}");
+    // The images are each request's own (`Batches`).
     let request = Request {
         videos: Vec::new(),
         prompt: Prompt::Text(args.prompt.prompt.clone()),
-        images: args
-            .prompt
-            .images
-            .iter()
-            .cloned()
-            .map(ImageSource::Path)
-            .collect(),
+        images: Vec::new(),
         params: SamplingParams {
             max_tokens: args.max_tokens,
             ..SamplingParams::default()
@@ -363,7 +358,7 @@ mod tests {
         let request = Request {
             videos: Vec::new(),
             prompt: Prompt::Text("<image>".into()),
-            images: vec![ImageSource::Path(path.clone())],
+            images: Vec::new(),
             params: SamplingParams::default(),
         };
         let batch = Batches::new(&request, std::slice::from_ref(&path), 8).unwrap();

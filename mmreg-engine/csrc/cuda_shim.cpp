@@ -145,9 +145,6 @@ void mmreg_event_free(void* event) {
   }
 }
 
-// A host tensor (tch's `C_tensor*`, a `torch::Tensor*`) copied to `device` without the host waiting for
-// the stream: through pinned memory, which the caching host allocator keeps until the copy has run. A new
-// `torch::Tensor*` (owned by the caller), or null.
 // A host tensor in pinned memory (itself if it is pinned already): a later copy to a device from it is one
 // asynchronous copy, with no memcpy into a pinned buffer first. A new `torch::Tensor*`, or null.
 void* mmreg_pin_memory(void* host) {
@@ -159,6 +156,9 @@ void* mmreg_pin_memory(void* host) {
   }
 }
 
+// A host tensor (tch's `C_tensor*`, a `torch::Tensor*`) copied to `device` without the host waiting for
+// the stream: through pinned memory, which the caching host allocator keeps until the copy has run. A new
+// `torch::Tensor*` (owned by the caller), or null.
 void* mmreg_to_device_async(void* host, int device) {
   try {
     const auto& source = *static_cast<at::Tensor*>(host);

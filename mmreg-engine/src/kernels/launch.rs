@@ -487,8 +487,8 @@ impl Kernels {
     /// Blocks of `ATTENTION_WARPS` warps, one per (sequence, key/value head) and chunk of its context:
     /// the context is split (flash-decoding) until there are about `target_blocks` blocks (at most
     /// `MAX_SPLITS` chunks, each at least a tile per warp of the padded width), and the chunks' partial
-    /// results are then reduced by `paged_decode_combine`. The split depends only on the shapes (not on the lengths), so
-    /// a CUDA graph replays it for any lengths.
+    /// results are then reduced by `paged_decode_combine`. The split depends only on the shapes (not
+    /// on the lengths), so a CUDA graph replays it for any lengths.
     pub(super) fn paged_decode_attention(
         &self,
         query: &Tensor,
