@@ -33,6 +33,8 @@ pub struct BenchArgs {
     /// Tokens one step computes at most (longer prompts, or more of them, prefill over several steps).
     #[arg(long, default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
+    #[command(flatten)]
+    pub chunked_prefill: crate::options::ChunkedPrefillArgs,
     /// Timed repetitions of the prefill.
     #[arg(long, default_value_t = 5)]
     pub repeat: usize,
@@ -65,6 +67,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ..EngineOptions::default()
     };
     args.parallel.apply(&mut options)?;
+    args.chunked_prefill.apply(&mut options);
     if args.scenario != Scenario::Decode {
         let options = EngineOptions {
             prefix_caching: true,
@@ -75,7 +78,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let (options_async, step_budget) = (options.async_scheduling, options.max_num_batched_tokens);
+    let (options_async, step_budget, chunked) = (
+        options.async_scheduling,
+        options.max_num_batched_tokens,
+        options.enable_chunked_prefill,
+    );
     let engine = Engine::new(&args.prompt.model, options)?;
     let load_s = started.elapsed().as_secs_f64();
     let profile = engine.profile().clone();
@@ -104,6 +111,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     results.insert("block_size".into(), profile.block_size.into());
     results.insert("async_scheduling".into(), options_async.into());
     results.insert("max_num_batched_tokens".into(), step_budget.into());
+    results.insert("enable_chunked_prefill".into(), chunked.into());
     // Each request of a batch has images of its own (see `Batches`).
     results.insert("distinct_images".into(), true.into());
     for &b in &args.batch {

@@ -34,6 +34,8 @@ pub struct SchedulerArgs {
     /// beside the running decodes.
     #[arg(long, default_value_t = 8192)]
     pub max_num_batched_tokens: usize,
+    #[command(flatten)]
+    pub chunked_prefill: ChunkedPrefillArgs,
     /// Compute every prompt from scratch: no reuse of the KV-cache blocks of a prefix seen before.
     #[arg(long)]
     pub no_prefix_caching: bool,
@@ -54,6 +56,25 @@ pub struct SchedulerArgs {
     pub no_async_scheduling: bool,
     #[command(flatten)]
     pub parallel: ParallelArgs,
+}
+
+/// Chunked prefill on or off (`generate`, `serve`, `bench`), named as vLLM names it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChunkedPrefillArgs {
+    /// Split prompts over steps so that each step fills --max-num-batched-tokens: the default, kept as
+    /// vLLM's flag.
+    #[arg(long, conflicts_with = "no_enable_chunked_prefill")]
+    pub enable_chunked_prefill: bool,
+    /// Prefill each prompt in one step: a prompt that does not fit in what is left of a step waits for
+    /// the next (one longer than --max-num-batched-tokens is still split).
+    #[arg(long)]
+    pub no_enable_chunked_prefill: bool,
+}
+
+impl ChunkedPrefillArgs {
+    pub fn apply(&self, options: &mut EngineOptions) {
+        options.enable_chunked_prefill = !self.no_enable_chunked_prefill;
+    }
 }
 
 /// Tensor parallelism (`generate`, `serve`, `bench`).
@@ -104,6 +125,7 @@ impl SchedulerArgs {
             bail!("--encoder-cache-mib must be 0 or more");
         }
         options.max_num_batched_tokens = self.max_num_batched_tokens;
+        self.chunked_prefill.apply(options);
         options.prefix_caching = !self.no_prefix_caching;
         options.encoder_cache_bytes = (self.encoder_cache_mib * (1u64 << 20) as f64) as usize;
         options.limit_mm_per_prompt = self.limit_mm_per_prompt.clone();
@@ -146,5 +168,20 @@ mod tests {
         }
         let both = ["--async-scheduling", "--no-async-scheduling"];
         assert!(async_scheduling(&both, true).is_err(), "conflicting flags");
+    }
+
+    #[test]
+    fn chunked_prefill_is_on_unless_switched_off() {
+        let chunked = |args: &[&str]| -> Result<bool> {
+            let cli = Cli::try_parse_from(std::iter::once("mmreg").chain(args.iter().copied()))?;
+            let mut options = EngineOptions::default();
+            cli.scheduler.apply(&mut options)?;
+            Ok(options.enable_chunked_prefill)
+        };
+        assert!(chunked(&[]).unwrap());
+        assert!(chunked(&["--enable-chunked-prefill"]).unwrap());
+        assert!(!chunked(&["--no-enable-chunked-prefill"]).unwrap());
+        let both = ["--enable-chunked-prefill", "--no-enable-chunked-prefill"];
+        assert!(chunked(&both).is_err(), "conflicting flags");
     }
 }

@@ -43,6 +43,11 @@ pub struct EngineOptions {
     /// beside the running decodes. Also the encoder budget: an item with more feature rows than
     /// `max(max_num_batched_tokens, the largest item profiled)` is refused.
     pub max_num_batched_tokens: usize,
+    /// Split a prompt over steps so that each step fills `max_num_batched_tokens` (vLLM's
+    /// `--enable-chunked-prefill`, on by default). Off, a prompt is prefilled in one step: one that does
+    /// not fit in what is left of a step's budget waits for the next step, and so do the prompts behind
+    /// it. A prompt longer than `max_num_batched_tokens` (which vLLM would refuse) is still split.
+    pub enable_chunked_prefill: bool,
     /// Reuse the KV-cache blocks of a prefix computed before (the hash of each block covers its tokens
     /// and the images in it).
     pub prefix_caching: bool,
@@ -97,6 +102,7 @@ impl Default for EngineOptions {
             max_model_len: None,
             max_num_seqs: 64,
             max_num_batched_tokens: 8192,
+            enable_chunked_prefill: true,
             prefix_caching: true,
             encoder_cache_bytes: 1 << 30,
             gpu_memory_utilization: 0.9,

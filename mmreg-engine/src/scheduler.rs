@@ -167,6 +167,9 @@ pub(crate) struct Scheduler {
     running: Vec<Sequence>,
     max_num_seqs: usize,
     max_num_batched_tokens: usize,
+    /// Split a prompt over steps to fill the budget ([`EngineOptions::enable_chunked_prefill`]); off, a
+    /// prompt that fits in a step waits for one with room for all of it.
+    chunked_prefill: bool,
     max_model_len: usize,
     /// Items per call of a modality's path when a step encodes several: what startup profiling measured
     /// (the most items `--limit-mm-per-prompt` allows).
@@ -239,6 +242,7 @@ impl Scheduler {
             running: Vec::new(),
             max_num_seqs: options.max_num_seqs,
             max_num_batched_tokens: options.max_num_batched_tokens.max(1),
+            chunked_prefill: options.enable_chunked_prefill,
             max_model_len,
             max_items_per_embed: options.limit_mm_per_prompt.max_count().max(1),
             burst_wait: options.burst_wait,
@@ -449,8 +453,13 @@ impl Scheduler {
                 seq.computed = seq.blocks.len() * block_size;
                 seq.registered = seq.blocks.len();
             }
+            // Without chunked prefill a prompt goes whole or waits for a step with room for it (as
+            // the sequences behind it do); only one longer than any step is still split.
+            let left = seq.len() - seq.computed;
+            let wait =
+                !self.chunked_prefill && left > budget && left <= self.max_num_batched_tokens;
             let new = seq.chunk(budget);
-            if !grow(&mut self.pool, &mut self.sliding, seq, new) {
+            if wait || !grow(&mut self.pool, &mut self.sliding, seq, new) {
                 release(&mut self.pool, &mut self.sliding, seq);
                 seq.computed = 0;
                 seq.registered = 0;
