@@ -93,10 +93,13 @@ def mmreg(args, eager=False, fused=False, binary="mmreg", env_extra=None):
 
 def mmreg_bench(model, prompt, image, batches, eager=False, fused=False, binary="mmreg", trace=None, gen=GEN,
                 env_extra=None):
-    """`mmreg bench` (bf16, `gen` new tokens) as a peer of the record: label, switches and result."""
+    """`mmreg bench` (bf16, `gen` new tokens) as a peer of the record: label, switches and result. An `ARGS`
+    entry of `env_extra` is not set in the environment: its words are more flags of `mmreg bench`."""
     args = ["bench", "--model", model, "--prompt", prompt, "--image", image, "--batch", batches,
             "--max-tokens", str(gen), "--device", "cuda", "--dtype", "bf16"] + (["--trace", trace] if trace else [])
-    result = mmreg(args, eager, fused, binary, env_extra)
+    env = dict(env_extra or {})
+    args += env.pop("ARGS", "").split()
+    result = mmreg(args, eager, fused, binary, env or None)
     label = mmreg_label(eager, fused, binary) + "".join(f", {k}={v}" for k, v in (env_extra or {}).items())
     print(label, result, flush=True)
     return {"peer": "mmreg", "label": label, "switches": {"cuda_graphs": not eager, "fused_kernels": fused,

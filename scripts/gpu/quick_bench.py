@@ -8,7 +8,8 @@ batch sizes (default: each model's in SHAPES).
 With AB=1, each model also runs with the fused kernels off (libtorch's ops), in the same call.
 With VARIANTS="ENV=VALUE[,ENV=VALUE]|..." each model also runs with each variant's environment (say
 VARIANTS="MMREG_LINEAR_PREFETCH_RUNS=16|MMREG_LINEAR_PREFETCH_RUNS=64"), the default and the variants
-alternating REPEAT times (default 2), so that each is measured against the default in one call.
+alternating REPEAT times (default 2), so that each is measured against the default in one call. A variant's
+ARGS are flags of `mmreg bench` instead (VARIANTS="ARGS=--no-enable-chunked-prefill").
 With ANCHOR=1, the compiled-PyTorch anchor (gpt-fast's recipe, staged by gpu-stage.sh) runs after mmreg
 on LLaVA-1.5-7B's decoder, prompt and batches (several more minutes: it compiles once per batch size).
 With BEFORE=1, each model also runs the staged `gpu-stage/mmreg-before` (a build of an earlier commit),
