@@ -2,6 +2,7 @@
 // graphs, the profiler, and launching kernels of our own. Every function catches C++ exceptions and
 // returns non-zero instead, so nothing unwinds into Rust.
 #include <ATen/cuda/CUDAGraph.h>
+#include <ATen/ops/_flash_attention_forward.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -165,6 +166,26 @@ void* mmreg_to_device_async(void* host, int device) {
     auto on_device = at::TensorOptions().device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
     auto target = source.pin_memory().to(on_device, /*non_blocking=*/true);
     return new at::Tensor(std::move(target));
+  } catch (...) {
+    return nullptr;
+  }
+}
+}
+
+extern "C" {
+
+// Causal attention of several sequences packed along one axis, each over its own keys, in one call of
+// FlashAttention-2's varlen forward (which pip's torch ships; tch does not expose it): q [total_q, heads,
+// d], k and v [total_k, kv_heads, d] (kv_heads dividing heads), cu_q and cu_k int32 [sequences + 1] on the
+// device, each sequence's first row and the total. A new `torch::Tensor*` [total_q, heads, d], or null.
+void* mmreg_varlen_attention(void* q, void* k, void* v, void* cu_q, void* cu_k, int64_t max_q,
+                             int64_t max_k, double scale, int causal) {
+  try {
+    auto out = at::_flash_attention_forward(
+        *static_cast<at::Tensor*>(q), *static_cast<at::Tensor*>(k), *static_cast<at::Tensor*>(v),
+        *static_cast<at::Tensor*>(cu_q), *static_cast<at::Tensor*>(cu_k), max_q, max_k,
+        /*dropout_p=*/0.0, causal != 0, /*return_debug_mask=*/false, scale);
+    return new at::Tensor(std::move(std::get<0>(out)));
   } catch (...) {
     return nullptr;
   }

@@ -1,6 +1,8 @@
 //! KV-cache blocks: which of the pool's blocks each sequence owns, and the step layout built from them.
 
-use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
+use mmreg_core::step::{
+    real_slots, AttentionBatch, DecodeGather, FreshPrompts, SequenceSlice, SlidingSlots,
+};
 use mmreg_core::{Error, PromptPositions, Result};
 use tch::{Device, Tensor};
 
@@ -146,7 +148,30 @@ pub fn attention_batch(
             })
             .transpose()?,
         sliding: None,
+        fresh_prompts: match fresh_prompts(&sequences[decodes..]) {
+            Some((cu_seqlens, longest)) if device.is_cuda() && cuda::varlen_prefill_enabled() => {
+                Some(FreshPrompts {
+                    cu_seqlens: cuda::upload(&Tensor::from_slice(&cu_seqlens), device)?,
+                    longest,
+                })
+            }
+            _ => None,
+        },
     })
+}
+
+/// The cumulative offsets (from 0) and the longest of sequences `(blocks, context, new tokens)` that are
+/// all fresh prompts (no context), two or more; `None` otherwise.
+fn fresh_prompts(sequences: &[(&[u32], usize, usize)]) -> Option<(Vec<i32>, i64)> {
+    if sequences.len() < 2 || sequences.iter().any(|&(_, context, _)| context > 0) {
+        return None;
+    }
+    let mut offsets = vec![0i32];
+    for &(_, _, len) in sequences {
+        offsets.push(offsets.last()?.checked_add(i32::try_from(len).ok()?)?);
+    }
+    let longest = sequences.iter().map(|&(_, _, len)| len).max()? as i64;
+    Some((offsets, longest))
 }
 
 /// Gives a step its slots in the sliding-window layers' pool: `tables[i]` is the batch's sequence `i`'s
@@ -293,4 +318,27 @@ pub fn set_positions(
         batch.positions = step_positions(sections, seqs, device)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fresh prompts (two or more, none after cached context) get their offsets from 0 and the longest;
+    /// anything else attends sequence by sequence.
+    #[test]
+    fn only_two_or_more_fresh_prompts_are_packed() {
+        let blocks = [0u32; 4];
+        let seq = |context, len| (&blocks[..], context, len);
+        assert_eq!(
+            fresh_prompts(&[seq(0, 5), seq(0, 9), seq(0, 2)]),
+            Some((vec![0, 5, 14, 16], 9))
+        );
+        assert_eq!(fresh_prompts(&[seq(0, 5)]), None);
+        assert_eq!(fresh_prompts(&[seq(0, 5), seq(3, 4)]), None);
+        assert_eq!(fresh_prompts(&[]), None);
+        // Off on the CPU: the batch describes no packed prompts.
+        let batch = attention_batch(&[seq(0, 5), seq(0, 9)], 16, true, Device::Cpu).expect("batch");
+        assert!(batch.fresh_prompts.is_none());
+    }
 }

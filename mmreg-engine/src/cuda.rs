@@ -148,6 +148,60 @@ pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> 
     }
 }
 
+/// A varlen attention call's arguments (see [`varlen_attention`]).
+struct PackedAttention {
+    q: tch::Tensor,
+    k: tch::Tensor,
+    v: tch::Tensor,
+    cu_seqlens: tch::Tensor,
+    longest: i64,
+    scale: f64,
+}
+
+/// Whether a step's fresh prompts attend in one varlen call ([`varlen_attention`]):
+/// `MMREG_VARLEN_PREFILL=1`. Off by default until measured against prompt-by-prompt attention on a GPU.
+pub fn varlen_prefill_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MMREG_VARLEN_PREFILL").is_ok_and(|v| v == "1"))
+}
+
+/// Causal attention of fresh prompts packed along one axis, each over its own keys, in one call of
+/// FlashAttention-2's varlen forward: `q` `[total, heads, d]`, `k` and `v` `[total, kv_heads, d]`,
+/// `cu_seqlens` int32 `[prompts + 1]` on the device (each prompt's first row, then the total), `longest`
+/// the longest prompt. `[total, heads, d]`, the layout the output projection reads, so no per-prompt
+/// outputs are joined. `None` where it does not run (not on CUDA, not bf16 or f16, no CUDA shim, or a
+/// failure, logged once): the caller then attends prompt by prompt. The engine describes fresh prompts
+/// to the layers only with [`varlen_prefill_enabled`].
+pub fn varlen_attention(
+    q: &tch::Tensor,
+    k: &tch::Tensor,
+    v: &tch::Tensor,
+    cu_seqlens: &tch::Tensor,
+    longest: i64,
+    scale: f64,
+) -> Option<tch::Tensor> {
+    static FAILED: std::sync::Once = std::sync::Once::new();
+    let half = matches!(q.kind(), tch::Kind::BFloat16 | tch::Kind::Half);
+    if !q.device().is_cuda() || !half || FAILED.is_completed() {
+        return None;
+    }
+    let packed = PackedAttention {
+        q: q.shallow_clone(),
+        k: k.shallow_clone(),
+        v: v.shallow_clone(),
+        cu_seqlens: cu_seqlens.shallow_clone(),
+        longest,
+        scale,
+    };
+    shim::varlen_attention(&packed)
+        .map_err(|error| {
+            FAILED.call_once(
+                || tracing::warn!(%error, "varlen attention failed; prompts attend one by one"),
+            )
+        })
+        .ok()
+}
+
 #[cfg(mmreg_cuda_shim)]
 mod shim {
     use super::{GraphPool, MemoryStats};
@@ -167,6 +221,17 @@ mod shim {
         fn mmreg_to_device_async(host: *mut std::ffi::c_void, device: i32)
             -> *mut std::ffi::c_void;
         fn mmreg_pin_memory(host: *mut std::ffi::c_void) -> *mut std::ffi::c_void;
+        fn mmreg_varlen_attention(
+            q: *mut std::ffi::c_void,
+            k: *mut std::ffi::c_void,
+            v: *mut std::ffi::c_void,
+            cu_q: *mut std::ffi::c_void,
+            cu_k: *mut std::ffi::c_void,
+            max_q: i64,
+            max_k: i64,
+            scale: f64,
+            causal: i32,
+        ) -> *mut std::ffi::c_void;
         fn mmreg_profiler_start() -> i32;
         fn mmreg_profiler_stop(path: *const std::ffi::c_char) -> i32;
         fn mmreg_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
@@ -243,6 +308,41 @@ mod shim {
         let raw = unsafe { mmreg_pin_memory(host.as_mut_ptr().cast()) };
         if raw.is_null() {
             return Err(Error::Engine("pinning a host tensor failed".into()));
+        }
+        // SAFETY: `raw` is a `torch::Tensor*` the caller owns, as tch's tensors are.
+        Ok(unsafe { tch::Tensor::from_ptr(raw.cast()) })
+    }
+
+    pub fn varlen_attention(packed: &super::PackedAttention) -> Result<tch::Tensor> {
+        let super::PackedAttention {
+            q,
+            k,
+            v,
+            cu_seqlens,
+            longest,
+            scale,
+        } = packed;
+        let [mut q, mut k, mut v, mut cu_q] = [q, k, v, cu_seqlens].map(|t| t.shallow_clone());
+        let mut cu_k = cu_q.shallow_clone();
+        // SAFETY: the five tensors are live for the call; the shim returns a new owned tensor or null and
+        // catches every C++ exception.
+        let raw = unsafe {
+            mmreg_varlen_attention(
+                q.as_mut_ptr().cast(),
+                k.as_mut_ptr().cast(),
+                v.as_mut_ptr().cast(),
+                cu_q.as_mut_ptr().cast(),
+                cu_k.as_mut_ptr().cast(),
+                *longest,
+                *longest,
+                *scale,
+                1,
+            )
+        };
+        if raw.is_null() {
+            return Err(Error::Engine(
+                "FlashAttention's varlen forward failed".into(),
+            ));
         }
         // SAFETY: `raw` is a `torch::Tensor*` the caller owns, as tch's tensors are.
         Ok(unsafe { tch::Tensor::from_ptr(raw.cast()) })
@@ -387,6 +487,10 @@ mod shim {
 
     pub fn pin_memory(_tensor: &tch::Tensor) -> Result<tch::Tensor> {
         Err(Error::Engine("pinned memory needs the CUDA shim".into()))
+    }
+
+    pub fn varlen_attention(_packed: &super::PackedAttention) -> Result<tch::Tensor> {
+        Err(Error::Engine("varlen attention needs the CUDA shim".into()))
     }
 
     /// Never made: a CUDA device without the shim has no events ([`super::events_available`]).

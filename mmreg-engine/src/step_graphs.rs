@@ -333,6 +333,7 @@ fn decode_step(
             lengths: lens,
         }),
         sliding,
+        fresh_prompts: None,
     };
     let embeds = model.embed_tokens(&part(0, b))?;
     model.forward(&embeds, &mut Step::new(&batch, cache))
@@ -383,6 +384,7 @@ fn prefill_step(
             slots: vec![Tensor::new()],
             gather: None,
         }),
+        fresh_prompts: None,
     };
     model.forward(embeds, &mut Step::new(&batch, cache))
 }

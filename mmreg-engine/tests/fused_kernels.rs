@@ -826,3 +826,81 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
         }
     }
 }
+
+/// Several fresh prompts in one varlen call (`cuda::varlen_attention`, FlashAttention-2's varlen forward)
+/// equal each prompt's own causal attention in libtorch's SDPA, with grouped key/value heads, in bf16 and
+/// f16 on cuda:0; on the CPU, and in f32, the call declines (the layers then attend prompt by prompt).
+#[test]
+fn varlen_attention_equals_each_prompts_own_attention() {
+    let (heads, kv_heads, dim) = (8, 2, 128);
+    let lengths = [37i64, 5, 64];
+    let total: i64 = lengths.iter().sum();
+    let mut offsets = vec![0i32];
+    for len in lengths {
+        offsets.push(offsets.last().unwrap() + len as i32);
+    }
+    let cu = Tensor::from_slice(&offsets);
+    let scale = 1.0 / (dim as f64).sqrt();
+    let q = random(&[total, heads, dim], Kind::BFloat16, Device::Cpu, 1);
+    let (k, v) = (
+        random(&[total, kv_heads, dim], Kind::BFloat16, Device::Cpu, 2),
+        random(&[total, kv_heads, dim], Kind::BFloat16, Device::Cpu, 3),
+    );
+    assert!(
+        mmreg_engine::cuda::varlen_attention(&q, &k, &v, &cu, 64, scale).is_none(),
+        "the CPU has no varlen call"
+    );
+    if !tch::Cuda::is_available() {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED varlen attention on a GPU: no GPU here"
+        );
+        return;
+    }
+    let gpu = Device::Cuda(0);
+    let cu = cu.to_device(gpu);
+    let f32_q = q.to_kind(Kind::Float).to_device(gpu);
+    assert!(
+        mmreg_engine::cuda::varlen_attention(&f32_q, &f32_q, &f32_q, &cu, 64, scale).is_none(),
+        "f32 has no varlen call"
+    );
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let [q, k, v] = [&q, &k, &v].map(|t| t.to_kind(kind).to_device(gpu));
+        let packed = mmreg_engine::cuda::varlen_attention(&q, &k, &v, &cu, 64, scale)
+            .expect("the varlen call runs on the GPU");
+        assert_eq!(packed.size(), [total, heads, dim]);
+        let mut start = 0;
+        for len in lengths {
+            let part = |t: &Tensor| t.narrow(0, start, len).transpose(0, 1).unsqueeze(0);
+            let own = Tensor::scaled_dot_product_attention(
+                &part(&q),
+                &part(&k),
+                &part(&v),
+                None::<Tensor>,
+                0.0,
+                true,
+                scale,
+                true,
+            )
+            .squeeze_dim(0)
+            .transpose(0, 1);
+            // Two kernels, each rounding its f32 sums once: a step or two of the dtype apart, where
+            // wrong offsets or a wrong mask would be wrong by the values' own size.
+            let diff = (packed.narrow(0, start, len).to_kind(Kind::Float)
+                - own.to_kind(Kind::Float))
+            .abs()
+            .max()
+            .double_value(&[]);
+            let step = if kind == Kind::Half {
+                2f64.powi(-10)
+            } else {
+                2f64.powi(-7)
+            };
+            assert!(
+                diff <= 4.0 * step,
+                "{kind:?}: prompt of {len} at {start}: off by {diff}"
+            );
+            start += len;
+        }
+    }
+}

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tch::Tensor;
 
 use crate::parallel::split_heads;
-use crate::{Activation, LayerNorm, Linear, Loader, RowParallelLinear};
+use crate::{patch_embedding, Activation, LayerNorm, Linear, Loader, RowParallelLinear};
 
 /// `vision_config`; missing keys take `CLIPVisionConfig`'s defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -344,15 +344,8 @@ impl ClipVisionTower {
     /// `hidden_states[i]` for each requested `i`, from pixel values `[n, 3, H, W]`.
     pub fn hidden_states(&self, pixel_values: &Tensor, indices: &[usize]) -> Result<Vec<Tensor>> {
         let pixel_values = pixel_values.to_kind(self.patch_embedding.kind());
-        let patches = pixel_values.conv2d(
-            &self.patch_embedding,
-            None::<Tensor>,
-            self.patch_size,
-            0,
-            1,
-            1,
-        );
-        let patches = patches.flatten(2, -1).transpose(1, 2); // [n, patches, hidden], row-major
+        // [n, patches, hidden], row-major
+        let patches = patch_embedding(&pixel_values, &self.patch_embedding, None, self.patch_size)?;
         let n = patches.size()[0];
         let class = self
             .class_embedding

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use tch::Tensor;
 
 use crate::clip::{ClipVisionConfig, EncoderLayer};
-use crate::{LayerNorm, Loader};
+use crate::{patch_embedding, LayerNorm, Loader};
 
 /// `vision_config` of a SigLIP tower; missing keys take `SiglipVisionConfig`'s defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -136,18 +136,12 @@ impl SiglipVisionTower {
     }
 
     fn forward_eager(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let patches = pixel_values
-            .to_kind(self.patch_embedding.kind())
-            .f_conv2d(
-                &self.patch_embedding,
-                Some(&self.patch_bias),
-                self.patch_size,
-                0,
-                1,
-                1,
-            )?
-            .flatten(2, -1)
-            .transpose(1, 2); // [n, patches, hidden], row-major
+        let patches = patch_embedding(
+            &pixel_values.to_kind(self.patch_embedding.kind()),
+            &self.patch_embedding,
+            Some(&self.patch_bias),
+            self.patch_size,
+        )?; // [n, patches, hidden], row-major
         let positions = match &self.position_ids {
             Some(ids) => self.position_embedding.f_index_select(0, ids)?,
             None => self.position_embedding.shallow_clone(),
