@@ -290,11 +290,33 @@ __device__ void rms_norm_row_vectors(typename D::T* out, typename D::T* sum, con
   }
 }
 
+// MMREG_FAST_ACTIVATIONS=1: the sigmoids of SiLU and quick_gelu in bf16 and f16 through the special
+// function unit's exp and a fast division, a few instructions where expf and an IEEE division take
+// dozens (a prefill's activations are bound by their instructions: 6.6 million SiLUs of LLaVA-1.5's
+// 604-token layer take 16 µs, 2.5 TB/s of an H200's 4.8). Their f32 results are a few ulps from
+// expf's, which the rounding to the 16-bit dtype right after almost always hides: within one rounding
+// step, as the tests allow for SiLU. Off until measured on a GPU; f32 always takes expf.
+#ifndef MMREG_FAST_ACTIVATIONS
+#define MMREG_FAST_ACTIVATIONS 0
+#endif
+template <typename D>
+constexpr bool kFastActivations = MMREG_FAST_ACTIVATIONS != 0 && sizeof(typename D::T) == 2;
+
+// x / (1 + exp(-y)), as written or fast (kFastActivations).
+template <typename D>
+__device__ __forceinline__ float over_one_plus_exp(float x, float y) {
+  if constexpr (kFastActivations<D>) {
+    return __fdividef(x, 1.0f + __expf(-y));
+  } else {
+    return x / (1.0f + expf(-y));
+  }
+}
+
 // silu(gate) * up of one element, HF's act_fn(gate) * up: silu's result rounded before the product.
 template <typename D>
 __device__ __forceinline__ typename D::T silu_times(typename D::T gate, typename D::T up) {
   const float g = D::load(gate);
-  return D::store(round_to<D>(g / (1.0f + expf(-g))) * D::load(up));
+  return D::store(round_to<D>(over_one_plus_exp<D>(g, g)) * D::load(up));
 }
 
 // silu_times over a stacked [rows, 2 * cols] projection (gate first). Grid-stride loops over rows (y)
@@ -343,7 +365,7 @@ template <typename D>
 __device__ __forceinline__ typename D::T quick_gelu_of(typename D::T x) {
   const float v = D::load(x);
   const float scaled = round_to<D>(v * 1.702f);
-  return D::store(v * round_to<D>(1.0f / (1.0f + expf(-scaled))));
+  return D::store(v * round_to<D>(over_one_plus_exp<D>(1.0f, scaled)));
 }
 
 // quick_gelu_of over n elements: a grid-stride loop, a thread per element.
@@ -1233,7 +1255,7 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 }
 
 // A linear layer for a few rows (up to 16: two tiles of 8 of x's rows; an instance for one tile takes
-// 1 to 8) on the tensor cores:
+// 1 to 8, one for four tiles 17 to 32) on the tensor cores:
 // y = x · wᵀ (+ bias) with f32 sums and one rounding to the dtype at the end, as cuBLAS. A decode step of a few sequences reads
 // every weight once for all its rows, so the kernel streams w at the bandwidth's pace and does each
 // product as an mma m16n8k16: a 16 × 16 tile of w (16 outputs × 16 of k) as A, and 16 of k of up to 8
@@ -1260,6 +1282,10 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 #ifndef MMREG_FEW_UNROLL_8
 #define MMREG_FEW_UNROLL_8 4
 #endif
+// The 32-row kernels' chunks a warp loads at once: each chunk holds four tiles of x's rows in registers.
+#ifndef MMREG_FEW_UNROLL_32
+#define MMREG_FEW_UNROLL_32 2
+#endif
 constexpr int kFewWarps = MMREG_FEW_WARPS;
 constexpr int kFewTile = 16;
 constexpr int kFewUnroll = MMREG_FEW_UNROLL;
@@ -1281,15 +1307,15 @@ __device__ __forceinline__ float run_element(const typename FewRun<D>::T& run, i
 }
 
 // c[tile] += the products of one chunk: w's rows g and g + 8 (runs wa, wb) by x's rows 8·tile + 2t and
-// 8·tile + 2t + 1 (x[tile]: the lane's run of row 8·tile + g), for `tiles` (1 or 2) tiles of x's rows.
+// 8·tile + 2t + 1 (x[tile]: the lane's run of row 8·tile + g), for `tiles` (1 to kT) tiles of x's rows.
 // c[tile] holds (w row g, x row 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1): the mma's accumulators.
-template <typename D>
-__device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typename FewRun<D>::T& wa,
+template <typename D, int kT>
+__device__ __forceinline__ void few_rows_products(float (&c)[kT][4], const typename FewRun<D>::T& wa,
                                                   const typename FewRun<D>::T& wb,
-                                                  const typename FewRun<D>::T (&x)[2], int tiles) {
+                                                  const typename FewRun<D>::T (&x)[kT], int tiles) {
   if constexpr (D::kMma != 0) {
 #pragma unroll
-    for (int tile = 0; tile < 2; ++tile) {
+    for (int tile = 0; tile < kT; ++tile) {
       if (tile < tiles) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -1330,21 +1356,30 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 // keys and values at slot r.
 //
 // kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers; it loads kUnroll chunks
-// at once where the 16-row kernel loads kFewUnroll.
+// at once where the 16-row kernel loads kFewUnroll. kMaxTiles = 4: a kernel for 17 to 32 rows (four tiles
+// of x's rows in registers a chunk, so it loads fewer chunks at once).
 template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                 const typename D::T* bias, int m, long long n, long long k,
                                 const RopeStore<D>& rope) {
   typedef typename FewRun<D>::T V;
+  // Tiles of x's rows held (the one-tile kernel keeps the two-tile layout, zeros in the second).
+  constexpr int kT = kMaxTiles < 2 ? 2 : kMaxTiles;
   // The warps' sums, [warp][tile of x's rows][accumulator][lane]: lanes side by side (no bank conflicts).
-  __shared__ float sums[kFewWarps][2][4][32];
+  __shared__ float sums[kFewWarps][kT][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   // (With one tile, `tiles` stays a value of m and tile 0's loads apart from the weights': the forms in
   // which ptxas issues a group's loads all together, checked in the SASS; with tiles = 1 known, it
   // moves each load next to its product, a few in flight.)
-  const int tiles = kMaxTiles > 1 ? (m > 8 ? 2 : 1) : min(m, 1);
+  const int tiles = kMaxTiles == 1   ? min(m, 1)
+                    : kMaxTiles == 2 ? (m > 8 ? 2 : 1)
+                                     : min((m + 7) / 8, kMaxTiles);
   const long long chunks = (k + 31) / 32;
-  const typename D::T* xs[2] = {x + min(g, m - 1) * k, x + min(g + 8, m - 1) * k};
+  const typename D::T* xs[kT];
+#pragma unroll
+  for (int tile = 0; tile < kT; ++tile) {
+    xs[tile] = x + min(g + 8 * tile, m - 1) * k;
+  }
   // Tiles of w, the first row of each and the distance to rows g + 8 of the mma.
   const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
   const long long w_tiles = (n + kFewTile - 1) / kFewTile;
@@ -1372,17 +1407,21 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     const long long first = first_of(w_tile);
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
     const typename D::T* wb_row = w + min(first + g + partner, n - 1) * k;
-    float c[2][4] = {};
+    float c[kT][4] = {};
     for (long long group = warp * (long long)kUnroll; group < chunks;
          group += (long long)kFewWarps * kUnroll) {
       // Every load of the group before the first product: predicated loads into zeroed registers.
-      V wa[kUnroll], wb[kUnroll], xv[kUnroll][2];
+      V wa[kUnroll], wb[kUnroll], xv[kUnroll][kT];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const long long at = (group + u) * 32 + t * 8;
 #pragma unroll
         for (int i = 0; i < (int)(sizeof(V) / 4); ++i) {
-          wa[u].e[i] = wb[u].e[i] = xv[u][0].e[i] = xv[u][1].e[i] = 0u;
+          wa[u].e[i] = wb[u].e[i] = 0u;
+#pragma unroll
+          for (int tile = 0; tile < kT; ++tile) {
+            xv[u][tile].e[i] = 0u;
+          }
         }
         if (at < k) {
           wa[u] = *reinterpret_cast<const V*>(wa_row + at);
@@ -1394,17 +1433,20 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         if (kMaxTiles == 1 && at < k && tiles > 0) {
           xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
         }
-        if (at < k && tiles == 2) {
-          xv[u][1] = *reinterpret_cast<const V*>(xs[1] + at);
+#pragma unroll
+        for (int tile = 1; tile < kT; ++tile) {
+          if (at < k && tile < tiles) {
+            xv[u][tile] = *reinterpret_cast<const V*>(xs[tile] + at);
+          }
         }
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        few_rows_products<D>(c, wa[u], wb[u], xv[u], tiles);
+        few_rows_products<D, kT>(c, wa[u], wb[u], xv[u], tiles);
       }
     }
 #pragma unroll
-    for (int tile = 0; tile < 2; ++tile) {
+    for (int tile = 0; tile < kT; ++tile) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         sums[warp][tile][q][lane] = c[tile][q];
@@ -1412,12 +1454,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     }
     __syncthreads();
     if (kEpilogue != 0) {
-      // Thread i < 128 sums accumulators (tile, q) and (tile, q + 2) of lane i % 32 over the warps:
-      // output `at` of x's row `row` and its partner.
+      // Thread i < 64 · kT sums accumulators (tile, q) and (tile, q + 2) of lane i % 32 over the
+      // warps: output `at` of x's row `row` and its partner (kFewWarps · 32 >= 64 · kT threads).
       const int i = threadIdx.x, l = i % 32, q = (i / 32) % 2, tile = i / 64;
       const long long at = first + l / 4;
       const int row = tile * 8 + 2 * (l % 4) + q;
-      if (i < 128 && row < m) {
+      if (i < 64 * kT && row < m) {
         float a = 0.0f, b = 0.0f;
 #pragma unroll
         for (int v = 0; v < kFewWarps; ++v) {
@@ -1449,17 +1491,20 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         }
       }
     } else {
-      // Thread i sums accumulator (tile, q) of lane i % 32 over the warps: 2 × 4 × 32 = the block.
-      const int i = threadIdx.x, l = i % 32, q = (i / 32) % 4, tile = i / 128;
-      float total = 0.0f;
+      // Item i sums accumulator (tile, q) of lane i % 32 over the warps: kT × 4 × 32 items, 2 × 4 × 32
+      // the block's threads.
+      for (int i = threadIdx.x; i < kT * 128; i += kFewWarps * 32) {
+        const int l = i % 32, q = (i / 32) % 4, tile = i / 128;
+        float total = 0.0f;
 #pragma unroll
-      for (int v = 0; v < kFewWarps; ++v) {
-        total += sums[v][tile][q][l];
-      }
-      const long long out = first + l / 4 + (q >= 2 ? 8 : 0);
-      const int row = tile * 8 + 2 * (l % 4) + (q & 1);
-      if (row < m && out < n) {
-        y[row * n + out] = D::store(total + (bias != nullptr ? D::load(bias[out]) : 0.0f));
+        for (int v = 0; v < kFewWarps; ++v) {
+          total += sums[v][tile][q][l];
+        }
+        const long long out = first + l / 4 + (q >= 2 ? 8 : 0);
+        const int row = tile * 8 + 2 * (l % 4) + (q & 1);
+        if (row < m && out < n) {
+          y[row * n + out] = D::store(total + (bias != nullptr ? D::load(bias[out]) : 0.0f));
+        }
       }
     }
     __syncthreads();
@@ -1467,7 +1512,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 }
 
 // The few-rows kernels (plain, SiLU and rope epilogues) for at most `tiles` tiles of 8 of x's rows,
-// loading `unroll` chunks a warp at once: linear_few_rows{,_silu,_rope}{eight}_{suffix}.
+// loading `unroll` chunks a warp at once: linear_few_rows{,_silu,_rope}{rows}_{suffix}.
 #define MMREG_FEW_ROWS_KERNELS(D, suffix, eight, tiles, unroll)                                     \
   MMREG_KERNEL void linear_few_rows##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,         \
                                                       const D::T* bias, int m, long long n,        \
@@ -1591,6 +1636,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   }                                                                                                \
   MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
   MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, _32, 4, MMREG_FEW_UNROLL_32)                                   \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \

@@ -131,6 +131,9 @@ void launch(unsigned grid_x, unsigned grid_y, unsigned threads, const std::funct
 inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
 inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// The fast intrinsics as their exact counterparts (the emulator checks indexing, not their ulps).
+inline float __expf(float x) { return std::exp(x); }
+inline float __fdividef(float a, float b) { return a / b; }
 using std::min;
 
 #include "fused_kernels.cu"
@@ -227,7 +230,10 @@ T arg(void** args, int i) {
   MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_8_##suffix, T),                                  \
   [](void** a) { quick_gelu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2)); },   \
   [](void** a) { quick_gelu_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
-                                             arg<long long>(a, 2)); }
+                                             arg<long long>(a, 2)); },                                \
+  MMREG_EMULATED_FEW_ROWS(linear_few_rows_32_##suffix, T),                                           \
+  MMREG_EMULATED_FEW_ROWS(linear_few_rows_silu_32_##suffix, T),                                      \
+  MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_32_##suffix, T)
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -181,8 +181,18 @@ fn rope_tables(tokens: i64, dim: i64, kind: Kind, device: Device) -> (Tensor, Te
 /// attention kernel slow, which no CPU test would notice.
 #[test]
 fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory() {
-    for (major, minor) in [(9, 0), (8, 0)] {
-        let (bytes, report) = match kernels::compile_for(major, minor) {
+    // As they load by default, and with the variants measurements switch on from the environment.
+    let variants = [
+        (9, 0, ""),
+        (8, 0, ""),
+        (
+            9,
+            0,
+            "#define MMREG_FAST_ACTIVATIONS 1\n#define MMREG_FEW_UNROLL_32 4\n",
+        ),
+    ];
+    for (major, minor, defines) in variants {
+        let (bytes, report) = match kernels::compile_variant_for(major, minor, defines) {
             Ok(compiled) => compiled,
             Err(why) => panic!("sm_{major}{minor}: {why}"),
         };
@@ -204,9 +214,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 32 kernels in each of 3 dtypes.
+        // 35 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 96,
+            kernels, 105,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -587,14 +597,16 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
 /// inputs that take a warp more than one pass (k = 520) and a k that ends inside a chunk of 32 (200,
 /// 520); one row with k split between 2 warps (37 rows: 19 runs; the emulator holds 12 blocks of 4
 /// warps), 4 (16 rows) and none (200 rows); rows that fill one tile of 8 of x's rows (5, 8) or two (9,
-/// 16), one row and up to 8 with the 8-row kernels (bf16 and f16) and with the one-row and 16-row
-/// ones. 17 rows, f32 with more than
-/// one row, and a k that is not a multiple of a vector take libtorch's product.
+/// 16) or three and four (17, 27, 32: the 32-row kernels, switched on here), one row and up to 8 with the
+/// 8-row kernels (bf16 and f16) and with the one-row and 16-row ones. 33 rows (17 with the 32-row kernels
+/// off, as by default), f32 with more than one row, and a k that is not a multiple of a vector take
+/// libtorch's product.
 #[test]
 fn linear_for_few_rows_matches_the_product() {
     let _one_at_a_time = counting();
     kernels::set_few_rows_linear(true);
     kernels::set_linear_split(true);
+    kernels::set_thirty_two_rows(true);
     // The 8-row kernels for one row and up to 8 (as by default), and the one-row and 16-row kernels.
     for (mode, eight) in modes().flat_map(|mode| [(mode, true), (mode, false)]) {
         kernels::set_eight_rows(eight);
@@ -612,7 +624,10 @@ fn linear_for_few_rows_matches_the_product() {
                 (8, 24, 520, false, few),
                 (9, 37, 200, true, few),
                 (16, 40, 136, false, few),
-                (17, 16, 64, false, false),
+                (17, 16, 64, false, few),
+                (27, 37, 200, true, few),
+                (32, 40, 520, false, few),
+                (33, 16, 64, false, false),
                 (1, 16, 66, false, false),
             ] {
                 let before = kernels::launches("linear").expect("a family");
@@ -648,6 +663,16 @@ fn linear_for_few_rows_matches_the_product() {
             }
         }
     }
+    // Off (the default), 17 rows take libtorch's product.
+    kernels::set_thirty_two_rows(false);
+    for mode in modes() {
+        let x = random(&[17, 64], Kind::BFloat16, mode.device(), 17);
+        let weight = random(&[16, 64], Kind::BFloat16, mode.device(), 16);
+        let before = kernels::launches("linear").expect("a family");
+        let _ = kernels::linear(&x, &weight, None);
+        let launched = kernels::launches("linear").expect("a family") - before;
+        assert_eq!(launched, 0, "{mode:?}: 17 rows with the 32-row kernels off");
+    }
     // (Back to the defaults for the tests after this one.)
     kernels::set_eight_rows(true);
     kernels::set_few_rows_for_one(true);
@@ -664,8 +689,9 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
     let _one_at_a_time = counting();
     // The product unsplit, as the gated kernel sums (a split product sums in another order).
     kernels::set_linear_split(false);
+    kernels::set_thirty_two_rows(true);
     // Several rows with the few-rows kernel off (the product, then silu_mul), and on (bf16 and f16: the
-    // gated kernel where 8 divides n, two tiles of x's rows for 9 to 16).
+    // gated kernel where 8 divides n, two tiles of x's rows for 9 to 16, four for 17 to 32).
     for (mode, few) in modes().flat_map(|mode| [(mode, false), (mode, true)]) {
         kernels::set_few_rows_linear(few);
         let device = mode.device();
@@ -678,6 +704,8 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
                 (8, 24, 200, true),
                 (12, 16, 136, false),
                 (4, 12, 64, false),
+                (20, 16, 64, false),
+                (32, 24, 136, true),
             ] {
                 let what = format!(
                     "linear_silu_mul {mode:?} {kind:?} ({rows}×{k} · 2×{n}×{k}, few rows: {few})"
@@ -715,6 +743,7 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
             }
         }
     }
+    kernels::set_thirty_two_rows(false);
 }
 
 /// A decoder layer's stacked q/k/v product for one token with rope and the KV-cache write in its last
@@ -728,6 +757,7 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
     let _one_at_a_time = counting();
     // As in the gated test.
     kernels::set_linear_split(false);
+    kernels::set_thirty_two_rows(true);
     // One token, and several with the few-rows kernel off (None) and on (bf16 and f16: the kernel where
     // 16 divides dim; heads of 40 do not).
     for (mode, few) in modes().flat_map(|mode| [(mode, false), (mode, true)]) {
@@ -740,6 +770,7 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                 (1, 2, 1, 128, 136, true),
                 (5, 4, 4, 64, 200, false),
                 (12, 8, 2, 32, 64, true),
+                (21, 8, 2, 32, 64, true),
                 (3, 2, 1, 40, 64, false),
             ] {
                 let what = format!(
@@ -751,11 +782,11 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                 let weight = random(&[n, k], kind, device, n) * 0.1;
                 let bias = with_bias.then(|| random(&[n], kind, device, heads));
                 let (cos, sin) = rope_tables(tokens, dim, kind, device);
-                // Token t at slot 5 + 2t of a pool of 40.
+                // Token t at slot 5 + 2t of a pool of 48.
                 let slots: Vec<i64> = (0..tokens).map(|t| 5 + 2 * t).collect();
                 let slots = Tensor::from_slice(&slots).to_device(device);
                 let caches = || {
-                    let zeros = || Tensor::zeros([40, kv_heads, dim], (kind, device));
+                    let zeros = || Tensor::zeros([48, kv_heads, dim], (kind, device));
                     (zeros(), zeros())
                 };
                 let ((mut keys, mut values), (mut keys2, mut values2)) = (caches(), caches());
@@ -825,6 +856,7 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
             }
         }
     }
+    kernels::set_thirty_two_rows(false);
 }
 
 /// Several fresh prompts in one varlen call (`cuda::varlen_attention`, FlashAttention-2's varlen forward)

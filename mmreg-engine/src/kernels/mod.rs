@@ -359,7 +359,7 @@ fn tensor_core_attention() -> bool {
 }
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
-/// `bias` `[n]`. A step of 1 to 16 sequences in bf16 or f16 takes a kernel of our own that streams the
+/// `bias` `[n]`. A step of 1 to 16 sequences (32 with [`set_thirty_two_rows`]) in bf16 or f16 takes a kernel of our own that streams the
 /// weight once for all rows and multiplies on the tensor cores, with the SiLU and rope epilogues (on an
 /// H200, 2–7% more decode tokens/s than cuBLAS and separate kernels at 2 to 16 sequences:
 /// docs/benchmarks.md, run 49); up to 8 rows take its variant for one tile of x's rows, which holds
@@ -383,9 +383,14 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
 /// Whether the linear kernels take `rows` of `x`: one in every dtype; a few on the tensor cores, in
 /// bf16 and f16, where switched on.
 fn rows_fit(x: &Tensor, rows: i64) -> bool {
+    let most = if thirty_two_rows_enabled() {
+        launch::FEW_ROWS_32
+    } else {
+        launch::FEW_ROWS
+    };
     rows == 1
         || (few_rows_enabled()
-            && (2..=launch::FEW_ROWS).contains(&rows)
+            && (2..=most).contains(&rows)
             && matches!(x.kind(), Kind::BFloat16 | Kind::Half))
 }
 
@@ -463,6 +468,23 @@ pub fn set_eight_rows(on: bool) {
 /// else not `MMREG_FEW_ROWS_8=0`.
 fn eight_rows_enabled() -> bool {
     EIGHT_ROWS.get(|| not_zero("MMREG_FEW_ROWS_8"))
+}
+
+static THIRTY_TWO_ROWS: Switch = Switch::new();
+
+/// Lets 17 to 32 rows take the few-rows kernels' 32-row variants (four tiles of x's rows), or leaves
+/// them to cuBLAS (for the whole process; overrides `MMREG_FEW_ROWS_32`). Off by default until measured
+/// against cuBLAS on a GPU: at batch 32 cuBLAS's products read the weights at 2.5 to 3.9 TB/s of an
+/// H200's 4.8, and its separate rope and SiLU kernels cost 6 µs a layer (docs/bench-runs/
+/// 2026-12-05-run64-decode-traces.log).
+pub fn set_thirty_two_rows(on: bool) {
+    THIRTY_TWO_ROWS.set(on);
+}
+
+/// Whether 17 to 32 rows take the 32-row few-rows kernels: [`set_thirty_two_rows`], else
+/// `MMREG_FEW_ROWS_32=1`.
+fn thirty_two_rows_enabled() -> bool {
+    THIRTY_TWO_ROWS.get(|| std::env::var("MMREG_FEW_ROWS_32").is_ok_and(|v| v == "1"))
 }
 
 static FEW_ROWS_FOR_ONE: Switch = Switch::new();
@@ -543,7 +565,18 @@ pub fn self_check(device: Device) -> Result<(), String> {
 /// spills): checks the source and the NVRTC lookup on any machine. An error says why (NVRTC's log
 /// included), or that this build has no shim.
 pub fn compile_for(major: i32, minor: i32) -> Result<(usize, String), String> {
-    nvrtc::compile_for(major, minor)
+    nvrtc::compile_for(major, minor, "")
+}
+
+/// [`compile_for`] with `defines` (`#define` lines of the source's tuning constants) before the source:
+/// checks the variants the environment can pick for measurements.
+#[doc(hidden)]
+pub fn compile_variant_for(
+    major: i32,
+    minor: i32,
+    defines: &str,
+) -> Result<(usize, String), String> {
+    nvrtc::compile_for(major, minor, defines)
 }
 
 /// An index tensor a kernel can read: contiguous int64 on `device`.

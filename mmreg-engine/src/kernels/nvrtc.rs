@@ -93,8 +93,9 @@ mod shim {
     pub(in crate::kernels) fn compile_for(
         major: i32,
         minor: i32,
+        defines: &str,
     ) -> Result<(usize, String), String> {
-        let source = CString::new(SOURCE).map_err(|e| e.to_string())?;
+        let source = CString::new(format!("{defines}{SOURCE}")).map_err(|e| e.to_string())?;
         let mut size = 0usize;
         let mut report = vec![0u8; 64 * 1024];
         // SAFETY: the shim writes the size and NUL-terminated texts of at most their capacities, and
@@ -123,11 +124,16 @@ mod shim {
     ///   while it multiplies the one before (1, the default) or loads each tile and then multiplies it.
     /// - `MMREG_FEW_UNROLL_8` (1 to 8): the chunks of 32 a warp of the 8-row few-rows kernels loads at
     ///   once (4 by default).
+    /// - `MMREG_FEW_UNROLL_32` (1 to 8): the same for the 32-row few-rows kernels (2 by default).
+    /// - `MMREG_FAST_ACTIVATIONS` (0 or 1): SiLU's and quick_gelu's sigmoids in bf16 and f16 through the
+    ///   fast exp and division (0, expf and an IEEE division, by default).
     fn tuning_defines() -> String {
         [
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
             ("MMREG_ATTENTION_PIPELINE", 0..=1),
             ("MMREG_FEW_UNROLL_8", 1..=8),
+            ("MMREG_FEW_UNROLL_32", 1..=8),
+            ("MMREG_FAST_ACTIVATIONS", 0..=1),
         ]
         .into_iter()
         .filter_map(|(name, range)| {
@@ -252,6 +258,7 @@ mod shim {
     pub(in crate::kernels) fn compile_for(
         _major: i32,
         _minor: i32,
+        _defines: &str,
     ) -> Result<(usize, String), String> {
         Err(NO_SHIM.into())
     }
