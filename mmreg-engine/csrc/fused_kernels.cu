@@ -1282,6 +1282,10 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 #ifndef MMREG_FEW_UNROLL_8
 #define MMREG_FEW_UNROLL_8 4
 #endif
+// Whether a block prefetches its next tile of w into L2 before the barriers that end a tile (0: no).
+#ifndef MMREG_FEW_PREFETCH_NEXT
+#define MMREG_FEW_PREFETCH_NEXT 0
+#endif
 // The 32-row kernels' chunks a warp loads at once: each chunk holds four tiles of x's rows in registers.
 #ifndef MMREG_FEW_UNROLL_32
 #define MMREG_FEW_UNROLL_32 2
@@ -1443,6 +1447,19 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         few_rows_products<D, kT>(c, wa[u], wb[u], xv[u], tiles);
+      }
+    }
+    // MMREG_FEW_PREFETCH_NEXT=1: the block's next tile's first chunks into L2 before this tile's sums
+    // meet, so that its first loads after the barriers wait for L2 rather than for DRAM.
+    if (MMREG_FEW_PREFETCH_NEXT != 0 && w_tile + gridDim.x < w_tiles) {
+      const long long next = first_of(w_tile + gridDim.x);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const long long at = (warp * kUnroll + u) * 32LL + t * 8;
+        if (at < k) {
+          prefetch_l2(w + min(next + g, n - 1) * k + at);
+          prefetch_l2(w + min(next + g + partner, n - 1) * k + at);
+        }
       }
     }
 #pragma unroll

@@ -127,6 +127,8 @@ mod shim {
     /// - `MMREG_FEW_UNROLL_32` (1 to 8): the same for the 32-row few-rows kernels (2 by default).
     /// - `MMREG_FAST_ACTIVATIONS` (0 or 1): SiLU's and quick_gelu's sigmoids in bf16 and f16 through the
     ///   fast exp and division (0, expf and an IEEE division, by default).
+    /// - `MMREG_FEW_PREFETCH_NEXT` (0 or 1): whether a block of the few-rows kernels prefetches its next
+    ///   tile of the weight into L2 before the barriers that end a tile (0 by default).
     fn tuning_defines() -> String {
         [
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
@@ -134,6 +136,7 @@ mod shim {
             ("MMREG_FEW_UNROLL_8", 1..=8),
             ("MMREG_FEW_UNROLL_32", 1..=8),
             ("MMREG_FAST_ACTIVATIONS", 0..=1),
+            ("MMREG_FEW_PREFETCH_NEXT", 0..=1),
         ]
         .into_iter()
         .filter_map(|(name, range)| {
