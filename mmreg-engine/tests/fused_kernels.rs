@@ -258,6 +258,8 @@ fn fused_kernels_run_only_where_they_can() {
 fn the_self_check_passes() {
     let _one_at_a_time = counting();
     kernels::set_enabled(true);
+    // With the 32-row kernels switched on, so that their cases are checked too.
+    kernels::set_thirty_two_rows(true);
     if wanted(Mode::Emulated) {
         kernels::emulate_on_this_thread(true);
         assert_eq!(kernels::self_check(Device::Cpu), Ok(()));
@@ -270,6 +272,7 @@ fn the_self_check_passes() {
     if tch::Cuda::is_available() && mmreg_engine::cuda::graphs_available() {
         assert_eq!(kernels::self_check(Device::Cuda(0)), Ok(()));
     }
+    kernels::set_thirty_two_rows(false);
 }
 
 #[test]
