@@ -1,78 +1,85 @@
-//! `enable_chunked_prefill` (vLLM's `--enable-chunked-prefill`): on, a step's last prompt is split to
-//! fill the step's budget; off, a prompt that fits in a step waits for a step with room for all of it,
+//! `enable_chunked_prefill` (vLLM's `--enable-chunked-prefill`): on, a prompt is split to fill what is
+//! left of a step's budget; off, a prompt that fits in a step waits for a step with room for all of it,
 //! and only a prompt longer than the budget is still split. Both generate what one-at-a-time generation
-//! does.
+//! does. (Requests go in one at a time, each once the one before has its first token: which requests
+//! share a first step otherwise depends on when their preprocessing ends.)
 
 mod support;
 
 use mmreg_core::{MultiModalData, ProcessorInputs, Prompt};
 use mmreg_engine::generate::{generate, prepare};
-use mmreg_engine::{Engine, EngineOptions, Request, SamplingParams};
+use mmreg_engine::{Engine, EngineOptions, Event, Request, SamplingParams};
 use toy_vlm as _;
 
 const BUDGET: usize = 100;
 
-/// Three prompts of 40 tokens and one of 130, longer than a step.
-fn prompts() -> Vec<Vec<u32>> {
-    [40u32, 40, 40, 130]
-        .iter()
-        .enumerate()
-        .map(|(i, &len)| (0..len).map(|t| (t * 5 + i as u32) % 14 + 1).collect())
-        .collect()
+/// A prompt of `len` tokens, the `i`-th of its test, generating `max_tokens`.
+fn request(i: u32, len: u32, max_tokens: usize) -> Request {
+    Request {
+        prompt: Prompt::TokenIds((0..len).map(|t| (t * 5 + i) % 14 + 1).collect()),
+        images: Vec::new(),
+        videos: Vec::new(),
+        params: SamplingParams { max_tokens, ..SamplingParams::default() },
+    }
 }
 
-#[test]
-fn without_chunked_prefill_a_prompt_that_fits_a_step_is_never_split() {
+/// What one-at-a-time generation gives for `request`.
+fn alone(dir: &std::path::Path, request: &Request) -> Vec<u32> {
+    let (ctx, entry, model) = support::load(dir);
+    let inputs =
+        ProcessorInputs { prompt: request.prompt.clone(), multimodal: MultiModalData::default() };
+    let prepared = prepare(entry, &ctx, inputs, 256).expect("prepared");
+    generate(entry, model.as_ref(), prepared, &request.params).expect("generates").token_ids
+}
+
+/// `requests` through an engine with the step budget and `chunked`, each submitted once the one before
+/// has its first token; their tokens must be one-at-a-time generation's. The prompt tokens of each
+/// step that prefilled any.
+fn prefills(dir: &std::path::Path, requests: &[Request], chunked: bool) -> Vec<usize> {
+    let options = EngineOptions {
+        max_num_batched_tokens: BUDGET,
+        enable_chunked_prefill: chunked,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::new(dir, options).expect("engine");
+    engine.counters().record_steps();
+    let mut handles: Vec<mmreg_engine::RequestHandle> = Vec::new();
+    for request in requests {
+        if let Some(before) = handles.last() {
+            assert!(matches!(before.next_event(), Some(Event::Token(_))), "a first token");
+        }
+        handles.push(engine.submit(request.clone()));
+    }
+    for (handle, request) in handles.into_iter().zip(requests) {
+        let tokens = handle.wait().expect("completes").token_ids;
+        assert_eq!(tokens, alone(dir, request), "chunked prefill {chunked}");
+    }
+    let steps = engine.counters().take_steps();
+    steps.iter().map(|s| s.prefill_tokens).filter(|&n| n > 0).collect()
+}
+
+fn checkpoint() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     support::write_checkpoint(dir.path(), 7).expect("checkpoint");
-    let (ctx, entry, model) = support::load(dir.path());
-    let params = SamplingParams { max_tokens: 6, ..SamplingParams::default() };
-    let want: Vec<Vec<u32>> = prompts()
-        .into_iter()
-        .map(|prompt| {
-            let inputs = ProcessorInputs {
-                prompt: Prompt::TokenIds(prompt),
-                multimodal: MultiModalData::default(),
-            };
-            let prepared = prepare(entry, &ctx, inputs, 256).expect("prepared");
-            generate(entry, model.as_ref(), prepared, &params).expect("generates").token_ids
-        })
-        .collect();
-    let requests: Vec<Request> = prompts()
-        .into_iter()
-        .map(|prompt| Request {
-            prompt: Prompt::TokenIds(prompt),
-            images: Vec::new(),
-            videos: Vec::new(),
-            params: params.clone(),
-        })
-        .collect();
-    // The prompt tokens of each step that prefilled any.
-    let prefills = |chunked: bool| -> Vec<usize> {
-        let options = EngineOptions {
-            max_num_batched_tokens: BUDGET,
-            enable_chunked_prefill: chunked,
-            // The four requests share the first step.
-            burst_wait: std::time::Duration::from_secs(5),
-            ..EngineOptions::default()
-        };
-        let engine = Engine::new(dir.path(), options).expect("engine");
-        engine.counters().record_steps();
-        let got: Vec<Vec<u32>> = engine
-            .generate(requests.clone())
-            .into_iter()
-            .map(|r| r.expect("completes").token_ids)
-            .collect();
-        assert_eq!(got, want, "chunked prefill {chunked}");
-        let steps = engine.counters().take_steps();
-        steps.iter().map(|s| s.prefill_tokens).filter(|&n| n > 0).collect()
-    };
-    // On: the first step fills its budget with the first two prompts and 20 tokens of the third.
-    let on = prefills(true);
-    assert_eq!(on[0], BUDGET, "{on:?}");
-    // Off: the third waits for the next step, where it goes whole beside the two decodes, and the fourth,
-    // longer than any step, takes the rest of that step and then the rest of itself.
-    let off = prefills(false);
-    assert_eq!(off[..2], [80, 40 + (BUDGET - 2 - 40)], "{off:?}");
-    assert_eq!(off.iter().sum::<usize>(), 250, "{off:?}");
+    dir
+}
+
+/// A prompt of the whole budget arrives while another request decodes: on, it takes the 99 tokens the
+/// decode leaves and its last one in the next step; off, it waits for a step with room for all 100 (here
+/// once the other request is done).
+#[test]
+fn without_chunked_prefill_a_prompt_that_fits_a_step_waits_for_room() {
+    let dir = checkpoint();
+    let requests = [request(0, 40, 150), request(1, BUDGET as u32, 6)];
+    assert_eq!(prefills(dir.path(), &requests, true), [40, 99, 1]);
+    assert_eq!(prefills(dir.path(), &requests, false), [40, 100]);
+}
+
+/// A prompt longer than any step is split with chunked prefill off too (vLLM would refuse it).
+#[test]
+fn a_prompt_longer_than_a_step_is_split_either_way() {
+    let dir = checkpoint();
+    let long = [request(3, 130, 6)];
+    assert_eq!(prefills(dir.path(), &long, false), [100, 30]);
+    assert_eq!(prefills(dir.path(), &long, true), [100, 30]);
 }
