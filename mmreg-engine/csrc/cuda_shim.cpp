@@ -170,21 +170,20 @@ void* mmreg_to_device_async(void* host, int device) {
     return nullptr;
   }
 }
-}
-
-extern "C" {
 
 // Causal attention of several sequences packed along one axis, each over its own keys, in one call of
-// FlashAttention-2's varlen forward (which pip's torch ships; tch does not expose it): q [total_q, heads,
-// d], k and v [total_k, kv_heads, d] (kv_heads dividing heads), cu_q and cu_k int32 [sequences + 1] on the
-// device, each sequence's first row and the total. A new `torch::Tensor*` [total_q, heads, d], or null.
-void* mmreg_varlen_attention(void* q, void* k, void* v, void* cu_q, void* cu_k, int64_t max_q,
-                             int64_t max_k, double scale, int causal) {
+// FlashAttention-2's varlen forward (which pip's torch ships; tch does not expose it): q [total, heads, d],
+// k and v [total, kv_heads, d] (kv_heads dividing heads), cu_seqlens int32 [sequences + 1] on the device
+// (each sequence's first row, then the total), `longest` the longest sequence. A new `torch::Tensor*`
+// [total, heads, d], or null.
+void* mmreg_varlen_attention(void* q, void* k, void* v, void* cu_seqlens, int64_t longest,
+                             double scale) {
   try {
+    const auto& cu = *static_cast<at::Tensor*>(cu_seqlens);
     auto out = at::_flash_attention_forward(
-        *static_cast<at::Tensor*>(q), *static_cast<at::Tensor*>(k), *static_cast<at::Tensor*>(v),
-        *static_cast<at::Tensor*>(cu_q), *static_cast<at::Tensor*>(cu_k), max_q, max_k,
-        /*dropout_p=*/0.0, causal != 0, /*return_debug_mask=*/false, scale);
+        *static_cast<at::Tensor*>(q), *static_cast<at::Tensor*>(k), *static_cast<at::Tensor*>(v), cu,
+        cu, longest, longest, /*dropout_p=*/0.0, /*is_causal=*/true, /*return_debug_mask=*/false,
+        scale);
     return new at::Tensor(std::move(std::get<0>(out)));
   } catch (...) {
     return nullptr;

@@ -148,15 +148,16 @@ pub fn attention_batch(
             })
             .transpose()?,
         sliding: None,
-        fresh_prompts: match fresh_prompts(&sequences[decodes..]) {
-            Some((cu_seqlens, longest)) if device.is_cuda() && cuda::varlen_prefill_enabled() => {
-                Some(FreshPrompts {
+        fresh_prompts: (device.is_cuda() && cuda::varlen_prefill_enabled())
+            .then(|| fresh_prompts(&sequences[decodes..]))
+            .flatten()
+            .map(|(cu_seqlens, longest)| -> Result<FreshPrompts> {
+                Ok(FreshPrompts {
                     cu_seqlens: cuda::upload(&Tensor::from_slice(&cu_seqlens), device)?,
                     longest,
                 })
-            }
-            _ => None,
-        },
+            })
+            .transpose()?,
     })
 }
 

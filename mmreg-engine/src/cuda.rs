@@ -148,16 +148,6 @@ pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> 
     }
 }
 
-/// A varlen attention call's arguments (see [`varlen_attention`]).
-struct PackedAttention {
-    q: tch::Tensor,
-    k: tch::Tensor,
-    v: tch::Tensor,
-    cu_seqlens: tch::Tensor,
-    longest: i64,
-    scale: f64,
-}
-
 /// Whether a step's fresh prompts attend in one varlen call ([`varlen_attention`]):
 /// `MMREG_VARLEN_PREFILL=1`. Off by default until measured against prompt-by-prompt attention on a GPU.
 pub fn varlen_prefill_enabled() -> bool {
@@ -185,15 +175,7 @@ pub fn varlen_attention(
     if !q.device().is_cuda() || !half || FAILED.is_completed() {
         return None;
     }
-    let packed = PackedAttention {
-        q: q.shallow_clone(),
-        k: k.shallow_clone(),
-        v: v.shallow_clone(),
-        cu_seqlens: cu_seqlens.shallow_clone(),
-        longest,
-        scale,
-    };
-    shim::varlen_attention(&packed)
+    shim::varlen_attention(q, k, v, cu_seqlens, longest, scale)
         .map_err(|error| {
             FAILED.call_once(
                 || tracing::warn!(%error, "varlen attention failed; prompts attend one by one"),
@@ -225,12 +207,9 @@ mod shim {
             q: *mut std::ffi::c_void,
             k: *mut std::ffi::c_void,
             v: *mut std::ffi::c_void,
-            cu_q: *mut std::ffi::c_void,
-            cu_k: *mut std::ffi::c_void,
-            max_q: i64,
-            max_k: i64,
+            cu_seqlens: *mut std::ffi::c_void,
+            longest: i64,
             scale: f64,
-            causal: i32,
         ) -> *mut std::ffi::c_void;
         fn mmreg_profiler_start() -> i32;
         fn mmreg_profiler_stop(path: *const std::ffi::c_char) -> i32;
@@ -313,30 +292,25 @@ mod shim {
         Ok(unsafe { tch::Tensor::from_ptr(raw.cast()) })
     }
 
-    pub fn varlen_attention(packed: &super::PackedAttention) -> Result<tch::Tensor> {
-        let super::PackedAttention {
-            q,
-            k,
-            v,
-            cu_seqlens,
-            longest,
-            scale,
-        } = packed;
-        let [mut q, mut k, mut v, mut cu_q] = [q, k, v, cu_seqlens].map(|t| t.shallow_clone());
-        let mut cu_k = cu_q.shallow_clone();
-        // SAFETY: the five tensors are live for the call; the shim returns a new owned tensor or null and
+    pub fn varlen_attention(
+        q: &tch::Tensor,
+        k: &tch::Tensor,
+        v: &tch::Tensor,
+        cu_seqlens: &tch::Tensor,
+        longest: i64,
+        scale: f64,
+    ) -> Result<tch::Tensor> {
+        let [mut q, mut k, mut v, mut cu] = [q, k, v, cu_seqlens].map(|t| t.shallow_clone());
+        // SAFETY: the four tensors are live for the call; the shim returns a new owned tensor or null and
         // catches every C++ exception.
         let raw = unsafe {
             mmreg_varlen_attention(
                 q.as_mut_ptr().cast(),
                 k.as_mut_ptr().cast(),
                 v.as_mut_ptr().cast(),
-                cu_q.as_mut_ptr().cast(),
-                cu_k.as_mut_ptr().cast(),
-                *longest,
-                *longest,
-                *scale,
-                1,
+                cu.as_mut_ptr().cast(),
+                longest,
+                scale,
             )
         };
         if raw.is_null() {
@@ -489,7 +463,14 @@ mod shim {
         Err(Error::Engine("pinned memory needs the CUDA shim".into()))
     }
 
-    pub fn varlen_attention(_packed: &super::PackedAttention) -> Result<tch::Tensor> {
+    pub fn varlen_attention(
+        _q: &tch::Tensor,
+        _k: &tch::Tensor,
+        _v: &tch::Tensor,
+        _cu_seqlens: &tch::Tensor,
+        _longest: i64,
+        _scale: f64,
+    ) -> Result<tch::Tensor> {
         Err(Error::Engine("varlen attention needs the CUDA shim".into()))
     }
 

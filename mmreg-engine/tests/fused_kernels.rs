@@ -193,7 +193,7 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
         ),
     ];
     for (major, minor, defines) in variants {
-        let (bytes, report) = match kernels::compile_variant_for(major, minor, defines) {
+        let (bytes, report) = match kernels::compile_for(major, minor, defines) {
             Ok(compiled) => compiled,
             Err(why) => panic!("sm_{major}{minor}: {why}"),
         };

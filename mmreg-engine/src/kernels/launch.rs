@@ -49,7 +49,8 @@ unsafe impl Sync for Function {}
 /// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
-/// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors.
+/// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the few-rows kernels'
+/// variants for four tiles.
 pub(super) const NAMES: [&str; 35] = [
     "rms_norm",
     "add_rms_norm",

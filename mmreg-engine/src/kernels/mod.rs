@@ -560,22 +560,12 @@ pub fn self_check(device: Device) -> Result<(), String> {
     self_check::check_kernels(kernels_for(device)?, device)
 }
 
-/// Compiles the kernels with NVRTC for compute capability `major.minor` without a GPU (nothing is loaded)
-/// and returns the size of the binary and ptxas's report (each kernel's registers, stack frame and
-/// spills): checks the source and the NVRTC lookup on any machine. An error says why (NVRTC's log
-/// included), or that this build has no shim.
-pub fn compile_for(major: i32, minor: i32) -> Result<(usize, String), String> {
-    nvrtc::compile_for(major, minor, "")
-}
-
-/// [`compile_for`] with `defines` (`#define` lines of the source's tuning constants) before the source:
-/// checks the variants the environment can pick for measurements.
-#[doc(hidden)]
-pub fn compile_variant_for(
-    major: i32,
-    minor: i32,
-    defines: &str,
-) -> Result<(usize, String), String> {
+/// Compiles the kernels with NVRTC for compute capability `major.minor` without a GPU (nothing is loaded),
+/// with `defines` (`#define` lines of the source's tuning constants, as the environment sets them for
+/// measurements; empty: the defaults) before the source, and returns the size of the binary and ptxas's
+/// report (each kernel's registers, stack frame and spills): checks the source and the NVRTC lookup on
+/// any machine. An error says why (NVRTC's log included), or that this build has no shim.
+pub fn compile_for(major: i32, minor: i32, defines: &str) -> Result<(usize, String), String> {
     nvrtc::compile_for(major, minor, defines)
 }
 
