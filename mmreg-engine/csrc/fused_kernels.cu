@@ -525,6 +525,10 @@ __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const
 // one vector load). group * dim at most kMaxGroupDim (the caller checks). Launched with kWarps * 32
 // threads.
 constexpr int kWarps = 4;
+// The tensor-core kernel's wide variant: 6 warps a block, 2 blocks an SM at its 168 registers (12 warps,
+// as 3 blocks of 4), for steps whose (sequence, head) pairs fit the device's blocks unsplit but leave
+// blocks of 4 warps at 2 an SM (LLaVA-1.5's batch 8: 256 pairs).
+constexpr int kWideWarps = 6;
 constexpr int kMaxGroupDim = 1024;  // group * dim
 constexpr int kRun = 8;
 
@@ -559,12 +563,12 @@ __device__ __forceinline__ Pack<typename D::T, kRun> load_run(const typename D::
   return v;
 }
 
-// The warps' partial results, combined at the end of a block (one per kernel, shared by its two paths).
-template <int G>
+// The W warps' partial results, combined at the end of a block (one per kernel, shared by its two paths).
+template <int G, int W = kWarps>
 struct AttentionShared {
-  float max[kWarps][G];
-  float sum[kWarps][G];
-  float acc[kWarps][kMaxGroupDim];
+  float max[W][G];
+  float sum[W][G];
+  float acc[W][kMaxGroupDim];
 };
 
 // The block's warps' partial results (in `shared`, after a barrier) combined into the block's output:
@@ -572,21 +576,21 @@ struct AttentionShared {
 // with their maximum and sum for paged_decode_combine. Each thread takes some (head, element) pairs; a
 // warp that saw no position has a sum of 0 and is skipped, and a chunk with no position at all writes a
 // sum of 0 (an output of 0).
-template <typename D, int G>
-__device__ void combine_warps(const AttentionShared<G>& shared, typename D::T* out, float* partial_acc,
+template <typename D, int G, int W = kWarps>
+__device__ void combine_warps(const AttentionShared<G, W>& shared, typename D::T* out, float* partial_acc,
                               float* partial_max, float* partial_sum, int seq, int kv_head, int group,
                               int heads, int dim) {
   const int splits = gridDim.y;
   for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
     const int g = i / dim;
     float total_max = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < W; ++w) {
       if (shared.sum[w][g] > 0.0f) {
         total_max = fmaxf(total_max, shared.max[w][g]);
       }
     }
     float total_sum = 0.0f, total = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < W; ++w) {
       if (shared.sum[w][g] > 0.0f) {
         const float factor = expf(shared.max[w][g] - total_max);
         total_sum += shared.sum[w][g] * factor;
@@ -776,8 +780,8 @@ __device__ __forceinline__ void load_runs(Pack<unsigned, 4> (&runs)[N], const T*
   }
 }
 
-template <typename D, int kDim>
-__device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typename D::T* out,
+template <typename D, int kDim, int W>
+__device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, typename D::T* out,
                                                  float* partial_acc, float* partial_max,
                                                  float* partial_sum, const typename D::T* q,
                                                  long long q_stride, const typename D::T* key_cache,
@@ -802,7 +806,7 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
 #if MMREG_ATTENTION_PIPELINE
   // The loads in flight during a tile's products take the registers the query held: each lane keeps
   // its query runs in shared memory (its own slots: no barrier) and reads them back for each tile.
-  __shared__ Run query_runs[kWarps][kKeyRuns][32];
+  __shared__ Run query_runs[W][kKeyRuns][32];
 #pragma unroll
   for (int j = 0; j < kKeyRuns; ++j) {
     query_runs[warp][j][lane] = query[j];
@@ -812,7 +816,7 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
   float running_max = -INFINITY, running_sum = 0.0f;  // head g's; the sum of this lane's positions
 
   // Lane l < 16 holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
-  const long long step = kWarps * kMmaTile;
+  const long long step = W * kMmaTile;
   auto slot_of = [&](long long tile) -> long long {
     return lane < kMmaTile && tile + lane < end ? seq_slots[tile + lane] : 0;
   };
@@ -943,12 +947,13 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8>& shared, typ
     }
   }
   __syncthreads();
-  combine_warps<D, 8>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, kDim);
+  combine_warps<D, 8, W>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads,
+                         kDim);
 }
 
-// The kernel's body: f32 has no such mma (the caller never launches it for f32).
-template <typename D>
-__device__ void paged_decode_attention_mma(AttentionShared<8>& shared, typename D::T* out, float* partial_acc,
+// The kernel's body for blocks of W warps: f32 has no such mma (the caller never launches it for f32).
+template <typename D, int W>
+__device__ void paged_decode_attention_mma(AttentionShared<8, W>& shared, typename D::T* out, float* partial_acc,
                                            float* partial_max, float* partial_sum, const typename D::T* q,
                                            long long q_stride, const typename D::T* key_cache,
                                            const typename D::T* value_cache, const long long* slots,
@@ -956,11 +961,11 @@ __device__ void paged_decode_attention_mma(AttentionShared<8>& shared, typename 
                                            int kv_heads, int dim, float scale) {
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
-      paged_decode_attention_mma_chunk<D, 64>(shared, out, partial_acc, partial_max, partial_sum, q,
+      paged_decode_attention_mma_chunk<D, 64, W>(shared, out, partial_acc, partial_max, partial_sum, q,
                                               q_stride, key_cache, value_cache, slots, slot_stride,
                                               lengths, heads, kv_heads, scale);
     } else {
-      paged_decode_attention_mma_chunk<D, 128>(shared, out, partial_acc, partial_max, partial_sum, q,
+      paged_decode_attention_mma_chunk<D, 128, W>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                q_stride, key_cache, value_cache, slots, slot_stride,
                                                lengths, heads, kv_heads, scale);
     }
@@ -1624,9 +1629,20 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8> shared;                                                         \
     begin_kernel();                                                                               \
-    paged_decode_attention_mma<D>(shared, out, partial_acc, partial_max, partial_sum, q, q_stride,  \
-                                  key_cache, value_cache, slots, slot_stride, lengths, heads,       \
-                                  kv_heads, dim, scale);                                            \
+    paged_decode_attention_mma<D, kWarps>(shared, out, partial_acc, partial_max, partial_sum, q,    \
+                                          q_stride, key_cache, value_cache, slots, slot_stride,     \
+                                          lengths, heads, kv_heads, dim, scale);                    \
+  }                                                                                                \
+  MMREG_KERNEL void __launch_bounds__(kWideWarps * 32, 2) paged_decode_attention_mma_w6_##suffix( \
+      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
+      long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
+      long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
+      float scale, int /* vectorized: the caller checks */) {                                   \
+    __shared__ AttentionShared<8, kWideWarps> shared;                                             \
+    begin_kernel();                                                                               \
+    paged_decode_attention_mma<D, kWideWarps>(shared, out, partial_acc, partial_max, partial_sum,   \
+                                              q, q_stride, key_cache, value_cache, slots,           \
+                                              slot_stride, lengths, heads, kv_heads, dim, scale);   \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \

@@ -233,7 +233,8 @@ T arg(void** args, int i) {
                                              arg<long long>(a, 2)); },                                \
   MMREG_EMULATED_FEW_ROWS(linear_few_rows_32_##suffix, T),                                           \
   MMREG_EMULATED_FEW_ROWS(linear_few_rows_silu_32_##suffix, T),                                      \
-  MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_32_##suffix, T)
+  MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_32_##suffix, T),                                 \
+  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T)
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -215,9 +215,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 35 kernels in each of 3 dtypes.
+        // 36 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 105,
+            kernels, 108,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -461,8 +461,10 @@ fn reference_decode_attention(
 #[test]
 fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
     let _one_at_a_time = counting();
+    let wide_launches = || kernels::launches("paged_decode_attention_mma_w6").expect("a family");
     for mode in modes() {
         let device = mode.device();
+        let wide_before = wide_launches();
         for kind in KINDS {
             // No grouping (LLaVA-1.5), 4 query heads per key/value head (Mistral), 8 (the most); heads
             // of every kernel variant (up to 64, 128, 256 elements: 8, 16, 32 lanes a row), narrower
@@ -511,23 +513,31 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                 let scale = (dim as f64).powf(-0.5);
                 let expected = reference_decode_attention(&query, &keys, &values, &slots, scale);
                 // On the CUDA cores, then on the tensor cores where they apply (bf16 and f16, heads
-                // of 64 or 128 elements): the tensor-core kernel must then have run.
-                for tensor_cores in [false, true] {
+                // of 64 or 128 elements): the tensor-core kernel must then have run. Then with its
+                // six-warp blocks switched on (they run where a step is not split; counted below);
+                // off, they never run.
+                for (tensor_cores, six_warps) in [(false, false), (true, false), (true, true)] {
                     let mma_launches =
                         || kernels::launches("paged_decode_attention_mma").expect("a family");
+                    let wide_before = wide_launches();
                     let (out, on_tensor_cores) =
-                        kernels::with_tensor_core_attention(tensor_cores, || {
-                            let before = mma_launches();
-                            let out = kernels::paged_decode_attention(
-                                &query,
-                                &keys,
-                                &values,
-                                &Tensor::from_slice(&padded).to_device(device),
-                                &Tensor::from_slice(lengths).to_device(device),
-                                scale,
-                            );
-                            (out, mma_launches() > before)
+                        kernels::with_six_warp_attention(six_warps, || {
+                            kernels::with_tensor_core_attention(tensor_cores, || {
+                                let before = mma_launches();
+                                let out = kernels::paged_decode_attention(
+                                    &query,
+                                    &keys,
+                                    &values,
+                                    &Tensor::from_slice(&padded).to_device(device),
+                                    &Tensor::from_slice(lengths).to_device(device),
+                                    scale,
+                                );
+                                (out, mma_launches() > before)
+                            })
                         });
+                    if !six_warps {
+                        assert_eq!(wide_launches(), wide_before, "six warps while off");
+                    }
                     let Some(out) = out else {
                         assert_eq!(mode, Mode::Fallback, "the kernel did not run");
                         continue;
@@ -554,10 +564,18 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                     assert!(
                         diff <= tolerance,
                         "paged decode attention {mode:?} {kind:?} tensor cores {tensor_cores} \
-                         ({heads}/{kv_heads} heads, dim {dim}): off by {diff}"
+                         six warps {six_warps} ({heads}/{kv_heads} heads, dim {dim}): off by {diff}"
                     );
                 }
             }
+        }
+        // The unsplit cases of dims 64 and 128 in bf16 and f16 ran on six warps (eight sequences of
+        // 4 key/value heads fill the emulator's 32 blocks; a GPU leaves a 48-wide context unsplit).
+        if mode != Mode::Fallback {
+            assert!(
+                wide_launches() > wide_before,
+                "{mode:?}: the six-warp attention never ran"
+            );
         }
     }
 }

@@ -11,9 +11,9 @@ use super::nvrtc;
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
-/// `linear_rope_and_store`, and `quick_gelu`.
-pub(super) static LAUNCHES: [AtomicU64; 10] = [const { AtomicU64::new(0) }; 10];
-pub(super) const FAMILIES: [&str; 10] = [
+/// `linear_rope_and_store`, `quick_gelu`, and the tensor-core attention's six-warp variant alone.
+pub(super) static LAUNCHES: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
+pub(super) const FAMILIES: [&str; 11] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -24,6 +24,7 @@ pub(super) const FAMILIES: [&str; 10] = [
     "linear_silu_mul",
     "linear_rope_and_store",
     "quick_gelu",
+    "paged_decode_attention_mma_w6",
 ];
 
 fn counted(family: usize) {
@@ -50,8 +51,8 @@ unsafe impl Sync for Function {}
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
 /// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the few-rows kernels'
-/// variants for four tiles.
-pub(super) const NAMES: [&str; 35] = [
+/// variants for four tiles; the tensor-core attention in blocks of six warps.
+pub(super) const NAMES: [&str; 36] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -87,6 +88,7 @@ pub(super) const NAMES: [&str; 35] = [
     "linear_few_rows_32",
     "linear_few_rows_silu_32",
     "linear_few_rows_rope_32",
+    "paged_decode_attention_mma_w6",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -121,6 +123,8 @@ const QUICK_GELU_VECTORS: usize = 31;
 const LINEAR_FEW_ROWS_32: usize = 32;
 const LINEAR_FEW_ROWS_SILU_32: usize = 33;
 const LINEAR_FEW_ROWS_ROPE_32: usize = 34;
+/// The tensor-core decode attention in blocks of `ATTENTION_WIDE_WARPS` warps.
+pub(super) const ATTENTION_MMA_WIDE: usize = 35;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), and its 32-row variant
 /// (four tiles), its warps per block (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -180,6 +184,8 @@ pub(super) struct Kernels {
     /// Launch with programmatic dependent launches (an sm_90+ device, `MMREG_PDL` not `0`).
     pub(super) programmatic: bool,
     pub(super) attention_resident: [[i64; ATTENTION_VARIANTS]; 3],
+    /// The same for the tensor-core attention's six-warp variant, for each dtype.
+    pub(super) attention_wide_resident: [i64; 3],
     /// How many blocks of the one-row linear kernel the device holds at once, for each dtype (0 where
     /// the driver could not say: no split of k; a dozen for the emulator, so that its tests cover each
     /// split).
@@ -192,8 +198,10 @@ pub(super) struct Kernels {
 pub(super) const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 /// Threads per block of the elementwise kernels, and at most for RMSNorm.
 const BLOCK: u32 = 256;
-/// Warps per block of decode attention (`kWarps` in the CUDA source).
+/// Warps per block of decode attention (`kWarps` in the CUDA source), and of the tensor-core
+/// variant's wide blocks (`kWideWarps`).
 pub(super) const ATTENTION_WARPS: u32 = 4;
+pub(super) const ATTENTION_WIDE_WARPS: u32 = 6;
 /// Without the device's occupancy, decode attention splits contexts until there are about this many
 /// blocks (about 8 of 4 warps per SM of an H100/H200).
 const TARGET_BLOCKS: i64 = 1024;
@@ -224,6 +232,7 @@ pub(super) static EMULATED: Kernels = {
         min_chunk: Some(8),
         programmatic: false,
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
+        attention_wide_resident: [0; 3],
         linear_resident: [12; 3],
         f32: for_kind(0),
         bf16: for_kind(1),
@@ -552,6 +561,17 @@ impl Kernels {
             None if resident > 0 => fewest_rounds(blocks, width, most, resident),
             target => (target.unwrap_or(TARGET_BLOCKS) / blocks).clamp(1, most),
         };
+        // Unsplit, blocks of six warps where the device holds them all at once (switched on).
+        let wide_resident = self.attention_wide_resident[suffix_index(query.kind())];
+        let wide = mma
+            && splits == 1
+            && super::six_warp_attention()
+            && (wide_resident == 0 || blocks <= wide_resident);
+        let (function, warps) = if wide {
+            (ATTENTION_MMA_WIDE, ATTENTION_WIDE_WARPS)
+        } else {
+            (ATTENTION + variant, ATTENTION_WARPS)
+        };
         let f32_empty = |shape: &[i64]| Tensor::empty(shape, (Kind::Float, device));
         let partial = (splits > 1).then(|| {
             let rows = sequences * heads;
@@ -590,11 +610,13 @@ impl Kernels {
             arg!(scale),
             arg!(vectorized),
         ];
-        let f = k.0[ATTENTION + variant];
-        self.launch(f, (blocks, splits), ATTENTION_WARPS * 32, &mut args);
+        self.launch(k.0[function], (blocks, splits), warps * 32, &mut args);
         counted(4);
         if mma {
             counted(6);
+        }
+        if wide {
+            counted(10);
         }
         if partial.is_some() {
             let (mut splits32, mut dim32) = (splits as i32, dim as i32);

@@ -358,6 +358,34 @@ fn tensor_core_attention() -> bool {
         .unwrap_or_else(|| *FROM_ENV.get_or_init(|| not_zero("MMREG_DECODE_ATTENTION_MMA")))
 }
 
+thread_local! {
+    static SIX_WARP_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the tensor-core attention's six-warp blocks switched `on` on this thread (over
+/// `MMREG_ATTENTION_SIX_WARPS`), then restores the thread's setting: the tests run both.
+#[doc(hidden)]
+pub fn with_six_warp_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = SIX_WARP_ATTENTION.with(|c| c.replace(Some(on)));
+    let result = f();
+    SIX_WARP_ATTENTION.with(|c| c.set(before));
+    result
+}
+
+/// Whether an unsplit tensor-core decode attention whose blocks the device holds at once runs in
+/// blocks of six warps rather than four: this thread's override, else `MMREG_ATTENTION_SIX_WARPS=1`
+/// (read once). Off until measured. At its 168 registers a thread the kernel fits 3 blocks of 4 warps
+/// or 2 of 6 in an SM; LLaVA-1.5's batch 8 (256 pairs on an H200's 132 SMs) leaves blocks of 4 warps at
+/// about 2 an SM, 8 warps reading keys and values where batch 32 has 12 (3.1 against 4.2 TB/s in run
+/// 64's traces), and each warp walks 10 tiles of a 700-position context one after another. Blocks of 6
+/// put 12 warps on the SM and cut the tiles a warp walks to 7.
+fn six_warp_attention() -> bool {
+    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    SIX_WARP_ATTENTION.with(Cell::get).unwrap_or_else(|| {
+        *FROM_ENV.get_or_init(|| std::env::var("MMREG_ATTENTION_SIX_WARPS").is_ok_and(|v| v == "1"))
+    })
+}
+
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
 /// `bias` `[n]`. A step of 1 to 16 sequences (32 with [`set_thirty_two_rows`]) in bf16 or f16 takes a kernel of our own that streams the
 /// weight once for all rows and multiplies on the tensor cores, with the SiLU and rope epilogues (on an
