@@ -232,7 +232,7 @@ pub struct AttentionBatch {
     /// The slots of the sliding-window layers' own pool, where the cache has one
     /// ([`PagedKvCache::with_sliding_pool`]); those layers read and write there instead.
     pub sliding: Option<SlidingSlots>,
-    /// Where every sequence after the gathered decodes is a fresh prompt (nothing cached before it), two
+    /// Where every sequence after the gathered decodes is a fresh prompt (nothing cached before it), one
     /// or more: what lets a causal layer attend to them all in one varlen call. `None` otherwise, and
     /// wherever that call is switched off.
     pub fresh_prompts: Option<FreshPrompts>,

@@ -162,9 +162,9 @@ pub fn attention_batch(
 }
 
 /// The cumulative offsets (from 0) and the longest of sequences `(blocks, context, new tokens)` that are
-/// all fresh prompts (no context), two or more; `None` otherwise.
+/// all fresh prompts (no context), one or more; `None` otherwise.
 fn fresh_prompts(sequences: &[(&[u32], usize, usize)]) -> Option<(Vec<i32>, i64)> {
-    if sequences.len() < 2 || sequences.iter().any(|&(_, context, _)| context > 0) {
+    if sequences.iter().any(|&(_, context, _)| context > 0) {
         return None;
     }
     let mut offsets = vec![0i32];
@@ -325,18 +325,19 @@ pub fn set_positions(
 mod tests {
     use super::*;
 
-    /// Fresh prompts (two or more, none after cached context) get their offsets from 0 and the longest;
+    /// Fresh prompts (one or more, none after cached context) get their offsets from 0 and the longest;
     /// anything else attends sequence by sequence.
     #[test]
-    fn only_two_or_more_fresh_prompts_are_packed() {
+    fn only_fresh_prompts_are_packed() {
         let blocks = [0u32; 4];
         let seq = |context, len| (&blocks[..], context, len);
         assert_eq!(
             fresh_prompts(&[seq(0, 5), seq(0, 9), seq(0, 2)]),
             Some((vec![0, 5, 14, 16], 9))
         );
-        assert_eq!(fresh_prompts(&[seq(0, 5)]), None);
+        assert_eq!(fresh_prompts(&[seq(0, 5)]), Some((vec![0, 5], 5)));
         assert_eq!(fresh_prompts(&[seq(0, 5), seq(3, 4)]), None);
+        assert_eq!(fresh_prompts(&[seq(2, 1)]), None);
         assert_eq!(fresh_prompts(&[]), None);
         // Off on the CPU: the batch describes no packed prompts.
         let batch = attention_batch(&[seq(0, 5), seq(0, 9)], 16, true, Device::Cpu).expect("batch");

@@ -148,11 +148,36 @@ pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> 
     }
 }
 
-/// Whether a step's fresh prompts attend in one varlen call ([`varlen_attention`]):
+/// Whether a step's fresh prompts, one or more, attend in one varlen call ([`varlen_attention`]):
 /// `MMREG_VARLEN_PREFILL=1`. Off by default until measured against prompt-by-prompt attention on a GPU.
+/// A lone prompt takes it too: in run 62's trace of LLaVA-1.5's batch-1 prefill, each layer's cuDNN
+/// attention (18 µs) came after a memset and about 5 µs of idle GPU.
 pub fn varlen_prefill_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MMREG_VARLEN_PREFILL").is_ok_and(|v| v == "1"))
+    use std::sync::atomic::Ordering;
+    match VARLEN_PREFILL.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var("MMREG_VARLEN_PREFILL").is_ok_and(|v| v == "1");
+            // A setting made meanwhile wins.
+            let _ = VARLEN_PREFILL.compare_exchange(
+                0,
+                1 + u8::from(on),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+            VARLEN_PREFILL.load(Ordering::Relaxed) == 2
+        }
+    }
+}
+
+/// 0 until decided, then 1 (off) or 2 (on).
+static VARLEN_PREFILL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Switches [`varlen_prefill_enabled`] for the whole process (over `MMREG_VARLEN_PREFILL`), for the
+/// steps planned from then on: tests compare both ways in one process.
+pub fn set_varlen_prefill(on: bool) {
+    VARLEN_PREFILL.store(1 + u8::from(on), std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Causal attention of fresh prompts packed along one axis, each over its own keys, in one call of
@@ -175,13 +200,25 @@ pub fn varlen_attention(
     if !q.device().is_cuda() || !half || FAILED.is_completed() {
         return None;
     }
-    shim::varlen_attention(q, k, v, cu_seqlens, longest, scale)
+    let out = shim::varlen_attention(q, k, v, cu_seqlens, longest, scale)
         .map_err(|error| {
             FAILED.call_once(
                 || tracing::warn!(%error, "varlen attention failed; prompts attend one by one"),
             )
         })
-        .ok()
+        .ok();
+    if out.is_some() {
+        VARLEN_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    out
+}
+
+static VARLEN_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many [`varlen_attention`] calls have run since the process started (a graph's replays count
+/// once, at its capture): for tests that must see it run.
+pub fn varlen_calls() -> u64 {
+    VARLEN_CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(mmreg_cuda_shim)]

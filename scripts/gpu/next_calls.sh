@@ -45,7 +45,7 @@ PY
 
 case "${1:-}" in
   tests)
-    { MMREG_TEST_MODES=cuda timeout 80 gpu-stage/run.sh cuda_graphs --nocapture
+    { MMREG_TEST_MODES=cuda timeout 120 gpu-stage/run.sh cuda_graphs --nocapture
       MMREG_TEST_MODES=cuda timeout 150 gpu-stage/run.sh fused_kernels; } > "$OUT/gpu-tests.log" 2>&1
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
     grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
