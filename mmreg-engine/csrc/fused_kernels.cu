@@ -1050,6 +1050,41 @@ struct RopeStore {
   const long long* slots;
 };
 
+// What a thread of the few-rows kernels' rope epilogue reads besides the product: its pair's cos and sin
+// and where its key or value row goes in the cache (null: a query row, or no cache).
+template <typename D>
+struct RopeInputs {
+  typename D::T cos_low, cos_high, sin_low, sin_high;
+  typename D::T* stored;
+};
+
+// The rope epilogue's inputs for this thread of a few-rows block whose tile of w starts at row `first`
+// (the thread's output and x's row as the epilogue of linear_few_rows takes them); zeros and null for a
+// thread with no output there.
+template <typename D, int kT>
+__device__ __forceinline__ RopeInputs<D> rope_inputs(const RopeStore<D>& rope, long long first, int m,
+                                                     long long n) {
+  RopeInputs<D> in{};
+  const int i = threadIdx.x, l = i % 32, q = (i / 32) % 2, tile = i / 64;
+  const int row = tile * 8 + 2 * (l % 4) + q;
+  if (i >= 64 * kT || row >= m) {
+    return in;
+  }
+  const long long at = first + l / 4;
+  const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = rope.dim / 2;
+  if (head < rope.rotated) {
+    const typename D::T* cos = rope.cos + (long long)row * rope.dim;
+    const typename D::T* sin = rope.sin + (long long)row * rope.dim;
+    in.cos_low = cos[j];
+    in.cos_high = cos[j + h];
+    in.sin_low = sin[j];
+    in.sin_high = sin[j + h];
+  }
+  in.stored = cache_row<D>(rope.key_cache, rope.value_cache, rope.slots, row, head, (int)(n / rope.dim),
+                           rope.kv_heads, rope.dim);
+  return in;
+}
+
 // The warp's sums of rows `row` of w with x over its part of k (vectors part, part + kSplit, …; all of
 // k unsplit): each lane its share, in 16-byte vectors with several in flight, then summed over the warp
 // (every lane gets the sums).
@@ -1288,8 +1323,19 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 #define MMREG_FEW_UNROLL_8 4
 #endif
 // Whether a block prefetches its next tile of w into L2 before the barriers that end a tile (0: no).
+#ifndef MMREG_ROPE_EARLY
+#define MMREG_ROPE_EARLY 0
+#endif
 #ifndef MMREG_FEW_PREFETCH_NEXT
 #define MMREG_FEW_PREFETCH_NEXT 0
+#endif
+// The next tile's addresses take registers: without a bound, ptxas gave the 8-row kernels 98-104 (2
+// blocks an SM where their 70-76 fit 3), so the prefetching 8-row kernels in bf16 and f16 are held to 3
+// (74-80, no spills; the 16-row ones and f32's would spill).
+#if MMREG_FEW_PREFETCH_NEXT
+#define MMREG_FEW_BOUNDS(D) __launch_bounds__(kFewWarps * 32, D::kMma != 0 ? 3 : 1)
+#else
+#define MMREG_FEW_BOUNDS(D)
 #endif
 // The 32-row kernels' chunks a warp loads at once: each chunk holds four tiles of x's rows in registers.
 #ifndef MMREG_FEW_UNROLL_32
@@ -1416,6 +1462,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     const long long first = first_of(w_tile);
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
     const typename D::T* wb_row = w + min(first + g + partner, n - 1) * k;
+    // MMREG_ROPE_EARLY=1: the rope epilogue's thread reads its cos, sin and cache row before the tile's
+    // products, so that these loads are in flight with the weight's rather than after the barrier.
+    RopeInputs<D> early{};
+    if (MMREG_ROPE_EARLY != 0 && kEpilogue == kRope) {
+      early = rope_inputs<D, kT>(rope, first, m, n);
+    }
     float c[kT][4] = {};
     for (long long group = warp * (long long)kUnroll; group < chunks;
          group += (long long)kFewWarps * kUnroll) {
@@ -1496,16 +1548,16 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
           y[row * half + at] = silu_times<D>(D::store(a), D::store(b));
         } else {
           const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = (int)half;
-          const typename D::T* cos = rope.cos + (long long)row * rope.dim;
-          const typename D::T* sin = rope.sin + (long long)row * rope.dim;
+          if (MMREG_ROPE_EARLY == 0) {
+            early = rope_inputs<D, kT>(rope, first, m, n);
+          }
           typename D::T low = D::store(a), high = D::store(b);
           if (head < rope.rotated) {
-            rotate_pair<D>(low, high, cos[j], cos[j + h], sin[j], sin[j + h]);
+            rotate_pair<D>(low, high, early.cos_low, early.cos_high, early.sin_low, early.sin_high);
           }
           y[row * n + at] = low;
           y[row * n + at + h] = high;
-          typename D::T* stored = cache_row<D>(rope.key_cache, rope.value_cache, rope.slots, row, head,
-                                               (int)(n / rope.dim), rope.kv_heads, rope.dim);
+          typename D::T* stored = early.stored;
           if (stored != nullptr) {
             stored[j] = low;
             stored[j + h] = high;
@@ -1534,19 +1586,21 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 }
 
 // The few-rows kernels (plain, SiLU and rope epilogues) for at most `tiles` tiles of 8 of x's rows,
-// loading `unroll` chunks a warp at once: linear_few_rows{,_silu,_rope}{rows}_{suffix}.
-#define MMREG_FEW_ROWS_KERNELS(D, suffix, eight, tiles, unroll)                                     \
-  MMREG_KERNEL void linear_few_rows##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,         \
+// loading `unroll` chunks a warp at once: linear_few_rows{,_silu,_rope}{rows}_{suffix}. `bounds`: their
+// __launch_bounds__, or nothing.
+#define MMREG_FEW_ROWS_KERNELS(D, suffix, eight, tiles, unroll, bounds)                             \
+  MMREG_KERNEL void bounds linear_few_rows##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,  \
                                                       const D::T* bias, int m, long long n,        \
                                                       long long k) {                               \
     linear_few_rows<D, 0, tiles, unroll>(y, x, w, bias, m, n, k, RopeStore<D>{});                  \
   }                                                                                                \
-  MMREG_KERNEL void linear_few_rows_silu##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,    \
+  MMREG_KERNEL void bounds linear_few_rows_silu##eight##_##suffix(D::T* y, const D::T* x,            \
+                                                           const D::T* w,                          \
                                                            const D::T* bias, int m, long long n,   \
                                                            long long k) {                          \
     linear_few_rows<D, kSiluMul, tiles, unroll>(y, x, w, bias, m, n, k, RopeStore<D>{});           \
   }                                                                                                \
-  MMREG_KERNEL void linear_few_rows_rope##eight##_##suffix(                                        \
+  MMREG_KERNEL void bounds linear_few_rows_rope##eight##_##suffix(                                 \
       D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
       const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
       const long long* slots, int kv_heads) {                                                      \
@@ -1667,9 +1721,9 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_one_row_paired<D, kRope>(y, x, w, bias, n, k, rope);                                    \
   }                                                                                                \
-  MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
-  MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
-  MMREG_FEW_ROWS_KERNELS(D, suffix, _32, 4, MMREG_FEW_UNROLL_32)                                   \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll, )                                             \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8, MMREG_FEW_BOUNDS(D))                   \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, _32, 4, MMREG_FEW_UNROLL_32, )                                 \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \

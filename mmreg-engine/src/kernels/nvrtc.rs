@@ -129,6 +129,8 @@ mod shim {
     ///   fast exp and division (0, expf and an IEEE division, by default).
     /// - `MMREG_FEW_PREFETCH_NEXT` (0 or 1): whether a block of the few-rows kernels prefetches its next
     ///   tile of the weight into L2 before the barriers that end a tile (0 by default).
+    /// - `MMREG_ROPE_EARLY` (0 or 1): whether the few-rows kernels' rope epilogue reads its cos, sin and
+    ///   cache slot before the tile's products (1) or after its barrier (0, the default).
     fn tuning_defines() -> String {
         [
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
@@ -137,6 +139,7 @@ mod shim {
             ("MMREG_FEW_UNROLL_32", 1..=8),
             ("MMREG_FAST_ACTIVATIONS", 0..=1),
             ("MMREG_FEW_PREFETCH_NEXT", 0..=1),
+            ("MMREG_ROPE_EARLY", 0..=1),
         ]
         .into_iter()
         .filter_map(|(name, range)| {
