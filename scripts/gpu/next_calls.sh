@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue #18's pending measurements, one device call each (each under 600 s; about 1800 s of device time
-# in all, the budget of one session). On the GPU machine, from the repo root (carry: ["gpu-stage"]):
+# Issue #18's pending measurements in three device calls (each under 600 s; about 1700 s of device time
+# with their starts, the budget of one session). On the GPU machine, from the repo root (carry:
+# ["gpu-stage"]):
 #   scripts/gpu/next_calls.sh tests    the GPU tests (MMREG_TEST_MODES=cuda), then LLaVA-1.5-7B at batch 1
 #                                      and 8 with each decode and prefill switch that is off by default
-#   scripts/gpu/next_calls.sh next     LLaVA-NeXT-Mistral-7B at batch 1 and 8: chunked prefill off,
-#                                      varlen prefill, fast activations
-#   scripts/gpu/next_calls.sh b32      LLaVA-1.5-7B at batch 32 with the 32-row few-rows kernels, then the
-#                                      staged gpu-stage/mmreg-before.gz (an earlier build) against this one
+#   scripts/gpu/next_calls.sh next     LLaVA-NeXT-Mistral-7B at batch 1 and 8 (chunked prefill off, varlen
+#                                      prefill, fast activations); LLaVA-1.5-7B at batch 32 with the
+#                                      32-row few-rows kernels; the staged gpu-stage/mmreg-before.gz (an
+#                                      earlier build) against this one at batch 1 and 8
 #   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported) and the
 #                                      compiled-PyTorch anchor at batch 1, 8 and 32
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
@@ -48,18 +49,16 @@ case "${1:-}" in
     { MMREG_TEST_MODES=cuda timeout 120 gpu-stage/run.sh cuda_graphs --nocapture
       MMREG_TEST_MODES=cuda timeout 150 gpu-stage/run.sh fused_kernels; } > "$OUT/gpu-tests.log" 2>&1
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
-    grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
+    grep -E "^test result|FAILED|panicked|^varlen prefill|^CUDA graphs" "$OUT/gpu-tests.log" | head
     bench llava15-switches $((570 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 \
-      VARIANTS="MMREG_ATTENTION_SIX_WARPS=1|MMREG_FEW_PREFETCH_NEXT=1|MMREG_FAST_ACTIVATIONS=1|MMREG_VARLEN_PREFILL=1"
+      VARIANTS="MMREG_ATTENTION_SIX_WARPS=1|MMREG_ROPE_EARLY=1|MMREG_FEW_PREFETCH_NEXT=1|MMREG_VARLEN_PREFILL=1|MMREG_FAST_ACTIVATIONS=1"
     table llava15-switches
     ;;
   next)
-    bench next-switches 560 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=1 \
+    bench next-switches 280 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=1 \
       VARIANTS="ARGS=--no-enable-chunked-prefill|MMREG_VARLEN_PREFILL=1|MMREG_FAST_ACTIVATIONS=1"
     table next-switches
-    ;;
-  b32)
-    bench llava15-b32 300 MODELS=LLaVA-1.5-7B BATCHES=32 REPEAT=2 \
+    bench llava15-b32 $((450 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=32 REPEAT=1 \
       VARIANTS="MMREG_FEW_ROWS_32=1|MMREG_FEW_ROWS_32=1,MMREG_FEW_UNROLL_32=4"
     table llava15-b32
     if [ -f gpu-stage/mmreg-before.gz ]; then
@@ -76,7 +75,7 @@ case "${1:-}" in
     table anchor
     ;;
   *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac
