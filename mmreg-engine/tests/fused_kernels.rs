@@ -695,6 +695,28 @@ fn linear_for_few_rows_matches_the_product() {
         let launched = kernels::launches("linear").expect("a family") - before;
         assert_eq!(launched, 0, "{mode:?}: 17 rows with the 32-row kernels off");
     }
+    // For the products with an epilogue alone (MMREG_FEW_ROWS_32=epilogues): 17 rows of the gated
+    // product take the 32-row kernel, of a plain one libtorch's.
+    kernels::set_thirty_two_rows_for_epilogues(true);
+    for mode in modes().filter(|&mode| mode != Mode::Fallback) {
+        let x = random(&[17, 64], Kind::BFloat16, mode.device(), 17);
+        let weight = random(&[32, 64], Kind::BFloat16, mode.device(), 16);
+        let count = |family| kernels::launches(family).expect("a family");
+        let (plain, gated) = (count("linear"), count("linear_silu_mul"));
+        let _ = kernels::linear(&x, &weight, None);
+        assert_eq!(
+            count("linear"),
+            plain,
+            "{mode:?}: a plain product of 17 rows"
+        );
+        let _ = kernels::linear_silu_mul(&x, &weight, None);
+        assert_eq!(
+            count("linear_silu_mul"),
+            gated + 1,
+            "{mode:?}: a gated product of 17 rows"
+        );
+    }
+    kernels::set_thirty_two_rows_for_epilogues(false);
     // (Back to the defaults for the tests after this one.)
     kernels::set_eight_rows(true);
     kernels::set_few_rows_for_one(true);

@@ -59,7 +59,7 @@ case "${1:-}" in
       VARIANTS="ARGS=--no-enable-chunked-prefill|MMREG_VARLEN_PREFILL=1|MMREG_FAST_ACTIVATIONS=1"
     table next-switches
     bench llava15-b32 $((450 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=32 REPEAT=1 \
-      VARIANTS="MMREG_FEW_ROWS_32=1|MMREG_FEW_ROWS_32=1,MMREG_FEW_UNROLL_32=4"
+      VARIANTS="MMREG_FEW_ROWS_32=1|MMREG_FEW_ROWS_32=epilogues|MMREG_FEW_ROWS_32=1,MMREG_FEW_UNROLL_32=4"
     table llava15-b32
     if [ -f gpu-stage/mmreg-before.gz ]; then
       gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before

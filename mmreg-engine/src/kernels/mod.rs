@@ -274,7 +274,7 @@ pub fn linear_rope_and_store(
         store.cos.size().get(1).copied().unwrap_or(0),
     );
     let rows = linear_rows(x, weight, bias).unwrap_or(0);
-    let fits = (rows == 1 || (rows_fit(x, rows) && dim % 16 == 0))
+    let fits = (rows == 1 || (rows_fit(x, rows, true) && dim % 16 == 0))
         && dim > 0
         && n % dim == 0
         && store.fits(rows, n / dim, x.device());
@@ -401,17 +401,17 @@ fn six_warp_attention() -> bool {
 /// every size while the other kernels run (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match fused_for(&[x, weight]) {
-        Some(k) if linear_rows(x, weight, bias).is_some_and(|rows| rows_fit(x, rows)) => {
+        Some(k) if linear_rows(x, weight, bias).is_some_and(|rows| rows_fit(x, rows, false)) => {
             k.linear(x, weight, bias)
         }
         _ => x.linear(weight, bias),
     }
 }
 
-/// Whether the linear kernels take `rows` of `x`: one in every dtype; a few on the tensor cores, in
-/// bf16 and f16, where switched on.
-fn rows_fit(x: &Tensor, rows: i64) -> bool {
-    let most = if thirty_two_rows_enabled() {
+/// Whether the linear kernels take `rows` of `x` for a product with an epilogue (`epilogue`) or a plain
+/// one: one in every dtype; a few on the tensor cores, in bf16 and f16, where switched on.
+fn rows_fit(x: &Tensor, rows: i64, epilogue: bool) -> bool {
+    let most = if thirty_two_rows_for(epilogue) {
         launch::FEW_ROWS_32
     } else {
         launch::FEW_ROWS
@@ -429,7 +429,7 @@ fn rows_fit(x: &Tensor, rows: i64) -> bool {
 /// on the tensor cores and 8 divides `n`; other sizes take [`linear`], then [`silu_mul`].
 pub fn linear_silu_mul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let n = weight.size().first().copied().unwrap_or(0);
-    let fits = |rows| n % 2 == 0 && (rows == 1 || (rows_fit(x, rows) && (n / 2) % 8 == 0));
+    let fits = |rows| n % 2 == 0 && (rows == 1 || (rows_fit(x, rows, true) && (n / 2) % 8 == 0));
     match fused_for(&[x, weight]) {
         Some(k) if linear_rows(x, weight, bias).is_some_and(fits) => {
             k.linear_silu_mul(x, weight, bias)
@@ -513,6 +513,26 @@ pub fn set_thirty_two_rows(on: bool) {
 /// `MMREG_FEW_ROWS_32=1`.
 fn thirty_two_rows_enabled() -> bool {
     THIRTY_TWO_ROWS.get(|| std::env::var("MMREG_FEW_ROWS_32").is_ok_and(|v| v == "1"))
+}
+
+static THIRTY_TWO_EPILOGUES: Switch = Switch::new();
+
+/// Lets 17 to 32 rows take the 32-row few-rows kernels for the products with an epilogue alone (the
+/// stacked gate and up with SiLU, q/k/v with rope and the cache write), leaving the plain products to
+/// cuBLAS (for the whole process; overrides `MMREG_FEW_ROWS_32=epilogues`). Off by default until
+/// measured: where the 32-row kernels read the weights slower than cuBLAS, the epilogues may still save
+/// their separate kernels.
+pub fn set_thirty_two_rows_for_epilogues(on: bool) {
+    THIRTY_TWO_EPILOGUES.set(on);
+}
+
+/// Whether 17 to 32 rows take the 32-row kernels for a product with an epilogue (`epilogue`) or a plain
+/// one.
+fn thirty_two_rows_for(epilogue: bool) -> bool {
+    thirty_two_rows_enabled()
+        || (epilogue
+            && THIRTY_TWO_EPILOGUES
+                .get(|| std::env::var("MMREG_FEW_ROWS_32").is_ok_and(|v| v == "epilogues")))
 }
 
 static FEW_ROWS_FOR_ONE: Switch = Switch::new();

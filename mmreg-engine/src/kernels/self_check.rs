@@ -61,7 +61,7 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
         // 12 rows (two tiles of x's rows), 6 (the 8-row kernels) and, where they are switched on, 27
         // (the 32-row kernels: a failure of theirs must not cost the defaults their kernels) on the
         // tensor cores, in their dtypes: the product, and the gated one over 2 × 16 rows of gate and up.
-        let thirty_two = super::thirty_two_rows_enabled();
+        let thirty_two = super::thirty_two_rows_for(true);
         let many = [12, 6, 27]
             .into_iter()
             .filter(|&rows| rows <= 16 || thirty_two);
