@@ -73,6 +73,17 @@ __device__ __forceinline__ void begin_kernel() {
 #endif
 }
 
+// MMREG_EARLY_READS=1 (off until measured): kernels also read, before begin_kernel(), what kernels
+// before the one just before them wrote. When a kernel's blocks start, the kernel just before has passed
+// its own begin_kernel(), so every kernel before that one has finished and its writes are visible; only
+// the kernel just before may still be writing. So: the residual add's stream (RMSNorm after an attention
+// or MLP output), and a step's slots, lengths, cos and sin (written before its first layer), come off the
+// path from the kernel before to this one. The rope epilogue of the few-rows kernels also reads its
+// inputs before the tile's products rather than after its barrier.
+#ifndef MMREG_EARLY_READS
+#define MMREG_EARLY_READS 0
+#endif
+
 __device__ __forceinline__ void prefetch_l2(const void* p) {
 #ifdef MMREG_EMULATE
   (void)p;
@@ -238,12 +249,16 @@ __device__ void rms_norm_row_vectors(typename D::T* out, typename D::T* sum, con
   const long long row = blockIdx.x;
   // The weight (which no kernel writes) is read before waiting for the kernel before: one read of L2
   // off the path from its output to this one's.
-  V w[kNormVectors];
+  V w[kNormVectors], early[kNormVectors];
 #pragma unroll
   for (int i = 0; i < kNormVectors; ++i) {
     const long long c = (threadIdx.x + i * (long long)blockDim.x) * N;
     if (c < cols) {
       w[i] = *reinterpret_cast<const V*>(weight + c);
+      // The residual stream, which the kernel before does not write (MMREG_EARLY_READS).
+      if (MMREG_EARLY_READS != 0 && delta != nullptr) {
+        early[i] = *reinterpret_cast<const V*>(x + row * cols + c);
+      }
     }
   }
   begin_kernel();
@@ -253,7 +268,9 @@ __device__ void rms_norm_row_vectors(typename D::T* out, typename D::T* sum, con
   for (int i = 0; i < kNormVectors; ++i) {
     const long long c = (threadIdx.x + i * (long long)blockDim.x) * N;
     if (c < cols) {
-      const V a = *reinterpret_cast<const V*>(x + row * cols + c);
+      const V a = MMREG_EARLY_READS != 0 && delta != nullptr
+                      ? early[i]
+                      : *reinterpret_cast<const V*>(x + row * cols + c);
       if (delta != nullptr) {
         const V b = *reinterpret_cast<const V*>(delta + row * cols + c);
         V s;
@@ -800,6 +817,21 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
   const long long end = min(lengths[seq], begin + chunk);
   const long long* seq_slots = slots + seq * slot_stride;
   const long long head_offset = (long long)kv_head * kDim;
+  // Lane l < 16 holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
+  const long long step = W * kMmaTile;
+  auto slot_of = [&](long long tile) -> long long {
+    return lane < kMmaTile && tile + lane < end ? seq_slots[tile + lane] : 0;
+  };
+  long long p0 = begin + warp * kMmaTile;
+  long long slot = slot_of(p0);
+#if MMREG_ATTENTION_PIPELINE
+  const long long second_slot = slot_of(p0 + step);
+#endif
+  // MMREG_EARLY_READS=1: the step's lengths and slots (written before its first layer) are read before
+  // waiting for the kernel before, which writes the query and this token's key and value.
+  if (MMREG_EARLY_READS != 0) {
+    begin_kernel();
+  }
 
   Run query[kKeyRuns];
   load_runs(query, q + seq * q_stride + (long long)(kv_head * group + g) * kDim + t * (kDim / 4), g < group);
@@ -815,11 +847,6 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
   float acc[kTiles][4] = {};
   float running_max = -INFINITY, running_sum = 0.0f;  // head g's; the sum of this lane's positions
 
-  // Lane l < 16 holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
-  const long long step = W * kMmaTile;
-  auto slot_of = [&](long long tile) -> long long {
-    return lane < kMmaTile && tile + lane < end ? seq_slots[tile + lane] : 0;
-  };
   // A tile's key rows g and g + 8 (the lane's quarter of each), and value rows 2t, 2t + 1, 8 + 2t,
   // 9 + 2t (the lane's eighth); positions past the end read zeros (no load).
   Run key[2][kKeyRuns], value[4][kValueRuns];
@@ -839,15 +866,13 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
       load_runs(value[v], value_cache + s * kv_heads * kDim + head_offset + g * (kDim / 8), tile + u < end);
     }
   };
-  long long p0 = begin + warp * kMmaTile;
-  long long slot = slot_of(p0);
 #if MMREG_ATTENTION_PIPELINE
   // The loads of tile i + 1 go out while tile i is multiplied: its keys once tile i's scores are taken,
   // its values once tile i's values are summed, into the same registers (so in flight without more of
   // them); each lane holds the slots of the tile after the next.
   load_keys(p0, slot);
   load_values(p0, slot);
-  slot = slot_of(p0 + step);
+  slot = second_slot;
 #endif
   for (; p0 < end; p0 += step) {
 #if MMREG_ATTENTION_PIPELINE
@@ -1323,9 +1348,6 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 #define MMREG_FEW_UNROLL_8 4
 #endif
 // Whether a block prefetches its next tile of w into L2 before the barriers that end a tile (0: no).
-#ifndef MMREG_ROPE_EARLY
-#define MMREG_ROPE_EARLY 0
-#endif
 #ifndef MMREG_FEW_PREFETCH_NEXT
 #define MMREG_FEW_PREFETCH_NEXT 0
 #endif
@@ -1457,15 +1479,20 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       prefetch_l2(w + min(first + g + partner, n - 1) * k + at);
     }
   }
+  // The rope epilogue's inputs are the step's (written before its first layer): see MMREG_EARLY_READS.
+  RopeInputs<D> early{};
+  if (MMREG_EARLY_READS != 0 && kEpilogue == kRope && blockIdx.x < w_tiles) {
+    early = rope_inputs<D, kT>(rope, first_of(blockIdx.x), m, n);
+  }
   begin_kernel();
   for (long long w_tile = blockIdx.x; w_tile < w_tiles; w_tile += gridDim.x) {
     const long long first = first_of(w_tile);
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
     const typename D::T* wb_row = w + min(first + g + partner, n - 1) * k;
-    // MMREG_ROPE_EARLY=1: the rope epilogue's thread reads its cos, sin and cache row before the tile's
-    // products, so that these loads are in flight with the weight's rather than after the barrier.
-    RopeInputs<D> early{};
-    if (MMREG_ROPE_EARLY != 0 && kEpilogue == kRope) {
+    // MMREG_EARLY_READS=1: the rope epilogue's thread reads its cos, sin and cache slot before the
+    // tile's products (the first tile's before waiting for the kernel before), so that these loads are
+    // in flight with the weight's rather than after the barrier.
+    if (MMREG_EARLY_READS != 0 && kEpilogue == kRope && w_tile != blockIdx.x) {
       early = rope_inputs<D, kT>(rope, first, m, n);
     }
     float c[kT][4] = {};
@@ -1548,7 +1575,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
           y[row * half + at] = silu_times<D>(D::store(a), D::store(b));
         } else {
           const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = (int)half;
-          if (MMREG_ROPE_EARLY == 0) {
+          if (MMREG_EARLY_READS == 0) {
             early = rope_inputs<D, kT>(rope, first, m, n);
           }
           typename D::T low = D::store(a), high = D::store(b);
@@ -1682,7 +1709,9 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
       float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8> shared;                                                         \
-    begin_kernel();                                                                               \
+    if (MMREG_EARLY_READS == 0) {                                                                 \
+      begin_kernel();                                                                             \
+    }                                                                                             \
     paged_decode_attention_mma<D, kWarps>(shared, out, partial_acc, partial_max, partial_sum, q,    \
                                           q_stride, key_cache, value_cache, slots, slot_stride,     \
                                           lengths, heads, kv_heads, dim, scale);                    \
@@ -1693,7 +1722,9 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
       float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8, kWideWarps> shared;                                             \
-    begin_kernel();                                                                               \
+    if (MMREG_EARLY_READS == 0) {                                                                 \
+      begin_kernel();                                                                             \
+    }                                                                                             \
     paged_decode_attention_mma<D, kWideWarps>(shared, out, partial_acc, partial_max, partial_sum,   \
                                               q, q_stride, key_cache, value_cache, slots,           \
                                               slot_stride, lengths, heads, kv_heads, dim, scale);   \

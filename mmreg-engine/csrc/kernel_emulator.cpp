@@ -136,10 +136,11 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 using std::min;
 
-// The rope epilogue of the few-rows kernels reads its cos, sin and cache slot before the tile's products
-// here, as MMREG_ROPE_EARLY=1 compiles it for a GPU; the GPU's default reads them after the barrier, from
-// the same function, and its tests run that.
-#define MMREG_ROPE_EARLY 1
+// The kernels read here what MMREG_EARLY_READS=1 reads early on a GPU (the rope epilogue's inputs before
+// the tile's products, the residual stream and the step's slots before waiting: the order is the same
+// here, where there is no waiting); the GPU's default reads them later, from the same code, and its tests
+// run that.
+#define MMREG_EARLY_READS 1
 #include "fused_kernels.cu"
 
 namespace {

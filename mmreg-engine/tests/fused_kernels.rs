@@ -189,7 +189,7 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
             9,
             0,
             "#define MMREG_FAST_ACTIVATIONS 1\n#define MMREG_FEW_UNROLL_32 4\n\
-             #define MMREG_FEW_PREFETCH_NEXT 1\n#define MMREG_ROPE_EARLY 1\n",
+             #define MMREG_FEW_PREFETCH_NEXT 1\n#define MMREG_EARLY_READS 1\n",
         ),
     ];
     for (major, minor, defines) in variants {

@@ -51,7 +51,7 @@ case "${1:-}" in
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
     grep -E "^test result|FAILED|panicked|^varlen prefill|^CUDA graphs" "$OUT/gpu-tests.log" | head
     bench llava15-switches $((570 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 \
-      VARIANTS="MMREG_ATTENTION_SIX_WARPS=1|MMREG_ROPE_EARLY=1|MMREG_FEW_PREFETCH_NEXT=1|MMREG_VARLEN_PREFILL=1|MMREG_FAST_ACTIVATIONS=1"
+      VARIANTS="MMREG_ATTENTION_SIX_WARPS=1|MMREG_EARLY_READS=1|MMREG_FEW_PREFETCH_NEXT=1|MMREG_VARLEN_PREFILL=1|MMREG_FAST_ACTIVATIONS=1"
     table llava15-switches
     ;;
   next)

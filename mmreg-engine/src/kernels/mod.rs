@@ -137,7 +137,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
 }
 
 /// The residual add and the next RMSNorm: returns `(x + delta, rms_norm(x + delta, weight))`, the sum
-/// rounded to the dtype before it is normalised (as two separate ops would).
+/// rounded to the dtype before it is normalised (as two separate ops would). `x` is the residual
+/// stream: with `MMREG_EARLY_READS=1` the kernel reads it before waiting for the kernel launched just
+/// before it, so that kernel must not be what wrote `x` (a decoder's stream comes from further back).
 pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> (Tensor, Tensor) {
     let fits = || x.size() == delta.size() && x.size().last() == weight.size().first();
     match fused_for(&[x, delta, weight]) {
@@ -253,7 +255,9 @@ pub fn rope_and_store(qkv: &Tensor, store: RopeStore) -> Option<Tensor> {
 /// `[tokens, heads, dim]`, queries and keys rotated, keys and values also in the caches. A decode step
 /// of one sequence takes one kernel for all of it (the product's last step rotates and stores), and so
 /// does one of a few where [`linear`] takes them on the tensor cores and 16 divides `dim`; `None`
-/// elsewhere: the caller then projects and calls [`rope_and_store`].
+/// elsewhere: the caller then projects and calls [`rope_and_store`]. With `MMREG_EARLY_READS=1` the
+/// few-rows kernels read `store`'s cos, sin and slots before waiting for the kernel launched just
+/// before, so that kernel must not be what wrote them (a step's come before its first layer).
 pub fn linear_rope_and_store(
     x: &Tensor,
     weight: &Tensor,
@@ -291,7 +295,9 @@ pub fn linear_rope_and_store(
 /// attention. Where a step has few sequences, each context is split in chunks across blocks and the
 /// chunks reduced after (flash-decoding), so that the GPU is full at batch 1 too. In bf16 and f16 with
 /// heads of 64 or 128 elements the products run on the tensor cores (`MMREG_DECODE_ATTENTION_MMA=0`
-/// keeps the kernels that multiply in f32 on the CUDA cores).
+/// keeps the kernels that multiply in f32 on the CUDA cores). With `MMREG_EARLY_READS=1` the tensor-core
+/// kernel reads `slots` and `lengths` before waiting for the kernel launched just before, so that kernel
+/// must not be what wrote them (a step's come before its first layer).
 pub fn paged_decode_attention(
     query: &Tensor,
     key_cache: &Tensor,

@@ -129,8 +129,10 @@ mod shim {
     ///   fast exp and division (0, expf and an IEEE division, by default).
     /// - `MMREG_FEW_PREFETCH_NEXT` (0 or 1): whether a block of the few-rows kernels prefetches its next
     ///   tile of the weight into L2 before the barriers that end a tile (0 by default).
-    /// - `MMREG_ROPE_EARLY` (0 or 1): whether the few-rows kernels' rope epilogue reads its cos, sin and
-    ///   cache slot before the tile's products (1) or after its barrier (0, the default).
+    /// - `MMREG_EARLY_READS` (0 or 1): whether kernels read what kernels before the one just before them
+    ///   wrote before they wait for it (the residual stream of RMSNorm, a step's slots, lengths, cos and
+    ///   sin), and the few-rows kernels' rope epilogue reads its inputs before the tile's products (1), or
+    ///   after (0, the default).
     fn tuning_defines() -> String {
         [
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
@@ -139,7 +141,7 @@ mod shim {
             ("MMREG_FEW_UNROLL_32", 1..=8),
             ("MMREG_FAST_ACTIVATIONS", 0..=1),
             ("MMREG_FEW_PREFETCH_NEXT", 0..=1),
-            ("MMREG_ROPE_EARLY", 0..=1),
+            ("MMREG_EARLY_READS", 0..=1),
         ]
         .into_iter()
         .filter_map(|(name, range)| {
