@@ -817,24 +817,30 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
   const long long end = min(lengths[seq], begin + chunk);
   const long long* seq_slots = slots + seq * slot_stride;
   const long long head_offset = (long long)kv_head * kDim;
-  // Lane l < 16 holds the slot of position p0 + l of the tile at p0 (0 past the tile or the end: unread).
+  // Lane l < 16 holds the slot of position p0 + l of the tile at p0 (0 past the tile or the padded
+  // list). Entries past the sequence's end are read (they are in the list, whatever they hold) but never
+  // used for a load, so that the slots need not wait for the lengths.
   const long long step = W * kMmaTile;
   auto slot_of = [&](long long tile) -> long long {
-    return lane < kMmaTile && tile + lane < end ? seq_slots[tile + lane] : 0;
+    return lane < kMmaTile && tile + lane < slot_stride ? seq_slots[tile + lane] : 0;
   };
   long long p0 = begin + warp * kMmaTile;
-  long long slot = slot_of(p0);
-#if MMREG_ATTENTION_PIPELINE
-  const long long second_slot = slot_of(p0 + step);
-#endif
-  // MMREG_EARLY_READS=1: the step's lengths and slots (written before its first layer) are read before
-  // waiting for the kernel before, which writes the query and this token's key and value.
+  // This tile's slots and the next's: read before waiting for the kernel before (which writes the query
+  // and this token's key and value) with MMREG_EARLY_READS=1, as the step wrote them before its first
+  // layer; else right after the query's loads are issued.
+  long long slot = 0, second_slot = 0;
   if (MMREG_EARLY_READS != 0) {
+    slot = slot_of(p0);
+    second_slot = slot_of(p0 + step);
     begin_kernel();
   }
 
   Run query[kKeyRuns];
   load_runs(query, q + seq * q_stride + (long long)(kv_head * group + g) * kDim + t * (kDim / 4), g < group);
+  if (MMREG_EARLY_READS == 0) {
+    slot = slot_of(p0);
+    second_slot = slot_of(p0 + step);
+  }
 #if MMREG_ATTENTION_PIPELINE
   // The loads in flight during a tile's products take the registers the query held: each lane keeps
   // its query runs in shared memory (its own slots: no barrier) and reads them back for each tile.
