@@ -46,7 +46,7 @@ pub use model::{
 pub use parallel::Collectives;
 pub use processors::DefaultMapper;
 pub use registry::Registry;
-pub use step::{AttentionBatch, FreshPrompts, KvCacheSpec, PagedKvCache, SlidingLayers, Step};
+pub use step::{AttentionBatch, KvCacheSpec, PagedKvCache, SlidingLayers, Step};
 pub use tensors::{concat_tensors, ModalityInputs, TensorMap};
 pub use weights::Weights;
 

@@ -232,20 +232,6 @@ pub struct AttentionBatch {
     /// The slots of the sliding-window layers' own pool, where the cache has one
     /// ([`PagedKvCache::with_sliding_pool`]); those layers read and write there instead.
     pub sliding: Option<SlidingSlots>,
-    /// Where every sequence after the gathered decodes is a fresh prompt (nothing cached before it), one
-    /// or more: what lets a causal layer attend to them all in one varlen call. `None` otherwise, and
-    /// wherever that call is switched off.
-    pub fresh_prompts: Option<FreshPrompts>,
-}
-
-/// A step's fresh prompts as one varlen attention call takes them.
-#[derive(Debug)]
-pub struct FreshPrompts {
-    /// Each prompt's first row counted from the first prompt's, then their total: int32
-    /// `[prompts + 1]`, on the step's device.
-    pub cu_seqlens: Tensor,
-    /// The longest prompt.
-    pub longest: i64,
 }
 
 /// A step's cache slots in the sliding-window pool, laid out as the main ones: each token's slot in
@@ -302,10 +288,6 @@ impl AttentionBatch {
                     mask: to(&g.mask),
                     lengths: to(&g.lengths),
                 }),
-            }),
-            fresh_prompts: self.fresh_prompts.as_ref().map(|f| FreshPrompts {
-                cu_seqlens: to(&f.cu_seqlens),
-                longest: f.longest,
             }),
         }
     }

@@ -2,7 +2,6 @@
 // graphs, the profiler, and launching kernels of our own. Every function catches C++ exceptions and
 // returns non-zero instead, so nothing unwinds into Rust.
 #include <ATen/cuda/CUDAGraph.h>
-#include <ATen/ops/_flash_attention_forward.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -166,25 +165,6 @@ void* mmreg_to_device_async(void* host, int device) {
     auto on_device = at::TensorOptions().device(at::kCUDA, static_cast<c10::DeviceIndex>(device));
     auto target = source.pin_memory().to(on_device, /*non_blocking=*/true);
     return new at::Tensor(std::move(target));
-  } catch (...) {
-    return nullptr;
-  }
-}
-
-// Causal attention of several sequences packed along one axis, each over its own keys, in one call of
-// FlashAttention-2's varlen forward (which pip's torch ships; tch does not expose it): q [total, heads, d],
-// k and v [total, kv_heads, d] (kv_heads dividing heads), cu_seqlens int32 [sequences + 1] on the device
-// (each sequence's first row, then the total), `longest` the longest sequence. A new `torch::Tensor*`
-// [total, heads, d], or null.
-void* mmreg_varlen_attention(void* q, void* k, void* v, void* cu_seqlens, int64_t longest,
-                             double scale) {
-  try {
-    const auto& cu = *static_cast<at::Tensor*>(cu_seqlens);
-    auto out = at::_flash_attention_forward(
-        *static_cast<at::Tensor*>(q), *static_cast<at::Tensor*>(k), *static_cast<at::Tensor*>(v), cu,
-        cu, longest, longest, /*dropout_p=*/0.0, /*is_causal=*/true, /*return_debug_mask=*/false,
-        scale);
-    return new at::Tensor(std::move(std::get<0>(out)));
   } catch (...) {
     return nullptr;
   }

@@ -73,15 +73,17 @@ __device__ __forceinline__ void begin_kernel() {
 #endif
 }
 
-// MMREG_EARLY_READS=1 (off until measured): kernels also read, before begin_kernel(), what kernels
-// before the one just before them wrote. When a kernel's blocks start, the kernel just before has passed
-// its own begin_kernel(), so every kernel before that one has finished and its writes are visible; only
-// the kernel just before may still be writing. So: the residual add's stream (RMSNorm after an attention
-// or MLP output), and a step's slots, lengths, cos and sin (written before its first layer), come off the
-// path from the kernel before to this one. The rope epilogue of the few-rows kernels also reads its
-// inputs before the tile's products rather than after its barrier.
+// Early reads (MMREG_EARLY_READS, 1 by default; 0 in the environment keeps the later order, for
+// measurements): kernels also read, before begin_kernel(), what kernels before the one just before them
+// wrote. When a kernel's blocks start, the kernel just before has passed its own begin_kernel(), so every
+// kernel before that one has finished and its writes are visible; only the kernel just before may still
+// be writing. So: the residual add's stream (RMSNorm after an attention or MLP output), and a step's
+// slots, lengths, cos and sin (written before its first layer), come off the path from the kernel before
+// to this one. The rope epilogue of the few-rows kernels also reads its inputs before the tile's products
+// rather than after its barrier. With the six-warp attention, +0.9% / +2.6% decode tokens/s at batch 1 /
+// 8 on an H100 (docs/benchmarks.md, runs 72 and 74).
 #ifndef MMREG_EARLY_READS
-#define MMREG_EARLY_READS 0
+#define MMREG_EARLY_READS 1
 #endif
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
@@ -1092,13 +1094,13 @@ struct RopeInputs {
 // The rope epilogue's inputs for this thread of a few-rows block whose tile of w starts at row `first`
 // (the thread's output and x's row as the epilogue of linear_few_rows takes them); zeros and null for a
 // thread with no output there.
-template <typename D, int kT>
+template <typename D>
 __device__ __forceinline__ RopeInputs<D> rope_inputs(const RopeStore<D>& rope, long long first, int m,
                                                      long long n) {
   RopeInputs<D> in{};
   const int i = threadIdx.x, l = i % 32, q = (i / 32) % 2, tile = i / 64;
   const int row = tile * 8 + 2 * (l % 4) + q;
-  if (i >= 64 * kT || row >= m) {
+  if (i >= 128 || row >= m) {
     return in;
   }
   const long long at = first + l / 4;
@@ -1326,7 +1328,7 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 }
 
 // A linear layer for a few rows (up to 16: two tiles of 8 of x's rows; an instance for one tile takes
-// 1 to 8, one for four tiles 17 to 32) on the tensor cores:
+// 1 to 8) on the tensor cores:
 // y = x · wᵀ (+ bias) with f32 sums and one rounding to the dtype at the end, as cuBLAS. A decode step of a few sequences reads
 // every weight once for all its rows, so the kernel streams w at the bandwidth's pace and does each
 // product as an mma m16n8k16: a 16 × 16 tile of w (16 outputs × 16 of k) as A, and 16 of k of up to 8
@@ -1353,22 +1355,6 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 #ifndef MMREG_FEW_UNROLL_8
 #define MMREG_FEW_UNROLL_8 4
 #endif
-// Whether a block prefetches its next tile of w into L2 before the barriers that end a tile (0: no).
-#ifndef MMREG_FEW_PREFETCH_NEXT
-#define MMREG_FEW_PREFETCH_NEXT 0
-#endif
-// The next tile's addresses take registers: without a bound, ptxas gave the 8-row kernels 98-104 (2
-// blocks an SM where their 70-76 fit 3), so the prefetching 8-row kernels in bf16 and f16 are held to 3
-// (74-80, no spills; the 16-row ones and f32's would spill).
-#if MMREG_FEW_PREFETCH_NEXT
-#define MMREG_FEW_BOUNDS(D) __launch_bounds__(kFewWarps * 32, D::kMma != 0 ? 3 : 1)
-#else
-#define MMREG_FEW_BOUNDS(D)
-#endif
-// The 32-row kernels' chunks a warp loads at once: each chunk holds four tiles of x's rows in registers.
-#ifndef MMREG_FEW_UNROLL_32
-#define MMREG_FEW_UNROLL_32 2
-#endif
 constexpr int kFewWarps = MMREG_FEW_WARPS;
 constexpr int kFewTile = 16;
 constexpr int kFewUnroll = MMREG_FEW_UNROLL;
@@ -1390,15 +1376,15 @@ __device__ __forceinline__ float run_element(const typename FewRun<D>::T& run, i
 }
 
 // c[tile] += the products of one chunk: w's rows g and g + 8 (runs wa, wb) by x's rows 8·tile + 2t and
-// 8·tile + 2t + 1 (x[tile]: the lane's run of row 8·tile + g), for `tiles` (1 to kT) tiles of x's rows.
+// 8·tile + 2t + 1 (x[tile]: the lane's run of row 8·tile + g), for `tiles` (1 or 2) tiles of x's rows.
 // c[tile] holds (w row g, x row 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1): the mma's accumulators.
-template <typename D, int kT>
-__device__ __forceinline__ void few_rows_products(float (&c)[kT][4], const typename FewRun<D>::T& wa,
+template <typename D>
+__device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typename FewRun<D>::T& wa,
                                                   const typename FewRun<D>::T& wb,
-                                                  const typename FewRun<D>::T (&x)[kT], int tiles) {
+                                                  const typename FewRun<D>::T (&x)[2], int tiles) {
   if constexpr (D::kMma != 0) {
 #pragma unroll
-    for (int tile = 0; tile < kT; ++tile) {
+    for (int tile = 0; tile < 2; ++tile) {
       if (tile < tiles) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -1439,30 +1425,21 @@ __device__ __forceinline__ void few_rows_products(float (&c)[kT][4], const typen
 // keys and values at slot r.
 //
 // kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers; it loads kUnroll chunks
-// at once where the 16-row kernel loads kFewUnroll. kMaxTiles = 4: a kernel for 17 to 32 rows (four tiles
-// of x's rows in registers a chunk, so it loads fewer chunks at once).
+// at once where the 16-row kernel loads kFewUnroll.
 template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                 const typename D::T* bias, int m, long long n, long long k,
                                 const RopeStore<D>& rope) {
   typedef typename FewRun<D>::T V;
-  // Tiles of x's rows held (the one-tile kernel keeps the two-tile layout, zeros in the second).
-  constexpr int kT = kMaxTiles < 2 ? 2 : kMaxTiles;
   // The warps' sums, [warp][tile of x's rows][accumulator][lane]: lanes side by side (no bank conflicts).
-  __shared__ float sums[kFewWarps][kT][4][32];
+  __shared__ float sums[kFewWarps][2][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   // (With one tile, `tiles` stays a value of m and tile 0's loads apart from the weights': the forms in
   // which ptxas issues a group's loads all together, checked in the SASS; with tiles = 1 known, it
   // moves each load next to its product, a few in flight.)
-  const int tiles = kMaxTiles == 1   ? min(m, 1)
-                    : kMaxTiles == 2 ? (m > 8 ? 2 : 1)
-                                     : min((m + 7) / 8, kMaxTiles);
+  const int tiles = kMaxTiles > 1 ? (m > 8 ? 2 : 1) : min(m, 1);
   const long long chunks = (k + 31) / 32;
-  const typename D::T* xs[kT];
-#pragma unroll
-  for (int tile = 0; tile < kT; ++tile) {
-    xs[tile] = x + min(g + 8 * tile, m - 1) * k;
-  }
+  const typename D::T* xs[2] = {x + min(g, m - 1) * k, x + min(g + 8, m - 1) * k};
   // Tiles of w, the first row of each and the distance to rows g + 8 of the mma.
   const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
   const long long w_tiles = (n + kFewTile - 1) / kFewTile;
@@ -1488,34 +1465,30 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   // The rope epilogue's inputs are the step's (written before its first layer): see MMREG_EARLY_READS.
   RopeInputs<D> early{};
   if (MMREG_EARLY_READS != 0 && kEpilogue == kRope && blockIdx.x < w_tiles) {
-    early = rope_inputs<D, kT>(rope, first_of(blockIdx.x), m, n);
+    early = rope_inputs<D>(rope, first_of(blockIdx.x), m, n);
   }
   begin_kernel();
   for (long long w_tile = blockIdx.x; w_tile < w_tiles; w_tile += gridDim.x) {
     const long long first = first_of(w_tile);
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
     const typename D::T* wb_row = w + min(first + g + partner, n - 1) * k;
-    // MMREG_EARLY_READS=1: the rope epilogue's thread reads its cos, sin and cache slot before the
-    // tile's products (the first tile's before waiting for the kernel before), so that these loads are
-    // in flight with the weight's rather than after the barrier.
+    // MMREG_EARLY_READS: the rope epilogue's thread reads its cos, sin and cache slot before the tile's
+    // products (the first tile's before waiting for the kernel before), so that these loads are in
+    // flight with the weight's rather than after the barrier.
     if (MMREG_EARLY_READS != 0 && kEpilogue == kRope && w_tile != blockIdx.x) {
-      early = rope_inputs<D, kT>(rope, first, m, n);
+      early = rope_inputs<D>(rope, first, m, n);
     }
-    float c[kT][4] = {};
+    float c[2][4] = {};
     for (long long group = warp * (long long)kUnroll; group < chunks;
          group += (long long)kFewWarps * kUnroll) {
       // Every load of the group before the first product: predicated loads into zeroed registers.
-      V wa[kUnroll], wb[kUnroll], xv[kUnroll][kT];
+      V wa[kUnroll], wb[kUnroll], xv[kUnroll][2];
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const long long at = (group + u) * 32 + t * 8;
 #pragma unroll
         for (int i = 0; i < (int)(sizeof(V) / 4); ++i) {
-          wa[u].e[i] = wb[u].e[i] = 0u;
-#pragma unroll
-          for (int tile = 0; tile < kT; ++tile) {
-            xv[u][tile].e[i] = 0u;
-          }
+          wa[u].e[i] = wb[u].e[i] = xv[u][0].e[i] = xv[u][1].e[i] = 0u;
         }
         if (at < k) {
           wa[u] = *reinterpret_cast<const V*>(wa_row + at);
@@ -1527,33 +1500,17 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         if (kMaxTiles == 1 && at < k && tiles > 0) {
           xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
         }
-#pragma unroll
-        for (int tile = 1; tile < kT; ++tile) {
-          if (at < k && tile < tiles) {
-            xv[u][tile] = *reinterpret_cast<const V*>(xs[tile] + at);
-          }
+        if (at < k && tiles == 2) {
+          xv[u][1] = *reinterpret_cast<const V*>(xs[1] + at);
         }
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        few_rows_products<D, kT>(c, wa[u], wb[u], xv[u], tiles);
-      }
-    }
-    // MMREG_FEW_PREFETCH_NEXT=1: the block's next tile's first chunks into L2 before this tile's sums
-    // meet, so that its first loads after the barriers wait for L2 rather than for DRAM.
-    if (MMREG_FEW_PREFETCH_NEXT != 0 && w_tile + gridDim.x < w_tiles) {
-      const long long next = first_of(w_tile + gridDim.x);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const long long at = (warp * kUnroll + u) * 32LL + t * 8;
-        if (at < k) {
-          prefetch_l2(w + min(next + g, n - 1) * k + at);
-          prefetch_l2(w + min(next + g + partner, n - 1) * k + at);
-        }
+        few_rows_products<D>(c, wa[u], wb[u], xv[u], tiles);
       }
     }
 #pragma unroll
-    for (int tile = 0; tile < kT; ++tile) {
+    for (int tile = 0; tile < 2; ++tile) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         sums[warp][tile][q][lane] = c[tile][q];
@@ -1561,12 +1518,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     }
     __syncthreads();
     if (kEpilogue != 0) {
-      // Thread i < 64 · kT sums accumulators (tile, q) and (tile, q + 2) of lane i % 32 over the
-      // warps: output `at` of x's row `row` and its partner (kFewWarps · 32 >= 64 · kT threads).
+      // Thread i < 128 sums accumulators (tile, q) and (tile, q + 2) of lane i % 32 over the warps:
+      // output `at` of x's row `row` and its partner.
       const int i = threadIdx.x, l = i % 32, q = (i / 32) % 2, tile = i / 64;
       const long long at = first + l / 4;
       const int row = tile * 8 + 2 * (l % 4) + q;
-      if (i < 64 * kT && row < m) {
+      if (i < 128 && row < m) {
         float a = 0.0f, b = 0.0f;
 #pragma unroll
         for (int v = 0; v < kFewWarps; ++v) {
@@ -1582,7 +1539,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         } else {
           const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = (int)half;
           if (MMREG_EARLY_READS == 0) {
-            early = rope_inputs<D, kT>(rope, first, m, n);
+            early = rope_inputs<D>(rope, first, m, n);
           }
           typename D::T low = D::store(a), high = D::store(b);
           if (head < rope.rotated) {
@@ -1598,20 +1555,17 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         }
       }
     } else {
-      // Item i sums accumulator (tile, q) of lane i % 32 over the warps: kT × 4 × 32 items, 2 × 4 × 32
-      // the block's threads.
-      for (int i = threadIdx.x; i < kT * 128; i += kFewWarps * 32) {
-        const int l = i % 32, q = (i / 32) % 4, tile = i / 128;
-        float total = 0.0f;
+      // Thread i sums accumulator (tile, q) of lane i % 32 over the warps: 2 × 4 × 32 = the block.
+      const int i = threadIdx.x, l = i % 32, q = (i / 32) % 4, tile = i / 128;
+      float total = 0.0f;
 #pragma unroll
-        for (int v = 0; v < kFewWarps; ++v) {
-          total += sums[v][tile][q][l];
-        }
-        const long long out = first + l / 4 + (q >= 2 ? 8 : 0);
-        const int row = tile * 8 + 2 * (l % 4) + (q & 1);
-        if (row < m && out < n) {
-          y[row * n + out] = D::store(total + (bias != nullptr ? D::load(bias[out]) : 0.0f));
-        }
+      for (int v = 0; v < kFewWarps; ++v) {
+        total += sums[v][tile][q][l];
+      }
+      const long long out = first + l / 4 + (q >= 2 ? 8 : 0);
+      const int row = tile * 8 + 2 * (l % 4) + (q & 1);
+      if (row < m && out < n) {
+        y[row * n + out] = D::store(total + (bias != nullptr ? D::load(bias[out]) : 0.0f));
       }
     }
     __syncthreads();
@@ -1619,21 +1573,19 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 }
 
 // The few-rows kernels (plain, SiLU and rope epilogues) for at most `tiles` tiles of 8 of x's rows,
-// loading `unroll` chunks a warp at once: linear_few_rows{,_silu,_rope}{rows}_{suffix}. `bounds`: their
-// __launch_bounds__, or nothing.
-#define MMREG_FEW_ROWS_KERNELS(D, suffix, eight, tiles, unroll, bounds)                             \
-  MMREG_KERNEL void bounds linear_few_rows##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,  \
+// loading `unroll` chunks a warp at once: linear_few_rows{,_silu,_rope}{eight}_{suffix}.
+#define MMREG_FEW_ROWS_KERNELS(D, suffix, eight, tiles, unroll)                                     \
+  MMREG_KERNEL void linear_few_rows##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,         \
                                                       const D::T* bias, int m, long long n,        \
                                                       long long k) {                               \
     linear_few_rows<D, 0, tiles, unroll>(y, x, w, bias, m, n, k, RopeStore<D>{});                  \
   }                                                                                                \
-  MMREG_KERNEL void bounds linear_few_rows_silu##eight##_##suffix(D::T* y, const D::T* x,            \
-                                                           const D::T* w,                          \
+  MMREG_KERNEL void linear_few_rows_silu##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,    \
                                                            const D::T* bias, int m, long long n,   \
                                                            long long k) {                          \
     linear_few_rows<D, kSiluMul, tiles, unroll>(y, x, w, bias, m, n, k, RopeStore<D>{});           \
   }                                                                                                \
-  MMREG_KERNEL void bounds linear_few_rows_rope##eight##_##suffix(                                 \
+  MMREG_KERNEL void linear_few_rows_rope##eight##_##suffix(                                        \
       D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
       const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
       const long long* slots, int kv_heads) {                                                      \
@@ -1758,9 +1710,8 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_one_row_paired<D, kRope>(y, x, w, bias, n, k, rope);                                    \
   }                                                                                                \
-  MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll, )                                             \
-  MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8, MMREG_FEW_BOUNDS(D))                   \
-  MMREG_FEW_ROWS_KERNELS(D, suffix, _32, 4, MMREG_FEW_UNROLL_32, )                                 \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \

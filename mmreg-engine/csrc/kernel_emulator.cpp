@@ -136,11 +136,6 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 using std::min;
 
-// The kernels read here what MMREG_EARLY_READS=1 reads early on a GPU (the rope epilogue's inputs before
-// the tile's products, the residual stream and the step's slots before waiting: the order is the same
-// here, where there is no waiting); the GPU's default reads them later, from the same code, and its tests
-// run that.
-#define MMREG_EARLY_READS 1
 #include "fused_kernels.cu"
 
 namespace {
@@ -236,9 +231,6 @@ T arg(void** args, int i) {
   [](void** a) { quick_gelu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2)); },   \
   [](void** a) { quick_gelu_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                              arg<long long>(a, 2)); },                                \
-  MMREG_EMULATED_FEW_ROWS(linear_few_rows_32_##suffix, T),                                           \
-  MMREG_EMULATED_FEW_ROWS(linear_few_rows_silu_32_##suffix, T),                                      \
-  MMREG_EMULATED_FEW_ROWS_ROPE(linear_few_rows_rope_32_##suffix, T),                                 \
   MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T)
 
 using Emulated = void (*)(void**);

@@ -1,8 +1,6 @@
 //! KV-cache blocks: which of the pool's blocks each sequence owns, and the step layout built from them.
 
-use mmreg_core::step::{
-    real_slots, AttentionBatch, DecodeGather, FreshPrompts, SequenceSlice, SlidingSlots,
-};
+use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
 use mmreg_core::{Error, PromptPositions, Result};
 use tch::{Device, Tensor};
 
@@ -148,31 +146,7 @@ pub fn attention_batch(
             })
             .transpose()?,
         sliding: None,
-        fresh_prompts: (device.is_cuda() && cuda::varlen_prefill_enabled())
-            .then(|| fresh_prompts(&sequences[decodes..]))
-            .flatten()
-            .map(|(cu_seqlens, longest)| -> Result<FreshPrompts> {
-                Ok(FreshPrompts {
-                    cu_seqlens: cuda::upload(&Tensor::from_slice(&cu_seqlens), device)?,
-                    longest,
-                })
-            })
-            .transpose()?,
     })
-}
-
-/// The cumulative offsets (from 0) and the longest of sequences `(blocks, context, new tokens)` that are
-/// all fresh prompts (no context), one or more; `None` otherwise.
-fn fresh_prompts(sequences: &[(&[u32], usize, usize)]) -> Option<(Vec<i32>, i64)> {
-    if sequences.iter().any(|&(_, context, _)| context > 0) {
-        return None;
-    }
-    let mut offsets = vec![0i32];
-    for &(_, _, len) in sequences {
-        offsets.push(offsets.last()?.checked_add(i32::try_from(len).ok()?)?);
-    }
-    let longest = sequences.iter().map(|&(_, _, len)| len).max()? as i64;
-    Some((offsets, longest))
 }
 
 /// Gives a step its slots in the sliding-window layers' pool: `tables[i]` is the batch's sequence `i`'s
@@ -319,28 +293,4 @@ pub fn set_positions(
         batch.positions = step_positions(sections, seqs, device)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Fresh prompts (one or more, none after cached context) get their offsets from 0 and the longest;
-    /// anything else attends sequence by sequence.
-    #[test]
-    fn only_fresh_prompts_are_packed() {
-        let blocks = [0u32; 4];
-        let seq = |context, len| (&blocks[..], context, len);
-        assert_eq!(
-            fresh_prompts(&[seq(0, 5), seq(0, 9), seq(0, 2)]),
-            Some((vec![0, 5, 14, 16], 9))
-        );
-        assert_eq!(fresh_prompts(&[seq(0, 5)]), Some((vec![0, 5], 5)));
-        assert_eq!(fresh_prompts(&[seq(0, 5), seq(3, 4)]), None);
-        assert_eq!(fresh_prompts(&[seq(2, 1)]), None);
-        assert_eq!(fresh_prompts(&[]), None);
-        // Off on the CPU: the batch describes no packed prompts.
-        let batch = attention_batch(&[seq(0, 5), seq(0, 9)], 16, true, Device::Cpu).expect("batch");
-        assert!(batch.fresh_prompts.is_none());
-    }
 }

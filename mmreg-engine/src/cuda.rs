@@ -148,79 +148,6 @@ pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> 
     }
 }
 
-/// Whether a step's fresh prompts, one or more, attend in one varlen call ([`varlen_attention`]):
-/// `MMREG_VARLEN_PREFILL=1`. Off by default until measured against prompt-by-prompt attention on a GPU.
-/// A lone prompt takes it too: in run 62's trace of LLaVA-1.5's batch-1 prefill, each layer's cuDNN
-/// attention (18 µs) came after a memset and about 5 µs of idle GPU.
-pub fn varlen_prefill_enabled() -> bool {
-    use std::sync::atomic::Ordering;
-    match VARLEN_PREFILL.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("MMREG_VARLEN_PREFILL").is_ok_and(|v| v == "1");
-            // A setting made meanwhile wins.
-            let _ = VARLEN_PREFILL.compare_exchange(
-                0,
-                1 + u8::from(on),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
-            VARLEN_PREFILL.load(Ordering::Relaxed) == 2
-        }
-    }
-}
-
-/// 0 until decided, then 1 (off) or 2 (on).
-static VARLEN_PREFILL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Switches [`varlen_prefill_enabled`] for the whole process (over `MMREG_VARLEN_PREFILL`), for the
-/// steps planned from then on: tests compare both ways in one process.
-pub fn set_varlen_prefill(on: bool) {
-    VARLEN_PREFILL.store(1 + u8::from(on), std::sync::atomic::Ordering::Relaxed);
-}
-
-/// Causal attention of fresh prompts packed along one axis, each over its own keys, in one call of
-/// FlashAttention-2's varlen forward: `q` `[total, heads, d]`, `k` and `v` `[total, kv_heads, d]`,
-/// `cu_seqlens` int32 `[prompts + 1]` on the device (each prompt's first row, then the total), `longest`
-/// the longest prompt. `[total, heads, d]`, the layout the output projection reads, so no per-prompt
-/// outputs are joined. `None` where it does not run (not on CUDA, not bf16 or f16, no CUDA shim, or a
-/// failure, logged once): the caller then attends prompt by prompt. The engine describes fresh prompts
-/// to the layers only with [`varlen_prefill_enabled`].
-pub fn varlen_attention(
-    q: &tch::Tensor,
-    k: &tch::Tensor,
-    v: &tch::Tensor,
-    cu_seqlens: &tch::Tensor,
-    longest: i64,
-    scale: f64,
-) -> Option<tch::Tensor> {
-    static FAILED: std::sync::Once = std::sync::Once::new();
-    let half = matches!(q.kind(), tch::Kind::BFloat16 | tch::Kind::Half);
-    if !q.device().is_cuda() || !half || FAILED.is_completed() {
-        return None;
-    }
-    let out = shim::varlen_attention(q, k, v, cu_seqlens, longest, scale)
-        .map_err(|error| {
-            FAILED.call_once(
-                || tracing::warn!(%error, "varlen attention failed; prompts attend one by one"),
-            )
-        })
-        .ok();
-    if out.is_some() {
-        VARLEN_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-    out
-}
-
-static VARLEN_CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many [`varlen_attention`] calls have run since the process started (a graph's replays count
-/// once, at its capture): for tests that must see it run.
-pub fn varlen_calls() -> u64 {
-    VARLEN_CALLS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 #[cfg(mmreg_cuda_shim)]
 mod shim {
     use super::{GraphPool, MemoryStats};
@@ -240,14 +167,6 @@ mod shim {
         fn mmreg_to_device_async(host: *mut std::ffi::c_void, device: i32)
             -> *mut std::ffi::c_void;
         fn mmreg_pin_memory(host: *mut std::ffi::c_void) -> *mut std::ffi::c_void;
-        fn mmreg_varlen_attention(
-            q: *mut std::ffi::c_void,
-            k: *mut std::ffi::c_void,
-            v: *mut std::ffi::c_void,
-            cu_seqlens: *mut std::ffi::c_void,
-            longest: i64,
-            scale: f64,
-        ) -> *mut std::ffi::c_void;
         fn mmreg_profiler_start() -> i32;
         fn mmreg_profiler_stop(path: *const std::ffi::c_char) -> i32;
         fn mmreg_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
@@ -324,36 +243,6 @@ mod shim {
         let raw = unsafe { mmreg_pin_memory(host.as_mut_ptr().cast()) };
         if raw.is_null() {
             return Err(Error::Engine("pinning a host tensor failed".into()));
-        }
-        // SAFETY: `raw` is a `torch::Tensor*` the caller owns, as tch's tensors are.
-        Ok(unsafe { tch::Tensor::from_ptr(raw.cast()) })
-    }
-
-    pub fn varlen_attention(
-        q: &tch::Tensor,
-        k: &tch::Tensor,
-        v: &tch::Tensor,
-        cu_seqlens: &tch::Tensor,
-        longest: i64,
-        scale: f64,
-    ) -> Result<tch::Tensor> {
-        let [mut q, mut k, mut v, mut cu] = [q, k, v, cu_seqlens].map(|t| t.shallow_clone());
-        // SAFETY: the four tensors are live for the call; the shim returns a new owned tensor or null and
-        // catches every C++ exception.
-        let raw = unsafe {
-            mmreg_varlen_attention(
-                q.as_mut_ptr().cast(),
-                k.as_mut_ptr().cast(),
-                v.as_mut_ptr().cast(),
-                cu.as_mut_ptr().cast(),
-                longest,
-                scale,
-            )
-        };
-        if raw.is_null() {
-            return Err(Error::Engine(
-                "FlashAttention's varlen forward failed".into(),
-            ));
         }
         // SAFETY: `raw` is a `torch::Tensor*` the caller owns, as tch's tensors are.
         Ok(unsafe { tch::Tensor::from_ptr(raw.cast()) })
@@ -498,17 +387,6 @@ mod shim {
 
     pub fn pin_memory(_tensor: &tch::Tensor) -> Result<tch::Tensor> {
         Err(Error::Engine("pinned memory needs the CUDA shim".into()))
-    }
-
-    pub fn varlen_attention(
-        _q: &tch::Tensor,
-        _k: &tch::Tensor,
-        _v: &tch::Tensor,
-        _cu_seqlens: &tch::Tensor,
-        _longest: i64,
-        _scale: f64,
-    ) -> Result<tch::Tensor> {
-        Err(Error::Engine("varlen attention needs the CUDA shim".into()))
     }
 
     /// Never made: a CUDA device without the shim has no events ([`super::events_available`]).

@@ -18,9 +18,7 @@
 
 use tch::{Device, Tensor};
 
-use mmreg_core::step::{
-    real_slots, AttentionBatch, DecodeGather, FreshPrompts, SequenceSlice, SlidingSlots,
-};
+use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
 use mmreg_core::{MultiModalModel, PagedKvCache, PromptPositions, Result, Step};
 
 use crate::blocks::slots;
@@ -335,7 +333,6 @@ fn decode_step(
             lengths: lens,
         }),
         sliding,
-        fresh_prompts: None,
     };
     let embeds = model.embed_tokens(&part(0, b))?;
     model.forward(&embeds, &mut Step::new(&batch, cache))
@@ -386,17 +383,6 @@ fn prefill_step(
             slots: vec![Tensor::new()],
             gather: None,
         }),
-        // The padded prompt as one varlen call where that is switched on: offsets [0, t], made on the
-        // device (a capture may not upload).
-        fresh_prompts: (embeds.device().is_cuda() && cuda::varlen_prefill_enabled())
-            .then(|| -> Result<FreshPrompts> {
-                let options = (tch::Kind::Int, embeds.device());
-                Ok(FreshPrompts {
-                    cu_seqlens: Tensor::f_arange_start_step(0, 2 * t, t, options)?,
-                    longest: t,
-                })
-            })
-            .transpose()?,
     };
     model.forward(embeds, &mut Step::new(&batch, cache))
 }

@@ -188,8 +188,7 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
         (
             9,
             0,
-            "#define MMREG_FAST_ACTIVATIONS 1\n#define MMREG_FEW_UNROLL_32 4\n\
-             #define MMREG_FEW_PREFETCH_NEXT 1\n#define MMREG_EARLY_READS 1\n",
+            "#define MMREG_FAST_ACTIVATIONS 1\n#define MMREG_EARLY_READS 0\n",
         ),
     ];
     for (major, minor, defines) in variants {
@@ -215,9 +214,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 36 kernels in each of 3 dtypes.
+        // 33 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 108,
+            kernels, 99,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -258,8 +257,6 @@ fn fused_kernels_run_only_where_they_can() {
 fn the_self_check_passes() {
     let _one_at_a_time = counting();
     kernels::set_enabled(true);
-    // With the 32-row kernels switched on, so that their cases are checked too.
-    kernels::set_thirty_two_rows(true);
     if wanted(Mode::Emulated) {
         kernels::emulate_on_this_thread(true);
         assert_eq!(kernels::self_check(Device::Cpu), Ok(()));
@@ -272,7 +269,6 @@ fn the_self_check_passes() {
     if tch::Cuda::is_available() && mmreg_engine::cuda::graphs_available() {
         assert_eq!(kernels::self_check(Device::Cuda(0)), Ok(()));
     }
-    kernels::set_thirty_two_rows(false);
 }
 
 #[test]
@@ -619,16 +615,14 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
 /// inputs that take a warp more than one pass (k = 520) and a k that ends inside a chunk of 32 (200,
 /// 520); one row with k split between 2 warps (37 rows: 19 runs; the emulator holds 12 blocks of 4
 /// warps), 4 (16 rows) and none (200 rows); rows that fill one tile of 8 of x's rows (5, 8) or two (9,
-/// 16) or three and four (17, 27, 32: the 32-row kernels, switched on here), one row and up to 8 with the
-/// 8-row kernels (bf16 and f16) and with the one-row and 16-row ones. 33 rows (17 with the 32-row kernels
-/// off, as by default), f32 with more than one row, and a k that is not a multiple of a vector take
-/// libtorch's product.
+/// 16), one row and up to 8 with the 8-row kernels (bf16 and f16) and with the one-row and 16-row
+/// ones. 17 rows, f32 with more than
+/// one row, and a k that is not a multiple of a vector take libtorch's product.
 #[test]
 fn linear_for_few_rows_matches_the_product() {
     let _one_at_a_time = counting();
     kernels::set_few_rows_linear(true);
     kernels::set_linear_split(true);
-    kernels::set_thirty_two_rows(true);
     // The 8-row kernels for one row and up to 8 (as by default), and the one-row and 16-row kernels.
     for (mode, eight) in modes().flat_map(|mode| [(mode, true), (mode, false)]) {
         kernels::set_eight_rows(eight);
@@ -646,10 +640,7 @@ fn linear_for_few_rows_matches_the_product() {
                 (8, 24, 520, false, few),
                 (9, 37, 200, true, few),
                 (16, 40, 136, false, few),
-                (17, 16, 64, false, few),
-                (27, 37, 200, true, few),
-                (32, 40, 520, false, few),
-                (33, 16, 64, false, false),
+                (17, 16, 64, false, false),
                 (1, 16, 66, false, false),
             ] {
                 let before = kernels::launches("linear").expect("a family");
@@ -685,38 +676,6 @@ fn linear_for_few_rows_matches_the_product() {
             }
         }
     }
-    // Off (the default), 17 rows take libtorch's product.
-    kernels::set_thirty_two_rows(false);
-    for mode in modes() {
-        let x = random(&[17, 64], Kind::BFloat16, mode.device(), 17);
-        let weight = random(&[16, 64], Kind::BFloat16, mode.device(), 16);
-        let before = kernels::launches("linear").expect("a family");
-        let _ = kernels::linear(&x, &weight, None);
-        let launched = kernels::launches("linear").expect("a family") - before;
-        assert_eq!(launched, 0, "{mode:?}: 17 rows with the 32-row kernels off");
-    }
-    // For the products with an epilogue alone (MMREG_FEW_ROWS_32=epilogues): 17 rows of the gated
-    // product take the 32-row kernel, of a plain one libtorch's.
-    kernels::set_thirty_two_rows_for_epilogues(true);
-    for mode in modes().filter(|&mode| mode != Mode::Fallback) {
-        let x = random(&[17, 64], Kind::BFloat16, mode.device(), 17);
-        let weight = random(&[32, 64], Kind::BFloat16, mode.device(), 16);
-        let count = |family| kernels::launches(family).expect("a family");
-        let (plain, gated) = (count("linear"), count("linear_silu_mul"));
-        let _ = kernels::linear(&x, &weight, None);
-        assert_eq!(
-            count("linear"),
-            plain,
-            "{mode:?}: a plain product of 17 rows"
-        );
-        let _ = kernels::linear_silu_mul(&x, &weight, None);
-        assert_eq!(
-            count("linear_silu_mul"),
-            gated + 1,
-            "{mode:?}: a gated product of 17 rows"
-        );
-    }
-    kernels::set_thirty_two_rows_for_epilogues(false);
     // (Back to the defaults for the tests after this one.)
     kernels::set_eight_rows(true);
     kernels::set_few_rows_for_one(true);
@@ -733,9 +692,8 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
     let _one_at_a_time = counting();
     // The product unsplit, as the gated kernel sums (a split product sums in another order).
     kernels::set_linear_split(false);
-    kernels::set_thirty_two_rows(true);
     // Several rows with the few-rows kernel off (the product, then silu_mul), and on (bf16 and f16: the
-    // gated kernel where 8 divides n, two tiles of x's rows for 9 to 16, four for 17 to 32).
+    // gated kernel where 8 divides n, two tiles of x's rows for 9 to 16).
     for (mode, few) in modes().flat_map(|mode| [(mode, false), (mode, true)]) {
         kernels::set_few_rows_linear(few);
         let device = mode.device();
@@ -748,8 +706,6 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
                 (8, 24, 200, true),
                 (12, 16, 136, false),
                 (4, 12, 64, false),
-                (20, 16, 64, false),
-                (32, 24, 136, true),
             ] {
                 let what = format!(
                     "linear_silu_mul {mode:?} {kind:?} ({rows}×{k} · 2×{n}×{k}, few rows: {few})"
@@ -787,7 +743,6 @@ fn linear_silu_mul_equals_the_product_then_silu_mul() {
             }
         }
     }
-    kernels::set_thirty_two_rows(false);
 }
 
 /// A decoder layer's stacked q/k/v product for one token with rope and the KV-cache write in its last
@@ -801,7 +756,6 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
     let _one_at_a_time = counting();
     // As in the gated test.
     kernels::set_linear_split(false);
-    kernels::set_thirty_two_rows(true);
     // One token, and several with the few-rows kernel off (None) and on (bf16 and f16: the kernel where
     // 16 divides dim; heads of 40 do not).
     for (mode, few) in modes().flat_map(|mode| [(mode, false), (mode, true)]) {
@@ -814,7 +768,6 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                 (1, 2, 1, 128, 136, true),
                 (5, 4, 4, 64, 200, false),
                 (12, 8, 2, 32, 64, true),
-                (21, 8, 2, 32, 64, true),
                 (3, 2, 1, 40, 64, false),
             ] {
                 let what = format!(
@@ -826,11 +779,11 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                 let weight = random(&[n, k], kind, device, n) * 0.1;
                 let bias = with_bias.then(|| random(&[n], kind, device, heads));
                 let (cos, sin) = rope_tables(tokens, dim, kind, device);
-                // Token t at slot 5 + 2t of a pool of 48.
+                // Token t at slot 5 + 2t of a pool of 40.
                 let slots: Vec<i64> = (0..tokens).map(|t| 5 + 2 * t).collect();
                 let slots = Tensor::from_slice(&slots).to_device(device);
                 let caches = || {
-                    let zeros = || Tensor::zeros([48, kv_heads, dim], (kind, device));
+                    let zeros = || Tensor::zeros([40, kv_heads, dim], (kind, device));
                     (zeros(), zeros())
                 };
                 let ((mut keys, mut values), (mut keys2, mut values2)) = (caches(), caches());
@@ -898,85 +851,6 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                 let two_runs = few && kind != Kind::Float && dim % 16 == 0;
                 assert_eq!(two.is_some(), two_runs, "{what}: two tokens");
             }
-        }
-    }
-    kernels::set_thirty_two_rows(false);
-}
-
-/// Several fresh prompts in one varlen call (`cuda::varlen_attention`, FlashAttention-2's varlen forward)
-/// equal each prompt's own causal attention in libtorch's SDPA, with grouped key/value heads, in bf16 and
-/// f16 on cuda:0; on the CPU, and in f32, the call declines (the layers then attend prompt by prompt).
-#[test]
-fn varlen_attention_equals_each_prompts_own_attention() {
-    let (heads, kv_heads, dim) = (8, 2, 128);
-    let lengths = [37i64, 5, 64];
-    let total: i64 = lengths.iter().sum();
-    let mut offsets = vec![0i32];
-    for len in lengths {
-        offsets.push(offsets.last().unwrap() + len as i32);
-    }
-    let cu = Tensor::from_slice(&offsets);
-    let scale = 1.0 / (dim as f64).sqrt();
-    let q = random(&[total, heads, dim], Kind::BFloat16, Device::Cpu, 1);
-    let (k, v) = (
-        random(&[total, kv_heads, dim], Kind::BFloat16, Device::Cpu, 2),
-        random(&[total, kv_heads, dim], Kind::BFloat16, Device::Cpu, 3),
-    );
-    assert!(
-        mmreg_engine::cuda::varlen_attention(&q, &k, &v, &cu, 64, scale).is_none(),
-        "the CPU has no varlen call"
-    );
-    if !tch::Cuda::is_available() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED varlen attention on a GPU: no GPU here"
-        );
-        return;
-    }
-    let gpu = Device::Cuda(0);
-    let cu = cu.to_device(gpu);
-    let f32_q = q.to_kind(Kind::Float).to_device(gpu);
-    assert!(
-        mmreg_engine::cuda::varlen_attention(&f32_q, &f32_q, &f32_q, &cu, 64, scale).is_none(),
-        "f32 has no varlen call"
-    );
-    for kind in [Kind::BFloat16, Kind::Half] {
-        let [q, k, v] = [&q, &k, &v].map(|t| t.to_kind(kind).to_device(gpu));
-        let packed = mmreg_engine::cuda::varlen_attention(&q, &k, &v, &cu, 64, scale)
-            .expect("the varlen call runs on the GPU");
-        assert_eq!(packed.size(), [total, heads, dim]);
-        let mut start = 0;
-        for len in lengths {
-            let part = |t: &Tensor| t.narrow(0, start, len).transpose(0, 1).unsqueeze(0);
-            let own = Tensor::scaled_dot_product_attention(
-                &part(&q),
-                &part(&k),
-                &part(&v),
-                None::<Tensor>,
-                0.0,
-                true,
-                scale,
-                true,
-            )
-            .squeeze_dim(0)
-            .transpose(0, 1);
-            // Two kernels, each rounding its f32 sums once: a step or two of the dtype apart, where
-            // wrong offsets or a wrong mask would be wrong by the values' own size.
-            let diff = (packed.narrow(0, start, len).to_kind(Kind::Float)
-                - own.to_kind(Kind::Float))
-            .abs()
-            .max()
-            .double_value(&[]);
-            let step = if kind == Kind::Half {
-                2f64.powi(-10)
-            } else {
-                2f64.powi(-7)
-            };
-            assert!(
-                diff <= 4.0 * step,
-                "{kind:?}: prompt of {len} at {start}: off by {diff}"
-            );
-            start += len;
         }
     }
 }

@@ -325,38 +325,6 @@ fn attend_gathered(
     Ok(out.reshape([n, heads, d]))
 }
 
-/// The step's fresh prompts after its `gathered` decodes, all causal here (no bidirectional run, no
-/// window narrower than a prompt), in one varlen call: `[their tokens, heads, d]`, or `None` where the
-/// batch does not describe them ([`AttentionBatch::fresh_prompts`]) or the call does not run.
-fn attend_fresh_prompts(
-    query: &Tensor,
-    key: &Tensor,
-    value: &Tensor,
-    batch: &AttentionBatch,
-    gathered: usize,
-    scale: f64,
-    window: Option<i64>,
-) -> Option<Tensor> {
-    let fresh = batch.fresh_prompts.as_ref()?;
-    let prompts = batch.sequences.get(gathered..)?;
-    let causal = prompts
-        .iter()
-        .all(|s| s.bidirectional.is_none() && window.is_none_or(|w| s.len <= w));
-    let (first, last) = (prompts.first()?, prompts.last()?);
-    if !causal {
-        return None;
-    }
-    let rows = |t: &Tensor| t.narrow(0, first.start, last.start + last.len - first.start);
-    mmreg_engine::cuda::varlen_attention(
-        &rows(query),
-        &rows(key),
-        &rows(value),
-        &fresh.cu_seqlens,
-        fresh.longest,
-        scale,
-    )
-}
-
 /// Attends to keys and values already stored in the cache at `slots.new_slots()`.
 #[allow(clippy::too_many_arguments)]
 fn attend_stored(
@@ -386,14 +354,6 @@ fn attend_stored(
             return Ok(out);
         }
         outputs.push(out);
-    }
-    if let Some(out) = attend_fresh_prompts(query, key, value, batch, gathered, scale, window) {
-        outputs.push(out);
-        return Ok(if outputs.len() == 1 {
-            outputs.remove(0)
-        } else {
-            Tensor::cat(&outputs, 0)
-        });
     }
     let gqa = query.size()[1] != key.size()[1];
     for (i, seq) in batch.sequences.iter().enumerate().skip(gathered) {

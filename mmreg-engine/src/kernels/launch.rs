@@ -50,9 +50,9 @@ unsafe impl Sync for Function {}
 /// vectors, the linear layer for a few rows, and the one-row linear layer with SiLU × up after a
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
-/// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the few-rows kernels'
-/// variants for four tiles; the tensor-core attention in blocks of six warps.
-pub(super) const NAMES: [&str; 36] = [
+/// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the tensor-core
+/// attention in blocks of six warps.
+pub(super) const NAMES: [&str; 33] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -85,9 +85,6 @@ pub(super) const NAMES: [&str; 36] = [
     "linear_few_rows_rope_8",
     "quick_gelu",
     "quick_gelu_vectors",
-    "linear_few_rows_32",
-    "linear_few_rows_silu_32",
-    "linear_few_rows_rope_32",
     "paged_decode_attention_mma_w6",
 ];
 const RMS_NORM: usize = 0;
@@ -119,16 +116,11 @@ const LINEAR_FEW_ROWS_SILU_8: usize = 28;
 const LINEAR_FEW_ROWS_ROPE_8: usize = 29;
 const QUICK_GELU: usize = 30;
 const QUICK_GELU_VECTORS: usize = 31;
-/// The three few-rows kernels for 17 to 32 rows (four tiles of x's rows).
-const LINEAR_FEW_ROWS_32: usize = 32;
-const LINEAR_FEW_ROWS_SILU_32: usize = 33;
-const LINEAR_FEW_ROWS_ROPE_32: usize = 34;
 /// The tensor-core decode attention in blocks of `ATTENTION_WIDE_WARPS` warps.
-pub(super) const ATTENTION_MMA_WIDE: usize = 35;
-/// The most rows of x the few-rows linear kernel takes (its two tiles of 8), and its 32-row variant
-/// (four tiles), its warps per block (`kFewWarps`) and weight rows per block (`kFewTile`).
+pub(super) const ATTENTION_MMA_WIDE: usize = 32;
+/// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
+/// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
-pub(super) const FEW_ROWS_32: i64 = 32;
 const FEW_ROWS_WARPS: u32 = 8;
 const FEW_ROWS_TILE: i64 = 16;
 /// Warps per block of the linear kernel, and weight rows per warp (`kLinearWarps`, `kLinearRows`).
@@ -644,12 +636,9 @@ impl Kernels {
     }
 
     /// The few-rows kernel `function` (`LINEAR_FEW_ROWS` or its SiLU or rope epilogue's) for `rows` of
-    /// x: its 8-row variant for at most 8 (unless switched off), its 32-row variant for more than 16.
+    /// x: its 8-row variant for at most 8 (unless switched off).
     fn few_rows(function: usize, rows: i64) -> usize {
         match function {
-            LINEAR_FEW_ROWS if rows > FEW_ROWS => LINEAR_FEW_ROWS_32,
-            LINEAR_FEW_ROWS_SILU if rows > FEW_ROWS => LINEAR_FEW_ROWS_SILU_32,
-            LINEAR_FEW_ROWS_ROPE if rows > FEW_ROWS => LINEAR_FEW_ROWS_ROPE_32,
             _ if rows > 8 || !super::eight_rows_enabled() => function,
             LINEAR_FEW_ROWS => LINEAR_FEW_ROWS_8,
             LINEAR_FEW_ROWS_SILU => LINEAR_FEW_ROWS_SILU_8,
@@ -658,7 +647,7 @@ impl Kernels {
         }
     }
 
-    /// `x · weightᵀ (+ bias)` for `x` of one row, or of up to [`FEW_ROWS_32`] rows on the tensor cores
+    /// `x · weightᵀ (+ bias)` for `x` of one row, or of up to [`FEW_ROWS`] rows on the tensor cores
     /// (checked by [`super::linear`]).
     pub(super) fn linear(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let [n, k] = weight.size()[..] else {
@@ -777,9 +766,6 @@ impl Kernels {
                 | LINEAR_FEW_ROWS_8
                 | LINEAR_FEW_ROWS_SILU_8
                 | LINEAR_FEW_ROWS_ROPE_8
-                | LINEAR_FEW_ROWS_32
-                | LINEAR_FEW_ROWS_SILU_32
-                | LINEAR_FEW_ROWS_ROPE_32
         );
         let mut m = (x.numel() as i64 / k.max(1)) as i32;
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));

@@ -278,7 +278,7 @@ pub fn linear_rope_and_store(
         store.cos.size().get(1).copied().unwrap_or(0),
     );
     let rows = linear_rows(x, weight, bias).unwrap_or(0);
-    let fits = (rows == 1 || (rows_fit(x, rows, true) && dim % 16 == 0))
+    let fits = (rows == 1 || (rows_fit(x, rows) && dim % 16 == 0))
         && dim > 0
         && n % dim == 0
         && store.fits(rows, n / dim, x.device());
@@ -379,21 +379,21 @@ pub fn with_six_warp_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
 }
 
 /// Whether an unsplit tensor-core decode attention whose blocks the device holds at once runs in
-/// blocks of six warps rather than four: this thread's override, else `MMREG_ATTENTION_SIX_WARPS=1`
-/// (read once). Off until measured. At its 168 registers a thread the kernel fits 3 blocks of 4 warps
-/// or 2 of 6 in an SM; LLaVA-1.5's batch 8 (256 pairs on an H200's 132 SMs) leaves blocks of 4 warps at
-/// about 2 an SM, 8 warps reading keys and values where batch 32 has 12 (3.1 against 4.2 TB/s in run
-/// 64's traces), and each warp walks 10 tiles of a 700-position context one after another. Blocks of 6
-/// put 12 warps on the SM and cut the tiles a warp walks to 7.
+/// blocks of six warps rather than four: this thread's override, else unless `MMREG_ATTENTION_SIX_WARPS`
+/// is `0` (read once). At its 168 registers a thread the kernel fits 3 blocks of 4 warps or 2 of 6 in an
+/// SM; LLaVA-1.5's batch 8 (256 pairs on 132 SMs) left blocks of 4 warps at about 2 an SM, 8 warps
+/// reading keys and values where batch 32 has 12, and each warp walked 10 tiles of a 700-position
+/// context one after another. Blocks of 6 put 12 warps on the SM and cut a warp's tiles to 7: +1.8%
+/// decode tokens/s at batch 8 on an H100 (docs/benchmarks.md, run 72).
 fn six_warp_attention() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    SIX_WARP_ATTENTION.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| std::env::var("MMREG_ATTENTION_SIX_WARPS").is_ok_and(|v| v == "1"))
-    })
+    SIX_WARP_ATTENTION
+        .with(Cell::get)
+        .unwrap_or_else(|| *FROM_ENV.get_or_init(|| not_zero("MMREG_ATTENTION_SIX_WARPS")))
 }
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
-/// `bias` `[n]`. A step of 1 to 16 sequences (32 with [`set_thirty_two_rows`]) in bf16 or f16 takes a kernel of our own that streams the
+/// `bias` `[n]`. A step of 1 to 16 sequences in bf16 or f16 takes a kernel of our own that streams the
 /// weight once for all rows and multiplies on the tensor cores, with the SiLU and rope epilogues (on an
 /// H200, 2–7% more decode tokens/s than cuBLAS and separate kernels at 2 to 16 sequences:
 /// docs/benchmarks.md, run 49); up to 8 rows take its variant for one tile of x's rows, which holds
@@ -407,24 +407,19 @@ fn six_warp_attention() -> bool {
 /// every size while the other kernels run (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match fused_for(&[x, weight]) {
-        Some(k) if linear_rows(x, weight, bias).is_some_and(|rows| rows_fit(x, rows, false)) => {
+        Some(k) if linear_rows(x, weight, bias).is_some_and(|rows| rows_fit(x, rows)) => {
             k.linear(x, weight, bias)
         }
         _ => x.linear(weight, bias),
     }
 }
 
-/// Whether the linear kernels take `rows` of `x` for a product with an epilogue (`epilogue`) or a plain
-/// one: one in every dtype; a few on the tensor cores, in bf16 and f16, where switched on.
-fn rows_fit(x: &Tensor, rows: i64, epilogue: bool) -> bool {
-    let most = if thirty_two_rows_for(epilogue) {
-        launch::FEW_ROWS_32
-    } else {
-        launch::FEW_ROWS
-    };
+/// Whether the linear kernels take `rows` of `x`: one in every dtype; a few on the tensor cores, in
+/// bf16 and f16, where switched on.
+fn rows_fit(x: &Tensor, rows: i64) -> bool {
     rows == 1
         || (few_rows_enabled()
-            && (2..=most).contains(&rows)
+            && (2..=launch::FEW_ROWS).contains(&rows)
             && matches!(x.kind(), Kind::BFloat16 | Kind::Half))
 }
 
@@ -435,7 +430,7 @@ fn rows_fit(x: &Tensor, rows: i64, epilogue: bool) -> bool {
 /// on the tensor cores and 8 divides `n`; other sizes take [`linear`], then [`silu_mul`].
 pub fn linear_silu_mul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     let n = weight.size().first().copied().unwrap_or(0);
-    let fits = |rows| n % 2 == 0 && (rows == 1 || (rows_fit(x, rows, true) && (n / 2) % 8 == 0));
+    let fits = |rows| n % 2 == 0 && (rows == 1 || (rows_fit(x, rows) && (n / 2) % 8 == 0));
     match fused_for(&[x, weight]) {
         Some(k) if linear_rows(x, weight, bias).is_some_and(fits) => {
             k.linear_silu_mul(x, weight, bias)
@@ -502,43 +497,6 @@ pub fn set_eight_rows(on: bool) {
 /// else not `MMREG_FEW_ROWS_8=0`.
 fn eight_rows_enabled() -> bool {
     EIGHT_ROWS.get(|| not_zero("MMREG_FEW_ROWS_8"))
-}
-
-static THIRTY_TWO_ROWS: Switch = Switch::new();
-
-/// Lets 17 to 32 rows take the few-rows kernels' 32-row variants (four tiles of x's rows), or leaves
-/// them to cuBLAS (for the whole process; overrides `MMREG_FEW_ROWS_32`). Off by default until measured
-/// against cuBLAS on a GPU: at batch 32 cuBLAS's products read the weights at 2.5 to 3.9 TB/s of an
-/// H200's 4.8, and its separate rope and SiLU kernels cost 6 µs a layer (docs/bench-runs/
-/// 2026-12-05-run64-decode-traces.log).
-pub fn set_thirty_two_rows(on: bool) {
-    THIRTY_TWO_ROWS.set(on);
-}
-
-/// Whether 17 to 32 rows take the 32-row few-rows kernels: [`set_thirty_two_rows`], else
-/// `MMREG_FEW_ROWS_32=1`.
-fn thirty_two_rows_enabled() -> bool {
-    THIRTY_TWO_ROWS.get(|| std::env::var("MMREG_FEW_ROWS_32").is_ok_and(|v| v == "1"))
-}
-
-static THIRTY_TWO_EPILOGUES: Switch = Switch::new();
-
-/// Lets 17 to 32 rows take the 32-row few-rows kernels for the products with an epilogue alone (the
-/// stacked gate and up with SiLU, q/k/v with rope and the cache write), leaving the plain products to
-/// cuBLAS (for the whole process; overrides `MMREG_FEW_ROWS_32=epilogues`). Off by default until
-/// measured: where the 32-row kernels read the weights slower than cuBLAS, the epilogues may still save
-/// their separate kernels.
-pub fn set_thirty_two_rows_for_epilogues(on: bool) {
-    THIRTY_TWO_EPILOGUES.set(on);
-}
-
-/// Whether 17 to 32 rows take the 32-row kernels for a product with an epilogue (`epilogue`) or a plain
-/// one.
-fn thirty_two_rows_for(epilogue: bool) -> bool {
-    thirty_two_rows_enabled()
-        || (epilogue
-            && THIRTY_TWO_EPILOGUES
-                .get(|| std::env::var("MMREG_FEW_ROWS_32").is_ok_and(|v| v == "epilogues")))
 }
 
 static FEW_ROWS_FOR_ONE: Switch = Switch::new();

@@ -58,14 +58,9 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &k.linear(&x, &weight, Some(&bias)),
             &x.linear(&weight, Some(&bias)),
         )?;
-        // 12 rows (two tiles of x's rows), 6 (the 8-row kernels) and, where they are switched on, 27
-        // (the 32-row kernels: a failure of theirs must not cost the defaults their kernels) on the
-        // tensor cores, in their dtypes: the product, and the gated one over 2 × 16 rows of gate and up.
-        let thirty_two = super::thirty_two_rows_for(true);
-        let many = [12, 6, 27]
-            .into_iter()
-            .filter(|&rows| rows <= 16 || thirty_two);
-        for rows in many.filter(|_| kind != Kind::Float) {
+        // 12 rows (two tiles of x's rows) and 6 (the 8-row kernels) on the tensor cores, in their
+        // dtypes: the product, and the gated one over 2 × 16 rows of gate and up.
+        for rows in [12, 6].into_iter().filter(|_| kind != Kind::Float) {
             let x = w(&[rows, 200], 1.6);
             compare(
                 &format!("linear_few_rows ({rows} rows)"),
@@ -88,10 +83,9 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
         )?;
         // One token's stacked q/k/v product (2 query heads, a key and a value head of 64) rotated and
-        // stored at slot 3 of a pool of 24; then (bf16 and f16) three tokens' on the tensor cores (the
-        // 8-row kernel), each with its own cos and sin, at slots 0, 2 and 4, ten tokens' (two tiles of
-        // x's rows) at slots 11 down to 2, and (switched on) 21 tokens' (the 32-row kernel) at 21 slots
-        // in a shuffle.
+        // stored at slot 3 of a pool of 12; then (bf16 and f16) three tokens' on the tensor cores (the
+        // 8-row kernel), each with its own cos and sin, at slots 0, 2 and 4, and ten tokens' (two
+        // tiles of x's rows) at slots 11 down to 2.
         let (qkv_weight, qkv_bias) = (w(&[256, 200], 1.9) * 0.1, w(&[256], 2.0));
         let dim = 64;
         let mut cases = vec![("linear_rope_and_store", x.shallow_clone(), vec![3i64], 2.1)];
@@ -109,19 +103,11 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
                 3.1,
             ));
         }
-        if kind != Kind::Float && thirty_two {
-            cases.push((
-                "linear_few_rows_rope (21 rows)",
-                w(&[21, 200], 3.3),
-                (0..21).map(|s| (s * 5) % 24).collect(),
-                3.5,
-            ));
-        }
         for (what, tokens, slots, phase) in cases {
             let rows = slots.len() as i64;
             let (cos, sin) = (w(&[rows, dim], phase), w(&[rows, dim], phase + 0.1));
             let (mut keys, mut values) =
-                (w(&[24, 1, dim], phase + 0.2), w(&[24, 1, dim], phase + 0.3));
+                (w(&[12, 1, dim], phase + 0.2), w(&[12, 1, dim], phase + 0.3));
             let slots = Tensor::from_slice(&slots).to_device(device);
             let store = super::RopeStore {
                 cos: &cos,
