@@ -340,6 +340,29 @@ pub fn paged_decode_attention(
 
 thread_local! {
     static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
+    static SIX_WARP_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+type ThreadSwitch = std::thread::LocalKey<Cell<Option<bool>>>;
+
+/// Runs `f` with the thread's `switch` set `on`, then restores its setting.
+fn with_switch<R>(switch: &'static ThreadSwitch, on: bool, f: impl FnOnce() -> R) -> R {
+    let before = switch.with(|c| c.replace(Some(on)));
+    let result = f();
+    switch.with(|c| c.set(before));
+    result
+}
+
+/// The thread's `switch` where set, else unless the environment variable `name` is `0` (`from_env`,
+/// read once).
+fn switch_on(
+    switch: &'static ThreadSwitch,
+    from_env: &std::sync::OnceLock<bool>,
+    name: &str,
+) -> bool {
+    switch
+        .with(Cell::get)
+        .unwrap_or_else(|| *from_env.get_or_init(|| not_zero(name)))
 }
 
 /// Runs `f` with decode attention's tensor cores switched `on` on this thread (over
@@ -347,10 +370,7 @@ thread_local! {
 /// both paths.
 #[doc(hidden)]
 pub fn with_tensor_core_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = TENSOR_CORE_ATTENTION.with(|c| c.replace(Some(on)));
-    let result = f();
-    TENSOR_CORE_ATTENTION.with(|c| c.set(before));
-    result
+    with_switch(&TENSOR_CORE_ATTENTION, on, f)
 }
 
 /// Whether [`paged_decode_attention`] takes its tensor-core kernel where it applies (bf16 and f16,
@@ -359,23 +379,18 @@ pub fn with_tensor_core_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// (docs/benchmarks.md, run 35).
 fn tensor_core_attention() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    TENSOR_CORE_ATTENTION
-        .with(Cell::get)
-        .unwrap_or_else(|| *FROM_ENV.get_or_init(|| not_zero("MMREG_DECODE_ATTENTION_MMA")))
-}
-
-thread_local! {
-    static SIX_WARP_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
+    switch_on(
+        &TENSOR_CORE_ATTENTION,
+        &FROM_ENV,
+        "MMREG_DECODE_ATTENTION_MMA",
+    )
 }
 
 /// Runs `f` with the tensor-core attention's six-warp blocks switched `on` on this thread (over
 /// `MMREG_ATTENTION_SIX_WARPS`), then restores the thread's setting: the tests run both.
 #[doc(hidden)]
 pub fn with_six_warp_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = SIX_WARP_ATTENTION.with(|c| c.replace(Some(on)));
-    let result = f();
-    SIX_WARP_ATTENTION.with(|c| c.set(before));
-    result
+    with_switch(&SIX_WARP_ATTENTION, on, f)
 }
 
 /// Whether an unsplit tensor-core decode attention whose blocks the device holds at once runs in
@@ -387,9 +402,7 @@ pub fn with_six_warp_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
 /// decode tokens/s at batch 8 on an H100 (docs/benchmarks.md, run 72).
 fn six_warp_attention() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    SIX_WARP_ATTENTION
-        .with(Cell::get)
-        .unwrap_or_else(|| *FROM_ENV.get_or_init(|| not_zero("MMREG_ATTENTION_SIX_WARPS")))
+    switch_on(&SIX_WARP_ATTENTION, &FROM_ENV, "MMREG_ATTENTION_SIX_WARPS")
 }
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
