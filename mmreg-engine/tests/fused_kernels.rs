@@ -178,7 +178,7 @@ fn rope_tables(tokens: i64, dim: i64, kind: Kind, device: Device) -> (Tensor, Te
 /// and for Ampere (sm_80). This build machine and CI have pip's torch with its CUDA wheels, so the shim
 /// is built; a build without it says so. ptxas's report must show every kernel without local memory
 /// (no stack frame, no spills): per-lane arrays indexed at run time would land there and make the
-/// attention kernel slow, which no CPU test would notice.
+/// attention kernel slow, which no CPU test would notice. PRINT_PTXAS=1 prints the reports (registers).
 #[test]
 fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory() {
     // As they load by default, and with the variants measurements switch on from the environment.
@@ -190,6 +190,7 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
             0,
             "#define MMREG_FAST_ACTIVATIONS 1\n#define MMREG_EARLY_READS 0\n",
         ),
+        (9, 0, "#define MMREG_ATTENTION_PREFETCH 4\n"),
     ];
     for (major, minor, defines) in variants {
         let (bytes, report) = match kernels::compile_for(major, minor, defines) {
@@ -197,6 +198,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
             Err(why) => panic!("sm_{major}{minor}: {why}"),
         };
         assert!(bytes > 1000, "sm_{major}{minor}: a {bytes}-byte cubin");
+        if std::env::var("PRINT_PTXAS").is_ok() {
+            eprintln!("== sm_{major}{minor} {defines:?}\n{report}");
+        }
         // "ptxas info    : Function properties for NAME" is followed by
         // "    N bytes stack frame, N bytes spill stores, N bytes spill loads".
         let mut kernels = 0;

@@ -8,6 +8,10 @@
 #                                      gpu-stage/mmreg-before.gz (an earlier build) against this one
 #   scripts/gpu/next_calls.sh next     LLaVA-NeXT-Mistral-7B at batch 1 and 8: chunked prefill off, fast
 #                                      activations
+#   scripts/gpu/next_calls.sh rest     LLaVA-NeXT as it runs; LLaVA-1.5 at batch 1, 8 and 32 with the
+#                                      decode attention's L2 prefetch 3 or 6 tiles ahead; then, if time is
+#                                      left, gpu-stage/mmreg-before.gz against this build at batch 1 and 8
+#                                      (for a session with two calls' time: anchor, then rest)
 #   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported) and the
 #                                      compiled-PyTorch anchor at batch 1, 8 and 32
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
@@ -65,15 +69,39 @@ case "${1:-}" in
       VARIANTS="ARGS=--no-enable-chunked-prefill|MMREG_FAST_ACTIVATIONS=1"
     table next-switches
     ;;
+  rest)
+    # What the anchor call leaves: LLaVA-NeXT as it runs (its targets), then the staged
+    # gpu-stage/mmreg-before.gz against this build on LLaVA-1.5 at batch 1 and 8.
+    bench next 200 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8
+    table next
+    bench llava15-prefetch 260 MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=1 \
+      VARIANTS="MMREG_ATTENTION_PREFETCH=3|MMREG_ATTENTION_PREFETCH=6"
+    table llava15-prefetch
+    if [ -f gpu-stage/mmreg-before.gz ] && [ $((SECONDS - start)) -lt 420 ]; then
+      gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
+      bench llava15-before $((575 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 BEFORE=1
+      table llava15-before
+    fi
+    ;;
   anchor)
     # WINNERS: the switches that won the calls above, until they are the defaults.
     winners=()
     [ -n "${WINNERS:-}" ] && IFS=, read -ra winners <<< "$WINNERS"
     bench anchor 570 "${winners[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 ANCHOR_TIMEOUT=400
     table anchor
+    # The GPU tests in what is left of the call.
+    left=$((575 - (SECONDS - start)))
+    if [ "$left" -gt 60 ]; then
+      MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh cuda_graphs > "$OUT/gpu-tests.log" 2>&1
+      left=$((575 - (SECONDS - start)))
+      [ "$left" -gt 20 ] && MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh fused_kernels --skip nvrtc \
+        >> "$OUT/gpu-tests.log" 2>&1
+      echo "GPU tests: exit $? at $((SECONDS - start)) s"
+      grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
+    fi
     ;;
   *)
-    sed -n '2,14p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac
