@@ -72,8 +72,10 @@ case "${1:-}" in
   rest)
     # What the anchor call leaves: LLaVA-NeXT as it runs (its targets), then the staged
     # gpu-stage/mmreg-before.gz against this build on LLaVA-1.5 at batch 1 and 8.
-    bench next 200 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8
-    table next
+    if [ -z "${SKIP_NEXT:-}" ]; then  # SKIP_NEXT=1: LLaVA-1.5 alone
+      bench next 200 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8
+      table next
+    fi
     bench llava15-prefetch 260 MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=1 \
       VARIANTS="MMREG_ATTENTION_PREFETCH=3|MMREG_ATTENTION_PREFETCH=6"
     table llava15-prefetch
