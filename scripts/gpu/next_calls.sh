@@ -76,8 +76,9 @@ case "${1:-}" in
       bench next 200 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8
       table next
     fi
-    bench llava15-prefetch 260 MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=1 \
-      VARIANTS="MMREG_ATTENTION_PREFETCH=3|MMREG_ATTENTION_PREFETCH=6"
+    # REST_VARIANTS replaces the variants (say, with MMREG_FEW_UNROLL_8=8 added).
+    bench llava15-prefetch $((500 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=1 \
+      VARIANTS="${REST_VARIANTS:-MMREG_ATTENTION_PREFETCH=3|MMREG_ATTENTION_PREFETCH=6}"
     table llava15-prefetch
     if [ -f gpu-stage/mmreg-before.gz ] && [ $((SECONDS - start)) -lt 420 ]; then
       gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
