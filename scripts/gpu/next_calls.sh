@@ -18,6 +18,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export OUT=${OUT:-/tmp/out}
+# LIMIT: the seconds this call may take (575 by default; less when the session's device time is short).
+LIMIT=${LIMIT:-575}
+export ANCHOR_DEADLINE=$(($(date +%s) + LIMIT - 5))
 mkdir -p "$OUT"
 start=$SECONDS
 echo "staged: $(cat gpu-stage/commit)"
@@ -60,7 +63,7 @@ case "${1:-}" in
     table llava15-switches
     if [ -f gpu-stage/mmreg-before.gz ]; then
       gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
-      bench llava15-before $((570 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 BEFORE=1
+      bench llava15-before $((LIMIT - 5 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 BEFORE=1
       table llava15-before
     fi
     ;;
@@ -77,12 +80,12 @@ case "${1:-}" in
       table next
     fi
     # REST_VARIANTS replaces the variants (say, with MMREG_FEW_UNROLL_8=8 added).
-    bench llava15-prefetch $((500 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=1 \
+    bench llava15-prefetch $((LIMIT - 75 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=1 \
       VARIANTS="${REST_VARIANTS:-MMREG_ATTENTION_PREFETCH=3|MMREG_ATTENTION_PREFETCH=6}"
     table llava15-prefetch
-    if [ -f gpu-stage/mmreg-before.gz ] && [ $((SECONDS - start)) -lt 420 ]; then
+    if [ -f gpu-stage/mmreg-before.gz ] && [ $((SECONDS - start)) -lt $((LIMIT - 155)) ]; then
       gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
-      bench llava15-before $((575 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 BEFORE=1
+      bench llava15-before $((LIMIT - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 BEFORE=1
       table llava15-before
     fi
     ;;
@@ -90,13 +93,13 @@ case "${1:-}" in
     # WINNERS: the switches that won the calls above, until they are the defaults.
     winners=()
     [ -n "${WINNERS:-}" ] && IFS=, read -ra winners <<< "$WINNERS"
-    bench anchor 570 "${winners[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 ANCHOR_TIMEOUT=400
+    bench anchor "$LIMIT" "${winners[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 ANCHOR_TIMEOUT=400
     table anchor
     # The GPU tests in what is left of the call.
-    left=$((575 - (SECONDS - start)))
+    left=$((LIMIT - (SECONDS - start)))
     if [ "$left" -gt 60 ]; then
       MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh cuda_graphs > "$OUT/gpu-tests.log" 2>&1
-      left=$((575 - (SECONDS - start)))
+      left=$((LIMIT - (SECONDS - start)))
       [ "$left" -gt 20 ] && MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh fused_kernels --skip nvrtc \
         >> "$OUT/gpu-tests.log" 2>&1
       echo "GPU tests: exit $? at $((SECONDS - start)) s"
