@@ -785,13 +785,6 @@ constexpr int kMmaTile = 16;
 #ifndef MMREG_ATTENTION_PIPELINE
 #define MMREG_ATTENTION_PIPELINE 1
 #endif
-// MMREG_ATTENTION_PREFETCH=N (2 to 8; 0, off, by default): each warp also prefetches into L2 the keys and
-// values of its tile N tiles ahead, so that more of its reads are in flight than its registers hold (the
-// pipeline keeps one tile's loads in flight; at LLaVA-1.5's batch 8 a warp's tiles came at 3.2 TB/s of
-// an H200's 4.8 in run 64). Off until measured.
-#ifndef MMREG_ATTENTION_PREFETCH
-#define MMREG_ATTENTION_PREFETCH 0
-#endif
 
 // N runs of 8 elements from `row` on as 32-bit words (zeros where `real` is false: a position past the
 // end, a query head past the group).
@@ -881,26 +874,6 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
       load_runs(value[v], value_cache + s * kv_heads * kDim + head_offset + g * (kDim / 8), tile + u < end);
     }
   };
-  // MMREG_ATTENTION_PREFETCH: lanes 0-15 prefetch the key rows of the tile's 16 positions, lanes 16-31
-  // their value rows (the head's kDim elements, one or two lines of 128 bytes), given the lane's slot
-  // (lanes 0-15 hold the tile's slots).
-  auto prefetch_tile = [&](long long tile, long long tile_slot) {
-    const int u = lane % kMmaTile;
-    const long long s = __shfl_sync(0xffffffffu, tile_slot, u);
-    if (tile + u < end) {
-      const typename D::T* row = (lane < kMmaTile ? key_cache : value_cache) + s * kv_heads * kDim + head_offset;
-#pragma unroll
-      for (int line = 0; line < (kDim * (int)sizeof(typename D::T) + 127) / 128; ++line) {
-        prefetch_l2(row + line * (128 / (int)sizeof(typename D::T)));
-      }
-    }
-  };
-  if (MMREG_ATTENTION_PREFETCH > 0) {
-    // The tiles up to the prefetch distance, before the first loads.
-    for (int d = 2; d < MMREG_ATTENTION_PREFETCH; ++d) {
-      prefetch_tile(p0 + d * step, slot_of(p0 + d * step));
-    }
-  }
 #if MMREG_ATTENTION_PIPELINE
   // The loads of tile i + 1 go out while tile i is multiplied: its keys once tile i's scores are taken,
   // its values once tile i's values are summed, into the same registers (so in flight without more of
@@ -918,9 +891,6 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
     load_keys(p0, slot);
     load_values(p0, slot);
 #endif
-    // The slots of the tile MMREG_ATTENTION_PREFETCH ahead, read here and used after the tile's products.
-    const long long far = p0 + MMREG_ATTENTION_PREFETCH * step;
-    const long long far_slot = MMREG_ATTENTION_PREFETCH > 0 ? slot_of(far) : 0;
     // Sᵀ: score[n] = (head g: positions 8n + 2t, 8n + 2t + 1; rows g + 8, all zero queries).
     float score[2][4] = {};
 #pragma unroll
@@ -990,9 +960,6 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
 #if MMREG_ATTENTION_PIPELINE
     load_values(p0 + step, slot);
 #endif
-    if (MMREG_ATTENTION_PREFETCH > 0) {
-      prefetch_tile(far, far_slot);
-    }
     slot = next_slot;
   }
   // The sums of head g's four lanes; then the warp's results to shared memory.

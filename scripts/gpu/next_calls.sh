@@ -8,10 +8,10 @@
 #                                      gpu-stage/mmreg-before.gz (an earlier build) against this one
 #   scripts/gpu/next_calls.sh next     LLaVA-NeXT-Mistral-7B at batch 1 and 8: chunked prefill off, fast
 #                                      activations
-#   scripts/gpu/next_calls.sh rest     LLaVA-NeXT as it runs; LLaVA-1.5 at batch 1, 8 and 32 with the
-#                                      decode attention's L2 prefetch 3 or 6 tiles ahead; then, if time is
-#                                      left, gpu-stage/mmreg-before.gz against this build at batch 1 and 8
-#                                      (for a session with two calls' time: anchor, then rest)
+#   scripts/gpu/next_calls.sh rest     LLaVA-NeXT as it runs (SKIP_NEXT=1: not); LLaVA-1.5 at batch 1, 8
+#                                      and 32 with each of REST_VARIANTS; then, if time is left,
+#                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
+#                                      session with two calls' time: anchor, then rest)
 #   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported) and the
 #                                      compiled-PyTorch anchor at batch 1, 8 and 32
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
@@ -79,10 +79,12 @@ case "${1:-}" in
       bench next 200 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8
       table next
     fi
-    # REST_VARIANTS replaces the variants (say, with MMREG_FEW_UNROLL_8=8 added).
-    bench llava15-prefetch $((LIMIT - 75 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=1 \
-      VARIANTS="${REST_VARIANTS:-MMREG_ATTENTION_PREFETCH=3|MMREG_ATTENTION_PREFETCH=6}"
-    table llava15-prefetch
+    # REST_VARIANTS: switches to time against the default at batch 1, 8 and 32 ("ENV=V|ENV=V").
+    if [ -n "${REST_VARIANTS:-}" ]; then
+      bench llava15-variants $((LIMIT - 75 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=1 \
+        VARIANTS="$REST_VARIANTS"
+      table llava15-variants
+    fi
     if [ -f gpu-stage/mmreg-before.gz ] && [ $((SECONDS - start)) -lt $((LIMIT - 155)) ]; then
       gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
       bench llava15-before $((LIMIT - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 BEFORE=1

@@ -122,8 +122,6 @@ mod shim {
     ///   prefetches before it waits for the kernel before it (4 runs of 16 bytes a lane by default).
     /// - `MMREG_ATTENTION_PIPELINE` (0 or 1): whether the tensor-core decode attention loads a tile
     ///   while it multiplies the one before (1, the default) or loads each tile and then multiplies it.
-    /// - `MMREG_ATTENTION_PREFETCH` (2 to 8): how many tiles ahead each warp of the tensor-core decode
-    ///   attention prefetches its keys and values into L2 (none by default).
     /// - `MMREG_FEW_UNROLL_8` (1 to 8): the chunks of 32 a warp of the 8-row few-rows kernels loads at
     ///   once (4 by default).
     /// - `MMREG_FAST_ACTIVATIONS` (0 or 1): SiLU's and quick_gelu's sigmoids in bf16 and f16 through the
@@ -136,7 +134,6 @@ mod shim {
         [
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
             ("MMREG_ATTENTION_PIPELINE", 0..=1),
-            ("MMREG_ATTENTION_PREFETCH", 2..=8),
             ("MMREG_FEW_UNROLL_8", 1..=8),
             ("MMREG_FAST_ACTIVATIONS", 0..=1),
             ("MMREG_EARLY_READS", 0..=1),
