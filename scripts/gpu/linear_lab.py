@@ -5,7 +5,7 @@ LLaVA-1.5-7B's weight shapes at a few rows of x. Each kernel is compiled with NV
 timed inside a CUDA graph over enough copies of the weight that none stays in L2 (so each call reads its
 weight from memory, as a decoder's layers do).
 Usage on the GPU machine: python3 scripts/gpu/linear_lab.py [--compile-only (CUBIN=FILE writes it)]
-  ROWS=1,8,16,32 the rows of x; SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
+  ROWS=1,8,16,32 the rows of x (17-32 also time linear_lab.cu's lab_rows32 prototypes); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
   MMREG_FEW_WARPS=4,MMREG_FEW_UNROLL=8" also times the few-rows kernels compiled with each entry's
   defines; LANDED=FILE also times those of another version of fused_kernels.cu (say the last commit's).
 Prints a table per shape: µs per call and the read rate (weight bytes / time).
@@ -190,6 +190,9 @@ def main():
                 kernels.append(("linear_few_rows_8_bf16", -(-n // FEW_TILE), 256, True))
             if m <= 16:
                 kernels.append(("linear_few_rows_bf16", -(-n // FEW_TILE), 256, True))
+            if 16 < m <= 32:  # linear_lab.cu's prototypes for batch 32: a block a tile of F × 16 rows of w
+                kernels += [(f"lab_rows32_f{f}_u{u}", -(-n // (16 * f)), 256, True)
+                            for f, u in [(2, 2), (4, 1), (4, 2), (6, 1)]]
             for label, mod, regs in modules:
                 warps = re.search(r"MMREG_FEW_WARPS=(\d+)", label)
                 for name, blocks, threads, few in kernels:

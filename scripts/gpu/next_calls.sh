@@ -12,6 +12,8 @@
 #                                      and 32 with each of REST_VARIANTS; then, if time is left,
 #                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
 #                                      session with two calls' time: anchor, then rest)
+#   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
+#                                      lab_rows32 prototypes (about a minute)
 #   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported) and the
 #                                      compiled-PyTorch anchor at batch 1, 8 and 32
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
@@ -91,6 +93,13 @@ case "${1:-}" in
       table llava15-before
     fi
     ;;
+  lab)
+    # The batch-32 products alone: cuBLAS, a plain read of each weight and linear_lab.cu's lab_rows32
+    # prototypes (17-32 rows), on LLaVA-1.5-7B's weight shapes.
+    ROWS=32 timeout $((LIMIT - 5)) python3 scripts/gpu/linear_lab.py > "$OUT/linear-lab.log" 2>&1
+    echo "linear_lab: exit $? at $((SECONDS - start)) s"
+    grep -E "^## |^\| (read|cuBLAS|lab_)" "$OUT/linear-lab.log"
+    ;;
   anchor)
     # WINNERS: the switches that won the calls above, until they are the defaults.
     winners=()
@@ -109,7 +118,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    sed -n '2,17p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac
