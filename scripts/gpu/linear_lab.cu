@@ -26,6 +26,22 @@ extern "C" __global__ void lab_read(const uint4* w, long long vectors, unsigned*
 }
 #endif
 
+// f(f, j, q) for each accumulator c[f][j][q] of a lab_rows32 warp (kFrags tiles of 16 rows of w × the
+// 4 tiles of 8 of x's rows × the mma's 4).
+template <int kFrags, typename F>
+__device__ __forceinline__ void each_accumulator(F&& f) {
+#pragma unroll
+  for (int fr = 0; fr < kFrags; ++fr) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        f(fr, j, q);
+      }
+    }
+  }
+}
+
 // A product for 17 to 32 rows of x on the tensor cores (a prototype for batch 32, whose products cuBLAS
 // reads at 2.5-3.9 TB/s: docs/benchmarks.md, run 76's section). y [m, n] = x [m, k] · w [n, k]ᵀ in bf16
 // with f32 sums rounded once. A block takes kFrags × 16 rows of w at a time (grid-stride over such
@@ -94,48 +110,23 @@ __device__ void lab_rows32(u16* y, const u16* x, const u16* w, int m, long long 
 #pragma unroll
     for (int half = kWarps / 2; half >= 1; half /= 2) {
       if (warp >= half && warp < 2 * half) {
-#pragma unroll
-        for (int f = 0; f < kFrags; ++f) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              sums[warp - half][f][j][q][lane] = c[f][j][q];
-            }
-          }
-        }
+        each_accumulator<kFrags>([&](int f, int j, int q) { sums[warp - half][f][j][q][lane] = c[f][j][q]; });
       }
       __syncthreads();
       if (warp < half) {
-#pragma unroll
-        for (int f = 0; f < kFrags; ++f) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              c[f][j][q] += sums[warp][f][j][q][lane];
-            }
-          }
-        }
+        each_accumulator<kFrags>([&](int f, int j, int q) { c[f][j][q] += sums[warp][f][j][q][lane]; });
       }
       __syncthreads();
     }
     // c[f][j] holds (w row 16f + g, x row 8j + 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
     if (warp == 0) {
-#pragma unroll
-      for (int f = 0; f < kFrags; ++f) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const long long out = first + 16 * f + g + (q >= 2 ? 8 : 0);
-            const int row = 8 * j + 2 * t + (q & 1);
-            if (row < m && out < n) {
-              y[row * n + out] = BF16::store(c[f][j][q]);
-            }
-          }
+      each_accumulator<kFrags>([&](int f, int j, int q) {
+        const long long out = first + 16 * f + g + (q >= 2 ? 8 : 0);
+        const int row = 8 * j + 2 * t + (q & 1);
+        if (row < m && out < n) {
+          y[row * n + out] = BF16::store(c[f][j][q]);
         }
-      }
+      });
     }
   }
 }
