@@ -5,7 +5,7 @@ LLaVA-1.5-7B's weight shapes at a few rows of x. Each kernel is compiled with NV
 timed inside a CUDA graph over enough copies of the weight that none stays in L2 (so each call reads its
 weight from memory, as a decoder's layers do).
 Usage on the GPU machine: python3 scripts/gpu/linear_lab.py [--compile-only (CUBIN=FILE writes it)]
-  ROWS=1,8,16,32 the rows of x (17-32 also time linear_lab.cu's lab_rows32 prototypes); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
+  ROWS=1,8,16,32 the rows of x (17-32 time linear_rows32 instead of the few-rows kernels, k in 1-4 splits); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
   MMREG_FEW_WARPS=4,MMREG_FEW_UNROLL=8" also times the few-rows kernels compiled with each entry's
   defines; LANDED=FILE also times those of another version of fused_kernels.cu (say the last commit's).
 Prints a table per shape: µs per call and the read rate (weight bytes / time).
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCE = os.path.join(ROOT, "mmreg-engine", "csrc", "fused_kernels.cu")
 if not os.path.exists(SOURCE):  # staged copy of scripts/gpu (gpu-stage/scripts) run from the repo root
     SOURCE = os.path.join("mmreg-engine", "csrc", "fused_kernels.cu")
-LAB = os.path.join(HERE, "linear_lab.cu")
+LAB = os.path.join(HERE, "linear_lab.cu")  # lab_read
 
 SHAPES = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096)}
@@ -129,6 +129,39 @@ def graph_us(launch, copies, reps=3):
     return best
 
 
+def measure(go, title, name, regs, y, ref, scale, copies, nbytes, resident):
+    """One table row: `go(i)` (a launch on copy i of the weight into y) checked against `ref` and timed."""
+    y.zero_()
+    go(0)
+    torch.cuda.synchronize()
+    err = (y.float() - ref).abs().max().item() / scale
+    us = graph_us(go, copies)
+    spill = f", spills {regs[name + ' spills']}" if name + " spills" in regs else ""
+    print(f"| {title} ({regs.get(name)} regs{spill}) | {y.shape[0]} | {us:.1f} | {nbytes / us / 1e6:.2f} | "
+          f"{err:.1e} | {resident} |")
+
+
+def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
+    """The 17-32-row kernel (fused_kernels.cu's linear_rows32, as each build compiles it) on every SM (its
+    resident blocks each), with k in 1-4 splits: a row per (build, splits)."""
+    m, k = x.shape
+    n = ws[0].shape[0]
+    partial = torch.empty(4 * m * n, dtype=torch.float32, device="cuda")
+    name = "linear_rows32_bf16"
+    for label, mod, regs in modules:
+        if name not in regs:
+            continue
+        f = mod.function(name)
+        resident = mod.resident(f, 256)
+        for splits in (1, 2, 3, 4):
+            blocks = mod.sms * resident // splits * splits
+            def go(i, f=f, mod=mod, blocks=blocks, splits=splits):
+                mod.launch(f, blocks, 256, [y, x, ws[i], ctypes.c_void_p(0), ctypes.c_int(m), ctypes.c_longlong(n),
+                                            ctypes.c_longlong(k), partial, ctypes.c_int(splits)])
+            measure(go, f"{name}{f' [{label}]' if label else ''}, {splits} split{'s' if splits > 1 else ''}",
+                    name, regs, y, ref, scale, copies, nbytes, resident)
+
+
 def main():
     arch = "90"
     if "--compile-only" not in sys.argv:
@@ -190,9 +223,6 @@ def main():
                 kernels.append(("linear_few_rows_8_bf16", -(-n // FEW_TILE), 256, True))
             if m <= 16:
                 kernels.append(("linear_few_rows_bf16", -(-n // FEW_TILE), 256, True))
-            if 16 < m <= 32:  # linear_lab.cu's prototypes for batch 32: a block a tile of F × 16 rows of w
-                kernels += [(f"lab_rows32_f{f}_u{u}", -(-n // (16 * f)), 256, True)
-                            for f, u in [(2, 2), (4, 1), (4, 2), (6, 1)]]
             for label, mod, regs in modules:
                 warps = re.search(r"MMREG_FEW_WARPS=(\d+)", label)
                 for name, blocks, threads, few in kernels:
@@ -204,15 +234,10 @@ def main():
                         args = [y, x, ws[i], ctypes.c_void_p(0)] + ([ctypes.c_int(m)] if few else []) \
                             + [ctypes.c_longlong(n), ctypes.c_longlong(k)]
                         mod.launch(f, blocks, threads, args)
-                    y.zero_()
-                    go(0)
-                    torch.cuda.synchronize()
-                    err = (y.float() - ref).abs().max().item() / scale
-                    us = graph_us(go, copies)
-                    spill = f", spills {regs[name + ' spills']}" if name + " spills" in regs else ""
-                    tag = f" [{label}]" if label else ""
-                    print(f"| {name}{tag} ({regs.get(name)} regs{spill}) | {m} | {us:.1f} | "
-                          f"{nbytes / us / 1e6:.2f} | {err:.1e} | {mod.resident(f, threads)} |")
+                    measure(go, f"{name}{f' [{label}]' if label else ''}", name, regs, y, ref, scale, copies,
+                            nbytes, mod.resident(f, threads))
+            if 16 < m <= 32:
+                rows32(modules, ws, x, y, ref, scale, copies, nbytes)
         del ws
         torch.cuda.empty_cache()
 
