@@ -299,10 +299,9 @@ fn linear_split(runs: i64, resident: i64) -> i64 {
 /// blocks of 4: 2), while each split leaves every warp a chunk (`warps`) and the tiles fit the module's
 /// arrival counts. `MMREG_ROWS32_SPLITS` (1 to 4) overrides it, for measurements.
 fn rows32_splits(tiles: i64, chunks: i64, blocks: i64, frags: i64, warps: i64) -> i64 {
-    let wanted = std::env::var("MMREG_ROWS32_SPLITS")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-        .filter(|s| (1..=4).contains(s))
+    static FROM_ENV: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
+    let wanted = FROM_ENV
+        .get_or_init(|| env_in("MMREG_ROWS32_SPLITS", 1..=4))
         .unwrap_or_else(|| ((frags * blocks + tiles / 2) / tiles.max(1)).clamp(1, 4));
     if tiles > ROWS32_ARRIVALS {
         return 1;
@@ -311,13 +310,18 @@ fn rows32_splits(tiles: i64, chunks: i64, blocks: i64, frags: i64, warps: i64) -
 }
 
 /// The 32-row kernels' tiles of w at once (`MMREG_ROWS32_FRAGS`, the NVRTC define, 2 to 6; 4 by
-/// default), for choosing the split.
+/// default), for choosing the split; read once.
 fn rows32_frags() -> i64 {
-    std::env::var("MMREG_ROWS32_FRAGS")
+    static FRAGS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *FRAGS.get_or_init(|| env_in("MMREG_ROWS32_FRAGS", 2..=6).unwrap_or(4))
+}
+
+/// The environment variable `name` as a number in `range`, else `None`.
+fn env_in(name: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse::<i64>().ok())
-        .filter(|f| (2..=6).contains(f))
-        .unwrap_or(4)
+        .filter(|v| range.contains(v))
 }
 
 /// Threads for `n` items, one each: whole warps, at least one and at most `most` threads.
