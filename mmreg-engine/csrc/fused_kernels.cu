@@ -1091,11 +1091,19 @@ struct RopeInputs {
   typename D::T* stored;
 };
 
-// The rope epilogue's inputs for output `at` (the first of its pair) of x's row `row`.
+// The rope epilogue's inputs for this thread of a few-rows block whose tile of w starts at row `first`
+// (the thread's output and x's row as the epilogue of linear_few_rows takes them); zeros and null for a
+// thread with no output there.
 template <typename D>
-__device__ __forceinline__ RopeInputs<D> rope_inputs_at(const RopeStore<D>& rope, int row, long long at,
-                                                        long long n) {
+__device__ __forceinline__ RopeInputs<D> rope_inputs(const RopeStore<D>& rope, long long first, int m,
+                                                     long long n) {
   RopeInputs<D> in{};
+  const int i = threadIdx.x, l = i % 32, q = (i / 32) % 2, tile = i / 64;
+  const int row = tile * 8 + 2 * (l % 4) + q;
+  if (i >= 128 || row >= m) {
+    return in;
+  }
+  const long long at = first + l / 4;
   const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = rope.dim / 2;
   if (head < rope.rotated) {
     const typename D::T* cos = rope.cos + (long long)row * rope.dim;
@@ -1108,49 +1116,6 @@ __device__ __forceinline__ RopeInputs<D> rope_inputs_at(const RopeStore<D>& rope
   in.stored = cache_row<D>(rope.key_cache, rope.value_cache, rope.slots, row, head, (int)(n / rope.dim),
                            rope.kv_heads, rope.dim);
   return in;
-}
-
-// The rope epilogue's inputs for this thread of a few-rows block whose tile of w starts at row `first`
-// (the thread's output and x's row as the epilogue of linear_few_rows takes them); zeros and null for a
-// thread with no output there.
-template <typename D>
-__device__ __forceinline__ RopeInputs<D> rope_inputs(const RopeStore<D>& rope, long long first, int m,
-                                                     long long n) {
-  const int i = threadIdx.x, l = i % 32, q = (i / 32) % 2, tile = i / 64;
-  const int row = tile * 8 + 2 * (l % 4) + q;
-  if (i >= 128 || row >= m) {
-    return RopeInputs<D>{};
-  }
-  return rope_inputs_at<D>(rope, row, first + l / 4, n);
-}
-
-// The paired epilogues' last step for x's row `row`: a and b, the f32 sums of output `at` and of its
-// partner `half` on (a gate's and its up's, or elements j and j + dim/2 of a head), become y's
-// silu(a) * b (kSiluMul, y [m, half]), or the rotated pair (kRope, y [m, n], with the key or value row
-// stored in the cache; `in` from rope_inputs_at for this row and output).
-template <typename D, int kEpilogue>
-__device__ __forceinline__ void store_pair(typename D::T* y, const typename D::T* bias, float a, float b,
-                                           int row, long long at, long long half, long long n,
-                                           const RopeStore<D>& rope, const RopeInputs<D>& in) {
-  if (bias != nullptr) {
-    a += D::load(bias[at]);
-    b += D::load(bias[at + half]);
-  }
-  if (kEpilogue == kSiluMul) {
-    y[row * half + at] = silu_times<D>(D::store(a), D::store(b));
-    return;
-  }
-  const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = (int)half;
-  typename D::T low = D::store(a), high = D::store(b);
-  if (head < rope.rotated) {
-    rotate_pair<D>(low, high, in.cos_low, in.cos_high, in.sin_low, in.sin_high);
-  }
-  y[row * n + at] = low;
-  y[row * n + at + h] = high;
-  if (in.stored != nullptr) {
-    in.stored[j] = low;
-    in.stored[j + h] = high;
-  }
 }
 
 // The warp's sums of rows `row` of w with x over its part of k (vectors part, part + kSplit, …; all of
@@ -1451,21 +1416,6 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
   }
 }
 
-// The first row of w of the few-rows kernels' tile `tile`: 16 rows a tile without an epilogue; with
-// one, 8 rows whose partners are `half` on (see below): a gate projection's 8 rows (kSiluMul), or
-// elements 8i..8i+7 of a head of 2·half (kRope).
-template <int kEpilogue>
-__device__ __forceinline__ long long few_tile_first(long long tile, long long half) {
-  if (kEpilogue == 0) {
-    return tile * kFewTile;
-  }
-  if (kEpilogue == kSiluMul) {
-    return tile * 8;
-  }
-  const long long per_head = half / 8;  // a head's tiles (kRope)
-  return tile / per_head * 2 * half + tile % per_head * 8;
-}
-
 //
 // The paired epilogues of the one-row kernels (kSiluMul, kRope; see linear_one_row_paired) for each of
 // x's rows: a block's tile is then 8 rows of w and their 8 partners `half` on (the first half of a
@@ -1494,7 +1444,16 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
   const long long w_tiles = (n + kFewTile - 1) / kFewTile;
   const long long partner = kEpilogue == 0 ? 8 : half;
-  auto first_of = [&](long long tile) { return few_tile_first<kEpilogue>(tile, half); };
+  auto first_of = [&](long long tile) -> long long {
+    if (kEpilogue == 0) {
+      return tile * kFewTile;
+    }
+    if (kEpilogue == kSiluMul) {
+      return tile * 8;
+    }
+    const long long per_head = half / 8;  // a head's tiles (kRope)
+    return tile / per_head * 2 * half + tile % per_head * 8;
+  };
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
     const long long first = first_of(blockIdx.x), at = (warp * kUnroll + u) * 32LL + t * 8;
@@ -1571,10 +1530,29 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
           a += sums[v][tile][q][l];
           b += sums[v][tile][q + 2][l];
         }
-        if (kEpilogue == kRope && MMREG_EARLY_READS == 0) {
-          early = rope_inputs<D>(rope, first, m, n);
+        if (bias != nullptr) {
+          a += D::load(bias[at]);
+          b += D::load(bias[at + half]);
         }
-        store_pair<D, kEpilogue>(y, bias, a, b, row, at, half, n, rope, early);
+        if (kEpilogue == kSiluMul) {
+          y[row * half + at] = silu_times<D>(D::store(a), D::store(b));
+        } else {
+          const int head = (int)(at / rope.dim), j = (int)(at % rope.dim), h = (int)half;
+          if (MMREG_EARLY_READS == 0) {
+            early = rope_inputs<D>(rope, first, m, n);
+          }
+          typename D::T low = D::store(a), high = D::store(b);
+          if (head < rope.rotated) {
+            rotate_pair<D>(low, high, early.cos_low, early.cos_high, early.sin_low, early.sin_high);
+          }
+          y[row * n + at] = low;
+          y[row * n + at + h] = high;
+          typename D::T* stored = early.stored;
+          if (stored != nullptr) {
+            stored[j] = low;
+            stored[j + h] = high;
+          }
+        }
       }
     } else {
       // Thread i sums accumulator (tile, q) of lane i % 32 over the warps: 2 × 4 × 32 = the block.
@@ -1591,203 +1569,6 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       }
     }
     __syncthreads();
-  }
-}
-
-// f(f, j, q) for each accumulator of a linear_rows32 warp: kFrags tiles of w × the 4 tiles of 8 of x's
-// rows × the mma's 4 (c[f][j / 2][j % 2][q]).
-template <int kFrags, typename F>
-__device__ __forceinline__ void each_accumulator(F&& f) {
-#pragma unroll
-  for (int fr = 0; fr < kFrags; ++fr) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        f(fr, j, q);
-      }
-    }
-  }
-}
-
-// A linear layer for 17 to 32 rows of x (a decode step of up to 32 sequences: four tiles of 8 of x's
-// rows), with the few-rows kernels' tiles of w, products and epilogues, for the products that cuBLAS
-// reads at 2.5-3.9 TB/s at batch 32 (docs/benchmarks.md, run 76's section). The few-rows kernels'
-// 32-row variants lost (run 73) because each warp read x's 32 rows from L2 for every 16 rows of w; here
-// a block takes kFrags tiles of w at once, so x is read once for all of them.
-//
-// The work is split evenly over exactly the grid's blocks (the SMs times the blocks each holds), so
-// that no wave is left part-empty: the blocks form `splits` groups, each taking one contiguous part of
-// k's chunks of 32; within a group, block `part` takes the contiguous tiles [part·tiles/parts,
-// (part+1)·tiles/parts), kFrags at a time (fewer at the end of its range). Its kFewWarps warps split
-// its part of k as the few-rows kernels do, kUnroll chunks a warp at once. Splitting k lets a weight
-// with few rows (a 7B decoder's o_proj and down_proj: 256 tiles for 132 SMs) still give each block
-// kFrags tiles.
-//
-// The warps' sums meet in shared memory in three halvings, and warp 0 finishes the tile: with one
-// split, it stores y (through the epilogue); with more, it stores the split's f32 sums in `partial`
-// ([splits, m, n]) and counts itself in rows32_arrivals[tile] (zero between launches), and the last of
-// the splits to arrive adds the splits' sums in their order (so that y does not depend on which came
-// last), stores y and sets the count back to zero. The counts are the module's (one per device, zero
-// when loaded), so launches that split k must not overlap (one stream: a launch waits for the one
-// before it in begin_kernel()), and a weight split so has at most kRows32Arrivals tiles (the caller
-// checks).
-#ifndef MMREG_ROWS32_FRAGS
-#define MMREG_ROWS32_FRAGS 4
-#endif
-#ifndef MMREG_ROWS32_UNROLL
-#define MMREG_ROWS32_UNROLL 1
-#endif
-// Blocks an SM the registers are capped for (__launch_bounds__): 2 caps them at 128 a thread.
-#ifndef MMREG_ROWS32_BLOCKS
-#define MMREG_ROWS32_BLOCKS 1
-#endif
-constexpr int kRows32Frags = MMREG_ROWS32_FRAGS;
-constexpr int kRows32Arrivals = 8192;
-__device__ unsigned rows32_arrivals[kRows32Arrivals];
-constexpr int kRows32Unroll = MMREG_ROWS32_UNROLL;
-
-// (f32, which no caller sends here, has no mma: its shuffled products take 2 tiles, so as not to spill.)
-template <typename D, int kEpilogue, int kFrags = D::kMma != 0 ? kRows32Frags : 2, int kUnroll = kRows32Unroll>
-__device__ void linear_rows32(typename D::T* y, const typename D::T* x, const typename D::T* w,
-                              const typename D::T* bias, int m, long long n, long long k, float* partial,
-                              int splits, const RopeStore<D>& rope) {
-  typedef typename FewRun<D>::T V;
-  __shared__ float sums[kFewWarps / 2][kFrags][4][4][32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int parts = gridDim.x / splits, split = blockIdx.x / parts, part = blockIdx.x % parts;
-  const long long chunks = (k + 31) / 32, tiles = (n + kFewTile - 1) / kFewTile;
-  const long long chunk_end = (split + 1) * chunks / splits, tile_end = (part + 1) * tiles / parts;
-  const long long half = kEpilogue == kRope ? rope.dim / 2 : n / 2;
-  const long long partner = kEpilogue == 0 ? 8 : half;
-  // x's tiles 2 and 3 (rows 16-31) multiplied: 1 up to 24 rows.
-  const int upper = min((m + 7) / 8 - 2, 2);
-  const typename D::T* xs[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    xs[j] = x + min(8 * j + g, m - 1) * k;
-  }
-  if (part * tiles / parts < tile_end && split < splits) {
-    const long long at = (split * chunks / splits + warp) * 32 + t * 8;
-    for (int f = 0; f < kFrags && part * tiles / parts + f < tile_end; ++f) {
-      const long long first = few_tile_first<kEpilogue>(part * tiles / parts + f, half);
-      if (at < k) {
-        prefetch_l2(w + min(first + g, n - 1) * k + at);
-        prefetch_l2(w + min(first + g + partner, n - 1) * k + at);
-      }
-    }
-  }
-  begin_kernel();
-  for (long long tile = part * tiles / parts; tile < tile_end && split < splits; tile += kFrags) {
-    const int frags = (int)min((long long)kFrags, tile_end - tile);
-    float c[kFrags][2][2][4] = {};
-    for (long long group = split * chunks / splits + warp * (long long)kUnroll; group < chunk_end;
-         group += (long long)kFewWarps * kUnroll) {
-      // Every load of the group before the first product: predicated loads into zeroed registers.
-      V wv[kUnroll][kFrags][2], xv[kUnroll][2][2];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const long long at = (group + u) * 32 + t * 8;
-        const bool real = group + u < chunk_end && at < k;
-#pragma unroll
-        for (int f = 0; f < kFrags; ++f) {
-          const long long first = few_tile_first<kEpilogue>(tile + f, half);
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            wv[u][f][r] = V{};
-            if (real && f < frags) {
-              const long long row = min(first + g + (r == 0 ? 0 : partner), n - 1);
-              wv[u][f][r] = *reinterpret_cast<const V*>(w + row * k + at);
-            }
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          xv[u][j / 2][j % 2] = V{};
-          if (real) {
-            xv[u][j / 2][j % 2] = *reinterpret_cast<const V*>(xs[j] + at);
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int f = 0; f < kFrags; ++f) {
-          if (f < frags) {
-            few_rows_products<D>(c[f][0], wv[u][f][0], wv[u][f][1], xv[u][0], 2);
-            few_rows_products<D>(c[f][1], wv[u][f][0], wv[u][f][1], xv[u][1], upper);
-          }
-        }
-      }
-    }
-    // Warps [half, 2·half) hand their sums to warps [0, half), for half = 4, 2, 1.
-#pragma unroll
-    for (int giver = kFewWarps / 2; giver >= 1; giver /= 2) {
-      if (warp >= giver && warp < 2 * giver) {
-        each_accumulator<kFrags>(
-            [&](int f, int j, int q) { sums[warp - giver][f][j][q][lane] = c[f][j / 2][j % 2][q]; });
-      }
-      __syncthreads();
-      if (warp < giver) {
-        each_accumulator<kFrags>(
-            [&](int f, int j, int q) { c[f][j / 2][j % 2][q] += sums[warp][f][j][q][lane]; });
-      }
-      __syncthreads();
-    }
-    if (warp != 0) {
-      continue;
-    }
-    // c[f][j / 2][j % 2] holds (row g of w's tile f, x's row 8j + 2t), (g, 2t + 1), (g + partner,
-    // 2t), (g + partner, 2t + 1).
-    auto out_of = [&](int f, int q) {
-      return few_tile_first<kEpilogue>(tile + f, half) + g + (q >= 2 ? partner : 0);
-    };
-    bool last = true;
-    if (splits > 1) {
-      each_accumulator<kFrags>([&](int f, int j, int q) {
-        const long long out = out_of(f, q);
-        const int row = 8 * j + 2 * t + (q & 1);
-        if (f < frags && row < m && out < n) {
-          partial[(split * (long long)m + row) * n + out] = c[f][j / 2][j % 2][q];
-        }
-      });
-      __threadfence();  // the sums visible to every block before this one counts itself
-      unsigned arrived = 0;
-      if (lane == 0) {
-        arrived = atomicAdd(&rows32_arrivals[tile], 1u);
-      }
-      last = __shfl_sync(0xffffffffu, arrived, 0) == (unsigned)splits - 1;
-      if (!last) {
-        continue;
-      }
-      __threadfence();
-      if (lane == 0) {
-        rows32_arrivals[tile] = 0;
-      }
-    }
-    // Every split's sums, in order.
-    auto total = [&](int f, int j, int q) {
-      const long long out = out_of(f, q);
-      const int row = 8 * j + 2 * t + (q & 1);
-      float sum = 0.0f;
-      for (int s = 0; s < splits; ++s) {
-        sum += s == split ? c[f][j / 2][j % 2][q] : __ldcg(&partial[(s * (long long)m + row) * n + out]);
-      }
-      return sum;
-    };
-    each_accumulator<kFrags>([&](int f, int j, int q) {
-      const long long out = out_of(f, q);
-      const int row = 8 * j + 2 * t + (q & 1);
-      if (f >= frags || row >= m || out >= n) {
-        return;
-      }
-      if (kEpilogue == 0) {
-        y[row * n + out] = D::store(total(f, j, q) + (bias != nullptr ? D::load(bias[out]) : 0.0f));
-      } else if (q < 2) {
-        const RopeInputs<D> in = kEpilogue == kRope ? rope_inputs_at<D>(rope, row, out, n) : RopeInputs<D>{};
-        store_pair<D, kEpilogue>(y, bias, total(f, j, q), total(f, j, q + 2), row, out, half, n, rope, in);
-      }
-    });
   }
 }
 
@@ -1810,26 +1591,6 @@ __device__ void linear_rows32(typename D::T* y, const typename D::T* x, const ty
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_few_rows<D, kRope, tiles, unroll>(y, x, w, bias, m, n, k, rope);                        \
-  }
-
-// The 17-32-row kernels (plain, SiLU and rope epilogues): linear_rows32{,_silu,_rope}_{suffix}.
-#define MMREG_ROWS32_KERNELS(D, suffix)                                                            \
-  MMREG_KERNEL void __launch_bounds__(kFewWarps * 32, MMREG_ROWS32_BLOCKS) linear_rows32_##suffix(                   \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      float* partial, int splits) {                                            \
-    linear_rows32<D, 0>(y, x, w, bias, m, n, k, partial, splits, RopeStore<D>{});         \
-  }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kFewWarps * 32, MMREG_ROWS32_BLOCKS) linear_rows32_silu_##suffix(              \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      float* partial, int splits) {                                            \
-    linear_rows32<D, kSiluMul>(y, x, w, bias, m, n, k, partial, splits, RopeStore<D>{});  \
-  }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kFewWarps * 32, MMREG_ROWS32_BLOCKS) linear_rows32_rope_##suffix(              \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      float* partial, int splits, const D::T* cos, const D::T* sin, int rotated, \
-      int dim, D::T* key_cache, D::T* value_cache, const long long* slots, int kv_heads) {          \
-    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_rows32<D, kRope>(y, x, w, bias, m, n, k, partial, splits, rope);               \
   }
 
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
@@ -1951,7 +1712,6 @@ __device__ void linear_rows32(typename D::T* y, const typename D::T* x, const ty
   }                                                                                                \
   MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
   MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
-  MMREG_ROWS32_KERNELS(D, suffix)                                                                  \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \

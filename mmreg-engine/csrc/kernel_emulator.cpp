@@ -136,8 +136,8 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __expf(float x) { return std::exp(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 using std::min;
-// Blocks run one after another here, so a fence orders nothing more than the host's would, and an
-// atomic only has the block's own threads to race with.
+// (For scripts/gpu/linear_lab.cu's prototypes.) Blocks run one after another here, so a fence orders
+// nothing more than the host's would, and an atomic only has the block's own threads to race with.
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <typename T>
 T atomicAdd(T* address, T value) {
@@ -185,19 +185,6 @@ T arg(void** args, int i) {
                         arg<const T*>(a, 7), arg<const T*>(a, 8), arg<int>(a, 9), arg<int>(a, 10),    \
                         arg<T*>(a, 11), arg<T*>(a, 12), arg<const long long*>(a, 13),                 \
                         arg<int>(a, 14)); }
-
-// A 32-row linear kernel's entry (y, x, w, bias, m, n, k, partial, splits), and one with the rope
-// epilogue's arguments after.
-#define MMREG_EMULATED_ROWS32(kernel, T)                                                            \
-  [](void** a) { kernel(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2), arg<const T*>(a, 3),  \
-                        arg<int>(a, 4), arg<long long>(a, 5), arg<long long>(a, 6), arg<float*>(a, 7), \
-                        arg<int>(a, 8)); }
-#define MMREG_EMULATED_ROWS32_ROPE(kernel, T)                                                       \
-  [](void** a) { kernel(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2), arg<const T*>(a, 3),  \
-                        arg<int>(a, 4), arg<long long>(a, 5), arg<long long>(a, 6), arg<float*>(a, 7), \
-                        arg<int>(a, 8), arg<const T*>(a, 9), arg<const T*>(a, 10), arg<int>(a, 11),   \
-                        arg<int>(a, 12), arg<T*>(a, 13), arg<T*>(a, 14), arg<const long long*>(a, 15), \
-                        arg<int>(a, 16)); }
 
 // The kernels in the order of `NAMES` in src/kernels/launch.rs, for each dtype: f32, bf16, f16.
 #define MMREG_EMULATED(suffix, T)                                                                      \
@@ -256,10 +243,7 @@ T arg(void** args, int i) {
   [](void** a) { quick_gelu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2)); },   \
   [](void** a) { quick_gelu_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                              arg<long long>(a, 2)); },                                \
-  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T),                         \
-  MMREG_EMULATED_ROWS32(linear_rows32_##suffix, T),                                                  \
-  MMREG_EMULATED_ROWS32(linear_rows32_silu_##suffix, T),                                             \
-  MMREG_EMULATED_ROWS32_ROPE(linear_rows32_rope_##suffix, T)
+  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T)
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

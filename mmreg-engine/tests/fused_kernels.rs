@@ -188,8 +188,7 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
         (
             9,
             0,
-            "#define MMREG_FAST_ACTIVATIONS 1\n#define MMREG_EARLY_READS 0\n\
-             #define MMREG_ROWS32_FRAGS 6\n",
+            "#define MMREG_FAST_ACTIVATIONS 1\n#define MMREG_EARLY_READS 0\n",
         ),
     ];
     for (major, minor, defines) in variants {
@@ -218,9 +217,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 36 kernels in each of 3 dtypes.
+        // 33 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 108,
+            kernels, 99,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -620,16 +619,11 @@ fn fused_kernels_replay_inside_a_cuda_graph() {
 /// 520); one row with k split between 2 warps (37 rows: 19 runs; the emulator holds 12 blocks of 4
 /// warps), 4 (16 rows) and none (200 rows); rows that fill one tile of 8 of x's rows (5, 8) or two (9,
 /// 16), one row and up to 8 with the 8-row kernels (bf16 and f16) and with the one-row and 16-row
-/// ones; 17 to 32 rows with the 32-row kernels switched on (bf16 and f16; the emulator holds 5 of their
-/// blocks: 3 tiles of w and k unsplit, 13 tiles and k in 2 splits, 3 tiles and 4 splits). 33 rows, f32
-/// with more than one row, and a k that is not a multiple of a vector take libtorch's product.
+/// ones. 17 rows, f32 with more than
+/// one row, and a k that is not a multiple of a vector take libtorch's product.
 #[test]
 fn linear_for_few_rows_matches_the_product() {
     let _one_at_a_time = counting();
-    kernels::with_rows32(true, linear_for_few_rows);
-}
-
-fn linear_for_few_rows() {
     kernels::set_few_rows_linear(true);
     kernels::set_linear_split(true);
     // The 8-row kernels for one row and up to 8 (as by default), and the one-row and 16-row kernels.
@@ -649,10 +643,7 @@ fn linear_for_few_rows() {
                 (8, 24, 520, false, few),
                 (9, 37, 200, true, few),
                 (16, 40, 136, false, few),
-                (17, 37, 200, true, few),
-                (24, 200, 520, false, few),
-                (32, 40, 1040, true, few),
-                (33, 16, 64, false, false),
+                (17, 16, 64, false, false),
                 (1, 16, 66, false, false),
             ] {
                 let before = kernels::launches("linear").expect("a family");
@@ -697,15 +688,11 @@ fn linear_for_few_rows() {
 /// the same values as the linear kernel (unsplit) followed by silu_mul (each row's sum in the same order, the
 /// same rounding, the same activation: identical), and within a rounding of silu(gate) * up in f64.
 /// Several rows take the few-rows kernel with the same epilogue where it is switched on (bf16 and f16,
-/// 8 dividing n), the same sums as its plain product, and so do 17 to 32 rows with the 32-row kernels;
-/// else the product and then silu_mul (no gated launch).
+/// 8 dividing n), the same sums as its plain product; else the product and then silu_mul (no gated
+/// launch).
 #[test]
 fn linear_silu_mul_equals_the_product_then_silu_mul() {
     let _one_at_a_time = counting();
-    kernels::with_rows32(true, linear_silu_mul_cases);
-}
-
-fn linear_silu_mul_cases() {
     // The product unsplit, as the gated kernel sums (a split product sums in another order).
     kernels::set_linear_split(false);
     // Several rows with the few-rows kernel off (the product, then silu_mul), and on (bf16 and f16: the
@@ -722,9 +709,6 @@ fn linear_silu_mul_cases() {
                 (8, 24, 200, true),
                 (12, 16, 136, false),
                 (4, 12, 64, false),
-                (20, 16, 520, true),
-                (32, 24, 136, false),
-                (25, 12, 64, false),
             ] {
                 let what = format!(
                     "linear_silu_mul {mode:?} {kind:?} ({rows}×{k} · 2×{n}×{k}, few rows: {few})"
@@ -768,15 +752,11 @@ fn linear_silu_mul_cases() {
 /// step: identical to the linear kernel (unsplit) followed by rope_and_store (the same sums, the same rotation),
 /// caches included, with and without biases (Qwen2's), for Llama's grouping (no groups) and Mistral's;
 /// a few tokens take the few-rows kernel with the same epilogue where it is switched on (bf16 and f16,
-/// heads a multiple of 16), the same sums as its plain product, and so do 17 to 32 with the 32-row
-/// kernels; else no fused kernel (`None`: the caller projects first).
+/// heads a multiple of 16), the same sums as its plain product; else no fused kernel (`None`: the
+/// caller projects first).
 #[test]
 fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
     let _one_at_a_time = counting();
-    kernels::with_rows32(true, linear_rope_and_store_cases);
-}
-
-fn linear_rope_and_store_cases() {
     // As in the gated test.
     kernels::set_linear_split(false);
     // One token, and several with the few-rows kernel off (None) and on (bf16 and f16: the kernel where
@@ -792,8 +772,6 @@ fn linear_rope_and_store_cases() {
                 (5, 4, 4, 64, 200, false),
                 (12, 8, 2, 32, 64, true),
                 (3, 2, 1, 40, 64, false),
-                (19, 4, 4, 64, 520, true),
-                (32, 8, 2, 32, 64, false),
             ] {
                 let what = format!(
                     "linear_rope_and_store {mode:?} {kind:?} ({tokens} tokens, {heads}+2×{kv_heads} \
@@ -804,11 +782,11 @@ fn linear_rope_and_store_cases() {
                 let weight = random(&[n, k], kind, device, n) * 0.1;
                 let bias = with_bias.then(|| random(&[n], kind, device, heads));
                 let (cos, sin) = rope_tables(tokens, dim, kind, device);
-                // Token t at slot 5 + 2t of a pool of 80.
+                // Token t at slot 5 + 2t of a pool of 40.
                 let slots: Vec<i64> = (0..tokens).map(|t| 5 + 2 * t).collect();
                 let slots = Tensor::from_slice(&slots).to_device(device);
                 let caches = || {
-                    let zeros = || Tensor::zeros([80, kv_heads, dim], (kind, device));
+                    let zeros = || Tensor::zeros([40, kv_heads, dim], (kind, device));
                     (zeros(), zeros())
                 };
                 let ((mut keys, mut values), (mut keys2, mut values2)) = (caches(), caches());

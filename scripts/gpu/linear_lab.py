@@ -5,12 +5,13 @@ LLaVA-1.5-7B's weight shapes at a few rows of x. Each kernel is compiled with NV
 timed inside a CUDA graph over enough copies of the weight that none stays in L2 (so each call reads its
 weight from memory, as a decoder's layers do).
 Usage on the GPU machine: python3 scripts/gpu/linear_lab.py [--compile-only (CUBIN=FILE writes it)]
-  ROWS=1,8,16,32 the rows of x (17-32 time linear_rows32 instead of the few-rows kernels, k in 1-4 splits); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
+  ROWS=1,8,16,32 the rows of x (17-32 time linear_lab.cu's lab_rows32_w prototypes instead of the few-rows
+  kernels, k in 1-4 splits); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
   MMREG_FEW_WARPS=4,MMREG_FEW_UNROLL=8" also times the few-rows kernels compiled with each entry's
   defines; LANDED=FILE also times those of another version of fused_kernels.cu (say the last commit's).
 Prints a table per shape: µs per call and the read rate (weight bytes / time).
 """
-import ctypes, os, re, sys
+import ctypes, os, re, sys, time
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCE = os.path.join(ROOT, "mmreg-engine", "csrc", "fused_kernels.cu")
 if not os.path.exists(SOURCE):  # staged copy of scripts/gpu (gpu-stage/scripts) run from the repo root
     SOURCE = os.path.join("mmreg-engine", "csrc", "fused_kernels.cu")
-LAB = os.path.join(HERE, "linear_lab.cu")  # lab_read
+LAB = os.path.join(HERE, "linear_lab.cu")
 
 SHAPES = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096)}
@@ -68,7 +69,9 @@ def registers(log):
 
 
 def source(path=SOURCE, lab=True):
-    text = open(path).read()
+    # (A first line of its own each run: NVRTC may serve a source it has compiled before from a cache,
+    # without ptxas's report of registers.)
+    text = f"// {time.time_ns()}\n" + open(path).read()
     # bf16 alone: the f32 and f16 instantiations only slow the compile.
     text = text.replace("MMREG_KERNELS(F32, f32)\n", "").replace("MMREG_KERNELS(F16, f16)\n", "")
     return text + (open(LAB).read() if lab else "")
@@ -142,24 +145,21 @@ def measure(go, title, name, regs, y, ref, scale, copies, nbytes, resident):
 
 
 def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
-    """The 17-32-row kernel (fused_kernels.cu's linear_rows32, as each build compiles it) on every SM (its
-    resident blocks each), with k in 1-4 splits: a row per (build, splits)."""
+    """linear_lab.cu's lab_rows32_w prototypes (17-32 rows): a block per 128 rows of w and split of k, k
+    in 1-4 splits; a row per (kernel, splits)."""
     m, k = x.shape
     n = ws[0].shape[0]
     partial = torch.empty(4 * m * n, dtype=torch.float32, device="cuda")
-    name = "linear_rows32_bf16"
-    for label, mod, regs in modules:
-        if name not in regs:
-            continue
+    label, mod, regs = modules[0]
+    for name in ("lab_rows32_w_u3_b2", "lab_rows32_w_u4_b1", "lab_rows32_w_u8_b1"):
         f = mod.function(name)
-        resident = mod.resident(f, 256)
         for splits in (1, 2, 3, 4):
-            blocks = mod.sms * resident // splits * splits
-            def go(i, f=f, mod=mod, blocks=blocks, splits=splits):
-                mod.launch(f, blocks, 256, [y, x, ws[i], ctypes.c_void_p(0), ctypes.c_int(m), ctypes.c_longlong(n),
-                                            ctypes.c_longlong(k), partial, ctypes.c_int(splits)])
-            measure(go, f"{name}{f' [{label}]' if label else ''}, {splits} split{'s' if splits > 1 else ''}",
-                    name, regs, y, ref, scale, copies, nbytes, resident)
+            blocks = -(-n // 128) * splits
+            def go(i, f=f, blocks=blocks, splits=splits):
+                mod.launch(f, blocks, 256, [y, x, ws[i], partial, ctypes.c_int(m), ctypes.c_longlong(n),
+                                            ctypes.c_longlong(k), ctypes.c_int(splits)])
+            measure(go, f"{name}, {splits} split{'s' if splits > 1 else ''}", name, regs, y, ref, scale, copies,
+                    nbytes, mod.resident(f, 256))
 
 
 def main():

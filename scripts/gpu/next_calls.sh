@@ -12,12 +12,8 @@
 #                                      and 32 with each of REST_VARIANTS; then, if time is left,
 #                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
 #                                      session with two calls' time: anchor, then rest)
-#   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against the 32-row kernel
-#                                      (linear_rows32) as it loads and with ROWS32_LAB's defines, k in
-#                                      1-4 splits (about two minutes)
-#   scripts/gpu/next_calls.sh rows32   LLaVA-1.5-7B at batch 32 as it runs (cuBLAS), with the 32-row
-#                                      kernels (MMREG_ROWS32=1) and with them taking 6 tiles a block;
-#                                      then the GPU tests (which check the 32-row kernels on cuda:0)
+#   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
+#                                      lab_rows32_w prototypes, k in 1-4 splits (about a minute)
 #   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported) and the
 #                                      compiled-PyTorch anchor at batch 1, 8 and 32
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
@@ -98,24 +94,11 @@ case "${1:-}" in
     fi
     ;;
   lab)
-    # The batch-32 products alone: cuBLAS, a plain read of each weight and the 32-row kernel with each
-    # build's defines, on LLaVA-1.5-7B's weight shapes.
-    ROWS=32 VARIANTS=${ROWS32_LAB:-"MMREG_ROWS32_FRAGS=6|MMREG_ROWS32_UNROLL=2|MMREG_ROWS32_FRAGS=2,MMREG_ROWS32_BLOCKS=2"} \
-      timeout $((LIMIT - 5)) python3 scripts/gpu/linear_lab.py > "$OUT/linear-lab.log" 2>&1
+    # The batch-32 products alone: cuBLAS, a plain read of each weight and linear_lab.cu's lab_rows32_w
+    # prototypes (17-32 rows), on LLaVA-1.5-7B's weight shapes.
+    ROWS=32 timeout $((LIMIT - 5)) python3 scripts/gpu/linear_lab.py > "$OUT/linear-lab.log" 2>&1
     echo "linear_lab: exit $? at $((SECONDS - start)) s"
-    grep -E "^## |^registers|^\| (read|cuBLAS|linear_rows32)" "$OUT/linear-lab.log"
-    ;;
-  rows32)
-    # Batch 32 with the 32-row kernels (off by default until measured) against cuBLAS, alternating.
-    bench llava15-rows32 $((LIMIT - 150)) MODELS=LLaVA-1.5-7B BATCHES=32 REPEAT=2 \
-      VARIANTS="MMREG_ROWS32=1|MMREG_ROWS32=1,MMREG_ROWS32_FRAGS=6"
-    table llava15-rows32
-    left=$((LIMIT - (SECONDS - start)))
-    if [ "$left" -gt 30 ]; then
-      MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh fused_kernels --skip nvrtc > "$OUT/gpu-tests.log" 2>&1
-      echo "GPU tests: exit $? at $((SECONDS - start)) s"
-      grep -E "^test |^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head -20
-    fi
+    grep -E "^## |^\| (read|cuBLAS|lab_rows32)" "$OUT/linear-lab.log"
     ;;
   anchor)
     # WINNERS: the switches that won the calls above, until they are the defaults.
@@ -135,7 +118,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    sed -n '2,23p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
     ;;
 esac

@@ -51,9 +51,8 @@ unsafe impl Sync for Function {}
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
 /// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the tensor-core
-/// attention in blocks of six warps; the linear layer for 17 to 32 rows, plain and with SiLU × up or
-/// rope after it.
-pub(super) const NAMES: [&str; 36] = [
+/// attention in blocks of six warps.
+pub(super) const NAMES: [&str; 33] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -87,9 +86,6 @@ pub(super) const NAMES: [&str; 36] = [
     "quick_gelu",
     "quick_gelu_vectors",
     "paged_decode_attention_mma_w6",
-    "linear_rows32",
-    "linear_rows32_silu",
-    "linear_rows32_rope",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -122,19 +118,10 @@ const QUICK_GELU: usize = 30;
 const QUICK_GELU_VECTORS: usize = 31;
 /// The tensor-core decode attention in blocks of `ATTENTION_WIDE_WARPS` warps.
 pub(super) const ATTENTION_MMA_WIDE: usize = 32;
-/// The linear kernels for 17 to [`ROWS32`] rows (four tiles of 8 of x's rows), with the few-rows
-/// kernels' epilogues.
-pub(super) const LINEAR_ROWS32: usize = 33;
-const LINEAR_ROWS32_SILU: usize = 34;
-const LINEAR_ROWS32_ROPE: usize = 35;
-pub(super) const ROWS32: i64 = 32;
-/// Arrival counts the module holds for the 32-row kernels' split k (`kRows32Arrivals`): a weight of
-/// more tiles of 16 rows is not split.
-const ROWS32_ARRIVALS: i64 = 8192;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
-pub(super) const FEW_ROWS_WARPS: u32 = 8;
+const FEW_ROWS_WARPS: u32 = 8;
 const FEW_ROWS_TILE: i64 = 16;
 /// Warps per block of the linear kernel, and weight rows per warp (`kLinearWarps`, `kLinearRows`).
 pub(super) const LINEAR_WARPS: u32 = 4;
@@ -195,9 +182,6 @@ pub(super) struct Kernels {
     /// the driver could not say: no split of k; a dozen for the emulator, so that its tests cover each
     /// split).
     pub(super) linear_resident: [i64; 3],
-    /// How many blocks of the 32-row linear kernel the device holds at once, for each dtype (its grid;
-    /// 0 where the driver could not say, a few for the emulator).
-    pub(super) rows32_resident: [i64; 3],
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
@@ -242,7 +226,6 @@ pub(super) static EMULATED: Kernels = {
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
         attention_wide_resident: [0; 3],
         linear_resident: [12; 3],
-        rows32_resident: [5; 3],
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -291,37 +274,6 @@ fn linear_split(runs: i64, resident: i64) -> i64 {
         split *= 2;
     }
     split
-}
-
-/// How many parts the 32-row linear kernel splits k into (1 to 4) for a weight of `tiles` tiles of 16
-/// rows and `chunks` chunks of 32 of k, on `blocks` blocks that each take `frags` tiles at once: about
-/// as many as give every block `frags` tiles (a 7B decoder's o_proj and down_proj, 256 tiles for 132
-/// blocks of 4: 2), while each split leaves every warp a chunk (`warps`) and the tiles fit the module's
-/// arrival counts. `MMREG_ROWS32_SPLITS` (1 to 4) overrides it, for measurements.
-fn rows32_splits(tiles: i64, chunks: i64, blocks: i64, frags: i64, warps: i64) -> i64 {
-    static FROM_ENV: std::sync::OnceLock<Option<i64>> = std::sync::OnceLock::new();
-    let wanted = FROM_ENV
-        .get_or_init(|| env_in("MMREG_ROWS32_SPLITS", 1..=4))
-        .unwrap_or_else(|| ((frags * blocks + tiles / 2) / tiles.max(1)).clamp(1, 4));
-    if tiles > ROWS32_ARRIVALS {
-        return 1;
-    }
-    wanted.min(chunks / warps).max(1)
-}
-
-/// The 32-row kernels' tiles of w at once (`MMREG_ROWS32_FRAGS`, the NVRTC define, 2 to 6; 4 by
-/// default), for choosing the split; read once.
-fn rows32_frags() -> i64 {
-    static FRAGS: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    *FRAGS.get_or_init(|| env_in("MMREG_ROWS32_FRAGS", 2..=6).unwrap_or(4))
-}
-
-/// The environment variable `name` as a number in `range`, else `None`.
-fn env_in(name: &str, range: std::ops::RangeInclusive<i64>) -> Option<i64> {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-        .filter(|v| range.contains(v))
 }
 
 /// Threads for `n` items, one each: whole warps, at least one and at most `most` threads.
@@ -684,12 +636,9 @@ impl Kernels {
     }
 
     /// The few-rows kernel `function` (`LINEAR_FEW_ROWS` or its SiLU or rope epilogue's) for `rows` of
-    /// x: its 8-row variant for at most 8 (unless switched off), its 32-row one for more than 16.
+    /// x: its 8-row variant for at most 8 (unless switched off).
     fn few_rows(function: usize, rows: i64) -> usize {
         match function {
-            LINEAR_FEW_ROWS if rows > FEW_ROWS => LINEAR_ROWS32,
-            LINEAR_FEW_ROWS_SILU if rows > FEW_ROWS => LINEAR_ROWS32_SILU,
-            LINEAR_FEW_ROWS_ROPE if rows > FEW_ROWS => LINEAR_ROWS32_ROPE,
             _ if rows > 8 || !super::eight_rows_enabled() => function,
             LINEAR_FEW_ROWS => LINEAR_FEW_ROWS_8,
             LINEAR_FEW_ROWS_SILU => LINEAR_FEW_ROWS_SILU_8,
@@ -794,11 +743,9 @@ impl Kernels {
     }
 
     /// Launches the linear kernel `function` with arguments y, x, w, bias, then m (x's rows: the
-    /// few-rows and 32-row kernels alone), n, k, then the 32-row kernels' partial sums and split, then
-    /// `more`. The one-row kernels take `weight`'s rows (`[n, k]`) in runs of two (a warp's run, or with
-    /// k split 2 or 4 warps' of a block); the few-rows kernels in tiles of 16 (with an epilogue, 8 rows
-    /// and their partners); the 32-row kernels take the same tiles on every block the device holds,
-    /// k split where the tiles are too few for them (`rows32_splits`).
+    /// few-rows kernels alone), n, k, then `more`. The one-row kernels take `weight`'s rows (`[n, k]`)
+    /// in runs of two (a warp's run, or with k split 2 or 4 warps' of a block); the few-rows kernels in
+    /// tiles of 16 (with an epilogue, 8 rows and their partners).
     fn launch_linear(
         &self,
         function: usize,
@@ -820,43 +767,15 @@ impl Kernels {
                 | LINEAR_FEW_ROWS_SILU_8
                 | LINEAR_FEW_ROWS_ROPE_8
         );
-        let rows32 = matches!(
-            function,
-            LINEAR_ROWS32 | LINEAR_ROWS32_SILU | LINEAR_ROWS32_ROPE
-        );
         let mut m = (x.numel() as i64 / k.max(1)) as i32;
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
         let mut bias_p = bias.map_or(std::ptr::null_mut(), ptr);
         let mut args = vec![arg!(y_p), arg!(x_p), arg!(w_p), arg!(bias_p)];
-        if few || rows32 {
+        if few {
             args.push(arg!(m));
         }
         args.extend_from_slice(&[arg!(n), arg!(k)]);
-        // The 32-row kernels: every block the device holds (or a block per `frags` tiles where the
-        // driver could not say), and k split where that leaves blocks without their tiles.
-        let tiles = (n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE;
-        let frags = rows32_frags();
-        let resident = self.rows32_resident[suffix_index(x.kind())];
-        let (rows32_blocks, splits) = if resident > 0 {
-            let chunks = (k + 31) / 32;
-            let splits = rows32_splits(tiles, chunks, resident, frags, FEW_ROWS_WARPS as i64);
-            (resident / splits * splits, splits)
-        } else {
-            ((tiles + frags - 1) / frags, 1)
-        };
-        let partial = (rows32 && splits > 1)
-            .then(|| Tensor::empty([splits * i64::from(m) * n], (Kind::Float, x.device())));
-        let mut partial_p = partial.as_ref().map_or(std::ptr::null_mut(), ptr);
-        let mut splits32 = splits as i32;
-        if rows32 {
-            args.extend_from_slice(&[arg!(partial_p), arg!(splits32)]);
-        }
         args.extend_from_slice(more);
-        if rows32 {
-            let f = self.of(x.kind()).0[function];
-            self.launch(f, (rows32_blocks, 1), FEW_ROWS_WARPS * 32, &mut args);
-            return;
-        }
         let (blocks, threads) = if few {
             ((n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE, FEW_ROWS_WARPS * 32)
         } else {
@@ -876,7 +795,7 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
-    use super::{fewest_rounds, linear_split, rows32_splits};
+    use super::{fewest_rounds, linear_split};
 
     /// On an H200 (132 SMs × 10 blocks of the one-row kernel): a 7B decoder's o_proj and down_proj
     /// (4096 rows, 2048 runs) split k in two, its q/k/v (6144 runs with rope), gate/up (11008) and LM
@@ -898,24 +817,6 @@ mod tests {
     /// (32 pairs) every chunk allowed fits in one round; at batch 32 (1024 pairs) the device holds
     /// fewer blocks than there are pairs. Mistral's 2.4k contexts at batch 8 (64 pairs): one round of
     /// 4 chunks with the CUDA cores' kernel (2 blocks per SM), of 6 with the tensor cores' (3 per SM).
-    /// On an H200's 132 blocks of 4 tiles: a 7B decoder's o_proj and down_proj (4096 rows: 256 tiles)
-    /// split k in two, q/k/v (768 tiles), gate/up (1376) and the LM head (2000) do not; a weight of
-    /// very few rows splits at most in four, and never below a chunk of k for each of the 8 warps or
-    /// past the module's arrival counts.
-    #[test]
-    fn the_32_row_linear_splits_k_where_tiles_are_too_few_for_the_blocks() {
-        assert_eq!(rows32_splits(256, 128, 132, 4, 8), 2);
-        assert_eq!(rows32_splits(256, 344, 132, 4, 8), 2);
-        assert_eq!(rows32_splits(256, 128, 132, 6, 8), 3);
-        for tiles in [768, 1376, 2000] {
-            assert_eq!(rows32_splits(tiles, 128, 132, 4, 8), 1);
-        }
-        assert_eq!(rows32_splits(8, 128, 132, 4, 8), 4);
-        assert_eq!(rows32_splits(8, 20, 132, 4, 8), 2);
-        assert_eq!(rows32_splits(8, 4, 132, 4, 8), 1);
-        assert_eq!(rows32_splits(9000, 128, 20000, 4, 8), 1);
-    }
-
     #[test]
     fn the_split_takes_the_fewest_rounds_of_resident_blocks() {
         for width in [640, 768] {

@@ -341,7 +341,6 @@ pub fn paged_decode_attention(
 thread_local! {
     static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
     static SIX_WARP_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
-    static ROWS32: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
 type ThreadSwitch = std::thread::LocalKey<Cell<Option<bool>>>;
@@ -406,25 +405,6 @@ fn six_warp_attention() -> bool {
     switch_on(&SIX_WARP_ATTENTION, &FROM_ENV, "MMREG_ATTENTION_SIX_WARPS")
 }
 
-/// Runs `f` with the 17-32-row linear kernels switched `on` on this thread (over `MMREG_ROWS32`), then
-/// restores the thread's setting: the tests run both paths.
-#[doc(hidden)]
-pub fn with_rows32<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    with_switch(&ROWS32, on, f)
-}
-
-/// Whether 17 to 32 rows of x (a decode step of up to 32 sequences) take the linear kernels'
-/// `linear_rows32` variants (bf16 and f16, with the few-rows kernels' epilogues) rather than cuBLAS
-/// and the separate SiLU and rope kernels: this thread's override, else `MMREG_ROWS32=1` (read once).
-/// Off by default until measured on a GPU (docs/benchmarks.md: at batch 32 cuBLAS reads a 7B decoder's
-/// products at 2.5-3.9 TB/s, short of the 4.2 the attention reaches in the same step).
-fn rows32_enabled() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    ROWS32.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| std::env::var("MMREG_ROWS32").is_ok_and(|v| v == "1"))
-    })
-}
-
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,
 /// `bias` `[n]`. A step of 1 to 16 sequences in bf16 or f16 takes a kernel of our own that streams the
 /// weight once for all rows and multiplies on the tensor cores, with the SiLU and rope epilogues (on an
@@ -447,17 +427,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     }
 }
 
-/// Whether the linear kernels take `rows` of `x`: one in every dtype; a few (up to 16, or 32 with
-/// [`with_rows32`] or `MMREG_ROWS32=1`) on the tensor cores, in bf16 and f16, where switched on.
+/// Whether the linear kernels take `rows` of `x`: one in every dtype; a few on the tensor cores, in
+/// bf16 and f16, where switched on.
 fn rows_fit(x: &Tensor, rows: i64) -> bool {
-    let most = if rows32_enabled() {
-        launch::ROWS32
-    } else {
-        launch::FEW_ROWS
-    };
     rows == 1
         || (few_rows_enabled()
-            && (2..=most).contains(&rows)
+            && (2..=launch::FEW_ROWS).contains(&rows)
             && matches!(x.kind(), Kind::BFloat16 | Kind::Half))
 }
 

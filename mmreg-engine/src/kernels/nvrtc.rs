@@ -8,7 +8,7 @@ mod shim {
 
     use super::super::launch::{
         ForKind, Function, Kernels, ATTENTION, ATTENTION_MMA_WIDE, ATTENTION_WARPS,
-        ATTENTION_WIDE_WARPS, FEW_ROWS_WARPS, LINEAR, LINEAR_ROWS32, LINEAR_WARPS, NAMES, SUFFIXES,
+        ATTENTION_WIDE_WARPS, LINEAR, LINEAR_WARPS, NAMES, SUFFIXES,
     };
     use super::super::self_check::check_kernels;
 
@@ -130,9 +130,6 @@ mod shim {
     ///   wrote before they wait for it (the residual stream of RMSNorm, a step's slots, lengths, cos and
     ///   sin), and the few-rows kernels' rope epilogue reads its inputs before the tile's products (1, the
     ///   default), or after (0).
-    /// - `MMREG_ROWS32_FRAGS` (2 to 6), `MMREG_ROWS32_UNROLL` (1 or 2), `MMREG_ROWS32_BLOCKS` (1 or 2):
-    ///   the 32-row linear kernels' tiles of 16 rows of w a block takes at once (4), chunks a warp loads
-    ///   at once (1), and blocks an SM its registers are capped for (1).
     fn tuning_defines() -> String {
         [
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
@@ -140,9 +137,6 @@ mod shim {
             ("MMREG_FEW_UNROLL_8", 1..=8),
             ("MMREG_FAST_ACTIVATIONS", 0..=1),
             ("MMREG_EARLY_READS", 0..=1),
-            ("MMREG_ROWS32_FRAGS", 2..=6),
-            ("MMREG_ROWS32_UNROLL", 1..=2),
-            ("MMREG_ROWS32_BLOCKS", 1..=2),
         ]
         .into_iter()
         .filter_map(|(name, range)| {
@@ -203,8 +197,6 @@ mod shim {
         let attention_wide_resident = [&f32, &bf16, &f16]
             .map(|k| resident(k.0[ATTENTION_MMA_WIDE], ATTENTION_WIDE_WARPS * 32));
         let linear_resident = [&f32, &bf16, &f16].map(|k| resident(k.0[LINEAR], LINEAR_WARPS * 32));
-        let rows32_resident =
-            [&f32, &bf16, &f16].map(|k| resident(k.0[LINEAR_ROWS32], FEW_ROWS_WARPS * 32));
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
@@ -221,7 +213,6 @@ mod shim {
             attention_resident,
             attention_wide_resident,
             linear_resident,
-            rows32_resident,
             f32,
             bf16,
             f16,
