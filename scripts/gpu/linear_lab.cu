@@ -26,10 +26,10 @@ extern "C" __global__ void lab_read(const uint4* w, long long vectors, unsigned*
 }
 #endif
 
-// A prototype for 17-32 rows of x where the warps split w's rows rather than k (linear_rows32 in
-// fused_kernels.cu has all 8 warps of a block hold the sums of all its 64 rows of w × 32 of x: 64
-// accumulators a lane, which leave registers for one chunk of loads a warp, and read at 0.8-1.4 TB/s in
-// this lab on an H100, against cuBLAS's 2.3-2.7). Here warp `warp` of block (part, split) owns the 16
+// A prototype for 17-32 rows of x where the warps split w's rows rather than k (run 77's linear_rows32,
+// `00f27f3`, had all 8 warps of a block hold the sums of all its 64 rows of w × 32 of x: 64 accumulators
+// a lane, which left registers for one chunk of loads a warp, and read at 0.8-1.4 TB/s on an H100,
+// against cuBLAS's 2.3-2.7; docs/benchmarks.md). Here warp `warp` of block (part, split) owns the 16
 // rows of w 128·part + 16·warp on (16 accumulators a lane for x's 32 rows) and walks the split's chunks
 // of k kUnroll at a time: each chunk, lane (g, t) reads the 16-byte run at k = 32·chunk + 8·t of w's
 // rows g and g + 8 and of x's rows 8j + g (j < 4). The block's 8 warps read the same runs of x, so all

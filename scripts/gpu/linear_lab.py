@@ -150,8 +150,8 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
     m, k = x.shape
     n = ws[0].shape[0]
     partial = torch.empty(4 * m * n, dtype=torch.float32, device="cuda")
-    label, mod, regs = modules[0]
-    for name in ("lab_rows32_w_u3_b2", "lab_rows32_w_u4_b1", "lab_rows32_w_u8_b1"):
+    _, mod, regs = modules[0]
+    for name in sorted(r for r in regs if r.startswith("lab_rows32_w") and not r.endswith(" spills")):
         f = mod.function(name)
         for splits in (1, 2, 3, 4):
             blocks = -(-n // 128) * splits

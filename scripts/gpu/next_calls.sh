@@ -118,7 +118,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    sed -n '2,20p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
     ;;
 esac
