@@ -14,8 +14,9 @@
 #                                      session with two calls' time: anchor, then rest)
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
 #                                      lab_rows32_w prototypes, k in 1-4 splits (about a minute)
-#   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported) and the
-#                                      compiled-PyTorch anchor at batch 1, 8 and 32
+#   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported; and each
+#                                      of ANCHOR_VARIANTS, "ENV=V|ENV=V", once) and the compiled-PyTorch
+#                                      anchor at batch 1, 8 and 32
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -104,7 +105,11 @@ case "${1:-}" in
     # WINNERS: the switches that won the calls above, until they are the defaults.
     winners=()
     [ -n "${WINNERS:-}" ] && IFS=, read -ra winners <<< "$WINNERS"
-    bench anchor "$LIMIT" "${winners[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 ANCHOR_TIMEOUT=400
+    # ANCHOR_VARIANTS: switches timed against the default in the same pass ("ENV=V|ENV=V"), once each.
+    variants=()
+    [ -n "${ANCHOR_VARIANTS:-}" ] && variants=("VARIANTS=$ANCHOR_VARIANTS" REPEAT=1)
+    bench anchor "$LIMIT" "${winners[@]}" "${variants[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 \
+      ANCHOR_TIMEOUT=400
     table anchor
     # The GPU tests in what is left of the call.
     left=$((LIMIT - (SECONDS - start)))
@@ -118,7 +123,7 @@ case "${1:-}" in
     fi
     ;;
   *)
-    sed -n '2,19p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
     ;;
 esac
