@@ -562,14 +562,15 @@ impl Kernels {
         let min_chunk = self.min_chunk.unwrap_or(ATTENTION_WARPS as i64 * tile);
         let most = ((width + min_chunk - 1) / min_chunk).clamp(1, MAX_SPLITS);
         let resident = self.attention_resident[suffix_index(query.kind())][variant];
-        // Unsplit, blocks of twelve warps where there are fewer pairs than the device holds of them
-        // (one an SM) and the context is short (switched on): no chunks, no combine.
+        // Unsplit, blocks of twelve warps where the device holds the pairs' blocks in the switch's
+        // rounds (one round: fewer pairs than SMs) and the context is short: no chunks, no combine.
         let many_resident = self.attention_many_resident[suffix_index(query.kind())];
+        let rounds = super::many_warp_attention_rounds();
         let many = mma
-            && super::many_warp_attention()
+            && rounds > 0
             && (heads / kv_heads) * dim <= ATTENTION_MANY_GROUP_DIM
             && width <= ATTENTION_MANY_WIDTH
-            && (many_resident == 0 || blocks <= many_resident);
+            && (many_resident == 0 || blocks <= rounds * many_resident);
         let splits = match self.target_blocks {
             _ if many => 1,
             None if resident > 0 => fewest_rounds(blocks, width, most, resident),
