@@ -549,14 +549,6 @@ constexpr int kWarps = 4;
 // blocks of 4 warps at 2 an SM (LLaVA-1.5's batch 8: 256 pairs).
 constexpr int kWideWarps = 6;
 constexpr int kMaxGroupDim = 1024;  // group * dim
-// The tensor-core kernel's many-warp variant: 12 warps a block, one block an SM at its registers, for
-// steps with fewer (sequence, head) pairs than SMs and short contexts (LLaVA-1.5's batch 1: 32 pairs of
-// about 700 positions), which blocks of 4 warps take in a dozen chunks each and a combine kernel. Its
-// blocks read a head's whole context unsplit, each warp a few tiles, and no combine runs. Its shared sums
-// hold group * dim of at most kManyGroupDim (the caller checks), so that the warps' query runs (24 KB for
-// heads of 128) fit: 16 warps would spill at the 128 registers they leave a thread.
-constexpr int kManyWarps = 12;
-constexpr int kManyGroupDim = 128;
 constexpr int kRun = 8;
 
 // Key (and value) loads in flight per lane in a tile: 8 vectors of 16 bytes, 4 with 8 query heads (their
@@ -591,11 +583,11 @@ __device__ __forceinline__ Pack<typename D::T, kRun> load_run(const typename D::
 }
 
 // The W warps' partial results, combined at the end of a block (one per kernel, shared by its two paths).
-template <int G, int W = kWarps, int A = kMaxGroupDim>
+template <int G, int W = kWarps>
 struct AttentionShared {
   float max[W][G];
   float sum[W][G];
-  float acc[W][A];  // group * dim of at most A
+  float acc[W][kMaxGroupDim];
 };
 
 // The block's warps' partial results (in `shared`, after a barrier) combined into the block's output:
@@ -603,8 +595,8 @@ struct AttentionShared {
 // with their maximum and sum for paged_decode_combine. Each thread takes some (head, element) pairs; a
 // warp that saw no position has a sum of 0 and is skipped, and a chunk with no position at all writes a
 // sum of 0 (an output of 0).
-template <typename D, int G, int W = kWarps, int A = kMaxGroupDim>
-__device__ void combine_warps(const AttentionShared<G, W, A>& shared, typename D::T* out, float* partial_acc,
+template <typename D, int G, int W = kWarps>
+__device__ void combine_warps(const AttentionShared<G, W>& shared, typename D::T* out, float* partial_acc,
                               float* partial_max, float* partial_sum, int seq, int kv_head, int group,
                               int heads, int dim) {
   const int splits = gridDim.y;
@@ -807,8 +799,8 @@ __device__ __forceinline__ void load_runs(Pack<unsigned, 4> (&runs)[N], const T*
   }
 }
 
-template <typename D, int kDim, int W, int A>
-__device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W, A>& shared, typename D::T* out,
+template <typename D, int kDim, int W>
+__device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, typename D::T* out,
                                                  float* partial_acc, float* partial_max,
                                                  float* partial_sum, const typename D::T* q,
                                                  long long q_stride, const typename D::T* key_cache,
@@ -988,13 +980,13 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W, A>& share
     }
   }
   __syncthreads();
-  combine_warps<D, 8, W, A>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads,
+  combine_warps<D, 8, W>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads,
                          kDim);
 }
 
 // The kernel's body for blocks of W warps: f32 has no such mma (the caller never launches it for f32).
-template <typename D, int W, int A = kMaxGroupDim>
-__device__ void paged_decode_attention_mma(AttentionShared<8, W, A>& shared, typename D::T* out, float* partial_acc,
+template <typename D, int W>
+__device__ void paged_decode_attention_mma(AttentionShared<8, W>& shared, typename D::T* out, float* partial_acc,
                                            float* partial_max, float* partial_sum, const typename D::T* q,
                                            long long q_stride, const typename D::T* key_cache,
                                            const typename D::T* value_cache, const long long* slots,
@@ -1002,11 +994,11 @@ __device__ void paged_decode_attention_mma(AttentionShared<8, W, A>& shared, typ
                                            int kv_heads, int dim, float scale) {
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
-      paged_decode_attention_mma_chunk<D, 64, W, A>(shared, out, partial_acc, partial_max, partial_sum, q,
+      paged_decode_attention_mma_chunk<D, 64, W>(shared, out, partial_acc, partial_max, partial_sum, q,
                                               q_stride, key_cache, value_cache, slots, slot_stride,
                                               lengths, heads, kv_heads, scale);
     } else {
-      paged_decode_attention_mma_chunk<D, 128, W, A>(shared, out, partial_acc, partial_max, partial_sum, q,
+      paged_decode_attention_mma_chunk<D, 128, W>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                q_stride, key_cache, value_cache, slots, slot_stride,
                                                lengths, heads, kv_heads, scale);
     }
@@ -1694,20 +1686,6 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     paged_decode_attention_mma<D, kWideWarps>(shared, out, partial_acc, partial_max, partial_sum,   \
                                               q, q_stride, key_cache, value_cache, slots,           \
                                               slot_stride, lengths, heads, kv_heads, dim, scale);   \
-  }                                                                                                \
-  MMREG_KERNEL void __launch_bounds__(kManyWarps * 32, 1) paged_decode_attention_mma_w12_##suffix( \
-      D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
-      long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
-      long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
-      float scale, int /* vectorized: the caller checks */) {                                   \
-    __shared__ AttentionShared<8, kManyWarps, kManyGroupDim> shared;                              \
-    if (MMREG_EARLY_READS == 0) {                                                                 \
-      begin_kernel();                                                                             \
-    }                                                                                             \
-    paged_decode_attention_mma<D, kManyWarps, kManyGroupDim>(shared, out, partial_acc, partial_max, \
-                                                             partial_sum, q, q_stride, key_cache,  \
-                                                             value_cache, slots, slot_stride,      \
-                                                             lengths, heads, kv_heads, dim, scale); \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \

@@ -243,8 +243,7 @@ T arg(void** args, int i) {
   [](void** a) { quick_gelu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2)); },   \
   [](void** a) { quick_gelu_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                              arg<long long>(a, 2)); },                                \
-  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T),                         \
-  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w12_##suffix, T)
+  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T)
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -12,8 +12,8 @@ use super::nvrtc;
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
 /// `linear_rope_and_store`, `quick_gelu`, and the tensor-core attention's six-warp variant alone.
-pub(super) static LAUNCHES: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
-pub(super) const FAMILIES: [&str; 12] = [
+pub(super) static LAUNCHES: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
+pub(super) const FAMILIES: [&str; 11] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -25,7 +25,6 @@ pub(super) const FAMILIES: [&str; 12] = [
     "linear_rope_and_store",
     "quick_gelu",
     "paged_decode_attention_mma_w6",
-    "paged_decode_attention_mma_w12",
 ];
 
 fn counted(family: usize) {
@@ -52,8 +51,8 @@ unsafe impl Sync for Function {}
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
 /// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the tensor-core
-/// attention in blocks of six warps, and of twelve.
-pub(super) const NAMES: [&str; 34] = [
+/// attention in blocks of six warps.
+pub(super) const NAMES: [&str; 33] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -87,7 +86,6 @@ pub(super) const NAMES: [&str; 34] = [
     "quick_gelu",
     "quick_gelu_vectors",
     "paged_decode_attention_mma_w6",
-    "paged_decode_attention_mma_w12",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -120,8 +118,6 @@ const QUICK_GELU: usize = 30;
 const QUICK_GELU_VECTORS: usize = 31;
 /// The tensor-core decode attention in blocks of `ATTENTION_WIDE_WARPS` warps.
 pub(super) const ATTENTION_MMA_WIDE: usize = 32;
-/// The tensor-core decode attention in blocks of `ATTENTION_MANY_WARPS` warps.
-pub(super) const ATTENTION_MMA_MANY: usize = 33;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -182,8 +178,6 @@ pub(super) struct Kernels {
     pub(super) attention_resident: [[i64; ATTENTION_VARIANTS]; 3],
     /// The same for the tensor-core attention's six-warp variant, for each dtype.
     pub(super) attention_wide_resident: [i64; 3],
-    /// And for its twelve-warp variant (one block an SM).
-    pub(super) attention_many_resident: [i64; 3],
     /// How many blocks of the one-row linear kernel the device holds at once, for each dtype (0 where
     /// the driver could not say: no split of k; a dozen for the emulator, so that its tests cover each
     /// split).
@@ -200,12 +194,6 @@ const BLOCK: u32 = 256;
 /// variant's wide blocks (`kWideWarps`).
 pub(super) const ATTENTION_WARPS: u32 = 4;
 pub(super) const ATTENTION_WIDE_WARPS: u32 = 6;
-/// Warps per block of the tensor-core variant's many-warp blocks (`kManyWarps`), the most query heads
-/// times head elements they hold (`kManyGroupDim`), and the widest padded context they take: 4 tiles
-/// of `MMA_TILE` positions a warp (longer contexts are split, as before, into chunks of blocks of 4).
-pub(super) const ATTENTION_MANY_WARPS: u32 = 12;
-const ATTENTION_MANY_GROUP_DIM: i64 = 128;
-const ATTENTION_MANY_WIDTH: i64 = 4 * ATTENTION_MANY_WARPS as i64 * MMA_TILE;
 /// Without the device's occupancy, decode attention splits contexts until there are about this many
 /// blocks (about 8 of 4 warps per SM of an H100/H200).
 const TARGET_BLOCKS: i64 = 1024;
@@ -237,7 +225,6 @@ pub(super) static EMULATED: Kernels = {
         programmatic: false,
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
         attention_wide_resident: [0; 3],
-        attention_many_resident: [0; 3],
         linear_resident: [12; 3],
         f32: for_kind(0),
         bf16: for_kind(1),
@@ -562,30 +549,17 @@ impl Kernels {
         let min_chunk = self.min_chunk.unwrap_or(ATTENTION_WARPS as i64 * tile);
         let most = ((width + min_chunk - 1) / min_chunk).clamp(1, MAX_SPLITS);
         let resident = self.attention_resident[suffix_index(query.kind())][variant];
-        // Unsplit, blocks of twelve warps where the device holds the pairs' blocks in the switch's
-        // rounds (one round: fewer pairs than SMs) and the context is short: no chunks, no combine.
-        let many_resident = self.attention_many_resident[suffix_index(query.kind())];
-        let rounds = super::many_warp_attention_rounds();
-        let many = mma
-            && rounds > 0
-            && (heads / kv_heads) * dim <= ATTENTION_MANY_GROUP_DIM
-            && width <= ATTENTION_MANY_WIDTH
-            && (many_resident == 0 || blocks <= rounds * many_resident);
         let splits = match self.target_blocks {
-            _ if many => 1,
             None if resident > 0 => fewest_rounds(blocks, width, most, resident),
             target => (target.unwrap_or(TARGET_BLOCKS) / blocks).clamp(1, most),
         };
         // Unsplit, blocks of six warps where the device holds them all at once (switched on).
         let wide_resident = self.attention_wide_resident[suffix_index(query.kind())];
         let wide = mma
-            && !many
             && splits == 1
             && super::six_warp_attention()
             && (wide_resident == 0 || blocks <= wide_resident);
-        let (function, warps) = if many {
-            (ATTENTION_MMA_MANY, ATTENTION_MANY_WARPS)
-        } else if wide {
+        let (function, warps) = if wide {
             (ATTENTION_MMA_WIDE, ATTENTION_WIDE_WARPS)
         } else {
             (ATTENTION + variant, ATTENTION_WARPS)
@@ -635,9 +609,6 @@ impl Kernels {
         }
         if wide {
             counted(10);
-        }
-        if many {
-            counted(11);
         }
         if partial.is_some() {
             let (mut splits32, mut dim32) = (splits as i32, dim as i32);

@@ -341,7 +341,6 @@ pub fn paged_decode_attention(
 thread_local! {
     static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
     static SIX_WARP_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
-    static MANY_WARP_ATTENTION: Cell<Option<i64>> = const { Cell::new(None) };
 }
 
 type ThreadSwitch = std::thread::LocalKey<Cell<Option<bool>>>;
@@ -404,37 +403,6 @@ pub fn with_six_warp_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
 fn six_warp_attention() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     switch_on(&SIX_WARP_ATTENTION, &FROM_ENV, "MMREG_ATTENTION_SIX_WARPS")
-}
-
-/// Runs `f` with the tensor-core attention's twelve-warp blocks switched `on` on this thread (over
-/// `MMREG_ATTENTION_TWELVE_WARPS`; on: where the device holds the blocks in one round), then restores
-/// the thread's setting: the tests run both.
-#[doc(hidden)]
-pub fn with_many_warp_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    let before = MANY_WARP_ATTENTION.with(|c| c.replace(Some(on as i64)));
-    let result = f();
-    MANY_WARP_ATTENTION.with(|c| c.set(before));
-    result
-}
-
-/// In how many rounds of the blocks of twelve warps the device holds at once (one an SM) a
-/// tensor-core decode attention with short contexts and heads of at most 128 elements (times the query
-/// heads of a key/value head) runs unsplit in such blocks, rather than in chunks of 4-warp blocks and a
-/// combine kernel (0: never): this thread's override (1 or 0), else `MMREG_ATTENTION_TWELVE_WARPS` (a
-/// count of rounds, read once; off until measured). At LLaVA-1.5's batch 1 the split attention and its
-/// combine took 7.2 + 4.1 µs a layer for 10.7 MB of keys and values (run 64's trace), a fifth of the
-/// card's read rate: the blocks' one tile each, and the combine's launch, are mostly latency.
-fn many_warp_attention_rounds() -> i64 {
-    static FROM_ENV: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    MANY_WARP_ATTENTION.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| {
-            std::env::var("MMREG_ATTENTION_TWELVE_WARPS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|&rounds: &i64| rounds > 0)
-                .unwrap_or(0)
-        })
-    })
 }
 
 /// `x · weightᵀ (+ bias)`, libtorch's `linear`: `x` `[.., k]`, `weight` `[n, k]` as a layer stores it,

@@ -7,9 +7,8 @@ mod shim {
     use std::sync::Mutex;
 
     use super::super::launch::{
-        ForKind, Function, Kernels, ATTENTION, ATTENTION_MANY_WARPS, ATTENTION_MMA_MANY,
-        ATTENTION_MMA_WIDE, ATTENTION_WARPS, ATTENTION_WIDE_WARPS, LINEAR, LINEAR_WARPS, NAMES,
-        SUFFIXES,
+        ForKind, Function, Kernels, ATTENTION, ATTENTION_MMA_WIDE, ATTENTION_WARPS,
+        ATTENTION_WIDE_WARPS, LINEAR, LINEAR_WARPS, NAMES, SUFFIXES,
     };
     use super::super::self_check::check_kernels;
 
@@ -197,8 +196,6 @@ mod shim {
             .map(|k| std::array::from_fn(|v| resident(k.0[ATTENTION + v], ATTENTION_WARPS * 32)));
         let attention_wide_resident = [&f32, &bf16, &f16]
             .map(|k| resident(k.0[ATTENTION_MMA_WIDE], ATTENTION_WIDE_WARPS * 32));
-        let attention_many_resident = [&f32, &bf16, &f16]
-            .map(|k| resident(k.0[ATTENTION_MMA_MANY], ATTENTION_MANY_WARPS * 32));
         let linear_resident = [&f32, &bf16, &f16].map(|k| resident(k.0[LINEAR], LINEAR_WARPS * 32));
         Ok(Kernels {
             device: device as i32,
@@ -215,7 +212,6 @@ mod shim {
                 && unsafe { mmreg_kernels_programmatic(device as i32) } == 1,
             attention_resident,
             attention_wide_resident,
-            attention_many_resident,
             linear_resident,
             f32,
             bf16,

@@ -4,7 +4,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::launch::Kernels;
 use super::reference as unfused;
-use super::{with_many_warp_attention, with_six_warp_attention, with_tensor_core_attention};
+use super::{with_six_warp_attention, with_tensor_core_attention};
 
 /// Deterministic inputs of about unit size (no random generator: the caller's seeds stay untouched).
 fn waves(shape: &[i64], phase: f64, kind: Kind, device: Device) -> Tensor {
@@ -191,26 +191,15 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             let expected = unfused::decode_attention(&query, &keys, &values, &slots, scale);
             // On the CUDA cores, and on the tensor cores (bf16 and f16; f32 stays on the CUDA cores) in
             // blocks of 4 warps and, where a step is unsplit (these are on a GPU), of 6: both run by
-            // default, the one for split steps and the other for unsplit ones; then of 12 (2 query heads
-            // of 64 a key/value head), which take a step of few pairs unsplit where switched on.
-            for (tensor_cores, six_warps, twelve_warps) in [
-                (false, false, false),
-                (true, false, false),
-                (true, true, false),
-                (true, true, true),
-            ] {
-                let out = with_many_warp_attention(twelve_warps, || {
-                    with_six_warp_attention(six_warps, || {
-                        with_tensor_core_attention(tensor_cores, || {
-                            k.paged_decode_attention(
-                                &query, &keys, &values, &padded, &lengths, scale,
-                            )
-                        })
+            // default, the one for split steps and the other for unsplit ones.
+            for (tensor_cores, six_warps) in [(false, false), (true, false), (true, true)] {
+                let out = with_six_warp_attention(six_warps, || {
+                    with_tensor_core_attention(tensor_cores, || {
+                        k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale)
                     })
                 });
                 let what = format!(
-                    "paged_decode_attention (tensor cores: {tensor_cores}, six warps: {six_warps}, \
-                     twelve warps: {twelve_warps})"
+                    "paged_decode_attention (tensor cores: {tensor_cores}, six warps: {six_warps})"
                 );
                 compare(&what, &out, &expected)?;
             }
