@@ -3,7 +3,8 @@
 Groups the GPU's kernels by the launch that issued them (one cudaGraphLaunch replays a whole graph), and
 prints per launch kind: how many, kernels each, GPU span and busy time; then, for the graph with the
 most replays, each position's mean duration over its replays (the first FIRST=20 and last LAST=6); then
-the kernels that took the most time in all. Usage: python3 scripts/gpu/trace_summary.py TRACE.json [...]
+the kernels that took the most time in all; then the GPU's longest idle gaps, each with the host's ops
+before the launch that ended it. Usage: python3 scripts/gpu/trace_summary.py TRACE.json [...]
 """
 import collections, json, os, sys
 
@@ -68,14 +69,51 @@ def summarise(path):
     gaps, reach = [], ordered[0]["ts"] + ordered[0]["dur"]
     for before, after in zip(ordered, ordered[1:]):
         if after["ts"] > reach:
-            gaps.append((after["ts"] - reach, before["name"], after["name"], after["ts"] - start))
+            gaps.append((after["ts"] - reach, before["name"], after, after["ts"] - start))
         reach = max(reach, after["ts"] + after["dur"])
     idle = sum(g for g, *_ in gaps)
     print(f"\nidle {idle / 1000:.2f} ms in {len(gaps)} gaps; the longest "
-          f"(GAPS={os.environ.get('GAPS', '8')}):\n| idle (us) | at (ms) | after | before |\n|---|---|---|---|")
-    for gap, before, after, at in sorted(gaps, reverse=True)[:int(os.environ.get("GAPS", "8"))]:
-        print(f"| {gap:.1f} | {at / 1000:.2f} | `{before[:50]}` | `{after[:50]}` |")
+          f"(GAPS={os.environ.get('GAPS', '8')}), with the host's ops between the launch before the gap's "
+          "next kernel and its own (what kept the host from issuing it sooner):\n"
+          "| idle (us) | at (ms) | after | before | host ops between the two launches (us) |\n|---|---|---|---|---|")
+    host = host_ops(events, gpu)
+    for gap, before, after, at in sorted(gaps, key=lambda g: -g[0])[:int(os.environ.get("GAPS", "8"))]:
+        print(f"| {gap:.1f} | {at / 1000:.2f} | `{before[:50]}` | `{after['name'][:50]}` | {host(after)} |")
     print()
+
+
+def host_ops(events, gpu):
+    """For a GPU event, the host's top-level ops (CPU ops and annotations, by total time, at most 3) between
+    the end of the runtime call before the one that issued it and the start of that call; '–' where it is
+    not the first GPU event of its call (a graph's later kernels) or its call was not recorded."""
+    first = {}
+    for e in gpu:
+        corr = e.get("args", {}).get("correlation")
+        if corr not in first or e["ts"] < first[corr]["ts"]:
+            first[corr] = e
+    runtime = sorted((e for e in events if e.get("cat") == "cuda_runtime" and "dur" in e), key=lambda e: e["ts"])
+    by_corr = {e.get("args", {}).get("correlation"): e for e in runtime}
+    ops = sorted((e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e),
+                 key=lambda e: e["ts"])
+
+    def describe(gpu_event):
+        corr = gpu_event.get("args", {}).get("correlation")
+        launch = by_corr.get(corr)
+        if launch is None or first.get(corr) is not gpu_event:
+            return "–"
+        earlier = [e for e in runtime if e["ts"] + e["dur"] <= launch["ts"]]
+        since = earlier[-1]["ts"] + earlier[-1]["dur"] if earlier else launch["ts"]
+        inside = [e for e in ops if since <= e["ts"] and e["ts"] + e["dur"] <= launch["ts"]]
+        # Top level: not inside another op of the window (same thread).
+        top = [e for e in inside if not any(o is not e and o.get("tid") == e.get("tid") and o["ts"] <= e["ts"]
+                                            and e["ts"] + e["dur"] <= o["ts"] + o["dur"] for o in inside)]
+        totals = collections.Counter()
+        for e in top:
+            totals[e["name"][:40]] += e["dur"]
+        listed = ", ".join(f"`{name}` {dur:.0f}" for name, dur in totals.most_common(3))
+        return f"{launch['ts'] - since:.0f} since the last call: {listed or 'no op recorded'}"
+
+    return describe
 
 
 for p in sys.argv[1:]:
