@@ -38,6 +38,26 @@ extern "C" __global__ void lab_read(const uint4* w, long long vectors, unsigned*
 // reset by it) adds every split's in order.
 __device__ unsigned lab_arrivals[8192];
 
+// f(sum, row of y, column of y) for each of lane's sums c that falls inside y (m × n): c[j] holds
+// (w row first + g, x row 8j + 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1), with g = lane / 4 and
+// t = lane % 4.
+template <typename F>
+__device__ __forceinline__ void lab_each_sum(const float (&c)[4][4], long long first, int lane, int m, long long n,
+                                             F f) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const long long out = first + g + (q >= 2 ? 8 : 0);
+      const int row = 8 * j + 2 * t + (q & 1);
+      if (row < m && out < n) {
+        f(c[j][q], row, out);
+      }
+    }
+  }
+}
+
 template <int kUnroll>
 __device__ void lab_rows32_w(u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k,
                              int splits) {
@@ -88,24 +108,10 @@ __device__ void lab_rows32_w(u16* y, const u16* x, const u16* w, float* partial,
       }
     }
   }
-  // c[j] holds (w row first + g, x row 8j + 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1).
-  auto place = [&](int j, int q, long long& out, int& row) {
-    out = first + g + (q >= 2 ? 8 : 0);
-    row = 8 * j + 2 * t + (q & 1);
-    return row < m && out < n;
-  };
   if (splits > 1) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        long long out;
-        int row;
-        if (place(j, q, out, row)) {
-          partial[(split * (long long)m + row) * n + out] = c[j][q];
-        }
-      }
-    }
+    lab_each_sum(c, first, lane, m, n, [&](float sum, int row, long long out) {
+      partial[(split * (long long)m + row) * n + out] = sum;
+    });
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -117,29 +123,20 @@ __device__ void lab_rows32_w(u16* y, const u16* x, const u16* w, float* partial,
     }
     __threadfence();
   }
+  lab_each_sum(c, first, lane, m, n, [&](float sum, int row, long long out) {
+    // Every split's sums in order (at most 4 splits: the loads go out together).
+    float other[4];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      long long out;
-      int row;
-      if (!place(j, q, out, row)) {
-        continue;
-      }
-      // Every split's sums in order (at most 4 splits: the loads go out together).
-      float other[4];
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        other[s] = s < splits && s != split ? __ldcg(&partial[(s * (long long)m + row) * n + out]) : 0.0f;
-      }
-      float total = 0.0f;
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        total += s == split ? c[j][q] : other[s];
-      }
-      y[row * n + out] = BF16::store(total);
+    for (int s = 0; s < 4; ++s) {
+      other[s] = s < splits && s != split ? __ldcg(&partial[(s * (long long)m + row) * n + out]) : 0.0f;
     }
-  }
+    float total = 0.0f;
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      total += s == split ? sum : other[s];
+    }
+    y[row * n + out] = BF16::store(total);
+  });
   if (splits > 1 && threadIdx.x == 0) {
     lab_arrivals[part] = 0;
   }
