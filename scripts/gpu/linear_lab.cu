@@ -152,3 +152,256 @@ __device__ void lab_rows32_w(u16* y, const u16* x, const u16* w, float* partial,
 LAB_ROWS32_W(3, 2)
 LAB_ROWS32_W(4, 1)
 LAB_ROWS32_W(8, 1)
+
+// A third design for 17-32 rows of x, what cuBLAS's own kernels do at these shapes (run 78's
+// lab_rows32_w loaded w into registers and stayed 10-57% behind cuBLAS whatever its loads in flight): w
+// and x staged through shared memory by asynchronous copies (cp.async, kStages chunks of k ahead), read
+// from it in the mma's fragments by ldmatrix. A block owns kRows rows of w (a tile), each of its warps
+// kWarpRows of them (16 or 32: 16 or 32 accumulators a lane for x's 32 rows), and walks one split of k in
+// chunks of kChunk elements; x's 32 rows of each chunk are copied once a block, for all its warps. The
+// grid is at most the blocks the device holds at once: each block takes the work items (tile, split)
+// b, b + grid, ... one after another, its copies running on from one item into the next. Splits of k
+// are summed as lab_rows32_w's (the last split to arrive adds every split's f32 sums in order).
+//
+// Shared memory, each chunk (stage): kRows rows of w, then 32 of x, each of kChunk elements in 16-byte
+// pieces; piece c of row r is stored at c ^ (r % 8), so that the 8 rows an ldmatrix reads at once lie
+// in different banks. Dynamic: (kRows + 32) · kChunk · 2 · kStages bytes.
+#ifdef MMREG_EMULATE
+alignas(16) static unsigned char lab_smem[232448];
+namespace mmreg_emulator {
+// What ldmatrix.x4 gives the lane: from the 8 rows whose addresses lanes 8i..8i+7 hold (matrix i), the
+// 4 bytes at column 4·(lane % 4) of row lane / 4.
+inline void ldmatrix_x4(unsigned (&r)[4], const unsigned char* row) {
+  unsigned mine[2], all[32][2];
+  std::memcpy(mine, &row, sizeof(row));
+  warp_gather(mine, all);
+  const unsigned lane = thread_idx.x % 32;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned char* p;
+    std::memcpy(&p, all[8 * i + lane / 4], sizeof(p));
+    std::memcpy(&r[i], p + 4 * (lane % 4), 4);
+  }
+}
+}  // namespace mmreg_emulator
+#else
+extern __shared__ __align__(16) unsigned char lab_smem[];
+#endif
+
+// 16 bytes from global src into shared dst, asynchronously; zeros where `real` is false (src unread).
+template <bool kEvictFirst>
+__device__ __forceinline__ void lab_copy16(unsigned char* dst, const void* src, bool real, unsigned long long policy) {
+#ifdef MMREG_EMULATE
+  if (real) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
+#else
+  unsigned address;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(dst));
+  if (kEvictFirst) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
+                 :: "r"(address), "l"(src), "r"(real ? 16 : 0), "l"(policy));
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(address), "l"(src), "r"(real ? 16 : 0));
+  }
+#endif
+}
+
+__device__ __forceinline__ void lab_commit() {
+#ifndef MMREG_EMULATE
+  asm volatile("cp.async.commit_group;");
+#endif
+}
+
+// Waits until at most N of the thread's committed groups of copies are still in flight.
+template <int N>
+__device__ __forceinline__ void lab_wait() {
+#ifndef MMREG_EMULATE
+  asm volatile("cp.async.wait_group %0;" :: "n"(N));
+#endif
+}
+
+__device__ __forceinline__ void lab_ldmatrix_x4(unsigned (&r)[4], const unsigned char* row) {
+#ifdef MMREG_EMULATE
+  mmreg_emulator::ldmatrix_x4(r, row);
+#else
+  unsigned address;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
+#endif
+}
+
+template <int kRows, int kWarpRows, int kChunk, int kStages, bool kEvictFirst>
+__device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k,
+                             int splits) {
+  constexpr int kTiles = kWarpRows / 16;           // a warp's 16-row tiles of w
+  constexpr int kPieces = kChunk / 8;              // 16-byte pieces of a row's chunk
+  constexpr int kRowBytes = kChunk * 2;
+  constexpr int kStageBytes = (kRows + 32) * kRowBytes;
+  constexpr int kThreads = kRows / kWarpRows * 32;
+  static_assert(kPieces >= 8 && kRows % kWarpRows == 0, "a chunk of at least 64 elements");
+  __shared__ unsigned last_shared;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const long long chunks = (k + kChunk - 1) / kChunk;
+  const long long items = (n + kRows - 1) / kRows * splits;
+  unsigned long long policy = 0;
+#ifndef MMREG_EMULATE
+  if (kEvictFirst) {
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  }
+#endif
+  auto piece = [&](int stage, int row, int c) -> unsigned char* {
+    return lab_smem + stage * kStageBytes + row * kRowBytes + ((c ^ (row & 7)) * 16);
+  };
+  // The copies' walk over (item, chunk) runs kStages - 1 chunks ahead of the products'.
+  long long load_item = blockIdx.x, load_chunk = 0, load_end = 0;
+  auto item_chunks = [&](long long item, long long& begin, long long& end) {
+    const long long split = item % splits;
+    begin = split * chunks / splits;
+    end = (split + 1) * chunks / splits;
+  };
+  // (past any item with no chunk: a split of fewer chunks than splits)
+  auto skip_empty = [&]() {
+    while (load_item < items && load_chunk == load_end) {
+      load_item += gridDim.x;
+      item_chunks(load_item, load_chunk, load_end);
+    }
+  };
+  item_chunks(load_item, load_chunk, load_end);
+  skip_empty();
+  auto issue = [&](int stage) {
+    if (load_item < items) {
+      const long long first = load_item / splits * kRows;
+      for (int i = threadIdx.x; i < (kRows + 32) * kPieces; i += kThreads) {
+        const int row = i / kPieces, c = i % kPieces;
+        const long long at = load_chunk * kChunk + c * 8;
+        const u16* src;
+        bool real;
+        if (row < kRows) {
+          real = first + row < n && at < k;
+          src = w + min(first + row, n - 1) * k + (real ? at : 0);
+        } else {
+          real = row - kRows < m && at < k;
+          src = x + min((long long)(row - kRows), (long long)m - 1) * k + (real ? at : 0);
+        }
+        lab_copy16<kEvictFirst>(piece(stage, row, c), src, real, policy);
+      }
+      ++load_chunk;
+      skip_empty();
+    }
+    lab_commit();  // (an empty group past the last item, so that the waits' counts hold)
+  };
+#pragma unroll 1
+  for (int s = 0; s < kStages - 1; ++s) {
+    issue(s);
+  }
+  int stage = 0;
+  float c[kTiles][4][4] = {};
+#pragma unroll 1
+  for (long long item = blockIdx.x; item < items; item += gridDim.x) {
+    long long begin, end;
+    item_chunks(item, begin, end);
+#pragma unroll 1
+    for (long long chunk = begin; chunk < end; ++chunk) {
+      lab_wait<kStages - 2>();
+      __syncthreads();  // this stage's copies landed for every thread; the stage before is free again
+      issue((stage + kStages - 1) % kStages);
+#pragma unroll
+      for (int step = 0; step < kChunk / 16; ++step) {
+        const int i = lane / 8, r8 = lane % 8;
+        unsigned a[kTiles][4], b[4][2];
+#pragma unroll
+        for (int tile = 0; tile < kTiles; ++tile) {
+          lab_ldmatrix_x4(a[tile], piece(stage, warp * kWarpRows + tile * 16 + (i & 1) * 8 + r8, 2 * step + (i >> 1)));
+        }
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+          unsigned r[4];
+          lab_ldmatrix_x4(r, piece(stage, kRows + (2 * pair + (i >> 1)) * 8 + r8, 2 * step + (i & 1)));
+          b[2 * pair][0] = r[0];
+          b[2 * pair][1] = r[1];
+          b[2 * pair + 1][0] = r[2];
+          b[2 * pair + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int tile = 0; tile < kTiles; ++tile) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            mma_m16n8k16<BF16>(c[tile][j], a[tile], b[j]);
+          }
+        }
+      }
+      stage = (stage + 1) % kStages;
+    }
+    // The item's sums: to y, or with k split, to `partial` and (the last split) to y in order.
+    const long long part = item / splits, split = item % splits;
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile) {
+      const long long first = part * kRows + warp * kWarpRows + tile * 16;
+      if (splits > 1) {
+        lab_each_sum(c[tile], first, lane, m, n, [&](float sum, int row, long long out) {
+          partial[(split * (long long)m + row) * n + out] = sum;
+        });
+      }
+    }
+    bool last = true;
+    if (splits > 1) {
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        last_shared = atomicAdd(&lab_arrivals[part], 1u) == (unsigned)splits - 1;
+      }
+      __syncthreads();
+      last = last_shared;
+      if (last) {
+        __threadfence();
+      }
+    }
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile) {
+      const long long first = part * kRows + warp * kWarpRows + tile * 16;
+      if (last) {
+        lab_each_sum(c[tile], first, lane, m, n, [&](float sum, int row, long long out) {
+          float other[4];
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            other[s] = s < splits && s != split ? __ldcg(&partial[(s * (long long)m + row) * n + out]) : 0.0f;
+          }
+          float total = 0.0f;
+#pragma unroll
+          for (int s = 0; s < 4; ++s) {
+            total += s == split ? sum : other[s];
+          }
+          y[row * n + out] = BF16::store(total);
+        });
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          c[tile][j][q] = 0.0f;
+        }
+      }
+    }
+    if (splits > 1 && last && threadIdx.x == 0) {
+      lab_arrivals[part] = 0;
+    }
+  }
+  lab_wait<0>();  // (the empty groups)
+}
+
+// lab_rows32_s_n{R}_w{W}_k{K}_s{S}{_e}: kRows = R, kWarpRows = W, kChunk = K, kStages = S, _e: w's copies
+// marked evict-first in L2 (x and the partial sums stay). Launched with R / W · 32 threads and
+// (R + 32) · K · 2 · S bytes of dynamic shared memory, at most as many blocks as the device holds.
+#define LAB_ROWS32_S(R, W, K, S, E, suffix)                                                                  \
+  extern "C" __global__ void __launch_bounds__(R / W * 32) lab_rows32_s_n##R##_w##W##_k##K##_s##S##suffix( \
+      u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k, int splits) {      \
+    lab_rows32_s<R, W, K, S, E>(y, x, w, partial, m, n, k, splits);                                         \
+  }
+LAB_ROWS32_S(128, 32, 64, 4, false, )
+LAB_ROWS32_S(128, 16, 64, 4, false, )
+LAB_ROWS32_S(64, 16, 64, 6, false, )
+LAB_ROWS32_S(128, 32, 128, 3, false, )
+LAB_ROWS32_S(128, 32, 64, 4, true, _e)

@@ -5,8 +5,8 @@ LLaVA-1.5-7B's weight shapes at a few rows of x. Each kernel is compiled with NV
 timed inside a CUDA graph over enough copies of the weight that none stays in L2 (so each call reads its
 weight from memory, as a decoder's layers do).
 Usage on the GPU machine: python3 scripts/gpu/linear_lab.py [--compile-only (CUBIN=FILE writes it)]
-  ROWS=1,8,16,32 the rows of x (17-32 time linear_lab.cu's lab_rows32_w prototypes instead of the few-rows
-  kernels, k in 1-4 splits); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
+  ROWS=1,8,16,32 the rows of x (17-32 time linear_lab.cu's lab_rows32_s and lab_rows32_w prototypes
+  instead of the few-rows kernels, k in 1-4 splits); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
   MMREG_FEW_WARPS=4,MMREG_FEW_UNROLL=8" also times the few-rows kernels compiled with each entry's
   defines; LANDED=FILE also times those of another version of fused_kernels.cu (say the last commit's).
 Prints a table per shape: µs per call and the read rate (weight bytes / time).
@@ -93,16 +93,21 @@ class Module:
         assert status == 0, (name, status)
         return f
 
-    def resident(self, f, threads):
+    def resident(self, f, threads, smem=0):
         blocks = ctypes.c_int()
-        self.cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(blocks), f, threads, ctypes.c_size_t(0))
+        self.cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(blocks), f, threads, ctypes.c_size_t(smem))
         return blocks.value
 
-    def launch(self, f, grid, threads, args):
+    def allow_smem(self, f, smem):
+        """Lets f take `smem` bytes of dynamic shared memory (past the default 48 KB)."""
+        status = self.cuda.cuFuncSetAttribute(f, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        assert status == 0, status
+
+    def launch(self, f, grid, threads, args, smem=0):
         holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
         params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        status = self.cuda.cuLaunchKernel(f, grid, 1, 1, threads, 1, 1, 0, stream, params, None)
+        status = self.cuda.cuLaunchKernel(f, grid, 1, 1, threads, 1, 1, smem, stream, params, None)
         assert status == 0, status
 
 
@@ -145,12 +150,27 @@ def measure(go, title, name, regs, y, ref, scale, copies, nbytes, resident):
 
 
 def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
-    """linear_lab.cu's lab_rows32_w prototypes (17-32 rows): a block per 128 rows of w and split of k, k
-    in 1-4 splits; a row per (kernel, splits)."""
+    """linear_lab.cu's prototypes for 17-32 rows, k in 1-4 splits; a row per (kernel, splits):
+    lab_rows32_w on a block per 128 rows of w and split, lab_rows32_s (its name gives rows, warp rows,
+    chunk and stages) on at most the blocks the device holds, with its dynamic shared memory."""
     m, k = x.shape
     n = ws[0].shape[0]
     partial = torch.empty(4 * m * n, dtype=torch.float32, device="cuda")
     _, mod, regs = modules[0]
+    for name in sorted(r for r in regs if r.startswith("lab_rows32_s") and not r.endswith(" spills")):
+        rows, warp_rows, chunk, stages = (int(v) for v in re.search(r"_n(\d+)_w(\d+)_k(\d+)_s(\d+)", name).groups())
+        threads, smem = rows // warp_rows * 32, (rows + 32) * chunk * 2 * stages
+        f = mod.function(name)
+        mod.allow_smem(f, smem)
+        resident = mod.resident(f, threads, smem)
+        for splits in (1, 2, 3, 4):
+            items = -(-n // rows) * splits
+            blocks = min(items, mod.sms * resident)
+            def go(i, f=f, blocks=blocks, splits=splits, threads=threads, smem=smem):
+                mod.launch(f, blocks, threads, [y, x, ws[i], partial, ctypes.c_int(m), ctypes.c_longlong(n),
+                                                ctypes.c_longlong(k), ctypes.c_int(splits)], smem)
+            measure(go, f"{name}, {splits} split{'s' if splits > 1 else ''}, {blocks} blocks", name, regs, y,
+                    ref, scale, copies, nbytes, resident)
     for name in sorted(r for r in regs if r.startswith("lab_rows32_w") and not r.endswith(" spills")):
         f = mod.function(name)
         for splits in (1, 2, 3, 4):
