@@ -3,6 +3,8 @@
 //! attention layers of `mmreg-nn` and read nothing in it but positions; the layers own how keys and
 //! values are written and read, the engine owns how the step was scheduled.
 
+use std::cell::OnceCell;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::Result;
@@ -275,19 +277,11 @@ impl AttentionBatch {
                 })
                 .collect(),
             logits_indices: self.logits_indices.as_ref().map(to),
-            decode_gather: self.decode_gather.as_ref().map(|g| DecodeGather {
-                slots: to(&g.slots),
-                mask: to(&g.mask),
-                lengths: to(&g.lengths),
-            }),
+            decode_gather: self.decode_gather.as_ref().map(|g| g.to_device(to)),
             sliding: self.sliding.as_ref().map(|p| SlidingSlots {
                 new_slots: to(&p.new_slots),
                 slots: p.slots.iter().map(to).collect(),
-                gather: p.gather.as_ref().map(|g| DecodeGather {
-                    slots: to(&g.slots),
-                    mask: to(&g.mask),
-                    lengths: to(&g.lengths),
-                }),
+                gather: p.gather.as_ref().map(|g| g.to_device(to)),
             }),
         }
     }
@@ -349,11 +343,54 @@ impl<'a> LayerSlots<'a> {
 pub struct DecodeGather {
     /// Every sequence's slots padded to the same width: `[sequences * width]` (int64).
     pub slots: Tensor,
-    /// Which of them are real, `[sequences, 1, 1, width]`: [`real_slots`], or an additive bias made from
-    /// it in the query dtype (0 or -inf).
-    pub mask: Tensor,
     /// How many of each sequence's slots are real (the first ones), `[sequences]` (int64).
     pub lengths: Tensor,
+    /// The padded width: how many slots each sequence has in `slots`.
+    pub width: i64,
+    /// The form of [`Self::mask`]: boolean (`None`), or an additive bias in this dtype (0 or -inf).
+    pub bias: Option<Kind>,
+    mask: OnceCell<Tensor>,
+}
+
+impl DecodeGather {
+    /// The gather of `lengths.size()[0]` sequences' `slots`, `width` each; `bias` as [`Self::bias`].
+    pub fn new(slots: Tensor, lengths: Tensor, width: i64, bias: Option<Kind>) -> DecodeGather {
+        DecodeGather {
+            slots,
+            lengths,
+            width,
+            bias,
+            mask: OnceCell::new(),
+        }
+    }
+
+    /// Which slots are real, `[sequences, 1, 1, width]`: [`real_slots`], or the additive bias made from
+    /// it. Made on first use (once for every layer), so that a step whose layers all take the paged
+    /// decode kernel, which reads `lengths`, makes none.
+    pub fn mask(&self) -> Result<&Tensor> {
+        if let Some(mask) = self.mask.get() {
+            return Ok(mask);
+        }
+        let real = real_slots(&self.lengths, self.width)?;
+        let mask = match self.bias {
+            None => real,
+            Some(kind) => {
+                let rows = self.lengths.size()[0];
+                Tensor::f_full(
+                    [rows, 1, 1, self.width],
+                    f64::NEG_INFINITY,
+                    (kind, self.lengths.device()),
+                )?
+                .f_masked_fill(&real, 0.0)?
+            }
+        };
+        Ok(self.mask.get_or_init(|| mask))
+    }
+
+    /// The same gather with its tensors on another device (see [`AttentionBatch::to_device`]).
+    fn to_device(&self, to: impl Fn(&Tensor) -> Tensor) -> DecodeGather {
+        DecodeGather::new(to(&self.slots), to(&self.lengths), self.width, self.bias)
+    }
 }
 
 /// Which of each sequence's `width` padded slots are real, given how many are (`lengths`, `[sequences]`,
@@ -399,5 +436,39 @@ impl<'a> Step<'a> {
     /// The KV cache, for attention layers.
     pub fn cache(&mut self) -> &mut PagedKvCache {
         self.cache
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gathers_mask_is_made_on_first_use_in_its_form() {
+        let lengths = Tensor::from_slice(&[2i64, 3]);
+        let gather = DecodeGather::new(
+            Tensor::zeros([8], (Kind::Int64, Device::Cpu)),
+            lengths.shallow_clone(),
+            4,
+            None,
+        );
+        let mask = gather.mask().unwrap();
+        assert_eq!(mask.size(), [2, 1, 1, 4]);
+        let real: Vec<bool> = Vec::try_from(mask.flatten(0, -1)).unwrap();
+        assert_eq!(real, [true, true, false, false, true, true, true, false]);
+        // Made once: the second call hands back the same tensor.
+        assert_eq!(gather.mask().unwrap().data_ptr(), mask.data_ptr());
+
+        let gather = DecodeGather::new(
+            Tensor::zeros([8], (Kind::Int64, Device::Cpu)),
+            lengths,
+            4,
+            Some(Kind::BFloat16),
+        );
+        let bias = gather.mask().unwrap();
+        assert_eq!(bias.kind(), Kind::BFloat16);
+        let values: Vec<f32> = Vec::try_from(bias.to_kind(Kind::Float).flatten(0, -1)).unwrap();
+        let inf = f32::NEG_INFINITY;
+        assert_eq!(values, [0.0, 0.0, inf, inf, 0.0, 0.0, 0.0, inf]);
     }
 }

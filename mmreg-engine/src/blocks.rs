@@ -1,6 +1,6 @@
 //! KV-cache blocks: which of the pool's blocks each sequence owns, and the step layout built from them.
 
-use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
+use mmreg_core::step::{AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
 use mmreg_core::{Error, PromptPositions, Result};
 use tch::{Device, Tensor};
 
@@ -137,12 +137,12 @@ pub fn attention_batch(
             .transpose()?,
         decode_gather: (decodes > 0)
             .then(|| -> Result<DecodeGather> {
-                let lengths = upload(&lengths, device)?;
-                Ok(DecodeGather {
-                    slots: upload(&padded, device)?,
-                    mask: real_slots(&lengths, longest as i64)?,
-                    lengths,
-                })
+                Ok(DecodeGather::new(
+                    upload(&padded, device)?,
+                    upload(&lengths, device)?,
+                    longest as i64,
+                    None,
+                ))
             })
             .transpose()?,
         sliding: None,
@@ -194,12 +194,12 @@ pub fn set_sliding_slots(
     }
     let gather = (gathered > 0)
         .then(|| -> Result<DecodeGather> {
-            let lengths = upload(&lengths, device)?;
-            Ok(DecodeGather {
-                slots: upload(&padded, device)?,
-                mask: real_slots(&lengths, width as i64)?,
-                lengths,
-            })
+            Ok(DecodeGather::new(
+                upload(&padded, device)?,
+                upload(&lengths, device)?,
+                width as i64,
+                None,
+            ))
         })
         .transpose()?;
     batch.sliding = Some(SlidingSlots {

@@ -18,7 +18,7 @@
 
 use tch::{Device, Tensor};
 
-use mmreg_core::step::{real_slots, AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
+use mmreg_core::step::{AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots};
 use mmreg_core::{MultiModalModel, PagedKvCache, PromptPositions, Result, Step};
 
 use crate::blocks::slots;
@@ -298,10 +298,9 @@ fn decode_step(
     } = shape;
     let (b, c) = (batch as i64, context as i64);
     let part = |i: i64, n: i64| inputs.narrow(0, i * b, n);
-    let lens = part(3, b);
-    // Attention bias in the model dtype, made once for every layer: 0 on each row's real slots, -inf on
-    // its padding.
-    let bias = bias_of(&lens, c, model.dtype())?;
+    // Where a layer needs a mask (not the paged decode kernel), an attention bias in the model dtype,
+    // made once for every layer: 0 on each row's real slots, -inf on its padding.
+    let bias = Some(model.dtype());
     // A decoded token sits at the same position in every section (past the prompt, `i + delta`).
     let positions = match sections {
         1 => part(1, b),
@@ -310,15 +309,15 @@ fn decode_step(
     let sliding = sliding
         .map(|width| -> Result<SlidingSlots> {
             let (at, w) = (4 * b + b * c, width as i64);
-            let lengths = inputs.narrow(0, at + b, b);
             Ok(SlidingSlots {
                 new_slots: inputs.narrow(0, at, b),
                 slots: Vec::new(),
-                gather: Some(DecodeGather {
-                    slots: inputs.narrow(0, at + 2 * b, b * w),
-                    mask: bias_of(&lengths, w, model.dtype())?,
-                    lengths,
-                }),
+                gather: Some(DecodeGather::new(
+                    inputs.narrow(0, at + 2 * b, b * w),
+                    inputs.narrow(0, at + b, b),
+                    w,
+                    bias,
+                )),
             })
         })
         .transpose()?;
@@ -327,27 +326,11 @@ fn decode_step(
         new_slots: part(2, b),
         sequences: Vec::new(),
         logits_indices: None,
-        decode_gather: Some(DecodeGather {
-            slots: part(4, b * c),
-            mask: bias,
-            lengths: lens,
-        }),
+        decode_gather: Some(DecodeGather::new(part(4, b * c), part(3, b), c, bias)),
         sliding,
     };
     let embeds = model.embed_tokens(&part(0, b))?;
     model.forward(&embeds, &mut Step::new(&batch, cache))
-}
-
-/// An attention bias `[rows, 1, 1, width]` in `kind`: 0 on each row's first `lengths` slots, −∞ on the
-/// rest.
-fn bias_of(lengths: &Tensor, width: i64, kind: tch::Kind) -> Result<Tensor> {
-    let rows = lengths.size()[0];
-    Ok(Tensor::f_full(
-        [rows, 1, 1, width],
-        f64::NEG_INFINITY,
-        (kind, lengths.device()),
-    )?
-    .f_masked_fill(&real_slots(lengths, width)?, 0.0)?)
 }
 
 /// One sequence's prefill over `embeds` (`[tokens, hidden]`, padded), reading positions, slots and the

@@ -267,16 +267,11 @@ fn attend_gathered(
     scale: f64,
     window: Option<i64>,
 ) -> Result<Tensor> {
-    let DecodeGather {
-        slots,
-        mask,
-        lengths,
-    } = gather;
+    let (slots, lengths) = (&gather.slots, &gather.lengths);
     let (keys, values) = cache.layer(layer);
     // A window no narrower than the gathered contexts hides nothing (Gemma 3's 1024 at shorter contexts):
     // the paged decode kernel serves the layer as it serves a global one.
-    let width = mask.size()[3];
-    let window = window.filter(|&w| w < width);
+    let window = window.filter(|&w| w < gather.width);
     if window.is_none() {
         if let Some(out) =
             kernels::paged_decode_attention(query, keys, values, slots, lengths, scale)
@@ -286,10 +281,11 @@ fn attend_gathered(
     }
     // A sliding window hides each sequence's slots before `length − window` (the mask's slots are a
     // sequence's positions in order).
+    let mask = gather.mask()?;
     let windowed;
     let mask = match window {
         Some(w) => {
-            let width = mask.size()[3];
+            let width = gather.width;
             let first = (lengths - w).view([-1, 1, 1, 1]);
             let seen = Tensor::f_arange(width, (Kind::Int64, mask.device()))?
                 .view([1, 1, 1, width])
