@@ -350,6 +350,9 @@ impl Llama {
         if let Some(sections) = &c.mrope_section {
             rotary_emb = rotary_emb.with_mrope_section(sections.clone());
         }
+        // Positions count tokens from 0, below the longest sequence (the engine's bound).
+        let rotary_emb =
+            rotary_emb.with_table(c.max_position_embeddings, embed_tokens.weight().kind());
         Ok(Self {
             embed_tokens,
             layers,
