@@ -58,6 +58,23 @@ __device__ __forceinline__ void lab_each_sum(const float (&c)[4][4], long long f
   }
 }
 
+// Output (row, out)'s sum over every split of k, in order: this split's `sum` and the others' f32 sums in
+// `partial` ([split][m][n]; at most 4 splits, their loads issued together).
+__device__ __forceinline__ float lab_splits_total(const float* partial, float sum, long long split, int splits,
+                                                  int m, long long n, int row, long long out) {
+  float other[4];
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    other[s] = s < splits && s != split ? __ldcg(&partial[(s * (long long)m + row) * n + out]) : 0.0f;
+  }
+  float total = 0.0f;
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    total += s == split ? sum : other[s];
+  }
+  return total;
+}
+
 template <int kUnroll>
 __device__ void lab_rows32_w(u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k,
                              int splits) {
@@ -124,18 +141,7 @@ __device__ void lab_rows32_w(u16* y, const u16* x, const u16* w, float* partial,
     __threadfence();
   }
   lab_each_sum(c, first, lane, m, n, [&](float sum, int row, long long out) {
-    // Every split's sums in order (at most 4 splits: the loads go out together).
-    float other[4];
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      other[s] = s < splits && s != split ? __ldcg(&partial[(s * (long long)m + row) * n + out]) : 0.0f;
-    }
-    float total = 0.0f;
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      total += s == split ? sum : other[s];
-    }
-    y[row * n + out] = BF16::store(total);
+    y[row * n + out] = BF16::store(lab_splits_total(partial, sum, split, splits, m, n, row, out));
   });
   if (splits > 1 && threadIdx.x == 0) {
     lab_arrivals[part] = 0;
@@ -364,17 +370,7 @@ __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial,
       const long long first = part * kRows + warp * kWarpRows + tile * 16;
       if (last) {
         lab_each_sum(c[tile], first, lane, m, n, [&](float sum, int row, long long out) {
-          float other[4];
-#pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            other[s] = s < splits && s != split ? __ldcg(&partial[(s * (long long)m + row) * n + out]) : 0.0f;
-          }
-          float total = 0.0f;
-#pragma unroll
-          for (int s = 0; s < 4; ++s) {
-            total += s == split ? sum : other[s];
-          }
-          y[row * n + out] = BF16::store(total);
+          y[row * n + out] = BF16::store(lab_splits_total(partial, sum, split, splits, m, n, row, out));
         });
       }
 #pragma unroll
