@@ -1427,12 +1427,12 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 // kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers; it loads kUnroll chunks
 // at once where the 16-row kernel loads kFewUnroll.
 //
-// kNorm (scripts/gpu/linear_lab.cu's prototypes only, for now; 0 in every kernel the engine launches):
-// x is first RMSNorm'd as rms_norm_row computes it (kRmsNorm), or, with kAddRmsNorm, x is the delta
-// added to `norm.residual` first (rounded; block 0 writes the sums to `norm.sum`, which must not be
-// `norm.residual`), so that the norm kernel before the product is not launched. Each block reads x's
-// rows once for their sums of squares (every load issued before the first sum), then normalises each
-// run of x as it loads it. kMaxTiles = 1 and k at most kNormRuns · 8 · blockDim.x.
+// kNorm (linear_few_rows_{rope,silu}_*rms_8, MMREG_FOLD_NORMS=1): x is first RMSNorm'd as rms_norm_row
+// computes it (kRmsNorm), or, with kAddRmsNorm, x is the delta added to `norm.residual` first (rounded;
+// block 0 writes the sums to `norm.sum`, which must not be `norm.residual`), so that the norm kernel
+// before the product is not launched. Each block reads x's rows once for their sums of squares (every
+// load issued before the first sum), then normalises each run of x as it loads it. kMaxTiles = 1, bf16
+// or f16, and k at most kNormRuns · 8 · blockDim.x (the caller checks).
 constexpr int kRmsNorm = 1, kAddRmsNorm = 2;
 constexpr int kNormRuns = 2;
 
@@ -1708,6 +1708,38 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     linear_few_rows<D, kRope, tiles, unroll>(y, x, w, bias, m, n, k, rope);                        \
   }
 
+// The 8-row few-rows kernels with the norm before them folded in (see kNorm): q/k/v's (rope epilogue)
+// after the first layer's RMSNorm or a residual add and RMSNorm, gate/up's (SiLU) after the residual
+// add and RMSNorm. Nothing in f32 (no mma; never launched).
+template <typename D, int kEpilogue, int kNorm>
+__device__ void linear_few_rows_normed(typename D::T* y, const typename D::T* x, const typename D::T* w,
+                                       const typename D::T* bias, int m, long long n, long long k,
+                                       const RopeStore<D>& rope, const NormInput<D>& norm) {
+  if constexpr (D::kMma != 0) {
+    linear_few_rows<D, kEpilogue, 1, MMREG_FEW_UNROLL_8, kNorm>(y, x, w, bias, m, n, k, rope, norm);
+  }
+}
+
+#define MMREG_NORMED_ROPE_KERNEL(D, suffix, name, norm_kind)                                       \
+  MMREG_KERNEL void linear_few_rows_rope_##name##_8_##suffix(                                      \
+      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
+      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
+      const long long* slots, int kv_heads, const D::T* norm_weight, const D::T* residual,         \
+      D::T* sum, float eps) {                                                                      \
+    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
+    linear_few_rows_normed<D, kRope, norm_kind>(y, x, w, bias, m, n, k, rope,                      \
+                                                NormInput<D>{norm_weight, residual, sum, eps});    \
+  }
+#define MMREG_NORMED_KERNELS(D, suffix)                                                            \
+  MMREG_NORMED_ROPE_KERNEL(D, suffix, rms, kRmsNorm)                                               \
+  MMREG_NORMED_ROPE_KERNEL(D, suffix, add_rms, kAddRmsNorm)                                        \
+  MMREG_KERNEL void linear_few_rows_silu_add_rms_8_##suffix(                                       \
+      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
+      const D::T* norm_weight, const D::T* residual, D::T* sum, float eps) {                       \
+    linear_few_rows_normed<D, kSiluMul, kAddRmsNorm>(y, x, w, bias, m, n, k, RopeStore<D>{},       \
+                                                     NormInput<D>{norm_weight, residual, sum, eps}); \
+  }
+
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
   MMREG_KERNEL void paged_decode_attention_r##R##_g##G##_##suffix(                                  \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
@@ -1827,6 +1859,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   }                                                                                                \
   MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
   MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
+  MMREG_NORMED_KERNELS(D, suffix)                                                                  \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \
