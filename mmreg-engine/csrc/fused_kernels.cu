@@ -1426,58 +1426,14 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 //
 // kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers; it loads kUnroll chunks
 // at once where the 16-row kernel loads kFewUnroll.
-//
-// kNorm (linear_few_rows_{rope,silu}_*rms_8, MMREG_FOLD_NORMS=1): x is first RMSNorm'd as rms_norm_row
-// computes it (kRmsNorm), or, with kAddRmsNorm, x is the delta added to `norm.residual` first (rounded;
-// block 0 writes the sums to `norm.sum`, which must not be `norm.residual`), so that the norm kernel
-// before the product is not launched. Each block reads x's rows once for their sums of squares (every
-// load issued before the first sum), then normalises each run of x as it loads it. kMaxTiles = 1, bf16
-// or f16, and k at most kNormRuns · 8 · blockDim.x (the caller checks).
-constexpr int kRmsNorm = 1, kAddRmsNorm = 2;
-constexpr int kNormRuns = 2;
-
-template <typename D>
-struct NormInput {
-  const typename D::T* weight;    // the norm's weight [k]
-  const typename D::T* residual;  // kAddRmsNorm: the residual stream [m, k]
-  typename D::T* sum;             // kAddRmsNorm: residual + x, written by block 0
-  float eps;
-};
-
-// The run of x's row at `at` as the norm gives it: rounded to the dtype after the scaling by `inv`, then
-// times the norm's weight (rms_norm_row's roundings); with kAddRmsNorm, of the row's sum with the
-// residual's run `residual`.
-template <typename D, int kNorm>
-__device__ __forceinline__ typename FewRun<D>::T normed_run(const typename FewRun<D>::T& run,
-                                                            const typename FewRun<D>::T& residual,
-                                                            const typename FewRun<D>::T& weight, float inv) {
-  typename FewRun<D>::T out;
-#pragma unroll
-  for (int i = 0; i < (int)(sizeof(out) / 4); ++i) {
-    unsigned word = 0;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float v = half_of<D>(run.e[i], h);
-      if (kNorm == kAddRmsNorm) {
-        v = round_to<D>(v + half_of<D>(residual.e[i], h));
-      }
-      const u16 o = D::store(half_of<D>(weight.e[i], h) * round_to<D>(v * inv));
-      word |= (unsigned)o << (16 * h);
-    }
-    out.e[i] = word;
-  }
-  return out;
-}
-
-template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll, int kNorm = 0>
+template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                 const typename D::T* bias, int m, long long n, long long k,
-                                const RopeStore<D>& rope, const NormInput<D>& norm = NormInput<D>{}) {
+                                const RopeStore<D>& rope) {
   typedef typename FewRun<D>::T V;
   // The warps' sums, [warp][tile of x's rows][accumulator][lane]: lanes side by side (no bank conflicts).
   __shared__ float sums[kFewWarps][2][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  static_assert(kNorm == 0 || (kMaxTiles == 1 && sizeof(typename D::T) == 2), "the norm: 8 rows, bf16 or f16");
   // (With one tile, `tiles` stays a value of m and tile 0's loads apart from the weights': the forms in
   // which ptxas issues a group's loads all together, checked in the SASS; with tiles = 1 known, it
   // moves each load next to its product, a few in flight.)
@@ -1512,69 +1468,6 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     early = rope_inputs<D>(rope, first_of(blockIdx.x), m, n);
   }
   begin_kernel();
-  // kNorm: each row's 1 / rms, from every run of x's rows (all loads in flight together).
-  __shared__ float inv_rms[8];
-  if constexpr (kNorm != 0) {
-    __shared__ float partial[kFewWarps][8];
-    float squares[8];
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      V run[kNormRuns], residual[kNormRuns];
-#pragma unroll
-      for (int j = 0; j < kNormRuns; ++j) {
-        const long long at = (threadIdx.x + (long long)j * blockDim.x) * 8;
-        run[j] = residual[j] = V{};
-        if (r < m && at < k) {
-          run[j] = *reinterpret_cast<const V*>(x + r * k + at);
-          if (kNorm == kAddRmsNorm) {
-            residual[j] = *reinterpret_cast<const V*>(norm.residual + r * k + at);
-          }
-        }
-      }
-      squares[r] = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kNormRuns; ++j) {
-        const long long at = (threadIdx.x + (long long)j * blockDim.x) * 8;
-        V sum;
-#pragma unroll
-        for (int i = 0; i < (int)(sizeof(V) / 4); ++i) {
-          unsigned word = 0;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float v = half_of<D>(run[j].e[i], h);
-            if (kNorm == kAddRmsNorm) {
-              const u16 rounded = D::store(v + half_of<D>(residual[j].e[i], h));
-              word |= (unsigned)rounded << (16 * h);
-              v = D::load(rounded);
-            }
-            squares[r] += v * v;
-          }
-          sum.e[i] = word;
-        }
-        if (kNorm == kAddRmsNorm && blockIdx.x == 0 && r < m && at < k) {
-          *reinterpret_cast<V*>(norm.sum + r * k + at) = sum;
-        }
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        squares[r] += __shfl_xor_sync(0xffffffffu, squares[r], offset);
-      }
-      if (lane == 0) {
-        partial[warp][r] = squares[r];
-      }
-    }
-    __syncthreads();
-    if (threadIdx.x < 8) {
-      float total = 0.0f;
-      for (int v = 0; v < kFewWarps; ++v) {
-        total += partial[v][threadIdx.x];
-      }
-      inv_rms[threadIdx.x] = rsqrtf(total / k + norm.eps);
-    }
-    __syncthreads();
-  }
   for (long long w_tile = blockIdx.x; w_tile < w_tiles; w_tile += gridDim.x) {
     const long long first = first_of(w_tile);
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
@@ -1606,14 +1499,6 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
         }
         if (kMaxTiles == 1 && at < k && tiles > 0) {
           xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
-          if constexpr (kNorm != 0) {
-            V residual{};
-            if (kNorm == kAddRmsNorm) {
-              residual = *reinterpret_cast<const V*>(norm.residual + (xs[0] - x) + at);
-            }
-            const V weight = *reinterpret_cast<const V*>(norm.weight + at);
-            xv[u][0] = normed_run<D, kNorm>(xv[u][0], residual, weight, inv_rms[min(g, m - 1)]);
-          }
         }
         if (at < k && tiles == 2) {
           xv[u][1] = *reinterpret_cast<const V*>(xs[1] + at);
@@ -1706,38 +1591,6 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_few_rows<D, kRope, tiles, unroll>(y, x, w, bias, m, n, k, rope);                        \
-  }
-
-// The 8-row few-rows kernels with the norm before them folded in (see kNorm): q/k/v's (rope epilogue)
-// after the first layer's RMSNorm or a residual add and RMSNorm, gate/up's (SiLU) after the residual
-// add and RMSNorm. Nothing in f32 (no mma; never launched).
-template <typename D, int kEpilogue, int kNorm>
-__device__ void linear_few_rows_normed(typename D::T* y, const typename D::T* x, const typename D::T* w,
-                                       const typename D::T* bias, int m, long long n, long long k,
-                                       const RopeStore<D>& rope, const NormInput<D>& norm) {
-  if constexpr (D::kMma != 0) {
-    linear_few_rows<D, kEpilogue, 1, MMREG_FEW_UNROLL_8, kNorm>(y, x, w, bias, m, n, k, rope, norm);
-  }
-}
-
-#define MMREG_NORMED_ROPE_KERNEL(D, suffix, name, norm_kind)                                       \
-  MMREG_KERNEL void linear_few_rows_rope_##name##_8_##suffix(                                      \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
-      const long long* slots, int kv_heads, const D::T* norm_weight, const D::T* residual,         \
-      D::T* sum, float eps) {                                                                      \
-    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_few_rows_normed<D, kRope, norm_kind>(y, x, w, bias, m, n, k, rope,                      \
-                                                NormInput<D>{norm_weight, residual, sum, eps});    \
-  }
-#define MMREG_NORMED_KERNELS(D, suffix)                                                            \
-  MMREG_NORMED_ROPE_KERNEL(D, suffix, rms, kRmsNorm)                                               \
-  MMREG_NORMED_ROPE_KERNEL(D, suffix, add_rms, kAddRmsNorm)                                        \
-  MMREG_KERNEL void linear_few_rows_silu_add_rms_8_##suffix(                                       \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      const D::T* norm_weight, const D::T* residual, D::T* sum, float eps) {                       \
-    linear_few_rows_normed<D, kSiluMul, kAddRmsNorm>(y, x, w, bias, m, n, k, RopeStore<D>{},       \
-                                                     NormInput<D>{norm_weight, residual, sum, eps}); \
   }
 
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
@@ -1859,7 +1712,6 @@ __device__ void linear_few_rows_normed(typename D::T* y, const typename D::T* x,
   }                                                                                                \
   MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
   MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
-  MMREG_NORMED_KERNELS(D, suffix)                                                                  \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \

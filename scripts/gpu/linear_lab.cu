@@ -401,19 +401,3 @@ LAB_ROWS32_S(128, 16, 64, 4, false, )
 LAB_ROWS32_S(64, 16, 64, 6, false, )
 LAB_ROWS32_S(128, 32, 128, 3, false, )
 LAB_ROWS32_S(128, 32, 64, 4, true, _e)
-
-// The decode products with the RMSNorm before them folded in (linear_few_rows' kNorm): q/k/v's input
-// norm (kRmsNorm, plain epilogue here: the norm's cost does not depend on it) and gate/up's
-// post-attention norm with the residual add (kAddRmsNorm, SiLU epilogue), each against the norm kernel
-// and the product launched one after the other (linear_lab.py's `normed`). At most 8 rows of x.
-extern "C" __global__ void lab_few_rows_rms_8(u16* y, const u16* x, const u16* w, int m, long long n, long long k,
-                                              const u16* weight, float eps) {
-  linear_few_rows<BF16, 0, 1, MMREG_FEW_UNROLL_8, kRmsNorm>(y, x, w, nullptr, m, n, k, RopeStore<BF16>{},
-                                                            NormInput<BF16>{weight, nullptr, nullptr, eps});
-}
-extern "C" __global__ void lab_few_rows_silu_add_rms_8(u16* y, const u16* x, const u16* w, int m, long long n,
-                                                       long long k, const u16* weight, const u16* residual,
-                                                       u16* sum, float eps) {
-  linear_few_rows<BF16, kSiluMul, 1, MMREG_FEW_UNROLL_8, kAddRmsNorm>(
-      y, x, w, nullptr, m, n, k, RopeStore<BF16>{}, NormInput<BF16>{weight, residual, sum, eps});
-}

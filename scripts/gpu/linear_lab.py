@@ -8,9 +8,7 @@ Usage on the GPU machine: python3 scripts/gpu/linear_lab.py [--compile-only (CUB
   ROWS=1,8,16,32 the rows of x (17-32 time linear_lab.cu's lab_rows32_s and lab_rows32_w prototypes
   instead of the few-rows kernels, k in 1-4 splits); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
   MMREG_FEW_WARPS=4,MMREG_FEW_UNROLL=8" also times the few-rows kernels compiled with each entry's
-  defines; LANDED=FILE also times those of another version of fused_kernels.cu (say the last commit's);
-  NORMED=1 (at most 8 rows) also times q/k/v's and gate/up's norms folded into the 8-row product against
-  the norm kernel and the product one after the other.
+  defines; LANDED=FILE also times those of another version of fused_kernels.cu (say the last commit's).
 Prints a table per shape: µs per call and the read rate (weight bytes / time).
 """
 import ctypes, os, re, sys, time
@@ -24,7 +22,6 @@ SOURCE = os.path.join(ROOT, "mmreg-engine", "csrc", "fused_kernels.cu")
 if not os.path.exists(SOURCE):  # staged copy of scripts/gpu (gpu-stage/scripts) run from the repo root
     SOURCE = os.path.join("mmreg-engine", "csrc", "fused_kernels.cu")
 LAB = os.path.join(HERE, "linear_lab.cu")
-NORMED = os.environ.get("NORMED") == "1"
 
 SHAPES = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096)}
@@ -106,35 +103,12 @@ class Module:
         status = self.cuda.cuFuncSetAttribute(f, 8, smem)  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
         assert status == 0, status
 
-    def launch(self, f, grid, threads, args, smem=0, pdl=False):
-        """f on `grid` blocks; `pdl`: as the engine launches on sm_90 (programmatic dependent launch: f's
-        blocks may start while the kernel before finishes, and wait in begin_kernel)."""
+    def launch(self, f, grid, threads, args, smem=0):
         holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
         params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        if pdl:
-            attribute = LaunchAttribute(id=6)  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attribute.value.allowed = 1
-            config = LaunchConfig(grid, 1, 1, threads, 1, 1, smem, stream, ctypes.pointer(attribute), 1)
-            status = self.cuda.cuLaunchKernelEx(ctypes.byref(config), f, params, None)
-        else:
-            status = self.cuda.cuLaunchKernel(f, grid, 1, 1, threads, 1, 1, smem, stream, params, None)
+        status = self.cuda.cuLaunchKernel(f, grid, 1, 1, threads, 1, 1, smem, stream, params, None)
         assert status == 0, status
-
-
-class LaunchAttributeValue(ctypes.Union):
-    _fields_ = [("allowed", ctypes.c_int), ("bytes", ctypes.c_char * 64)]
-
-
-class LaunchAttribute(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", LaunchAttributeValue)]
-
-
-class LaunchConfig(ctypes.Structure):
-    _fields_ = [("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
-                ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
-                ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
-                ("attrs", ctypes.POINTER(LaunchAttribute)), ("count", ctypes.c_uint)]
 
 
 def graph_us(launch, copies, reps=3):
@@ -206,50 +180,6 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
                                             ctypes.c_longlong(k), ctypes.c_int(splits)])
             measure(go, f"{name}, {splits} split{'s' if splits > 1 else ''}", name, regs, y, ref, scale, copies,
                     nbytes, mod.resident(f, 256))
-
-
-def normed(mod, regs, ws, m, copies, nbytes):
-    """The norm before q/k/v (RMSNorm) and before gate/up (the residual add and RMSNorm) folded into the
-    8-row product (linear_lab.cu's lab_few_rows_*rms_8) against the norm kernel then the product, both
-    launched as the engine launches them (programmatic dependent launches): µs per norm and product."""
-    n, k = ws[0].shape
-    add = n > 2 * k  # gate/up (stacked), else q/k/v
-    eps = ctypes.c_float(1e-5)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    residual = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 3
-    weight = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
-    xn, sums = torch.empty_like(x), torch.empty_like(x)
-    y = torch.empty(m, n // 2 if add else n, device="cuda", dtype=torch.bfloat16)
-    blocks, few = -(-n // FEW_TILE), [ctypes.c_int(m), ctypes.c_longlong(n), ctypes.c_longlong(k)]
-    norm_f = mod.function("add_rms_norm_vectors_bf16" if add else "rms_norm_vectors_bf16")
-    product = "linear_few_rows_silu_8_bf16" if add else "linear_few_rows_8_bf16"
-    product_f = mod.function(product)
-    name = "lab_few_rows_silu_add_rms_8" if add else "lab_few_rows_rms_8"
-    fused_f = mod.function(name)
-    threads = min(1024, max(32, k // 8))
-
-    def apart(i):
-        if add:
-            mod.launch(norm_f, m, threads, [xn, sums, residual, x, weight, ctypes.c_int(k), eps], pdl=True)
-        else:
-            mod.launch(norm_f, m, threads, [xn, x, weight, ctypes.c_int(k), eps], pdl=True)
-        mod.launch(product_f, blocks, 256, [y, xn, ws[i], ctypes.c_void_p(0)] + few, pdl=True)
-
-    def fused(i):
-        extra = [weight, residual, sums, eps] if add else [weight, eps]
-        mod.launch(fused_f, blocks, 256, [y, x, ws[i]] + few + extra, pdl=True)
-
-    results = {}
-    for label, go, kernel in (("norm kernel, then the product", apart, product),
-                              ("the norm folded into the product", fused, name)):
-        y.zero_()
-        go(0)
-        torch.cuda.synchronize()
-        results[label] = y.float().clone()
-        us = graph_us(go, copies)
-        print(f"| {label} ({regs.get(kernel)} regs) | {m} | {us:.1f} | {nbytes / us / 1e6:.2f} | – | – |")
-    a, b = results.values()
-    print(f"| (the two outputs' largest difference / largest output: {(a - b).abs().max().item() / a.abs().max().item():.1e}) | | | | | |")
 
 
 def main():
@@ -328,8 +258,6 @@ def main():
                             nbytes, mod.resident(f, threads))
             if 16 < m <= 32:
                 rows32(modules, ws, x, y, ref, scale, copies, nbytes)
-            if NORMED and m <= 8 and shape in ("qkv", "gate_up"):
-                normed(main_module, modules[0][2], ws, m, copies, nbytes)
         del ws
         torch.cuda.empty_cache()
 

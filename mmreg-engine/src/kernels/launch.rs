@@ -11,10 +11,9 @@ use super::nvrtc;
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
-/// `linear_rope_and_store`, `quick_gelu`, the tensor-core attention's six-warp variant alone, and the
-/// products with the norm before them folded in (`NormFold`).
-pub(super) static LAUNCHES: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
-pub(super) const FAMILIES: [&str; 12] = [
+/// `linear_rope_and_store`, `quick_gelu`, and the tensor-core attention's six-warp variant alone.
+pub(super) static LAUNCHES: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
+pub(super) const FAMILIES: [&str; 11] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -26,7 +25,6 @@ pub(super) const FAMILIES: [&str; 12] = [
     "linear_rope_and_store",
     "quick_gelu",
     "paged_decode_attention_mma_w6",
-    "fold_norms",
 ];
 
 fn counted(family: usize) {
@@ -53,8 +51,8 @@ unsafe impl Sync for Function {}
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
 /// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the tensor-core
-/// attention in blocks of six warps; the 8-row rope and SiLU kernels with the norm before them folded in.
-pub(super) const NAMES: [&str; 36] = [
+/// attention in blocks of six warps.
+pub(super) const NAMES: [&str; 33] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -88,9 +86,6 @@ pub(super) const NAMES: [&str; 36] = [
     "quick_gelu",
     "quick_gelu_vectors",
     "paged_decode_attention_mma_w6",
-    "linear_few_rows_rope_rms_8",
-    "linear_few_rows_rope_add_rms_8",
-    "linear_few_rows_silu_add_rms_8",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -123,13 +118,6 @@ const QUICK_GELU: usize = 30;
 const QUICK_GELU_VECTORS: usize = 31;
 /// The tensor-core decode attention in blocks of `ATTENTION_WIDE_WARPS` warps.
 pub(super) const ATTENTION_MMA_WIDE: usize = 32;
-/// The 8-row few-rows kernels with the norm before them folded in (`MMREG_FOLD_NORMS=1`): q/k/v's
-/// after an RMSNorm or after a residual add and RMSNorm, gate/up's after a residual add and RMSNorm.
-const LINEAR_FEW_ROWS_ROPE_RMS_8: usize = 33;
-const LINEAR_FEW_ROWS_ROPE_ADD_RMS_8: usize = 34;
-const LINEAR_FEW_ROWS_SILU_ADD_RMS_8: usize = 35;
-/// The most columns of x the folded norm takes (`kNormRuns` runs of 8 for each of a block's threads).
-pub(super) const FOLD_NORM_COLS: i64 = 2 * 8 * FEW_ROWS_WARPS as i64 * 32;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -695,57 +683,21 @@ impl Kernels {
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
-        norm: Option<&super::NormFold>,
-    ) -> (Tensor, Option<Tensor>) {
+    ) -> Tensor {
         let mut size = x.size();
         *size
             .last_mut()
             .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
         let (rows, half) = (x.numel() as i64 / weight.size()[1], weight.size()[0] / 2);
-        let function = if norm.is_some() {
-            LINEAR_FEW_ROWS_SILU_ADD_RMS_8
-        } else if rows == 1 && (half % 8 != 0 || !Self::one_row_on_tensor_cores(x)) {
+        let function = if rows == 1 && (half % 8 != 0 || !Self::one_row_on_tensor_cores(x)) {
             LINEAR_SILU
         } else {
             Self::few_rows(LINEAR_FEW_ROWS_SILU, rows)
         };
-        let sum = self.launch_normed(function, &y, x, weight, bias, &mut [], norm);
+        self.launch_linear(function, &y, x, weight, bias, &mut []);
         counted(7);
-        (y, sum)
-    }
-
-    /// [`Self::launch_linear`] with, where `norm` is given, the folded norm's arguments after `more`
-    /// (its weight, the residual, the sums and eps): returns the sums (`x` + the residual) where the
-    /// norm adds one.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_normed(
-        &self,
-        function: usize,
-        y: &Tensor,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        more: &mut [*mut c_void],
-        norm: Option<&super::NormFold>,
-    ) -> Option<Tensor> {
-        let Some(norm) = norm else {
-            self.launch_linear(function, y, x, weight, bias, more);
-            return None;
-        };
-        let sum = norm.residual.map(Tensor::empty_like);
-        let null = std::ptr::null_mut();
-        let mut weight_p = ptr(norm.weight);
-        let (mut residual_p, mut sum_p) = match (norm.residual, &sum) {
-            (Some(residual), Some(sum)) => (ptr(residual), ptr(sum)),
-            _ => (null, null),
-        };
-        let mut eps = norm.eps as f32;
-        let mut args = more.to_vec();
-        args.extend_from_slice(&[arg!(weight_p), arg!(residual_p), arg!(sum_p), arg!(eps)]);
-        self.launch_linear(function, y, x, weight, bias, &mut args);
-        counted(11);
-        sum
+        y
     }
 
     /// [`rope`](Self::rope) with the cache write of a stacked q/k/v projection of `x`, one row or a few
@@ -758,8 +710,7 @@ impl Kernels {
         bias: Option<&Tensor>,
         dim: i64,
         store: &super::RopeStore,
-        norm: Option<&super::NormFold>,
-    ) -> (Tensor, Option<Tensor>) {
+    ) -> Tensor {
         let heads = weight.size()[0] / dim;
         let tokens = x.numel() as i64 / weight.size()[1];
         let y = Tensor::empty([tokens, heads, dim], (x.kind(), x.device()));
@@ -781,17 +732,14 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        let function = match norm {
-            Some(norm) if norm.residual.is_some() => LINEAR_FEW_ROWS_ROPE_ADD_RMS_8,
-            Some(_) => LINEAR_FEW_ROWS_ROPE_RMS_8,
-            None if tokens == 1 && (dim % 16 != 0 || !Self::one_row_on_tensor_cores(x)) => {
-                LINEAR_ROPE
-            }
-            None => Self::few_rows(LINEAR_FEW_ROWS_ROPE, tokens),
+        let function = if tokens == 1 && (dim % 16 != 0 || !Self::one_row_on_tensor_cores(x)) {
+            LINEAR_ROPE
+        } else {
+            Self::few_rows(LINEAR_FEW_ROWS_ROPE, tokens)
         };
-        let sum = self.launch_normed(function, &y, x, weight, bias, &mut rope_args, norm);
+        self.launch_linear(function, &y, x, weight, bias, &mut rope_args);
         counted(8);
-        (y, sum)
+        y
     }
 
     /// Launches the linear kernel `function` with arguments y, x, w, bias, then m (x's rows: the
@@ -818,9 +766,6 @@ impl Kernels {
                 | LINEAR_FEW_ROWS_8
                 | LINEAR_FEW_ROWS_SILU_8
                 | LINEAR_FEW_ROWS_ROPE_8
-                | LINEAR_FEW_ROWS_ROPE_RMS_8
-                | LINEAR_FEW_ROWS_ROPE_ADD_RMS_8
-                | LINEAR_FEW_ROWS_SILU_ADD_RMS_8
         );
         let mut m = (x.numel() as i64 / k.max(1)) as i32;
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
