@@ -80,6 +80,10 @@ impl Mode {
 }
 
 fn random(shape: &[i64], kind: Kind, device: Device, seed: i64) -> Tensor {
+    // The seed and the draw under one lock: libtorch's generator is the process's, and the tests run
+    // in parallel threads, so without it a test's inputs would depend on the others' timing.
+    static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _drawing = GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
     Tensor::randn(shape, (Kind::Float, Device::Cpu))
         .to_kind(kind)
@@ -391,8 +395,8 @@ fn rope_and_store_also_writes_the_keys_and_values_at_their_slots() {
 fn rms_norm_and_residual_add_match_hf() {
     // 64 rows (a prefill's many) with each thread holding 1, 2 or 4 vectors. A block's sum of squares
     // is in another order than HF's; where that moves the normalised value by a rounding step, the
-    // product with the weight (rounded again) can land two steps away: 2 allowed where a thread holds
-    // several vectors.
+    // product with the weight (rounded again) can land two steps away: 2 allowed (seen with one vector
+    // a thread too: 2 of 33,280 f16 elements on an H100, run 81).
     let cases = [
         (9, 4096, 1),
         (4, 100, 1),
@@ -412,7 +416,7 @@ fn rms_norm_and_residual_add_match_hf() {
                 let eps = 1e-5;
                 let what =
                     format!("rms_norm {mode:?} ({rows}×{cols}, {per_thread} vectors a thread)");
-                let steps = if per_thread > 1 { 2.0 } else { 1.0 };
+                let steps = 2.0;
                 let normed = kernels::rms_norm(&x, &weight, eps);
                 assert_within_roundings(&what, &normed, &hf_rms_norm(&x, &weight, eps), steps);
 
