@@ -981,7 +981,7 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
   }
   __syncthreads();
   combine_warps<D, 8, W>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads,
-                         kDim);
+                        kDim);
 }
 
 // The kernel's body for blocks of W warps: f32 has no such mma (the caller never launches it for f32).
@@ -995,12 +995,12 @@ __device__ void paged_decode_attention_mma(AttentionShared<8, W>& shared, typena
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
       paged_decode_attention_mma_chunk<D, 64, W>(shared, out, partial_acc, partial_max, partial_sum, q,
-                                              q_stride, key_cache, value_cache, slots, slot_stride,
-                                              lengths, heads, kv_heads, scale);
+                                                 q_stride, key_cache, value_cache, slots, slot_stride,
+                                                 lengths, heads, kv_heads, scale);
     } else {
       paged_decode_attention_mma_chunk<D, 128, W>(shared, out, partial_acc, partial_max, partial_sum, q,
-                                               q_stride, key_cache, value_cache, slots, slot_stride,
-                                               lengths, heads, kv_heads, scale);
+                                                  q_stride, key_cache, value_cache, slots, slot_stride,
+                                                  lengths, heads, kv_heads, scale);
     }
   }
 }

@@ -285,10 +285,9 @@ fn attend_gathered(
     let windowed;
     let mask = match window {
         Some(w) => {
-            let width = gather.width;
             let first = (lengths - w).view([-1, 1, 1, 1]);
-            let seen = Tensor::f_arange(width, (Kind::Int64, mask.device()))?
-                .view([1, 1, 1, width])
+            let seen = Tensor::f_arange(gather.width, (Kind::Int64, mask.device()))?
+                .view([1, 1, 1, gather.width])
                 .f_ge_tensor(&first)?;
             // The mask is boolean (eager steps) or an additive bias (fixed-shape steps: 0 or −∞).
             windowed = if mask.kind() == Kind::Bool {

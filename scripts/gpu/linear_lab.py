@@ -5,8 +5,8 @@ LLaVA-1.5-7B's weight shapes at a few rows of x. Each kernel is compiled with NV
 timed inside a CUDA graph over enough copies of the weight that none stays in L2 (so each call reads its
 weight from memory, as a decoder's layers do).
 Usage on the GPU machine: python3 scripts/gpu/linear_lab.py [--compile-only (CUBIN=FILE writes it)]
-  ROWS=1,8,16,32 the rows of x (17-32 time linear_lab.cu's lab_rows32_s and lab_rows32_w prototypes
-  instead of the few-rows kernels, k in 1-4 splits); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
+  ROWS=1,8,16,32 the rows of x (17-32 time linear_lab.cu's lab_rows32_s prototypes instead of the
+  few-rows kernels, k in 1-4 splits, and with ROWS32_W=1 its lab_rows32_w); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
   MMREG_FEW_WARPS=4,MMREG_FEW_UNROLL=8" also times the few-rows kernels compiled with each entry's
   defines; LANDED=FILE also times those of another version of fused_kernels.cu (say the last commit's).
 Prints a table per shape: µs per call and the read rate (weight bytes / time).
@@ -172,8 +172,8 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
             measure(go, f"{name}, {splits} split{'s' if splits > 1 else ''}, {blocks} blocks", name, regs, y,
                     ref, scale, copies, nbytes, resident)
     # (lab_rows32_w: run 78's; again with ROWS32_W=1.)
-    for name in sorted(r for r in regs if r.startswith("lab_rows32_w") and not r.endswith(" spills")
-                       and os.environ.get("ROWS32_W") == "1"):
+    again = os.environ.get("ROWS32_W") == "1"
+    for name in sorted(r for r in regs if again and r.startswith("lab_rows32_w") and not r.endswith(" spills")):
         f = mod.function(name)
         for splits in (1, 2, 3, 4):
             blocks = -(-n // 128) * splits

@@ -13,8 +13,8 @@
 #                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
 #                                      session with two calls' time: anchor, then rest)
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
-#                                      lab_rows32_s and lab_rows32_w prototypes, k in 1-4 splits
-#                                      (about two minutes)
+#                                      lab_rows32_s prototypes, k in 1-4 splits (ROWS32_W=1:
+#                                      lab_rows32_w's too; about a minute)
 #   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported; and each
 #                                      of ANCHOR_VARIANTS, "ENV=V|ENV=V", once) and the compiled-PyTorch
 #                                      anchor at batch 1, 8 and 32
@@ -97,7 +97,7 @@ case "${1:-}" in
     ;;
   lab)
     # The batch-32 products alone: cuBLAS, a plain read of each weight and linear_lab.cu's lab_rows32_s
-    # and lab_rows32_w prototypes (17-32 rows), on LLaVA-1.5-7B's weight shapes.
+    # prototypes (17-32 rows; lab_rows32_w's too with ROWS32_W=1), on LLaVA-1.5-7B's weight shapes.
     ROWS=32 timeout $((LIMIT - 5)) python3 scripts/gpu/linear_lab.py > "$OUT/linear-lab.log" 2>&1
     echo "linear_lab: exit $? at $((SECONDS - start)) s"
     grep -E "^## |^\| (read|cuBLAS|lab_rows32)" "$OUT/linear-lab.log"
