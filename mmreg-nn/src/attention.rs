@@ -320,6 +320,63 @@ fn attend_gathered(
     Ok(out.reshape([n, heads, d]))
 }
 
+/// How many of `sequences`, from the first on, are fresh causal prompts of the first one's length
+/// packed back to back (a step's batch of equal prompts): one call attends them all, with the whole
+/// batch's blocks in one grid where one call per prompt would leave most of the GPU idle at a few
+/// hundred tokens. 0 or 1: attend the first alone.
+fn equal_fresh_prompts(sequences: &[SequenceSlice], window: Option<i64>) -> usize {
+    let Some(first) = sequences.first() else {
+        return 0;
+    };
+    let fresh = |s: &SequenceSlice| {
+        s.context == 0
+            && s.len == first.len
+            && s.len > 1
+            && s.bidirectional.is_none()
+            && !window.is_some_and(|w| s.len > w)
+    };
+    sequences
+        .iter()
+        .enumerate()
+        .take_while(|&(j, s)| fresh(s) && s.start == first.start + j as i64 * first.len)
+        .count()
+}
+
+/// Causal attention of `n` fresh prompts of `len` tokens each, packed from row `start` of the step's
+/// queries, keys and values (`[tokens, heads, d]`), as one batch: `[n * len, heads, d]`.
+#[allow(clippy::too_many_arguments)]
+fn attend_equal_prompts(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    start: i64,
+    n: i64,
+    len: i64,
+    scale: f64,
+    gqa: bool,
+) -> Result<Tensor> {
+    // [n * len, heads, d] → [n, heads, len, d] (a view: the kernels read the strides)
+    let batched = |t: &Tensor| -> Result<Tensor> {
+        let (heads, d) = (t.size()[1], t.size()[2]);
+        Ok(t.f_narrow(0, start, n * len)?
+            .f_view([n, len, heads, d])?
+            .f_transpose(1, 2)?)
+    };
+    let out = Tensor::f_scaled_dot_product_attention(
+        &batched(query)?,
+        &batched(key)?,
+        &batched(value)?,
+        None::<Tensor>,
+        0.0,
+        true,
+        scale,
+        gqa,
+    )?;
+    let (heads, d) = (out.size()[1], out.size()[3]);
+    // Laid out [n, len, heads, d] where the kernel keeps the queries' layout (cuDNN's on CUDA): no copy.
+    Ok(out.f_transpose(1, 2)?.f_reshape([n * len, heads, d])?)
+}
+
 /// Attends to keys and values already stored in the cache at `slots.new_slots()`.
 #[allow(clippy::too_many_arguments)]
 fn attend_stored(
@@ -351,7 +408,18 @@ fn attend_stored(
         outputs.push(out);
     }
     let gqa = query.size()[1] != key.size()[1];
-    for (i, seq) in batch.sequences.iter().enumerate().skip(gathered) {
+    let mut i = gathered;
+    while i < batch.sequences.len() {
+        let seq = &batch.sequences[i];
+        let prompts = equal_fresh_prompts(&batch.sequences[i..], window);
+        if prompts > 1 {
+            let (start, n, len) = (seq.start, prompts as i64, seq.len);
+            outputs.push(attend_equal_prompts(
+                query, key, value, start, n, len, scale, gqa,
+            )?);
+            i += prompts;
+            continue;
+        }
         // [n, heads, d] → [1, heads, n, d]
         let heads_first = |t: Tensor| t.transpose(0, 1).unsqueeze(0);
         let q = heads_first(query.narrow(0, seq.start, seq.len));
@@ -387,6 +455,7 @@ fn attend_stored(
             masked_attention(&query.narrow(0, seq.start, seq.len), &k, &v, &mask, scale)?
         };
         outputs.push(out.squeeze_dim(0).transpose(0, 1));
+        i += 1;
     }
     // A lone sequence's output goes as it is: a cat would copy it once more, and where the kernel lays
     // it out as [len, heads, d] (cuDNN's attention on CUDA does) the caller's reshape copies nothing.
@@ -400,6 +469,98 @@ fn attend_stored(
 mod tests {
     use super::*;
     use tch::Device;
+
+    fn prompt(start: i64, len: i64, context: i64) -> SequenceSlice {
+        SequenceSlice {
+            start,
+            len,
+            context,
+            slots: Tensor::new(),
+            bidirectional: None,
+        }
+    }
+
+    /// A step's run of equal fresh prompts ends at the first sequence that is not one, or not packed
+    /// right after the one before; a window shorter than the prompts, or a bidirectional run, stops it.
+    #[test]
+    fn equal_fresh_prompts_are_the_leading_run_of_one_length() {
+        let step = [
+            prompt(0, 5, 0),
+            prompt(5, 5, 0),
+            prompt(10, 5, 0),
+            prompt(15, 4, 0),
+        ];
+        assert_eq!(equal_fresh_prompts(&step, None), 3);
+        assert_eq!(equal_fresh_prompts(&step[3..], None), 1);
+        assert_eq!(equal_fresh_prompts(&step, Some(5)), 3);
+        assert_eq!(equal_fresh_prompts(&step, Some(4)), 0);
+        assert_eq!(equal_fresh_prompts(&[], None), 0);
+        // A chunk after its context, then prompts: nothing to batch at the chunk.
+        let chunked = [prompt(0, 5, 3), prompt(5, 5, 0), prompt(10, 5, 0)];
+        assert_eq!(equal_fresh_prompts(&chunked, None), 0);
+        assert_eq!(equal_fresh_prompts(&chunked[1..], None), 2);
+        // Single-token rows are decodes, and a gap in the packing ends the run.
+        assert_eq!(
+            equal_fresh_prompts(&[prompt(0, 1, 0), prompt(1, 1, 0)], None),
+            0
+        );
+        assert_eq!(
+            equal_fresh_prompts(&[prompt(0, 5, 0), prompt(6, 5, 0)], None),
+            1
+        );
+        let mut open = prompt(5, 5, 0);
+        open.bidirectional = Some(Tensor::ones([5, 5], (Kind::Bool, Device::Cpu)));
+        assert_eq!(equal_fresh_prompts(&[prompt(0, 5, 0), open], None), 1);
+    }
+
+    /// Equal prompts attended as one batch give each prompt's own causal attention, for plain and
+    /// grouped heads, with the queries a strided view of a stacked projection as the decoder's are.
+    #[test]
+    fn equal_prompts_in_one_batch_attend_as_each_alone() {
+        tch::manual_seed(5);
+        let (d, len, n) = (16, 6, 3);
+        for (heads, kv_heads) in [(4, 4), (8, 2)] {
+            let opts = (Kind::Float, Device::Cpu);
+            // Two rows before the prompts (a decode ahead of them), as in a mixed step.
+            let rows = 2 + n * len;
+            let qkv = Tensor::randn([rows, heads + 2 * kv_heads, d], opts);
+            let q = qkv.narrow(1, 0, heads);
+            let k = qkv.narrow(1, heads, kv_heads);
+            let v = qkv.narrow(1, heads + kv_heads, kv_heads);
+            let gqa = heads != kv_heads;
+            let out = attend_equal_prompts(&q, &k, &v, 2, n, len, 0.25, gqa).expect("batched");
+            assert_eq!(out.size(), [n * len, heads, d]);
+            for p in 0..n {
+                let first = |t: &Tensor| t.narrow(0, 2 + p * len, len).transpose(0, 1).unsqueeze(0);
+                let alone = Tensor::scaled_dot_product_attention(
+                    &first(&q),
+                    &first(&k),
+                    &first(&v),
+                    None::<Tensor>,
+                    0.0,
+                    true,
+                    0.25,
+                    gqa,
+                )
+                .squeeze_dim(0)
+                .transpose(0, 1);
+                let error = (out.narrow(0, p * len, len) - alone)
+                    .abs()
+                    .max()
+                    .double_value(&[]);
+                assert!(
+                    error < 1e-6,
+                    "heads {heads}/{kv_heads}, prompt {p}: {error}"
+                );
+            }
+            // Causal: the first token of the second prompt sees only itself (its value row).
+            let own = v
+                .get(2 + len)
+                .repeat_interleave_self_int(heads / kv_heads, 0, None);
+            let error = (out.get(len) - own).abs().max().double_value(&[]);
+            assert!(error < 1e-6, "heads {heads}/{kv_heads}: {error}");
+        }
+    }
 
     /// A chunk after cached positions: causal attention over the zero-padded whole sequence equals
     /// attention under the chunk's bottom-right-aligned causal mask, for plain and grouped heads, with
