@@ -12,6 +12,8 @@
 #                                      and 32 with each of REST_VARIANTS; then, if time is left,
 #                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
 #                                      session with two calls' time: anchor, then rest)
+#   scripts/gpu/next_calls.sh before   gpu-stage/mmreg-before.gz (an earlier build) against this one:
+#                                      LLaVA-1.5 at batch 1, 8 and 32 twice, LLaVA-NeXT at 1 and 8 once
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
 #                                      lab_rows32_s prototypes, k in 1-4 splits (ROWS32_W=1:
 #                                      lab_rows32_w's too; about a minute)
@@ -94,6 +96,23 @@ case "${1:-}" in
       bench llava15-before $((LIMIT - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 BEFORE=1
       table llava15-before
     fi
+    ;;
+  before)
+    # This build against the staged gpu-stage/mmreg-before.gz (an earlier build): LLaVA-1.5 at batch 1, 8
+    # and 32, alternating twice; LLaVA-NeXT at batch 1 and 8 once each (SKIP_NEXT=1: not); the GPU tests.
+    gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
+    bench llava15-before 300 MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=2 BEFORE=1
+    table llava15-before
+    if [ -z "${SKIP_NEXT:-}" ]; then
+      bench next-before $((LIMIT - 45 - (SECONDS - start))) MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=1 \
+        BEFORE=1
+      table next-before
+    fi
+    left=$((LIMIT - (SECONDS - start)))
+    [ "$left" -gt 20 ] && MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh cuda_graphs \
+      > "$OUT/gpu-tests.log" 2>&1
+    echo "GPU tests: exit $? at $((SECONDS - start)) s"
+    grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
     ;;
   lab)
     # The batch-32 products alone: cuBLAS, a plain read of each weight and linear_lab.cu's lab_rows32_s
