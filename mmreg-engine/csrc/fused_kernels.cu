@@ -309,6 +309,70 @@ __device__ void rms_norm_row_vectors(typename D::T* out, typename D::T* sum, con
   }
 }
 
+// HF's nn.LayerNorm of each row of x + delta (the residual add before the norm, rounded to the dtype
+// and written to `sum`), as libtorch computes it: mean and variance in f32 (here in two passes over the
+// row held in registers), then (v - mean) * rsqrt(var + eps) * weight + bias in f32, rounded once. One
+// block per row, each thread up to kNormVectors 16-byte vectors of it; the caller checks that cols is a
+// multiple of the vector's elements, that a row fits and that every pointer is 16-byte aligned.
+template <typename D>
+__device__ void add_layer_norm_row_vectors(typename D::T* out, typename D::T* sum,
+                                           const typename D::T* x, const typename D::T* delta,
+                                           const typename D::T* weight, const typename D::T* bias,
+                                           int cols, float eps) {
+  constexpr int N = 16 / sizeof(typename D::T);
+  typedef Pack<typename D::T, N> V;
+  const long long row = blockIdx.x;
+  float v[kNormVectors][N];
+  float total = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kNormVectors; ++i) {
+    const long long c = (threadIdx.x + i * (long long)blockDim.x) * N;
+    if (c < cols) {
+      const V a = *reinterpret_cast<const V*>(x + row * cols + c);
+      const V b = *reinterpret_cast<const V*>(delta + row * cols + c);
+      V s;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        s.e[n] = D::store(D::load(a.e[n]) + D::load(b.e[n]));
+        v[i][n] = D::load(s.e[n]);
+        total += v[i][n];
+      }
+      *reinterpret_cast<V*>(sum + row * cols + c) = s;
+    }
+  }
+  const float mean = block_sum(total) / cols;
+  // block_sum's partials are reused by the second sum: every warp has read the first's before any
+  // writes the second's.
+  __syncthreads();
+  float squares = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kNormVectors; ++i) {
+    const long long c = (threadIdx.x + i * (long long)blockDim.x) * N;
+    if (c < cols) {
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const float centred = v[i][n] - mean;
+        squares += centred * centred;
+      }
+    }
+  }
+  const float inv = rsqrtf(block_sum(squares) / cols + eps);
+#pragma unroll
+  for (int i = 0; i < kNormVectors; ++i) {
+    const long long c = (threadIdx.x + i * (long long)blockDim.x) * N;
+    if (c < cols) {
+      const V w = *reinterpret_cast<const V*>(weight + c);
+      const V b = *reinterpret_cast<const V*>(bias + c);
+      V o;
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        o.e[n] = D::store((v[i][n] - mean) * inv * D::load(w.e[n]) + D::load(b.e[n]));
+      }
+      *reinterpret_cast<V*>(out + row * cols + c) = o;
+    }
+  }
+}
+
 // MMREG_FAST_ACTIVATIONS=1: the sigmoids of SiLU and quick_gelu in bf16 and f16 through the special
 // function unit's exp and a fast division, a few instructions where expf and an IEEE division take
 // dozens (a prefill's activations are bound by their instructions: 6.6 million SiLUs of LLaVA-1.5's
@@ -1733,6 +1797,12 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   MMREG_KERNEL void quick_gelu_vectors_##suffix(D::T* out, const D::T* x, long long vectors) {     \
     begin_kernel();                                                                            \
     quick_gelu_vectors<D>(out, x, vectors);                                                        \
+  }                                                                                                \
+  MMREG_KERNEL void add_layer_norm_vectors_##suffix(D::T* out, D::T* sum, const D::T* x,            \
+                                                    const D::T* delta, const D::T* weight,         \
+                                                    const D::T* bias, int cols, float eps) {       \
+    begin_kernel();                                                                            \
+    add_layer_norm_row_vectors<D>(out, sum, x, delta, weight, bias, cols, eps);                    \
   }
 
 MMREG_KERNELS(F32, f32)

@@ -243,7 +243,11 @@ T arg(void** args, int i) {
   [](void** a) { quick_gelu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2)); },   \
   [](void** a) { quick_gelu_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                              arg<long long>(a, 2)); },                                \
-  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T)
+  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T),                         \
+  [](void** a) { add_layer_norm_vectors_##suffix(arg<T*>(a, 0), arg<T*>(a, 1), arg<const T*>(a, 2),   \
+                                                 arg<const T*>(a, 3), arg<const T*>(a, 4),           \
+                                                 arg<const T*>(a, 5), arg<int>(a, 6),                \
+                                                 arg<float>(a, 7)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -221,9 +221,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 33 kernels in each of 3 dtypes.
+        // 34 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 99,
+            kernels, 102,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -425,6 +425,50 @@ fn rms_norm_and_residual_add_match_hf() {
                 assert_identical(&format!("residual add {mode:?}"), &sum, &expected_sum);
                 let expected = hf_rms_norm(&expected_sum, &weight, eps);
                 assert_within_roundings(&format!("add_{what}"), &normed, &expected, steps);
+            }
+        }
+    }
+}
+
+/// The vision towers' residual add and LayerNorm against HF's two ops (`hidden + residual`, then
+/// `nn.LayerNorm`): the sum bit-exact; the norm within a rounding step in 16-bit types (the kernel's
+/// two-pass mean and variance are in another order than libtorch's), within 1e-5 in f32 (absolute: the
+/// bias can cancel the product, where relative errors mean nothing). CLIP's rows (1024), SigLIP's
+/// (1152), rows of more than 1024 vectors in 16-bit types (several a thread), and rows that are not whole
+/// vectors (libtorch's ops: no launch).
+#[test]
+fn add_layer_norm_matches_hf() {
+    let _counting = counting();
+    for mode in modes() {
+        for kind in KINDS {
+            for (rows, cols) in [(37, 1024), (5, 1152), (2, 12288), (3, 100)] {
+                let device = mode.device();
+                let x = random(&[rows, cols], kind, device, rows + cols);
+                let delta = random(&[rows, cols], kind, device, rows + cols + 1);
+                let weight = (random(&[cols], kind, device, 7) * 0.1 + 1.0).to_kind(kind);
+                let bias = (random(&[cols], kind, device, 8) * 0.3).to_kind(kind);
+                let eps = 1e-5;
+                let before = kernels::launches("add_layer_norm");
+                let (sum, normed) = kernels::add_layer_norm(&x, &delta, &weight, &bias, eps);
+                let what = format!("add_layer_norm {mode:?} ({rows}×{cols})");
+                let expected_sum = &x + &delta;
+                assert_identical(&format!("{what}: sum"), &sum, &expected_sum);
+                let expected =
+                    expected_sum.layer_norm([cols], Some(&weight), Some(&bias), eps, true);
+                if kind == Kind::Float {
+                    let error = (&normed - &expected).abs().max().double_value(&[]);
+                    assert!(error < 1e-5, "{what}: off by {error}");
+                } else {
+                    assert_within_one_rounding(&what, &normed, &expected);
+                }
+                let whole_vectors = cols * kind.elt_size_in_bytes() as i64 % 16 == 0;
+                if mode != Mode::Fallback {
+                    assert_eq!(
+                        kernels::launches("add_layer_norm") > before,
+                        whole_vectors,
+                        "{what}: launched where it should not, or not where it should"
+                    );
+                }
             }
         }
     }

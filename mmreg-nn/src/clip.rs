@@ -227,13 +227,28 @@ impl EncoderLayer {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x + self.self_attn.forward(&self.layer_norm1.forward(x))?;
-        let mlp = self.fc2.forward(
-            &self
-                .act
-                .forward(&self.fc1.forward(&self.layer_norm2.forward(&x))),
-        )?;
+        let (x, mlp) = self.forward_unsummed(x, None)?;
         Ok(x + mlp)
+    }
+
+    /// The layer with its last residual add left undone: `(x, mlp)`, whose sum is its output. Its input
+    /// is `x + pending` when the layer before left its add too: each add then goes into the next
+    /// norm's kernel.
+    pub(crate) fn forward_unsummed(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, normed) = match pending {
+            Some(delta) => self.layer_norm1.forward_add(x, delta),
+            None => (x.shallow_clone(), self.layer_norm1.forward(x)),
+        };
+        let attn = self.self_attn.forward(&normed)?;
+        let (x, normed) = self.layer_norm2.forward_add(&x, &attn);
+        let mlp = self
+            .fc2
+            .forward(&self.act.forward(&self.fc1.forward(&normed)))?;
+        Ok((x, mlp))
     }
 }
 
@@ -353,17 +368,26 @@ impl ClipVisionTower {
             .expand([n, 1, -1], false);
         let embeddings = Tensor::cat(&[class, patches], 1) + &self.position_embedding;
         let mut x = self.pre_layrnorm.forward(&embeddings);
+        // The last layer's MLP output, not yet added to x: the next layer's first norm adds it.
+        let mut pending: Option<Tensor> = None;
         let mut states: Vec<Option<Tensor>> = indices.iter().map(|_| None).collect();
         for (depth, layer) in std::iter::once(None)
             .chain(self.layers.iter().map(Some))
             .enumerate()
         {
             if let Some(layer) = layer {
-                x = layer.forward(&x)?;
+                let (residual, mlp) = layer.forward_unsummed(&x, pending.as_ref())?;
+                (x, pending) = (residual, Some(mlp));
             }
-            for (slot, &index) in states.iter_mut().zip(indices) {
-                if index == depth {
-                    *slot = Some(x.shallow_clone());
+            if indices.contains(&depth) {
+                // A state read here is the sum itself, which the next layer then takes as it is.
+                if let Some(delta) = pending.take() {
+                    x = x + delta;
+                }
+                for (slot, &index) in states.iter_mut().zip(indices) {
+                    if index == depth {
+                        *slot = Some(x.shallow_clone());
+                    }
                 }
             }
         }

@@ -32,6 +32,12 @@ impl LayerNorm {
             true,
         )
     }
+
+    /// The residual add before the norm, fused with it where the kernels run: `(x + delta,
+    /// norm(x + delta))`.
+    pub fn forward_add(&self, x: &Tensor, delta: &Tensor) -> (Tensor, Tensor) {
+        kernels::add_layer_norm(x, delta, &self.weight, &self.bias, self.eps)
+    }
 }
 
 /// Llama's RMSNorm exactly as HF computes it: in f32, cast back to the input dtype *before* the weight.

@@ -13,7 +13,8 @@
 #                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
 #                                      session with two calls' time: anchor, then rest)
 #   scripts/gpu/next_calls.sh before   gpu-stage/mmreg-before.gz (an earlier build) against this one:
-#                                      LLaVA-1.5 at batch 1, 8 and 32 twice, LLaVA-NeXT at 1 and 8 once
+#                                      LLaVA-1.5 at BEFORE_BATCHES (1,8,32) twice, LLaVA-NeXT at 1 and 8
+#                                      once, each of BEFORE_VARIANTS at LLaVA-1.5's 1 and 8; GPU tests
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
 #                                      lab_rows32_s prototypes, k in 1-4 splits (ROWS32_W=1:
 #                                      lab_rows32_w's too; about a minute)
@@ -98,21 +99,32 @@ case "${1:-}" in
     fi
     ;;
   before)
-    # This build against the staged gpu-stage/mmreg-before.gz (an earlier build): LLaVA-1.5 at batch 1, 8
-    # and 32, alternating twice; LLaVA-NeXT at batch 1 and 8 once each (SKIP_NEXT=1: not); the GPU tests.
-    gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
-    bench llava15-before 300 MODELS=LLaVA-1.5-7B BATCHES=1,8,32 REPEAT=2 BEFORE=1
-    table llava15-before
-    if [ -z "${SKIP_NEXT:-}" ]; then
-      bench next-before $((LIMIT - 45 - (SECONDS - start))) MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=1 \
-        BEFORE=1
-      table next-before
-    fi
-    left=$((LIMIT - (SECONDS - start)))
-    [ "$left" -gt 20 ] && MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh cuda_graphs \
+    # The GPU tests; then this build against the staged gpu-stage/mmreg-before.gz (an earlier build):
+    # LLaVA-1.5 at BEFORE_BATCHES (1, 8 and 32 by default), alternating twice; LLaVA-NeXT at batch 1 and 8
+    # once each (SKIP_NEXT=1: not); with BEFORE_VARIANTS ("ENV=V|ENV=V"), each against this build's
+    # default at LLaVA-1.5's batch 1 and 8; with TRACE=1, prefill_trace.sh on LLaVA-1.5 if time is left.
+    { MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh cuda_graphs
+      MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh fused_kernels --skip nvrtc; } \
       > "$OUT/gpu-tests.log" 2>&1
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
     grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
+    gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
+    bench llava15-before 300 MODELS=LLaVA-1.5-7B BATCHES="${BEFORE_BATCHES:-1,8,32}" REPEAT=2 BEFORE=1
+    table llava15-before
+    if [ -z "${SKIP_NEXT:-}" ]; then
+      bench next-before 240 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=1 BEFORE=1
+      table next-before
+    fi
+    if [ -n "${BEFORE_VARIANTS:-}" ]; then
+      bench llava15-variants $((LIMIT - 5 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 \
+        VARIANTS="$BEFORE_VARIANTS"
+      table llava15-variants
+    fi
+    if [ -n "${TRACE:-}" ] && [ $((LIMIT - (SECONDS - start))) -gt 60 ]; then
+      MODELS=LLaVA-1.5-7B timeout $((LIMIT - (SECONDS - start))) scripts/gpu/prefill_trace.sh \
+        > "$OUT/prefill-trace.log" 2>&1
+      echo "prefill trace: exit $? at $((SECONDS - start)) s"
+    fi
     ;;
   lab)
     # The batch-32 products alone: cuBLAS, a plain read of each weight and linear_lab.cu's lab_rows32_s

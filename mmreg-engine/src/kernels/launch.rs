@@ -11,9 +11,10 @@ use super::nvrtc;
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
-/// `linear_rope_and_store`, `quick_gelu`, and the tensor-core attention's six-warp variant alone.
-pub(super) static LAUNCHES: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
-pub(super) const FAMILIES: [&str; 11] = [
+/// `linear_rope_and_store`, `quick_gelu`, the tensor-core attention's six-warp variant alone, and
+/// `add_layer_norm`.
+pub(super) static LAUNCHES: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
+pub(super) const FAMILIES: [&str; 12] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -25,6 +26,7 @@ pub(super) const FAMILIES: [&str; 11] = [
     "linear_rope_and_store",
     "quick_gelu",
     "paged_decode_attention_mma_w6",
+    "add_layer_norm",
 ];
 
 fn counted(family: usize) {
@@ -51,8 +53,8 @@ unsafe impl Sync for Function {}
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
 /// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the tensor-core
-/// attention in blocks of six warps.
-pub(super) const NAMES: [&str; 33] = [
+/// attention in blocks of six warps; the residual add and LayerNorm in 16-byte vectors.
+pub(super) const NAMES: [&str; 34] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -86,6 +88,7 @@ pub(super) const NAMES: [&str; 33] = [
     "quick_gelu",
     "quick_gelu_vectors",
     "paged_decode_attention_mma_w6",
+    "add_layer_norm_vectors",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -118,6 +121,7 @@ const QUICK_GELU: usize = 30;
 const QUICK_GELU_VECTORS: usize = 31;
 /// The tensor-core decode attention in blocks of `ATTENTION_WIDE_WARPS` warps.
 pub(super) const ATTENTION_MMA_WIDE: usize = 32;
+const ADD_LAYER_NORM_VECTORS: usize = 33;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -388,6 +392,57 @@ impl Kernels {
             counted(0);
         }
         (sum, out)
+    }
+
+    /// `x + delta` and its LayerNorm, for rows whose 16-byte vectors fit a block (the caller checks:
+    /// [`Self::layer_norm_fits`]).
+    pub(super) fn add_layer_norm(
+        &self,
+        x: &Tensor,
+        delta: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+    ) -> (Tensor, Tensor) {
+        let (out, sum) = (x.empty_like(), x.empty_like());
+        let cols = weight.size()[0];
+        let rows = x.numel() as i64 / cols.max(1);
+        if rows == 0 {
+            return (sum, out);
+        }
+        // A thread per vector up to 1024 threads, then up to NORM_VECTORS vectors each.
+        let vectors = cols / (16 / x.kind().elt_size_in_bytes() as i64);
+        let block = warps_for(vectors.min(1024), 1024);
+        let (mut out_p, mut sum_p, mut x_p, mut delta_p) =
+            (ptr(&out), ptr(&sum), ptr(x), ptr(delta));
+        let (mut w_p, mut b_p) = (ptr(weight), ptr(bias));
+        let (mut cols, mut eps) = (cols as i32, eps as f32);
+        let mut args = [
+            arg!(out_p),
+            arg!(sum_p),
+            arg!(x_p),
+            arg!(delta_p),
+            arg!(w_p),
+            arg!(b_p),
+            arg!(cols),
+            arg!(eps),
+        ];
+        let k = self.of(x.kind());
+        self.launch(k.0[ADD_LAYER_NORM_VECTORS], (rows, 1), block, &mut args);
+        counted(11);
+        (sum, out)
+    }
+
+    /// Whether [`Self::add_layer_norm`] takes rows of `cols` elements of these tensors.
+    pub(super) fn layer_norm_fits(tensors: &[&Tensor], cols: i64) -> bool {
+        let Some(first) = tensors.first() else {
+            return false;
+        };
+        let per_vector = 16 / first.kind().elt_size_in_bytes() as i64;
+        cols > 0
+            && cols % per_vector == 0
+            && cols / per_vector <= 1024 * NORM_VECTORS
+            && tensors.iter().all(|t| aligned(t, 16))
     }
 
     pub(super) fn silu_mul(&self, gate_up: &Tensor) -> Tensor {

@@ -151,6 +151,29 @@ pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> (T
     }
 }
 
+/// The residual add and the next LayerNorm (HF's `nn.LayerNorm` over the last dimension, with weight
+/// and bias): returns `(x + delta, layer_norm(x + delta))`, the sum rounded to the dtype before it is
+/// normalised, as two separate ops would. One kernel on CUDA where rows are whole 16-byte vectors.
+pub fn add_layer_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> (Tensor, Tensor) {
+    let cols = weight.size().first().copied().unwrap_or(0);
+    let fits = || {
+        x.size() == delta.size()
+            && x.size().last() == Some(&cols)
+            && bias.size() == [cols]
+            && Kernels::layer_norm_fits(&[x, delta, weight, bias], cols)
+    };
+    match fused_for(&[x, delta, weight, bias]) {
+        Some(k) if fits() => k.add_layer_norm(x, delta, weight, bias, eps),
+        _ => unfused::add_layer_norm(x, delta, weight, bias, eps),
+    }
+}
+
 /// `silu(gate) * up` for a stacked `[.., 2 * n]` projection (`gate` the first half): `[.., n]`.
 pub fn silu_mul(gate_up: &Tensor) -> Tensor {
     match fused_for(&[gate_up]) {

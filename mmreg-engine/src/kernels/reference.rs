@@ -13,6 +13,19 @@ pub fn add_rms_norm(x: &Tensor, delta: &Tensor, weight: &Tensor, eps: f64) -> (T
     (sum, normed)
 }
 
+/// HF's residual add, then `nn.LayerNorm` of the sum.
+pub fn add_layer_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> (Tensor, Tensor) {
+    let sum = x + delta;
+    let normed = sum.layer_norm([weight.size()[0]], Some(weight), Some(bias), eps, true);
+    (sum, normed)
+}
+
 pub fn silu_mul(gate_up: &Tensor) -> Tensor {
     let n = gate_up.size().last().copied().unwrap_or(0) / 2;
     gate_up.narrow(-1, 0, n).silu() * gate_up.narrow(-1, n, n)

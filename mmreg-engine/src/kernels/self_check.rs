@@ -144,6 +144,13 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             let x = w(&[5, cols], 0.45) * 2.0;
             compare("quick_gelu", &k.quick_gelu(&x), &unfused::quick_gelu(&x))?;
         }
+        // 3 rows of 48 (whole 16-byte vectors in every dtype).
+        let (x, delta) = (w(&[3, 48], 0.81), w(&[3, 48], 0.82));
+        let (weight, bias) = (w(&[48], 0.83) * 0.1 + 1.0, w(&[48], 0.84) * 0.3);
+        let (sum, normed) = k.add_layer_norm(&x, &delta, &weight, &bias, 1e-5);
+        let (expected_sum, expected) = unfused::add_layer_norm(&x, &delta, &weight, &bias, 1e-5);
+        compare("add_layer_norm's sum", &sum, &expected_sum)?;
+        compare("add_layer_norm", &normed, &expected)?;
         let (qkv, cos, sin) = (w(&[4, 6, 64], 0.5), w(&[4, 64], 0.6), w(&[4, 64], 0.7));
         let roped = k.rope(&qkv, &cos, &sin, 4, None);
         compare("rope", &roped, &unfused::rope(&qkv, &cos, &sin, 4))?;
