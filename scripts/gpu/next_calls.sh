@@ -105,7 +105,9 @@ case "${1:-}" in
     # default at LLaVA-1.5's batch 1 and 8; with TRACE=1, prefill_trace.sh on LLaVA-1.5 if time is left.
     { MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh cuda_graphs
       MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh fused_kernels --skip nvrtc
-      [ -x gpu-stage/tests/fused_engine ] && MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh fused_engine
+      if [ -x gpu-stage/tests/fused_engine ]; then
+        MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh fused_engine
+      fi
     } > "$OUT/gpu-tests.log" 2>&1
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
     grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head

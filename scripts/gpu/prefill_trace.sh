@@ -7,6 +7,7 @@
 # each kernel's time is its own. About 4 minutes of device time with both checkpoints to build.
 # Usage on the GPU machine, from the repo root, with the staged binary (carry: ["gpu-stage"]):
 #   MODELS="LLaVA-NeXT-Mistral-7B LLaVA-1.5-7B" scripts/gpu/prefill_trace.sh
+# (BENCH_ARGS="--no-enable-chunked-prefill": whole prompts a step; ONLY=prefill_bs8: that trace alone)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp}
@@ -23,11 +24,14 @@ PY
   prompt=$(printf '%b' "$prompt")
   trace=/tmp/trace-$model
   rm -rf "$trace"
+  # BENCH_ARGS: more flags of `mmreg bench` (say --no-enable-chunked-prefill).
+  # shellcheck disable=SC2086
   MMREG_PDL=0 gpu-stage/run.sh mmreg bench --model "$dir" --image "$image" --prompt "$prompt" --batch 1 \
-    --max-tokens 16 --device cuda --dtype bf16 --trace "$trace" > "$out/prefill-trace-$model.json" \
+    --max-tokens 16 --device cuda --dtype bf16 --trace "$trace" ${BENCH_ARGS:-} > "$out/prefill-trace-$model.json" \
     2> "$out/prefill-trace-$model.err"
   echo "== $model (MMREG_PDL=0): $(tail -n1 "$out/prefill-trace-$model.json")"
-  for t in "$trace"/prefill_bs1.json "$trace"/prefill_bs8.json; do
+  for name in ${ONLY:-prefill_bs1 prefill_bs8}; do
+    t=$trace/$name.json
     [ -f "$t" ] && GAPS=12 python3 scripts/gpu/trace_summary.py "$t" 2>&1
   done
 done
