@@ -373,33 +373,16 @@ __device__ void add_layer_norm_row_vectors(typename D::T* out, typename D::T* su
   }
 }
 
-// MMREG_FAST_ACTIVATIONS=1: the sigmoids of SiLU and quick_gelu in bf16 and f16 through the special
-// function unit's exp and a fast division, a few instructions where expf and an IEEE division take
-// dozens (a prefill's activations are bound by their instructions: 6.6 million SiLUs of LLaVA-1.5's
-// 604-token layer take 16 µs, 2.5 TB/s of an H200's 4.8). Their f32 results are a few ulps from
-// expf's, which the rounding to the 16-bit dtype right after almost always hides: within one rounding
-// step, as the tests allow for SiLU. Off until measured on a GPU; f32 always takes expf.
-#ifndef MMREG_FAST_ACTIVATIONS
-#define MMREG_FAST_ACTIVATIONS 0
-#endif
-template <typename D>
-constexpr bool kFastActivations = MMREG_FAST_ACTIVATIONS != 0 && sizeof(typename D::T) == 2;
-
-// x / (1 + exp(-y)), as written or fast (kFastActivations).
-template <typename D>
-__device__ __forceinline__ float over_one_plus_exp(float x, float y) {
-  if constexpr (kFastActivations<D>) {
-    return __fdividef(x, 1.0f + __expf(-y));
-  } else {
-    return x / (1.0f + expf(-y));
-  }
-}
+// x / (1 + exp(-y)) in f32, as libtorch's sigmoid and SiLU compute it (expf and an IEEE division: the
+// special function unit's fast exp and division, tried as MMREG_FAST_ACTIVATIONS, gained nothing in
+// runs 72, 73 and 84).
+__device__ __forceinline__ float over_one_plus_exp(float x, float y) { return x / (1.0f + expf(-y)); }
 
 // silu(gate) * up of one element, HF's act_fn(gate) * up: silu's result rounded before the product.
 template <typename D>
 __device__ __forceinline__ typename D::T silu_times(typename D::T gate, typename D::T up) {
   const float g = D::load(gate);
-  return D::store(round_to<D>(over_one_plus_exp<D>(g, g)) * D::load(up));
+  return D::store(round_to<D>(over_one_plus_exp(g, g)) * D::load(up));
 }
 
 // silu_times over a stacked [rows, 2 * cols] projection (gate first). Grid-stride loops over rows (y)
@@ -448,7 +431,7 @@ template <typename D>
 __device__ __forceinline__ typename D::T quick_gelu_of(typename D::T x) {
   const float v = D::load(x);
   const float scaled = round_to<D>(v * 1.702f);
-  return D::store(v * round_to<D>(over_one_plus_exp<D>(1.0f, scaled)));
+  return D::store(v * round_to<D>(over_one_plus_exp(1.0f, scaled)));
 }
 
 // quick_gelu_of over n elements: a grid-stride loop, a thread per element.

@@ -189,11 +189,7 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
     let variants = [
         (9, 0, ""),
         (8, 0, ""),
-        (
-            9,
-            0,
-            "#define MMREG_FAST_ACTIVATIONS 1\n#define MMREG_EARLY_READS 0\n",
-        ),
+        (9, 0, "#define MMREG_EARLY_READS 0\n"),
     ];
     for (major, minor, defines) in variants {
         let (bytes, report) = match kernels::compile_for(major, minor, defines) {

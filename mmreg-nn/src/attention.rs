@@ -333,7 +333,7 @@ fn equal_fresh_prompts(sequences: &[SequenceSlice], window: Option<i64>) -> usiz
             && s.len == first.len
             && s.len > 1
             && s.bidirectional.is_none()
-            && !window.is_some_and(|w| s.len > w)
+            && window.is_none_or(|w| s.len <= w)
     };
     sequences
         .iter()

@@ -382,7 +382,7 @@ impl ClipVisionTower {
             if indices.contains(&depth) {
                 // A state read here is the sum itself, which the next layer then takes as it is.
                 if let Some(delta) = pending.take() {
-                    x = x + delta;
+                    x += delta;
                 }
                 for (slot, &index) in states.iter_mut().zip(indices) {
                     if index == depth {

@@ -3,11 +3,11 @@
 # with their starts, the budget of one session). On the GPU machine, from the repo root (carry:
 # ["gpu-stage"]):
 #   scripts/gpu/next_calls.sh tests    the GPU tests (MMREG_TEST_MODES=cuda), then LLaVA-1.5-7B at batch 1
-#                                      and 8 as it runs, with the early reads or the six-warp attention
-#                                      off, and with fast activations; then the staged
+#                                      and 8 as it runs, and with the early reads or the six-warp
+#                                      attention off; then the staged
 #                                      gpu-stage/mmreg-before.gz (an earlier build) against this one
-#   scripts/gpu/next_calls.sh next     LLaVA-NeXT-Mistral-7B at batch 1 and 8: chunked prefill off, fast
-#                                      activations
+#   scripts/gpu/next_calls.sh next     LLaVA-NeXT-Mistral-7B at batch 1 and 8, and with chunked prefill
+#                                      off
 #   scripts/gpu/next_calls.sh rest     LLaVA-NeXT as it runs (SKIP_NEXT=1: not); LLaVA-1.5 at batch 1, 8
 #                                      and 32 with each of REST_VARIANTS; then, if time is left,
 #                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
@@ -66,7 +66,7 @@ case "${1:-}" in
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
     grep -E "^test result|FAILED|panicked|^CUDA graphs" "$OUT/gpu-tests.log" | head
     bench llava15-switches 330 MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=2 \
-      VARIANTS="MMREG_EARLY_READS=0|MMREG_ATTENTION_SIX_WARPS=0|MMREG_FAST_ACTIVATIONS=1"
+      VARIANTS="MMREG_EARLY_READS=0|MMREG_ATTENTION_SIX_WARPS=0"
     table llava15-switches
     if [ -f gpu-stage/mmreg-before.gz ]; then
       gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
@@ -76,7 +76,7 @@ case "${1:-}" in
     ;;
   next)
     bench next-switches 560 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=2 \
-      VARIANTS="ARGS=--no-enable-chunked-prefill|MMREG_FAST_ACTIVATIONS=1"
+      VARIANTS="ARGS=--no-enable-chunked-prefill"
     table next-switches
     ;;
   rest)

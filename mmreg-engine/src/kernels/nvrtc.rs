@@ -124,8 +124,6 @@ mod shim {
     ///   while it multiplies the one before (1, the default) or loads each tile and then multiplies it.
     /// - `MMREG_FEW_UNROLL_8` (1 to 8): the chunks of 32 a warp of the 8-row few-rows kernels loads at
     ///   once (4 by default).
-    /// - `MMREG_FAST_ACTIVATIONS` (0 or 1): SiLU's and quick_gelu's sigmoids in bf16 and f16 through the
-    ///   fast exp and division (0, expf and an IEEE division, by default).
     /// - `MMREG_EARLY_READS` (0 or 1): whether kernels read what kernels before the one just before them
     ///   wrote before they wait for it (the residual stream of RMSNorm, a step's slots, lengths, cos and
     ///   sin), and the few-rows kernels' rope epilogue reads its inputs before the tile's products (1, the
@@ -135,7 +133,6 @@ mod shim {
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
             ("MMREG_ATTENTION_PIPELINE", 0..=1),
             ("MMREG_FEW_UNROLL_8", 1..=8),
-            ("MMREG_FAST_ACTIVATIONS", 0..=1),
             ("MMREG_EARLY_READS", 0..=1),
         ]
         .into_iter()
