@@ -100,8 +100,8 @@ case "${1:-}" in
     ;;
   before)
     # The GPU tests; then this build against the staged gpu-stage/mmreg-before.gz (an earlier build):
-    # LLaVA-1.5 at BEFORE_BATCHES (1, 8 and 32 by default), alternating twice; LLaVA-NeXT at batch 1 and 8
-    # once each (SKIP_NEXT=1: not); with BEFORE_VARIANTS ("ENV=V|ENV=V"), each against this build's
+    # LLaVA-1.5 at BEFORE_BATCHES (1, 8 and 32 by default), alternating BEFORE_REPEAT times (2);
+    # LLaVA-NeXT at batch 1 and 8 once each (SKIP_NEXT=1: not); with BEFORE_VARIANTS ("ENV=V|ENV=V"), each against this build's
     # default at LLaVA-1.5's batch 1 and 8; with TRACE=1, prefill_trace.sh on LLaVA-1.5 if time is left.
     { MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh cuda_graphs
       MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh fused_kernels --skip nvrtc
@@ -112,7 +112,8 @@ case "${1:-}" in
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
     grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
     gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
-    bench llava15-before 300 MODELS=LLaVA-1.5-7B BATCHES="${BEFORE_BATCHES:-1,8,32}" REPEAT=2 BEFORE=1
+    bench llava15-before $((LIMIT - 5 - (SECONDS - start))) MODELS=LLaVA-1.5-7B \
+      BATCHES="${BEFORE_BATCHES:-1,8,32}" REPEAT="${BEFORE_REPEAT:-2}" BEFORE=1
     table llava15-before
     if [ -z "${SKIP_NEXT:-}" ]; then
       bench next-before 240 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=1 BEFORE=1
