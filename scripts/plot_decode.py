@@ -1,11 +1,11 @@
 """Plots decode tokens/s against batch size from the GPU benchmarks' raw JSON (docs/img/decode-throughput.png).
 
 Usage: python3 scripts/plot_decode.py docs/bench-runs/RUN-bench.json [MORE.json ...] [--model LLaVA-1.5-7B]
-       [--out docs/img/decode-throughput.png]
+       [--out docs/img/decode-throughput.png] [--skip TEXT ...]
 Every peer of the model in each file (bench.py's and quick_bench.py's JSON: mmreg with each set of switches,
 HF transformers, the compiled-PyTorch anchor) becomes a line labelled as the file labels it, and the
 batch-1 floor (weights read once per token at the bandwidth measured in the run) a horizontal line where the
-file has it. Older files are read too: {"hf", "mmreg"} (qwen2_vl_7b.py and the parity scripts) and
+file has it; --skip leaves out the peers whose label contains a given text (a switch measured and removed). Older files are read too: {"hf", "mmreg"} (qwen2_vl_7b.py and the parity scripts) and
 quick_bench's {"runs"}, labelled by their keys. No figure is typed in here.
 """
 import argparse, json, os, re, textwrap
@@ -49,12 +49,15 @@ def main():
     parser.add_argument("files", nargs="+")
     parser.add_argument("--model", default="LLaVA-1.5-7B")
     parser.add_argument("--out", default="docs/img/decode-throughput.png")
+    parser.add_argument("--skip", nargs="*", default=[], help="leave out peers whose label contains this")
     args = parser.parse_args()
     docs = [(os.path.basename(f).removesuffix(".json"), json.load(open(f))) for f in args.files]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for name, doc in docs:
         tag = f" [{name}]" if len(docs) > 1 else ""
         for kind, label, result in peers(doc, args.model):
+            if any(text in label for text in args.skip):
+                continue
             batches, values = decode(result)
             if batches:
                 style = ":^" if "graphs off" in label else STYLE.get(kind, "o-")
