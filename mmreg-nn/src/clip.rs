@@ -445,3 +445,115 @@ impl DefaultMapper<Image> for PixelValues {
         Ok(PixelValues { pixel_values })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmreg_core::{LoadOptions, Weights};
+    use mmreg_engine::kernels;
+    use tch::{Device, Kind};
+
+    /// A random three-layer CLIP tower (8 hidden, 2 heads, 8-px images in 4-px patches: 5 positions),
+    /// written as a checkpoint at `path`.
+    fn tiny_checkpoint(path: &std::path::Path) -> ClipVisionConfig {
+        let config = ClipVisionConfig {
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 3,
+            num_attention_heads: 2,
+            image_size: 8,
+            patch_size: 4,
+            ..ClipVisionConfig::default()
+        };
+        tch::manual_seed(11);
+        let random = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu)) * 0.5;
+        let mut tensors = vec![
+            (
+                "embeddings.patch_embedding.weight".to_owned(),
+                random(&[8, 3, 4, 4]),
+            ),
+            ("embeddings.class_embedding".to_owned(), random(&[8])),
+            (
+                "embeddings.position_embedding.weight".to_owned(),
+                random(&[5, 8]),
+            ),
+        ];
+        let norm = |name: String| {
+            [
+                (format!("{name}.weight"), random(&[8]) * 0.1 + 1.0),
+                (format!("{name}.bias"), random(&[8])),
+            ]
+        };
+        tensors.extend(norm("pre_layrnorm".into()));
+        tensors.extend(norm("post_layernorm".into()));
+        for i in 0..3 {
+            let layer = format!("encoder.layers.{i}");
+            tensors.extend(norm(format!("{layer}.layer_norm1")));
+            tensors.extend(norm(format!("{layer}.layer_norm2")));
+            for (name, out, inp) in [
+                ("self_attn.q_proj", 8, 8),
+                ("self_attn.k_proj", 8, 8),
+                ("self_attn.v_proj", 8, 8),
+                ("self_attn.out_proj", 8, 8),
+                ("mlp.fc1", 16, 8),
+                ("mlp.fc2", 8, 16),
+            ] {
+                tensors.push((format!("{layer}.{name}.weight"), random(&[out, inp])));
+                tensors.push((format!("{layer}.{name}.bias"), random(&[out])));
+            }
+        }
+        Tensor::write_safetensors(&tensors, path).expect("writes the checkpoint");
+        config
+    }
+
+    /// The tower leaves each layer's last residual add to the next layer's first norm: every hidden
+    /// state it returns is still the layer before's state through one whole layer, whichever states are
+    /// asked for (all of them, or the deepest alone), with libtorch's ops and with the fused kernels
+    /// (the CPU emulator's add_layer_norm).
+    #[test]
+    fn hidden_states_are_each_layer_of_the_state_before() {
+        let path =
+            std::env::temp_dir().join(format!("mmreg-clip-{}.safetensors", std::process::id()));
+        let config = tiny_checkpoint(&path);
+        let weights = Weights::from_files(std::slice::from_ref(&path)).expect("maps");
+        let options = LoadOptions::default();
+        let loader = Loader::new(&weights, &options);
+        let select = FeatureSelect {
+            layers: vec![0, 1, 2, 3],
+            drop_cls: false,
+        };
+        let tower = ClipVisionTower::load(&loader, &config, select).expect("loads");
+        let pixels = Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let all = tower.hidden_states(&pixels, &[0, 1, 2, 3]).expect("runs");
+        for depth in 0..3 {
+            let expected = tower.layers[depth].forward(&all[depth]).expect("a layer");
+            assert!(
+                all[depth + 1].equal(&expected),
+                "hidden state {} is not layer {depth} of the one before",
+                depth + 1
+            );
+        }
+        let deepest = tower.hidden_states(&pixels, &[3]).expect("runs");
+        assert!(deepest[0].equal(&all[3]), "the deepest state alone differs");
+
+        kernels::emulate_on_this_thread(true);
+        if kernels::fused_available(Device::Cpu) {
+            let before = kernels::launches("add_layer_norm");
+            let fused = tower.hidden_states(&pixels, &[1, 3]).expect("runs");
+            assert!(
+                kernels::launches("add_layer_norm") > before,
+                "no fused norm ran"
+            );
+            for (state, expected) in fused.iter().zip([&all[1], &all[3]]) {
+                let error = (state - expected).abs().max().double_value(&[]);
+                assert!(error < 1e-4, "fused: off by {error}");
+            }
+        } else {
+            eprintln!(
+                "SKIPPED the fused half: the emulated kernels are off (MMREG_FUSED_KERNELS=0)"
+            );
+        }
+        kernels::emulate_on_this_thread(false);
+        let _ = std::fs::remove_file(&path);
+    }
+}
