@@ -5,8 +5,9 @@ Usage: python3 scripts/plot_decode.py docs/bench-runs/RUN-bench.json [MORE.json 
 Every peer of the model in each file (bench.py's and quick_bench.py's JSON: mmreg with each set of switches,
 HF transformers, the compiled-PyTorch anchor) becomes a line labelled as the file labels it, and the
 batch-1 floor (weights read once per token at the bandwidth measured in the run) a horizontal line where the
-file has it; --skip leaves out the peers whose label contains a given text (a switch measured and removed). Older files are read too: {"hf", "mmreg"} (qwen2_vl_7b.py and the parity scripts) and
-quick_bench's {"runs"}, labelled by their keys. No figure is typed in here.
+file has it; --skip leaves out the peers whose label contains a given text (a switch measured and removed).
+Older files are read too: {"hf", "mmreg"} (qwen2_vl_7b.py and the parity scripts) and quick_bench's {"runs"},
+labelled by their keys. No figure is typed in here.
 """
 import argparse, json, os, re, textwrap
 

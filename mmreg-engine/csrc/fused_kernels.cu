@@ -235,6 +235,21 @@ struct alignas(sizeof(T) * N) Pack {
   T e[N];
 };
 
+// The residual add of one 16-byte vector of a row: `a` plus `delta`'s vector at `at`, rounded to the
+// dtype as a separate add would be and written to `sum` at `at`; `v` gets the sum's elements in f32.
+template <typename D, typename V, int N>
+__device__ __forceinline__ void add_residual_vector(float (&v)[N], const V& a, const typename D::T* delta,
+                                                    typename D::T* sum, long long at) {
+  const V b = *reinterpret_cast<const V*>(delta + at);
+  V s;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    s.e[n] = D::store(D::load(a.e[n]) + D::load(b.e[n]));
+    v[n] = D::load(s.e[n]);
+  }
+  *reinterpret_cast<V*>(sum + at) = s;
+}
+
 // rms_norm_row for rows read once into registers in 16-byte vectors, each thread holding up to
 // kNormVectors of them: one block of up to 1024 threads per row, which at a decode step's few rows keeps
 // the latency to one read, one block sum and one write. The caller checks that cols is a multiple of
@@ -274,14 +289,7 @@ __device__ void rms_norm_row_vectors(typename D::T* out, typename D::T* sum, con
                       ? early[i]
                       : *reinterpret_cast<const V*>(x + row * cols + c);
       if (delta != nullptr) {
-        const V b = *reinterpret_cast<const V*>(delta + row * cols + c);
-        V s;
-#pragma unroll
-        for (int n = 0; n < N; ++n) {
-          s.e[n] = D::store(D::load(a.e[n]) + D::load(b.e[n]));
-          v[i][n] = D::load(s.e[n]);
-        }
-        *reinterpret_cast<V*>(sum + row * cols + c) = s;
+        add_residual_vector<D>(v[i], a, delta, sum, row * cols + c);
       } else {
 #pragma unroll
         for (int n = 0; n < N; ++n) {
@@ -329,15 +337,11 @@ __device__ void add_layer_norm_row_vectors(typename D::T* out, typename D::T* su
     const long long c = (threadIdx.x + i * (long long)blockDim.x) * N;
     if (c < cols) {
       const V a = *reinterpret_cast<const V*>(x + row * cols + c);
-      const V b = *reinterpret_cast<const V*>(delta + row * cols + c);
-      V s;
+      add_residual_vector<D>(v[i], a, delta, sum, row * cols + c);
 #pragma unroll
       for (int n = 0; n < N; ++n) {
-        s.e[n] = D::store(D::load(a.e[n]) + D::load(b.e[n]));
-        v[i][n] = D::load(s.e[n]);
         total += v[i][n];
       }
-      *reinterpret_cast<V*>(sum + row * cols + c) = s;
     }
   }
   const float mean = block_sum(total) / cols;

@@ -101,8 +101,9 @@ case "${1:-}" in
   before)
     # The GPU tests; then this build against the staged gpu-stage/mmreg-before.gz (an earlier build):
     # LLaVA-1.5 at BEFORE_BATCHES (1, 8 and 32 by default), alternating BEFORE_REPEAT times (2);
-    # LLaVA-NeXT at batch 1 and 8 once each (SKIP_NEXT=1: not); with BEFORE_VARIANTS ("ENV=V|ENV=V"), each against this build's
-    # default at LLaVA-1.5's batch 1 and 8; with TRACE=1, prefill_trace.sh on LLaVA-1.5 if time is left.
+    # LLaVA-NeXT at batch 1 and 8 once each (SKIP_NEXT=1: not); with BEFORE_VARIANTS ("ENV=V|ENV=V"),
+    # each against this build's default at LLaVA-1.5's batch 1 and 8; with TRACE=1, prefill_trace.sh on
+    # LLaVA-1.5 if time is left.
     { MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh cuda_graphs
       MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh fused_kernels --skip nvrtc
       if [ -x gpu-stage/tests/fused_engine ]; then

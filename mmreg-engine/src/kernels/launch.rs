@@ -350,13 +350,9 @@ impl Kernels {
         // then up to NORM_VECTORS each; from NORM_MANY_ROWS rows on, `norm_vectors_per_thread` each
         // (blocks of fewer threads, so that more rows' blocks are resident at once). Else a block of up
         // to 256 threads striding over the row.
-        let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
-        let vectors = cols / per_vector;
-        let aligned = [Some(x), delta, Some(weight), Some(&out), sum.as_ref()]
-            .into_iter()
-            .flatten()
-            .all(|t| aligned(t, 16));
-        let vectorized = cols % per_vector == 0 && vectors <= 1024 * NORM_VECTORS && aligned;
+        let vectors = cols / (16 / x.kind().elt_size_in_bytes() as i64);
+        let tensors = [Some(x), delta, Some(weight), Some(&out), sum.as_ref()];
+        let vectorized = Self::vector_rows_fit(tensors.into_iter().flatten(), x.kind(), cols);
         let per_thread = if rows >= NORM_MANY_ROWS {
             super::norm_vectors_per_thread()
         } else {
@@ -395,7 +391,7 @@ impl Kernels {
     }
 
     /// `x + delta` and its LayerNorm, for rows whose 16-byte vectors fit a block (the caller checks:
-    /// [`Self::layer_norm_fits`]).
+    /// [`Self::vector_rows_fit`]).
     pub(super) fn add_layer_norm(
         &self,
         x: &Tensor,
@@ -433,16 +429,18 @@ impl Kernels {
         (sum, out)
     }
 
-    /// Whether [`Self::add_layer_norm`] takes rows of `cols` elements of these tensors.
-    pub(super) fn layer_norm_fits(tensors: &[&Tensor], cols: i64) -> bool {
-        let Some(first) = tensors.first() else {
-            return false;
-        };
-        let per_vector = 16 / first.kind().elt_size_in_bytes() as i64;
+    /// Whether the norms' vector kernels take rows of `cols` elements of these tensors: whole 16-byte
+    /// vectors, at most `NORM_VECTORS` a thread of a 1024-thread block, every tensor aligned to them.
+    pub(super) fn vector_rows_fit<'t>(
+        tensors: impl IntoIterator<Item = &'t Tensor>,
+        kind: Kind,
+        cols: i64,
+    ) -> bool {
+        let per_vector = 16 / kind.elt_size_in_bytes() as i64;
         cols > 0
             && cols % per_vector == 0
             && cols / per_vector <= 1024 * NORM_VECTORS
-            && tensors.iter().all(|t| aligned(t, 16))
+            && tensors.into_iter().all(|t| aligned(t, 16))
     }
 
     pub(super) fn silu_mul(&self, gate_up: &Tensor) -> Tensor {

@@ -166,7 +166,7 @@ pub fn add_layer_norm(
         x.size() == delta.size()
             && x.size().last() == Some(&cols)
             && bias.size() == [cols]
-            && Kernels::layer_norm_fits(&[x, delta, weight, bias], cols)
+            && Kernels::vector_rows_fit([x, delta, weight, bias], x.kind(), cols)
     };
     match fused_for(&[x, delta, weight, bias]) {
         Some(k) if fits() => k.add_layer_norm(x, delta, weight, bias, eps),
