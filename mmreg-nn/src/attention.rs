@@ -171,36 +171,35 @@ impl Attention {
     }
 }
 
-/// Causal attention of a chunk's `len` queries (`[1, heads, len, d]`) that follow `context` cached
-/// positions, over all `context + len` keys and values (`[1, kv_heads, context + len, d]`): the
-/// attention of the whole sequence with the cached positions' queries left zero, whose rows for the
-/// chunk are the chunk's. It is square, so libtorch's causal kernels take it without a mask (their
-/// causal mask is aligned to the top left, the chunk's to the bottom right); with `context <= len` it
-/// costs no more than the chunk's rows under a mask, which those kernels would not skip.
+/// Causal attention of a chunk's `len` queries (`[len, heads, d]`) that follow `context` cached
+/// positions, over all `context + len` keys and values (`[1, kv_heads, context + len, d]`): `[len, heads,
+/// d]`. It is the attention of the whole sequence with the cached positions' queries left zero, whose
+/// rows for the chunk are the chunk's. It is square, so libtorch's causal kernels take it without a mask
+/// (their causal mask is aligned to the top left, the chunk's to the bottom right); with `context <= len`
+/// it costs no more than the chunk's rows under a mask, which those kernels would not skip. The padded
+/// queries are laid out token by token, as the step's are, so that where the kernel lays its output out
+/// as its queries (cuDNN's does) the chunk's rows are one contiguous run.
 fn chunk_after_context(
-    q: &Tensor,
+    query: &Tensor,
     k: &Tensor,
     v: &Tensor,
     context: i64,
     scale: f64,
     gqa: bool,
 ) -> Result<Tensor> {
-    let [one, heads, len, d] = q.size()[..] else {
-        unreachable!("queries are [1, heads, len, d]")
+    let [len, heads, d] = query.size()[..] else {
+        unreachable!("queries are [len, heads, d]")
     };
-    let before = Tensor::f_zeros([one, heads, context, d], (q.kind(), q.device()))?;
-    let whole = Tensor::f_cat(&[&before, q], 2)?;
-    let out = Tensor::f_scaled_dot_product_attention(
-        &whole,
-        k,
-        v,
-        None::<Tensor>,
-        0.0,
-        true,
-        scale,
-        gqa,
-    )?;
-    Ok(out.narrow(2, context, len))
+    let padded = Tensor::f_zeros([context + len, heads, d], (query.kind(), query.device()))?;
+    padded.f_narrow(0, context, len)?.f_copy_(query)?;
+    // [context + len, heads, d] → [1, heads, context + len, d] (a view)
+    let q = padded.f_transpose(0, 1)?.f_unsqueeze(0)?;
+    let out =
+        Tensor::f_scaled_dot_product_attention(&q, k, v, None::<Tensor>, 0.0, true, scale, gqa)?;
+    Ok(out
+        .f_squeeze_dim(0)?
+        .f_transpose(0, 1)?
+        .f_narrow(0, context, len)?)
 }
 
 /// Attention of a sequence's `len` new tokens (`query`: `[len, heads, d]`) over its keys and values
@@ -420,9 +419,10 @@ fn attend_stored(
             i += prompts;
             continue;
         }
-        // [n, heads, d] → [1, heads, n, d]
+        // [n, heads, d] → [1, heads, n, d], and back
         let heads_first = |t: Tensor| t.transpose(0, 1).unsqueeze(0);
-        let q = heads_first(query.narrow(0, seq.start, seq.len));
+        let tokens_first = |t: Tensor| t.squeeze_dim(0).transpose(0, 1);
+        let rows = query.narrow(0, seq.start, seq.len);
         let (k, v) = if seq.context == 0 {
             (
                 key.narrow(0, seq.start, seq.len),
@@ -436,8 +436,8 @@ fn attend_stored(
         let causal = seq.bidirectional.is_none() && !windowed;
         let out = if causal && (seq.context == 0 || seq.len == 1) {
             // A fresh prompt is plainly causal; one new token sees everything cached.
-            Tensor::f_scaled_dot_product_attention(
-                &q,
+            tokens_first(Tensor::f_scaled_dot_product_attention(
+                &heads_first(rows),
                 &k,
                 &v,
                 None::<Tensor>,
@@ -445,24 +445,42 @@ fn attend_stored(
                 seq.context == 0 && seq.len > 1,
                 scale,
                 gqa,
-            )?
+            )?)
         } else if causal && seq.context <= seq.len {
-            chunk_after_context(&q, &k, &v, seq.context, scale, gqa)?
+            chunk_after_context(&rows, &k, &v, seq.context, scale, gqa)?
         } else {
             // Several new tokens after more cached ones (a short chunk of a long prompt, or a prompt
             // after a long cached prefix), or a prompt with bidirectional runs or a sliding window.
             let mask = prompt_mask(seq, window, query.device())?;
-            masked_attention(&query.narrow(0, seq.start, seq.len), &k, &v, &mask, scale)?
+            tokens_first(masked_attention(&rows, &k, &v, &mask, scale)?)
         };
-        outputs.push(out.squeeze_dim(0).transpose(0, 1));
+        outputs.push(out);
         i += 1;
     }
-    // A lone sequence's output goes as it is: a cat would copy it once more, and where the kernel lays
-    // it out as [len, heads, d] (cuDNN's attention on CUDA does) the caller's reshape copies nothing.
-    if outputs.len() == 1 {
-        return Ok(outputs.remove(0));
+    join_rows(outputs)
+}
+
+/// A step's attention outputs, each `[rows, heads, d]` in the step's order, as one `[tokens, heads,
+/// d]`. A lone one goes as it is: where the kernel lays it out as `[len, heads, d]` (cuDNN's attention
+/// on CUDA does) the caller's reshape copies nothing. Several are each copied into their rows, a plain
+/// device-to-device copy for each contiguous one (a cat of them had taken a strided copy kernel for the
+/// whole step at about half the card's copy rate).
+fn join_rows(mut pieces: Vec<Tensor>) -> Result<Tensor> {
+    if pieces.len() == 1 {
+        return Ok(pieces.remove(0));
     }
-    Ok(Tensor::cat(&outputs, 0))
+    let first = &pieces[0];
+    let (kind, device) = (first.kind(), first.device());
+    let mut size = first.size();
+    size[0] = pieces.iter().map(|p| p.size()[0]).sum();
+    let joined = Tensor::f_empty(size, (kind, device))?;
+    let mut row = 0;
+    for piece in &pieces {
+        let rows = piece.size()[0];
+        joined.f_narrow(0, row, rows)?.f_copy_(piece)?;
+        row += rows;
+    }
+    Ok(joined)
 }
 
 #[cfg(test)]
@@ -562,6 +580,31 @@ mod tests {
         }
     }
 
+    /// Joined pieces are the pieces in order, row for row, whatever their layout; a lone piece is
+    /// returned as it is (no copy).
+    #[test]
+    fn joined_rows_are_the_pieces_in_order() {
+        let opts = (Kind::Float, Device::Cpu);
+        let plain = Tensor::randn([3, 4, 8], opts);
+        // [4, 5, 8] laid out head by head, as a kernel writing [1, heads, len, d] would
+        let strided = Tensor::randn([5, 4, 8], opts)
+            .transpose(0, 1)
+            .contiguous()
+            .transpose(0, 1);
+        let last = Tensor::randn([1, 4, 8], opts);
+        let pieces = vec![
+            plain.shallow_clone(),
+            strided.shallow_clone(),
+            last.shallow_clone(),
+        ];
+        let joined = join_rows(pieces).expect("joined");
+        assert_eq!(joined.size(), [9, 4, 8]);
+        let expected = Tensor::cat(&[&plain, &strided, &last], 0);
+        assert_eq!((joined - expected).abs().max().double_value(&[]), 0.0);
+        let alone = join_rows(vec![strided.shallow_clone()]).expect("alone");
+        assert_eq!(alone.data_ptr(), strided.data_ptr());
+    }
+
     /// A chunk after cached positions: causal attention over the zero-padded whole sequence equals
     /// attention under the chunk's bottom-right-aligned causal mask, for plain and grouped heads, with
     /// fewer, as many and more cached positions than the chunk's.
@@ -579,10 +622,10 @@ mod tests {
                 let mask =
                     Tensor::ones([len, context + len], (Kind::Bool, Device::Cpu)).tril(context);
                 let expected = masked_attention(&query, &k, &v, &mask, scale).expect("masked");
-                let q = query.transpose(0, 1).unsqueeze(0);
                 let gqa = heads != kv_heads;
-                let out = chunk_after_context(&q, &k, &v, context, scale, gqa).expect("causal");
-                assert_eq!(out.size(), [1, heads, len, d]);
+                let out = chunk_after_context(&query, &k, &v, context, scale, gqa).expect("causal");
+                assert_eq!(out.size(), [len, heads, d]);
+                let expected = expected.squeeze_dim(0).transpose(0, 1);
                 let error = (out - &expected).abs().max().double_value(&[]);
                 assert!(
                     error < 1e-5,
@@ -591,6 +634,7 @@ mod tests {
                 // The mask matters: the chunk's first token must not see the chunk's last key.
                 let unmasked = Tensor::ones_like(&mask);
                 let open = masked_attention(&query, &k, &v, &unmasked, scale).expect("open");
+                let open = open.squeeze_dim(0).transpose(0, 1);
                 assert!((open - expected).abs().max().double_value(&[]) > 1e-3);
             }
         }

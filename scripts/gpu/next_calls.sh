@@ -13,8 +13,9 @@
 #                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
 #                                      session with two calls' time: anchor, then rest)
 #   scripts/gpu/next_calls.sh before   gpu-stage/mmreg-before.gz (an earlier build) against this one:
-#                                      LLaVA-1.5 at BEFORE_BATCHES (1,8,32) twice, LLaVA-NeXT at 1 and 8
-#                                      once, each of BEFORE_VARIANTS at LLaVA-1.5's 1 and 8; GPU tests
+#                                      LLaVA-1.5 at BEFORE_BATCHES (1,8,32) twice, LLaVA-NeXT at
+#                                      NEXT_BATCHES (1,8) NEXT_REPEAT times (1), each of BEFORE_VARIANTS at
+#                                      LLaVA-1.5's 1 and 8; GPU tests
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
 #                                      lab_rows32_s prototypes, k in 1-4 splits (ROWS32_W=1:
 #                                      lab_rows32_w's too; about a minute)
@@ -101,7 +102,7 @@ case "${1:-}" in
   before)
     # The GPU tests; then this build against the staged gpu-stage/mmreg-before.gz (an earlier build):
     # LLaVA-1.5 at BEFORE_BATCHES (1, 8 and 32 by default), alternating BEFORE_REPEAT times (2);
-    # LLaVA-NeXT at batch 1 and 8 once each (SKIP_NEXT=1: not); with BEFORE_VARIANTS ("ENV=V|ENV=V"),
+    # LLaVA-NeXT at NEXT_BATCHES (1 and 8), NEXT_REPEAT times (1; SKIP_NEXT=1: not); with BEFORE_VARIANTS ("ENV=V|ENV=V"),
     # each against this build's default at LLaVA-1.5's batch 1 and 8; with TRACE=1, prefill_trace.sh on
     # LLaVA-1.5 if time is left.
     { MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh cuda_graphs
@@ -117,7 +118,8 @@ case "${1:-}" in
       BATCHES="${BEFORE_BATCHES:-1,8,32}" REPEAT="${BEFORE_REPEAT:-2}" BEFORE=1
     table llava15-before
     if [ -z "${SKIP_NEXT:-}" ]; then
-      bench next-before 240 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=1 BEFORE=1
+      bench next-before $((LIMIT - 5 - (SECONDS - start))) MODELS=LLaVA-NeXT-Mistral-7B \
+        BATCHES="${NEXT_BATCHES:-1,8}" REPEAT="${NEXT_REPEAT:-1}" BEFORE=1
       table next-before
     fi
     if [ -n "${BEFORE_VARIANTS:-}" ]; then
