@@ -118,39 +118,42 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
         // (vision tower, projector, decoder; preprocessing happens before, on the workers).
         engine.generate(batch.of(b, args.max_tokens));
-        let prefill_seconds = |time_embeddings: bool| {
+        // Each pass's prefill steps: their seconds, the embeddings' share, and how many steps.
+        let prefill_passes = |time_embeddings: bool| {
             let counters = engine.counters();
             counters
                 .time_embeddings
                 .store(time_embeddings, std::sync::atomic::Ordering::Relaxed);
             counters.record_steps();
-            for _ in 0..args.repeat {
-                engine.generate(batch.of(b, 1));
-            }
+            let passes: Vec<(f64, f64, usize)> = (0..args.repeat)
+                .map(|_| {
+                    engine.generate(batch.of(b, 1));
+                    let steps = counters.take_steps();
+                    let prefills = steps.iter().filter(|s| s.prefill_tokens > 0);
+                    let total = prefills.clone().map(|s| s.seconds).sum();
+                    let embed = prefills.map(|s| s.embed_seconds).sum();
+                    (total, embed, steps.len())
+                })
+                .collect();
             counters
                 .time_embeddings
                 .store(false, std::sync::atomic::Ordering::Relaxed);
-            let steps = counters.take_steps();
-            let prefills = steps.iter().filter(|s| s.prefill_tokens > 0);
-            let total: f64 = prefills.clone().map(|s| s.seconds).sum();
-            let embed: f64 = prefills.map(|s| s.embed_seconds).sum();
-            (total, embed, steps.len())
+            passes
         };
-        let (prefill, _, steps) = prefill_seconds(false);
-        // A second pass waits for the embeddings to time them (which delays the rest of the step).
-        let (_, embed, _) = prefill_seconds(true);
-        results.insert(
-            format!("prefill_bs{b}_ms"),
-            (prefill * 1000.0 / args.repeat as f64).into(),
-        );
-        results.insert(
-            format!("prefill_embed_bs{b}_ms"),
-            (embed * 1000.0 / args.repeat as f64).into(),
-        );
-        results.insert(
-            format!("prefill_steps_bs{b}"),
-            (steps as f64 / args.repeat as f64).into(),
-        );
+        let passes = prefill_passes(false);
+        // A second series waits for the embeddings to time them (which delays the rest of the step).
+        let embed_passes = prefill_passes(true);
+        let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
+        let ms: Vec<f64> = passes.iter().map(|p| p.0 * 1000.0).collect();
+        let embed_ms: Vec<f64> = embed_passes.iter().map(|p| p.1 * 1000.0).collect();
+        let steps: Vec<f64> = passes.iter().map(|p| p.2 as f64).collect();
+        results.insert(format!("prefill_bs{b}_ms"), mean(&ms).into());
+        // The mean's passes, and their median: one slow pass (a GPU clocked down under a long
+        // prefill) moves the mean and not the median.
+        results.insert(format!("prefill_bs{b}_median_ms"), median(&ms).into());
+        results.insert(format!("prefill_bs{b}_passes_ms"), ms.clone().into());
+        results.insert(format!("prefill_embed_bs{b}_ms"), mean(&embed_ms).into());
+        results.insert(format!("prefill_steps_bs{b}"), mean(&steps).into());
 
         // Time to first token and decode throughput of `b` concurrent requests. Each request's events
         // are read as they come (a thread each), so that decode is timed from the moment the last
@@ -351,9 +354,29 @@ impl Batches {
     }
 }
 
+/// The middle value of `values` (the mean of the two middle ones for an even count; 0 for none).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The median leaves one slow pass out where the mean takes it in.
+    #[test]
+    fn the_median_of_passes_ignores_one_slow_pass() {
+        assert_eq!(median(&[505.0, 557.0, 501.0, 503.0, 509.0]), 505.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.0]), 7.0);
+        assert_eq!(median(&[]), 0.0);
+    }
 
     /// Every request of a batch gets its own images (different bytes, same size), and only the first
     /// pixel differs from the file's.

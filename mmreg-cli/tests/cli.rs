@@ -324,7 +324,7 @@ fn bench_times_decode_after_every_prompt_is_prefilled() {
         "--max-tokens",
         "12",
         "--repeat",
-        "1",
+        "2",
         "--device",
         "cpu",
         "--dtype",
@@ -348,6 +348,17 @@ fn bench_times_decode_after_every_prompt_is_prefilled() {
         assert!(number(&format!("decode_step_ms_bs{b}")) > 0.0, "{json}");
         assert!(number(&format!("decode_issue_ms_bs{b}")) > 0.0, "{json}");
         assert!(number(&format!("decode_wait_ms_bs{b}")) >= 0.0, "{json}");
+        // The prefill's mean, and each pass it is the mean of, with their median.
+        let passes: Vec<f64> = json[format!("prefill_bs{b}_passes_ms")]
+            .as_array()
+            .unwrap_or_else(|| panic!("no passes: {json}"))
+            .iter()
+            .map(|p| p.as_f64().expect("a number"))
+            .collect();
+        assert_eq!(passes.len(), 2, "{json}");
+        let mean = (passes[0] + passes[1]) / 2.0;
+        assert!((number(&format!("prefill_bs{b}_ms")) - mean).abs() < 1e-9, "{json}");
+        assert!((number(&format!("prefill_bs{b}_median_ms")) - mean).abs() < 1e-9, "{json}");
     }
     // Three 595-token prompts in steps of at most 600 tokens: the last one starts later.
     assert!(number("prefill_steps_bs3") >= 3.0, "{json}");

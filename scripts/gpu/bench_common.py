@@ -252,8 +252,8 @@ def floor(model):
 
 
 # Rows in this order first, then any other figure a peer reports, by name.
-KEYS = ["prompt_tokens", "prefill_bs1_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms", "prefill_embed_bs8_ms",
-        "prefill_bs32_ms", "ttft_bs1_ms", "ttft_last_bs1_ms", "ttft_bs8_ms", "ttft_last_bs8_ms", "ttft_bs32_ms",
+KEYS = ["prompt_tokens", "prefill_bs1_ms", "prefill_bs1_median_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms",
+        "prefill_bs8_median_ms", "prefill_embed_bs8_ms", "prefill_bs32_ms", "prefill_bs32_median_ms", "ttft_bs1_ms", "ttft_last_bs1_ms", "ttft_bs8_ms", "ttft_last_bs8_ms", "ttft_bs32_ms",
         "ttft_last_bs32_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8", "decode_tok_per_s_bs32",
         "peak_mem_gib"]
 

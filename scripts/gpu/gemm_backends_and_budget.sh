@@ -29,6 +29,6 @@ import json, os
 d = json.load(open(os.path.join(os.environ["OUT"], "quick-bench.json")))
 for p in d["models"]["LLaVA-1.5-7B"]["peers"]:
     r = p["result"]
-    print(p["label"][-60:], {k: round(r[k], 1) for k in r if k.startswith(("decode_tok", "prefill_bs"))})
+    print(p["label"][-60:], {k: round(r[k], 1) for k in r if k.startswith(("decode_tok", "prefill_bs")) and isinstance(r[k], (int, float))})
 PY
 grep -o "'prefill_bs8_ms': [0-9.]*\|'prefill_steps_bs8': [0-9.]*\|== budget [0-9]*" "$OUT/next-budget.log"
