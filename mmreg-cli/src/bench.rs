@@ -7,7 +7,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use mmreg_core::Prompt;
-use mmreg_engine::{cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams};
+use mmreg_engine::{
+    cuda, Engine, EngineOptions, Event, ImageSource, Request, SamplingParams, StepTiming,
+};
 
 use crate::bench_cache::Scenario;
 use crate::options::{parse_device, parse_dtype};
@@ -118,21 +120,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
         // (vision tower, projector, decoder; preprocessing happens before, on the workers).
         engine.generate(batch.of(b, args.max_tokens));
-        // Each pass's prefill steps: their seconds, the embeddings' share, and how many steps.
+        // Each pass's steps (`generate` returns once every request has its token).
         let prefill_passes = |time_embeddings: bool| {
             let counters = engine.counters();
             counters
                 .time_embeddings
                 .store(time_embeddings, std::sync::atomic::Ordering::Relaxed);
             counters.record_steps();
-            let passes: Vec<(f64, f64, usize)> = (0..args.repeat)
+            let passes: Vec<Vec<StepTiming>> = (0..args.repeat)
                 .map(|_| {
                     engine.generate(batch.of(b, 1));
-                    let steps = counters.take_steps();
-                    let prefills = steps.iter().filter(|s| s.prefill_tokens > 0);
-                    let total = prefills.clone().map(|s| s.seconds).sum();
-                    let embed = prefills.map(|s| s.embed_seconds).sum();
-                    (total, embed, steps.len())
+                    counters.take_steps()
                 })
                 .collect();
             counters
@@ -143,17 +141,42 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let passes = prefill_passes(false);
         // A second series waits for the embeddings to time them (which delays the rest of the step).
         let embed_passes = prefill_passes(true);
+        let prefill_ms = |steps: &[StepTiming], of: fn(&StepTiming) -> f64| -> f64 {
+            let prefills = steps.iter().filter(|s| s.prefill_tokens > 0);
+            prefills.map(of).sum::<f64>() * 1000.0
+        };
         let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
-        let ms: Vec<f64> = passes.iter().map(|p| p.0 * 1000.0).collect();
-        let embed_ms: Vec<f64> = embed_passes.iter().map(|p| p.1 * 1000.0).collect();
-        let steps: Vec<f64> = passes.iter().map(|p| p.2 as f64).collect();
+        let over = |passes: &[Vec<StepTiming>], of: fn(&StepTiming) -> f64| -> Vec<f64> {
+            passes.iter().map(|p| prefill_ms(p, of)).collect()
+        };
+        let ms = over(&passes, |s| s.seconds);
         results.insert(format!("prefill_bs{b}_ms"), mean(&ms).into());
         // The mean's passes, and their median: one slow pass (a GPU clocked down under a long
         // prefill) moves the mean and not the median.
         results.insert(format!("prefill_bs{b}_median_ms"), median(&ms).into());
-        results.insert(format!("prefill_bs{b}_passes_ms"), ms.clone().into());
+        results.insert(format!("prefill_bs{b}_passes_ms"), ms.into());
+        let embed_ms = over(&embed_passes, |s| s.embed_seconds);
         results.insert(format!("prefill_embed_bs{b}_ms"), mean(&embed_ms).into());
+        // The host's share: until each prefill step's forward was issued (a step that waits for the
+        // device inside its forward shows it here).
+        let issue_ms = over(&passes, |s| s.issued_seconds);
+        results.insert(format!("prefill_issue_bs{b}_ms"), mean(&issue_ms).into());
+        let steps: Vec<f64> = passes.iter().map(|p| p.len() as f64).collect();
         results.insert(format!("prefill_steps_bs{b}"), mean(&steps).into());
+        // The last pass step by step: new prompt tokens, decodes, issued and landed (ms).
+        let last = passes.last().map(Vec::as_slice).unwrap_or_default();
+        let detail: Vec<serde_json::Value> = last
+            .iter()
+            .map(|s| {
+                serde_json::json!([
+                    s.prefill_tokens,
+                    s.decodes,
+                    s.issued_seconds * 1000.0,
+                    s.seconds * 1000.0
+                ])
+            })
+            .collect();
+        results.insert(format!("prefill_step_detail_bs{b}"), detail.into());
 
         // Time to first token and decode throughput of `b` concurrent requests. Each request's events
         // are read as they come (a thread each), so that decode is timed from the moment the last

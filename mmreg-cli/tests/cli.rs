@@ -357,8 +357,25 @@ fn bench_times_decode_after_every_prompt_is_prefilled() {
             .collect();
         assert_eq!(passes.len(), 2, "{json}");
         let mean = (passes[0] + passes[1]) / 2.0;
-        assert!((number(&format!("prefill_bs{b}_ms")) - mean).abs() < 1e-9, "{json}");
-        assert!((number(&format!("prefill_bs{b}_median_ms")) - mean).abs() < 1e-9, "{json}");
+        assert!(
+            (number(&format!("prefill_bs{b}_ms")) - mean).abs() < 1e-9,
+            "{json}"
+        );
+        assert!(
+            (number(&format!("prefill_bs{b}_median_ms")) - mean).abs() < 1e-9,
+            "{json}"
+        );
+        // The last pass step by step: [prompt tokens, decodes, issued ms, ms], each issued before
+        // it landed, its prompt tokens summing to the batch's.
+        let detail = json[format!("prefill_step_detail_bs{b}")]
+            .as_array()
+            .unwrap_or_else(|| panic!("no detail: {json}"))
+            .clone();
+        let field = |step: &serde_json::Value, i: usize| step[i].as_f64().expect("a number");
+        let tokens: f64 = detail.iter().map(|s| field(s, 0)).sum();
+        assert_eq!(tokens, number("prompt_tokens") * b as f64, "{json}");
+        assert!(detail.iter().all(|s| field(s, 2) <= field(s, 3)), "{json}");
+        assert!(number(&format!("prefill_issue_bs{b}_ms")) > 0.0, "{json}");
     }
     // Three 595-token prompts in steps of at most 600 tokens: the last one starts later.
     assert!(number("prefill_steps_bs3") >= 3.0, "{json}");

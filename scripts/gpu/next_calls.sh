@@ -16,6 +16,8 @@
 #                                      LLaVA-1.5 at BEFORE_BATCHES (1,8,32) twice, LLaVA-NeXT at
 #                                      NEXT_BATCHES (1,8) NEXT_REPEAT times (1), each of BEFORE_VARIANTS at
 #                                      LLaVA-1.5's 1 and 8; GPU tests
+#   scripts/gpu/next_calls.sh chunks   LLaVA-NeXT's batch 8 chunked against whole prompts, alternating,
+#                                      with nvidia-smi's clocks sampled beside it
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
 #                                      lab_rows32_s prototypes, k in 1-4 splits (ROWS32_W=1:
 #                                      lab_rows32_w's too; about a minute)
@@ -133,6 +135,28 @@ case "${1:-}" in
         > "$OUT/prefill-trace.log" 2>&1
       echo "prefill trace: exit $? at $((SECONDS - start)) s"
     fi
+    ;;
+  chunks)
+    # LLaVA-NeXT's batch 8 with chunked prefill (the default) against whole prompts a step
+    # (--no-enable-chunked-prefill), alternating CHUNKS_REPEAT times (3), with the GPU's clock, power
+    # and throttle reasons sampled every 200 ms beside it (smi.csv): how much of the spread between
+    # passes is the card's clock.
+    nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+      --format=csv -lms 200 > "$OUT/smi.csv" 2>&1 &
+    smi=$!
+    bench next-chunks $((LIMIT - 5 - (SECONDS - start))) MODELS=LLaVA-NeXT-Mistral-7B BATCHES=8 \
+      REPEAT="${CHUNKS_REPEAT:-3}" VARIANTS="ARGS=--no-enable-chunked-prefill"
+    kill "$smi" 2>/dev/null
+    table next-chunks
+    python3 - "$OUT/next-chunks.json" <<'PY'
+import json, sys
+for model, rec in json.load(open(sys.argv[1]))["models"].items():
+    for p in rec.get("peers", []):
+        r = p["result"]
+        print(p["label"][-40:], "passes", [round(x, 1) for x in r.get("prefill_bs8_passes_ms", [])],
+              "issue", round(r.get("prefill_issue_bs8_ms", 0), 1),
+              "steps", [[round(v, 1) for v in s] for s in r.get("prefill_step_detail_bs8", [])])
+PY
     ;;
   lab)
     # The batch-32 products alone: cuBLAS, a plain read of each weight and linear_lab.cu's lab_rows32_s
