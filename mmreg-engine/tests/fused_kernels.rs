@@ -362,6 +362,7 @@ fn rope_and_store_also_writes_the_keys_and_values_at_their_slots() {
                 key_cache: &mut keys,
                 value_cache: &mut values,
                 slots: &slots,
+                slack_rows: 3,
             };
             let out = kernels::rope_and_store(&qkv, store);
             let Some(out) = out else {
@@ -370,7 +371,11 @@ fn rope_and_store_also_writes_the_keys_and_values_at_their_slots() {
             };
             let expected = hf_rope(&qkv, &cos, &sin, heads - kv_heads);
             let what = format!("rope_and_store {mode:?}");
-            assert_identical(&what, &out, &expected);
+            // The tokens' rows, then the slack's three rows of zeros.
+            assert_eq!(out.size(), [tokens + 3, heads, dim], "{what}");
+            assert_identical(&what, &out.narrow(0, 0, tokens), &expected);
+            let slack = out.narrow(0, tokens, 3);
+            assert_identical(&what, &slack, &slack.zeros_like());
             let stored = |cache: &Tensor| cache.index_select(0, &slots);
             assert_identical(&what, &stored(&keys), &expected.narrow(1, 8, kv_heads));
             assert_identical(&what, &stored(&values), &expected.narrow(1, 10, kv_heads));
@@ -842,6 +847,7 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                     key_cache: &mut keys,
                     value_cache: &mut values,
                     slots: &slots,
+                    slack_rows: 0,
                 };
                 let fused = kernels::linear_rope_and_store(&x, &weight, bias.as_ref(), store);
                 let launched =
@@ -869,6 +875,7 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                     key_cache: &mut keys2,
                     value_cache: &mut values2,
                     slots: &slots,
+                    slack_rows: 0,
                 };
                 let separate = kernels::rope_and_store(&projected, store)
                     .expect("rope_and_store runs where the fused kernel does");
@@ -893,6 +900,7 @@ fn linear_rope_and_store_equals_the_product_then_rope_and_store() {
                         key_cache: &mut keys,
                         value_cache: &mut values,
                         slots: &two_slots,
+                        slack_rows: 0,
                     },
                 );
                 let two_runs = few && kind != Kind::Float && dim % 16 == 0;

@@ -12,6 +12,20 @@ use tch::{Kind, Tensor};
 use crate::rotary::RotaryAt;
 use crate::Linear;
 
+/// libtorch's cuDNN attention (its pick on Hopper) builds an execution plan the first time it meets a
+/// shape, 40–50 ms on an H200 (run 91), and keeps it by shape. A fresh prompt, or a chunk after its
+/// context, attends over its length rounded up to a multiple of this, so that a server meets at most
+/// 64 lengths up to 8192 tokens, not every prompt's own. The rows past a sequence's end are the next
+/// sequences' or zeros that the rotated projection keeps after the step's (`RopeStore::slack_rows`),
+/// and causal attention keeps the sequence's queries from their keys; the padded rows' own outputs are
+/// dropped. 128 is cuDNN's tile of queries and keys, so the padding adds no tile.
+const ATTENTION_LEN_STEP: i64 = 128;
+
+/// `len` rounded up to a multiple of [`ATTENTION_LEN_STEP`].
+fn padded_len(len: i64) -> i64 {
+    (len + ATTENTION_LEN_STEP - 1) / ATTENTION_LEN_STEP * ATTENTION_LEN_STEP
+}
+
 /// Causal self-attention of one decoder layer over the paged KV cache, with grouped-query heads when
 /// `kv_heads < heads`.
 #[derive(Debug, Clone, Copy)]
@@ -85,12 +99,13 @@ impl Attention {
         rotary: &RotaryAt,
         step: &mut Step,
     ) -> Result<Tensor> {
+        let tokens = qkv.size()[0];
         match self.rope_store(rotary, step, |store| kernels::rope_and_store(qkv, store))? {
-            Some(roped) => self.attend_roped(&roped, true, step),
+            Some(roped) => self.attend_roped(&roped, tokens, true, step),
             None => {
                 let roped =
                     kernels::rope(qkv, &rotary.cos, &rotary.sin, self.heads + self.kv_heads);
-                self.attend_roped(&roped, false, step)
+                self.attend_roped(&roped, tokens, false, step)
             }
         }
     }
@@ -109,7 +124,7 @@ impl Attention {
         match self.rope_store(rotary, step, |store| {
             kernels::linear_rope_and_store(x, weight, bias, store)
         })? {
-            Some(roped) => self.attend_roped(&roped, true, step),
+            Some(roped) => self.attend_roped(&roped, x.size()[0], true, step),
             None => {
                 let shape = [x.size()[0], self.heads + 2 * self.kv_heads, self.head_dim];
                 self.forward_rotary(&qkv_proj.forward(x).view(shape), rotary, step)
@@ -127,6 +142,8 @@ impl Attention {
         let batch = step.batch();
         let cache = step.cache();
         let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
+        // Room to read the last prompt's keys over its padded length (none in a step of decodes).
+        let prompts = batch.sequences.iter().any(|s| s.len > 1);
         let (keys, values) = cache.layer_mut(self.layer);
         Ok(f(kernels::RopeStore {
             cos: &rotary.cos,
@@ -135,12 +152,19 @@ impl Attention {
             key_cache: keys,
             value_cache: values,
             slots: slots.new_slots(),
+            slack_rows: if prompts { ATTENTION_LEN_STEP - 1 } else { 0 },
         }))
     }
 
-    /// Attention over the rotated projection `[tokens, heads + 2 kv_heads, head_dim]`, after storing its
-    /// keys and values (unless `in_cache`: already stored).
-    fn attend_roped(&self, qkv: &Tensor, in_cache: bool, step: &mut Step) -> Result<Tensor> {
+    /// Attention over the rotated projection `[tokens, heads + 2 kv_heads, head_dim]` (and any rows of
+    /// zeros after it), after storing its keys and values (unless `in_cache`: already stored).
+    fn attend_roped(
+        &self,
+        qkv: &Tensor,
+        tokens: i64,
+        in_cache: bool,
+        step: &mut Step,
+    ) -> Result<Tensor> {
         let (h, kv) = (self.heads, self.kv_heads);
         let (q, k, v) = (
             qkv.narrow(1, 0, h),
@@ -151,7 +175,8 @@ impl Attention {
         let cache = step.cache();
         let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
         if !in_cache {
-            cache.write(self.layer, &k, &v, slots.new_slots())?;
+            let new = |t: &Tensor| t.narrow(0, 0, tokens);
+            cache.write(self.layer, &new(&k), &new(&v), slots.new_slots())?;
         }
         attend_stored(
             &q,
@@ -172,13 +197,14 @@ impl Attention {
 }
 
 /// Causal attention of a chunk's `len` queries (`[len, heads, d]`) that follow `context` cached
-/// positions, over all `context + len` keys and values (`[1, kv_heads, context + len, d]`): `[len, heads,
-/// d]`. It is the attention of the whole sequence with the cached positions' queries left zero, whose
-/// rows for the chunk are the chunk's. It is square, so libtorch's causal kernels take it without a mask
-/// (their causal mask is aligned to the top left, the chunk's to the bottom right); with `context <= len`
-/// it costs no more than the chunk's rows under a mask, which those kernels would not skip. The padded
-/// queries are laid out token by token, as the step's are, so that where the kernel lays its output out
-/// as its queries (cuDNN's does) the chunk's rows are one contiguous run.
+/// positions, over their keys and values (`[1, kv_heads, keys, d]`, the sequence's `context + len`
+/// first, then any finite rows, which the chunk's queries never see): `[len, heads, d]`. It is the
+/// attention of the whole sequence with the cached positions' queries (and those of the rows after)
+/// left zero, whose rows for the chunk are the chunk's. It is square, so libtorch's causal kernels take
+/// it without a mask (their causal mask is aligned to the top left, the chunk's to the bottom right);
+/// with `context <= len` it costs no more than the chunk's rows under a mask, which those kernels would
+/// not skip. The padded queries are laid out token by token, as the step's are, so that where the
+/// kernel lays its output out as its queries (cuDNN's does) the chunk's rows are one contiguous run.
 fn chunk_after_context(
     query: &Tensor,
     k: &Tensor,
@@ -190,9 +216,10 @@ fn chunk_after_context(
     let [len, heads, d] = query.size()[..] else {
         unreachable!("queries are [len, heads, d]")
     };
-    let padded = Tensor::f_zeros([context + len, heads, d], (query.kind(), query.device()))?;
+    let keys = k.size()[2];
+    let padded = Tensor::f_zeros([keys, heads, d], (query.kind(), query.device()))?;
     padded.f_narrow(0, context, len)?.f_copy_(query)?;
-    // [context + len, heads, d] → [1, heads, context + len, d] (a view)
+    // [keys, heads, d] → [1, heads, keys, d] (a view)
     let q = padded.f_transpose(0, 1)?.f_unsqueeze(0)?;
     let out =
         Tensor::f_scaled_dot_product_attention(&q, k, v, None::<Tensor>, 0.0, true, scale, gqa)?;
@@ -200,6 +227,17 @@ fn chunk_after_context(
         .f_squeeze_dim(0)?
         .f_transpose(0, 1)?
         .f_narrow(0, context, len)?)
+}
+
+/// `slots` (`[n]`) followed by its first slot until there are `len` (a gather over a padded length
+/// reads finite keys past the sequence's end).
+fn pad_slots(slots: &Tensor, len: i64) -> Result<Tensor> {
+    let n = slots.size()[0];
+    if n == 0 || n >= len {
+        return Ok(slots.shallow_clone());
+    }
+    let first = slots.f_narrow(0, 0, 1)?.f_expand([len - n], false)?;
+    Ok(Tensor::f_cat(&[slots, &first], 0)?)
 }
 
 /// Attention of a sequence's `len` new tokens (`query`: `[len, heads, d]`) over its keys and values
@@ -423,30 +461,60 @@ fn attend_stored(
         let heads_first = |t: Tensor| t.transpose(0, 1).unsqueeze(0);
         let tokens_first = |t: Tensor| t.squeeze_dim(0).transpose(0, 1);
         let rows = query.narrow(0, seq.start, seq.len);
-        let (k, v) = if seq.context == 0 {
+        let windowed = window.is_some_and(|w| seq.context + seq.len > w);
+        let causal = seq.bidirectional.is_none() && !windowed;
+        let total = seq.context + seq.len;
+        // Over a padded length where the keys past the sequence's end can be read (see
+        // ATTENTION_LEN_STEP): a fresh prompt's from the rows after it, a chunk's from padded slots.
+        let span = match padded_len(total) {
+            p if seq.context > 0 || seq.start + p <= query.size()[0] => p,
+            _ => total,
+        };
+        let fresh = causal && seq.context == 0 && seq.len > 1;
+        let chunk = causal && seq.context > 0 && seq.len > 1 && seq.context <= seq.len;
+        let (k, v) = if fresh {
+            (
+                key.narrow(0, seq.start, span),
+                value.narrow(0, seq.start, span),
+            )
+        } else if seq.context == 0 {
             (
                 key.narrow(0, seq.start, seq.len),
                 value.narrow(0, seq.start, seq.len),
             )
+        } else if chunk {
+            cache.gather(layer, &pad_slots(slots.sequence(i), span)?)?
         } else {
             cache.gather(layer, slots.sequence(i))?
         };
         let (k, v) = (heads_first(k), heads_first(v));
-        let windowed = window.is_some_and(|w| seq.context + seq.len > w);
-        let causal = seq.bidirectional.is_none() && !windowed;
-        let out = if causal && (seq.context == 0 || seq.len == 1) {
-            // A fresh prompt is plainly causal; one new token sees everything cached.
+        let out = if fresh {
+            // A fresh prompt is plainly causal.
+            let q = heads_first(query.narrow(0, seq.start, span));
+            let out = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<Tensor>,
+                0.0,
+                true,
+                scale,
+                gqa,
+            )?;
+            tokens_first(out).narrow(0, 0, seq.len)
+        } else if causal && seq.len == 1 {
+            // One new token sees everything cached.
             tokens_first(Tensor::f_scaled_dot_product_attention(
                 &heads_first(rows),
                 &k,
                 &v,
                 None::<Tensor>,
                 0.0,
-                seq.context == 0 && seq.len > 1,
+                false,
                 scale,
                 gqa,
             )?)
-        } else if causal && seq.context <= seq.len {
+        } else if chunk {
             chunk_after_context(&rows, &k, &v, seq.context, scale, gqa)?
         } else {
             // Several new tokens after more cached ones (a short chunk of a long prompt, or a prompt
@@ -580,6 +648,19 @@ mod tests {
         }
     }
 
+    /// Slots padded to a length repeat the first; a list already as long stays as it is.
+    #[test]
+    fn slots_are_padded_with_the_first() {
+        let slots = Tensor::from_slice(&[7i64, 3, 9]);
+        let padded = pad_slots(&slots, 6).expect("padded");
+        assert_eq!(Vec::<i64>::try_from(&padded).unwrap(), [7, 3, 9, 7, 7, 7]);
+        let same = pad_slots(&slots, 3).expect("same");
+        assert_eq!(Vec::<i64>::try_from(&same).unwrap(), [7, 3, 9]);
+        assert_eq!(padded_len(1), 128);
+        assert_eq!(padded_len(128), 128);
+        assert_eq!(padded_len(2358), 2432);
+    }
+
     /// Joined pieces are the pieces in order, row for row, whatever their layout; a lone piece is
     /// returned as it is (no copy).
     #[test]
@@ -631,6 +712,14 @@ mod tests {
                     error < 1e-5,
                     "heads {heads}/{kv_heads}, {context} + {len}: {error}"
                 );
+                // Keys and values padded past the sequence's end (a padded length): the chunk's
+                // queries do not see them.
+                let extra = Tensor::randn([1, kv_heads, 6, d], opts) * 100.0;
+                let (kp, vp) = (Tensor::cat(&[&k, &extra], 2), Tensor::cat(&[&v, &extra], 2));
+                let padded =
+                    chunk_after_context(&query, &kp, &vp, context, scale, gqa).expect("padded");
+                let error = (padded - &expected).abs().max().double_value(&[]);
+                assert!(error < 1e-5, "padded, {context} + {len}: {error}");
                 // The mask matters: the chunk's first token must not see the chunk's last key.
                 let unmasked = Tensor::ones_like(&mask);
                 let open = masked_attention(&query, &k, &v, &unmasked, scale).expect("open");

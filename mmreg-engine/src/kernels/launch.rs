@@ -488,7 +488,8 @@ impl Kernels {
         out
     }
 
-    /// `store`: key cache, value cache, slots and key/value heads, for [`rope_and_store`].
+    /// `store`: key cache, value cache, slots and key/value heads, for [`rope_and_store`]; `slack` rows
+    /// of zeros follow the output's.
     pub(super) fn rope(
         &self,
         qkv: &Tensor,
@@ -496,8 +497,19 @@ impl Kernels {
         sin: &Tensor,
         rotated: i64,
         store: Option<(&Tensor, &Tensor, &Tensor, i64)>,
+        slack: i64,
     ) -> Tensor {
-        let out = qkv.empty_like();
+        let out = match slack {
+            0 => qkv.empty_like(),
+            _ => {
+                let mut size = qkv.size();
+                let tokens = size[0];
+                size[0] += slack;
+                let out = Tensor::empty(size, (qkv.kind(), qkv.device()));
+                let _ = out.narrow(0, tokens, slack).zero_();
+                out
+            }
+        };
         let k = self.of(qkv.kind());
         let [tokens, heads, dim] = qkv.size()[..] else {
             unreachable!("checked by kernels::rope")

@@ -206,7 +206,7 @@ pub fn rope(qkv: &Tensor, cos: &Tensor, sin: &Tensor, rotated: i64) -> Tensor {
             && (0..=heads).contains(&rotated)
     };
     match fused_for(&[qkv, cos, sin]) {
-        Some(k) if fits() => k.rope(qkv, cos, sin, rotated, None),
+        Some(k) if fits() => k.rope(qkv, cos, sin, rotated, None, 0),
         _ => unfused::rope(qkv, cos, sin, rotated),
     }
 }
@@ -221,6 +221,9 @@ pub struct RopeStore<'a> {
     pub key_cache: &'a mut Tensor,
     pub value_cache: &'a mut Tensor,
     pub slots: &'a Tensor,
+    /// Rows of zeros that [`rope_and_store`]'s output keeps after the tokens' (it is then `[tokens +
+    /// slack_rows, heads, dim]`), for an attention that reads a sequence's keys past its end.
+    pub slack_rows: i64,
 }
 
 impl RopeStore<'_> {
@@ -242,8 +245,9 @@ impl RopeStore<'_> {
 
 /// [`rope`] of a decoder layer's stacked `[tokens, heads, dim]` projection whose last `2 * kv_heads`
 /// heads are the keys and the values (queries and keys rotate), which also stores the keys (rotated)
-/// and values in the caches at their slots: the step's KV-cache write in the same pass. `None` where
-/// the kernel does not run: the caller then applies [`rope`] and writes the cache itself.
+/// and values in the caches at their slots: the step's KV-cache write in the same pass. Followed by
+/// `store.slack_rows` rows of zeros. `None` where the kernel does not run: the caller then applies
+/// [`rope`] and writes the cache itself.
 pub fn rope_and_store(qkv: &Tensor, store: RopeStore) -> Option<Tensor> {
     let k = fused_for(&[
         qkv,
@@ -264,12 +268,14 @@ pub fn rope_and_store(qkv: &Tensor, store: RopeStore) -> Option<Tensor> {
         store.slots,
         store.kv_heads,
     );
+    let rotated = heads - store.kv_heads;
     Some(k.rope(
         qkv,
         store.cos,
         store.sin,
-        heads - store.kv_heads,
+        rotated,
         Some(caches),
+        store.slack_rows.max(0),
     ))
 }
 

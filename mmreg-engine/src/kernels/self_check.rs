@@ -116,6 +116,7 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
                 key_cache: &mut keys,
                 value_cache: &mut values,
                 slots: &slots,
+                slack_rows: 0,
             };
             let roped = k.linear_rope_and_store(&tokens, &qkv_weight, Some(&qkv_bias), dim, &store);
             let projected = tokens.linear(&qkv_weight, Some(&qkv_bias));
@@ -152,12 +153,12 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
         compare("add_layer_norm's sum", &sum, &expected_sum)?;
         compare("add_layer_norm", &normed, &expected)?;
         let (qkv, cos, sin) = (w(&[4, 6, 64], 0.5), w(&[4, 64], 0.6), w(&[4, 64], 0.7));
-        let roped = k.rope(&qkv, &cos, &sin, 4, None);
+        let roped = k.rope(&qkv, &cos, &sin, 4, None, 0);
         compare("rope", &roped, &unfused::rope(&qkv, &cos, &sin, 4))?;
         // With the key (head 4) and value (head 5) rows stored at slots 9, 2, 5, 0 of a pool of 12.
         let (keys, values) = (w(&[12, 1, 64], 1.1), w(&[12, 1, 64], 1.2));
         let rows = Tensor::from_slice(&[9i64, 2, 5, 0]).to_device(device);
-        let roped = k.rope(&qkv, &cos, &sin, 5, Some((&keys, &values, &rows, 1)));
+        let roped = k.rope(&qkv, &cos, &sin, 5, Some((&keys, &values, &rows, 1)), 0);
         compare(
             "rope_and_store",
             &roped,
