@@ -16,6 +16,8 @@
 #                                      LLaVA-1.5 at BEFORE_BATCHES (1,8,32) twice, LLaVA-NeXT at
 #                                      NEXT_BATCHES (1,8) NEXT_REPEAT times (1), each of BEFORE_VARIANTS at
 #                                      LLaVA-1.5's 1 and 8; GPU tests
+#   scripts/gpu/next_calls.sh short    GPU tests; gpu-stage/mmreg-before.gz against this build once:
+#                                      LLaVA-NeXT at batch 8, LLaVA-1.5 at 1 and 8 (a short call)
 #   scripts/gpu/next_calls.sh chunks   LLaVA-NeXT's batch 8 chunked against whole prompts, alternating,
 #                                      with nvidia-smi's clocks sampled beside it
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
@@ -135,6 +137,33 @@ case "${1:-}" in
         > "$OUT/prefill-trace.log" 2>&1
       echo "prefill trace: exit $? at $((SECONDS - start)) s"
     fi
+    ;;
+  short)
+    # For a call with little device time left: the GPU tests, then gpu-stage/mmreg-before.gz against
+    # this build once each, LLaVA-NeXT at batch 8 (its first pass and median too), then LLaVA-1.5 at
+    # batch 1 and 8 in what is left of LIMIT.
+    { MMREG_TEST_MODES=cuda timeout 60 gpu-stage/run.sh cuda_graphs
+      MMREG_TEST_MODES=cuda timeout 60 gpu-stage/run.sh fused_kernels --skip nvrtc
+    } > "$OUT/gpu-tests.log" 2>&1
+    echo "GPU tests: exit $? at $((SECONDS - start)) s"
+    grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
+    gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
+    bench next-short $(((LIMIT - (SECONDS - start)) * 3 / 5)) MODELS=LLaVA-NeXT-Mistral-7B BATCHES=8 REPEAT=1 \
+      BEFORE=1
+    bench llava15-short $((LIMIT - 5 - (SECONDS - start))) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=1 BEFORE=1
+    for name in next-short llava15-short; do
+      table "$name"
+      python3 - "$OUT/$name.json" <<'PY'
+import json, sys
+for model, rec in json.load(open(sys.argv[1]))["models"].items():
+    for p in rec.get("peers", []):
+        r = p["result"]
+        for b in (1, 8):
+            if f"prefill_bs{b}_passes_ms" in r:
+                print(p["label"][:12], f"b{b} passes", [round(x, 1) for x in r[f"prefill_bs{b}_passes_ms"]],
+                      "issue", round(r.get(f"prefill_issue_bs{b}_ms", 0), 1))
+PY
+    done
     ;;
   chunks)
     # LLaVA-NeXT's batch 8 with chunked prefill (the default) against whole prompts a step
