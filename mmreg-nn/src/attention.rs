@@ -13,7 +13,7 @@ use crate::rotary::RotaryAt;
 use crate::Linear;
 
 /// libtorch's cuDNN attention (its pick on Hopper) builds an execution plan the first time it meets a
-/// shape, 40–50 ms on an H200 (run 91), and keeps it by shape. A fresh prompt, or a chunk after its
+/// shape, 40–50 ms on an H200 (run 92), and keeps it by shape. A fresh prompt, or a chunk after its
 /// context, attends over its length rounded up to a multiple of this, so that a server meets at most
 /// 64 lengths up to 8192 tokens, not every prompt's own. The rows past a sequence's end are the next
 /// sequences' or zeros that the rotated projection keeps after the step's (`RopeStore::slack_rows`),
