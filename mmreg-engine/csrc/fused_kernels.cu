@@ -499,13 +499,19 @@ __device__ __forceinline__ typename D::T* cache_row(typename D::T* key_cache, ty
 //
 // With caches (not null), the last 2 * kv_heads heads are the keys and the values: their rows are also
 // stored at the token's slot, `key_cache`/`value_cache` being [slots, kv_heads, dim] (the KV-cache write
-// of the step, in the same pass).
+// of the step, in the same pass). `out` has `slack` more rows after the tokens', which become zeros (an
+// attention over a padded length reads them).
 template <typename D>
 __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typename D::T* cos,
                          const typename D::T* sin, long long tokens, int heads, int rotated, int dim,
                          typename D::T* key_cache, typename D::T* value_cache, const long long* slots,
-                         int kv_heads) {
+                         int kv_heads, long long slack) {
   const int half = dim / 2;
+  for (long long row = tokens * heads + blockIdx.y; row < (tokens + slack) * heads; row += gridDim.y) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < dim; j += gridDim.x * blockDim.x) {
+      out[row * dim + j] = D::store(0.0f);
+    }
+  }
   for (long long row = blockIdx.y; row < tokens * heads; row += gridDim.y) {
     const long long t = row / heads;
     const int head = row % heads;
@@ -534,15 +540,29 @@ __device__ void rope_all(typename D::T* out, const typename D::T* qkv, const typ
 // and the matching run of its second half, with the same roundings: grid-stride loops over tokens (y)
 // and over the (head, run) pairs of a token (x), so that a thread finds its head with one 32-bit division
 // (64-bit divisions per element had cost more than the rotation). The caller checks that dim / 2 is a
-// multiple of N and that every tensor is 16-byte aligned.
+// multiple of N and that every tensor is 16-byte aligned. The `slack` rows after the tokens' become zeros.
 template <typename D>
 __device__ void rope_vectors(typename D::T* out, const typename D::T* qkv, const typename D::T* cos,
                              const typename D::T* sin, long long tokens, int heads, int rotated, int dim,
                              typename D::T* key_cache, typename D::T* value_cache, const long long* slots,
-                             int kv_heads) {
+                             int kv_heads, long long slack) {
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
   const int half = dim / 2, runs = half / N, per_token = heads * runs;
+  V zero;
+#pragma unroll
+  for (int n = 0; n < N; ++n) {
+    zero.e[n] = D::store(0.0f);
+  }
+  for (long long t = tokens + blockIdx.y; t < tokens + slack; t += gridDim.y) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < per_token; i += gridDim.x * blockDim.x) {
+      const int head = i / runs;
+      const int j = (i - head * runs) * N;
+      const long long row = t * heads + head;
+      *reinterpret_cast<V*>(out + row * dim + j) = zero;
+      *reinterpret_cast<V*>(out + row * dim + j + half) = zero;
+    }
+  }
   for (long long t = blockIdx.y; t < tokens; t += gridDim.y) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < per_token; i += gridDim.x * blockDim.x) {
       const int head = i / runs;
@@ -1698,10 +1718,10 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
   MMREG_KERNEL void rope_##suffix(D::T* out, const D::T* qkv, const D::T* cos, const D::T* sin,     \
                                   long long tokens, int heads, int rotated, int dim,               \
                                   D::T* key_cache, D::T* value_cache, const long long* slots,      \
-                                  int kv_heads) {                                                  \
+                                  int kv_heads, long long slack) {                                 \
     begin_kernel();                                                                            \
     rope_all<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache, slots,    \
-                kv_heads);                                                                         \
+                kv_heads, slack);                                                                  \
   }                                                                                                \
   MMREG_KERNEL void paged_decode_combine_##suffix(D::T* out, const float* partial_acc,              \
                                                   const float* partial_max,                        \
@@ -1772,10 +1792,10 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
                                           const D::T* sin, long long tokens, int heads,            \
                                           int rotated, int dim, D::T* key_cache,                   \
                                           D::T* value_cache, const long long* slots,               \
-                                          int kv_heads) {                                          \
+                                          int kv_heads, long long slack) {                         \
     begin_kernel();                                                                            \
     rope_vectors<D>(out, qkv, cos, sin, tokens, heads, rotated, dim, key_cache, value_cache,       \
-                    slots, kv_heads);                                                              \
+                    slots, kv_heads, slack);                                                       \
   }                                                                                                \
   MMREG_KERNEL void quick_gelu_##suffix(D::T* out, const D::T* x, long long n) {                   \
     begin_kernel();                                                                            \

@@ -203,7 +203,8 @@ T arg(void** args, int i) {
   [](void** a) { rope_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),              \
                                arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),             \
                                arg<int>(a, 6), arg<int>(a, 7), arg<T*>(a, 8), arg<T*>(a, 9),          \
-                               arg<const long long*>(a, 10), arg<int>(a, 11)); },                     \
+                               arg<const long long*>(a, 10), arg<int>(a, 11),                         \
+                               arg<long long>(a, 12)); },                                             \
   [](void** a) { paged_decode_combine_##suffix(arg<T*>(a, 0), arg<const float*>(a, 1),                \
                                                arg<const float*>(a, 2), arg<const float*>(a, 3),      \
                                                arg<int>(a, 4), arg<int>(a, 5)); },                    \
@@ -218,7 +219,8 @@ T arg(void** args, int i) {
   [](void** a) { rope_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),      \
                                        arg<const T*>(a, 3), arg<long long>(a, 4), arg<int>(a, 5),     \
                                        arg<int>(a, 6), arg<int>(a, 7), arg<T*>(a, 8), arg<T*>(a, 9),  \
-                                       arg<const long long*>(a, 10), arg<int>(a, 11)); },     \
+                                       arg<const long long*>(a, 10), arg<int>(a, 11),                 \
+                                       arg<long long>(a, 12)); },                                     \
   MMREG_EMULATED_FEW_ROWS(linear_few_rows_##suffix, T),                                              \
   [](void** a) { linear_one_row_silu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                               arg<const T*>(a, 2), arg<const T*>(a, 3),               \

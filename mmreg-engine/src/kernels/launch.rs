@@ -499,24 +499,17 @@ impl Kernels {
         store: Option<(&Tensor, &Tensor, &Tensor, i64)>,
         slack: i64,
     ) -> Tensor {
-        let out = match slack {
-            0 => qkv.empty_like(),
-            _ => {
-                let mut size = qkv.size();
-                let tokens = size[0];
-                size[0] += slack;
-                let out = Tensor::empty(size, (qkv.kind(), qkv.device()));
-                let _ = out.narrow(0, tokens, slack).zero_();
-                out
-            }
-        };
+        // The kernel writes the slack rows' zeros (no memset of its own in a prefill step's graph).
+        let mut size = qkv.size();
+        size[0] += slack;
+        let out = Tensor::empty(size, (qkv.kind(), qkv.device()));
         let k = self.of(qkv.kind());
         let [tokens, heads, dim] = qkv.size()[..] else {
             unreachable!("checked by kernels::rope")
         };
         let (mut out_p, mut qkv_p, mut cos_p, mut sin_p) =
             (ptr(&out), ptr(qkv), ptr(cos), ptr(sin));
-        let mut tokens = tokens;
+        let (mut tokens, mut slack) = (tokens, slack);
         let (mut heads32, mut rotated, mut dim32) = (heads as i32, rotated as i32, dim as i32);
         let null = std::ptr::null_mut();
         let (mut keys_p, mut values_p, mut slots_p, mut kv_heads) = match store {
@@ -536,6 +529,7 @@ impl Kernels {
             arg!(values_p),
             arg!(slots_p),
             arg!(kv_heads),
+            arg!(slack),
         ];
         let half = dim / 2;
         let per_vector = 16 / qkv.kind().elt_size_in_bytes() as i64;
