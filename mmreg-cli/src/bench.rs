@@ -118,8 +118,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     results.insert("distinct_images".into(), true.into());
     for &b in &args.batch {
         // Warm-up, then `repeat` prefills of `b` requests: the model time of the steps that prefill
-        // (vision tower, projector, decoder; preprocessing happens before, on the workers).
+        // (vision tower, projector, decoder; preprocessing happens before, on the workers). The warm-up
+        // also runs one pass as the timed ones do (one token each): with decodes beside them, the
+        // warm-up's later steps split the prompts elsewhere, and a timed pass would meet those steps'
+        // shapes first (a graph to capture, attention plans to build: run 91's 1.4-s first pass).
         engine.generate(batch.of(b, args.max_tokens));
+        engine.generate(batch.of(b, 1));
         // Each pass's steps (`generate` returns once every request has its token).
         let prefill_passes = |time_embeddings: bool| {
             let counters = engine.counters();
