@@ -145,13 +145,16 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         let passes = prefill_passes(false);
         // A second series waits for the embeddings to time them (which delays the rest of the step).
         let embed_passes = prefill_passes(true);
-        let prefill_ms = |steps: &[StepTiming], of: fn(&StepTiming) -> f64| -> f64 {
-            let prefills = steps.iter().filter(|s| s.prefill_tokens > 0);
-            prefills.map(of).sum::<f64>() * 1000.0
-        };
         let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
+        // Each pass's sum of `of` over its prefill steps, in ms.
         let over = |passes: &[Vec<StepTiming>], of: fn(&StepTiming) -> f64| -> Vec<f64> {
-            passes.iter().map(|p| prefill_ms(p, of)).collect()
+            let prefills = |p: &[StepTiming]| {
+                p.iter()
+                    .filter(|s| s.prefill_tokens > 0)
+                    .map(of)
+                    .sum::<f64>()
+            };
+            passes.iter().map(|p| prefills(p) * 1000.0).collect()
         };
         let ms = over(&passes, |s| s.seconds);
         results.insert(format!("prefill_bs{b}_ms"), mean(&ms).into());

@@ -18,7 +18,9 @@ use crate::Linear;
 /// 64 lengths up to 8192 tokens, not every prompt's own. The rows past a sequence's end are the next
 /// sequences' or zeros that the rotated projection keeps after the step's (`RopeStore::slack_rows`),
 /// and causal attention keeps the sequence's queries from their keys; the padded rows' own outputs are
-/// dropped. 128 is cuDNN's tile of queries and keys, so the padding adds no tile.
+/// dropped. 128 is cuDNN's tile of queries and keys, so the padding adds no tile. A run of equal
+/// prompts attended as one batch keeps its length (padding it would leave its output strided, to be
+/// copied): its shapes are a benchmark's few.
 const ATTENTION_LEN_STEP: i64 = 128;
 
 /// `len` rounded up to a multiple of [`ATTENTION_LEN_STEP`].
@@ -99,13 +101,12 @@ impl Attention {
         rotary: &RotaryAt,
         step: &mut Step,
     ) -> Result<Tensor> {
-        let tokens = qkv.size()[0];
         match self.rope_store(rotary, step, |store| kernels::rope_and_store(qkv, store))? {
-            Some(roped) => self.attend_roped(&roped, tokens, true, step),
+            Some(roped) => self.attend_roped(&roped, true, step),
             None => {
                 let roped =
                     kernels::rope(qkv, &rotary.cos, &rotary.sin, self.heads + self.kv_heads);
-                self.attend_roped(&roped, tokens, false, step)
+                self.attend_roped(&roped, false, step)
             }
         }
     }
@@ -124,7 +125,7 @@ impl Attention {
         match self.rope_store(rotary, step, |store| {
             kernels::linear_rope_and_store(x, weight, bias, store)
         })? {
-            Some(roped) => self.attend_roped(&roped, x.size()[0], true, step),
+            Some(roped) => self.attend_roped(&roped, true, step),
             None => {
                 let shape = [x.size()[0], self.heads + 2 * self.kv_heads, self.head_dim];
                 self.forward_rotary(&qkv_proj.forward(x).view(shape), rotary, step)
@@ -156,15 +157,10 @@ impl Attention {
         }))
     }
 
-    /// Attention over the rotated projection `[tokens, heads + 2 kv_heads, head_dim]` (and any rows of
-    /// zeros after it), after storing its keys and values (unless `in_cache`: already stored).
-    fn attend_roped(
-        &self,
-        qkv: &Tensor,
-        tokens: i64,
-        in_cache: bool,
-        step: &mut Step,
-    ) -> Result<Tensor> {
+    /// Attention over the rotated projection `[tokens, heads + 2 kv_heads, head_dim]`, after storing its
+    /// keys and values (unless `in_cache`: already stored, and the rows of zeros that may follow them
+    /// are the kernel's slack).
+    fn attend_roped(&self, qkv: &Tensor, in_cache: bool, step: &mut Step) -> Result<Tensor> {
         let (h, kv) = (self.heads, self.kv_heads);
         let (q, k, v) = (
             qkv.narrow(1, 0, h),
@@ -175,8 +171,7 @@ impl Attention {
         let cache = step.cache();
         let slots = batch.layer_slots(cache.in_sliding_pool(self.layer))?;
         if !in_cache {
-            let new = |t: &Tensor| t.narrow(0, 0, tokens);
-            cache.write(self.layer, &new(&k), &new(&v), slots.new_slots())?;
+            cache.write(self.layer, &k, &v, slots.new_slots())?;
         }
         attend_stored(
             &q,
@@ -463,34 +458,27 @@ fn attend_stored(
         let rows = query.narrow(0, seq.start, seq.len);
         let windowed = window.is_some_and(|w| seq.context + seq.len > w);
         let causal = seq.bidirectional.is_none() && !windowed;
-        let total = seq.context + seq.len;
-        // Over a padded length where the keys past the sequence's end can be read (see
-        // ATTENTION_LEN_STEP): a fresh prompt's from the rows after it, a chunk's from padded slots.
-        let span = match padded_len(total) {
-            p if seq.context > 0 || seq.start + p <= query.size()[0] => p,
-            _ => total,
-        };
         let fresh = causal && seq.context == 0 && seq.len > 1;
         let chunk = causal && seq.context > 0 && seq.len > 1 && seq.context <= seq.len;
-        let (k, v) = if fresh {
+        // Keys over a padded length where those past the sequence's end can be read (see
+        // ATTENTION_LEN_STEP): a fresh prompt's from the rows after it, a chunk's through padded slots.
+        let total = seq.context + seq.len;
+        let keys = match padded_len(total) {
+            p if chunk || (fresh && seq.start + p <= query.size()[0]) => p,
+            _ => total,
+        };
+        let (k, v) = if seq.context == 0 {
             (
-                key.narrow(0, seq.start, span),
-                value.narrow(0, seq.start, span),
+                key.narrow(0, seq.start, keys),
+                value.narrow(0, seq.start, keys),
             )
-        } else if seq.context == 0 {
-            (
-                key.narrow(0, seq.start, seq.len),
-                value.narrow(0, seq.start, seq.len),
-            )
-        } else if chunk {
-            cache.gather(layer, &pad_slots(slots.sequence(i), span)?)?
         } else {
-            cache.gather(layer, slots.sequence(i))?
+            cache.gather(layer, &pad_slots(slots.sequence(i), keys)?)?
         };
         let (k, v) = (heads_first(k), heads_first(v));
         let out = if fresh {
             // A fresh prompt is plainly causal.
-            let q = heads_first(query.narrow(0, seq.start, span));
+            let q = heads_first(query.narrow(0, seq.start, keys));
             let out = Tensor::f_scaled_dot_product_attention(
                 &q,
                 &k,
