@@ -47,8 +47,8 @@ fn main() {
         .file("csrc/cuda_shim.cpp")
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
-        .include(cuda_include)
-        .include(crt_include)
+        .include(&cuda_include)
+        .include(&crt_include)
         .flag("-std=c++17")
         .flag("-w")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
@@ -56,6 +56,41 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
     println!("cargo:rustc-cfg=mmreg_cuda_shim");
+    compile_cudnn_attention(&torch, &site, &cuda_include, &crt_include);
+}
+
+/// cuDNN's attention through cudnn-frontend (`csrc/cudnn_attention.cpp`), where its headers are there: the
+/// nvidia-cudnn-frontend wheel's (scripts/libtorch.sh) and cuDNN's own from the wheel torch brings. Without
+/// them attention stays libtorch's.
+fn compile_cudnn_attention(
+    torch: &std::path::Path,
+    site: &std::path::Path,
+    cuda_include: &std::path::Path,
+    crt_include: &std::path::Path,
+) {
+    println!("cargo:rustc-check-cfg=cfg(mmreg_cudnn_attention)");
+    println!("cargo:rerun-if-changed=csrc/cudnn_attention.cpp");
+    let frontend = site.join("include");
+    let cudnn = site.join("nvidia/cudnn/include");
+    if !frontend.join("cudnn_frontend.h").exists() || !cudnn.join("cudnn.h").exists() {
+        println!("cargo:warning=no cudnn-frontend or cuDNN headers beside torch: attention stays libtorch's; run scripts/libtorch.sh");
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/cudnn_attention.cpp")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .include(cuda_include)
+        .include(crt_include)
+        .include(cudnn)
+        .include(frontend)
+        .flag("-std=c++17")
+        .flag("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
+        .compile("mmreg_cudnn_attention");
+    println!("cargo:rustc-cfg=mmreg_cudnn_attention");
 }
 
 /// The CUDA runtime headers and nvcc's `crt/` headers that pip's torch has beside it, if any.

@@ -29,6 +29,15 @@ if ! "$venv/bin/python" -m pip show nvidia-cuda-cccl 2>/dev/null | grep -q "^Ver
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-cccl==$CCCL_VERSION" \
         || echo "mmreg: could not install nvidia-cuda-cccl; tensor parallelism will have Gloo only (no NCCL)" >&2
 fi
+# cuDNN's attention called directly (mmreg-engine/csrc/cudnn_attention.cpp) is written against cudnn-frontend's
+# C++ headers, which its wheel ships (with a Python module we do not use); cuDNN itself is torch's.
+CUDNN_FRONTEND_VERSION=1.32.0
+if ! "$venv/bin/python" -m pip show nvidia-cudnn-frontend 2>/dev/null | grep -q "^Version: $CUDNN_FRONTEND_VERSION"; then
+    # Not fatal: without it attention stays libtorch's.
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+        "nvidia-cudnn-frontend==$CUDNN_FRONTEND_VERSION" \
+        || echo "mmreg: could not install nvidia-cudnn-frontend; attention will be libtorch's" >&2
+fi
 torch_dir=$("$venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 if [ "$(readlink "$repo/.libtorch" 2>/dev/null)" != "$torch_dir" ]; then
     ln -sfn "$torch_dir" "$repo/.libtorch"

@@ -8,6 +8,7 @@
 mod block_pool;
 mod blocks;
 pub mod cuda;
+pub mod cudnn;
 pub mod dist;
 mod encoder_cache;
 mod engine;

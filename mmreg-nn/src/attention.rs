@@ -191,6 +191,33 @@ impl Attention {
     }
 }
 
+/// Attention of `q` `[b, heads, s_q, d]` over `k` and `v` `[b, kv_heads, s_kv, d]` without a mask
+/// (causal aligned to the top left where `causal`): `[b, heads, s_q, d]`, laid out `[b, s_q, heads, d]`
+/// in memory on CUDA. cuDNN's kernel called directly where it runs ([`mmreg_engine::cudnn`]: no
+/// memset before it), else libtorch's attention, the reference.
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    causal: bool,
+    scale: f64,
+) -> Result<Tensor> {
+    if let Some(out) = mmreg_engine::cudnn::attention(q, k, v, causal, scale) {
+        return Ok(out);
+    }
+    let gqa = q.size()[1] != k.size()[1];
+    Ok(Tensor::f_scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        None::<Tensor>,
+        0.0,
+        causal,
+        scale,
+        gqa,
+    )?)
+}
+
 /// Causal attention of a chunk's `len` queries (`[len, heads, d]`) that follow `context` cached
 /// positions, over their keys and values (`[1, kv_heads, keys, d]`, the sequence's `context + len`
 /// first, then any finite rows, which the chunk's queries never see): `[len, heads, d]`. It is the
@@ -206,7 +233,6 @@ fn chunk_after_context(
     v: &Tensor,
     context: i64,
     scale: f64,
-    gqa: bool,
 ) -> Result<Tensor> {
     let [len, heads, d] = query.size()[..] else {
         unreachable!("queries are [len, heads, d]")
@@ -216,8 +242,7 @@ fn chunk_after_context(
     padded.f_narrow(0, context, len)?.f_copy_(query)?;
     // [keys, heads, d] → [1, heads, keys, d] (a view)
     let q = padded.f_transpose(0, 1)?.f_unsqueeze(0)?;
-    let out =
-        Tensor::f_scaled_dot_product_attention(&q, k, v, None::<Tensor>, 0.0, true, scale, gqa)?;
+    let out = attend(&q, k, v, true, scale)?;
     Ok(out
         .f_squeeze_dim(0)?
         .f_transpose(0, 1)?
@@ -376,7 +401,6 @@ fn equal_fresh_prompts(sequences: &[SequenceSlice], window: Option<i64>) -> usiz
 
 /// Causal attention of `n` fresh prompts of `len` tokens each, packed from row `start` of the step's
 /// queries, keys and values (`[tokens, heads, d]`), as one batch: `[n * len, heads, d]`.
-#[allow(clippy::too_many_arguments)]
 fn attend_equal_prompts(
     query: &Tensor,
     key: &Tensor,
@@ -385,7 +409,6 @@ fn attend_equal_prompts(
     n: i64,
     len: i64,
     scale: f64,
-    gqa: bool,
 ) -> Result<Tensor> {
     // [n * len, heads, d] → [n, heads, len, d] (a view: the kernels read the strides)
     let batched = |t: &Tensor| -> Result<Tensor> {
@@ -394,16 +417,7 @@ fn attend_equal_prompts(
             .f_view([n, len, heads, d])?
             .f_transpose(1, 2)?)
     };
-    let out = Tensor::f_scaled_dot_product_attention(
-        &batched(query)?,
-        &batched(key)?,
-        &batched(value)?,
-        None::<Tensor>,
-        0.0,
-        true,
-        scale,
-        gqa,
-    )?;
+    let out = attend(&batched(query)?, &batched(key)?, &batched(value)?, true, scale)?;
     let (heads, d) = (out.size()[1], out.size()[3]);
     // Laid out [n, len, heads, d] where the kernel keeps the queries' layout (cuDNN's on CUDA): no copy.
     Ok(out.f_transpose(1, 2)?.f_reshape([n * len, heads, d])?)
@@ -439,7 +453,6 @@ fn attend_stored(
         }
         outputs.push(out);
     }
-    let gqa = query.size()[1] != key.size()[1];
     let mut i = gathered;
     while i < batch.sequences.len() {
         let seq = &batch.sequences[i];
@@ -447,7 +460,7 @@ fn attend_stored(
         if prompts > 1 {
             let (start, n, len) = (seq.start, prompts as i64, seq.len);
             outputs.push(attend_equal_prompts(
-                query, key, value, start, n, len, scale, gqa,
+                query, key, value, start, n, len, scale,
             )?);
             i += prompts;
             continue;
@@ -479,31 +492,12 @@ fn attend_stored(
         let out = if fresh {
             // A fresh prompt is plainly causal.
             let q = heads_first(query.narrow(0, seq.start, keys));
-            let out = Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                true,
-                scale,
-                gqa,
-            )?;
-            tokens_first(out).narrow(0, 0, seq.len)
+            tokens_first(attend(&q, &k, &v, true, scale)?).narrow(0, 0, seq.len)
         } else if causal && seq.len == 1 {
             // One new token sees everything cached.
-            tokens_first(Tensor::f_scaled_dot_product_attention(
-                &heads_first(rows),
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                false,
-                scale,
-                gqa,
-            )?)
+            tokens_first(attend(&heads_first(rows), &k, &v, false, scale)?)
         } else if chunk {
-            chunk_after_context(&rows, &k, &v, seq.context, scale, gqa)?
+            chunk_after_context(&rows, &k, &v, seq.context, scale)?
         } else {
             // Several new tokens after more cached ones (a short chunk of a long prompt, or a prompt
             // after a long cached prefix), or a prompt with bidirectional runs or a sliding window.
@@ -602,7 +596,7 @@ mod tests {
             let k = qkv.narrow(1, heads, kv_heads);
             let v = qkv.narrow(1, heads + kv_heads, kv_heads);
             let gqa = heads != kv_heads;
-            let out = attend_equal_prompts(&q, &k, &v, 2, n, len, 0.25, gqa).expect("batched");
+            let out = attend_equal_prompts(&q, &k, &v, 2, n, len, 0.25).expect("batched");
             assert_eq!(out.size(), [n * len, heads, d]);
             for p in 0..n {
                 let first = |t: &Tensor| t.narrow(0, 2 + p * len, len).transpose(0, 1).unsqueeze(0);
@@ -691,8 +685,7 @@ mod tests {
                 let mask =
                     Tensor::ones([len, context + len], (Kind::Bool, Device::Cpu)).tril(context);
                 let expected = masked_attention(&query, &k, &v, &mask, scale).expect("masked");
-                let gqa = heads != kv_heads;
-                let out = chunk_after_context(&query, &k, &v, context, scale, gqa).expect("causal");
+                let out = chunk_after_context(&query, &k, &v, context, scale).expect("causal");
                 assert_eq!(out.size(), [len, heads, d]);
                 let expected = expected.squeeze_dim(0).transpose(0, 1);
                 let error = (out - &expected).abs().max().double_value(&[]);
@@ -705,7 +698,7 @@ mod tests {
                 let extra = Tensor::randn([1, kv_heads, 6, d], opts) * 100.0;
                 let (kp, vp) = (Tensor::cat(&[&k, &extra], 2), Tensor::cat(&[&v, &extra], 2));
                 let padded =
-                    chunk_after_context(&query, &kp, &vp, context, scale, gqa).expect("padded");
+                    chunk_after_context(&query, &kp, &vp, context, scale).expect("padded");
                 let error = (padded - &expected).abs().max().double_value(&[]);
                 assert!(error < 1e-5, "padded, {context} + {len}: {error}");
                 // The mask matters: the chunk's first token must not see the chunk's last key.

@@ -156,16 +156,7 @@ impl Attention {
         let split = |i: i64| qkv.select(2, i).transpose(1, 2);
         let (q, k, v) = (split(0), split(1), split(2));
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            None::<Tensor>,
-            0.0,
-            false,
-            scale,
-            false,
-        );
+        let out = crate::attention::attend(&q, &k, &v, false, scale)?;
         self.out_proj.forward(
             &out.transpose(1, 2)
                 .reshape([b, l, self.heads * self.head_dim]),

@@ -18,6 +18,9 @@
 #                                      LLaVA-1.5's 1 and 8; GPU tests
 #   scripts/gpu/next_calls.sh short    GPU tests; gpu-stage/mmreg-before.gz against this build once:
 #                                      LLaVA-NeXT at batch 8, LLaVA-1.5 at 1 and 8 (a short call)
+#   scripts/gpu/next_calls.sh cudnn    GPU tests (cuDNN's attention's first); cuDNN's attention called
+#                                      directly against libtorch's (MMREG_CUDNN_ATTENTION=0): LLaVA-1.5 at
+#                                      batch 1 and 8 twice, LLaVA-NeXT at batch 8 once
 #   scripts/gpu/next_calls.sh chunks   LLaVA-NeXT's batch 8 chunked against whole prompts, alternating,
 #                                      with nvidia-smi's clocks sampled beside it
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
@@ -162,6 +165,33 @@ for model, rec in json.load(open(sys.argv[1]))["models"].items():
             if f"prefill_bs{b}_passes_ms" in r:
                 print(p["label"][:12], f"b{b} passes", [round(x, 1) for x in r[f"prefill_bs{b}_passes_ms"]],
                       "issue", round(r.get(f"prefill_issue_bs{b}_ms", 0), 1))
+PY
+    done
+    ;;
+  cudnn)
+    # cuDNN's attention called directly (the default) against libtorch's (MMREG_CUDNN_ATTENTION=0): its
+    # GPU test first, then the other GPU tests, then LLaVA-1.5 at batch 1 and 8 alternating twice, then
+    # LLaVA-NeXT at batch 8 once each in what is left.
+    { MMREG_TEST_MODES=cuda timeout 60 gpu-stage/run.sh cudnn_attention --nocapture
+      MMREG_TEST_MODES=cuda timeout 90 gpu-stage/run.sh cuda_graphs
+      MMREG_TEST_MODES=cuda timeout 60 gpu-stage/run.sh fused_kernels --skip nvrtc
+    } > "$OUT/gpu-tests.log" 2>&1
+    echo "GPU tests: exit $? at $((SECONDS - start)) s"
+    grep -E "^test result|FAILED|panicked|bit-identical|SKIPPED" "$OUT/gpu-tests.log" | head -20
+    bench llava15-cudnn $(((LIMIT - (SECONDS - start)) * 11 / 20)) MODELS=LLaVA-1.5-7B BATCHES=1,8 REPEAT=2 \
+      VARIANTS="MMREG_CUDNN_ATTENTION=0"
+    bench next-cudnn $((LIMIT - 5 - (SECONDS - start))) MODELS=LLaVA-NeXT-Mistral-7B BATCHES=8 REPEAT=1 \
+      VARIANTS="MMREG_CUDNN_ATTENTION=0"
+    for name in llava15-cudnn next-cudnn; do
+      table "$name"
+      python3 - "$OUT/$name.json" <<'PY'
+import json, sys
+for model, rec in json.load(open(sys.argv[1]))["models"].items():
+    for p in rec.get("peers", []):
+        r = p["result"]
+        for b in (1, 8):
+            if f"prefill_bs{b}_passes_ms" in r:
+                print(p["label"][-40:], f"b{b} passes", [round(x, 2) for x in r[f"prefill_bs{b}_passes_ms"]])
 PY
     done
     ;;
