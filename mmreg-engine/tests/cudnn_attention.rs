@@ -55,14 +55,29 @@ fn max_error(a: &Tensor, b: &Tensor) -> f64 {
 fn cudnn_attention_matches_libtorch_and_f32() {
     let Some(device) = cuda() else { return };
     tch::manual_seed(7);
-    // (name, b, heads, kv_heads, rows per sequence, d, causal, kind)
+    // name, [b, heads, kv_heads, rows per sequence, d], causal, dtype
     let cases = [
-        ("LLaVA-1.5 prompt", 1, 32, 32, 604, 128, true, Kind::BFloat16),
-        ("equal prompts, grouped heads", 3, 32, 8, 200, 128, true, Kind::BFloat16),
-        ("CLIP tower, 3 images", 3, 16, 16, 577, 64, false, Kind::BFloat16),
-        ("a padded chunk (f16)", 1, 8, 2, 256, 128, true, Kind::Half),
+        (
+            "LLaVA-1.5 prompt",
+            [1, 32, 32, 604, 128],
+            true,
+            Kind::BFloat16,
+        ),
+        (
+            "equal prompts, grouped",
+            [3, 32, 8, 200, 128],
+            true,
+            Kind::BFloat16,
+        ),
+        (
+            "CLIP, 3 images",
+            [3, 16, 16, 577, 64],
+            false,
+            Kind::BFloat16,
+        ),
+        ("padded chunk, f16", [1, 8, 2, 256, 128], true, Kind::Half),
     ];
-    for (name, b, heads, kv_heads, len, d, causal, kind) in cases {
+    for (name, [b, heads, kv_heads, len, d], causal, kind) in cases {
         // The stacked projection's rows, as the layers hold them: q, k and v are views of it.
         let qkv = Tensor::randn([b * len, heads + 2 * kv_heads, d], (kind, device));
         let q = heads_first(&qkv.narrow(1, 0, heads), b);

@@ -417,7 +417,13 @@ fn attend_equal_prompts(
             .f_view([n, len, heads, d])?
             .f_transpose(1, 2)?)
     };
-    let out = attend(&batched(query)?, &batched(key)?, &batched(value)?, true, scale)?;
+    let out = attend(
+        &batched(query)?,
+        &batched(key)?,
+        &batched(value)?,
+        true,
+        scale,
+    )?;
     let (heads, d) = (out.size()[1], out.size()[3]);
     // Laid out [n, len, heads, d] where the kernel keeps the queries' layout (cuDNN's on CUDA): no copy.
     Ok(out.f_transpose(1, 2)?.f_reshape([n * len, heads, d])?)
@@ -697,8 +703,7 @@ mod tests {
                 // queries do not see them.
                 let extra = Tensor::randn([1, kv_heads, 6, d], opts) * 100.0;
                 let (kp, vp) = (Tensor::cat(&[&k, &extra], 2), Tensor::cat(&[&v, &extra], 2));
-                let padded =
-                    chunk_after_context(&query, &kp, &vp, context, scale).expect("padded");
+                let padded = chunk_after_context(&query, &kp, &vp, context, scale).expect("padded");
                 let error = (padded - &expected).abs().max().double_value(&[]);
                 assert!(error < 1e-5, "padded, {context} + {len}: {error}");
                 // The mask matters: the chunk's first token must not see the chunk's last key.
