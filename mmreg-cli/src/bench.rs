@@ -114,6 +114,9 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     results.insert("async_scheduling".into(), options_async.into());
     results.insert("max_num_batched_tokens".into(), step_budget.into());
     results.insert("enable_chunked_prefill".into(), chunked.into());
+    // Whether unmasked attention calls cuDNN directly (else libtorch's attention; MMREG_CUDNN_ATTENTION=0).
+    let cudnn = mmreg_engine::cudnn::available() && mmreg_engine::cudnn::enabled();
+    results.insert("cudnn_attention".into(), cudnn.into());
     // Each request of a batch has images of its own (see `Batches`).
     results.insert("distinct_images".into(), true.into());
     for &b in &args.batch {
