@@ -30,6 +30,25 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(1 + u8::from(on), Ordering::Relaxed);
 }
 
+/// 0: undecided; 1: off; 2: on.
+static DYNAMIC: AtomicU8 = AtomicU8::new(0);
+
+/// Whether plans are built for dynamic shapes over one kernel cache (`MMREG_CUDNN_DYNAMIC_SHAPES=1`; off
+/// by default): a shape met for the first time then reuses a kernel compiled for another instead of
+/// compiling its own (40–50 ms a shape with static plans, run 92), where cuDNN supports it for attention.
+pub fn dynamic_shapes() -> bool {
+    if DYNAMIC.load(Ordering::Relaxed) == 0 {
+        let on = std::env::var("MMREG_CUDNN_DYNAMIC_SHAPES").is_ok_and(|v| v == "1");
+        let _ = DYNAMIC.compare_exchange(0, 1 + u8::from(on), Ordering::Relaxed, Ordering::Relaxed);
+    }
+    DYNAMIC.load(Ordering::Relaxed) == 2
+}
+
+/// Switches [`dynamic_shapes`] for the plans built from now on.
+pub fn set_dynamic_shapes(on: bool) {
+    DYNAMIC.store(1 + u8::from(on), Ordering::Relaxed);
+}
+
 /// Whether this build can call cuDNN's attention at all (it found cudnn-frontend's headers).
 pub const fn available() -> bool {
     cfg!(mmreg_cudnn_attention)
@@ -86,6 +105,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
         [q, k, v, &out],
         causal,
         scale as f32,
+        dynamic_shapes(),
     );
     match status {
         Ok(()) => Some(out),
@@ -101,6 +121,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
 }
 
 #[cfg(mmreg_cudnn_attention)]
+#[allow(clippy::too_many_arguments)]
 fn call(
     device: i32,
     dtype: i32,
@@ -109,6 +130,7 @@ fn call(
     tensors: [&Tensor; 4],
     causal: bool,
     scale: f32,
+    dynamic: bool,
 ) -> Result<(), (i32, String)> {
     use std::ffi::{c_char, c_void, CStr};
     extern "C" {
@@ -123,6 +145,7 @@ fn call(
             o: *mut c_void,
             causal: i32,
             scale: f32,
+            dynamic: i32,
             error: *mut c_char,
             capacity: usize,
         ) -> i32;
@@ -143,6 +166,7 @@ fn call(
             o.data_ptr(),
             i32::from(causal),
             scale,
+            i32::from(dynamic),
             error.as_mut_ptr(),
             error.len(),
         )
@@ -158,6 +182,7 @@ fn call(
 }
 
 #[cfg(not(mmreg_cudnn_attention))]
+#[allow(clippy::too_many_arguments)]
 fn call(
     _device: i32,
     _dtype: i32,
@@ -166,6 +191,7 @@ fn call(
     _tensors: [&Tensor; 4],
     _causal: bool,
     _scale: f32,
+    _dynamic: bool,
 ) -> Result<(), (i32, String)> {
     Err((2, "built without cudnn-frontend".into()))
 }
