@@ -114,7 +114,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     results.insert("async_scheduling".into(), options_async.into());
     results.insert("max_num_batched_tokens".into(), step_budget.into());
     results.insert("enable_chunked_prefill".into(), chunked.into());
-    // Whether unmasked attention calls cuDNN directly (else libtorch's attention; MMREG_CUDNN_ATTENTION=0).
+    // Whether unmasked attention calls cuDNN directly (else libtorch's attention; on with MMREG_CUDNN_ATTENTION=1).
     let cudnn = mmreg_engine::cudnn::available() && mmreg_engine::cudnn::enabled();
     results.insert("cudnn_attention".into(), cudnn.into());
     // Each request of a batch has images of its own (see `Batches`).

@@ -6,8 +6,8 @@
 //! path lays it out, so callers that view it back as the step's rows copy nothing.
 //!
 //! [`attention`] answers `None` where it does not run (a CPU tensor, another dtype, a build without
-//! cudnn-frontend's headers, shapes cuDNN has no kernel for, `MMREG_CUDNN_ATTENTION=0`); the caller then
-//! calls libtorch's attention, which stays the reference.
+//! cudnn-frontend's headers, shapes cuDNN has no kernel for, or switched off: it is off unless
+//! `MMREG_CUDNN_ATTENTION=1`); the caller then calls libtorch's attention, which stays the reference.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -16,10 +16,11 @@ use tch::Tensor;
 /// 0: undecided; 1: off; 2: on.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
 
-/// Whether [`attention`] may run (`MMREG_CUDNN_ATTENTION=0` switches it off; on by default).
+/// Whether [`attention`] may run: `MMREG_CUDNN_ATTENTION=1` switches it on. Off by default until it has
+/// run on a GPU: its tests and timings wait for a device (docs/benchmarks.md).
 pub fn enabled() -> bool {
     if ENABLED.load(Ordering::Relaxed) == 0 {
-        let on = std::env::var("MMREG_CUDNN_ATTENTION").map_or(true, |v| v != "0");
+        let on = std::env::var("MMREG_CUDNN_ATTENTION").is_ok_and(|v| v == "1");
         let _ = ENABLED.compare_exchange(0, 1 + u8::from(on), Ordering::Relaxed, Ordering::Relaxed);
     }
     ENABLED.load(Ordering::Relaxed) == 2

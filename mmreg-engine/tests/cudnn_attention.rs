@@ -54,6 +54,8 @@ fn max_error(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn cudnn_attention_matches_libtorch_and_f32() {
     let Some(device) = cuda() else { return };
+    // Off by default (MMREG_CUDNN_ATTENTION=1 switches it on).
+    cudnn::set_enabled(true);
     tch::manual_seed(7);
     // name, [b, heads, kv_heads, rows per sequence, d], causal, dtype
     let cases = [
@@ -115,7 +117,7 @@ fn cudnn_attention_matches_libtorch_and_f32() {
         assert!(to_libtorch < 2e-2, "{name}: {to_libtorch}");
     }
     first_calls_of_new_shapes(device);
-    // Switched off (MMREG_CUDNN_ATTENTION=0), the layers get None and call libtorch's. In this test, not
+    // Switched off (the default), the layers get None and call libtorch's. In this test, not
     // its own: the switch is the process's, and the tests run side by side.
     let q = Tensor::randn([1, 4, 8, 64], (Kind::BFloat16, device));
     cudnn::set_enabled(false);
@@ -133,6 +135,7 @@ fn cudnn_attention_declines_what_it_does_not_run() {
         "CPU tensors go to libtorch"
     );
     let Some(device) = cuda() else { return };
+    cudnn::set_enabled(true);
     let q = Tensor::randn([1, 4, 8, 64], (Kind::Float, device));
     assert!(
         cudnn::attention(&q, &q, &q, true, 0.125).is_none(),

@@ -193,8 +193,8 @@ impl Attention {
 
 /// Attention of `q` `[b, heads, s_q, d]` over `k` and `v` `[b, kv_heads, s_kv, d]` without a mask
 /// (causal aligned to the top left where `causal`): `[b, heads, s_q, d]`, laid out `[b, s_q, heads, d]`
-/// in memory on CUDA. cuDNN's kernel called directly where it runs ([`mmreg_engine::cudnn`]: no
-/// memset before it), else libtorch's attention, the reference.
+/// in memory on CUDA. cuDNN's kernel called directly where it runs and is switched on
+/// ([`mmreg_engine::cudnn`]: no memset before it), else libtorch's attention, the reference.
 pub(crate) fn attend(
     q: &Tensor,
     k: &Tensor,
