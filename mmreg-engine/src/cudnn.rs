@@ -13,41 +13,59 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use tch::Tensor;
 
-/// 0: undecided; 1: off; 2: on.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
+/// A process-wide switch, off unless its environment variable is `1` or a function sets it.
+struct Switch {
+    /// 0: undecided; 1: off; 2: on.
+    state: AtomicU8,
+    var: &'static str,
+}
+
+impl Switch {
+    const fn new(var: &'static str) -> Self {
+        Switch {
+            state: AtomicU8::new(0),
+            var,
+        }
+    }
+
+    fn get(&self) -> bool {
+        if self.state.load(Ordering::Relaxed) == 0 {
+            let on = std::env::var(self.var).is_ok_and(|v| v == "1");
+            let decided = 1 + u8::from(on);
+            let _ = (self.state).compare_exchange(0, decided, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        self.state.load(Ordering::Relaxed) == 2
+    }
+
+    fn set(&self, on: bool) {
+        self.state.store(1 + u8::from(on), Ordering::Relaxed);
+    }
+}
+
+static ENABLED: Switch = Switch::new("MMREG_CUDNN_ATTENTION");
+static DYNAMIC: Switch = Switch::new("MMREG_CUDNN_DYNAMIC_SHAPES");
 
 /// Whether [`attention`] may run: `MMREG_CUDNN_ATTENTION=1` switches it on. Off by default until it has
 /// run on a GPU: its tests and timings wait for a device (docs/benchmarks.md).
 pub fn enabled() -> bool {
-    if ENABLED.load(Ordering::Relaxed) == 0 {
-        let on = std::env::var("MMREG_CUDNN_ATTENTION").is_ok_and(|v| v == "1");
-        let _ = ENABLED.compare_exchange(0, 1 + u8::from(on), Ordering::Relaxed, Ordering::Relaxed);
-    }
-    ENABLED.load(Ordering::Relaxed) == 2
+    ENABLED.get()
 }
 
 /// Switches [`attention`] on or off for the process (tests and benchmarks compare both).
 pub fn set_enabled(on: bool) {
-    ENABLED.store(1 + u8::from(on), Ordering::Relaxed);
+    ENABLED.set(on);
 }
-
-/// 0: undecided; 1: off; 2: on.
-static DYNAMIC: AtomicU8 = AtomicU8::new(0);
 
 /// Whether plans are built for dynamic shapes over one kernel cache (`MMREG_CUDNN_DYNAMIC_SHAPES=1`; off
 /// by default): a shape met for the first time then reuses a kernel compiled for another instead of
 /// compiling its own (40–50 ms a shape with static plans, run 92), where cuDNN supports it for attention.
 pub fn dynamic_shapes() -> bool {
-    if DYNAMIC.load(Ordering::Relaxed) == 0 {
-        let on = std::env::var("MMREG_CUDNN_DYNAMIC_SHAPES").is_ok_and(|v| v == "1");
-        let _ = DYNAMIC.compare_exchange(0, 1 + u8::from(on), Ordering::Relaxed, Ordering::Relaxed);
-    }
-    DYNAMIC.load(Ordering::Relaxed) == 2
+    DYNAMIC.get()
 }
 
 /// Switches [`dynamic_shapes`] for the plans built from now on.
 pub fn set_dynamic_shapes(on: bool) {
-    DYNAMIC.store(1 + u8::from(on), Ordering::Relaxed);
+    DYNAMIC.set(on);
 }
 
 /// Whether this build can call cuDNN's attention at all (it found cudnn-frontend's headers).
