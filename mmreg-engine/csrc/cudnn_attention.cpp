@@ -15,7 +15,6 @@
 #include <dlfcn.h>
 
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -32,10 +31,10 @@ namespace fe = cudnn_frontend;
 
 constexpr int64_t kQ = 1, kK = 2, kV = 3, kO = 4;
 
-// Everything a plan depends on: device, dtype, causal, scale, dynamic shapes, the six sizes and the four
-// tensors' strides.
+// Everything a plan depends on: device, dtype, causal, scale, the six sizes and the four tensors'
+// strides.
 struct Key {
-  int64_t values[5 + 6 + 16];
+  int64_t values[4 + 6 + 16];
   bool operator==(const Key& other) const { return std::memcmp(values, other.values, sizeof values) == 0; }
 };
 
@@ -63,21 +62,12 @@ void set_error(char* error, size_t capacity, const std::string& what) {
   error[n] = '\0';
 }
 
-// The kernels that plans built with dynamic shapes share: a plan for a new shape then reuses a kernel
-// compiled for another instead of compiling its own (cuDNN's attention kernels are compiled at run time:
-// 40-50 ms for each new shape, run 92).
-std::shared_ptr<fe::KernelCache> shared_kernels() {
-  static std::shared_ptr<fe::KernelCache> cache = std::make_shared<fe::KernelCache>();
-  return cache;
-}
-
 // dims: b, heads, kv_heads, query length, key length, head dim. strides: q, k, v, o, each [b, heads,
 // length, d] in elements.
 std::shared_ptr<Plan> build(cudnnHandle_t handle, int dtype, const int64_t* dims, const int64_t* strides,
-                            bool causal, float scale, bool dynamic) {
+                            bool causal, float scale) {
   auto plan = std::make_shared<Plan>();
   auto graph = std::make_shared<fe::graph::Graph>();
-  if (dynamic) graph->set_dynamic_shape_enabled(true).set_kernel_cache(shared_kernels());
   graph->set_io_data_type(dtype == 0 ? fe::DataType_t::BFLOAT16 : fe::DataType_t::HALF)
       .set_intermediate_data_type(fe::DataType_t::FLOAT)
       .set_compute_data_type(fe::DataType_t::FLOAT);
@@ -101,16 +91,6 @@ std::shared_ptr<Plan> build(cudnnHandle_t handle, int dtype, const int64_t* dims
       .set_dim({b, h, s_q, d})
       .set_stride({strides[12], strides[13], strides[14], strides[15]});
   auto status = graph->build(handle, {fe::HeurMode_t::A});
-  if (!status.is_good() && dynamic) {
-    // Said once: the plans are then built as without dynamic shapes.
-    static bool said = false;
-    if (!said) {
-      said = true;
-      fprintf(stderr, "mmreg: cuDNN attention: no plan with dynamic shapes (%s); building static ones\n",
-              status.get_message().c_str());
-    }
-    return build(handle, dtype, dims, strides, causal, scale, false);
-  }
   if (!status.is_good()) {
     plan->why = status.get_message();
     return plan;
@@ -130,12 +110,11 @@ extern "C" {
 
 // Attention of q [b, heads, s_q, d] over k and v [b, kv_heads, s_kv, d] into o [b, heads, s_q, d] (all
 // with the strides given, in elements, on `device`'s current stream); dtype 0 bf16, 1 f16; causal aligned
-// to the top left, as libtorch's; with `dynamic`, the plan is built for dynamic shapes over the process's
-// one kernel cache. Returns 0 on success; 2 where cuDNN has no kernel for these shapes and
+// to the top left, as libtorch's. Returns 0 on success; 2 where cuDNN has no kernel for these shapes and
 // layouts (kept, so that the caller falls back without asking again); 1 on any other failure. `error`
 // receives why.
 int mmreg_cudnn_attention(int device, int dtype, const int64_t* dims, const int64_t* strides, void* q, void* k,
-                          void* v, void* o, int causal, float scale, int dynamic, char* error, size_t capacity) {
+                          void* v, void* o, int causal, float scale, char* error, size_t capacity) {
   try {
     // libc10_cuda's device switch (c10's guard's inline code would link against libcudart directly).
     struct Device {
@@ -148,9 +127,8 @@ int mmreg_cudnn_attention(int device, int dtype, const int64_t* dims, const int6
     key.values[1] = dtype;
     key.values[2] = causal;
     std::memcpy(&key.values[3], &scale, sizeof scale);
-    key.values[4] = dynamic;
-    std::memcpy(&key.values[5], dims, 6 * sizeof(int64_t));
-    std::memcpy(&key.values[11], strides, 16 * sizeof(int64_t));
+    std::memcpy(&key.values[4], dims, 6 * sizeof(int64_t));
+    std::memcpy(&key.values[10], strides, 16 * sizeof(int64_t));
     cudnnHandle_t handle = at::native::getCudnnHandle();
     auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device));
     if (fe::detail::set_stream(handle, stream.stream()) != CUDNN_STATUS_SUCCESS) {
@@ -164,7 +142,7 @@ int mmreg_cudnn_attention(int device, int dtype, const int64_t* dims, const int6
       if (found != plans.end()) plan = found->second;
     }
     if (!plan) {
-      plan = build(handle, dtype, dims, strides, causal != 0, scale, dynamic != 0);
+      plan = build(handle, dtype, dims, strides, causal != 0, scale);
       std::lock_guard<std::mutex> lock(plans_lock);
       plans.emplace(key, plan);
     }

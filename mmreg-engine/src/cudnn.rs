@@ -43,7 +43,6 @@ impl Switch {
 }
 
 static ENABLED: Switch = Switch::new("MMREG_CUDNN_ATTENTION");
-static DYNAMIC: Switch = Switch::new("MMREG_CUDNN_DYNAMIC_SHAPES");
 
 /// Whether [`attention`] may run: `MMREG_CUDNN_ATTENTION=1` switches it on. Off by default until it has
 /// run on a GPU: its tests and timings wait for a device (docs/benchmarks.md).
@@ -54,18 +53,6 @@ pub fn enabled() -> bool {
 /// Switches [`attention`] on or off for the process (tests and benchmarks compare both).
 pub fn set_enabled(on: bool) {
     ENABLED.set(on);
-}
-
-/// Whether plans are built for dynamic shapes over one kernel cache (`MMREG_CUDNN_DYNAMIC_SHAPES=1`; off
-/// by default): a shape met for the first time then reuses a kernel compiled for another instead of
-/// compiling its own (40–50 ms a shape with static plans, run 92), where cuDNN supports it for attention.
-pub fn dynamic_shapes() -> bool {
-    DYNAMIC.get()
-}
-
-/// Switches [`dynamic_shapes`] for the plans built from now on.
-pub fn set_dynamic_shapes(on: bool) {
-    DYNAMIC.set(on);
 }
 
 /// Whether this build can call cuDNN's attention at all (it found cudnn-frontend's headers).
@@ -124,7 +111,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
         [q, k, v, &out],
         causal,
         scale as f32,
-        dynamic_shapes(),
     );
     match status {
         Ok(()) => Some(out),
@@ -140,7 +126,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, causal: bool, scale: f64) -
 }
 
 #[cfg(mmreg_cudnn_attention)]
-#[allow(clippy::too_many_arguments)]
 fn call(
     device: i32,
     dtype: i32,
@@ -149,7 +134,6 @@ fn call(
     tensors: [&Tensor; 4],
     causal: bool,
     scale: f32,
-    dynamic: bool,
 ) -> Result<(), (i32, String)> {
     use std::ffi::{c_char, c_void, CStr};
     extern "C" {
@@ -164,7 +148,6 @@ fn call(
             o: *mut c_void,
             causal: i32,
             scale: f32,
-            dynamic: i32,
             error: *mut c_char,
             capacity: usize,
         ) -> i32;
@@ -185,7 +168,6 @@ fn call(
             o.data_ptr(),
             i32::from(causal),
             scale,
-            i32::from(dynamic),
             error.as_mut_ptr(),
             error.len(),
         )
@@ -201,7 +183,6 @@ fn call(
 }
 
 #[cfg(not(mmreg_cudnn_attention))]
-#[allow(clippy::too_many_arguments)]
 fn call(
     _device: i32,
     _dtype: i32,
@@ -210,7 +191,6 @@ fn call(
     _tensors: [&Tensor; 4],
     _causal: bool,
     _scale: f32,
-    _dynamic: bool,
 ) -> Result<(), (i32, String)> {
     Err((2, "built without cudnn-frontend".into()))
 }
