@@ -44,8 +44,8 @@ impl Switch {
 
 static ENABLED: Switch = Switch::new("MMREG_CUDNN_ATTENTION");
 
-/// Whether [`attention`] may run: `MMREG_CUDNN_ATTENTION=1` switches it on. Off by default until it has
-/// run on a GPU: its tests and timings wait for a device (docs/benchmarks.md).
+/// Whether [`attention`] may run: `MMREG_CUDNN_ATTENTION=1` switches it on. Off by default: bit-identical
+/// to libtorch's attention and no faster at LLaVA-1.5's batch-1 prefill (docs/benchmarks.md, run 96).
 pub fn enabled() -> bool {
     ENABLED.get()
 }
