@@ -57,6 +57,65 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
     println!("cargo:rustc-cfg=mmreg_cuda_shim");
     compile_cudnn_attention(&torch, &site, &cuda_include, &crt_include);
+    compile_tuned_gemm(&torch, &cuda_include, &crt_include);
+}
+
+/// The tuned products through cuBLASLt (`csrc/tuned_gemm.cpp`), where cuBLASLt's header is beside the CUDA
+/// runtime's (pip's nvidia wheels). Its tile ids' column counts are read from that header.
+fn compile_tuned_gemm(
+    torch: &std::path::Path,
+    cuda_include: &std::path::Path,
+    crt_include: &std::path::Path,
+) {
+    println!("cargo:rustc-check-cfg=cfg(mmreg_tuned_gemm)");
+    println!("cargo:rerun-if-changed=csrc/tuned_gemm.cpp");
+    let header = cuda_include.join("cublasLt.h");
+    let Ok(text) = std::fs::read_to_string(&header) else {
+        println!("cargo:warning=no cublasLt.h beside the CUDA headers: products stay libtorch's");
+        return;
+    };
+    // `CUBLASLT_MATMUL_TILE_128x32 = 16,`: tile id 16 has 32 columns.
+    let mut columns = vec![0u32; 1];
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("CUBLASLT_MATMUL_TILE_") else {
+            continue;
+        };
+        let Some((name, id)) = rest.split_once(" = ") else {
+            continue;
+        };
+        let (Some((_, cols)), Ok(id)) = (
+            name.split_once('x'),
+            id.trim_end_matches(',').parse::<usize>(),
+        ) else {
+            continue;
+        };
+        if let Ok(cols) = cols.parse::<u32>() {
+            if columns.len() <= id {
+                columns.resize(id + 1, 0);
+            }
+            columns[id] = cols;
+        }
+    }
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let list: Vec<String> = columns.iter().map(u32::to_string).collect();
+    let table = format!(
+        "static const int kTileColumns[] = {{{}}};\n",
+        list.join(", ")
+    );
+    std::fs::write(out.join("tile_columns.inc"), table).expect("OUT_DIR is writable");
+    cc::Build::new()
+        .cpp(true)
+        .file("csrc/tuned_gemm.cpp")
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .include(cuda_include)
+        .include(crt_include)
+        .include(&out)
+        .flag("-std=c++17")
+        .flag("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .compile("mmreg_tuned_gemm");
+    println!("cargo:rustc-cfg=mmreg_tuned_gemm");
 }
 
 /// cuDNN's attention through cudnn-frontend (`csrc/cudnn_attention.cpp`), where its headers are there: the

@@ -117,6 +117,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     // Whether unmasked attention calls cuDNN directly (else libtorch's attention; on with MMREG_CUDNN_ATTENTION=1).
     let cudnn = mmreg_engine::cudnn::available() && mmreg_engine::cudnn::enabled();
     results.insert("cudnn_attention".into(), cudnn.into());
+    // Whether products libtorch would run go through their shape's tuned cuBLASLt configuration, and up
+    // to how many rows (MMREG_TUNED_GEMM=1, MMREG_TUNED_GEMM_ROWS).
+    let tuned = mmreg_engine::tuned_gemm::available() && mmreg_engine::tuned_gemm::enabled();
+    results.insert("tuned_gemm".into(), tuned.into());
+    results.insert(
+        "tuned_gemm_rows".into(),
+        mmreg_engine::tuned_gemm::max_rows().into(),
+    );
     // Each request of a batch has images of its own (see `Batches`).
     results.insert("distinct_images".into(), true.into());
     for &b in &args.batch {

@@ -9,38 +9,11 @@
 //! cudnn-frontend's headers, shapes cuDNN has no kernel for, or switched off: it is off unless
 //! `MMREG_CUDNN_ATTENTION=1`); the caller then calls libtorch's attention, which stays the reference.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::Tensor;
 
-/// A process-wide switch, off unless its environment variable is `1` or a function sets it.
-struct Switch {
-    /// 0: undecided; 1: off; 2: on.
-    state: AtomicU8,
-    var: &'static str,
-}
-
-impl Switch {
-    const fn new(var: &'static str) -> Self {
-        Switch {
-            state: AtomicU8::new(0),
-            var,
-        }
-    }
-
-    fn get(&self) -> bool {
-        if self.state.load(Ordering::Relaxed) == 0 {
-            let on = std::env::var(self.var).is_ok_and(|v| v == "1");
-            let decided = 1 + u8::from(on);
-            let _ = (self.state).compare_exchange(0, decided, Ordering::Relaxed, Ordering::Relaxed);
-        }
-        self.state.load(Ordering::Relaxed) == 2
-    }
-
-    fn set(&self, on: bool) {
-        self.state.store(1 + u8::from(on), Ordering::Relaxed);
-    }
-}
+use crate::switch::Switch;
 
 static ENABLED: Switch = Switch::new("MMREG_CUDNN_ATTENTION");
 

@@ -24,6 +24,8 @@ pub mod sampling;
 mod scheduler;
 mod sliding_pool;
 mod step_graphs;
+mod switch;
+pub mod tuned_gemm;
 
 pub use block_pool::{block_hash, BlockPool, Hash};
 pub use blocks::{

@@ -21,6 +21,11 @@
 #   scripts/gpu/next_calls.sh cudnn    GPU tests (cuDNN's attention's first); cuDNN's attention called
 #                                      directly (MMREG_CUDNN_ATTENTION=1) against libtorch's: LLaVA-1.5 at
 #                                      batch 1 and 8 twice, LLaVA-NeXT at batch 8 once
+#   scripts/gpu/next_calls.sh tuned    products tuned on the card (MMREG_TUNED_GEMM=1): its GPU test and the
+#                                      engine's CUDA-graph test with it on; LLaVA-1.5 at batch 1, 8 and 32
+#                                      with decode's products tuned, and with every product tuned
+#                                      (MMREG_TUNED_GEMM_ROWS=1000000), against the default, twice; then
+#                                      lt_sweep.py's prefill and vision shapes in what is left
 #   scripts/gpu/next_calls.sh chunks   LLaVA-NeXT's batch 8 chunked against whole prompts, alternating,
 #                                      with nvidia-smi's clocks sampled beside it
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
@@ -194,6 +199,31 @@ for model, rec in json.load(open(sys.argv[1]))["models"].items():
                 print(p["label"][-40:], f"b{b} passes", [round(x, 2) for x in r[f"prefill_bs{b}_passes_ms"]])
 PY
     done
+    ;;
+  tuned)
+    { MMREG_TEST_MODES=cuda timeout 120 gpu-stage/run.sh tuned_gemm --nocapture
+      MMREG_TUNED_GEMM=1 MMREG_TEST_MODES=cuda timeout 100 gpu-stage/run.sh cuda_graphs
+    } > "$OUT/gpu-tests.log" 2>&1
+    echo "GPU tests: exit $? at $((SECONDS - start)) s"
+    grep -E "^test result|FAILED|panicked|SKIPPED|by .* x .*: " "$OUT/gpu-tests.log" | head -20
+    MMREG_TUNED_GEMM_LOG=1 bench llava15-tuned $(((LIMIT - (SECONDS - start)) * 4 / 5)) MODELS=LLaVA-1.5-7B \
+      BATCHES=1,8,32 REPEAT=2 VARIANTS="MMREG_TUNED_GEMM=1|MMREG_TUNED_GEMM=1,MMREG_TUNED_GEMM_ROWS=1000000"
+    table llava15-tuned
+    python3 - "$OUT/llava15-tuned.json" <<'PY'
+import json, sys
+for model, rec in json.load(open(sys.argv[1]))["models"].items():
+    for p in rec.get("peers", []):
+        r = p["result"]
+        for b in (1, 8, 32):
+            if f"prefill_bs{b}_passes_ms" in r:
+                print(p["label"][-45:], f"b{b} prefill passes", [round(x, 2) for x in r[f"prefill_bs{b}_passes_ms"]],
+                      "decode", r.get(f"decode_tok_per_s_bs{b}"))
+PY
+    grep -h "mmreg: tuned" "$OUT/llava15-tuned.log" | sort | uniq | head -60
+    left=$((LIMIT - 5 - (SECONDS - start)))
+    [ "$left" -gt 30 ] && SETS=prefill,vision JSON="$OUT/lt-sweep.json" timeout "$left" \
+      python3 scripts/gpu/lt_sweep.py > "$OUT/lt-sweep.log" 2>&1
+    grep -E "^## |^\| (F.linear|heuristic|#1 )" "$OUT/lt-sweep.log" | head -60
     ;;
   chunks)
     # LLaVA-NeXT's batch 8 with chunked prefill (the default) against whole prompts a step

@@ -445,14 +445,15 @@ fn six_warp_attention() -> bool {
 /// one-row kernel for one. That kernel (f32, or switched on) streams the weight in 16-byte vectors
 /// through the CUDA cores; a weight with too few rows to keep the device's warps busy has k split
 /// between 2 or 4 warps of a block (`MMREG_LINEAR_SPLIT=0`, [`set_linear_split`]: never). More rows,
-/// and wherever the kernels do not run, take libtorch's. `MMREG_FUSED_LINEAR=0` keeps libtorch's for
+/// and wherever the kernels do not run, take libtorch's, or with `MMREG_TUNED_GEMM=1` the shape's
+/// fastest cuBLASLt configuration ([`crate::tuned_gemm`]). `MMREG_FUSED_LINEAR=0` keeps libtorch's for
 /// every size while the other kernels run (for comparisons).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
     match fused_for(&[x, weight]) {
         Some(k) if linear_rows(x, weight, bias).is_some_and(|rows| rows_fit(x, rows)) => {
             k.linear(x, weight, bias)
         }
-        _ => x.linear(weight, bias),
+        _ => crate::tuned_gemm::linear(x, weight, bias).unwrap_or_else(|| x.linear(weight, bias)),
     }
 }
 

@@ -1,0 +1,408 @@
+// Products tuned on the card: y [m, n] = x [m, k] · w [n, k]ᵀ (+ bias [n]) through cuBLASLt with the
+// configuration that timed fastest for the shape, the first time the shape is met.
+//
+// libtorch's F.linear takes cuBLAS's heuristic first pick. For the few-row products of a batch-32 decode
+// step that pick leaves bandwidth unused: on an H100 (run 97, scripts/gpu/lt_sweep.py) q/k/v's 128x32
+// tiles (96 tiles for 132 SMs) read 7% slower than 64x32 tiles, the LM head's 5.5% slower than the same
+// tile with other stages. So, like PyTorch's TunableOp: the heuristic's candidates and variants of its best
+// (tile, split-K and its reduction, for a few rows), each checked against libtorch's output and timed with
+// the L2 cache flushed before each call (a decoder's layers read their weights from memory), against
+// libtorch's own product timed the same way. The fastest is kept for the shape; libtorch's wins unless a
+// candidate beats it by 2%, and then the caller runs libtorch's product, the reference.
+//
+// cuBLASLt and the CUDA runtime are reached through dlsym in the libraries libtorch_cuda has loaded, as the
+// CUDA shim does, so nothing here links against a versioned cuBLAS.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cublasLt.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr size_t kWorkspace = 16u << 20;
+constexpr int64_t kFlushBytes = 128ll << 20;  // over twice an H200's 50 MB of L2
+constexpr float kMargin = 0.98f;              // a candidate must beat libtorch's product by 2%
+
+template <typename F>
+F symbol(const char* name) {
+  return reinterpret_cast<F>(dlsym(RTLD_DEFAULT, name));
+}
+
+struct Api {
+  decltype(&cublasLtCreate) create = symbol<decltype(&cublasLtCreate)>("cublasLtCreate");
+  decltype(&cublasLtMatmulDescCreate) desc_create = symbol<decltype(&cublasLtMatmulDescCreate)>("cublasLtMatmulDescCreate");
+  decltype(&cublasLtMatmulDescSetAttribute) desc_set =
+      symbol<decltype(&cublasLtMatmulDescSetAttribute)>("cublasLtMatmulDescSetAttribute");
+  decltype(&cublasLtMatrixLayoutCreate) layout_create =
+      symbol<decltype(&cublasLtMatrixLayoutCreate)>("cublasLtMatrixLayoutCreate");
+  decltype(&cublasLtMatmulPreferenceCreate) pref_create =
+      symbol<decltype(&cublasLtMatmulPreferenceCreate)>("cublasLtMatmulPreferenceCreate");
+  decltype(&cublasLtMatmulPreferenceSetAttribute) pref_set =
+      symbol<decltype(&cublasLtMatmulPreferenceSetAttribute)>("cublasLtMatmulPreferenceSetAttribute");
+  decltype(&cublasLtMatmulPreferenceDestroy) pref_destroy =
+      symbol<decltype(&cublasLtMatmulPreferenceDestroy)>("cublasLtMatmulPreferenceDestroy");
+  decltype(&cublasLtMatmulAlgoGetHeuristic) heuristic =
+      symbol<decltype(&cublasLtMatmulAlgoGetHeuristic)>("cublasLtMatmulAlgoGetHeuristic");
+  decltype(&cublasLtMatmulAlgoCheck) check = symbol<decltype(&cublasLtMatmulAlgoCheck)>("cublasLtMatmulAlgoCheck");
+  decltype(&cublasLtMatmulAlgoCapGetAttribute) cap_get =
+      symbol<decltype(&cublasLtMatmulAlgoCapGetAttribute)>("cublasLtMatmulAlgoCapGetAttribute");
+  decltype(&cublasLtMatmulAlgoConfigSetAttribute) config_set =
+      symbol<decltype(&cublasLtMatmulAlgoConfigSetAttribute)>("cublasLtMatmulAlgoConfigSetAttribute");
+  decltype(&cublasLtMatmul) matmul = symbol<decltype(&cublasLtMatmul)>("cublasLtMatmul");
+  // The CUDA runtime's, without its header's types.
+  int (*event_create)(void**) = symbol<int (*)(void**)>("cudaEventCreate");
+  int (*event_record)(void*, void*) = symbol<int (*)(void*, void*)>("cudaEventRecord");
+  int (*event_synchronize)(void*) = symbol<int (*)(void*)>("cudaEventSynchronize");
+  int (*event_elapsed)(float*, void*, void*) = symbol<int (*)(float*, void*, void*)>("cudaEventElapsedTime");
+  int (*event_destroy)(void*) = symbol<int (*)(void*)>("cudaEventDestroy");
+  int (*is_capturing)(void*, int*) = symbol<int (*)(void*, int*)>("cudaStreamIsCapturing");
+
+  bool complete() const {
+    return create && desc_create && desc_set && layout_create && pref_create && pref_set && pref_destroy &&
+           heuristic && check && cap_get && config_set && matmul && event_create && event_record &&
+           event_synchronize && event_elapsed && event_destroy && is_capturing;
+  }
+};
+
+const Api* api() {
+  static const Api found;
+  return found.complete() ? &found : nullptr;
+}
+
+// device, dtype (0 bf16, 1 f16), m, n, k, bias
+using Key = std::tuple<int, int, int64_t, int64_t, int64_t, bool>;
+
+struct Plan {
+  bool lt = false;  // false: libtorch's product is the fastest
+  cublasLtMatmulAlgo_t algo{};
+  size_t workspace = 0;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  float lt_us = 0, torch_us = 0;
+  int candidates = 0;
+};
+
+std::mutex lock;
+std::map<Key, std::shared_ptr<Plan>> plans;
+std::map<int, cublasLtHandle_t> handles;
+
+void set_error(char* error, size_t capacity, const std::string& what) {
+  if (error == nullptr || capacity == 0) return;
+  size_t n = std::min(capacity - 1, what.size());
+  std::memcpy(error, what.data(), n);
+  error[n] = '\0';
+}
+
+struct Failure {
+  std::string what;
+};
+
+void ok(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS) throw Failure{std::string(what) + " failed: cuBLAS status " + std::to_string(status)};
+}
+
+// cuBLAS is column-major: y [m, n] row-major is D [n, m] = op(A) · B with A = w seen as [k, n] (transposed
+// by the op) and B = x seen as [k, m], as libtorch asks for x · wᵀ.
+void describe(const Api& lt, Plan& plan, int dtype, int64_t m, int64_t n, int64_t k) {
+  auto type = dtype == 0 ? CUDA_R_16BF : CUDA_R_16F;
+  ok(lt.desc_create(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  cublasOperation_t transpose = CUBLAS_OP_T;
+  ok(lt.desc_set(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof transpose), "TRANSA");
+  ok(lt.layout_create(&plan.a, type, k, n, k), "layout of w");
+  ok(lt.layout_create(&plan.b, type, k, m, k), "layout of x");
+  ok(lt.layout_create(&plan.d, type, n, m, n), "layout of y");
+}
+
+void set_bias(const Api& lt, Plan& plan, const void* bias) {
+  cublasLtEpilogue_t epilogue = bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+  ok(lt.desc_set(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof epilogue), "EPILOGUE");
+  if (bias) ok(lt.desc_set(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), "BIAS_POINTER");
+}
+
+cublasStatus_t run(const Api& lt, cublasLtHandle_t handle, const Plan& plan, const cublasLtMatmulAlgo_t& algo,
+                   size_t workspace, const at::Tensor& x, const at::Tensor& w, at::Tensor& y, cudaStream_t stream) {
+  // The caching allocator's block is reused by later work on this stream only after this product.
+  c10::DataPtr space;
+  if (workspace > 0) space = c10::cuda::CUDACachingAllocator::get()->allocate(workspace);
+  const float one = 1.0f, zero = 0.0f;
+  return lt.matmul(handle, plan.desc, &one, w.data_ptr(), plan.a, x.data_ptr(), plan.b, &zero, y.data_ptr(), plan.d,
+                   y.data_ptr(), plan.d, &algo, space.get(), workspace, stream);
+}
+
+template <typename T>
+T get_config(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr) {
+  T value{};
+  size_t written = 0;
+  static auto getter = symbol<decltype(&cublasLtMatmulAlgoConfigGetAttribute)>("cublasLtMatmulAlgoConfigGetAttribute");
+  if (getter) getter(&algo, attr, &value, sizeof value, &written);
+  return value;
+}
+
+std::vector<uint32_t> cap_list(const Api& lt, const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoCapAttributes_t attr) {
+  size_t bytes = 0;
+  if (lt.cap_get(&algo, attr, nullptr, 0, &bytes) != CUBLAS_STATUS_SUCCESS || bytes == 0) return {};
+  std::vector<uint32_t> out(bytes / sizeof(uint32_t));
+  lt.cap_get(&algo, attr, out.data(), out.size() * sizeof(uint32_t), &bytes);
+  return out;
+}
+
+uint32_t cap_value(const Api& lt, const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoCapAttributes_t attr) {
+  uint32_t value = 0;
+  size_t bytes = 0;
+  lt.cap_get(&algo, attr, &value, sizeof value, &bytes);
+  return value;
+}
+
+// The columns of each tile id (cublasLtMatmulTile_t's "RxC" names; C counts x's rows here), 0 where
+// unnamed: generated by build.rs from this cuBLASLt's header.
+#include "tile_columns.inc"
+
+int tile_columns(uint32_t tile) {
+  return tile < sizeof kTileColumns / sizeof kTileColumns[0] ? kTileColumns[tile] : 0;
+}
+
+struct Candidate {
+  cublasLtMatmulAlgo_t algo;
+  size_t workspace;
+};
+
+// The heuristic's picks, then (for a few rows) its best four with their tile (tiles of x's rows' size),
+// split-K and reduction scheme varied; each one cuBLASLt accepts for the shapes, once. (At prefill's rows
+// the products compute rather than read, and each timing is long: the heuristic's picks alone.)
+std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const Plan& plan, int64_t m) {
+  cublasLtMatmulPreference_t pref = nullptr;
+  ok(lt.pref_create(&pref), "cublasLtMatmulPreferenceCreate");
+  uint64_t limit = kWorkspace;
+  lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &limit, sizeof limit);
+  cublasLtMatmulHeuristicResult_t results[16];
+  int found = 0;
+  auto status = lt.heuristic(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref, 16, results, &found);
+  lt.pref_destroy(pref);
+  ok(status, "cublasLtMatmulAlgoGetHeuristic");
+  std::vector<Candidate> out;
+  auto add = [&](const cublasLtMatmulAlgo_t& algo) {
+    for (const auto& c : out)
+      if (std::memcmp(&c.algo, &algo, sizeof algo) == 0) return;
+    cublasLtMatmulHeuristicResult_t checked{};
+    if (lt.check(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, &algo, &checked) != CUBLAS_STATUS_SUCCESS) return;
+    if (checked.workspaceSize > kWorkspace) return;
+    out.push_back({algo, checked.workspaceSize});
+  };
+  for (int i = 0; i < found; ++i)
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) add(results[i].algo);
+  const bool few = m <= 64;
+  const int picks = few ? std::min(found, 4) : 0;
+  for (int i = 0; i < picks; ++i) {
+    const auto& base = results[i].algo;
+    std::vector<uint32_t> tiles;
+    for (uint32_t tile : cap_list(lt, base, CUBLASLT_ALGO_CAP_TILE_IDS)) {
+      int columns = tile_columns(tile);
+      if (columns > 0 && m <= 4 * columns && columns <= std::max<int64_t>(2 * m, 16)) tiles.push_back(tile);
+    }
+    if (tiles.empty()) tiles.push_back(get_config<uint32_t>(base, CUBLASLT_ALGO_CONFIG_TILE_ID));
+    const bool splits = cap_value(lt, base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT) != 0;
+    const uint32_t reductions = cap_value(lt, base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK);
+    std::vector<int32_t> split_ks = {1};
+    if (splits) split_ks = {1, 2, 3, 4, 6, 8};
+    for (uint32_t tile : tiles) {
+      for (int32_t split : split_ks) {
+        for (uint32_t reduction : {0u, 1u, 2u, 4u}) {
+          if ((split == 1) != (reduction == 0) || (reduction != 0 && !(reductions & reduction))) continue;
+          cublasLtMatmulAlgo_t algo = base;
+          if (lt.config_set(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile) != CUBLAS_STATUS_SUCCESS ||
+              lt.config_set(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split, sizeof split) != CUBLAS_STATUS_SUCCESS ||
+              lt.config_set(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &reduction, sizeof reduction) !=
+                  CUBLAS_STATUS_SUCCESS)
+            continue;
+          add(algo);
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// The best of `reps` timings of `call`, each after the L2 cache is flushed, in µs.
+template <typename F>
+float best_us(const Api& lt, cudaStream_t stream, at::Tensor& flush, int reps, F call) {
+  void *start = nullptr, *stop = nullptr;
+  if (lt.event_create(&start) != 0 || lt.event_create(&stop) != 0) throw Failure{"cudaEventCreate failed"};
+  float best = 1e30f;
+  for (int r = 0; r < reps; ++r) {
+    flush.zero_();
+    lt.event_record(start, stream);
+    call();
+    lt.event_record(stop, stream);
+    lt.event_synchronize(stop);
+    float ms = 0;
+    if (lt.event_elapsed(&ms, start, stop) == 0) best = std::min(best, ms * 1000.0f);
+  }
+  lt.event_destroy(start);
+  lt.event_destroy(stop);
+  return best;
+}
+
+std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, const at::Tensor& x, const at::Tensor& w,
+                           const at::Tensor* bias, cudaStream_t stream) {
+  const int64_t m = x.size(0), n = w.size(0), k = w.size(1);
+  auto plan = std::make_shared<Plan>();
+  describe(lt, *plan, dtype, m, n, k);
+  set_bias(lt, *plan, bias ? bias->data_ptr() : nullptr);
+  at::Tensor reference = bias ? at::linear(x, w, *bias) : at::linear(x, w);
+  at::Tensor flush = at::empty({kFlushBytes}, x.options().dtype(at::kByte));
+  const int reps = m <= 64 ? 7 : 3;
+  at::Tensor scratch;
+  plan->torch_us = best_us(lt, stream, flush, reps, [&] { scratch = bias ? at::linear(x, w, *bias) : at::linear(x, w); });
+  at::Tensor y = at::empty_like(reference);
+  const double scale = reference.abs().max().item<double>();
+  float best = 1e30f;
+  std::vector<std::pair<float, Candidate>> timed;
+  auto time = [&](const Candidate& c) {
+    plan->candidates += 1;
+    y.zero_();
+    if (run(lt, handle, *plan, c.algo, c.workspace, x, w, y, stream) != CUBLAS_STATUS_SUCCESS) return;
+    // A configuration that computes something else is no candidate (libtorch's output within 2% of its
+    // largest value: rounding differs by the order of the sums, not by more).
+    if ((y.to(at::kFloat) - reference.to(at::kFloat)).abs().max().item<double>() > 0.02 * scale + 1e-6) return;
+    float us = best_us(lt, stream, flush, reps, [&] { run(lt, handle, *plan, c.algo, c.workspace, x, w, y, stream); });
+    timed.emplace_back(us, c);
+    if (us < best) {
+      best = us;
+      plan->algo = c.algo;
+      plan->workspace = c.workspace;
+    }
+  };
+  for (const auto& c : candidates(lt, handle, *plan, m)) time(c);
+  // Then the two fastest with each of their stages.
+  std::sort(timed.begin(), timed.end(), [](const auto& l, const auto& r) { return l.first < r.first; });
+  std::vector<Candidate> fastest;
+  for (size_t i = 0; i < std::min<size_t>(2, timed.size()); ++i) fastest.push_back(timed[i].second);
+  for (const auto& c : fastest) {
+    for (uint32_t stages : cap_list(lt, c.algo, CUBLASLT_ALGO_CAP_STAGES_IDS)) {
+      Candidate variant = c;
+      cublasLtMatmulHeuristicResult_t checked{};
+      if (lt.config_set(&variant.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof stages) != CUBLAS_STATUS_SUCCESS ||
+          std::memcmp(&variant.algo, &c.algo, sizeof c.algo) == 0 ||
+          lt.check(handle, plan->desc, plan->a, plan->b, plan->d, plan->d, &variant.algo, &checked) != CUBLAS_STATUS_SUCCESS ||
+          checked.workspaceSize > kWorkspace)
+        continue;
+      variant.workspace = checked.workspaceSize;
+      time(variant);
+    }
+  }
+  plan->lt_us = best;
+  plan->lt = best < kMargin * plan->torch_us;
+  return plan;
+}
+
+cublasLtHandle_t handle_for(const Api& lt, int device) {
+  auto found = handles.find(device);
+  if (found != handles.end()) return found->second;
+  cublasLtHandle_t handle = nullptr;
+  ok(lt.create(&handle), "cublasLtCreate");
+  handles.emplace(device, handle);
+  return handle;
+}
+
+}  // namespace
+
+extern "C" {
+
+// y = x · wᵀ (+ bias) for contiguous CUDA tensors x [m, k], w [n, k], bias [n] (or null), y [m, n] (all
+// tch's at::Tensor pointers) in bf16 or f16, on the current stream of x's device. Returns 0 where it ran
+// cuBLASLt's tuned configuration; 2 where libtorch's product is the shape's fastest (the caller runs it);
+// 3 where the shape is new and the stream is capturing a CUDA graph (no timing there: the caller runs
+// libtorch's product, and nothing is kept); 1 on failure, with `error` saying why.
+int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_ptr, void* y_ptr, char* error,
+                       size_t capacity) {
+  try {
+    const Api* lt = api();
+    if (lt == nullptr) {
+      set_error(error, capacity, "cuBLASLt or the CUDA runtime not found among the loaded libraries");
+      return 1;
+    }
+    const auto& x = *static_cast<const at::Tensor*>(x_ptr);
+    const auto& w = *static_cast<const at::Tensor*>(w_ptr);
+    const auto* bias = static_cast<const at::Tensor*>(bias_ptr);
+    auto& y = *static_cast<at::Tensor*>(y_ptr);
+    const int device = x.device().index();
+    const int dtype = x.scalar_type() == at::kBFloat16 ? 0 : 1;
+    struct Device {
+      c10::DeviceIndex previous;
+      explicit Device(int index) : previous(c10::cuda::ExchangeDevice(static_cast<c10::DeviceIndex>(index))) {}
+      ~Device() { c10::cuda::MaybeExchangeDevice(previous); }
+    } on_device(device);
+    auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
+    const Key key{device, dtype, x.size(0), w.size(0), w.size(1), bias != nullptr};
+    std::lock_guard<std::mutex> guard(lock);
+    std::shared_ptr<Plan> plan;
+    auto found = plans.find(key);
+    if (found != plans.end()) {
+      plan = found->second;
+    } else {
+      int capturing = 0;
+      if (lt->is_capturing(stream, &capturing) != 0) throw Failure{"cudaStreamIsCapturing failed"};
+      if (capturing != 0) return 3;
+      // A shape whose tuning failed (say, no memory for the flush buffer) keeps libtorch's product,
+      // without trying again.
+      std::string failed;
+      try {
+        plan = tune(*lt, handle_for(*lt, device), dtype, x, w, bias, stream);
+      } catch (const Failure& f) {
+        failed = f.what;
+      } catch (const std::exception& e) {
+        failed = e.what();
+      }
+      if (!failed.empty()) {
+        plans.emplace(key, std::make_shared<Plan>());
+        set_error(error, capacity, "tuning failed: " + failed);
+        return 1;
+      }
+      plans.emplace(key, plan);
+      if (std::getenv("MMREG_TUNED_GEMM_LOG") != nullptr)
+        std::fprintf(stderr, "mmreg: tuned %lld x %lld by %lld x %lld%s: libtorch %.1f us, cuBLASLt's best %.1f us of %d -> %s\n",
+                     static_cast<long long>(x.size(0)), static_cast<long long>(w.size(1)),
+                     static_cast<long long>(w.size(0)), static_cast<long long>(w.size(1)), bias ? " + bias" : "",
+                     plan->torch_us, plan->lt_us, plan->candidates, plan->lt ? "cuBLASLt" : "libtorch");
+    }
+    if (!plan->lt) return 2;
+    set_bias(*lt, *plan, bias ? bias->data_ptr() : nullptr);
+    ok(run(*lt, handle_for(*lt, device), *plan, plan->algo, plan->workspace, x, w, y, stream), "cublasLtMatmul");
+    return 0;
+  } catch (const Failure& f) {
+    set_error(error, capacity, f.what);
+  } catch (const std::exception& e) {
+    set_error(error, capacity, e.what());
+  } catch (...) {
+    set_error(error, capacity, "unknown C++ exception");
+  }
+  return 1;
+}
+
+// What tuning decided for a shape: -1 not tuned yet, 0 libtorch's product, 1 a cuBLASLt configuration;
+// `times` gets cuBLASLt's best and libtorch's µs and the count of candidates timed.
+int mmreg_tuned_linear_plan(int device, int dtype, int64_t m, int64_t n, int64_t k, int bias, float* times) {
+  std::lock_guard<std::mutex> guard(lock);
+  auto found = plans.find(Key{device, dtype, m, n, k, bias != 0});
+  if (found == plans.end()) return -1;
+  times[0] = found->second->lt_us;
+  times[1] = found->second->torch_us;
+  times[2] = static_cast<float>(found->second->candidates);
+  return found->second->lt ? 1 : 0;
+}
+
+}  // extern "C"
