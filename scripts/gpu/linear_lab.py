@@ -111,9 +111,10 @@ class Module:
         assert status == 0, status
 
 
-def graph_us(launch, copies, reps=3):
-    """µs per call: `launch(i)` for copies * 10 calls in a CUDA graph, the best of `reps` replays."""
-    calls = copies * max(1, 40 // copies)
+def graph_us(launch, copies, reps=3, calls=None):
+    """µs per call: `launch(i)` for copies * 10 calls (or `calls`) in a CUDA graph, the best of `reps`
+    replays."""
+    calls = calls or copies * max(1, 40 // copies)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

@@ -187,30 +187,6 @@ def stage_variants(lib, base):
             yield a
 
 
-def graph_us_short(launch, calls=8, reps=2):
-    """µs per call of a long product: `launch(i)` 8 times in a CUDA graph, the best of 2 replays."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        launch(0)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            launch(i)
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) * 1000 / calls)
-    return best
-
-
 def main():
     lib = lt_lib()
     handle = ctypes.c_void_p()
@@ -241,7 +217,7 @@ def main():
             uses = 2 if many else copies
 
             def timing(launch):
-                return graph_us(launch, uses, reps=2) if not many else graph_us_short(launch)
+                return graph_us(launch, uses, reps=2, calls=8 if many else None)
             lt = Lt(lib, handle, m, n, k, bias)
             torch_us = timing(lambda i: F.linear(x, weights[i % uses], bias))
             picks = lt.heuristics(32)
