@@ -180,9 +180,10 @@ struct Candidate {
   size_t workspace;
 };
 
-// The heuristic's picks, then (for a few rows) its best four with their tile (tiles of x's rows' size),
-// split-K and reduction scheme varied; each one cuBLASLt accepts for the shapes, once. (At prefill's rows
-// the products compute rather than read, and each timing is long: the heuristic's picks alone.)
+// The heuristic's picks, then its best four with their tile (tiles of x's rows' size), split-K and
+// reduction scheme varied; each one cuBLASLt accepts for the shapes, once. At prefill's rows, where the
+// products compute rather than read and each timing is long, the best two with 2 to 4 splits of k
+// alone (for short products such as a vision tower's 1024 x 1024, whose tiles fill one wave).
 std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const Plan& plan, int64_t m) {
   cublasLtMatmulPreference_t pref = nullptr;
   ok(lt.pref_create(&pref), "cublasLtMatmulPreferenceCreate");
@@ -205,11 +206,11 @@ std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const 
   for (int i = 0; i < found; ++i)
     if (results[i].state == CUBLAS_STATUS_SUCCESS) add(results[i].algo);
   const bool few = m <= 64;
-  const int picks = few ? std::min(found, 4) : 0;
+  const int picks = std::min(found, few ? 4 : 2);
   for (int i = 0; i < picks; ++i) {
     const auto& base = results[i].algo;
     std::vector<uint32_t> tiles;
-    for (uint32_t tile : cap_list(lt, base, CUBLASLT_ALGO_CAP_TILE_IDS)) {
+    for (uint32_t tile : few ? cap_list(lt, base, CUBLASLT_ALGO_CAP_TILE_IDS) : std::vector<uint32_t>{}) {
       int columns = tile_columns(tile);
       if (columns > 0 && m <= 4 * columns && columns <= std::max<int64_t>(2 * m, 16)) tiles.push_back(tile);
     }
@@ -217,7 +218,7 @@ std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const 
     const bool splits = cap_value(lt, base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT) != 0;
     const uint32_t reductions = cap_value(lt, base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK);
     std::vector<int32_t> split_ks = {1};
-    if (splits) split_ks = {1, 2, 3, 4, 6, 8};
+    if (splits) split_ks = few ? std::vector<int32_t>{1, 2, 3, 4, 6, 8} : std::vector<int32_t>{2, 3, 4};
     for (uint32_t tile : tiles) {
       for (int32_t split : split_ks) {
         for (uint32_t reduction : {0u, 1u, 2u, 4u}) {
