@@ -23,9 +23,9 @@
 #                                      batch 1 and 8 twice, LLaVA-NeXT at batch 8 once
 #   scripts/gpu/next_calls.sh tuned    products tuned on the card (MMREG_TUNED_GEMM=1): its GPU test and the
 #                                      engine's CUDA-graph test with it on; LLaVA-1.5 at batch 1, 8 and 32
-#                                      with decode's products tuned, and with every product tuned
-#                                      (MMREG_TUNED_GEMM_ROWS=1000000), against the default, twice; then
-#                                      lt_sweep.py's prefill and vision shapes in what is left
+#                                      with every product tuned (MMREG_TUNED_GEMM_ROWS=1000000; or each of
+#                                      TUNED_VARIANTS) against the default, twice; then lt_sweep.py's
+#                                      prefill and vision shapes in what is left
 #   scripts/gpu/next_calls.sh chunks   LLaVA-NeXT's batch 8 chunked against whole prompts, alternating,
 #                                      with nvidia-smi's clocks sampled beside it
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
@@ -207,7 +207,7 @@ PY
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
     grep -E "^test result|FAILED|panicked|SKIPPED|by .* x .*: " "$OUT/gpu-tests.log" | head -20
     MMREG_TUNED_GEMM_LOG=1 bench llava15-tuned $(((LIMIT - (SECONDS - start)) * 4 / 5)) MODELS=LLaVA-1.5-7B \
-      BATCHES=1,8,32 REPEAT=2 VARIANTS="MMREG_TUNED_GEMM=1|MMREG_TUNED_GEMM=1,MMREG_TUNED_GEMM_ROWS=1000000"
+      BATCHES=1,8,32 REPEAT=2 VARIANTS="${TUNED_VARIANTS:-MMREG_TUNED_GEMM=1,MMREG_TUNED_GEMM_ROWS=1000000}"
     table llava15-tuned
     python3 - "$OUT/llava15-tuned.json" <<'PY'
 import json, sys
