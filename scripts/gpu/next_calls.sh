@@ -205,7 +205,7 @@ PY
     echo "GPU tests: exit $? at $((SECONDS - start)) s"
     grep -E "^test result|FAILED|panicked|SKIPPED|by .* x .*: " "$OUT/gpu-tests.log" | head -20
     MMREG_TUNED_GEMM_LOG=1 bench llava15-tuned $(((LIMIT - (SECONDS - start)) * 4 / 5)) MODELS=LLaVA-1.5-7B \
-      BATCHES=${TUNED_BATCHES:-1,8,32} REPEAT=2 \
+      BATCHES=${TUNED_BATCHES:-1,8,32} REPEAT=${TUNED_REPEAT:-2} \
       VARIANTS="${TUNED_VARIANTS:-MMREG_TUNED_GEMM=1,MMREG_TUNED_GEMM_ROWS=1000000}"
     table llava15-tuned
     python3 - "$OUT/llava15-tuned.json" <<'PY'
