@@ -180,8 +180,8 @@ struct Candidate {
   size_t workspace;
 };
 
-// The heuristic's picks, then its best four with their tile (tiles of x's rows' size), split-K and
-// reduction scheme varied; each one cuBLASLt accepts for the shapes, once. At prefill's rows, where the
+// The heuristic's picks, then its best four with their tile (tiles of x's rows' size) and 1 to 4 splits
+// of k varied; each one cuBLASLt accepts for the shapes, once. At prefill's rows, where the
 // products compute rather than read and each timing is long, the best two with 2 to 4 splits of k
 // alone (for short products such as a vision tower's 1024 x 1024, whose tiles fill one wave).
 std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const Plan& plan, int64_t m) {
@@ -218,10 +218,12 @@ std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const 
     const bool splits = cap_value(lt, base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT) != 0;
     const uint32_t reductions = cap_value(lt, base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK);
     std::vector<int32_t> split_ks = {1};
-    if (splits) split_ks = few ? std::vector<int32_t>{1, 2, 3, 4, 6, 8} : std::vector<int32_t>{2, 3, 4};
+    if (splits) split_ks = few ? std::vector<int32_t>{1, 2, 3, 4} : std::vector<int32_t>{2, 3, 4};
     for (uint32_t tile : tiles) {
       for (int32_t split : split_ks) {
-        for (uint32_t reduction : {0u, 1u, 2u, 4u}) {
+        // (Partial sums reduced in f32, the compute type: every split-K winner of run 97's sweep, where
+        // 6 to 16 splits and the other schemes never came first.)
+        for (uint32_t reduction : {0u, 2u}) {
           if ((split == 1) != (reduction == 0) || (reduction != 0 && !(reductions & reduction))) continue;
           cublasLtMatmulAlgo_t algo = base;
           if (lt.config_set(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile) != CUBLAS_STATUS_SUCCESS ||
@@ -265,7 +267,7 @@ std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, co
   set_bias(lt, *plan, bias ? bias->data_ptr() : nullptr);
   at::Tensor reference = bias ? at::linear(x, w, *bias) : at::linear(x, w);
   at::Tensor flush = at::empty({kFlushBytes}, x.options().dtype(at::kByte));
-  const int reps = m <= 64 ? 7 : 3;
+  const int reps = m <= 64 ? 5 : 3;
   at::Tensor scratch;
   plan->torch_us = best_us(lt, stream, flush, reps, [&] { scratch = bias ? at::linear(x, w, *bias) : at::linear(x, w); });
   at::Tensor y = at::empty_like(reference);

@@ -11,6 +11,14 @@ use mmreg_engine::kernels;
 use mmreg_engine::tuned_gemm::{self, Decision};
 use tch::{Device, Kind, Tensor};
 
+/// Held by each CUDA case: one captures a CUDA graph, and the others' random tensors would take the
+/// device's generator while it is capturing ("Offset increment outside graph capture", run 98).
+static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    DEVICE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn cuda() -> Option<Device> {
     let why = if !tch::Cuda::is_available() {
         "CUDA is not available on this machine"
@@ -38,6 +46,7 @@ fn equal(a: &Tensor, b: &Tensor) -> bool {
 #[test]
 fn tuned_products_match_libtorch_and_f32() {
     let Some(device) = cuda() else { return };
+    let _device = lock();
     tuned_gemm::set_enabled(true);
     tch::manual_seed(11);
     // rows, n, k, bias, dtype
@@ -103,6 +112,7 @@ fn tuned_products_match_libtorch_and_f32() {
 #[test]
 fn tuned_product_replays_in_a_cuda_graph() {
     let Some(device) = cuda() else { return };
+    let _device = lock();
     tuned_gemm::set_enabled(true);
     tch::manual_seed(5);
     let (rows, n, k) = (48, 4096, 4096);
@@ -135,6 +145,7 @@ fn tuned_products_decline_what_they_do_not_run() {
     tuned_gemm::set_enabled(true);
     assert!(tuned_gemm::linear(&cpu, &w, None).is_none(), "CPU tensors");
     let Some(device) = cuda() else { return };
+    let _device = lock();
     let w = Tensor::randn([256, 512], (Kind::BFloat16, device));
     let one = Tensor::randn([1, 512], (Kind::BFloat16, device));
     assert!(
