@@ -16,7 +16,9 @@ use tch::{Device, Kind, Tensor};
 static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn lock() -> std::sync::MutexGuard<'static, ()> {
-    DEVICE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    DEVICE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn cuda() -> Option<Device> {
