@@ -42,22 +42,33 @@ fn main() {
         println!("cargo:warning=no CUDA headers next to libtorch: CUDA memory statistics and graphs will be unavailable");
         return;
     };
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/cuda_shim.cpp")
-        .include(torch.join("include"))
-        .include(torch.join("include/torch/csrc/api/include"))
-        .include(&cuda_include)
-        .include(&crt_include)
-        .flag("-std=c++17")
-        .flag("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .compile("mmreg_cuda_shim");
+    cuda_cpp("csrc/cuda_shim.cpp", &torch, &cuda_include, &crt_include).compile("mmreg_cuda_shim");
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=torch_cuda");
     println!("cargo:rustc-cfg=mmreg_cuda_shim");
     compile_cudnn_attention(&torch, &site, &cuda_include, &crt_include);
     compile_tuned_gemm(&torch, &cuda_include, &crt_include);
+}
+
+/// A build of one C++ file against libtorch's headers and the CUDA runtime's (the shims' common setup).
+fn cuda_cpp(
+    file: &str,
+    torch: &std::path::Path,
+    cuda_include: &std::path::Path,
+    crt_include: &std::path::Path,
+) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file(file)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .include(cuda_include)
+        .include(crt_include)
+        .flag("-std=c++17")
+        .flag("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1");
+    build
 }
 
 /// The tuned products through cuBLASLt (`csrc/tuned_gemm.cpp`), where cuBLASLt's header is beside the CUDA
@@ -103,17 +114,8 @@ fn compile_tuned_gemm(
         list.join(", ")
     );
     std::fs::write(out.join("tile_columns.inc"), table).expect("OUT_DIR is writable");
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/tuned_gemm.cpp")
-        .include(torch.join("include"))
-        .include(torch.join("include/torch/csrc/api/include"))
-        .include(cuda_include)
-        .include(crt_include)
+    cuda_cpp("csrc/tuned_gemm.cpp", torch, cuda_include, crt_include)
         .include(&out)
-        .flag("-std=c++17")
-        .flag("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .compile("mmreg_tuned_gemm");
     println!("cargo:rustc-cfg=mmreg_tuned_gemm");
 }
@@ -135,18 +137,9 @@ fn compile_cudnn_attention(
         println!("cargo:warning=no cudnn-frontend or cuDNN headers beside torch: attention stays libtorch's; run scripts/libtorch.sh");
         return;
     }
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/cudnn_attention.cpp")
-        .include(torch.join("include"))
-        .include(torch.join("include/torch/csrc/api/include"))
-        .include(cuda_include)
-        .include(crt_include)
+    cuda_cpp("csrc/cudnn_attention.cpp", torch, cuda_include, crt_include)
         .include(cudnn)
         .include(frontend)
-        .flag("-std=c++17")
-        .flag("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("NV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING", None)
         .compile("mmreg_cudnn_attention");
     println!("cargo:rustc-cfg=mmreg_cudnn_attention");

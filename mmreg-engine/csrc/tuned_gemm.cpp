@@ -62,6 +62,8 @@ struct Api {
       symbol<decltype(&cublasLtMatmulAlgoCapGetAttribute)>("cublasLtMatmulAlgoCapGetAttribute");
   decltype(&cublasLtMatmulAlgoConfigSetAttribute) config_set =
       symbol<decltype(&cublasLtMatmulAlgoConfigSetAttribute)>("cublasLtMatmulAlgoConfigSetAttribute");
+  decltype(&cublasLtMatmulAlgoConfigGetAttribute) config_get =
+      symbol<decltype(&cublasLtMatmulAlgoConfigGetAttribute)>("cublasLtMatmulAlgoConfigGetAttribute");
   decltype(&cublasLtMatmul) matmul = symbol<decltype(&cublasLtMatmul)>("cublasLtMatmul");
   // The CUDA runtime's, without its header's types.
   int (*event_create)(void**) = symbol<int (*)(void**)>("cudaEventCreate");
@@ -73,7 +75,7 @@ struct Api {
 
   bool complete() const {
     return create && desc_create && desc_set && layout_create && pref_create && pref_set && pref_destroy &&
-           heuristic && check && cap_get && config_set && matmul && event_create && event_record &&
+           heuristic && check && cap_get && config_set && config_get && matmul && event_create && event_record &&
            event_synchronize && event_elapsed && event_destroy && is_capturing;
   }
 };
@@ -143,13 +145,11 @@ cublasStatus_t run(const Api& lt, cublasLtHandle_t handle, const Plan& plan, con
                    y.data_ptr(), plan.d, &algo, space.get(), workspace, stream);
 }
 
-template <typename T>
-T get_config(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attr) {
-  T value{};
+uint32_t tile_of(const Api& lt, const cublasLtMatmulAlgo_t& algo) {
+  uint32_t tile = 0;
   size_t written = 0;
-  static auto getter = symbol<decltype(&cublasLtMatmulAlgoConfigGetAttribute)>("cublasLtMatmulAlgoConfigGetAttribute");
-  if (getter) getter(&algo, attr, &value, sizeof value, &written);
-  return value;
+  lt.config_get(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile, &written);
+  return tile;
 }
 
 std::vector<uint32_t> cap_list(const Api& lt, const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoCapAttributes_t attr) {
@@ -214,7 +214,7 @@ std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const 
       int columns = tile_columns(tile);
       if (columns > 0 && m <= 4 * columns && columns <= std::max<int64_t>(2 * m, 16)) tiles.push_back(tile);
     }
-    if (tiles.empty()) tiles.push_back(get_config<uint32_t>(base, CUBLASLT_ALGO_CONFIG_TILE_ID));
+    if (tiles.empty()) tiles.push_back(tile_of(lt, base));
     const bool splits = cap_value(lt, base, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT) != 0;
     const uint32_t reductions = cap_value(lt, base, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK);
     std::vector<int32_t> split_ks = {1};
