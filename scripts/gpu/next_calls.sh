@@ -32,8 +32,9 @@
 #                                      lab_rows32_s prototypes, k in 1-4 splits (ROWS32_W=1:
 #                                      lab_rows32_w's too; about a minute)
 #   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported; and each
-#                                      of ANCHOR_VARIANTS, "ENV=V|ENV=V", once) and the compiled-PyTorch
-#                                      anchor at batch 1, 8 and 32
+#                                      of ANCHOR_VARIANTS, "ENV=V|ENV=V", ANCHOR_REPEAT times, once by
+#                                      default) and the compiled-PyTorch anchor at batch 1, 8 and 32; the
+#                                      GPU tests (tuned_gemm's too where staged) in what is left
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -262,7 +263,7 @@ PY
     [ -n "${WINNERS:-}" ] && IFS=, read -ra winners <<< "$WINNERS"
     # ANCHOR_VARIANTS: switches timed against the default in the same pass ("ENV=V|ENV=V"), once each.
     variants=()
-    [ -n "${ANCHOR_VARIANTS:-}" ] && variants=("VARIANTS=$ANCHOR_VARIANTS" REPEAT=1)
+    [ -n "${ANCHOR_VARIANTS:-}" ] && variants=("VARIANTS=$ANCHOR_VARIANTS" "REPEAT=${ANCHOR_REPEAT:-1}")
     bench anchor "$LIMIT" "${winners[@]}" "${variants[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 \
       ANCHOR_TIMEOUT=400
     table anchor
@@ -273,6 +274,9 @@ PY
       left=$((LIMIT - (SECONDS - start)))
       [ "$left" -gt 20 ] && MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh fused_kernels --skip nvrtc \
         >> "$OUT/gpu-tests.log" 2>&1
+      left=$((LIMIT - (SECONDS - start)))
+      [ "$left" -gt 20 ] && [ -x gpu-stage/tests/tuned_gemm ] && MMREG_TEST_MODES=cuda timeout "$left" \
+        gpu-stage/run.sh tuned_gemm --nocapture >> "$OUT/gpu-tests.log" 2>&1
       echo "GPU tests: exit $? at $((SECONDS - start)) s"
       grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
     fi
