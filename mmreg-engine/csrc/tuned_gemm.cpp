@@ -13,6 +13,7 @@
 // cuBLASLt and the CUDA runtime are reached through dlsym in the libraries libtorch_cuda has loaded, as the
 // CUDA shim does, so nothing here links against a versioned cuBLAS.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
@@ -65,6 +66,7 @@ struct Api {
   decltype(&cublasLtMatmulAlgoConfigGetAttribute) config_get =
       symbol<decltype(&cublasLtMatmulAlgoConfigGetAttribute)>("cublasLtMatmulAlgoConfigGetAttribute");
   decltype(&cublasLtMatmul) matmul = symbol<decltype(&cublasLtMatmul)>("cublasLtMatmul");
+  decltype(&cublasLtGetVersion) version = symbol<decltype(&cublasLtGetVersion)>("cublasLtGetVersion");
   // The CUDA runtime's, without its header's types.
   int (*event_create)(void**) = symbol<int (*)(void**)>("cudaEventCreate");
   int (*event_record)(void*, void*) = symbol<int (*)(void*, void*)>("cudaEventRecord");
@@ -75,7 +77,7 @@ struct Api {
 
   bool complete() const {
     return create && desc_create && desc_set && layout_create && pref_create && pref_set && pref_destroy &&
-           heuristic && check && cap_get && config_set && config_get && matmul && event_create && event_record &&
+           heuristic && check && cap_get && config_set && config_get && matmul && version && event_create && event_record &&
            event_synchronize && event_elapsed && event_destroy && is_capturing;
   }
 };
@@ -96,6 +98,9 @@ struct Plan {
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   float lt_us = 0, torch_us = 0;
   int candidates = 0;
+  // Read from the file of kept picks rather than timed here; `algo` is checked against the shapes on
+  // its first use.
+  bool stored = false, checked = true;
 };
 
 std::mutex lock;
@@ -329,9 +334,11 @@ extern "C" {
 // tch's at::Tensor pointers) in bf16 or f16, on the current stream of x's device. Returns 0 where it ran
 // cuBLASLt's tuned configuration; 2 where libtorch's product is the shape's fastest (the caller runs it);
 // 3 where the shape is new and the stream is capturing a CUDA graph (no timing there: the caller runs
-// libtorch's product, and nothing is kept); 1 on failure, with `error` saying why.
-int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_ptr, void* y_ptr, char* error,
-                       size_t capacity) {
+// libtorch's product, and nothing is kept); 1 on failure, with `error` saying why. `tuned` is set where
+// this call timed the shape (the caller keeps the pick).
+int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_ptr, void* y_ptr, int* tuned,
+                       char* error, size_t capacity) {
+  *tuned = 0;
   try {
     const Api* lt = api();
     if (lt == nullptr) {
@@ -376,6 +383,7 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
         return 1;
       }
       plans.emplace(key, plan);
+      *tuned = 1;
       if (std::getenv("MMREG_TUNED_GEMM_LOG") != nullptr)
         std::fprintf(stderr, "mmreg: tuned %lld x %lld by %lld x %lld%s: libtorch %.1f us, cuBLASLt's best %.1f us of %d -> %s\n",
                      static_cast<long long>(x.size(0)), static_cast<long long>(w.size(1)),
@@ -384,6 +392,18 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
     }
     if (!plan->lt) return 2;
     set_bias(*lt, *plan, bias ? bias->data_ptr() : nullptr);
+    if (!plan->checked) {
+      // A kept configuration this cuBLASLt no longer accepts for the shapes: libtorch's product from now on.
+      cublasLtMatmulHeuristicResult_t result{};
+      plan->checked = true;
+      if (lt->check(handle_for(*lt, device), plan->desc, plan->a, plan->b, plan->d, plan->d, &plan->algo, &result) !=
+              CUBLAS_STATUS_SUCCESS ||
+          result.workspaceSize > kWorkspace) {
+        plan->lt = false;
+        return 2;
+      }
+      plan->workspace = result.workspaceSize;
+    }
     ok(run(*lt, handle_for(*lt, device), *plan, plan->algo, plan->workspace, x, w, y, stream), "cublasLtMatmul");
     return 0;
   } catch (const Failure& f) {
@@ -397,15 +417,79 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
 }
 
 // What tuning decided for a shape: -1 not tuned yet, 0 libtorch's product, 1 a cuBLASLt configuration;
-// `times` gets cuBLASLt's best and libtorch's µs and the count of candidates timed.
-int mmreg_tuned_linear_plan(int device, int dtype, int64_t m, int64_t n, int64_t k, int bias, float* times) {
+// `times` gets cuBLASLt's best and libtorch's µs and the count of candidates timed, `algo` the
+// configuration's 64 bytes, `stored` whether the pick was read from the file of kept picks.
+int mmreg_tuned_linear_plan(int device, int dtype, int64_t m, int64_t n, int64_t k, int bias, float* times,
+                            uint64_t* algo, int* stored) {
   std::lock_guard<std::mutex> guard(lock);
   auto found = plans.find(Key{device, dtype, m, n, k, bias != 0});
   if (found == plans.end()) return -1;
-  times[0] = found->second->lt_us;
-  times[1] = found->second->torch_us;
-  times[2] = static_cast<float>(found->second->candidates);
-  return found->second->lt ? 1 : 0;
+  const Plan& plan = *found->second;
+  times[0] = plan.lt_us;
+  times[1] = plan.torch_us;
+  times[2] = static_cast<float>(plan.candidates);
+  static_assert(sizeof plan.algo == 8 * sizeof(uint64_t), "cublasLtMatmulAlgo_t is 8 words");
+  std::memcpy(algo, &plan.algo, sizeof plan.algo);
+  *stored = plan.stored ? 1 : 0;
+  return plan.lt ? 1 : 0;
+}
+
+// Takes a pick read from the file of kept picks for a shape not yet met in this process (`lt` 1: the
+// configuration `algo`; 0: libtorch's product). Returns 1 where taken, 0 where the shape already has a
+// pick, -1 where it could not be described (`error` says why).
+int mmreg_tuned_linear_adopt(int device, int dtype, int64_t m, int64_t n, int64_t k, int bias, int lt_pick,
+                             const uint64_t* algo, const float* times, char* error, size_t capacity) {
+  try {
+    const Api* lt = api();
+    if (lt == nullptr) {
+      set_error(error, capacity, "cuBLASLt or the CUDA runtime not found among the loaded libraries");
+      return -1;
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    const Key key{device, dtype, m, n, k, bias != 0};
+    if (plans.count(key) != 0) return 0;
+    auto plan = std::make_shared<Plan>();
+    describe(*lt, *plan, dtype, m, n, k);
+    plan->lt = lt_pick != 0;
+    std::memcpy(&plan->algo, algo, sizeof plan->algo);
+    plan->lt_us = times[0];
+    plan->torch_us = times[1];
+    plan->candidates = static_cast<int>(times[2]);
+    plan->stored = true;
+    plan->checked = false;
+    plans.emplace(key, plan);
+    return 1;
+  } catch (const Failure& f) {
+    set_error(error, capacity, f.what);
+  } catch (const std::exception& e) {
+    set_error(error, capacity, e.what());
+  }
+  return -1;
+}
+
+// What the picks were timed on: the card's name, its compute capability and cuBLASLt's version (picks
+// kept for another are not taken). Returns 0, or 1 where cuBLASLt was not found.
+int mmreg_tuned_gemm_identity(int device, char* out, size_t capacity) {
+  const Api* lt = api();
+  if (lt == nullptr || capacity == 0) return 1;
+  try {
+    const auto* props = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
+    std::string name = std::string(props->name) + ", sm " + std::to_string(props->major) + std::to_string(props->minor) +
+                       ", cuBLASLt " + std::to_string(lt->version());
+    for (auto& c : name)
+      if (c == '\t' || c == '\n') c = ' ';
+    set_error(out, capacity, name);
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(out, capacity, e.what());
+  }
+  return 1;
+}
+
+// Drops every pick of this process: the next call of each shape takes a kept pick or tunes again.
+void mmreg_tuned_gemm_forget() {
+  std::lock_guard<std::mutex> guard(lock);
+  plans.clear();
 }
 
 }  // extern "C"

@@ -12,9 +12,17 @@
 //! that the few-rows kernels do not take), shapes where libtorch's was fastest, builds without cuBLASLt's
 //! header, or switched off (off unless `MMREG_TUNED_GEMM=1`). `MMREG_TUNED_GEMM_LOG=1` prints each
 //! shape's timings and pick to stderr.
+//!
+//! Each pick is kept in a file (`MMREG_TUNED_GEMM_CACHE`, by default `~/.cache/mmreg/tuned-gemm.tsv`; empty:
+//! none) with the card and cuBLASLt version it was timed on, and later processes on the same card and
+//! version take it from there instead of timing the shape again.
 
+mod store;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use tch::{Device, Kind, Tensor};
 
@@ -58,13 +66,41 @@ pub enum Decision {
         torch_us: f32,
         best_us: f32,
         candidates: u32,
+        /// Read from the file of kept picks, not timed in this process.
+        stored: bool,
     },
     /// A cuBLASLt configuration beat libtorch's product.
     CublasLt {
         torch_us: f32,
         best_us: f32,
         candidates: u32,
+        stored: bool,
     },
+}
+
+/// Where picks are kept and read: set by [`set_cache_path`], else `MMREG_TUNED_GEMM_CACHE` or the user's
+/// cache folder. `None`: nowhere.
+static CACHE_PATH: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
+/// The devices whose kept picks this process has read.
+static LOADED: Mutex<Option<HashSet<i32>>> = Mutex::new(None);
+
+/// The file picks are kept in (`None`: none).
+pub fn cache_path() -> Option<PathBuf> {
+    let mut path = CACHE_PATH.lock().unwrap_or_else(|e| e.into_inner());
+    path.get_or_insert_with(store::default_path).clone()
+}
+
+/// Keeps picks in `path` from now on (`None`: nowhere), in place of `MMREG_TUNED_GEMM_CACHE`.
+pub fn set_cache_path(path: Option<PathBuf>) {
+    *CACHE_PATH.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
+    LOADED.lock().unwrap_or_else(|e| e.into_inner()).take();
+}
+
+/// Drops every pick of this process: the next call of each shape takes a kept pick from the file or
+/// tunes the shape again.
+pub fn forget() {
+    LOADED.lock().unwrap_or_else(|e| e.into_inner()).take();
+    forget_plans();
 }
 
 /// `x · weightᵀ (+ bias)` for `x` `[.., k]`, `weight` `[n, k]`, `bias` `[n]`, through the shape's tuned
@@ -74,7 +110,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
     if !available() || !enabled() {
         return None;
     }
-    let (Device::Cuda(_), Kind::BFloat16 | Kind::Half) = (x.device(), x.kind()) else {
+    let (Device::Cuda(device), Kind::BFloat16 | Kind::Half) = (x.device(), x.kind()) else {
         return None;
     };
     let [n, k] = weight.size()[..] else {
@@ -102,9 +138,15 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
     if !fits {
         return None;
     }
+    let device = device as i32;
+    load_kept(device);
     let x2 = x.view([rows, k]);
     let y = Tensor::f_empty([rows, n], (x.kind(), x.device())).ok()?;
-    match call(&x2, weight, bias, &y) {
+    let (ran, tuned) = call(&x2, weight, bias, &y);
+    if tuned {
+        keep(device, x.kind(), rows, n, k, bias.is_some());
+    }
+    match ran {
         Ok(true) => {
             *size.last_mut()? = n;
             Some(y.view(size.as_slice()))
@@ -122,26 +164,99 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
 
 /// What tuning decided for `rows` × `k` by `[n, k]` (with or without a bias) on CUDA device `device`.
 pub fn decision(device: usize, kind: Kind, rows: i64, n: i64, k: i64, bias: bool) -> Decision {
-    let dtype = match kind {
-        Kind::BFloat16 => 0,
-        Kind::Half => 1,
-        _ => return Decision::Untuned,
+    let Some(dtype) = dtype(kind) else {
+        return Decision::Untuned;
     };
-    let (state, [best_us, torch_us, candidates]) = plan(device as i32, dtype, rows, n, k, bias);
-    let candidates = candidates as u32;
-    match state {
+    let plan = plan(device as i32, dtype, rows, n, k, bias);
+    let [best_us, torch_us, candidates] = plan.times;
+    let (candidates, stored) = (candidates as u32, plan.stored);
+    match plan.state {
         0 => Decision::Libtorch {
             torch_us,
             best_us,
             candidates,
+            stored,
         },
         1 => Decision::CublasLt {
             torch_us,
             best_us,
             candidates,
+            stored,
         },
         _ => Decision::Untuned,
     }
+}
+
+fn dtype(kind: Kind) -> Option<i32> {
+    match kind {
+        Kind::BFloat16 => Some(0),
+        Kind::Half => Some(1),
+        _ => None,
+    }
+}
+
+/// Takes the picks kept for `device`'s card, once per process.
+fn load_kept(device: i32) {
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if !loaded.get_or_insert_with(HashSet::new).insert(device) {
+        return;
+    }
+    let (Some(path), Some(identity)) = (cache_path(), identity(device)) else {
+        return;
+    };
+    for kept in store::read(&path, &identity) {
+        if let Err(why) = adopt(device, &kept) {
+            eprintln!(
+                "mmreg: a kept product pick in {} was not taken: {why}",
+                path.display()
+            );
+            break;
+        }
+    }
+}
+
+/// Appends the pick just timed for a shape to the file of kept picks.
+fn keep(device: i32, kind: Kind, m: i64, n: i64, k: i64, bias: bool) {
+    let (Some(path), Some(identity), Some(dtype)) = (cache_path(), identity(device), dtype(kind))
+    else {
+        return;
+    };
+    let plan = plan(device, dtype, m, n, k, bias);
+    if plan.state < 0 || plan.times[2] == 0.0 {
+        return; // (tuning failed: nothing to keep)
+    }
+    let kept = store::Stored {
+        identity,
+        dtype,
+        m,
+        n,
+        k,
+        bias,
+        cublaslt: plan.state == 1,
+        torch_us: plan.times[1],
+        best_us: plan.times[0],
+        candidates: plan.times[2] as u32,
+        algo: plan.algo,
+    };
+    if let Err(why) = store::append(&path, &kept) {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            eprintln!(
+                "mmreg: could not keep a tuned product's pick in {}: {why}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// One shape's pick as the shim holds it.
+struct Plan {
+    /// -1: none; 0: libtorch's product; 1: a cuBLASLt configuration.
+    state: i32,
+    /// cuBLASLt's best µs, libtorch's µs, candidates timed.
+    times: [f32; 3],
+    algo: [u64; 8],
+    stored: bool,
 }
 
 #[cfg(mmreg_tuned_gemm)]
@@ -151,6 +266,7 @@ extern "C" {
         w: *const std::ffi::c_void,
         bias: *const std::ffi::c_void,
         y: *mut std::ffi::c_void,
+        tuned: *mut i32,
         error: *mut std::ffi::c_char,
         capacity: usize,
     ) -> i32;
@@ -162,14 +278,33 @@ extern "C" {
         k: i64,
         bias: i32,
         times: *mut f32,
+        algo: *mut u64,
+        stored: *mut i32,
     ) -> i32;
+    fn mmreg_tuned_linear_adopt(
+        device: i32,
+        dtype: i32,
+        m: i64,
+        n: i64,
+        k: i64,
+        bias: i32,
+        lt: i32,
+        algo: *const u64,
+        times: *const f32,
+        error: *mut std::ffi::c_char,
+        capacity: usize,
+    ) -> i32;
+    fn mmreg_tuned_gemm_identity(device: i32, out: *mut std::ffi::c_char, capacity: usize) -> i32;
+    fn mmreg_tuned_gemm_forget();
 }
 
-/// `Ok(true)`: `y` holds the product; `Ok(false)`: libtorch's product is the caller's to run.
+/// `Ok(true)`: `y` holds the product; `Ok(false)`: libtorch's product is the caller's to run. The flag:
+/// whether this call timed the shape.
 #[cfg(mmreg_tuned_gemm)]
-fn call(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &Tensor) -> Result<bool, String> {
-    use std::ffi::{c_char, CStr};
+fn call(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &Tensor) -> (Result<bool, String>, bool) {
+    use std::ffi::c_char;
     let mut error = [0 as c_char; 1024];
+    let mut tuned = 0;
     let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr().cast());
     // SAFETY: the pointers are tch's tensors (`at::Tensor*`), alive for the call, with the shapes the
     // shim expects (checked by `linear`); `error` is a buffer of the capacity given.
@@ -179,36 +314,126 @@ fn call(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &Tensor) -> Result<boo
             w.as_ptr().cast(),
             bias,
             y.as_ptr().cast_mut().cast(),
+            &mut tuned,
             error.as_mut_ptr(),
             error.len(),
         )
     };
-    match status {
+    let ran = match status {
         0 => Ok(true),
         2 | 3 => Ok(false),
-        // SAFETY: the shim writes a NUL-terminated message within the buffer.
-        _ => Err(unsafe { CStr::from_ptr(error.as_ptr()) }
-            .to_string_lossy()
-            .into_owned()),
+        _ => Err(message(&error)),
+    };
+    (ran, tuned != 0)
+}
+
+#[cfg(mmreg_tuned_gemm)]
+fn message(buffer: &[std::ffi::c_char]) -> String {
+    // SAFETY: the shim writes a NUL-terminated message within the buffer (zeroed to begin with).
+    unsafe { std::ffi::CStr::from_ptr(buffer.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[cfg(not(mmreg_tuned_gemm))]
+fn call(
+    _x: &Tensor,
+    _w: &Tensor,
+    _bias: Option<&Tensor>,
+    _y: &Tensor,
+) -> (Result<bool, String>, bool) {
+    (Ok(false), false)
+}
+
+#[cfg(mmreg_tuned_gemm)]
+fn plan(device: i32, dtype: i32, m: i64, n: i64, k: i64, bias: bool) -> Plan {
+    let mut plan = Plan {
+        state: -1,
+        times: [0.0; 3],
+        algo: [0; 8],
+        stored: false,
+    };
+    let mut stored = 0;
+    // SAFETY: `times` and `algo` hold the three floats and eight words the shim writes.
+    plan.state = unsafe {
+        mmreg_tuned_linear_plan(
+            device,
+            dtype,
+            m,
+            n,
+            k,
+            i32::from(bias),
+            plan.times.as_mut_ptr(),
+            plan.algo.as_mut_ptr(),
+            &mut stored,
+        )
+    };
+    plan.stored = stored != 0;
+    plan
+}
+
+#[cfg(not(mmreg_tuned_gemm))]
+fn plan(_device: i32, _dtype: i32, _m: i64, _n: i64, _k: i64, _bias: bool) -> Plan {
+    Plan {
+        state: -1,
+        times: [0.0; 3],
+        algo: [0; 8],
+        stored: false,
+    }
+}
+
+/// The card's name, compute capability and cuBLASLt's version, which kept picks must match.
+#[cfg(mmreg_tuned_gemm)]
+fn identity(device: i32) -> Option<String> {
+    let mut out = [0 as std::ffi::c_char; 256];
+    // SAFETY: `out` is a buffer of the capacity given.
+    let status = unsafe { mmreg_tuned_gemm_identity(device, out.as_mut_ptr(), out.len()) };
+    (status == 0).then(|| message(&out))
+}
+
+#[cfg(not(mmreg_tuned_gemm))]
+fn identity(_device: i32) -> Option<String> {
+    None
+}
+
+#[cfg(mmreg_tuned_gemm)]
+fn adopt(device: i32, kept: &store::Stored) -> Result<(), String> {
+    let mut error = [0 as std::ffi::c_char; 1024];
+    let times = [kept.best_us, kept.torch_us, kept.candidates as f32];
+    // SAFETY: `algo` and `times` are the eight words and three floats the shim reads; `error` a buffer of
+    // the capacity given.
+    let status = unsafe {
+        mmreg_tuned_linear_adopt(
+            device,
+            kept.dtype,
+            kept.m,
+            kept.n,
+            kept.k,
+            i32::from(kept.bias),
+            i32::from(kept.cublaslt),
+            kept.algo.as_ptr(),
+            times.as_ptr(),
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    if status < 0 {
+        Err(message(&error))
+    } else {
+        Ok(())
     }
 }
 
 #[cfg(not(mmreg_tuned_gemm))]
-fn call(_x: &Tensor, _w: &Tensor, _bias: Option<&Tensor>, _y: &Tensor) -> Result<bool, String> {
-    Ok(false)
+fn adopt(_device: i32, _kept: &store::Stored) -> Result<(), String> {
+    Ok(())
 }
 
 #[cfg(mmreg_tuned_gemm)]
-fn plan(device: i32, dtype: i32, m: i64, n: i64, k: i64, bias: bool) -> (i32, [f32; 3]) {
-    let mut times = [0f32; 3];
-    // SAFETY: `times` holds the three floats the shim writes.
-    let state = unsafe {
-        mmreg_tuned_linear_plan(device, dtype, m, n, k, i32::from(bias), times.as_mut_ptr())
-    };
-    (state, times)
+fn forget_plans() {
+    // SAFETY: no arguments; the shim takes its own lock.
+    unsafe { mmreg_tuned_gemm_forget() }
 }
 
 #[cfg(not(mmreg_tuned_gemm))]
-fn plan(_device: i32, _dtype: i32, _m: i64, _n: i64, _k: i64, _bias: bool) -> (i32, [f32; 3]) {
-    (-1, [0.0; 3])
-}
+fn forget_plans() {}

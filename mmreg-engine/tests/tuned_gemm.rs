@@ -15,10 +15,19 @@ use tch::{Device, Kind, Tensor};
 /// device's generator while it is capturing ("Offset increment outside graph capture", run 98).
 static DEVICE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Takes the lock, with picks kept in this process's own file (not the user's cache).
 fn lock() -> std::sync::MutexGuard<'static, ()> {
-    DEVICE
+    let guard = DEVICE
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tuned_gemm::set_cache_path(Some(scratch("tuned-gemm.tsv")));
+    guard
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mmreg-tuned-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name)
 }
 
 fn cuda() -> Option<Device> {
@@ -77,6 +86,7 @@ fn tuned_products_match_libtorch_and_f32() {
                     best_us,
                     torch_us,
                     candidates,
+                    ..
                 },
                 Some(out),
             ) => {
@@ -109,6 +119,81 @@ fn tuned_products_match_libtorch_and_f32() {
     let off = tuned_gemm::linear(&x, &w, None);
     tuned_gemm::set_enabled(true);
     assert!(off.is_none(), "switched off");
+}
+
+#[test]
+fn picks_are_kept_on_disk_and_read_back_by_a_later_process() {
+    let Some(device) = cuda() else { return };
+    let _device = lock();
+    let path = scratch("kept.tsv");
+    let _ = std::fs::remove_file(&path);
+    tuned_gemm::set_cache_path(Some(path.clone()));
+    tuned_gemm::forget();
+    tuned_gemm::set_enabled(true);
+    tch::manual_seed(3);
+    let (rows, n, k) = (24, 11008, 4096);
+    let x = Tensor::randn([rows, k], (Kind::BFloat16, device));
+    let w = Tensor::randn([n, k], (Kind::BFloat16, device)) * 0.02;
+    let first = tuned_gemm::linear(&x, &w, None);
+    let timed = tuned_gemm::decision(0, Kind::BFloat16, rows, n, k, false);
+    println!("timed here: {timed:?}");
+    let text = std::fs::read_to_string(&path).expect("the pick was kept");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("\tbf16\t24\t11008\t4096\t0\t"), "{text}");
+
+    // A later process (here: the same one with its picks dropped) takes the pick from the file.
+    tuned_gemm::forget();
+    assert_eq!(
+        tuned_gemm::decision(0, Kind::BFloat16, rows, n, k, false),
+        Decision::Untuned
+    );
+    let second = tuned_gemm::linear(&x, &w, None);
+    let read = tuned_gemm::decision(0, Kind::BFloat16, rows, n, k, false);
+    println!("read back: {read:?}");
+    match (timed, read) {
+        (
+            Decision::CublasLt {
+                candidates,
+                stored: false,
+                ..
+            },
+            Decision::CublasLt {
+                candidates: again,
+                stored: true,
+                ..
+            },
+        ) => {
+            assert_eq!(candidates, again);
+            let (first, second) = (first.expect("tuned"), second.expect("kept"));
+            assert!(
+                equal(&first, &second),
+                "the same configuration, the same output"
+            );
+        }
+        (Decision::Libtorch { stored: false, .. }, Decision::Libtorch { stored: true, .. }) => {
+            assert!(first.is_none() && second.is_none())
+        }
+        _ => panic!("timed {timed:?}, read back {read:?}"),
+    }
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        text,
+        "nothing timed, nothing appended"
+    );
+
+    // Picks of another card (or cuBLASLt version) are not taken: the shape is timed again.
+    let other = lines[0].replacen(lines[0].split('\t').next().unwrap(), "Some Other GPU", 1);
+    std::fs::write(&path, format!("{other}\n")).unwrap();
+    tuned_gemm::forget();
+    let _ = tuned_gemm::linear(&x, &w, None);
+    match tuned_gemm::decision(0, Kind::BFloat16, rows, n, k, false) {
+        Decision::CublasLt { stored, .. } | Decision::Libtorch { stored, .. } => {
+            assert!(!stored, "timed again")
+        }
+        Decision::Untuned => panic!("not tuned"),
+    }
+    assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
 }
 
 #[test]
