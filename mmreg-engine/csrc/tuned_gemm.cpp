@@ -87,20 +87,29 @@ const Api* api() {
   return found.complete() ? &found : nullptr;
 }
 
-// device, dtype (0 bf16, 1 f16), m, n, k, bias
+// device, dtype (0 bf16, 1 f16), rows (the caller's bucket of x's rows), n, k, bias
 using Key = std::tuple<int, int, int64_t, int64_t, int64_t, bool>;
 
+// x's and y's layouts for one count of rows, and whether the plan's configuration takes them.
+struct Rows {
+  cublasLtMatrixLayout_t b = nullptr, d = nullptr;
+  size_t workspace = 0;
+  bool usable = false;
+};
+
+// One bucket of rows' pick; the configuration was timed at the first count of rows met in the bucket (or
+// read from the file of kept picks: `stored`) and is checked against each other count on its first call.
 struct Plan {
   bool lt = false;  // false: libtorch's product is the fastest
   cublasLtMatmulAlgo_t algo{};
-  size_t workspace = 0;
+  cudaDataType_t type = CUDA_R_16BF;
+  int64_t n = 0, k = 0;
   cublasLtMatmulDesc_t desc = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatrixLayout_t a = nullptr;
+  std::map<int64_t, Rows> rows;
   float lt_us = 0, torch_us = 0;
   int candidates = 0;
-  // Read from the file of kept picks rather than timed here; `algo` is checked against the shapes on
-  // its first use.
-  bool stored = false, checked = true;
+  bool stored = false;
 };
 
 std::mutex lock;
@@ -124,14 +133,24 @@ void ok(cublasStatus_t status, const char* what) {
 
 // cuBLAS is column-major: y [m, n] row-major is D [n, m] = op(A) · B with A = w seen as [k, n] (transposed
 // by the op) and B = x seen as [k, m], as libtorch asks for x · wᵀ.
-void describe(const Api& lt, Plan& plan, int dtype, int64_t m, int64_t n, int64_t k) {
-  auto type = dtype == 0 ? CUDA_R_16BF : CUDA_R_16F;
+void describe(const Api& lt, Plan& plan, int dtype, int64_t n, int64_t k) {
+  plan.type = dtype == 0 ? CUDA_R_16BF : CUDA_R_16F;
+  plan.n = n;
+  plan.k = k;
   ok(lt.desc_create(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
   cublasOperation_t transpose = CUBLAS_OP_T;
   ok(lt.desc_set(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof transpose), "TRANSA");
-  ok(lt.layout_create(&plan.a, type, k, n, k), "layout of w");
-  ok(lt.layout_create(&plan.b, type, k, m, k), "layout of x");
-  ok(lt.layout_create(&plan.d, type, n, m, n), "layout of y");
+  ok(lt.layout_create(&plan.a, plan.type, k, n, k), "layout of w");
+}
+
+// The layouts for m rows of x, made on the first call with m.
+Rows& rows_of(const Api& lt, Plan& plan, int64_t m) {
+  auto found = plan.rows.find(m);
+  if (found != plan.rows.end()) return found->second;
+  Rows rows;
+  ok(lt.layout_create(&rows.b, plan.type, plan.k, m, plan.k), "layout of x");
+  ok(lt.layout_create(&rows.d, plan.type, plan.n, m, plan.n), "layout of y");
+  return plan.rows.emplace(m, rows).first->second;
 }
 
 void set_bias(const Api& lt, Plan& plan, const void* bias) {
@@ -140,14 +159,15 @@ void set_bias(const Api& lt, Plan& plan, const void* bias) {
   if (bias) ok(lt.desc_set(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias), "BIAS_POINTER");
 }
 
-cublasStatus_t run(const Api& lt, cublasLtHandle_t handle, const Plan& plan, const cublasLtMatmulAlgo_t& algo,
-                   size_t workspace, const at::Tensor& x, const at::Tensor& w, at::Tensor& y, cudaStream_t stream) {
+cublasStatus_t run(const Api& lt, cublasLtHandle_t handle, const Plan& plan, const Rows& rows,
+                   const cublasLtMatmulAlgo_t& algo, size_t workspace, const at::Tensor& x, const at::Tensor& w,
+                   at::Tensor& y, cudaStream_t stream) {
   // The caching allocator's block is reused by later work on this stream only after this product.
   c10::DataPtr space;
   if (workspace > 0) space = c10::cuda::CUDACachingAllocator::get()->allocate(workspace);
   const float one = 1.0f, zero = 0.0f;
-  return lt.matmul(handle, plan.desc, &one, w.data_ptr(), plan.a, x.data_ptr(), plan.b, &zero, y.data_ptr(), plan.d,
-                   y.data_ptr(), plan.d, &algo, space.get(), workspace, stream);
+  return lt.matmul(handle, plan.desc, &one, w.data_ptr(), plan.a, x.data_ptr(), rows.b, &zero, y.data_ptr(), rows.d,
+                   y.data_ptr(), rows.d, &algo, space.get(), workspace, stream);
 }
 
 uint32_t tile_of(const Api& lt, const cublasLtMatmulAlgo_t& algo) {
@@ -189,14 +209,15 @@ struct Candidate {
 // of k varied; each one cuBLASLt accepts for the shapes, once. At prefill's rows, where the
 // products compute rather than read and each timing is long, the best two with 2 to 4 splits of k
 // alone (for short products such as a vision tower's 1024 x 1024, whose tiles fill one wave).
-std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const Plan& plan, int64_t m) {
+std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const Plan& plan, const Rows& rows,
+                                  int64_t m) {
   cublasLtMatmulPreference_t pref = nullptr;
   ok(lt.pref_create(&pref), "cublasLtMatmulPreferenceCreate");
   uint64_t limit = kWorkspace;
   lt.pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &limit, sizeof limit);
   cublasLtMatmulHeuristicResult_t results[16];
   int found = 0;
-  auto status = lt.heuristic(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref, 16, results, &found);
+  auto status = lt.heuristic(handle, plan.desc, plan.a, rows.b, rows.d, rows.d, pref, 16, results, &found);
   lt.pref_destroy(pref);
   ok(status, "cublasLtMatmulAlgoGetHeuristic");
   std::vector<Candidate> out;
@@ -204,7 +225,7 @@ std::vector<Candidate> candidates(const Api& lt, cublasLtHandle_t handle, const 
     for (const auto& c : out)
       if (std::memcmp(&c.algo, &algo, sizeof algo) == 0) return;
     cublasLtMatmulHeuristicResult_t checked{};
-    if (lt.check(handle, plan.desc, plan.a, plan.b, plan.d, plan.d, &algo, &checked) != CUBLAS_STATUS_SUCCESS) return;
+    if (lt.check(handle, plan.desc, plan.a, rows.b, rows.d, rows.d, &algo, &checked) != CUBLAS_STATUS_SUCCESS) return;
     if (checked.workspaceSize > kWorkspace) return;
     out.push_back({algo, checked.workspaceSize});
   };
@@ -268,7 +289,8 @@ std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, co
                            const at::Tensor* bias, cudaStream_t stream) {
   const int64_t m = x.size(0), n = w.size(0), k = w.size(1);
   auto plan = std::make_shared<Plan>();
-  describe(lt, *plan, dtype, m, n, k);
+  describe(lt, *plan, dtype, n, k);
+  Rows& rows = rows_of(lt, *plan, m);
   set_bias(lt, *plan, bias ? bias->data_ptr() : nullptr);
   at::Tensor reference = bias ? at::linear(x, w, *bias) : at::linear(x, w);
   at::Tensor flush = at::empty({kFlushBytes}, x.options().dtype(at::kByte));
@@ -278,23 +300,25 @@ std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, co
   at::Tensor y = at::empty_like(reference);
   const double scale = reference.abs().max().item<double>();
   float best = 1e30f;
+  size_t best_workspace = 0;
   std::vector<std::pair<float, Candidate>> timed;
   auto time = [&](const Candidate& c) {
     plan->candidates += 1;
     y.zero_();
-    if (run(lt, handle, *plan, c.algo, c.workspace, x, w, y, stream) != CUBLAS_STATUS_SUCCESS) return;
+    if (run(lt, handle, *plan, rows, c.algo, c.workspace, x, w, y, stream) != CUBLAS_STATUS_SUCCESS) return;
     // A configuration that computes something else is no candidate (libtorch's output within 2% of its
     // largest value: rounding differs by the order of the sums, not by more).
     if ((y.to(at::kFloat) - reference.to(at::kFloat)).abs().max().item<double>() > 0.02 * scale + 1e-6) return;
-    float us = best_us(lt, stream, flush, reps, [&] { run(lt, handle, *plan, c.algo, c.workspace, x, w, y, stream); });
+    float us =
+        best_us(lt, stream, flush, reps, [&] { run(lt, handle, *plan, rows, c.algo, c.workspace, x, w, y, stream); });
     timed.emplace_back(us, c);
     if (us < best) {
       best = us;
       plan->algo = c.algo;
-      plan->workspace = c.workspace;
+      best_workspace = c.workspace;
     }
   };
-  for (const auto& c : candidates(lt, handle, *plan, m)) time(c);
+  for (const auto& c : candidates(lt, handle, *plan, rows, m)) time(c);
   // Then the two fastest with each of their stages.
   std::sort(timed.begin(), timed.end(), [](const auto& l, const auto& r) { return l.first < r.first; });
   std::vector<Candidate> fastest;
@@ -305,7 +329,7 @@ std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, co
       cublasLtMatmulHeuristicResult_t checked{};
       if (lt.config_set(&variant.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof stages) != CUBLAS_STATUS_SUCCESS ||
           std::memcmp(&variant.algo, &c.algo, sizeof c.algo) == 0 ||
-          lt.check(handle, plan->desc, plan->a, plan->b, plan->d, plan->d, &variant.algo, &checked) != CUBLAS_STATUS_SUCCESS ||
+          lt.check(handle, plan->desc, plan->a, rows.b, rows.d, rows.d, &variant.algo, &checked) != CUBLAS_STATUS_SUCCESS ||
           checked.workspaceSize > kWorkspace)
         continue;
       variant.workspace = checked.workspaceSize;
@@ -314,6 +338,8 @@ std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, co
   }
   plan->lt_us = best;
   plan->lt = best < kMargin * plan->torch_us;
+  rows.workspace = best_workspace;
+  rows.usable = plan->lt;
   return plan;
 }
 
@@ -334,10 +360,12 @@ extern "C" {
 // tch's at::Tensor pointers) in bf16 or f16, on the current stream of x's device. Returns 0 where it ran
 // cuBLASLt's tuned configuration; 2 where libtorch's product is the shape's fastest (the caller runs it);
 // 3 where the shape is new and the stream is capturing a CUDA graph (no timing there: the caller runs
-// libtorch's product, and nothing is kept); 1 on failure, with `error` saying why. `tuned` is set where
-// this call timed the shape (the caller keeps the pick).
-int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_ptr, void* y_ptr, int* tuned,
-                       char* error, size_t capacity) {
+// libtorch's product, and nothing is kept); 1 on failure, with `error` saying why. `bucket` is the count
+// of rows the pick is kept under (the caller's bucket of x's rows: the configuration timed at the first
+// count met serves the others, checked against each). `tuned` is set where this call timed the shape
+// (the caller keeps the pick).
+int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_ptr, void* y_ptr, int64_t bucket,
+                       int* tuned, char* error, size_t capacity) {
   *tuned = 0;
   try {
     const Api* lt = api();
@@ -357,7 +385,7 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
       ~Device() { c10::cuda::MaybeExchangeDevice(previous); }
     } on_device(device);
     auto stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream();
-    const Key key{device, dtype, x.size(0), w.size(0), w.size(1), bias != nullptr};
+    const Key key{device, dtype, bucket, w.size(0), w.size(1), bias != nullptr};
     std::lock_guard<std::mutex> guard(lock);
     std::shared_ptr<Plan> plan;
     auto found = plans.find(key);
@@ -385,26 +413,27 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
       plans.emplace(key, plan);
       *tuned = 1;
       if (std::getenv("MMREG_TUNED_GEMM_LOG") != nullptr)
-        std::fprintf(stderr, "mmreg: tuned %lld x %lld by %lld x %lld%s: libtorch %.1f us, cuBLASLt's best %.1f us of %d -> %s\n",
-                     static_cast<long long>(x.size(0)), static_cast<long long>(w.size(1)),
+        std::fprintf(stderr, "mmreg: tuned %lld (of up to %lld) x %lld by %lld x %lld%s: libtorch %.1f us, cuBLASLt's best %.1f us of %d -> %s\n",
+                     static_cast<long long>(x.size(0)), static_cast<long long>(bucket), static_cast<long long>(w.size(1)),
                      static_cast<long long>(w.size(0)), static_cast<long long>(w.size(1)), bias ? " + bias" : "",
                      plan->torch_us, plan->lt_us, plan->candidates, plan->lt ? "cuBLASLt" : "libtorch");
     }
     if (!plan->lt) return 2;
     set_bias(*lt, *plan, bias ? bias->data_ptr() : nullptr);
-    if (!plan->checked) {
-      // A kept configuration this cuBLASLt no longer accepts for the shapes: libtorch's product from now on.
+    const auto handle = handle_for(*lt, device);
+    const bool met = plan->rows.count(x.size(0)) != 0;
+    Rows& rows = rows_of(*lt, *plan, x.size(0));
+    if (!met) {
+      // Another count of rows in the bucket, or a kept pick: the configuration is checked against these
+      // shapes first, and where cuBLASLt does not take it they keep libtorch's product.
       cublasLtMatmulHeuristicResult_t result{};
-      plan->checked = true;
-      if (lt->check(handle_for(*lt, device), plan->desc, plan->a, plan->b, plan->d, plan->d, &plan->algo, &result) !=
-              CUBLAS_STATUS_SUCCESS ||
-          result.workspaceSize > kWorkspace) {
-        plan->lt = false;
-        return 2;
-      }
-      plan->workspace = result.workspaceSize;
+      rows.usable = lt->check(handle, plan->desc, plan->a, rows.b, rows.d, rows.d, &plan->algo, &result) ==
+                        CUBLAS_STATUS_SUCCESS &&
+                    result.workspaceSize <= kWorkspace;
+      rows.workspace = result.workspaceSize;
     }
-    ok(run(*lt, handle_for(*lt, device), *plan, plan->algo, plan->workspace, x, w, y, stream), "cublasLtMatmul");
+    if (!rows.usable) return 2;
+    ok(run(*lt, handle, *plan, rows, plan->algo, rows.workspace, x, w, y, stream), "cublasLtMatmul");
     return 0;
   } catch (const Failure& f) {
     set_error(error, capacity, f.what);
@@ -449,14 +478,13 @@ int mmreg_tuned_linear_adopt(int device, int dtype, int64_t m, int64_t n, int64_
     const Key key{device, dtype, m, n, k, bias != 0};
     if (plans.count(key) != 0) return 0;
     auto plan = std::make_shared<Plan>();
-    describe(*lt, *plan, dtype, m, n, k);
+    describe(*lt, *plan, dtype, n, k);
     plan->lt = lt_pick != 0;
     std::memcpy(&plan->algo, algo, sizeof plan->algo);
     plan->lt_us = times[0];
     plan->torch_us = times[1];
     plan->candidates = static_cast<int>(times[2]);
     plan->stored = true;
-    plan->checked = false;
     plans.emplace(key, plan);
     return 1;
   } catch (const Failure& f) {

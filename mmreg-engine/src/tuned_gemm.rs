@@ -7,11 +7,13 @@
 //! libtorch's product); the engine's captures run their step once before, so decode buckets are tuned
 //! in that run.
 //!
+//! Counts of rows are tuned in buckets ([`rows_bucket`]): exact to a multiple of 8 up to 64 rows (a decode
+//! step's), in quarters of a power of two above (a prefill's), so that a server meets a bounded set.
+//!
 //! [`linear`] answers `None` where the caller should run libtorch's product: CPU tensors, dtypes other
-//! than bf16 and f16, more rows than `MMREG_TUNED_GEMM_ROWS` (64 by default: the decode steps' products
-//! that the few-rows kernels do not take), shapes where libtorch's was fastest, builds without cuBLASLt's
-//! header, or switched off (off unless `MMREG_TUNED_GEMM=1`). `MMREG_TUNED_GEMM_LOG=1` prints each
-//! shape's timings and pick to stderr.
+//! than bf16 and f16, one row or more rows than `MMREG_TUNED_GEMM_ROWS` (8192 by default), shapes where
+//! libtorch's was fastest, builds without cuBLASLt's header, or switched off (on unless
+//! `MMREG_TUNED_GEMM=0`). `MMREG_TUNED_GEMM_LOG=1` prints each shape's timings and pick to stderr.
 //!
 //! Each pick is kept in a file (`MMREG_TUNED_GEMM_CACHE`, by default `~/.cache/mmreg/tuned-gemm.tsv`; empty:
 //! none) with the card and cuBLASLt version it was timed on, and later processes on the same card and
@@ -28,9 +30,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::switch::Switch;
 
-static ENABLED: Switch = Switch::new("MMREG_TUNED_GEMM");
+static ENABLED: Switch = Switch::on_by_default("MMREG_TUNED_GEMM");
 
-/// Whether [`linear`] may run: `MMREG_TUNED_GEMM=1` switches it on.
+/// Whether [`linear`] may run: on unless `MMREG_TUNED_GEMM=0`.
 pub fn enabled() -> bool {
     ENABLED.get()
 }
@@ -45,15 +47,30 @@ pub const fn available() -> bool {
     cfg!(mmreg_tuned_gemm)
 }
 
-/// The most rows of `x` a tuned product takes: `MMREG_TUNED_GEMM_ROWS`, 64 by default.
+/// The most rows of `x` a tuned product takes: `MMREG_TUNED_GEMM_ROWS`, 8192 by default (the engine's
+/// default step budget, `max_num_batched_tokens`; longer products are compute-bound and cuBLAS's
+/// heuristic serves them).
 pub fn max_rows() -> i64 {
     static ROWS: OnceLock<i64> = OnceLock::new();
     *ROWS.get_or_init(|| {
         std::env::var("MMREG_TUNED_GEMM_ROWS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(64)
+            .unwrap_or(8192)
     })
+}
+
+/// The count of rows under which a product's pick is timed and kept: up to 64 rows (decode steps),
+/// rounded up to a multiple of 8 (the engine's batch buckets); above, rounded up to a quarter of their
+/// power of two (65-80 to 80, 577-640 to 640, 4097-5120 to 5120), so that prefills of every length meet
+/// at most four buckets per doubling. The configuration timed at the first count of rows met in a bucket
+/// serves the bucket's other counts, each checked first.
+pub fn rows_bucket(rows: i64) -> i64 {
+    if rows <= 64 {
+        return (rows + 7) / 8 * 8;
+    }
+    let step = 1i64 << (61 - rows.leading_zeros());
+    (rows + step - 1) / step * step
 }
 
 /// What tuning decided for one shape.
@@ -142,9 +159,10 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
     load_kept(device);
     let x2 = x.view([rows, k]);
     let y = Tensor::f_empty([rows, n], (x.kind(), x.device())).ok()?;
-    let (ran, tuned) = call(&x2, weight, bias, &y);
+    let bucket = rows_bucket(rows);
+    let (ran, tuned) = call(&x2, weight, bias, &y, bucket);
     if tuned {
-        keep(device, x.kind(), rows, n, k, bias.is_some());
+        keep(device, x.kind(), bucket, n, k, bias.is_some());
     }
     match ran {
         Ok(true) => {
@@ -162,12 +180,13 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
     }
 }
 
-/// What tuning decided for `rows` × `k` by `[n, k]` (with or without a bias) on CUDA device `device`.
+/// What tuning decided for `rows` × `k` by `[n, k]` (with or without a bias) on CUDA device `device`:
+/// the pick of `rows`'s bucket ([`rows_bucket`]).
 pub fn decision(device: usize, kind: Kind, rows: i64, n: i64, k: i64, bias: bool) -> Decision {
     let Some(dtype) = dtype(kind) else {
         return Decision::Untuned;
     };
-    let plan = plan(device as i32, dtype, rows, n, k, bias);
+    let plan = plan(device as i32, dtype, rows_bucket(rows), n, k, bias);
     let [best_us, torch_us, candidates] = plan.times;
     let (candidates, stored) = (candidates as u32, plan.stored);
     match plan.state {
@@ -266,6 +285,7 @@ extern "C" {
         w: *const std::ffi::c_void,
         bias: *const std::ffi::c_void,
         y: *mut std::ffi::c_void,
+        bucket: i64,
         tuned: *mut i32,
         error: *mut std::ffi::c_char,
         capacity: usize,
@@ -301,7 +321,13 @@ extern "C" {
 /// `Ok(true)`: `y` holds the product; `Ok(false)`: libtorch's product is the caller's to run. The flag:
 /// whether this call timed the shape.
 #[cfg(mmreg_tuned_gemm)]
-fn call(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &Tensor) -> (Result<bool, String>, bool) {
+fn call(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    y: &Tensor,
+    bucket: i64,
+) -> (Result<bool, String>, bool) {
     use std::ffi::c_char;
     let mut error = [0 as c_char; 1024];
     let mut tuned = 0;
@@ -314,6 +340,7 @@ fn call(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, y: &Tensor) -> (Result<bo
             w.as_ptr().cast(),
             bias,
             y.as_ptr().cast_mut().cast(),
+            bucket,
             &mut tuned,
             error.as_mut_ptr(),
             error.len(),
@@ -341,6 +368,7 @@ fn call(
     _w: &Tensor,
     _bias: Option<&Tensor>,
     _y: &Tensor,
+    _bucket: i64,
 ) -> (Result<bool, String>, bool) {
     (Ok(false), false)
 }
@@ -437,3 +465,44 @@ fn forget_plans() {
 
 #[cfg(not(mmreg_tuned_gemm))]
 fn forget_plans() {}
+
+#[cfg(test)]
+mod tests {
+    use super::rows_bucket;
+
+    #[test]
+    fn rows_fall_in_bounded_buckets() {
+        let cases = [
+            (2, 8),
+            (8, 8),
+            (17, 24),
+            (24, 24),
+            (64, 64),
+            (65, 80),
+            (80, 80),
+            (81, 96),
+            (128, 128),
+            (129, 160),
+            (576, 640),
+            (577, 640),
+            (608, 640),
+            (641, 768),
+            (2944, 3072),
+            (4095, 4096),
+            (4832, 5120),
+            (8192, 8192),
+        ];
+        for (rows, bucket) in cases {
+            assert_eq!(rows_bucket(rows), bucket, "{rows} rows");
+        }
+        // Every count of rows lies in its bucket, within a quarter of it, and buckets do not overlap.
+        let mut buckets = std::collections::BTreeSet::new();
+        for rows in 1..=8192 {
+            let b = rows_bucket(rows);
+            assert!(b >= rows && (b - rows) * 4 <= b.max(32), "{rows} -> {b}");
+            assert_eq!(rows_bucket(b), b);
+            buckets.insert(b);
+        }
+        assert!(buckets.len() <= 8 + 4 * 7, "{} buckets", buckets.len());
+    }
+}

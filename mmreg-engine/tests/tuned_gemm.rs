@@ -1,7 +1,7 @@
 //! Products tuned on the card (`mmreg_engine::tuned_gemm`) against libtorch's product and an f32
 //! reference, on a decode step's shapes (32 rows of LLaVA-1.5-7B's q/k/v and down projections), a vision
-//! tower's with a bias, and f16; the kept configuration again, through `kernels::linear`, and inside a
-//! CUDA graph. The CUDA cases are skipped, with a message, where no GPU is available (or the build has no
+//! tower's with a bias, and f16; the kept configuration again, through `kernels::linear`, for another count
+//! of rows in its bucket, inside a CUDA graph, and read back from the file of kept picks. The CUDA cases are skipped, with a message, where no GPU is available (or the build has no
 //! cuBLASLt header).
 
 use std::io::Write;
@@ -194,6 +194,43 @@ fn picks_are_kept_on_disk_and_read_back_by_a_later_process() {
         Decision::Untuned => panic!("not tuned"),
     }
     assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
+}
+
+#[test]
+fn a_buckets_pick_serves_its_other_counts_of_rows() {
+    let Some(device) = cuda() else { return };
+    let _device = lock();
+    tuned_gemm::set_enabled(true);
+    tch::manual_seed(7);
+    // A lone prefill's gate/up products: 608 and 630 rows share the bucket of 577-640 rows.
+    let (n, k) = (22016, 4096);
+    assert_eq!(tuned_gemm::rows_bucket(608), tuned_gemm::rows_bucket(630));
+    let w = Tensor::randn([n, k], (Kind::BFloat16, device)) * 0.02;
+    let first = Tensor::randn([608, k], (Kind::BFloat16, device));
+    let _ = tuned_gemm::linear(&first, &w, None);
+    let timed = tuned_gemm::decision(0, Kind::BFloat16, 608, n, k, false);
+    println!("608 rows: {timed:?}");
+    assert_ne!(timed, Decision::Untuned);
+    let x = Tensor::randn([630, k], (Kind::BFloat16, device));
+    let out = tuned_gemm::linear(&x, &w, None);
+    assert_eq!(
+        tuned_gemm::decision(0, Kind::BFloat16, 630, n, k, false),
+        timed,
+        "the bucket's pick, not timed again"
+    );
+    let reference = x.to_kind(Kind::Float).matmul(&w.to_kind(Kind::Float).tr());
+    let libtorch_error = max_error(&x.linear(&w, None::<&Tensor>), &reference);
+    match (timed, out) {
+        (Decision::CublasLt { .. }, Some(out)) => {
+            let error = max_error(&out, &reference);
+            assert!(
+                error <= 2.0 * libtorch_error + 1e-3 * reference.abs().max().double_value(&[]),
+                "630 rows through 608's configuration: {error} against libtorch's {libtorch_error}"
+            );
+        }
+        (Decision::Libtorch { .. }, None) => {}
+        (timed, out) => panic!("{timed:?} with output {:?}", out.map(|t| t.size())),
+    }
 }
 
 #[test]
