@@ -7,7 +7,7 @@
 #                                      attention off; then the staged
 #                                      gpu-stage/mmreg-before.gz (an earlier build) against this one
 #   scripts/gpu/next_calls.sh next     LLaVA-NeXT-Mistral-7B at batch 1 and 8, and with chunked prefill
-#                                      off
+#                                      off (or each of NEXT_VARIANTS, "ENV=V|ENV=V"), twice, alternating
 #   scripts/gpu/next_calls.sh rest     LLaVA-NeXT as it runs (SKIP_NEXT=1: not); LLaVA-1.5 at batch 1, 8
 #                                      and 32 with each of REST_VARIANTS; then, if time is left,
 #                                      gpu-stage/mmreg-before.gz against this build at batch 1 and 8 (for a
@@ -90,8 +90,8 @@ case "${1:-}" in
     fi
     ;;
   next)
-    bench next-switches 560 MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=2 \
-      VARIANTS="ARGS=--no-enable-chunked-prefill"
+    bench next-switches "$LIMIT" MODELS=LLaVA-NeXT-Mistral-7B BATCHES=1,8 REPEAT=2 \
+      VARIANTS="${NEXT_VARIANTS:-ARGS=--no-enable-chunked-prefill}"
     table next-switches
     ;;
   rest)
@@ -207,7 +207,7 @@ PY
     grep -E "^test result|FAILED|panicked|SKIPPED|by .* x .*: " "$OUT/gpu-tests.log" | head -20
     MMREG_TUNED_GEMM_LOG=1 bench llava15-tuned $(((LIMIT - (SECONDS - start)) * 4 / 5)) MODELS=LLaVA-1.5-7B \
       BATCHES=${TUNED_BATCHES:-1,8,32} REPEAT=${TUNED_REPEAT:-2} \
-      VARIANTS="${TUNED_VARIANTS:-MMREG_TUNED_GEMM=1,MMREG_TUNED_GEMM_ROWS=1000000}"
+      VARIANTS="${TUNED_VARIANTS:-MMREG_TUNED_GEMM=0}"
     table llava15-tuned
     python3 - "$OUT/llava15-tuned.json" <<'PY'
 import json, sys
@@ -221,8 +221,8 @@ for model, rec in json.load(open(sys.argv[1]))["models"].items():
 PY
     grep -h "mmreg: tuned" "$OUT/llava15-tuned.log" | sort | uniq | head -60
     left=$((LIMIT - 5 - (SECONDS - start)))
-    [ "$left" -gt 60 ] && MMREG_TUNED_GEMM=1 MMREG_TEST_MODES=cuda timeout 60 gpu-stage/run.sh cuda_graphs \
-      >> "$OUT/gpu-tests.log" 2>&1; echo "cuda_graphs with MMREG_TUNED_GEMM=1: exit $?"
+    [ "$left" -gt 60 ] && MMREG_TEST_MODES=cuda timeout 60 gpu-stage/run.sh cuda_graphs \
+      >> "$OUT/gpu-tests.log" 2>&1; echo "cuda_graphs: exit $?"
     left=$((LIMIT - 5 - (SECONDS - start)))
     [ "$left" -gt 30 ] && SETS=prefill,vision JSON="$OUT/lt-sweep.json" timeout "$left" \
       python3 scripts/gpu/lt_sweep.py > "$OUT/lt-sweep.log" 2>&1
