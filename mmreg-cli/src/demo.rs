@@ -38,17 +38,9 @@ const FILES: &[(&str, &[u8])] = &[
     ),
 ];
 
-/// The per-user cache mmreg uses for libtorch too: `$MMREG_CACHE`, else `$XDG_CACHE_HOME/mmreg`, else
-/// `~/.cache/mmreg`.
+/// The per-user cache mmreg uses for libtorch too ([`mmreg_engine::cache_dir`]).
 fn cache_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("MMREG_CACHE") {
-        return Ok(dir.into());
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return Ok(PathBuf::from(dir).join("mmreg"));
-    }
-    let home = std::env::var_os("HOME").context("no $HOME, $XDG_CACHE_HOME or $MMREG_CACHE")?;
-    Ok(PathBuf::from(home).join(".cache/mmreg"))
+    mmreg_engine::cache_dir().context("no $HOME, $XDG_CACHE_HOME or $MMREG_CACHE")
 }
 
 /// The embedded checkpoint as a directory: written on first use (each file replaced if it differs from

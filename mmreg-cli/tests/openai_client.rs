@@ -14,13 +14,7 @@ use server::{hf_tokens, repo, Server, IMAGE_A, MODEL};
 const OPENAI: &str = "openai==3.57.0";
 
 fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("MMREG_CACHE") {
-        return dir.into();
-    }
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("mmreg");
-    }
-    PathBuf::from(std::env::var_os("HOME").expect("$HOME")).join(".cache/mmreg")
+    mmreg_engine::cache_dir().expect("$HOME")
 }
 
 fn run(command: &mut Command) -> bool {

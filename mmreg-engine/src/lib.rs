@@ -40,3 +40,15 @@ pub use engine::{
 pub use generation_config::GenerationConfig;
 pub use limits::{ModalityLimit, MultiModalLimits, DEFAULT_ITEMS_PER_PROMPT};
 pub use sampling::SamplingParams;
+
+/// The per-user cache mmreg keeps files in (libtorch's venv, the demo model, tuned products' picks):
+/// `$MMREG_CACHE`, else `$XDG_CACHE_HOME/mmreg`, else `~/.cache/mmreg`; `None` without any of them.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    let set = |var| std::env::var_os(var).filter(|v| !v.is_empty());
+    set("MMREG_CACHE").map(PathBuf::from).or_else(|| {
+        set("XDG_CACHE_HOME")
+            .map(|dir| PathBuf::from(dir).join("mmreg"))
+            .or_else(|| set("HOME").map(|home| PathBuf::from(home).join(".cache/mmreg")))
+    })
+}

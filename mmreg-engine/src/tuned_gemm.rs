@@ -15,9 +15,9 @@
 //! libtorch's was fastest, builds without cuBLASLt's header, or switched off (on unless
 //! `MMREG_TUNED_GEMM=0`). `MMREG_TUNED_GEMM_LOG=1` prints each shape's timings and pick to stderr.
 //!
-//! Each pick is kept in a file (`MMREG_TUNED_GEMM_CACHE`, by default `~/.cache/mmreg/tuned-gemm.tsv`; empty:
-//! none) with the card and cuBLASLt version it was timed on, and later processes on the same card and
-//! version take it from there instead of timing the shape again.
+//! Each pick is kept in a file (`MMREG_TUNED_GEMM_CACHE`, by default `tuned-gemm.tsv` in
+//! [`crate::cache_dir`]; empty: none) with the card and cuBLASLt version it was timed on, and later
+//! processes on the same card and version take it from there instead of timing the shape again.
 
 mod store;
 

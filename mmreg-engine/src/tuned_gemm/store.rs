@@ -114,17 +114,13 @@ pub(crate) fn append(path: &Path, stored: &Stored) -> std::io::Result<()> {
     file.write_all(format!("{}\n", stored.line()).as_bytes())
 }
 
-/// `MMREG_TUNED_GEMM_CACHE`, or `$XDG_CACHE_HOME/mmreg/tuned-gemm.tsv` (`~/.cache/...`); `None` where the
-/// variable is empty or no home is known.
+/// `MMREG_TUNED_GEMM_CACHE`, or `tuned-gemm.tsv` in mmreg's per-user cache ([`crate::cache_dir`]); `None`
+/// where the variable is empty or no cache folder is known.
 pub(crate) fn default_path() -> Option<PathBuf> {
     match std::env::var_os("MMREG_TUNED_GEMM_CACHE") {
         Some(v) if v.is_empty() => None,
         Some(v) => Some(PathBuf::from(v)),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .map(|dir| dir.join("mmreg").join("tuned-gemm.tsv")),
+        None => crate::cache_dir().map(|dir| dir.join("tuned-gemm.tsv")),
     }
 }
 
