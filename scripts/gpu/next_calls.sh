@@ -21,11 +21,11 @@
 #   scripts/gpu/next_calls.sh cudnn    GPU tests (cuDNN's attention's first); cuDNN's attention called
 #                                      directly (MMREG_CUDNN_ATTENTION=1) against libtorch's: LLaVA-1.5 at
 #                                      batch 1 and 8 twice, LLaVA-NeXT at batch 8 once
-#   scripts/gpu/next_calls.sh tuned    products tuned on the card (MMREG_TUNED_GEMM=1): its GPU test;
-#                                      LLaVA-1.5 at TUNED_BATCHES (1,8,32) with every product tuned
-#                                      (MMREG_TUNED_GEMM_ROWS=1000000; or each of TUNED_VARIANTS) against
-#                                      the default, twice; the engine's CUDA-graph test with it on, then
-#                                      lt_sweep.py's prefill and vision shapes in what is left
+#   scripts/gpu/next_calls.sh tuned    products tuned on the card (the default): its GPU test; LLaVA-1.5
+#                                      at TUNED_BATCHES (1,8,32) as it runs against libtorch's products
+#                                      (MMREG_TUNED_GEMM=0; or each of TUNED_VARIANTS), twice; the
+#                                      engine's CUDA-graph test, then lt_sweep.py's prefill and vision
+#                                      shapes in what is left
 #   scripts/gpu/next_calls.sh chunks   LLaVA-NeXT's batch 8 chunked against whole prompts, alternating,
 #                                      with nvidia-smi's clocks sampled beside it
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
