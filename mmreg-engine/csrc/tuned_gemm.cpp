@@ -8,7 +8,9 @@
 // (tile, split-K and its reduction, for a few rows), each checked against libtorch's output and timed with
 // the L2 cache flushed before each call (a decoder's layers read their weights from memory), against
 // libtorch's own product timed the same way. The fastest is kept for the shape; libtorch's wins unless a
-// candidate beats it by 2%, and then the caller runs libtorch's product, the reference.
+// candidate beats it by 2%, and then the caller runs libtorch's product, the reference. At a decode
+// step's rows there are hundreds of candidates: each is screened by two unchecked timings first, and the
+// fastest eight are checked and timed in full.
 //
 // cuBLASLt and the CUDA runtime are reached through dlsym in the libraries libtorch_cuda has loaded, as the
 // CUDA shim does, so nothing here links against a versioned cuBLAS.
@@ -38,6 +40,7 @@ namespace {
 constexpr size_t kWorkspace = 16u << 20;
 constexpr int64_t kFlushBytes = 128ll << 20;  // over twice an H200's 50 MB of L2
 constexpr float kMargin = 0.98f;              // a candidate must beat libtorch's product by 2%
+constexpr size_t kScreened = 8;               // candidates checked and timed in full after screening
 
 template <typename F>
 F symbol(const char* name) {
@@ -303,8 +306,8 @@ std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, co
   float best = 1e30f;
   size_t best_workspace = 0;
   std::vector<std::pair<float, Candidate>> timed;
+  // A candidate checked against libtorch's output and timed `reps` times.
   auto time = [&](const Candidate& c) {
-    plan->candidates += 1;
     y.zero_();
     if (run(lt, handle, *plan, rows, c.algo, c.workspace, x, w, y, stream) != CUBLAS_STATUS_SUCCESS) return;
     // A configuration that computes something else is no candidate (libtorch's output within 2% of its
@@ -319,12 +322,33 @@ std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, co
       best_workspace = c.workspace;
     }
   };
-  for (const auto& c : candidates(lt, handle, *plan, rows, m)) time(c);
+  auto by_time = [](const auto& l, const auto& r) { return l.first < r.first; };
+  // Each of `list` timed in full; a long list (hundreds of configurations at a decode step's rows) is
+  // screened first: each timed twice, unchecked (the first call of a configuration may load its kernel),
+  // and only the fastest kScreened go on.
+  auto measure = [&](const std::vector<Candidate>& list) {
+    plan->candidates += static_cast<int>(list.size());
+    if (list.size() <= 2 * kScreened) {
+      for (const auto& c : list) time(c);
+      return;
+    }
+    std::vector<std::pair<float, Candidate>> screened;
+    for (const auto& c : list) {
+      bool ran = true;
+      float us = best_us(lt, stream, flush, 2, [&] {
+        ran = ran && run(lt, handle, *plan, rows, c.algo, c.workspace, x, w, y, stream) == CUBLAS_STATUS_SUCCESS;
+      });
+      if (ran) screened.emplace_back(us, c);
+    }
+    std::sort(screened.begin(), screened.end(), by_time);
+    for (size_t i = 0; i < std::min(screened.size(), kScreened); ++i) time(screened[i].second);
+  };
+  measure(candidates(lt, handle, *plan, rows, m));
   // Then the two fastest with each of their stages.
-  std::sort(timed.begin(), timed.end(), [](const auto& l, const auto& r) { return l.first < r.first; });
-  std::vector<Candidate> fastest;
-  for (size_t i = 0; i < std::min<size_t>(2, timed.size()); ++i) fastest.push_back(timed[i].second);
-  for (const auto& c : fastest) {
+  std::sort(timed.begin(), timed.end(), by_time);
+  std::vector<Candidate> staged;
+  for (size_t i = 0; i < std::min<size_t>(2, timed.size()); ++i) {
+    const Candidate c = timed[i].second;
     for (uint32_t stages : cap_list(lt, c.algo, CUBLASLT_ALGO_CAP_STAGES_IDS)) {
       Candidate variant = c;
       cublasLtMatmulHeuristicResult_t checked{};
@@ -334,9 +358,10 @@ std::shared_ptr<Plan> tune(const Api& lt, cublasLtHandle_t handle, int dtype, co
           checked.workspaceSize > kWorkspace)
         continue;
       variant.workspace = checked.workspaceSize;
-      time(variant);
+      staged.push_back(variant);
     }
   }
+  measure(staged);
   plan->lt_us = best;
   plan->lt = best < kMargin * plan->torch_us;
   rows.workspace = best_workspace;
