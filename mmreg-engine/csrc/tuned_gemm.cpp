@@ -382,17 +382,18 @@ cublasLtHandle_t handle_for(const Api& lt, int device) {
 
 extern "C" {
 
-// y = x · wᵀ (+ bias) for contiguous CUDA tensors x [m, k], w [n, k], bias [n] (or null), y [m, n] (all
-// tch's at::Tensor pointers) in bf16 or f16, on the current stream of x's device. Returns 0 where it ran
-// cuBLASLt's tuned configuration; 2 where libtorch's product is the shape's fastest (the caller runs it);
+// y = x · wᵀ (+ bias) for contiguous CUDA tensors x [m, k], w [n, k], bias [n] (or null) (all tch's
+// at::Tensor pointers) in bf16 or f16, on the current stream of x's device. Returns 0 where it ran
+// cuBLASLt's tuned configuration, with `*y_out` a new at::Tensor [m, n] the caller owns; 2 where libtorch's product is the shape's fastest (the caller runs it);
 // 3 where the shape is new and the stream is capturing a CUDA graph (no timing there: the caller runs
 // libtorch's product, and nothing is kept); 1 on failure, with `error` saying why. `bucket` is the count
 // of rows the pick is kept under (the caller's bucket of x's rows: the configuration timed at the first
 // count met serves the others, checked against each). `tuned` is set where this call timed the shape
 // (the caller keeps the pick).
-int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_ptr, void* y_ptr, int64_t bucket,
+int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_ptr, int64_t bucket, void** y_out,
                        int* tuned, char* error, size_t capacity) {
   *tuned = 0;
+  *y_out = nullptr;
   try {
     const Api* lt = api();
     if (lt == nullptr) {
@@ -402,7 +403,6 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
     const auto& x = *static_cast<const at::Tensor*>(x_ptr);
     const auto& w = *static_cast<const at::Tensor*>(w_ptr);
     const auto* bias = static_cast<const at::Tensor*>(bias_ptr);
-    auto& y = *static_cast<at::Tensor*>(y_ptr);
     const int device = x.device().index();
     const int dtype = x.scalar_type() == at::kBFloat16 ? 0 : 1;
     struct Device {
@@ -461,7 +461,9 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
       rows.workspace = result.workspaceSize;
     }
     if (!rows.usable) return 2;
-    ok(run(*lt, handle, *plan, rows, plan->algo, rows.workspace, x, w, y, stream), "cublasLtMatmul");
+    auto y = std::make_unique<at::Tensor>(at::empty({x.size(0), w.size(0)}, x.options()));
+    ok(run(*lt, handle, *plan, rows, plan->algo, rows.workspace, x, w, *y, stream), "cublasLtMatmul");
+    *y_out = y.release();
     return 0;
   } catch (const Failure& f) {
     set_error(error, capacity, f.what);

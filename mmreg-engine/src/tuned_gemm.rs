@@ -159,18 +159,17 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
     let device = device as i32;
     load_kept(device);
     let x2 = x.view([rows, k]);
-    let y = Tensor::f_empty([rows, n], (x.kind(), x.device())).ok()?;
     let bucket = rows_bucket(rows);
-    let (ran, tuned) = call(&x2, weight, bias, &y, bucket);
+    let (ran, tuned) = call(&x2, weight, bias, bucket);
     if tuned {
         keep(device, x.kind(), bucket, n, k, bias.is_some());
     }
     match ran {
-        Ok(true) => {
+        Ok(Some(y)) => {
             *size.last_mut()? = n;
             Some(y.view(size.as_slice()))
         }
-        Ok(false) => None,
+        Ok(None) => None,
         Err(why) => {
             static WARNED: AtomicBool = AtomicBool::new(false);
             if !WARNED.swap(true, Ordering::Relaxed) {
@@ -285,8 +284,8 @@ extern "C" {
         x: *const std::ffi::c_void,
         w: *const std::ffi::c_void,
         bias: *const std::ffi::c_void,
-        y: *mut std::ffi::c_void,
         bucket: i64,
+        y: *mut *mut std::ffi::c_void,
         tuned: *mut i32,
         error: *mut std::ffi::c_char,
         capacity: usize,
@@ -322,16 +321,18 @@ extern "C" {
 /// `Ok(true)`: `y` holds the product; `Ok(false)`: libtorch's product is the caller's to run. The flag:
 /// whether this call timed the shape.
 #[cfg(mmreg_tuned_gemm)]
+/// The tuned product's output (`Ok(None)`: the caller runs libtorch's), and whether this call timed the
+/// shape.
 fn call(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
-    y: &Tensor,
     bucket: i64,
-) -> (Result<bool, String>, bool) {
+) -> (Result<Option<Tensor>, String>, bool) {
     use std::ffi::c_char;
     let mut error = [0 as c_char; 1024];
     let mut tuned = 0;
+    let mut y = std::ptr::null_mut();
     let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr().cast());
     // SAFETY: the pointers are tch's tensors (`at::Tensor*`), alive for the call, with the shapes the
     // shim expects (checked by `linear`); `error` is a buffer of the capacity given.
@@ -340,16 +341,18 @@ fn call(
             x.as_ptr().cast(),
             w.as_ptr().cast(),
             bias,
-            y.as_ptr().cast_mut().cast(),
             bucket,
+            &mut y,
             &mut tuned,
             error.as_mut_ptr(),
             error.len(),
         )
     };
     let ran = match status {
-        0 => Ok(true),
-        2 | 3 => Ok(false),
+        // SAFETY: on 0 the shim hands over a new `at::Tensor*`, owned from here as tch's tensors are.
+        0 if !y.is_null() => Ok(Some(unsafe { Tensor::from_ptr(y.cast()) })),
+        0 => Err("the tuned product returned no tensor".into()),
+        2 | 3 => Ok(None),
         _ => Err(message(&error)),
     };
     (ran, tuned != 0)
@@ -368,10 +371,9 @@ fn call(
     _x: &Tensor,
     _w: &Tensor,
     _bias: Option<&Tensor>,
-    _y: &Tensor,
     _bucket: i64,
-) -> (Result<bool, String>, bool) {
-    (Ok(false), false)
+) -> (Result<Option<Tensor>, String>, bool) {
+    (Ok(None), false)
 }
 
 #[cfg(mmreg_tuned_gemm)]
