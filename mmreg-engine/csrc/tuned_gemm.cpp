@@ -384,9 +384,10 @@ extern "C" {
 
 // y = x · wᵀ (+ bias) for contiguous CUDA tensors x [m, k], w [n, k], bias [n] (or null) (all tch's
 // at::Tensor pointers) in bf16 or f16, on the current stream of x's device. Returns 0 where it ran
-// cuBLASLt's tuned configuration, with `*y_out` a new at::Tensor [m, n] the caller owns; 2 where libtorch's product is the shape's fastest (the caller runs it);
-// 3 where the shape is new and the stream is capturing a CUDA graph (no timing there: the caller runs
-// libtorch's product, and nothing is kept); 1 on failure, with `error` saying why. `bucket` is the count
+// cuBLASLt's tuned configuration, with `*y_out` a new at::Tensor [m, n] the caller owns (allocated only
+// then); 2 where libtorch's product is the shape's fastest (the caller runs it); 3 where the shape is new
+// and the stream is capturing a CUDA graph (no timing there: the caller runs libtorch's product, and
+// nothing is kept); 1 on failure, with `error` saying why. `bucket` is the count
 // of rows the pick is kept under (the caller's bucket of x's rows: the configuration timed at the first
 // count met serves the others, checked against each). `tuned` is set where this call timed the shape
 // (the caller keeps the pick).

@@ -4,9 +4,9 @@
 //! (tiles, split-K, stages), each checked against libtorch's output, against libtorch's own product, with
 //! the L2 cache flushed before each call; libtorch's product stays the shape's unless a candidate beats
 //! it by 2%. Where there are more than 16 candidates (a decode step's rows: hundreds), each is first
-//! timed twice unchecked and only the fastest 8 are checked and timed in full. A shape first met while a CUDA graph is being captured is not timed (the graph keeps
-//! libtorch's product); the engine's captures run their step once before, so decode buckets are tuned
-//! in that run.
+//! timed twice unchecked and only the fastest 8 are checked and timed in full. A shape first met while
+//! a CUDA graph is being captured is not timed (the graph keeps libtorch's product); the engine's
+//! captures run their step once before, so decode buckets are tuned in that run.
 //!
 //! Counts of rows are tuned in buckets ([`rows_bucket`]): exact to a multiple of 8 up to 64 rows (a decode
 //! step's), in quarters of a power of two above (a prefill's), so that a server meets a bounded set.
@@ -318,11 +318,9 @@ extern "C" {
     fn mmreg_tuned_gemm_forget();
 }
 
-/// `Ok(true)`: `y` holds the product; `Ok(false)`: libtorch's product is the caller's to run. The flag:
-/// whether this call timed the shape.
+/// The tuned product's output (`Ok(None)`: libtorch's product is the caller's to run), and whether this
+/// call timed the shape.
 #[cfg(mmreg_tuned_gemm)]
-/// The tuned product's output (`Ok(None)`: the caller runs libtorch's), and whether this call timed the
-/// shape.
 fn call(
     x: &Tensor,
     w: &Tensor,
