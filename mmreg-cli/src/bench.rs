@@ -118,7 +118,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let cudnn = mmreg_engine::cudnn::available() && mmreg_engine::cudnn::enabled();
     results.insert("cudnn_attention".into(), cudnn.into());
     // Whether products libtorch would run go through their shape's tuned cuBLASLt configuration, and up
-    // to how many rows (MMREG_TUNED_GEMM=1, MMREG_TUNED_GEMM_ROWS).
+    // to how many rows (on by default; MMREG_TUNED_GEMM=0 off, MMREG_TUNED_GEMM_ROWS).
     let tuned = mmreg_engine::tuned_gemm::available() && mmreg_engine::tuned_gemm::enabled();
     results.insert("tuned_gemm".into(), tuned.into());
     results.insert(
@@ -319,6 +319,11 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             }
         }
     }
+    // The shapes this process timed (at start-up and in the runs) and the seconds that took: 0 where the
+    // picks file had them all.
+    let tuning = mmreg_engine::tuned_gemm::tuning();
+    results.insert("tuned_gemm_shapes_timed".into(), tuning.shapes.into());
+    results.insert("tuned_gemm_tuning_s".into(), tuning.seconds.into());
     if let tch::Device::Cuda(i) = device {
         if let Some(stats) = cuda::memory_stats(i) {
             results.insert(

@@ -24,8 +24,9 @@ mod store;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
@@ -96,6 +97,25 @@ pub enum Decision {
     },
 }
 
+/// The shapes this process timed and how long that took: the stall the picks file saves later processes.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Tuning {
+    pub shapes: u64,
+    pub seconds: f64,
+}
+
+static TUNED_SHAPES: AtomicU64 = AtomicU64::new(0);
+static TUNING_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// The shapes timed in this process so far (not those whose picks were read from the file), and the
+/// wall time of the calls that timed them.
+pub fn tuning() -> Tuning {
+    Tuning {
+        shapes: TUNED_SHAPES.load(Ordering::Relaxed),
+        seconds: TUNING_NANOS.load(Ordering::Relaxed) as f64 * 1e-9,
+    }
+}
+
 /// Where picks are kept and read: set by [`set_cache_path`], else `MMREG_TUNED_GEMM_CACHE` or the user's
 /// cache folder. `None`: nowhere.
 static CACHE_PATH: Mutex<Option<Option<PathBuf>>> = Mutex::new(None);
@@ -160,8 +180,12 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
     load_kept(device);
     let x2 = x.view([rows, k]);
     let bucket = rows_bucket(rows);
+    let began = Instant::now();
     let (ran, tuned) = call(&x2, weight, bias, bucket);
     if tuned {
+        TUNED_SHAPES.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        TUNING_NANOS.fetch_add(nanos, Ordering::Relaxed);
         keep(device, x.kind(), bucket, n, k, bias.is_some());
     }
     match ran {

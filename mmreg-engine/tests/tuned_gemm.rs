@@ -134,9 +134,16 @@ fn picks_are_kept_on_disk_and_read_back_by_a_later_process() {
     let (rows, n, k) = (24, 11008, 4096);
     let x = Tensor::randn([rows, k], (Kind::BFloat16, device));
     let w = Tensor::randn([n, k], (Kind::BFloat16, device)) * 0.02;
+    let before = tuned_gemm::tuning();
     let first = tuned_gemm::linear(&x, &w, None);
     let timed = tuned_gemm::decision(0, Kind::BFloat16, rows, n, k, false);
-    println!("timed here: {timed:?}");
+    let after = tuned_gemm::tuning();
+    println!(
+        "timed here: {timed:?} ({:.3} s)",
+        after.seconds - before.seconds
+    );
+    assert_eq!(after.shapes, before.shapes + 1, "one shape timed");
+    assert!(after.seconds > before.seconds, "{before:?} {after:?}");
     let text = std::fs::read_to_string(&path).expect("the pick was kept");
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 1, "{text}");
@@ -151,6 +158,7 @@ fn picks_are_kept_on_disk_and_read_back_by_a_later_process() {
     let second = tuned_gemm::linear(&x, &w, None);
     let read = tuned_gemm::decision(0, Kind::BFloat16, rows, n, k, false);
     println!("read back: {read:?}");
+    assert_eq!(tuned_gemm::tuning(), after, "a kept pick is not timed");
     match (timed, read) {
         (
             Decision::CublasLt {
@@ -268,8 +276,12 @@ fn tuned_products_decline_what_they_do_not_run() {
     let w = Tensor::randn([16, 64], (Kind::Float, Device::Cpu));
     tuned_gemm::set_enabled(true);
     assert!(tuned_gemm::linear(&cpu, &w, None).is_none(), "CPU tensors");
-    let Some(device) = cuda() else { return };
+    let Some(device) = cuda() else {
+        assert_eq!(tuned_gemm::tuning(), Default::default(), "nothing timed");
+        return;
+    };
     let _device = lock();
+    let before = tuned_gemm::tuning();
     let w = Tensor::randn([256, 512], (Kind::BFloat16, device));
     let one = Tensor::randn([1, 512], (Kind::BFloat16, device));
     assert!(
@@ -291,4 +303,5 @@ fn tuned_products_decline_what_they_do_not_run() {
         tuned_gemm::linear(&strided, &w, None).is_none(),
         "x not contiguous"
     );
+    assert_eq!(tuned_gemm::tuning(), before, "nothing declined is timed");
 }

@@ -31,10 +31,11 @@
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
 #                                      lab_rows32_s prototypes, k in 1-4 splits (ROWS32_W=1:
 #                                      lab_rows32_w's too; about a minute)
-#   scripts/gpu/next_calls.sh anchor   mmreg as it runs (plus WINNERS, "ENV=V,ENV=V", exported; and each
-#                                      of ANCHOR_VARIANTS, "ENV=V|ENV=V", ANCHOR_REPEAT times, once by
+#   scripts/gpu/next_calls.sh anchor   the tuned products' GPU test (where staged); mmreg as it runs
+#                                      (plus WINNERS, "ENV=V,ENV=V", exported; and each of
+#                                      ANCHOR_VARIANTS, "ENV=V|ENV=V", ANCHOR_REPEAT times, once by
 #                                      default) and the compiled-PyTorch anchor at batch 1, 8 and 32; the
-#                                      GPU tests (tuned_gemm's too where staged) in what is left
+#                                      other GPU tests in what is left
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -264,7 +265,15 @@ PY
     # ANCHOR_VARIANTS: switches timed against the default in the same pass ("ENV=V|ENV=V"), once each.
     variants=()
     [ -n "${ANCHOR_VARIANTS:-}" ] && variants=("VARIANTS=$ANCHOR_VARIANTS" "REPEAT=${ANCHOR_REPEAT:-1}")
-    bench anchor "$LIMIT" "${winners[@]}" "${variants[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 \
+    # The tuned products' test first (about a minute): it checks the path every product of 17+ rows
+    # takes by default, and uses a picks file of its own (the bench's first process still times all).
+    if [ -x gpu-stage/tests/tuned_gemm ]; then
+      MMREG_TEST_MODES=cuda MMREG_TUNED_GEMM_LOG=1 timeout 90 gpu-stage/run.sh tuned_gemm --nocapture \
+        > "$OUT/tuned-test.log" 2>&1
+      echo "tuned products' test: exit $? at $((SECONDS - start)) s"
+      grep -E "^test result|FAILED|panicked" "$OUT/tuned-test.log" | head -5
+    fi
+    bench anchor "$((LIMIT - (SECONDS - start)))" "${winners[@]}" "${variants[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 \
       ANCHOR_TIMEOUT=400
     table anchor
     # The GPU tests in what is left of the call.
@@ -274,9 +283,6 @@ PY
       left=$((LIMIT - (SECONDS - start)))
       [ "$left" -gt 20 ] && MMREG_TEST_MODES=cuda timeout "$left" gpu-stage/run.sh fused_kernels --skip nvrtc \
         >> "$OUT/gpu-tests.log" 2>&1
-      left=$((LIMIT - (SECONDS - start)))
-      [ "$left" -gt 20 ] && [ -x gpu-stage/tests/tuned_gemm ] && MMREG_TEST_MODES=cuda timeout "$left" \
-        gpu-stage/run.sh tuned_gemm --nocapture >> "$OUT/gpu-tests.log" 2>&1
       echo "GPU tests: exit $? at $((SECONDS - start)) s"
       grep -E "^test result|FAILED|panicked" "$OUT/gpu-tests.log" | head
     fi
