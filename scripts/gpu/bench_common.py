@@ -255,7 +255,7 @@ def floor(model):
 KEYS = ["prompt_tokens", "prefill_bs1_ms", "prefill_bs1_median_ms", "prefill_embed_bs1_ms", "prefill_bs8_ms",
         "prefill_bs8_median_ms", "prefill_embed_bs8_ms", "prefill_bs32_ms", "prefill_bs32_median_ms", "ttft_bs1_ms", "ttft_last_bs1_ms", "ttft_bs8_ms", "ttft_last_bs8_ms", "ttft_bs32_ms",
         "ttft_last_bs32_ms", "decode_tok_per_s_bs1", "decode_tok_per_s_bs8", "decode_tok_per_s_bs32",
-        "peak_mem_gib"]
+        "peak_mem_gib", "load_s", "tuned_gemm_shapes_timed", "tuned_gemm_tuning_s"]
 
 
 def print_table(title, peers):
