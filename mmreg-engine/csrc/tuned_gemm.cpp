@@ -23,7 +23,6 @@
 #include <dlfcn.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
@@ -425,7 +424,6 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
       // A shape whose tuning failed (say, no memory for the flush buffer) keeps libtorch's product,
       // without trying again.
       std::string failed;
-      const auto began = std::chrono::steady_clock::now();
       try {
         plan = tune(*lt, handle_for(*lt, device), dtype, x, w, bias, stream);
       } catch (const Failure& f) {
@@ -440,12 +438,6 @@ int mmreg_tuned_linear(const void* x_ptr, const void* w_ptr, const void* bias_pt
       }
       plans.emplace(key, plan);
       *tuned = 1;
-      if (std::getenv("MMREG_TUNED_GEMM_LOG") != nullptr)
-        std::fprintf(stderr, "mmreg: tuned %lld (of up to %lld) x %lld by %lld x %lld%s: libtorch %.1f us, cuBLASLt's best %.1f us of %d -> %s (%.0f ms)\n",
-                     static_cast<long long>(x.size(0)), static_cast<long long>(bucket), static_cast<long long>(w.size(1)),
-                     static_cast<long long>(w.size(0)), static_cast<long long>(w.size(1)), bias ? " + bias" : "",
-                     plan->torch_us, plan->lt_us, plan->candidates, plan->lt ? "cuBLASLt" : "libtorch",
-                     std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - began).count());
     }
     if (!plan->lt) return 2;
     set_bias(*lt, *plan, bias ? bias->data_ptr() : nullptr);

@@ -183,9 +183,21 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
     let began = Instant::now();
     let (ran, tuned) = call(&x2, weight, bias, bucket);
     if tuned {
+        let took = began.elapsed();
         TUNED_SHAPES.fetch_add(1, Ordering::Relaxed);
-        let nanos = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        TUNING_NANOS.fetch_add(nanos, Ordering::Relaxed);
+        TUNING_NANOS.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        if std::env::var_os("MMREG_TUNED_GEMM_LOG").is_some() {
+            let decision = decision(device as usize, x.kind(), rows, n, k, bias.is_some());
+            let bias = if bias.is_some() { " + bias" } else { "" };
+            log_tuned(
+                &format!("{rows} (of up to {bucket}) x {k} by {n} x {k}{bias}"),
+                decision,
+                took,
+            );
+        }
         keep(device, x.kind(), bucket, n, k, bias.is_some());
     }
     match ran {
@@ -202,6 +214,29 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tens
             None
         }
     }
+}
+
+/// `MMREG_TUNED_GEMM_LOG`'s line for a shape just timed.
+fn log_tuned(shape: &str, decision: Decision, took: std::time::Duration) {
+    let (pick, torch_us, best_us, candidates) = match decision {
+        Decision::Libtorch {
+            torch_us,
+            best_us,
+            candidates,
+            ..
+        } => ("libtorch", torch_us, best_us, candidates),
+        Decision::CublasLt {
+            torch_us,
+            best_us,
+            candidates,
+            ..
+        } => ("cuBLASLt", torch_us, best_us, candidates),
+        Decision::Untuned => return,
+    };
+    eprintln!(
+        "mmreg: tuned {shape}: libtorch {torch_us:.1} us, cuBLASLt's best {best_us:.1} us of {candidates} -> {pick} ({:.0} ms)",
+        took.as_secs_f64() * 1e3
+    );
 }
 
 /// What tuning decided for `rows` × `k` by `[n, k]` (with or without a bias) on CUDA device `device`:
