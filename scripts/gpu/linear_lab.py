@@ -104,10 +104,12 @@ class Module:
         assert status == 0, status
 
     def launch(self, f, grid, threads, args, smem=0):
+        """`grid`: blocks along x, or (x, y)."""
+        gx, gy = grid if isinstance(grid, tuple) else (grid, 1)
         holders = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
         params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.pointer(h), ctypes.c_void_p) for h in holders])
         stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
-        status = self.cuda.cuLaunchKernel(f, grid, 1, 1, threads, 1, 1, smem, stream, params, None)
+        status = self.cuda.cuLaunchKernel(f, gx, gy, 1, threads, 1, 1, smem, stream, params, None)
         assert status == 0, status
 
 
