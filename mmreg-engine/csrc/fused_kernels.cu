@@ -404,28 +404,29 @@ __device__ void silu_mul_all(typename D::T* out, const typename D::T* gate_up, l
   }
 }
 
-// silu_mul_all in 16-byte vectors: a thread per vector of gate (and the matching one of up), so that a
-// prefill's many rows take a few wide loads per thread rather than one narrow load per element. The caller
-// checks that cols is a multiple of the vector's elements and that both tensors are 16-byte aligned.
+// silu_mul_all in 16-byte vectors: a thread per vector of the output (and the matching ones of gate and
+// up), over one flat index of every row's vectors, so that no block idles past a row's end (LLaVA's 1376
+// vectors a row filled six blocks of 256 threads, the last with 96) and a prefill's many rows take a few
+// wide loads per thread rather than one narrow load per element: 5-6% faster alone than a grid of rows
+// (docs/benchmarks.md, run 107). The caller checks that cols is a multiple of the vector's elements, that
+// both tensors are 16-byte aligned and that rows * cols / N fits 31 bits.
 template <typename D>
 __device__ void silu_mul_vectors(typename D::T* out, const typename D::T* gate_up, long long rows,
                                  long long cols) {
   constexpr int N = 16 / sizeof(typename D::T);
   typedef Pack<typename D::T, N> V;
-  const long long vectors = cols / N;
-  for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
-    const typename D::T* gate = gate_up + r * 2 * cols;
-    for (long long v = blockIdx.x * (long long)blockDim.x + threadIdx.x; v < vectors;
-         v += (long long)gridDim.x * blockDim.x) {
-      const V g = *reinterpret_cast<const V*>(gate + v * N);
-      const V u = *reinterpret_cast<const V*>(gate + cols + v * N);
-      V o;
+  const unsigned per_row = (unsigned)(cols / N), total = (unsigned)rows * per_row;
+  for (unsigned v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += gridDim.x * blockDim.x) {
+    const unsigned r = v / per_row, c = v - r * per_row;
+    const typename D::T* gate = gate_up + (long long)r * 2 * cols + (long long)c * N;
+    const V g = *reinterpret_cast<const V*>(gate);
+    const V u = *reinterpret_cast<const V*>(gate + cols);
+    V o;
 #pragma unroll
-      for (int n = 0; n < N; ++n) {
-        o.e[n] = silu_times<D>(g.e[n], u.e[n]);
-      }
-      *reinterpret_cast<V*>(out + r * cols + v * N) = o;
+    for (int n = 0; n < N; ++n) {
+      o.e[n] = silu_times<D>(g.e[n], u.e[n]);
     }
+    *reinterpret_cast<V*>(out + (long long)v * N) = o;
   }
 }
 

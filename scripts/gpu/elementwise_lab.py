@@ -144,13 +144,17 @@ def main():
         del halves
         landed = mod.function("silu_mul_vectors_bf16")
         vectors = cols // 8
-        grid_x = -(-vectors // BLOCK)
+        # As launch.rs launches it: one flat grid since run 107 (lab_silu_v1's; a grid of rows before, run
+        # 107's "landed" row).
+        grid = -(-rows * vectors // BLOCK)
 
         def go_landed(i):
-            mod.launch(landed, (grid_x, rows), BLOCK, [out, gus[i], i64(rows), i64(cols)])
+            mod.launch(landed, grid, BLOCK, [out, gus[i], i64(rows), i64(cols)])
         go_landed(0)
         ref = out.clone()
-        row(f"silu_mul_vectors (landed; grid {grid_x} x {rows})", graph_us(go_landed, n), nbytes)
+        g, u = gus[0][:, :cols], gus[0][:, cols:]
+        hf = "yes" if torch.equal(ref, torch.nn.functional.silu(g) * u) else "NO"  # HF's act_fn(gate) * up
+        row(f"silu_mul_vectors (landed; grid {grid})", graph_us(go_landed, n), nbytes, f"{hf} (HF's ops)")
         for v in VARIANTS:
             f = mod.function(f"lab_silu_{v}")
             per = int(v[1])

@@ -451,18 +451,27 @@ impl Kernels {
         let out = Tensor::empty(size, (gate_up.kind(), gate_up.device()));
         let k = self.of(gate_up.kind());
         let rows = gate_up.numel() as i64 / (2 * n).max(1);
-        // A thread per 16-byte vector where the rows allow it, else per element.
+        // A thread per 16-byte vector of the whole output (one flat index, 31 bits) where the rows
+        // allow it, else per element of a row (a grid of rows).
         let per_vector = 16 / gate_up.kind().elt_size_in_bytes() as i64;
-        let vectorized = n % per_vector == 0 && aligned(gate_up, 16) && aligned(&out, 16);
-        let (function, per_thread) = if vectorized {
-            (SILU_MUL_VECTORS, per_vector)
+        let vectors = rows * (n / per_vector);
+        let vectorized = n % per_vector == 0
+            && vectors <= i64::from(i32::MAX)
+            && aligned(gate_up, 16)
+            && aligned(&out, 16);
+        let (function, grid) = if vectorized {
+            (
+                SILU_MUL_VECTORS,
+                self.grid((vectors + BLOCK as i64 - 1) / BLOCK as i64, 1),
+            )
         } else {
-            (SILU_MUL, 1)
+            (
+                SILU_MUL,
+                self.grid((n + BLOCK as i64 - 1) / BLOCK as i64, rows),
+            )
         };
         let (mut out_p, mut in_p, mut rows, mut cols) = (ptr(&out), ptr(gate_up), rows, n);
         let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
-        let threads = (cols + per_thread - 1) / per_thread;
-        let grid = self.grid((threads + BLOCK as i64 - 1) / BLOCK as i64, rows);
         self.launch(k.0[function], grid, BLOCK, &mut args);
         counted(2);
         out
