@@ -2,7 +2,8 @@
 # Keeps what a device call carries under its 64-MiB cap: moves the tracked files that the GPU runs do not
 # read out of the tree before the call, and back after it.
 #   scripts/gpu/carry.sh aside     every tracked file of 300 KB or more, and of 60 KB or more outside
-#                                  scripts/ and fixtures/llava-next-tiny-real/, moves to $MMREG_ASIDE
+#                                  scripts/, mmreg-engine/csrc/ (the labs compile fused_kernels.cu)
+#                                  and fixtures/llava-next-tiny-real/, moves to $MMREG_ASIDE
 #                                  (/tmp/mmreg-aside), except what the GPU tests and benchmarks read:
 #                                  fixtures/llava-tiny-real (the CUDA-graph test's checkpoint, the
 #                                  benchmarks' tokenizer; not its goldens) and Mistral's tokenizer
@@ -23,7 +24,7 @@ case "${1:-}" in
       case "$f" in
         fixtures/llava-tiny-real/golden.safetensors | fixtures/llava-tiny-real/parity.safetensors) keep=small ;;
         fixtures/llava-tiny-real/* | fixtures/tokenizers/mistral/tokenizer.json) continue ;;
-        fixtures/llava-next-tiny-real/* | scripts/*) keep=medium ;;
+        fixtures/llava-next-tiny-real/* | scripts/* | mmreg-engine/csrc/*) keep=medium ;;
         *) keep=small ;;
       esac
       if [ "$size" -ge 300000 ] || { [ "$keep" = small ] && [ "$size" -ge 60000 ]; }; then
