@@ -343,6 +343,12 @@ fn bench_times_decode_after_every_prompt_is_prefilled() {
     assert_eq!(json["distinct_images"], true, "{json}");
     for b in [1, 3] {
         assert!(number(&format!("decode_tok_per_s_bs{b}")) > 0.0);
+        // Timed while all `b` decode, and with the tail of a shrinking batch: one request has no tail.
+        let with_tail = number(&format!("decode_with_tail_tok_per_s_bs{b}"));
+        assert!(with_tail > 0.0, "{json}");
+        if b == 1 {
+            assert_eq!(with_tail, number("decode_tok_per_s_bs1"), "{json}");
+        }
         assert!(number(&format!("ttft_last_bs{b}_ms")) >= number(&format!("ttft_bs{b}_ms")));
         // The decode steps split into the host's issuing and the wait for the tokens.
         assert!(number(&format!("decode_step_ms_bs{b}")) > 0.0, "{json}");

@@ -55,6 +55,7 @@ def summarise(path):
         for i in list(range(min(first, most))) + list(range(max(first, most - last), most)):
             mean = sum(ks[i]["dur"] for ks in replays) / len(replays)
             print(f"| {i} | `{replays[0][i]['name'][:60]}` | {mean:.1f} |")
+        between(replays, gpu)
     totals = collections.defaultdict(lambda: [0, 0.0])
     for e in gpu:
         t = totals[e["name"][:90]]
@@ -80,6 +81,33 @@ def summarise(path):
     for gap, before, after, at in sorted(gaps, key=lambda g: -g[0])[:int(os.environ.get("GAPS", "8"))]:
         print(f"| {gap:.1f} | {at / 1000:.2f} | `{before[:50]}` | `{after['name'][:50]}` | {host(after)} |")
     print()
+
+
+def between(replays, gpu):
+    """A step's GPU period: from one replay's first kernel to the next one's (consecutive replays of the
+    same graph only), against the replay's own span, and the GPU work issued outside the graph in between
+    (sampling, copies) by name, per period."""
+    replays = sorted(replays, key=lambda ks: ks[0]["ts"])
+    periods, outside = [], collections.defaultdict(lambda: [0, 0.0])
+    in_graph = {id(k) for ks in replays for k in ks}
+    for a, b in zip(replays, replays[1:]):
+        start, end = a[0]["ts"], b[0]["ts"]
+        periods.append((end - start, max(k["ts"] + k["dur"] for k in a) - start))
+        for e in gpu:
+            if start <= e["ts"] < end and id(e) not in in_graph:
+                t = outside[e["name"][:60]]
+                t[0] += 1
+                t[1] += e["dur"]
+    if not periods:
+        return
+    n = len(periods)
+    period = sum(p for p, _ in periods) / n
+    span = sum(s for _, s in periods) / n
+    print(f"\nreplay to replay: {period / 1000:.3f} ms a step (the replay's span {span / 1000:.3f} ms, "
+          f"{n} periods); outside the graph, per period:")
+    print("| kernel or copy | count | us |\n|---|---|---|")
+    for name, (count, dur) in sorted(outside.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"| `{name}` | {count / n:.1f} | {dur / n:.1f} |")
 
 
 def host_ops(events, gpu):
