@@ -68,7 +68,7 @@ for model, rec in d["models"].items():
     print(f"## {d.get('gpu')}, {model}")
     for p in rec.get("peers", []):
         r = p["result"]
-        keys = sorted(k for k in r if k.startswith(("prefill_bs", "decode_tok_per_s_bs")) and "embed" not in k
+        keys = sorted(k for k in r if k.startswith(("prefill_bs", "decode_tok_per_s_bs", "decode_with_tail_tok_per_s_bs32")) and "embed" not in k
                       and isinstance(r[k], (int, float)))
         print(f"{p['label'][-70:]:70s}", " ".join(f"{k.replace('_tok_per_s', '')}={r[k]:.1f}" for k in keys))
 PY
