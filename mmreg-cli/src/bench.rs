@@ -245,33 +245,12 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             .collect();
         let ttft = firsts.iter().copied().fold(f64::INFINITY, f64::min);
         let all_prefilled = firsts.iter().copied().fold(0.0, f64::max);
-        // Tokens after `from` up to `to`, over that time.
-        let rate = |from: f64, to: f64| {
-            let tokens = streams
-                .iter()
-                .flat_map(|(times, _)| times)
-                .filter(|&&time| time > from && time <= to)
-                .count();
-            (tokens, tokens as f64 / (to - from))
-        };
-        let last = streams
-            .iter()
-            .filter_map(|(times, _)| times.last().copied())
-            .fold(all_prefilled, f64::max);
-        // Decode at batch `b` is timed while all `b` requests decode: from the last request's first
-        // token to the first request's last. Past that the batch shrinks: requests that prefilled in
-        // an earlier step (a batch whose prompts exceed a step's token budget) finish earlier, and the
-        // last steps decode fewer rows at about a full step's cost. The whole tail is kept too.
-        let first_done = streams
-            .iter()
-            .filter_map(|(times, _)| times.last().copied())
-            .fold(last, f64::min)
-            .max(all_prefilled);
-        let (decoded, full_rate) = match rate(all_prefilled, first_done) {
-            (0, _) => rate(all_prefilled, last),
-            counted => counted,
-        };
-        let (_, with_tail) = rate(all_prefilled, last);
+        let times: Vec<&[f64]> = streams.iter().map(|(t, _)| t.as_slice()).collect();
+        let DecodeRates {
+            decoded,
+            full_batch: full_rate,
+            with_tail,
+        } = decode_rates(&times, all_prefilled);
         results.insert(format!("ttft_bs{b}_ms"), (ttft * 1000.0).into());
         results.insert(
             format!("ttft_last_bs{b}_ms"),
@@ -429,9 +408,105 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Decode throughput of one batch from each request's token arrival times (seconds), from
+/// `all_prefilled` (the last request's first token) on.
+struct DecodeRates {
+    /// Tokens counted in `full_batch`.
+    decoded: usize,
+    /// Tokens per second while all requests decode: up to the first request's last token. Past that
+    /// the batch shrinks: requests that prefilled in an earlier step (a batch whose prompts exceed a
+    /// step's token budget) finish earlier, and the last steps decode fewer rows at about a full
+    /// step's cost. The anchor's decode is timed the same way (a static batch).
+    full_batch: f64,
+    /// Tokens per second up to the last token, the shrinking tail included.
+    with_tail: f64,
+}
+
+fn decode_rates(streams: &[&[f64]], all_prefilled: f64) -> DecodeRates {
+    // Tokens after `from` up to `to` (and up to `slack` past it), over the time from `from` to `to`.
+    let rate = |from: f64, to: f64, slack: f64| {
+        let tokens = streams
+            .iter()
+            .flat_map(|times| times.iter())
+            .filter(|&&time| time > from && time <= to + slack)
+            .count();
+        (tokens, tokens as f64 / (to - from))
+    };
+    let last = streams
+        .iter()
+        .filter_map(|times| times.last().copied())
+        .fold(all_prefilled, f64::max);
+    // The request that finished first, and its tokens in the window.
+    let (first_done, steps) = streams
+        .iter()
+        .filter_map(|times| {
+            let steps = times.iter().filter(|&&t| t > all_prefilled).count();
+            times.last().map(|&t| (t, steps))
+        })
+        .fold((last, 0), |a, b| if b.0 < a.0 { b } else { a });
+    // The window's last step hands its tokens to every request's reader, which see them a little
+    // apart: those seen after the first request's last token still count (up to half a step).
+    let slack = match steps {
+        0 => 0.0,
+        n => 0.5 * (first_done - all_prefilled) / n as f64,
+    };
+    let (decoded, full_batch) = match rate(all_prefilled, first_done, slack) {
+        (0, _) => rate(all_prefilled, last, 0.0),
+        counted => counted,
+    };
+    DecodeRates {
+        decoded,
+        full_batch,
+        with_tail: rate(all_prefilled, last, 0.0).1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Token times of requests that each get a token every `step` seconds from the step after their
+    /// first (`first`), `tokens` in all, each reader seeing it `late` seconds after the step.
+    fn arrivals(first: usize, tokens: usize, step: f64, late: f64) -> Vec<f64> {
+        (first..first + tokens)
+            .map(|i| i as f64 * step + late)
+            .collect()
+    }
+
+    /// A batch that prefilled in two steps: the requests that came first finish a step early, and the
+    /// last step decodes half the batch. The full-batch rate leaves that step out.
+    #[test]
+    fn decode_is_timed_while_the_whole_batch_decodes() {
+        let step = 0.01;
+        let early = arrivals(1, 10, step, 0.0);
+        let late = arrivals(2, 10, step, 0.0);
+        let streams = [early.as_slice(), &early, &late, &late];
+        let all_prefilled = 2.0 * step;
+        let rates = decode_rates(&streams, all_prefilled);
+        // Steps 3..=10: all four decode, 4 tokens a step.
+        assert_eq!(rates.decoded, 32);
+        assert!((rates.full_batch - 400.0).abs() < 1e-6, "{}", rates.full_batch);
+        // Step 11 decodes two: 34 tokens over 9 steps.
+        assert!((rates.with_tail - 34.0 / 0.09).abs() < 1e-6, "{}", rates.with_tail);
+    }
+
+    /// Readers see a step's tokens a little apart; the one that sees the last step first must not
+    /// leave the others' tokens of that step out.
+    #[test]
+    fn the_last_step_counts_whole_though_its_readers_see_it_apart() {
+        let step = 0.005;
+        let streams: Vec<Vec<f64>> = (0..8)
+            .map(|r| arrivals(1, 128, step, r as f64 * 20e-6))
+            .collect();
+        let streams: Vec<&[f64]> = streams.iter().map(Vec::as_slice).collect();
+        let all_prefilled = step + 7.0 * 20e-6;
+        let rates = decode_rates(&streams, all_prefilled);
+        assert_eq!(rates.decoded, 8 * 127);
+        assert!((rates.full_batch / 1600.0 - 1.0).abs() < 1e-3, "{}", rates.full_batch);
+        // One request: nothing to leave out, the two rates are one.
+        let one = decode_rates(&streams[..1], step);
+        assert_eq!(one.full_batch, one.with_tail);
+    }
 
     /// The median leaves one slow pass out where the mean takes it in.
     #[test]
