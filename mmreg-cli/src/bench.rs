@@ -485,9 +485,17 @@ mod tests {
         let rates = decode_rates(&streams, all_prefilled);
         // Steps 3..=10: all four decode, 4 tokens a step.
         assert_eq!(rates.decoded, 32);
-        assert!((rates.full_batch - 400.0).abs() < 1e-6, "{}", rates.full_batch);
+        assert!(
+            (rates.full_batch - 400.0).abs() < 1e-6,
+            "{}",
+            rates.full_batch
+        );
         // Step 11 decodes two: 34 tokens over 9 steps.
-        assert!((rates.with_tail - 34.0 / 0.09).abs() < 1e-6, "{}", rates.with_tail);
+        assert!(
+            (rates.with_tail - 34.0 / 0.09).abs() < 1e-6,
+            "{}",
+            rates.with_tail
+        );
     }
 
     /// Readers see a step's tokens a little apart; the one that sees the last step first must not
@@ -502,7 +510,11 @@ mod tests {
         let all_prefilled = step + 7.0 * 20e-6;
         let rates = decode_rates(&streams, all_prefilled);
         assert_eq!(rates.decoded, 8 * 127);
-        assert!((rates.full_batch / 1600.0 - 1.0).abs() < 1e-3, "{}", rates.full_batch);
+        assert!(
+            (rates.full_batch / 1600.0 - 1.0).abs() < 1e-3,
+            "{}",
+            rates.full_batch
+        );
         // One request: nothing to leave out, the two rates are one.
         let one = decode_rates(&streams[..1], step);
         assert_eq!(one.full_batch, one.with_tail);
