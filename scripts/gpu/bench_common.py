@@ -107,12 +107,15 @@ def mmreg_bench(model, prompt, image, batches, eager=False, fused=False, binary=
             "binary": binary, "result": result}
 
 
-def anchor(prompt_tokens, batches="1,8,32"):
-    """The compiled-PyTorch decode anchor as a peer, or None (absent, failed or out of time: a printed note)."""
+def anchor(prompt_tokens, batches="1,8,32", device_pos=False):
+    """The compiled-PyTorch decode anchor as a peer, or None (absent, failed or out of time: a printed note).
+    With device_pos, the same anchor with its decode position kept on the device, as gpt-fast's loop keeps
+    it (scripts/gpu/anchor_device_pos.py): the stock anchor's host waits for the GPU every token."""
     if not os.path.exists(ANCHOR):
         print(f"note: {ANCHOR} is absent (scripts/gpu-stage.sh copies it from ../shared/bench/): anchor skipped")
         return None
-    cmd = [sys.executable, ANCHOR, str(prompt_tokens), str(GEN), batches]
+    script = "scripts/gpu/anchor_device_pos.py" if device_pos else ANCHOR
+    cmd = [sys.executable, script, str(prompt_tokens), str(GEN), batches]
     print("running", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own group, so that a timeout ends its compile workers
@@ -127,7 +130,7 @@ def anchor(prompt_tokens, batches="1,8,32"):
         out = proc.communicate()[0]
         print(out[-2000:], f"\nnote: the anchor ran past {timeout} s (ANCHOR_TIMEOUT, ANCHOR_DEADLINE)", flush=True)
         # It prints its results so far after each batch size: keep those, marked partial.
-        done = [line for line in out.splitlines() if line.startswith("{'mode'")]
+        done = [line for line in out.splitlines() if line.startswith("{'") and "'mode'" in line]
         if not done:
             return None
         result = ast.literal_eval(done[-1])
@@ -141,6 +144,9 @@ def anchor(prompt_tokens, batches="1,8,32"):
             return None
     result["prompt_tokens"] = result.pop("prompt", prompt_tokens)
     result.pop("gen", None)  # GEN
+    if device_pos:
+        return {"peer": "anchor-device-pos", "result": result,
+                "label": anchor_label(result.get("mode")) + ", decode position on the device (gpt-fast's loop)"}
     return {"peer": "anchor", "label": anchor_label(result.get("mode")), "result": result}
 
 
