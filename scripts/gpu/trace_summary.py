@@ -84,9 +84,9 @@ def summarise(path):
 
 
 def between(replays, gpu):
-    """A step's GPU period: from one replay's first kernel to the next one's (consecutive replays of the
-    same graph only), against the replay's own span, and the GPU work issued outside the graph in between
-    (sampling, copies) by name, per period."""
+    """A step's GPU period: from one replay's first kernel to the next replay's of the same graph, against
+    the replay's own span, and the GPU work outside the graph in between (sampling, copies; another
+    graph's kernels too, where one ran between them) by name, per period."""
     replays = sorted(replays, key=lambda ks: ks[0]["ts"])
     periods, outside = [], collections.defaultdict(lambda: [0, 0.0])
     in_graph = {id(k) for ks in replays for k in ks}
