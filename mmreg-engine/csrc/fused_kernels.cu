@@ -466,6 +466,87 @@ __device__ void quick_gelu_vectors(typename D::T* out, const typename D::T* x, l
   }
 }
 
+// Whether element `i` of value `v` comes before the best so far (`best` at `at`) in torch.argmax's
+// order: the largest value, NaN above every number, and of equals the first index.
+__device__ __forceinline__ bool argmax_before(float v, int i, float best, int at) {
+  const bool v_nan = v != v, best_nan = best != best;
+  if (v_nan || best_nan) {
+    return v_nan && (!best_nan || i < at);
+  }
+  return v > best || (v == best && i < at);
+}
+
+// torch.argmax over each row of `x` ([rows, cols]), one block a row: out[row] the first index of the
+// row's largest element (NaN the largest). libtorch's reduction takes 12-13 µs for a decode step's
+// logits (docs/benchmarks.md, run 109), one block reading the row in 16-byte vectors a few µs. With
+// `vectorized`, the caller checks that x is 16-byte aligned and cols a multiple of the vector's elements.
+template <typename D>
+__device__ void argmax_row(long long* out, const typename D::T* x, int cols, bool vectorized) {
+  constexpr int N = 16 / sizeof(typename D::T);
+  typedef Pack<typename D::T, N> V;
+  const typename D::T* row = x + (long long)blockIdx.x * cols;
+  // `cols` with -inf: no element yet (any element of the row comes before it).
+  float best = -INFINITY;
+  int at = cols;
+  if (vectorized) {
+#pragma unroll 4
+    for (int v = threadIdx.x; v < cols / N; v += blockDim.x) {
+      const V in = *reinterpret_cast<const V*>(row + (long long)v * N);
+#pragma unroll
+      for (int n = 0; n < N; ++n) {
+        const float e = D::load(in.e[n]);
+        if (argmax_before(e, v * N + n, best, at)) {
+          best = e;
+          at = v * N + n;
+        }
+      }
+    }
+  } else {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+      const float e = D::load(row[i]);
+      if (argmax_before(e, i, best, at)) {
+        best = e;
+        at = i;
+      }
+    }
+  }
+  // The warp's best, then the block's (each warp's in shared memory).
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+    const int other_at = __shfl_xor_sync(0xffffffffu, at, offset);
+    if (argmax_before(other, other_at, best, at)) {
+      best = other;
+      at = other_at;
+    }
+  }
+  __shared__ float warp_best[32];
+  __shared__ int warp_at[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    warp_best[warp] = best;
+    warp_at[warp] = at;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    const int warps = blockDim.x / 32;
+    best = lane < warps ? warp_best[lane] : -INFINITY;
+    at = lane < warps ? warp_at[lane] : cols;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+      const int other_at = __shfl_xor_sync(0xffffffffu, at, offset);
+      if (argmax_before(other, other_at, best, at)) {
+        best = other;
+        at = other_at;
+      }
+    }
+    if (lane == 0) {
+      // A row of no elements (cols 0) has no argmax; the caller never launches one.
+      out[blockIdx.x] = at;
+    }
+  }
+}
+
 // One rotated pair (x[j], x[j + dim/2]) with its cos and sin at j and j + dim/2, rounded as HF's
 // x * cos + rotate_half(x) * sin (rotate_half(x) = (-second, first)).
 template <typename D>
@@ -1811,6 +1892,10 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
                                                     const D::T* bias, int cols, float eps) {       \
     begin_kernel();                                                                            \
     add_layer_norm_row_vectors<D>(out, sum, x, delta, weight, bias, cols, eps);                    \
+  }                                                                                                \
+  MMREG_KERNEL void argmax_rows_##suffix(long long* out, const D::T* x, int cols, int vectorized) { \
+    begin_kernel();                                                                            \
+    argmax_row<D>(out, x, cols, vectorized != 0);                                                  \
   }
 
 MMREG_KERNELS(F32, f32)

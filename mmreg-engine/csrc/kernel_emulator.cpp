@@ -59,7 +59,8 @@ T shuffle(T v, Source source) {
   return other;
 }
 
-inline float shfl_xor(float v, int offset) {
+template <typename T>
+T shfl_xor(T v, int offset) {
   return shuffle(v, [offset](unsigned lane) { return lane ^ static_cast<unsigned>(offset); });
 }
 
@@ -249,7 +250,9 @@ T arg(void** args, int i) {
   [](void** a) { add_layer_norm_vectors_##suffix(arg<T*>(a, 0), arg<T*>(a, 1), arg<const T*>(a, 2),   \
                                                  arg<const T*>(a, 3), arg<const T*>(a, 4),           \
                                                  arg<const T*>(a, 5), arg<int>(a, 6),                \
-                                                 arg<float>(a, 7)); }
+                                                 arg<float>(a, 7)); },                                \
+  [](void** a) { argmax_rows_##suffix(arg<long long*>(a, 0), arg<const T*>(a, 1), arg<int>(a, 2),    \
+                                      arg<int>(a, 3)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

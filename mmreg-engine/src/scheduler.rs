@@ -29,6 +29,7 @@ use crate::engine::{
 };
 use crate::generate::top_token_ids;
 use crate::items::PreparedRequest;
+use crate::kernels;
 use crate::ranks::{RankState, Ranks};
 use crate::sampling::{token_logprobs, Sampler, SamplingParams};
 use crate::sliding_pool::SlidingPool;
@@ -634,7 +635,7 @@ impl Scheduler {
         followable: bool,
     ) -> Result<Flight> {
         let device = self.model.device();
-        let greedy = logits.f_argmax(-1, false)?;
+        let greedy = kernels::argmax(&logits);
         let asynchronous = device == Device::Cpu || cuda::events_available();
         let greedy_host = greedy.f_to_device_(Device::Cpu, Kind::Int64, asynchronous, false)?;
         let copied = if asynchronous {

@@ -217,9 +217,9 @@ fn fused_kernels_compile_with_nvrtc_for_hopper_and_ampere_without_local_memory()
                 "sm_{major}{minor}: {name} uses local memory: {properties}"
             );
         }
-        // 34 kernels in each of 3 dtypes.
+        // 35 kernels in each of 3 dtypes.
         assert_eq!(
-            kernels, 102,
+            kernels, 105,
             "sm_{major}{minor}: ptxas reported {kernels} kernels:\n{report}"
         );
     }
@@ -310,6 +310,42 @@ fn quick_gelu_equals_hfs_clip_activation() {
                         kernels::launches("quick_gelu") > before,
                         "{what}: no launch"
                     );
+                }
+            }
+        }
+    }
+}
+
+/// The decode step's argmax, as torch.argmax: the first index of each row's largest element, NaN the
+/// largest. Rows of whole 16-byte vectors and not, ties, NaNs, a row of -inf and a last-column maximum.
+#[test]
+fn argmax_is_torchs_first_index_of_the_largest() {
+    for mode in modes() {
+        for kind in KINDS {
+            for (rows, cols) in [(3, 1000), (2, 997), (1, 8)] {
+                let x = random(&[rows, cols], kind, Device::Cpu, rows * cols);
+                let x = Tensor::cat(&[&x, &x.ones_like(), &x.copy()], 0);
+                // Row `rows`: all ones (a tie everywhere: index 0); NaN twice in row `rows + 1` (the
+                // first NaN); the largest value twice in row 0, at its last two columns (the first);
+                // a last row of -inf (index 0).
+                let _ = x.get(rows + 1).get(cols / 3).fill_(f64::NAN);
+                let _ = x.get(rows + 1).get(cols / 2).fill_(f64::NAN);
+                let _ = x.get(0).get(cols - 1).fill_(100.0);
+                let _ = x.get(0).get(cols - 2).fill_(100.0);
+                let x = Tensor::cat(
+                    &[&x, &x.get(0).full_like(f64::NEG_INFINITY).unsqueeze(0)],
+                    0,
+                );
+                let expected = x.argmax(-1, false);
+                let before = kernels::launches("argmax");
+                let actual = kernels::argmax(&x.to_device(mode.device()));
+                let what = format!("argmax {mode:?} {kind:?} {rows}x{cols}");
+                assert!(
+                    actual.to_device(Device::Cpu).equal(&expected),
+                    "{what}: {actual:?} against {expected:?}"
+                );
+                if mode != Mode::Fallback {
+                    assert!(kernels::launches("argmax") > before, "{what}: no launch");
                 }
             }
         }

@@ -46,9 +46,9 @@ fn token_ids(options: EngineOptions, requests: &[Request]) -> Vec<Vec<u32>> {
 /// The launches of every kernel family the decoder uses, to check that a run really used them: the same
 /// tokens with the kernels silently off would prove nothing. One sequence decoding alone takes the
 /// one-row products with SiLU × up and with rope and the cache write in their last step.
-struct KernelsRan([u64; 8]);
+struct KernelsRan([u64; 9]);
 
-const FAMILIES: [&str; 8] = [
+const FAMILIES: [&str; 9] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -57,6 +57,7 @@ const FAMILIES: [&str; 8] = [
     "linear",
     "linear_silu_mul",
     "linear_rope_and_store",
+    "argmax",
 ];
 
 impl KernelsRan {

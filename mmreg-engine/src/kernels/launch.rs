@@ -11,10 +11,10 @@ use super::nvrtc;
 /// Launches of each kernel family since the process started, for tests that must see a kernel run:
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
-/// `linear_rope_and_store`, `quick_gelu`, the tensor-core attention's six-warp variant alone, and
-/// `add_layer_norm`.
-pub(super) static LAUNCHES: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
-pub(super) const FAMILIES: [&str; 12] = [
+/// `linear_rope_and_store`, `quick_gelu`, the tensor-core attention's six-warp variant alone,
+/// `add_layer_norm` and `argmax`.
+pub(super) static LAUNCHES: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
+pub(super) const FAMILIES: [&str; 13] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -27,6 +27,7 @@ pub(super) const FAMILIES: [&str; 12] = [
     "quick_gelu",
     "paged_decode_attention_mma_w6",
     "add_layer_norm",
+    "argmax",
 ];
 
 fn counted(family: usize) {
@@ -53,8 +54,9 @@ unsafe impl Sync for Function {}
 /// stacked gate and up projection, or with rope and the KV-cache write after a stacked q/k/v one; the
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
 /// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the tensor-core
-/// attention in blocks of six warps; the residual add and LayerNorm in 16-byte vectors.
-pub(super) const NAMES: [&str; 34] = [
+/// attention in blocks of six warps; the residual add and LayerNorm in 16-byte vectors; the argmax of
+/// each row.
+pub(super) const NAMES: [&str; 35] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -89,6 +91,7 @@ pub(super) const NAMES: [&str; 34] = [
     "quick_gelu_vectors",
     "paged_decode_attention_mma_w6",
     "add_layer_norm_vectors",
+    "argmax_rows",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -122,6 +125,7 @@ const QUICK_GELU_VECTORS: usize = 31;
 /// The tensor-core decode attention in blocks of `ATTENTION_WIDE_WARPS` warps.
 pub(super) const ATTENTION_MMA_WIDE: usize = 32;
 const ADD_LAYER_NORM_VECTORS: usize = 33;
+const ARGMAX_ROWS: usize = 34;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
@@ -194,6 +198,8 @@ pub(super) struct Kernels {
 pub(super) const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 /// Threads per block of the elementwise kernels, and at most for RMSNorm.
 const BLOCK: u32 = 256;
+/// Threads of the argmax's block: a row of 32k bf16 logits is four 16-byte vectors a thread.
+const ARGMAX_BLOCK: u32 = 1024;
 /// Warps per block of decode attention (`kWarps` in the CUDA source), and of the tensor-core
 /// variant's wide blocks (`kWideWarps`).
 pub(super) const ATTENTION_WARPS: u32 = 4;
@@ -474,6 +480,31 @@ impl Kernels {
         let mut args = [arg!(out_p), arg!(in_p), arg!(rows), arg!(cols)];
         self.launch(k.0[function], grid, BLOCK, &mut args);
         counted(2);
+        out
+    }
+
+    /// The index of each row's largest element of `x` (`[rows, cols]`, contiguous, cols > 0), as
+    /// torch.argmax over the last dimension: `[rows]` i64.
+    pub(super) fn argmax_rows(&self, x: &Tensor) -> Tensor {
+        let [rows, cols] = x.size()[..] else {
+            unreachable!("checked by kernels::argmax")
+        };
+        let out = Tensor::empty([rows], (Kind::Int64, x.device()));
+        let k = self.of(x.kind());
+        let per_vector = 16 / x.kind().elt_size_in_bytes() as i64;
+        let vectorized = i32::from(cols % per_vector == 0 && aligned(x, 16));
+        let (mut out_p, mut x_p, mut cols, mut vectorized) =
+            (ptr(&out), ptr(x), cols as i32, vectorized);
+        let mut args = [arg!(out_p), arg!(x_p), arg!(cols), arg!(vectorized)];
+        // A block a row (the grid is not strided: one block for each).
+        let function = k.0[ARGMAX_ROWS];
+        // The emulator runs a thread as an OS thread: two warps still check the block's reduction.
+        let block = match function {
+            Function::Cuda(_) => ARGMAX_BLOCK,
+            Function::Emulated(_) => 64,
+        };
+        self.launch(function, (rows, 1), block, &mut args);
+        counted(12);
         out
     }
 

@@ -2,7 +2,7 @@
 //! the vision towers' quick_gelu), rotary embeddings, decode attention that reads the paged KV cache in place, and the linear layer of a
 //! one-sequence decode step (alone, with SiLU × up after the MLP's stacked gate and up projection, or
 //! with rope and the KV-cache write after the stacked q/k/v one; and of 2 to 16 sequences on
-//! the tensor cores). The
+//! the tensor cores); and the argmax of a step's logits. The
 //! elementwise ones replace several libtorch kernels each and compute the same values
 //! (`csrc/fused_kernels.cu` rounds every intermediate to the model dtype where HF's op-by-op code does).
 //!
@@ -189,6 +189,21 @@ pub fn quick_gelu(x: &Tensor) -> Tensor {
     match fused_for(&[x]) {
         Some(k) if *FUSED.get_or_init(|| not_zero("MMREG_FUSED_QUICK_GELU")) => k.quick_gelu(x),
         _ => unfused::quick_gelu(x),
+    }
+}
+
+/// torch.argmax over the last dimension of `[rows, cols]` logits: each row's first index of its
+/// largest element, NaN counting as the largest; `[rows]` i64. One block a row where the kernels run
+/// (libtorch's reduction took 12-13 µs of every decode step for at most 32 rows, docs/benchmarks.md,
+/// run 109; `MMREG_FUSED_ARGMAX=0`: libtorch's), else libtorch's.
+pub fn argmax(logits: &Tensor) -> Tensor {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let fits = || matches!(logits.size()[..], [rows, cols] if rows > 0 && cols > 0 && cols <= i64::from(i32::MAX));
+    match fused_for(&[logits]) {
+        Some(k) if fits() && *FUSED.get_or_init(|| not_zero("MMREG_FUSED_ARGMAX")) => {
+            k.argmax_rows(logits)
+        }
+        _ => logits.argmax(-1, false),
     }
 }
 

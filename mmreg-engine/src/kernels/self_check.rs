@@ -145,6 +145,16 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             let x = w(&[5, cols], 0.45) * 2.0;
             compare("quick_gelu", &k.quick_gelu(&x), &unfused::quick_gelu(&x))?;
         }
+        // 3 rows of 960 and of 947 (vectors, then one by one); the waves repeat values in bf16 and
+        // f16, so ties take the first index. Indices must be equal, not close.
+        for cols in [960, 947] {
+            let x = w(&[3, cols], 0.46);
+            if !k.argmax_rows(&x).equal(&x.argmax(-1, false)) {
+                return Err(format!(
+                    "fused kernel argmax ({kind:?}) disagrees with libtorch"
+                ));
+            }
+        }
         // 3 rows of 48 (whole 16-byte vectors in every dtype).
         let (x, delta) = (w(&[3, 48], 0.81), w(&[3, 48], 0.82));
         let (weight, bias) = (w(&[48], 0.83) * 0.1 + 1.0, w(&[48], 0.84) * 0.3);
