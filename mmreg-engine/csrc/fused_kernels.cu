@@ -476,6 +476,18 @@ __device__ __forceinline__ bool argmax_before(float v, int i, float best, int at
   return v > best || (v == best && i < at);
 }
 
+// The warp's best of its lanes' (best, at), in every lane.
+__device__ __forceinline__ void argmax_warp(float& best, int& at) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other = __shfl_xor_sync(0xffffffffu, best, offset);
+    const int other_at = __shfl_xor_sync(0xffffffffu, at, offset);
+    if (argmax_before(other, other_at, best, at)) {
+      best = other;
+      at = other_at;
+    }
+  }
+}
+
 // torch.argmax over each row of `x` ([rows, cols]), one block a row: out[row] the first index of the
 // row's largest element (NaN the largest). libtorch's reduction takes 12-13 µs for a decode step's
 // logits (docs/benchmarks.md, run 109), one block reading the row in 16-byte vectors a few µs. With
@@ -512,14 +524,7 @@ __device__ void argmax_row(long long* out, const typename D::T* x, int cols, boo
     }
   }
   // The warp's best, then the block's (each warp's in shared memory).
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float other = __shfl_xor_sync(0xffffffffu, best, offset);
-    const int other_at = __shfl_xor_sync(0xffffffffu, at, offset);
-    if (argmax_before(other, other_at, best, at)) {
-      best = other;
-      at = other_at;
-    }
-  }
+  argmax_warp(best, at);
   __shared__ float warp_best[32];
   __shared__ int warp_at[32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -532,14 +537,7 @@ __device__ void argmax_row(long long* out, const typename D::T* x, int cols, boo
     const int warps = blockDim.x / 32;
     best = lane < warps ? warp_best[lane] : -INFINITY;
     at = lane < warps ? warp_at[lane] : cols;
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      const float other = __shfl_xor_sync(0xffffffffu, best, offset);
-      const int other_at = __shfl_xor_sync(0xffffffffu, at, offset);
-      if (argmax_before(other, other_at, best, at)) {
-        best = other;
-        at = other_at;
-      }
-    }
+    argmax_warp(best, at);
     if (lane == 0) {
       // A row of no elements (cols 0) has no argmax; the caller never launches one.
       out[blockIdx.x] = at;
