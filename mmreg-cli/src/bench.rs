@@ -450,14 +450,15 @@ fn decode_rates(streams: &[&[f64]], all_prefilled: f64) -> DecodeRates {
         0 => 0.0,
         n => 0.5 * (first_done - all_prefilled) / n as f64,
     };
+    let with_tail = rate(all_prefilled, last, 0.0);
     let (decoded, full_batch) = match rate(all_prefilled, first_done, slack) {
-        (0, _) => rate(all_prefilled, last, 0.0),
+        (0, _) => with_tail,
         counted => counted,
     };
     DecodeRates {
         decoded,
         full_batch,
-        with_tail: rate(all_prefilled, last, 0.0).1,
+        with_tail: with_tail.1,
     }
 }
 

@@ -9,7 +9,7 @@ Usage: python3 scripts/gpu/step_gaps.py TRACE.json [...]
 """
 import collections, json, os, sys
 
-GPU = ("kernel", "gpu_memcpy", "gpu_memset")
+from trace_summary import GPU, step_replays
 
 
 def gaps(path):
@@ -20,14 +20,11 @@ def gaps(path):
     by_launch = collections.defaultdict(list)
     for e in gpu:
         by_launch[e["args"].get("correlation")].append(e)
-    graphs = [ks for c, ks in by_launch.items() if by_corr.get(c, {}).get("name") == "cudaGraphLaunch"]
-    if not graphs:
+    replays = step_replays(by_launch, {c for c, e in by_corr.items() if e["name"] == "cudaGraphLaunch"})
+    if not replays:
         print(f"## {path}: no graph replays")
         return
-    counts = collections.Counter(len(ks) for ks in graphs)
-    most = max(counts, key=lambda n: (counts[n], n))
-    replays = sorted((ks for ks in graphs if len(ks) == most), key=lambda ks: ks[0]["ts"])
-    print(f"## {path}: {len(replays)} replays of {most} kernels")
+    print(f"## {path}: {len(replays)} replays of {len(replays[0])} kernels")
     pairs = list(zip(replays, replays[1:]))
     for a, b in pairs[3:3 + int(os.environ.get("PERIODS", "4"))]:
         end = max(k["ts"] + k["dur"] for k in a)

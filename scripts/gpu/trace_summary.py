@@ -43,12 +43,9 @@ def summarise(path):
                   f"{sum(b for _, b in spans) / n / 1000:.2f} |")
     # The graph replayed most often (a decode step's): each position's mean duration,
     # for the first FIRST positions (the embedding and the first layers) and the last LAST (the head).
-    graphs = [sorted(ks, key=lambda k: k["ts"]) for corr, ks in by_launch.items()
-              if launches.get(corr) == "cudaGraphLaunch"]
-    if graphs:
-        counts = collections.Counter(len(ks) for ks in graphs)
-        most = max(counts, key=lambda n: (counts[n], n))
-        replays = [ks for ks in graphs if len(ks) == most]
+    replays = step_replays(by_launch, {c for c, name in launches.items() if name == "cudaGraphLaunch"})
+    if replays:
+        most = len(replays[0])
         first, last = int(os.environ.get("FIRST", "20")), int(os.environ.get("LAST", "6"))
         print(f"\n{len(replays)} replays of {most} kernels; mean duration by position (us):\n"
               "| position | kernel | mean (us) |\n|---|---|---|")
@@ -83,11 +80,22 @@ def summarise(path):
     print()
 
 
+def step_replays(by_launch, graph_launches):
+    """The replays of the graph replayed most often (a decode step's; of equal counts, the larger), in the
+    order they ran, each its kernels in time order: `by_launch` maps a launch's correlation id to its GPU
+    events, `graph_launches` holds the ids of the cudaGraphLaunch calls. [] where no graph ran."""
+    graphs = [sorted(ks, key=lambda k: k["ts"]) for corr, ks in by_launch.items() if corr in graph_launches]
+    if not graphs:
+        return []
+    counts = collections.Counter(len(ks) for ks in graphs)
+    most = max(counts, key=lambda n: (counts[n], n))
+    return sorted((ks for ks in graphs if len(ks) == most), key=lambda ks: ks[0]["ts"])
+
+
 def between(replays, gpu):
     """A step's GPU period: from one replay's first kernel to the next replay's of the same graph, against
     the replay's own span, and the GPU work outside the graph in between (sampling, copies; another
     graph's kernels too, where one ran between them) by name, per period."""
-    replays = sorted(replays, key=lambda ks: ks[0]["ts"])
     periods, outside = [], collections.defaultdict(lambda: [0, 0.0])
     in_graph = {id(k) for ks in replays for k in ks}
     for a, b in zip(replays, replays[1:]):
@@ -144,5 +152,6 @@ def host_ops(events, gpu):
     return describe
 
 
-for p in sys.argv[1:]:
-    summarise(p)
+if __name__ == "__main__":
+    for p in sys.argv[1:]:
+        summarise(p)
