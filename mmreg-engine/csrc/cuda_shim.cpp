@@ -156,6 +156,20 @@ void* mmreg_pin_memory(void* host) {
   }
 }
 
+// A host tensor copied into `target`, a CUDA tensor of its shape and dtype (both tch's `C_tensor*`),
+// without the host waiting for the stream: through pinned memory, which the caching host allocator keeps
+// until the copy has run. 0, or -1 on failure.
+int mmreg_copy_into_async(void* target, void* host) {
+  try {
+    auto& dst = *static_cast<at::Tensor*>(target);
+    const auto& source = *static_cast<at::Tensor*>(host);
+    dst.copy_(source.pin_memory(), /*non_blocking=*/true);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // A host tensor (tch's `C_tensor*`, a `torch::Tensor*`) copied to `device` without the host waiting for
 // the stream: through pinned memory, which the caching host allocator keeps until the copy has run. A new
 // `torch::Tensor*` (owned by the caller), or null.

@@ -148,6 +148,24 @@ pub fn upload(tensor: &tch::Tensor, device: tch::Device) -> Result<tch::Tensor> 
     }
 }
 
+/// `source` copied into `target`, a tensor of its shape and dtype, without the host waiting: a host
+/// tensor into a CUDA one straight from pinned memory (one asynchronous copy, where [`upload`] and a
+/// copy on the device would take two); anything else through [`upload`] and `copy_`. A failure to pin
+/// falls back the same way (logged once).
+pub fn upload_into(target: &mut tch::Tensor, source: &tch::Tensor) -> Result<()> {
+    static FAILED: std::sync::Once = std::sync::Once::new();
+    if target.device().is_cuda() && pinned_uploads() && source.device() == tch::Device::Cpu {
+        match shim::copy_into_async(target, source) {
+            Ok(()) => return Ok(()),
+            Err(error) => FAILED.call_once(
+                || tracing::warn!(%error, "pinned copies failed; copying through a device tensor"),
+            ),
+        }
+    }
+    target.f_copy_(&upload(source, target.device())?)?;
+    Ok(())
+}
+
 #[cfg(mmreg_cuda_shim)]
 mod shim {
     use super::{GraphPool, MemoryStats};
@@ -167,6 +185,7 @@ mod shim {
         fn mmreg_to_device_async(host: *mut std::ffi::c_void, device: i32)
             -> *mut std::ffi::c_void;
         fn mmreg_pin_memory(host: *mut std::ffi::c_void) -> *mut std::ffi::c_void;
+        fn mmreg_copy_into_async(target: *mut std::ffi::c_void, host: *mut std::ffi::c_void) -> i32;
         fn mmreg_profiler_start() -> i32;
         fn mmreg_profiler_stop(path: *const std::ffi::c_char) -> i32;
         fn mmreg_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
@@ -234,6 +253,17 @@ mod shim {
         (status == 0)
             .then_some(())
             .ok_or_else(|| Error::Engine("stopping the profiler or saving its trace failed".into()))
+    }
+
+    pub fn copy_into_async(target: &mut tch::Tensor, tensor: &tch::Tensor) -> Result<()> {
+        let mut host = tensor.shallow_clone();
+        // SAFETY: both are live tensors for the call; the shim writes into `target`'s storage only
+        // (through libtorch's checked `copy_`) and catches every C++ exception.
+        let status =
+            unsafe { mmreg_copy_into_async(target.as_mut_ptr().cast(), host.as_mut_ptr().cast()) };
+        (status == 0).then_some(()).ok_or_else(|| {
+            Error::Engine("copying a host tensor into a GPU tensor through pinned memory failed".into())
+        })
     }
 
     pub fn pin_memory(tensor: &tch::Tensor) -> Result<tch::Tensor> {
@@ -383,6 +413,10 @@ mod shim {
         Err(Error::Engine(
             "asynchronous copies need the CUDA shim".into(),
         ))
+    }
+
+    pub fn copy_into_async(_target: &mut tch::Tensor, _tensor: &tch::Tensor) -> Result<()> {
+        Err(Error::Engine("asynchronous copies need the CUDA shim".into()))
     }
 
     pub fn pin_memory(_tensor: &tch::Tensor) -> Result<tch::Tensor> {

@@ -12,25 +12,37 @@ use tch::{Device, Tensor};
 use crate::cuda::{self, Graph, GraphPool};
 use mmreg_core::Result;
 
-struct Captured {
-    graph: Graph,
-    inputs: Vec<Tensor>,
-    output: Tensor,
+/// What a captured function returns: tensors that every replay writes anew.
+pub trait GraphOutput {
+    /// Another handle on the same tensors.
+    fn shallow_clone(&self) -> Self;
 }
 
-/// Graphs of one function, one per key (a shape or a bucket). Off CUDA, or where a capture failed, the
-/// function simply runs.
-pub struct GraphCache<K> {
+impl GraphOutput for Tensor {
+    fn shallow_clone(&self) -> Self {
+        Tensor::shallow_clone(self)
+    }
+}
+
+struct Captured<O> {
+    graph: Graph,
+    inputs: Vec<Tensor>,
+    output: O,
+}
+
+/// Graphs of one function, one per key (a shape or a bucket), returning `O` (a tensor by default). Off
+/// CUDA, or where a capture failed, the function simply runs.
+pub struct GraphCache<K, O = Tensor> {
     device: Device,
     /// The CUDA device index, where graphs are captured.
     capture_on: Option<usize>,
-    graphs: HashMap<K, Captured>,
+    graphs: HashMap<K, Captured<O>>,
     /// Keys whose capture failed (out of memory, say): they run eagerly from then on.
     failed: Vec<K>,
     pool: Option<GraphPool>,
 }
 
-impl<K: Hash + Eq + Clone + Debug> GraphCache<K> {
+impl<K: Hash + Eq + Clone + Debug, O: GraphOutput> GraphCache<K, O> {
     /// Captures on `device` if it is a CUDA device and graphs are available there.
     pub fn new(device: Device) -> Self {
         let capture_on = match device {
@@ -60,8 +72,21 @@ impl<K: Hash + Eq + Clone + Debug> GraphCache<K> {
         &mut self,
         key: K,
         inputs: &[&Tensor],
-        mut f: impl FnMut(&[Tensor]) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+        f: impl FnMut(&[Tensor]) -> Result<O>,
+    ) -> Result<O> {
+        self.run_patched(key, inputs, |_| Ok(()), f)
+    }
+
+    /// [`Self::run`], with `patch` writing into the inputs on the device (device tensors over parts of
+    /// host ones) before `f` runs or the graph replays. Host inputs are copied straight into the graph's
+    /// own buffers. Off CUDA an input already on the device is patched in place: pass a copy.
+    pub fn run_patched(
+        &mut self,
+        key: K,
+        inputs: &[&Tensor],
+        patch: impl FnOnce(&mut [Tensor]) -> Result<()>,
+        mut f: impl FnMut(&[Tensor]) -> Result<O>,
+    ) -> Result<O> {
         let on_device = |inputs: &[&Tensor]| {
             inputs
                 .iter()
@@ -69,11 +94,19 @@ impl<K: Hash + Eq + Clone + Debug> GraphCache<K> {
                 .collect::<Result<Vec<_>>>()
         };
         let Some(device) = self.capture_on.filter(|_| !self.failed.contains(&key)) else {
-            return f(&on_device(inputs)?);
+            let mut inputs = on_device(inputs)?;
+            patch(&mut inputs)?;
+            return f(&inputs);
         };
-        if !self.graphs.contains_key(&key) {
+        if let Some(captured) = self.graphs.get_mut(&key) {
+            for (target, source) in captured.inputs.iter_mut().zip(inputs) {
+                cuda::upload_into(target, source)?;
+            }
+            patch(&mut captured.inputs)?;
+        } else {
             // Buffers of the graph's own, whose addresses it keeps.
-            let statics: Vec<Tensor> = on_device(inputs)?.iter().map(Tensor::copy).collect();
+            let mut statics: Vec<Tensor> = on_device(inputs)?.iter().map(Tensor::copy).collect();
+            patch(&mut statics)?;
             match Graph::capture(device, self.pool, || f(&statics)) {
                 Ok((graph, output, pool)) => {
                     tracing::debug!(?key, "captured a CUDA graph");
@@ -92,12 +125,9 @@ impl<K: Hash + Eq + Clone + Debug> GraphCache<K> {
                 }
             }
         }
-        let Some(captured) = self.graphs.get_mut(&key) else {
+        let Some(captured) = self.graphs.get(&key) else {
             unreachable!("captured above")
         };
-        for (target, source) in captured.inputs.iter_mut().zip(inputs) {
-            target.f_copy_(&cuda::upload(source, self.device)?)?;
-        }
         captured.graph.replay()?;
         Ok(captured.output.shallow_clone())
     }

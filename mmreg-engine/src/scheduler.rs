@@ -33,7 +33,7 @@ use crate::kernels;
 use crate::ranks::{RankState, Ranks};
 use crate::sampling::{token_logprobs, Sampler, SamplingParams};
 use crate::sliding_pool::SlidingPool;
-use crate::step_graphs::{DecodeRow, FixedShapeSteps};
+use crate::step_graphs::{DecodeRow, FixedShapeSteps, StepLogits};
 
 /// A request inside the scheduler.
 struct Sequence {
@@ -531,9 +531,12 @@ impl Scheduler {
             _ => None,
         };
         let fixed_shape = fixed.is_some() && self.ranks.is_none();
-        let (logits, prefill_tokens, embed_seconds) = match fixed {
-            Some(logits) => (logits, 0, 0.0),
-            None => self.packed_step(plan, started)?,
+        let (logits, argmax, prefill_tokens, embed_seconds) = match fixed {
+            Some(out) => (out.logits, out.argmax, 0, 0.0),
+            None => {
+                let (logits, tokens, seconds) = self.packed_step(plan, started)?;
+                (logits, None, tokens, seconds)
+            }
         };
         let seqs = plan.iter().map(|s| &self.running[s.seq]);
         let timing = StepTiming {
@@ -546,7 +549,7 @@ impl Scheduler {
         };
         let followable = fixed_shape && seqs.clone().all(Sequence::argmax_only);
         let rows = seqs.zip(plan).map(|(seq, s)| (seq.id, s.new)).collect();
-        self.flight(rows, logits, started, timing, followable)
+        self.flight(rows, logits, argmax, started, timing, followable)
     }
 
     /// Issues the next step behind `flight` before the host has read its tokens, where that step would
@@ -607,7 +610,7 @@ impl Scheduler {
             }
         };
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        let logits = fixed.replay_decode(
+        let out = fixed.replay_decode(
             self.model.as_ref(),
             &mut self.cache,
             &planned,
@@ -622,20 +625,23 @@ impl Scheduler {
             overlapped: true,
         };
         let rows = self.running.iter().map(|seq| (seq.id, 1)).collect();
-        self.flight(rows, logits, started, timing, true).map(Some)
+        self.flight(rows, out.logits, out.argmax, started, timing, true)
+            .map(Some)
     }
 
-    /// A step in flight: its rows' argmax, copied to the host without waiting.
+    /// A step in flight: its rows' argmax (computed here unless the step's graph did), copied to the
+    /// host without waiting.
     fn flight(
         &self,
         rows: Vec<(u64, usize)>,
         logits: Tensor,
+        argmax: Option<Tensor>,
         started: Instant,
         timing: StepTiming,
         followable: bool,
     ) -> Result<Flight> {
         let device = self.model.device();
-        let greedy = kernels::argmax(&logits);
+        let greedy = argmax.unwrap_or_else(|| kernels::argmax(&logits));
         let asynchronous = device == Device::Cpu || cuda::events_available();
         let greedy_host = greedy.f_to_device_(Device::Cpu, Kind::Int64, asynchronous, false)?;
         let copied = if asynchronous {
@@ -1135,7 +1141,7 @@ impl Scheduler {
     }
 
     /// A decode step in fixed shapes on every tensor-parallel rank (each replays its own graph).
-    fn parallel_decode(&mut self, rows: &[DecodeRow]) -> Result<Option<Tensor>> {
+    fn parallel_decode(&mut self, rows: &[DecodeRow]) -> Result<Option<StepLogits>> {
         let (Some(fixed), Some(ranks)) = (&mut self.fixed_steps, &mut self.ranks) else {
             return Ok(None);
         };

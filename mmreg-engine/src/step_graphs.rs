@@ -22,8 +22,8 @@ use mmreg_core::step::{AttentionBatch, DecodeGather, SequenceSlice, SlidingSlots
 use mmreg_core::{MultiModalModel, PagedKvCache, PromptPositions, Result, Step};
 
 use crate::blocks::slots;
-use crate::cuda;
-use crate::graphs::GraphCache;
+use crate::graphs::{GraphCache, GraphOutput};
+use crate::kernels;
 
 /// Context lengths of decode steps are rounded up to a multiple of this.
 const CONTEXT_STEP: usize = 128;
@@ -64,6 +64,24 @@ impl PlannedDecode {
     }
 }
 
+/// What a fixed-shape step returns, written anew by each replay.
+pub(crate) struct StepLogits {
+    /// `[rows, vocab]`.
+    pub logits: Tensor,
+    /// Each row's argmax of `logits` (`[rows]` i64), inside a decode step's graph, so that the host
+    /// queues nothing between one replay and the next but the tokens' copies (`None` for a prefill).
+    pub argmax: Option<Tensor>,
+}
+
+impl GraphOutput for StepLogits {
+    fn shallow_clone(&self) -> Self {
+        Self {
+            logits: self.logits.shallow_clone(),
+            argmax: self.argmax.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Bucket {
     Decode { batch: usize, context: usize },
@@ -80,7 +98,7 @@ pub(crate) struct FixedShapeSteps {
     /// Rows of positions the model reads (`LanguageModel::position_sections`).
     sections: usize,
     /// Decode and prefill graphs share one memory pool: steps run one at a time.
-    graphs: GraphCache<Bucket>,
+    graphs: GraphCache<Bucket, StepLogits>,
 }
 
 impl FixedShapeSteps {
@@ -102,14 +120,14 @@ impl FixedShapeSteps {
         }
     }
 
-    /// Logits `[rows, vocab]` of a step of single-token decodes, or `None` if the step fits no bucket (the
-    /// caller then runs it the ordinary way). The logits are valid until the next step.
+    /// Logits `[rows, vocab]` of a step of single-token decodes and their argmax, or `None` if the step
+    /// fits no bucket (the caller then runs it the ordinary way). Valid until the next step.
     pub(crate) fn decode(
         &mut self,
         model: &dyn MultiModalModel,
         cache: &mut PagedKvCache,
         rows: &[DecodeRow],
-    ) -> Result<Option<Tensor>> {
+    ) -> Result<Option<StepLogits>> {
         let Some(planned) = self.plan_decode(rows) else {
             return Ok(None);
         };
@@ -139,29 +157,29 @@ impl FixedShapeSteps {
         })
     }
 
-    /// Runs (or replays) a planned decode step: `[rows, vocab]` logits, valid until the next step.
-    /// `tokens` (`[rows]` on the model's device), where given, are the rows' input tokens in place of the
-    /// planned ones: the argmax of the step before, which the host has not read yet. Nothing here makes
-    /// the host wait for the device.
+    /// Runs (or replays) a planned decode step: `[rows, vocab]` logits and their argmax, valid until the
+    /// next step. `tokens` (`[rows]` on the model's device), where given, are the rows' input tokens in
+    /// place of the planned ones: the argmax of the step before, which the host has not read yet. Nothing
+    /// here makes the host wait for the device.
     pub(crate) fn replay_decode(
         &mut self,
         model: &dyn MultiModalModel,
         cache: &mut PagedKvCache,
         planned: &PlannedDecode,
         tokens: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        // The graph cache uploads host inputs itself; tokens on the device are written into a device
-        // copy of the inputs (off CUDA, into a copy of the planned tensor, which other ranks share).
+    ) -> Result<StepLogits> {
+        let rows = planned.rows as i64;
+        // The planned inputs go up from the host; tokens on the device are written over their first
+        // rows there. Off CUDA that write lands in the host tensor itself, which other ranks share: a copy.
         let packed = match (tokens, model.device()) {
-            (None, _) => planned.packed.shallow_clone(),
-            (Some(tokens), device) => {
-                let packed = match device {
-                    Device::Cpu => planned.packed.copy(),
-                    _ => cuda::upload(&planned.packed, device)?,
-                };
-                packed.narrow(0, 0, planned.rows as i64).f_copy_(tokens)?;
-                packed
+            (Some(_), Device::Cpu) => planned.packed.copy(),
+            _ => planned.packed.shallow_clone(),
+        };
+        let patch = |inputs: &mut [Tensor]| -> Result<()> {
+            if let Some(tokens) = tokens {
+                inputs[0].narrow(0, 0, rows).f_copy_(tokens)?;
             }
+            Ok(())
         };
         let (batch, context) = (planned.batch, planned.context);
         let shape = DecodeShape {
@@ -170,12 +188,20 @@ impl FixedShapeSteps {
             sections: self.sections,
             sliding: self.sliding_width(context),
         };
-        let logits = self
-            .graphs
-            .run(Bucket::Decode { batch, context }, &[&packed], |inputs| {
-                decode_step(model, &mut *cache, &inputs[0], shape)
-            })?;
-        Ok(logits.narrow(0, 0, planned.rows as i64))
+        let out = self.graphs.run_patched(
+            Bucket::Decode { batch, context },
+            &[&packed],
+            patch,
+            |inputs| {
+                let logits = decode_step(model, &mut *cache, &inputs[0], shape)?;
+                let argmax = Some(kernels::argmax(&logits));
+                Ok(StepLogits { logits, argmax })
+            },
+        )?;
+        Ok(StepLogits {
+            logits: out.logits.narrow(0, 0, rows),
+            argmax: out.argmax.map(|a| a.narrow(0, 0, rows)),
+        })
     }
 
     /// The logits `[1, vocab]` of the last token of one sequence prefilled alone from `embeds`
@@ -213,16 +239,20 @@ impl FixedShapeSteps {
         let logits =
             self.graphs
                 .run(Bucket::Prefill { tokens }, &[&padded, &packed], |inputs| {
-                    prefill_step(
+                    let logits = prefill_step(
                         model,
                         &mut *cache,
                         &inputs[0],
                         &inputs[1],
                         sections,
                         sliding,
-                    )
+                    )?;
+                    Ok(StepLogits {
+                        logits,
+                        argmax: None,
+                    })
                 })?;
-        Ok(Some(logits))
+        Ok(Some(logits.logits))
     }
 
     /// How many slots a decode step of `context` gathers per row from the sliding-window pool: its

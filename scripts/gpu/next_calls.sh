@@ -266,6 +266,10 @@ PY
     # ANCHOR_VARIANTS: switches timed against the default in the same pass ("ENV=V|ENV=V"), once each.
     variants=()
     [ -n "${ANCHOR_VARIANTS:-}" ] && variants=("VARIANTS=$ANCHOR_VARIANTS" "REPEAT=${ANCHOR_REPEAT:-1}")
+    # WINNERS=BEFORE=1,REPEAT=1: the staged gpu-stage/mmreg-before.gz (an earlier build) against this one.
+    if [ -f gpu-stage/mmreg-before.gz ]; then
+      gunzip -kf gpu-stage/mmreg-before.gz && chmod +x gpu-stage/mmreg-before
+    fi
     # The tuned products' test first (about a minute): it checks the path every product of 17+ rows
     # takes by default, and uses a picks file of its own (the bench's first process still times all).
     if [ -x gpu-stage/tests/tuned_gemm ]; then
