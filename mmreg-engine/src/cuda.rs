@@ -185,7 +185,8 @@ mod shim {
         fn mmreg_to_device_async(host: *mut std::ffi::c_void, device: i32)
             -> *mut std::ffi::c_void;
         fn mmreg_pin_memory(host: *mut std::ffi::c_void) -> *mut std::ffi::c_void;
-        fn mmreg_copy_into_async(target: *mut std::ffi::c_void, host: *mut std::ffi::c_void) -> i32;
+        fn mmreg_copy_into_async(target: *mut std::ffi::c_void, host: *mut std::ffi::c_void)
+            -> i32;
         fn mmreg_profiler_start() -> i32;
         fn mmreg_profiler_stop(path: *const std::ffi::c_char) -> i32;
         fn mmreg_cuda_memory_stats(device: i32, out: *mut i64) -> i32;
@@ -262,7 +263,9 @@ mod shim {
         let status =
             unsafe { mmreg_copy_into_async(target.as_mut_ptr().cast(), host.as_mut_ptr().cast()) };
         (status == 0).then_some(()).ok_or_else(|| {
-            Error::Engine("copying a host tensor into a GPU tensor through pinned memory failed".into())
+            Error::Engine(
+                "copying a host tensor into a GPU tensor through pinned memory failed".into(),
+            )
         })
     }
 
@@ -416,7 +419,9 @@ mod shim {
     }
 
     pub fn copy_into_async(_target: &mut tch::Tensor, _tensor: &tch::Tensor) -> Result<()> {
-        Err(Error::Engine("asynchronous copies need the CUDA shim".into()))
+        Err(Error::Engine(
+            "asynchronous copies need the CUDA shim".into(),
+        ))
     }
 
     pub fn pin_memory(_tensor: &tch::Tensor) -> Result<tch::Tensor> {
