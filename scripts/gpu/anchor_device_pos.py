@@ -10,7 +10,8 @@ Usage: python3 scripts/gpu/anchor_device_pos.py [P] [G] [BS,..]   (the anchor's 
 """
 import os, sys
 
-ANCHOR = os.environ.get("ANCHOR", "gpu-stage/peers/compiled_llama_anchor.py")
+# (Not $ANCHOR: quick_bench.py sets ANCHOR=1 for the peer itself.)
+ANCHOR = os.environ.get("ANCHOR_SCRIPT", "gpu-stage/peers/compiled_llama_anchor.py")
 source = open(ANCHOR).read()
 STOCK = "            for j in range(G - 1):\n                tok = compiled(model, tok, torch.tensor([P + j], device=dev)).clone()\n"
 ON_DEVICE = ("            pos = torch.tensor([P], device=dev)\n"

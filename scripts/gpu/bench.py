@@ -7,7 +7,8 @@ On random checkpoints with the LLaVA-1.5-7B and LLaVA-NeXT-Mistral-7B shapes (sc
   tensor cores), with the fused kernels switched off (libtorch's ops), and on LLaVA-1.5-7B also with decode
   attention on the CUDA cores (MMREG_DECODE_ATTENTION_MMA=0); decode is timed once every prompt has prefilled
   (ttft_last_bs{b}_ms);
-- the compiled-PyTorch anchor (gpt-fast's recipe) on LLaVA-1.5-7B's decoder, prompt and batches;
+- the compiled-PyTorch anchor (gpt-fast's recipe) on LLaVA-1.5-7B's decoder, prompt and batches, as staged and
+  with gpt-fast's own decode loop (its position kept on the device, scripts/gpu/anchor_device_pos.py);
 - bf16 agreement with HF by vLLM's top-5 rule at every one of 32 steps, teacher-forced on HF's tokens, with
   and without the fused kernels;
 - the batch-1 decode floor from the read bandwidth measured here.
@@ -60,10 +61,13 @@ write_json("bench.json", result)  # before the anchor, which may run out of time
 if "anchor" in PARTS:
     rec = result["models"].setdefault(llava15.name, {"prompt": llava15.prompt, "image": llava15.image, "peers": []})
     prompt_tokens = next((p["result"]["prompt_tokens"] for p in rec["peers"] if p["peer"] == "mmreg"), 604)
-    peer = anchor(prompt_tokens, llava15.batches)
-    if peer:
-        rec["peers"].append(peer)
-        write_json("bench.json", result)
+    # The stock anchor, then the same with gpt-fast's own decode loop (its position on the device): the
+    # peer at its strongest (docs/benchmarks.md, runs 112-113).
+    for device_pos in (False, True):
+        peer = anchor(prompt_tokens, llava15.batches, device_pos)
+        if peer:
+            rec["peers"].append(peer)
+            write_json("bench.json", result)
 
 for name, rec in result["models"].items():
     print_table(f"{result['gpu']}, {result['date']}, commit {result['commit']}: {name} shapes, random bf16 "

@@ -35,8 +35,8 @@
 #                                      (plus WINNERS, "ENV=V,ENV=V", exported; and each of
 #                                      ANCHOR_VARIANTS, "ENV=V|ENV=V", ANCHOR_REPEAT times, once by
 #                                      default) and the compiled-PyTorch anchor at batch 1, 8 and 32
-#                                      (ANCHOR_DEVICE_POS=1: then again with its decode position on the
-#                                      device, gpt-fast's loop); the other GPU tests in what is left
+#                                      and again with its decode position on the device, gpt-fast's loop
+#                                      (ANCHOR_DEVICE_POS=0: not); the other GPU tests in what is left
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."

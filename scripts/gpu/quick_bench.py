@@ -12,8 +12,8 @@ alternating REPEAT times (default 2), so that each is measured against the defau
 ARGS are flags of `mmreg bench` instead (VARIANTS="ARGS=--no-enable-chunked-prefill").
 With ANCHOR=1, the compiled-PyTorch anchor (gpt-fast's recipe, staged by gpu-stage.sh) runs after mmreg
 on LLaVA-1.5-7B's decoder, prompt and batches (several more minutes: it compiles once per batch size);
-ANCHOR_DEVICE_POS=1 runs it a second time with its decode position kept on the device, as gpt-fast's loop
-keeps it (scripts/gpu/anchor_device_pos.py).
+and again with its decode position kept on the device, as gpt-fast's loop keeps it
+(scripts/gpu/anchor_device_pos.py: the peer at its strongest, runs 112-113; ANCHOR_DEVICE_POS=0: not).
 With BEFORE=1, each model also runs the staged `gpu-stage/mmreg-before` (a build of an earlier commit),
 alternating before/after REPEAT times, so that a change is measured against its base on the same card in
 one call.
@@ -62,7 +62,7 @@ for shape in SHAPES:
 if ANCHOR and SHAPES[0].name in result["models"]:
     rec = result["models"][SHAPES[0].name]
     prompt_tokens = rec["peers"][-1]["result"]["prompt_tokens"]
-    for device_pos in [False] + ([True] if os.environ.get("ANCHOR_DEVICE_POS") == "1" else []):
+    for device_pos in [False] + ([True] if os.environ.get("ANCHOR_DEVICE_POS") != "0" else []):
         peer = anchor(prompt_tokens, SHAPES[0].batches, device_pos)
         if peer:
             rec["peers"].append(peer)
