@@ -796,7 +796,8 @@ __device__ void paged_decode_combine_row(typename D::T* out, const float* partia
 
 // How many chunks of each (sequence, key/value head) column of a split decode attention have written
 // their partial sums, where the column's last chunk combines them itself (the kernels' flags & 2, in place
-// of paged_decode_combine: one kernel fewer a layer). Zero when the module loads, and set back to zero by
+// of paged_decode_combine: one kernel fewer a layer; off by default, no gain measured with programmatic
+// launches, docs/benchmarks.md, runs 114-115). Zero when the module loads, and set back to zero by
 // that last chunk, so every launch and graph replay finds them zero. Indexed by blockIdx.x: the caller
 // launches at most kChunkCounters columns this way. One decode step runs at a time on a device.
 constexpr int kChunkCounters = 16384;

@@ -608,8 +608,8 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                 // On the CUDA cores, then on the tensor cores where they apply (bf16 and f16, heads
                 // of 64 or 128 elements): the tensor-core kernel must then have run. Then with its
                 // six-warp blocks switched on (they run where a step is not split; counted below);
-                // off, they never run. A split step's chunks are combined by each column's last chunk
-                // (the default; counted), or by the combine kernel after it.
+                // off, they never run. A split step's chunks are combined by the combine kernel after
+                // it (the default), or by each column's last chunk (switched on; counted).
                 for (tensor_cores, six_warps, last_chunk) in [
                     (false, false, true),
                     (false, false, false),

@@ -448,16 +448,18 @@ pub fn with_last_chunk_combine<R>(on: bool, f: impl FnOnce() -> R) -> R {
 
 /// Whether a decode attention split into chunks has the last chunk of each (sequence, key/value head)
 /// to finish combine the chunks' partial sums (a counter per column, reset by that chunk) rather than a
-/// kernel of its own after it: this thread's override, else unless
-/// `MMREG_ATTENTION_LAST_CHUNK_COMBINE` is `0` (read once). A batch-1 step splits each context into
-/// chunks, and the combine took 3.0-3.2 µs of each layer's 160 on an H100 (docs/benchmarks.md, run 111).
+/// kernel of its own after it: this thread's override, else only if `MMREG_ATTENTION_LAST_CHUNK_COMBINE`
+/// is `1` (read once). Off by default: a batch-1 step splits each context into chunks and the combine
+/// kernel took 3.0-3.2 µs of each layer's 160 (PDL off), but with programmatic launches its cost is
+/// mostly hidden, and two alternating pairs on an H100 measured the step 0.4% shorter and 0.1% longer
+/// with it (docs/benchmarks.md, runs 114-115): no gain beyond the noise.
 fn last_chunk_combine() -> bool {
     static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    switch_on(
-        &LAST_CHUNK_COMBINE,
-        &FROM_ENV,
-        "MMREG_ATTENTION_LAST_CHUNK_COMBINE",
-    )
+    LAST_CHUNK_COMBINE.with(Cell::get).unwrap_or_else(|| {
+        *FROM_ENV.get_or_init(|| {
+            std::env::var("MMREG_ATTENTION_LAST_CHUNK_COMBINE").is_ok_and(|v| v == "1")
+        })
+    })
 }
 
 /// Whether an unsplit tensor-core decode attention whose blocks the device holds at once runs in
