@@ -6,7 +6,8 @@
 # graph's kernels by position (trace_summary.py).
 # Usage on the GPU machine, from the repo root, with the staged binary (carry: ["gpu-stage"]):
 #   VARIANTS="MMREG_LINEAR_STAGES=4|MMREG_LINEAR_STAGES=8" scripts/gpu/decode_trace.sh
-# FIRST=N / LAST=N: how many positions of the step to list from its start / end (20 / 6).
+# FIRST=N / LAST=N: how many positions of the step to list from its start / end (20 / 6). DEFAULT=0 skips
+# the default pass (run 115: two variants in the other order, 40 s).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp}
@@ -19,7 +20,12 @@ PY
 args=(bench --model /tmp/llava-1.5-7b --image fixtures/llava-tiny-real/images/b_480x640.png
       --prompt "USER: <image>\nWhat is shown in this image? ASSISTANT:" --batch 1 --max-tokens 32
       --device cuda --dtype bf16)
-IFS='|' read -r -a variants <<< "default|${VARIANTS:-}"
+# DEFAULT=0: the variants alone (to compare two of them in a short call).
+if [ "${DEFAULT:-1}" = 0 ]; then
+  IFS='|' read -r -a variants <<< "${VARIANTS:-}"
+else
+  IFS='|' read -r -a variants <<< "default|${VARIANTS:-}"
+fi
 for i in "${!variants[@]}"; do
   variant=${variants[$i]}
   [ -n "$variant" ] || continue
