@@ -741,99 +741,6 @@ struct AttentionShared {
   float acc[W][kMaxGroupDim];
 };
 
-// A float from global memory through L2 (ld.global.cg), past this SM's L1: what another block of the
-// same kernel wrote before its __threadfence() (a plain load could find a stale line in L1).
-__device__ __forceinline__ float load_cg(const float* p) {
-#ifdef MMREG_EMULATE
-  return *p;
-#else
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-  return v;
-#endif
-}
-
-// The chunks of paged_decode_attention_chunk reduced for one (sequence, head) row, by the block's
-// threads. The chunks' maxima and sums are read in parallel (a thread per chunk) and turned into one
-// factor per chunk; then a thread per element (grid-stride) sums the chunks' partials, their loads
-// unrolled so that several are in flight. out [rows, dim]; splits at most kMaxSplits (the caller checks).
-constexpr int kMaxSplits = 256;
-
-template <typename D>
-__device__ void paged_decode_combine_row(typename D::T* out, const float* partial_acc,
-                                         const float* partial_max, const float* partial_sum, int splits,
-                                         int dim, long long row) {
-  __shared__ float factor[kMaxSplits];
-  partial_acc += row * splits * dim;
-  partial_max += row * splits;
-  partial_sum += row * splits;
-  // A chunk with no position has a sum of 0 and a factor of 0.
-  float local_max = -INFINITY;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    if (load_cg(partial_sum + s) > 0.0f) {
-      local_max = fmaxf(local_max, load_cg(partial_max + s));
-    }
-  }
-  const float total_max = block_max(local_max);
-  float local_sum = 0.0f;
-  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
-    const float sum = load_cg(partial_sum + s);
-    const float f = sum > 0.0f ? expf(load_cg(partial_max + s) - total_max) : 0.0f;
-    factor[s] = f;
-    local_sum += sum * f;
-  }
-  // block_sum's barrier also makes every factor visible to the block.
-  const float total_sum = block_sum(local_sum);
-  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
-    float total = 0.0f;
-#pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-      total += load_cg(partial_acc + (long long)s * dim + d) * factor[s];
-    }
-    out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
-  }
-}
-
-// How many chunks of each (sequence, key/value head) column of a split decode attention have written
-// their partial sums, where the column's last chunk combines them itself (the kernels' flags & 2, in place
-// of paged_decode_combine: one kernel fewer a layer; off by default, no gain measured with programmatic
-// launches, docs/benchmarks.md, runs 114-115). Zero when the module loads, and set back to zero by
-// that last chunk, so every launch and graph replay finds them zero. Indexed by blockIdx.x: the caller
-// launches at most kChunkCounters columns this way. One decode step runs at a time on a device.
-constexpr int kChunkCounters = 16384;
-// The attention kernels' `flags`: the caches are vectorized (see paged_decode_attention_chunk), and the
-// last chunk of each column combines the chunks.
-constexpr int kAttentionVectorized = 1;
-constexpr int kAttentionCombineHere = 2;
-__device__ unsigned mmreg_chunks_done[kChunkCounters];
-
-// After a chunk's partial sums are written: the column's last chunk to finish (the others' writes made
-// visible by their fences) combines the group's heads as paged_decode_combine would, and resets the
-// counter.
-template <typename D>
-__device__ void combine_in_last_chunk(typename D::T* out, const float* partial_acc, const float* partial_max,
-                                      const float* partial_sum, int seq, int kv_head, int group, int heads,
-                                      int dim) {
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last = atomicAdd(&mmreg_chunks_done[blockIdx.x], 1u) == gridDim.y - 1;
-  }
-  __syncthreads();
-  if (!last) {
-    return;
-  }
-  __threadfence();
-  for (int g = 0; g < group; ++g) {
-    paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, gridDim.y, dim,
-                                (long long)seq * heads + kv_head * group + g);
-  }
-  if (threadIdx.x == 0) {
-    mmreg_chunks_done[blockIdx.x] = 0;
-  }
-}
-
 // The block's warps' partial results (in `shared`, after a barrier) combined into the block's output:
 // with one chunk (gridDim.y == 1) the attention of the group's heads, else the chunk's unnormalised sums
 // with their maximum and sum for paged_decode_combine. Each thread takes some (head, element) pairs; a
@@ -842,7 +749,7 @@ __device__ void combine_in_last_chunk(typename D::T* out, const float* partial_a
 template <typename D, int G, int W = kWarps>
 __device__ void combine_warps(const AttentionShared<G, W>& shared, typename D::T* out, float* partial_acc,
                               float* partial_max, float* partial_sum, int seq, int kv_head, int group,
-                              int heads, int dim, bool combine_here) {
+                              int heads, int dim) {
   const int splits = gridDim.y;
   for (int i = threadIdx.x; i < group * dim; i += blockDim.x) {
     const int g = i / dim;
@@ -872,9 +779,6 @@ __device__ void combine_warps(const AttentionShared<G, W>& shared, typename D::T
       }
     }
   }
-  if (splits > 1 && combine_here) {
-    combine_in_last_chunk<D>(out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, dim);
-  }
 }
 
 template <typename D, int R, int G, bool kVector>
@@ -883,7 +787,7 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
                                              const typename D::T* q, long long q_stride, const typename D::T* key_cache,
                                              const typename D::T* value_cache, const long long* slots,
                                              long long slot_stride, const long long* lengths, int heads,
-                                             int kv_heads, int dim, float scale, bool combine_here) {
+                                             int kv_heads, int dim, float scale) {
   typedef Pack<typename D::T, kRun> V;
   constexpr int P = 32 / R;  // positions per load instruction
   constexpr int kLoads = AttentionTile<typename D::T, G>::kLoads;
@@ -1007,8 +911,7 @@ __device__ void paged_decode_attention_chunk(AttentionShared<G>& shared, typenam
     }
   }
   __syncthreads();
-  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, dim,
-                      combine_here);
+  combine_warps<D, G>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads, dim);
 }
 
 // paged_decode_attention_chunk on the tensor cores, for heads of kDim = 64 or 128 elements in bf16 or
@@ -1054,7 +957,7 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
                                                  long long q_stride, const typename D::T* key_cache,
                                                  const typename D::T* value_cache, const long long* slots,
                                                  long long slot_stride, const long long* lengths,
-                                                 int heads, int kv_heads, float scale, bool combine_here) {
+                                                 int heads, int kv_heads, float scale) {
   typedef Pack<unsigned, 4> Run;          // 8 elements as 4 words
   constexpr int kKeyRuns = kDim / 32;     // a lane's runs of a key row (its quarter)
   constexpr int kValueRuns = kDim / 64;   // a lane's runs of a value row (its eighth)
@@ -1229,7 +1132,7 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
   }
   __syncthreads();
   combine_warps<D, 8, W>(shared, out, partial_acc, partial_max, partial_sum, seq, kv_head, group, heads,
-                        kDim, combine_here);
+                        kDim);
 }
 
 // The kernel's body for blocks of W warps: f32 has no such mma (the caller never launches it for f32).
@@ -1239,17 +1142,58 @@ __device__ void paged_decode_attention_mma(AttentionShared<8, W>& shared, typena
                                            long long q_stride, const typename D::T* key_cache,
                                            const typename D::T* value_cache, const long long* slots,
                                            long long slot_stride, const long long* lengths, int heads,
-                                           int kv_heads, int dim, float scale, bool combine_here) {
+                                           int kv_heads, int dim, float scale) {
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
       paged_decode_attention_mma_chunk<D, 64, W>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                  q_stride, key_cache, value_cache, slots, slot_stride,
-                                                 lengths, heads, kv_heads, scale, combine_here);
+                                                 lengths, heads, kv_heads, scale);
     } else {
       paged_decode_attention_mma_chunk<D, 128, W>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                   q_stride, key_cache, value_cache, slots, slot_stride,
-                                                  lengths, heads, kv_heads, scale, combine_here);
+                                                  lengths, heads, kv_heads, scale);
     }
+  }
+}
+
+// The chunks of paged_decode_attention_chunk reduced: one block per (sequence, head) row. The chunks'
+// maxima and sums are read in parallel (a thread per chunk) and turned into one factor per chunk; then a
+// thread per element (grid-stride) sums the chunks' partials, their loads unrolled so that several are
+// in flight. out [rows, dim]; splits at most kMaxSplits (the caller checks).
+constexpr int kMaxSplits = 256;
+
+template <typename D>
+__device__ void paged_decode_combine_row(typename D::T* out, const float* partial_acc,
+                                         const float* partial_max, const float* partial_sum, int splits,
+                                         int dim) {
+  __shared__ float factor[kMaxSplits];
+  const long long row = blockIdx.x;
+  partial_acc += row * splits * dim;
+  partial_max += row * splits;
+  partial_sum += row * splits;
+  // A chunk with no position has a sum of 0 and a factor of 0.
+  float local_max = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    if (partial_sum[s] > 0.0f) {
+      local_max = fmaxf(local_max, partial_max[s]);
+    }
+  }
+  const float total_max = block_max(local_max);
+  float local_sum = 0.0f;
+  for (int s = threadIdx.x; s < splits; s += blockDim.x) {
+    const float f = partial_sum[s] > 0.0f ? expf(partial_max[s] - total_max) : 0.0f;
+    factor[s] = f;
+    local_sum += partial_sum[s] * f;
+  }
+  // block_sum's barrier also makes every factor visible to the block.
+  const float total_sum = block_sum(local_sum);
+  for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+    float total = 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) {
+      total += partial_acc[(long long)s * dim + d] * factor[s];
+    }
+    out[row * dim + d] = D::store(total_sum > 0.0f ? total / total_sum : 0.0f);
   }
 }
 
@@ -1805,20 +1749,19 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
-      float scale, int flags) {                                                                     \
+      float scale, int vectorized) {                                                                \
     __shared__ AttentionShared<G> shared;                                                         \
     begin_kernel();                                                                               \
-    if (flags & kAttentionVectorized) {                                                           \
+    if (vectorized) {                                                                             \
       paged_decode_attention_chunk<D, R, G, true>(shared, out, partial_acc, partial_max,            \
                                                   partial_sum, q, q_stride, key_cache, value_cache, \
                                                   slots, slot_stride, lengths, heads, kv_heads,     \
-                                                  dim, scale, flags & kAttentionCombineHere);       \
+                                                  dim, scale);                                      \
     } else {                                                                                      \
       paged_decode_attention_chunk<D, R, G, false>(shared, out, partial_acc, partial_max,           \
                                                    partial_sum, q, q_stride, key_cache,             \
                                                    value_cache, slots, slot_stride, lengths, heads, \
-                                                   kv_heads, dim, scale,                            \
-                                                   flags & kAttentionCombineHere);                  \
+                                                   kv_heads, dim, scale);                           \
     }                                                                                             \
   }
 
@@ -1864,8 +1807,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
                                                   const float* partial_max,                        \
                                                   const float* partial_sum, int splits, int dim) { \
     begin_kernel();                                                                            \
-    paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, splits, dim,           \
-                                blockIdx.x);                                                       \
+    paged_decode_combine_row<D>(out, partial_acc, partial_max, partial_sum, splits, dim);          \
   }                                                                                                \
   MMREG_ATTENTION_GROUPS(D, suffix, 8)                                                             \
   MMREG_ATTENTION_GROUPS(D, suffix, 16)                                                            \
@@ -1874,29 +1816,27 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
-      float scale, int flags /* vectorized: the caller checks */) {                             \
+      float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8> shared;                                                         \
     if (MMREG_EARLY_READS == 0) {                                                                 \
       begin_kernel();                                                                             \
     }                                                                                             \
     paged_decode_attention_mma<D, kWarps>(shared, out, partial_acc, partial_max, partial_sum, q,    \
                                           q_stride, key_cache, value_cache, slots, slot_stride,     \
-                                          lengths, heads, kv_heads, dim, scale,                     \
-                                          flags & kAttentionCombineHere);                           \
+                                          lengths, heads, kv_heads, dim, scale);                    \
   }                                                                                                \
   MMREG_KERNEL void __launch_bounds__(kWideWarps * 32, 2) paged_decode_attention_mma_w6_##suffix( \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
-      float scale, int flags /* vectorized: the caller checks */) {                             \
+      float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8, kWideWarps> shared;                                             \
     if (MMREG_EARLY_READS == 0) {                                                                 \
       begin_kernel();                                                                             \
     }                                                                                             \
     paged_decode_attention_mma<D, kWideWarps>(shared, out, partial_acc, partial_max, partial_sum,   \
                                               q, q_stride, key_cache, value_cache, slots,           \
-                                              slot_stride, lengths, heads, kv_heads, dim, scale,    \
-                                              flags & kAttentionCombineHere);                       \
+                                              slot_stride, lengths, heads, kv_heads, dim, scale);   \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \

@@ -608,55 +608,28 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                 // On the CUDA cores, then on the tensor cores where they apply (bf16 and f16, heads
                 // of 64 or 128 elements): the tensor-core kernel must then have run. Then with its
                 // six-warp blocks switched on (they run where a step is not split; counted below);
-                // off, they never run. A split step's chunks are combined by the combine kernel after
-                // it (the default), or by each column's last chunk (switched on; counted).
-                for (tensor_cores, six_warps, last_chunk) in [
-                    (false, false, true),
-                    (false, false, false),
-                    (true, false, true),
-                    (true, false, false),
-                    (true, true, true),
-                ] {
+                // off, they never run.
+                for (tensor_cores, six_warps) in [(false, false), (true, false), (true, true)] {
                     let mma_launches =
                         || kernels::launches("paged_decode_attention_mma").expect("a family");
-                    let combined_in_chunks =
-                        || kernels::launches("attention_last_chunk_combine").expect("a family");
                     let wide_before = wide_launches();
-                    let combined_before = combined_in_chunks();
                     let (out, on_tensor_cores) =
-                        kernels::with_last_chunk_combine(last_chunk, || {
-                            kernels::with_six_warp_attention(six_warps, || {
-                                kernels::with_tensor_core_attention(tensor_cores, || {
-                                    let before = mma_launches();
-                                    let out = kernels::paged_decode_attention(
-                                        &query,
-                                        &keys,
-                                        &values,
-                                        &Tensor::from_slice(&padded).to_device(device),
-                                        &Tensor::from_slice(lengths).to_device(device),
-                                        scale,
-                                    );
-                                    (out, mma_launches() > before)
-                                })
+                        kernels::with_six_warp_attention(six_warps, || {
+                            kernels::with_tensor_core_attention(tensor_cores, || {
+                                let before = mma_launches();
+                                let out = kernels::paged_decode_attention(
+                                    &query,
+                                    &keys,
+                                    &values,
+                                    &Tensor::from_slice(&padded).to_device(device),
+                                    &Tensor::from_slice(lengths).to_device(device),
+                                    scale,
+                                );
+                                (out, mma_launches() > before)
                             })
                         });
                     if !six_warps {
                         assert_eq!(wide_launches(), wide_before, "six warps while off");
-                    }
-                    if !last_chunk {
-                        assert_eq!(
-                            combined_in_chunks(),
-                            combined_before,
-                            "combined in the last chunks while off"
-                        );
-                    } else if out.is_some() && mode == Mode::Emulated && kv_heads * sequences <= 16
-                    {
-                        // The emulator aims at 32 blocks: 16 columns or fewer are split.
-                        assert!(
-                            combined_in_chunks() > combined_before,
-                            "{kind:?} ({heads}/{kv_heads} heads, dim {dim}): split, but not \
-                             combined in its last chunks"
-                        );
                     }
                     let Some(out) = out else {
                         assert_eq!(mode, Mode::Fallback, "the kernel did not run");
@@ -684,8 +657,7 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
                     assert!(
                         diff <= tolerance,
                         "paged decode attention {mode:?} {kind:?} tensor cores {tensor_cores} \
-                         six warps {six_warps} last-chunk combine {last_chunk} \
-                         ({heads}/{kv_heads} heads, dim {dim}): off by {diff}"
+                         six warps {six_warps} ({heads}/{kv_heads} heads, dim {dim}): off by {diff}"
                     );
                 }
             }

@@ -12,9 +12,9 @@ use super::nvrtc;
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
 /// `linear_rope_and_store`, `quick_gelu`, the tensor-core attention's six-warp variant alone,
-/// `add_layer_norm`, `argmax`, and the split decode attentions whose last chunks combined the chunks.
-pub(super) static LAUNCHES: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
-pub(super) const FAMILIES: [&str; 14] = [
+/// `add_layer_norm` and `argmax`.
+pub(super) static LAUNCHES: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
+pub(super) const FAMILIES: [&str; 13] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -28,7 +28,6 @@ pub(super) const FAMILIES: [&str; 14] = [
     "paged_decode_attention_mma_w6",
     "add_layer_norm",
     "argmax",
-    "attention_last_chunk_combine",
 ];
 
 fn counted(family: usize) {
@@ -145,12 +144,6 @@ const RUN: i64 = 8;
 const MMA_TILE: i64 = 16;
 const MMA_DIMS: [i64; 2] = [64, 128];
 const MAX_SPLITS: i64 = 256;
-/// Columns (sequence × key/value head) a split decode attention may combine in its last chunks
-/// (`kChunkCounters`: a counter each), and the kernels' flags (`kAttentionVectorized`,
-/// `kAttentionCombineHere`).
-const CHUNK_COUNTERS: i64 = 16384;
-const ATTENTION_VECTORIZED: i32 = 1;
-const ATTENTION_COMBINE_HERE: i32 = 2;
 
 /// Positions a warp of the attention variant reads at once (`kTile`: `kLoads` × 32 / lanes).
 fn attention_tile(lanes: i64, group: i64, kind: Kind) -> i64 {
@@ -689,16 +682,7 @@ impl Kernels {
         let (mut slots_p, mut lengths_p) = (ptr(slots), ptr(lengths));
         let (mut q_stride, mut width) = (query.stride()[0], width);
         let (mut heads32, mut kv_heads32, mut dim32) = (heads as i32, kv_heads as i32, dim as i32);
-        // Split, the chunks are combined by each column's last chunk (switched on) or by
-        // paged_decode_combine after the kernel.
-        let combine_here = splits > 1 && blocks <= CHUNK_COUNTERS && super::last_chunk_combine();
-        let mut flags = if vectorized { ATTENTION_VECTORIZED } else { 0 }
-            | if combine_here {
-                ATTENTION_COMBINE_HERE
-            } else {
-                0
-            };
-        let mut scale = scale as f32;
+        let (mut scale, mut vectorized) = (scale as f32, vectorized as i32);
         let mut args = [
             arg!(out_p),
             arg!(acc_p),
@@ -715,7 +699,7 @@ impl Kernels {
             arg!(kv_heads32),
             arg!(dim32),
             arg!(scale),
-            arg!(flags),
+            arg!(vectorized),
         ];
         self.launch(k.0[function], (blocks, splits), warps * 32, &mut args);
         counted(4);
@@ -725,9 +709,7 @@ impl Kernels {
         if wide {
             counted(10);
         }
-        if combine_here {
-            counted(13);
-        } else if partial.is_some() {
+        if partial.is_some() {
             let (mut splits32, mut dim32) = (splits as i32, dim as i32);
             let mut args = [
                 arg!(out_p),

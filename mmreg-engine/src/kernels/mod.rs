@@ -385,7 +385,6 @@ pub fn paged_decode_attention(
 thread_local! {
     static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
     static SIX_WARP_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
-    static LAST_CHUNK_COMBINE: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
 type ThreadSwitch = std::thread::LocalKey<Cell<Option<bool>>>;
@@ -436,30 +435,6 @@ fn tensor_core_attention() -> bool {
 #[doc(hidden)]
 pub fn with_six_warp_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
     with_switch(&SIX_WARP_ATTENTION, on, f)
-}
-
-/// Runs `f` with split decode attention's chunks combined by each column's last chunk switched `on` on
-/// this thread (over `MMREG_ATTENTION_LAST_CHUNK_COMBINE`), then restores the thread's setting: the
-/// tests run both.
-#[doc(hidden)]
-pub fn with_last_chunk_combine<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    with_switch(&LAST_CHUNK_COMBINE, on, f)
-}
-
-/// Whether a decode attention split into chunks has the last chunk of each (sequence, key/value head)
-/// to finish combine the chunks' partial sums (a counter per column, reset by that chunk) rather than a
-/// kernel of its own after it: this thread's override, else only if `MMREG_ATTENTION_LAST_CHUNK_COMBINE`
-/// is `1` (read once). Off by default: a batch-1 step splits each context into chunks and the combine
-/// kernel took 3.0-3.2 µs of each layer's 160 (PDL off), but with programmatic launches its cost is
-/// mostly hidden, and two alternating pairs on an H100 measured the step 0.4% shorter and 0.1% longer
-/// with it (docs/benchmarks.md, runs 114-115): no gain beyond the noise.
-fn last_chunk_combine() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    LAST_CHUNK_COMBINE.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| {
-            std::env::var("MMREG_ATTENTION_LAST_CHUNK_COMBINE").is_ok_and(|v| v == "1")
-        })
-    })
 }
 
 /// Whether an unsplit tensor-core decode attention whose blocks the device holds at once runs in
