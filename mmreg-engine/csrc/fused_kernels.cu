@@ -1577,158 +1577,11 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 //
 // kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers; it loads kUnroll chunks
 // at once where the 16-row kernel loads kFewUnroll.
-// kNorm (linear_few_rows_{rope,silu}_*rms_8, MMREG_FOLD_NORMS=1): the RMSNorm before the product runs
-// inside it, so that no norm kernel is launched before it (two a decoder layer). kRmsNorm normalises
-// x's rows; kAddRmsNorm first adds x (the layer's attention or MLP output) to norm.residual, rounded,
-// and block 0 writes those sums to norm.sum (the residual stream after the add, which must not be
-// norm.residual: the other blocks read it). Each block normalises x once into shared memory
-// (norm.normed: kFoldRows rows of kFoldCols, each padded so that two rows' runs of one chunk lie in
-// different banks) with rms_norm_row's roundings (its f32 sum of squares in another order), and its
-// warps then read x's runs from there rather than from L2. The blocks stride over the weight's tiles
-// (the launch takes at most the blocks the device holds), so that each normalises once. kMaxTiles = 1,
-// bf16 or f16, m <= kFoldRows and k <= kFoldCols, a multiple of 8 (the caller checks). Session 26's
-// fold (c508a43) normalised each run of x as every block loaded it, and halved decode
-// (docs/benchmarks.md, run 80).
-constexpr int kRmsNorm = 1, kAddRmsNorm = 2;
-constexpr int kFoldRows = 4, kFoldCols = 4096, kFoldPad = 32;
-constexpr int kFoldStride = kFoldCols + kFoldPad;
-// A thread's runs of 8 elements of each row.
-constexpr int kFoldRuns = kFoldCols / 8 / (kFewWarps * 32);
-
-template <typename D>
-struct NormInput {
-  const typename D::T* weight;    // the norm's weight [k]
-  const typename D::T* residual;  // kAddRmsNorm: the residual stream [m, k]
-  typename D::T* sum;             // kAddRmsNorm: residual + x, written by block 0
-  float eps;
-  typename D::T* normed;  // shared memory, [kFoldRows][kFoldStride]
-};
-
-// x's rows (plus the residual's with kAddRmsNorm) normalised into norm.normed, `weight` the thread's
-// runs of the norm's weight (read before the kernel waited). The loads of two rows at a time are issued
-// before their first sum (all four rows' would take more registers than three blocks an SM leave
-// gate/up's kernel); each thread normalises in place the runs it wrote, and the block's barriers make
-// them visible to every warp.
-template <typename D, int kNorm>
-__device__ void fold_norm(const NormInput<D>& norm, const typename D::T* x, int m, long long k,
-                          const typename FewRun<D>::T (&weight)[kFoldRuns]) {
-  typedef typename FewRun<D>::T V;
-  __shared__ float partial[kFewWarps][kFoldRows];
-  __shared__ float inv_rms[kFoldRows];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float squares[kFoldRows] = {};
-  constexpr int kGroup = 2;
-  for (int first = 0; first < m; first += kGroup) {
-    V run[kGroup][kFoldRuns], residual[kGroup][kFoldRuns];
-#pragma unroll
-    for (int q = 0; q < kGroup; ++q) {
-#pragma unroll
-      for (int j = 0; j < kFoldRuns; ++j) {
-        const int r = first + q;
-        const long long at = (threadIdx.x + (long long)j * blockDim.x) * 8;
-        run[q][j] = residual[q][j] = V{};
-        if (r < m && at < k) {
-          run[q][j] = *reinterpret_cast<const V*>(x + r * k + at);
-          if (kNorm == kAddRmsNorm) {
-            residual[q][j] = *reinterpret_cast<const V*>(norm.residual + r * k + at);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int q = 0; q < kGroup; ++q) {
-      const int r = first + q;
-#pragma unroll
-      for (int j = 0; j < kFoldRuns; ++j) {
-        const long long at = (threadIdx.x + (long long)j * blockDim.x) * 8;
-        if (r < m && at < k) {
-          V sum;
-#pragma unroll
-          for (int i = 0; i < (int)(sizeof(V) / 4); ++i) {
-            unsigned word = run[q][j].e[i];
-            if (kNorm == kAddRmsNorm) {
-              word = 0;
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const u16 rounded =
-                    D::store(half_of<D>(run[q][j].e[i], h) + half_of<D>(residual[q][j].e[i], h));
-                word |= (unsigned)rounded << (16 * h);
-              }
-            }
-            float row_squares = 0.0f;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const float v = half_of<D>(word, h);
-              row_squares += v * v;
-            }
-            // (squares[first + q] with a constant index, so that the array stays in registers.)
-#pragma unroll
-            for (int c = 0; c < kFoldRows; ++c) {
-              if (c == r) {
-                squares[c] += row_squares;
-              }
-            }
-            sum.e[i] = word;
-          }
-          *reinterpret_cast<V*>(norm.normed + r * kFoldStride + at) = sum;
-          if (kNorm == kAddRmsNorm && blockIdx.x == 0) {
-            *reinterpret_cast<V*>(norm.sum + r * k + at) = sum;
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < kFoldRows; ++r) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      squares[r] += __shfl_xor_sync(0xffffffffu, squares[r], offset);
-    }
-    if (lane == 0) {
-      partial[warp][r] = squares[r];
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x < kFoldRows) {
-    float total = 0.0f;
-    for (int v = 0; v < kFewWarps; ++v) {
-      total += partial[v][threadIdx.x];
-    }
-    inv_rms[threadIdx.x] = rsqrtf(total / k + norm.eps);
-  }
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < kFoldRows; ++r) {
-#pragma unroll
-    for (int j = 0; j < kFoldRuns; ++j) {
-      const long long at = (threadIdx.x + (long long)j * blockDim.x) * 8;
-      if (r < m && at < k) {
-        V* p = reinterpret_cast<V*>(norm.normed + r * kFoldStride + at);
-        const V sum = *p;
-        V out;
-#pragma unroll
-        for (int i = 0; i < (int)(sizeof(V) / 4); ++i) {
-          unsigned word = 0;
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const u16 o = D::store(half_of<D>(weight[j].e[i], h) * round_to<D>(half_of<D>(sum.e[i], h) * inv_rms[r]));
-            word |= (unsigned)o << (16 * h);
-          }
-          out.e[i] = word;
-        }
-        *p = out;
-      }
-    }
-  }
-  __syncthreads();
-}
-
-template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll, int kNorm = 0>
+template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                 const typename D::T* bias, int m, long long n, long long k,
-                                const RopeStore<D>& rope, const NormInput<D>& norm = NormInput<D>{}) {
+                                const RopeStore<D>& rope) {
   typedef typename FewRun<D>::T V;
-  static_assert(kNorm == 0 || (kMaxTiles == 1 && sizeof(typename D::T) == 2), "the fold: 8-row kernels, bf16 or f16");
   // The warps' sums, [warp][tile of x's rows][accumulator][lane]: lanes side by side (no bank conflicts).
   __shared__ float sums[kFewWarps][2][4][32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -1761,27 +1614,11 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     }
   }
   // The rope epilogue's inputs are the step's (written before its first layer): see MMREG_EARLY_READS.
-  // (With a folded norm, after it: their registers would be held through it.)
   RopeInputs<D> early{};
-  if (MMREG_EARLY_READS != 0 && kEpilogue == kRope && kNorm == 0 && blockIdx.x < w_tiles) {
+  if (MMREG_EARLY_READS != 0 && kEpilogue == kRope && blockIdx.x < w_tiles) {
     early = rope_inputs<D>(rope, first_of(blockIdx.x), m, n);
   }
-  // kNorm: the norm's weight (which no kernel writes) before waiting, then x normalised for the block.
-  V norm_weight[kNorm != 0 ? kFoldRuns : 1];
-  if constexpr (kNorm != 0) {
-#pragma unroll
-    for (int j = 0; j < kFoldRuns; ++j) {
-      const long long at = (threadIdx.x + (long long)j * blockDim.x) * 8;
-      norm_weight[j] = at < k ? *reinterpret_cast<const V*>(norm.weight + at) : V{};
-    }
-  }
   begin_kernel();
-  if constexpr (kNorm != 0) {
-    fold_norm<D, kNorm>(norm, x, m, k, norm_weight);
-    if (MMREG_EARLY_READS != 0 && kEpilogue == kRope && blockIdx.x < w_tiles) {
-      early = rope_inputs<D>(rope, first_of(blockIdx.x), m, n);
-    }
-  }
   for (long long w_tile = blockIdx.x; w_tile < w_tiles; w_tile += gridDim.x) {
     const long long first = first_of(w_tile);
     const typename D::T* wa_row = w + min(first + g, n - 1) * k;
@@ -1812,8 +1649,7 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
           }
         }
         if (kMaxTiles == 1 && at < k && tiles > 0) {
-          xv[u][0] = kNorm != 0 ? *reinterpret_cast<const V*>(norm.normed + min(g, m - 1) * kFoldStride + at)
-                                : *reinterpret_cast<const V*>(xs[0] + at);
+          xv[u][0] = *reinterpret_cast<const V*>(xs[0] + at);
         }
         if (at < k && tiles == 2) {
           xv[u][1] = *reinterpret_cast<const V*>(xs[1] + at);
@@ -1906,47 +1742,6 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_few_rows<D, kRope, tiles, unroll>(y, x, w, bias, m, n, k, rope);                        \
-  }
-
-// The 8-row few-rows kernels with the norm before them folded in (see kNorm): q/k/v's (rope epilogue)
-// after the first layer's RMSNorm or a residual add and RMSNorm, gate/up's (SiLU) after the residual
-// add and RMSNorm. Their shared memory holds the normalised rows. Nothing in f32 (no mma; never
-// launched).
-template <typename D, int kEpilogue, int kNorm>
-__device__ void linear_few_rows_normed(typename D::T* y, const typename D::T* x, const typename D::T* w,
-                                       const typename D::T* bias, int m, long long n, long long k,
-                                       const RopeStore<D>& rope, const typename D::T* norm_weight,
-                                       const typename D::T* residual, typename D::T* sum, float eps) {
-  if constexpr (D::kMma != 0) {
-    // (In runs of 8 elements: 16-byte aligned.)
-    __shared__ typename FewRun<D>::T normed[kFoldRows * kFoldStride / 8];
-    linear_few_rows<D, kEpilogue, 1, MMREG_FEW_UNROLL_8, kNorm>(
-        y, x, w, bias, m, n, k, rope,
-        NormInput<D>{norm_weight, residual, sum, eps, reinterpret_cast<typename D::T*>(normed)});
-  }
-}
-
-// (gate/up's: three blocks an SM, as linear_few_rows_silu_8's 70 registers allow, where ptxas left to
-// itself took 96 and two; it meets the bound without spills. q/k/v's take two, as linear_few_rows_rope_8
-// does at its 84 registers.)
-#define MMREG_NORMED_ROPE_KERNEL(D, suffix, name, norm_kind)                                       \
-  MMREG_KERNEL void linear_few_rows_rope_##name##_8_##suffix(                                      \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
-      const long long* slots, int kv_heads, const D::T* norm_weight, const D::T* residual,         \
-      D::T* sum, float eps) {                                                                      \
-    const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_few_rows_normed<D, kRope, norm_kind>(y, x, w, bias, m, n, k, rope, norm_weight,         \
-                                                residual, sum, eps);                               \
-  }
-#define MMREG_NORMED_KERNELS(D, suffix)                                                            \
-  MMREG_NORMED_ROPE_KERNEL(D, suffix, rms, kRmsNorm)                                               \
-  MMREG_NORMED_ROPE_KERNEL(D, suffix, add_rms, kAddRmsNorm)                                        \
-  MMREG_KERNEL void __launch_bounds__(kFewWarps * 32, 3) linear_few_rows_silu_add_rms_8_##suffix(   \
-      D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
-      const D::T* norm_weight, const D::T* residual, D::T* sum, float eps) {                       \
-    linear_few_rows_normed<D, kSiluMul, kAddRmsNorm>(y, x, w, bias, m, n, k, RopeStore<D>{},       \
-                                                     norm_weight, residual, sum, eps);             \
   }
 
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
@@ -2068,7 +1863,6 @@ __device__ void linear_few_rows_normed(typename D::T* y, const typename D::T* x,
   }                                                                                                \
   MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
   MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
-  MMREG_NORMED_KERNELS(D, suffix)                                                                  \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \

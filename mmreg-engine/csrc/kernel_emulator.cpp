@@ -187,16 +187,6 @@ T arg(void** args, int i) {
                         arg<T*>(a, 11), arg<T*>(a, 12), arg<const long long*>(a, 13),                 \
                         arg<int>(a, 14)); }
 
-// The rope few-rows kernel with the norm folded in: the rope entry's arguments, then the norm's weight,
-// the residual, the sums and eps.
-#define MMREG_EMULATED_FEW_ROWS_ROPE_NORMED(kernel, T)                                              \
-  [](void** a) { kernel(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2), arg<const T*>(a, 3),  \
-                        arg<int>(a, 4), arg<long long>(a, 5), arg<long long>(a, 6),                  \
-                        arg<const T*>(a, 7), arg<const T*>(a, 8), arg<int>(a, 9), arg<int>(a, 10),    \
-                        arg<T*>(a, 11), arg<T*>(a, 12), arg<const long long*>(a, 13),                 \
-                        arg<int>(a, 14), arg<const T*>(a, 15), arg<const T*>(a, 16), arg<T*>(a, 17),  \
-                        arg<float>(a, 18)); }
-
 // The kernels in the order of `NAMES` in src/kernels/launch.rs, for each dtype: f32, bf16, f16.
 #define MMREG_EMULATED(suffix, T)                                                                      \
   [](void** a) { rms_norm_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),           \
@@ -262,13 +252,7 @@ T arg(void** args, int i) {
                                                  arg<const T*>(a, 5), arg<int>(a, 6),                \
                                                  arg<float>(a, 7)); },                                \
   [](void** a) { argmax_rows_##suffix(arg<long long*>(a, 0), arg<const T*>(a, 1), arg<int>(a, 2),    \
-                                      arg<int>(a, 3)); },                                                                      \
-  MMREG_EMULATED_FEW_ROWS_ROPE_NORMED(linear_few_rows_rope_rms_8_##suffix, T),                       \
-  MMREG_EMULATED_FEW_ROWS_ROPE_NORMED(linear_few_rows_rope_add_rms_8_##suffix, T),                   \
-  [](void** a) { linear_few_rows_silu_add_rms_8_##suffix(                                            \
-                     arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2), arg<const T*>(a, 3),   \
-                     arg<int>(a, 4), arg<long long>(a, 5), arg<long long>(a, 6), arg<const T*>(a, 7), \
-                     arg<const T*>(a, 8), arg<T*>(a, 9), arg<float>(a, 10)); }
+                                      arg<int>(a, 3)); }
 
 using Emulated = void (*)(void**);
 const Emulated kEmulated[] = {MMREG_EMULATED(f32, float), MMREG_EMULATED(bf16, u16),

@@ -133,27 +133,6 @@ impl Attention {
         }
     }
 
-    /// [`Self::forward_rotary_of`] of `norm` applied to `x`, the norm folded into the projection's kernel
-    /// (see [`kernels::NormFold`]): the attention and, where the norm adds a residual, the residual
-    /// stream after the add. `None` where the kernels do not fold it (nothing has run: the caller
-    /// normalises and calls [`Self::forward_rotary_of`]).
-    pub fn forward_rotary_of_normed(
-        &self,
-        qkv_proj: &Linear,
-        x: &Tensor,
-        norm: &kernels::NormFold,
-        rotary: &RotaryAt,
-        step: &mut Step,
-    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
-        let (weight, bias) = (qkv_proj.weight(), qkv_proj.bias());
-        match self.rope_store(rotary, step, |store| {
-            kernels::linear_rope_and_store_normed(x, norm, weight, bias, store)
-        })? {
-            Some((roped, sums)) => Ok(Some((self.attend_roped(&roped, true, step)?, sums))),
-            None => Ok(None),
-        }
-    }
-
     /// `f` of where this layer's new keys and values go in the step's cache, and their rotation.
     fn rope_store<R>(
         &self,

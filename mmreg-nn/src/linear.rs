@@ -61,22 +61,6 @@ impl Linear {
         }
     }
 
-    /// [`Self::forward_gated`] of the norm `norm` folds into the product (SiLU alone): the activation and
-    /// the residual stream after the norm's add; `None` where the kernels do not fold it.
-    pub fn forward_gated_normed(
-        &self,
-        x: &Tensor,
-        norm: &kernels::NormFold,
-        act: Activation,
-    ) -> Option<(Tensor, Tensor)> {
-        match act {
-            Activation::Silu => {
-                kernels::linear_silu_mul_normed(x, norm, &self.weight, self.bias.as_ref())
-            }
-            _ => None,
-        }
-    }
-
     /// `[out_features, in_features]`.
     pub fn weight(&self) -> &Tensor {
         &self.weight

@@ -3,7 +3,6 @@
 //! the q/k/v projections, and Qwen2-VL multimodal rotary embeddings (M-RoPE, three rows of positions).
 
 use mmreg_core::{Error, KvCacheSpec, LanguageModel, Result, Step};
-use mmreg_engine::kernels::{self, NormFold};
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
@@ -222,30 +221,10 @@ impl LlamaAttention {
     }
 
     fn forward(&self, x: &Tensor, rotary: &RotaryAt, step: &mut Step) -> Result<Tensor> {
+        let t = x.size()[0];
         let out = self
             .attn
             .forward_rotary_of(&self.qkv_proj, x, rotary, step)?;
-        self.project(&out)
-    }
-
-    /// [`Self::forward`] of `norm` applied to `x`, folded into the q/k/v projection: the output and the
-    /// residual stream after the norm's add, if it adds one. `None` where the kernels do not fold it.
-    fn forward_normed(
-        &self,
-        x: &Tensor,
-        norm: &NormFold,
-        rotary: &RotaryAt,
-        step: &mut Step,
-    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
-        self.attn
-            .forward_rotary_of_normed(&self.qkv_proj, x, norm, rotary, step)?
-            .map(|(out, sums)| Ok((self.project(&out)?, sums)))
-            .transpose()
-    }
-
-    /// `o_proj` of the heads' outputs `[tokens, heads, head_dim]`.
-    fn project(&self, out: &Tensor) -> Result<Tensor> {
-        let t = out.size()[0];
         self.o_proj
             .forward(&out.reshape([t, self.heads * self.head_dim]))
     }
@@ -288,16 +267,6 @@ impl Mlp {
         self.down_proj
             .forward(&self.gate_up_proj.forward_gated(x, self.act))
     }
-
-    /// [`Self::forward`] of `norm` applied to `x` (a residual add and RMSNorm), folded into the gate/up
-    /// projection: the output and the residual stream after the add. `None` where the kernels do not
-    /// fold it.
-    fn forward_normed(&self, x: &Tensor, norm: &NormFold) -> Result<Option<(Tensor, Tensor)>> {
-        self.gate_up_proj
-            .forward_gated_normed(x, norm, self.act)
-            .map(|(h, sums)| Ok((self.down_proj.forward(&h)?, sums)))
-            .transpose()
-    }
 }
 
 struct DecoderLayer {
@@ -317,11 +286,6 @@ impl DecoderLayer {
         rotary: &RotaryAt,
         step: &mut Step,
     ) -> Result<(Tensor, Tensor)> {
-        if kernels::fold_norms_enabled() {
-            if let Some(out) = self.forward_folded(&hidden, residual.as_ref(), rotary, step)? {
-                return Ok(out);
-            }
-        }
         let (residual, normed) = match residual {
             None => {
                 let normed = self.input_layernorm.forward(&hidden);
@@ -330,39 +294,8 @@ impl DecoderLayer {
             Some(residual) => self.input_layernorm.forward_add(&residual, &hidden),
         };
         let attn = self.self_attn.forward(&normed, rotary, step)?;
-        self.forward_mlp(&residual, &attn)
-    }
-
-    /// The post-attention residual add and norm, then the MLP: its output and the stream after the add.
-    fn forward_mlp(&self, residual: &Tensor, attn: &Tensor) -> Result<(Tensor, Tensor)> {
-        let post = self.post_attention_layernorm.fold(Some(residual));
-        if let Some(out) = self.mlp.forward_normed(attn, &post)? {
-            return Ok(out);
-        }
-        let (residual, normed) = self.post_attention_layernorm.forward_add(residual, attn);
+        let (residual, normed) = self.post_attention_layernorm.forward_add(&residual, &attn);
         Ok((self.mlp.forward(&normed)?, residual))
-    }
-
-    /// [`Self::forward`] with each norm folded into the product after it (`MMREG_FOLD_NORMS=1`: a decode
-    /// step of up to 8 sequences in bf16 or f16 on a GPU); `None` where the q/k/v product does not fold
-    /// its norm (nothing has run).
-    fn forward_folded(
-        &self,
-        hidden: &Tensor,
-        residual: Option<&Tensor>,
-        rotary: &RotaryAt,
-        step: &mut Step,
-    ) -> Result<Option<(Tensor, Tensor)>> {
-        let input = self.input_layernorm.fold(residual);
-        let Some((attn, sums)) = self
-            .self_attn
-            .forward_normed(hidden, &input, rotary, step)?
-        else {
-            return Ok(None);
-        };
-        // Before the first layer the stream is the embeddings themselves.
-        let residual = sums.unwrap_or_else(|| hidden.shallow_clone());
-        self.forward_mlp(&residual, &attn).map(Some)
     }
 }
 

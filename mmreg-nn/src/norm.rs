@@ -63,14 +63,4 @@ impl RmsNorm {
     pub fn forward_add(&self, x: &Tensor, delta: &Tensor) -> (Tensor, Tensor) {
         kernels::add_rms_norm(x, delta, &self.weight, self.eps)
     }
-
-    /// This norm (of `residual + x` with a residual, of `x` without) left for the product after it to
-    /// apply as it reads x (`MMREG_FOLD_NORMS=1`): see [`kernels::NormFold`].
-    pub fn fold<'a>(&'a self, residual: Option<&'a Tensor>) -> kernels::NormFold<'a> {
-        kernels::NormFold {
-            weight: &self.weight,
-            eps: self.eps,
-            residual,
-        }
-    }
 }

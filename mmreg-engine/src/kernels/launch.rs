@@ -12,9 +12,9 @@ use super::nvrtc;
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
 /// `linear_rope_and_store`, `quick_gelu`, the tensor-core attention's six-warp variant alone,
-/// `add_layer_norm`, `argmax`, and the products with the norm before them folded in (`NormFold`).
-pub(super) static LAUNCHES: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
-pub(super) const FAMILIES: [&str; 14] = [
+/// `add_layer_norm` and `argmax`.
+pub(super) static LAUNCHES: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
+pub(super) const FAMILIES: [&str; 13] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -28,7 +28,6 @@ pub(super) const FAMILIES: [&str; 14] = [
     "paged_decode_attention_mma_w6",
     "add_layer_norm",
     "argmax",
-    "fold_norms",
 ];
 
 fn counted(family: usize) {
@@ -56,8 +55,8 @@ unsafe impl Sync for Function {}
 /// one-row linear layer with k split; the few-rows linear layer with SiLU × up or rope after it; its
 /// variants for one tile of x's rows; quick_gelu, plain and in 16-byte vectors; the tensor-core
 /// attention in blocks of six warps; the residual add and LayerNorm in 16-byte vectors; the argmax of
-/// each row; the 8-row rope and SiLU kernels with the norm before them folded in.
-pub(super) const NAMES: [&str; 38] = [
+/// each row.
+pub(super) const NAMES: [&str; 35] = [
     "rms_norm",
     "add_rms_norm",
     "rms_norm_vectors",
@@ -93,9 +92,6 @@ pub(super) const NAMES: [&str; 38] = [
     "paged_decode_attention_mma_w6",
     "add_layer_norm_vectors",
     "argmax_rows",
-    "linear_few_rows_rope_rms_8",
-    "linear_few_rows_rope_add_rms_8",
-    "linear_few_rows_silu_add_rms_8",
 ];
 const RMS_NORM: usize = 0;
 const ADD_RMS_NORM: usize = 1;
@@ -130,20 +126,10 @@ const QUICK_GELU_VECTORS: usize = 31;
 pub(super) const ATTENTION_MMA_WIDE: usize = 32;
 const ADD_LAYER_NORM_VECTORS: usize = 33;
 const ARGMAX_ROWS: usize = 34;
-/// The 8-row few-rows kernels with the norm before them folded in (`MMREG_FOLD_NORMS=1`): q/k/v's
-/// after an RMSNorm or after a residual add and RMSNorm, gate/up's after a residual add and RMSNorm.
-pub(super) const LINEAR_FEW_ROWS_ROPE_RMS_8: usize = 35;
-const LINEAR_FEW_ROWS_ROPE_ADD_RMS_8: usize = 36;
-const LINEAR_FEW_ROWS_SILU_ADD_RMS_8: usize = 37;
-pub(super) const FOLD_KERNELS: usize = 3;
-/// The most rows and columns of x the folded norm takes (`kFoldRows`, `kFoldCols`: the block's shared
-/// memory holds them normalised).
-pub(super) const FOLD_NORM_ROWS: i64 = 4;
-pub(super) const FOLD_NORM_COLS: i64 = 4096;
 /// The most rows of x the few-rows linear kernel takes (its two tiles of 8), its warps per block
 /// (`kFewWarps`) and weight rows per block (`kFewTile`).
 pub(super) const FEW_ROWS: i64 = 16;
-pub(super) const FEW_ROWS_WARPS: u32 = 8;
+const FEW_ROWS_WARPS: u32 = 8;
 const FEW_ROWS_TILE: i64 = 16;
 /// Warps per block of the linear kernel, and weight rows per warp (`kLinearWarps`, `kLinearRows`).
 pub(super) const LINEAR_WARPS: u32 = 4;
@@ -204,10 +190,6 @@ pub(super) struct Kernels {
     /// the driver could not say: no split of k; a dozen for the emulator, so that its tests cover each
     /// split).
     pub(super) linear_resident: [i64; 3],
-    /// How many blocks of each few-rows kernel with a folded norm (in `NAMES`' order) the device holds
-    /// at once, for each dtype: their grid (0 where the driver could not say: a block per tile; one for
-    /// the emulator, which then strides over every tile).
-    pub(super) fold_resident: [[i64; FOLD_KERNELS]; 3],
     pub(super) f32: ForKind,
     pub(super) bf16: ForKind,
     pub(super) f16: ForKind,
@@ -254,7 +236,6 @@ pub(super) static EMULATED: Kernels = {
         attention_resident: [[0; ATTENTION_VARIANTS]; 3],
         attention_wide_resident: [0; 3],
         linear_resident: [12; 3],
-        fold_resident: [[1; FOLD_KERNELS]; 3],
         f32: for_kind(0),
         bf16: for_kind(1),
         f16: for_kind(2),
@@ -801,57 +782,21 @@ impl Kernels {
         x: &Tensor,
         weight: &Tensor,
         bias: Option<&Tensor>,
-        norm: Option<&super::NormFold>,
-    ) -> (Tensor, Option<Tensor>) {
+    ) -> Tensor {
         let mut size = x.size();
         *size
             .last_mut()
             .expect("checked by kernels::linear_silu_mul") = weight.size()[0] / 2;
         let y = Tensor::empty(size, (x.kind(), x.device()));
         let (rows, half) = (x.numel() as i64 / weight.size()[1], weight.size()[0] / 2);
-        let function = if norm.is_some() {
-            LINEAR_FEW_ROWS_SILU_ADD_RMS_8
-        } else if rows == 1 && (half % 8 != 0 || !Self::one_row_on_tensor_cores(x)) {
+        let function = if rows == 1 && (half % 8 != 0 || !Self::one_row_on_tensor_cores(x)) {
             LINEAR_SILU
         } else {
             Self::few_rows(LINEAR_FEW_ROWS_SILU, rows)
         };
-        let sum = self.launch_normed(function, &y, x, weight, bias, &mut [], norm);
+        self.launch_linear(function, &y, x, weight, bias, &mut []);
         counted(7);
-        (y, sum)
-    }
-
-    /// [`Self::launch_linear`] with, where `norm` is given, the folded norm's arguments after `more`
-    /// (its weight, the residual, the sums and eps): returns the sums (`x` + the residual) where the
-    /// norm adds one.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_normed(
-        &self,
-        function: usize,
-        y: &Tensor,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: Option<&Tensor>,
-        more: &mut [*mut c_void],
-        norm: Option<&super::NormFold>,
-    ) -> Option<Tensor> {
-        let Some(norm) = norm else {
-            self.launch_linear(function, y, x, weight, bias, more);
-            return None;
-        };
-        let sum = norm.residual.map(Tensor::empty_like);
-        let null = std::ptr::null_mut();
-        let mut weight_p = ptr(norm.weight);
-        let (mut residual_p, mut sum_p) = match (norm.residual, &sum) {
-            (Some(residual), Some(sum)) => (ptr(residual), ptr(sum)),
-            _ => (null, null),
-        };
-        let mut eps = norm.eps as f32;
-        let mut args = more.to_vec();
-        args.extend_from_slice(&[arg!(weight_p), arg!(residual_p), arg!(sum_p), arg!(eps)]);
-        self.launch_linear(function, y, x, weight, bias, &mut args);
-        counted(13);
-        sum
+        y
     }
 
     /// [`rope`](Self::rope) with the cache write of a stacked q/k/v projection of `x`, one row or a few
@@ -864,8 +809,7 @@ impl Kernels {
         bias: Option<&Tensor>,
         dim: i64,
         store: &super::RopeStore,
-        norm: Option<&super::NormFold>,
-    ) -> (Tensor, Option<Tensor>) {
+    ) -> Tensor {
         let heads = weight.size()[0] / dim;
         let tokens = x.numel() as i64 / weight.size()[1];
         let y = Tensor::empty([tokens, heads, dim], (x.kind(), x.device()));
@@ -887,17 +831,14 @@ impl Kernels {
             arg!(slots_p),
             arg!(kv_heads),
         ];
-        let function = match norm {
-            Some(norm) if norm.residual.is_some() => LINEAR_FEW_ROWS_ROPE_ADD_RMS_8,
-            Some(_) => LINEAR_FEW_ROWS_ROPE_RMS_8,
-            None if tokens == 1 && (dim % 16 != 0 || !Self::one_row_on_tensor_cores(x)) => {
-                LINEAR_ROPE
-            }
-            None => Self::few_rows(LINEAR_FEW_ROWS_ROPE, tokens),
+        let function = if tokens == 1 && (dim % 16 != 0 || !Self::one_row_on_tensor_cores(x)) {
+            LINEAR_ROPE
+        } else {
+            Self::few_rows(LINEAR_FEW_ROWS_ROPE, tokens)
         };
-        let sum = self.launch_normed(function, &y, x, weight, bias, &mut rope_args, norm);
+        self.launch_linear(function, &y, x, weight, bias, &mut rope_args);
         counted(8);
-        (y, sum)
+        y
     }
 
     /// Launches the linear kernel `function` with arguments y, x, w, bias, then m (x's rows: the
@@ -924,9 +865,6 @@ impl Kernels {
                 | LINEAR_FEW_ROWS_8
                 | LINEAR_FEW_ROWS_SILU_8
                 | LINEAR_FEW_ROWS_ROPE_8
-                | LINEAR_FEW_ROWS_ROPE_RMS_8
-                | LINEAR_FEW_ROWS_ROPE_ADD_RMS_8
-                | LINEAR_FEW_ROWS_SILU_ADD_RMS_8
         );
         let mut m = (x.numel() as i64 / k.max(1)) as i32;
         let (mut y_p, mut x_p, mut w_p) = (ptr(y), ptr(x), ptr(weight));
@@ -937,26 +875,8 @@ impl Kernels {
         }
         args.extend_from_slice(&[arg!(n), arg!(k)]);
         args.extend_from_slice(more);
-        let normed = matches!(
-            function,
-            LINEAR_FEW_ROWS_ROPE_RMS_8
-                | LINEAR_FEW_ROWS_ROPE_ADD_RMS_8
-                | LINEAR_FEW_ROWS_SILU_ADD_RMS_8
-        );
         let (blocks, threads) = if few {
-            let tiles = (n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE;
-            // A folded norm's blocks stride over the tiles, each normalising x once.
-            let resident = if normed {
-                self.fold_resident[suffix_index(x.kind())][function - LINEAR_FEW_ROWS_ROPE_RMS_8]
-            } else {
-                0
-            };
-            let blocks = if normed && resident > 0 {
-                tiles.min(resident)
-            } else {
-                tiles
-            };
-            (blocks, FEW_ROWS_WARPS * 32)
+            ((n + FEW_ROWS_TILE - 1) / FEW_ROWS_TILE, FEW_ROWS_WARPS * 32)
         } else {
             let split = match function {
                 LINEAR_SPLIT_4 => 4,

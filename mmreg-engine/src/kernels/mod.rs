@@ -308,31 +308,6 @@ pub fn linear_rope_and_store(
     bias: Option<&Tensor>,
     store: RopeStore,
 ) -> Option<Tensor> {
-    linear_rope_and_store_of(x, None, weight, bias, store).map(|(y, _)| y)
-}
-
-/// [`linear_rope_and_store`] of the RMSNorm of `x` (with `norm.residual`, of the residual add first),
-/// the norm folded into the product's kernel (see [`NormFold`]): the projection and, with a residual,
-/// the sums `residual + x` (the residual stream after the add). `None` where the fold does not apply
-/// (switched off, more than 8 rows, f32, shapes): the caller then normalises and projects.
-pub fn linear_rope_and_store_normed(
-    x: &Tensor,
-    norm: &NormFold,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    store: RopeStore,
-) -> Option<(Tensor, Option<Tensor>)> {
-    norm.fits(x).then_some(())?;
-    linear_rope_and_store_of(x, Some(norm), weight, bias, store)
-}
-
-fn linear_rope_and_store_of(
-    x: &Tensor,
-    norm: Option<&NormFold>,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    store: RopeStore,
-) -> Option<(Tensor, Option<Tensor>)> {
     let tensors = [
         x,
         weight,
@@ -347,67 +322,11 @@ fn linear_rope_and_store_of(
         store.cos.size().get(1).copied().unwrap_or(0),
     );
     let rows = linear_rows(x, weight, bias).unwrap_or(0);
-    // (The folded norm's kernels are the few-rows kernels', whatever the rows.)
-    let fits = ((rows == 1 && norm.is_none()) || (rows_fit(x, rows) && dim % 16 == 0))
+    let fits = (rows == 1 || (rows_fit(x, rows) && dim % 16 == 0))
         && dim > 0
         && n % dim == 0
         && store.fits(rows, n / dim, x.device());
-    fits.then(|| k.linear_rope_and_store(x, weight, bias, dim, &store, norm))
-}
-
-/// HF's `LlamaRMSNorm` before a decode step's q/k/v or gate/up product (`weight` `[k]`, `eps`), folded
-/// into the product's kernel ([`linear_rope_and_store_normed`], [`linear_silu_mul_normed`]) so that no
-/// norm kernel runs before it: each of the product's blocks normalises x's rows once into its shared
-/// memory, with the norm kernel's roundings (its sum of squares in another order), and reads x from
-/// there. With `residual`, the norm is of `residual + x` (the residual add, rounded, as
-/// [`add_rms_norm`]), and the kernel also writes those sums. Taken with `MMREG_FOLD_NORMS=1`
-/// ([`set_fold_norms`]), for up to `launch::FOLD_NORM_ROWS` rows (4) of at most
-/// `launch::FOLD_NORM_COLS` columns (4096) in bf16 or f16, where the 8-row few-rows kernels run; off by
-/// default until measured.
-pub struct NormFold<'a> {
-    pub weight: &'a Tensor,
-    pub eps: f64,
-    pub residual: Option<&'a Tensor>,
-}
-
-impl NormFold<'_> {
-    /// Whether the fold takes `x` (`[rows, k]`).
-    fn fits(&self, x: &Tensor) -> bool {
-        let k = x.size().last().copied().unwrap_or(0);
-        let rows = x.numel() as i64 / k.max(1);
-        let same =
-            |t: &Tensor| t.device() == x.device() && t.kind() == x.kind() && t.is_contiguous();
-        fold_norms_enabled()
-            && matches!(x.kind(), Kind::BFloat16 | Kind::Half)
-            && x.dim() == 2
-            && x.is_contiguous()
-            && launch::aligned(x, 16)
-            && (1..=launch::FOLD_NORM_ROWS).contains(&rows)
-            && (rows > 1 || few_rows_for_one_enabled())
-            && few_rows_enabled()
-            && eight_rows_enabled()
-            && k % 8 == 0
-            && k <= launch::FOLD_NORM_COLS
-            && self.weight.size() == [k]
-            && same(self.weight)
-            && launch::aligned(self.weight, 16)
-            && self
-                .residual
-                .is_none_or(|r| r.size() == x.size() && same(r) && launch::aligned(r, 16))
-    }
-}
-
-static FOLD_NORMS: Switch = Switch::new();
-
-/// Folds the RMSNorm before a decode step's q/k/v and gate/up products into their kernels, or not (for
-/// the whole process; overrides `MMREG_FOLD_NORMS`). See [`NormFold`].
-pub fn set_fold_norms(on: bool) {
-    FOLD_NORMS.set(on);
-}
-
-/// Whether [`NormFold`] applies: [`set_fold_norms`], else `MMREG_FOLD_NORMS=1`.
-pub fn fold_norms_enabled() -> bool {
-    FOLD_NORMS.get(|| std::env::var("MMREG_FOLD_NORMS").is_ok_and(|v| v == "1"))
+    fits.then(|| k.linear_rope_and_store(x, weight, bias, dim, &store))
 }
 
 /// Attention of one new token per sequence over its cached keys and values, read in place from the paged
@@ -572,34 +491,9 @@ pub fn linear_silu_mul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Te
     let fits = |rows| n % 2 == 0 && (rows == 1 || (rows_fit(x, rows) && (n / 2) % 8 == 0));
     match fused_for(&[x, weight]) {
         Some(k) if linear_rows(x, weight, bias).is_some_and(fits) => {
-            k.linear_silu_mul(x, weight, bias, None).0
+            k.linear_silu_mul(x, weight, bias)
         }
         _ => silu_mul(&linear(x, weight, bias)),
-    }
-}
-
-/// [`linear_silu_mul`] of the RMSNorm of `norm.residual + x` (the residual add and the norm folded into
-/// the product's kernel: see [`NormFold`]): the activation and the sums `residual + x`. `None` where the
-/// fold does not apply (or `norm` has no residual): the caller then adds, normalises and projects.
-pub fn linear_silu_mul_normed(
-    x: &Tensor,
-    norm: &NormFold,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-) -> Option<(Tensor, Tensor)> {
-    let n = weight.size().first().copied().unwrap_or(0);
-    let k = fused_for(&[x, weight])?;
-    let fits = norm.residual.is_some()
-        && norm.fits(x)
-        && n % 2 == 0
-        && (n / 2) % 8 == 0
-        && linear_rows(x, weight, bias).is_some();
-    if !fits {
-        return None;
-    }
-    match k.linear_silu_mul(x, weight, bias, Some(norm)) {
-        (y, Some(sum)) => Some((y, sum)),
-        (_, None) => None,
     }
 }
 
@@ -721,8 +615,8 @@ fn linear_split_enabled() -> bool {
 }
 
 /// How many times the kernel `family` (`rms_norm`, `add_rms_norm`, `silu_mul`, `rope`,
-/// `paged_decode_attention`, `paged_decode_attention_mma`, `linear`, `linear_silu_mul`,
-/// `linear_rope_and_store` or `fold_norms`: a product with its norm folded in) has been launched in this process, on any device, the emulator included:
+/// `paged_decode_attention`, `paged_decode_attention_mma`, `linear`, `linear_silu_mul` or
+/// `linear_rope_and_store`) has been launched in this process, on any device, the emulator included:
 /// for tests that must see a kernel run, not only its result. `None` for an unknown name.
 pub fn launches(family: &str) -> Option<u64> {
     let index = launch::FAMILIES.iter().position(|&f| f == family)?;

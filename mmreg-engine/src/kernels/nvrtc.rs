@@ -8,8 +8,7 @@ mod shim {
 
     use super::super::launch::{
         ForKind, Function, Kernels, ATTENTION, ATTENTION_MMA_WIDE, ATTENTION_WARPS,
-        ATTENTION_WIDE_WARPS, FEW_ROWS_WARPS, LINEAR, LINEAR_FEW_ROWS_ROPE_RMS_8, LINEAR_WARPS,
-        NAMES, SUFFIXES,
+        ATTENTION_WIDE_WARPS, LINEAR, LINEAR_WARPS, NAMES, SUFFIXES,
     };
     use super::super::self_check::check_kernels;
 
@@ -195,11 +194,6 @@ mod shim {
         let attention_wide_resident = [&f32, &bf16, &f16]
             .map(|k| resident(k.0[ATTENTION_MMA_WIDE], ATTENTION_WIDE_WARPS * 32));
         let linear_resident = [&f32, &bf16, &f16].map(|k| resident(k.0[LINEAR], LINEAR_WARPS * 32));
-        let fold_resident = [&f32, &bf16, &f16].map(|k| {
-            std::array::from_fn(|i| {
-                resident(k.0[LINEAR_FEW_ROWS_ROPE_RMS_8 + i], FEW_ROWS_WARPS * 32)
-            })
-        });
         Ok(Kernels {
             device: device as i32,
             max_grid: (8192, 65535),
@@ -216,7 +210,6 @@ mod shim {
             attention_resident,
             attention_wide_resident,
             linear_resident,
-            fold_resident,
             f32,
             bf16,
             f16,

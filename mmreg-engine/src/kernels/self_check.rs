@@ -70,8 +70,7 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             let (small, stacked, stacked_bias) = (&x * 0.05, w(&[32, 200], 2.6), w(&[32], 2.7));
             compare(
                 &format!("linear_few_rows_silu ({rows} rows)"),
-                &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias), None)
-                    .0,
+                &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias)),
                 &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
             )?;
         }
@@ -80,8 +79,7 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
         let (small, stacked, stacked_bias) = (&x * 0.05, w(&[74, 200], 1.7), w(&[74], 1.8));
         compare(
             "linear_silu_mul",
-            &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias), None)
-                .0,
+            &k.linear_silu_mul(&small, &stacked, Some(&stacked_bias)),
             &unfused::silu_mul(&small.linear(&stacked, Some(&stacked_bias))),
         )?;
         // One token's stacked q/k/v product (2 query heads, a key and a value head of 64) rotated and
@@ -120,8 +118,7 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
                 slots: &slots,
                 slack_rows: 0,
             };
-            let (roped, _) =
-                k.linear_rope_and_store(&tokens, &qkv_weight, Some(&qkv_bias), dim, &store, None);
+            let roped = k.linear_rope_and_store(&tokens, &qkv_weight, Some(&qkv_bias), dim, &store);
             let projected = tokens.linear(&qkv_weight, Some(&qkv_bias));
             let expected = unfused::rope(&projected.view([rows, 4, dim]), &cos, &sin, 3);
             compare(what, &roped, &expected)?;
