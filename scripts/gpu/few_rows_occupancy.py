@@ -4,7 +4,7 @@ csrc/fused_kernels.cu compiled as the engine compiles it, with each entry of DEF
 (run 120 measured its MMREG_ROPE_MIN_BLOCKS=3, launch bounds of three blocks an SM for the rope kernel:
 docs/benchmarks.md)
 """
-import os, re, sys
+import os, sys
 
 import torch
 

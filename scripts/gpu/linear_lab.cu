@@ -3,10 +3,11 @@
 // roof for the products). Run 57 also timed a cp.async version (each lane's runs copied into shared
 // memory 2-7 stages ahead): slower than the register loads at every shape (docs/benchmarks.md).
 
-// Every 16-byte vector of w once (4 loads in flight a thread), XORed so that the loads stay. (Not in the
-// CPU emulator, which scripts/gpu/linear_lab_check.cpp runs the prototype below in.)
+// Every 16-byte vector of w once (4 loads in flight a thread), XORed so that the loads stay: the XOR of
+// the calling thread's share (lab_read; prefetch_lab.cu's stand-in window). (Not in the CPU emulator,
+// which scripts/gpu/linear_lab_check.cpp runs the prototype below in.)
 #ifndef MMREG_EMULATE
-extern "C" __global__ void lab_read(const uint4* w, long long vectors, unsigned* sink) {
+__device__ unsigned lab_read_share(const uint4* w, long long vectors) {
   unsigned acc = 0;
   const long long stride = (long long)gridDim.x * blockDim.x;
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < vectors; i += 4 * stride) {
@@ -20,6 +21,11 @@ extern "C" __global__ void lab_read(const uint4* w, long long vectors, unsigned*
       acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
     }
   }
+  return acc;
+}
+
+extern "C" __global__ void lab_read(const uint4* w, long long vectors, unsigned* sink) {
+  const unsigned acc = lab_read_share(w, vectors);
   if (acc == 0x9e3779b9u) {
     sink[0] = acc;
   }

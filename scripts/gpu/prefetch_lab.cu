@@ -1,4 +1,4 @@
-// Lab kernels for scripts/gpu/prefetch_lab.py, compiled after csrc/fused_kernels.cu: can the weights of
+// Lab kernels for scripts/gpu/prefetch_lab.py, compiled after csrc/fused_kernels.cu and linear_lab.cu: can the weights of
 // the next product come into L2 while a decode step waits on latency (batch 1's attention and combine, the
 // norms), so that the product then reads part of them from L2?
 //
@@ -19,8 +19,8 @@ __device__ __forceinline__ unsigned long long lab_now() {
 extern "C" __global__ void lab_window(const uint4* kv, long long kv_vectors, const char* next,
                                       long long next_bytes, int mode, int piece, long long ns,
                                       unsigned* sink, long long period, long long take) {
-  // The bytes asked for: the first `take` of each `period` of next's first `next_bytes` (a prefix when
-  // period = next_bytes), periods dealt to the blocks in turn.
+  // The bytes asked for: the first `take` of each `period` of next's first `next_bytes` (all of them
+  // when take = period), periods dealt to the blocks in turn.
   const unsigned long long start = lab_now();
   const long long periods = (next_bytes + period - 1) / period;
   unsigned long long policy = 0;
@@ -49,19 +49,7 @@ extern "C" __global__ void lab_window(const uint4* kv, long long kv_vectors, con
       }
     }
   }
-  unsigned acc = 0;
-  const long long stride = (long long)gridDim.x * blockDim.x;
-  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < kv_vectors; i += 4 * stride) {
-    uint4 v[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      v[j] = i + j * stride < kv_vectors ? kv[i + j * stride] : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
-    }
-  }
+  const unsigned acc = lab_read_share(kv, kv_vectors);
   while (lab_now() - start < (unsigned long long)ns) {
   }
   if (acc == 0x9e3779b9u) {

@@ -29,7 +29,7 @@ CASES = [(c.split(":")[0], float(c.split(":")[1]), float(c.split(":")[2]), c.spl
 
 def main():
     major, minor = torch.cuda.get_device_capability()
-    text = lab.source(lab=False) + open(os.path.join(HERE, "prefetch_lab.cu")).read()
+    text = lab.source() + open(os.path.join(HERE, "prefetch_lab.cu")).read()  # (linear_lab.cu's read)
     cubin, _ = lab.compile_cubin(text, f"{major}{minor}")
     mod = lab.Module(cubin)
     window = mod.function("lab_window")
