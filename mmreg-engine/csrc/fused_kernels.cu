@@ -1506,23 +1506,6 @@ __device__ void linear_one_row_paired(typename D::T* y, const typename D::T* x, 
 #ifndef MMREG_FEW_UNROLL_8
 #define MMREG_FEW_UNROLL_8 4
 #endif
-// The same for the 8-row kernels with the SiLU and the rope epilogue (gate/up and q/k/v), and the
-// chunks of 32 a warp of the 8-row kernels asks into L2 before it waits for the kernel before it (the
-// first it will load: its first group's, then its next groups'; 0: one group, the default).
-#ifndef MMREG_FEW_UNROLL_8_SILU
-#define MMREG_FEW_UNROLL_8_SILU MMREG_FEW_UNROLL_8
-#endif
-#ifndef MMREG_FEW_UNROLL_8_ROPE
-#define MMREG_FEW_UNROLL_8_ROPE MMREG_FEW_UNROLL_8
-#endif
-#ifndef MMREG_FEW_PREFETCH_8
-#define MMREG_FEW_PREFETCH_8 0
-#endif
-// Whether a warp of the few-rows kernels asks its first chunks of the block's next tile into L2 in its
-// last group of a tile (1) or not (0, the default).
-#ifndef MMREG_FEW_NEXT_PREFETCH
-#define MMREG_FEW_NEXT_PREFETCH 0
-#endif
 constexpr int kFewWarps = MMREG_FEW_WARPS;
 constexpr int kFewTile = 16;
 constexpr int kFewUnroll = MMREG_FEW_UNROLL;
@@ -1593,9 +1576,8 @@ __device__ __forceinline__ void few_rows_products(float (&c)[2][4], const typena
 // keys and values at slot r.
 //
 // kMaxTiles = 1: a kernel for at most 8 rows of x, which needs fewer registers; it loads kUnroll chunks
-// at once where the 16-row kernel loads kFewUnroll. Before waiting for the kernel before it, each warp
-// asks the first kPrefetch chunks it will load of its first tile into L2 (0: kUnroll, its first group).
-template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll, int kPrefetch = 0>
+// at once where the 16-row kernel loads kFewUnroll.
+template <typename D, int kEpilogue, int kMaxTiles = 2, int kUnroll = kFewUnroll>
 __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const typename D::T* w,
                                 const typename D::T* bias, int m, long long n, long long k,
                                 const RopeStore<D>& rope) {
@@ -1624,9 +1606,8 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     return tile / per_head * 2 * half + tile % per_head * 8;
   };
 #pragma unroll
-  for (int j = 0; j < (kPrefetch > 0 ? kPrefetch : kUnroll); ++j) {
-    const long long group = j / kUnroll * (long long)kFewWarps * kUnroll + warp * kUnroll;
-    const long long first = first_of(blockIdx.x), at = (group + j % kUnroll) * 32LL + t * 8;
+  for (int u = 0; u < kUnroll; ++u) {
+    const long long first = first_of(blockIdx.x), at = (warp * kUnroll + u) * 32LL + t * 8;
     if (blockIdx.x < w_tiles && at < k) {
       prefetch_l2(w + min(first + g, n - 1) * k + at);
       prefetch_l2(w + min(first + g + partner, n - 1) * k + at);
@@ -1648,28 +1629,9 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     if (MMREG_EARLY_READS != 0 && kEpilogue == kRope && w_tile != blockIdx.x) {
       early = rope_inputs<D>(rope, first, m, n);
     }
-    const typename D::T *next_a = nullptr, *next_b = nullptr;
-    if (MMREG_FEW_NEXT_PREFETCH != 0 && w_tile + gridDim.x < w_tiles) {
-      const long long next = first_of(w_tile + gridDim.x);
-      next_a = w + min(next + g, n - 1) * k;
-      next_b = w + min(next + g + partner, n - 1) * k;
-    }
     float c[2][4] = {};
     for (long long group = warp * (long long)kUnroll; group < chunks;
          group += (long long)kFewWarps * kUnroll) {
-      // MMREG_FEW_NEXT_PREFETCH: in its last group of a tile, the warp asks its first group of the
-      // block's next tile into L2, so that the next tile's loads are under way across the barriers and
-      // the epilogue between the two.
-      if (MMREG_FEW_NEXT_PREFETCH != 0 && next_a != nullptr && group + (long long)kFewWarps * kUnroll >= chunks) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          const long long at = (warp * kUnroll + u) * 32LL + t * 8;
-          if (at < k) {
-            prefetch_l2(next_a + at);
-            prefetch_l2(next_b + at);
-          }
-        }
-      }
       // Every load of the group before the first product: predicated loads into zeroed registers.
       V wa[kUnroll], wb[kUnroll], xv[kUnroll][2];
 #pragma unroll
@@ -1763,23 +1725,23 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
 
 // The few-rows kernels (plain, SiLU and rope epilogues) for at most `tiles` tiles of 8 of x's rows,
 // loading `unroll` chunks a warp at once: linear_few_rows{,_silu,_rope}{eight}_{suffix}.
-#define MMREG_FEW_ROWS_KERNELS(D, suffix, eight, tiles, unroll, silu_unroll, rope_unroll, prefetch)  \
+#define MMREG_FEW_ROWS_KERNELS(D, suffix, eight, tiles, unroll)                                     \
   MMREG_KERNEL void linear_few_rows##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,         \
                                                       const D::T* bias, int m, long long n,        \
                                                       long long k) {                               \
-    linear_few_rows<D, 0, tiles, unroll, prefetch>(y, x, w, bias, m, n, k, RopeStore<D>{});        \
+    linear_few_rows<D, 0, tiles, unroll>(y, x, w, bias, m, n, k, RopeStore<D>{});                  \
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_silu##eight##_##suffix(D::T* y, const D::T* x, const D::T* w,    \
                                                            const D::T* bias, int m, long long n,   \
                                                            long long k) {                          \
-    linear_few_rows<D, kSiluMul, tiles, silu_unroll, prefetch>(y, x, w, bias, m, n, k, RopeStore<D>{}); \
+    linear_few_rows<D, kSiluMul, tiles, unroll>(y, x, w, bias, m, n, k, RopeStore<D>{});           \
   }                                                                                                \
   MMREG_KERNEL void linear_few_rows_rope##eight##_##suffix(                                        \
       D::T* y, const D::T* x, const D::T* w, const D::T* bias, int m, long long n, long long k,      \
       const D::T* cos, const D::T* sin, int rotated, int dim, D::T* key_cache, D::T* value_cache,     \
       const long long* slots, int kv_heads) {                                                      \
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
-    linear_few_rows<D, kRope, tiles, rope_unroll, prefetch>(y, x, w, bias, m, n, k, rope);         \
+    linear_few_rows<D, kRope, tiles, unroll>(y, x, w, bias, m, n, k, rope);                        \
   }
 
 #define MMREG_ATTENTION(D, suffix, R, G)                                                           \
@@ -1899,9 +1861,8 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
     const RopeStore<D> rope{cos, sin, rotated, dim, kv_heads, key_cache, value_cache, slots};      \
     linear_one_row_paired<D, kRope>(y, x, w, bias, n, k, rope);                                    \
   }                                                                                                \
-  MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll, kFewUnroll, kFewUnroll, 0)                   \
-  MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8, MMREG_FEW_UNROLL_8_SILU,             \
-                         MMREG_FEW_UNROLL_8_ROPE, MMREG_FEW_PREFETCH_8)                            \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, , 2, kFewUnroll)                                               \
+  MMREG_FEW_ROWS_KERNELS(D, suffix, _8, 1, MMREG_FEW_UNROLL_8)                                     \
   MMREG_KERNEL void silu_mul_vectors_##suffix(D::T* out, const D::T* gate_up, long long rows,       \
                                               long long cols) {                                    \
     begin_kernel();                                                                            \

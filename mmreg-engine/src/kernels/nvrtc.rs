@@ -124,12 +124,6 @@ mod shim {
     ///   while it multiplies the one before (1, the default) or loads each tile and then multiplies it.
     /// - `MMREG_FEW_UNROLL_8` (1 to 8): the chunks of 32 a warp of the 8-row few-rows kernels loads at
     ///   once (4 by default).
-    /// - `MMREG_FEW_UNROLL_8_SILU`, `MMREG_FEW_UNROLL_8_ROPE` (1 to 8): the same for the 8-row kernels
-    ///   with the SiLU and the rope epilogue alone (`MMREG_FEW_UNROLL_8`'s by default).
-    /// - `MMREG_FEW_PREFETCH_8` (1 to 32): the chunks of 32 a warp of the 8-row few-rows kernels asks
-    ///   into L2 before it waits for the kernel before it (its chunks loaded at once by default).
-    /// - `MMREG_FEW_NEXT_PREFETCH` (0 or 1): whether a warp of the few-rows kernels asks its first chunks
-    ///   of the block's next tile into L2 during its last group of a tile (0 by default).
     /// - `MMREG_EARLY_READS` (0 or 1): whether kernels read what kernels before the one just before them
     ///   wrote before they wait for it (the residual stream of RMSNorm, a step's slots, lengths, cos and
     ///   sin), and the few-rows kernels' rope epilogue reads its inputs before the tile's products (1, the
@@ -139,10 +133,6 @@ mod shim {
             ("MMREG_LINEAR_PREFETCH_RUNS", 1..=256),
             ("MMREG_ATTENTION_PIPELINE", 0..=1),
             ("MMREG_FEW_UNROLL_8", 1..=8),
-            ("MMREG_FEW_UNROLL_8_SILU", 1..=8),
-            ("MMREG_FEW_UNROLL_8_ROPE", 1..=8),
-            ("MMREG_FEW_PREFETCH_8", 1..=32),
-            ("MMREG_FEW_NEXT_PREFETCH", 0..=1),
             ("MMREG_EARLY_READS", 0..=1),
         ]
         .into_iter()
