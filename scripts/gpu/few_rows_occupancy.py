@@ -13,8 +13,7 @@ import linear_lab as lab  # noqa: E402
 
 major, minor = torch.cuda.get_device_capability()
 for entry in os.environ.get("DEFINES", "").split("|"):
-    defines = "".join(f"#define {d.split('=')[0]} {d.split('=')[1]}\n" for d in entry.split(",") if d)
-    cubin, log = lab.compile_cubin(defines + lab.source(lab=False), f"{major}{minor}")
+    cubin, log = lab.compile_cubin(lab.defines(entry) + lab.source(lab=False), f"{major}{minor}")
     regs = lab.registers(log)
     mod = lab.Module(cubin)
     for name in ("linear_few_rows_8_bf16", "linear_few_rows_silu_8_bf16", "linear_few_rows_rope_8_bf16"):

@@ -187,6 +187,11 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
                     nbytes, mod.resident(f, 256))
 
 
+def defines(entry):
+    """`#define` lines for an entry "NAME=V,NAME=V" ("" for none)."""
+    return "".join(f"#define {d.split('=')[0]} {d.split('=')[1]}\n" for d in entry.split(",") if d)
+
+
 def main():
     arch = "90"
     if "--compile-only" not in sys.argv:
@@ -195,8 +200,7 @@ def main():
     # (label, source): the working tree's kernels, each VARIANTS entry's defines on them, LANDED's.
     builds = [("", source())]  # (MMREG_FEW_WARPS in a variant also sets its launch's threads)
     for variant in [v for v in os.environ.get("VARIANTS", "").split("|") if v]:
-        defines = "".join(f"#define {d.split('=')[0]} {d.split('=')[1]}\n" for d in variant.split(","))
-        builds.append((variant, defines + source()))
+        builds.append((variant, defines(variant) + source()))
     if os.environ.get("LANDED"):
         builds.append(("landed", source(os.environ["LANDED"], lab=False)))
     compiled = []

@@ -1,6 +1,6 @@
-// Lab kernels for scripts/gpu/prefetch_lab.py, compiled after csrc/fused_kernels.cu and linear_lab.cu: can the weights of
-// the next product come into L2 while a decode step waits on latency (batch 1's attention and combine, the
-// norms), so that the product then reads part of them from L2?
+// Lab kernels for scripts/gpu/prefetch_lab.py, compiled after csrc/fused_kernels.cu and linear_lab.cu:
+// can the weights of the next product come into L2 while a decode step waits on latency (batch 1's
+// attention and combine, the norms), so that the product then reads part of them from L2?
 //
 // lab_window stands in for such a phase: each block reads its share of `kv` (the attention's keys and
 // values), then spins until `ns` nanoseconds have passed since it started. Before that, with mode != 0,
