@@ -674,6 +674,122 @@ fn paged_decode_attention_matches_softmax_attention_over_the_slots() {
 }
 
 #[test]
+fn rope_inside_decode_attention_equals_rope_and_store_then_the_attention() {
+    let _one_at_a_time = counting();
+    let fused_launches = || kernels::launches("rope_in_attention").expect("a family");
+    for mode in modes() {
+        let device = mode.device();
+        for kind in KINDS {
+            // LLaVA-1.5's heads (split in the emulator), eight such sequences (unsplit: six warps),
+            // and Mistral's grouping with contexts of several tiles a warp.
+            for (heads, kv_heads, dim, lengths) in [
+                (4, 4, 128, &[1i64, 9, 40, 23][..]),
+                (4, 4, 128, &[1, 9, 40, 23, 48, 2, 31, 17][..]),
+                (8, 2, 64, &[1, 9, 200, 123, 48, 2, 131, 17][..]),
+            ] {
+                let what = format!("{mode:?} {kind:?} {heads}/{kv_heads} heads of {dim}");
+                let sequences = lengths.len() as i64;
+                let width = (*lengths.iter().max().expect("lengths") + 7) / 8 * 8;
+                // Every position its own slot of the pool, scattered (389 is odd: a permutation of
+                // 1024), so that a sequence's new slot is no other's.
+                let pool = 1024;
+                let mut next = 0;
+                let slots: Vec<Vec<i64>> = lengths
+                    .iter()
+                    .map(|&len| {
+                        next += len;
+                        (next - len..next).map(|p| p * 389 % pool).collect()
+                    })
+                    .collect();
+                let padded: Vec<i64> = slots
+                    .iter()
+                    .flat_map(|s| {
+                        s.iter()
+                            .copied()
+                            .chain(std::iter::repeat_n(0, width as usize - s.len()))
+                    })
+                    .collect();
+                let new_slots: Vec<i64> = slots.iter().map(|s| s[s.len() - 1]).collect();
+                let (padded, lengths_t, new_slots) = (
+                    Tensor::from_slice(&padded).to_device(device),
+                    Tensor::from_slice(lengths).to_device(device),
+                    Tensor::from_slice(&new_slots).to_device(device),
+                );
+                let keys = random(&[pool, kv_heads, dim], kind, device, 21);
+                let values = random(&[pool, kv_heads, dim], kind, device, 22);
+                let qkv = random(&[sequences, heads + 2 * kv_heads, dim], kind, device, 23);
+                let (cos, sin) = rope_tables(sequences, dim, kind, device);
+                let scale = (dim as f64).powf(-0.5);
+                // Apart: rope_and_store, then the attention over the rotated queries.
+                let (mut keys_apart, mut values_apart) = (keys.copy(), values.copy());
+                let store = kernels::RopeStore {
+                    cos: &cos,
+                    sin: &sin,
+                    kv_heads,
+                    key_cache: &mut keys_apart,
+                    value_cache: &mut values_apart,
+                    slots: &new_slots,
+                    slack_rows: 0,
+                };
+                let apart = kernels::rope_and_store(&qkv, store).and_then(|roped| {
+                    kernels::paged_decode_attention(
+                        &roped.narrow(1, 0, heads),
+                        &keys_apart,
+                        &values_apart,
+                        &padded,
+                        &lengths_t,
+                        scale,
+                    )
+                });
+                // Together; switched off, or with the attention off the tensor cores, it does not
+                // run and writes nothing.
+                let together = |on: bool, tensor_cores: bool| {
+                    let (mut keys, mut values) = (keys.copy(), values.copy());
+                    let before = fused_launches();
+                    let out = kernels::with_tensor_core_attention(tensor_cores, || {
+                        kernels::with_rope_in_attention(on, || {
+                            kernels::rope_and_decode_attention(
+                                &qkv,
+                                &cos,
+                                &sin,
+                                &mut keys,
+                                &mut values,
+                                &padded,
+                                &lengths_t,
+                                scale,
+                            )
+                        })
+                    });
+                    (out, keys, values, fused_launches() - before)
+                };
+                for (on, tensor_cores) in [(false, true), (true, false)] {
+                    let (off, keys_off, values_off, launched) = together(on, tensor_cores);
+                    assert!(
+                        off.is_none() && launched == 0,
+                        "{what}: ran ({on}, {tensor_cores})"
+                    );
+                    assert_identical(&what, &keys_off, &keys);
+                    assert_identical(&what, &values_off, &values);
+                }
+                let (out, keys_on, values_on, launched) = together(true, true);
+                let applies = mode != Mode::Fallback && kind != Kind::Float;
+                let Some(out) = out else {
+                    assert!(!applies, "{what}: the fused kernel did not run");
+                    assert_identical(&what, &keys_on, &keys);
+                    assert_identical(&what, &values_on, &values);
+                    continue;
+                };
+                assert!(applies && launched == 1, "{what}: {launched} launches");
+                let apart = apart.expect("the kernels apart run where the fused one does");
+                assert_identical(&format!("{what}: output"), &out, &apart);
+                assert_identical(&format!("{what}: keys"), &keys_on, &keys_apart);
+                assert_identical(&format!("{what}: values"), &values_on, &values_apart);
+            }
+        }
+    }
+}
+
+#[test]
 fn fused_kernels_replay_inside_a_cuda_graph() {
     let _one_at_a_time = counting();
     if !mmreg_engine::cuda::graphs_available() {

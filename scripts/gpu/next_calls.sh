@@ -36,7 +36,9 @@
 #                                      ANCHOR_VARIANTS, "ENV=V|ENV=V", ANCHOR_REPEAT times, once by
 #                                      default) and the compiled-PyTorch anchor at batch 1, 8 and 32
 #                                      and again with its decode position on the device, gpt-fast's loop
-#                                      (ANCHOR_DEVICE_POS=0: not); the other GPU tests in what is left
+#                                      (ANCHOR_DEVICE_POS=0: not); with SAME_TOKENS ("ENV=V,ENV=V"),
+#                                      whether those switches generate the default's tokens (33
+#                                      requests); the other GPU tests in what is left
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -72,6 +74,36 @@ for model, rec in d["models"].items():
         keys = sorted(k for k in r if k.startswith(("prefill_bs", "decode_tok_per_s_bs", "decode_with_tail_tok_per_s_bs32")) and "embed" not in k
                       and isinstance(r[k], (int, float)))
         print(f"{p['label'][-70:]:70s}", " ".join(f"{k.replace('_tok_per_s', '')}={r[k]:.1f}" for k in keys))
+PY
+}
+
+# Whether the switches in $1 ("ENV=V,ENV=V") generate the default's tokens on LLaVA-1.5-7B (greedy, bf16,
+# CUDA graphs): 32 requests of the benchmark's prompt and image, 24 tokens each, so that the decode steps
+# take the 32-row path, then one more of 40 tokens that decodes alone at the end. Outputs and log in
+# $OUT/same-tokens.*.
+same_tokens() {
+  local reqs="$OUT/same-tokens.requests.jsonl" env side extra
+  python3 - "$reqs" <<'PY'
+import json, sys
+sys.path.insert(0, "scripts/gpu")
+from bench_common import IMAGE15, PROMPT15
+with open(sys.argv[1], "w") as f:
+    for i in range(33):
+        f.write(json.dumps({"prompt": PROMPT15, "images": [IMAGE15], "max_tokens": 24 if i < 32 else 40}) + "\n")
+PY
+  IFS=, read -ra env <<< "$1"
+  for side in default switched; do
+    extra=()
+    [ "$side" = switched ] && extra=("${env[@]}")
+    env "${extra[@]}" timeout 240 gpu-stage/run.sh mmreg generate --model /tmp/llava-1.5-7b --requests "$reqs" \
+      --device cuda --dtype bf16 > "$OUT/same-tokens.$side.jsonl" 2>> "$OUT/same-tokens.log"
+    echo "same tokens, $side: exit $? at $((SECONDS - start)) s"
+  done
+  python3 - "$OUT/same-tokens.default.jsonl" "$OUT/same-tokens.switched.jsonl" "$1" <<'PY'
+import json, sys
+a, b = ([json.loads(line).get("token_ids") for line in open(p)] for p in sys.argv[1:3])
+same = sum(x == y and x is not None for x, y in zip(a, b))
+print(f"same tokens with {sys.argv[3]}: {same} of {len(a)} requests ({len(b)} answered)")
 PY
 }
 
@@ -281,6 +313,8 @@ PY
     bench anchor "$((LIMIT - (SECONDS - start)))" "${winners[@]}" "${variants[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 \
       ANCHOR_TIMEOUT=400
     table anchor
+    # SAME_TOKENS ("ENV=V,ENV=V"): whether those switches generate the default's tokens.
+    [ -n "${SAME_TOKENS:-}" ] && same_tokens "$SAME_TOKENS"
     # The GPU tests in what is left of the call.
     left=$((LIMIT - (SECONDS - start)))
     if [ "$left" -gt 60 ]; then

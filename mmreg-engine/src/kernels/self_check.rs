@@ -213,12 +213,15 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             for (tensor_cores, six_warps) in [(false, false), (true, false), (true, true)] {
                 let out = with_six_warp_attention(six_warps, || {
                     with_tensor_core_attention(tensor_cores, || {
-                        k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale)
+                        k.paged_decode_attention(
+                            &query, &keys, &values, &padded, &lengths, scale, None,
+                        )
                     })
                 });
                 let what = format!(
                     "paged_decode_attention (tensor cores: {tensor_cores}, six warps: {six_warps})"
                 );
+                let out = out.ok_or_else(|| format!("{what}: not launched"))?;
                 compare(&what, &out, &expected)?;
             }
         }
