@@ -604,6 +604,7 @@ impl Kernels {
     /// projection before rope (its rows' keys and values follow the query heads): the tensor-core
     /// kernel rotates them and stores each sequence's new key and value at its last slot first. `None`
     /// where that kernel does not take the step (nothing launched).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn paged_decode_attention(
         &self,
         query: &Tensor,
