@@ -950,47 +950,6 @@ __device__ __forceinline__ void load_runs(Pack<unsigned, 4> (&runs)[N], const T*
   }
 }
 
-// The rope of a decode step inside its attention (see paged_decode_attention_mma_chunk's cos and sin):
-// `qkv` is a sequence's row of the stacked q/k/v projection before rope ([heads + 2 kv_heads, kDim]), cos
-// and sin the sequence's [kDim]. The block rotates its group's query heads into `rotated` ([group,
-// kDim]); the block whose chunk holds the sequence's last position (stored_slot >= 0, that position's
-// slot: the step's token) also rotates its key and stores it and its value there. The roundings are
-// rope_vectors's, so the caches and the attention equal rope_and_store's then the attention's. Ends with
-// a barrier: the block's loads of the caches come after the stores.
-template <typename D, int kDim>
-__device__ void rope_in_attention(typename D::T* rotated, const typename D::T* qkv,
-                                  const typename D::T* cos, const typename D::T* sin,
-                                  typename D::T* key_cache, typename D::T* value_cache,
-                                  long long stored_slot, int kv_head, int group, int heads,
-                                  int kv_heads) {
-  constexpr int kHalf = kDim / 2;
-  for (int i = threadIdx.x; i < group * kHalf; i += blockDim.x) {
-    const int h = i / kHalf, j = i % kHalf;
-    const typename D::T* x = qkv + (long long)(kv_head * group + h) * kDim;
-    typename D::T low = x[j], high = x[j + kHalf];
-    rotate_pair<D>(low, high, cos[j], cos[j + kHalf], sin[j], sin[j + kHalf]);
-    rotated[h * kDim + j] = low;
-    rotated[h * kDim + j + kHalf] = high;
-  }
-  if (stored_slot >= 0) {
-    const typename D::T* key = qkv + (long long)(heads + kv_head) * kDim;
-    const typename D::T* value = qkv + (long long)(heads + kv_heads + kv_head) * kDim;
-    const long long row = (stored_slot * kv_heads + kv_head) * kDim;
-    for (int j = threadIdx.x; j < kHalf; j += blockDim.x) {
-      typename D::T low = key[j], high = key[j + kHalf];
-      rotate_pair<D>(low, high, cos[j], cos[j + kHalf], sin[j], sin[j + kHalf]);
-      key_cache[row + j] = low;
-      key_cache[row + j + kHalf] = high;
-      value_cache[row + j] = value[j];
-      value_cache[row + j + kHalf] = value[j + kHalf];
-    }
-  }
-  __syncthreads();
-}
-
-// cos and sin (null: none) fuse the step's rope and cache write into the attention: q is then the stacked
-// q/k/v projection before rope, q_stride its row's elements, and cos, sin [sequences, kDim]
-// (rope_in_attention).
 template <typename D, int kDim, int W>
 __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, typename D::T* out,
                                                  float* partial_acc, float* partial_max,
@@ -998,8 +957,7 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
                                                  long long q_stride, const typename D::T* key_cache,
                                                  const typename D::T* value_cache, const long long* slots,
                                                  long long slot_stride, const long long* lengths,
-                                                 int heads, int kv_heads, float scale,
-                                                 const typename D::T* cos, const typename D::T* sin) {
+                                                 int heads, int kv_heads, float scale) {
   typedef Pack<unsigned, 4> Run;          // 8 elements as 4 words
   constexpr int kKeyRuns = kDim / 32;     // a lane's runs of a key row (its quarter)
   constexpr int kValueRuns = kDim / 64;   // a lane's runs of a value row (its eighth)
@@ -1030,21 +988,8 @@ __device__ void paged_decode_attention_mma_chunk(AttentionShared<8, W>& shared, 
     begin_kernel();
   }
 
-  const typename D::T* query_row = q + seq * q_stride + (long long)(kv_head * group + g) * kDim;
-  if (cos != nullptr) {
-    __shared__ Pack<typename D::T, kRun> rotated_runs[kMaxGroupDim / kRun];
-    typename D::T* rotated = reinterpret_cast<typename D::T*>(rotated_runs);
-    const long long last = lengths[seq] - 1;
-    // The caches are written here only at the step's own slots, which no other block reads.
-    rope_in_attention<D, kDim>(rotated, q + seq * q_stride, cos + seq * kDim, sin + seq * kDim,
-                               const_cast<typename D::T*>(key_cache),
-                               const_cast<typename D::T*>(value_cache),
-                               last >= begin && last < end ? seq_slots[last] : -1, kv_head, group, heads,
-                               kv_heads);
-    query_row = rotated + g * kDim;
-  }
   Run query[kKeyRuns];
-  load_runs(query, query_row + t * (kDim / 4), g < group);
+  load_runs(query, q + seq * q_stride + (long long)(kv_head * group + g) * kDim + t * (kDim / 4), g < group);
   if (MMREG_EARLY_READS == 0) {
     slot = slot_of(p0);
     second_slot = slot_of(p0 + step);
@@ -1197,17 +1142,16 @@ __device__ void paged_decode_attention_mma(AttentionShared<8, W>& shared, typena
                                            long long q_stride, const typename D::T* key_cache,
                                            const typename D::T* value_cache, const long long* slots,
                                            long long slot_stride, const long long* lengths, int heads,
-                                           int kv_heads, int dim, float scale, const typename D::T* cos,
-                                           const typename D::T* sin) {
+                                           int kv_heads, int dim, float scale) {
   if constexpr (D::kMma != 0) {
     if (dim == 64) {
       paged_decode_attention_mma_chunk<D, 64, W>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                  q_stride, key_cache, value_cache, slots, slot_stride,
-                                                 lengths, heads, kv_heads, scale, cos, sin);
+                                                 lengths, heads, kv_heads, scale);
     } else {
       paged_decode_attention_mma_chunk<D, 128, W>(shared, out, partial_acc, partial_max, partial_sum, q,
                                                   q_stride, key_cache, value_cache, slots, slot_stride,
-                                                  lengths, heads, kv_heads, scale, cos, sin);
+                                                  lengths, heads, kv_heads, scale);
     }
   }
 }
@@ -1872,28 +1816,27 @@ __device__ void linear_few_rows(typename D::T* y, const typename D::T* x, const 
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
-      float scale, int /* vectorized: the caller checks */, const D::T* cos, const D::T* sin) {  \
+      float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8> shared;                                                         \
     if (MMREG_EARLY_READS == 0) {                                                                 \
       begin_kernel();                                                                             \
     }                                                                                             \
     paged_decode_attention_mma<D, kWarps>(shared, out, partial_acc, partial_max, partial_sum, q,    \
                                           q_stride, key_cache, value_cache, slots, slot_stride,     \
-                                          lengths, heads, kv_heads, dim, scale, cos, sin);          \
+                                          lengths, heads, kv_heads, dim, scale);                    \
   }                                                                                                \
   MMREG_KERNEL void __launch_bounds__(kWideWarps * 32, 2) paged_decode_attention_mma_w6_##suffix( \
       D::T* out, float* partial_acc, float* partial_max, float* partial_sum, const D::T* q,          \
       long long q_stride, const D::T* key_cache, const D::T* value_cache, const long long* slots,    \
       long long slot_stride, const long long* lengths, int heads, int kv_heads, int dim,            \
-      float scale, int /* vectorized: the caller checks */, const D::T* cos, const D::T* sin) {  \
+      float scale, int /* vectorized: the caller checks */) {                                   \
     __shared__ AttentionShared<8, kWideWarps> shared;                                             \
     if (MMREG_EARLY_READS == 0) {                                                                 \
       begin_kernel();                                                                             \
     }                                                                                             \
     paged_decode_attention_mma<D, kWideWarps>(shared, out, partial_acc, partial_max, partial_sum,   \
                                               q, q_stride, key_cache, value_cache, slots,           \
-                                              slot_stride, lengths, heads, kv_heads, dim, scale,    \
-                                              cos, sin);                                            \
+                                              slot_stride, lengths, heads, kv_heads, dim, scale);   \
   }                                                                                                \
   MMREG_KERNEL void linear_one_row_##suffix(D::T* y, const D::T* x, const D::T* w,                  \
                                             const D::T* bias, long long n, long long k) {          \

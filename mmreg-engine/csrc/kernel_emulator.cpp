@@ -172,17 +172,6 @@ T arg(void** args, int i) {
         arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15));                                         \
   }
 
-// The tensor-core variants also take the rope's cos and sin (null: none).
-#define MMREG_EMULATED_ATTENTION_MMA_KERNEL(kernel, T)                                              \
-  [](void** a) {                                                                                      \
-    kernel(                                                                                           \
-        arg<T*>(a, 0), arg<float*>(a, 1), arg<float*>(a, 2), arg<float*>(a, 3), arg<const T*>(a, 4),  \
-        arg<long long>(a, 5), arg<const T*>(a, 6), arg<const T*>(a, 7), arg<const long long*>(a, 8),  \
-        arg<long long>(a, 9), arg<const long long*>(a, 10), arg<int>(a, 11), arg<int>(a, 12),         \
-        arg<int>(a, 13), arg<float>(a, 14), arg<int>(a, 15), arg<const T*>(a, 16),                    \
-        arg<const T*>(a, 17));                                                                        \
-  }
-
 #define MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, R)                                   \
   MMREG_EMULATED_ATTENTION(suffix, T, R, 1), MMREG_EMULATED_ATTENTION(suffix, T, R, 4), \
       MMREG_EMULATED_ATTENTION(suffix, T, R, 8)
@@ -222,7 +211,7 @@ T arg(void** args, int i) {
                                                arg<int>(a, 4), arg<int>(a, 5)); },                    \
   MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 8), MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 16),      \
   MMREG_EMULATED_ATTENTION_GROUPS(suffix, T, 32),                                                     \
-  MMREG_EMULATED_ATTENTION_MMA_KERNEL(paged_decode_attention_mma_##suffix, T),                            \
+  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_##suffix, T),                            \
   [](void** a) { linear_one_row_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<const T*>(a, 2),     \
                                          arg<const T*>(a, 3), arg<long long>(a, 4),                   \
                                          arg<long long>(a, 5)); },                                    \
@@ -257,7 +246,7 @@ T arg(void** args, int i) {
   [](void** a) { quick_gelu_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1), arg<long long>(a, 2)); },   \
   [](void** a) { quick_gelu_vectors_##suffix(arg<T*>(a, 0), arg<const T*>(a, 1),                     \
                                              arg<long long>(a, 2)); },                                \
-  MMREG_EMULATED_ATTENTION_MMA_KERNEL(paged_decode_attention_mma_w6_##suffix, T),                         \
+  MMREG_EMULATED_ATTENTION_KERNEL(paged_decode_attention_mma_w6_##suffix, T),                         \
   [](void** a) { add_layer_norm_vectors_##suffix(arg<T*>(a, 0), arg<T*>(a, 1), arg<const T*>(a, 2),   \
                                                  arg<const T*>(a, 3), arg<const T*>(a, 4),           \
                                                  arg<const T*>(a, 5), arg<int>(a, 6),                \

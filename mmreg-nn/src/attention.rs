@@ -101,9 +101,6 @@ impl Attention {
         rotary: &RotaryAt,
         step: &mut Step,
     ) -> Result<Tensor> {
-        if let Some(out) = self.rope_and_attend_decodes(qkv, rotary, step)? {
-            return Ok(out);
-        }
         match self.rope_store(rotary, step, |store| kernels::rope_and_store(qkv, store))? {
             Some(roped) => self.attend_roped(&roped, true, step),
             None => {
@@ -134,41 +131,6 @@ impl Attention {
                 self.forward_rotary(&qkv_proj.forward(x).view(shape), rotary, step)
             }
         }
-    }
-
-    /// A step of single-token decodes alone (every row one of the gathered decodes), where one kernel
-    /// rotates, stores the new keys and values and attends ([`kernels::rope_and_decode_attention`]): a
-    /// global layer, or one whose window hides none of the contexts. `None` where that kernel does not
-    /// run; nothing is then written.
-    fn rope_and_attend_decodes(
-        &self,
-        qkv: &Tensor,
-        rotary: &RotaryAt,
-        step: &mut Step,
-    ) -> Result<Option<Tensor>> {
-        let batch = step.batch();
-        let Some(gather) = &batch.decode_gather else {
-            return Ok(None);
-        };
-        let rows = gather.lengths.size()[0];
-        let decodes_alone = qkv.size()[0] == rows && batch.sequences.len() as i64 <= rows;
-        let cache = step.cache();
-        let global =
-            !cache.in_sliding_pool(self.layer) && self.window.is_none_or(|w| w >= gather.width);
-        if !(decodes_alone && global) {
-            return Ok(None);
-        }
-        let (keys, values) = cache.layer_mut(self.layer);
-        Ok(kernels::rope_and_decode_attention(
-            qkv,
-            &rotary.cos,
-            &rotary.sin,
-            keys,
-            values,
-            &gather.slots,
-            &gather.lengths,
-            self.scale,
-        ))
     }
 
     /// `f` of where this layer's new keys and values go in the step's cache, and their rotation.

@@ -12,9 +12,9 @@ use super::nvrtc;
 /// `rms_norm`, `add_rms_norm`, `silu_mul`, `rope`, `paged_decode_attention` (every variant),
 /// `linear`, `paged_decode_attention_mma` (the tensor-core variant alone), `linear_silu_mul` and
 /// `linear_rope_and_store`, `quick_gelu`, the tensor-core attention's six-warp variant alone,
-/// `add_layer_norm`, `argmax`, and the tensor-core attention with the step's rope inside.
-pub(super) static LAUNCHES: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
-pub(super) const FAMILIES: [&str; 14] = [
+/// `add_layer_norm` and `argmax`.
+pub(super) static LAUNCHES: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
+pub(super) const FAMILIES: [&str; 13] = [
     "rms_norm",
     "add_rms_norm",
     "silu_mul",
@@ -28,7 +28,6 @@ pub(super) const FAMILIES: [&str; 14] = [
     "paged_decode_attention_mma_w6",
     "add_layer_norm",
     "argmax",
-    "rope_in_attention",
 ];
 
 fn counted(family: usize) {
@@ -599,12 +598,6 @@ impl Kernels {
     /// `MAX_SPLITS` chunks, each at least a tile per warp of the padded width), and the chunks' partial
     /// results are then reduced by `paged_decode_combine`. The split depends only on the shapes (not
     /// on the lengths), so a CUDA graph replays it for any lengths.
-    ///
-    /// With `rope` (cos and sin `[sequences, dim]`), `query` is the queries of the stacked q/k/v
-    /// projection before rope (its rows' keys and values follow the query heads): the tensor-core
-    /// kernel rotates them and stores each sequence's new key and value at its last slot first. `None`
-    /// where that kernel does not take the step (nothing launched).
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn paged_decode_attention(
         &self,
         query: &Tensor,
@@ -613,8 +606,7 @@ impl Kernels {
         slots: &Tensor,
         lengths: &Tensor,
         scale: f64,
-        rope: Option<(&Tensor, &Tensor)>,
-    ) -> Option<Tensor> {
+    ) -> Tensor {
         let [sequences, heads, dim] = query.size()[..] else {
             unreachable!("checked by kernels::paged_decode_attention")
         };
@@ -647,9 +639,6 @@ impl Kernels {
             && aligned(query, 16)
             && query.stride()[0] % RUN == 0
             && matches!(query.kind(), Kind::BFloat16 | Kind::Half);
-        if rope.is_some() && !mma {
-            return None;
-        }
         let (variant, tile) = if mma {
             (ATTENTION_VARIANTS - 1, MMA_TILE)
         } else {
@@ -694,7 +683,7 @@ impl Kernels {
         let (mut q_stride, mut width) = (query.stride()[0], width);
         let (mut heads32, mut kv_heads32, mut dim32) = (heads as i32, kv_heads as i32, dim as i32);
         let (mut scale, mut vectorized) = (scale as f32, vectorized as i32);
-        let args = [
+        let mut args = [
             arg!(out_p),
             arg!(acc_p),
             arg!(max_p),
@@ -712,19 +701,10 @@ impl Kernels {
             arg!(scale),
             arg!(vectorized),
         ];
-        // The tensor-core kernels also take the rope's cos and sin (null: none).
-        let (mut cos_p, mut sin_p) = rope.map_or((null, null), |(cos, sin)| (ptr(cos), ptr(sin)));
-        let mut args: Vec<*mut c_void> = args.into_iter().collect();
-        if mma {
-            args.extend([arg!(cos_p), arg!(sin_p)]);
-        }
         self.launch(k.0[function], (blocks, splits), warps * 32, &mut args);
         counted(4);
         if mma {
             counted(6);
-        }
-        if rope.is_some() {
-            counted(13);
         }
         if wide {
             counted(10);
@@ -742,7 +722,7 @@ impl Kernels {
             let block = warps_for(dim, BLOCK);
             self.launch(k.0[COMBINE], (sequences * heads, 1), block, &mut args);
         }
-        Some(out)
+        out
     }
 
     /// Whether one row of `x` takes the 8-row few-rows kernels (bf16 and f16 on the tensor cores, unless

@@ -350,18 +350,6 @@ pub fn paged_decode_attention(
     lengths: &Tensor,
     scale: f64,
 ) -> Option<Tensor> {
-    let k = decode_attention_for(query, key_cache, value_cache, slots, lengths)?;
-    k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale, None)
-}
-
-/// The kernels that take [`paged_decode_attention`]'s arguments, or `None` (see there).
-fn decode_attention_for(
-    query: &Tensor,
-    key_cache: &Tensor,
-    value_cache: &Tensor,
-    slots: &Tensor,
-    lengths: &Tensor,
-) -> Option<&'static Kernels> {
     let k = fused_for(&[key_cache, value_cache])?;
     let [sequences, heads, dim] = query.size()[..] else {
         return None;
@@ -388,66 +376,15 @@ fn decode_attention_for(
     let indices_fit = [slots, lengths]
         .iter()
         .all(|t| readable_indices(t, query.device()));
-    (shapes_fit && row_contiguous && same && indices_fit).then_some(k)
-}
-
-/// [`rope_and_store`] then [`paged_decode_attention`] in one kernel, for a step of one new token per
-/// sequence: `qkv` `[sequences, heads + 2 kv_heads, dim]` is the stacked q/k/v projection before rope,
-/// `cos`/`sin` `[sequences, dim]`. Each block rotates its query heads, the block whose chunk holds a
-/// sequence's last position rotates that position's key and stores it and its value at the position's
-/// slot (`slots[seq * width + lengths[seq] - 1]`, which must be the step's new slot), and they attend.
-/// The caches and the output equal the two kernels' (the same roundings). `None` where it does not run
-/// (nothing is written): where [`paged_decode_attention`] would not take its tensor-core kernel, and
-/// unless `MMREG_ROPE_IN_ATTENTION=1` ([`with_rope_in_attention`]); the caller then stores and attends
-/// apart. Saves the rope kernel between a cuBLAS q/k/v product and the attention (steps of more
-/// sequences than the few-rows products take, whose epilogue rotates and stores).
-#[allow(clippy::too_many_arguments)]
-pub fn rope_and_decode_attention(
-    qkv: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    key_cache: &mut Tensor,
-    value_cache: &mut Tensor,
-    slots: &Tensor,
-    lengths: &Tensor,
-    scale: f64,
-) -> Option<Tensor> {
-    if !rope_in_attention() {
+    if !(shapes_fit && row_contiguous && same && indices_fit) {
         return None;
     }
-    fused_for(&[cos, sin, &*key_cache, &*value_cache])?;
-    let [sequences, stacked, dim] = qkv.size()[..] else {
-        return None;
-    };
-    let kv_heads = key_cache.size().get(1).copied().unwrap_or(0);
-    let heads = stacked - 2 * kv_heads;
-    let fits = kv_heads > 0
-        && heads > 0
-        && cos.size() == [sequences, dim]
-        && sin.size() == [sequences, dim]
-        && qkv.kind() == cos.kind()
-        && qkv.device() == cos.device()
-        && qkv.stride()[1..] == [dim, 1];
-    if !fits {
-        return None;
-    }
-    let query = qkv.narrow(1, 0, heads);
-    let k = decode_attention_for(&query, key_cache, value_cache, slots, lengths)?;
-    k.paged_decode_attention(
-        &query,
-        key_cache,
-        value_cache,
-        slots,
-        lengths,
-        scale,
-        Some((cos, sin)),
-    )
+    Some(k.paged_decode_attention(query, key_cache, value_cache, slots, lengths, scale))
 }
 
 thread_local! {
     static TENSOR_CORE_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
     static SIX_WARP_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
-    static ROPE_IN_ATTENTION: Cell<Option<bool>> = const { Cell::new(None) };
 }
 
 type ThreadSwitch = std::thread::LocalKey<Cell<Option<bool>>>;
@@ -491,22 +428,6 @@ fn tensor_core_attention() -> bool {
         &FROM_ENV,
         "MMREG_DECODE_ATTENTION_MMA",
     )
-}
-
-/// Runs `f` with the rope inside the decode attention switched `on` on this thread (over
-/// `MMREG_ROPE_IN_ATTENTION`), then restores the thread's setting: the tests run both.
-#[doc(hidden)]
-pub fn with_rope_in_attention<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    with_switch(&ROPE_IN_ATTENTION, on, f)
-}
-
-/// Whether [`rope_and_decode_attention`] runs: this thread's override, else if
-/// `MMREG_ROPE_IN_ATTENTION` is `1` (read once). Off until measured on a GPU.
-fn rope_in_attention() -> bool {
-    static FROM_ENV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    ROPE_IN_ATTENTION.with(Cell::get).unwrap_or_else(|| {
-        *FROM_ENV.get_or_init(|| std::env::var("MMREG_ROPE_IN_ATTENTION").is_ok_and(|v| v == "1"))
-    })
 }
 
 /// Runs `f` with the tensor-core attention's six-warp blocks switched `on` on this thread (over

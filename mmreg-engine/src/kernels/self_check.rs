@@ -187,12 +187,12 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
         )?;
         // Sequences of 3 and 37 slots (padded to 40, which the GPU's kernels split in two chunks), then
         // of 3 and 20 (padded to 24: one chunk), scattered over a pool of 50, 2 query heads per
-        // key/value head, query rows strided. Each sequence's last slot is no other's.
+        // key/value head, query rows strided.
         let (keys, values) = (w(&[50, 2, 64], 0.8), w(&[50, 2, 64], 0.9));
         let query = w(&[2, 8, 64], 1.0).narrow(1, 0, 4);
         for (long, width) in [(37, 40), (20, 24)] {
             let slots = [
-                vec![7, 3, 45],
+                vec![7, 3, 41],
                 (0..long).map(|p| (p * 11 + 5) % 50).collect(),
             ];
             let padded: Vec<i64> = slots
@@ -213,52 +213,13 @@ pub(super) fn check_kernels(k: &Kernels, device: Device) -> Result<(), String> {
             for (tensor_cores, six_warps) in [(false, false), (true, false), (true, true)] {
                 let out = with_six_warp_attention(six_warps, || {
                     with_tensor_core_attention(tensor_cores, || {
-                        k.paged_decode_attention(
-                            &query, &keys, &values, &padded, &lengths, scale, None,
-                        )
+                        k.paged_decode_attention(&query, &keys, &values, &padded, &lengths, scale)
                     })
                 });
                 let what = format!(
                     "paged_decode_attention (tensor cores: {tensor_cores}, six warps: {six_warps})"
                 );
-                let out = out.ok_or_else(|| format!("{what}: not launched"))?;
                 compare(&what, &out, &expected)?;
-            }
-            // The same step with its rope inside the tensor-core attention: the stacked rows (4 query
-            // heads, 2 keys, 2 values) before rope, each sequence's new key and value stored at its
-            // last slot (bf16 and f16).
-            if kind != Kind::Float {
-                let stacked = w(&[2, 8, 64], 1.0);
-                let (cos, sin) = (w(&[2, 64], 1.6), w(&[2, 64], 1.7));
-                let (fused_keys, fused_values) = (keys.copy(), values.copy());
-                let out = with_tensor_core_attention(true, || {
-                    k.paged_decode_attention(
-                        &stacked.narrow(1, 0, 4),
-                        &fused_keys,
-                        &fused_values,
-                        &padded,
-                        &lengths,
-                        scale,
-                        Some((&cos, &sin)),
-                    )
-                });
-                let out = out.ok_or("rope inside the attention: not launched")?;
-                let roped = unfused::rope(&stacked, &cos, &sin, 6);
-                let last = on_device(&[slots[0][2], slots[1][long as usize - 1]]);
-                let (keys, values) = (
-                    keys.index_copy(0, &last, &roped.narrow(1, 4, 2)),
-                    values.index_copy(0, &last, &roped.narrow(1, 6, 2)),
-                );
-                let expected = unfused::decode_attention(
-                    &roped.narrow(1, 0, 4),
-                    &keys,
-                    &values,
-                    &slots,
-                    scale,
-                );
-                compare("rope inside the attention", &out, &expected)?;
-                compare("rope inside the attention's keys", &fused_keys, &keys)?;
-                compare("rope inside the attention's values", &fused_values, &values)?;
             }
         }
     }
