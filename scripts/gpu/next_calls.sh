@@ -79,10 +79,12 @@ PY
 
 # Whether the switches in $1 ("ENV=V,ENV=V") generate the default's tokens on LLaVA-1.5-7B (greedy, bf16,
 # CUDA graphs): 32 requests of the benchmark's prompt and image, 24 tokens each, so that the decode steps
-# take the 32-row path, then one more of 40 tokens that decodes alone at the end. The default runs twice
-# (the control), and the tuned products are off on every side (MMREG_TUNED_GEMM=0) unless $1 sets them:
-# each process times and picks its own, so two processes may round differently (likely why run 123 saw 4
-# of 33 requests change with a switch whose kernels were bit-equal in the tests). Outputs and log in
+# take the 32-row path, then one more of 40 tokens that decodes alone at the end. Not a test of equality:
+# the request whose prompt the prefill budget splits in two steps rounds differently, and which one that
+# is depends on the order the workers finish preprocessing (runs 124 and 127: 31 of 33 the same between
+# two processes as they run). So the default runs twice (the control), and the tuned products, which
+# round each prefill step's rows by their own pick, are off on every side (MMREG_TUNED_GEMM=0) unless $1
+# sets them. A switch is suspect where it changes more requests than the control. Outputs and log in
 # $OUT/same-tokens.*.
 same_tokens() {
   local reqs="$OUT/same-tokens.requests.jsonl" env side extra
