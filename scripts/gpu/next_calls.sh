@@ -37,8 +37,9 @@
 #                                      default) and the compiled-PyTorch anchor at batch 1, 8 and 32
 #                                      and again with its decode position on the device, gpt-fast's loop
 #                                      (ANCHOR_DEVICE_POS=0: not); with SAME_TOKENS ("ENV=V,ENV=V"),
-#                                      whether those switches generate the default's tokens (33
-#                                      requests); the other GPU tests in what is left
+#                                      the tokens of 33 requests with those switches against the
+#                                      default's, run twice (see same_tokens); the other GPU tests in
+#                                      what is left
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -87,20 +88,23 @@ PY
 # sets them. A switch is suspect where it changes more requests than the control. Outputs and log in
 # $OUT/same-tokens.*.
 same_tokens() {
-  local reqs="$OUT/same-tokens.requests.jsonl" env side extra
-  python3 - "$reqs" <<'PY'
+  local reqs="$OUT/same-tokens.requests.jsonl" model env side extra
+  # The requests, and the checkpoint the benchmark made (its path, printed).
+  model=$(python3 - "$reqs" <<'PY'
 import json, sys
 sys.path.insert(0, "scripts/gpu")
-from bench_common import IMAGE15, PROMPT15
+from bench_common import IMAGE15, LLAVA, PROMPT15
 with open(sys.argv[1], "w") as f:
     for i in range(33):
         f.write(json.dumps({"prompt": PROMPT15, "images": [IMAGE15], "max_tokens": 24 if i < 32 else 40}) + "\n")
+print(LLAVA)
 PY
+)
   IFS=, read -ra env <<< "MMREG_TUNED_GEMM=0,$1"
   for side in default again switched; do
     extra=("${env[0]}")
     [ "$side" = switched ] && extra=("${env[@]}")
-    env "${extra[@]}" timeout 240 gpu-stage/run.sh mmreg generate --model /tmp/llava-1.5-7b --requests "$reqs" \
+    env "${extra[@]}" timeout 240 gpu-stage/run.sh mmreg generate --model "$model" --requests "$reqs" \
       --device cuda --dtype bf16 > "$OUT/same-tokens.$side.jsonl" 2>> "$OUT/same-tokens.log"
     echo "same tokens, $side: exit $? at $((SECONDS - start)) s"
   done
@@ -321,7 +325,6 @@ PY
     bench anchor "$((LIMIT - (SECONDS - start)))" "${winners[@]}" "${variants[@]}" MODELS=LLaVA-1.5-7B BATCHES=1,8,32 ANCHOR=1 \
       ANCHOR_TIMEOUT=400
     table anchor
-    # SAME_TOKENS ("ENV=V,ENV=V"): whether those switches generate the default's tokens.
     [ -n "${SAME_TOKENS:-}" ] && same_tokens "$SAME_TOKENS"
     # The GPU tests in what is left of the call.
     left=$((LIMIT - (SECONDS - start)))
