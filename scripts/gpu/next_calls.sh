@@ -40,6 +40,7 @@
 #                                      the tokens of 33 requests with those switches against the
 #                                      default's, run twice (see same_tokens); the other GPU tests in
 #                                      what is left
+# ONLY_H200=1 (any mode): nothing runs unless the card is an H200.
 # Raw files (JSON and logs) land in $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -50,6 +51,14 @@ export ANCHOR_DEADLINE=$(($(date +%s) + LIMIT - 5))
 mkdir -p "$OUT"
 start=$SECONDS
 echo "staged: $(cat gpu-stage/commit)"
+# ONLY_H200=1: run nothing unless the card is an H200 (the targets' card), so that a start that gets
+# another card costs only its start.
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+echo "card: ${card:-unknown}"
+if [ -n "${ONLY_H200:-}" ] && [[ "$card" != *H200* ]]; then
+  echo "ONLY_H200: not an H200, nothing run"
+  exit 0
+fi
 
 # quick_bench.py for one model and its batches under a time limit, its log and JSON kept as $1.*.
 bench() {
