@@ -236,7 +236,8 @@ def agreement(ckpt, image, prompt_ids, hf_tokens, hf_top5, fused=False):
 
 def floor(model):
     """The batch-1 decode floor: the decoder's and LM head's weights (what a decode step reads) read once, at
-    the read bandwidth measured here (sum over a 4 GiB bf16 tensor)."""
+    the read bandwidth measured here (sum over a 4 GiB bf16 tensor); and the KV cache's bytes a position, for
+    the floor at larger batches (scripts/floor_shares.py)."""
     weights = sum(p.numel() * p.element_size()
                   for part in (model.model.language_model, model.lm_head) for p in part.parameters())
     x = torch.ones(2**31, dtype=torch.bfloat16, device="cuda")
@@ -250,7 +251,15 @@ def floor(model):
     torch.cuda.synchronize()
     bandwidth = 20 * x.numel() * x.element_size() / (start.elapsed_time(end) / 1000)
     del x
+    # Keys and values a position (what attention reads per sequence besides the weights): the floor at
+    # batch b and context c is b x bandwidth / (weights + b x c x this), scripts/floor_shares.py.
+    text = model.config.text_config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    element = next(model.lm_head.parameters()).element_size()
     res = {"bandwidth_bytes_per_s": bandwidth, "decode_weight_bytes": weights,
+           "kv_bytes_per_token": text.num_hidden_layers * 2 * kv_heads * head_dim * element,
            "decode_tok_per_s_bs1": bandwidth / weights,
            "what": "decoder + LM head weights read once per token at the read bandwidth of a 4 GiB sum"}
     print("floor", res, flush=True)
