@@ -4,17 +4,20 @@ Usage: python3 scripts/plot_decode.py docs/bench-runs/RUN-bench.json [MORE.json 
        [--out docs/img/decode-throughput.png] [--skip TEXT ...]
 Every peer of the model in each file (bench.py's and quick_bench.py's JSON: mmreg with each set of switches,
 HF transformers, the compiled-PyTorch anchor) becomes a line labelled as the file labels it, and the
-batch-1 floor (weights read once per token at the bandwidth measured in the run) a horizontal line where the
-file has it; --skip leaves out the peers whose label contains a given text (a switch measured and removed).
+bandwidth floor at each batch (the weights and each sequence's keys and values read once a step at the
+bandwidth measured in the run, scripts/floor_shares.py) a dashed line where the file has it; --skip leaves out the peers whose label contains a given text (a switch measured and removed).
 Older files are read too: {"hf", "mmreg"} (qwen2_vl_7b.py and the parity scripts) and quick_bench's {"runs"},
 labelled by their keys. No figure is typed in here.
 """
-import argparse, json, os, re, textwrap
+import argparse, json, os, re, sys, textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from floor_shares import GEN, KV_BYTES, floor_tok_per_s  # noqa: E402
 
 STYLE = {"mmreg": "o-", "hf": "s-", "anchor": "v-."}
 
@@ -32,11 +35,13 @@ def peers(doc, model):
     return []
 
 
-def floor(doc, model):
+def floor(doc, model, batches, prompt):
+    """The floor at each of `batches` (tokens/s), or None where the file has no floor record or no prompt."""
     f = doc.get("models", {}).get(model, {}).get("floor")
-    if f and "bandwidth_bytes_per_s" in f and "decode_weight_bytes" in f:
-        return f["bandwidth_bytes_per_s"] / f["decode_weight_bytes"]
-    return None
+    kv = (f or {}).get("kv_bytes_per_token") or KV_BYTES.get(model)
+    if not f or "bandwidth_bytes_per_s" not in f or "decode_weight_bytes" not in f or not kv or not prompt:
+        return None
+    return [floor_tok_per_s(f, kv, b, prompt + GEN / 2) for b in batches]
 
 
 def decode(result):
@@ -56,6 +61,7 @@ def main():
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for name, doc in docs:
         tag = f" [{name}]" if len(docs) > 1 else ""
+        measured = set()
         for kind, label, result in peers(doc, args.model):
             if any(text in label for text in args.skip):
                 continue
@@ -63,9 +69,14 @@ def main():
             if batches:
                 style = ":^" if "graphs off" in label else STYLE.get(kind, "o-")
                 ax.plot(batches, values, style, label=textwrap.fill(label + tag, 90))
-        f = floor(doc, args.model)
+                measured.update(batches)
+        prompt = next((r.get("prompt_tokens") for _, _, r in peers(doc, args.model) if r.get("prompt_tokens")), None)
+        batches = sorted(measured)
+        f = floor(doc, args.model, batches, prompt)
         if f:
-            ax.axhline(f, color="gray", ls="--", lw=1, label=f"batch-1 bandwidth floor ({f:.0f} tok/s){tag}")
+            ax.plot(batches, f, "--", color="gray", lw=1,
+                    label=f"bandwidth floor: weights and KV read once a step ({f[0]:.0f} tok/s at batch "
+                          f"{batches[0]}){tag}")
     if not ax.lines:
         raise SystemExit(f"no decode figures for {args.model} in {args.files}")
     first = docs[0][1]
