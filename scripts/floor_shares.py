@@ -6,7 +6,7 @@ context is the prompt plus half of the GEN new tokens (the mean over the decode 
 bytes come from the file's `floor` record (bench_common.floor, measured on the card in the same call); the KV
 bytes a position from that record too (runs from session 39 on), else from the model's shape below. No
 figure is typed in: every number printed is computed from the file.
-Usage: python3 scripts/floor_shares.py docs/bench-runs/RUN.json [...]
+Usage: python3 scripts/floor_shares.py docs/bench-runs/RUN.json [...] [--width 70]
 """
 import argparse, json, sys
 
@@ -49,6 +49,7 @@ def rows(doc):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+")
+    parser.add_argument("--width", type=int, help="labels cut to their last WIDTH characters (where peers differ)")
     args = parser.parse_args()
     for path in args.files:
         doc = json.load(open(path))
@@ -58,6 +59,7 @@ def main():
         print("| model | peer | batch | decode tok/s | floor | share |")
         print("|---|---|---|---|---|---|")
         for model, label, batch, value, best, share in sorted(rows(doc), key=lambda r: (r[0], r[1], r[2])):
+            label = label[-args.width:] if args.width else label
             print(f"| {model} | {label} | {batch} | {value:.1f} | {best:.0f} | {share:.0%} |")
 
 

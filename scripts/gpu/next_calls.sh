@@ -85,6 +85,8 @@ for model, rec in d["models"].items():
                       and isinstance(r[k], (int, float)))
         print(f"{p['label'][-70:]:70s}", " ".join(f"{k.replace('_tok_per_s', '')}={r[k]:.1f}" for k in keys))
 PY
+  # Each decode figure's share of its bandwidth floor (weights and KV), from the same file.
+  [ -f "$OUT/$1.json" ] && python3 scripts/floor_shares.py --width 70 "$OUT/$1.json" | grep -v '^|---'
 }
 
 # Whether the switches in $1 ("ENV=V,ENV=V") generate the default's tokens on LLaVA-1.5-7B (greedy, bf16,
