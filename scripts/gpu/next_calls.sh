@@ -55,7 +55,7 @@ echo "staged: $(cat gpu-stage/commit)"
 # another card costs only its start.
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 echo "card: ${card:-unknown}"
-if [ -n "${ONLY_H200:-}" ] && [[ "$card" != *H200* ]]; then
+if [ "${ONLY_H200:-0}" = 1 ] && [[ "$card" != *H200* ]]; then
   echo "ONLY_H200: not an H200, nothing run"
   exit 0
 fi
