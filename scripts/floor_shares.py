@@ -8,7 +8,7 @@ bytes a position from that record too (runs from session 39 on), else from the m
 figure is typed in: every number printed is computed from the file.
 Usage: python3 scripts/floor_shares.py docs/bench-runs/RUN.json [...] [--width 70]
 """
-import argparse, json, sys
+import argparse, json
 
 GEN = 128  # tokens generated per request (bench_common.GEN)
 # Keys and values a position, in bytes, for runs whose floor record predates `kv_bytes_per_token`:
@@ -19,31 +19,29 @@ KV_BYTES = {
 }
 
 
-def floor_tok_per_s(floor, kv_bytes, batch, context):
-    """Tokens/s at `batch` if a step took only the time to read its bytes at the measured bandwidth."""
-    step_bytes = floor["decode_weight_bytes"] + batch * context * kv_bytes
+def floor_tok_per_s(doc, model, batch, prompt):
+    """Tokens/s at `batch` if a decode step of `model` (a prompt of `prompt` tokens) took only the time to read
+    its bytes at the bandwidth the file measured; None where the file has no floor or the KV size is unknown."""
+    floor = doc.get("models", {}).get(model, {}).get("floor") or {}
+    kv = floor.get("kv_bytes_per_token") or KV_BYTES.get(model)
+    if "bandwidth_bytes_per_s" not in floor or "decode_weight_bytes" not in floor or not kv or not prompt:
+        return None
+    step_bytes = floor["decode_weight_bytes"] + batch * (prompt + GEN / 2) * kv
     return batch * floor["bandwidth_bytes_per_s"] / step_bytes
 
 
 def rows(doc):
     """(model, peer label, batch, tok/s, floor tok/s, share) for each decode figure of the file."""
     for model, rec in doc.get("models", {}).items():
-        floor = rec.get("floor")
-        if not floor:
-            continue
-        kv = floor.get("kv_bytes_per_token") or KV_BYTES.get(model)
-        if kv is None:
-            print(f"{model}: no KV size known; skipped", file=sys.stderr)
-            continue
         for peer in rec.get("peers", []):
             result = peer.get("result", {})
-            prompt = result.get("prompt_tokens")
             for key, value in result.items():
-                if not key.startswith("decode_tok_per_s_bs") or not isinstance(value, (int, float)) or not prompt:
+                if not key.startswith("decode_tok_per_s_bs") or not isinstance(value, (int, float)):
                     continue
                 batch = int(key.removeprefix("decode_tok_per_s_bs"))
-                best = floor_tok_per_s(floor, kv, batch, prompt + GEN / 2)
-                yield model, peer["label"], batch, value, best, value / best
+                best = floor_tok_per_s(doc, model, batch, result.get("prompt_tokens"))
+                if best:
+                    yield model, peer["label"], batch, value, best, value / best
 
 
 def main():

@@ -5,7 +5,8 @@ Usage: python3 scripts/plot_decode.py docs/bench-runs/RUN-bench.json [MORE.json 
 Every peer of the model in each file (bench.py's and quick_bench.py's JSON: mmreg with each set of switches,
 HF transformers, the compiled-PyTorch anchor) becomes a line labelled as the file labels it, and the
 bandwidth floor at each batch (the weights and each sequence's keys and values read once a step at the
-bandwidth measured in the run, scripts/floor_shares.py) a dashed line where the file has it; --skip leaves out the peers whose label contains a given text (a switch measured and removed).
+bandwidth measured in the run, scripts/floor_shares.py) a dashed line where the file has it; --skip leaves
+out the peers whose label contains a given text (a switch measured and removed).
 Older files are read too: {"hf", "mmreg"} (qwen2_vl_7b.py and the parity scripts) and quick_bench's {"runs"},
 labelled by their keys. No figure is typed in here.
 """
@@ -17,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from floor_shares import GEN, KV_BYTES, floor_tok_per_s  # noqa: E402
+from floor_shares import floor_tok_per_s  # noqa: E402
 
 STYLE = {"mmreg": "o-", "hf": "s-", "anchor": "v-."}
 
@@ -33,15 +34,6 @@ def peers(doc, model):
     if doc.get("model", model) == model:
         return [(k, {"hf": "HF transformers", "mmreg": "mmreg"}[k], doc[k]) for k in ("hf", "mmreg") if k in doc]
     return []
-
-
-def floor(doc, model, batches, prompt):
-    """The floor at each of `batches` (tokens/s), or None where the file has no floor record or no prompt."""
-    f = doc.get("models", {}).get(model, {}).get("floor")
-    kv = (f or {}).get("kv_bytes_per_token") or KV_BYTES.get(model)
-    if not f or "bandwidth_bytes_per_s" not in f or "decode_weight_bytes" not in f or not kv or not prompt:
-        return None
-    return [floor_tok_per_s(f, kv, b, prompt + GEN / 2) for b in batches]
 
 
 def decode(result):
@@ -72,8 +64,8 @@ def main():
                 measured.update(batches)
         prompt = next((r.get("prompt_tokens") for _, _, r in peers(doc, args.model) if r.get("prompt_tokens")), None)
         batches = sorted(measured)
-        f = floor(doc, args.model, batches, prompt)
-        if f:
+        f = [floor_tok_per_s(doc, args.model, b, prompt) for b in batches]
+        if f and None not in f:
             ax.plot(batches, f, "--", color="gray", lw=1,
                     label=f"bandwidth floor: weights and KV read once a step ({f[0]:.0f} tok/s at batch "
                           f"{batches[0]}){tag}")
