@@ -61,8 +61,8 @@ pub struct SchedulerArgs {
 /// Chunked prefill on or off (`generate`, `serve`, `bench`), named as vLLM names it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChunkedPrefillArgs {
-    /// Split prompts over steps so that each step fills --max-num-batched-tokens: the default, kept as
-    /// vLLM's flag.
+    /// Split prompts over steps so that each step fills --max-num-batched-tokens, where that lets a
+    /// waiting prompt finish a step sooner: the default, kept as vLLM's flag.
     #[arg(long, conflicts_with = "no_enable_chunked_prefill")]
     pub enable_chunked_prefill: bool,
     /// Prefill each prompt in one step: a prompt that does not fit in what is left of a step waits for

@@ -44,9 +44,11 @@ pub struct EngineOptions {
     /// `max(max_num_batched_tokens, the largest item profiled)` is refused.
     pub max_num_batched_tokens: usize,
     /// Split a prompt over steps so that each step fills `max_num_batched_tokens` (vLLM's
-    /// `--enable-chunked-prefill`, on by default). Off, a prompt is prefilled in one step: one that does
-    /// not fit in what is left of a step's budget waits for the next step, and so do the prompts behind
-    /// it. A prompt longer than `max_num_batched_tokens` (which vLLM would refuse) is still split.
+    /// `--enable-chunked-prefill`, on by default), where that lets a waiting prompt finish a step sooner:
+    /// a prompt that fits a step of its own and would finish in the next step either way, with the
+    /// prompts behind it, goes whole in the next step. Off, a prompt is prefilled in one step: one that
+    /// does not fit in what is left of a step's budget waits for the next step, and so do the prompts
+    /// behind it. A prompt longer than `max_num_batched_tokens` (which vLLM would refuse) is still split.
     pub enable_chunked_prefill: bool,
     /// Reuse the KV-cache blocks of a prefix computed before (the hash of each block covers its tokens
     /// and the images in it).
@@ -680,9 +682,14 @@ impl Engine {
         canceller
     }
 
-    /// Runs requests together and returns their results in order.
+    /// Runs requests together and returns their results in order. An idle engine starts them as one
+    /// burst: until the last is submitted it counts as one more request being preprocessed, which the
+    /// scheduler's `burst_wait` waits for.
     pub fn generate(&self, requests: Vec<Request>) -> Vec<Result<Completion>> {
+        let preprocessing = &self.counters.preprocessing;
+        preprocessing.fetch_add(1, Ordering::SeqCst);
         let handles: Vec<_> = requests.into_iter().map(|r| self.submit(r)).collect();
+        preprocessing.fetch_sub(1, Ordering::SeqCst);
         handles.into_iter().map(RequestHandle::wait).collect()
     }
 }

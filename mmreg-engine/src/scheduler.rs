@@ -454,11 +454,15 @@ impl Scheduler {
                 seq.computed = seq.blocks.len() * block_size;
                 seq.registered = seq.blocks.len();
             }
-            // Without chunked prefill a prompt goes whole or waits for a step with room for it (as
-            // the sequences behind it do); only one longer than any step is still split.
+            // A prompt that does not fit what is left of the step but fits a step of its own goes
+            // whole in the next one (the sequences behind it wait with it): without chunked prefill
+            // always, with it unless splitting it now lets more waiting prompts finish a step sooner.
+            // Only a prompt longer than any step is split either way.
             let left = seq.len() - seq.computed;
-            let wait =
-                !self.chunked_prefill && left > budget && left <= self.max_num_batched_tokens;
+            let wait = left > budget
+                && left <= self.max_num_batched_tokens
+                && !(self.chunked_prefill && self.splitting_pays(budget, left));
+            let seq = self.waiting.front_mut().expect("front exists");
             let new = seq.chunk(budget);
             if wait || !grow(&mut self.pool, &mut self.sliding, seq, new) {
                 release(&mut self.pool, &mut self.sliding, seq);
@@ -483,6 +487,21 @@ impl Scheduler {
             });
         }
         plan
+    }
+
+    /// Whether the first waiting prompt, with `left` tokens to compute (more than the step's `room`),
+    /// should be split to fill the step rather than go whole in the next one: only if that lets more
+    /// of the waiting prompts finish by the end of the next step. A split costs its second part a
+    /// gather of the first part's keys and values and an attention of its own (2-3% of a burst of
+    /// LLaVA-NeXT prompts, docs/benchmarks.md, run 130), and buys nothing when the same prompts finish
+    /// in the same steps either way.
+    fn splitting_pays(&self, room: usize, left: usize) -> bool {
+        // The next step's room for prompts: its budget less a token for each sequence running now.
+        let next = self
+            .max_num_batched_tokens
+            .saturating_sub(self.running.len());
+        let lengths = std::iter::once(left).chain(self.waiting.iter().skip(1).map(Sequence::len));
+        prompts_finishing_sooner_if_split(room, next, lengths)
     }
 
     /// Schedules and runs one step. With async scheduling, a decode step whose rows need nothing but
@@ -1193,6 +1212,28 @@ impl Scheduler {
     }
 }
 
+/// Whether, of waiting prompts of `lengths` tokens left (in arrival order), more finish by the end of
+/// the next step when the first is split to fill this step's `room` than when it waits and goes whole:
+/// split, prompts finish next step while the running total stays within `room + next`; whole, while it
+/// stays within `next` (the next step's room for prompts).
+fn prompts_finishing_sooner_if_split(
+    room: usize,
+    next: usize,
+    lengths: impl IntoIterator<Item = usize>,
+) -> bool {
+    let mut total = 0;
+    for len in lengths {
+        total += len;
+        if total > room + next {
+            return false;
+        }
+        if total > next {
+            return true;
+        }
+    }
+    false
+}
+
 fn release(pool: &mut BlockPool, sliding: &mut Option<SlidingPool>, seq: &mut Sequence) {
     pool.release(&mut seq.blocks);
     if let Some(sliding) = sliding {
@@ -1373,4 +1414,27 @@ fn stop_string_at(text: &str, stops: &[String]) -> Option<usize> {
         .filter(|s| !s.is_empty())
         .filter_map(|s| text.find(s.as_str()))
         .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prompts_finishing_sooner_if_split as split_pays;
+
+    #[test]
+    fn a_split_pays_only_where_a_waiting_prompt_then_finishes_a_step_sooner() {
+        // LLaVA-NeXT's burst of eight 2,358-token prompts in 8,192-token steps: after three whole
+        // prompts 1,118 tokens are left; split or not, the next step finishes three more.
+        assert!(!split_pays(1118, 8189, [2358; 5]));
+        assert!(!split_pays(1115, 8186, [2358; 2]));
+        // 604-token prompts: after thirteen, 340 tokens are left, and splitting the fourteenth lets the
+        // next step finish fourteen prompts instead of thirteen.
+        assert!(split_pays(340, 8179, [604; 19]));
+        // A prompt longer than the next step's room can only be split.
+        assert!(split_pays(99, 99, [100]));
+        // Two 60-token prompts behind a running one: split, both finish next step; whole, one.
+        assert!(split_pays(40, 99, [60, 60]));
+        assert!(!split_pays(40, 99, [60]));
+        // Nothing waiting past the one that fits the next step: nothing gained.
+        assert!(!split_pays(20, 98, [40, 40]));
+    }
 }
