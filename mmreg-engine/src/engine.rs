@@ -319,7 +319,7 @@ pub struct EngineCounters {
     pub steps: AtomicUsize,
     /// Sequences evicted from the KV cache to make room, and recomputed later.
     pub preemptions: AtomicUsize,
-    /// Requests submitted but not yet preprocessed.
+    /// Requests submitted but not yet preprocessed and taken by the scheduler.
     pub preprocessing: AtomicUsize,
     /// Every step's shape and duration (for benchmarks), when enabled with `record_steps`.
     pub step_log: Mutex<Option<Vec<StepTiming>>>,
@@ -804,22 +804,29 @@ fn preprocess_loop(
                 panic,
             )))
         });
-        match outcome {
-            Ok(prepared) => {
-                if let Err(mpsc::SendError(ready)) = ready.send(Ready {
-                    prepared,
-                    params,
-                    events,
-                }) {
+        let handed_over = match outcome {
+            Ok(prepared) => match ready.send(Ready {
+                prepared,
+                params,
+                events,
+            }) {
+                Ok(()) => true,
+                Err(mpsc::SendError(ready)) => {
                     ready.events.send(Event::Failed(Error::Engine(
                         "the engine has stopped".into(),
                     )));
+                    false
                 }
-            }
+            },
             Err(error) => {
                 events.send(Event::Failed(error));
+                false
             }
+        };
+        // A request handed over is counted off by the scheduler as it takes it, so that a burst's wait
+        // never sees a request it already holds as still being preprocessed.
+        if !handed_over {
+            counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
         }
-        counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -337,6 +337,7 @@ impl Scheduler {
     }
 
     fn enqueue(&mut self, ready: Ready) {
+        self.counters.preprocessing.fetch_sub(1, Ordering::SeqCst);
         let items = ready.prepared.items.len();
         let span_hashes = ready
             .prepared

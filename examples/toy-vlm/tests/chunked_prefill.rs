@@ -66,9 +66,7 @@ fn burst(dir: &std::path::Path, requests: &[Request], chunked: bool) -> Vec<usiz
     let options = EngineOptions {
         max_num_batched_tokens: BUDGET,
         enable_chunked_prefill: chunked,
-        // Long enough for three token prompts' preprocessing on a loaded machine. (The wait can also
-        // run to its end: a worker counts its request done just after handing it over, and the
-        // scheduler may look at the count in between.)
+        // Long enough for three token prompts' preprocessing on a loaded machine.
         burst_wait: std::time::Duration::from_secs(2),
         ..EngineOptions::default()
     };
