@@ -180,7 +180,7 @@ LAB_ROWS32_W(8, 1)
 // pieces; piece c of row r is stored at c ^ (r % 8), so that the 8 rows an ldmatrix reads at once lie
 // in different banks. Dynamic: (kRows + 32) · kChunk · 2 · kStages bytes.
 #ifdef MMREG_EMULATE
-alignas(16) static unsigned char lab_smem[232448];
+alignas(1024) static unsigned char lab_smem[232448];
 namespace mmreg_emulator {
 // What ldmatrix.x4 gives the lane: from the 8 rows whose addresses lanes 8i..8i+7 hold (matrix i), the
 // 4 bytes at column 4·(lane % 4) of row lane / 4.
@@ -246,7 +246,98 @@ __device__ __forceinline__ void lab_ldmatrix_x4(unsigned (&r)[4], const unsigned
 #endif
 }
 
-template <int kRows, int kWarpRows, int kChunk, int kStages, bool kEvictFirst>
+// Hopper's warpgroup products (`wgmma`) for lab_rows32_s's kGmma form: both operands read from shared
+// memory, where the copies above already store a 64-element chunk of a row as 128 bytes whose 16-byte
+// piece c sits at c ^ (row % 8), which is wgmma's 128-byte swizzle of a K-major tile when the stage
+// starts on a 1024-byte boundary (the swizzle is a function of the address's bits 4-9). A warpgroup's
+// m64n32k16 takes 64 rows of w (A) and x's 32 rows (B), 16 elements of k, and adds to 16 f32 a thread:
+// with warp q of the warpgroup and lane (g, t), d[j][0..3] are (w row 16q + g, x row 8j + 2t),
+// (16q + g, 8j + 2t + 1), (16q + g + 8, 8j + 2t), (16q + g + 8, 8j + 2t + 1): mma_m16n8k16's layout,
+// so lab_each_sum reads them as it reads a warp of lab_rows32_s's 16-row tiles.
+
+// The first 1024-byte boundary at or after p (the stages' base: a wgmma tile's swizzle needs it).
+__device__ __forceinline__ unsigned char* lab_align1024(unsigned char* p) {
+#ifdef MMREG_EMULATE
+  const unsigned long long at = reinterpret_cast<unsigned long long>(p);
+#else
+  unsigned at;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(at) : "l"(p));
+#endif
+  return p + ((1024 - (at & 1023)) & 1023);
+}
+
+#ifdef MMREG_EMULATE
+namespace mmreg_emulator {
+// The bf16 at element e of row r of a 128-byte-swizzled K-major tile whose k-step starts at `tile` (its
+// 8-row groups 1024 bytes apart), as the hardware finds it: the address's bits 4-6 XORed with bits 7-9.
+inline float gmma_element(const unsigned char* tile, int r, int e) {
+  const unsigned long long linear = reinterpret_cast<unsigned long long>(tile) + (r / 8) * 1024 + (r % 8) * 128 + 2 * e;
+  const unsigned long long swizzled = linear ^ (((linear >> 7) & 7) << 4);
+  u16 v;
+  std::memcpy(&v, reinterpret_cast<const void*>(swizzled), 2);
+  return BF16::load(v);
+}
+}  // namespace mmreg_emulator
+#endif
+
+// d += A · Bᵀ for the warpgroup: A the 64 rows of w at `a`, B x's 32 rows at `b`, 16 elements of k
+// (each pointer a stage's tile plus 32 bytes a k-step).
+__device__ __forceinline__ void lab_gmma_m64n32k16(float (&d)[4][4], const unsigned char* a, const unsigned char* b) {
+#ifdef MMREG_EMULATE
+  const int q = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int j = 0; j < 4; ++j) {
+    for (int v = 0; v < 4; ++v) {
+      const int row = 16 * q + g + (v >= 2 ? 8 : 0), col = 8 * j + 2 * t + (v & 1);
+      float sum = d[j][v];
+      for (int e = 0; e < 16; ++e) {
+        sum += mmreg_emulator::gmma_element(a, row, e) * mmreg_emulator::gmma_element(b, col, e);
+      }
+      d[j][v] = sum;
+    }
+  }
+#else
+  auto descriptor = [](const unsigned char* tile) {
+    unsigned at;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(at) : "l"(tile));
+    // start address >> 4; leading byte offset 1 (unused by swizzled K-major tiles); stride byte offset
+    // 1024 >> 4 (8 rows of 128 bytes); swizzle mode 1 (128 bytes) in bits 62-63.
+    return (unsigned long long)((at & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+  };
+  const unsigned long long da = descriptor(a), db = descriptor(b);
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3])
+      : "l"(da), "l"(db), "r"(1));
+#endif
+}
+
+// Before a warpgroup's products: its registers' earlier writes ordered before them (wgmma.fence).
+__device__ __forceinline__ void lab_gmma_fence() {
+#ifndef MMREG_EMULATE
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+
+// After them: commit the group and wait until it is done (the accumulators readable, the stage free).
+__device__ __forceinline__ void lab_gmma_commit_and_wait() {
+#ifndef MMREG_EMULATE
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#endif
+}
+
+// The thread's landed asynchronous copies made visible to the async proxy, which wgmma reads through.
+__device__ __forceinline__ void lab_fence_proxy_async() {
+#ifndef MMREG_EMULATE
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+template <int kRows, int kWarpRows, int kChunk, int kStages, bool kEvictFirst, bool kGmma = false>
 __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k,
                              int splits) {
   constexpr int kTiles = kWarpRows / 16;           // a warp's 16-row tiles of w
@@ -255,6 +346,10 @@ __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial,
   constexpr int kStageBytes = (kRows + 32) * kRowBytes;
   constexpr int kThreads = kRows / kWarpRows * 32;
   static_assert(kPieces >= 8 && kRows % kWarpRows == 0, "a chunk of at least 64 elements");
+  static_assert(!kGmma || (kWarpRows == 16 && kChunk == 64 && kRows % 64 == 0),
+                "wgmma: a warpgroup a 64 rows of w, chunks of one 128-byte swizzle row");
+  // (wgmma's swizzled tiles: stages from a 1024-byte boundary, kStageBytes a multiple of 1024)
+  unsigned char* const smem = kGmma ? lab_align1024(lab_smem) : lab_smem;
   __shared__ unsigned last_shared;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const long long chunks = (k + kChunk - 1) / kChunk;
@@ -266,7 +361,7 @@ __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial,
   }
 #endif
   auto piece = [&](int stage, int row, int c) -> unsigned char* {
-    return lab_smem + stage * kStageBytes + row * kRowBytes + ((c ^ (row & 7)) * 16);
+    return smem + stage * kStageBytes + row * kRowBytes + ((c ^ (row & 7)) * 16);
   };
   // The copies' walk over (item, chunk) runs kStages - 1 chunks ahead of the products'.
   long long load_item = blockIdx.x, load_chunk = 0, load_end = 0;
@@ -319,8 +414,22 @@ __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial,
 #pragma unroll 1
     for (long long chunk = begin; chunk < end; ++chunk) {
       lab_wait<kStages - 2>();
+      if (kGmma) {
+        lab_fence_proxy_async();
+      }
       __syncthreads();  // this stage's copies landed for every thread; the stage before is free again
       issue((stage + kStages - 1) % kStages);
+      if constexpr (kGmma) {
+        // The warpgroup's 64 rows of w (warp w holds rows 16w.., as a warp's tile below) against x's 32.
+        lab_gmma_fence();
+#pragma unroll
+        for (int step = 0; step < 4; ++step) {
+          lab_gmma_m64n32k16(c[0], piece(stage, warp / 4 * 64, 2 * step), piece(stage, kRows, 2 * step));
+        }
+        lab_gmma_commit_and_wait();
+        stage = (stage + 1) % kStages;
+        continue;
+      }
 #pragma unroll
       for (int step = 0; step < kChunk / 16; ++step) {
         const int i = lane / 8, r8 = lane % 8;
@@ -408,3 +517,18 @@ LAB_ROWS32_S(128, 16, 64, 4, false, )
 LAB_ROWS32_S(64, 16, 64, 6, false, )
 LAB_ROWS32_S(128, 32, 128, 3, false, )
 LAB_ROWS32_S(128, 32, 64, 4, true, _e)
+
+// lab_rows32_g_n{R}_w16_k64_s{S}: lab_rows32_s's copies with wgmma's products (kGmma), a warpgroup a 64
+// rows of w: R · 2 threads, (R + 32) · 128 · S + 1024 bytes of dynamic shared memory (the 1024 for the
+// stages' alignment). sm_90a only.
+#if defined(MMREG_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define LAB_ROWS32_G(R, S)                                                                                \
+  extern "C" __global__ void __launch_bounds__(R * 2) lab_rows32_g_n##R##_w16_k64_s##S(                  \
+      u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k, int splits) {    \
+    lab_rows32_s<R, 16, 64, S, false, true>(y, x, w, partial, m, n, k, splits);                           \
+  }
+LAB_ROWS32_G(64, 8)
+LAB_ROWS32_G(128, 4)
+LAB_ROWS32_G(128, 6)
+LAB_ROWS32_G(256, 4)
+#endif

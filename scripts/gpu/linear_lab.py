@@ -160,9 +160,11 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
     n = ws[0].shape[0]
     partial = torch.empty(4 * m * n, dtype=torch.float32, device="cuda")
     _, mod, regs = modules[0]
-    for name in sorted(r for r in regs if r.startswith("lab_rows32_s") and not r.endswith(" spills")):
+    for name in sorted(r for r in regs if r.startswith(("lab_rows32_s", "lab_rows32_g")) and not r.endswith(" spills")):
         rows, warp_rows, chunk, stages = (int(v) for v in re.search(r"_n(\d+)_w(\d+)_k(\d+)_s(\d+)", name).groups())
-        threads, smem = rows // warp_rows * 32, (rows + 32) * chunk * 2 * stages
+        # (lab_rows32_g: wgmma's tiles want the stages on a 1024-byte boundary, 1024 bytes more to find it)
+        threads = rows // warp_rows * 32
+        smem = (rows + 32) * chunk * 2 * stages + (1024 if name.startswith("lab_rows32_g") else 0)
         f = mod.function(name)
         mod.allow_smem(f, smem)
         resident = mod.resident(f, threads, smem)
@@ -193,10 +195,11 @@ def defines(entry):
 
 
 def main():
-    arch = "90"
+    arch = "90a"
     if "--compile-only" not in sys.argv:
         major, minor = torch.cuda.get_device_capability()
-        arch = f"{major}{minor}"
+        # (sm_90a on Hopper: linear_lab.cu's wgmma prototypes need its architecture-specific features)
+        arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
     # (label, source): the working tree's kernels, each VARIANTS entry's defines on them, LANDED's.
     builds = [("", source())]  # (MMREG_FEW_WARPS in a variant also sets its launch's threads)
     for variant in [v for v in os.environ.get("VARIANTS", "").split("|") if v]:
@@ -208,7 +211,7 @@ def main():
         cubin, log = compile_cubin(text, arch)
         regs = registers(log)
         print(f"registers{' (' + label + ')' if label else ''}:",
-              {k: v for k, v in regs.items() if "linear" in k and "bf16" in k})
+              {k: v for k, v in regs.items() if ("linear" in k and "bf16" in k) or k.startswith("lab_rows32")})
         compiled.append((label, cubin, regs))
     if "--compile-only" in sys.argv:
         if os.environ.get("CUBIN"):  # for cuobjdump -sass
