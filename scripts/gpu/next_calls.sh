@@ -29,7 +29,7 @@
 #   scripts/gpu/next_calls.sh chunks   LLaVA-NeXT's batch 8 chunked against whole prompts, alternating,
 #                                      with nvidia-smi's clocks sampled beside it
 #   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
-#                                      lab_rows32_s prototypes, k in 1-4 splits (ROWS32_W=1:
+#                                      lab_rows32_s and (wgmma) lab_rows32_g prototypes, k in 1-4 splits (ROWS32_W=1:
 #                                      lab_rows32_w's too; about a minute)
 #   scripts/gpu/next_calls.sh anchor   the tuned products' GPU test (where staged); mmreg as it runs
 #                                      (plus WINNERS, "ENV=V,ENV=V", exported; and each of
@@ -309,7 +309,7 @@ PY
     ;;
   lab)
     # The batch-32 products alone: cuBLAS, a plain read of each weight and linear_lab.cu's lab_rows32_s
-    # prototypes (17-32 rows; lab_rows32_w's too with ROWS32_W=1), on LLaVA-1.5-7B's weight shapes.
+    # and lab_rows32_g (wgmma) prototypes (17-32 rows; lab_rows32_w's too with ROWS32_W=1), on LLaVA-1.5-7B's weight shapes.
     ROWS=32 timeout $((LIMIT - 5)) python3 scripts/gpu/linear_lab.py > "$OUT/linear-lab.log" 2>&1
     echo "linear_lab: exit $? at $((SECONDS - start)) s"
     grep -E "^## |^\| (read|cuBLAS|lab_rows32)" "$OUT/linear-lab.log"
