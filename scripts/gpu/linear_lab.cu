@@ -427,31 +427,30 @@ __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial,
           lab_gmma_m64n32k16(c[0], piece(stage, warp / 4 * 64, 2 * step), piece(stage, kRows, 2 * step));
         }
         lab_gmma_commit_and_wait();
-        stage = (stage + 1) % kStages;
-        continue;
-      }
+      } else {
 #pragma unroll
-      for (int step = 0; step < kChunk / 16; ++step) {
-        const int i = lane / 8, r8 = lane % 8;
-        unsigned a[kTiles][4], b[4][2];
+        for (int step = 0; step < kChunk / 16; ++step) {
+          const int i = lane / 8, r8 = lane % 8;
+          unsigned a[kTiles][4], b[4][2];
 #pragma unroll
-        for (int tile = 0; tile < kTiles; ++tile) {
-          lab_ldmatrix_x4(a[tile], piece(stage, warp * kWarpRows + tile * 16 + (i & 1) * 8 + r8, 2 * step + (i >> 1)));
-        }
+          for (int tile = 0; tile < kTiles; ++tile) {
+            lab_ldmatrix_x4(a[tile], piece(stage, warp * kWarpRows + tile * 16 + (i & 1) * 8 + r8, 2 * step + (i >> 1)));
+          }
 #pragma unroll
-        for (int pair = 0; pair < 2; ++pair) {
-          unsigned r[4];
-          lab_ldmatrix_x4(r, piece(stage, kRows + (2 * pair + (i >> 1)) * 8 + r8, 2 * step + (i & 1)));
-          b[2 * pair][0] = r[0];
-          b[2 * pair][1] = r[1];
-          b[2 * pair + 1][0] = r[2];
-          b[2 * pair + 1][1] = r[3];
-        }
+          for (int pair = 0; pair < 2; ++pair) {
+            unsigned r[4];
+            lab_ldmatrix_x4(r, piece(stage, kRows + (2 * pair + (i >> 1)) * 8 + r8, 2 * step + (i & 1)));
+            b[2 * pair][0] = r[0];
+            b[2 * pair][1] = r[1];
+            b[2 * pair + 1][0] = r[2];
+            b[2 * pair + 1][1] = r[3];
+          }
 #pragma unroll
-        for (int tile = 0; tile < kTiles; ++tile) {
+          for (int tile = 0; tile < kTiles; ++tile) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            mma_m16n8k16<BF16>(c[tile][j], a[tile], b[j]);
+            for (int j = 0; j < 4; ++j) {
+              mma_m16n8k16<BF16>(c[tile][j], a[tile], b[j]);
+            }
           }
         }
       }
