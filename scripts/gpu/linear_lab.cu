@@ -250,7 +250,8 @@ __device__ __forceinline__ void lab_ldmatrix_x4(unsigned (&r)[4], const unsigned
 // memory, where the copies above already store a 64-element chunk of a row as 128 bytes whose 16-byte
 // piece c sits at c ^ (row % 8), which is wgmma's 128-byte swizzle of a K-major tile when the stage
 // starts on a 1024-byte boundary (the swizzle is a function of the address's bits 4-9). A warpgroup's
-// m64n32k16 takes 64 rows of w (A) and x's 32 rows (B), 16 elements of k, and adds to 16 f32 a thread:
+// m64n32k16 takes 64 rows of w (A) and x's 32 rows (B), 16 elements of k, and adds to 16 f32 a thread
+// (m64n16k16 and m64n8k16: x's 16 or 8 rows, 8 or 4 f32):
 // with warp q of the warpgroup and lane (g, t), d[j][0..3] are (w row 16q + g, x row 8j + 2t),
 // (16q + g, 8j + 2t + 1), (16q + g + 8, 8j + 2t), (16q + g + 8, 8j + 2t + 1): mma_m16n8k16's layout,
 // so lab_each_sum reads them as it reads a warp of lab_rows32_s's 16-row tiles.
@@ -280,12 +281,15 @@ inline float gmma_element(const unsigned char* tile, int r, int e) {
 }  // namespace mmreg_emulator
 #endif
 
-// d += A · Bᵀ for the warpgroup: A the 64 rows of w at `a`, B x's 32 rows at `b`, 16 elements of k
-// (each pointer a stage's tile plus 32 bytes a k-step).
-__device__ __forceinline__ void lab_gmma_m64n32k16(float (&d)[4][4], const unsigned char* a, const unsigned char* b) {
+// d += A · Bᵀ for the warpgroup: A the 64 rows of w at `a`, B the kX rows of x at `b` (8, 16 or 32:
+// m64n8k16, m64n16k16 or m64n32k16; d[j] for x rows 8j.. with j < kX / 8), 16 elements of k (each pointer
+// a stage's tile plus 32 bytes a k-step).
+template <int kX>
+__device__ __forceinline__ void lab_gmma(float (&d)[4][4], const unsigned char* a, const unsigned char* b) {
+  static_assert(kX == 8 || kX == 16 || kX == 32, "wgmma's n: 8, 16 or 32 rows of x");
 #ifdef MMREG_EMULATE
   const int q = (threadIdx.x % 128) / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < kX / 8; ++j) {
     for (int v = 0; v < 4; ++v) {
       const int row = 16 * q + g + (v >= 2 ? 8 : 0), col = 8 * j + 2 * t + (v & 1);
       float sum = d[j][v];
@@ -304,14 +308,30 @@ __device__ __forceinline__ void lab_gmma_m64n32k16(float (&d)[4][4], const unsig
     return (unsigned long long)((at & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
   };
   const unsigned long long da = descriptor(a), db = descriptor(b);
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
-        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
-        "+f"(d[3][2]), "+f"(d[3][3])
-      : "l"(da), "l"(db), "r"(1));
+  if constexpr (kX == 8) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %6, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n8k16.f32.bf16.bf16 {%0, %1, %2, %3}, %4, %5, p, 1, 1, 0, 0;\n}"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3])
+        : "l"(da), "l"(db), "r"(1));
+  } else if constexpr (kX == 16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+          "+f"(d[1][3])
+        : "l"(da), "l"(db), "r"(1));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+          "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+          "+f"(d[3][2]), "+f"(d[3][3])
+        : "l"(da), "l"(db), "r"(1));
+  }
 #endif
 }
 
@@ -337,17 +357,18 @@ __device__ __forceinline__ void lab_fence_proxy_async() {
 #endif
 }
 
-template <int kRows, int kWarpRows, int kChunk, int kStages, bool kEvictFirst, bool kGmma = false>
+template <int kRows, int kWarpRows, int kChunk, int kStages, bool kEvictFirst, bool kGmma = false, int kX = 32>
 __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k,
                              int splits) {
   constexpr int kTiles = kWarpRows / 16;           // a warp's 16-row tiles of w
   constexpr int kPieces = kChunk / 8;              // 16-byte pieces of a row's chunk
   constexpr int kRowBytes = kChunk * 2;
-  constexpr int kStageBytes = (kRows + 32) * kRowBytes;
+  constexpr int kStageBytes = (kRows + kX) * kRowBytes;  // (kX: x's rows a stage holds, 32 but in kGmma's)
   constexpr int kThreads = kRows / kWarpRows * 32;
   static_assert(kPieces >= 8 && kRows % kWarpRows == 0, "a chunk of at least 64 elements");
   static_assert(!kGmma || (kWarpRows == 16 && kChunk == 64 && kRows % 64 == 0),
                 "wgmma: a warpgroup a 64 rows of w, chunks of one 128-byte swizzle row");
+  static_assert(kX == 32 || kGmma, "mma.sync's form: x's 32 rows");
   // (wgmma's swizzled tiles: stages from a 1024-byte boundary, kStageBytes a multiple of 1024)
   unsigned char* const smem = kGmma ? lab_align1024(lab_smem) : lab_smem;
   __shared__ unsigned last_shared;
@@ -382,7 +403,7 @@ __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial,
   auto issue = [&](int stage) {
     if (load_item < items) {
       const long long first = load_item / splits * kRows;
-      for (int i = threadIdx.x; i < (kRows + 32) * kPieces; i += kThreads) {
+      for (int i = threadIdx.x; i < (kRows + kX) * kPieces; i += kThreads) {
         const int row = i / kPieces, c = i % kPieces;
         const long long at = load_chunk * kChunk + c * 8;
         const u16* src;
@@ -420,11 +441,11 @@ __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial,
       __syncthreads();  // this stage's copies landed for every thread; the stage before is free again
       issue((stage + kStages - 1) % kStages);
       if constexpr (kGmma) {
-        // The warpgroup's 64 rows of w (warp w holds rows 16w.., as a warp's tile below) against x's 32.
+        // The warpgroup's 64 rows of w (warp w holds rows 16w.., as a warp's tile below) against x's kX.
         lab_gmma_fence();
 #pragma unroll
         for (int step = 0; step < 4; ++step) {
-          lab_gmma_m64n32k16(c[0], piece(stage, warp / 4 * 64, 2 * step), piece(stage, kRows, 2 * step));
+          lab_gmma<kX>(c[0], piece(stage, warp / 4 * 64, 2 * step), piece(stage, kRows, 2 * step));
         }
         lab_gmma_commit_and_wait();
       } else {
@@ -517,17 +538,21 @@ LAB_ROWS32_S(64, 16, 64, 6, false, )
 LAB_ROWS32_S(128, 32, 128, 3, false, )
 LAB_ROWS32_S(128, 32, 64, 4, true, _e)
 
-// lab_rows32_g_n{R}_w16_k64_s{S}: lab_rows32_s's copies with wgmma's products (kGmma), a warpgroup a 64
-// rows of w: R · 2 threads, (R + 32) · 128 · S + 1024 bytes of dynamic shared memory (the 1024 for the
-// stages' alignment). sm_90a only.
+// lab_g_x{X}_n{R}_w16_k64_s{S}: lab_rows32_s's copies with wgmma's products (kGmma) for up to X rows of x
+// (8, 16 or 32), a warpgroup a 64 rows of w: R · 2 threads, (R + X) · 128 · S + 1024 bytes of dynamic
+// shared memory (the 1024 for the stages' alignment). sm_90a only.
 #if defined(MMREG_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LAB_ROWS32_G(R, S)                                                                                \
-  extern "C" __global__ void __launch_bounds__(R * 2) lab_rows32_g_n##R##_w16_k64_s##S(                  \
+#define LAB_G(X, R, S)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(R * 2) lab_g_x##X##_n##R##_w16_k64_s##S(                  \
       u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k, int splits) {    \
-    lab_rows32_s<R, 16, 64, S, false, true>(y, x, w, partial, m, n, k, splits);                           \
+    lab_rows32_s<R, 16, 64, S, false, true, X>(y, x, w, partial, m, n, k, splits);                        \
   }
-LAB_ROWS32_G(64, 8)
-LAB_ROWS32_G(128, 4)
-LAB_ROWS32_G(128, 6)
-LAB_ROWS32_G(256, 4)
+LAB_G(32, 64, 8)
+LAB_G(32, 128, 4)
+LAB_G(32, 128, 6)
+LAB_G(32, 256, 4)
+LAB_G(16, 64, 8)
+LAB_G(16, 128, 6)
+LAB_G(8, 64, 8)
+LAB_G(8, 128, 6)
 #endif

@@ -6,7 +6,8 @@ timed inside a CUDA graph over enough copies of the weight that none stays in L2
 weight from memory, as a decoder's layers do).
 Usage on the GPU machine: python3 scripts/gpu/linear_lab.py [--compile-only (CUBIN=FILE writes it)]
   ROWS=1,8,16,32 the rows of x (17-32 time linear_lab.cu's lab_rows32_s prototypes instead of the
-  few-rows kernels, k in 1-4 splits, and with ROWS32_W=1 its lab_rows32_w); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
+  few-rows kernels, k in 1-4 splits, and with ROWS32_W=1 its lab_rows32_w; on Hopper, every count also
+  times its wgmma prototypes, lab_g_x{8,16,32}); SHAPES=o_proj,down (names below); VARIANTS="MMREG_FEW_UNROLL=2|
   MMREG_FEW_WARPS=4,MMREG_FEW_UNROLL=8" also times the few-rows kernels compiled with each entry's
   defines; LANDED=FILE also times those of another version of fused_kernels.cu (say the last commit's).
 Prints a table per shape: µs per call and the read rate (weight bytes / time).
@@ -160,11 +161,9 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
     n = ws[0].shape[0]
     partial = torch.empty(4 * m * n, dtype=torch.float32, device="cuda")
     _, mod, regs = modules[0]
-    for name in sorted(r for r in regs if r.startswith(("lab_rows32_s", "lab_rows32_g")) and not r.endswith(" spills")):
+    for name in sorted(r for r in regs if r.startswith("lab_rows32_s") and not r.endswith(" spills")):
         rows, warp_rows, chunk, stages = (int(v) for v in re.search(r"_n(\d+)_w(\d+)_k(\d+)_s(\d+)", name).groups())
-        # (lab_rows32_g: wgmma's tiles want the stages on a 1024-byte boundary, 1024 bytes more to find it)
-        threads = rows // warp_rows * 32
-        smem = (rows + 32) * chunk * 2 * stages + (1024 if name.startswith("lab_rows32_g") else 0)
+        threads, smem = rows // warp_rows * 32, (rows + 32) * chunk * 2 * stages
         f = mod.function(name)
         mod.allow_smem(f, smem)
         resident = mod.resident(f, threads, smem)
@@ -189,6 +188,32 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
                     nbytes, mod.resident(f, 256))
 
 
+def gmma(modules, ws, x, y, ref, scale, copies, nbytes):
+    """linear_lab.cu's wgmma prototypes lab_g_x{X}_n{R}_w16_k64_s{S} for x's m rows (X the fewest of 8, 16
+    and 32 that hold them), k in 1-4 splits, on at most the blocks the device holds (sm_90a only: none
+    elsewhere)."""
+    m, k = x.shape
+    n = ws[0].shape[0]
+    fit = min(v for v in (8, 16, 32) if v >= m)
+    partial = torch.empty(4 * m * n, dtype=torch.float32, device="cuda")
+    _, mod, regs = modules[0]
+    for name in sorted(r for r in regs if r.startswith(f"lab_g_x{fit}_") and not r.endswith(" spills")):
+        rows, stages = (int(v) for v in re.search(r"_n(\d+)_w16_k64_s(\d+)", name).groups())
+        # (wgmma's tiles want the stages on a 1024-byte boundary: 1024 bytes more to find it)
+        threads, smem = rows * 2, (rows + fit) * 128 * stages + 1024
+        f = mod.function(name)
+        mod.allow_smem(f, smem)
+        resident = mod.resident(f, threads, smem)
+        for splits in (1, 2, 3, 4):
+            items = -(-n // rows) * splits
+            blocks = min(items, mod.sms * resident)
+            def go(i, f=f, blocks=blocks, splits=splits, threads=threads, smem=smem):
+                mod.launch(f, blocks, threads, [y, x, ws[i], partial, ctypes.c_int(m), ctypes.c_longlong(n),
+                                                ctypes.c_longlong(k), ctypes.c_int(splits)], smem)
+            measure(go, f"{name}, {splits} split{'s' if splits > 1 else ''}, {blocks} blocks", name, regs, y,
+                    ref, scale, copies, nbytes, resident)
+
+
 def defines(entry):
     """`#define` lines for an entry "NAME=V,NAME=V" ("" for none)."""
     return "".join(f"#define {d.split('=')[0]} {d.split('=')[1]}\n" for d in entry.split(",") if d)
@@ -211,7 +236,7 @@ def main():
         cubin, log = compile_cubin(text, arch)
         regs = registers(log)
         print(f"registers{' (' + label + ')' if label else ''}:",
-              {k: v for k, v in regs.items() if ("linear" in k and "bf16" in k) or k.startswith("lab_rows32")})
+              {k: v for k, v in regs.items() if ("linear" in k and "bf16" in k) or k.startswith(("lab_rows32", "lab_g_"))})
         compiled.append((label, cubin, regs))
     if "--compile-only" in sys.argv:
         if os.environ.get("CUBIN"):  # for cuobjdump -sass
@@ -270,6 +295,8 @@ def main():
                             nbytes, mod.resident(f, threads))
             if 16 < m <= 32:
                 rows32(modules, ws, x, y, ref, scale, copies, nbytes)
+            if m <= 32:
+                gmma(modules, ws, x, y, ref, scale, copies, nbytes)
         del ws
         torch.cuda.empty_cache()
 

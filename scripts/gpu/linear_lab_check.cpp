@@ -1,4 +1,4 @@
-// linear_lab.cu's lab_rows32_w, lab_rows32_s and lab_rows32_g prototypes on the CPU, in the fused kernels' emulator (no GPU needed):
+// linear_lab.cu's lab_rows32_w, lab_rows32_s and lab_g (wgmma) prototypes on the CPU, in the fused kernels' emulator (no GPU needed):
 // against a double-precision product of the same bf16 inputs, at shapes that leave partial blocks of w,
 // partial chunks of k, fewer than 32 rows of x, and k in 1 to 4 splits. Build and run from the repo root:
 //   g++ -std=c++20 -O1 -pthread -ffp-contract=off -Wno-unknown-pragmas -Immreg-engine/csrc -Iscripts/gpu \
@@ -61,16 +61,16 @@ int rows32_s(int m, long long n, long long k, int splits, unsigned grid) {
   });
 }
 
-// lab_rows32_s's wgmma form (lab_rows32_g) on `grid` blocks: the products by the emulator's reading of
+// lab_rows32_s's wgmma form (lab_g_x{X}) on `grid` blocks: the products by the emulator's reading of
 // wgmma's swizzled tiles, so this checks the copies, the pipeline, the fragments' rows and the splits, not
 // the hardware's reading of the descriptors (linear_lab.py checks that on the GPU).
-template <int R, int S>
-int rows32_g(int m, long long n, long long k, int splits, unsigned grid) {
+template <int X, int R, int S>
+int rows_g(int m, long long n, long long k, int splits, unsigned grid) {
   char name[48];
-  std::snprintf(name, sizeof(name), "lab_rows32_g<%d, %d> (%u blocks)", R, S, grid);
+  std::snprintf(name, sizeof(name), "lab_g<x %d, %d, %d> (%u blocks)", X, R, S, grid);
   return mismatches(name, m, n, k, splits, [&](u16* y, const u16* x, const u16* w, float* partial) {
     mmreg_emulator::launch(grid, 1, R * 2,
-                           [&] { lab_rows32_s<R, 16, 64, S, false, true>(y, x, w, partial, m, n, k, splits); });
+                           [&] { lab_rows32_s<R, 16, 64, S, false, true, X>(y, x, w, partial, m, n, k, splits); });
   });
 }
 
@@ -79,8 +79,11 @@ int main() {
                   rows32_w<3>(32, 136, 520, 4) + rows32_w<4>(25, 64, 200, 1) +
                   rows32_s<128, 32, 64, 4>(32, 300, 328, 1, 2) + rows32_s<128, 16, 64, 4>(20, 130, 520, 2, 3) +
                   rows32_s<64, 16, 64, 6>(17, 200, 1040, 3, 5) + rows32_s<128, 32, 128, 3>(25, 136, 264, 4, 3) +
-                  rows32_s<64, 16, 64, 6>(32, 64, 200, 1, 1) + rows32_g<64, 8>(32, 300, 328, 1, 2) +
-                  rows32_g<128, 4>(20, 130, 520, 2, 3) + rows32_g<64, 8>(17, 200, 1040, 3, 5) +
-                  rows32_g<256, 4>(25, 300, 264, 4, 3) + rows32_g<128, 6>(32, 64, 200, 1, 1);
+                  rows32_s<64, 16, 64, 6>(32, 64, 200, 1, 1) + rows_g<32, 64, 8>(32, 300, 328, 1, 2) +
+                  rows_g<32, 128, 4>(20, 130, 520, 2, 3) + rows_g<32, 64, 8>(17, 200, 1040, 3, 5) +
+                  rows_g<32, 256, 4>(25, 300, 264, 4, 3) + rows_g<32, 128, 6>(32, 64, 200, 1, 1) +
+                  rows_g<16, 64, 8>(16, 300, 328, 2, 3) + rows_g<16, 128, 6>(9, 130, 1040, 3, 2) +
+                  rows_g<8, 64, 8>(8, 200, 520, 1, 3) + rows_g<8, 128, 6>(3, 300, 264, 4, 5) +
+                  rows_g<8, 64, 8>(1, 64, 200, 2, 1);
   return bad == 0 ? 0 : 1;
 }

@@ -28,8 +28,9 @@
 #                                      shapes in what is left
 #   scripts/gpu/next_calls.sh chunks   LLaVA-NeXT's batch 8 chunked against whole prompts, alternating,
 #                                      with nvidia-smi's clocks sampled beside it
-#   scripts/gpu/next_calls.sh lab      the products at 32 rows alone: cuBLAS against linear_lab.cu's
-#                                      lab_rows32_s and (wgmma) lab_rows32_g prototypes, k in 1-4 splits (ROWS32_W=1:
+#   scripts/gpu/next_calls.sh lab      the products at LAB_ROWS rows (8,32) alone: cuBLAS against our
+#                                      8-row kernels, linear_lab.cu's lab_rows32_s and wgmma lab_g_x*
+#                                      prototypes, k in 1-4 splits (ROWS32_W=1:
 #                                      lab_rows32_w's too; about a minute)
 #   scripts/gpu/next_calls.sh anchor   the tuned products' GPU test (where staged); mmreg as it runs
 #                                      (plus WINNERS, "ENV=V,ENV=V", exported; and each of
@@ -309,10 +310,11 @@ PY
     ;;
   lab)
     # The batch-32 products alone: cuBLAS, a plain read of each weight and linear_lab.cu's lab_rows32_s
-    # and lab_rows32_g (wgmma) prototypes (17-32 rows; lab_rows32_w's too with ROWS32_W=1), on LLaVA-1.5-7B's weight shapes.
-    ROWS=32 timeout $((LIMIT - 5)) python3 scripts/gpu/linear_lab.py > "$OUT/linear-lab.log" 2>&1
+    # and lab_g_x* (wgmma) prototypes (17-32 rows; lab_rows32_w's too with ROWS32_W=1; at 8 rows our
+    # kernels and the wgmma ones), on LLaVA-1.5-7B's weight shapes.
+    ROWS=${LAB_ROWS:-8,32} timeout $((LIMIT - 5)) python3 scripts/gpu/linear_lab.py > "$OUT/linear-lab.log" 2>&1
     echo "linear_lab: exit $? at $((SECONDS - start)) s"
-    grep -E "^## |^\| (read|cuBLAS|lab_rows32)" "$OUT/linear-lab.log"
+    grep -E "^## |^\| (read|cuBLAS|lab_|linear_few)" "$OUT/linear-lab.log"
     ;;
   anchor)
     # WINNERS: the switches that won the calls above, until they are the defaults.
