@@ -415,7 +415,11 @@ __device__ void lab_rows32_s(u16* y, const u16* x, const u16* w, float* partial,
           real = row - kRows < m && at < k;
           src = x + min((long long)(row - kRows), (long long)m - 1) * k + (real ? at : 0);
         }
-        lab_copy16<kEvictFirst>(piece(stage, row, c), src, real, policy);
+        if (kEvictFirst && row < kRows) {  // (x's rows, read by every block, stay)
+          lab_copy16<true>(piece(stage, row, c), src, real, policy);
+        } else {
+          lab_copy16<false>(piece(stage, row, c), src, real, policy);
+        }
       }
       ++load_chunk;
       skip_empty();
@@ -538,21 +542,23 @@ LAB_ROWS32_S(64, 16, 64, 6, false, )
 LAB_ROWS32_S(128, 32, 128, 3, false, )
 LAB_ROWS32_S(128, 32, 64, 4, true, _e)
 
-// lab_g_x{X}_n{R}_w16_k64_s{S}: lab_rows32_s's copies with wgmma's products (kGmma) for up to X rows of x
+// lab_g_x{X}_n{R}_w16_k64_s{S}{_e}: lab_rows32_s's copies with wgmma's products (kGmma) for up to X rows of x
 // (8, 16 or 32), a warpgroup a 64 rows of w: R · 2 threads, (R + X) · 128 · S + 1024 bytes of dynamic
-// shared memory (the 1024 for the stages' alignment). sm_90a only.
+// shared memory (the 1024 for the stages' alignment); _e: w's copies marked evict-first in L2. sm_90a only.
 #if defined(MMREG_EMULATE) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define LAB_G(X, R, S)                                                                                    \
-  extern "C" __global__ void __launch_bounds__(R * 2) lab_g_x##X##_n##R##_w16_k64_s##S(                  \
+#define LAB_G(X, R, S, E, suffix)                                                                         \
+  extern "C" __global__ void __launch_bounds__(R * 2) lab_g_x##X##_n##R##_w16_k64_s##S##suffix(          \
       u16* y, const u16* x, const u16* w, float* partial, int m, long long n, long long k, int splits) {    \
-    lab_rows32_s<R, 16, 64, S, false, true, X>(y, x, w, partial, m, n, k, splits);                        \
+    lab_rows32_s<R, 16, 64, S, E, true, X>(y, x, w, partial, m, n, k, splits);                            \
   }
-LAB_G(32, 64, 8)
-LAB_G(32, 128, 4)
-LAB_G(32, 128, 6)
-LAB_G(32, 256, 4)
-LAB_G(16, 64, 8)
-LAB_G(16, 128, 6)
-LAB_G(8, 64, 8)
-LAB_G(8, 128, 6)
+LAB_G(32, 64, 8, false, )
+LAB_G(32, 128, 4, false, )
+LAB_G(32, 128, 6, false, )
+LAB_G(32, 256, 4, false, )
+LAB_G(32, 128, 6, true, _e)
+LAB_G(16, 64, 8, false, )
+LAB_G(16, 128, 6, false, )
+LAB_G(8, 64, 8, false, )
+LAB_G(8, 128, 6, false, )
+LAB_G(8, 128, 6, true, _e)
 #endif
