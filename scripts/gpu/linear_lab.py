@@ -153,6 +153,23 @@ def measure(go, title, name, regs, y, ref, scale, copies, nbytes, resident):
           f"{err:.1e} | {resident} |")
 
 
+def persistent(mod, regs, name, rows, threads, smem, ws, x, y, partial, ref, scale, copies, nbytes):
+    """A persistent prototype (`rows` rows of w a work item) with its dynamic shared memory, on at most
+    the blocks the device holds, k in 1-4 splits: a table row each."""
+    m, k = x.shape
+    n = ws[0].shape[0]
+    f = mod.function(name)
+    mod.allow_smem(f, smem)
+    resident = mod.resident(f, threads, smem)
+    for splits in (1, 2, 3, 4):
+        blocks = min(-(-n // rows) * splits, mod.sms * resident)
+        def go(i, blocks=blocks, splits=splits):
+            mod.launch(f, blocks, threads, [y, x, ws[i], partial, ctypes.c_int(m), ctypes.c_longlong(n),
+                                            ctypes.c_longlong(k), ctypes.c_int(splits)], smem)
+        measure(go, f"{name}, {splits} split{'s' if splits > 1 else ''}, {blocks} blocks", name, regs, y,
+                ref, scale, copies, nbytes, resident)
+
+
 def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
     """linear_lab.cu's prototypes for 17-32 rows, k in 1-4 splits; a row per (kernel, splits):
     lab_rows32_w on a block per 128 rows of w and split, lab_rows32_s (its name gives rows, warp rows,
@@ -163,18 +180,8 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
     _, mod, regs = modules[0]
     for name in sorted(r for r in regs if r.startswith("lab_rows32_s") and not r.endswith(" spills")):
         rows, warp_rows, chunk, stages = (int(v) for v in re.search(r"_n(\d+)_w(\d+)_k(\d+)_s(\d+)", name).groups())
-        threads, smem = rows // warp_rows * 32, (rows + 32) * chunk * 2 * stages
-        f = mod.function(name)
-        mod.allow_smem(f, smem)
-        resident = mod.resident(f, threads, smem)
-        for splits in (1, 2, 3, 4):
-            items = -(-n // rows) * splits
-            blocks = min(items, mod.sms * resident)
-            def go(i, f=f, blocks=blocks, splits=splits, threads=threads, smem=smem):
-                mod.launch(f, blocks, threads, [y, x, ws[i], partial, ctypes.c_int(m), ctypes.c_longlong(n),
-                                                ctypes.c_longlong(k), ctypes.c_int(splits)], smem)
-            measure(go, f"{name}, {splits} split{'s' if splits > 1 else ''}, {blocks} blocks", name, regs, y,
-                    ref, scale, copies, nbytes, resident)
+        persistent(mod, regs, name, rows, rows // warp_rows * 32, (rows + 32) * chunk * 2 * stages, ws, x, y,
+                   partial, ref, scale, copies, nbytes)
     # (lab_rows32_w: run 78's; again with ROWS32_W=1.)
     again = os.environ.get("ROWS32_W") == "1"
     for name in sorted(r for r in regs if again and r.startswith("lab_rows32_w") and not r.endswith(" spills")):
@@ -190,9 +197,8 @@ def rows32(modules, ws, x, y, ref, scale, copies, nbytes):
 
 def gmma(modules, ws, x, y, ref, scale, copies, nbytes):
     """linear_lab.cu's wgmma prototypes lab_g_x{X}_n{R}_w16_k64_s{S} for x's m rows (X the fewest of 8, 16
-    and 32 that hold them), k in 1-4 splits, on at most the blocks the device holds (sm_90a only: none
-    elsewhere)."""
-    m, k = x.shape
+    and 32 that hold them), as `persistent` runs them (sm_90a only: none elsewhere)."""
+    m, _ = x.shape
     n = ws[0].shape[0]
     fit = min(v for v in (8, 16, 32) if v >= m)
     partial = torch.empty(4 * m * n, dtype=torch.float32, device="cuda")
@@ -200,18 +206,8 @@ def gmma(modules, ws, x, y, ref, scale, copies, nbytes):
     for name in sorted(r for r in regs if r.startswith(f"lab_g_x{fit}_") and not r.endswith(" spills")):
         rows, stages = (int(v) for v in re.search(r"_n(\d+)_w16_k64_s(\d+)", name).groups())
         # (wgmma's tiles want the stages on a 1024-byte boundary: 1024 bytes more to find it)
-        threads, smem = rows * 2, (rows + fit) * 128 * stages + 1024
-        f = mod.function(name)
-        mod.allow_smem(f, smem)
-        resident = mod.resident(f, threads, smem)
-        for splits in (1, 2, 3, 4):
-            items = -(-n // rows) * splits
-            blocks = min(items, mod.sms * resident)
-            def go(i, f=f, blocks=blocks, splits=splits, threads=threads, smem=smem):
-                mod.launch(f, blocks, threads, [y, x, ws[i], partial, ctypes.c_int(m), ctypes.c_longlong(n),
-                                                ctypes.c_longlong(k), ctypes.c_int(splits)], smem)
-            measure(go, f"{name}, {splits} split{'s' if splits > 1 else ''}, {blocks} blocks", name, regs, y,
-                    ref, scale, copies, nbytes, resident)
+        persistent(mod, regs, name, rows, rows * 2, (rows + fit) * 128 * stages + 1024, ws, x, y, partial, ref,
+                   scale, copies, nbytes)
 
 
 def defines(entry):
