@@ -198,6 +198,13 @@ inline void ldmatrix_x4(unsigned (&r)[4], const unsigned char* row) {
 }  // namespace mmreg_emulator
 #else
 extern __shared__ __align__(16) unsigned char lab_smem[];
+
+// p's address in the shared window, as cp.async, ldmatrix and wgmma's descriptors take it.
+__device__ __forceinline__ unsigned lab_shared_address(const void* p) {
+  unsigned address;
+  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(p));
+  return address;
+}
 #endif
 
 // 16 bytes from global src into shared dst, asynchronously; zeros where `real` is false (src unread).
@@ -210,8 +217,7 @@ __device__ __forceinline__ void lab_copy16(unsigned char* dst, const void* src, 
     std::memset(dst, 0, 16);
   }
 #else
-  unsigned address;
-  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(dst));
+  const unsigned address = lab_shared_address(dst);
   if (kEvictFirst) {
     asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
                  :: "r"(address), "l"(src), "r"(real ? 16 : 0), "l"(policy));
@@ -239,8 +245,7 @@ __device__ __forceinline__ void lab_ldmatrix_x4(unsigned (&r)[4], const unsigned
 #ifdef MMREG_EMULATE
   mmreg_emulator::ldmatrix_x4(r, row);
 #else
-  unsigned address;
-  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(address) : "l"(row));
+  const unsigned address = lab_shared_address(row);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(address));
 #endif
@@ -261,8 +266,7 @@ __device__ __forceinline__ unsigned char* lab_align1024(unsigned char* p) {
 #ifdef MMREG_EMULATE
   const unsigned long long at = reinterpret_cast<unsigned long long>(p);
 #else
-  unsigned at;
-  asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(at) : "l"(p));
+  const unsigned at = lab_shared_address(p);
 #endif
   return p + ((1024 - (at & 1023)) & 1023);
 }
@@ -301,8 +305,7 @@ __device__ __forceinline__ void lab_gmma(float (&d)[4][4], const unsigned char* 
   }
 #else
   auto descriptor = [](const unsigned char* tile) {
-    unsigned at;
-    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(at) : "l"(tile));
+    const unsigned at = lab_shared_address(tile);
     // start address >> 4; leading byte offset 1 (unused by swizzled K-major tiles); stride byte offset
     // 1024 >> 4 (8 rows of 128 bytes); swizzle mode 1 (128 bytes) in bits 62-63.
     return (unsigned long long)((at & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
